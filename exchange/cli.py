@@ -1,0 +1,228 @@
+"""The ``exchange`` command: one entry point for every process of the image (see DESIGN.md §2).
+
+Adding a subcommand: write ``_add_<name>(subparsers)`` that creates its parser and sets ``handler`` to a
+``_run_<name>(args, settings) -> int`` function, then append ``_add_<name>`` to :data:`SUBCOMMANDS`. Handlers
+get parsed :class:`~exchange.config.Settings` (read once, here) and return the process exit code; they import
+heavy modules (litestar, dramatiq, …) inside the function so ``exchange migrate`` stays fast and light.
+
+Exit codes: 0 success, 1 runtime failure (e.g. database unreachable), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from exchange.config import Settings, SettingsError
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+Subparsers = Any
+"""``argparse._SubParsersAction``, which is private: typed loosely on purpose."""
+
+
+# ------------------------------------------------------------------------------------------------ migrate
+
+
+def _add_migrate(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "migrate",
+        help="apply database migrations (to head by default)",
+        description="Upgrade (or downgrade) the database schema and print the revision it ends at.",
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--revision", default="head", help="upgrade to this revision (default: head)")
+    target.add_argument("--downgrade", metavar="REV", help="downgrade to this revision ('base' drops all)")
+    parser.add_argument(
+        "--database-url",
+        help="direct PostgreSQL URL (default: EXCHANGE_DATABASE_URL); never pgbouncer's",
+    )
+    parser.set_defaults(handler=_run_migrate)
+
+
+def _run_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from exchange.db import migrate
+
+    # Show alembic's "Running upgrade …" lines on stderr; stdout carries only the resulting revision.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s [%(name)s] %(message)s", stream=sys.stderr)
+    url: str = args.database_url or settings.database_url
+    if args.downgrade is not None:
+        revision = migrate.downgrade(url, args.downgrade)
+    else:
+        revision = migrate.upgrade(url, args.revision)
+    print(revision or "base")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- process kinds
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GUNICORN_CONF = REPO_ROOT / "gunicorn.conf.py"
+
+MATCHER_ENV_DEFAULTS = {
+    # dramatiq's Redis consumer backs off up to this many ms on an idle queue; the default (1000 ms) would add up
+    # to a second to an order's first fill after a quiet spell.
+    "dramatiq_worker_timeout": "100",
+    # Prefetch 2 (the default for one thread) caps a consumer near 250 msg/s; messages are tiny and idempotent.
+    "dramatiq_queue_prefetch": "64",
+}
+
+
+def _add_api(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "api",
+        help="run the HTTP api (gunicorn + uvicorn workers)",
+        description="Run the Litestar api under gunicorn with uvicorn workers (gunicorn.conf.py).",
+    )
+    parser.add_argument("--bind", default="127.0.0.1:8000", help="address to listen on (default 127.0.0.1:8000)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    parser.set_defaults(handler=_run_api)
+
+
+def _run_api(args: argparse.Namespace, settings: Settings) -> int:
+    if args.workers < 1:
+        print("exchange api: --workers must be >= 1", file=sys.stderr)
+        return 2
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "--bind", args.bind]
+    argv += ["--workers", str(args.workers)]
+    # exec: the gunicorn master becomes this process, so signals from a supervisor reach it directly.
+    os.execv(sys.executable, argv)  # noqa: S606  (fixed argv of our own interpreter, no shell)
+    return 1  # unreachable: execv only returns by raising
+
+
+def _add_matcher(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "matcher",
+        help="run a matcher process over some matching partitions",
+        description="Run dramatiq matcher actors (one thread per process: one writer per queue) over the "
+        "queues matching.<n> of the chosen partitions. Any number of matchers may cover the same partitions: "
+        "the symbol's advisory lock keeps one writer per book; the others are hot standbys.",
+    )
+    parser.add_argument("--partitions", default="all", help="'all', 'N', 'A-B' or a comma list (default all)")
+    parser.add_argument("--processes", type=int, default=1, help="dramatiq worker processes (default 1)")
+    parser.set_defaults(handler=_run_matcher)
+
+
+def _run_matcher(args: argparse.Namespace, settings: Settings) -> int:
+    from exchange.messaging.partitions import matching_queue, parse_partitions
+
+    try:
+        chosen = parse_partitions(args.partitions, settings.partitions)
+    except ValueError as exc:
+        print(f"exchange matcher: {exc}", file=sys.stderr)
+        return 2
+    queues = [matching_queue(n) for n in chosen]
+    argv = [sys.executable, "-m", "dramatiq", "workers.matching", "--queues", *queues]
+    argv += ["--processes", str(args.processes), "--threads", "1", "--path", str(REPO_ROOT)]
+    for name, value in MATCHER_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    os.execv(sys.executable, argv)  # noqa: S606  (fixed argv of our own interpreter, no shell)
+    return 1  # unreachable: execv only returns by raising
+
+
+def _add_sweeper(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweeper",
+        help="run the sweeper (re-nudge stale symbols, expire GTD orders)",
+        description="Every --interval seconds: wake symbols whose oldest pending command is older than "
+        "--stale-after seconds, and log expire commands for symbols with due GTD orders.",
+    )
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between sweeps (default 1.0)")
+    parser.add_argument("--stale-after", type=float, default=0.5, help="seconds before a command is stale")
+    parser.set_defaults(handler=_run_sweeper)
+
+
+def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from exchange.db.engines import pooled_engine
+    from exchange.messaging.broker import make_broker
+    from exchange.sweeper import run_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    engine = pooled_engine(settings.pooled_database_url, pool_size=1, max_overflow=1)
+    broker = make_broker(settings.redis_url, settings.partitions)
+    run_forever(
+        engine, broker, settings.partitions, interval_s=args.interval, stale_after_s=args.stale_after, stop=stop
+    )
+    engine.dispose()
+    return 0
+
+
+def _add_dev(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dev",
+        help="run the whole exchange locally (migrate, pgbouncer, api, matchers, sweeper)",
+        description="Migrate, start pgbouncer when installed, and supervise api + matchers + sweeper against "
+        "EXCHANGE_DATABASE_URL / EXCHANGE_REDIS_URL (local defaults). Ctrl-C stops everything.",
+    )
+    parser.add_argument("--port", type=int, default=8000, help="api port on 127.0.0.1 (default 8000)")
+    parser.add_argument("--matchers", type=int, default=2, help="matcher processes splitting the partitions")
+    parser.add_argument("--api-workers", type=int, default=2, help="gunicorn workers (default 2)")
+    parser.add_argument("--pgbouncer-port", type=int, default=6432, help="pgbouncer port (default 6432)")
+    parser.set_defaults(handler=_run_dev)
+
+
+def _run_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from exchange.dev import run_dev
+
+    return run_dev(
+        settings,
+        port=args.port,
+        matchers=args.matchers,
+        api_workers=args.api_workers,
+        pgbouncer_port=args.pgbouncer_port,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_migrate,
+    _add_api,
+    _add_matcher,
+    _add_sweeper,
+    _add_dev,
+)
+"""Each function registers one subcommand; order is the order of ``exchange --help``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exchange", description="Stock exchange processes and tools.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"exchange: configuration error: {exc}", file=sys.stderr)
+        return 2
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except OperationalError as exc:
+        # The usual operator error (wrong URL, database down): one line, not a traceback.
+        print(f"exchange {args.command}: database unavailable: {exc.orig}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Process configuration, read once from environment variables.
+
+Every process (api, matcher, sweeper, webhooks, CLI) builds one :class:`Settings` with :meth:`Settings.from_env`
+and passes it down; nothing else reads ``os.environ``. Invariants:
+
+* A :class:`Settings` is immutable and always valid: every field has been parsed and range-checked.
+* A bad value raises :class:`SettingsError` naming the variable, at start-up rather than at first use.
+
+To add a setting, add one field declared with :func:`_env` (variable name, parser, default). The parsers below
+cover strings, URLs, integers with bounds and booleans; write a new one if none fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/exchange"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the exchange cannot use; the message names the variable."""
+
+
+Parser = Callable[[str, str], Any]
+"""``parser(variable_name, raw_value) -> value``; raises :class:`SettingsError` mentioning ``variable_name``."""
+
+_SAME_AS = "same_as"
+"""Metadata key: when the variable is unset, take the value of this other (earlier) field."""
+
+
+def _env(variable: str, parse: Parser, default: Any = None, *, same_as: str | None = None, **kw: Any) -> Any:
+    """Declare a field read from ``variable``. ``default`` is used when the variable is unset or empty;
+    ``same_as`` names an earlier field whose value is the default instead."""
+    metadata: dict[str, Any] = {"env": variable, "parse": parse, "default": default}
+    if same_as is not None:
+        metadata[_SAME_AS] = same_as
+    return dataclasses.field(metadata=metadata, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- parsers
+
+
+def _text(variable: str, raw: str) -> str:
+    return raw
+
+
+def _optional_text(variable: str, raw: str) -> str | None:
+    return raw or None
+
+
+def _url(*schemes: str) -> Parser:
+    """A URL whose scheme is one of ``schemes`` (``postgresql`` also admits ``postgresql+driver``)."""
+
+    def parse(variable: str, raw: str) -> str:
+        scheme = urlsplit(raw).scheme.split("+", 1)[0].lower()
+        if scheme not in schemes:
+            raise SettingsError(f"{variable} must be a URL with scheme {' or '.join(schemes)}, got {_redact(raw)!r}")
+        return raw
+
+    return parse
+
+
+def _integer(minimum: int | None = None, maximum: int | None = None) -> Parser:
+    def parse(variable: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{variable} must be an integer, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise SettingsError(f"{variable} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{variable} must be <= {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{variable} must be one of {sorted(_TRUE | _FALSE)}, got {raw!r}")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+_POSTGRES_URL = _url("postgresql", "postgres")
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a process needs to know about its environment."""
+
+    database_url: str = _env("EXCHANGE_DATABASE_URL", _POSTGRES_URL, DEFAULT_DATABASE_URL)
+    """Direct PostgreSQL connection (libpq URL): migrations and anything session-scoped."""
+    pooled_database_url: str = _env("EXCHANGE_POOLED_DATABASE_URL", _POSTGRES_URL, same_as="database_url")
+    """Connection for request/transaction work; points at pgbouncer (transaction pooling) in production,
+    so only transaction-scoped features may be used through it. Defaults to ``database_url``."""
+    redis_url: str = _env("EXCHANGE_REDIS_URL", _url("redis", "rediss", "unix"), DEFAULT_REDIS_URL)
+    partitions: int = _env("EXCHANGE_PARTITIONS", _integer(minimum=1, maximum=4096), 8)
+    """Number of matching queues ``matching.0 … matching.<partitions-1>``. Every process must agree on it."""
+    admin_api_key: str | None = _env("EXCHANGE_ADMIN_API_KEY", _optional_text, None, repr=False)
+    """Bearer key for admin endpoints (``/register``, ``/ops``); admin endpoints are disabled when unset."""
+    order_wait_ms: int = _env("EXCHANGE_ORDER_WAIT_MS", _integer(minimum=0, maximum=60_000), 250)
+    """How long ``POST /orders`` waits for the matcher's result before answering with status ``pending``."""
+    debug_endpoints: bool = _env("EXCHANGE_DEBUG_ENDPOINTS", _boolean, False)
+    webhook_allow_private: bool = _env("EXCHANGE_WEBHOOK_ALLOW_PRIVATE", _boolean, False)
+    """Allow webhook URLs that resolve to private/loopback addresses (tests and local development only)."""
+
+    def __repr__(self) -> str:
+        # Settings get logged at start-up: never print a password (URLs are redacted) or the admin key.
+        shown = []
+        for field in dataclasses.fields(self):
+            if not field.repr:
+                continue
+            value = getattr(self, field.name)
+            text = repr(_redact(value)) if field.name.endswith("_url") else repr(value)
+            shown.append(f"{field.name}={text}")
+        return f"Settings({', '.join(shown)})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Build settings from ``environ`` (default ``os.environ``). Unset and empty variables take defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            meta = field.metadata
+            raw = env.get(meta["env"], "")
+            if raw != "":
+                values[field.name] = meta["parse"](meta["env"], raw)
+            elif _SAME_AS in meta:
+                values[field.name] = values[meta[_SAME_AS]]
+            else:
+                values[field.name] = meta["default"]
+        return cls(**values)

@@ -1,0 +1,48 @@
+"""SQLAlchemy engines for the two kinds of connection the exchange uses.
+
+* ``pooled``: request and transaction work (api, matcher, sweeper, webhooks). In production it points at
+  pgbouncer in transaction-pooling mode, so every connection disables server-side prepared statements
+  (``prepare_threshold=None``; pgbouncer 1.18 cannot track them and fails with DuplicatePreparedStatement) and
+  nothing session-scoped (LISTEN, session advisory locks, SET) may be relied on.
+* ``direct``: migrations and session-scoped work, straight to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from exchange.db.urls import sqlalchemy_url
+
+_POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None}
+
+
+def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:
+    """A synchronous engine safe to use through pgbouncer's transaction pooling."""
+    return create_engine(
+        sqlalchemy_url(url),
+        connect_args=dict(_POOLED_CONNECT_ARGS),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        **kw,
+    )
+
+
+def pooled_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, **kw: Any) -> AsyncEngine:
+    """An asyncio engine safe to use through pgbouncer's transaction pooling."""
+    return create_async_engine(
+        sqlalchemy_url(url),
+        connect_args=dict(_POOLED_CONNECT_ARGS),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        **kw,
+    )
+
+
+def direct_engine(url: str, **kw: Any) -> Engine:
+    """A synchronous engine straight to PostgreSQL (migrations, admin work)."""
+    return create_engine(sqlalchemy_url(url), **kw)

@@ -1,0 +1,180 @@
+"""``exchange dev``: the whole exchange on one machine, for development and first contact.
+
+Migrates the database, starts pgbouncer in front of PostgreSQL when the binary exists (direct connections
+otherwise), then runs and supervises the api, the matchers and the sweeper as child processes: their output is
+streamed with a ``[name]`` prefix, a child that dies is restarted, and Ctrl-C or SIGTERM stops them all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import sql
+
+from exchange.config import Settings
+from exchange.db import migrate
+from exchange.db.urls import libpq_url
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESTART_DELAY_S = 1.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+
+def ensure_database(url: str) -> None:
+    """Create the database named in ``url`` when it does not exist (dev convenience; needs CREATEDB)."""
+    parts = urlsplit(libpq_url(url))
+    name = parts.path.lstrip("/")
+    admin = parts._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            print(f"dev: created database {name}", flush=True)
+
+
+def start_pgbouncer(database_url: str, run_dir: Path, port: int) -> str | None:
+    """Start pgbouncer for ``database_url``; return the pooled URL, or None when pgbouncer is not installed."""
+    if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
+        print("dev: pgbouncer not installed; api and matchers connect to PostgreSQL directly", flush=True)
+        return None
+    parts = urlsplit(libpq_url(database_url))
+    host, pg_port, user = parts.hostname or "127.0.0.1", str(parts.port or 5432), parts.username or "postgres"
+    script = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
+    subprocess.run(["bash", str(script), "stop", str(run_dir)], check=False)
+    subprocess.run(["bash", str(script), "start", str(run_dir), str(port), host, pg_port, user], check=True)
+    return parts._replace(netloc=f"{user}@127.0.0.1:{port}").geturl()
+
+
+def stop_pgbouncer(run_dir: Path) -> None:
+    script = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
+    subprocess.run(["bash", str(script), "stop", str(run_dir)], check=False)
+
+
+def _pump(name: str, stream: IO[bytes]) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(f"[{name}] {line.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+def _spawn(child: Child, env: dict[str, str]) -> None:
+    # A process group per child, so stopping it also stops its own workers (gunicorn, dramatiq).
+    child.process = subprocess.Popen(
+        child.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    assert child.process.stdout is not None
+    child.pump = threading.Thread(target=_pump, args=(child.name, child.process.stdout), daemon=True)
+    child.pump.start()
+
+
+def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
+    for child in children:
+        if child.process and child.process.poll() is None:
+            os.killpg(child.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait()
+
+
+def run_dev(settings: Settings, *, port: int, matchers: int, api_workers: int, pgbouncer_port: int) -> int:
+    state_dir = REPO_ROOT / ".exchange"
+    state_dir.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("EXCHANGE_DEBUG_ENDPOINTS", "true")
+    env.setdefault("EXCHANGE_WEBHOOK_ALLOW_PRIVATE", "true")
+    admin_key = settings.admin_api_key or env.get("EXCHANGE_ADMIN_API_KEY") or f"adm_{secrets.token_urlsafe(18)}"
+    env["EXCHANGE_ADMIN_API_KEY"] = admin_key
+
+    ensure_database(settings.database_url)
+    revision = migrate.upgrade(settings.database_url)
+    print(f"dev: database at revision {revision}", flush=True)
+    pgb_dir = state_dir / "pgbouncer"
+    pooled = start_pgbouncer(settings.database_url, pgb_dir, pgbouncer_port)
+    env["EXCHANGE_DATABASE_URL"] = settings.database_url
+    env["EXCHANGE_POOLED_DATABASE_URL"] = pooled or settings.database_url
+    env["EXCHANGE_REDIS_URL"] = settings.redis_url
+
+    exe = [sys.executable, "-m", "exchange.cli"]
+    children = [Child("api", [*exe, "api", "--bind", f"127.0.0.1:{port}", "--workers", str(api_workers)])]
+    for n, spec in enumerate(split_partitions(settings.partitions, matchers)):
+        children.append(Child(f"matcher-{n}", [*exe, "matcher", "--partitions", spec]))
+    children.append(Child("sweeper", [*exe, "sweeper"]))
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    for child in children:
+        _spawn(child, env)
+    _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
+    try:
+        while not stopping.wait(0.5):
+            for child in children:
+                if child.process is not None and child.process.poll() is not None:
+                    code = child.process.returncode
+                    print(f"dev: {child.name} exited with {code}; restarting in {RESTART_DELAY_S:.0f}s", flush=True)
+                    stopping.wait(RESTART_DELAY_S)
+                    if stopping.is_set():
+                        break
+                    child.restarts += 1
+                    _spawn(child, env)
+    finally:
+        print("dev: stopping", flush=True)
+        _stop(children)
+        if pooled:
+            stop_pgbouncer(pgb_dir)
+    return 0
+
+
+def split_partitions(partitions: int, processes: int) -> list[str]:
+    """Split ``0..partitions-1`` into ``processes`` contiguous ranges (``"0-3"``, ``"4-7"``)."""
+    processes = max(1, min(processes, partitions))
+    bounds = [round(i * partitions / processes) for i in range(processes + 1)]
+    return [f"{lo}-{hi - 1}" for lo, hi in pairwise(bounds) if hi > lo]
+
+
+def _banner(port: int, admin_key: str, pooled_url: str, redis_url: str) -> None:
+    base = f"http://127.0.0.1:{port}"
+    print(
+        f"""
+dev: the exchange is starting
+  api        {base}   (docs: {base}/schema)
+  health     {base}/health/ready
+  database   {pooled_url}
+  redis      {redis_url}
+  admin key  {admin_key}
+
+  # register a broker, then place an order with its api_key:
+  curl -s -X POST {base}/register -H 'Authorization: Bearer {admin_key}' \\
+       -H 'Content-Type: application/json' -d '{{"name": "my-broker"}}'
+  curl -s -X POST {base}/orders -H 'Authorization: Bearer <api_key>' -H 'Content-Type: application/json' \\
+       -d '{{"document_number": "12345678900", "side": "bid", "order_type": "limit", "symbol": "PETR4",
+            "price": 3850, "quantity": 100}}'
+""",
+        flush=True,
+    )

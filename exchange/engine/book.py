@@ -1,0 +1,608 @@
+"""The matching engine: one :class:`OrderBook` per symbol, pure and deterministic.
+
+``book.apply(command, now)`` mutates the book and returns the events describing what happened. It does no I/O,
+reads no clock, draws no random number and invents no id: the same commands with the same ``now`` values always
+produce the same events and the same :meth:`OrderBook.state_hash`.
+
+Rules (see DESIGN.md section 4 and the docstrings in :mod:`exchange.engine.types`):
+
+* Price-time priority: best price first, FIFO within a level. The FIFO is arrival order, which equals ascending
+  ``priority`` because callers apply commands with strictly increasing ``seq`` (a precondition of the book).
+* Execution price is the seller's price: an incoming bid trades at the resting ask's price, an incoming limit ask
+  at its own limit, a market ask at the resting bid's price.
+* A GTD order is expired when ``valid_until <= now``. Expired resting orders never trade: matching closes them
+  (``Closed(EXPIRED)``) when it reaches them and continues; :class:`ExpireDue` closes all of them.
+
+Event order (identical in :mod:`exchange.engine.reference`):
+
+* ``Place``: ``Rejected`` alone if invalid. Otherwise ``Accepted``; then, for each maker reached in priority order,
+  either ``Closed(maker, EXPIRED)``, or the self-trade-prevention events (below), or ``Fill`` followed by
+  ``Closed(maker, FILLED)`` when that fill emptied the maker; then exactly one terminal event for the taker unless
+  STP already closed it: ``Closed(FILLED)`` if nothing is left, ``Rested`` for a GTC/GTD limit remainder, otherwise
+  ``Closed(UNFILLED)``. An incoming GTD already expired gives ``Accepted, Closed(EXPIRED)``; an infeasible FOK
+  gives ``Accepted, Closed(UNFILLED)`` and touches nothing.
+* STP (taker's mode, when maker and taker have the same broker *and* document number): ``cancel_newest`` →
+  ``Closed(taker, SELF_TRADE)``, stop; ``cancel_oldest`` → ``Closed(maker, SELF_TRADE)``, continue;
+  ``cancel_both`` → ``Closed(maker, SELF_TRADE)``, ``Closed(taker, SELF_TRADE)``, stop; ``decrement`` by
+  ``d = min(taker, maker remaining)``: maker event first (``Closed(SELF_TRADE, remaining=d)`` if it reaches 0,
+  else ``Decremented``), then the taker's (``Closed(SELF_TRADE, remaining=d)`` and stop, else ``Decremented``).
+* FOK feasibility is decided before anything changes by walking the crossing makers in priority order: expired
+  makers are skipped; a self maker counts as liquidity when the taker's ``stp`` is ``none``, is skipped under
+  ``cancel_oldest``, and makes the FOK infeasible under ``cancel_newest``, ``cancel_both`` and ``decrement``
+  (each of those would cancel or shrink the taker, so its whole quantity could not trade).
+  The FOK is feasible iff the counted liquidity reaches its quantity before the walk hits one of those.
+* ``Cancel``: ``Closed(CANCELLED, remaining)`` or ``Rejected(UNKNOWN_ORDER)``.
+* ``Amend``: ``Rejected`` alone if invalid. Otherwise ``Amended`` first. Quantity down (or unchanged) at the same
+  price keeps priority and changes the order in place. A price change or a quantity increase moves it to the back
+  of its (new) level with ``priority = seq``; if the new price crosses the opposite best price it first matches as
+  a taker exactly like a ``Place`` (its own ``stp``), followed by the taker's terminal event (``Rested`` or
+  ``Closed(FILLED)``) unless STP closed it. A non-crossing amend emits only ``Amended``.
+* ``ExpireDue``: ``Closed(EXPIRED)`` for every resting order with ``valid_until <= now``, ordered by
+  ``(priority, order_id)``.
+
+Validation order for ``Place``: ``WRONG_SYMBOL``, ``DUPLICATE_ORDER_ID``, ``INVALID_QUANTITY``,
+``INVALID_PRICE``, ``INVALID_TIME_IN_FORCE``. For ``Amend``: ``UNKNOWN_ORDER``, ``INVALID_QUANTITY``,
+``INVALID_PRICE``, ``NOT_AMENDABLE``. Integers must be real ``int`` (``bool`` is rejected).
+
+Duplicate ids: only an id that is *live* in this book is a ``DUPLICATE_ORDER_ID``. Ids of closed orders are not
+remembered (memory stays bounded and a rebuilt book behaves exactly like the book it was rebuilt from); refusing
+reuse of a closed id is the persistence layer's job (the orders table's primary key).
+
+Implementation: per side a dict ``price -> _Level`` (a deque in FIFO order plus a live count) and a sorted list of
+level keys with the best level last (bid keys are prices, ask keys are negated prices), so the best level is
+``keys[-1]`` and removing it is ``list.pop()``. Orders removed from the middle of a level (cancel, amend, sweep)
+are deleted lazily: they are marked dead by ``remaining = 0`` (a live resting order always has remaining > 0) and
+skipped/dropped when reached; a level is compacted when dead entries dominate. GTD orders also go into a min-heap
+by ``valid_until`` so :class:`ExpireDue` does not scan the book.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import insort
+from collections import deque
+from collections.abc import Iterable
+from operator import attrgetter
+
+from exchange.engine._construct import accepted as _accepted
+from exchange.engine._construct import closed as _closed
+from exchange.engine._construct import fill as _fill
+from exchange.engine._construct import rested as _rested
+from exchange.engine.hashing import hash_resting
+from exchange.engine.types import (
+    Amend,
+    Amended,
+    BrokerId,
+    Cancel,
+    CloseReason,
+    Command,
+    Decremented,
+    Event,
+    ExpireDue,
+    Micros,
+    OrderId,
+    OrderSpec,
+    OrderType,
+    Place,
+    Rejected,
+    RejectReason,
+    RestingOrder,
+    Side,
+    StpMode,
+    TimeInForce,
+)
+
+DepthLevel = tuple[int, int, int]
+"""``(price, total_quantity, order_count)`` of one aggregated price level."""
+
+_BID = Side.BID
+_ASK = Side.ASK
+_LIMIT = OrderType.LIMIT
+_MARKET = OrderType.MARKET
+_GTC = TimeInForce.GTC
+_GTD = TimeInForce.GTD
+_IOC = TimeInForce.IOC
+_FOK = TimeInForce.FOK
+_STP_NONE = StpMode.NONE
+_CANCEL_NEWEST = StpMode.CANCEL_NEWEST
+_CANCEL_OLDEST = StpMode.CANCEL_OLDEST
+_CANCEL_BOTH = StpMode.CANCEL_BOTH
+_FILLED = CloseReason.FILLED
+_CANCELLED = CloseReason.CANCELLED
+_EXPIRED = CloseReason.EXPIRED
+_UNFILLED = CloseReason.UNFILLED
+_SELF_TRADE = CloseReason.SELF_TRADE
+_by_priority = attrgetter("priority")
+
+
+class _Level:
+    """One price level: FIFO of orders (live and lazily-deleted dead ones) and the number of live ones.
+
+    Invariant: ``live`` == number of entries with ``remaining > 0``; a level with ``live == 0`` is removed."""
+
+    __slots__ = ("live", "orders")
+
+    def __init__(self) -> None:
+        self.orders: deque[RestingOrder] = deque()
+        self.live = 0
+
+
+def _copy(o: RestingOrder) -> RestingOrder:
+    """Resting orders are mutable; the book never shares its own objects with callers."""
+    return RestingOrder(
+        o.order_id,
+        o.broker_id,
+        o.document_number,
+        o.side,
+        o.price,
+        o.quantity,
+        o.remaining,
+        o.priority,
+        o.valid_until,
+        o.stp,
+    )
+
+
+def _place_reject_reason(spec: OrderSpec) -> RejectReason | None:
+    """Symbol and duplicate checks are done by the caller; this is the spec's own consistency."""
+    quantity = spec.quantity
+    if type(quantity) is not int or quantity <= 0:
+        return RejectReason.INVALID_QUANTITY
+    price = spec.price
+    tif = spec.time_in_force
+    if spec.order_type == _MARKET:
+        if price is not None:
+            return RejectReason.INVALID_PRICE
+        if tif != _IOC and tif != _FOK:
+            return RejectReason.INVALID_TIME_IN_FORCE
+    elif spec.order_type == _LIMIT:
+        if type(price) is not int or price <= 0:
+            return RejectReason.INVALID_PRICE
+    else:
+        return RejectReason.INVALID_PRICE  # unknown order type: no valid price rule applies
+    if tif == _GTD:
+        if type(spec.valid_until) is not int:
+            return RejectReason.INVALID_TIME_IN_FORCE
+    elif tif in (_GTC, _IOC, _FOK):
+        if spec.valid_until is not None:
+            return RejectReason.INVALID_TIME_IN_FORCE
+    else:
+        return RejectReason.INVALID_TIME_IN_FORCE
+    return None
+
+
+class OrderBook:
+    """The live resting orders of one symbol and the rules that change them.
+
+    Invariants after every :meth:`apply`: no crossed book (``best_bid() < best_ask()`` when both exist); every
+    resting order has ``0 < remaining <= quantity`` and ``quantity - remaining`` equal to its filled quantity;
+    ``OrderBook.rebuild(symbol, book.resting_orders())`` has the same :meth:`state_hash`.
+    Precondition: commands are applied with strictly increasing ``seq`` (it becomes the FIFO priority).
+    """
+
+    __slots__ = ("_ask_keys", "_asks", "_bid_keys", "_bids", "_expiry", "_expiry_counter", "_orders", "symbol")
+
+    def __init__(self, symbol: str) -> None:
+        self.symbol = symbol
+        self._orders: dict[int, RestingOrder] = {}  # keyed by order_id.int: UUID.__hash__ is Python code
+        self._bids: dict[int, _Level] = {}
+        self._asks: dict[int, _Level] = {}
+        self._bid_keys: list[int] = []  # prices ascending: best bid last
+        self._ask_keys: list[int] = []  # negated prices ascending: best (lowest) ask last
+        self._expiry: list[tuple[int, int, RestingOrder]] = []  # (valid_until, counter, order) min-heap
+        self._expiry_counter = 0
+
+    # ------------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def rebuild(cls, symbol: str, resting: Iterable[RestingOrder]) -> OrderBook:
+        """A book holding copies of ``resting``. Each level is ordered by ``priority`` (stable, so orders given in
+        priority order keep it), which reproduces the state of the book they were taken from.
+
+        Raises ``ValueError`` on a state no book can be in: duplicate ids, ``remaining`` outside
+        ``1..quantity``, a non-positive price, or a crossed book."""
+        book = cls(symbol)
+        orders = book._orders
+        per_price: dict[tuple[bool, int], list[RestingOrder]] = {}
+        for src in resting:
+            o = _copy(src)
+            if o.order_id.int in orders:
+                raise ValueError(f"duplicate resting order id {o.order_id}")
+            if not 0 < o.remaining <= o.quantity or o.price <= 0:
+                raise ValueError(f"impossible resting order {o!r}")
+            orders[o.order_id.int] = o
+            key = (o.side == _BID, o.price)
+            bucket = per_price.get(key)
+            if bucket is None:
+                per_price[key] = [o]
+            else:
+                bucket.append(o)
+        expiry = book._expiry
+        for (is_bid, price), bucket in per_price.items():
+            bucket.sort(key=_by_priority)
+            level = _Level()
+            level.orders.extend(bucket)
+            level.live = len(bucket)
+            if is_bid:
+                book._bids[price] = level
+            else:
+                book._asks[price] = level
+            for o in bucket:
+                if o.valid_until is not None:
+                    book._expiry_counter += 1
+                    expiry.append((o.valid_until, book._expiry_counter, o))
+        heapq.heapify(expiry)
+        book._bid_keys = sorted(book._bids)
+        book._ask_keys = sorted(-p for p in book._asks)
+        bid, ask = book.best_bid(), book.best_ask()
+        if bid is not None and ask is not None and bid >= ask:
+            raise ValueError(f"crossed book: best bid {bid} >= best ask {ask}")
+        return book
+
+    # ------------------------------------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return len(self._orders)
+
+    def best_bid(self) -> int | None:
+        return self._bid_keys[-1] if self._bid_keys else None
+
+    def best_ask(self) -> int | None:
+        return -self._ask_keys[-1] if self._ask_keys else None
+
+    def get(self, order_id: OrderId) -> RestingOrder | None:
+        """A copy of the resting order, or ``None`` if it is not live in this book."""
+        o = self._orders.get(order_id.int)
+        return None if o is None else _copy(o)
+
+    def depth(self, levels: int) -> tuple[list[DepthLevel], list[DepthLevel]]:
+        """Up to ``levels`` aggregated levels per side: bids by price descending, asks ascending."""
+        bids = [self._aggregate(p, self._bids[p]) for p in reversed(self._bid_keys[-levels:])] if levels > 0 else []
+        asks = [self._aggregate(-k, self._asks[-k]) for k in reversed(self._ask_keys[-levels:])] if levels > 0 else []
+        return bids, asks
+
+    @staticmethod
+    def _aggregate(price: int, level: _Level) -> DepthLevel:
+        return price, sum(o.remaining for o in level.orders), level.live  # dead entries have remaining 0
+
+    def resting_orders(self) -> list[RestingOrder]:
+        """Copies of all resting orders in canonical order: bids by price descending then priority, then asks by
+        price ascending then priority."""
+        out: list[RestingOrder] = []
+        for p in reversed(self._bid_keys):
+            out.extend(_copy(o) for o in self._bids[p].orders if o.remaining)
+        for k in reversed(self._ask_keys):
+            out.extend(_copy(o) for o in self._asks[-k].orders if o.remaining)
+        return out
+
+    def state_hash(self) -> str:
+        """Deterministic sha256 hex digest of the symbol and the canonical resting state (see ``hashing``)."""
+        return hash_resting(self.symbol, self.resting_orders())
+
+    # ------------------------------------------------------------------------------------------------- apply
+
+    def apply(self, command: Command, now: Micros) -> list[Event]:
+        """Apply one command at time ``now`` and return its events (see the module docstring for their order)."""
+        if type(command) is Place:
+            return self._place(command.seq, command.order, now)
+        if type(command) is Cancel:
+            return self._cancel(command.seq, command.order_id)
+        if type(command) is Amend:
+            return self._amend(command, now)
+        if type(command) is ExpireDue:
+            return self._expire_due(command.seq, now)
+        raise TypeError(f"not a command: {command!r}")
+
+    def _place(self, seq: int, spec: OrderSpec, now: Micros) -> list[Event]:
+        oid = spec.order_id
+        if spec.symbol != self.symbol:
+            return [Rejected(seq, oid, RejectReason.WRONG_SYMBOL)]
+        if oid.int in self._orders:
+            return [Rejected(seq, oid, RejectReason.DUPLICATE_ORDER_ID)]
+        quantity = spec.quantity
+        price = spec.price
+        tif = spec.time_in_force
+        # Fast path for the common valid GTC limit; anything else goes through the full validation.
+        if not (
+            tif is _GTC
+            and spec.order_type is _LIMIT
+            and type(price) is int
+            and price > 0
+            and type(quantity) is int
+            and quantity > 0
+            and spec.valid_until is None
+        ):
+            reason = _place_reject_reason(spec)
+            if reason is not None:
+                return [Rejected(seq, oid, reason)]
+        events: list[Event] = [_accepted(seq, oid)]
+        if tif == _GTD and spec.valid_until is not None and spec.valid_until <= now:
+            events.append(_closed(seq, oid, _EXPIRED, quantity))
+            return events
+        side = spec.side
+        if tif == _FOK and not self._fok_feasible(spec, now):
+            events.append(_closed(seq, oid, _UNFILLED, quantity))
+            return events
+        remaining = quantity
+        # Only enter the matching loop when the opposite best crosses: the common passive order skips it.
+        if side == _BID:
+            keys = self._ask_keys
+            crosses = bool(keys) and (price is None or -keys[-1] <= price)
+        else:
+            keys = self._bid_keys
+            crosses = bool(keys) and (price is None or keys[-1] >= price)
+        if crosses:
+            remaining, quantity, closed = self._match(
+                seq, now, oid, spec.broker_id, spec.document_number, side, price, quantity, remaining, spec.stp,
+                events,
+            )  # fmt: skip
+            if closed:
+                return events
+        if remaining == 0:
+            events.append(_closed(seq, oid, _FILLED, 0))
+        elif price is not None and tif in (_GTC, _GTD):
+            self._add(
+                RestingOrder(
+                    oid, spec.broker_id, spec.document_number, side, price, quantity, remaining, seq,
+                    spec.valid_until, spec.stp,
+                )
+            )  # fmt: skip
+            events.append(_rested(seq, oid, side, price, remaining))
+        else:
+            events.append(_closed(seq, oid, _UNFILLED, remaining))
+        return events
+
+    def _cancel(self, seq: int, order_id: OrderId) -> list[Event]:
+        o = self._orders.get(order_id.int)
+        if o is None:
+            return [Rejected(seq, order_id, RejectReason.UNKNOWN_ORDER)]
+        remaining = o.remaining
+        self._remove(o)
+        return [_closed(seq, order_id, _CANCELLED, remaining)]
+
+    def _amend(self, cmd: Amend, now: Micros) -> list[Event]:
+        seq = cmd.seq
+        oid = cmd.order_id
+        o = self._orders.get(oid.int)
+        if o is None:
+            return [Rejected(seq, oid, RejectReason.UNKNOWN_ORDER)]
+        new_quantity = o.quantity if cmd.quantity is None else cmd.quantity
+        if type(new_quantity) is not int or new_quantity <= 0:
+            return [Rejected(seq, oid, RejectReason.INVALID_QUANTITY)]
+        new_price = o.price if cmd.price is None else cmd.price
+        if type(new_price) is not int or new_price <= 0:
+            return [Rejected(seq, oid, RejectReason.INVALID_PRICE)]
+        filled = o.quantity - o.remaining
+        if new_quantity <= filled or (o.valid_until is not None and o.valid_until <= now):
+            return [Rejected(seq, oid, RejectReason.NOT_AMENDABLE)]
+        remaining = new_quantity - filled
+        if new_price == o.price and new_quantity <= o.quantity:
+            o.quantity = new_quantity
+            o.remaining = remaining
+            return [Amended(seq, oid, new_price, new_quantity, remaining, True)]
+        self._remove(o)
+        events: list[Event] = [Amended(seq, oid, new_price, new_quantity, remaining, False)]
+        side = o.side
+        if side == _BID:
+            keys = self._ask_keys
+            crosses = bool(keys) and -keys[-1] <= new_price
+        else:
+            keys = self._bid_keys
+            crosses = bool(keys) and keys[-1] >= new_price
+        if crosses:
+            remaining, new_quantity, closed = self._match(
+                seq, now, oid, o.broker_id, o.document_number, side, new_price, new_quantity, remaining, o.stp,
+                events,
+            )  # fmt: skip
+            if closed:
+                return events
+            if remaining == 0:
+                events.append(_closed(seq, oid, _FILLED, 0))
+                return events
+        self._add(
+            RestingOrder(
+                oid, o.broker_id, o.document_number, side, new_price, new_quantity, remaining, seq,
+                o.valid_until, o.stp,
+            )
+        )  # fmt: skip
+        if crosses:
+            events.append(_rested(seq, oid, side, new_price, remaining))
+        return events
+
+    def _expire_due(self, seq: int, now: Micros) -> list[Event]:
+        heap = self._expiry
+        orders = self._orders
+        due: list[RestingOrder] = []
+        while heap and heap[0][0] <= now:
+            o = heapq.heappop(heap)[2]
+            if orders.get(o.order_id.int) is o:  # stale entries: order closed or replaced by an amend
+                due.append(o)
+        due.sort(key=lambda o: (o.priority, o.order_id))
+        events: list[Event] = []
+        for o in due:
+            events.append(_closed(seq, o.order_id, _EXPIRED, o.remaining))
+            self._remove(o)
+        return events
+
+    # --------------------------------------------------------------------------------------------- internals
+
+    def _add(self, o: RestingOrder) -> None:
+        """Append a live order at the back of its level."""
+        price = o.price
+        if o.side == _BID:
+            levels, keys, key = self._bids, self._bid_keys, price
+        else:
+            levels, keys, key = self._asks, self._ask_keys, -price
+        level = levels.get(price)
+        if level is None:
+            level = levels[price] = _Level()
+            insort(keys, key)
+        level.orders.append(o)
+        level.live += 1
+        self._orders[o.order_id.int] = o
+        if o.valid_until is not None:
+            self._expiry_counter += 1
+            heapq.heappush(self._expiry, (o.valid_until, self._expiry_counter, o))
+            if len(self._expiry) > 2 * len(self._orders) + 64:
+                self._compact_expiry()
+
+    def _remove(self, o: RestingOrder) -> None:
+        """Take a live order out of the book from anywhere in its level (lazy deletion)."""
+        price = o.price
+        if o.side == _BID:
+            levels, keys, key = self._bids, self._bid_keys, price
+        else:
+            levels, keys, key = self._asks, self._ask_keys, -price
+        del self._orders[o.order_id.int]
+        o.remaining = 0  # marks the entry dead; the level's deque drops it when reached
+        level = levels[price]
+        level.live -= 1
+        if level.live == 0:
+            del levels[price]
+            if keys[-1] == key:
+                keys.pop()
+            else:
+                keys.remove(key)
+        elif len(level.orders) > 2 * level.live + 16:
+            level.orders = deque(x for x in level.orders if x.remaining)
+
+    def _compact_expiry(self) -> None:
+        orders = self._orders
+        self._expiry = [e for e in self._expiry if orders.get(e[2].order_id.int) is e[2]]
+        heapq.heapify(self._expiry)
+
+    def _fok_feasible(self, spec: OrderSpec, now: Micros) -> bool:
+        """Whether a FOK could trade its whole quantity now; reads the book without changing it (rule in the
+        module docstring)."""
+        need = spec.quantity
+        limit = spec.price
+        stp = spec.stp
+        broker = spec.broker_id
+        doc = spec.document_number
+        is_bid = spec.side == _BID
+        if is_bid:
+            levels, prices = self._asks, [-k for k in reversed(self._ask_keys)]
+        else:
+            levels, prices = self._bids, list(reversed(self._bid_keys))
+        for price in prices:
+            if limit is not None and (price > limit if is_bid else price < limit):
+                return False
+            for m in levels[price].orders:
+                if not m.remaining:
+                    continue
+                if m.valid_until is not None and m.valid_until <= now:
+                    continue
+                if stp != _STP_NONE and m.broker_id == broker and m.document_number == doc:
+                    if stp == _CANCEL_OLDEST:
+                        continue
+                    return False
+                need -= m.remaining
+                if need <= 0:
+                    return True
+        return False
+
+    def _match(
+        self,
+        seq: int,
+        now: Micros,
+        taker_id: OrderId,
+        taker_broker: BrokerId,
+        taker_doc: str,
+        side: Side,
+        limit: int | None,
+        quantity: int,
+        remaining: int,
+        stp: StpMode,
+        events: list[Event],
+    ) -> tuple[int, int, bool]:
+        """Match a taker against the opposite side. Returns ``(remaining, quantity, closed)``: the taker's
+        remaining and total quantity afterwards (``decrement`` can lower both) and whether STP closed it (its
+        ``Closed`` already emitted). Mutates makers and levels; appends events in the documented order."""
+        orders = self._orders
+        if side == _BID:
+            levels, keys, sign = self._asks, self._ask_keys, -1
+        else:
+            levels, keys, sign = self._bids, self._bid_keys, 1
+        check_self = stp != _STP_NONE
+        match_no = 0
+        closed = False
+        while keys and remaining:
+            level_price = keys[-1] * sign
+            if limit is not None and (level_price > limit if side == _BID else level_price < limit):
+                break
+            # Seller's price: a bid taker pays the resting ask; a limit ask taker sells at its own limit.
+            fill_price = level_price if side == _BID or limit is None else limit
+            level = levels[level_price]
+            q = level.orders
+            while q and remaining:
+                m = q[0]
+                m_remaining = m.remaining
+                if not m_remaining:  # lazily deleted
+                    q.popleft()
+                    continue
+                vu = m.valid_until
+                if vu is not None and vu <= now:
+                    q.popleft()
+                    level.live -= 1
+                    del orders[m.order_id.int]
+                    m.remaining = 0
+                    events.append(_closed(seq, m.order_id, _EXPIRED, m_remaining))
+                    continue
+                if check_self and m.broker_id == taker_broker and m.document_number == taker_doc:
+                    if stp == _CANCEL_NEWEST:
+                        events.append(_closed(seq, taker_id, _SELF_TRADE, remaining))
+                        closed = True
+                        break
+                    if stp in (_CANCEL_OLDEST, _CANCEL_BOTH):
+                        q.popleft()
+                        level.live -= 1
+                        del orders[m.order_id.int]
+                        m.remaining = 0
+                        events.append(_closed(seq, m.order_id, _SELF_TRADE, m_remaining))
+                        if stp == _CANCEL_BOTH:
+                            events.append(_closed(seq, taker_id, _SELF_TRADE, remaining))
+                            closed = True
+                            break
+                        continue
+                    # decrement: both shrink by d without a trade
+                    d = remaining if remaining < m_remaining else m_remaining
+                    if m_remaining == d:
+                        q.popleft()
+                        level.live -= 1
+                        del orders[m.order_id.int]
+                        m.remaining = 0
+                        events.append(_closed(seq, m.order_id, _SELF_TRADE, d))
+                    else:
+                        m.remaining = m_remaining - d
+                        m.quantity -= d
+                        events.append(Decremented(seq, m.order_id, m.quantity, m.remaining))
+                    if remaining == d:
+                        events.append(_closed(seq, taker_id, _SELF_TRADE, d))
+                        closed = True
+                        break
+                    remaining -= d
+                    quantity -= d
+                    events.append(Decremented(seq, taker_id, quantity, remaining))
+                    continue
+                qty = remaining if remaining < m_remaining else m_remaining
+                remaining -= qty
+                m_remaining -= qty
+                m.remaining = m_remaining
+                events.append(
+                    _fill(
+                        seq, match_no, fill_price, qty, m.order_id, m.broker_id, m_remaining, taker_id,
+                        taker_broker, remaining, side,
+                    )
+                )  # fmt: skip
+                match_no += 1
+                if not m_remaining:
+                    q.popleft()
+                    level.live -= 1
+                    del orders[m.order_id.int]
+                    events.append(_closed(seq, m.order_id, _FILLED, 0))
+            if level.live == 0:
+                del levels[level_price]
+                keys.pop()
+            if closed:
+                break
+        return remaining, quantity, closed

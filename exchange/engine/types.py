@@ -1,0 +1,232 @@
+"""Value types of the matching engine: orders, commands and events.
+
+Everything here is plain data (frozen, slotted dataclasses and str enums) from the standard library only.
+Invariants the types carry:
+
+* Prices are integer cents (> 0), quantities integer shares (> 0); there is no float anywhere.
+* Time is an integer number of microseconds since the Unix epoch (UTC), always passed in by the caller.
+* Ids (order ids, broker ids) and sequence numbers are inputs; the engine never invents one.
+  A trade is identified by the command's ``seq`` plus the fill's ``match_no`` within that command.
+* Rejections are events (:class:`Rejected`), never exceptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from uuid import UUID
+
+OrderId = UUID
+BrokerId = UUID
+Micros = int
+"""Microseconds since the Unix epoch, UTC."""
+
+
+class Side(StrEnum):
+    BID = "bid"
+    ASK = "ask"
+
+
+class OrderType(StrEnum):
+    LIMIT = "limit"
+    MARKET = "market"
+
+
+class TimeInForce(StrEnum):
+    GTC = "gtc"
+    """Good till cancelled: rests until filled or cancelled; has no ``valid_until``."""
+    GTD = "gtd"
+    """Good till date: rests until ``valid_until`` (exclusive: at ``valid_until`` it is expired)."""
+    IOC = "ioc"
+    """Immediate or cancel: trades what it can now, the rest is closed (``unfilled``); never rests."""
+    FOK = "fok"
+    """Fill or kill: trades its whole quantity in this command or trades nothing and is closed."""
+
+
+class StpMode(StrEnum):
+    """Self-trade prevention, decided by the incoming (taker) order's mode.
+
+    "Self" means the same broker *and* the same ``document_number`` (the same end client).
+    """
+
+    NONE = "none"
+    CANCEL_NEWEST = "cancel_newest"
+    CANCEL_OLDEST = "cancel_oldest"
+    CANCEL_BOTH = "cancel_both"
+    DECREMENT = "decrement"
+
+
+class CloseReason(StrEnum):
+    FILLED = "filled"
+    CANCELLED = "cancelled"
+    """Cancelled by its broker."""
+    EXPIRED = "expired"
+    UNFILLED = "unfilled"
+    """IOC/market remainder, or a FOK that could not fill completely."""
+    SELF_TRADE = "self_trade_prevented"
+    REJECTED = "rejected"
+
+
+class RejectReason(StrEnum):
+    DUPLICATE_ORDER_ID = "duplicate_order_id"
+    UNKNOWN_ORDER = "unknown_order"
+    INVALID_QUANTITY = "invalid_quantity"
+    INVALID_PRICE = "invalid_price"
+    INVALID_TIME_IN_FORCE = "invalid_time_in_force"
+    WRONG_SYMBOL = "wrong_symbol"
+    NOT_AMENDABLE = "not_amendable"
+    """Amend that would leave nothing to trade (new total quantity <= already filled quantity), or of a resting
+    GTD order already expired at ``now``. (Amend of an order that is not resting is ``UNKNOWN_ORDER``.)"""
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSpec:
+    """What a broker asked for; the engine validates it when the ``Place`` command is applied."""
+
+    order_id: OrderId
+    broker_id: BrokerId
+    document_number: str
+    symbol: str
+    side: Side
+    order_type: OrderType
+    time_in_force: TimeInForce
+    price: int | None
+    quantity: int
+    valid_until: Micros | None = None
+    stp: StpMode = StpMode.NONE
+
+
+@dataclass(slots=True)
+class RestingOrder:
+    """An order resting in the book. ``priority`` is the seq that gives it its place in the FIFO queue of
+    its price level: the ``seq`` of its place command, or of the amend that last cost it its priority."""
+
+    order_id: OrderId
+    broker_id: BrokerId
+    document_number: str
+    side: Side
+    price: int
+    quantity: int
+    """Total quantity of the order (after amends)."""
+    remaining: int
+    priority: int
+    valid_until: Micros | None = None
+    stp: StpMode = StpMode.NONE
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    seq: int
+    order: OrderSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    seq: int
+    order_id: OrderId
+
+
+@dataclass(frozen=True, slots=True)
+class Amend:
+    """Change a resting order. ``quantity`` is the new *total* quantity (filled + remaining), ``price`` the new
+    limit; ``None`` keeps the current value. Quantity down at the same price keeps time priority; a price change
+    or a quantity increase moves the order to the back of its level (priority = this ``seq``)."""
+
+    seq: int
+    order_id: OrderId
+    quantity: int | None = None
+    price: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireDue:
+    """Close every resting order whose ``valid_until`` <= ``now``."""
+
+    seq: int
+
+
+Command = Place | Cancel | Amend | ExpireDue
+
+
+# ------------------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    seq: int
+    order_id: OrderId
+
+
+@dataclass(frozen=True, slots=True)
+class Rested:
+    seq: int
+    order_id: OrderId
+    side: Side
+    price: int
+    remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """One trade between a resting maker and the incoming taker. ``price`` is the seller's price."""
+
+    seq: int
+    match_no: int
+    """0, 1, 2, ... within the command; (seq, match_no) identifies the trade."""
+    price: int
+    quantity: int
+    maker_order_id: OrderId
+    maker_broker_id: BrokerId
+    maker_remaining: int
+    taker_order_id: OrderId
+    taker_broker_id: BrokerId
+    taker_remaining: int
+    taker_side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class Amended:
+    seq: int
+    order_id: OrderId
+    price: int
+    quantity: int
+    remaining: int
+    priority_kept: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Decremented:
+    """Self-trade prevention in ``decrement`` mode took ``quantity`` and ``remaining`` of a live order down by the
+    same amount without a trade (the order stays live; ``quantity``/``remaining`` are the new values, so
+    ``quantity = remaining + sum of fills`` keeps holding). Emitted for the maker or the taker that survives a
+    decrement; the one that reaches zero gets ``Closed(SELF_TRADE)`` with its pre-decrement ``remaining``
+    instead. Added by the engine (additive to the original contract)."""
+
+    seq: int
+    order_id: OrderId
+    quantity: int
+    remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The order left the book (or never entered it) for ``reason``; ``remaining`` is what was left untraded.
+    Every order that stops being live gets exactly one ``Closed`` event, including ``FILLED``."""
+
+    seq: int
+    order_id: OrderId
+    reason: CloseReason
+    remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    seq: int
+    order_id: OrderId | None
+    reason: RejectReason
+
+
+Event = Accepted | Rested | Fill | Amended | Decremented | Closed | Rejected

@@ -1,0 +1,148 @@
+"""Process a symbol's pending commands: the one function the matcher actor calls.
+
+Order of operations in ONE transaction (DESIGN §3): take the symbol's advisory lock; if the cached book's
+version differs from ``symbols.book_version``, rebuild it from the open orders; read the unprocessed commands in
+sequence order (bounded batch); apply them to the pure engine; write order states, trades, balances, positions,
+outbox events, the new book version and the processed markers; commit. Only after the commit are results
+published and webhook deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
+
+Invariant: the cached book always equals what Postgres says at the cached version. The cache entry is dropped
+whenever a transaction fails, because the engine already mutated the book in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from exchange.engine import OrderBook
+from exchange.engine.types import Command, Event, Place
+from exchange.matching import store
+from exchange.matching.commands import to_engine_command
+from exchange.matching.effects import plan_batch
+from exchange.times import to_micros
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_LIMIT = 500
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+
+
+@dataclass(slots=True)
+class CachedBook:
+    version: int
+    book: OrderBook
+
+
+@dataclass(slots=True)
+class BookCache:
+    """Books kept in memory by one matcher process, keyed by symbol."""
+
+    books: dict[str, CachedBook] = field(default_factory=dict)
+    rebuilds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    symbol: str
+    commands: int
+    trades: int
+    order_ids: list[UUID]
+    """Orders whose state changed, for the api workers waiting on them."""
+    event_ids: list[UUID]
+    """Outbox events written, to hand to the webhook queue."""
+    more: bool
+    """The batch was full: more commands may be waiting."""
+    rebuilt: bool
+
+
+def process_symbol(
+    engine: Engine,
+    cache: BookCache,
+    symbol: str,
+    *,
+    batch_limit: int = DEFAULT_BATCH_LIMIT,
+    before_read: Callable[[], None] | None = None,
+) -> BatchResult:
+    """Apply one batch of ``symbol``'s pending commands. Retries deadlocks/serialization failures a few times.
+
+    ``before_read`` runs after the lock is held and before the command log is read (the wake-up key is cleared
+    there: see :mod:`exchange.messaging.wakeups`).
+    """
+    for attempt in range(4):
+        try:
+            return _process_once(engine, cache, symbol, batch_limit, before_read)
+        except DBAPIError as exc:
+            cache.books.pop(symbol, None)
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if sqlstate not in _RETRYABLE_SQLSTATES or attempt == 3:
+                raise
+            log.warning("retrying %s after %s", symbol, sqlstate)
+            time.sleep(0.01 * (attempt + 1))
+        except BaseException:
+            cache.books.pop(symbol, None)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _process_once(
+    engine: Engine,
+    cache: BookCache,
+    symbol: str,
+    batch_limit: int,
+    before_read: Callable[[], None] | None,
+) -> BatchResult:
+    with engine.begin() as conn:
+        version, now = store.lock_book(conn, symbol)
+        if before_read is not None:
+            before_read()
+        rows = store.pending_commands(conn, symbol, batch_limit)
+        if not rows:
+            return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)
+        cached = cache.books.get(symbol)
+        rebuilt = cached is None or cached.version != version
+        if cached is None or rebuilt:
+            cached = CachedBook(version, OrderBook.rebuild(symbol, store.open_orders(conn, symbol)))
+            cache.books[symbol] = cached
+            cache.rebuilds += 1
+        book = cached.book
+        now_us = to_micros(now)
+        applied: list[tuple[Command, list[Event]]] = []
+        for row in rows:
+            command = to_engine_command(row, symbol)
+            applied.append((command, book.apply(command, now_us)))
+        touched = _touched_orders(applied)
+        meta = store.order_meta(conn, touched)
+        resting_after = {oid: r for oid in touched if (r := book.get(oid)) is not None}
+        owners = {oid: (m.broker_id, m.side) for oid, m in meta.items()}
+        plan = plan_batch(applied, resting_after, owners)
+        written = store.write_batch(conn, symbol, now, plan, meta, [row.seq for row in rows])
+        cached.version = version + 1
+    return BatchResult(
+        symbol=symbol,
+        commands=len(rows),
+        trades=len(plan.trades),
+        order_ids=list(plan.orders) + [c.order.order_id for c, _ in applied if isinstance(c, Place)],
+        event_ids=[w.event_id for w in written],
+        more=len(rows) >= batch_limit,
+        rebuilt=rebuilt,
+    )
+
+
+def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:
+    seen: dict[UUID, None] = {}
+    for command, events in applied:
+        if isinstance(command, Place):
+            seen[command.order.order_id] = None
+        for event in events:
+            for attr in ("order_id", "maker_order_id", "taker_order_id"):
+                value = getattr(event, attr, None)
+                if isinstance(value, UUID):
+                    seen[value] = None
+    return list(seen)

@@ -1,0 +1,81 @@
+"""The sweeper: makes a lost message cost a delay, never an order (DESIGN §2-§3).
+
+Every ``interval`` seconds it
+* re-nudges symbols whose oldest unprocessed command is older than ``stale_after`` (a lost or stuck wake-up, or a
+  matcher killed with the message in hand), sending the match message unconditionally;
+* logs an ``expire`` command for every symbol with open GTD orders past ``valid_until`` (at most one pending
+  per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol.
+
+Any number of sweepers may run: both actions are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, text
+
+from exchange.messaging.wakeups import BrokerLike, send_wakeup
+
+log = logging.getLogger("exchange.sweeper")
+
+_STALE = text(
+    """
+    SELECT symbol FROM commands
+    WHERE processed_at IS NULL AND created_at < clock_timestamp() - make_interval(secs => :stale)
+    GROUP BY symbol
+    """
+)
+
+_LOG_EXPIRIES = text(
+    """
+    INSERT INTO commands (symbol, kind)
+    SELECT due.symbol, 'expire'
+    FROM (SELECT DISTINCT symbol FROM orders
+          WHERE status = 'open' AND valid_until IS NOT NULL AND valid_until <= clock_timestamp()) AS due
+    WHERE NOT EXISTS (SELECT 1 FROM commands c
+                      WHERE c.symbol = due.symbol AND c.kind = 'expire' AND c.processed_at IS NULL)
+    RETURNING symbol
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    renudged: list[str]
+    expiring: list[str]
+
+
+def sweep_once(engine: Engine, broker: BrokerLike, partitions: int, *, stale_after_s: float = 0.5) -> SweepResult:
+    with engine.begin() as conn:
+        expiring = [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
+    with engine.begin() as conn:
+        stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
+    for symbol in sorted(set(stale) | set(expiring)):
+        send_wakeup(broker, symbol, partitions)
+    return SweepResult(renudged=stale, expiring=expiring)
+
+
+def run_forever(
+    engine: Engine,
+    broker: BrokerLike,
+    partitions: int,
+    *,
+    interval_s: float = 1.0,
+    stale_after_s: float = 0.5,
+    stop: threading.Event | None = None,
+) -> None:
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            result = sweep_once(engine, broker, partitions, stale_after_s=stale_after_s)
+            if result.renudged or result.expiring:
+                log.info("sweep renudged=%s expiring=%s", result.renudged, result.expiring)
+        except Exception:
+            # Postgres or Redis down: keep trying; the sweeper must outlive any outage.
+            log.warning("sweep failed", exc_info=True)
+        stop.wait(max(0.0, interval_s - (time.monotonic() - started)))

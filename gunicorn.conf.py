@@ -1,0 +1,22 @@
+"""gunicorn settings for the exchange api: Litestar on uvicorn workers (``uvicorn_worker.UvicornWorker``).
+
+``exchange api`` passes --bind/--workers on the command line; everything else has a local default here and can be
+overridden with the usual GUNICORN_CMD_ARGS or EXCHANGE_API_* variables. Workers are stateless: any of them can be
+killed at any moment (an accepted order is already committed in Postgres before the 201 is sent).
+"""
+
+import os
+
+wsgi_app = "exchange.api.app:create_app()"
+worker_class = "uvicorn_worker.UvicornWorker"
+bind = os.environ.get("EXCHANGE_API_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("EXCHANGE_API_WORKERS", "2"))
+# gunicorn 27 shares one control-socket path between instances on a machine; the exchange does not use it.
+control_socket_disable = True
+# Keep-alive matters for brokers' clients and the load generator (connection reuse).
+keepalive = 30
+graceful_timeout = 10
+timeout = 30
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("EXCHANGE_LOG_LEVEL", "info").lower()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Start or stop a pgbouncer for the exchange (dev, tests, CI).
+#   ops/scripts/pgbouncer.sh start RUN_DIR [LISTEN_PORT=6432] [PG_HOST=127.0.0.1] [PG_PORT=5432] [PG_USER=postgres]
+#   ops/scripts/pgbouncer.sh stop RUN_DIR
+# Renders ops/pgbouncer.ini into RUN_DIR and daemonizes; pgbouncer refuses to run as root, so as root it runs
+# as the RUN_USER (default: postgres, which Debian's postgresql/pgbouncer packages create).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cmd=${1:?start|stop}; run_dir=${2:?RUN_DIR}
+mkdir -p "$run_dir"; run_dir="$(cd "$run_dir" && pwd)"
+bin="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
+run_user=${RUN_USER:-postgres}
+
+case "$cmd" in
+start)
+    port=${3:-6432}; pg_host=${4:-127.0.0.1}; pg_port=${5:-5432}; pg_user=${6:-postgres}
+    sed -e "s|@PG_HOST@|$pg_host|" -e "s|@PG_PORT@|$pg_port|" -e "s|@PG_USER@|$pg_user|g" \
+        -e "s|@LISTEN_ADDR@|127.0.0.1|" -e "s|@LISTEN_PORT@|$port|" -e "s|@RUN_DIR@|$run_dir|g" \
+        "$here/pgbouncer.ini" > "$run_dir/pgbouncer.ini"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R "$run_user" "$run_dir"
+        runuser -u "$run_user" -- "$bin" -d "$run_dir/pgbouncer.ini"
+    else
+        "$bin" -d "$run_dir/pgbouncer.ini"
+    fi
+    for _ in $(seq 1 50); do
+        if pg_isready -q -h 127.0.0.1 -p "$port"; then echo "pgbouncer: listening on 127.0.0.1:$port"; exit 0; fi
+        sleep 0.1
+    done
+    echo "pgbouncer: did not start; log:" >&2; cat "$run_dir/pgbouncer.log" >&2 || true; exit 1
+    ;;
+stop)
+    if [ -f "$run_dir/pgbouncer.pid" ]; then
+        kill "$(cat "$run_dir/pgbouncer.pid")" 2>/dev/null || true
+        rm -f "$run_dir/pgbouncer.pid"
+    fi
+    ;;
+*) echo "usage: $0 start|stop RUN_DIR ..." >&2; exit 2 ;;
+esac

@@ -1,0 +1,153 @@
+"""Fixtures shared by every test suite.
+
+PostgreSQL: each test run works on databases of its own, created on the server at ``EXCHANGE_TEST_POSTGRES_URL``
+(default ``postgresql://postgres@127.0.0.1:5432/postgres``; any database the role may ``CREATE DATABASE``
+from) and dropped afterwards, so runs never see each other's rows and can run side by side. Database names
+start with ``exchange_test_`` (an operator may drop leftovers of killed runs by that prefix).
+
+* ``postgres_admin_url`` (session): the server URL; skips the test when the server is unreachable, or fails
+  it when ``CI=true`` (in CI a missing database is a broken pipeline, not an optional test).
+* ``fresh_database_url`` (function): an EMPTY database for this test only (no schema), as a plain libpq URL.
+* ``freshdatabase_factory`` (function): call it for as many empty databases as the test needs.
+* ``migrated_database_url`` (session): one database migrated to head, shared by the whole run; tests must
+  leave it as they found it (roll back, or use their own rows).
+* ``fresh_migrated_database_url`` (function): a database at head for this test only (a cheap copy of a
+  migrated template), for tests that commit and need a clean slate.
+* ``migrated_engine`` (session): a SQLAlchemy engine on ``migrated_database_url``.
+* ``database_factory`` (session): the :class:`DatabaseFactory` behind all of these, for fixtures of other
+  scopes (``.create(template=…)`` / ``.drop(url)``); whatever it created is dropped at the end of the run.
+
+Tests that use any of these are marked ``postgres`` automatically (``pytest -m "not postgres"`` skips them).
+URLs are plain libpq URLs (``postgresql://…``); use :func:`exchange.db.urls.sqlalchemy_url` for SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import Engine, create_engine
+
+from exchange.db import migrate
+from exchange.db.urls import libpq_url, sqlalchemy_url
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DATABASE_PREFIX = "exchange_test_"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgres_admin_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+class DatabaseFactory:
+    """Creates uniquely named databases on one server and drops them (``WITH (FORCE)``: open connections of
+    the test under teardown must not keep a database alive)."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+        self._run_id = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+    def _execute(self, statement: sql.Composed) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(statement)
+
+    def create(self, *, template: str = "template0", suffix: str = "") -> str:
+        """Create an empty database (a copy of ``template``) and return its URL."""
+        name = f"{DATABASE_PREFIX}{self._run_id}_{uuid.uuid4().hex[:8]}{suffix}"
+        # template0 rather than template1: nobody is ever connected to it, so concurrent runs never collide.
+        self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+        self.created.append(name)
+        return _with_database(self.admin_url, name)
+
+    def drop(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created):
+            self.drop(_with_database(self.admin_url, name))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    url = libpq_url(os.environ.get("EXCHANGE_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL))
+    try:
+        with psycopg.connect(url, connect_timeout=5):
+            pass
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL is unreachable at {url}: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_factory(postgres_admin_url: str) -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory(postgres_admin_url)
+    yield factory
+    factory.drop_all()  # safety net: whatever a fixture's own teardown did not drop
+
+
+@pytest.fixture
+def freshdatabase_factory(database_factory: DatabaseFactory) -> Iterator[Callable[[], str]]:
+    created: list[str] = []
+
+    def create() -> str:
+        url = database_factory.create()
+        created.append(url)
+        return url
+
+    yield create
+    for url in created:
+        database_factory.drop(url)
+
+
+@pytest.fixture
+def fresh_database_url(freshdatabase_factory: Callable[[], str]) -> str:
+    return freshdatabase_factory()
+
+
+@pytest.fixture(scope="session")
+def migrated_database_url(database_factory: DatabaseFactory) -> Iterator[str]:
+    url = database_factory.create()
+    migrate.upgrade(url)
+    yield url
+    database_factory.drop(url)
+
+
+@pytest.fixture(scope="session")
+def _migrated_template_name(database_factory: DatabaseFactory) -> Iterator[str]:
+    # Only ever connected to while it is being migrated: CREATE DATABASE … TEMPLATE needs it idle.
+    url = database_factory.create(suffix="_template")
+    migrate.upgrade(url)
+    yield urlsplit(url).path.lstrip("/")
+    database_factory.drop(url)
+
+
+@pytest.fixture
+def fresh_migrated_database_url(database_factory: DatabaseFactory, _migrated_template_name: str) -> Iterator[str]:
+    url = database_factory.create(template=_migrated_template_name)
+    yield url
+    database_factory.drop(url)
+
+
+@pytest.fixture(scope="session")
+def migrated_engine(migrated_database_url: str) -> Iterator[Engine]:
+    engine = create_engine(sqlalchemy_url(migrated_database_url))
+    yield engine
+    engine.dispose()

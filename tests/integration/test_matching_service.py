@@ -1,0 +1,204 @@
+"""The matcher's service layer against a real PostgreSQL: command log in, committed effects out."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+from exchange.matching.service import BookCache, process_symbol
+from tests.integration.sql_orders import add_broker, cancel, place
+
+
+def order(conn: Connection, order_id: uuid.UUID) -> Any:
+    return conn.execute(text("SELECT * FROM orders WHERE id = :id"), {"id": order_id}).one()
+
+
+def assert_conserved(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COALESCE(sum(balance), 0) FROM brokers")).scalar_one() == 0
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM (SELECT symbol FROM positions GROUP BY symbol HAVING sum(quantity) <> 0) s")
+            ).scalar_one()
+            == 0
+        )
+        leaks = conn.execute(
+            text(
+                """
+                SELECT o.id FROM orders o
+                LEFT JOIN (SELECT order_id, sum(quantity) AS traded FROM (
+                    SELECT buy_order_id AS order_id, quantity FROM trades
+                    UNION ALL SELECT sell_order_id, quantity FROM trades) t GROUP BY order_id) t
+                  ON t.order_id = o.id
+                WHERE o.quantity <> o.remaining + COALESCE(t.traded, 0)
+                """
+            )
+        ).all()
+        assert leaks == []
+        assert (
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM trades t WHERE (SELECT count(*) FROM webhook_events e "
+                    "WHERE e.trade_id = t.id AND e.type = 'order.fill') <> 2"
+                )
+            ).scalar_one()
+            == 0
+        )
+
+
+def test_crossing_orders_trade_at_the_sellers_price_and_commit_every_effect(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    bid = place(engine, buyer, "PETR4", "bid", 10, 100)
+    ask = place(engine, seller, "PETR4", "ask", 4, 90)
+
+    result = process_symbol(engine, BookCache(), "PETR4")
+
+    assert (result.commands, result.trades, len(result.event_ids)) == (2, 1, 2)
+    with engine.connect() as conn:
+        trade = conn.execute(text("SELECT * FROM trades")).one()
+        assert (trade.price, trade.quantity, trade.buy_order_id, trade.sell_order_id) == (90, 4, bid, ask)
+        assert (order(conn, bid).status, order(conn, bid).remaining, order(conn, bid).priority) == ("open", 6, 1)
+        assert (order(conn, ask).status, order(conn, ask).close_reason) == ("closed", "filled")
+        balances = dict(conn.execute(text("SELECT name, balance FROM brokers")).all())
+        assert balances == {"buyer": -360, "seller": 360}
+        positions = dict(conn.execute(text("SELECT broker_id, quantity FROM positions")).all())
+        assert positions == {buyer: 4, seller: -4}
+        symbol = conn.execute(text("SELECT * FROM symbols")).one()
+        assert (symbol.last_price, symbol.book_version) == (90, 1)
+        pending = conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one()
+        assert pending == 0
+        sequences = conn.execute(text("SELECT broker_id, sequence FROM webhook_events ORDER BY broker_id")).all()
+        assert sorted(s for _, s in sequences) == [1, 1]
+    assert_conserved(engine)
+
+
+def test_a_duplicate_wakeup_finds_nothing_to_do(engine: Engine) -> None:
+    broker = add_broker(engine, "b")
+    place(engine, broker, "VALE3", "bid", 1, 100)
+    cache = BookCache()
+    assert process_symbol(engine, cache, "VALE3").commands == 1
+    again = process_symbol(engine, cache, "VALE3")
+    assert (again.commands, again.order_ids) == (0, [])
+
+
+def test_a_stale_cached_book_is_rebuilt_from_open_orders(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    first, second = BookCache(), BookCache()
+    place(engine, buyer, "ITUB4", "bid", 5, 100)
+    process_symbol(engine, first, "ITUB4")
+    place(engine, buyer, "ITUB4", "bid", 5, 101)
+    process_symbol(engine, second, "ITUB4")  # another matcher process takes over the symbol
+    place(engine, seller, "ITUB4", "ask", 7, 100)
+
+    result = process_symbol(engine, first, "ITUB4")  # the first one's cache is now stale
+
+    assert result.rebuilt
+    with engine.connect() as conn:
+        fills = conn.execute(text("SELECT price, quantity FROM trades ORDER BY match_no")).all()
+    assert [tuple(f) for f in fills] == [(100, 5), (100, 2)]  # best bid (101) first, then 100: seller's price
+    assert_conserved(engine)
+
+
+def test_cancel_before_a_crossing_order_prevents_the_trade(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    ask = place(engine, seller, "BBAS3", "ask", 3, 50)
+    cancel(engine, "BBAS3", ask)
+    place(engine, buyer, "BBAS3", "bid", 3, 50)
+
+    process_symbol(engine, BookCache(), "BBAS3")
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trades")).scalar_one() == 0
+        assert order(conn, ask).close_reason == "cancelled"
+        types = conn.execute(text("SELECT type FROM webhook_events")).scalars().all()
+    assert types == ["order.cancelled"]
+
+
+def test_an_expired_resting_order_never_trades(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    soon = datetime.now(UTC) + timedelta(milliseconds=300)
+    ask = place(engine, seller, "ABEV3", "ask", 3, 50, valid_until=soon)
+    cache = BookCache()
+    process_symbol(engine, cache, "ABEV3")
+    threading.Event().wait(0.4)
+    bid = place(engine, buyer, "ABEV3", "bid", 3, 50)
+
+    process_symbol(engine, cache, "ABEV3")
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trades")).scalar_one() == 0
+        assert order(conn, ask).close_reason == "expired"
+        assert order(conn, bid).status == "open"
+
+
+def test_market_order_remainder_is_closed_unfilled(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    place(engine, seller, "WEGE3", "ask", 2, 30)
+    bid = place(engine, buyer, "WEGE3", "bid", 5, None)
+
+    process_symbol(engine, BookCache(), "WEGE3")
+
+    with engine.connect() as conn:
+        row = order(conn, bid)
+        assert (row.status, row.close_reason, row.remaining) == ("closed", "unfilled", 3)
+    assert_conserved(engine)
+
+
+def test_self_trade_decrement_shrinks_quantity_and_keeps_shares_conserved(engine: Engine) -> None:
+    broker = add_broker(engine, "solo")
+    ask = place(engine, broker, "MGLU3", "ask", 5, 10)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET stp = 'decrement'"))
+    bid = place(engine, broker, "MGLU3", "bid", 3, 10)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET stp = 'decrement' WHERE id = :id"), {"id": bid})
+
+    process_symbol(engine, BookCache(), "MGLU3")
+
+    with engine.connect() as conn:
+        resting, taker = order(conn, ask), order(conn, bid)
+        assert (resting.status, resting.quantity, resting.remaining) == ("open", 2, 2)
+        assert (taker.status, taker.close_reason) == ("closed", "self_trade_prevented")
+        assert conn.execute(text("SELECT count(*) FROM trades")).scalar_one() == 0
+    assert_conserved(engine)
+
+
+def test_batches_are_bounded_and_report_more_work(engine: Engine) -> None:
+    broker = add_broker(engine, "b")
+    for price in range(1, 8):
+        place(engine, broker, "SUZB3", "bid", 1, price)
+    cache = BookCache()
+    first = process_symbol(engine, cache, "SUZB3", batch_limit=5)
+    second = process_symbol(engine, cache, "SUZB3", batch_limit=5)
+    assert (first.commands, first.more, second.commands, second.more) == (5, True, 2, False)
+
+
+def test_concurrent_matchers_on_one_symbol_apply_each_command_once(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    for i in range(40):
+        place(engine, seller if i % 2 else buyer, "RENT3", "ask" if i % 2 else "bid", 1 + i % 3, 100)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cache = BookCache()
+            while process_symbol(engine, cache, "RENT3", batch_limit=3).commands:
+                pass
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+        assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
+    assert_conserved(engine)

@@ -1,0 +1,79 @@
+"""The sweeper against real PostgreSQL and Redis: stale symbols are re-nudged, due GTD orders expire."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import Engine, text
+
+from exchange.matching.service import BookCache, process_symbol
+from exchange.messaging.partitions import matching_queue, partition_of
+from exchange.sweeper import sweep_once
+from tests.integration.sql_orders import add_broker, place
+
+PARTITIONS = 4
+
+
+@pytest.fixture
+def broker() -> Iterator[RedisBroker]:
+    """A real Redis broker in a namespace of its own, so concurrent runs and other tests never share queues."""
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is unreachable: {exc}")
+    namespace = f"exchange-test-{uuid.uuid4().hex[:8]}"
+    broker = RedisBroker(url="redis://127.0.0.1:6379/0", namespace=namespace)
+    yield broker
+    for key in client.scan_iter(f"{namespace}*"):
+        client.delete(key)
+    broker.close()
+
+
+def queued_symbols(broker: RedisBroker, symbol: str) -> list[str]:
+    queue = f"{broker.namespace}:{matching_queue(partition_of(symbol, PARTITIONS))}"
+    ids = broker.client.lrange(queue, 0, -1)
+    bodies = [broker.client.hget(f"{queue}.msgs", i) for i in ids]
+    return [json.loads(b)["args"][0] for b in bodies if b]
+
+
+def test_a_symbol_with_an_old_pending_command_is_renudged_to_its_partition(engine: Engine, broker: RedisBroker) -> None:
+    place(engine, add_broker(engine, "b"), "PETR4", "bid", 1, 100)
+
+    result = sweep_once(engine, broker, PARTITIONS, stale_after_s=0.0)
+
+    assert result.renudged == ["PETR4"]
+    assert queued_symbols(broker, "PETR4") == ["PETR4"]
+
+
+def test_a_fresh_pending_command_is_left_to_its_own_wakeup(engine: Engine, broker: RedisBroker) -> None:
+    place(engine, add_broker(engine, "b"), "PETR4", "bid", 1, 100)
+
+    assert sweep_once(engine, broker, PARTITIONS, stale_after_s=60).renudged == []
+
+
+def test_due_gtd_orders_get_one_expire_command_and_are_closed_expired(engine: Engine, broker: RedisBroker) -> None:
+    b = add_broker(engine, "b")
+    order_id = place(engine, b, "VALE3", "ask", 1, 100, valid_until=datetime.now(UTC) + timedelta(milliseconds=50))
+    cache = BookCache()
+    process_symbol(engine, cache, "VALE3")
+    with engine.begin() as conn:  # let it come due without sleeping: move valid_until into the past
+        conn.execute(text("UPDATE orders SET valid_until = now() - interval '1 second'"))
+
+    first = sweep_once(engine, broker, PARTITIONS, stale_after_s=60)
+    second = sweep_once(engine, broker, PARTITIONS, stale_after_s=60)
+    process_symbol(engine, BookCache(), "VALE3")
+
+    assert (first.expiring, second.expiring) == (["VALE3"], [])
+    assert "VALE3" in queued_symbols(broker, "VALE3")
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT status, close_reason FROM orders WHERE id = :id"), {"id": order_id}).one()
+        kinds = conn.execute(text("SELECT kind FROM commands ORDER BY seq")).scalars().all()
+    assert tuple(row) == ("closed", "expired")
+    assert kinds == ["place", "expire"]
