@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from exchange.db.urls import sqlalchemy_url
 
-_POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None}
+# connect_timeout: a database host that silently drops packets must turn into a quick 503, not a hung request.
+_POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_timeout": 5}
 
 
 def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:

@@ -44,12 +44,13 @@ class ResultWaiter:
     """One per api process: a single pub/sub connection and a table of waiting requests.
 
     Invariant: every registered future is removed by the caller's ``finally`` (via :meth:`wait`), whether it was
-    resolved, timed out or cancelled, so the table cannot grow without bound.
+    resolved, timed out or cancelled, so the table cannot grow without bound. Several requests may wait on the
+    same order (e.g. two cancels asking for the result): each has its own future and all are resolved.
     """
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
-        self._waiting: dict[UUID, asyncio.Future[None]] = {}
+        self._waiting: dict[UUID, list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
@@ -68,11 +69,22 @@ class ResultWaiter:
 
     def register(self, order_id: UUID) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[order_id] = future
+        self._waiting.setdefault(order_id, []).append(future)
         return future
 
-    def discard(self, order_id: UUID) -> None:
-        self._waiting.pop(order_id, None)
+    def discard(self, order_id: UUID, future: asyncio.Future[None]) -> None:
+        futures = self._waiting.get(order_id)
+        if futures is None:
+            return
+        if future in futures:
+            futures.remove(future)
+        if not futures:
+            del self._waiting[order_id]
+
+    @property
+    def waiting(self) -> int:
+        """Number of orders with at least one waiting request."""
+        return len(self._waiting)
 
     async def wait(self, order_id: UUID, future: asyncio.Future[None], timeout_s: float) -> bool:
         """Wait for the registered ``future`` up to ``timeout_s``. True if the result arrived."""
@@ -81,7 +93,7 @@ class ResultWaiter:
         except TimeoutError:
             return False
         finally:
-            self.discard(order_id)
+            self.discard(order_id, future)
         return True
 
     async def _run(self) -> None:
@@ -103,6 +115,6 @@ class ResultWaiter:
 
     def _resolve(self, order_ids: list[UUID]) -> None:
         for order_id in order_ids:
-            future = self._waiting.get(order_id)
-            if future is not None and not future.done():
-                future.set_result(None)
+            for future in self._waiting.get(order_id, ()):
+                if not future.done():
+                    future.set_result(None)

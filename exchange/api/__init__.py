@@ -1,0 +1,1 @@
+"""The HTTP api (Litestar): thin controllers over :mod:`exchange.orders`; see :mod:`exchange.api.app`."""

@@ -1,0 +1,48 @@
+"""The Litestar application: ``create_app()`` is what gunicorn loads (``exchange.api.app:create_app()``).
+
+Endpoints (auth; success status; error codes beyond 401/422/503 ``database_unavailable`` — see
+:mod:`exchange.api.errors` for the full table):
+
+* ``POST /register`` (admin) 201 · ``GET /debug/trade-count`` (admin) 200 · ``POST /debug/reset`` (admin, only with
+  ``EXCHANGE_DEBUG_ENDPOINTS=true``, else 404) 200 · admin endpoints are 503 ``admin_disabled`` without an admin key.
+* ``POST /orders`` 201 (also for an idempotent replay) · ``GET /orders`` 200 · ``DELETE /orders?symbol=`` 200
+  ``{symbol, cancelled}`` · ``GET /orders/{id}`` 200/404 ``order_not_found`` · ``PATCH /orders/{id}`` 200/404/409
+  ``order_closed`` · ``POST /orders/{id}/cancel`` 204 (200 with ``Prefer: return=representation``)/404.
+* ``GET /stocks/{symbol}/book|price|trades`` 200 (price: 404 ``no_trades``) · ``GET /balance`` · ``GET /positions``.
+* ``GET /health``, ``/health/live`` 200; ``GET /health/ready`` 200/503.
+
+Each worker process builds its own resources in the lifespan (:mod:`exchange.api.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from exchange.api.controllers.account import AccountController
+from exchange.api.controllers.admin import AdminController
+from exchange.api.controllers.health import HealthController
+from exchange.api.controllers.orders import OrdersController
+from exchange.api.controllers.stocks import StocksController
+from exchange.api.errors import EXCEPTION_HANDLERS
+from exchange.api.state import lifespan
+from exchange.config import Settings
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the app for ``settings`` (default: :meth:`Settings.from_env`)."""
+    settings = settings or Settings.from_env()
+    logging.getLogger("exchange").setLevel(logging.INFO)
+    return Litestar(
+        route_handlers=[AdminController, OrdersController, StocksController, AccountController, HealthController],
+        lifespan=[lifespan(settings)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(title="exchange", version="1", path="/schema"),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,1 @@
+"""HTTP controllers: parse the request, call ONE service function, map the result to a wire Struct."""

@@ -1,0 +1,58 @@
+"""Admin endpoints (``EXCHANGE_ADMIN_API_KEY``): ``/register`` and the debug helpers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+
+from exchange.api.auth import admin_guard
+from exchange.api.dependencies import API, Api
+from exchange.api.errors import ApiError
+from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body
+from exchange.messaging.wakeups import WAKE_KEY_PREFIX
+from exchange.orders import brokers, maintenance, queries
+
+log = logging.getLogger("exchange.api")
+
+
+class AdminController(Controller):
+    path = "/"
+    guards = [admin_guard]  # noqa: RUF012
+    dependencies = API
+
+    @post("/register", status_code=201)
+    async def register(self, request: Request[Any, Any, Any], api: Api) -> Response[RegisterResponse]:
+        """Create a broker. The API key is in this response only (stored as its SHA-256)."""
+        body = decode_body(await request.body(), RegisterRequest)
+        created = await brokers.register_broker(api.engine, body.name, body.webhook_url)
+        out = RegisterResponse(
+            broker_id=created.broker_id,
+            name=created.name,
+            api_key=created.api_key,
+            webhook_url=created.webhook_url,
+            webhook_secret=created.webhook_secret,
+        )
+        return Response(out, status_code=201, headers={"Cache-Control": "no-store"})
+
+    @get("/debug/trade-count")
+    async def trade_count(self, api: Api) -> TradeCountOut:
+        async with api.engine.connect() as conn:
+            return TradeCountOut(trade_count=await queries.trade_count(conn))
+
+    @post("/debug/reset", status_code=200)
+    async def reset(self, api: Api) -> ResetOut:
+        """Delete every row of every data table and the exchange's wake-up keys in Redis (nothing else there).
+        404 unless ``EXCHANGE_DEBUG_ENDPOINTS=true``."""
+        if not api.settings.debug_endpoints:
+            raise ApiError(404, "not_found", "no such resource")
+        await maintenance.reset_all_data(api.engine)
+        api.keys.clear()
+        try:
+            keys = [k async for k in api.redis.scan_iter(match=f"{WAKE_KEY_PREFIX}*", count=1000)]
+            if keys:
+                await api.redis.delete(*keys)
+        except Exception as exc:  # the wake keys expire by themselves within a second
+            log.warning("reset: could not clear wake-up keys: %s", exc)
+        return ResetOut(reset=True)

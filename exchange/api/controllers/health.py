@@ -1,0 +1,53 @@
+"""Health endpoints (no auth): ``/health`` and ``/health/live`` answer while the process runs; ``/health/ready``
+answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond, else 503, with a check per
+component."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from litestar import Controller, Response, get
+from sqlalchemy import text
+
+from exchange.api.dependencies import API, Api
+from exchange.api.schemas import CheckOut, HealthOut, ReadyOut
+
+CHECK_TIMEOUT_S = 2.0
+
+
+async def _check(probe: Callable[[], Awaitable[object]]) -> CheckOut:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return CheckOut(ok=False, error=f"{exc.__class__.__name__}: {exc}"[:300])
+    return CheckOut(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+class HealthController(Controller):
+    path = "/health"
+    dependencies = API
+
+    @get("/")
+    async def health(self) -> HealthOut:
+        return HealthOut(status="ok")
+
+    @get("/live")
+    async def live(self) -> HealthOut:
+        return HealthOut(status="ok")
+
+    @get("/ready")
+    async def ready(self, api: Api) -> Response[ReadyOut]:
+        async def postgres() -> None:
+            async with api.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        async def redis() -> None:
+            await api.redis.ping()
+
+        pg, rd = await asyncio.gather(_check(postgres), _check(redis))
+        ok = pg.ok and rd.ok
+        body = ReadyOut(status="ok" if ok else "unavailable", checks={"postgres": pg, "redis": rd})
+        return Response(body, status_code=200 if ok else 503)

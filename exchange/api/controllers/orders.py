@@ -1,0 +1,129 @@
+"""Broker order endpoints: ``/orders`` (place, list, cancel all), ``/orders/{id}`` (get, amend, cancel)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.params import FromPath, HeaderParameter, QueryParameter
+
+from exchange.api import services
+from exchange.api.auth import broker_guard
+from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
+from exchange.api.schemas import (
+    AmendOrderRequest,
+    CancelAllOut,
+    OrderOut,
+    OrderPageOut,
+    PlaceOrderRequest,
+    decode_body,
+    order_out,
+    order_page_out,
+)
+from exchange.db.tables import OrderStatus
+from exchange.engine.types import OrderType, StpMode, TimeInForce
+from exchange.orders import accept, queries
+from exchange.orders.errors import OrderNotFoundError
+
+IdempotencyKey = Annotated[
+    str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False)
+]
+SymbolQuery = Annotated[str, QueryParameter(min_length=1, max_length=10)]
+
+
+def parse_order_id(raw: str) -> uuid.UUID:
+    """A malformed id is just an order this broker does not have: 404, like another broker's order."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise OrderNotFoundError() from None
+
+
+def wants_representation(request: Request[Any, Any, Any]) -> bool:
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip().lower() == "return=representation" for p in prefer.split(","))
+
+
+class OrdersController(Controller):
+    path = "/orders"
+    guards = [broker_guard]  # noqa: RUF012  # Litestar reads these class attributes
+    dependencies = {**API, **BROKER}  # noqa: RUF012
+
+    @post("/", status_code=201)
+    async def place_order(
+        self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, idempotency_key: IdempotencyKey
+    ) -> Response[OrderOut]:
+        """Place an order. 201 with its state after matching (``pending`` if the matcher did not answer within
+        ``EXCHANGE_ORDER_WAIT_MS``). A repeated ``client_order_id``/``Idempotency-Key`` also answers 201, with
+        the original order and the header ``Idempotent-Replayed: true``; nothing new is written."""
+        body = decode_body(await request.body(), PlaceOrderRequest)
+        order = accept.new_order(
+            order_id=uuid.uuid4(),
+            broker_id=broker.id,
+            document_number=body.document_number,
+            symbol=body.symbol,
+            side=body.side,
+            order_type=OrderType(body.order_type),
+            price=body.price,
+            quantity=body.quantity,
+            valid_until=body.valid_until,
+            time_in_force=None if body.time_in_force is None else TimeInForce(body.time_in_force),
+            stp=StpMode(body.stp),
+            client_order_id=body.client_order_id,
+            idempotency_key=idempotency_key,
+            now=datetime.now(UTC),
+        )
+        view, created = await services.place(api, order)
+        headers = {} if created else {"Idempotent-Replayed": "true"}
+        return Response(order_out(view), status_code=201, headers=headers)
+
+    @get("/")
+    async def list_orders(
+        self,
+        api: Api,
+        broker: CurrentBroker,
+        symbol: Annotated[str | None, QueryParameter(min_length=1, max_length=10)] = None,
+        status: Annotated[OrderStatus | None, QueryParameter()] = None,
+        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+    ) -> OrderPageOut:
+        """The broker's orders, newest first, without trades; pass ``next_cursor`` back as ``cursor``."""
+        sym = None if symbol is None else accept.normalize_symbol(symbol)
+        async with api.engine.connect() as conn:
+            page = await queries.list_orders(conn, broker.id, symbol=sym, status=status, cursor=cursor, limit=limit)
+        return order_page_out(page)
+
+    @delete("/", status_code=200)
+    async def cancel_all(self, api: Api, broker: CurrentBroker, symbol: SymbolQuery) -> CancelAllOut:
+        """Cancel every open or pending order of the broker in ``symbol``; ``cancelled`` counts the cancel
+        commands written (orders already closed or already being cancelled are not counted)."""
+        result = await services.cancel_all(api, broker.id, symbol)
+        return CancelAllOut(symbol=result.symbol, cancelled=len(result.order_ids))
+
+    @get("/{order_id:str}")
+    async def get_order(self, api: Api, broker: CurrentBroker, order_id: FromPath[str]) -> OrderOut:
+        return order_out(await services.read_order(api, broker.id, parse_order_id(order_id)))
+
+    @patch("/{order_id:str}")
+    async def amend_order(
+        self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, order_id: FromPath[str]
+    ) -> OrderOut:
+        """Amend quantity (new total) and/or price; 200 with the order after the matcher applied (or rejected)
+        the amend. A rejected amend leaves the order unchanged."""
+        oid = parse_order_id(order_id)
+        body = decode_body(await request.body(), AmendOrderRequest)
+        return order_out(await services.amend(api, broker.id, oid, body.quantity, body.price))
+
+    @post("/{order_id:str}/cancel", status_code=200)
+    async def cancel_order(
+        self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, order_id: FromPath[str]
+    ) -> Response[Any]:
+        """204; idempotent (no-op on a closed order or one already being cancelled). With
+        ``Prefer: return=representation``: 200 with the order after the matcher applied the cancel."""
+        wait = wants_representation(request)
+        view = await services.cancel(api, broker.id, parse_order_id(order_id), wait=wait)
+        if view is None:
+            return Response(None, status_code=204)
+        return Response(order_out(view), status_code=200, headers={"Preference-Applied": "return=representation"})

@@ -1,0 +1,70 @@
+"""Market data for brokers: ``/stocks/{symbol}/book``, ``/price``, ``/trades``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get
+from litestar.params import FromPath, QueryParameter
+
+from exchange.api.auth import broker_guard
+from exchange.api.dependencies import API, Api
+from exchange.api.schemas import BookOut, PriceOut, PublicTradeOut, TradesOut, book_out
+from exchange.orders import queries
+from exchange.orders.accept import normalize_symbol
+from exchange.orders.errors import NoTradesError
+
+
+class StocksController(Controller):
+    path = "/stocks/{symbol:str}"
+    guards = [broker_guard]  # noqa: RUF012
+    dependencies = API
+
+    @get("/book")
+    async def book(
+        self, api: Api, symbol: FromPath[str], depth: Annotated[int, QueryParameter(ge=1, le=50)] = 10
+    ) -> BookOut:
+        """Aggregated open levels: asks ascending, bids descending, ``depth`` levels per side."""
+        sym = normalize_symbol(symbol)
+        async with api.engine.connect() as conn:
+            return book_out(await queries.book(conn, sym, depth))
+
+    @get("/price")
+    async def price(
+        self, api: Api, symbol: FromPath[str], trades: Annotated[int, QueryParameter(ge=1, le=1000)] = 50
+    ) -> PriceOut:
+        """Last trade price and the simple average of the last ``trades`` trade prices (integer cents, halves
+        rounded up). 404 ``no_trades`` before the first trade."""
+        sym = normalize_symbol(symbol)
+        async with api.engine.connect() as conn:
+            view = await queries.price(conn, sym, trades)
+        if view is None:
+            raise NoTradesError(f"no trades yet for {sym}", {"symbol": sym})
+        return PriceOut(
+            symbol=view.symbol,
+            last_price=view.last_price,
+            average_price=view.average_price,
+            trades_in_average=view.trades_in_average,
+        )
+
+    @get("/trades")
+    async def trades(
+        self, api: Api, symbol: FromPath[str], limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50
+    ) -> TradesOut:
+        """Recent trades of the symbol, newest first (public tape: no broker or order ids)."""
+        sym = normalize_symbol(symbol)
+        async with api.engine.connect() as conn:
+            rows = await queries.recent_trades(conn, sym, limit)
+        return TradesOut(
+            symbol=sym,
+            trades=[
+                PublicTradeOut(
+                    trade_id=t.trade_id,
+                    price=t.price,
+                    quantity=t.quantity,
+                    taker_side=t.taker_side,
+                    executed_at=t.executed_at,
+                )
+                for t in rows
+            ],
+        )

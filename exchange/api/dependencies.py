@@ -1,0 +1,25 @@
+"""Dependencies shared by the controllers: ``api`` (the process's :class:`ApiState`) and ``broker``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request
+from litestar.di import NamedDependency, Provide
+
+from exchange.api.auth import current_broker
+from exchange.api.state import ApiState, api_state
+from exchange.orders.models import BrokerIdentity
+
+
+def provide_api(request: Request[Any, Any, Any]) -> ApiState:
+    return api_state(request.app)
+
+
+API = {"api": Provide(provide_api, sync_to_thread=False)}
+BROKER = {"broker": Provide(current_broker, sync_to_thread=False)}
+
+Api = NamedDependency[ApiState]
+"""Annotation of the ``api`` dependency in handlers."""
+CurrentBroker = NamedDependency[BrokerIdentity]
+"""Annotation of the ``broker`` dependency in handlers."""

@@ -1,0 +1,192 @@
+"""The ONE place that turns exceptions into HTTP error responses.
+
+Every error body is ``{"code": str, "message": str, "details"?: any}``. Codes are stable (clients branch on them):
+
+=====  ======================  ==========================================================================
+HTTP   code                    when
+=====  ======================  ==========================================================================
+400    malformed_json          the request body is not parseable JSON (or is empty where a body is needed)
+401    unauthorized            missing, malformed or unknown Bearer key (``WWW-Authenticate: Bearer``)
+403    forbidden               authenticated but not allowed
+404    not_found               no such route (or a disabled debug endpoint)
+404    order_not_found         no such order *for this broker* (another broker's order looks the same)
+404    no_trades               ``/stocks/{symbol}/price`` before the symbol's first trade
+405    method_not_allowed      the route exists but not for this method (``Allow`` header set)
+409    order_closed            amend of a closed order
+413    payload_too_large       request body over the size limit
+422    validation_error        well-formed JSON (or query/path/header parameter) with a bad field: wrong
+                               type, out of range (e.g. ≥ 2**63), unknown field, naive or past datetime,
+                               price/time-in-force inconsistent with the order type, bad cursor, …
+                               ``details`` names the field/path when known
+422    invalid_webhook_url     ``webhook_url`` is not an absolute http(s) URL
+500    internal_error          a bug; logged with its traceback, no details returned
+503    admin_disabled          admin endpoint called but ``EXCHANGE_ADMIN_API_KEY`` is unset
+503    database_unavailable    PostgreSQL unreachable or failing at the connection level
+=====  ======================  ==========================================================================
+
+Bad input is always 4xx, never 500. Handlers are registered at the app level, so they also cover routing errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from http import HTTPStatus
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+    ValidationException,
+)
+from litestar.types import ExceptionHandlersMap
+from sqlalchemy import exc as sa_exc
+
+from exchange.orders import errors as domain
+
+log = logging.getLogger("exchange.api")
+
+
+class ApiError(Exception):
+    """An error response decided by the api itself (auth, body parsing, …)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+def unauthorized(message: str = "missing or invalid API key") -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def error_response(
+    status_code: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> Response[dict[str, Any]]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return Response(body, status_code=status_code, media_type=MediaType.JSON, headers=headers)
+
+
+_DOMAIN_STATUS: dict[type[domain.OrderServiceError], int] = {
+    domain.InvalidOrderError: 422,
+    domain.InvalidWebhookUrlError: 422,
+    domain.InvalidCursorError: 422,
+    domain.OrderNotFoundError: 404,
+    domain.NoTradesError: 404,
+    domain.OrderClosedError: 409,
+}
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
+
+_CONNECTION_SQLSTATE = re.compile(r"^(08|57P0[1-3]|53)")
+"""Connection exceptions, admin shutdown / crash shutdown / cannot connect now, insufficient resources."""
+
+
+def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[dict[str, Any]]:
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+def _domain_error(_: Request[Any, Any, Any], exc: domain.OrderServiceError) -> Response[dict[str, Any]]:
+    status = next((s for cls, s in _DOMAIN_STATUS.items() if isinstance(exc, cls)), 422)
+    return error_response(status, exc.code, exc.message, exc.details)
+
+
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    # Litestar raises this for bad query/path/header parameters (bodies are decoded by schemas.decode_body).
+    details = exc.extra if exc.extra else None
+    message = exc.detail if isinstance(exc.detail, str) and exc.detail else "invalid request parameters"
+    return error_response(422, "validation_error", message, details)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    if status >= 500:
+        log.error("http error %s: %s", status, exc.detail)
+    if isinstance(exc, NotFoundException):
+        code, message = "not_found", "no such resource"
+    elif isinstance(exc, MethodNotAllowedException):
+        code, message = "method_not_allowed", "method not allowed for this resource"
+    elif isinstance(exc, NotAuthorizedException):
+        code, message = "unauthorized", "missing or invalid API key"
+    elif isinstance(exc, PermissionDeniedException):
+        code, message = "forbidden", "not allowed"
+    else:
+        code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "bad_request")
+        message = exc.detail or HTTPStatus(status).phrase
+    return error_response(status, code, message, None, exc.headers)
+
+
+def _integrity_error(request: Request[Any, Any, Any], exc: sa_exc.IntegrityError) -> Response[dict[str, Any]]:
+    diag = getattr(exc.orig, "diag", None)
+    constraint = getattr(diag, "constraint_name", None) or ""
+    if constraint.startswith("fk_") and constraint.endswith("_brokers"):
+        # The authenticated broker no longer exists (e.g. after /debug/reset while its key was cached).
+        return _api_error(request, unauthorized("unknown broker"))
+    if constraint.startswith("ck_"):
+        return error_response(422, "validation_error", "value rejected by a database rule", {"rule": constraint})
+    return _unexpected(request, exc)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True for failures to reach or keep a PostgreSQL connection (as opposed to a bad statement)."""
+    if isinstance(exc, sa_exc.TimeoutError | sa_exc.InterfaceError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        return bool(_CONNECTION_SQLSTATE.match(sqlstate))
+    return False
+
+
+def _database_error(request: Request[Any, Any, Any], exc: sa_exc.SQLAlchemyError) -> Response[dict[str, Any]]:
+    if is_database_unavailable(exc):
+        log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=True)
+        return error_response(503, "database_unavailable", "the database is unavailable; retry later")
+    return _unexpected(request, exc)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
+def _any_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    return _unexpected(request, exc)
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ApiError: _api_error,
+    domain.OrderServiceError: _domain_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    sa_exc.IntegrityError: _integrity_error,
+    sa_exc.SQLAlchemyError: _database_error,
+    Exception: _any_error,
+}

@@ -1,0 +1,251 @@
+"""Wire types: the JSON bodies the api accepts and returns (msgspec Structs), separate from domain types.
+
+Request Structs forbid unknown fields, bound every integer to a positive signed 64-bit value (so no value
+≥ 2**63 reaches PostgreSQL) and require timezone-aware datetimes. :func:`decode_body` is the only way a
+controller reads a body: unparsable JSON → 400 ``malformed_json``; well-formed JSON with bad fields → 422
+``validation_error`` with the offending path in ``details``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
+
+import msgspec
+
+from exchange.api.errors import ApiError
+from exchange.orders import models
+
+MAX_INT64 = 2**63 - 1
+PositiveInt64 = Annotated[int, msgspec.Meta(gt=0, le=MAX_INT64)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+Symbol = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.]{1,10}$")]
+SideName = Literal["bid", "ask"]
+OrderTypeName = Literal["limit", "market"]
+TimeInForceName = Literal["gtc", "gtd", "ioc", "fok"]
+StpName = Literal["none", "cancel_newest", "cancel_oldest", "cancel_both", "decrement"]
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RegisterRequest(_Request):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    webhook_url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+
+
+class PlaceOrderRequest(_Request):
+    document_number: Annotated[str, msgspec.Meta(min_length=1, max_length=20)]
+    side: SideName
+    symbol: Symbol
+    quantity: PositiveInt64
+    order_type: OrderTypeName = "limit"
+    price: PositiveInt64 | None = None
+    valid_until: AwareDatetime | None = None
+    time_in_force: TimeInForceName | None = None
+    client_order_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    stp: StpName = "none"
+
+
+class AmendOrderRequest(_Request):
+    quantity: PositiveInt64 | None = None
+    price: PositiveInt64 | None = None
+
+
+T = TypeVar("T")
+
+_PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    """Decode a JSON request body into ``type_`` or raise the matching :class:`ApiError`."""
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        details: dict[str, Any] = {}
+        match = _PATH.search(message)
+        if match:
+            details["path"] = match.group("path")
+            message = message[: match.start()]
+        raise ApiError(422, "validation_error", message, details or None) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+class _Response(msgspec.Struct, kw_only=True):
+    pass
+
+
+class RegisterResponse(_Response):
+    broker_id: UUID
+    name: str
+    api_key: str
+    webhook_url: str | None
+    webhook_secret: str
+
+
+class TradeOut(_Response):
+    trade_id: UUID
+    price: int
+    quantity: int
+    counterparty_broker: str
+    executed_at: datetime
+
+
+class OrderSummaryOut(_Response):
+    id: UUID
+    order_id: UUID
+    side: str
+    order_type: str
+    time_in_force: str
+    symbol: str
+    price: int | None
+    quantity: int
+    remaining_quantity: int
+    status: str
+    close_reason: str | None
+    valid_until: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    client_order_id: str | None
+    document_number: str
+    stp: str
+
+
+class OrderOut(OrderSummaryOut):
+    trades: list[TradeOut]
+
+
+class OrderPageOut(_Response):
+    items: list[OrderSummaryOut]
+    next_cursor: str | None
+
+
+class CancelAllOut(_Response):
+    symbol: str
+    cancelled: int
+
+
+class BookLevelOut(_Response):
+    price: int
+    total_quantity: int
+    order_count: int
+
+
+class BookOut(_Response):
+    symbol: str
+    bids: list[BookLevelOut]
+    asks: list[BookLevelOut]
+
+
+class PriceOut(_Response):
+    symbol: str
+    last_price: int
+    average_price: int
+    trades_in_average: int
+
+
+class PublicTradeOut(_Response):
+    trade_id: UUID
+    price: int
+    quantity: int
+    taker_side: str
+    executed_at: datetime
+
+
+class TradesOut(_Response):
+    symbol: str
+    trades: list[PublicTradeOut]
+
+
+class BalanceOut(_Response):
+    broker_id: UUID
+    broker_name: str
+    balance: int
+
+
+class PositionOut(_Response):
+    symbol: str
+    quantity: int
+
+
+class TradeCountOut(_Response):
+    trade_count: int
+
+
+class ResetOut(_Response):
+    reset: bool
+
+
+class HealthOut(_Response):
+    status: str
+
+
+class CheckOut(_Response):
+    ok: bool
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class ReadyOut(_Response):
+    status: str
+    checks: dict[str, CheckOut]
+
+
+# ------------------------------------------------------------------------------------------------ mapping
+
+
+def _summary_fields(view: models.OrderView) -> dict[str, Any]:
+    return {
+        "id": view.id,
+        "order_id": view.id,
+        "side": view.side,
+        "order_type": view.order_type,
+        "time_in_force": view.time_in_force,
+        "symbol": view.symbol,
+        "price": view.price,
+        "quantity": view.quantity,
+        "remaining_quantity": view.remaining_quantity,
+        "status": view.status,
+        "close_reason": view.close_reason,
+        "valid_until": view.valid_until,
+        "created_at": view.created_at,
+        "updated_at": view.updated_at,
+        "client_order_id": view.client_order_id,
+        "document_number": view.document_number,
+        "stp": view.stp,
+    }
+
+
+def order_out(view: models.OrderView) -> OrderOut:
+    trades = [
+        TradeOut(
+            trade_id=t.trade_id,
+            price=t.price,
+            quantity=t.quantity,
+            counterparty_broker=t.counterparty_broker,
+            executed_at=t.executed_at,
+        )
+        for t in view.trades
+    ]
+    return OrderOut(**_summary_fields(view), trades=trades)
+
+
+def order_page_out(page: models.OrderPage) -> OrderPageOut:
+    return OrderPageOut(items=[OrderSummaryOut(**_summary_fields(v)) for v in page.items], next_cursor=page.next_cursor)
+
+
+def book_out(book: models.BookView) -> BookOut:
+    def levels(side: list[models.BookLevel]) -> list[BookLevelOut]:
+        return [
+            BookLevelOut(price=lv.price, total_quantity=lv.total_quantity, order_count=lv.order_count) for lv in side
+        ]
+
+    return BookOut(symbol=book.symbol, bids=levels(book.bids), asks=levels(book.asks))

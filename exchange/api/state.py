@@ -1,0 +1,104 @@
+"""Per-process resources of an api worker, created at startup and released at shutdown.
+
+One :class:`ApiState` per process (stored as ``app.state.api``): a pooled async engine (pgbouncer-safe), a
+Redis client for commands (short timeouts), a separate Redis client for the result subscriber (its pub/sub
+connection idles for long periods, so it must not carry a read timeout), the dramatiq broker, and exactly one
+:class:`~exchange.messaging.results.ResultWaiter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from dramatiq.brokers.redis import RedisBroker
+from litestar import Litestar
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exchange.config import Settings
+from exchange.db.engines import pooled_async_engine
+from exchange.messaging.broker import make_broker
+from exchange.messaging.results import ResultWaiter
+from exchange.orders.models import BrokerIdentity
+
+log = logging.getLogger("exchange.api")
+
+REDIS_TIMEOUT_S = 2.0
+
+
+@dataclass(slots=True)
+class KeyCache:
+    """Positive cache of API-key hash → broker, so most requests skip the lookup query.
+
+    Entries live ``ttl_s`` seconds; the table is cleared when it reaches ``max_entries``. A deleted broker whose
+    key is still cached is caught by the orders' foreign key (→ 401) and disappears after ``ttl_s``.
+    """
+
+    ttl_s: float = 10.0
+    max_entries: int = 10_000
+    _entries: dict[str, tuple[BrokerIdentity, float]] = field(default_factory=dict)
+
+    def get(self, key_hash: str) -> BrokerIdentity | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            self._entries.pop(key_hash, None)
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, broker: BrokerIdentity) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key_hash] = (broker, time.monotonic() + self.ttl_s)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass(slots=True)
+class ApiState:
+    settings: Settings
+    engine: AsyncEngine
+    redis: Redis
+    subscriber_redis: Redis
+    broker: RedisBroker
+    waiter: ResultWaiter
+    keys: KeyCache = field(default_factory=KeyCache)
+
+
+def api_state(app: Litestar) -> ApiState:
+    return cast(ApiState, app.state.api)
+
+
+def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyncContextManager[None]]:
+    """Build the lifespan context manager factory for :class:`~litestar.Litestar` (``lifespan=[...]``)."""
+
+    @contextlib.asynccontextmanager
+    async def run(app: Litestar) -> AsyncIterator[None]:
+        engine = pooled_async_engine(settings.pooled_database_url)
+        client = Redis.from_url(
+            settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
+        subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_keepalive=True)
+        broker = make_broker(settings.redis_url, settings.partitions)
+        waiter = ResultWaiter(subscriber)
+        await waiter.start()
+        app.state.api = ApiState(settings, engine, client, subscriber, broker, waiter)
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            for c in (client, subscriber):
+                with contextlib.suppress(Exception):
+                    await c.aclose()
+            with contextlib.suppress(Exception):
+                broker.close()
+            await engine.dispose()
+
+    return run

@@ -1,0 +1,95 @@
+"""Broker registration and API-key lookup.
+
+Invariants: an API key is ``exk_`` + 32 random bytes (url-safe base64) and is returned exactly once, at
+registration; the database stores only its SHA-256 (lower-case hex), so a leaked table does not leak keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from urllib.parse import urlsplit
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from exchange.orders.errors import InvalidWebhookUrlError
+from exchange.orders.models import BrokerIdentity, RegisteredBroker
+
+API_KEY_PREFIX = "exk_"
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105  # a format prefix, not a secret
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_webhook_secret() -> str:
+    """Standard Webhooks format: ``whsec_`` + base64 of 32 random bytes."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def check_webhook_url(url: str) -> str:
+    """An absolute http(s) URL with a host; raises :class:`InvalidWebhookUrlError` otherwise.
+
+    (Whether the host may be private is the webhook deliverer's decision, made at delivery time.)
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018  # raises ValueError on a malformed port
+    except ValueError as exc:
+        raise InvalidWebhookUrlError(f"webhook_url is not a valid URL: {exc}", {"field": "webhook_url"}) from exc
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise InvalidWebhookUrlError("webhook_url must be an absolute http or https URL", {"field": "webhook_url"})
+    if any(c.isspace() for c in url):
+        raise InvalidWebhookUrlError("webhook_url must not contain whitespace", {"field": "webhook_url"})
+    return url
+
+
+_INSERT_BROKER = text(
+    """
+    INSERT INTO brokers (name, api_key_hash, webhook_url, webhook_secret)
+    VALUES (:name, :api_key_hash, :webhook_url, :webhook_secret)
+    RETURNING id
+    """
+)
+
+
+async def register_broker(engine: AsyncEngine, name: str, webhook_url: str | None) -> RegisteredBroker:
+    """Create a broker with a fresh API key and webhook secret (one transaction)."""
+    if webhook_url is not None:
+        check_webhook_url(webhook_url)
+    api_key = new_api_key()
+    secret = new_webhook_secret()
+    async with engine.begin() as conn:
+        broker_id = (
+            await conn.execute(
+                _INSERT_BROKER,
+                {
+                    "name": name,
+                    "api_key_hash": hash_api_key(api_key),
+                    "webhook_url": webhook_url,
+                    "webhook_secret": secret,
+                },
+            )
+        ).scalar_one()
+    return RegisteredBroker(broker_id, name, api_key, webhook_url, secret)
+
+
+async def broker_for_key(conn: AsyncConnection, api_key: str) -> BrokerIdentity | None:
+    """The broker whose key hashes to ``api_key``'s SHA-256, or None."""
+    row = (
+        await conn.execute(text("SELECT id, name FROM brokers WHERE api_key_hash = :h"), {"h": hash_api_key(api_key)})
+    ).first()
+    return None if row is None else BrokerIdentity(row.id, row.name)
+
+
+async def broker_exists(conn: AsyncConnection, broker_id: UUID) -> bool:
+    return (await conn.execute(text("SELECT 1 FROM brokers WHERE id = :id"), {"id": broker_id})).first() is not None

@@ -1,0 +1,52 @@
+"""Domain errors raised by :mod:`exchange.orders`; :mod:`exchange.api.errors` maps each to an HTTP answer.
+
+Each error carries a stable machine-readable ``code`` (part of the public contract) and a human message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrderServiceError(Exception):
+    """Base class. ``code`` is stable; ``details`` is optional JSON-able context."""
+
+    code = "order_error"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidOrderError(OrderServiceError):
+    """Well-formed input that breaks a business rule (past ``valid_until``, inconsistent time in force, …)."""
+
+    code = "validation_error"
+
+
+class InvalidWebhookUrlError(OrderServiceError):
+    code = "invalid_webhook_url"
+
+
+class OrderNotFoundError(OrderServiceError):
+    """No such order *for this broker*: another broker's order is indistinguishable from a missing one."""
+
+    code = "order_not_found"
+
+    def __init__(self, message: str = "order not found", details: Any = None) -> None:
+        super().__init__(message, details)
+
+
+class OrderClosedError(OrderServiceError):
+    """The order is closed: it can no longer be amended."""
+
+    code = "order_closed"
+
+
+class NoTradesError(OrderServiceError):
+    code = "no_trades"
+
+
+class InvalidCursorError(OrderServiceError):
+    code = "validation_error"

@@ -1,0 +1,25 @@
+"""Operator/debug actions on the whole database (admin endpoints only)."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+DATA_TABLES = (
+    "webhook_attempts",
+    "webhook_events",
+    "trades",
+    "positions",
+    "commands",
+    "orders",
+    "symbols",
+    "brokers",
+)
+"""Every table holding exchange data (not ``alembic_version``)."""
+
+
+async def reset_all_data(engine: AsyncEngine) -> None:
+    """Empty every data table in one statement (``TRUNCATE … RESTART IDENTITY``). The command sequence is not
+    reset: sequence numbers only need to grow."""
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY"))

@@ -1,0 +1,253 @@
+"""Read models: what brokers see of their orders, the books, prices, trades, balances and positions.
+
+Every query is one statement (one snapshot), so an order is never shown with trades that disagree with its
+``remaining_quantity``. Timestamps are returned in UTC. Only the caller's own orders are ever read
+(``broker_id`` is part of every predicate on ``orders``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Row, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from exchange.db.tables import OrderStatus
+from exchange.orders.errors import InvalidCursorError
+from exchange.orders.models import (
+    BalanceView,
+    BookLevel,
+    BookView,
+    OrderPage,
+    OrderView,
+    PositionView,
+    PriceView,
+    PublicTrade,
+    TradeView,
+)
+
+_ORDER_COLUMNS = (
+    "o.id, o.side, o.order_type, o.time_in_force, o.symbol, o.price, o.quantity, o.remaining, o.status, "
+    "o.close_reason, o.valid_until, o.created_at, o.updated_at, o.client_order_id, o.document_number, o.stp"
+)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+def _order_view(row: Row[Any], trades: list[TradeView]) -> OrderView:
+    return OrderView(
+        id=row.id,
+        side=row.side,
+        order_type=row.order_type,
+        time_in_force=row.time_in_force,
+        symbol=row.symbol,
+        price=row.price,
+        quantity=row.quantity,
+        remaining_quantity=row.remaining,
+        status=row.status,
+        close_reason=row.close_reason,
+        valid_until=None if row.valid_until is None else _utc(row.valid_until),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+        client_order_id=row.client_order_id,
+        document_number=row.document_number,
+        stp=row.stp,
+        trades=trades,
+    )
+
+
+# One row per trade (or one row with NULL trade columns): order and trades from one snapshot. The two index
+# lookups (buy side, sell side) are a UNION ALL rather than an OR so both use their index.
+_ORDER_WITH_TRADES = text(
+    f"""
+    SELECT {_ORDER_COLUMNS},
+           t.id AS trade_id, t.price AS trade_price, t.quantity AS trade_quantity, t.executed_at,
+           cb.name AS counterparty
+    FROM orders o
+    LEFT JOIN LATERAL (
+        SELECT id, price, quantity, executed_at, command_seq, match_no, sell_broker_id AS counterparty_id
+        FROM trades WHERE buy_order_id = o.id
+        UNION ALL
+        SELECT id, price, quantity, executed_at, command_seq, match_no, buy_broker_id
+        FROM trades WHERE sell_order_id = o.id
+    ) t ON true
+    LEFT JOIN brokers cb ON cb.id = t.counterparty_id
+    WHERE o.id = :id AND o.broker_id = :broker_id
+    ORDER BY t.executed_at, t.command_seq, t.match_no
+    """  # noqa: S608  # constant column list only
+)
+
+
+async def get_order(conn: AsyncConnection, broker_id: UUID, order_id: UUID) -> OrderView | None:
+    """The broker's own order with its trades (oldest first), or None (also for another broker's order)."""
+    rows = (await conn.execute(_ORDER_WITH_TRADES, {"id": order_id, "broker_id": broker_id})).all()
+    if not rows:
+        return None
+    trades = [
+        TradeView(
+            trade_id=r.trade_id,
+            price=r.trade_price,
+            quantity=r.trade_quantity,
+            counterparty_broker=r.counterparty,
+            executed_at=_utc(r.executed_at),
+        )
+        for r in rows
+        if r.trade_id is not None
+    ]
+    return _order_view(rows[0], trades)
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+def encode_cursor(created_at: datetime, order_id: UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), order_id.hex]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """Inverse of :func:`encode_cursor`; raises :class:`InvalidCursorError` on anything it did not produce."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, hex_id = json.loads(raw)
+        moment = datetime.fromisoformat(stamp)
+        if moment.tzinfo is None:
+            raise ValueError("naive")
+        return moment, UUID(hex=hex_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursorError("cursor is not one this api returned", {"field": "cursor"}) from exc
+
+
+async def list_orders(
+    conn: AsyncConnection,
+    broker_id: UUID,
+    *,
+    symbol: str | None = None,
+    status: OrderStatus | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> OrderPage:
+    """The broker's orders, newest first (keyset pagination on ``(created_at, id)`` descending), without trades.
+
+    ``next_cursor`` is None on the last page.
+    """
+    conditions = ["o.broker_id = :broker_id"]
+    params: dict[str, Any] = {"broker_id": broker_id, "limit": limit + 1}
+    if symbol is not None:
+        conditions.append("o.symbol = :symbol")
+        params["symbol"] = symbol
+    if status is not None:
+        conditions.append("o.status = :status")
+        params["status"] = status.value
+    if cursor is not None:
+        params["c_at"], params["c_id"] = decode_cursor(cursor)
+        conditions.append("(o.created_at, o.id) < (:c_at, :c_id)")
+    # Constant fragments only; every value is a bound parameter.
+    where = " AND ".join(conditions)
+    statement = text(
+        f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE {where} ORDER BY o.created_at DESC, o.id DESC LIMIT :limit"  # noqa: S608
+    )
+    rows = (await conn.execute(statement, params)).all()
+    items = [_order_view(r, []) for r in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor(last.created_at, last.id)
+    return OrderPage(items, next_cursor)
+
+
+# ------------------------------------------------------------------------------------------- market data
+
+# Resting orders whose valid_until has passed never trade (the sweeper closes them soon), so they are not shown.
+_BOOK_SIDE = """
+    SELECT price, sum(remaining) AS total_quantity, count(*) AS order_count
+    FROM orders
+    WHERE symbol = :symbol AND status = 'open' AND side = '{side}'
+      AND (valid_until IS NULL OR valid_until > now())
+    GROUP BY price
+    ORDER BY price {direction}
+    LIMIT :depth
+"""
+_BIDS = _BOOK_SIDE.format(side="bid", direction="DESC")
+_ASKS = _BOOK_SIDE.format(side="ask", direction="ASC")
+_BOOK = text(f"SELECT 'bid' AS side, * FROM ({_BIDS}) b UNION ALL SELECT 'ask', * FROM ({_ASKS}) a")  # noqa: S608
+
+
+async def book(conn: AsyncConnection, symbol: str, depth: int) -> BookView:
+    """Aggregated price levels: bids best (highest) first, asks best (lowest) first, ``depth`` levels each."""
+    bids: list[BookLevel] = []
+    asks: list[BookLevel] = []
+    for row in await conn.execute(_BOOK, {"symbol": symbol, "depth": depth}):
+        level = BookLevel(int(row.price), int(row.total_quantity), int(row.order_count))
+        (bids if row.side == "bid" else asks).append(level)
+    bids.sort(key=lambda lv: -lv.price)
+    asks.sort(key=lambda lv: lv.price)
+    return BookView(symbol, bids, asks)
+
+
+_RECENT_PRICES = text(
+    """
+    SELECT price FROM trades WHERE symbol = :symbol
+    ORDER BY executed_at DESC, command_seq DESC, match_no DESC
+    LIMIT :n
+    """
+)
+
+
+def rounded_average(prices: Sequence[int]) -> int:
+    """Mean of positive integer prices, rounded to the nearest cent with halves rounded up (exact integers)."""
+    total, count = sum(prices), len(prices)
+    return (2 * total + count) // (2 * count)
+
+
+async def price(conn: AsyncConnection, symbol: str, trades: int) -> PriceView | None:
+    """Last trade price and the simple (unweighted) average of the last ``trades`` trade prices; None before the
+    symbol's first trade."""
+    prices = [int(p) for p in (await conn.execute(_RECENT_PRICES, {"symbol": symbol, "n": trades})).scalars()]
+    if not prices:
+        return None
+    return PriceView(symbol, prices[0], rounded_average(prices), len(prices))
+
+
+_RECENT_TRADES = text(
+    """
+    SELECT id, price, quantity, taker_side, executed_at FROM trades WHERE symbol = :symbol
+    ORDER BY executed_at DESC, command_seq DESC, match_no DESC
+    LIMIT :limit
+    """
+)
+
+
+async def recent_trades(conn: AsyncConnection, symbol: str, limit: int) -> list[PublicTrade]:
+    """The symbol's latest trades, newest first, without any broker or order ids (public tape)."""
+    rows = await conn.execute(_RECENT_TRADES, {"symbol": symbol, "limit": limit})
+    return [PublicTrade(r.id, r.price, r.quantity, r.taker_side, _utc(r.executed_at)) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------- accounts
+
+
+async def balance(conn: AsyncConnection, broker_id: UUID) -> BalanceView | None:
+    row = (await conn.execute(text("SELECT id, name, balance FROM brokers WHERE id = :id"), {"id": broker_id})).first()
+    return None if row is None else BalanceView(row.id, row.name, int(row.balance))
+
+
+async def positions(conn: AsyncConnection, broker_id: UUID) -> list[PositionView]:
+    """Net shares per symbol (negative = net seller), zero positions omitted, by symbol."""
+    rows = await conn.execute(
+        text("SELECT symbol, quantity FROM positions WHERE broker_id = :id AND quantity <> 0 ORDER BY symbol"),
+        {"id": broker_id},
+    )
+    return [PositionView(r.symbol, int(r.quantity)) for r in rows]
+
+
+async def trade_count(conn: AsyncConnection) -> int:
+    return int((await conn.execute(text("SELECT count(*) FROM trades"))).scalar_one())

@@ -1,0 +1,128 @@
+"""Health endpoints, admin debug endpoints, and how the api answers when a service is down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from litestar.testing import TestClient
+from sqlalchemy import Engine
+
+from exchange.api.app import create_app
+from exchange.config import Settings
+from exchange.db.engines import pooled_engine
+from tests.integration.api_helpers import ADMIN_KEY, count, match, new_symbol, register
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+DEAD_POSTGRES = "postgresql://postgres@127.0.0.1:1/nothing"
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+def test_health_and_live_answer_ok(api_client: TestClient[Any]) -> None:
+    assert api_client.get("/health").json() == {"status": "ok"}
+    assert api_client.get("/health/live").status_code == 200
+
+
+def test_ready_is_200_when_postgres_and_redis_answer(api_client: TestClient[Any]) -> None:
+    response = api_client.get("/health/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["checks"]["postgres"]["ok"] is True
+    assert body["checks"]["redis"]["ok"] is True
+
+
+def test_ready_is_503_naming_redis_when_redis_is_down(client_factory: Callable[..., TestClient[Any]]) -> None:
+    client = client_factory(redis_url=DEAD_REDIS)
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["postgres"]["ok"] is True
+    assert checks["redis"]["ok"] is False
+    assert checks["redis"]["error"]
+
+
+def test_ready_is_503_and_requests_are_database_unavailable_when_postgres_is_down(
+    client_factory: Callable[..., TestClient[Any]],
+) -> None:
+    client = client_factory(database_url=DEAD_POSTGRES)
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["postgres"]["ok"] is False
+    assert client.get("/health/live").status_code == 200
+    for response in (
+        client.post("/register", json={"name": "x"}, headers=ADMIN),
+        client.get("/balance", headers={"Authorization": "Bearer exk_whatever"}),
+        client.post("/orders", json={}, headers={"Authorization": "Bearer exk_whatever"}),
+    ):
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "database_unavailable"
+
+
+def test_an_order_is_accepted_with_201_when_redis_is_down(
+    client_factory: Callable[..., TestClient[Any]], api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker = register(api_client)
+    client = client_factory(redis_url=DEAD_REDIS)
+    symbol = new_symbol()
+    body = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 5}
+    response = client.post("/orders", json=body, headers=broker.headers)
+    assert response.status_code == 201
+    assert response.json()["status"] == "pending"
+    # The order and its command are durable; a matcher applies them whenever it gets to the symbol.
+    match(api_engine, symbol)
+    assert api_client.get(f"/orders/{response.json()['id']}", headers=broker.headers).json()["status"] == "open"
+
+
+def test_trade_count_needs_the_admin_key(api_client: TestClient[Any]) -> None:
+    assert api_client.get("/debug/trade-count").status_code == 401
+    response = api_client.get("/debug/trade-count", headers=ADMIN)
+    assert response.status_code == 200
+    assert isinstance(response.json()["trade_count"], int)
+
+
+def test_reset_is_404_unless_debug_endpoints_are_enabled(api_client: TestClient[Any], api_engine: Engine) -> None:
+    register(api_client)
+    response = api_client.post("/debug/reset", headers=ADMIN)
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+    assert count(api_engine, "SELECT count(*) FROM brokers") > 0
+
+
+def test_reset_needs_the_admin_key_even_when_enabled(client_factory: Callable[..., TestClient[Any]]) -> None:
+    client = client_factory(debug_endpoints="true")
+    assert client.post("/debug/reset").status_code == 401
+
+
+def test_reset_empties_every_data_table_when_enabled(fresh_migrated_database_url: str, api_redis_url: str) -> None:
+    settings = Settings.from_env(
+        {
+            "EXCHANGE_DATABASE_URL": fresh_migrated_database_url,
+            "EXCHANGE_REDIS_URL": api_redis_url,
+            "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
+            "EXCHANGE_ORDER_WAIT_MS": "0",
+            "EXCHANGE_DEBUG_ENDPOINTS": "true",
+        }
+    )
+    engine = pooled_engine(fresh_migrated_database_url)
+    try:
+        with TestClient(create_app(settings)) as client:
+            seller, buyer = register(client), register(client)
+            symbol = new_symbol()
+            order = {"document_number": "1", "symbol": symbol, "price": 100, "quantity": 3}
+            assert client.post("/orders", json={**order, "side": "ask"}, headers=seller.headers).status_code == 201
+            assert client.post("/orders", json={**order, "side": "bid"}, headers=buyer.headers).status_code == 201
+            match(engine, symbol)
+            assert client.get("/debug/trade-count", headers=ADMIN).json() == {"trade_count": 1}
+
+            response = client.post("/debug/reset", headers=ADMIN)
+            assert response.status_code == 200
+            for table in ("brokers", "orders", "commands", "trades", "positions", "symbols", "webhook_events"):
+                assert count(engine, f"SELECT count(*) FROM {table}") == 0, table
+            assert client.get("/debug/trade-count", headers=ADMIN).json() == {"trade_count": 0}
+            # Old keys are gone with their brokers.
+            assert client.get("/balance", headers=buyer.headers).status_code == 401
+    finally:
+        engine.dispose()

@@ -1,0 +1,86 @@
+"""Retries with a client_order_id or an Idempotency-Key return the original order and never write a second one,
+also when the duplicates arrive concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient, TestClient
+from sqlalchemy import Engine
+
+from exchange.api.app import create_app
+from exchange.config import Settings
+from tests.integration.api_helpers import ADMIN_KEY, count, new_symbol, register
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+PLACES = "SELECT count(*) FROM orders o JOIN commands c ON c.order_id = o.id WHERE o.broker_id = :b"
+
+
+def order(symbol: str, **extra: Any) -> dict[str, Any]:
+    return {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 5, **extra}
+
+
+def test_a_repeated_client_order_id_returns_the_original_order(api_client: TestClient[Any], api_engine: Engine) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    first = api_client.post("/orders", json=order(symbol, client_order_id="c-1"), headers=broker.headers)
+    again = api_client.post("/orders", json=order(symbol, client_order_id="c-1"), headers=broker.headers)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["client_order_id"] == "c-1"
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert count(api_engine, PLACES, b=broker.id) == 1
+
+
+def test_a_repeated_idempotency_key_returns_the_original_order(api_client: TestClient[Any], api_engine: Engine) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    headers = {**broker.headers, "Idempotency-Key": "retry-42"}
+    first = api_client.post("/orders", json=order(symbol), headers=headers)
+    again = api_client.post("/orders", json=order(symbol), headers=headers)
+    assert again.json()["id"] == first.json()["id"]
+    assert count(api_engine, PLACES, b=broker.id) == 1
+
+
+def test_the_same_client_order_id_from_two_brokers_makes_two_orders(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    a, b = register(api_client), register(api_client)
+    symbol = new_symbol()
+    ra = api_client.post("/orders", json=order(symbol, client_order_id="same"), headers=a.headers).json()
+    rb = api_client.post("/orders", json=order(symbol, client_order_id="same"), headers=b.headers).json()
+    assert ra["id"] != rb["id"]
+    assert count(api_engine, PLACES, b=a.id) == count(api_engine, PLACES, b=b.id) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["client_order_id", "idempotency_key"])
+async def test_concurrent_duplicates_create_exactly_one_order_and_one_command(
+    api_settings_factory: Callable[..., Settings], api_engine: Engine, kind: str
+) -> None:
+    app = create_app(api_settings_factory())
+    async with AsyncTestClient(app) as client:
+        response = await client.post(
+            "/register", json={"name": "racer"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
+        broker_id, key = response.json()["broker_id"], response.json()["api_key"]
+        headers = {"Authorization": f"Bearer {key}"}
+        symbol = new_symbol()
+        body = order(symbol, client_order_id="dup") if kind == "client_order_id" else order(symbol)
+        if kind == "idempotency_key":
+            headers["Idempotency-Key"] = "dup"
+        responses = await asyncio.gather(*(client.post("/orders", json=body, headers=headers) for _ in range(10)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert count(api_engine, PLACES, b=broker_id) == 1
+    assert count(api_engine, "SELECT count(*) FROM orders WHERE broker_id = :b", b=broker_id) == 1
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

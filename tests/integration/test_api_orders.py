@@ -1,0 +1,334 @@
+"""The order flow over HTTP: place, match (the matcher's process_symbol called in the test), read, cancel,
+amend, list; market data and account views after trades."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from litestar.testing import TestClient
+from sqlalchemy import Engine
+
+from exchange.matching.service import BookCache, process_symbol
+from exchange.messaging.results import publish_results
+from tests.integration.api_helpers import count, match, new_symbol, register
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+
+def limit(symbol: str, side: str, price: int, quantity: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "document_number": "12345678901",
+        "side": side,
+        "symbol": symbol,
+        "price": price,
+        "quantity": quantity,
+        **extra,
+    }
+
+
+def test_place_order_returns_201_pending_with_every_order_field(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    response = api_client.post("/orders", json=limit(symbol, "bid", 1500, 100), headers=broker.headers)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["order_id"] == body["id"]
+    assert body["status"] == "pending"
+    assert body["remaining_quantity"] == 100
+    assert body["trades"] == []
+    assert body["order_type"] == "limit"
+    assert body["time_in_force"] == "gtc"
+    assert body["close_reason"] is None
+    assert body["stp"] == "none"
+    assert body["created_at"].endswith("Z")
+    assert count(api_engine, "SELECT count(*) FROM orders WHERE id = :id AND seq IS NOT NULL", id=body["id"]) == 1
+    # The order and its place command share one sequence number.
+    shared = (
+        "SELECT count(*) FROM orders o JOIN commands c ON c.seq = o.seq AND c.order_id = o.id"
+        " AND c.kind = 'place' WHERE o.id = :id"
+    )
+    assert count(api_engine, shared, id=body["id"]) == 1
+    assert api_client.get(f"/orders/{body['id']}", headers=broker.headers).json() == body
+
+
+@pytest.fixture
+def running_matcher(api_engine: Engine, api_redis_url: str) -> Iterator[Callable[[str], None]]:
+    """A matcher loop in a thread for the given symbols that publishes results like the real actor does."""
+    symbols: list[str] = []
+    stop = threading.Event()
+    client = redis.Redis.from_url(api_redis_url)
+
+    def loop() -> None:
+        cache = BookCache()
+        while not stop.is_set():
+            for symbol in list(symbols):
+                result = process_symbol(api_engine, cache, symbol)
+                if result.order_ids:
+                    publish_results(client, result.order_ids)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield symbols.append
+    stop.set()
+    thread.join(5)
+    client.close()
+
+
+def test_place_order_waits_for_the_matcher_and_returns_the_matched_state(
+    client_factory: Callable[..., TestClient[Any]], running_matcher: Callable[[str], None]
+) -> None:
+    client = client_factory(order_wait_ms="5000")
+    symbol = new_symbol()
+    running_matcher(symbol)
+    seller, buyer = register(client), register(client)
+    started = time.monotonic()
+    ask = client.post("/orders", json=limit(symbol, "ask", 100, 10), headers=seller.headers).json()
+    assert ask["status"] == "open"
+    bid = client.post("/orders", json=limit(symbol, "bid", 100, 4), headers=buyer.headers).json()
+    assert time.monotonic() - started < 5  # answered by the result, not by the timeout
+    assert bid["status"] == "closed"
+    assert bid["close_reason"] == "filled"
+    assert [(t["price"], t["quantity"], t["counterparty_broker"]) for t in bid["trades"]] == [(100, 4, seller.name)]
+
+
+def test_a_crossing_pair_trades_at_the_sellers_price_and_updates_balances_and_positions(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    seller, buyer = register(api_client, "Seller SA"), register(api_client, "Buyer SA")
+    ask = api_client.post("/orders", json=limit(symbol, "ask", 1000, 10), headers=seller.headers).json()
+    match(api_engine, symbol)
+    bid = api_client.post("/orders", json=limit(symbol, "bid", 1100, 10), headers=buyer.headers).json()
+    match(api_engine, symbol)
+
+    bought = api_client.get(f"/orders/{bid['id']}", headers=buyer.headers).json()
+    assert (bought["status"], bought["close_reason"], bought["remaining_quantity"]) == ("closed", "filled", 0)
+    [trade] = bought["trades"]
+    assert (trade["price"], trade["quantity"], trade["counterparty_broker"]) == (1000, 10, "Seller SA")
+    sold = api_client.get(f"/orders/{ask['id']}", headers=seller.headers).json()
+    assert sold["trades"][0]["counterparty_broker"] == "Buyer SA"
+    assert sold["trades"][0]["trade_id"] == trade["trade_id"]
+
+    assert api_client.get("/balance", headers=seller.headers).json()["balance"] == 10_000
+    assert api_client.get("/balance", headers=buyer.headers).json()["balance"] == -10_000
+    assert api_client.get("/positions", headers=seller.headers).json() == [{"symbol": symbol, "quantity": -10}]
+    assert api_client.get("/positions", headers=buyer.headers).json() == [{"symbol": symbol, "quantity": 10}]
+
+    price = api_client.get(f"/stocks/{symbol}/price", headers=buyer.headers).json()
+    assert price == {"symbol": symbol, "last_price": 1000, "average_price": 1000, "trades_in_average": 1}
+    tape = api_client.get(f"/stocks/{symbol}/trades", headers=buyer.headers).json()
+    assert [(t["price"], t["quantity"], t["taker_side"]) for t in tape["trades"]] == [(1000, 10, "bid")]
+    assert "broker" not in str(tape)
+    assert api_client.get(f"/stocks/{symbol}/book", headers=buyer.headers).json() == {
+        "symbol": symbol,
+        "bids": [],
+        "asks": [],
+    }
+
+
+def test_book_aggregates_open_levels_asks_ascending_bids_descending(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    broker = register(api_client)
+    for side, price, quantity in [
+        ("bid", 90, 1),
+        ("bid", 95, 2),
+        ("bid", 95, 3),
+        ("ask", 110, 4),
+        ("ask", 105, 5),
+        ("ask", 120, 6),
+    ]:
+        api_client.post("/orders", json=limit(symbol, side, price, quantity), headers=broker.headers)
+    pending = api_client.get(f"/stocks/{symbol}/book", headers=broker.headers).json()
+    assert pending["bids"] == []  # pending orders are not in the book yet
+    assert pending["asks"] == []
+    match(api_engine, symbol)
+    book = api_client.get(f"/stocks/{symbol.lower()}/book?depth=2", headers=broker.headers).json()
+    assert book == {
+        "symbol": symbol,
+        "bids": [
+            {"price": 95, "total_quantity": 5, "order_count": 2},
+            {"price": 90, "total_quantity": 1, "order_count": 1},
+        ],
+        "asks": [
+            {"price": 105, "total_quantity": 5, "order_count": 1},
+            {"price": 110, "total_quantity": 4, "order_count": 1},
+        ],
+    }
+
+
+def test_price_is_404_no_trades_before_the_first_trade_and_averages_to_the_nearest_cent(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    seller, buyer = register(api_client), register(api_client)
+    response = api_client.get(f"/stocks/{symbol}/price", headers=buyer.headers)
+    assert response.status_code == 404
+    assert response.json()["code"] == "no_trades"
+    api_client.post("/orders", json=limit(symbol, "ask", 100, 1), headers=seller.headers)
+    api_client.post("/orders", json=limit(symbol, "ask", 101, 1), headers=seller.headers)
+    match(api_engine, symbol)
+    api_client.post("/orders", json=limit(symbol, "bid", 101, 2), headers=buyer.headers)
+    match(api_engine, symbol)
+    price = api_client.get(f"/stocks/{symbol}/price", headers=buyer.headers).json()
+    assert price == {"symbol": symbol, "last_price": 101, "average_price": 101, "trades_in_average": 2}  # 100.5 → 101
+    one = api_client.get(f"/stocks/{symbol}/price?trades=1", headers=buyer.headers).json()
+    assert (one["average_price"], one["trades_in_average"]) == (101, 1)
+
+
+def test_market_order_defaults_to_ioc_and_its_unfilled_rest_is_closed(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    seller, buyer = register(api_client), register(api_client)
+    api_client.post("/orders", json=limit(symbol, "ask", 100, 3), headers=seller.headers)
+    match(api_engine, symbol)
+    body = {"document_number": "1", "side": "bid", "order_type": "market", "symbol": symbol, "quantity": 5}
+    order = api_client.post("/orders", json=body, headers=buyer.headers).json()
+    assert (order["time_in_force"], order["price"]) == ("ioc", None)
+    match(api_engine, symbol)
+    done = api_client.get(f"/orders/{order['id']}", headers=buyer.headers).json()
+    assert (done["status"], done["close_reason"], done["remaining_quantity"]) == ("closed", "unfilled", 2)
+    assert sum(t["quantity"] for t in done["trades"]) == 3
+
+
+def test_valid_until_makes_a_limit_order_gtd(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    until = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    order = api_client.post(
+        "/orders",
+        json=limit(new_symbol(), "bid", 10, 1, valid_until=until.isoformat()),
+        headers=broker.headers,
+    ).json()
+    assert order["time_in_force"] == "gtd"
+    assert datetime.fromisoformat(order["valid_until"]) == until
+
+
+def test_cancel_is_idempotent_and_writes_one_command_while_the_order_is_not_closed(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    broker = register(api_client)
+    order = api_client.post("/orders", json=limit(symbol, "bid", 100, 5), headers=broker.headers).json()
+    match(api_engine, symbol)
+    first = api_client.post(f"/orders/{order['id']}/cancel", headers=broker.headers)
+    second = api_client.post(f"/orders/{order['id']}/cancel", headers=broker.headers)
+    assert (first.status_code, second.status_code) == (204, 204)
+    assert first.content == b""
+    cancels = "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'cancel'"
+    assert count(api_engine, cancels, id=order["id"]) == 1
+    match(api_engine, symbol)
+    # Closed now: further cancels are no-ops that write nothing.
+    assert api_client.post(f"/orders/{order['id']}/cancel", headers=broker.headers).status_code == 204
+    assert count(api_engine, cancels, id=order["id"]) == 1
+    closed = api_client.get(f"/orders/{order['id']}", headers=broker.headers).json()
+    assert (closed["status"], closed["close_reason"]) == ("closed", "cancelled")
+
+
+def test_cancel_with_prefer_representation_returns_200_and_the_order(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    broker = register(api_client)
+    order = api_client.post("/orders", json=limit(symbol, "ask", 100, 5), headers=broker.headers).json()
+    response = api_client.post(
+        f"/orders/{order['id']}/cancel", headers={**broker.headers, "Prefer": "return=representation"}
+    )
+    assert response.status_code == 200
+    assert response.json()["id"] == order["id"]
+    match(api_engine, symbol)
+    # The place and the cancel apply in acceptance order: the order never rests.
+    assert api_client.get(f"/orders/{order['id']}", headers=broker.headers).json()["close_reason"] == "cancelled"
+
+
+def test_delete_orders_cancels_every_open_and_pending_order_of_the_symbol(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol, other = new_symbol(), new_symbol()
+    broker = register(api_client)
+    for price in (100, 101):
+        api_client.post("/orders", json=limit(symbol, "bid", price, 1), headers=broker.headers)
+    match(api_engine, symbol)
+    api_client.post("/orders", json=limit(symbol, "bid", 102, 1), headers=broker.headers)  # still pending
+    kept = api_client.post("/orders", json=limit(other, "bid", 100, 1), headers=broker.headers).json()
+
+    response = api_client.delete(f"/orders?symbol={symbol.lower()}", headers=broker.headers)
+    assert response.status_code == 200
+    assert response.json() == {"symbol": symbol, "cancelled": 3}
+    assert api_client.delete(f"/orders?symbol={symbol}", headers=broker.headers).json()["cancelled"] == 0
+    match(api_engine, symbol)
+    statuses = api_client.get(f"/orders?symbol={symbol}", headers=broker.headers).json()["items"]
+    assert {(o["status"], o["close_reason"]) for o in statuses} == {("closed", "cancelled")}
+    assert api_client.get(f"/orders/{kept['id']}", headers=broker.headers).json()["status"] == "pending"
+    missing = api_client.delete("/orders", headers=broker.headers)
+    assert (missing.status_code, missing.json()["code"]) == (422, "validation_error")
+
+
+def test_patch_writes_an_amend_and_returns_the_order_after_the_engine_decided(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    broker = register(api_client)
+    order = api_client.post("/orders", json=limit(symbol, "bid", 100, 10), headers=broker.headers).json()
+    match(api_engine, symbol)
+    response = api_client.patch(f"/orders/{order['id']}", json={"quantity": 6, "price": 99}, headers=broker.headers)
+    assert response.status_code == 200
+    amends = "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'amend' AND payload = CAST(:p AS jsonb)"
+    assert count(api_engine, amends, id=order["id"], p='{"quantity": 6, "price": 99}') == 1
+    match(api_engine, symbol)
+    amended = api_client.get(f"/orders/{order['id']}", headers=broker.headers).json()
+    assert (amended["quantity"], amended["remaining_quantity"], amended["price"]) == (6, 6, 99)
+    book = api_client.get(f"/stocks/{symbol}/book", headers=broker.headers).json()
+    assert book["bids"] == [{"price": 99, "total_quantity": 6, "order_count": 1}]
+
+
+def test_patch_of_a_closed_order_is_409_order_closed_and_writes_nothing(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    symbol = new_symbol()
+    broker = register(api_client)
+    order = api_client.post("/orders", json=limit(symbol, "bid", 100, 10), headers=broker.headers).json()
+    api_client.post(f"/orders/{order['id']}/cancel", headers=broker.headers)
+    match(api_engine, symbol)
+    response = api_client.patch(f"/orders/{order['id']}", json={"quantity": 5}, headers=broker.headers)
+    assert (response.status_code, response.json()["code"]) == (409, "order_closed")
+    assert (
+        count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'amend'", id=order["id"]) == 0
+    )
+
+
+def test_list_orders_paginates_newest_first_with_an_opaque_cursor(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    ids = [
+        api_client.post("/orders", json=limit(symbol, "bid", 100 + i, 1), headers=broker.headers).json()["id"]
+        for i in range(5)
+    ]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        url = "/orders?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = api_client.get(url, headers=broker.headers).json()
+        seen += [o["id"] for o in page["items"]]
+        assert all("trades" not in o for o in page["items"])
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == list(reversed(ids))
+    filtered = api_client.get("/orders?status=open", headers=broker.headers).json()
+    assert filtered == {"items": [], "next_cursor": None}
+    bad = api_client.get("/orders?cursor=not-a-cursor", headers=broker.headers)
+    assert (bad.status_code, bad.json()["code"]) == (422, "validation_error")

@@ -1,0 +1,157 @@
+"""Bad input is a 4xx with a stable code and writes nothing; never a 500."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+from sqlalchemy import Engine
+
+from tests.integration.api_helpers import count, new_symbol, register
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+GOOD: dict[str, Any] = {"document_number": "1", "side": "bid", "symbol": "ABC", "price": 100, "quantity": 5}
+FUTURE = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+
+
+def with_(**changes: Any) -> bytes:
+    body = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
+
+
+BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
+    ("truncated json", b'{"side": "bid"', 400, "malformed_json"),
+    ("empty body", b"", 400, "malformed_json"),
+    ("not json", b"side=bid", 400, "malformed_json"),
+    ("array body", b"[]", 422, "validation_error"),
+    ("quantity as string", with_(quantity="5"), 422, "validation_error"),
+    ("quantity as float", with_(quantity=5.0), 422, "validation_error"),
+    ("quantity as bool", with_(quantity=True), 422, "validation_error"),
+    ("zero quantity", with_(quantity=0), 422, "validation_error"),
+    ("negative price", with_(price=-1), 422, "validation_error"),
+    ("price 2**63", with_(price=2**63), 422, "validation_error"),
+    ("quantity 2**63", with_(quantity=2**63), 422, "validation_error"),
+    ("quantity 2**64", with_(quantity=2**64), 422, "validation_error"),
+    ("huge quantity", with_(quantity=10**30), 422, "validation_error"),
+    ("naive valid_until", with_(valid_until="2099-01-01T00:00:00"), 422, "validation_error"),
+    ("past valid_until", with_(valid_until="2001-01-01T00:00:00Z"), 422, "validation_error"),
+    ("garbage valid_until", with_(valid_until="tomorrow"), 422, "validation_error"),
+    ("market with a price", with_(order_type="market"), 422, "validation_error"),
+    ("limit without a price", with_(price=...), 422, "validation_error"),
+    ("limit with null price", with_(price=None), 422, "validation_error"),
+    ("unknown field", with_(colour="red"), 422, "validation_error"),
+    ("bad side", with_(side="buy"), 422, "validation_error"),
+    ("bad order type", with_(order_type="stop"), 422, "validation_error"),
+    ("missing side", with_(side=...), 422, "validation_error"),
+    ("symbol too long", with_(symbol="ABCDEFGHIJK"), 422, "validation_error"),
+    ("symbol with a dash", with_(symbol="AB-C"), 422, "validation_error"),
+    ("empty symbol", with_(symbol=""), 422, "validation_error"),
+    ("empty document number", with_(document_number=""), 422, "validation_error"),
+    ("document number too long", with_(document_number="1" * 21), 422, "validation_error"),
+    ("gtd without valid_until", with_(time_in_force="gtd"), 422, "validation_error"),
+    ("gtc with valid_until", with_(time_in_force="gtc", valid_until=FUTURE), 422, "validation_error"),
+    ("market gtc", with_(order_type="market", price=None, time_in_force="gtc"), 422, "validation_error"),
+    ("bad time in force", with_(time_in_force="day"), 422, "validation_error"),
+    ("bad stp", with_(stp="maybe"), 422, "validation_error"),
+    ("client_order_id too long", with_(client_order_id="x" * 65), 422, "validation_error"),
+    ("empty client_order_id", with_(client_order_id=""), 422, "validation_error"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "code"), BAD_ORDERS, ids=[c[0] for c in BAD_ORDERS])
+def test_bad_order_bodies_are_4xx_with_a_stable_code_and_write_nothing(
+    api_client: TestClient[Any], api_engine: Engine, case: str, body: bytes, status: int, code: str
+) -> None:
+    broker = register(api_client)
+    response = api_client.post("/orders", content=body, headers={**broker.headers, "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert count(api_engine, "SELECT count(*) FROM orders WHERE broker_id = :b", b=broker.id) == 0
+
+
+def test_validation_errors_name_the_offending_field(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    response = api_client.post("/orders", content=with_(price=2**63), headers=broker.headers)
+    assert response.json()["details"] == {"path": "$.price"}
+    response = api_client.post("/orders", content=with_(valid_until="2001-01-01T00:00:00Z"), headers=broker.headers)
+    assert response.json()["details"] == {"field": "valid_until"}
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256])
+def test_a_bad_idempotency_key_header_is_422(api_client: TestClient[Any], api_engine: Engine, key: str) -> None:
+    broker = register(api_client)
+    response = api_client.post("/orders", content=with_(), headers={**broker.headers, "Idempotency-Key": key})
+    assert (response.status_code, response.json()["code"]) == (422, "validation_error")
+    assert count(api_engine, "SELECT count(*) FROM orders WHERE broker_id = :b", b=broker.id) == 0
+
+
+def test_a_lowercase_symbol_is_upper_cased(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    response = api_client.post("/orders", content=with_(symbol="brk.b"), headers=broker.headers)
+    assert response.status_code == 201
+    assert response.json()["symbol"] == "BRK.B"
+
+
+def test_the_largest_int64_values_are_accepted(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    response = api_client.post("/orders", content=with_(price=2**63 - 1, quantity=2**63 - 1), headers=broker.headers)
+    assert response.status_code == 201
+    assert response.json()["price"] == 2**63 - 1
+
+
+def test_a_market_order_may_carry_a_future_valid_until_which_is_not_stored(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    body = with_(order_type="market", price=None, valid_until=FUTURE)
+    response = api_client.post("/orders", content=body, headers=broker.headers)
+    assert response.status_code == 201
+    assert (response.json()["time_in_force"], response.json()["valid_until"]) == ("ioc", None)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/stocks/ABC/book?depth=0",
+        "/stocks/ABC/book?depth=51",
+        "/stocks/ABC/book?depth=x",
+        "/stocks/ABC/price?trades=0",
+        "/stocks/ABC/price?trades=1001",
+        "/stocks/ABC/trades?limit=0",
+        "/stocks/TOO-LONG-SYMBOL/book",
+        "/orders?limit=0",
+        "/orders?limit=201",
+        "/orders?status=sleeping",
+    ],
+)
+def test_bad_query_and_path_parameters_are_422(api_client: TestClient[Any], path: str) -> None:
+    broker = register(api_client)
+    response = api_client.get(path, headers=broker.headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"{}", 422), (b'{"quantity": 0}', 422), (b'{"price": 2.5}', 422), (b'{"qty": 1}', 422), (b"{", 400)],
+)
+def test_bad_amend_bodies_are_rejected_without_a_command(
+    api_client: TestClient[Any], api_engine: Engine, body: bytes, status: int
+) -> None:
+    broker = register(api_client)
+    order_id = api_client.post("/orders", content=with_(symbol=new_symbol()), headers=broker.headers).json()["id"]
+    response = api_client.patch(f"/orders/{order_id}", content=body, headers=broker.headers)
+    assert response.status_code == status
+    assert count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'amend'", id=order_id) == 0
+
+
+def test_unknown_routes_and_methods_have_json_errors(api_client: TestClient[Any]) -> None:
+    missing = api_client.get("/no/such/route")
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+    wrong = api_client.put("/orders")
+    assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
