@@ -264,8 +264,11 @@ def _write_brokers_and_outbox(
     for draft in plan.outbox:
         counts[draft.broker_id] = counts.get(draft.broker_id, 0) + 1
     # Lock broker rows in id order first: two matchers on different symbols touching the same brokers then
-    # always queue in the same order instead of deadlocking.
-    conn.execute(text("SELECT id FROM brokers WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"), {"ids": brokers}).all()
+    # always queue in the same order instead of deadlocking. NO KEY UPDATE (only balance/event_seq change) does not
+    # conflict with the KEY SHARE lock every order INSERT's foreign-key check takes, so accepts never wait on us.
+    conn.execute(
+        text("SELECT id FROM brokers WHERE id = ANY(:ids) ORDER BY id FOR NO KEY UPDATE"), {"ids": brokers}
+    ).all()
     last_seq = {
         row.id: row.event_seq
         for row in conn.execute(
