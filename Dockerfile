@@ -21,7 +21,7 @@ WORKDIR /app
 COPY --from=builder --chown=exchange:exchange /app /app
 ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1
 USER exchange
-EXPOSE 8000
+EXPOSE 8000 9100
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)" || exit 1
 ENTRYPOINT ["exchange"]

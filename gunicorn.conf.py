@@ -20,3 +20,33 @@ timeout = 30
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("EXCHANGE_LOG_LEVEL", "info").lower()
+
+# Prometheus multiprocess mode: every worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and /metrics
+# (any worker) aggregates them. The directory must be set before a worker imports prometheus_client, and must not
+# hold files of an earlier run: a given directory is emptied at start; without one, a fresh one is made and removed.
+_METRICS_DIR_OWNED = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _METRICS_DIR_OWNED:
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="exchange-metrics-")
+
+
+def on_starting(server):  # gunicorn hook signatures: (server) and (server, worker)
+    import glob
+
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(stale)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _METRICS_DIR_OWNED:
+        import shutil
+
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

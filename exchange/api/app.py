@@ -10,6 +10,9 @@ Endpoints (auth; success status; error codes beyond 401/422/503 ``database_unava
   ``order_closed`` · ``POST /orders/{id}/cancel`` 204 (200 with ``Prefer: return=representation``)/404.
 * ``GET /stocks/{symbol}/book|price|trades`` 200 (price: 404 ``no_trades``) · ``GET /balance`` · ``GET /positions``.
 * ``GET /health``, ``/health/live`` 200; ``GET /health/ready`` 200/503.
+* Webhooks (:mod:`exchange.api.controllers.webhooks`): ``GET|PUT /webhooks/endpoint``, ``POST
+  /webhooks/secret/rotate``, ``GET /webhooks/deliveries``, ``POST /webhooks/events/{id}/redeliver`` 202 (404
+  ``event_not_found``, 409 ``webhook_endpoint_unavailable``), ``GET /events``; admin ``GET /admin/webhooks/failing``.
 
 Each worker process builds its own resources in the lifespan (:mod:`exchange.api.state`).
 """
@@ -26,9 +29,14 @@ from exchange.api.controllers.admin import AdminController
 from exchange.api.controllers.health import HealthController
 from exchange.api.controllers.orders import OrdersController
 from exchange.api.controllers.stocks import StocksController
+from exchange.api.controllers.webhooks import WebhooksAdminController, WebhooksController
 from exchange.api.errors import EXCEPTION_HANDLERS
 from exchange.api.state import lifespan
 from exchange.config import Settings
+from exchange.observability.logs import configure_logging
+from exchange.observability.requests import request_observability
+from exchange.ops.controller import MetricsController, OpsController
+from exchange.ops.dashboard import dramatiq_dashboard
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -36,9 +44,15 @@ MAX_BODY_BYTES = 64 * 1024
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app for ``settings`` (default: :meth:`Settings.from_env`)."""
     settings = settings or Settings.from_env()
-    logging.getLogger("exchange").setLevel(logging.INFO)
+    configure_logging("api", level=settings.log_level, fmt=settings.log_format)
+    logging.getLogger("exchange").setLevel(settings.log_level.upper())
     return Litestar(
-        route_handlers=[AdminController, OrdersController, StocksController, AccountController, HealthController],
+        route_handlers=[
+            *(AdminController, OrdersController, StocksController, AccountController, HealthController),
+            *(OpsController, MetricsController, dramatiq_dashboard),
+            *(WebhooksController, WebhooksAdminController),
+        ],
+        middleware=[request_observability(settings.slow_request_ms)],
         lifespan=[lifespan(settings)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,

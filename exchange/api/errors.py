@@ -11,14 +11,18 @@ HTTP   code                    when
 404    not_found               no such route (or a disabled debug endpoint)
 404    order_not_found         no such order *for this broker* (another broker's order looks the same)
 404    no_trades               ``/stocks/{symbol}/price`` before the symbol's first trade
+404    event_not_found         no such webhook event *for this broker* (redeliver)
 405    method_not_allowed      the route exists but not for this method (``Allow`` header set)
 409    order_closed            amend of a closed order
+409    webhook_endpoint_unav…  ``webhook_endpoint_unavailable``: redeliver while the broker has no webhook URL
+                               or its endpoint is disabled (``PUT /webhooks/endpoint`` re-enables it)
 413    payload_too_large       request body over the size limit
 422    validation_error        well-formed JSON (or query/path/header parameter) with a bad field: wrong
                                type, out of range (e.g. ≥ 2**63), unknown field, naive or past datetime,
                                price/time-in-force inconsistent with the order type, bad cursor, …
                                ``details`` names the field/path when known
-422    invalid_webhook_url     ``webhook_url`` is not an absolute http(s) URL
+422    invalid_webhook_url     ``webhook_url`` is not an absolute http(s) URL, or its host is/resolves to a
+                               loopback, private, link-local or metadata address (SSRF guard)
 500    internal_error          a bug; logged with its traceback, no details returned
 503    admin_disabled          admin endpoint called but ``EXCHANGE_ADMIN_API_KEY`` is unset
 503    database_unavailable    PostgreSQL unreachable or failing at the connection level
@@ -47,6 +51,7 @@ from litestar.types import ExceptionHandlersMap
 from sqlalchemy import exc as sa_exc
 
 from exchange.orders import errors as domain
+from exchange.webhooks import errors as webhook_errors
 
 log = logging.getLogger("exchange.api")
 
@@ -90,6 +95,8 @@ _DOMAIN_STATUS: dict[type[domain.OrderServiceError], int] = {
     domain.OrderNotFoundError: 404,
     domain.NoTradesError: 404,
     domain.OrderClosedError: 409,
+    webhook_errors.WebhookEventNotFoundError: 404,
+    webhook_errors.WebhookEndpointUnavailableError: 409,
 }
 
 _HTTP_CODES = {

@@ -22,6 +22,12 @@ MAX_INT64 = 2**63 - 1
 PositiveInt64 = Annotated[int, msgspec.Meta(gt=0, le=MAX_INT64)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 Symbol = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.]{1,10}$")]
+# PostgreSQL text cannot hold NUL (0x00): refuse it at the edge as a 422 instead of failing in the database.
+_NO_NUL = r"\A[^\x00]*\Z"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_NO_NUL)]
+Url = Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=_NO_NUL)]
+DocumentNumber = Annotated[str, msgspec.Meta(min_length=1, max_length=20, pattern=_NO_NUL)]
+ClientOrderId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_NO_NUL)]
 SideName = Literal["bid", "ask"]
 OrderTypeName = Literal["limit", "market"]
 TimeInForceName = Literal["gtc", "gtd", "ioc", "fok"]
@@ -33,12 +39,12 @@ class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RegisterRequest(_Request):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-    webhook_url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+    name: Name
+    webhook_url: Url | None = None
 
 
 class PlaceOrderRequest(_Request):
-    document_number: Annotated[str, msgspec.Meta(min_length=1, max_length=20)]
+    document_number: DocumentNumber
     side: SideName
     symbol: Symbol
     quantity: PositiveInt64
@@ -46,7 +52,7 @@ class PlaceOrderRequest(_Request):
     price: PositiveInt64 | None = None
     valid_until: AwareDatetime | None = None
     time_in_force: TimeInForceName | None = None
-    client_order_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    client_order_id: ClientOrderId | None = None
     stp: StpName = "none"
 
 

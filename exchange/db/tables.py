@@ -76,7 +76,9 @@ class WebhookEventStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
-    """Gave up after the retry schedule; kept for the broker to fetch or an operator to replay."""
+    """Gave up after the retry schedule (or the receiver answered 410); kept for the broker to fetch or replay."""
+    SKIPPED = "skipped"
+    """Never sent: the broker had no webhook URL or its endpoint was disabled. Still in ``GET /events``."""
 
 
 def one_of(column: str, values: Iterable[StrEnum]) -> str:

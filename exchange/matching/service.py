@@ -6,8 +6,9 @@ sequence order (bounded batch); apply them to the pure engine; write order state
 outbox events, the new book version and the processed markers; commit. Only after the commit are results
 published and webhook deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
 
-Invariant: the cached book always equals what Postgres says at the cached version. The cache entry is dropped
-whenever a transaction fails, because the engine already mutated the book in memory.
+Invariant: the cached book always equals what Postgres says at the cached version. While a batch is applied
+the entry's version is invalid, and it becomes ``book_version + 1`` only together with the writes of the same
+transaction; a failed transaction also drops the entry, because the engine already mutated the book in memory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from exchange.times import to_micros
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_LIMIT = 500
+_INVALID_VERSION = -1
+"""Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
 
 
@@ -112,6 +115,10 @@ def _process_once(
             cache.books[symbol] = cached
             cache.rebuilds += 1
         book = cached.book
+        # From here the in-memory book runs ahead of Postgres. Mark it invalid first, so if anything fails before
+        # the commit (even in a way that skips our exception handler, or while another thread of this process
+        # already holds the lock we just released) the next holder rebuilds it instead of trusting it.
+        cached.version = _INVALID_VERSION
         now_us = to_micros(now)
         applied: list[tuple[Command, list[Event]]] = []
         for row in rows:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exchange.orders.errors import InvalidWebhookUrlError
 from exchange.orders.models import BrokerIdentity, RegisteredBroker
+from exchange.webhooks.ssrf import UnsafeWebhookUrlError, check_url_async
 
 API_KEY_PREFIX = "exk_"
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105  # a format prefix, not a secret
@@ -38,7 +39,7 @@ def new_webhook_secret() -> str:
 def check_webhook_url(url: str) -> str:
     """An absolute http(s) URL with a host; raises :class:`InvalidWebhookUrlError` otherwise.
 
-    (Whether the host may be private is the webhook deliverer's decision, made at delivery time.)
+    (Whether the host may be private is checked by :func:`check_webhook_destination`, and again at delivery.)
     """
     try:
         parts = urlsplit(url)
@@ -53,6 +54,17 @@ def check_webhook_url(url: str) -> str:
     return url
 
 
+async def check_webhook_destination(url: str, *, allow_private: bool) -> str:
+    """:func:`check_webhook_url` plus the SSRF guard (:mod:`exchange.webhooks.ssrf`): a host that is or resolves
+    to a loopback, private, link-local or metadata address is refused unless ``allow_private``."""
+    check_webhook_url(url)
+    try:
+        await check_url_async(url, allow_private)
+    except UnsafeWebhookUrlError as exc:
+        raise InvalidWebhookUrlError(f"webhook_url refused: {exc}", {"field": "webhook_url"}) from exc
+    return url
+
+
 _INSERT_BROKER = text(
     """
     INSERT INTO brokers (name, api_key_hash, webhook_url, webhook_secret)
@@ -62,10 +74,12 @@ _INSERT_BROKER = text(
 )
 
 
-async def register_broker(engine: AsyncEngine, name: str, webhook_url: str | None) -> RegisteredBroker:
+async def register_broker(
+    engine: AsyncEngine, name: str, webhook_url: str | None, *, allow_private_webhooks: bool = False
+) -> RegisteredBroker:
     """Create a broker with a fresh API key and webhook secret (one transaction)."""
     if webhook_url is not None:
-        check_webhook_url(webhook_url)
+        await check_webhook_destination(webhook_url, allow_private=allow_private_webhooks)
     api_key = new_api_key()
     secret = new_webhook_secret()
     async with engine.begin() as conn:

@@ -290,6 +290,7 @@ class Harness:
         for name, spec in MATCHER_SPLITS.items():
             self.start_matcher(name, spec)
         self.start_service("sweeper", ["sweeper"])
+        self.start_service("webhooks", ["webhooks", "--threads", "8"])
         self._client = httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S)
         self._wait_ready()
         self._warm_up()

@@ -86,6 +86,8 @@ def test_register_rejects_a_non_http_webhook_url(api_client: TestClient[Any], ap
         (b'{"name": "' + b"x" * 101 + b'"}', 422, "validation_error"),
         (b'{"name": "ok", "extra": 1}', 422, "validation_error"),
         (b'{"name": 5}', 422, "validation_error"),
+        (b'{"name": "nul\\u0000byte"}', 422, "validation_error"),
+        (b'{"name": "ok", "webhook_url": "http://x/\\u0000"}', 422, "validation_error"),
     ],
 )
 def test_register_validates_its_body(api_client: TestClient[Any], body: bytes, status: int, code: str) -> None:

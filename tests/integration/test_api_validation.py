@@ -59,6 +59,8 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     ("bad stp", with_(stp="maybe"), 422, "validation_error"),
     ("client_order_id too long", with_(client_order_id="x" * 65), 422, "validation_error"),
     ("empty client_order_id", with_(client_order_id=""), 422, "validation_error"),
+    ("NUL in document number", with_(document_number="12\u00003"), 422, "validation_error"),
+    ("NUL in client_order_id", with_(client_order_id="a\u0000b"), 422, "validation_error"),
 ]
 
 

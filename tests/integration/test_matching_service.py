@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Connection, Engine, text
 
 from exchange.matching.service import BookCache, process_symbol
@@ -201,4 +202,26 @@ def test_concurrent_matchers_on_one_symbol_apply_each_command_once(engine: Engin
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
+    assert_conserved(engine)
+
+
+def test_a_failed_batch_leaves_the_cached_book_to_be_rebuilt(engine: Engine, monkeypatch: Any) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    cache = BookCache()
+    place(engine, seller, "CSNA3", "ask", 5, 10)
+    process_symbol(engine, cache, "CSNA3")
+    place(engine, buyer, "CSNA3", "bid", 5, 10)
+
+    from exchange.matching import store
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("crash between apply and commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "write_batch", crash)  # fault injection: the process dies mid-transaction
+        with pytest.raises(RuntimeError):
+            process_symbol(engine, cache, "CSNA3")
+    result = process_symbol(engine, cache, "CSNA3")  # the fill must happen exactly once, from Postgres' state
+
+    assert (result.rebuilt, result.trades) == (True, 1)
     assert_conserved(engine)

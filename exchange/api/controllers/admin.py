@@ -26,7 +26,9 @@ class AdminController(Controller):
     async def register(self, request: Request[Any, Any, Any], api: Api) -> Response[RegisterResponse]:
         """Create a broker. The API key is in this response only (stored as its SHA-256)."""
         body = decode_body(await request.body(), RegisterRequest)
-        created = await brokers.register_broker(api.engine, body.name, body.webhook_url)
+        created = await brokers.register_broker(
+            api.engine, body.name, body.webhook_url, allow_private_webhooks=api.settings.webhook_allow_private
+        )
         out = RegisterResponse(
             broker_id=created.broker_id,
             name=created.name,

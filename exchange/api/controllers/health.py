@@ -1,10 +1,12 @@
 """Health endpoints (no auth): ``/health`` and ``/health/live`` answer while the process runs; ``/health/ready``
-answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond, else 503, with a check per
-component."""
+answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond and the database schema is at the
+newest migration of this build (``migrations``: a process running against an un-migrated or newer database is not
+ready), else 503, with a check per component."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +15,7 @@ from sqlalchemy import text
 
 from exchange.api.dependencies import API, Api
 from exchange.api.schemas import CheckOut, HealthOut, ReadyOut
+from exchange.db import migrate
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -24,6 +27,16 @@ async def _check(probe: Callable[[], Awaitable[object]]) -> CheckOut:
     except Exception as exc:
         return CheckOut(ok=False, error=f"{exc.__class__.__name__}: {exc}"[:300])
     return CheckOut(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+@functools.cache
+def _head_revision() -> str:
+    """The newest migration shipped with this build (read from disk once per process)."""
+    return migrate.head()
+
+
+class MigrationsNotAtHeadError(RuntimeError):
+    pass
 
 
 class HealthController(Controller):
@@ -47,7 +60,15 @@ class HealthController(Controller):
         async def redis() -> None:
             await api.redis.ping()
 
-        pg, rd = await asyncio.gather(_check(postgres), _check(redis))
-        ok = pg.ok and rd.ok
-        body = ReadyOut(status="ok" if ok else "unavailable", checks={"postgres": pg, "redis": rd})
+        async def migrations() -> None:
+            async with api.engine.connect() as conn:
+                current = (await conn.execute(text("SELECT max(version_num) FROM alembic_version"))).scalar()
+            head = _head_revision()
+            if current != head:
+                raise MigrationsNotAtHeadError(f"database at {current or 'base'}, this build needs {head}")
+
+        pg, rd, mg = await asyncio.gather(_check(postgres), _check(redis), _check(migrations))
+        ok = pg.ok and rd.ok and mg.ok
+        checks = {"postgres": pg, "redis": rd, "migrations": mg}
+        body = ReadyOut(status="ok" if ok else "unavailable", checks=checks)
         return Response(body, status_code=200 if ok else 503)

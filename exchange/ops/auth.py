@@ -1,0 +1,59 @@
+"""Admin authentication of the ops surfaces (``/ops``, ``/ops/data.json``, ``/ops/dramatiq``).
+
+Accepted, in this order:
+
+1. ``Authorization: Bearer <EXCHANGE_ADMIN_API_KEY>`` — scripts and curl;
+2. the cookie ``exchange_ops`` set by ``GET /ops/login?key=<admin key>[&next=/ops/…]`` — browsers, which cannot
+   add a header to a link. The cookie holds ``HMAC-SHA256(admin key, "exchange-ops-session")``, never the key; it
+   is HttpOnly, ``SameSite=Strict`` (dramatiq-dashboard's delete/requeue forms cannot be triggered cross-site),
+   scoped to ``/ops`` and lasts :data:`COOKIE_MAX_AGE_S`. Changing the admin key invalidates every cookie.
+
+Without an admin key configured, every ops surface answers 503 ``admin_disabled`` like the other admin endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from exchange.api.auth import bearer_token
+from exchange.api.errors import ApiError, unauthorized
+from exchange.api.state import api_state
+
+COOKIE_NAME = "exchange_ops"
+COOKIE_PATH = "/ops"
+COOKIE_MAX_AGE_S = 12 * 3600
+_SESSION_LABEL = b"exchange-ops-session"
+
+
+def session_token(admin_key: str) -> str:
+    """The cookie value for ``admin_key`` (derived, so the cookie never reveals the key)."""
+    return hmac.new(admin_key.encode("utf-8"), _SESSION_LABEL, hashlib.sha256).hexdigest()
+
+
+def _configured_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    expected = api_state(connection.app).settings.admin_api_key
+    if not expected:
+        raise ApiError(503, "admin_disabled", "admin endpoints are disabled: EXCHANGE_ADMIN_API_KEY is not set")
+    return expected
+
+
+def key_matches(candidate: str | None, expected: str) -> bool:
+    return candidate is not None and hmac.compare_digest(candidate.encode("utf-8"), expected.encode("utf-8"))
+
+
+def ops_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    expected = _configured_key(connection)
+    if key_matches(bearer_token(connection), expected):
+        return
+    if key_matches(connection.cookies.get(COOKIE_NAME), session_token(expected)):
+        return
+    raise unauthorized("admin key required: 'Authorization: Bearer <admin key>' or open /ops/login?key=<admin key>")
+
+
+def login_key_valid(connection: ASGIConnection[Any, Any, Any, Any], key: str) -> bool:
+    return key_matches(key, _configured_key(connection))

@@ -1,0 +1,42 @@
+"""dramatiq-dashboard mounted at ``/ops/dramatiq`` inside the Litestar app.
+
+The dashboard is a WSGI app with no authentication of its own; a2wsgi runs it on a thread pool inside the api's
+event loop and the mount's guard (:func:`exchange.ops.auth.ops_guard`) runs before it. It reads the queues the
+broker declared (:func:`exchange.messaging.broker.make_broker` declares every ``matching.<n>`` and ``webhooks``)
+and the workers' heartbeats from Redis. One dashboard per api process, built on first use from that process's
+broker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from a2wsgi import WSGIMiddleware
+from litestar import asgi
+from litestar.types import Receive, Scope, Send
+
+from exchange.ops.auth import ops_guard
+
+DASHBOARD_PREFIX = "/ops/dramatiq"
+
+
+def _build(app_state: Any) -> WSGIMiddleware:
+    from dramatiq_dashboard.application import DashboardApp  # type: ignore[import-untyped]
+
+    return WSGIMiddleware(DashboardApp(app_state.broker, DASHBOARD_PREFIX), workers=4)
+
+
+@asgi(DASHBOARD_PREFIX, is_mount=True, guards=[ops_guard], copy_scope=True)
+async def dramatiq_dashboard(scope: Scope, receive: Receive, send: Send) -> None:
+    """Everything under ``/ops/dramatiq`` (the mount strips the prefix; the dashboard's links put it back)."""
+    from exchange.api.state import api_state
+
+    app = scope["litestar_app"]
+    state = api_state(app)
+    wsgi = getattr(app.state, "ops_dashboard", None)
+    if wsgi is None:
+        wsgi = _build(state)
+        app.state.ops_dashboard = wsgi
+    scope = dict(scope)  # type: ignore[assignment]
+    scope["root_path"] = ""
+    await wsgi(scope, receive, send)  # type: ignore[arg-type]

@@ -1,0 +1,166 @@
+"""The ops snapshot: what an operator looks at first, read fresh from Postgres and Redis on every call.
+
+Everything is bounded (top-N symbols, last-N errors) so the page stays cheap on a large exchange. The snapshot is
+plain JSON-able data: ``/ops`` renders it, ``/ops/data.json`` returns it, ``/metrics`` takes its gauges from the
+same queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue, partition_of
+
+MAX_SYMBOLS = 50
+MAX_ERRORS = 20
+DRAMATIQ_NAMESPACE = "dramatiq"
+
+_PENDING = text(
+    """
+    SELECT symbol, count(*) AS pending, extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_s
+    FROM commands WHERE processed_at IS NULL GROUP BY symbol
+    """
+)
+
+_BOOKS = text(
+    """
+    SELECT s.symbol, s.last_price, s.last_trade_at,
+           coalesce(o.bids, 0) AS bid_orders, coalesce(o.asks, 0) AS ask_orders,
+           coalesce(o.bid_qty, 0) AS bid_quantity, coalesce(o.ask_qty, 0) AS ask_quantity,
+           o.best_bid, o.best_ask
+    FROM symbols s
+    LEFT JOIN (
+        SELECT symbol,
+               count(*) FILTER (WHERE side = 'bid') AS bids, count(*) FILTER (WHERE side = 'ask') AS asks,
+               sum(remaining) FILTER (WHERE side = 'bid') AS bid_qty,
+               sum(remaining) FILTER (WHERE side = 'ask') AS ask_qty,
+               max(price) FILTER (WHERE side = 'bid') AS best_bid, min(price) FILTER (WHERE side = 'ask') AS best_ask
+        FROM orders WHERE status = 'open' GROUP BY symbol
+    ) o ON o.symbol = s.symbol
+    ORDER BY s.last_trade_at DESC NULLS LAST, s.symbol
+    LIMIT :limit
+    """
+)
+
+_WEBHOOK_ENDPOINTS = text(
+    """
+    SELECT id, name, webhook_url, webhook_enabled, webhook_disabled_reason, webhook_consecutive_failures
+    FROM brokers
+    WHERE webhook_url IS NOT NULL AND (NOT webhook_enabled OR webhook_consecutive_failures > 0)
+    ORDER BY webhook_enabled, webhook_consecutive_failures DESC, name
+    LIMIT :limit
+    """
+)
+
+_RECENT_ERRORS = text(
+    """
+    SELECT e.id, e.broker_id, b.name AS broker_name, e.type, e.status, e.attempts, e.last_error,
+           e.created_at, e.next_attempt_at
+    FROM webhook_events e JOIN brokers b ON b.id = e.broker_id
+    WHERE e.last_error IS NOT NULL AND e.status <> 'skipped'  -- skipped = no URL or disabled: listed above
+    ORDER BY e.next_attempt_at DESC
+    LIMIT :limit
+    """
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+async def pending_by_partition(engine: AsyncEngine, partitions: int) -> list[dict[str, Any]]:
+    """Every partition (including idle ones) with its unprocessed commands and the oldest one's age."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(_PENDING)).all()
+    pending = [0] * partitions
+    oldest = [0.0] * partitions
+    for row in rows:
+        n = partition_of(row.symbol, partitions)
+        pending[n] += int(row.pending)
+        oldest[n] = max(oldest[n], round(float(row.oldest_s), 3))
+    return [
+        {"partition": n, "queue": matching_queue(n), "pending": pending[n], "oldest_age_s": oldest[n]}
+        for n in range(partitions)
+    ]
+
+
+async def queue_depths(redis: Redis, partitions: int) -> list[dict[str, Any]]:
+    """Messages per dramatiq queue: ready (incl. in flight), delayed, dead — the keys dramatiq's RedisBroker uses."""
+    queues = [*(matching_queue(n) for n in range(partitions)), WEBHOOK_QUEUE]
+    async with redis.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for suffix in ("", ".DQ", ".XQ"):
+                pipe.hlen(f"{DRAMATIQ_NAMESPACE}:{queue}{suffix}.msgs")
+        counts = await pipe.execute()
+    return [
+        {"queue": q, "ready": int(counts[3 * i]), "delayed": int(counts[3 * i + 1]), "dead": int(counts[3 * i + 2])}
+        for i, q in enumerate(queues)
+    ]
+
+
+async def snapshot(engine: AsyncEngine, redis: Redis, partitions: int) -> dict[str, Any]:
+    """The whole ops view. Redis being down does not hide the Postgres part (``queues`` is then ``None``)."""
+
+    async def database() -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
+        async with engine.connect() as conn:
+            books = (await conn.execute(_BOOKS, {"limit": MAX_SYMBOLS})).all()
+            hooks = (await conn.execute(_WEBHOOK_ENDPOINTS, {"limit": MAX_ERRORS})).all()
+            errors = (await conn.execute(_RECENT_ERRORS, {"limit": MAX_ERRORS})).all()
+        return books, hooks, errors
+
+    queues: list[dict[str, Any]] | None = None
+    pending, (books, hooks, errors) = await asyncio.gather(pending_by_partition(engine, partitions), database())
+    with contextlib.suppress(Exception):
+        queues = await asyncio.wait_for(queue_depths(redis, partitions), timeout=2.0)
+    return {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "partitions": pending,
+        "queues": queues,
+        "symbols": [
+            {
+                "symbol": r.symbol,
+                "bid_orders": int(r.bid_orders),
+                "ask_orders": int(r.ask_orders),
+                "bid_quantity": int(r.bid_quantity),
+                "ask_quantity": int(r.ask_quantity),
+                "best_bid": r.best_bid,
+                "best_ask": r.best_ask,
+                "last_price": r.last_price,
+                "last_trade_at": _iso(r.last_trade_at),
+            }
+            for r in books
+        ],
+        "webhook_endpoints": [
+            {
+                "broker_id": str(r.id),
+                "broker_name": r.name,
+                "webhook_url": r.webhook_url,
+                "enabled": bool(r.webhook_enabled),
+                "disabled_reason": r.webhook_disabled_reason,
+                "consecutive_failures": int(r.webhook_consecutive_failures),
+            }
+            for r in hooks
+        ],
+        "recent_errors": [
+            {
+                "event_id": str(r.id),
+                "broker_id": str(r.broker_id),
+                "broker_name": r.broker_name,
+                "type": r.type,
+                "status": r.status,
+                "attempts": int(r.attempts),
+                "error": r.last_error,
+                "created_at": _iso(r.created_at),
+                "next_attempt_at": _iso(r.next_attempt_at),
+            }
+            for r in errors
+        ],
+    }

@@ -1,0 +1,262 @@
+"""SQL of the webhook endpoints (async, api side). Every broker query is scoped by ``broker_id``: a broker never
+sees another broker's events, attempts or endpoint."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from exchange.orders.errors import InvalidCursorError
+from exchange.webhooks.errors import WebhookEndpointUnavailableError, WebhookEventNotFoundError
+
+# ------------------------------------------------------------------------------------------------- endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    url: str | None
+    enabled: bool
+    disabled_reason: str | None
+    consecutive_failures: int
+    previous_secret_expires_at: datetime | None
+    pending_events: int
+    failed_events: int
+
+
+_ENDPOINT = text(
+    """
+    SELECT b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason, b.webhook_consecutive_failures,
+           b.webhook_secret_previous_expires_at,
+           (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending') AS pending,
+           (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed
+    FROM brokers b WHERE b.id = :broker_id
+    """
+)
+
+
+async def endpoint(conn: AsyncConnection, broker_id: UUID) -> EndpointView | None:
+    row = (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).first()
+    if row is None:
+        return None
+    return EndpointView(
+        row.webhook_url,
+        row.webhook_enabled,
+        row.webhook_disabled_reason,
+        row.webhook_consecutive_failures,
+        row.webhook_secret_previous_expires_at,
+        row.pending,
+        row.failed,
+    )
+
+
+async def set_endpoint(conn: AsyncConnection, broker_id: UUID, url: str | None) -> bool:
+    """Set (or clear) the URL and re-enable the endpoint with a clean failure count. False: no such broker."""
+    result = await conn.execute(
+        text(
+            "UPDATE brokers SET webhook_url = :url, webhook_enabled = true, webhook_disabled_reason = NULL, "
+            "webhook_consecutive_failures = 0 WHERE id = :broker_id RETURNING id"
+        ),
+        {"broker_id": broker_id, "url": url},
+    )
+    return result.first() is not None
+
+
+async def rotate_secret(
+    conn: AsyncConnection, broker_id: UUID, new_secret: str, grace_s: int
+) -> tuple[bool, datetime | None]:
+    """Make ``new_secret`` current; the old one keeps signing for ``grace_s`` seconds (none when 0).
+    Returns (found, previous secret's expiry)."""
+    row = (
+        await conn.execute(
+            text(
+                """
+                UPDATE brokers
+                SET webhook_secret_previous = CASE WHEN :grace > 0 THEN webhook_secret END,
+                    webhook_secret_previous_expires_at =
+                        CASE WHEN :grace > 0 THEN clock_timestamp() + make_interval(secs => :grace) END,
+                    webhook_secret = :secret
+                WHERE id = :broker_id
+                RETURNING webhook_secret_previous_expires_at
+                """
+            ),
+            {"broker_id": broker_id, "secret": new_secret, "grace": grace_s},
+        )
+    ).first()
+    return (False, None) if row is None else (True, row[0])
+
+
+# ------------------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    sequence: int
+    event_id: UUID
+    type: str
+    created_at: datetime
+    status: str
+    attempts: int
+    body: str
+    """The webhook body exactly as it is sent (JSON text)."""
+
+
+async def list_events(conn: AsyncConnection, broker_id: UUID, after: int, limit: int) -> list[EventView]:
+    """The broker's durable event log: events with ``sequence > after`` in sequence order (gap-free per broker)."""
+    rows = await conn.execute(
+        text(
+            "SELECT sequence, id, type, created_at, status, attempts, payload::text AS body FROM webhook_events "
+            "WHERE broker_id = :broker_id AND sequence > :after ORDER BY sequence LIMIT :limit"
+        ),
+        {"broker_id": broker_id, "after": after, "limit": limit},
+    )
+    return [EventView(r.sequence, r.id, r.type, r.created_at, r.status, r.attempts, r.body) for r in rows]
+
+
+async def redeliver(conn: AsyncConnection, broker_id: UUID, event_id: UUID) -> None:
+    """Make the event pending and due now (whatever its status). The caller enqueues ``deliver`` after commit.
+
+    Raises :class:`WebhookEventNotFoundError` (not this broker's event) or
+    :class:`WebhookEndpointUnavailableError` (no URL or endpoint disabled: nothing could be sent).
+    """
+    row = (
+        await conn.execute(
+            text(
+                "SELECT b.webhook_url IS NOT NULL AND b.webhook_enabled AS deliverable FROM webhook_events e "
+                "JOIN brokers b ON b.id = e.broker_id WHERE e.id = :id AND e.broker_id = :broker_id FOR UPDATE OF e"
+            ),
+            {"id": event_id, "broker_id": broker_id},
+        )
+    ).first()
+    if row is None:
+        raise WebhookEventNotFoundError()
+    if not row.deliverable:
+        raise WebhookEndpointUnavailableError(
+            "the webhook endpoint has no URL or is disabled; set it with PUT /webhooks/endpoint"
+        )
+    await conn.execute(
+        text(
+            "UPDATE webhook_events SET status = 'pending', delivered_at = NULL, last_error = NULL, "
+            "next_attempt_at = clock_timestamp() WHERE id = :id"
+        ),
+        {"id": event_id},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- attempts
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptView:
+    attempt_id: int
+    event_id: UUID
+    sequence: int
+    event_type: str
+    event_status: str
+    attempted_at: datetime
+    url: str
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+    response_excerpt: str | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+_ATTEMPTS = """
+    SELECT a.id, a.event_id, e.sequence, e.type, e.status, a.attempted_at, a.url, a.status_code, a.latency_ms,
+           a.error, a.response_excerpt
+    FROM webhook_attempts a JOIN webhook_events e ON e.id = a.event_id
+    WHERE {where}
+    ORDER BY a.attempted_at DESC, a.id DESC
+    LIMIT :limit
+"""
+
+
+def encode_attempt_cursor(attempted_at: datetime, attempt_id: int) -> str:
+    raw = json.dumps([attempted_at.isoformat(), attempt_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_attempt_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, attempt_id = json.loads(raw)
+        moment = datetime.fromisoformat(stamp)
+        if moment.tzinfo is None or not isinstance(attempt_id, int):
+            raise ValueError("bad cursor")
+        return moment, attempt_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursorError("cursor is not one this api returned", {"field": "cursor"}) from exc
+
+
+async def list_attempts(
+    conn: AsyncConnection, broker_id: UUID, *, status: str | None, cursor: str | None, limit: int
+) -> tuple[list[AttemptView], str | None]:
+    """The broker's delivery attempts, newest first (keyset on ``(attempted_at, id)``), and the next cursor."""
+    conditions = ["a.broker_id = :broker_id"]
+    params: dict[str, Any] = {"broker_id": broker_id, "limit": limit + 1}
+    if status == "succeeded":
+        conditions.append("a.status_code BETWEEN 200 AND 299")
+    elif status == "failed":
+        conditions.append("(a.status_code IS NULL OR a.status_code NOT BETWEEN 200 AND 299)")
+    if cursor is not None:
+        params["c_at"], params["c_id"] = decode_attempt_cursor(cursor)
+        conditions.append("(a.attempted_at, a.id) < (:c_at, :c_id)")
+    # Constant fragments only; every value is a bound parameter.
+    statement = _ATTEMPTS.format(where=" AND ".join(conditions))
+    rows = (await conn.execute(text(statement), params)).all()
+    items = [AttemptView(*row) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = items[-1]
+        next_cursor = encode_attempt_cursor(last.attempted_at, last.attempt_id)
+    return items, next_cursor
+
+
+# -------------------------------------------------------------------------------------------------- admin
+
+
+@dataclass(frozen=True, slots=True)
+class FailingEndpoint:
+    broker_id: UUID
+    broker_name: str
+    url: str | None
+    enabled: bool
+    disabled_reason: str | None
+    consecutive_failures: int
+    failed_events: int
+    retrying_events: int
+    oldest_pending_at: datetime | None
+
+
+_FAILING = text(
+    """
+    SELECT b.id, b.name, b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason,
+           b.webhook_consecutive_failures,
+           (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed,
+           (SELECT count(*) FROM webhook_events e
+            WHERE e.broker_id = b.id AND e.status = 'pending' AND e.attempts > 0) AS retrying,
+           (SELECT min(e.created_at) FROM webhook_events e
+            WHERE e.broker_id = b.id AND e.status = 'pending') AS oldest_pending
+    FROM brokers b
+    WHERE NOT b.webhook_enabled OR b.webhook_consecutive_failures > 0
+       OR EXISTS (SELECT 1 FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending' AND e.attempts > 0)
+    ORDER BY b.webhook_enabled, b.webhook_consecutive_failures DESC, b.name
+    LIMIT :limit
+    """
+)
+
+
+async def failing_endpoints(conn: AsyncConnection, limit: int = 500) -> list[FailingEndpoint]:
+    """Endpoints disabled, with failed events in a row, or with events being retried: worst first."""
+    return [FailingEndpoint(*row) for row in await conn.execute(_FAILING, {"limit": limit})]

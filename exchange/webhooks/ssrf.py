@@ -1,0 +1,135 @@
+"""SSRF guard: webhook URLs may only reach public addresses, unless ``EXCHANGE_WEBHOOK_ALLOW_PRIVATE=true``.
+
+Checked twice:
+
+* at registration / ``PUT /webhooks/endpoint`` (:func:`check_url_async`): literal IPs are checked, host names are
+  resolved (bounded time) and refused when any address is forbidden; a name that does not resolve (yet) is
+  accepted, because the delivery-time check is the one that counts;
+* at every delivery (:func:`resolve_destination`): the host is resolved, refused if ANY address is forbidden,
+  and the request is *pinned* to the checked address (connect to the IP, ``Host`` header and TLS SNI keep the
+  name), so a DNS answer that changes between the check and the connect (rebinding) cannot redirect it.
+
+Forbidden: everything that is not globally routable (loopback, RFC 1918 private, link-local incl. the cloud
+metadata address 169.254.169.254, CGNAT 100.64/10, unique-local and site-local IPv6, unspecified, reserved,
+documentation ranges) plus multicast; IPv4-mapped/NAT64-embedded IPv6 addresses are judged by their IPv4 part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+REGISTRATION_RESOLVE_TIMEOUT_S = 2.0
+
+
+class UnsafeWebhookUrlError(ValueError):
+    """The URL is not an http(s) URL, or its host resolves to an address deliveries must not reach."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where one delivery connects: ``address`` was checked; ``host`` goes in the Host header and TLS SNI."""
+
+    scheme: str
+    host: str
+    port: int
+    address: IPAddress
+
+
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why deliveries may not reach ``address``, or None when it is a public unicast address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return forbidden_reason(embedded)
+    if address.is_loopback:
+        return "loopback address"
+    if address.is_link_local:
+        return "link-local address (includes cloud metadata endpoints)"
+    if address.is_private:
+        return "private address"
+    if address.is_multicast:
+        return "multicast address"
+    if not address.is_global:
+        return "non-public address"
+    return None
+
+
+def split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an absolute http(s) URL; raises :class:`UnsafeWebhookUrlError` otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UnsafeWebhookUrlError(f"not a valid URL: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeWebhookUrlError("must be an absolute http or https URL")
+    return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _check(host: str, addresses: list[IPAddress], allow_private: bool) -> None:
+    if allow_private:
+        return
+    for address in addresses:
+        reason = forbidden_reason(address)
+        if reason is not None:
+            raise UnsafeWebhookUrlError(f"host {host} resolves to {address}, a {reason}")
+
+
+def _addresses(infos: list[tuple[object, object, object, object, tuple[object, ...]]]) -> list[IPAddress]:
+    found: list[IPAddress] = []
+    for info in infos:
+        raw = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone id
+        address = ipaddress.ip_address(raw)
+        if address not in found:
+            found.append(address)
+    return found
+
+
+def resolve_destination(url: str, allow_private: bool) -> Destination:
+    """Resolve ``url``'s host now and return the checked address to connect to (delivery time)."""
+    scheme, host, port = split_url(url)
+    literal = _literal(host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise UnsafeWebhookUrlError(f"cannot resolve host {host}: {exc}") from exc
+        addresses = _addresses(infos)  # type: ignore[arg-type]
+        if not addresses:
+            raise UnsafeWebhookUrlError(f"host {host} has no address")
+    _check(host, addresses, allow_private)
+    return Destination(scheme, host, port, addresses[0])
+
+
+async def check_url_async(url: str, allow_private: bool) -> None:
+    """Registration-time check (see the module docstring); raises :class:`UnsafeWebhookUrlError`."""
+    _, host, port = split_url(url)
+    literal = _literal(host)
+    if literal is not None:
+        _check(host, [literal], allow_private)
+        return
+    if allow_private:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), REGISTRATION_RESOLVE_TIMEOUT_S
+        )
+    except (OSError, TimeoutError):
+        return  # not resolvable now: accepted; every delivery resolves and checks again
+    _check(host, _addresses(infos), allow_private)  # type: ignore[arg-type]

@@ -1,0 +1,87 @@
+"""The PostgreSQL ceiling: pgbench running a one-row INSERT per transaction, durable commits.
+
+A scratch database (``exchange_bench_ceiling_<pid>``) with one table is created on the server of ``pg_url`` and
+dropped afterwards; pgbench runs a custom script (``INSERT … VALUES (…)``, one statement = one transaction) with
+``synchronous_commit=on`` forced through ``PGOPTIONS``, so the figure is the durable single-row commit rate the
+same server sustains with the same number of clients.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import sql
+
+SCRIPT = "INSERT INTO bench_orders (broker, symbol, price, quantity) VALUES (1, 'PETR4', 3850, 100);\n"
+TABLE = """CREATE TABLE bench_orders (
+    id bigserial PRIMARY KEY,
+    broker int NOT NULL,
+    symbol text NOT NULL,
+    price bigint NOT NULL,
+    quantity bigint NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+def pgbench_binary() -> str | None:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"))
+    return candidates[-1] if candidates else None
+
+
+def _with_db(url: str, name: str) -> str:
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | None = None) -> dict[str, Any]:
+    """Run the ceiling; returns ``{pgbench_tps, clients, duration_s, synchronous_commit, …}`` or ``{error}``."""
+    binary = pgbench_binary()
+    out: dict[str, Any] = {"clients": clients, "duration_s": duration_s, "pgbench_tps": None}
+    if binary is None:
+        out["error"] = "pgbench not found (install postgresql-client / postgresql-contrib)"
+        return out
+    name = f"exchange_bench_ceiling_{os.getpid()}"
+    scratch = _with_db(pg_url, name)
+    with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with psycopg.connect(scratch, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(TABLE)
+            fsync = conn.execute("SHOW fsync").fetchone()
+        out["fsync"] = None if fsync is None else fsync[0]
+        out["synchronous_commit"] = "on"
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+            script.write(SCRIPT)
+        try:
+            argv = [binary, "-n", "-M", "prepared", "-f", script.name, "-c", str(clients)]
+            argv += ["-j", str(threads or min(clients, max(1, os.cpu_count() or 1))), "-T", str(duration_s)]
+            argv.append(scratch)
+            env = {**os.environ, "PGOPTIONS": "-c synchronous_commit=on"}
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration_s + 60, check=False)
+        finally:
+            os.unlink(script.name)
+        out["command"] = " ".join([*argv[:-1], "<scratch db>"])
+        found = re.search(r"tps = ([0-9.]+) \((?:without|excluding)", proc.stdout) or re.search(
+            r"tps = ([0-9.]+)", proc.stdout
+        )
+        if proc.returncode != 0 or not found:
+            out["error"] = (proc.stderr or proc.stdout).strip()[-500:]
+            return out
+        out["pgbench_tps"] = float(found.group(1))
+        latency = re.search(r"latency average = ([0-9.]+) ms", proc.stdout)
+        out["pgbench_latency_avg_ms"] = float(latency.group(1)) if latency else None
+        return out
+    finally:
+        with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -1,0 +1,191 @@
+"""A minimal keep-alive HTTP/1.1 client over asyncio streams (plain ``http://`` only).
+
+httpx costs several times more CPU per request than the server under test spends on a cheap read; on a 2-core
+machine shared with the exchange, that alone would make the generator fall behind its schedule. This client
+does only what the benchmark needs: one request at a time per connection, ``Content-Length`` or chunked
+responses, a pool of idle connections that grows on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from urllib.parse import urlsplit
+
+
+class HttpError(Exception):
+    """The connection failed or the response was not HTTP/1.1 we understand."""
+
+
+class _Conn:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+def split_base_url(base_url: str) -> tuple[str, int, str]:
+    """(host, port, path prefix) of an ``http://`` base URL."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http":
+        raise ValueError(f"only http:// base URLs are supported, got {base_url!r}")
+    return parts.hostname or "127.0.0.1", parts.port or 80, parts.path.rstrip("/")
+
+
+class Pool:
+    """Connections to one server. ``request`` borrows an idle connection or opens a new one."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0, max_connections: int = 128) -> None:
+        self.host, self.port, self.prefix = split_base_url(base_url)
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self.idle: list[_Conn] = []
+        # Requests waiting for a connection when ``max_connections`` are busy: each gets a connection handed over
+        # by _release, or None ("a slot is free, open one") from _discard.
+        self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
+        self.waited = 0
+        self.opened = 0
+        self.open_now = 0
+        self.peak_open = 0
+        self._host_header = f"Host: {self.host}:{self.port}\r\n".encode()
+
+    async def _connect(self) -> _Conn:
+        """Open a connection; its slot counts from now on (released by _discard, or here on failure)."""
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        except BaseException:
+            self._free_slot()
+            raise
+        self.opened += 1
+        return _Conn(reader, writer)
+
+    async def _acquire(self) -> _Conn:
+        if self.idle:
+            return self.idle.pop()
+        if self.open_now < self.max_connections:
+            return await self._connect()
+        self.waited += 1
+        waiter: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        conn = await waiter
+        return conn if conn is not None else await self._connect()
+
+    def _release(self, conn: _Conn) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self.idle.append(conn)
+
+    def _free_slot(self) -> None:
+        self.open_now -= 1
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the waiter opens a connection in the freed slot
+                return
+
+    def _discard(self, conn: _Conn) -> None:
+        conn.close()
+        self._free_slot()
+
+    async def warm(self, n: int) -> None:
+        conns = await asyncio.gather(*(self._connect() for _ in range(min(n, self.max_connections))))
+        self.idle.extend(conns)
+
+    async def request(
+        self, method: str, path: str, *, auth: bytes = b"", body: bytes | None = None
+    ) -> tuple[int, bytes]:
+        """(status, body). ``auth``: a prebuilt ``Authorization: …\\r\\n`` header line. Raises
+        :class:`HttpError` or :class:`TimeoutError`."""
+        head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self.prefix + path).encode())
+        head += self._host_header + auth
+        if body is not None:
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            payload = head + body
+        else:
+            payload = head + (b"Content-Length: 0\r\n\r\n" if method == "POST" else b"\r\n")
+        conn: _Conn | None = None
+        fresh = not self.idle
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                conn = await self._acquire()
+                try:
+                    return await self._exchange(conn, payload)
+                except (ConnectionError, asyncio.IncompleteReadError, HttpError):
+                    if fresh:
+                        raise
+                    # A kept-alive connection the server closed meanwhile: retry once on a new one.
+                    self._discard(conn)
+                    conn = await self._connect()
+                    return await self._exchange(conn, payload)
+        except TimeoutError:
+            if conn is not None:
+                self._discard(conn)
+            raise
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            if conn is not None:
+                self._discard(conn)
+            raise HttpError(f"{exc.__class__.__name__}: {exc}") from None
+        except BaseException:
+            if conn is not None:
+                self._discard(conn)
+            raise
+
+    async def _exchange(self, conn: _Conn, payload: bytes) -> tuple[int, bytes]:
+        conn.writer.write(payload)
+        reader = conn.reader
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status_line = lines[0]
+        if not status_line.startswith(b"HTTP/1."):
+            raise HttpError(f"bad status line {status_line[:40]!r}")
+        status = int(status_line[9:12])
+        length = -1
+        chunked = False
+        close = status_line.startswith(b"HTTP/1.0")
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        if status in (204, 304) or 100 <= status < 200:
+            data = b""
+        elif chunked:
+            parts: list[bytes] = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            data = b"".join(parts)
+        elif length >= 0:
+            data = await reader.readexactly(length) if length else b""
+        else:
+            data = await reader.read()
+            close = True
+        if close:
+            self._discard(conn)
+        else:
+            self._release(conn)
+        return status, data
+
+    def close(self) -> None:
+        for conn in self.idle:
+            self._discard(conn)
+        self.idle.clear()

@@ -1,0 +1,213 @@
+"""Statistics over the workers' and the receiver's raw samples; the JSON document and the printed summary."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from ops.bench import model as m
+from ops.bench.receiver import ReceiverResult
+from ops.bench.runner import TOLERATED, WorkerResult
+
+MAX_LAG_P99_MS = 5.0
+KIND_OF = {v: k for k, v in m.KIND_ENDPOINT.items()}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of an already sorted list; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    s = sorted(values)
+    if not s:
+        return {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
+    return {
+        "count": len(s),
+        "p50_ms": round(percentile(s, 50), 3),
+        "p95_ms": round(percentile(s, 95), 3),
+        "p99_ms": round(percentile(s, 99), 3),
+        "max_ms": round(s[-1], 3),
+        "mean_ms": round(sum(s) / len(s), 3),
+    }
+
+
+def _is_error(endpoint: str, status: str) -> bool:
+    if not status.isdigit():
+        return True
+    code = int(status)
+    return not (200 <= code < 300 or code in TOLERATED.get(KIND_OF.get(endpoint, -1), ()))
+
+
+def build_report(
+    *,
+    mode: str,
+    config: dict[str, Any],
+    model: m.Model,
+    scheduled: dict[str, int],
+    duration_s: float,
+    results: list[WorkerResult],
+    receiver: ReceiverResult | None,
+    setup: dict[str, Any],
+) -> dict[str, Any]:
+    latencies: dict[str, list[float]] = defaultdict(list)
+    statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    lags: list[float] = []
+    fills: list[float] = []
+    order_states: dict[str, int] = defaultdict(int)
+    skipped: dict[str, int] = defaultdict(int)
+    accepted = 0
+    peak_connections = 0
+    waited = 0
+    elapsed = duration_s
+    for r in results:
+        for ep, values in r.latencies_ms.items():
+            latencies[ep].extend(values)
+        for ep, counts in r.statuses.items():
+            for status, n in counts.items():
+                statuses[ep][status] += n
+        lags.extend(r.lags_ms)
+        fills.extend(r.order_to_fill_ms)
+        for state, n in r.order_states.items():
+            order_states[state] += n
+        for ep, n in r.skipped.items():
+            skipped[ep] += n
+        accepted += r.orders_accepted
+        peak_connections += r.peak_connections
+        waited += r.waited_for_connection
+    if mode == "closed_loop":
+        elapsed = max((r.elapsed_s for r in results), default=duration_s)
+    elapsed = max(elapsed, 1e-9)
+
+    endpoints: dict[str, Any] = {}
+    errors_by_status: dict[str, int] = defaultdict(int)
+    errors_by_endpoint: dict[str, dict[str, int]] = {}
+    for ep in sorted(set(statuses) | set(latencies)):
+        counts = statuses.get(ep, {})
+        sent = sum(counts.values())
+        errs = {s: n for s, n in counts.items() if _is_error(ep, s)}
+        for s, n in errs.items():
+            errors_by_status[s] += n
+        if errs:
+            errors_by_endpoint[ep] = errs
+        endpoints[ep] = {
+            **summarize(latencies.get(ep, [])),
+            "completed": sent,
+            "per_s": round(sent / elapsed, 2),
+            "errors": sum(errs.values()),
+            "statuses": dict(sorted(counts.items())),
+        }
+    total_requests = sum(sum(c.values()) for c in statuses.values())
+    errors_total = sum(errors_by_status.values())
+
+    lag = summarize(lags)
+    valid = True
+    reasons: list[str] = []
+    if mode == "open_loop":
+        if lag["p99_ms"] is not None and lag["p99_ms"] > MAX_LAG_P99_MS:
+            valid = False
+            reasons.append(f"generator schedule lag p99 {lag['p99_ms']:.2f} ms > {MAX_LAG_P99_MS} ms")
+        done = sum(sum(c.values()) for c in statuses.values()) + sum(skipped.values())
+        planned = sum(scheduled.values())
+        if planned and done < planned:
+            valid = False
+            reasons.append(f"only {done} of {planned} scheduled requests completed")
+
+    report: dict[str, Any] = {
+        "mode": mode,
+        "valid": valid,
+        "invalid_reasons": reasons,
+        "config": config,
+        "model": {
+            "scale_percent": model.scale,
+            "symbols": len(model.symbols),
+            "brokers": model.brokers,
+            "orders_per_s": round(model.orders_per_s, 2),
+            "cancels_per_s_nominal": round(model.cancels_per_s, 2),
+            "reads_per_s": round(model.reads_per_s, 2),
+        },
+        "duration_s": round(elapsed, 3),
+        "accepted_orders_per_s": round(accepted / elapsed, 2),
+        "requests_per_s": round(total_requests / elapsed, 2),
+        "scheduled": {ep: {"count": n, "per_s": round(n / duration_s, 2)} for ep, n in sorted(scheduled.items())},
+        "achieved_per_s": {ep: v["per_s"] for ep, v in endpoints.items()},
+        "endpoints": endpoints,
+        "errors": {"total": errors_total, "by_status": dict(errors_by_status), "by_endpoint": errors_by_endpoint},
+        "schedule_lag": lag if mode == "open_loop" else None,
+        "order_to_fill": {
+            **summarize(fills),
+            "note": "scheduled send -> 201 response, for orders whose 201 already carried a fill",
+        },
+        "order_states_in_201": dict(order_states),
+        "skipped": dict(skipped),
+        "connections": {"peak_open": peak_connections, "requests_that_waited_for_one": waited},
+        "setup": setup,
+    }
+    if receiver is not None:
+        span = receiver.last_at - receiver.first_at
+        report["webhooks"] = {
+            "received": receiver.received,
+            "by_event": receiver.by_event,
+            "timed": len(receiver.fill_to_webhook_ms),
+            "per_s_while_arriving": round(len(receiver.fill_to_webhook_ms) / span, 2) if span > 0 else None,
+            "bad_requests": receiver.bad_requests,
+        }
+        report["fill_to_webhook"] = {
+            **summarize(receiver.fill_to_webhook_ms),
+            "note": "body executed_at -> receipt (wall clocks of the same machine)",
+        }
+    return report
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def render(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    valid = "VALID" if report["valid"] else "INVALID: " + "; ".join(report["invalid_reasons"])
+    mdl = report["model"]
+    lines.append(
+        f"exchange bench — {report['mode']} — scale {mdl['scale_percent']}% ({mdl['symbols']} symbols, "
+        f"{mdl['brokers']} brokers) — {report['duration_s']:.1f} s — {valid}"
+    )
+    lines.append(
+        f"accepted orders/s {report['accepted_orders_per_s']:.1f} · requests/s {report['requests_per_s']:.1f} · "
+        f"errors {report['errors']['total']} {report['errors']['by_status'] or ''}"
+    )
+    header = f"{'endpoint':28} {'sched/s':>8} {'done/s':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'err':>6}"
+    lines.append(header)
+    for ep, v in report["endpoints"].items():
+        sched = report["scheduled"].get(ep, {}).get("per_s")
+        lines.append(
+            f"{ep:28} {_fmt(sched):>8} {_fmt(v['per_s']):>8} {_fmt(v['p50_ms']):>8} {_fmt(v['p95_ms']):>8} "
+            f"{_fmt(v['p99_ms']):>8} {_fmt(v['max_ms']):>8} {v['errors']:>6}"
+        )
+    for name in ("order_to_fill", "fill_to_webhook", "schedule_lag"):
+        s = report.get(name)
+        if s:
+            lines.append(
+                f"{name:28} n={s['count']:<8} p50 {_fmt(s['p50_ms'])} · p95 {_fmt(s['p95_ms'])} · "
+                f"p99 {_fmt(s['p99_ms'])} · max {_fmt(s['max_ms'])} ms"
+            )
+    if "webhooks" in report:
+        w = report["webhooks"]
+        lines.append(f"webhooks received {w['received']} ({w['by_event']}), timed {w['timed']}")
+    lines.append(f"201 order states: {report['order_states_in_201']} · skipped: {report['skipped'] or '{}'}")
+    if report.get("ceiling"):
+        c = report["ceiling"]
+        if c.get("pgbench_tps"):
+            lines.append(
+                f"ceiling: pgbench 1-row INSERT {c['pgbench_tps']:.0f} TPS ({c['clients']} clients, "
+                f"{c['duration_s']} s, synchronous_commit={c['synchronous_commit']}) → accepted orders/s ÷ "
+                f"pgbench TPS = {c['ratio']:.3f}"
+            )
+        else:
+            lines.append(f"ceiling: pgbench failed: {c.get('error')}")
+    origin = "scheduled send time" if report["mode"] == "open_loop" else "send time (closed loop)"
+    lines.append(f"all latencies in ms, measured from the {origin}")
+    return "\n".join(lines)

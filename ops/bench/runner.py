@@ -1,0 +1,263 @@
+# ruff: noqa: S311  (seeded pseudo-random traffic, not cryptography)
+"""Sender worker processes: each runs one asyncio loop (uvloop when available) over a keep-alive connection pool.
+
+Open loop: the worker walks its part of the precomputed schedule and starts every request at its scheduled
+instant, whether or not earlier ones have answered (no coordinated omission). It records, per request, the
+schedule lag (actual start - scheduled time) and the latency from the SCHEDULED time to the response.
+
+Closed loop: ``clients`` coroutines each keep exactly one order in flight for the duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ops.bench import model as m
+from ops.bench.http import HttpError, Pool
+
+# Responses that are expected outcomes, not errors: no trade yet on a symbol; cancel of an order a seed-style
+# server no longer knows (or refuses because it is closed).
+TOLERATED = {m.PRICE: {404}, m.CANCEL: {404, 409, 410, 422}}
+MAX_KNOWN_ORDERS_PER_BROKER = 2000
+
+
+@dataclass
+class WorkerConfig:
+    index: int
+    base_url: str
+    auth: dict[int, bytes]  # broker index -> prebuilt "Authorization: Bearer …\r\n"
+    model: m.Model
+    events: list[m.Event]
+    t0: float  # time.monotonic() of the run's start (CLOCK_MONOTONIC is system-wide on Linux)
+    duration_s: float
+    timeout_s: float
+    seed: int
+    warm_connections: int = 4
+    max_connections: int = 128
+    closed_loop_clients: int = 0
+    brokers: list[int] = field(default_factory=list)  # closed loop: brokers this worker sends for
+
+
+@dataclass
+class WorkerResult:
+    index: int
+    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    statuses: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    lags_ms: list[float] = field(default_factory=list)
+    order_to_fill_ms: list[float] = field(default_factory=list)
+    order_states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    orders_accepted: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    peak_connections: int = 0
+    connections_opened: int = 0
+    waited_for_connection: int = 0
+    elapsed_s: float = 0.0
+
+    def plain(self) -> WorkerResult:
+        """A picklable copy (no lambdas in the defaultdicts)."""
+        return WorkerResult(
+            index=self.index,
+            latencies_ms=dict(self.latencies_ms),
+            statuses={k: dict(v) for k, v in self.statuses.items()},
+            lags_ms=self.lags_ms,
+            order_to_fill_ms=self.order_to_fill_ms,
+            order_states=dict(self.order_states),
+            orders_accepted=self.orders_accepted,
+            skipped=dict(self.skipped),
+            peak_connections=self.peak_connections,
+            connections_opened=self.connections_opened,
+            waited_for_connection=self.waited_for_connection,
+            elapsed_s=self.elapsed_s,
+        )
+
+
+def order_body(model: m.Model, event: m.Event, document: str = "12345678900") -> bytes:
+    body: dict[str, Any] = {
+        "document_number": document,
+        "side": m.SIDE_NAMES[event.side],
+        "order_type": "market" if event.order_class == m.MARKET else "limit",
+        "symbol": model.symbols[event.symbol],
+        "quantity": event.quantity,
+    }
+    if event.order_class != m.MARKET:
+        body["price"] = event.price
+    return msgspec.json.encode(body)
+
+
+def _has_fill(doc: dict[str, Any]) -> bool:
+    trades = doc.get("trades")
+    if isinstance(trades, list):
+        return len(trades) > 0
+    quantity, remaining = doc.get("quantity"), doc.get("remaining_quantity")
+    if isinstance(quantity, int) and isinstance(remaining, int):
+        return remaining < quantity
+    return doc.get("status") in ("filled", "partially_filled")
+
+
+def _order_id(doc: dict[str, Any]) -> str | None:
+    value = doc.get("order_id", doc.get("id"))
+    return None if value is None else str(value)
+
+
+class _Sender:
+    def __init__(self, cfg: WorkerConfig, pool: Pool, result: WorkerResult) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.result = result
+        self.ids: dict[int, str] = {}  # schedule order number -> order id
+        self.known: dict[int, list[str]] = defaultdict(list)  # broker -> its order ids (recent)
+        self.rng = random.Random(cfg.seed * 1_000 + cfg.index)
+        self.symbols = cfg.model.symbols
+
+    def _record(self, kind: int, status: int | str, latency_ms: float) -> None:
+        endpoint = m.KIND_ENDPOINT[kind]
+        self.result.statuses[endpoint][str(status)] += 1
+        if isinstance(status, int) and (200 <= status < 300 or status in TOLERATED.get(kind, ())):
+            self.result.latencies_ms[endpoint].append(latency_ms)
+
+    def _request_for(self, event: m.Event) -> tuple[str, str, bytes | None] | None:
+        kind = event.kind
+        if kind == m.ORDER:
+            return "POST", "/orders", order_body(self.cfg.model, event)
+        if kind == m.CANCEL:
+            oid = self.ids.get(event.order_no)
+            return None if oid is None else ("POST", f"/orders/{oid}/cancel", None)
+        if kind == m.GET_ORDER:
+            known = self.known.get(event.broker)
+            return None if not known else ("GET", f"/orders/{self.rng.choice(known)}", None)
+        if kind == m.PRICE:
+            return "GET", f"/stocks/{self.symbols[event.symbol]}/price", None
+        if kind == m.BOOK:
+            return "GET", f"/stocks/{self.symbols[event.symbol]}/book", None
+        return "GET", "/balance", None
+
+    def _on_order(self, event: m.Event, data: bytes, latency_ms: float) -> None:
+        self.result.orders_accepted += 1
+        try:
+            doc = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        oid = _order_id(doc)
+        if oid is not None:
+            if event.order_no >= 0:
+                self.ids[event.order_no] = oid
+            known = self.known[event.broker]
+            known.append(oid)
+            if len(known) > MAX_KNOWN_ORDERS_PER_BROKER:
+                del known[: len(known) // 2]
+        self.result.order_states[str(doc.get("status"))] += 1
+        if _has_fill(doc):
+            self.result.order_to_fill_ms.append(latency_ms)
+
+    async def send(self, event: m.Event, scheduled: float) -> None:
+        """Send ``event`` now; latency counts from ``scheduled`` (a monotonic instant)."""
+        self.result.lags_ms.append((time.monotonic() - scheduled) * 1000.0)
+        request = self._request_for(event)
+        if request is None:
+            self.result.skipped[m.KIND_ENDPOINT[event.kind]] += 1
+            return
+        method, path, body = request
+        status: int | str
+        data = b""
+        try:
+            status, data = await self.pool.request(method, path, auth=self.cfg.auth[event.broker], body=body)
+        except TimeoutError:
+            status = "timeout"
+        except HttpError:
+            status = "connection_error"
+        latency_ms = (time.monotonic() - scheduled) * 1000.0
+        self._record(event.kind, status, latency_ms)
+        if event.kind == m.ORDER and isinstance(status, int) and 200 <= status < 300:
+            self._on_order(event, data, latency_ms)
+
+
+async def _open_loop(cfg: WorkerConfig, result: WorkerResult) -> None:
+    pool = Pool(cfg.base_url, timeout_s=cfg.timeout_s, max_connections=cfg.max_connections)
+    await pool.warm(cfg.warm_connections)
+    sender = _Sender(cfg, pool, result)
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    now = time.monotonic
+    for event in cfg.events:
+        scheduled = cfg.t0 + event.t
+        delay = scheduled - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = loop.create_task(sender.send(event, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    remaining = max(0.0, cfg.t0 + cfg.duration_s - now())
+    await asyncio.sleep(remaining)
+    if tasks:
+        await asyncio.wait(tasks, timeout=cfg.timeout_s + 2.0)
+    result.elapsed_s = now() - cfg.t0
+    result.peak_connections = pool.peak_open
+    result.connections_opened = pool.opened
+    result.waited_for_connection = pool.waited
+    pool.close()
+
+
+async def _closed_loop(cfg: WorkerConfig, result: WorkerResult) -> None:
+    pool = Pool(cfg.base_url, timeout_s=cfg.timeout_s, max_connections=max(1, cfg.closed_loop_clients))
+    await pool.warm(cfg.closed_loop_clients)
+    sender = _Sender(cfg, pool, result)
+    model = cfg.model
+    delay = cfg.t0 - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    end = cfg.t0 + cfg.duration_s
+    zipf = m.Zipf(len(model.symbols), m.ZIPF_S, random.Random(cfg.seed ^ 0x21FF))
+
+    async def client(n: int) -> None:
+        rng = random.Random(cfg.seed * 7919 + cfg.index * 1000 + n)
+        while time.monotonic() < end:
+            broker = rng.choice(cfg.brokers)
+            symbol = zipf.draw(rng)
+            order_class = m.pick(m.ORDER_MIX, rng)
+            side, price, quantity = m.order_fields(model, symbol, order_class, rng)
+            event = m.Event(0.0, m.ORDER, broker, -1, symbol, side, order_class, price, quantity)
+            await sender.send(event, time.monotonic())
+
+    await asyncio.gather(*(client(n) for n in range(cfg.closed_loop_clients)))
+    result.elapsed_s = time.monotonic() - cfg.t0
+    result.lags_ms.clear()  # no schedule in a closed loop
+    result.peak_connections = pool.peak_open
+    result.connections_opened = pool.opened
+    pool.close()
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_worker(cfg: WorkerConfig) -> WorkerResult:
+    """Body of a worker process (also callable in-process)."""
+    _install_uvloop()
+    result = WorkerResult(index=cfg.index)
+    if cfg.closed_loop_clients > 0:
+        asyncio.run(_closed_loop(cfg, result))
+    else:
+        asyncio.run(_open_loop(cfg, result))
+    return result.plain()
+
+
+def worker_main(cfg: WorkerConfig, queue: Any) -> None:
+    """multiprocessing target: run and put the result (or the exception text) on ``queue``."""
+    try:
+        queue.put(run_worker(cfg))
+    except BaseException as exc:
+        queue.put(f"worker {cfg.index} failed: {exc.__class__.__name__}: {exc}")
+        raise

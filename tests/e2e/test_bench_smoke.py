@@ -1,0 +1,62 @@
+"""Smoke test of ``exchange bench`` against the real multi-process exchange of the e2e harness.
+
+A short open-loop run at 5 % of B3 (and the pgbench ceiling when pgbench is installed): the JSON report has the
+documented keys, orders were accepted, the generator's own schedule lag is reported, and the traffic left the
+database consistent (DESIGN.md §6). No timing assertions: CI machines are slow and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ops.bench.ceiling import pgbench_binary
+from tests.e2e.conftest import REPO_ROOT, Harness
+
+ENDPOINTS = {
+    "POST /orders",
+    "POST /orders/{id}/cancel",
+    "GET /orders/{id}",
+    "GET /stocks/{symbol}/price",
+    "GET /stocks/{symbol}/book",
+    "GET /balance",
+}
+
+
+def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tmp_path: Path) -> None:
+    h = e2e_harness
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "exchange.cli", "bench", "--base-url", h.base_url, "--admin-key", h.admin_key]
+    argv += ["--scale", "5", "--duration", "3", "--prefill", "1", "--webhook-grace", "2", "--json", str(out)]
+    ceiling = pgbench_binary() is not None
+    if ceiling:
+        argv += ["--ceiling", "--ceiling-duration", "1", "--pg-url", postgres_admin_url]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"exchange bench failed:\n{proc.stdout}\n{proc.stderr}"
+
+    report = json.loads(out.read_text())
+    assert report["mode"] == "open_loop"
+    assert report["accepted_orders_per_s"] > 0, proc.stdout
+    assert isinstance(report["errors"], dict)
+    assert report["errors"]["total"] == 0, report["errors"]
+    assert set(report["scheduled"]) >= ENDPOINTS
+    orders = report["endpoints"]["POST /orders"]
+    assert orders["count"] > 0
+    for endpoint, stats in report["endpoints"].items():
+        if stats["count"]:
+            assert {"p50_ms", "p95_ms", "p99_ms", "max_ms"} <= set(stats), endpoint
+            assert 0 <= stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"], (endpoint, stats)
+    lag = report["schedule_lag"]
+    assert lag["count"] > 0
+    assert lag["p99_ms"] is not None
+    assert isinstance(report["valid"], bool)
+    assert "order_to_fill" in report
+    assert "fill_to_webhook" in report
+    if ceiling:
+        assert report["ceiling"]["pgbench_tps"], report["ceiling"]
+        assert report["ceiling"]["ratio"] > 0
+    assert "accepted orders/s" in proc.stdout
+
+    h.check_invariants()

@@ -1,0 +1,144 @@
+"""``exchange dev`` on a machine with no service configured: the README's first five minutes, for real.
+
+Runs the real command with ``EXCHANGE_DATABASE_URL`` / ``EXCHANGE_REDIS_URL`` unset (so it starts embedded
+PostgreSQL and Redis), waits for readiness, does what the README's curl example does (register two brokers, cross
+two orders: filled), checks the dramatiq dashboard lists every queue, then sends SIGTERM and checks that every
+process of the run — children, their workers, pgbouncer, the embedded servers — is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+ADMIN_KEY = "adm_dev_command_test"
+READY_TIMEOUT_S = 120.0
+UNSET = ("EXCHANGE_DATABASE_URL", "EXCHANGE_POOLED_DATABASE_URL", "EXCHANGE_REDIS_URL", "EXCHANGE_ENV_FILE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pid_from(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def run_pids(dev: subprocess.Popen[bytes], state_dir: Path) -> set[int]:
+    """Every process this run started: dev's descendants plus the daemonized servers (own sessions)."""
+    pids = {p.pid for p in psutil.Process(dev.pid).children(recursive=True)}
+    servers = ("pgdata/postmaster.pid", "redis.pid", "pgbouncer/pgbouncer.pid")
+    for pid in filter(None, (pid_from(state_dir / name) for name in servers)):
+        pids.add(pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    return pids
+
+
+def wait_ready(base: str, dev: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if dev.poll() is not None:
+            pytest.fail(f"exchange dev exited with {dev.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"exchange dev not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+
+
+def register(client: httpx.Client, name: str) -> str:
+    response = client.post("/register", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 201, response.text
+    key: str = response.json()["api_key"]
+    return key
+
+
+def place(client: httpx.Client, key: str, side: str) -> dict[str, Any]:
+    body = {"document_number": "12345678900", "side": side, "order_type": "limit", "symbol": "PETR4"}
+    response = client.post(
+        "/orders", json={**body, "price": 3850, "quantity": 100}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 201, response.text
+    order: dict[str, Any] = response.json()
+    return order
+
+
+def filled(client: httpx.Client, key: str, order_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        order: dict[str, Any] = client.get(f"/orders/{order_id}", headers={"Authorization": f"Bearer {key}"}).json()
+        if order["status"] == "closed" or time.monotonic() > deadline:
+            return order
+        time.sleep(0.1)
+
+
+def test_exchange_dev_without_configured_services_fills_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
+    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env |= {"EXCHANGE_ADMIN_API_KEY": ADMIN_KEY, "EXCHANGE_PARTITIONS": "2"}
+    argv = [sys.executable, "-m", "exchange.cli", "dev", "--port", str(port), "--state-dir", str(state_dir)]
+    argv += ["--pgbouncer-port", str(free_port()), "--metrics-port", "0", "--matchers", "1", "--api-workers", "1"]
+    with log.open("wb") as out:
+        # cwd: an empty directory, so no developer's .env can configure services behind the test's back.
+        dev = subprocess.Popen(
+            argv, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    pids: set[int] = set()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, dev, log)
+        assert "embedded PostgreSQL" in log.read_text()
+        assert "embedded Redis" in log.read_text()
+        with httpx.Client(base_url=base, timeout=10) as client:
+            seller, buyer = register(client, "seller"), register(client, "buyer")
+            ask = place(client, seller, "ask")
+            bid = place(client, buyer, "bid")
+            assert filled(client, buyer, bid["order_id"])["close_reason"] == "filled"
+            assert filled(client, seller, ask["order_id"])["close_reason"] == "filled"
+            dashboard = client.get("/ops/dramatiq/", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            assert dashboard.status_code == 200
+            for queue in ("matching.0", "matching.1", "webhooks"):
+                assert f"/ops/dramatiq/queues/{queue}" in dashboard.text
+        pids = run_pids(dev, state_dir)
+        assert len(pids) >= 5  # api master + worker, matcher, webhooks, sweeper, servers
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        try:
+            code = dev.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, signal.SIGKILL)
+            pytest.fail(f"exchange dev did not stop within 60 s of SIGTERM:\n{log.read_text()[-4000:]}")
+    assert code == 0, log.read_text()[-4000:]
+    deadline = time.monotonic() + 10
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes left after exchange dev stopped: {[psutil.Process(p).cmdline() for p in left]}"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(dev.pid, 0)

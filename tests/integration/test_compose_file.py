@@ -1,0 +1,121 @@
+"""compose.yaml cannot be run here (no Docker): check that it agrees with the code instead.
+
+Every exchange service runs a real ``exchange`` subcommand with options that subcommand accepts, sets only
+variables the settings class reads, waits for its dependencies' health, and ports line up (the api's bind port
+is the published one and the one its healthcheck probes; workers' metrics port is exposed and probed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from exchange.cli import build_parser
+from exchange.config import Settings
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
+EXCHANGE_IMAGE = "exchange:latest"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def exchange_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == EXCHANGE_IMAGE}
+
+
+def test_compose_declares_every_process_kind(compose: dict[str, Any]) -> None:
+    commands = {svc["command"][0] for svc in exchange_services(compose).values()}
+    assert {"migrate", "api", "matcher", "webhooks", "sweeper"} <= commands
+    assert {"postgres", "pgbouncer", "redis"} <= set(compose["services"])
+
+
+def test_every_exchange_command_parses_with_the_real_cli(compose: dict[str, Any]) -> None:
+    parser = build_parser()
+    for name, svc in exchange_services(compose).items():
+        try:
+            args = parser.parse_args(svc["command"])
+        except SystemExit:
+            pytest.fail(f"service {name}: {svc['command']} is not a valid exchange command")
+        assert args.command == svc["command"][0]
+
+
+def test_environment_names_are_settings_variables(compose: dict[str, Any]) -> None:
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    for name, svc in exchange_services(compose).items():
+        unknown = {k for k in svc.get("environment", {}) if k.startswith("EXCHANGE_")} - known
+        assert not unknown, f"service {name} sets variables no setting reads: {unknown}"
+
+
+def test_environment_values_are_valid_settings(compose: dict[str, Any]) -> None:
+    for svc in exchange_services(compose).values():
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        env["EXCHANGE_ADMIN_API_KEY"] = "adm"  # compose interpolates it from the operator's environment
+        Settings.from_env(env)
+
+
+def test_matchers_cover_every_partition_exactly_once(compose: dict[str, Any]) -> None:
+    from exchange.messaging.partitions import parse_partitions
+
+    covered: list[int] = []
+    for svc in exchange_services(compose).values():
+        if svc["command"][0] == "matcher":
+            partitions = int(svc["environment"]["EXCHANGE_PARTITIONS"])
+            covered += parse_partitions(svc["command"][svc["command"].index("--partitions") + 1], partitions)
+    assert sorted(covered) == list(range(partitions))
+
+
+def test_api_bind_publish_and_healthcheck_ports_agree(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    bind_port = api["command"][api["command"].index("--bind") + 1].rsplit(":", 1)[1]
+    published = {p.rsplit(":", 1)[1] for p in api["ports"]}
+    assert published == {bind_port}
+    assert f"127.0.0.1:{bind_port}/health/ready" in " ".join(api["healthcheck"]["test"])
+
+
+def test_workers_expose_and_probe_their_metrics_port(compose: dict[str, Any]) -> None:
+    for name, svc in exchange_services(compose).items():
+        if svc["command"][0] not in {"matcher", "webhooks", "sweeper"}:
+            continue
+        port = str(svc["environment"]["EXCHANGE_METRICS_PORT"])
+        assert svc["environment"]["EXCHANGE_METRICS_BIND"] == "0.0.0.0", name
+        assert port in [str(p) for p in svc["expose"]], name
+        assert f"127.0.0.1:{port}/metrics" in " ".join(svc["healthcheck"]["test"]), name
+
+
+def test_pooled_url_points_at_pgbouncer_listen_port(compose: dict[str, Any]) -> None:
+    pgbouncer_port = compose["services"]["pgbouncer"]["environment"]["LISTEN_PORT"]
+    for svc in exchange_services(compose).values():
+        pooled = svc["environment"]["EXCHANGE_POOLED_DATABASE_URL"]
+        assert re.search(rf"@pgbouncer:{pgbouncer_port}/", pooled)
+        assert "@postgres:5432/" in svc["environment"]["EXCHANGE_DATABASE_URL"]
+
+
+def test_services_wait_for_healthy_dependencies(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, svc in services.items():
+        for dependency, rule in svc.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            condition = rule["condition"]
+            if dependency == "migrate":
+                assert condition == "service_completed_successfully"
+            else:
+                assert condition == "service_healthy", f"{name} -> {dependency}"
+                assert "healthcheck" in services[dependency], dependency
+    for name, svc in exchange_services(compose).items():
+        if svc["command"][0] != "migrate":
+            assert "migrate" in svc["depends_on"], name
+
+
+def test_redis_persists_with_append_only_file(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])

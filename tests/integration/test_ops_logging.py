@@ -1,0 +1,111 @@
+"""Structured logs: JSON lines, request ids in and out of the api and across dramatiq messages into the workers'
+logs, X-Process-Time, slow-request warnings."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from litestar.testing import TestClient
+
+from exchange.messaging.partitions import matching_queue, partition_of
+from exchange.observability.context import current_request_id, request_id_var
+from exchange.observability.logs import JsonFormatter
+from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
+from tests.integration.api_helpers import new_symbol, register
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+
+def test_response_echoes_the_clients_request_id_and_process_time(api_client: TestClient[Any]) -> None:
+    response = api_client.get("/health/live", headers={"X-Request-ID": "client-rid-42"})
+    assert response.headers["x-request-id"] == "client-rid-42"
+    assert float(response.headers["x-process-time"]) >= 0
+
+
+def test_response_gets_a_fresh_request_id_when_the_client_sends_none_or_a_bad_one(api_client: TestClient[Any]) -> None:
+    first = api_client.get("/health/live").headers["x-request-id"]
+    second = api_client.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
+    assert len(first) == 32
+    assert first != second
+    assert " " not in second
+
+
+def test_error_responses_carry_the_request_id_too(api_client: TestClient[Any]) -> None:
+    response = api_client.post("/orders", json={}, headers={"X-Request-ID": "rid-err"})
+    assert response.status_code == 401
+    assert response.headers["x-request-id"] == "rid-err"
+
+
+def test_slow_request_is_logged_as_a_warning_above_the_threshold(
+    client_factory: Callable[..., TestClient[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = client_factory(slow_request_ms="1")
+    with caplog.at_level(logging.INFO, logger="exchange.access"):
+        client.get("/health/ready", headers={"X-Request-ID": "rid-slow"})
+    slow = [r for r in caplog.records if r.name == "exchange.access" and getattr(r, "slow", False)]
+    assert slow, [r.getMessage() for r in caplog.records]
+    assert slow[0].levelno == logging.WARNING
+    assert "slow request GET /health/ready" in slow[0].getMessage()
+
+
+def test_access_line_never_contains_the_query_string(
+    api_client: TestClient[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="exchange.access"):
+        api_client.get("/ops/login", params={"key": "secret-admin-key-in-url"}, follow_redirects=False)
+    assert caplog.records
+    assert all("secret-admin-key-in-url" not in JsonFormatter().format(r) for r in caplog.records)
+
+
+def test_order_wake_up_message_carries_the_request_id(api_client: TestClient[Any], api_redis_url: str) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    body = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 1}
+    response = api_client.post("/orders", json=body, headers={**broker.headers, "X-Request-ID": f"rid-{symbol}"})
+    assert response.status_code == 201
+    client = redis.Redis.from_url(api_redis_url)
+    raw = client.hvals(f"dramatiq:{matching_queue(partition_of(symbol, 4))}.msgs")
+    messages = [dramatiq.Message.decode(m) for m in raw]
+    mine = [m for m in messages if m.args == [symbol] or m.args == (symbol,)]
+    assert mine
+    assert mine[0].options[REQUEST_ID_OPTION] == f"rid-{symbol}"
+
+
+def test_worker_side_sets_the_request_id_while_processing_and_forwards_it_on_enqueue() -> None:
+    middleware = RequestIdMiddleware()
+    incoming = dramatiq.Message(queue_name="matching.0", actor_name="match_0", args=("X",), kwargs={}, options={})
+    incoming.options[REQUEST_ID_OPTION] = "rid-w"
+    middleware.before_process_message(None, incoming)  # type: ignore[arg-type]
+    try:
+        assert current_request_id() == "rid-w"
+        outgoing = dramatiq.Message(queue_name="webhooks", actor_name="deliver", args=("e",), kwargs={}, options={})
+        middleware.before_enqueue(None, outgoing, None)  # type: ignore[arg-type]
+        assert outgoing.options[REQUEST_ID_OPTION] == "rid-w"
+    finally:
+        middleware.after_process_message(None, incoming)  # type: ignore[arg-type]
+    assert current_request_id() is None
+
+
+def test_json_log_line_is_one_object_with_request_id_and_extras() -> None:
+    token = request_id_var.set("rid-json")
+    try:
+        record = logging.LogRecord("exchange.matcher", logging.INFO, __file__, 1, "matched %s", ('X\n"Y',), None)
+        record.order_ids = ["a", "b"]
+        record.unserialisable = object()
+        line = JsonFormatter().format(record)
+    finally:
+        request_id_var.reset(token)
+    assert "\n" not in line
+    body = json.loads(line)
+    assert body["msg"] == 'matched X\n"Y'
+    assert body["request_id"] == "rid-json"
+    assert body["level"] == "info"
+    assert body["logger"] == "exchange.matcher"
+    assert body["order_ids"] == ["a", "b"]
+    assert body["unserialisable"].startswith("<object")

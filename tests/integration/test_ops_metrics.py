@@ -1,0 +1,121 @@
+"""/metrics (Prometheus exposition of the api plus scrape-time gauges), worker metrics endpoints, and readiness
+including the migration check."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from litestar.testing import TestClient
+
+from exchange.observability import metrics
+from tests.integration.api_helpers import new_symbol, register
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sample(exposition: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a text exposition, or None."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in exposition.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return None
+
+
+def test_metrics_endpoint_serves_prometheus_text_without_auth(api_client: TestClient[Any]) -> None:
+    response = api_client.get("/metrics")
+    assert response.status_code == 200
+    content_type = response.headers["content-type"]
+    assert content_type.startswith("text/plain; version=")
+    assert content_type.count("charset") == 1
+    assert "# TYPE exchange_http_requests_total counter" in response.text
+
+
+def test_metrics_count_accepted_orders_by_type_and_side(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    before = sample(api_client.get("/metrics").text, "exchange_orders_accepted_total", order_type="limit", side="ask")
+    body = {"document_number": "1", "side": "ask", "symbol": new_symbol(), "price": 100, "quantity": 1}
+    assert api_client.post("/orders", json=body, headers=broker.headers).status_code == 201
+    after = sample(api_client.get("/metrics").text, "exchange_orders_accepted_total", order_type="limit", side="ask")
+    assert after == (before or 0) + 1
+
+
+def test_metrics_include_pending_commands_per_partition_and_queue_depths(api_client: TestClient[Any]) -> None:
+    text = api_client.get("/metrics").text
+    for n in range(4):
+        assert sample(text, "exchange_pending_commands", partition=str(n)) is not None
+        assert sample(text, "exchange_oldest_pending_command_age_seconds", partition=str(n)) is not None
+    for state in ("ready", "delayed", "dead"):
+        assert sample(text, "exchange_queue_messages", queue="webhooks", state=state) is not None
+    assert 'pid="' not in text  # scrape-time gauges are not per-process values
+
+
+def test_metrics_label_requests_by_route_template_not_raw_path(api_client: TestClient[Any]) -> None:
+    broker = register(api_client)
+    api_client.get("/orders/00000000-0000-0000-0000-000000000000", headers=broker.headers)
+    text = api_client.get("/metrics").text
+    assert 'route="/orders/{order_id:str}"' in text or 'route="/orders/{order_id}"' in text
+    assert "00000000-0000" not in text
+
+
+def test_metrics_still_answer_when_redis_is_down(client_factory: Callable[..., TestClient[Any]]) -> None:
+    client = client_factory(redis_url="redis://127.0.0.1:1/0")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert "exchange_pending_commands" in response.text
+    assert "exchange_queue_messages{" not in response.text
+
+
+def test_worker_metrics_endpoint_serves_matcher_and_webhook_metrics() -> None:
+    port = free_port()
+    assert metrics.start_worker_metrics_server(port)
+    metrics.MATCH_BATCH_SIZE.observe(3)
+    metrics.record_webhook_delivery("delivered", 0.02)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for name in (
+        "exchange_match_batch_size_bucket",
+        "exchange_match_batch_duration_seconds_bucket",
+        "exchange_book_rebuilds_total",
+        "exchange_webhook_deliveries_total",
+        "exchange_webhook_delivery_duration_seconds_bucket",
+    ):
+        assert name in text
+    assert sample(text, "exchange_webhook_deliveries_total", outcome="delivered") is not None
+
+
+def test_worker_metrics_endpoint_is_skipped_for_port_zero_or_a_taken_port() -> None:
+    assert metrics.start_worker_metrics_server(0) is False
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert metrics.start_worker_metrics_server(taken.getsockname()[1]) is False
+
+
+def test_ready_reports_migrations_at_head(api_client: TestClient[Any]) -> None:
+    body = api_client.get("/health/ready").json()
+    assert body["checks"]["migrations"]["ok"] is True
+
+
+def test_ready_is_503_naming_migrations_when_the_schema_is_not_at_head(
+    client_factory: Callable[..., TestClient[Any]], fresh_database_url: str
+) -> None:
+    from exchange.db import migrate
+
+    migrate.upgrade(fresh_database_url, "0001")
+    client = client_factory(database_url=fresh_database_url)
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["postgres"]["ok"] is True
+    assert checks["migrations"]["ok"] is False
+    assert migrate.head() in checks["migrations"]["error"]

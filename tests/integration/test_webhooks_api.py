@@ -1,0 +1,291 @@
+"""The webhook endpoints on the real app (TestClient), PostgreSQL and Redis; deliveries by the real service."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from litestar.testing import TestClient
+from sqlalchemy import Engine, text
+from standardwebhooks.webhooks import Webhook
+
+from exchange.webhooks.delivery import Outcome
+from tests.integration.api_helpers import ADMIN_KEY, Broker, match, new_symbol
+from tests.integration.webhook_support import deliverer
+from tests.webhook_receiver import Receiver
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def client(client_factory: Callable[..., TestClient[Any]], api_redis_url: str) -> Iterator[TestClient[Any]]:
+    yield client_factory(webhook_allow_private="true")
+    r = redis.Redis.from_url(api_redis_url)
+    keys = list(r.scan_iter(match="dramatiq:webhooks*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
+
+
+def register(client: TestClient[Any], webhook_url: str | None = None) -> tuple[Broker, str]:
+    name = f"wh-{uuid.uuid4().hex[:8]}"
+    body: dict[str, Any] = {"name": name}
+    if webhook_url is not None:
+        body["webhook_url"] = webhook_url
+    response = client.post("/register", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    data = response.json()
+    return Broker(data["broker_id"], name, data["api_key"]), data["webhook_secret"]
+
+
+def trade(client: TestClient[Any], engine: Engine, buyer: Broker, seller: Broker, n: int = 1) -> None:
+    symbol = new_symbol()
+    for _ in range(n):
+        for broker, side in ((seller, "ask"), (buyer, "bid")):
+            order = {"document_number": "1", "side": side, "symbol": symbol, "quantity": 1, "price": 100}
+            assert client.post("/orders", json=order, headers=broker.headers).status_code == 201
+    match(engine, symbol)
+
+
+def event_ids(client: TestClient[Any], broker: Broker) -> list[str]:
+    return [
+        e["event_id"] for e in client.get("/events", params={"limit": 1000}, headers=broker.headers).json()["items"]
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- SSRF
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/", "http://10.0.0.1/", "http://127.0.0.1:8080/hook"])
+def test_register_refuses_private_and_metadata_urls_when_private_is_off(api_client: TestClient[Any], url: str) -> None:
+    response = api_client.post("/register", json={"name": "ssrf", "webhook_url": url}, headers=ADMIN)
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_webhook_url"
+
+
+def test_register_accepts_a_loopback_url_when_private_is_allowed(client: TestClient[Any]) -> None:
+    response = client.post("/register", json={"name": "local", "webhook_url": "http://127.0.0.1:1/h"}, headers=ADMIN)
+
+    assert response.status_code == 201
+
+
+def test_put_endpoint_refuses_the_metadata_address_when_private_is_off(api_client: TestClient[Any]) -> None:
+    broker, _ = register(api_client)
+
+    response = api_client.put("/webhooks/endpoint", json={"url": "http://169.254.169.254/"}, headers=broker.headers)
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_webhook_url"
+
+
+# ------------------------------------------------------------------------------------------- endpoint
+
+
+def test_put_endpoint_sets_the_url_and_re_enables_a_disabled_endpoint(
+    client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker, _ = register(client, "http://127.0.0.1:1/old")
+    with api_engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE brokers SET webhook_enabled = false, webhook_disabled_reason = 'gone', "
+                "webhook_consecutive_failures = 7 WHERE id = :id"
+            ),
+            {"id": broker.id},
+        )
+    assert client.get("/webhooks/endpoint", headers=broker.headers).json()["disabled_reason"] == "gone"
+
+    response = client.put("/webhooks/endpoint", json={"url": "http://127.0.0.1:2/new"}, headers=broker.headers)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["url"] == "http://127.0.0.1:2/new"
+    assert body["enabled"] is True
+    assert body["disabled_reason"] is None
+    assert body["consecutive_failed_events"] == 0
+
+
+def test_put_endpoint_with_null_clears_the_url(client: TestClient[Any]) -> None:
+    broker, _ = register(client, "http://127.0.0.1:1/old")
+
+    response = client.put("/webhooks/endpoint", json={"url": None}, headers=broker.headers)
+
+    assert response.status_code == 200
+    assert response.json()["url"] is None
+
+
+def test_webhook_endpoints_require_a_broker_key(client: TestClient[Any]) -> None:
+    for method, path in (("GET", "/events"), ("GET", "/webhooks/deliveries"), ("POST", "/webhooks/secret/rotate")):
+        assert client.request(method, path).status_code == 401
+
+
+# --------------------------------------------------------------------------------------------- secrets
+
+
+def test_secret_rotation_returns_a_new_secret_and_deliveries_verify_with_both(
+    client: TestClient[Any], api_engine: Engine, receiver: Receiver
+) -> None:
+    buyer, old_secret = register(client, receiver.url)
+    seller, _ = register(client)
+
+    response = client.post("/webhooks/secret/rotate", headers=buyer.headers)
+
+    assert response.status_code == 200
+    new_secret = response.json()["webhook_secret"]
+    assert new_secret.startswith("whsec_")
+    assert new_secret != old_secret
+    assert response.json()["previous_secret_expires_at"] is not None
+    trade(client, api_engine, buyer, seller)
+    (event_id,) = event_ids(client, buyer)
+    assert deliverer(api_engine).deliver(uuid.UUID(event_id)).outcome is Outcome.DELIVERED
+    (request,) = receiver.received
+    for secret in (new_secret, old_secret):
+        Webhook(secret).verify(request.body, request.headers)
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+
+def test_events_are_the_brokers_gap_free_log_paged_by_sequence(client: TestClient[Any], api_engine: Engine) -> None:
+    buyer, _ = register(client)
+    seller, _ = register(client)
+    trade(client, api_engine, buyer, seller, n=5)
+
+    first = client.get("/events", params={"limit": 3}, headers=buyer.headers).json()
+    rest = client.get("/events", params={"after": first["next_after"]}, headers=buyer.headers).json()
+    empty = client.get("/events", params={"after": rest["next_after"]}, headers=buyer.headers).json()
+
+    items = first["items"] + rest["items"]
+    assert [e["sequence"] for e in items] == [1, 2, 3, 4, 5]
+    assert all(e["payload"]["sequence"] == e["sequence"] and e["payload"]["side"] == "bid" for e in items)
+    assert empty == {"items": [], "next_after": 5}
+    assert all(e["delivery_status"] == "pending" for e in items)
+
+
+def test_a_broker_sees_none_of_another_brokers_events(client: TestClient[Any], api_engine: Engine) -> None:
+    buyer, _ = register(client)
+    seller, _ = register(client)
+    outsider, _ = register(client)
+    trade(client, api_engine, buyer, seller)
+
+    assert client.get("/events", headers=outsider.headers).json()["items"] == []
+    (event_id,) = event_ids(client, buyer)
+    response = client.post(f"/webhooks/events/{event_id}/redeliver", headers=outsider.headers)
+    assert response.status_code == 404
+    assert response.json()["code"] == "event_not_found"
+
+
+# -------------------------------------------------------------------------------------------- redeliver
+
+
+def test_redeliver_makes_a_delivered_event_pending_and_sends_it_again(
+    client: TestClient[Any], api_engine: Engine, receiver: Receiver
+) -> None:
+    buyer, _ = register(client, receiver.url)
+    seller, _ = register(client)
+    trade(client, api_engine, buyer, seller)
+    (event_id,) = event_ids(client, buyer)
+    d = deliverer(api_engine)
+    d.deliver(uuid.UUID(event_id))
+
+    response = client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers)
+
+    assert response.status_code == 202
+    assert response.json() == {"event_id": event_id, "status": "pending"}
+    assert d.deliver(uuid.UUID(event_id)).outcome is Outcome.DELIVERED
+    assert [r.headers["webhook-id"] for r in receiver.received] == [event_id, event_id]
+
+
+def test_redeliver_without_a_url_is_a_conflict(client: TestClient[Any], api_engine: Engine) -> None:
+    buyer, _ = register(client)
+    seller, _ = register(client)
+    trade(client, api_engine, buyer, seller)
+    (event_id,) = event_ids(client, buyer)
+
+    response = client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers)
+
+    assert response.status_code == 409
+    assert response.json()["code"] == "webhook_endpoint_unavailable"
+
+
+def test_redeliver_of_a_malformed_id_is_not_found(client: TestClient[Any]) -> None:
+    broker, _ = register(client)
+
+    assert client.post("/webhooks/events/not-a-uuid/redeliver", headers=broker.headers).status_code == 404
+
+
+# ------------------------------------------------------------------------------------------- deliveries
+
+
+def test_the_delivery_log_filters_by_outcome_and_pages_with_a_cursor(
+    client: TestClient[Any], api_engine: Engine, receiver: Receiver
+) -> None:
+    buyer, _ = register(client, receiver.url)
+    seller, _ = register(client)
+    trade(client, api_engine, buyer, seller, n=3)
+    d = deliverer(api_engine, retry_schedule=(30.0,))
+    receiver.fail_next(1, status=502)
+    for event_id in event_ids(client, buyer):
+        d.deliver(uuid.UUID(event_id))
+
+    failed = client.get("/webhooks/deliveries", params={"status": "failed"}, headers=buyer.headers).json()
+    page1 = client.get("/webhooks/deliveries", params={"limit": 2}, headers=buyer.headers).json()
+    page2 = client.get(
+        "/webhooks/deliveries", params={"limit": 2, "cursor": page1["next_cursor"]}, headers=buyer.headers
+    ).json()
+
+    (bad,) = failed["items"]
+    assert bad["status_code"] == 502
+    assert bad["succeeded"] is False
+    assert bad["error"] == "HTTP 502"
+    assert bad["event_status"] == "pending"
+    assert bad["url"] == receiver.url
+    assert len(page1["items"]) == 2
+    assert len(page2["items"]) == 1
+    assert page2["next_cursor"] is None
+    ids = {a["attempt_id"] for a in page1["items"] + page2["items"]}
+    assert len(ids) == 3
+
+
+def test_a_bad_delivery_cursor_is_a_validation_error(client: TestClient[Any]) -> None:
+    broker, _ = register(client)
+
+    response = client.get("/webhooks/deliveries", params={"cursor": "zzz"}, headers=broker.headers)
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "validation_error"
+
+
+# ------------------------------------------------------------------------------------------------ admin
+
+
+def test_admin_lists_a_disabled_endpoint_with_its_reason(
+    client: TestClient[Any], api_engine: Engine, receiver: Receiver
+) -> None:
+    buyer, _ = register(client, receiver.url)
+    seller, _ = register(client)
+    trade(client, api_engine, buyer, seller)
+    receiver.gone()
+    (event_id,) = event_ids(client, buyer)
+    deliverer(api_engine).deliver(uuid.UUID(event_id))
+
+    response = client.get("/admin/webhooks/failing", headers=ADMIN)
+
+    assert response.status_code == 200
+    (mine,) = [e for e in response.json() if e["broker_id"] == buyer.id]
+    assert mine["enabled"] is False
+    assert "410" in mine["disabled_reason"]
+    assert mine["failed_events"] == 1
+    assert client.get("/admin/webhooks/failing", headers=buyer.headers).status_code == 401

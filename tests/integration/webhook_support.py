@@ -1,0 +1,121 @@
+"""Helpers of the webhook integration tests: brokers with endpoints, fills that write outbox events, a deliverer
+with a shrunk retry schedule, and a loop that drives deliveries the way the worker + sweeper would."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from exchange.matching.service import BookCache, process_symbol
+from exchange.orders.brokers import new_webhook_secret
+from exchange.webhooks.delivery import Deliverer, DeliveryConfig, DeliveryResult, Outcome
+from tests.integration.sql_orders import add_broker, place
+
+FAST = DeliveryConfig(
+    retry_schedule=(0.05, 0.05, 0.05),
+    connect_timeout_s=1.0,
+    read_timeout_s=2.0,
+    lease_s=1.0,
+    disable_after=3,
+    allow_private=True,
+    max_in_flight=4,
+)
+
+
+def deliverer(engine: Engine, **overrides: Any) -> Deliverer:
+    return Deliverer(engine, replace(FAST, **overrides))
+
+
+def broker_with_endpoint(engine: Engine, url: str | None, name: str | None = None) -> tuple[uuid.UUID, str]:
+    """A broker whose webhook URL is ``url``; returns (id, whsec secret)."""
+    broker_id = add_broker(engine, name or f"wh-{uuid.uuid4().hex[:8]}")
+    secret = new_webhook_secret()
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE brokers SET webhook_url = :url, webhook_secret = :s WHERE id = :id"),
+            {"url": url, "s": secret, "id": broker_id},
+        )
+    return broker_id, secret
+
+
+def fills(engine: Engine, buyer: uuid.UUID, seller: uuid.UUID, n: int = 1) -> list[uuid.UUID]:
+    """``n`` one-share fills between ``buyer`` and ``seller`` (2 events each); returns the outbox event ids."""
+    symbol = "W" + uuid.uuid4().hex[:6].upper()
+    for _ in range(n):
+        place(engine, seller, symbol, "ask", 1, 100)
+        place(engine, buyer, symbol, "bid", 1, 100)
+    return process_symbol(engine, BookCache(), symbol).event_ids
+
+
+def events_of(engine: Engine, broker_id: uuid.UUID) -> list[Any]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT id, sequence, status, attempts, last_error, payload::text AS body FROM webhook_events "
+                    "WHERE broker_id = :b ORDER BY sequence"
+                ),
+                {"b": broker_id},
+            )
+        )
+
+
+def broker_row(engine: Engine, broker_id: uuid.UUID) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT * FROM brokers WHERE id = :id"), {"id": broker_id}).one()
+
+
+def attempts_of(engine: Engine, event_id: uuid.UUID) -> list[Any]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(text("SELECT * FROM webhook_attempts WHERE event_id = :id ORDER BY id"), {"id": event_id})
+        )
+
+
+def deliver_until_settled(d: Deliverer, event_id: uuid.UUID, timeout: float = 10.0) -> list[DeliveryResult]:
+    """Call ``deliver`` as retries come due until the event leaves ``pending``; returns every result."""
+    results: list[DeliveryResult] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = d.deliver(event_id)
+        results.append(result)
+        if result.outcome in (Outcome.DELIVERED, Outcome.FAILED, Outcome.SKIPPED):
+            return results
+        time.sleep(0.02)
+    raise AssertionError(f"event {event_id} not settled after {timeout}s: {results}")
+
+
+def drive(
+    d: Deliverer,
+    engine: Engine,
+    ids: list[uuid.UUID],
+    timeout: float = 15.0,
+    each_round: Callable[[int], None] | None = None,
+) -> int:
+    """Deliver every event of ``ids`` that is due, round after round, until none is pending (a stand-in for the
+    worker + sweeper); ``each_round(n)`` runs after round ``n``. Returns the number of rounds."""
+    deadline = time.monotonic() + timeout
+    rounds = 0
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            pending = (
+                conn.execute(
+                    text("SELECT id FROM webhook_events WHERE id = ANY(:ids) AND status = 'pending'"), {"ids": ids}
+                )
+                .scalars()
+                .all()
+            )
+        if not pending:
+            return rounds
+        for event_id in pending:
+            d.deliver(event_id)
+        rounds += 1
+        if each_round is not None:
+            each_round(rounds)
+        time.sleep(0.02)
+    raise AssertionError("events still pending")
