@@ -1,7 +1,7 @@
 """Wire types: the JSON bodies the api accepts and returns (msgspec Structs), separate from domain types.
 
-Request Structs forbid unknown fields, bound every integer to a positive signed 64-bit value (so no value
-≥ 2**63 reaches PostgreSQL) and require timezone-aware datetimes. :func:`decode_body` is the only way a
+Request Structs forbid unknown fields, bound prices and quantities to ``MAX_PRICE_CENTS``/``MAX_QUANTITY`` (so
+one trade's cash fits 64 bits with room to accumulate), refuse NUL in text, and require timezone-aware datetimes. :func:`decode_body` is the only way a
 controller reads a body: unparsable JSON → 400 ``malformed_json``; well-formed JSON with bad fields → 422
 ``validation_error`` with the offending path in ``details``.
 """
@@ -18,8 +18,13 @@ import msgspec
 from exchange.api.errors import ApiError
 from exchange.orders import models
 
-MAX_INT64 = 2**63 - 1
-PositiveInt64 = Annotated[int, msgspec.Meta(gt=0, le=MAX_INT64)]
+# Largest price (cents) and quantity (shares) an order may carry. Their product, the cash of one trade, must stay
+# far inside PostgreSQL's bigint (2**63 - 1 ≈ 9.2e18) so balances can accumulate many such trades: 10**9 cents
+# (ten million per share) times 10**9 shares = 10**18.
+MAX_PRICE_CENTS = 10**9
+MAX_QUANTITY = 10**9
+Price = Annotated[int, msgspec.Meta(gt=0, le=MAX_PRICE_CENTS)]
+Quantity = Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 Symbol = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.]{1,10}$")]
 # PostgreSQL text cannot hold NUL (0x00): refuse it at the edge as a 422 instead of failing in the database.
@@ -47,9 +52,9 @@ class PlaceOrderRequest(_Request):
     document_number: DocumentNumber
     side: SideName
     symbol: Symbol
-    quantity: PositiveInt64
+    quantity: Quantity
     order_type: OrderTypeName = "limit"
-    price: PositiveInt64 | None = None
+    price: Price | None = None
     valid_until: AwareDatetime | None = None
     time_in_force: TimeInForceName | None = None
     client_order_id: ClientOrderId | None = None
@@ -57,8 +62,8 @@ class PlaceOrderRequest(_Request):
 
 
 class AmendOrderRequest(_Request):
-    quantity: PositiveInt64 | None = None
-    price: PositiveInt64 | None = None
+    quantity: Quantity | None = None
+    price: Price | None = None
 
 
 T = TypeVar("T")

@@ -7,7 +7,8 @@ produce the same events and the same :meth:`OrderBook.state_hash`.
 Rules (see DESIGN.md section 4 and the docstrings in :mod:`exchange.engine.types`):
 
 * Price-time priority: best price first, FIFO within a level. The FIFO is arrival order, which equals ascending
-  ``priority`` because callers apply commands with strictly increasing ``seq`` (a precondition of the book).
+  ``priority``: an order is queued behind every order of its level with a lower ``priority`` and in front of any with a
+  higher one (a command that committed late can carry a lower ``seq`` than commands already applied).
 * Execution price is the seller's price: an incoming bid trades at the resting ask's price, an incoming limit ask
   at its own limit, a market ask at the resting bid's price.
 * A GTD order is expired when ``valid_until <= now``. Expired resting orders never trade: matching closes them
@@ -177,7 +178,8 @@ class OrderBook:
     Invariants after every :meth:`apply`: no crossed book (``best_bid() < best_ask()`` when both exist); every
     resting order has ``0 < remaining <= quantity`` and ``quantity - remaining`` equal to its filled quantity;
     ``OrderBook.rebuild(symbol, book.resting_orders())`` has the same :meth:`state_hash`.
-    Precondition: commands are applied with strictly increasing ``seq`` (it becomes the FIFO priority).
+    ``seq`` is the FIFO priority. Commands normally arrive with increasing ``seq``, but one whose transaction
+    committed late may arrive after higher ones; it is then queued by its ``seq``, as a rebuild would queue it.
     """
 
     __slots__ = ("_ask_keys", "_asks", "_bid_keys", "_bids", "_expiry", "_expiry_counter", "_orders", "symbol")
@@ -437,7 +439,16 @@ class OrderBook:
         if level is None:
             level = levels[price] = _Level()
             insort(keys, key)
-        level.orders.append(o)
+        queue = level.orders
+        if not queue or queue[-1].priority < o.priority:
+            queue.append(o)
+        else:
+            # A command whose transaction committed late arrives after commands with higher seq: FIFO is by seq
+            # (DESIGN §4), so it goes in front of them, exactly where a rebuild from Postgres would put it.
+            at = len(queue)
+            while at > 0 and queue[at - 1].priority > o.priority:
+                at -= 1
+            queue.insert(at, o)
         level.live += 1
         self._orders[o.order_id.int] = o
         if o.valid_until is not None:

@@ -1,7 +1,8 @@
 """Turning rows of the command log into engine commands.
 
-The command log holds what was accepted; the engine decides what it means. A row whose order is missing or
-malformed still becomes a command, and the engine answers it with a ``Rejected`` event, never an exception.
+The command log holds what was accepted; the engine decides what it means (invalid values become ``Rejected``
+events there). Only a row that cannot be turned into a command at all (a place without its order, an unknown
+kind) raises :class:`MalformedCommandError`, which the matcher quarantines.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from exchange.engine.types import (
     TimeInForce,
 )
 from exchange.times import to_micros
+
+
+class MalformedCommandError(ValueError):
+    """A command row the engine cannot even be asked about (no order for a place, unknown kind). It fails the same
+    way on every attempt, so the matcher quarantines it instead of retrying."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +62,7 @@ def to_engine_command(row: LoggedCommand, symbol: str) -> Command:
             or row.time_in_force is None
             or row.quantity is None
         ):
-            raise ValueError(f"place command {row.seq} has no order")
+            raise MalformedCommandError(f"place command {row.seq} has no order")
         return Place(
             seq=row.seq,
             order=OrderSpec(
@@ -80,4 +86,4 @@ def to_engine_command(row: LoggedCommand, symbol: str) -> Command:
         return Amend(seq=row.seq, order_id=row.order_id, quantity=payload.get("quantity"), price=payload.get("price"))
     if row.kind == "expire":
         return ExpireDue(seq=row.seq)
-    raise ValueError(f"command {row.seq}: unknown kind {row.kind!r}")
+    raise MalformedCommandError(f"command {row.seq}: unknown kind {row.kind!r}")

@@ -23,9 +23,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from exchange.engine import OrderBook
-from exchange.engine.types import Command, Event, Place
+from exchange.engine.types import Amend, Cancel, Command, Event, Place
 from exchange.matching import store
-from exchange.matching.commands import to_engine_command
+from exchange.matching.commands import MalformedCommandError, to_engine_command
 from exchange.matching.effects import plan_batch
 from exchange.times import to_micros
 
@@ -35,6 +35,7 @@ DEFAULT_BATCH_LIMIT = 500
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+_DETERMINISTIC_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
 
 
 @dataclass(slots=True)
@@ -49,6 +50,9 @@ class BookCache:
 
     books: dict[str, CachedBook] = field(default_factory=dict)
     rebuilds: int = 0
+    suspects: set[str] = field(default_factory=set)
+    """Symbols whose last batch failed deterministically: processed one command at a time until the failing
+    command is quarantined or nothing is pending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,21 +81,67 @@ def process_symbol(
 
     ``before_read`` runs after the lock is held and before the command log is read (the wake-up key is cleared
     there: see :mod:`exchange.messaging.wakeups`).
+
+    A command that fails the same way on every attempt (bad data: SQLSTATE class 22 or 23, e.g. a balance leaving
+    the 64-bit range; or a malformed command row) must not wedge its symbol, because every retry would read the
+    same batch in the same order and fail again. The batch is retried one command at a time to find it, and that
+    command alone is quarantined: marked processed, its pending order closed ``rejected``, and logged.
     """
+    if symbol in cache.suspects:
+        batch_limit = 1
     for attempt in range(4):
         try:
-            return _process_once(engine, cache, symbol, batch_limit, before_read)
+            result = _process_once(engine, cache, symbol, batch_limit, before_read)
+            if result.commands == 0:
+                cache.suspects.discard(symbol)
+            return result
         except DBAPIError as exc:
             cache.books.pop(symbol, None)
-            sqlstate = getattr(exc.orig, "sqlstate", None)
-            if sqlstate not in _RETRYABLE_SQLSTATES or attempt == 3:
-                raise
-            log.warning("retrying %s after %s", symbol, sqlstate)
-            time.sleep(0.01 * (attempt + 1))
+            sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+            if sqlstate in _RETRYABLE_SQLSTATES and attempt < 3:
+                log.warning("retrying %s after %s", symbol, sqlstate)
+                time.sleep(0.01 * (attempt + 1))
+                continue
+            if sqlstate[:2] not in _DETERMINISTIC_SQLSTATE_CLASSES:
+                raise  # connection lost, server shutting down, ...: dramatiq and the sweeper try again later
+            return _isolate_poison(engine, cache, symbol, batch_limit, before_read, exc)
+        except MalformedCommandError as exc:
+            cache.books.pop(symbol, None)
+            return _isolate_poison(engine, cache, symbol, batch_limit, before_read, exc)
         except BaseException:
             cache.books.pop(symbol, None)
             raise
     raise AssertionError("unreachable")
+
+
+def _isolate_poison(
+    engine: Engine,
+    cache: BookCache,
+    symbol: str,
+    batch_limit: int,
+    before_read: Callable[[], None] | None,
+    error: Exception,
+) -> BatchResult:
+    if batch_limit > 1:
+        # The failing command may be anywhere in the batch: apply the commands one at a time from the first.
+        cache.suspects.add(symbol)
+        return process_symbol(engine, cache, symbol, batch_limit=1, before_read=before_read)
+    with engine.begin() as conn:
+        _, now = store.lock_book(conn, symbol)
+        quarantined = store.quarantine_first_pending(conn, symbol, now)
+    cache.suspects.discard(symbol)
+    if quarantined is None:
+        raise error  # nothing pending any more: the failure was not the command's
+    log.error(
+        "quarantined command seq=%s kind=%s order_id=%s of %s: %s",
+        quarantined.seq,
+        quarantined.kind,
+        quarantined.order_id,
+        symbol,
+        error,
+    )
+    order_ids = [] if quarantined.order_id is None else [quarantined.order_id]
+    return BatchResult(symbol, 1, 0, order_ids, [], more=True, rebuilt=False)
 
 
 def _process_once(
@@ -135,11 +185,23 @@ def _process_once(
         symbol=symbol,
         commands=len(rows),
         trades=len(plan.trades),
-        order_ids=list(plan.orders) + [c.order.order_id for c, _ in applied if isinstance(c, Place)],
+        # Every order a command named, even when nothing changed (a rejected cancel or amend): its waiter must
+        # hear that the command was processed instead of waiting out its timeout.
+        order_ids=list(dict.fromkeys([*plan.orders, *_command_order_ids(applied)])),
         event_ids=[w.event_id for w in written],
         more=len(rows) >= batch_limit,
         rebuilt=rebuilt,
     )
+
+
+def _command_order_ids(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:
+    ids: list[UUID] = []
+    for command, _ in applied:
+        if isinstance(command, Place):
+            ids.append(command.order.order_id)
+        elif isinstance(command, Cancel | Amend):
+            ids.append(command.order_id)
+    return ids
 
 
 def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:

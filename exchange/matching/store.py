@@ -89,6 +89,37 @@ _OPEN_ORDERS = text(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantinedCommand:
+    seq: int
+    kind: str
+    order_id: UUID | None
+
+
+def quarantine_first_pending(conn: Connection, symbol: str, now: datetime) -> QuarantinedCommand | None:
+    """Mark the first pending command of ``symbol`` processed without applying it, and close its order
+    ``rejected`` if the order never reached the book (a place). Caller holds the symbol's lock."""
+    row = conn.execute(
+        text(
+            "UPDATE commands SET processed_at = :now WHERE seq = ("
+            "SELECT seq FROM commands WHERE symbol = :symbol AND processed_at IS NULL ORDER BY seq LIMIT 1) "
+            "RETURNING seq, kind, order_id"
+        ),
+        {"symbol": symbol, "now": now},
+    ).first()
+    if row is None:
+        return None
+    if row.kind == "place" and row.order_id is not None:
+        conn.execute(
+            text(
+                "UPDATE orders SET status = 'closed', close_reason = 'rejected', updated_at = :now "
+                "WHERE id = :id AND status = 'pending'"
+            ),
+            {"id": row.order_id, "now": now},
+        )
+    return QuarantinedCommand(row.seq, row.kind, row.order_id)
+
+
 def open_orders(conn: Connection, symbol: str) -> list[RestingOrder]:
     """The resting orders of ``symbol`` in priority order: the input of ``OrderBook.rebuild``."""
     return [

@@ -51,6 +51,8 @@ def check_webhook_url(url: str) -> str:
         raise InvalidWebhookUrlError("webhook_url must be an absolute http or https URL", {"field": "webhook_url"})
     if any(c.isspace() for c in url):
         raise InvalidWebhookUrlError("webhook_url must not contain whitespace", {"field": "webhook_url"})
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):  # NUL included; httpx refuses them at delivery
+        raise InvalidWebhookUrlError("webhook_url must not contain control characters", {"field": "webhook_url"})
     return url
 
 

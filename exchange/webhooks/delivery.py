@@ -7,7 +7,8 @@
    token. Crash after this: the event is due again when the lease ends and the sweeper re-enqueues it.
 2. **POST** (no transaction open): resolve and SSRF-check the host, POST the stored payload byte-identical
    (``payload::text`` is deterministic for a JSONB value) with fresh Standard Webhooks headers, read the first
-   bytes of the answer. Crash here: as above (the receiver may get the event twice: at-least-once).
+   bytes of the answer. Crash here: as above (the receiver may get the event twice: at-least-once). A host that
+   does not resolve or is refused by the SSRF guard, and a stored URL httpx refuses, are failed attempts too.
 3. **Record** (one transaction; a single statement on success): insert the attempt row, then by outcome —
    2xx → ``delivered`` and the broker's consecutive-failure count back to 0;
    410 → event ``failed`` and the endpoint disabled at once (reason stored);
@@ -352,6 +353,11 @@ class Deliverer:
             error = f"timeout: {type(exc).__name__}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
+        except (httpx.InvalidURL, ValueError) as exc:
+            # A stored URL httpx refuses (a control character, an unencodable host, ...): a failed attempt like
+            # any other, so it is recorded and retried / failed on the normal schedule instead of raising out of
+            # deliver() and being re-claimed by the sweeper forever.
+            error = f"invalid URL: {type(exc).__name__}: {exc}"[:500]
         latency_ms = max(0, int((time.perf_counter() - t0) * 1000))
         if error is None and status_code is not None and not 200 <= status_code < 300:
             error = f"HTTP {status_code}"

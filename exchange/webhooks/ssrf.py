@@ -11,7 +11,13 @@ Checked twice:
 
 Forbidden: everything that is not globally routable (loopback, RFC 1918 private, link-local incl. the cloud
 metadata address 169.254.169.254, CGNAT 100.64/10, unique-local and site-local IPv6, unspecified, reserved,
-documentation ranges) plus multicast; IPv4-mapped/NAT64-embedded IPv6 addresses are judged by their IPv4 part.
+documentation ranges) plus multicast. IPv6 addresses that embed an IPv4 address are judged by their IPv4 part:
+IPv4-mapped ``::ffff:0:0/96``, 6to4 ``2002::/16`` and the NAT64 well-known prefix ``64:ff9b::/96`` (RFC 6052).
+The local-use NAT64 prefix ``64:ff9b:1::/48`` (RFC 8215: the embedded address may sit anywhere in it) and the
+deprecated IPv4-compatible ``::/96`` are refused outright.
+
+A host name the IDNA codec cannot encode (an empty label as in ``a..b``, a label over 63 characters) can never
+resolve: both checks refuse it (:class:`UnsafeWebhookUrlError`) instead of letting the ``UnicodeError`` escape.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REGISTRATION_RESOLVE_TIMEOUT_S = 2.0
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class UnsafeWebhookUrlError(ValueError):
@@ -44,8 +53,14 @@ def forbidden_reason(address: IPAddress) -> str | None:
     """Why deliveries may not reach ``address``, or None when it is a public unicast address."""
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in NAT64_WELL_KNOWN:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None:
             return forbidden_reason(embedded)
+        if address in NAT64_LOCAL_USE:
+            return "local-use NAT64 address (may translate to any IPv4 address)"
+        if address in IPV4_COMPATIBLE and not (address.is_loopback or address.is_unspecified):
+            return "IPv4-compatible IPv6 address (deprecated)"
     if address.is_loopback:
         return "loopback address"
     if address.is_link_local:
@@ -54,6 +69,8 @@ def forbidden_reason(address: IPAddress) -> str | None:
         return "private address"
     if address.is_multicast:
         return "multicast address"
+    if address.is_reserved:  # IPv6 reserved space is still "global" to Python 3.11's ipaddress
+        return "reserved address"
     if not address.is_global:
         return "non-public address"
     return None
@@ -67,9 +84,15 @@ def split_url(url: str) -> tuple[str, str, int]:
     except ValueError as exc:
         raise UnsafeWebhookUrlError(f"not a valid URL: {exc}") from exc
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
+    host = parts.hostname
+    if scheme not in ("http", "https") or not host:
         raise UnsafeWebhookUrlError("must be an absolute http or https URL")
-    return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
+    if _literal(host) is None:
+        try:
+            host.encode("idna")  # what socket.getaddrinfo does with a str host
+        except UnicodeError as exc:
+            raise UnsafeWebhookUrlError(f"host {host!r} is not a valid host name: {exc}") from exc
+    return scheme, host, port or (443 if scheme == "https" else 80)
 
 
 def _literal(host: str) -> IPAddress | None:
@@ -107,8 +130,8 @@ def resolve_destination(url: str, allow_private: bool) -> Destination:
     else:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise UnsafeWebhookUrlError(f"cannot resolve host {host}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: UnicodeError from the IDNA codec (``a..b``), NUL
+            raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: {exc}") from exc
         addresses = _addresses(infos)  # type: ignore[arg-type]
         if not addresses:
             raise UnsafeWebhookUrlError(f"host {host} has no address")
@@ -132,4 +155,6 @@ async def check_url_async(url: str, allow_private: bool) -> None:
         )
     except (OSError, TimeoutError):
         return  # not resolvable now: accepted; every delivery resolves and checks again
+    except ValueError as exc:  # UnicodeError from the IDNA codec: a name that can never resolve (``a..b``)
+        raise UnsafeWebhookUrlError(f"host {host!r} is not a valid host name: {exc}") from exc
     _check(host, _addresses(infos), allow_private)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import pytest
 from litestar.testing import TestClient
 from sqlalchemy import Engine
 
+from exchange.api.schemas import MAX_PRICE_CENTS, MAX_QUANTITY
 from tests.integration.api_helpers import count, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -101,11 +102,23 @@ def test_a_lowercase_symbol_is_upper_cased(api_client: TestClient[Any]) -> None:
     assert response.json()["symbol"] == "BRK.B"
 
 
-def test_the_largest_int64_values_are_accepted(api_client: TestClient[Any]) -> None:
+def test_the_largest_price_and_quantity_are_accepted(api_client: TestClient[Any]) -> None:
     broker = register(api_client)
-    response = api_client.post("/orders", content=with_(price=2**63 - 1, quantity=2**63 - 1), headers=broker.headers)
+    response = api_client.post(
+        "/orders", content=with_(price=MAX_PRICE_CENTS, quantity=MAX_QUANTITY), headers=broker.headers
+    )
     assert response.status_code == 201
-    assert response.json()["price"] == 2**63 - 1
+    assert response.json()["price"] == MAX_PRICE_CENTS
+
+
+@pytest.mark.parametrize("field", ["price", "quantity"])
+def test_a_price_or_quantity_above_the_limit_is_422_so_a_trades_cash_fits_64_bits(
+    api_client: TestClient[Any], field: str
+) -> None:
+    broker = register(api_client)
+    response = api_client.post("/orders", content=with_(**{field: 10**9 + 1}), headers=broker.headers)
+    assert response.status_code == 422
+    assert response.json()["code"] == "validation_error"
 
 
 def test_a_market_order_may_carry_a_future_valid_until_which_is_not_stored(api_client: TestClient[Any]) -> None:

@@ -225,3 +225,38 @@ def test_a_failed_batch_leaves_the_cached_book_to_be_rebuilt(engine: Engine, mon
 
     assert (result.rebuilt, result.trades) == (True, 1)
     assert_conserved(engine)
+
+
+def test_a_trade_whose_cash_leaves_64_bits_is_quarantined_and_the_symbol_keeps_matching(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    # Accepted straight into the command log (the api bounds price and quantity, this is the matcher's own guard).
+    place(engine, seller, "OVER3", "ask", 2, 2**62)
+    poison = place(engine, buyer, "OVER3", "bid", 2, 2**62)
+    place(engine, seller, "OVER3", "ask", 1, 100)
+    later = place(engine, buyer, "OVER3", "bid", 1, 100)
+    cache = BookCache()
+
+    while process_symbol(engine, cache, "OVER3").commands:
+        pass
+
+    with engine.connect() as conn:
+        assert (order(conn, poison).status, order(conn, poison).close_reason) == ("closed", "rejected")
+        assert (order(conn, later).status, order(conn, later).close_reason) == ("closed", "filled")
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+    assert cache.suspects == set()
+    assert_conserved(engine)
+
+
+def test_a_place_command_without_its_order_is_quarantined(engine: Engine) -> None:
+    broker = add_broker(engine, "b")
+    with engine.begin() as conn:  # a hand-made row the engine cannot be asked about
+        conn.execute(text("ALTER TABLE commands DROP CONSTRAINT ck_commands_order_id_required"))
+        conn.execute(text("INSERT INTO commands (symbol, kind) VALUES ('GHOST3', 'place')"))
+    place(engine, broker, "GHOST3", "bid", 1, 100)
+
+    while process_symbol(engine, BookCache(), "GHOST3").commands:
+        pass
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+        assert conn.execute(text("SELECT status FROM orders")).scalar_one() == "open"

@@ -90,6 +90,46 @@ def test_put_endpoint_refuses_the_metadata_address_when_private_is_off(api_clien
     assert response.json()["code"] == "invalid_webhook_url"
 
 
+BAD_URLS = [
+    ("http://a..example.com/", "invalid_webhook_url"),  # empty label: the IDNA codec raises UnicodeError
+    ("http://" + "a" * 64 + ".example.com/", "invalid_webhook_url"),  # label over 63 characters
+    ("http://example.com/hook\x01", "invalid_webhook_url"),  # control character (httpx refuses it)
+    ("http://example.com/hook\x7f", "invalid_webhook_url"),
+    ("http://exa\x00mple.com/", "validation_error"),  # NUL: PostgreSQL text cannot hold it
+    ("http://[64:ff9b::a9fe:a9fe]/", "invalid_webhook_url"),  # NAT64 for 169.254.169.254
+]
+
+
+@pytest.mark.parametrize(("url", "code"), BAD_URLS)
+def test_register_answers_422_for_a_url_that_cannot_be_delivered_to(
+    api_client: TestClient[Any], url: str, code: str
+) -> None:
+    response = api_client.post("/register", json={"name": "bad", "webhook_url": url}, headers=ADMIN)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+
+
+@pytest.mark.parametrize(("url", "code"), BAD_URLS)
+def test_put_endpoint_answers_422_for_a_url_that_cannot_be_delivered_to(
+    api_client: TestClient[Any], url: str, code: str
+) -> None:
+    broker, _ = register(api_client)
+
+    response = api_client.put("/webhooks/endpoint", json={"url": url}, headers=broker.headers)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+
+
+@pytest.mark.parametrize("url", ["http://a..example.com/", "http://example.com/hook\x01"])
+def test_an_undeliverable_url_is_refused_even_when_private_is_allowed(client: TestClient[Any], url: str) -> None:
+    response = client.post("/register", json={"name": "bad", "webhook_url": url}, headers=ADMIN)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_webhook_url"
+
+
 # ------------------------------------------------------------------------------------------- endpoint
 
 

@@ -300,6 +300,35 @@ def test_delivery_refuses_private_and_metadata_addresses_when_private_is_off(eng
     assert attempt.error.startswith("refused:")
 
 
+@pytest.mark.parametrize("allow_private", [False, True])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://93.184.215.14/hook\x01",  # passes the SSRF guard; httpx raises InvalidURL
+        "http://a..example.com/hook",  # the IDNA codec raises UnicodeError
+        "http://" + "a" * 64 + ".example.com/hook",
+    ],
+)
+def test_a_stored_url_that_cannot_be_requested_is_a_failed_attempt_not_an_exception(
+    engine: Engine, url: str, allow_private: bool
+) -> None:
+    # Such URLs are refused at registration; one written before that (or by SQL) must still end the event.
+    buyer, _ = broker_with_endpoint(engine, url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (event,) = events_of(engine, buyer)
+
+    results = deliver_until_settled(deliverer(engine, allow_private=allow_private), event.id)
+
+    assert [r.outcome for r in results if r.outcome is not Outcome.NOT_DUE] == [Outcome.RETRY] * 3 + [Outcome.FAILED]
+    attempts = attempts_of(engine, event.id)
+    assert len(attempts) == 4
+    assert all(a.status_code is None and a.error for a in attempts)
+    (settled,) = events_of(engine, buyer)
+    assert settled.status == "failed"
+    assert settled.attempts == 4
+
+
 def test_delivery_refuses_a_name_resolving_to_loopback_when_private_is_off(engine: Engine, receiver: Receiver) -> None:
     buyer, _ = broker_with_endpoint(engine, f"http://localhost:{receiver.port}/hook")
     seller, _ = broker_with_endpoint(engine, None)

@@ -318,3 +318,19 @@ def test_depth_and_queries_agree_with_resting_orders(drawn: Drawn) -> None:
     assert engine.best_ask() == (asks[0][0] if asks else None)
     for order in resting:
         assert engine.get(order.order_id) == order
+
+
+@given(sequences, st.integers(0, 60), st.randoms(use_true_random=False))
+def test_late_committed_commands_queue_by_seq_like_the_reference_and_a_rebuild(
+    drawn: Drawn, switch: int, rnd: random.Random
+) -> None:
+    """Commands are applied in commit order, which may differ from seq order (a transaction that took its seq
+    first can commit last). The book must still queue by seq, so the cached book and a book rebuilt from the
+    open orders (ordered by priority) agree."""
+    commands = to_commands(drawn)
+    seqs = [command.seq for command, _ in commands]
+    for i in range(len(seqs) - 1):
+        if rnd.random() < 0.3:
+            seqs[i], seqs[i + 1] = seqs[i + 1], seqs[i]
+    late = [(replace(command, seq=seq), now) for (command, now), seq in zip(commands, seqs, strict=True)]
+    check_against_reference(late, switch)

@@ -33,7 +33,7 @@ from litestar.params import FromPath, QueryParameter
 
 from exchange.api.auth import admin_guard, broker_guard, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
-from exchange.api.schemas import decode_body
+from exchange.api.schemas import Url, decode_body
 from exchange.orders.brokers import check_webhook_destination, new_webhook_secret
 from exchange.webhooks import queries
 from exchange.webhooks.errors import WebhookEventNotFoundError
@@ -45,7 +45,7 @@ log = logging.getLogger("exchange.api")
 
 
 class EndpointRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None
+    url: Url | None  # refuses NUL (PostgreSQL text cannot hold it) as a 422, not a 500 DataError
 
 
 class EndpointOut(msgspec.Struct, kw_only=True):
