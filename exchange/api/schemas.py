@@ -1,7 +1,8 @@
 """Wire types: the JSON bodies the api accepts and returns (msgspec Structs), separate from domain types.
 
-Request Structs forbid unknown fields, bound prices and quantities to ``MAX_PRICE_CENTS``/``MAX_QUANTITY`` (so
-one trade's cash fits 64 bits with room to accumulate), refuse NUL in text, and require timezone-aware datetimes. :func:`decode_body` is the only way a
+Request Structs forbid unknown fields, bound prices and quantities to ``MAX_PRICE_CENTS``/``MAX_QUANTITY``
+(so one trade's cash fits 64 bits with room to accumulate), refuse NUL in text, and require timezone-aware
+datetimes. :func:`decode_body` is the only way a
 controller reads a body: unparsable JSON → 400 ``malformed_json``; well-formed JSON with bad fields → 422
 ``validation_error`` with the offending path in ``details``.
 """

@@ -262,7 +262,8 @@ class Harness:
 
     def start(self) -> None:
         self._start_pgbouncer()
-        self._pick_redis_db()
+        if not self.redis_url:  # preset: a private Redis of the test's own (tests/e2e/test_faults.py restarts it)
+            self._pick_redis_db()
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_"))}
         # Hermetic: an empty dotenv file, so a developer's ./.env cannot change the exchange under test.

@@ -1,0 +1,659 @@
+"""Fault injection under steady load (issue 6, Build 4): every process and both servers fail in turn, nothing is lost.
+
+One private exchange runs on its OWN PostgreSQL cluster and Redis server (:mod:`tests.e2e.private_services`:
+the machine's shared servers are never restarted). A background thread posts orders (and some cancels) across 20
+symbols at crossing prices for four brokers whose webhooks go to a real receiver, retrying every error or timeout
+with the same ``client_order_id`` as a broker would. Meanwhile the module's scenario injects, in turn:
+
+1. SIGKILL of one api gunicorn worker (gunicorn replaces it);
+2. SIGKILL of one matcher (restarted after 1 s, as a supervisor would);
+3. SIGKILL of the webhooks worker (restarted);
+4. SIGKILL of the sweeper (restarted);
+5. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
+6. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched.
+
+After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
+the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
+behaviour on the recorded run, in SQL and over HTTP. The matcher failover time (kill → first processed command on
+its partitions, from the database's ``processed_at``) and the fault timeline are printed, never asserted.
+
+``FAULTS_SOAK_SECONDS=N`` (for humans, default off) repeats the fault cycle until N seconds have passed, with longer
+steady spells in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from exchange.db import migrate
+from exchange.messaging.partitions import partition_of
+from tests.e2e.conftest import PARTITIONS, Broker, Harness, free_port, in_ci, require_services, unique_symbol
+from tests.e2e.private_services import PrivatePostgres, PrivateRedis, private_services_missing
+from tests.invariants import check_invariants
+from tests.webhook_receiver import Receiver
+
+SOAK_SECONDS = float(os.environ.get("FAULTS_SOAK_SECONDS", "0") or 0)
+STEADY_S = 10.0 if SOAK_SECONDS else 2.5
+"""Steady load after each fault has recovered (and before the first)."""
+RESTART_DELAY_S = 1.0
+"""What a supervisor waits before restarting a dead process (as ``exchange dev`` does)."""
+REDIS_DOWN_S = 2.0
+POSTGRES_DOWN_S = 3.0
+RECOVERY_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 90.0
+
+BROKERS = 4
+SYMBOLS_PER_PARTITION = 5
+LOAD_TASKS = 6
+PACE_S = 0.03
+"""Pause between two requests of one load task: ~150 requests/s in all, leaving CPU for restarts."""
+CANCEL_SHARE = 0.15
+REQUEST_TIMEOUT_S = 5.0
+RETRY_PAUSE_S = 0.2
+GIVE_UP_AFTER_S = 90.0
+MATCHER_KILLED = "matcher-a"
+MATCHER_KILLED_PARTITIONS = "0-1"
+STANDBY = "matcher-a-standby"
+HTTP_CHECK_SAMPLE = 400
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+@dataclass(frozen=True)
+class Call:
+    at: float
+    """time.monotonic() when the answer (or the transport error) came."""
+    op: str
+    status: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    broker: int
+    order_id: str
+    client_order_id: str
+
+
+class Load:
+    """Posts orders and cancels from a background thread until :meth:`stop`; every call is recorded."""
+
+    def __init__(self, base_url: str, brokers: list[Broker], symbols: list[str], seed: int = 20240611) -> None:
+        self.base_url = base_url
+        self.brokers = brokers
+        self.symbols = symbols
+        self.seed = seed
+        self.calls: list[Call] = []
+        self.accepted: dict[str, Accepted] = {}
+        self.rejected: list[str] = []
+        self.gave_up: list[str] = []
+        self.expired_before_accepted = 0
+        self.placed_states: list[tuple[float, str]] = []
+        self._mine: list[list[str]] = [[] for _ in brokers]
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="fault-load", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = GIVE_UP_AFTER_S + 30) -> None:
+        self._stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the load thread did not stop"
+
+    async def _run(self) -> None:
+        limits = httpx.Limits(max_connections=LOAD_TASKS * 2)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+            await asyncio.gather(*(self._task(client, n) for n in range(LOAD_TASKS)))
+
+    def _order(self, rng: random.Random, n: int, i: int) -> dict[str, Any]:
+        side = rng.choice(["bid", "ask"])
+        body: dict[str, Any] = {
+            "document_number": f"{rng.randint(1, 3):011d}",
+            "side": side,
+            "symbol": rng.choice(self.symbols),
+            "quantity": rng.randint(1, 5),
+            "client_order_id": f"f{n}-{i}-{uuid.uuid4().hex[:10]}",
+        }
+        if rng.random() < 0.05:
+            body["order_type"] = "market"
+            return body
+        body["order_type"] = "limit"
+        # Bids 98..104 over asks 96..102: most orders cross something.
+        body["price"] = rng.randint(98, 104) if side == "bid" else rng.randint(96, 102)
+        if rng.random() < 0.1:  # good-till-date orders that expire while the faults go on
+            body["valid_until"] = (datetime.now(UTC) + timedelta(seconds=rng.uniform(1, 6))).isoformat()
+        return body
+
+    async def _task(self, client: httpx.AsyncClient, n: int) -> None:
+        rng = random.Random(self.seed + n)
+        i = 0
+        while not self._stop.is_set():
+            await asyncio.sleep(PACE_S)
+            b = rng.randrange(len(self.brokers))
+            broker = self.brokers[b]
+            mine = self._mine[b]
+            if mine and rng.random() < CANCEL_SHARE:
+                order_id = mine.pop(rng.randrange(len(mine)))
+                await self._send(client, "cancel", broker, f"/orders/{order_id}/cancel", None)
+                continue
+            i += 1
+            body = self._order(rng, n, i)
+            response = await self._send(client, "place", broker, "/orders", body)
+            if response is None:
+                self.gave_up.append(body["client_order_id"])
+            elif response.status_code == 201:
+                data = response.json()
+                self.accepted[body["client_order_id"]] = Accepted(b, data["order_id"], body["client_order_id"])
+                self.placed_states.append((time.monotonic(), data["status"]))
+                mine.append(data["order_id"])
+            elif "valid_until" in body and response.status_code == 422 and "valid_until" in response.text:
+                self.expired_before_accepted += 1  # retried past its own valid_until: rightly refused
+            else:
+                self.rejected.append(f"{body['client_order_id']}: {response.status_code} {response.text}")
+
+    async def _send(
+        self, client: httpx.AsyncClient, op: str, broker: Broker, path: str, body: dict[str, Any] | None
+    ) -> httpx.Response | None:
+        """POST until a non-5xx answer, retrying the SAME request on transport errors, timeouts and 5xx."""
+        deadline = time.monotonic() + GIVE_UP_AFTER_S
+        while True:
+            try:
+                response = await client.post(path, json=body, headers=broker.headers)
+            except httpx.HTTPError as exc:
+                self.calls.append(Call(time.monotonic(), op, None, type(exc).__name__))
+            else:
+                self.calls.append(Call(time.monotonic(), op, response.status_code))
+                if response.status_code < 500:
+                    return response
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+
+# ------------------------------------------------------------------------------------------------ record
+
+
+@dataclass
+class Fault:
+    name: str
+    injected_at: float
+    recovered_after_s: float | None = None
+    """Injection → one probe order per partition matched again (None: never within RECOVERY_TIMEOUT_S)."""
+    note: str = ""
+
+
+@dataclass
+class PostgresOutage:
+    down_at: float = 0.0
+    up_at: float = 0.0
+    probes: list[Call] = field(default_factory=list)
+    starts_before: dict[str, int] = field(default_factory=dict)
+    starts_after: dict[str, int] = field(default_factory=dict)
+    dead_after: list[str] = field(default_factory=list)
+    first_201_after_s: float | None = None
+    """pg_ctl start returned → first POST /orders answered 201."""
+
+
+@dataclass
+class FaultRun:
+    harness: Harness
+    receiver: Receiver
+    load: Load
+    brokers: list[Broker]
+    symbols: list[str]
+    faults: list[Fault] = field(default_factory=list)
+    outages: list[PostgresOutage] = field(default_factory=list)
+    failovers: list[Failover] = field(default_factory=list)
+    after_recovery: list[Callable[[], None]] = field(default_factory=list)
+    api_workers_replaced: list[bool] = field(default_factory=list)
+    probe_accepted: list[tuple[Broker, str]] = field(default_factory=list)
+    drained: bool = False
+    webhooks_settled: bool = False
+    elapsed_s: float = 0.0
+
+    def calls_between(self, start: float, end: float) -> list[Call]:
+        return [c for c in self.load.calls if start <= c.at <= end]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    """Like conftest.wait_until, but returns None on timeout instead of failing (the tests judge the record)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (httpx.HTTPError, psycopg.Error):
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def child_pids(pid: int) -> set[int]:
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+class Prober:
+    """One resting probe order per partition (price 1: never trades), each on a symbol of its own."""
+
+    def __init__(self, harness: Harness, broker: Broker) -> None:
+        self.harness = harness
+        self.broker = broker
+        self.symbols = [unique_symbol("P", {n}) for n in range(PARTITIONS)]
+        self.client = httpx.Client(base_url=harness.base_url, timeout=REQUEST_TIMEOUT_S, headers=broker.headers)
+        self.accepted: list[str] = []
+
+    def place(self, symbol: str) -> str | None:
+        body = {"document_number": "00000000001", "side": "bid", "order_type": "limit", "symbol": symbol}
+        body |= {"price": 1, "quantity": 1, "client_order_id": f"probe-{uuid.uuid4().hex}"}
+
+        def post() -> str | None:
+            response = self.client.post("/orders", json=body)
+            return str(response.json()["order_id"]) if response.status_code == 201 else None
+
+        order_id: str | None = _poll(post, RECOVERY_TIMEOUT_S, interval=0.2)
+        if order_id is not None:
+            self.accepted.append(order_id)
+        return order_id
+
+    def pipeline_works(self, since: float) -> float | None:
+        """Seconds from ``since`` until a new probe order on every partition left ``pending`` (None: never)."""
+        for symbol in self.symbols:
+            order_id = self.place(symbol)
+            if order_id is None:
+                return None
+
+            def settled(order_id: str = order_id) -> bool:
+                response = self.client.get(f"/orders/{order_id}")
+                return response.status_code == 200 and response.json()["status"] != "pending"
+
+            if not _poll(settled, RECOVERY_TIMEOUT_S):
+                return None
+        return time.monotonic() - since
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+def kill_api_worker(run: FaultRun) -> str:
+    api = run.harness.services["api"]
+    assert api.process is not None
+    workers = child_pids(api.process.pid)
+    assert workers, "no gunicorn worker found"
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    replaced = _poll(lambda: (w := child_pids(api.process.pid)) and victim not in w and len(w) == len(workers), 30)
+    run.api_workers_replaced.append(bool(replaced))
+    return f"killed worker pid {victim}; {'replaced by gunicorn' if replaced else 'NOT replaced within 30 s'}"
+
+
+@dataclass(frozen=True)
+class Failover:
+    setup: str
+    first_processed_s: float | None
+    """SIGKILL → first command of the killed matcher's symbols processed (database ``processed_at``)."""
+    backlog_cleared_s: float | None
+    """SIGKILL → every command of those symbols created before the kill processed (the worst stall)."""
+
+
+def kill_matcher(standby: bool) -> Callable[[FaultRun], str]:
+    """SIGKILL matcher-a (partitions 0-1) and restart it after RESTART_DELAY_S, as a supervisor would; with
+    ``standby``, a second matcher already consumes the same partitions (DESIGN §7) and is stopped afterwards."""
+
+    def fault(run: FaultRun) -> str:
+        h = run.harness
+        if standby:
+            log = h.work_dir / f"{STANDBY}.log"
+            offset = log.stat().st_size if log.exists() else 0  # the log is appended to on every (soak) cycle
+            h.start_matcher(STANDBY, MATCHER_KILLED_PARTITIONS)
+            ready = _poll(lambda: b"ready for action" in log.read_bytes()[offset:], RECOVERY_TIMEOUT_S)
+            assert ready, f"the standby matcher did not start:\n{h.logs()}"
+            run.faults[-1].injected_at = time.monotonic()  # the fault is the kill, not the standby's start
+        killed = [s for s in run.symbols if partition_of(s, PARTITIONS) in {0, 1}]
+        t_kill: datetime = h.scalar("SELECT clock_timestamp()")
+        h.kill_service(MATCHER_KILLED)
+        time.sleep(RESTART_DELAY_S)
+        h.start_matcher(MATCHER_KILLED, MATCHER_KILLED_PARTITIONS)
+        first_sql = "SELECT min(processed_at) FROM commands WHERE symbol = ANY(%s) AND processed_at > %s"
+        first: datetime | None = _poll(lambda: h.scalar(first_sql, (killed, t_kill)), RECOVERY_TIMEOUT_S)
+        left_sql = "SELECT count(*) FROM commands WHERE symbol = ANY(%s) AND created_at <= %s AND processed_at IS NULL"
+        cleared = _poll(lambda: h.scalar(left_sql, (killed, t_kill)) == 0, RECOVERY_TIMEOUT_S)
+        last: datetime | None = None
+        if cleared:
+            last_sql = "SELECT max(processed_at) FROM commands WHERE symbol = ANY(%s) AND created_at <= %s"
+            last = h.scalar(last_sql, (killed, t_kill))
+        if standby:  # after the recovery probe (not timed): the next faults run with one matcher per partition
+
+            def stop_standby() -> None:
+                h.stop_services([STANDBY])
+                h.services.pop(STANDBY)  # stopped on purpose: not a dead process for assert_alive
+
+            run.after_recovery.append(stop_standby)
+        failover = Failover(
+            "hot standby on the same partitions" if standby else f"restarted after {RESTART_DELAY_S}s, no standby",
+            None if first is None else (first - t_kill).total_seconds(),
+            None if last is None else max(0.0, (last - t_kill).total_seconds()),
+        )
+        run.failovers.append(failover)
+        return f"{failover.setup}: first processed {failover.first_processed_s}s, backlog {failover.backlog_cleared_s}s"
+
+    return fault
+
+
+def restart_service(name: str, args: list[str]) -> Callable[[FaultRun], str]:
+    def fault(run: FaultRun) -> str:
+        run.harness.kill_service(name)
+        time.sleep(RESTART_DELAY_S)
+        run.harness.start_service(name, args)
+        return f"SIGKILL, restarted after {RESTART_DELAY_S}s"
+
+    return fault
+
+
+def restart_redis(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
+    def fault(run: FaultRun) -> str:
+        redis_server.stop()
+        time.sleep(REDIS_DOWN_S)
+        redis_server.start()
+        return f"redis-server down {REDIS_DOWN_S}s (SIGTERM, append-only file kept)"
+
+    return fault
+
+
+def restart_postgres(pg: PrivatePostgres, prober: Prober) -> Callable[[FaultRun], str]:
+    def fault(run: FaultRun) -> str:
+        h = run.harness
+        outage = PostgresOutage(starts_before={n: s.starts for n, s in h.services.items()})
+        run.outages.append(outage)
+        client = prober.client
+        broker_order = prober.accepted[0]
+        body = {"document_number": "00000000001", "side": "bid", "order_type": "limit", "symbol": prober.symbols[0]}
+        body |= {"price": 1, "quantity": 1}
+        pg.stop("fast")
+        outage.down_at = time.monotonic()
+        while time.monotonic() - outage.down_at < POSTGRES_DOWN_S:
+            probes: list[tuple[str, Callable[[], httpx.Response]]] = [
+                ("place", lambda: client.post("/orders", json=body | {"client_order_id": f"pg-{uuid.uuid4().hex}"})),
+                ("get_order", lambda: client.get(f"/orders/{broker_order}")),
+                ("balance", lambda: client.get("/balance")),
+                ("ready", lambda: client.get("/health/ready")),
+            ]
+            for op, call in probes:
+                try:
+                    response = call()
+                except httpx.HTTPError as exc:
+                    outage.probes.append(Call(time.monotonic(), op, None, type(exc).__name__))
+                    continue
+                outage.probes.append(Call(time.monotonic(), op, response.status_code, response.text[:200]))
+                if op == "place" and response.status_code == 201:
+                    run.probe_accepted.append((prober.broker, str(response.json()["order_id"])))
+            time.sleep(0.1)
+        pg.start()
+        outage.up_at = time.monotonic()
+        first_201 = prober.place(prober.symbols[0])
+        if first_201 is not None:
+            outage.first_201_after_s = time.monotonic() - outage.up_at
+        outage.starts_after = {n: s.starts for n, s in h.services.items()}
+        outage.dead_after = [n for n, s in h.services.items() if not s.alive]
+        return f"postgres down {POSTGRES_DOWN_S}s; first 201 {outage.first_201_after_s}s after start"
+
+    return fault
+
+
+# ------------------------------------------------------------------------------------------------ scenario
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, PrivatePostgres, PrivateRedis]]:
+    """A private exchange on its own PostgreSQL cluster and Redis server (both restartable by the scenario)."""
+    require_services()
+    missing = private_services_missing()
+    if missing:
+        (pytest.fail if in_ci() else pytest.skip)(missing)
+    pg = PrivatePostgres(free_port())
+    redis_server = PrivateRedis(free_port())
+    harness: Harness | None = None
+    try:
+        pg.init()
+        pg.start()
+        with psycopg.connect(pg.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE exchange")
+        migrate.upgrade(pg.url("exchange"))
+        redis_server.start()
+        harness = Harness(
+            name="faults",
+            database_url=pg.url("exchange"),
+            work_dir=tmp_path_factory.mktemp("faults"),
+            redis_url=redis_server.url,
+        )
+        harness.start()
+        yield harness, pg, redis_server
+    finally:
+        if harness is not None:
+            harness.stop()
+        redis_server.close()
+        pg.close()
+
+
+@pytest.fixture(scope="module")
+def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Iterator[FaultRun]:
+    h, pg, redis_server = fault_stack
+    started = time.monotonic()
+    with Receiver() as receiver:
+        brokers = [h.register_broker(f"fault{n}", f"{receiver.url}/{n}") for n in range(BROKERS)]
+        symbols = [unique_symbol("F", {p}) for p in range(PARTITIONS) for _ in range(SYMBOLS_PER_PARTITION)]
+        prober = Prober(h, h.register_broker("probe"))
+        load = Load(h.base_url, brokers, symbols)
+        run = FaultRun(h, receiver, load, brokers, symbols)
+        faults: list[tuple[str, Callable[[FaultRun], str]]] = [
+            ("api worker SIGKILL", kill_api_worker),
+            ("matcher SIGKILL", kill_matcher(standby=False)),
+            ("matcher SIGKILL with a hot standby", kill_matcher(standby=True)),
+            ("webhooks SIGKILL", restart_service("webhooks", ["webhooks", "--threads", "8"])),
+            ("sweeper SIGKILL", restart_service("sweeper", ["sweeper"])),
+            ("redis restart", restart_redis(redis_server)),
+            ("postgres restart", restart_postgres(pg, prober)),
+        ]
+        try:
+            assert prober.pipeline_works(time.monotonic()) is not None, "the pipeline does not work before faults"
+            load.start()
+            time.sleep(STEADY_S)
+            cycle_started = time.monotonic()
+            while True:
+                for name, inject in faults:
+                    fault = Fault(name, time.monotonic())
+                    run.faults.append(fault)
+                    fault.note = inject(run)
+                    fault.recovered_after_s = prober.pipeline_works(fault.injected_at)
+                    while run.after_recovery:
+                        run.after_recovery.pop()()
+                    time.sleep(STEADY_S)
+                if time.monotonic() - cycle_started >= SOAK_SECONDS:
+                    break
+        finally:
+            load.stop()
+            prober.close()
+        run.probe_accepted += [(prober.broker, order_id) for order_id in prober.accepted]
+        # Drained: every command applied, no order pending, and every good-till-date order expired (valid_until is
+        # at most 6 s out): its expiry notice is an event too, and must exist before the webhooks settle.
+        unsettled = (
+            "SELECT (SELECT count(*) FROM commands WHERE processed_at IS NULL)"
+            " + (SELECT count(*) FROM orders WHERE status = 'pending')"
+            " + (SELECT count(*) FROM orders WHERE status = 'open' AND valid_until IS NOT NULL)"
+        )
+        run.drained = bool(_poll(lambda: h.scalar(unsettled) == 0, DRAIN_TIMEOUT_S, interval=0.2))
+        undelivered = "SELECT count(*) FROM webhook_events WHERE status = 'pending'"
+        run.webhooks_settled = bool(_poll(lambda: h.scalar(undelivered) == 0, DRAIN_TIMEOUT_S, interval=0.2))
+        run.elapsed_s = time.monotonic() - started
+        yield run
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_every_order_answered_2xx_exists_and_ends_open_or_closed(
+    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+) -> None:
+    h = fault_stack[0]
+    accepted = list(fault_run.load.accepted.values())
+    assert len(accepted) > 100, f"too little load to judge: {len(accepted)} orders accepted"
+    assert fault_run.load.rejected == []
+    ids = [a.order_id for a in accepted] + [order_id for _, order_id in fault_run.probe_accepted]
+    assert len(set(ids)) == len(ids), "two client_order_ids were answered with the same order"
+    rows = h.query("SELECT id::text, status, client_order_id FROM orders WHERE id = ANY(%s::uuid[])", (ids,))
+    states = {order_id: status for order_id, status, _ in rows}
+    missing = set(ids) - set(states)
+    assert not missing, f"{len(missing)} orders answered 2xx are not in Postgres, e.g. {sorted(missing)[:5]}"
+    not_final = {i: s for i, s in states.items() if s not in {"open", "closed"}}
+    assert not not_final, f"{len(not_final)} accepted orders are neither open nor closed: {list(not_final.items())[:5]}"
+    by_cid = {cid: order_id for order_id, _, cid in rows}
+    assert all(by_cid[a.client_order_id] == a.order_id for a in accepted)
+
+    rng = random.Random(7)
+    for a in rng.sample(accepted, min(HTTP_CHECK_SAMPLE, len(accepted))):
+        body = fault_run.brokers[a.broker].order(a.order_id)
+        assert body["status"] in {"open", "closed"}, body
+
+
+def test_invariants_hold_after_every_fault(
+    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+) -> None:
+    assert fault_run.drained, "the exchange did not drain (unprocessed commands or pending orders remain)"
+    check_invariants(fault_stack[0].database_url)
+
+
+def test_every_fill_event_reaches_the_receiver_with_contiguous_per_broker_sequences(
+    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+) -> None:
+    h = fault_stack[0]
+    assert fault_run.webhooks_settled, "webhook events are still pending after the drain"
+    received: dict[str, dict[str, dict[str, Any]]] = {}
+    for request in fault_run.receiver.accepted():
+        if len(request.body) != int(request.headers.get("content-length", -1)):
+            continue  # cut short by the SIGKILL of the sending worker: the receiver never got this event
+        body = request.json
+        received.setdefault(request.path.rsplit("/", 1)[1], {})[body["event_id"]] = body
+    fills = 0
+    for n, broker in enumerate(fault_run.brokers):
+        # Every event of the broker (fills, and cancel/expiry notices, which share its sequence).
+        stored = h.query(
+            "SELECT id::text, sequence, type, status, attempts, last_error FROM webhook_events WHERE broker_id = %s",
+            (broker.broker_id,),
+        )
+        event_seq = h.scalar("SELECT event_seq FROM brokers WHERE id = %s", (broker.broker_id,))
+        got = received.get(str(n), {})
+        not_delivered = [row for row in stored if row[3] != "delivered"]
+        assert not not_delivered, f"broker {n}: {len(not_delivered)} events not delivered, e.g. {not_delivered[:5]}"
+        missing = [row for row in stored if row[0] not in got]
+        assert not missing, f"broker {n}: {len(missing)} events never reached the receiver, e.g. {missing[:5]}"
+        sequences = sorted({b["sequence"] for b in got.values()})
+        assert sequences == list(range(1, event_seq + 1)), f"broker {n}: sequences received are not 1..{event_seq}"
+        fills += sum(row[2] == "order.fill" for row in stored)
+    assert fills > 0, "no fill happened: the load did not cross"
+
+
+def test_api_answers_503_not_500_while_postgres_is_down(fault_run: FaultRun) -> None:
+    assert fault_run.outages, "postgres was never restarted"
+    for outage in fault_run.outages:
+        seen = outage.probes + fault_run.calls_between(outage.down_at, outage.up_at)
+        statuses = Counter((c.op, c.status or c.error) for c in seen)
+        server_errors = [c for c in seen if c.status is not None and c.status >= 500 and c.status != 503]
+        assert not server_errors, f"5xx other than 503 while postgres was down: {server_errors[:5]}; all: {statuses}"
+        assert any(c.status == 503 and c.op != "ready" for c in outage.probes), f"no 503 from the api: {statuses}"
+        assert any(c.op == "ready" and c.status == 503 for c in outage.probes), f"/health/ready not 503: {statuses}"
+
+
+def test_api_recovers_from_a_postgres_restart_without_any_process_restart(fault_run: FaultRun) -> None:
+    assert fault_run.outages, "postgres was never restarted"
+    for outage in fault_run.outages:
+        assert outage.first_201_after_s is not None, "POST /orders never answered 201 after postgres came back"
+        assert outage.starts_after == outage.starts_before, "a process was (re)started during the postgres outage"
+        assert outage.dead_after == [], f"processes died during the postgres outage: {outage.dead_after}"
+
+
+def test_no_request_is_answered_500_under_faults(fault_run: FaultRun) -> None:
+    errors = [c for c in fault_run.load.calls if c.status is not None and c.status >= 500 and c.status != 503]
+    assert not errors, f"{len(errors)} requests answered 5xx other than 503, e.g. {errors[:5]}"
+    assert fault_run.load.gave_up == [], f"{len(fault_run.load.gave_up)} orders never got an answer"
+
+
+def test_gunicorn_replaces_a_killed_api_worker(fault_run: FaultRun) -> None:
+    assert fault_run.api_workers_replaced, "no api worker was killed"
+    assert all(fault_run.api_workers_replaced), "gunicorn did not replace a killed worker within 30 s"
+
+
+def test_pipeline_matches_new_orders_again_after_every_fault(fault_run: FaultRun) -> None:
+    stuck = [f"{f.name} ({f.note})" for f in fault_run.faults if f.recovered_after_s is None]
+    assert not stuck, f"no probe order was matched within {RECOVERY_TIMEOUT_S}s after: {stuck}"
+    fault_run.harness.assert_alive()
+
+
+def test_killed_matchers_partitions_are_processed_again(
+    fault_run: FaultRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with capsys.disabled():
+        print(_report(fault_run))
+    assert fault_run.failovers, "no matcher was killed"
+    for failover in fault_run.failovers:
+        assert failover.first_processed_s is not None, f"{failover.setup}: partitions never processed after the kill"
+        assert failover.backlog_cleared_s is not None, f"{failover.setup}: the killed matcher's backlog remained"
+
+
+def _report(run: FaultRun) -> str:
+    lines = [
+        f"\n[faults] {len(run.load.accepted)} orders accepted, {len(run.load.calls)} calls, "
+        f"{run.elapsed_s:.1f}s in all (soak {SOAK_SECONDS:.0f}s)"
+    ]
+    for f in run.faults:
+        recovered = "never" if f.recovered_after_s is None else f"{f.recovered_after_s:.2f}s"
+        lines.append(f"  - {f.name}: pipeline matching again after {recovered}; {f.note}")
+    for f in run.failovers:
+        lines.append(
+            f"  matcher failover ({f.setup}): kill -> first processed command on its partitions "
+            f"{f.first_processed_s}s; -> every command accepted before the kill processed {f.backlog_cleared_s}s"
+        )
+    for outage in run.outages:
+        seen = outage.probes + run.calls_between(outage.down_at, outage.up_at)
+        statuses = Counter(f"{c.op}:{c.status or c.error}" for c in seen)
+        lines.append(f"  postgres outage statuses: {dict(statuses)}; first 201 after {outage.first_201_after_s}s")
+    edges = [f.injected_at for f in run.faults] + [float("inf")]
+    for name, start, end in zip(["before faults", *(f.name for f in run.faults)], [0.0, *edges], edges, strict=False):
+        states = Counter(state for at, state in run.load.placed_states if start <= at < end)
+        lines.append(f"  POST /orders 201 states from '{name}' on: {dict(states)}")
+    lines.append(f"  load calls by status: {dict(Counter(f'{c.op}:{c.status or c.error}' for c in run.load.calls))}")
+    return "\n".join(lines)
