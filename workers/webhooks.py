@@ -11,6 +11,7 @@ Run it with several threads: each thread handles one delivery at a time, and a s
 from __future__ import annotations
 
 import logging
+import time
 from uuid import UUID
 
 import dramatiq
@@ -19,7 +20,9 @@ from exchange.config import Settings
 from exchange.db.engines import pooled_engine
 from exchange.messaging.broker import make_broker
 from exchange.messaging.partitions import WEBHOOK_QUEUE
-from exchange.webhooks.delivery import Deliverer, DeliveryConfig
+from exchange.observability import metrics
+from exchange.observability.logs import configure_logging
+from exchange.webhooks.delivery import Deliverer, DeliveryConfig, Outcome
 from exchange.webhooks.queue import DELIVER_ACTOR, deliver_message
 
 log = logging.getLogger("exchange.webhooks")
@@ -29,6 +32,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 settings = Settings.from_env()
+configure_logging("webhooks", level=settings.log_level, fmt=settings.log_format, replace=True)
+metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
 _engine = pooled_engine(settings.pooled_database_url, pool_size=8, max_overflow=24)
 
@@ -43,4 +48,12 @@ _deliverer = Deliverer(_engine, DeliveryConfig.from_settings(settings), reenqueu
 @dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=WEBHOOK_QUEUE, max_retries=0)
 def deliver(event_id: str) -> None:
     """Make at most one delivery attempt of ``event_id`` (a duplicate or early message is a no-op)."""
-    _deliverer.deliver(UUID(event_id))
+    started = time.perf_counter()
+    result = _deliverer.deliver(UUID(event_id))
+    if result.outcome in _COUNTED:
+        metrics.record_webhook_delivery(result.outcome.value, time.perf_counter() - started)
+
+
+# Outcomes that are an attempt (or a decision not to attempt); "not due" and "deferred" are no-ops of a duplicate
+# or early message and are not counted.
+_COUNTED = frozenset({Outcome.DELIVERED, Outcome.RETRY, Outcome.FAILED, Outcome.SKIPPED})

@@ -234,6 +234,8 @@ class Service:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables this service gets on top of the harness's (kept across restarts)."""
 
     @property
     def alive(self) -> bool:
@@ -291,7 +293,10 @@ class Harness:
         for name, spec in MATCHER_SPLITS.items():
             self.start_matcher(name, spec)
         self.start_service("sweeper", ["sweeper"])
-        self.start_service("webhooks", ["webhooks", "--threads", "8"])
+        self.webhooks_metrics_port = free_port()
+        self.start_service(
+            "webhooks", ["webhooks", "--threads", "8"], env={"EXCHANGE_METRICS_PORT": str(self.webhooks_metrics_port)}
+        )
         self._client = httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S)
         self._wait_ready()
         self._warm_up()
@@ -378,10 +383,12 @@ class Harness:
 
     # -------------------------------------------------------------------------------------- processes
 
-    def start_service(self, name: str, args: list[str]) -> Service:
+    def start_service(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Service:
         service = self.services.get(name)
         if service is None:
-            service = Service(name, [sys.executable, "-m", "exchange.cli", *args], self.work_dir / f"{name}.log")
+            service = Service(
+                name, [sys.executable, "-m", "exchange.cli", *args], self.work_dir / f"{name}.log", env=env or {}
+            )
             self.services[name] = service
         assert not service.alive, f"{name} is already running"
         service.starts += 1
@@ -391,7 +398,7 @@ class Harness:
             service.process = subprocess.Popen(
                 service.argv,
                 cwd=REPO_ROOT,
-                env=self.env,
+                env={**self.env, **service.env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

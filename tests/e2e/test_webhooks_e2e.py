@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
@@ -59,6 +60,37 @@ def test_fills_reach_each_brokers_receiver_signed_gap_free_and_after_retries(
     assert_every_event_received(e2e_harness, buyer, buyer_hook, 10)
     assert_every_event_received(e2e_harness, seller, seller_hook, 10)
     assert sum(r.status >= 500 for r in buyer_hook.received) == 2
+
+
+def webhook_deliveries(harness: Harness) -> dict[str, float]:
+    """exchange_webhook_deliveries_total by outcome, scraped from the webhooks worker's metrics port."""
+    text = httpx.get(f"http://127.0.0.1:{harness.webhooks_metrics_port}/metrics", timeout=5).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("exchange_webhook_deliveries_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('outcome="', 1)[1].split('"', 1)[0]] = float(value)
+    return counts
+
+
+def test_the_delivery_worker_counts_its_attempts_by_outcome_in_prometheus(
+    e2e_harness: Harness, receivers: tuple[Receiver, Receiver]
+) -> None:
+    buyer_hook, seller_hook = receivers
+    before = webhook_deliveries(e2e_harness)
+    buyer = e2e_harness.register_broker("wh-metrics-buyer", buyer_hook.url)
+    seller = e2e_harness.register_broker("wh-metrics-seller", seller_hook.url)
+    seller_hook.fail_next(1)
+
+    cross(buyer, seller, unique_symbol("WM"), 3)
+    wait_until(
+        lambda: webhook_deliveries(e2e_harness).get("delivered", 0) - before.get("delivered", 0) >= 6,
+        timeout=30,
+        message="6 delivered attempts counted",
+    )
+
+    after = webhook_deliveries(e2e_harness)
+    assert after.get("retry", 0) - before.get("retry", 0) >= 1
 
 
 def test_killing_the_delivery_worker_mid_batch_loses_no_event(
