@@ -193,7 +193,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = None) -> Self:
         """Build settings from ``environ`` (default: ``os.environ`` over the optional ``.env`` file, see
         :func:`load_environ`). Unset and empty variables take defaults."""
-        env = load_environ(env_file=env_file) if environ is None else load_environ(environ, env_file=env_file)
+        env = load_environ(environ, env_file=env_file)
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             meta = field.metadata

@@ -24,9 +24,6 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import psycopg
-from psycopg import sql
-
 from exchange.config import Settings, load_environ
 from exchange.db import migrate
 from exchange.db.urls import libpq_url
@@ -44,18 +41,6 @@ class Child:
     pump: threading.Thread | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
-
-
-def ensure_database(url: str) -> None:
-    """Create the database named in ``url`` when it does not exist (dev convenience; needs CREATEDB)."""
-    parts = urlsplit(libpq_url(url))
-    name = parts.path.lstrip("/")
-    admin = parts._replace(path="/postgres").geturl()
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"dev: created database {name}", flush=True)
 
 
 def start_pgbouncer(database_url: str, run_dir: Path, port: int) -> str | None:
@@ -181,7 +166,8 @@ def _supervise(
     admin_key = settings.admin_api_key or env.get("EXCHANGE_ADMIN_API_KEY") or f"adm_{secrets.token_urlsafe(18)}"
     env["EXCHANGE_ADMIN_API_KEY"] = admin_key
 
-    ensure_database(settings.database_url)
+    if migrate.ensure_database(settings.database_url):
+        print(f"dev: created database {urlsplit(libpq_url(settings.database_url)).path.lstrip('/')}", flush=True)
     revision = migrate.upgrade(settings.database_url)
     print(f"dev: database at revision {revision}", flush=True)
     pgb_dir = state_dir / "pgbouncer"

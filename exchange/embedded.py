@@ -29,8 +29,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import psycopg
 import redis
+
+from exchange.db.migrate import ensure_database
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, owned by another user
     return True
 
 
@@ -80,11 +81,9 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: this object stops the server explicitly; no atexit surprises in child processes.
         self._server = get_server(self.data_dir, cleanup_mode=None)
-        url = self.url("postgres")
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
-                conn.execute(f'CREATE DATABASE "{database}"')
-        return self.url(database)
+        url = self.url(database)
+        ensure_database(url)
+        return url
 
     @property
     def socket_dir(self) -> str:
@@ -123,6 +122,7 @@ class EmbeddedRedis:
         self.state_dir = state_dir.resolve()
         self.socket = _socket_path(self.state_dir, "redis.sock")
         self.pidfile = self.state_dir / "redis.pid"
+        self.logfile = self.state_dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -176,13 +176,13 @@ class EmbeddedRedis:
             "--save", "",
             "--appendonly", "no",
             "--daemonize", "no",
-            "--logfile", str(self.state_dir / "redis.log"),
+            "--logfile", str(self.logfile),
         ]  # fmt: skip
         self.process = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._ping():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                log_text = (self.state_dir / "redis.log").read_text(errors="replace")[-2000:]
+                log_text = self.logfile.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"embedded redis did not start (exit {self.process.poll()}):\n{log_text}")
             time.sleep(0.02)
         return self.url

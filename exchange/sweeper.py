@@ -65,7 +65,6 @@ def sweep_once(
 ) -> SweepResult:
     with engine.begin() as conn:
         expiring = [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
-    with engine.begin() as conn:
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
     for symbol in sorted(set(stale) | set(expiring)):
         send_wakeup(broker, symbol, partitions)

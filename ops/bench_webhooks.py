@@ -25,12 +25,13 @@ from typing import Any
 
 import psycopg
 import redis
-from psycopg import sql
 
 from exchange.db import migrate
 from exchange.messaging.broker import make_broker
 from exchange.orders.brokers import new_webhook_secret
 from exchange.webhooks.queue import enqueue_deliveries
+from ops.bench.ceiling import create_scratch_database, drop_database
+from ops.bench.main import free_port
 
 ADMIN_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "exchange_bench_webhooks"
@@ -55,12 +56,6 @@ async def receiver_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b'{"ok":true}'})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,42 +66,24 @@ def _wait_port(port: int, timeout: float = 15.0) -> None:
     raise SystemExit(f"receiver did not listen on {port}")
 
 
-def _database_url() -> str:
-    base = ADMIN_URL.rsplit("/", 1)[0]
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB_NAME)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
-    return f"{base}/{DB_NAME}"
-
-
-def _drop_database() -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB_NAME)))
-
-
 def _seed(url: str, brokers: int, events: int, hook: str) -> list[str]:
-    ids: list[str] = []
-    with psycopg.connect(url) as conn:
-        broker_ids = [str(uuid.uuid4()) for _ in range(brokers)]
-        for n, broker_id in enumerate(broker_ids):
-            conn.execute(
-                "INSERT INTO brokers (id, name, api_key_hash, webhook_url, webhook_secret) VALUES (%s, %s, %s, %s, %s)",
-                (broker_id, f"bench-{n}", f"{n:064x}", hook, new_webhook_secret()),
-            )
-        rows = []
-        for i in range(events):
-            event_id = str(uuid.uuid4())
-            broker_id = broker_ids[i % brokers]
-            sequence = i // brokers + 1
-            payload = {"event_id": event_id, "event": "trade_executed", "type": "order.fill", "sequence": sequence}
-            rows.append((event_id, broker_id, sequence, json.dumps(payload)))
-            ids.append(event_id)
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO webhook_events (id, broker_id, sequence, type, payload, next_attempt_at) "
-                "VALUES (%s, %s, %s, 'order.fill', %s, now() - interval '1 second')",
-                rows,
-            )
+    broker_ids = [str(uuid.uuid4()) for _ in range(brokers)]
+    ids = [str(uuid.uuid4()) for _ in range(events)]
+    rows = []
+    for i, event_id in enumerate(ids):
+        sequence = i // brokers + 1
+        payload = {"event_id": event_id, "event": "trade_executed", "type": "order.fill", "sequence": sequence}
+        rows.append((event_id, broker_ids[i % brokers], sequence, json.dumps(payload)))
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO brokers (id, name, api_key_hash, webhook_url, webhook_secret) VALUES (%s, %s, %s, %s, %s)",
+            [(b, f"bench-{n}", f"{n:064x}", hook, new_webhook_secret()) for n, b in enumerate(broker_ids)],
+        )
+        cur.executemany(
+            "INSERT INTO webhook_events (id, broker_id, sequence, type, payload, next_attempt_at) "
+            "VALUES (%s, %s, %s, 'order.fill', %s, now() - interval '1 second')",
+            rows,
+        )
     return ids
 
 
@@ -124,9 +101,9 @@ def main() -> None:
         uvicorn.run(receiver_app, host="127.0.0.1", port=args.serve, log_level="warning", access_log=False)
         return
 
-    url = _database_url()
+    url = create_scratch_database(ADMIN_URL, DB_NAME)
     migrate.upgrade(url)
-    port = _free_port()
+    port = free_port()
     children: list[subprocess.Popen[bytes]] = []
     try:
         children.append(
@@ -181,7 +158,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-        _drop_database()
+        drop_database(ADMIN_URL, DB_NAME)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine
 
 from exchange.db import migrate
-from exchange.db.urls import libpq_url, sqlalchemy_url
+from exchange.db.urls import libpq_url, sqlalchemy_url, with_database
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE_PREFIX = "exchange_test_"
@@ -95,10 +95,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlsplit(url)._replace(path=f"/{name}").geturl()
-
-
 class DatabaseFactory:
     """Creates uniquely named databases on one server and drops them (``WITH (FORCE)``: open connections of
     the test under teardown must not keep a database alive)."""
@@ -118,7 +114,7 @@ class DatabaseFactory:
         # template0 rather than template1: nobody is ever connected to it, so concurrent runs never collide.
         self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
         self.created.append(name)
-        return _with_database(self.admin_url, name)
+        return with_database(self.admin_url, name)
 
     def drop(self, url: str) -> None:
         name = urlsplit(url).path.lstrip("/")
@@ -128,7 +124,7 @@ class DatabaseFactory:
 
     def drop_all(self) -> None:
         for name in list(self.created):
-            self.drop(_with_database(self.admin_url, name))
+            self.drop(with_database(self.admin_url, name))
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,9 @@ class Receiver:
         self.failure_status = 500
         self.always_status: int | None = None
         self.delay_s = 0.0
-        self.hanging = threading.Event()
-        self.released = threading.Event()
+        self.open = threading.Event()
+        """Cleared by ``hang()``: requests wait for it (at most 30 s) before they are answered."""
+        self.open.set()
         self.server: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
         self.port = 0
@@ -54,12 +55,10 @@ class Receiver:
         self.always_status = 410
 
     def hang(self) -> None:
-        self.released.clear()
-        self.hanging.set()
+        self.open.clear()
 
     def release(self) -> None:
-        self.hanging.clear()
-        self.released.set()
+        self.open.set()
 
     @property
     def url(self) -> str:
@@ -96,8 +95,7 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(length)
-                if receiver.hanging.is_set():
-                    receiver.released.wait(30)
+                receiver.open.wait(30)
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 status = receiver._answer()

@@ -23,9 +23,8 @@ from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
 from exchange.webhooks.delivery import Deliverer, DeliveryConfig, Outcome
-from exchange.webhooks.queue import DELIVER_ACTOR, deliver_message
+from exchange.webhooks.queue import DELIVER_ACTOR, enqueue_deliveries
 
-log = logging.getLogger("exchange.webhooks")
 # httpx logs every request at INFO: at thousands of deliveries/s that is most of the worker's CPU. Attempts are
 # recorded in webhook_attempts instead.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -39,7 +38,7 @@ _engine = pooled_engine(settings.pooled_database_url, pool_size=8, max_overflow=
 
 
 def _reenqueue(event_id: UUID, delay_ms: int) -> None:
-    broker.enqueue(deliver_message(event_id), delay=delay_ms)
+    enqueue_deliveries(broker, [event_id], delay_ms=delay_ms)
 
 
 _deliverer = Deliverer(_engine, DeliveryConfig.from_settings(settings), reenqueue=_reenqueue)

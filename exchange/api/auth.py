@@ -19,7 +19,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from exchange.api.errors import ApiError, unauthorized
 from exchange.api.state import api_state
-from exchange.orders.brokers import broker_for_key, hash_api_key
+from exchange.orders.brokers import broker_for_key_hash, hash_api_key
 from exchange.orders.models import BrokerIdentity
 
 MAX_KEY_LENGTH = 512
@@ -46,7 +46,7 @@ async def broker_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
     broker = state.keys.get(key_hash)
     if broker is None:
         async with state.engine.connect() as conn:
-            broker = await broker_for_key(conn, token)
+            broker = await broker_for_key_hash(conn, key_hash)
         if broker is None:
             raise unauthorized()
         state.keys.put(key_hash, broker)

@@ -1,11 +1,13 @@
-"""Dependencies shared by the controllers: ``api`` (the process's :class:`ApiState`) and ``broker``."""
+"""Dependencies shared by the controllers: ``api`` (the process's :class:`ApiState`) and ``broker``; the
+query parameters of the keyset-paginated listings."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request
 from litestar.di import NamedDependency, Provide
+from litestar.params import QueryParameter
 
 from exchange.api.auth import current_broker
 from exchange.api.state import ApiState, api_state
@@ -23,3 +25,8 @@ Api = NamedDependency[ApiState]
 """Annotation of the ``api`` dependency in handlers."""
 CurrentBroker = NamedDependency[BrokerIdentity]
 """Annotation of the ``broker`` dependency in handlers."""
+
+Cursor = Annotated[str | None, QueryParameter(max_length=512)]
+"""``cursor`` of a paginated listing: the previous page's ``next_cursor``."""
+PageLimit = Annotated[int, QueryParameter(ge=1, le=200)]
+"""``limit`` of a paginated listing."""

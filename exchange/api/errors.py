@@ -184,10 +184,6 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dic
     return error_response(500, "internal_error", "internal error")
 
 
-def _any_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    return _unexpected(request, exc)
-
-
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ApiError: _api_error,
     domain.OrderServiceError: _domain_error,
@@ -195,5 +191,5 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _http_error,
     sa_exc.IntegrityError: _integrity_error,
     sa_exc.SQLAlchemyError: _database_error,
-    Exception: _any_error,
+    Exception: _unexpected,
 }

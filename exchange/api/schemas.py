@@ -18,6 +18,7 @@ import msgspec
 
 from exchange.api.errors import ApiError
 from exchange.orders import models
+from exchange.orders.accept import SYMBOL_RE
 
 # Largest price (cents) and quantity (shares) an order may carry. Their product, the cash of one trade, must stay
 # far inside PostgreSQL's bigint (2**63 - 1 ≈ 9.2e18) so balances can accumulate many such trades: 10**9 cents
@@ -27,7 +28,7 @@ MAX_QUANTITY = 10**9
 Price = Annotated[int, msgspec.Meta(gt=0, le=MAX_PRICE_CENTS)]
 Quantity = Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-Symbol = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.]{1,10}$")]
+Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_RE.pattern)]
 # PostgreSQL text cannot hold NUL (0x00): refuse it at the edge as a 422 instead of failing in the database.
 _NO_NUL = r"\A[^\x00]*\Z"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_NO_NUL)]
@@ -236,28 +237,15 @@ def _summary_fields(view: models.OrderView) -> dict[str, Any]:
     }
 
 
+def to_wire(view: object, type_: type[T]) -> T:
+    """Map a domain view onto the wire Struct whose fields have the same names (nested views too; attributes the
+    Struct does not declare are ignored)."""
+    return msgspec.convert(view, type_, from_attributes=True)
+
+
 def order_out(view: models.OrderView) -> OrderOut:
-    trades = [
-        TradeOut(
-            trade_id=t.trade_id,
-            price=t.price,
-            quantity=t.quantity,
-            counterparty_broker=t.counterparty_broker,
-            executed_at=t.executed_at,
-        )
-        for t in view.trades
-    ]
-    return OrderOut(**_summary_fields(view), trades=trades)
+    return OrderOut(**_summary_fields(view), trades=[to_wire(t, TradeOut) for t in view.trades])
 
 
 def order_page_out(page: models.OrderPage) -> OrderPageOut:
     return OrderPageOut(items=[OrderSummaryOut(**_summary_fields(v)) for v in page.items], next_cursor=page.next_cursor)
-
-
-def book_out(book: models.BookView) -> BookOut:
-    def levels(side: list[models.BookLevel]) -> list[BookLevelOut]:
-        return [
-            BookLevelOut(price=lv.price, total_quantity=lv.total_quantity, order_count=lv.order_count) for lv in side
-        ]
-
-    return BookOut(symbol=book.symbol, bids=levels(book.bids), asks=levels(book.asks))

@@ -9,14 +9,17 @@ the sweeper re-nudges symbols with old unprocessed commands.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Iterator
 from uuid import UUID
 
 from exchange.api.state import ApiState
 from exchange.messaging.wakeups import wake_async
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
-from exchange.orders.models import NewOrder, OrderView
+from exchange.orders.models import CommandResult, NewOrder, OrderView
 
 log = logging.getLogger("exchange.api")
 
@@ -40,37 +43,50 @@ def _wait_s(state: ApiState) -> float:
     return state.settings.order_wait_ms / 1000
 
 
+@contextlib.contextmanager
+def _registered(state: ApiState, order_id: UUID) -> Iterator[asyncio.Future[None]]:
+    """Register for ``order_id``'s result (before the command's transaction); always deregistered on exit."""
+    future = state.waiter.register(order_id)
+    try:
+        yield future
+    finally:
+        state.waiter.discard(order_id, future)
+
+
 async def place(state: ApiState, order: NewOrder) -> tuple[OrderView, bool]:
     """Accept ``order``; returns its view (after matching, or ``pending`` on timeout) and whether it is new
     (False: a duplicate ``client_order_id``/``Idempotency-Key`` returned the original order)."""
-    future = state.waiter.register(order.order_id)
-    try:
+    with _registered(state, order.order_id) as future:
         result = await accept.place_order(state.engine, order)
-    except BaseException:
-        state.waiter.discard(order.order_id, future)
-        raise
-    if not result.created:
-        state.waiter.discard(order.order_id, future)
-        return await read_order(state, order.broker_id, result.order_id), False
-    await wake(state, order.symbol)
-    await state.waiter.wait(order.order_id, future, _wait_s(state))
-    return await read_order(state, order.broker_id, order.order_id), True
+        if result.created:
+            await wake(state, order.symbol)
+            await state.waiter.wait(order.order_id, future, _wait_s(state))
+    return await read_order(state, order.broker_id, result.order_id), result.created
+
+
+async def _command_and_wait(
+    state: ApiState, broker_id: UUID, order_id: UUID, write: Callable[[], Awaitable[CommandResult]]
+) -> OrderView:
+    """Run ``write`` (a cancel/amend of ``order_id``); if it wrote a command, wake and wait like :func:`place`."""
+    with _registered(state, order_id) as future:
+        result = await write()
+        if result.written:
+            await wake(state, result.symbol)
+            await state.waiter.wait(order_id, future, _wait_s(state))
+    return await read_order(state, broker_id, order_id)
 
 
 async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool) -> OrderView | None:
     """Cancel the broker's own order (no-op when closed or a cancel is already pending). With ``wait``, wait for
     the matcher like :func:`place` and return the order's view."""
-    future = state.waiter.register(order_id) if wait else None
-    try:
-        result = await accept.cancel_order(state.engine, broker_id, order_id)
-        if result.written:
-            await wake(state, result.symbol)
-            if future is not None:
-                await state.waiter.wait(order_id, future, _wait_s(state))
-    finally:
-        if future is not None:
-            state.waiter.discard(order_id, future)
-    return await read_order(state, broker_id, order_id) if wait else None
+    if wait:
+        return await _command_and_wait(
+            state, broker_id, order_id, lambda: accept.cancel_order(state.engine, broker_id, order_id)
+        )
+    result = await accept.cancel_order(state.engine, broker_id, order_id)
+    if result.written:
+        await wake(state, result.symbol)
+    return None
 
 
 async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.CancelAllResult:
@@ -81,11 +97,6 @@ async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.Ca
 
 
 async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None) -> OrderView:
-    future = state.waiter.register(order_id)
-    try:
-        result = await accept.amend_order(state.engine, broker_id, order_id, quantity, price)
-        await wake(state, result.symbol)
-        await state.waiter.wait(order_id, future, _wait_s(state))
-    finally:
-        state.waiter.discard(order_id, future)
-    return await read_order(state, broker_id, order_id)
+    return await _command_and_wait(
+        state, broker_id, order_id, lambda: accept.amend_order(state.engine, broker_id, order_id, quantity, price)
+    )

@@ -4,7 +4,8 @@
   pgbouncer in transaction-pooling mode, so every connection disables server-side prepared statements
   (``prepare_threshold=None``; pgbouncer 1.18 cannot track them and fails with DuplicatePreparedStatement) and
   nothing session-scoped (LISTEN, session advisory locks, SET) may be relied on.
-* ``direct``: migrations and session-scoped work, straight to PostgreSQL.
+* direct: migrations (:mod:`exchange.db.migrate`, its own short-lived engine) and session-scoped work, straight
+  to PostgreSQL via ``EXCHANGE_DATABASE_URL``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,3 @@ def pooled_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10
         pool_pre_ping=True,
         **kw,
     )
-
-
-def direct_engine(url: str, **kw: Any) -> Engine:
-    """A synchronous engine straight to PostgreSQL (migrations, admin work)."""
-    return create_engine(sqlalchemy_url(url), **kw)

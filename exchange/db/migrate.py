@@ -11,15 +11,18 @@ as ``sqlalchemy.url``. Invariants:
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 from alembic.command import downgrade as alembic_downgrade
 from alembic.command import upgrade as alembic_upgrade
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg import sql
 from sqlalchemy import create_engine, pool
 
-from exchange.db.urls import sqlalchemy_url
+from exchange.db.urls import libpq_url, sqlalchemy_url, with_database
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 """The repository's ``alembic/`` directory (the image ships the repository tree, not just the wheel)."""
@@ -68,3 +71,15 @@ def head() -> str:
     if revision is None:
         raise RuntimeError(f"no migrations found in {ALEMBIC_DIR / 'versions'}")
     return revision
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` when it does not exist (connecting to ``postgres`` on the same
+    server; needs CREATEDB). Returns True when it was created."""
+    plain = libpq_url(url)
+    name = urlsplit(plain).path.lstrip("/")
+    with psycopg.connect(with_database(plain, "postgres"), autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None:
+            return False
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return True

@@ -12,6 +12,8 @@ the scheme (``postgresql+psycopg://…``). Invariants:
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 DRIVER = "psycopg"
 """psycopg 3: sync and async from one driver."""
 
@@ -41,3 +43,8 @@ def libpq_url(url: str) -> str:
     if scheme in _PLAIN_SCHEMES or scheme.startswith("postgresql+"):
         return f"postgresql://{rest}"
     raise ValueError(f"not a PostgreSQL URL: scheme {scheme!r}")
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead; everything else (query, e.g. ``?host=<socket dir>``) is kept."""
+    return urlsplit(url)._replace(path=f"/{name}").geturl()

@@ -20,6 +20,7 @@ from exchange.engine.types import (
     Amended,
     Closed,
     CloseReason,
+    Command,
     Decremented,
     Event,
     Fill,
@@ -96,7 +97,7 @@ CLOSE_EVENT_TYPES: dict[CloseReason, str] = {
 
 
 def plan_batch(
-    applied: Iterable[tuple[Place | object, list[Event]]],
+    applied: Iterable[tuple[Command, list[Event]]],
     resting_after: dict[UUID, RestingOrder],
     owners: dict[UUID, tuple[UUID, Side]],
 ) -> BatchEffects:

@@ -49,7 +49,6 @@ class BookCache:
     """Books kept in memory by one matcher process, keyed by symbol."""
 
     books: dict[str, CachedBook] = field(default_factory=dict)
-    rebuilds: int = 0
     suspects: set[str] = field(default_factory=set)
     """Symbols whose last batch failed deterministically: processed one command at a time until the failing
     command is quarantined or nothing is pending."""
@@ -163,7 +162,6 @@ def _process_once(
         if cached is None or rebuilt:
             cached = CachedBook(version, OrderBook.rebuild(symbol, store.open_orders(conn, symbol)))
             cache.books[symbol] = cached
-            cache.rebuilds += 1
         book = cached.book
         # From here the in-memory book runs ahead of Postgres. Mark it invalid first, so if anything fails before
         # the commit (even in a way that skips our exception handler, or while another thread of this process
@@ -185,30 +183,23 @@ def _process_once(
         symbol=symbol,
         commands=len(rows),
         trades=len(plan.trades),
-        # Every order a command named, even when nothing changed (a rejected cancel or amend): its waiter must
-        # hear that the command was processed instead of waiting out its timeout.
-        order_ids=list(dict.fromkeys([*plan.orders, *_command_order_ids(applied)])),
-        event_ids=[w.event_id for w in written],
+        order_ids=touched,
+        event_ids=written,
         more=len(rows) >= batch_limit,
         rebuilt=rebuilt,
     )
 
 
-def _command_order_ids(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:
-    ids: list[UUID] = []
-    for command, _ in applied:
-        if isinstance(command, Place):
-            ids.append(command.order.order_id)
-        elif isinstance(command, Cancel | Amend):
-            ids.append(command.order_id)
-    return ids
-
-
 def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:
+    """Every order a command named or an event mentions, in first-seen order. It includes orders whose command
+    changed nothing (a rejected cancel or amend): their waiters must hear the command was processed instead of
+    waiting out their timeout."""
     seen: dict[UUID, None] = {}
     for command, events in applied:
         if isinstance(command, Place):
             seen[command.order.order_id] = None
+        elif isinstance(command, Cancel | Amend):
+            seen[command.order_id] = None
         for event in events:
             for attr in ("order_id", "maker_order_id", "taker_order_id"):
                 value = getattr(event, attr, None)

@@ -32,12 +32,6 @@ class OrderMeta:
     client_order_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class WrittenEvent:
-    event_id: UUID
-    broker_id: UUID
-
-
 def lock_book(conn: Connection, symbol: str) -> tuple[int, datetime]:
     """Take the symbol's lock (waits for the current holder) and return (book_version, database now).
 
@@ -222,8 +216,8 @@ def write_batch(
     plan: BatchEffects,
     meta: dict[UUID, OrderMeta],
     processed_seqs: Sequence[int],
-) -> list[WrittenEvent]:
-    """Write one batch's effects and mark its commands processed. Returns the outbox events written."""
+) -> list[UUID]:
+    """Write one batch's effects and mark its commands processed. Returns the ids of the outbox events written."""
     if plan.orders:
         updates = list(plan.orders.values())
         conn.execute(
@@ -287,7 +281,7 @@ def _write_brokers_and_outbox(
     plan: BatchEffects,
     meta: dict[UUID, OrderMeta],
     trade_ids: dict[tuple[int, int], UUID],
-) -> list[WrittenEvent]:
+) -> list[UUID]:
     brokers = plan.touched_brokers
     if not brokers:
         return []
@@ -312,41 +306,25 @@ def _write_brokers_and_outbox(
         )
     }
     next_seq = {b: last_seq[b] - counts.get(b, 0) + 1 for b in brokers}
-    rows: list[dict[str, Any]] = []
+    columns: dict[str, list[Any]] = {
+        name: [] for name in ("ids", "brokers", "sequences", "types", "order_ids", "trade_ids", "payloads")
+    }
     for draft in plan.outbox:
         sequence = next_seq[draft.broker_id]
         next_seq[draft.broker_id] = sequence + 1
         event_id = uuid.uuid4()
         trade_id = None if draft.fill is None else trade_ids[(draft.fill.seq, draft.fill.match_no)]
-        rows.append(
-            {
-                "id": event_id,
-                "broker_id": draft.broker_id,
-                "sequence": sequence,
-                "type": draft.type,
-                "order_id": draft.order_id,
-                "trade_id": trade_id,
-                "payload": json.dumps(
-                    event_payload(draft, event_id, sequence, symbol, now, trade_id, meta.get(draft.order_id)),
-                    separators=(",", ":"),
-                ),
-            }
-        )
-    if rows:
-        conn.execute(
-            _INSERT_OUTBOX,
-            {
-                "now": now,
-                "ids": [r["id"] for r in rows],
-                "brokers": [r["broker_id"] for r in rows],
-                "sequences": [r["sequence"] for r in rows],
-                "types": [r["type"] for r in rows],
-                "order_ids": [r["order_id"] for r in rows],
-                "trade_ids": [r["trade_id"] for r in rows],
-                "payloads": [r["payload"] for r in rows],
-            },
-        )
-    return [WrittenEvent(r["id"], r["broker_id"]) for r in rows]
+        body = event_payload(draft, event_id, sequence, symbol, now, trade_id, meta.get(draft.order_id))
+        columns["ids"].append(event_id)
+        columns["brokers"].append(draft.broker_id)
+        columns["sequences"].append(sequence)
+        columns["types"].append(draft.type)
+        columns["order_ids"].append(draft.order_id)
+        columns["trade_ids"].append(trade_id)
+        columns["payloads"].append(json.dumps(body, separators=(",", ":")))
+    if plan.outbox:
+        conn.execute(_INSERT_OUTBOX, {"now": now, **columns})
+    return columns["ids"]
 
 
 def event_payload(

@@ -81,11 +81,6 @@ class ResultWaiter:
         if not futures:
             del self._waiting[order_id]
 
-    @property
-    def waiting(self) -> int:
-        """Number of orders with at least one waiting request."""
-        return len(self._waiting)
-
     async def wait(self, order_id: UUID, future: asyncio.Future[None], timeout_s: float) -> bool:
         """Wait for the registered ``future`` up to ``timeout_s``. True if the result arrived."""
         try:

@@ -56,14 +56,6 @@ async def wake_async(client: redis.asyncio.Redis, broker: BrokerLike, symbol: st
     return True
 
 
-def wake_sync(client: redis.Redis, broker: BrokerLike, symbol: str, partitions: int) -> bool:
-    """Coalesced wake-up from a synchronous caller. Returns True when a message was sent."""
-    if not client.set(wake_key(symbol), b"1", nx=True, px=WAKE_TTL_MS):
-        return False
-    send_wakeup(broker, symbol, partitions)
-    return True
-
-
 def clear_wakeup(client: redis.Redis, symbol: str) -> None:
     """Called by the matcher before it reads the command log (see the module docstring for why)."""
     client.delete(wake_key(symbol))

@@ -188,9 +188,3 @@ def start_worker_metrics_server(port: int, bind: str = "127.0.0.1") -> bool:
         return False
     log.info("metrics on http://%s:%d/metrics", bind, port)
     return True
-
-
-def mark_process_dead(pid: int) -> None:
-    """gunicorn ``child_exit`` hook: drop a dead api worker's live gauges (multiprocess mode only)."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

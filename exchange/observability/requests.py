@@ -29,6 +29,8 @@ access_log = logging.getLogger("exchange.access")
 QUIET_ROUTES = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
 """Probed every few seconds by orchestrators and Prometheus: logged at DEBUG unless slow or failing."""
 
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
+
 
 def request_observability(slow_request_ms: int) -> Any:
     """Litestar middleware factory (``middleware=[request_observability(ms)]``)."""
@@ -64,7 +66,7 @@ def _route(scope: Scope) -> str:
 
 async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slow_request_ms: int) -> None:
     started = time.perf_counter()
-    request_id = accept_request_id(_header(scope, REQUEST_ID_HEADER.encode()))
+    request_id = accept_request_id(_header(scope, _REQUEST_ID_KEY))
     token = request_id_var.set(request_id)
     status = 500
     route = _route(scope)
@@ -76,7 +78,7 @@ async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slo
             status = int(message["status"])
             elapsed = time.perf_counter() - started
             headers = list(message.get("headers", []))
-            headers.append((b"x-request-id", request_id.encode("latin-1")))
+            headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))
             headers.append((b"x-process-time", f"{elapsed:.6f}".encode()))
             message = {**message, "headers": headers}
         await send(message)
@@ -84,26 +86,39 @@ async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slo
     try:
         await app(scope, receive, send_with_headers)
     finally:
-        elapsed = time.perf_counter() - started
-        HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
-        HTTP_LATENCY.labels(method=method, route=route).observe(elapsed)
-        duration_ms = round(elapsed * 1000, 2)
-        slow = slow_request_ms > 0 and duration_ms > slow_request_ms
-        raw_path = scope.get("raw_path")
-        path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else str(scope.get("path", ""))
-        path = path.partition("?")[0]  # some servers put the query in raw_path; it may hold a key
-        extra = {"method": method, "path": path, "route": route, "status": status, "duration_ms": duration_ms}
-        if slow:
-            access_log.warning(
-                "slow request %s %s %d %.1f ms (threshold %d ms)",
-                method,
-                path,
-                status,
-                duration_ms,
-                slow_request_ms,
-                extra={**extra, "slow": True},
-            )
-        else:
-            level = logging.DEBUG if route in QUIET_ROUTES and status < 500 else logging.INFO
-            access_log.log(level, "%s %s %d %.1f ms", method, path, status, duration_ms, extra=extra)
-        request_id_var.reset(token)
+        try:
+            elapsed = time.perf_counter() - started
+            HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+            HTTP_LATENCY.labels(method=method, route=route).observe(elapsed)
+            _access_line(scope, method, route, status, round(elapsed * 1000, 2), slow_request_ms)
+        finally:
+            request_id_var.reset(token)
+
+
+def _access_line(scope: Scope, method: str, route: str, status: int, duration_ms: float, slow_request_ms: int) -> None:
+    slow = slow_request_ms > 0 and duration_ms > slow_request_ms
+    if slow:
+        level = logging.WARNING
+    elif route in QUIET_ROUTES and status < 500:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    if not access_log.isEnabledFor(level):
+        return  # health probes and scrapes at DEBUG: skip building the line's fields
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else str(scope.get("path", ""))
+    path = path.partition("?")[0]  # some servers put the query in raw_path; it may hold a key
+    extra = {"method": method, "path": path, "route": route, "status": status, "duration_ms": duration_ms}
+    if slow:
+        extra["slow"] = True
+        access_log.warning(
+            "slow request %s %s %d %.1f ms (threshold %d ms)",
+            method,
+            path,
+            status,
+            duration_ms,
+            slow_request_ms,
+            extra=extra,
+        )
+    else:
+        access_log.log(level, "%s %s %d %.1f ms", method, path, status, duration_ms, extra=extra)

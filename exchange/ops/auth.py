@@ -35,7 +35,8 @@ def session_token(admin_key: str) -> str:
     return hmac.new(admin_key.encode("utf-8"), _SESSION_LABEL, hashlib.sha256).hexdigest()
 
 
-def _configured_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+def configured_admin_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """``EXCHANGE_ADMIN_API_KEY``; 503 ``admin_disabled`` when unset (as :func:`exchange.api.auth.admin_guard`)."""
     expected = api_state(connection.app).settings.admin_api_key
     if not expected:
         raise ApiError(503, "admin_disabled", "admin endpoints are disabled: EXCHANGE_ADMIN_API_KEY is not set")
@@ -47,13 +48,9 @@ def key_matches(candidate: str | None, expected: str) -> bool:
 
 
 def ops_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    expected = _configured_key(connection)
+    expected = configured_admin_key(connection)
     if key_matches(bearer_token(connection), expected):
         return
     if key_matches(connection.cookies.get(COOKIE_NAME), session_token(expected)):
         return
     raise unauthorized("admin key required: 'Authorization: Bearer <admin key>' or open /ops/login?key=<admin key>")
-
-
-def login_key_valid(connection: ASGIConnection[Any, Any, Any, Any], key: str) -> bool:
-    return key_matches(key, _configured_key(connection))

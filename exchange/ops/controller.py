@@ -7,7 +7,6 @@ port only to trusted networks, as for ``/health``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Annotated, Any
 
@@ -20,10 +19,17 @@ from exchange.api.dependencies import API, Api
 from exchange.api.errors import unauthorized
 from exchange.observability.metrics import CONTENT_TYPE, exposition, state_registry
 from exchange.ops import data, page
-from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, COOKIE_PATH, login_key_valid, ops_guard, session_token
+from exchange.ops.auth import (
+    COOKIE_MAX_AGE_S,
+    COOKIE_NAME,
+    COOKIE_PATH,
+    configured_admin_key,
+    key_matches,
+    ops_guard,
+    session_token,
+)
 
 log = logging.getLogger("exchange.ops")
-SCRAPE_TIMEOUT_S = 2.0
 
 
 class OpsController(Controller):
@@ -44,18 +50,17 @@ class OpsController(Controller):
     async def login(
         self,
         request: Request[Any, Any, Any],
-        api: Api,
         key: Annotated[str, QueryParameter(max_length=512)],
         next_path: Annotated[str, QueryParameter(name="next", max_length=512)] = "/ops",
     ) -> Redirect:
         """Browser login: a valid admin key sets the ops cookie and redirects to ``next`` (an /ops path)."""
-        if not login_key_valid(request, key):
+        expected = configured_admin_key(request)
+        if not key_matches(key, expected):
             raise unauthorized("invalid admin key")
         target = next_path if next_path.startswith("/ops") and "//" not in next_path else "/ops"
-        assert api.settings.admin_api_key is not None  # login_key_valid raised otherwise
         cookie = Cookie(
             key=COOKIE_NAME,
-            value=session_token(api.settings.admin_api_key),
+            value=session_token(expected),
             path=COOKIE_PATH,
             max_age=COOKIE_MAX_AGE_S,
             httponly=True,
@@ -74,16 +79,14 @@ class MetricsController(Controller):
         """Prometheus exposition: every api worker's counters/histograms plus gauges read now from Postgres and
         Redis (pending commands per partition, queue depths). A failing source omits its gauges, never the rest."""
         pending: list[tuple[int, int, float]] = []
-        queues: list[tuple[str, str, int]] = []
         try:
             rows = await asyncio.wait_for(
-                data.pending_by_partition(api.engine, api.settings.partitions), SCRAPE_TIMEOUT_S
+                data.pending_by_partition(api.engine, api.settings.partitions), data.READ_TIMEOUT_S
             )
             pending = [(r["partition"], r["pending"], r["oldest_age_s"]) for r in rows]
         except Exception as exc:
             log.warning("metrics: pending commands unavailable: %s", exc.__class__.__name__)
-        with contextlib.suppress(Exception):
-            depths = await asyncio.wait_for(data.queue_depths(api.redis, api.settings.partitions), SCRAPE_TIMEOUT_S)
-            queues = [(d["queue"], state, d[state]) for d in depths for state in ("ready", "delayed", "dead")]
+        depths = await data.queue_depths_or_none(api.redis, api.settings.partitions)
+        queues = [(d["queue"], state, d[state]) for d in depths or () for state in ("ready", "delayed", "dead")]
         body = await asyncio.to_thread(exposition, state_registry(pending, queues))
         return Response(body, media_type=CONTENT_TYPE)

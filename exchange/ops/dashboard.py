@@ -9,34 +9,30 @@ broker.
 
 from __future__ import annotations
 
-from typing import Any
-
 from a2wsgi import WSGIMiddleware
+from dramatiq.brokers.redis import RedisBroker
 from litestar import asgi
 from litestar.types import Receive, Scope, Send
 
+from exchange.api.state import api_state
 from exchange.ops.auth import ops_guard
 
 DASHBOARD_PREFIX = "/ops/dramatiq"
 
 
-def _build(app_state: Any) -> WSGIMiddleware:
+def _build(broker: RedisBroker) -> WSGIMiddleware:
     from dramatiq_dashboard.application import DashboardApp  # type: ignore[import-untyped]
 
-    return WSGIMiddleware(DashboardApp(app_state.broker, DASHBOARD_PREFIX), workers=4)
+    return WSGIMiddleware(DashboardApp(broker, DASHBOARD_PREFIX), workers=4)
 
 
 @asgi(DASHBOARD_PREFIX, is_mount=True, guards=[ops_guard], copy_scope=True)
 async def dramatiq_dashboard(scope: Scope, receive: Receive, send: Send) -> None:
     """Everything under ``/ops/dramatiq`` (the mount strips the prefix; the dashboard's links put it back)."""
-    from exchange.api.state import api_state
-
     app = scope["litestar_app"]
-    state = api_state(app)
     wsgi = getattr(app.state, "ops_dashboard", None)
     if wsgi is None:
-        wsgi = _build(state)
+        wsgi = _build(api_state(app).broker)
         app.state.ops_dashboard = wsgi
-    scope = dict(scope)  # type: ignore[assignment]
-    scope["root_path"] = ""
+    scope["root_path"] = ""  # copy_scope=True: this is the mount's own copy
     await wsgi(scope, receive, send)  # type: ignore[arg-type]

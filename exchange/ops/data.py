@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from dramatiq.common import dq_name, xq_name
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,6 +23,11 @@ from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue, partiti
 MAX_SYMBOLS = 50
 MAX_ERRORS = 20
 DRAMATIQ_NAMESPACE = "dramatiq"
+"""RedisBroker's default key namespace (``make_broker`` keeps it): a queue's messages are the hash
+``dramatiq:<queue>.msgs``."""
+READ_TIMEOUT_S = 2.0
+"""Bound on a read that may fail on its own (``/metrics``' gauges, the queue depths), so an unreachable Postgres
+or Redis never stalls ``/ops`` or ``/metrics``."""
 
 _PENDING = text(
     """
@@ -97,13 +103,20 @@ async def queue_depths(redis: Redis, partitions: int) -> list[dict[str, Any]]:
     queues = [*(matching_queue(n) for n in range(partitions)), WEBHOOK_QUEUE]
     async with redis.pipeline(transaction=False) as pipe:
         for queue in queues:
-            for suffix in ("", ".DQ", ".XQ"):
-                pipe.hlen(f"{DRAMATIQ_NAMESPACE}:{queue}{suffix}.msgs")
+            for name in (queue, dq_name(queue), xq_name(queue)):
+                pipe.hlen(f"{DRAMATIQ_NAMESPACE}:{name}.msgs")
         counts = await pipe.execute()
     return [
         {"queue": q, "ready": int(counts[3 * i]), "delayed": int(counts[3 * i + 1]), "dead": int(counts[3 * i + 2])}
         for i, q in enumerate(queues)
     ]
+
+
+async def queue_depths_or_none(redis: Redis, partitions: int) -> list[dict[str, Any]] | None:
+    """:func:`queue_depths`, or None when Redis does not answer within :data:`READ_TIMEOUT_S`."""
+    with contextlib.suppress(Exception):
+        return await asyncio.wait_for(queue_depths(redis, partitions), READ_TIMEOUT_S)
+    return None
 
 
 async def snapshot(engine: AsyncEngine, redis: Redis, partitions: int) -> dict[str, Any]:
@@ -116,10 +129,9 @@ async def snapshot(engine: AsyncEngine, redis: Redis, partitions: int) -> dict[s
             errors = (await conn.execute(_RECENT_ERRORS, {"limit": MAX_ERRORS})).all()
         return books, hooks, errors
 
-    queues: list[dict[str, Any]] | None = None
-    pending, (books, hooks, errors) = await asyncio.gather(pending_by_partition(engine, partitions), database())
-    with contextlib.suppress(Exception):
-        queues = await asyncio.wait_for(queue_depths(redis, partitions), timeout=2.0)
+    pending, (books, hooks, errors), queues = await asyncio.gather(
+        pending_by_partition(engine, partitions), database(), queue_depths_or_none(redis, partitions)
+    )
     return {
         "generated_at": datetime.now(UTC).isoformat(),
         "partitions": pending,

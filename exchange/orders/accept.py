@@ -24,13 +24,12 @@ from uuid import UUID
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exchange.db.tables import OrderStatus
+from exchange.db.tables import CommandKind, OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
 from exchange.orders.errors import InvalidOrderError, OrderClosedError, OrderNotFoundError
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
 
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9.]{1,10}$")
-MAX_INT64 = 2**63 - 1
 
 
 def normalize_symbol(symbol: str) -> str:
@@ -110,7 +109,7 @@ def new_order(
 
 
 _PLACE = text(
-    """
+    f"""
     WITH ins AS (
         INSERT INTO orders (id, broker_id, client_order_id, idempotency_key, document_number, symbol, side,
                             order_type, time_in_force, stp, price, quantity, remaining, valid_until, seq)
@@ -121,9 +120,9 @@ _PLACE = text(
         RETURNING id, symbol, seq
     )
     INSERT INTO commands (seq, symbol, kind, order_id)
-    SELECT seq, symbol, 'place', id FROM ins
+    SELECT seq, symbol, '{CommandKind.PLACE.value}', id FROM ins
     RETURNING seq
-    """
+    """  # noqa: S608  # enum constant only
 )
 
 _FIND_DUPLICATE = text(
@@ -156,16 +155,15 @@ async def place_order(engine: AsyncEngine, order: NewOrder) -> PlaceResult:
         "valid_until": order.valid_until,
     }
     async with engine.begin() as conn:
-        seq = (await conn.execute(_PLACE, params)).scalar_one_or_none()
-        if seq is not None:
-            return PlaceResult(order.order_id, created=True, seq=int(seq))
+        if (await conn.execute(_PLACE, params)).scalar_one_or_none() is not None:
+            return PlaceResult(order.order_id, created=True)
         if order.client_order_id is None and order.idempotency_key is None:
             # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
             raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
         original = (await conn.execute(_FIND_DUPLICATE, params)).scalar_one_or_none()
         if original is None:
             raise RuntimeError("duplicate order conflict but the original order is not visible")
-        return PlaceResult(original, created=False, seq=None)
+        return PlaceResult(original, created=False)
 
 
 _LOCK_ORDER = text(
@@ -173,15 +171,15 @@ _LOCK_ORDER = text(
 )
 
 _INSERT_CANCEL = text(
-    """
+    f"""
     INSERT INTO commands (symbol, kind, order_id)
-    SELECT :symbol, 'cancel', :id
+    SELECT :symbol, '{CommandKind.CANCEL.value}', :id
     WHERE NOT EXISTS (
         SELECT 1 FROM commands
-        WHERE symbol = :symbol AND processed_at IS NULL AND order_id = :id AND kind = 'cancel'
+        WHERE symbol = :symbol AND processed_at IS NULL AND order_id = :id AND kind = '{CommandKind.CANCEL.value}'
     )
     RETURNING seq
-    """
+    """  # noqa: S608  # enum constants only
 )
 
 
@@ -195,9 +193,9 @@ async def cancel_order(engine: AsyncEngine, broker_id: UUID, order_id: UUID) -> 
         if row is None:
             raise OrderNotFoundError()
         if row.status == OrderStatus.CLOSED.value:
-            return CommandResult(order_id, row.symbol, written=False)
+            return CommandResult(row.symbol, written=False)
         seq = (await conn.execute(_INSERT_CANCEL, {"id": order_id, "symbol": row.symbol})).scalar_one_or_none()
-        return CommandResult(order_id, row.symbol, written=seq is not None)
+        return CommandResult(row.symbol, written=seq is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,27 +206,29 @@ class CancelAllResult:
 
 
 _LOCK_OPEN_ORDERS = text(
-    """
+    f"""
     SELECT id FROM orders
-    WHERE broker_id = :broker_id AND symbol = :symbol AND status <> 'closed'
+    WHERE broker_id = :broker_id AND symbol = :symbol AND status <> '{OrderStatus.CLOSED.value}'
     ORDER BY id
     FOR NO KEY UPDATE
-    """
+    """  # noqa: S608  # enum constant only
 )
 
+# A separate statement from the lock above on purpose: under READ COMMITTED it takes a fresh snapshot after the
+# row locks are granted, so it sees the cancel commands a concurrent cancel-all committed meanwhile.
 _INSERT_CANCELS = text(
-    """
+    f"""
     INSERT INTO commands (symbol, kind, order_id)
-    SELECT :symbol, 'cancel', o.id
+    SELECT :symbol, '{CommandKind.CANCEL.value}', o.id
     FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS o(id, n)
     WHERE NOT EXISTS (
         SELECT 1 FROM commands c
         WHERE c.symbol = :symbol AND c.processed_at IS NULL AND c.order_id = o.id
-          AND c.kind = 'cancel'
+          AND c.kind = '{CommandKind.CANCEL.value}'
     )
     ORDER BY o.n
     RETURNING order_id
-    """
+    """  # noqa: S608  # enum constants only
 )
 
 
@@ -244,11 +244,10 @@ async def cancel_all(engine: AsyncEngine, broker_id: UUID, symbol: str) -> Cance
 
 
 _INSERT_AMEND = text(
-    """
+    f"""
     INSERT INTO commands (symbol, kind, order_id, payload)
-    VALUES (:symbol, 'amend', :id, CAST(:payload AS jsonb))
-    RETURNING seq
-    """
+    VALUES (:symbol, '{CommandKind.AMEND.value}', :id, CAST(:payload AS jsonb))
+    """  # noqa: S608  # enum constant only
 )
 
 
@@ -272,4 +271,4 @@ async def amend_order(
             raise InvalidOrderError("a market order has no price to amend", {"field": "price"})
         payload = json.dumps({"quantity": quantity, "price": price})
         await conn.execute(_INSERT_AMEND, {"id": order_id, "symbol": row.symbol, "payload": payload})
-        return CommandResult(order_id, row.symbol, written=True)
+        return CommandResult(row.symbol, written=True)

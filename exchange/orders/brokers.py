@@ -10,17 +10,16 @@ import base64
 import hashlib
 import secrets
 from urllib.parse import urlsplit
-from uuid import UUID
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exchange.orders.errors import InvalidWebhookUrlError
 from exchange.orders.models import BrokerIdentity, RegisteredBroker
+from exchange.webhooks.signing import SECRET_PREFIX
 from exchange.webhooks.ssrf import UnsafeWebhookUrlError, check_url_async
 
 API_KEY_PREFIX = "exk_"
-WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105  # a format prefix, not a secret
 
 
 def hash_api_key(api_key: str) -> str:
@@ -33,7 +32,7 @@ def new_api_key() -> str:
 
 def new_webhook_secret() -> str:
     """Standard Webhooks format: ``whsec_`` + base64 of 32 random bytes."""
-    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
 def check_webhook_url(url: str) -> str:
@@ -99,13 +98,7 @@ async def register_broker(
     return RegisteredBroker(broker_id, name, api_key, webhook_url, secret)
 
 
-async def broker_for_key(conn: AsyncConnection, api_key: str) -> BrokerIdentity | None:
-    """The broker whose key hashes to ``api_key``'s SHA-256, or None."""
-    row = (
-        await conn.execute(text("SELECT id, name FROM brokers WHERE api_key_hash = :h"), {"h": hash_api_key(api_key)})
-    ).first()
+async def broker_for_key_hash(conn: AsyncConnection, key_hash: str) -> BrokerIdentity | None:
+    """The broker whose API key has SHA-256 ``key_hash`` (see :func:`hash_api_key`), or None."""
+    row = (await conn.execute(text("SELECT id, name FROM brokers WHERE api_key_hash = :h"), {"h": key_hash})).first()
     return None if row is None else BrokerIdentity(row.id, row.name)
-
-
-async def broker_exists(conn: AsyncConnection, broker_id: UUID) -> bool:
-    return (await conn.execute(text("SELECT 1 FROM brokers WHERE id = :id"), {"id": broker_id})).first() is not None

@@ -32,14 +32,12 @@ class PlaceResult:
     """The new order's id, or the original order's id when the request was a duplicate."""
     created: bool
     """False when a ``client_order_id``/``Idempotency-Key`` matched an existing order (nothing was written)."""
-    seq: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """Outcome of a cancel/amend: ``written`` when a command row was inserted for ``symbol``."""
 
-    order_id: UUID
     symbol: str
     written: bool
 

@@ -19,6 +19,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from exchange.db.tables import OrderStatus
+from exchange.engine.types import Side
 from exchange.orders.errors import InvalidCursorError
 from exchange.orders.models import (
     BalanceView,
@@ -170,15 +171,17 @@ async def list_orders(
 _BOOK_SIDE = """
     SELECT price, sum(remaining) AS total_quantity, count(*) AS order_count
     FROM orders
-    WHERE symbol = :symbol AND status = 'open' AND side = '{side}'
+    WHERE symbol = :symbol AND status = '{open}' AND side = '{side}'
       AND (valid_until IS NULL OR valid_until > now())
     GROUP BY price
     ORDER BY price {direction}
     LIMIT :depth
 """
-_BIDS = _BOOK_SIDE.format(side="bid", direction="DESC")
-_ASKS = _BOOK_SIDE.format(side="ask", direction="ASC")
-_BOOK = text(f"SELECT 'bid' AS side, * FROM ({_BIDS}) b UNION ALL SELECT 'ask', * FROM ({_ASKS}) a")  # noqa: S608
+_BIDS = _BOOK_SIDE.format(open=OrderStatus.OPEN.value, side=Side.BID.value, direction="DESC")
+_ASKS = _BOOK_SIDE.format(open=OrderStatus.OPEN.value, side=Side.ASK.value, direction="ASC")
+_BOOK = text(
+    f"SELECT '{Side.BID.value}' AS side, * FROM ({_BIDS}) b UNION ALL SELECT '{Side.ASK.value}', * FROM ({_ASKS}) a"  # noqa: S608
+)
 
 
 async def book(conn: AsyncConnection, symbol: str, depth: int) -> BookView:
@@ -187,7 +190,7 @@ async def book(conn: AsyncConnection, symbol: str, depth: int) -> BookView:
     asks: list[BookLevel] = []
     for row in await conn.execute(_BOOK, {"symbol": symbol, "depth": depth}):
         level = BookLevel(int(row.price), int(row.total_quantity), int(row.order_count))
-        (bids if row.side == "bid" else asks).append(level)
+        (bids if row.side == Side.BID else asks).append(level)
     bids.sort(key=lambda lv: -lv.price)
     asks.sort(key=lambda lv: lv.price)
     return BookView(symbol, bids, asks)

@@ -9,7 +9,7 @@
    (``payload::text`` is deterministic for a JSONB value) with fresh Standard Webhooks headers, read the first
    bytes of the answer. Crash here: as above (the receiver may get the event twice: at-least-once). A host that
    does not resolve or is refused by the SSRF guard, and a stored URL httpx refuses, are failed attempts too.
-3. **Record** (one transaction; a single statement on success): insert the attempt row, then by outcome —
+3. **Record** (one statement, whatever the outcome): insert the attempt row, then by outcome —
    2xx → ``delivered`` and the broker's consecutive-failure count back to 0;
    410 → event ``failed`` and the endpoint disabled at once (reason stored);
    anything else → ``next_attempt_at = now + retry_delay`` while the schedule lasts, else ``failed``, and the
@@ -41,7 +41,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine, text
 
 from exchange.config import Settings
 from exchange.webhooks import schedule, signing, ssrf
@@ -165,19 +165,10 @@ _RELEASE = text(
     """
 )
 
-_INSERT_ATTEMPT = text(
-    """
-    INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, status_code, latency_ms, error,
-                                  response_excerpt)
-    VALUES (:id, :broker_id, :started, :url, :status_code, :latency_ms, :error, :excerpt)
-    """
-)
-
-_ASYNC_COMMIT = text("SELECT set_config('synchronous_commit', 'off', true)")
-
-_RECORD_DELIVERED = text(
-    """
-    WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
+# Every record statement inserts the attempt row and commits asynchronously; each outcome adds its updates as
+# further CTEs, so recording any answer is one statement. Retry and failure updates are fenced by ``attempts``.
+_ATTEMPT_CTES = """
+    async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
     attempt AS (
         INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, status_code, latency_ms, error,
                                       response_excerpt)
@@ -185,49 +176,56 @@ _RECORD_DELIVERED = text(
                CAST(:status_code AS integer), CAST(:latency_ms AS integer), CAST(:error AS text),
                CAST(:excerpt AS text)
         FROM async_commit
-    ),
+    )"""
+
+_MARK_FAILED_CTE = """
+    failed AS (
+        UPDATE webhook_events SET status = 'failed', last_error = :error
+        WHERE id = :id AND status = 'pending' AND attempts = :attempt
+        RETURNING id
+    )"""
+
+_RECORD_DELIVERED = text(
+    f"""
+    WITH {_ATTEMPT_CTES},
     delivered AS (
         UPDATE webhook_events SET status = 'delivered', delivered_at = clock_timestamp(), last_error = NULL
         WHERE id = :id AND status = 'pending'
     )
     UPDATE brokers SET webhook_consecutive_failures = 0
     WHERE id = :broker_id AND webhook_consecutive_failures <> 0
-    """
+    """  # noqa: S608  # constant SQL fragments only
 )
 
-_SCHEDULE_RETRY = text(
-    """
+_RECORD_GONE = text(
+    f"""
+    WITH {_ATTEMPT_CTES}, {_MARK_FAILED_CTE}
+    UPDATE brokers SET webhook_enabled = false, webhook_disabled_reason = :reason
+    WHERE id = :broker_id AND webhook_enabled
+    """  # noqa: S608  # constant SQL fragments only
+)
+
+_RECORD_RETRY = text(
+    f"""
+    WITH {_ATTEMPT_CTES}
     UPDATE webhook_events
     SET next_attempt_at = clock_timestamp() + make_interval(secs => :delay), last_error = :error
     WHERE id = :id AND status = 'pending' AND attempts = :attempt
-    RETURNING id
-    """
+    """  # noqa: S608  # constant SQL fragments only
 )
 
-_MARK_FAILED = text(
-    """
-    UPDATE webhook_events SET status = 'failed', last_error = :error
-    WHERE id = :id AND status = 'pending' AND attempts = :attempt
-    RETURNING id
-    """
-)
-
-_COUNT_FAILED_EVENT = text(
-    """
+# The broker's count of consecutive failed events only moves when this attempt's fenced update failed the event.
+_RECORD_FAILED = text(
+    f"""
+    WITH {_ATTEMPT_CTES}, {_MARK_FAILED_CTE}
     UPDATE brokers
     SET webhook_consecutive_failures = webhook_consecutive_failures + 1,
         webhook_enabled = webhook_enabled AND webhook_consecutive_failures + 1 < :limit,
         webhook_disabled_reason = CASE
             WHEN webhook_enabled AND webhook_consecutive_failures + 1 >= :limit THEN :reason
             ELSE webhook_disabled_reason END
-    WHERE id = :broker_id
-    RETURNING webhook_enabled
-    """
-)
-
-_DISABLE = text(
-    "UPDATE brokers SET webhook_enabled = false, webhook_disabled_reason = :reason "
-    "WHERE id = :broker_id AND webhook_enabled"
+    WHERE id = :broker_id AND EXISTS (SELECT FROM failed)
+    """  # noqa: S608  # constant SQL fragments only
 )
 
 
@@ -364,47 +362,38 @@ class Deliverer:
         return _Answer(started, latency_ms, status_code, error, excerpt)
 
     def _record(self, event_id: UUID, claim: _Claim, answer: _Answer) -> DeliveryResult:
-        params = {"id": event_id, "broker_id": claim.broker_id, "attempt": claim.attempt, "error": answer.error}
-        attempt = {
-            **params,
+        params: dict[str, Any] = {
+            "id": event_id,
+            "broker_id": claim.broker_id,
+            "attempt": claim.attempt,
             "started": answer.started,
             "url": claim.url,
             "status_code": answer.status_code,
             "latency_ms": answer.latency_ms,
+            "error": answer.error,
             "excerpt": answer.excerpt,
         }
         retry_in: float | None = None
+        if answer.ok:
+            statement, outcome = _RECORD_DELIVERED, Outcome.DELIVERED
+        elif answer.status_code == 410:
+            params["reason"] = f"receiver answered 410 Gone at {answer.started.isoformat(timespec='seconds')}"
+            statement, outcome = _RECORD_GONE, Outcome.FAILED
+        elif (retry_in := schedule.retry_delay(self.config.retry_schedule, claim.attempt)) is not None:
+            params["delay"] = retry_in
+            statement, outcome = _RECORD_RETRY, Outcome.RETRY
+        else:
+            limit = self.config.disable_after
+            reason = f"{limit} consecutive events failed after every retry; last error: {answer.error}"
+            params.update(limit=limit, reason=reason[:1000])
+            statement, outcome = _RECORD_FAILED, Outcome.FAILED
         with self.engine.begin() as conn:
-            if answer.ok:  # the common case: one statement
-                conn.execute(_RECORD_DELIVERED, attempt)
-                outcome = Outcome.DELIVERED
-            elif answer.status_code == 410:
-                conn.execute(_ASYNC_COMMIT)
-                conn.execute(_INSERT_ATTEMPT, attempt)
-                conn.execute(_MARK_FAILED, params)
-                reason = f"receiver answered 410 Gone at {answer.started.isoformat(timespec='seconds')}"
-                conn.execute(_DISABLE, {**params, "reason": reason})
-                outcome = Outcome.FAILED
-            else:
-                conn.execute(_ASYNC_COMMIT)
-                conn.execute(_INSERT_ATTEMPT, attempt)
-                retry_in = schedule.retry_delay(self.config.retry_schedule, claim.attempt)
-                outcome = self._fail(conn, params, retry_in)
-        if outcome is Outcome.RETRY and retry_in is not None and retry_in <= MAX_BROKER_DELAY_S and self.reenqueue:
+            conn.execute(statement, params)
+        if retry_in is not None and retry_in <= MAX_BROKER_DELAY_S and self.reenqueue:
             self.reenqueue(event_id, int(retry_in * 1000) + 1)
         if outcome is not Outcome.DELIVERED:
             log.info("delivery event=%s attempt=%d outcome=%s error=%s", event_id, claim.attempt, outcome, answer.error)
         return DeliveryResult(event_id, outcome, claim.attempt, answer.status_code, answer.error, retry_in)
-
-    def _fail(self, conn: Connection, params: dict[str, Any], retry_in: float | None) -> Outcome:
-        if retry_in is not None:
-            conn.execute(_SCHEDULE_RETRY, {**params, "delay": retry_in})
-            return Outcome.RETRY
-        if conn.execute(_MARK_FAILED, params).first() is not None:
-            limit = self.config.disable_after
-            reason = f"{limit} consecutive events failed after every retry; last error: {params['error']}"
-            conn.execute(_COUNT_FAILED_EVENT, {**params, "limit": limit, "reason": reason[:1000]})
-        return Outcome.FAILED
 
 
 def _read_excerpt(response: httpx.Response) -> str:

@@ -14,10 +14,6 @@ JITTER = 0.2
 _RNG = random.Random()  # noqa: S311  # jitter, not cryptography
 
 
-def max_attempts(schedule: Sequence[float]) -> int:
-    return len(schedule) + 1
-
-
 def retry_delay(schedule: Sequence[float], attempts: int, rng: random.Random | None = None) -> float | None:
     """Seconds to wait after the ``attempts``-th attempt failed, or None when there is no retry left."""
     if attempts < 1 or attempts > len(schedule):

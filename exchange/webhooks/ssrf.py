@@ -45,7 +45,6 @@ class Destination:
 
     scheme: str
     host: str
-    port: int
     address: IPAddress
 
 
@@ -136,17 +135,17 @@ def resolve_destination(url: str, allow_private: bool) -> Destination:
         if not addresses:
             raise UnsafeWebhookUrlError(f"host {host} has no address")
     _check(host, addresses, allow_private)
-    return Destination(scheme, host, port, addresses[0])
+    return Destination(scheme, host, addresses[0])
 
 
 async def check_url_async(url: str, allow_private: bool) -> None:
     """Registration-time check (see the module docstring); raises :class:`UnsafeWebhookUrlError`."""
     _, host, port = split_url(url)
+    if allow_private:
+        return
     literal = _literal(host)
     if literal is not None:
         _check(host, [literal], allow_private)
-        return
-    if allow_private:
         return
     loop = asyncio.get_running_loop()
     try:

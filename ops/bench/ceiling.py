@@ -15,10 +15,11 @@ import shutil
 import subprocess
 import tempfile
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
+
+from exchange.db.urls import with_database
 
 SCRIPT = "INSERT INTO bench_orders (broker, symbol, price, quantity) VALUES (1, 'PETR4', 3850, 100);\n"
 TABLE = """CREATE TABLE bench_orders (
@@ -39,8 +40,17 @@ def pgbench_binary() -> str | None:
     return candidates[-1] if candidates else None
 
 
-def _with_db(url: str, name: str) -> str:
-    return urlsplit(url)._replace(path=f"/{name}").geturl()
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def create_scratch_database(admin_url: str, name: str) -> str:
+    """(Re)create the empty database ``name`` on ``admin_url``'s server; returns its URL."""
+    drop_database(admin_url, name)
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(admin_url, name)
 
 
 def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | None = None) -> dict[str, Any]:
@@ -51,10 +61,7 @@ def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | No
         out["error"] = "pgbench not found (install postgresql-client / postgresql-contrib)"
         return out
     name = f"exchange_bench_ceiling_{os.getpid()}"
-    scratch = _with_db(pg_url, name)
-    with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    scratch = create_scratch_database(pg_url, name)
     try:
         with psycopg.connect(scratch, autocommit=True, connect_timeout=10) as conn:
             conn.execute(TABLE)
@@ -83,5 +90,4 @@ def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | No
         out["pgbench_latency_avg_ms"] = float(latency.group(1)) if latency else None
         return out
     finally:
-        with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(pg_url, name)

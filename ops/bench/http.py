@@ -14,6 +14,15 @@ from collections import deque
 from urllib.parse import urlsplit
 
 
+def install_uvloop() -> None:
+    """Run this process's asyncio loops on uvloop when it is installed (the generator's processes only)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 class HttpError(Exception):
     """The connection failed or the response was not HTTP/1.1 we understand."""
 

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="exit 3 when the run is INVALID")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     )
 
     ctx = multiprocessing.get_context("fork")
-    receiver_port = _free_port() if args.receiver_port < 0 else args.receiver_port
+    receiver_port = free_port() if args.receiver_port < 0 else args.receiver_port
     receiver_proc = None
     since = ctx.RawValue("d", time.time() + 3600.0)  # nothing is timed until the run starts
     progress = ctx.RawValue("q", 0)

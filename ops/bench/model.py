@@ -20,8 +20,11 @@ import itertools
 import math
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 # Event kinds
 ORDER, CANCEL, GET_ORDER, PRICE, BOOK, BALANCE = range(6)
@@ -48,7 +51,7 @@ ZIPF_S = 0.95
 BASE_ORDERS_PER_S = 700.0
 ORDER_MIX = ((PASSIVE, 0.75), (CROSSING, 0.20), (MARKET, 0.05))
 CANCEL_FRACTION = 0.35  # of new orders
-CANCEL_DELAYS = ((0.40, 0.5, 5.0), (0.35, 5.0, 60.0), (0.25, 60.0, 600.0))  # (weight, low s, high s)
+CANCEL_DELAYS = (((0.5, 5.0), 0.40), ((5.0, 60.0), 0.35), ((60.0, 600.0), 0.25))  # ((low s, high s), weight)
 READ_SHARE = 0.28  # of all requests
 READ_MIX = ((GET_ORDER, 0.35), (PRICE, 0.30), (BOOK, 0.25), (BALANCE, 0.10))
 
@@ -123,7 +126,8 @@ class Zipf:
         return self.order[min(rank, len(self.order) - 1)]
 
 
-def pick(mix: tuple[tuple[int, float], ...], rng: random.Random) -> int:
+def pick(mix: Sequence[tuple[T, float]], rng: random.Random) -> T:
+    """A value of ``mix`` ((value, weight), …; weights summing to 1) drawn with one ``rng.random()``."""
     x = rng.random()
     for value, weight in mix:
         if x < weight:
@@ -133,12 +137,7 @@ def pick(mix: tuple[tuple[int, float], ...], rng: random.Random) -> int:
 
 
 def _cancel_delay(rng: random.Random) -> float:
-    x = rng.random()
-    for weight, low, high in CANCEL_DELAYS:
-        if x < weight:
-            return rng.uniform(low, high)
-        x -= weight
-    _, low, high = CANCEL_DELAYS[-1]
+    low, high = pick(CANCEL_DELAYS, rng)
     return rng.uniform(low, high)
 
 

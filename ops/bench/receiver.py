@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import msgspec
+
+from ops.bench.http import install_uvloop
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -33,38 +34,35 @@ class ReceiverResult:
 class _State:
     def __init__(self, since_wall: Any) -> None:
         self.since_wall = since_wall  # a shared double (multiprocessing RawValue): the run's start, wall time
-        self.received = 0
-        self.by_event: dict[str, int] = defaultdict(int)
-        self.latencies: list[float] = []
-        self.first_at = 0.0
-        self.last_at = 0.0
-        self.bad = 0
+        self.result = ReceiverResult()
 
     def record(self, body: bytes, now: float) -> None:
-        self.received += 1
+        result = self.result
+        result.received += 1
         try:
             doc = msgspec.json.decode(body)
         except msgspec.DecodeError:
-            self.bad += 1
+            result.bad_requests += 1
             return
         if not isinstance(doc, dict):
-            self.bad += 1
+            result.bad_requests += 1
             return
-        self.by_event[str(doc.get("event", doc.get("type", "?")))] += 1
+        event = str(doc.get("event", doc.get("type", "?")))
+        result.by_event[event] = result.by_event.get(event, 0) + 1
         executed = doc.get("executed_at")
         if not isinstance(executed, str):
             return
         try:
             executed_at = datetime.fromisoformat(executed).timestamp()
         except ValueError:
-            self.bad += 1
+            result.bad_requests += 1
             return
         if executed_at < self.since_wall.value:
             return
-        self.latencies.append((now - executed_at) * 1000.0)
-        if not self.first_at:
-            self.first_at = now
-        self.last_at = now
+        result.fill_to_webhook_ms.append((now - executed_at) * 1000.0)
+        if not result.first_at:
+            result.first_at = now
+        result.last_at = now
 
 
 async def _handle(state: _State, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -97,10 +95,7 @@ async def _handle(state: _State, reader: asyncio.StreamReader, writer: asyncio.S
 def receiver_main(port: int, since_wall: Any, stop: Any, ready: Any, queue: Any, progress: Any) -> None:
     """multiprocessing target. ``stop``/``ready``: Events; ``since_wall``: shared double, webhooks of fills
     executed before it are not timed; ``progress``: shared int, webhooks received so far."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    install_uvloop()
     queue.put(asyncio.run(_serve(port, since_wall, stop, ready, progress)))
 
 
@@ -111,14 +106,7 @@ async def _serve(port: int, since_wall: Any, stop: Any, ready: Any, progress: An
     )
     ready.set()
     while not stop.is_set():
-        progress.value = state.received
+        progress.value = state.result.received
         await asyncio.sleep(0.1)
     server.close()
-    return ReceiverResult(
-        received=state.received,
-        by_event=dict(state.by_event),
-        fill_to_webhook_ms=state.latencies,
-        first_at=state.first_at,
-        last_at=state.last_at,
-        bad_requests=state.bad,
-    )
+    return state.result

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from ops.bench import model as m
-from ops.bench.http import HttpError, Pool
+from ops.bench.http import HttpError, Pool, install_uvloop
 
 # Responses that are expected outcomes, not errors: no trade yet on a symbol; cancel of an order a seed-style
 # server no longer knows (or refuses because it is closed).
@@ -235,17 +235,9 @@ async def _closed_loop(cfg: WorkerConfig, result: WorkerResult) -> None:
     pool.close()
 
 
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def run_worker(cfg: WorkerConfig) -> WorkerResult:
     """Body of a worker process (also callable in-process)."""
-    _install_uvloop()
+    install_uvloop()
     result = WorkerResult(index=cfg.index)
     if cfg.closed_loop_clients > 0:
         asyncio.run(_closed_loop(cfg, result))

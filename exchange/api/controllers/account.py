@@ -6,7 +6,7 @@ from litestar import Controller, get
 
 from exchange.api.auth import broker_guard, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
-from exchange.api.schemas import BalanceOut, PositionOut
+from exchange.api.schemas import BalanceOut, PositionOut, to_wire
 from exchange.orders import queries
 
 
@@ -20,11 +20,11 @@ class AccountController(Controller):
         """Net cash from trades in cents (sales minus purchases)."""
         async with api.engine.connect() as conn:
             view = unauthorized_if_missing(await queries.balance(conn, broker.id))
-        return BalanceOut(broker_id=view.broker_id, broker_name=view.broker_name, balance=view.balance)
+        return to_wire(view, BalanceOut)
 
     @get("/positions")
     async def positions(self, api: Api, broker: CurrentBroker) -> list[PositionOut]:
         """Net shares per symbol (negative = net seller); symbols netting to zero are omitted."""
         async with api.engine.connect() as conn:
             rows = await queries.positions(conn, broker.id)
-        return [PositionOut(symbol=p.symbol, quantity=p.quantity) for p in rows]
+        return [to_wire(p, PositionOut) for p in rows]

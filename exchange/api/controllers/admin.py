@@ -10,7 +10,7 @@ from litestar import Controller, Request, Response, get, post
 from exchange.api.auth import admin_guard
 from exchange.api.dependencies import API, Api
 from exchange.api.errors import ApiError
-from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body
+from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body, to_wire
 from exchange.messaging.wakeups import WAKE_KEY_PREFIX
 from exchange.orders import brokers, maintenance, queries
 
@@ -29,14 +29,7 @@ class AdminController(Controller):
         created = await brokers.register_broker(
             api.engine, body.name, body.webhook_url, allow_private_webhooks=api.settings.webhook_allow_private
         )
-        out = RegisterResponse(
-            broker_id=created.broker_id,
-            name=created.name,
-            api_key=created.api_key,
-            webhook_url=created.webhook_url,
-            webhook_secret=created.webhook_secret,
-        )
-        return Response(out, status_code=201, headers={"Cache-Control": "no-store"})
+        return Response(to_wire(created, RegisterResponse), status_code=201, headers={"Cache-Control": "no-store"})
 
     @get("/debug/trade-count")
     async def trade_count(self, api: Api) -> TradeCountOut:

@@ -11,7 +11,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from exchange.api import services
 from exchange.api.auth import broker_guard
-from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
+from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
 from exchange.api.schemas import (
     AmendOrderRequest,
     CancelAllOut,
@@ -32,6 +32,7 @@ IdempotencyKey = Annotated[
     str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False)
 ]
 SymbolQuery = Annotated[str, QueryParameter(min_length=1, max_length=10)]
+OptionalSymbolQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=10)]
 
 
 def parse_order_id(raw: str) -> uuid.UUID:
@@ -87,10 +88,10 @@ class OrdersController(Controller):
         self,
         api: Api,
         broker: CurrentBroker,
-        symbol: Annotated[str | None, QueryParameter(min_length=1, max_length=10)] = None,
+        symbol: OptionalSymbolQuery = None,
         status: Annotated[OrderStatus | None, QueryParameter()] = None,
-        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        cursor: Cursor = None,
+        limit: PageLimit = 50,
     ) -> OrderPageOut:
         """The broker's orders, newest first, without trades; pass ``next_cursor`` back as ``cursor``."""
         sym = None if symbol is None else accept.normalize_symbol(symbol)

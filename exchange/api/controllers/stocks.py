@@ -9,7 +9,7 @@ from litestar.params import FromPath, QueryParameter
 
 from exchange.api.auth import broker_guard
 from exchange.api.dependencies import API, Api
-from exchange.api.schemas import BookOut, PriceOut, PublicTradeOut, TradesOut, book_out
+from exchange.api.schemas import BookOut, PriceOut, PublicTradeOut, TradesOut, to_wire
 from exchange.orders import queries
 from exchange.orders.accept import normalize_symbol
 from exchange.orders.errors import NoTradesError
@@ -27,7 +27,7 @@ class StocksController(Controller):
         """Aggregated open levels: asks ascending, bids descending, ``depth`` levels per side."""
         sym = normalize_symbol(symbol)
         async with api.engine.connect() as conn:
-            return book_out(await queries.book(conn, sym, depth))
+            return to_wire(await queries.book(conn, sym, depth), BookOut)
 
     @get("/price")
     async def price(
@@ -40,12 +40,7 @@ class StocksController(Controller):
             view = await queries.price(conn, sym, trades)
         if view is None:
             raise NoTradesError(f"no trades yet for {sym}", {"symbol": sym})
-        return PriceOut(
-            symbol=view.symbol,
-            last_price=view.last_price,
-            average_price=view.average_price,
-            trades_in_average=view.trades_in_average,
-        )
+        return to_wire(view, PriceOut)
 
     @get("/trades")
     async def trades(
@@ -55,16 +50,4 @@ class StocksController(Controller):
         sym = normalize_symbol(symbol)
         async with api.engine.connect() as conn:
             rows = await queries.recent_trades(conn, sym, limit)
-        return TradesOut(
-            symbol=sym,
-            trades=[
-                PublicTradeOut(
-                    trade_id=t.trade_id,
-                    price=t.price,
-                    quantity=t.quantity,
-                    taker_side=t.taker_side,
-                    executed_at=t.executed_at,
-                )
-                for t in rows
-            ],
-        )
+        return TradesOut(symbol=sym, trades=[to_wire(t, PublicTradeOut) for t in rows])

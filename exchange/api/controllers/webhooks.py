@@ -21,6 +21,7 @@ Admin: ``GET /admin/webhooks/failing`` 200 — disabled endpoints and endpoints 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import datetime
@@ -32,8 +33,8 @@ from litestar import Controller, Request, Response, get, post, put
 from litestar.params import FromPath, QueryParameter
 
 from exchange.api.auth import admin_guard, broker_guard, unauthorized_if_missing
-from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
-from exchange.api.schemas import Url, decode_body
+from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
+from exchange.api.schemas import Url, decode_body, to_wire
 from exchange.orders.brokers import check_webhook_destination, new_webhook_secret
 from exchange.webhooks import queries
 from exchange.webhooks.errors import WebhookEventNotFoundError
@@ -152,7 +153,7 @@ class WebhooksController(Controller):
         if body.url is not None:
             await check_webhook_destination(body.url, allow_private=api.settings.webhook_allow_private)
         async with api.engine.begin() as conn:
-            unauthorized_if_missing(await queries.set_endpoint(conn, broker.id, body.url) or None)
+            await queries.set_endpoint(conn, broker.id, body.url)  # a missing broker: endpoint() is None below
             view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
 
@@ -172,32 +173,13 @@ class WebhooksController(Controller):
         api: Api,
         broker: CurrentBroker,
         status: Annotated[Literal["succeeded", "failed"] | None, QueryParameter()] = None,
-        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        cursor: Cursor = None,
+        limit: PageLimit = 50,
     ) -> AttemptPageOut:
         """Delivery attempts, newest first; pass ``next_cursor`` back as ``cursor``."""
         async with api.engine.connect() as conn:
             items, next_cursor = await queries.list_attempts(conn, broker.id, status=status, cursor=cursor, limit=limit)
-        return AttemptPageOut(
-            items=[
-                AttemptOut(
-                    attempt_id=a.attempt_id,
-                    event_id=a.event_id,
-                    sequence=a.sequence,
-                    event_type=a.event_type,
-                    event_status=a.event_status,
-                    attempted_at=a.attempted_at,
-                    url=a.url,
-                    succeeded=a.succeeded,
-                    status_code=a.status_code,
-                    latency_ms=a.latency_ms,
-                    error=a.error,
-                    response_excerpt=a.response_excerpt,
-                )
-                for a in items
-            ],
-            next_cursor=next_cursor,
-        )
+        return AttemptPageOut(items=[to_wire(a, AttemptOut) for a in items], next_cursor=next_cursor)
 
     @post("/webhooks/events/{event_id:str}/redeliver", status_code=202)
     async def redeliver(self, api: Api, broker: CurrentBroker, event_id: FromPath[str]) -> RedeliverOut:
@@ -209,7 +191,8 @@ class WebhooksController(Controller):
         async with api.engine.begin() as conn:
             await queries.redeliver(conn, broker.id, parsed)
         try:
-            enqueue_deliveries(api.broker, [parsed])
+            # dramatiq's enqueue blocks on Redis: keep it off the event loop (as wake_async does).
+            await asyncio.to_thread(enqueue_deliveries, api.broker, [parsed])
         except Exception:  # committed: the sweeper re-enqueues it
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
         return RedeliverOut(event_id=parsed, status="pending")
