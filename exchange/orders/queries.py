@@ -120,8 +120,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         stamp, hex_id = json.loads(raw)
         moment = datetime.fromisoformat(stamp)
-        if moment.tzinfo is None:
-            raise ValueError("naive")
+        # A crafted cursor can hold any JSON: UUID(hex=5) raises AttributeError, which is not bad *input* to us.
+        if moment.tzinfo is None or not isinstance(hex_id, str):
+            raise ValueError("bad cursor")
         return moment, UUID(hex=hex_id)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidCursorError("cursor is not one this api returned", {"field": "cursor"}) from exc

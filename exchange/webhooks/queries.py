@@ -192,7 +192,13 @@ def decode_attempt_cursor(cursor: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         stamp, attempt_id = json.loads(raw)
         moment = datetime.fromisoformat(stamp)
-        if moment.tzinfo is None or not isinstance(attempt_id, int):
+        # Any JSON may come back: the id must be an int the bigint column can hold (a bool is an int in Python).
+        if (
+            moment.tzinfo is None
+            or not isinstance(attempt_id, int)
+            or isinstance(attempt_id, bool)
+            or not 0 <= attempt_id < 2**63
+        ):
             raise ValueError("bad cursor")
         return moment, attempt_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:

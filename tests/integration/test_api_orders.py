@@ -3,6 +3,8 @@ amend, list; market data and account views after trades."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -305,6 +307,16 @@ def test_patch_of_a_closed_order_is_409_order_closed_and_writes_nothing(
     assert (
         count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'amend'", id=order["id"]) == 0
     )
+
+
+@pytest.mark.parametrize("key", [5, None, ["a"]], ids=["number", "null", "list"])
+def test_a_crafted_order_cursor_is_a_validation_error_not_a_500(api_client: TestClient[Any], key: object) -> None:
+    broker = register(api_client)
+    crafted = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00+00:00", key]).encode()).decode()
+
+    response = api_client.get("/orders", params={"cursor": crafted}, headers=broker.headers)
+
+    assert (response.status_code, response.json()["code"]) == (422, "validation_error")
 
 
 def test_list_orders_paginates_newest_first_with_an_opaque_cursor(api_client: TestClient[Any]) -> None:

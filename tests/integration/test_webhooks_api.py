@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -306,6 +308,16 @@ def test_a_bad_delivery_cursor_is_a_validation_error(client: TestClient[Any]) ->
 
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
+
+
+@pytest.mark.parametrize("key", [True, 2**63, "7", None], ids=["bool", "beyond-bigint", "string", "null"])
+def test_a_crafted_delivery_cursor_is_a_validation_error(client: TestClient[Any], key: object) -> None:
+    broker, _ = register(client)
+    crafted = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00+00:00", key]).encode()).decode()
+
+    response = client.get("/webhooks/deliveries", params={"cursor": crafted}, headers=broker.headers)
+
+    assert (response.status_code, response.json()["code"]) == (422, "validation_error")
 
 
 # ------------------------------------------------------------------------------------------------ admin
