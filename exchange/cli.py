@@ -66,10 +66,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = REPO_ROOT / "gunicorn.conf.py"
 
 DRAMATIQ_ENV_DEFAULTS = {
-    # dramatiq's Redis consumer backs off up to this many ms on an idle queue; the default (1000 ms) would add up
-    # to a second to an order's first fill after a quiet spell. Busy queues are fetched without back-off; 50 ms
-    # bounds the idle case while keeping an idle matcher's polling (Lua script per queue per poll) near 1% CPU.
-    "dramatiq_worker_timeout": "50",
+    # How long an idle consumer blocks on its queue's doorbell (exchange.messaging.broker) before fetching anyway.
+    # A message rings the doorbell, so this bounds only the pickup of delayed messages and of a ring that was lost,
+    # and sets how often an idle queue is polled (one BLPOP and one fetch script per queue per timeout).
+    "dramatiq_worker_timeout": "1000",
     # Prefetch 2 (the default for one thread) caps a consumer near 250 msg/s; messages are tiny and idempotent.
     "dramatiq_queue_prefetch": "64",
 }
@@ -143,12 +143,14 @@ def _add_webhooks(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "webhooks",
         help="run a webhook delivery worker (queue 'webhooks')",
-        description="Run the dramatiq actor deliver(event_id) over the queue 'webhooks': POST each outbox event "
-        "to its broker's URL (signed, Standard Webhooks), record the attempt, retry with backoff. Stateless: run "
-        "any number of them; a killed one only delays the events it held (EXCHANGE_WEBHOOK_LEASE_MS).",
+        description="Run the dramatiq actor deliver over the queue 'webhooks' (a coalesced hint that events are "
+        "due) and, in every process, an asyncio pump that claims due outbox events in batches, POSTs each to its "
+        "broker's URL (signed, Standard Webhooks), records the attempts in batches and retries with backoff. "
+        "Stateless: run any number of them; a killed one only delays the events it held "
+        "(EXCHANGE_WEBHOOK_LEASE_MS).",
     )
     parser.add_argument("--processes", type=int, default=1, help="dramatiq worker processes (default 1)")
-    parser.add_argument("--threads", type=int, default=16, help="deliveries in flight per process (default 16)")
+    parser.add_argument("--threads", type=int, default=64, help="deliveries in flight per process (default 64)")
     parser.set_defaults(handler=_run_webhooks)
 
 

@@ -146,6 +146,11 @@ class Settings:
     """Bearer key for admin endpoints (``/register``, ``/ops``); admin endpoints are disabled when unset."""
     order_wait_ms: int = _env("EXCHANGE_ORDER_WAIT_MS", _integer(minimum=0, maximum=60_000), 250)
     """How long ``POST /orders`` waits for the matcher's result before answering with status ``pending``."""
+    group_commit_concurrency: int = _env("EXCHANGE_GROUP_COMMIT_CONCURRENCY", _integer(minimum=1, maximum=64), 4)
+    """Per api process: how many order-accept transactions (and order read-back queries) run at once. Requests
+    arriving while all are busy are committed together in the next one (group commit)."""
+    group_commit_max: int = _env("EXCHANGE_GROUP_COMMIT_MAX", _integer(minimum=1, maximum=10_000), 200)
+    """Per api process: the most orders one group-commit transaction (or read-back query) holds."""
     debug_endpoints: bool = _env("EXCHANGE_DEBUG_ENDPOINTS", _boolean, False)
     webhook_allow_private: bool = _env("EXCHANGE_WEBHOOK_ALLOW_PRIVATE", _boolean, False)
     """Allow webhook URLs that resolve to private/loopback addresses (tests and local development only)."""
@@ -156,18 +161,19 @@ class Settings:
     The default makes 8 attempts over ≈ 24 h."""
     webhook_connect_timeout_ms: int = _env("EXCHANGE_WEBHOOK_CONNECT_TIMEOUT_MS", _integer(1, 60_000), 3_000)
     webhook_read_timeout_ms: int = _env("EXCHANGE_WEBHOOK_READ_TIMEOUT_MS", _integer(1, 300_000), 10_000)
-    """Read timeout per network read (also used for writing the request body)."""
+    """Time to send a delivery and read its whole answer."""
     webhook_lease_ms: int = _env("EXCHANGE_WEBHOOK_LEASE_MS", _integer(1_000, 3_600_000), 60_000)
     """How long a claimed event stays in flight before another worker may try it (a crashed worker's event is
     retried after this). Must exceed connect + 2 * read timeout."""
     webhook_requeue_after_ms: int = _env("EXCHANGE_WEBHOOK_REQUEUE_AFTER_MS", _integer(100, 3_600_000), 10_000)
-    """The sweeper re-enqueues a pending event this long after it became due (lost message, crashed worker)."""
+    """The sweeper hints the webhook workers about a pending event this long after it became due (lost hint,
+    crashed worker)."""
     webhook_disable_after: int = _env("EXCHANGE_WEBHOOK_DISABLE_AFTER", _integer(1, 1_000_000), 5)
     """Consecutive events ending ``failed`` after which the broker's endpoint is disabled."""
     webhook_secret_grace_s: int = _env("EXCHANGE_WEBHOOK_SECRET_GRACE_S", _integer(0, 30 * 86_400), 86_400)
     """After a secret rotation, deliveries are also signed with the previous secret for this long."""
     webhook_max_in_flight: int = _env("EXCHANGE_WEBHOOK_MAX_IN_FLIGHT", _integer(1, 1_000), 4)
-    """Concurrent deliveries to one broker per worker process: a slow receiver never takes every thread."""
+    """Concurrent deliveries to one broker per worker process: a slow receiver never takes every slot."""
     log_level: str = _env("EXCHANGE_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
     log_format: str = _env("EXCHANGE_LOG_FORMAT", _choice("json", "text"), "json")
     """``json``: one JSON object per line (with ``request_id``); ``text`` for reading in a terminal."""

@@ -5,8 +5,8 @@ Every ``interval`` seconds it
   matcher killed with the message in hand), sending the match message unconditionally;
 * logs an ``expire`` command for every symbol with open GTD orders past ``valid_until`` (at most one pending
   per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol;
-* re-enqueues ``deliver(event_id)`` for webhook events still pending and not in flight more than
-  ``webhook_requeue_after`` seconds after they became due (lost message, crashed delivery worker, long retry).
+* makes webhook events still pending and not in flight more than ``webhook_requeue_after`` seconds after they
+  became due (lost hint, crashed delivery worker, long retry) due now, and hints the webhook workers once.
 
 Any number of sweepers may run: every action is idempotent.
 """
@@ -22,8 +22,8 @@ from sqlalchemy import Engine, text
 
 from exchange.messaging.wakeups import BrokerLike, send_wakeup
 from exchange.observability.metrics import SWEEPER_EXPIRIES, SWEEPER_RENUDGES
-from exchange.webhooks.delivery import take_overdue
 from exchange.webhooks.queue import enqueue_deliveries
+from exchange.webhooks.store import take_overdue
 
 log = logging.getLogger("exchange.sweeper")
 
@@ -68,8 +68,9 @@ def sweep_once(
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
     for symbol in sorted(set(stale) | set(expiring)):
         send_wakeup(broker, symbol, partitions)
-    requeued = enqueue_deliveries(broker, take_overdue(engine, older_than_s=webhook_requeue_after_s))
-    return SweepResult(renudged=stale, expiring=expiring, webhooks_requeued=requeued)
+    overdue = take_overdue(engine, older_than_s=webhook_requeue_after_s)
+    enqueue_deliveries(broker, overdue)  # one hint for all of them: a webhook worker claims every due event
+    return SweepResult(renudged=stale, expiring=expiring, webhooks_requeued=len(overdue))
 
 
 def run_forever(

@@ -66,10 +66,17 @@ def _after_commit(result: BatchResult, seconds: float) -> None:
 
 
 def match(symbol: str) -> None:
-    """Drain ``symbol``'s pending commands, one bounded batch (one transaction) at a time."""
+    """Drain ``symbol``'s pending commands, one bounded batch (one transaction) at a time.
+
+    The wake-up key is cleared once, before the first batch reads the command log (and so before every later
+    one): a command committed after any of those reads then finds the key gone and sends a new wake-up (see
+    :mod:`exchange.messaging.wakeups`). Clearing it here, not inside the transaction, keeps a Redis round trip
+    out of the time the symbol's lock and a pgbouncer server connection are held.
+    """
+    clear_wakeup(_redis, symbol)
     while True:
         started = time.perf_counter()
-        result = process_symbol(_engine, _cache, symbol, before_read=lambda: clear_wakeup(_redis, symbol))
+        result = process_symbol(_engine, _cache, symbol)
         _after_commit(result, time.perf_counter() - started)
         if not result.more:
             return

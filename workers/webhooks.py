@@ -1,18 +1,17 @@
-"""Webhook delivery actor ``deliver(event_id)`` on queue ``webhooks`` (run with ``exchange webhooks``).
+"""Webhook delivery worker (run with ``exchange webhooks``): the actor ``deliver`` on queue ``webhooks`` plus,
+in every worker process, one :class:`~exchange.webhooks.pump.Pump` on its own event loop.
 
-The message only names an event; the actor claims it in Postgres, POSTs it and records the answer
-(:class:`exchange.webhooks.delivery.Deliverer`). Retries are delayed re-sends of the same message (or, for long
-delays, the sweeper's re-enqueue of overdue events), never dramatiq's own retries: an actor that raises (database
-down) leaves the event pending and the sweeper re-enqueues it, so a crash between any two steps only delays it.
-Run it with several threads: each thread handles one delivery at a time, and a slow receiver only ever holds
-``EXCHANGE_WEBHOOK_MAX_IN_FLIGHT`` of them.
+A ``deliver`` message is only a hint that events are due (:mod:`exchange.webhooks.queue`): the actor clears the
+hint key and wakes the pump, which claims due events in batches from Postgres, POSTs them concurrently and
+records the outcomes in batches. ``--threads`` is the number of deliveries in flight per process (the dramatiq
+threads themselves only take hints). Retries are timed in-process; retries too far out, events of a worker that
+died and hints that were lost are covered by the sweeper, which hints about overdue events. dramatiq's own
+retries are off: an actor that fails (Redis down) loses nothing but a hint.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from uuid import UUID
 
 import dramatiq
 
@@ -22,37 +21,59 @@ from exchange.messaging.broker import make_broker
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
-from exchange.webhooks.delivery import Deliverer, DeliveryConfig, Outcome
-from exchange.webhooks.queue import DELIVER_ACTOR, enqueue_deliveries
+from exchange.webhooks.delivery import DeliveryConfig
+from exchange.webhooks.outcomes import DeliveryResult
+from exchange.webhooks.pump import Pump, PumpThread
+from exchange.webhooks.queue import DELIVER_ACTOR, clear_hint, send_hint
 
-# httpx logs every request at INFO: at thousands of deliveries/s that is most of the worker's CPU. Attempts are
-# recorded in webhook_attempts instead.
-logging.getLogger("httpx").setLevel(logging.WARNING)
-logging.getLogger("httpcore").setLevel(logging.WARNING)
+log = logging.getLogger("exchange.webhooks")
 
 settings = Settings.from_env()
 configure_logging("webhooks", level=settings.log_level, fmt=settings.log_format, replace=True)
 metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
-_engine = pooled_engine(settings.pooled_database_url, pool_size=8, max_overflow=24)
+# Claims and records run one at a time each, plus a spare for a fan-out hint's thread.
+_engine = pooled_engine(settings.pooled_database_url, pool_size=3, max_overflow=2)
+_config = DeliveryConfig.from_settings(settings)
+_pump: PumpThread | None = None
 
 
-def _reenqueue(event_id: UUID, delay_ms: int) -> None:
-    enqueue_deliveries(broker, [event_id], delay_ms=delay_ms)
+def _observe(result: DeliveryResult) -> None:
+    metrics.record_webhook_delivery(result.outcome.value, result.seconds)
 
 
-_deliverer = Deliverer(_engine, DeliveryConfig.from_settings(settings), reenqueue=_reenqueue)
+def _fan_out() -> None:
+    try:
+        send_hint(broker)
+    except Exception:  # Redis down: the other workers only start later (on the next hint or the sweeper's)
+        log.warning("could not send a webhook fan-out hint", exc_info=True)
+
+
+class _PumpLifecycle(dramatiq.Middleware):
+    """Starts the process's pump once dramatiq knows its thread count, and drains it on shutdown."""
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        global _pump
+        capacity = worker.worker_threads
+        _pump = PumpThread(Pump(_engine, _config, capacity=capacity, observe=_observe, fan_out=_fan_out))
+        _pump.start()
+        log.info(
+            "webhook pump started: %d deliveries in flight at most, %d per broker", capacity, _config.max_in_flight
+        )
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if _pump is not None:
+            _pump.stop(_config.connect_timeout_s + _config.read_timeout_s + 5)
+
+
+broker.add_middleware(_PumpLifecycle())
 
 
 @dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=WEBHOOK_QUEUE, max_retries=0)
-def deliver(event_id: str) -> None:
-    """Make at most one delivery attempt of ``event_id`` (a duplicate or early message is a no-op)."""
-    started = time.perf_counter()
-    result = _deliverer.deliver(UUID(event_id))
-    if result.outcome in _COUNTED:
-        metrics.record_webhook_delivery(result.outcome.value, time.perf_counter() - started)
-
-
-# Outcomes that are an attempt (or a decision not to attempt); "not due" and "deferred" are no-ops of a duplicate
-# or early message and are not counted.
-_COUNTED = frozenset({Outcome.DELIVERED, Outcome.RETRY, Outcome.FAILED, Outcome.SKIPPED})
+def deliver(*legacy_event_ids: str) -> None:
+    """Events are due: wake this process's pump (a hint taken before the pump started is not needed: a pump
+    starts by claiming whatever is due). Messages of the previous version carried one event id; the pump claims
+    whatever is due, so ids are not needed."""
+    clear_hint(broker)
+    if _pump is not None:
+        _pump.wake()

@@ -21,6 +21,8 @@ HTTP   code                    when
                                type, out of range (e.g. ≥ 2**63), unknown field, naive or past datetime,
                                price/time-in-force inconsistent with the order type, bad cursor, …
                                ``details`` names the field/path when known
+422    idempotency_key_reused  a ``client_order_id``/``Idempotency-Key`` already used by this broker, sent with
+                               different order fields (an identical retry answers 201 with the original order)
 422    invalid_webhook_url     ``webhook_url`` is not an absolute http(s) URL, or its host is/resolves to a
                                loopback, private, link-local or metadata address (SSRF guard)
 500    internal_error          a bug; logged with its traceback, no details returned
@@ -95,6 +97,7 @@ _DOMAIN_STATUS: dict[type[domain.OrderServiceError], int] = {
     domain.OrderNotFoundError: 404,
     domain.NoTradesError: 404,
     domain.OrderClosedError: 409,
+    domain.IdempotencyKeyReusedError: 422,
     webhook_errors.WebhookEventNotFoundError: 404,
     webhook_errors.WebhookEndpointUnavailableError: 409,
 }

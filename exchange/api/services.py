@@ -5,35 +5,31 @@ Order of steps for every command (DESIGN §3): register the waiter BEFORE the tr
 any time after the commit is seen), commit, wake the partition (coalesced), wait up to
 ``settings.order_wait_ms``, read. A failed wake-up (Redis down) is logged and ignored: the command is durable and
 the sweeper re-nudges symbols with old unprocessed commands.
+
+New orders and read-backs go through the process's coalescers (:mod:`exchange.api.coalescing`): requests that
+arrive together share one transaction / one query; each still gets only its own outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Iterator
 from uuid import UUID
 
+from exchange.api import batches
 from exchange.api.state import ApiState
-from exchange.messaging.wakeups import wake_async
-from exchange.orders import accept, queries
+from exchange.orders import accept
 from exchange.orders.errors import OrderNotFoundError
-from exchange.orders.models import CommandResult, NewOrder, OrderView
-
-log = logging.getLogger("exchange.api")
+from exchange.orders.models import NewOrder, OrderView
 
 
 async def wake(state: ApiState, symbol: str) -> None:
-    try:
-        await wake_async(state.redis, state.broker, symbol, state.settings.partitions)
-    except Exception as exc:
-        log.warning("wake-up of %s failed (%s); the sweeper will re-nudge it", symbol, exc)
+    await batches.wake(state.redis, state.broker, [symbol], state.settings.partitions)
 
 
 async def read_order(state: ApiState, broker_id: UUID, order_id: UUID) -> OrderView:
-    async with state.engine.connect() as conn:
-        view = await queries.get_order(conn, broker_id, order_id)
+    view = await state.reads.submit((broker_id, order_id))
     if view is None:
         raise OrderNotFoundError()
     return view
@@ -53,39 +49,37 @@ def _registered(state: ApiState, order_id: UUID) -> Iterator[asyncio.Future[None
         state.waiter.discard(order_id, future)
 
 
+async def _commit_and_wait(
+    state: ApiState, broker_id: UUID, order_id: UUID, commit: Callable[[], Awaitable[bool]]
+) -> OrderView:
+    """Register for ``order_id``'s result, run ``commit`` (writes a cancel/amend command and wakes its symbol; True
+    if it wrote one), wait for the matcher if it did, and read the order."""
+    with _registered(state, order_id) as future:
+        if await commit():
+            await state.waiter.wait(order_id, future, _wait_s(state))
+    return await read_order(state, broker_id, order_id)
+
+
 async def place(state: ApiState, order: NewOrder) -> tuple[OrderView, bool]:
     """Accept ``order``; returns its view (after matching, or ``pending`` on timeout) and whether it is new
     (False: a duplicate ``client_order_id``/``Idempotency-Key`` returned the original order)."""
     with _registered(state, order.order_id) as future:
-        result = await accept.place_order(state.engine, order)
+        result = await state.accepts.submit(order)  # committed, and the symbol woken, when this returns
         if result.created:
-            await wake(state, order.symbol)
             await state.waiter.wait(order.order_id, future, _wait_s(state))
     return await read_order(state, order.broker_id, result.order_id), result.created
-
-
-async def _command_and_wait(
-    state: ApiState, broker_id: UUID, order_id: UUID, write: Callable[[], Awaitable[CommandResult]]
-) -> OrderView:
-    """Run ``write`` (a cancel/amend of ``order_id``); if it wrote a command, wake and wait like :func:`place`."""
-    with _registered(state, order_id) as future:
-        result = await write()
-        if result.written:
-            await wake(state, result.symbol)
-            await state.waiter.wait(order_id, future, _wait_s(state))
-    return await read_order(state, broker_id, order_id)
 
 
 async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool) -> OrderView | None:
     """Cancel the broker's own order (no-op when closed or a cancel is already pending). With ``wait``, wait for
     the matcher like :func:`place` and return the order's view."""
+
+    async def commit() -> bool:
+        return (await state.cancels.submit((broker_id, order_id))).written
+
     if wait:
-        return await _command_and_wait(
-            state, broker_id, order_id, lambda: accept.cancel_order(state.engine, broker_id, order_id)
-        )
-    result = await accept.cancel_order(state.engine, broker_id, order_id)
-    if result.written:
-        await wake(state, result.symbol)
+        return await _commit_and_wait(state, broker_id, order_id, commit)
+    await commit()
     return None
 
 
@@ -97,6 +91,10 @@ async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.Ca
 
 
 async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None) -> OrderView:
-    return await _command_and_wait(
-        state, broker_id, order_id, lambda: accept.amend_order(state.engine, broker_id, order_id, quantity, price)
-    )
+    async def commit() -> bool:
+        result = await accept.amend_order(state.engine, broker_id, order_id, quantity, price)
+        if result.written:
+            await wake(state, result.symbol)
+        return result.written
+
+    return await _commit_and_wait(state, broker_id, order_id, commit)

@@ -2,13 +2,14 @@
 
 One :class:`ApiState` per process (stored as ``app.state.api``): a pooled async engine (pgbouncer-safe), a
 Redis client for commands (short timeouts), a separate Redis client for the result subscriber (its pub/sub
-connection idles for long periods, so it must not carry a read timeout), the dramatiq broker, and exactly one
-:class:`~exchange.messaging.results.ResultWaiter`.
+connection idles for long periods, so it must not carry a read timeout), the dramatiq broker, exactly one
+:class:`~exchange.messaging.results.ResultWaiter`, and the group-commit coalescers of order accepts, cancels and reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +21,13 @@ from litestar import Litestar
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exchange.api.batches import OrderKey, accept_orders, cancel_orders, read_orders
+from exchange.api.coalescing import Coalescer
 from exchange.config import Settings
 from exchange.db.engines import pooled_async_engine
 from exchange.messaging.broker import make_broker
 from exchange.messaging.results import ResultWaiter
-from exchange.orders.models import BrokerIdentity
+from exchange.orders.models import BrokerIdentity, CommandResult, NewOrder, OrderView, PlaceResult
 
 log = logging.getLogger("exchange.api")
 
@@ -69,6 +72,12 @@ class ApiState:
     subscriber_redis: Redis
     broker: RedisBroker
     waiter: ResultWaiter
+    accepts: Coalescer[NewOrder, PlaceResult]
+    """Group commit of new orders (one transaction per group of concurrent requests)."""
+    cancels: Coalescer[OrderKey, CommandResult]
+    """Group commit of cancels."""
+    reads: Coalescer[OrderKey, OrderView | None]
+    """Batched read-back of orders (one query per group of concurrent requests)."""
     keys: KeyCache = field(default_factory=KeyCache)
 
 
@@ -89,7 +98,15 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
         broker = make_broker(settings.redis_url, settings.partitions)
         waiter = ResultWaiter(subscriber)
         await waiter.start()
-        app.state.api = ApiState(settings, engine, client, subscriber, broker, waiter)
+        group = {"max_concurrent": settings.group_commit_concurrency, "max_batch": settings.group_commit_max}
+        accepts: Coalescer[NewOrder, PlaceResult] = Coalescer(
+            functools.partial(accept_orders, engine, client, broker, settings.partitions), **group
+        )
+        cancels: Coalescer[OrderKey, CommandResult] = Coalescer(
+            functools.partial(cancel_orders, engine, client, broker, settings.partitions), **group
+        )
+        reads: Coalescer[OrderKey, OrderView | None] = Coalescer(functools.partial(read_orders, engine), **group)
+        app.state.api = ApiState(settings, engine, client, subscriber, broker, waiter, accepts, cancels, reads)
         try:
             yield
         finally:

@@ -1,29 +1,32 @@
 """Process a symbol's pending commands: the one function the matcher actor calls.
 
-Order of operations in ONE transaction (DESIGN §3): take the symbol's advisory lock; if the cached book's
-version differs from ``symbols.book_version``, rebuild it from the open orders; read the unprocessed commands in
-sequence order (bounded batch); apply them to the pure engine; write order states, trades, balances, positions,
-outbox events, the new book version and the processed markers; commit. Only after the commit are results
+Order of operations in ONE transaction (DESIGN §3): take the symbol's advisory lock; read ``symbols.book_version``
+and the unprocessed commands in sequence order (bounded batch); if the cached book's version differs, rebuild it
+from the open orders; apply the commands to the pure engine; write order states, trades, balances, positions,
+outbox events, the new book version and the processed markers; commit. That is two round trips to Postgres per
+batch (see :mod:`exchange.matching.store`), plus one when the book is rebuilt. Only after the commit are results
 published and webhook deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
 
 Invariant: the cached book always equals what Postgres says at the cached version. While a batch is applied
-the entry's version is invalid, and it becomes ``book_version + 1`` only together with the writes of the same
-transaction; a failed transaction also drops the entry, because the engine already mutated the book in memory.
+the entry's version is invalid, and it becomes ``book_version + 1`` only once the COMMIT carrying the batch's
+writes has succeeded; a failed transaction also drops the entry, because the engine already mutated the book in
+memory.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from exchange.db.errors import is_deterministic, is_retryable, sqlstate
 from exchange.engine import OrderBook
-from exchange.engine.types import Amend, Cancel, Command, Event, Place
+from exchange.engine.types import Amend, Cancel, Command, Event, Place, Side
 from exchange.matching import store
 from exchange.matching.commands import MalformedCommandError, to_engine_command
 from exchange.matching.effects import plan_batch
@@ -34,14 +37,16 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_LIMIT = 500
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
-_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
-_DETERMINISTIC_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
 
 
 @dataclass(slots=True)
 class CachedBook:
     version: int
     book: OrderBook
+    owners: dict[UUID, tuple[UUID, Side]]
+    """(broker, side) of every order resting in ``book``: a ``Closed`` event names only its order, and the outbox
+    event it produces needs the owner. Kept next to the book (filled on rebuild and from each batch's places,
+    emptied of orders that leave the book) so that a batch needs no query for it."""
 
 
 @dataclass(slots=True)
@@ -69,17 +74,9 @@ class BatchResult:
 
 
 def process_symbol(
-    engine: Engine,
-    cache: BookCache,
-    symbol: str,
-    *,
-    batch_limit: int = DEFAULT_BATCH_LIMIT,
-    before_read: Callable[[], None] | None = None,
+    engine: Engine, cache: BookCache, symbol: str, *, batch_limit: int = DEFAULT_BATCH_LIMIT
 ) -> BatchResult:
     """Apply one batch of ``symbol``'s pending commands. Retries deadlocks/serialization failures a few times.
-
-    ``before_read`` runs after the lock is held and before the command log is read (the wake-up key is cleared
-    there: see :mod:`exchange.messaging.wakeups`).
 
     A command that fails the same way on every attempt (bad data: SQLSTATE class 22 or 23, e.g. a balance leaving
     the 64-bit range; or a malformed command row) must not wedge its symbol, because every retry would read the
@@ -90,44 +87,35 @@ def process_symbol(
         batch_limit = 1
     for attempt in range(4):
         try:
-            result = _process_once(engine, cache, symbol, batch_limit, before_read)
+            result = _process_once(engine, cache, symbol, batch_limit)
             if result.commands == 0:
                 cache.suspects.discard(symbol)
             return result
-        except DBAPIError as exc:
+        except (DBAPIError, psycopg.Error) as exc:
             cache.books.pop(symbol, None)
-            sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-            if sqlstate in _RETRYABLE_SQLSTATES and attempt < 3:
-                log.warning("retrying %s after %s", symbol, sqlstate)
+            if is_retryable(exc) and attempt < 3:
+                log.warning("retrying %s after %s", symbol, sqlstate(exc))
                 time.sleep(0.01 * (attempt + 1))
                 continue
-            if sqlstate[:2] not in _DETERMINISTIC_SQLSTATE_CLASSES:
+            if not is_deterministic(exc):
                 raise  # connection lost, server shutting down, ...: dramatiq and the sweeper try again later
-            return _isolate_poison(engine, cache, symbol, batch_limit, before_read, exc)
+            return _isolate_poison(engine, cache, symbol, batch_limit, exc)
         except MalformedCommandError as exc:
             cache.books.pop(symbol, None)
-            return _isolate_poison(engine, cache, symbol, batch_limit, before_read, exc)
+            return _isolate_poison(engine, cache, symbol, batch_limit, exc)
         except BaseException:
             cache.books.pop(symbol, None)
             raise
     raise AssertionError("unreachable")
 
 
-def _isolate_poison(
-    engine: Engine,
-    cache: BookCache,
-    symbol: str,
-    batch_limit: int,
-    before_read: Callable[[], None] | None,
-    error: Exception,
-) -> BatchResult:
+def _isolate_poison(engine: Engine, cache: BookCache, symbol: str, batch_limit: int, error: Exception) -> BatchResult:
     if batch_limit > 1:
         # The failing command may be anywhere in the batch: apply the commands one at a time from the first.
         cache.suspects.add(symbol)
-        return process_symbol(engine, cache, symbol, batch_limit=1, before_read=before_read)
-    with engine.begin() as conn:
-        _, now = store.lock_book(conn, symbol)
-        quarantined = store.quarantine_first_pending(conn, symbol, now)
+        return process_symbol(engine, cache, symbol, batch_limit=1)
+    with store.connect(engine) as conn:
+        quarantined = store.quarantine_first_pending(conn, symbol)
     cache.suspects.discard(symbol)
     if quarantined is None:
         raise error  # nothing pending any more: the failure was not the command's
@@ -143,49 +131,45 @@ def _isolate_poison(
     return BatchResult(symbol, 1, 0, order_ids, [], more=True, rebuilt=False)
 
 
-def _process_once(
-    engine: Engine,
-    cache: BookCache,
-    symbol: str,
-    batch_limit: int,
-    before_read: Callable[[], None] | None,
-) -> BatchResult:
-    with engine.begin() as conn:
-        version, now = store.lock_book(conn, symbol)
-        if before_read is not None:
-            before_read()
-        rows = store.pending_commands(conn, symbol, batch_limit)
-        if not rows:
-            return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)
+def _process_once(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> BatchResult:
+    with store.connect(engine) as conn:
+        start = store.begin_batch(conn, symbol, batch_limit)
+        if not start.commands:
+            return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)  # store.connect rolls back
         cached = cache.books.get(symbol)
-        rebuilt = cached is None or cached.version != version
+        rebuilt = cached is None or cached.version != start.version
         if cached is None or rebuilt:
-            cached = CachedBook(version, OrderBook.rebuild(symbol, store.open_orders(conn, symbol)))
+            resting = store.open_orders(conn, symbol)
+            owners = {o.order_id: (o.broker_id, o.side) for o in resting}
+            cached = CachedBook(start.version, OrderBook.rebuild(symbol, resting), owners)
             cache.books[symbol] = cached
-        book = cached.book
+        book, owners = cached.book, cached.owners
         # From here the in-memory book runs ahead of Postgres. Mark it invalid first, so if anything fails before
         # the commit (even in a way that skips our exception handler, or while another thread of this process
         # already holds the lock we just released) the next holder rebuilds it instead of trusting it.
         cached.version = _INVALID_VERSION
-        now_us = to_micros(now)
+        now_us = to_micros(start.now)
         applied: list[tuple[Command, list[Event]]] = []
-        for row in rows:
+        for row in start.commands:
             command = to_engine_command(row, symbol)
+            if isinstance(command, Place):
+                owners[command.order.order_id] = (command.order.broker_id, command.order.side)
             applied.append((command, book.apply(command, now_us)))
         touched = _touched_orders(applied)
-        meta = store.order_meta(conn, touched)
         resting_after = {oid: r for oid in touched if (r := book.get(oid)) is not None}
-        owners = {oid: (m.broker_id, m.side) for oid, m in meta.items()}
         plan = plan_batch(applied, resting_after, owners)
-        written = store.write_batch(conn, symbol, now, plan, meta, [row.seq for row in rows])
-        cached.version = version + 1
+        event_ids = store.write_batch(conn, symbol, start.now, plan, [row.seq for row in start.commands])
+        cached.version = start.version + 1
+        for order_id in touched:
+            if order_id not in resting_after:
+                owners.pop(order_id, None)  # closed or never rested: keep the map as small as the book
     return BatchResult(
         symbol=symbol,
-        commands=len(rows),
+        commands=len(start.commands),
         trades=len(plan.trades),
         order_ids=touched,
-        event_ids=written,
-        more=len(rows) >= batch_limit,
+        event_ids=event_ids,
+        more=len(start.commands) >= batch_limit,
         rebuilt=rebuilt,
     )
 

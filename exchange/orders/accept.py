@@ -2,14 +2,16 @@
 
 Invariants:
 
-* One transaction per call. An order and its ``place`` command are inserted by ONE statement (a CTE) and share
-  the command's sequence number (``orders.seq`` = ``commands.seq``); nothing is written when validation fails.
+* One transaction per call. Orders and their ``place`` commands are inserted by ONE statement (a CTE) per group
+  of concurrent requests (group commit, see :mod:`exchange.api.coalescing`) and each order shares its command's
+  sequence number (``orders.seq`` = ``commands.seq``); nothing is written when validation fails.
 * Duplicates are safe under concurrency: ``INSERT … ON CONFLICT DO NOTHING`` on the broker's
   ``client_order_id``/``idempotency_key`` unique constraints, then the original order is read back. A concurrent
   duplicate waits for the first insert to commit (or roll back) inside PostgreSQL, so exactly one order exists.
-* A cancel or amend command is written only for the broker's own order and only while it is not closed. The
-  order row is locked (``FOR NO KEY UPDATE``: does not block the matcher's foreign-key checks) so concurrent
-  cancels of one order write one command.
+* A cancel or amend command is written only for the broker's own order and only while it is not closed.
+  Concurrent cancels of one order write one command: cancels serialise on a per-order advisory lock (taken in
+  sorted order for a group), an amend on the order's row (``FOR NO KEY UPDATE``: does not block the matcher's
+  foreign-key checks).
 * No wake-up, waiting or Redis here: the caller does that after the commit (see :mod:`exchange.api.services`).
 """
 
@@ -17,16 +19,24 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from exchange.db.errors import is_deterministic, is_retryable
 from exchange.db.tables import CommandKind, OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
-from exchange.orders.errors import InvalidOrderError, OrderClosedError, OrderNotFoundError
+from exchange.orders.errors import (
+    IdempotencyKeyReusedError,
+    InvalidOrderError,
+    OrderClosedError,
+    OrderNotFoundError,
+)
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
 
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9.]{1,10}$")
@@ -108,26 +118,36 @@ def new_order(
     )
 
 
-_PLACE = text(
+_PLACE_MANY = text(
     f"""
     WITH ins AS (
         INSERT INTO orders (id, broker_id, client_order_id, idempotency_key, document_number, symbol, side,
                             order_type, time_in_force, stp, price, quantity, remaining, valid_until, seq)
-        VALUES (:id, :broker_id, :client_order_id, :idempotency_key, :document_number, :symbol, :side,
-                :order_type, :time_in_force, :stp, :price, :quantity, :quantity, :valid_until,
-                nextval('command_seq'))
+        SELECT v.id, v.broker_id, v.client_order_id, v.idempotency_key, v.document_number, v.symbol, v.side,
+               v.order_type, v.time_in_force, v.stp, v.price, v.quantity, v.quantity, v.valid_until,
+               nextval('command_seq')
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[]), CAST(:client_order_ids AS text[]),
+                    CAST(:idempotency_keys AS text[]), CAST(:document_numbers AS text[]), CAST(:symbols AS text[]),
+                    CAST(:sides AS text[]), CAST(:order_types AS text[]), CAST(:time_in_forces AS text[]),
+                    CAST(:stps AS text[]), CAST(:prices AS bigint[]), CAST(:quantities AS bigint[]),
+                    CAST(:valid_untils AS timestamptz[]))
+             WITH ORDINALITY
+             AS v(id, broker_id, client_order_id, idempotency_key, document_number, symbol, side, order_type,
+                  time_in_force, stp, price, quantity, valid_until, n)
+        ORDER BY v.n
         ON CONFLICT DO NOTHING
         RETURNING id, symbol, seq
     )
     INSERT INTO commands (seq, symbol, kind, order_id)
     SELECT seq, symbol, '{CommandKind.PLACE.value}', id FROM ins
-    RETURNING seq
+    RETURNING order_id
     """  # noqa: S608  # enum constant only
 )
 
 _FIND_DUPLICATE = text(
     """
-    SELECT id FROM orders
+    SELECT id, document_number, symbol, side, order_type, time_in_force, stp, price, quantity, valid_until
+    FROM orders
     WHERE broker_id = :broker_id
       AND (client_order_id = :client_order_id OR idempotency_key = :idempotency_key)
     ORDER BY seq
@@ -135,67 +155,185 @@ _FIND_DUPLICATE = text(
     """
 )
 
+_GROUP_ATTEMPTS = 3
 
-async def place_order(engine: AsyncEngine, order: NewOrder) -> PlaceResult:
-    """Insert the order (``pending``) and its ``place`` command in one transaction, or find the original order
-    when ``client_order_id``/``idempotency_key`` repeats one of this broker's (then nothing is written)."""
-    params = {
-        "id": order.order_id,
-        "broker_id": order.broker_id,
-        "client_order_id": order.client_order_id,
-        "idempotency_key": order.idempotency_key,
-        "document_number": order.document_number,
-        "symbol": order.symbol,
-        "side": order.side,
-        "order_type": order.order_type,
-        "time_in_force": order.time_in_force,
-        "stp": order.stp,
-        "price": order.price,
-        "quantity": order.quantity,
-        "valid_until": order.valid_until,
+
+def _columns(orders: Sequence[NewOrder]) -> dict[str, list[object]]:
+    return {
+        "ids": [o.order_id for o in orders],
+        "broker_ids": [o.broker_id for o in orders],
+        "client_order_ids": [o.client_order_id for o in orders],
+        "idempotency_keys": [o.idempotency_key for o in orders],
+        "document_numbers": [o.document_number for o in orders],
+        "symbols": [o.symbol for o in orders],
+        "sides": [o.side for o in orders],
+        "order_types": [o.order_type for o in orders],
+        "time_in_forces": [o.time_in_force for o in orders],
+        "stps": [o.stp for o in orders],
+        "prices": [o.price for o in orders],
+        "quantities": [o.quantity for o in orders],
+        "valid_untils": [o.valid_until for o in orders],
     }
+
+
+async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[PlaceResult | Exception]:
+    """Accept a group of orders in ONE transaction (group commit); one outcome per order, in order.
+
+    Each order and its ``place`` command are written by one statement for the whole group and share the
+    command's sequence number; an order repeating one of its broker's ``client_order_id``/``Idempotency-Key``
+    (committed earlier or earlier in the same group) writes nothing and resolves to the original order, or to
+    :class:`IdempotencyKeyReusedError` when its fields differ from the original's.
+
+    If the group fails on data (SQLSTATE class 22/23, e.g. a broker deleted while its key was cached), nothing of
+    it was written, and the orders are retried one transaction each so only the offending order gets the error.
+    A deadlock is retried; any other failure (connection lost, ...) is raised for the whole group: nothing was
+    committed.
+    """
+    for attempt in range(_GROUP_ATTEMPTS):
+        try:
+            return list(await _place_group(engine, orders))
+        except DBAPIError as exc:
+            # Two groups inserting the same idempotency keys in different orders can deadlock: run it again.
+            if is_retryable(exc) and attempt + 1 < _GROUP_ATTEMPTS:
+                continue
+            if len(orders) == 1 or not is_deterministic(exc):
+                raise
+            break
+    outcomes: list[PlaceResult | Exception] = []
+    for order in orders:
+        try:
+            outcomes.extend(await _place_group(engine, [order]))
+        except DBAPIError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+async def _place_group(
+    engine: AsyncEngine, orders: Sequence[NewOrder]
+) -> list[PlaceResult | IdempotencyKeyReusedError]:
     async with engine.begin() as conn:
-        if (await conn.execute(_PLACE, params)).scalar_one_or_none() is not None:
-            return PlaceResult(order.order_id, created=True)
-        if order.client_order_id is None and order.idempotency_key is None:
-            # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
-            raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
-        original = (await conn.execute(_FIND_DUPLICATE, params)).scalar_one_or_none()
-        if original is None:
-            raise RuntimeError("duplicate order conflict but the original order is not visible")
-        return PlaceResult(original, created=False)
+        inserted = set((await conn.execute(_PLACE_MANY, _columns(orders))).scalars())
+        outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
+        for order in orders:
+            if order.order_id in inserted:
+                outcomes.append(PlaceResult(order.order_id, created=True))
+                continue
+            if order.client_order_id is None and order.idempotency_key is None:
+                # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
+                raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
+            # Within our own transaction: an earlier order of this group with the same key is visible too.
+            params = {
+                "broker_id": order.broker_id,
+                "client_order_id": order.client_order_id,
+                "idempotency_key": order.idempotency_key,
+            }
+            original = (await conn.execute(_FIND_DUPLICATE, params)).first()
+            if original is None:
+                raise RuntimeError("duplicate order conflict but the original order is not visible")
+            if _fields(original) != _fields(order):
+                outcomes.append(_key_reused(order))
+            else:
+                outcomes.append(PlaceResult(original.id, created=False))
+        return outcomes
+
+
+_COMPARED_FIELDS = (
+    "document_number",
+    "symbol",
+    "side",
+    "order_type",
+    "time_in_force",
+    "stp",
+    "price",
+    "quantity",
+    "valid_until",
+)
+
+
+def _fields(order: object) -> tuple[object, ...]:
+    """What makes a retry the same order (both sides normalised: upper-case symbol, resolved time in force)."""
+    return tuple(getattr(order, name) for name in _COMPARED_FIELDS)
+
+
+def _key_reused(order: NewOrder) -> IdempotencyKeyReusedError:
+    field = "client_order_id" if order.client_order_id is not None else "Idempotency-Key"
+    return IdempotencyKeyReusedError(
+        f"{field} was already used for a different order; use a new one for a new order", {"field": field}
+    )
 
 
 _LOCK_ORDER = text(
     "SELECT symbol, status, order_type FROM orders WHERE id = :id AND broker_id = :broker_id FOR NO KEY UPDATE"
 )
 
-_INSERT_CANCEL = text(
+ORDER_LOCK_SPACE = 0x0C0C
+"""First key of the two-integer advisory locks that serialise cancel writers per order. Two-integer keys are a
+namespace of their own in PostgreSQL, apart from the one-bigint keys of the books' locks."""
+CANCEL_LOCK_BUCKETS = 256
+"""Orders hash into this many locks: a group (or a cancel-all of thousands of orders) holds at most this many
+entries of PostgreSQL's shared lock table. Two orders in one bucket only make their cancels wait for each other."""
+
+# Transaction-scoped advisory locks taken in one fixed (sorted) order, so two groups never wait on each other in a
+# cycle. Not row locks: the matcher updates order rows in its own order, so locking several rows here could
+# deadlock with it (as the row-locking cancel-all once did).
+_LOCK_CANCELS = text(
     f"""
-    INSERT INTO commands (symbol, kind, order_id)
-    SELECT :symbol, '{CommandKind.CANCEL.value}', :id
-    WHERE NOT EXISTS (
-        SELECT 1 FROM commands
-        WHERE symbol = :symbol AND processed_at IS NULL AND order_id = :id AND kind = '{CommandKind.CANCEL.value}'
+    SELECT pg_advisory_xact_lock({ORDER_LOCK_SPACE}, k.bucket)
+    FROM (SELECT DISTINCT hashtext(CAST(id AS text)) & {CANCEL_LOCK_BUCKETS - 1} AS bucket
+          FROM unnest(CAST(:ids AS uuid[])) AS id ORDER BY 1) AS k
+    """  # noqa: S608  # integer constants only
+)
+
+# A separate statement from the locks above on purpose: under READ COMMITTED it takes a fresh snapshot after the
+# locks are granted, so it sees the cancel commands (and closed statuses) a concurrent cancel committed meanwhile.
+_INSERT_CANCELS = text(
+    f"""
+    WITH k AS (
+        SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[])) WITH ORDINALITY AS k(id, broker_id, n)
+    ), target AS (
+        SELECT o.id, o.broker_id, o.symbol, o.status, k.n
+        FROM k JOIN orders o ON o.id = k.id AND o.broker_id = k.broker_id
+    ), written AS (
+        INSERT INTO commands (symbol, kind, order_id)
+        SELECT t.symbol, '{CommandKind.CANCEL.value}', t.id
+        FROM target t
+        WHERE t.status <> '{OrderStatus.CLOSED.value}'
+          AND NOT EXISTS (
+            SELECT 1 FROM commands c
+            WHERE c.symbol = t.symbol AND c.processed_at IS NULL AND c.order_id = t.id
+              AND c.kind = '{CommandKind.CANCEL.value}'
+          )
+        ORDER BY t.n
+        RETURNING order_id
     )
-    RETURNING seq
+    SELECT t.id, t.broker_id, t.symbol, w.order_id IS NOT NULL AS written
+    FROM target t LEFT JOIN written w ON w.order_id = t.id
     """  # noqa: S608  # enum constants only
 )
 
 
-async def cancel_order(engine: AsyncEngine, broker_id: UUID, order_id: UUID) -> CommandResult:
-    """Write a ``cancel`` command for the broker's own order unless it is closed or a cancel is already pending.
+async def _write_cancels(
+    conn: AsyncConnection, keys: Sequence[tuple[UUID, UUID]]
+) -> dict[tuple[UUID, UUID], CommandResult]:
+    """Cancel commands for the keyed ``(broker_id, order_id)`` orders that are not closed and have no cancel
+    pending; returns the outcome of every order found (another broker's order is not found)."""
+    unique = list(dict.fromkeys(keys))  # one order twice in a group: one command, the same outcome for both
+    await conn.execute(_LOCK_CANCELS, {"ids": [order_id for _, order_id in unique]})
+    params = {"ids": [order_id for _, order_id in unique], "broker_ids": [broker_id for broker_id, _ in unique]}
+    rows = await conn.execute(_INSERT_CANCELS, params)
+    return {(row.broker_id, row.id): CommandResult(row.symbol, written=row.written) for row in rows}
 
-    Raises :class:`OrderNotFoundError` for an unknown order or another broker's.
-    """
+
+async def cancel_orders(
+    engine: AsyncEngine, keys: Sequence[tuple[UUID, UUID]]
+) -> list[CommandResult | OrderNotFoundError]:
+    """Cancel a group of the brokers' own orders in ONE transaction (group commit); ``keys`` are
+    ``(broker_id, order_id)``. Per key: a cancel command is written unless the order is closed or a cancel is
+    already pending (``written=False``, a no-op); an unknown order, or another broker's, is
+    :class:`OrderNotFoundError`. Concurrent cancels of one order write one command."""
     async with engine.begin() as conn:
-        row = (await conn.execute(_LOCK_ORDER, {"id": order_id, "broker_id": broker_id})).first()
-        if row is None:
-            raise OrderNotFoundError()
-        if row.status == OrderStatus.CLOSED.value:
-            return CommandResult(row.symbol, written=False)
-        seq = (await conn.execute(_INSERT_CANCEL, {"id": order_id, "symbol": row.symbol})).scalar_one_or_none()
-        return CommandResult(row.symbol, written=seq is not None)
+        found = await _write_cancels(conn, keys)
+    return [found.get(key) or OrderNotFoundError() for key in keys]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,30 +343,11 @@ class CancelAllResult:
     """Orders a cancel command was written for (those already closed or already being cancelled are skipped)."""
 
 
-_LOCK_OPEN_ORDERS = text(
+_OPEN_ORDER_IDS = text(
     f"""
     SELECT id FROM orders
     WHERE broker_id = :broker_id AND symbol = :symbol AND status <> '{OrderStatus.CLOSED.value}'
-    ORDER BY id
-    FOR NO KEY UPDATE
     """  # noqa: S608  # enum constant only
-)
-
-# A separate statement from the lock above on purpose: under READ COMMITTED it takes a fresh snapshot after the
-# row locks are granted, so it sees the cancel commands a concurrent cancel-all committed meanwhile.
-_INSERT_CANCELS = text(
-    f"""
-    INSERT INTO commands (symbol, kind, order_id)
-    SELECT :symbol, '{CommandKind.CANCEL.value}', o.id
-    FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS o(id, n)
-    WHERE NOT EXISTS (
-        SELECT 1 FROM commands c
-        WHERE c.symbol = :symbol AND c.processed_at IS NULL AND c.order_id = o.id
-          AND c.kind = '{CommandKind.CANCEL.value}'
-    )
-    ORDER BY o.n
-    RETURNING order_id
-    """  # noqa: S608  # enum constants only
 )
 
 
@@ -236,11 +355,12 @@ async def cancel_all(engine: AsyncEngine, broker_id: UUID, symbol: str) -> Cance
     """Cancel commands for every open or pending order of the broker in ``symbol``, in one transaction."""
     symbol = normalize_symbol(symbol)
     async with engine.begin() as conn:
-        ids = list((await conn.execute(_LOCK_OPEN_ORDERS, {"broker_id": broker_id, "symbol": symbol})).scalars())
+        ids = list((await conn.execute(_OPEN_ORDER_IDS, {"broker_id": broker_id, "symbol": symbol})).scalars())
         if not ids:
             return CancelAllResult(symbol, [])
-        written = (await conn.execute(_INSERT_CANCELS, {"ids": ids, "symbol": symbol})).scalars().all()
-        return CancelAllResult(symbol, list(written))
+        found = await _write_cancels(conn, [(broker_id, order_id) for order_id in ids])
+        written = [order_id for order_id in ids if (r := found.get((broker_id, order_id))) and r.written]
+        return CancelAllResult(symbol, written)
 
 
 _INSERT_AMEND = text(

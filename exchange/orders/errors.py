@@ -44,6 +44,13 @@ class OrderClosedError(OrderServiceError):
     code = "order_closed"
 
 
+class IdempotencyKeyReusedError(OrderServiceError):
+    """A ``client_order_id``/``Idempotency-Key`` the broker already used, sent with a different order: answering
+    with the original order would tell the client its new order was accepted."""
+
+    code = "idempotency_key_reused"
+
+
 class NoTradesError(OrderServiceError):
     code = "no_trades"
 

@@ -65,14 +65,15 @@ def _order_view(row: Row[Any], trades: list[TradeView]) -> OrderView:
     )
 
 
-# One row per trade (or one row with NULL trade columns): order and trades from one snapshot. The two index
+# One row per trade (or one row with NULL trade columns): orders and trades from one snapshot. The two index
 # lookups (buy side, sell side) are a UNION ALL rather than an OR so both use their index.
-_ORDER_WITH_TRADES = text(
+_ORDERS_WITH_TRADES = text(
     f"""
-    SELECT {_ORDER_COLUMNS},
+    SELECT {_ORDER_COLUMNS}, o.broker_id,
            t.id AS trade_id, t.price AS trade_price, t.quantity AS trade_quantity, t.executed_at,
            cb.name AS counterparty
-    FROM orders o
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[])) AS k(id, broker_id)
+    JOIN orders o ON o.id = k.id AND o.broker_id = k.broker_id
     LEFT JOIN LATERAL (
         SELECT id, price, quantity, executed_at, command_seq, match_no, sell_broker_id AS counterparty_id
         FROM trades WHERE buy_order_id = o.id
@@ -81,29 +82,35 @@ _ORDER_WITH_TRADES = text(
         FROM trades WHERE sell_order_id = o.id
     ) t ON true
     LEFT JOIN brokers cb ON cb.id = t.counterparty_id
-    WHERE o.id = :id AND o.broker_id = :broker_id
-    ORDER BY t.executed_at, t.command_seq, t.match_no
+    ORDER BY o.broker_id, o.id, t.executed_at, t.command_seq, t.match_no
     """  # noqa: S608  # constant column list only
 )
 
 
-async def get_order(conn: AsyncConnection, broker_id: UUID, order_id: UUID) -> OrderView | None:
-    """The broker's own order with its trades (oldest first), or None (also for another broker's order)."""
-    rows = (await conn.execute(_ORDER_WITH_TRADES, {"id": order_id, "broker_id": broker_id})).all()
-    if not rows:
-        return None
-    trades = [
-        TradeView(
-            trade_id=r.trade_id,
-            price=r.trade_price,
-            quantity=r.trade_quantity,
-            counterparty_broker=r.counterparty,
-            executed_at=_utc(r.executed_at),
-        )
-        for r in rows
-        if r.trade_id is not None
-    ]
-    return _order_view(rows[0], trades)
+async def get_orders(conn: AsyncConnection, keys: Sequence[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], OrderView]:
+    """Several orders with their trades (oldest first) in one query, keyed like ``keys``: ``(broker_id, order_id)``.
+
+    An order is only returned to its own broker: a key naming another broker's order is simply absent."""
+    unique = list(dict.fromkeys(keys))  # a repeated key would repeat its order's trade rows
+    params = {"ids": [order_id for _, order_id in unique], "broker_ids": [broker_id for broker_id, _ in unique]}
+    rows_by_key: dict[tuple[UUID, UUID], list[Row[Any]]] = {}
+    for row in await conn.execute(_ORDERS_WITH_TRADES, params):
+        rows_by_key.setdefault((row.broker_id, row.id), []).append(row)
+    views: dict[tuple[UUID, UUID], OrderView] = {}
+    for key, rows in rows_by_key.items():
+        trades = [
+            TradeView(
+                trade_id=r.trade_id,
+                price=r.trade_price,
+                quantity=r.trade_quantity,
+                counterparty_broker=r.counterparty,
+                executed_at=_utc(r.executed_at),
+            )
+            for r in rows
+            if r.trade_id is not None
+        ]
+        views[key] = _order_view(rows[0], trades)
+    return views
 
 
 # ------------------------------------------------------------------------------------------------ listing

@@ -8,6 +8,7 @@ Secrets are ``whsec_`` + base64 of the key bytes (the key is the decoded bytes, 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 SECRET_PREFIX = "whsec_"  # noqa: S105  # a format prefix, not a secret
 
 
+@functools.lru_cache(maxsize=4096)  # every delivery signs; a broker's secret rarely changes
 def secret_key(secret: str) -> bytes:
     """The HMAC key of a ``whsec_…`` secret."""
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))

@@ -5,9 +5,10 @@ Checked twice:
 * at registration / ``PUT /webhooks/endpoint`` (:func:`check_url_async`): literal IPs are checked, host names are
   resolved (bounded time) and refused when any address is forbidden; a name that does not resolve (yet) is
   accepted, because the delivery-time check is the one that counts;
-* at every delivery (:func:`resolve_destination`): the host is resolved, refused if ANY address is forbidden,
-  and the request is *pinned* to the checked address (connect to the IP, ``Host`` header and TLS SNI keep the
-  name), so a DNS answer that changes between the check and the connect (rebinding) cannot redirect it.
+* at delivery (:func:`resolve_destination_async`, once per URL per claimed batch): the host is resolved,
+  refused if ANY address is forbidden, and the request is *pinned* to the checked address (connect to the IP,
+  ``Host`` header and TLS SNI keep the name), so a DNS answer that changes between the check and the connect
+  (rebinding) cannot redirect it. Kept-alive connections are pooled by checked address, never by name.
 
 Forbidden: everything that is not globally routable (loopback, RFC 1918 private, link-local incl. the cloud
 metadata address 169.254.169.254, CGNAT 100.64/10, unique-local and site-local IPv6, unspecified, reserved,
@@ -125,15 +126,34 @@ def resolve_destination(url: str, allow_private: bool) -> Destination:
     scheme, host, port = split_url(url)
     literal = _literal(host)
     if literal is not None:
-        addresses = [literal]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, ValueError) as exc:  # ValueError: UnicodeError from the IDNA codec (``a..b``), NUL
-            raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: {exc}") from exc
-        addresses = _addresses(infos)  # type: ignore[arg-type]
-        if not addresses:
-            raise UnsafeWebhookUrlError(f"host {host} has no address")
+        return _pinned(scheme, host, [literal], allow_private)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:  # ValueError: UnicodeError from the IDNA codec (``a..b``), NUL
+        raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: {exc}") from exc
+    return _pinned(scheme, host, _addresses(infos), allow_private)  # type: ignore[arg-type]
+
+
+async def resolve_destination_async(url: str, allow_private: bool, timeout_s: float) -> Destination:
+    """:func:`resolve_destination` for the delivery worker's event loop: resolving never blocks the loop and
+    takes at most ``timeout_s`` (a host that does not resolve in time is refused like one that does not resolve)."""
+    scheme, host, port = split_url(url)
+    literal = _literal(host)
+    if literal is not None:
+        return _pinned(scheme, host, [literal], allow_private)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout_s)
+    except TimeoutError as exc:
+        raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: no answer within {timeout_s:g} s") from exc
+    except (OSError, ValueError) as exc:
+        raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: {exc}") from exc
+    return _pinned(scheme, host, _addresses(infos), allow_private)  # type: ignore[arg-type]
+
+
+def _pinned(scheme: str, host: str, addresses: list[IPAddress], allow_private: bool) -> Destination:
+    if not addresses:
+        raise UnsafeWebhookUrlError(f"host {host} has no address")
     _check(host, addresses, allow_private)
     return Destination(scheme, host, addresses[0])
 

@@ -58,6 +58,23 @@ def test_the_same_client_order_id_from_two_brokers_makes_two_orders(
     assert count(api_engine, PLACES, b=a.id) == count(api_engine, PLACES, b=b.id) == 1
 
 
+@pytest.mark.parametrize("kind", ["client_order_id", "idempotency_key"])
+def test_a_reused_key_with_a_different_order_is_refused_and_writes_nothing(
+    api_client: TestClient[Any], api_engine: Engine, kind: str
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    headers = {**broker.headers, "Idempotency-Key": "k-7"} if kind == "idempotency_key" else broker.headers
+    extra = {"client_order_id": "k-7"} if kind == "client_order_id" else {}
+    first = api_client.post("/orders", json=order(symbol, **extra), headers=headers)
+    changed = api_client.post("/orders", json=order(symbol, quantity=6, **extra), headers=headers)
+    assert first.status_code == 201
+    assert changed.status_code == 422
+    assert changed.json()["code"] == "idempotency_key_reused"
+    assert count(api_engine, PLACES, b=broker.id) == 1
+    assert count(api_engine, "SELECT quantity FROM orders WHERE broker_id = :b", b=broker.id) == 5
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["client_order_id", "idempotency_key"])
 async def test_concurrent_duplicates_create_exactly_one_order_and_one_command(

@@ -260,3 +260,91 @@ def test_a_place_command_without_its_order_is_quarantined(engine: Engine) -> Non
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT status FROM orders")).scalar_one() == "open"
+
+
+def test_a_trade_whose_cash_exceeds_even_unsigned_64_bits_is_quarantined(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    place(engine, seller, "HUGE3", "ask", 16, 2**62)
+    poison = place(engine, buyer, "HUGE3", "bid", 16, 2**62)  # notional 2**66: no 64-bit type holds it
+    later = place(engine, buyer, "HUGE3", "bid", 1, 5)
+    cache = BookCache()
+
+    while process_symbol(engine, cache, "HUGE3").commands:
+        pass
+
+    with engine.connect() as conn:
+        assert (order(conn, poison).status, order(conn, poison).close_reason) == ("closed", "rejected")
+        assert order(conn, later).status == "open"
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+    assert_conserved(engine)
+
+
+def test_each_brokers_events_are_numbered_without_gaps_in_the_order_they_happened(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    cache = BookCache()
+    for symbol in ("SEQA3", "SEQB3"):
+        for price in (10, 11, 12):  # three resting asks of one broker: one sweep fills them in price order
+            place(engine, seller, symbol, "ask", 1, price, document_number=f"doc{price}")
+        place(engine, buyer, symbol, "bid", 3, 12, document_number="sweeper")
+        process_symbol(engine, cache, symbol)  # one batch: 3 fills, two events each
+        place(engine, seller, symbol, "ask", 2, 20)
+        cancel_id = place(engine, buyer, symbol, "bid", 1, 5)
+        cancel(engine, symbol, cancel_id)
+        process_symbol(engine, cache, symbol)
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT e.broker_id, e.sequence, e.type, e.payload, t.command_seq, t.match_no, o.document_number "
+                "FROM webhook_events e JOIN orders o ON o.id = e.order_id LEFT JOIN trades t ON t.id = e.trade_id "
+                "ORDER BY e.broker_id, e.sequence"
+            )
+        ).all()
+    for broker in (buyer, seller):
+        mine = [r for r in rows if r.broker_id == broker]
+        assert [r.sequence for r in mine] == list(range(1, len(mine) + 1))
+        fills = [(r.command_seq, r.match_no) for r in mine if r.type == "order.fill"]
+        assert fills == sorted(fills), "a broker's fills must be numbered in execution order"
+    assert {r.broker_id for r in rows if r.type == "order.cancelled"} == {buyer}
+    for r in rows:
+        assert r.payload["sequence"] == r.sequence
+        assert r.payload["document_number"] == r.document_number
+        assert r.payload["client_order_id"] is None
+    assert len(rows) == 2 * (6 + 1)  # per symbol: 3 trades x 2 sides, one cancel
+
+
+def test_matchers_of_different_symbols_sharing_brokers_never_deadlock(engine: Engine, caplog: Any) -> None:
+    first, second = add_broker(engine, "first"), add_broker(engine, "second")
+    symbols = [f"DL{i}" for i in range(4)]
+    for i, symbol in enumerate(symbols):
+        # Even symbols: first buys from second; odd ones the other way round, so batches touch both brokers.
+        buyer, seller = (first, second) if i % 2 == 0 else (second, first)
+        for _ in range(30):
+            place(engine, seller, symbol, "ask", 1, 100)
+            place(engine, buyer, symbol, "bid", 1, 100)
+    errors: list[BaseException] = []
+
+    def run(symbol: str) -> None:
+        try:
+            cache = BookCache()
+            while process_symbol(engine, cache, symbol, batch_limit=2).commands:
+                pass
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(symbol,)) for symbol in symbols]
+    with caplog.at_level("WARNING", logger="exchange.matching.service"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    assert errors == []
+    assert [r.message for r in caplog.records if "retrying" in r.message] == [], "broker rows locked out of order"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trades")).scalar_one() == 4 * 30
+        gaps = conn.execute(
+            text("SELECT broker_id FROM webhook_events GROUP BY broker_id HAVING max(sequence) <> count(*)")
+        ).all()
+        assert gaps == []
+    assert_conserved(engine)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine, text
 from standardwebhooks.webhooks import Webhook
 
-from exchange.webhooks.delivery import Outcome, take_overdue
+from exchange.webhooks import store
+from exchange.webhooks.outcomes import DeliveryResult, Kind, Outcome, Verdict, judge
+from exchange.webhooks.pump import Pump, PumpThread
+from exchange.webhooks.store import take_overdue
 from tests.integration.webhook_support import (
+    FAST,
     attempts_of,
     broker_row,
     broker_with_endpoint,
@@ -98,7 +105,7 @@ def test_a_retry_is_not_attempted_before_its_backoff_has_passed(engine: Engine, 
     d = deliverer(engine, retry_schedule=(30.0,))
 
     assert d.deliver(event.id).outcome is Outcome.RETRY
-    assert d.deliver(event.id).outcome is Outcome.NOT_DUE
+    assert d.drain() == []
     assert len(receiver.received) == 1
 
 
@@ -148,19 +155,25 @@ def test_an_exhausted_schedule_ends_the_event_failed_and_counts_a_failed_event(
 def test_consecutive_failed_events_disable_the_endpoint_with_a_reason(engine: Engine, receiver: Receiver) -> None:
     buyer, _ = broker_with_endpoint(engine, receiver.url)
     seller, _ = broker_with_endpoint(engine, None)
-    fills(engine, buyer, seller, n=3)
     receiver.fail_next(1000)
     d = deliverer(engine, retry_schedule=(0.02,), disable_after=2)
-    first, second, third = events_of(engine, buyer)
+    fills(engine, buyer, seller)
+    (first,) = events_of(engine, buyer)
 
     deliver_until_settled(d, first.id)
     assert broker_row(engine, buyer).webhook_enabled
+    fills(engine, buyer, seller)
+    second = events_of(engine, buyer)[1]
     deliver_until_settled(d, second.id)
+    fills(engine, buyer, seller)
+    third = events_of(engine, buyer)[2]
     skipped = d.deliver(third.id)
 
     row = broker_row(engine, buyer)
     assert not row.webhook_enabled
+    assert row.webhook_consecutive_failures == 2
     assert "2 consecutive events failed" in row.webhook_disabled_reason
+    assert "HTTP 500" in row.webhook_disabled_reason
     assert skipped.outcome is Outcome.SKIPPED
     assert events_of(engine, buyer)[2].last_error.startswith("endpoint disabled: 2 consecutive")
 
@@ -168,14 +181,15 @@ def test_consecutive_failed_events_disable_the_endpoint_with_a_reason(engine: En
 def test_a_success_resets_the_consecutive_failure_count(engine: Engine, receiver: Receiver) -> None:
     buyer, _ = broker_with_endpoint(engine, receiver.url)
     seller, _ = broker_with_endpoint(engine, None)
-    fills(engine, buyer, seller, n=2)
-    first, second = events_of(engine, buyer)
     d = deliverer(engine, retry_schedule=(0.02,), disable_after=5)
+    fills(engine, buyer, seller)
+    (first,) = events_of(engine, buyer)
     receiver.fail_next(2)
     deliver_until_settled(d, first.id)
     assert broker_row(engine, buyer).webhook_consecutive_failures == 1
 
-    deliver_until_settled(d, second.id)
+    fills(engine, buyer, seller)
+    deliver_until_settled(d, events_of(engine, buyer)[1].id)
 
     assert broker_row(engine, buyer).webhook_consecutive_failures == 0
 
@@ -183,13 +197,14 @@ def test_a_success_resets_the_consecutive_failure_count(engine: Engine, receiver
 def test_410_gone_disables_the_endpoint_at_once(engine: Engine, receiver: Receiver) -> None:
     buyer, _ = broker_with_endpoint(engine, receiver.url)
     seller, _ = broker_with_endpoint(engine, None)
-    fills(engine, buyer, seller, n=2)
     receiver.gone()
-    first, second = events_of(engine, buyer)
     d = deliverer(engine)
+    fills(engine, buyer, seller)
+    (first,) = events_of(engine, buyer)
 
     assert d.deliver(first.id).outcome is Outcome.FAILED
-    assert d.deliver(second.id).outcome is Outcome.SKIPPED
+    fills(engine, buyer, seller)
+    assert d.deliver(events_of(engine, buyer)[1].id).outcome is Outcome.SKIPPED
 
     row = broker_row(engine, buyer)
     assert not row.webhook_enabled
@@ -211,42 +226,47 @@ def test_events_of_a_broker_without_url_are_skipped_not_retried(engine: Engine) 
     assert event.id not in take_overdue(engine, older_than_s=0)
 
 
+def attempt_of(claim: store.Claim, verdict: Verdict, status_code: int) -> store.Attempt:
+    error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+    return store.Attempt(claim, verdict, datetime.now(UTC), 3, status_code, error, "answer")
+
+
+def claim_all(engine: Engine, lease_s: float = 1.0) -> store.Claimed:
+    """Claim every due event the way a worker does (and then, in these tests, "dies" with the claims)."""
+    return store.claim(engine, limit=1000, lease_s=lease_s, per_broker=1000)
+
+
 def test_a_worker_dying_after_its_claim_only_delays_the_event_by_the_lease(engine: Engine, receiver: Receiver) -> None:
     buyer, _ = broker_with_endpoint(engine, receiver.url)
     seller, _ = broker_with_endpoint(engine, None)
     fills(engine, buyer, seller)
     (event,) = events_of(engine, buyer)
     d = deliverer(engine, lease_s=1.0)
-    assert d._claim(event.id) is not None  # claimed, then the "worker" dies: nothing recorded
+    assert [c.event_id for c in claim_all(engine).claims] == [event.id]  # claimed, then the "worker" dies
 
-    assert d.deliver(event.id).outcome is Outcome.NOT_DUE  # in flight: nobody else sends it
+    assert event.id not in {r.event_id for r in d.drain()}  # in flight: nobody else sends it
     assert event.id not in take_overdue(engine, older_than_s=0)
     time.sleep(1.1)
-    assert event.id in take_overdue(engine, older_than_s=0)  # the sweeper would re-enqueue it now
+    assert event.id in take_overdue(engine, older_than_s=0)  # the sweeper would hint the workers now
 
     assert d.deliver(event.id).outcome is Outcome.DELIVERED
     assert events_of(engine, buyer)[0].attempts == 2
 
 
-def test_a_late_result_of_an_expired_claim_does_not_reschedule_a_newer_attempt(
-    engine: Engine, receiver: Receiver
-) -> None:
-    buyer, _ = broker_with_endpoint(engine, receiver.url)
+def test_a_late_result_of_an_expired_claim_does_not_reschedule_a_newer_attempt(engine: Engine) -> None:
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     seller, _ = broker_with_endpoint(engine, None)
     fills(engine, buyer, seller)
-    (event,) = events_of(engine, buyer)
-    d = deliverer(engine, retry_schedule=(60.0,))
-    stale = d._claim(event.id)
-    assert stale is not None
+    (stale,) = claim_all(engine).claims
     with engine.begin() as conn:  # the lease ran out and another worker claimed it (attempt 2)
-        conn.execute(text("UPDATE webhook_events SET attempts = 2 WHERE id = :id"), {"id": event.id})
+        conn.execute(text("UPDATE webhook_events SET attempts = 2 WHERE id = :id"), {"id": stale.event_id})
 
-    receiver.fail_next(1)
-    d._record(event.id, stale, d._post(event.id, stale))
+    store.record(engine, [attempt_of(stale, Verdict(Kind.RETRY, retry_in_s=60.0), 500)], disable_after=5)
 
     (row,) = events_of(engine, buyer)
     assert row.status == "pending"
     assert row.last_error is None
+    assert len(attempts_of(engine, stale.event_id)) == 1  # the attempt itself is still logged
 
 
 def test_take_overdue_hands_an_event_out_once_per_period(engine: Engine) -> None:
@@ -261,28 +281,53 @@ def test_take_overdue_hands_an_event_out_once_per_period(engine: Engine) -> None
     assert event.id not in take_overdue(engine, older_than_s=30)
 
 
+def status_counts(engine: Engine, broker_id: object) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT CASE WHEN status = 'pending' AND attempts > 0 THEN 'claimed' ELSE status END, count(*) "
+                "FROM webhook_events WHERE broker_id = :b GROUP BY 1"
+            ),
+            {"b": broker_id},
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+async def wait_for(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 def test_a_hanging_receiver_does_not_stall_deliveries_to_other_brokers(engine: Engine) -> None:
     with Receiver() as slow, Receiver() as fast:
         slow.hang()
         hung, _ = broker_with_endpoint(engine, slow.url)
         healthy, _ = broker_with_endpoint(engine, fast.url)
         seller, _ = broker_with_endpoint(engine, None)
-        fills(engine, hung, seller, n=6)
+        fills(engine, hung, seller, n=6)  # first in line: the oldest due events
         fills(engine, healthy, seller, n=6)
-        d = deliverer(engine, read_timeout_s=20.0, lease_s=30.0, max_in_flight=2)
-        slow_ids = [e.id for e in events_of(engine, hung)]
-        fast_ids = [e.id for e in events_of(engine, healthy)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            stuck = [pool.submit(d.deliver, i) for i in slow_ids]  # first in line, as in a real queue
-            done = [pool.submit(d.deliver, i) for i in fast_ids]
-            outcomes = [f.result(timeout=10) for f in done]  # well before the 20 s read timeout
-            hanging = sum(not f.done() for f in stuck)
-            slow.release()
-            deferred = [f.result(timeout=10) for f in stuck]
+        config = replace(FAST, read_timeout_s=20.0, lease_s=30.0, max_in_flight=2)
+        pump = Pump(engine, config, capacity=4)
 
-    assert {r.outcome for r in outcomes} == {Outcome.DELIVERED}
-    assert hanging == 2  # the per-broker cap: only 2 threads ever waited on the hanging receiver
-    assert sum(r.outcome is Outcome.DEFERRED for r in deferred) == 4
+        async def scenario() -> tuple[dict[str, int], dict[str, int]]:
+            stop = asyncio.Event()
+            running = asyncio.create_task(pump.run(stop))
+            # well before the 20 s read timeout, with only 4 slots of which the hanging receiver holds 2:
+            await wait_for(lambda: status_counts(engine, healthy) == {"delivered": 6})
+            while_hanging = status_counts(engine, hung)
+            slow.release()
+            await wait_for(lambda: status_counts(engine, hung) == {"delivered": 6})
+            stop.set()
+            await running
+            return while_hanging, status_counts(engine, hung)
+
+        while_hanging, after = asyncio.run(scenario())
+
+    assert while_hanging == {"claimed": 2, "pending": 4}  # the per-broker cap: only 2 ever waited on it
+    assert after == {"delivered": 6}
+    assert sorted(b["sequence"] for b in slow.bodies()) == list(range(1, 7))
 
 
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/hook"])
@@ -320,7 +365,7 @@ def test_a_stored_url_that_cannot_be_requested_is_a_failed_attempt_not_an_except
 
     results = deliver_until_settled(deliverer(engine, allow_private=allow_private), event.id)
 
-    assert [r.outcome for r in results if r.outcome is not Outcome.NOT_DUE] == [Outcome.RETRY] * 3 + [Outcome.FAILED]
+    assert [r.outcome for r in results] == [Outcome.RETRY] * 3 + [Outcome.FAILED]
     attempts = attempts_of(engine, event.id)
     assert len(attempts) == 4
     assert all(a.status_code is None and a.error for a in attempts)
@@ -363,3 +408,145 @@ def test_a_rotated_secret_signs_with_both_secrets_during_the_grace_period(engine
     for secret in (old_secret, new_secret):
         assert Webhook(secret).verify(request.body, request.headers)["event_id"] == str(event.id)
     assert json.loads(request.body)["sequence"] == 1
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def set_broker(engine: Engine, broker_id: uuid.UUID, **columns: object) -> None:
+    assignments = ", ".join(f"{name} = :{name}" for name in columns)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE brokers SET {assignments} WHERE id = :id"), {"id": broker_id, **columns})
+
+
+def test_one_record_statement_applies_a_batch_of_mixed_outcomes_each_by_its_own_rule(engine: Engine) -> None:
+    url = "http://127.0.0.1:9/hook"
+    ok, retrying, gone, exhausted = (broker_with_endpoint(engine, url)[0] for _ in range(4))
+    no_url, _ = broker_with_endpoint(engine, None)
+    for broker in (ok, retrying, gone, exhausted):
+        fills(engine, broker, no_url)  # one event for the broker, one (skipped) for no_url
+    set_broker(engine, ok, webhook_consecutive_failures=2)
+    set_broker(engine, retrying, webhook_consecutive_failures=1)
+    set_broker(engine, exhausted, webhook_consecutive_failures=2)
+    with engine.begin() as conn:  # its one retry was already used: this attempt is its last
+        conn.execute(text("UPDATE webhook_events SET attempts = 1 WHERE broker_id = :b"), {"b": exhausted})
+    claimed = claim_all(engine)
+    assert len(claimed.skipped) == 4
+    by_broker = {c.broker_id: c for c in claimed.claims}
+    answers = {ok: 200, retrying: 503, gone: 410, exhausted: 500}
+    batch = [
+        attempt_of(
+            by_broker[broker],
+            judge(
+                code,
+                None if code == 200 else f"HTTP {code}",
+                attempt=by_broker[broker].attempt,
+                started=datetime.now(UTC),
+                retry_schedule=(30.0,),
+                disable_after=3,
+            ),
+            code,
+        )
+        for broker, code in answers.items()
+    ]
+    assert [a.verdict.kind for a in batch] == [Kind.DELIVERED, Kind.RETRY, Kind.GONE, Kind.EXHAUSTED]
+
+    store.record(engine, batch, disable_after=3)
+
+    (delivered,), (retried,), (failed_gone,), (failed_out,) = (events_of(engine, b) for b in answers)
+    assert (delivered.status, delivered.last_error) == ("delivered", None)
+    assert (retried.status, retried.last_error, retried.attempts) == ("pending", "HTTP 503", 1)
+    assert (failed_gone.status, failed_out.status) == ("failed", "failed")
+    assert take_overdue(engine, older_than_s=0) == []  # the retry is 30 s out, nothing else is pending
+    for attempt in batch:
+        (logged,) = attempts_of(engine, attempt.claim.event_id)
+        assert logged.status_code == answers[attempt.claim.broker_id]
+    rows = {b: broker_row(engine, b) for b in answers}
+    assert (rows[ok].webhook_enabled, rows[ok].webhook_consecutive_failures) == (True, 0)
+    assert (rows[retrying].webhook_enabled, rows[retrying].webhook_consecutive_failures) == (True, 1)
+    assert not rows[gone].webhook_enabled
+    assert rows[gone].webhook_disabled_reason.startswith("receiver answered 410 Gone at ")
+    assert (rows[exhausted].webhook_enabled, rows[exhausted].webhook_consecutive_failures) == (False, 3)
+    assert rows[exhausted].webhook_disabled_reason == (
+        "3 consecutive events failed after every retry; last error: HTTP 500"
+    )
+    assert {e.status for e in events_of(engine, no_url)} == {"skipped"}
+
+
+def test_consecutive_failures_restart_after_the_last_delivery_within_a_batch(engine: Engine) -> None:
+    broker, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, broker, seller, n=3)
+    set_broker(engine, broker, webhook_consecutive_failures=4)
+    first, second, third = sorted(claim_all(engine).claims, key=lambda c: c.body)
+    out = Verdict(Kind.EXHAUSTED, disable_reason="5 consecutive events failed")
+
+    # in completion order: failed, delivered, failed → one failed event since the last delivery
+    store.record(
+        engine,
+        [attempt_of(first, out, 500), attempt_of(second, Verdict(Kind.DELIVERED), 200), attempt_of(third, out, 500)],
+        disable_after=5,
+    )
+
+    row = broker_row(engine, broker)
+    assert (row.webhook_enabled, row.webhook_consecutive_failures) == (True, 1)
+
+
+def test_a_claim_takes_at_most_the_room_left_per_broker_and_skips_brokers_at_their_cap(engine: Engine) -> None:
+    url = "http://127.0.0.1:9/hook"
+    busy, partly, free = (broker_with_endpoint(engine, url)[0] for _ in range(3))
+    seller, _ = broker_with_endpoint(engine, None)
+    for broker in (busy, partly, free):
+        fills(engine, broker, seller, n=5)
+
+    claimed = store.claim(engine, limit=100, lease_s=10, per_broker=3, busy={busy: 3, partly: 2})
+
+    taken = [c.broker_id for c in claimed.claims]
+    assert (taken.count(busy), taken.count(partly), taken.count(free)) == (0, 1, 3)
+    assert len(claimed.skipped) == 15  # the seller has no URL
+
+
+def test_two_workers_claiming_at_once_deliver_each_event_once_with_contiguous_sequences(engine: Engine) -> None:
+    # One receiver per broker: the test receiver's listen backlog is 5, so connections open at once stay below it.
+    with Receiver() as r0, Receiver() as r1, Receiver() as r2, Receiver() as r3:
+        hooks = [r0, r1, r2, r3]
+        for hook in hooks:
+            hook.delay_s = 0.002
+        brokers = [broker_with_endpoint(engine, hook.url)[0] for hook in hooks]
+        fills(engine, brokers[0], brokers[1], n=50)
+        fills(engine, brokers[2], brokers[3], n=50)
+        seen: list[list[DeliveryResult]] = [[], []]
+        workers = [  # two threads with a loop each: like two worker processes
+            PumpThread(Pump(engine, replace(FAST, max_in_flight=2), capacity=8, observe=results.append))
+            for results in seen
+        ]
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 30
+        while sum(len(r) for r in seen) < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for worker in workers:
+            worker.stop(10)
+
+    assert all(seen)  # both workers took a share
+    assert {(r.outcome, r.error) for r in seen[0] + seen[1]} == {(Outcome.DELIVERED, None)}
+    with engine.connect() as conn:
+        attempts = conn.execute(text("SELECT DISTINCT attempts FROM webhook_events")).scalars().all()
+    assert attempts == [1]
+    for hook in hooks:
+        received = hook.bodies()
+        assert len({b["event_id"] for b in received}) == len(received) == 50  # each event sent exactly once
+        assert sorted(b["sequence"] for b in received) == list(range(1, 51))
+
+
+def test_retries_leave_no_sequence_gaps_at_the_receiver(engine: Engine, receiver: Receiver) -> None:
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller, n=30)
+    ids = [e.id for e in events_of(engine, buyer)]
+    receiver.fail_next(7, status=503)
+
+    drive(deliverer(engine, retry_schedule=(0.05,) * 5), engine, ids)
+
+    assert sorted(b["sequence"] for b in receiver.bodies()) == list(range(1, 31))
+    assert sum(r.status == 503 for r in receiver.received) == 7

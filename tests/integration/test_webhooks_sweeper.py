@@ -1,4 +1,5 @@
-"""The sweeper re-enqueues webhook events whose message was lost or whose worker died (real Postgres + Redis)."""
+"""The sweeper hints the webhook workers about events whose hint was lost or whose worker died, and hints are
+coalesced (real Postgres + Redis)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.sweeper import sweep_once
-from exchange.webhooks.queue import DELIVER_ACTOR
+from exchange.webhooks.queue import DELIVER_ACTOR, clear_hint, enqueue_deliveries
 from tests.integration.webhook_support import broker_with_endpoint, events_of, fills
 
 
@@ -30,15 +31,24 @@ def broker() -> Iterator[RedisBroker]:
     client.close()
 
 
-def queued_deliveries(broker: RedisBroker) -> list[str]:
+def queued_hints(broker: RedisBroker) -> int:
+    """How many ``deliver`` hints wait in the queue (they carry no arguments: a hint names no event)."""
     queue = f"{broker.namespace}:{WEBHOOK_QUEUE}"
     bodies = [broker.client.hget(f"{queue}.msgs", i) for i in broker.client.lrange(queue, 0, -1)]
     messages = [json.loads(b) for b in bodies if b]
-    assert all(m["actor_name"] == DELIVER_ACTOR for m in messages)
-    return [m["args"][0] for m in messages]
+    assert all(m["actor_name"] == DELIVER_ACTOR and m["args"] == [] for m in messages)
+    return len(messages)
 
 
-def test_the_sweeper_re_enqueues_an_event_overdue_for_longer_than_the_requeue_period(
+def due_now(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT id::text FROM webhook_events WHERE status = 'pending' AND next_attempt_at <= now()")
+        )
+        return set(rows.scalars())
+
+
+def test_the_sweeper_makes_an_event_overdue_for_longer_than_the_requeue_period_due_and_hints_once(
     engine: Engine, broker: RedisBroker
 ) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
@@ -52,7 +62,8 @@ def test_the_sweeper_re_enqueues_an_event_overdue_for_longer_than_the_requeue_pe
 
     ids = {str(e.id) for b in (buyer, seller) for e in events_of(engine, b)}
     assert result.webhooks_requeued == 2
-    assert set(queued_deliveries(broker)) == ids
+    assert due_now(engine) == ids
+    assert queued_hints(broker) == 1
     assert again.webhooks_requeued == 0
 
 
@@ -69,4 +80,27 @@ def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, bro
     result = sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
 
     assert result.webhooks_requeued == 0
-    assert queued_deliveries(broker) == []
+    assert queued_hints(broker) == 0
+
+
+# ------------------------------------------------------------------------------------------------ hints
+
+
+def test_hints_are_coalesced_until_a_worker_takes_one(broker: RedisBroker) -> None:
+    assert enqueue_deliveries(broker, []) == 0  # no events, no hint
+    assert enqueue_deliveries(broker, ["a", "b"]) == 1
+    assert enqueue_deliveries(broker, ["c"]) == 0  # one is pending already
+    assert queued_hints(broker) == 1
+
+    clear_hint(broker)  # what the worker does when it takes the hint, before its pump claims
+    assert enqueue_deliveries(broker, ["d"]) == 1
+
+    assert queued_hints(broker) == 2
+
+
+def test_a_delayed_hint_is_sent_even_while_one_is_pending(broker: RedisBroker) -> None:
+    assert enqueue_deliveries(broker, ["a"]) == 1
+    assert enqueue_deliveries(broker, ["b"], delay_ms=60_000) == 1
+
+    assert queued_hints(broker) == 1
+    assert broker.client.llen(f"{broker.namespace}:{WEBHOOK_QUEUE}.DQ") == 1  # dramatiq's delay queue

@@ -1,8 +1,10 @@
-"""Helpers of the webhook integration tests: brokers with endpoints, fills that write outbox events, a deliverer
-with a shrunk retry schedule, and a loop that drives deliveries the way the worker + sweeper would."""
+"""Helpers of the webhook integration tests: brokers with endpoints, fills that write outbox events, the real
+delivery pump with a shrunk retry schedule driven one pass at a time, and a loop that drives deliveries the way
+the worker + sweeper would."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -13,7 +15,9 @@ from sqlalchemy import Engine, text
 
 from exchange.matching.service import BookCache, process_symbol
 from exchange.orders.brokers import new_webhook_secret
-from exchange.webhooks.delivery import Deliverer, DeliveryConfig, DeliveryResult, Outcome
+from exchange.webhooks.delivery import DeliveryConfig
+from exchange.webhooks.outcomes import DeliveryResult, Outcome
+from exchange.webhooks.pump import Pump
 from tests.integration.sql_orders import add_broker, place
 
 FAST = DeliveryConfig(
@@ -25,6 +29,37 @@ FAST = DeliveryConfig(
     allow_private=True,
     max_in_flight=4,
 )
+
+
+class Deliverer:
+    """Runs the real :class:`Pump` the way a worker process does, one pass at a time: a pass claims every event
+    that is due (and whatever comes due while it runs), delivers and records them, and ends when nothing due is
+    left and everything is recorded."""
+
+    def __init__(self, engine: Engine, config: DeliveryConfig, capacity: int = 8) -> None:
+        self.engine = engine
+        self.config = config
+        self.capacity = capacity
+
+    def drain(self) -> list[DeliveryResult]:
+        """One pass; returns every result in the order they were recorded."""
+        return asyncio.run(self._drain())
+
+    def deliver(self, event_id: uuid.UUID) -> DeliveryResult:
+        """One pass, which must attempt (or skip) ``event_id``; returns its result."""
+        results = [r for r in self.drain() if r.event_id == event_id]
+        assert results, f"event {event_id} was not due"
+        return results[0]
+
+    async def _drain(self) -> list[DeliveryResult]:
+        results: list[DeliveryResult] = []
+        pump = Pump(self.engine, self.config, capacity=self.capacity, observe=results.append)
+        stop = asyncio.Event()
+        running = asyncio.create_task(pump.run(stop))
+        await pump.idle()
+        stop.set()
+        await running
+        return results
 
 
 def deliverer(engine: Engine, **overrides: Any) -> Deliverer:
@@ -78,13 +113,12 @@ def attempts_of(engine: Engine, event_id: uuid.UUID) -> list[Any]:
 
 
 def deliver_until_settled(d: Deliverer, event_id: uuid.UUID, timeout: float = 10.0) -> list[DeliveryResult]:
-    """Call ``deliver`` as retries come due until the event leaves ``pending``; returns every result."""
+    """Run passes as retries come due until the event leaves ``pending``; returns the event's results."""
     results: list[DeliveryResult] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = d.deliver(event_id)
-        results.append(result)
-        if result.outcome in (Outcome.DELIVERED, Outcome.FAILED, Outcome.SKIPPED):
+        results += [r for r in d.drain() if r.event_id == event_id]
+        if results and results[-1].outcome in (Outcome.DELIVERED, Outcome.FAILED, Outcome.SKIPPED):
             return results
         time.sleep(0.02)
     raise AssertionError(f"event {event_id} not settled after {timeout}s: {results}")
@@ -97,8 +131,8 @@ def drive(
     timeout: float = 15.0,
     each_round: Callable[[int], None] | None = None,
 ) -> int:
-    """Deliver every event of ``ids`` that is due, round after round, until none is pending (a stand-in for the
-    worker + sweeper); ``each_round(n)`` runs after round ``n``. Returns the number of rounds."""
+    """Run passes until no event of ``ids`` is pending (a stand-in for the worker + sweeper); ``each_round(n)``
+    runs after pass ``n``. Returns the number of passes."""
     deadline = time.monotonic() + timeout
     rounds = 0
     while time.monotonic() < deadline:
@@ -112,8 +146,7 @@ def drive(
             )
         if not pending:
             return rounds
-        for event_id in pending:
-            d.deliver(event_id)
+        d.drain()
         rounds += 1
         if each_round is not None:
             each_round(rounds)

@@ -1,0 +1,59 @@
+"""The api's group-commit batches (run by :class:`~exchange.api.coalescing.Coalescer`): accepting orders,
+cancelling orders and reading orders back, each one transaction or one query for every request that arrived
+together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from uuid import UUID
+
+from dramatiq.brokers.redis import RedisBroker
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exchange.messaging.wakeups import wake_async
+from exchange.orders import accept, queries
+from exchange.orders.errors import OrderNotFoundError
+from exchange.orders.models import CommandResult, NewOrder, OrderView, PlaceResult
+
+log = logging.getLogger("exchange.api")
+
+OrderKey = tuple[UUID, UUID]
+"""``(broker_id, order_id)``: an order is only ever read for its own broker."""
+
+
+async def wake(redis: Redis, broker: RedisBroker, symbols: Iterable[str], partitions: int) -> None:
+    """Wake the symbols' matchers (coalesced). A failure (Redis down) is logged and ignored: the commands are
+    durable and the sweeper re-nudges symbols with old unprocessed commands."""
+    try:
+        await wake_async(redis, broker, symbols, partitions)
+    except Exception as exc:
+        log.warning("wake-up failed (%s); the sweeper will re-nudge", exc)
+
+
+async def accept_orders(
+    engine: AsyncEngine, redis: Redis, broker: RedisBroker, partitions: int, orders: Sequence[NewOrder]
+) -> list[PlaceResult | Exception]:
+    """Commit the orders together, then wake each symbol with a new order once."""
+    outcomes = await accept.place_orders(engine, orders)
+    created = [o.symbol for o, r in zip(orders, outcomes, strict=True) if isinstance(r, PlaceResult) and r.created]
+    await wake(redis, broker, created, partitions)
+    return outcomes
+
+
+async def cancel_orders(
+    engine: AsyncEngine, redis: Redis, broker: RedisBroker, partitions: int, keys: Sequence[OrderKey]
+) -> list[CommandResult | OrderNotFoundError]:
+    """Commit the cancel commands together, then wake each symbol with a new command once."""
+    outcomes = await accept.cancel_orders(engine, keys)
+    written = [r.symbol for r in outcomes if isinstance(r, CommandResult) and r.written]
+    await wake(redis, broker, written, partitions)
+    return outcomes
+
+
+async def read_orders(engine: AsyncEngine, keys: Sequence[OrderKey]) -> list[OrderView | None]:
+    """The orders' views from one query and one snapshot (taken after every key was submitted)."""
+    async with engine.connect() as conn:
+        views = await queries.get_orders(conn, keys)
+    return [views.get(key) for key in keys]

@@ -1,0 +1,30 @@
+"""Classifying database errors by SQLSTATE: what is worth retrying, and what would fail the same way again.
+
+Every function takes an error raised by psycopg directly or wrapped by SQLAlchemy (``DBAPIError.orig``)."""
+
+from __future__ import annotations
+
+import psycopg
+from sqlalchemy.exc import DBAPIError
+
+DatabaseError = DBAPIError | psycopg.Error
+
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+"""Deadlock detected, serialization failure: the same transaction may well succeed when run again."""
+_DETERMINISTIC_CLASSES = frozenset({"22", "23"})
+"""Data exception, integrity constraint violation: the same statement on the same data fails again."""
+
+
+def sqlstate(exc: DatabaseError) -> str:
+    """The error's SQLSTATE, or ``""`` (e.g. the connection broke before the server answered)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(orig, "sqlstate", None) or ""
+
+
+def is_retryable(exc: DatabaseError) -> bool:
+    return sqlstate(exc) in RETRYABLE_SQLSTATES
+
+
+def is_deterministic(exc: DatabaseError) -> bool:
+    """The failure is caused by the data written, not by the database's state: retrying cannot help."""
+    return sqlstate(exc)[:2] in _DETERMINISTIC_CLASSES

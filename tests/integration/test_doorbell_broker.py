@@ -1,0 +1,97 @@
+"""The doorbell broker: an idle dramatiq consumer wakes when a message is enqueued instead of sleeping out its
+idle timeout, and nothing dramatiq does (fetch, ack, delayed messages) changes."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+
+from exchange.messaging.broker import DoorbellRedisBroker, doorbell_key
+
+IDLE_TIMEOUT_MS = 30_000
+"""Far longer than any wake-up may take: a consumer that returns well before it was woken, not timed out."""
+
+
+@pytest.fixture
+def broker() -> Iterator[DoorbellRedisBroker]:
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is unreachable: {exc}")
+    namespace = f"exchange-test-{uuid.uuid4().hex[:8]}"
+    broker = DoorbellRedisBroker(url="redis://127.0.0.1:6379/0", namespace=namespace)
+    yield broker
+    for key in [*client.scan_iter(f"{namespace}*"), *client.scan_iter(doorbell_key(f"{namespace}*"))]:
+        client.delete(key)
+    broker.close()
+    client.close()
+
+
+def message(queue: str) -> dramatiq.Message[Any]:
+    return dramatiq.Message(queue_name=queue, actor_name="noop", args=(1,), kwargs={}, options={})
+
+
+def next_message(consumer: Any, deadline_s: float) -> Any:
+    """Call the consumer like dramatiq's consumer thread does (``None`` = nothing yet, call again)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        got = next(consumer)
+        if got is not None:
+            return got
+    return None
+
+
+def test_an_idle_consumer_blocks_until_a_message_is_enqueued_instead_of_polling(broker: DoorbellRedisBroker) -> None:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    idle_wait = threading.Thread(target=lambda: next(consumer))  # one empty fetch, then the wait
+    idle_wait.start()
+    idle_wait.join(timeout=1.0)
+    assert idle_wait.is_alive(), "an idle consumer returned to poll again instead of waiting for the doorbell"
+    sent = broker.enqueue(message(queue))
+    idle_wait.join(timeout=IDLE_TIMEOUT_MS / 1000 / 2)
+    assert not idle_wait.is_alive(), "the consumer slept through the ring"
+    received = next_message(consumer, 10)
+    assert received.message_id == sent.message_id
+    consumer.ack(received)
+    consumer.close()
+
+
+def test_a_ring_nobody_heard_makes_the_next_idle_wait_return_at_once_and_is_used_up(
+    broker: DoorbellRedisBroker,
+) -> None:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    broker.ring(queue)
+    broker.ring(queue)  # rings do not pile up: one is kept
+    assert broker.client.llen(doorbell_key(queue)) == 1
+    consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    started = time.monotonic()
+    assert next(consumer) is None  # nothing queued; the kept ring ends the wait
+    assert time.monotonic() - started < IDLE_TIMEOUT_MS / 1000 / 2
+    assert broker.client.llen(doorbell_key(queue)) == 0
+    consumer.close()
+
+
+def test_a_delayed_message_rings_nobody_and_still_arrives_through_the_delay_queue(
+    broker: DoorbellRedisBroker,
+) -> None:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    sent = broker.enqueue(message(queue), delay=10)
+    assert broker.client.llen(doorbell_key(queue)) == 0
+    delayed = broker.consume(sent.queue_name, prefetch=4, timeout=100)
+    got = next_message(delayed, 10)
+    assert got is not None
+    assert got.message_id == sent.message_id
+    delayed.ack(got)
+    delayed.close()

@@ -1,0 +1,193 @@
+"""Group commit on the accept path: a group of concurrent orders is one transaction, yet every order keeps its
+own outcome (created, duplicate of an original, or its own error) and its own sequence number."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exchange.api.app import create_app
+from exchange.config import Settings
+from exchange.db.engines import pooled_async_engine
+from exchange.orders import accept, queries
+from exchange.orders.errors import OrderNotFoundError
+from exchange.orders.models import CommandResult, NewOrder, PlaceResult
+from tests.integration.api_helpers import ADMIN_KEY, new_symbol
+from tests.integration.sql_orders import add_broker
+
+pytest_plugins = ["tests.integration.api_fixtures"]
+
+
+@pytest.fixture
+async def async_engine(fresh_migrated_database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = pooled_async_engine(fresh_migrated_database_url)
+    yield engine
+    await engine.dispose()
+
+
+def new_order(broker_id: uuid.UUID, symbol: str, **extra: Any) -> NewOrder:
+    fields: dict[str, Any] = {
+        "order_id": uuid.uuid4(),
+        "broker_id": broker_id,
+        "document_number": "1",
+        "symbol": symbol,
+        "side": "bid",
+        "order_type": "limit",
+        "time_in_force": "gtc",
+        "price": 100,
+        "quantity": 5,
+        "valid_until": None,
+        "stp": "none",
+        **extra,
+    }
+    return NewOrder(**fields)
+
+
+@pytest.mark.anyio
+async def test_a_group_writes_every_order_with_its_place_command_in_submission_order(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    broker = add_broker(engine, "grouped")
+    orders = [new_order(broker, new_symbol()) for _ in range(5)]
+    outcomes = await accept.place_orders(async_engine, orders)
+    assert outcomes == [PlaceResult(o.order_id, created=True) for o in orders]
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT o.id, o.seq, c.seq AS command_seq, c.kind FROM orders o JOIN commands c ON c.order_id = o.id "
+                "WHERE o.broker_id = :b ORDER BY o.seq"
+            ),
+            {"b": broker},
+        ).all()
+    assert [r.id for r in rows] == [o.order_id for o in orders]
+    assert all(r.seq == r.command_seq and r.kind == "place" for r in rows)
+
+
+@pytest.mark.anyio
+async def test_a_repeated_client_order_id_inside_one_group_resolves_to_the_first_order(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    broker = add_broker(engine, "twice")
+    symbol = new_symbol()
+    first, second = (new_order(broker, symbol, client_order_id="same") for _ in range(2))
+    outcomes = await accept.place_orders(async_engine, [first, second])
+    assert outcomes == [PlaceResult(first.order_id, created=True), PlaceResult(first.order_id, created=False)]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE symbol = :s"), {"s": symbol}).scalar() == 1
+
+
+@pytest.mark.anyio
+async def test_an_order_that_violates_a_constraint_fails_alone_and_the_rest_of_its_group_commits(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    broker = add_broker(engine, "good")
+    symbol = new_symbol()
+    good_before, good_after = new_order(broker, symbol), new_order(broker, symbol)
+    unknown_broker = new_order(uuid.uuid4(), symbol)  # foreign key violation
+    outcomes = await accept.place_orders(async_engine, [good_before, unknown_broker, good_after])
+    assert outcomes[0] == PlaceResult(good_before.order_id, created=True)
+    assert isinstance(outcomes[1], IntegrityError)
+    assert outcomes[2] == PlaceResult(good_after.order_id, created=True)
+    with engine.connect() as conn:
+        ids = set(conn.execute(text("SELECT order_id FROM commands WHERE symbol = :s"), {"s": symbol}).scalars())
+    assert ids == {good_before.order_id, good_after.order_id}
+
+
+@pytest.mark.anyio
+async def test_reading_orders_together_never_shows_an_order_to_another_broker(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    owner, other = add_broker(engine, "owner"), add_broker(engine, "other")
+    order = new_order(owner, new_symbol())
+    await accept.place_orders(async_engine, [order])
+    async with async_engine.connect() as conn:
+        views = await queries.get_orders(conn, [(other, order.order_id), (owner, order.order_id)] * 2)
+    assert list(views) == [(owner, order.order_id)]
+    assert views[(owner, order.order_id)].trades == []
+
+
+@pytest.mark.anyio
+async def test_a_cancel_group_writes_one_command_per_live_order_and_finds_only_own_orders(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    owner, other = add_broker(engine, "canceller"), add_broker(engine, "stranger")
+    symbol = new_symbol()
+    live = new_order(owner, symbol)
+    await accept.place_orders(async_engine, [live])
+    outcomes = await accept.cancel_orders(
+        async_engine, [(owner, live.order_id), (other, live.order_id), (owner, live.order_id), (owner, uuid.uuid4())]
+    )
+    assert outcomes[0] == outcomes[2] == CommandResult(symbol, written=True)
+    assert isinstance(outcomes[1], OrderNotFoundError)
+    assert isinstance(outcomes[3], OrderNotFoundError)
+    again = await accept.cancel_orders(async_engine, [(owner, live.order_id)])
+    assert again == [CommandResult(symbol, written=False)]  # a cancel is already pending
+    with engine.connect() as conn:
+        kinds = conn.execute(text("SELECT kind FROM commands WHERE order_id = :o ORDER BY seq"), {"o": live.order_id})
+        assert list(kinds.scalars()) == ["place", "cancel"]
+
+
+@pytest.mark.anyio
+async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, async_engine: AsyncEngine) -> None:
+    # The matcher updates order rows (FOR NO KEY UPDATE level) in its own order; cancels taking row locks could
+    # deadlock with it. Cancels must only need their advisory locks and the foreign key's KEY SHARE lock.
+    broker = add_broker(engine, "no-wait")
+    symbol = new_symbol()
+    orders = [new_order(broker, symbol) for _ in range(3)]
+    await accept.place_orders(async_engine, orders)
+    with engine.connect() as matcher:
+        matcher.execute(
+            text("SELECT id FROM orders WHERE id = ANY(:ids) FOR NO KEY UPDATE"), {"ids": [o.order_id for o in orders]}
+        )
+        one = await asyncio.wait_for(accept.cancel_orders(async_engine, [(broker, orders[0].order_id)]), timeout=10)
+        everything = await asyncio.wait_for(accept.cancel_all(async_engine, broker, symbol), timeout=10)
+        matcher.rollback()
+    assert one == [CommandResult(symbol, written=True)]
+    assert set(everything.order_ids) == {orders[1].order_id, orders[2].order_id}
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_to_one_api_process_share_transactions(
+    api_settings_factory: Callable[..., Settings], api_engine: Engine
+) -> None:
+    # One accept transaction at a time: every request arriving while it runs joins the next group. Orders of one
+    # transaction share its start time, ``created_at`` (``now()``), so fewer distinct values = fewer commits.
+    # A real server (uvicorn on a loopback port): the test client would run the requests one after the other.
+    app = create_app(api_settings_factory(group_commit_concurrency="1"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            response = await client.post("/register", json={"name": "burst"}, headers=admin)
+            broker_id, key = response.json()["broker_id"], response.json()["api_key"]
+            headers = {"Authorization": f"Bearer {key}"}
+            body = {"document_number": "1", "side": "bid", "symbol": new_symbol(), "price": 100, "quantity": 5}
+            responses = await asyncio.gather(*(client.post("/orders", json=body, headers=headers) for _ in range(20)))
+    finally:
+        server.should_exit = True
+        await serving
+    assert {r.status_code for r in responses} == {201}
+    with api_engine.connect() as conn:
+        stamps = conn.execute(
+            text("SELECT count(*), count(DISTINCT created_at) FROM orders WHERE broker_id = :b"), {"b": broker_id}
+        ).one()
+    assert stamps[0] == 20
+    assert stamps[1] <= 10, f"20 concurrent orders took {stamps[1]} transactions"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

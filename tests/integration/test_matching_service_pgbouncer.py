@@ -1,0 +1,152 @@
+"""The matcher's transaction through pgbouncer 1.18 in transaction pooling, as production runs it.
+
+What these pin down: a batch is two round trips whatever its size (one query message carrying BEGIN, the lock and
+the reads; one carrying the writes and COMMIT), multi-statement messages on autocommit connections work through
+the pooler, and concurrent matchers still apply each command exactly once. Round trips are counted by pgbouncer
+itself: ``SHOW STATS``' ``total_query_count`` grows by one per ReadyForQuery, i.e. per round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from exchange.db.engines import pooled_engine
+from exchange.matching.service import BatchResult, BookCache, process_symbol
+from tests.integration.sql_orders import add_broker, cancel, place
+from tests.integration.test_matching_service import assert_conserved
+
+PGBOUNCER_SCRIPT = Path(__file__).resolve().parents[2] / "ops" / "scripts" / "pgbouncer.sh"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pgbouncer_port(postgres_admin_url: str) -> Iterator[int]:
+    if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
+        message = "pgbouncer is not installed (ops/scripts/install-system-deps.sh installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    # Not under pytest's tmp dir: as root, pgbouncer runs as the postgres user, which cannot enter it.
+    run_dir = Path(tempfile.mkdtemp(prefix="exchange-test-matcher-pgbouncer-"))
+    parts = urlsplit(postgres_admin_url)
+    port = _free_port()
+    argv = ["bash", str(PGBOUNCER_SCRIPT), "start", str(run_dir), str(port)]
+    argv += [parts.hostname or "127.0.0.1", str(parts.port or 5432), parts.username or "postgres"]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    if result.returncode != 0:
+        pytest.fail(f"pgbouncer did not start:\n{result.stdout}\n{result.stderr}")
+    yield port
+    subprocess.run(["bash", str(PGBOUNCER_SCRIPT), "stop", str(run_dir)], check=False)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pooled_url(fresh_migrated_database_url: str, pgbouncer_port: int) -> str:
+    parts = urlsplit(fresh_migrated_database_url)
+    return parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{pgbouncer_port}").geturl()
+
+
+@pytest.fixture
+def bounced(pooled_url: str) -> Iterator[Engine]:
+    """The matcher's engine through pgbouncer (``pooled_engine``, as workers/matching.py builds it), connected once
+    so that SQLAlchemy's first-connect queries are not counted."""
+    engine = pooled_engine(pooled_url)
+    engine.connect().close()
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def round_trips(pooled_url: str, pgbouncer_port: int) -> Callable[[Callable[[], BatchResult]], int]:
+    """Run a call and return how many round trips pgbouncer saw for this test's database meanwhile."""
+    database = urlsplit(pooled_url).path.lstrip("/")
+    admin_url = urlsplit(pooled_url)._replace(path="/pgbouncer").geturl()
+
+    def count() -> int:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            for row in admin.execute("SHOW STATS").fetchall():
+                if row[0] == database:
+                    return int(row[2])  # total_query_count
+        return 0
+
+    def measure(call: Callable[[], BatchResult]) -> int:
+        before = count()
+        call()
+        return count() - before
+
+    return measure
+
+
+def test_a_batch_costs_two_round_trips_whatever_its_size(
+    engine: Engine, bounced: Engine, round_trips: Callable[[Callable[[], BatchResult]], int]
+) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    cache = BookCache()
+    place(engine, seller, "RT3", "ask", 1, 100)
+    # The first batch of a symbol also creates its symbols row and builds the book: two more round trips.
+    assert round_trips(lambda: process_symbol(bounced, cache, "RT3")) == 4
+
+    place(engine, buyer, "RT3", "bid", 1, 100)
+    assert round_trips(lambda: process_symbol(bounced, cache, "RT3")) == 2  # one fill: every table written
+
+    for i in range(40):
+        place(engine, seller, "RT3", "ask", 1 + i % 3, 100 + i % 5)
+        place(engine, buyer, "RT3", "bid", 1 + i % 2, 100 + i % 4)
+        if i % 7 == 0:
+            cancel(engine, "RT3", place(engine, buyer, "RT3", "bid", 1, 90))
+    assert round_trips(lambda: process_symbol(bounced, cache, "RT3")) == 2  # a batch of ~90 commands
+
+    assert round_trips(lambda: process_symbol(bounced, cache, "RT3")) == 2  # nothing to do: BEGIN… then ROLLBACK
+    assert round_trips(lambda: process_symbol(bounced, BookCache(), "RT3")) == 2  # nothing to do, cold cache
+
+    place(engine, buyer, "RT3", "bid", 1, 1)
+    assert round_trips(lambda: process_symbol(bounced, BookCache(), "RT3")) == 3  # one more to rebuild the book
+    assert_conserved(engine)
+
+
+def test_concurrent_matchers_through_pgbouncer_apply_each_command_once(engine: Engine, bounced: Engine) -> None:
+    first, second = add_broker(engine, "first"), add_broker(engine, "second")
+    for i in range(60):
+        symbol = "PGB1" if i % 3 else "PGB2"
+        buyer, seller = (first, second) if i % 2 else (second, first)
+        place(engine, seller, symbol, "ask", 1 + i % 3, 100)
+        place(engine, buyer, symbol, "bid", 1 + i % 2, 100)
+    errors: list[BaseException] = []
+
+    def run(symbol: str) -> None:
+        try:
+            cache = BookCache()
+            while process_symbol(bounced, cache, symbol, batch_limit=3).commands:
+                pass
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in ("PGB1", "PGB1", "PGB1", "PGB2", "PGB2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+        assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
+        assert conn.execute(text("SELECT sum(book_version) FROM symbols")).scalar_one() > 0
+    assert_conserved(engine)

@@ -1,0 +1,172 @@
+"""The webhook HTTP client against real sockets: small asyncio servers on 127.0.0.1 that answer in the ways
+receivers do (keep-alive, closing idle connections, chunked, huge, never)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from exchange.webhooks.http import EXCERPT_BYTES, Endpoint, HttpClient, ReadTimeoutError
+
+BODY = b'{"event":"trade_executed"}'
+
+
+@dataclass
+class Server:
+    """Counts connections and requests; ``answer(writer)`` writes each response, ``close_after`` closes the
+    connection after answering (without saying so: an idle keep-alive connection the receiver dropped)."""
+
+    answer: Callable[[asyncio.StreamWriter], Awaitable[None]]
+    close_after: bool = False
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                self.requests.append(head)
+                await self.answer(writer)
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+async def ok(writer: asyncio.StreamWriter) -> None:
+    writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{"ok":true}')
+    await writer.drain()
+
+
+def endpoint(port: int, target: bytes = b"/hook", host_header: bytes = b"receiver.example") -> Endpoint:
+    return Endpoint("http", "receiver.example", "127.0.0.1", port, target, host_header)
+
+
+def headers(host: bytes = b"receiver.example") -> list[tuple[bytes, bytes]]:
+    return [(b"host", host), (b"content-length", str(len(BODY)).encode())]
+
+
+def run(server: Server, scenario: Callable[[HttpClient], Awaitable[object]], read_timeout_s: float = 5.0) -> object:
+    async def main() -> object:
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        server.port = listener.sockets[0].getsockname()[1]
+        client = HttpClient(connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
+        try:
+            return await scenario(client)
+        finally:
+            client.close()
+            listener.close()
+
+    return asyncio.run(main())
+
+
+def test_requests_to_one_endpoint_reuse_a_kept_alive_connection() -> None:
+    server = Server(ok)
+
+    async def scenario(client: HttpClient) -> object:
+        return [await client.post(endpoint(server.port), headers(), BODY) for _ in range(3)]
+
+    replies = run(server, scenario)
+
+    assert [r.status_code for r in replies] == [200, 200, 200]  # type: ignore[attr-defined]
+    assert replies[0].excerpt == '{"ok":true}'  # type: ignore[index]
+    assert (server.connections, len(server.requests)) == (1, 3)
+
+
+def test_the_request_goes_to_the_pinned_address_with_the_urls_host_and_path() -> None:
+    server = Server(ok)
+
+    async def scenario(client: HttpClient) -> object:
+        host = b"hooks.example:8443"  # the URL's; the connection goes to 127.0.0.1, the checked address
+        return await client.post(endpoint(server.port, b"/hook?x=1", host), headers(host), BODY)
+
+    run(server, scenario)
+
+    (head,) = server.requests
+    assert head.startswith(b"POST /hook?x=1 HTTP/1.1\r\n")
+    assert b"\r\nhost: hooks.example:8443\r\n" in head
+
+
+def test_an_idle_connection_the_receiver_closed_is_replaced_and_the_event_sent_once() -> None:
+    server = Server(ok, close_after=True)
+
+    async def scenario(client: HttpClient) -> object:
+        first = await client.post(endpoint(server.port), headers(), BODY)
+        await asyncio.sleep(0.05)  # the receiver's close reaches the idle connection
+        second = await client.post(endpoint(server.port), headers(), BODY)
+        return first.status_code, second.status_code
+
+    assert run(server, scenario) == (200, 200)
+    assert (server.connections, len(server.requests)) == (2, 2)
+
+
+def test_a_chunked_answer_is_read_and_the_connection_kept() -> None:
+    async def chunked(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n5\r\nbusy!\r\n0\r\n\r\n")
+        await writer.drain()
+
+    server = Server(chunked)
+
+    async def scenario(client: HttpClient) -> object:
+        return [await client.post(endpoint(server.port), headers(), BODY) for _ in range(2)]
+
+    replies = run(server, scenario)
+
+    assert [(r.status_code, r.excerpt) for r in replies] == [(503, "busy!")] * 2  # type: ignore[attr-defined]
+    assert server.connections == 1
+
+
+def test_a_huge_answer_is_cut_short_and_its_connection_not_reused() -> None:
+    async def huge(writer: asyncio.StreamWriter) -> None:
+        size = 1024 * 1024
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"\x00" * size)
+        await writer.drain()
+
+    server = Server(huge)
+
+    async def scenario(client: HttpClient) -> object:
+        return [await client.post(endpoint(server.port), headers(), BODY) for _ in range(2)]
+
+    replies = run(server, scenario)
+
+    assert [r.status_code for r in replies] == [200, 200]  # type: ignore[attr-defined]
+    assert replies[0].excerpt == "\ufffd" * EXCERPT_BYTES  # type: ignore[index]  # NULs replaced: PostgreSQL text
+    assert server.connections == 2
+
+
+def test_a_receiver_that_never_answers_times_out() -> None:
+    async def never(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server = Server(never)
+
+    async def scenario(client: HttpClient) -> object:
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            await client.post(endpoint(server.port), headers(), BODY)
+        return time.monotonic() - started
+
+    elapsed = run(server, scenario, read_timeout_s=0.3)
+
+    assert 0.3 <= elapsed < 5  # type: ignore[operator]
+
+
+def test_a_refused_connection_is_an_os_error() -> None:
+    async def scenario(client: HttpClient) -> object:
+        with pytest.raises(ConnectionRefusedError):
+            await client.post(endpoint(9), headers(), BODY)
+        return None
+
+    run(Server(ok), scenario)
