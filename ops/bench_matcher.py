@@ -1,7 +1,8 @@
 """Cost of one matcher batch: ``process_symbol`` in a loop over many symbols, as the matching actor calls it.
 
     uv run python -m ops.bench_matcher [--database-url URL] [--keep] [--direct] [--commands 3000] [--symbols 60]
-        [--brokers 8] [--batch 1 50] [--cross 0.4] [--repeat 1] [--baseline GIT_REV] [--seed 1]
+        [--brokers 8] [--batch 1 50] [--cross 0.4] [--repeat 1] [--baseline GIT_REV] [--symbols-per-batch K ...]
+        [--seed 1]
 
 Creates a scratch database on ``--database-url``'s server (default EXCHANGE_TEST_POSTGRES_URL or the local
 server), migrates it and drops it at the end; with ``--keep`` it uses the database named in the URL instead
@@ -16,6 +17,12 @@ run with libpq's protocol trace on to count, per batch, the statements run (Comm
 protocol carried them; psycopg's implicit BEGIN/COMMIT included) and the round trips (ReadyForQuery messages:
 one per Sync or simple query message). Only ``process_symbol`` is measured, not what the actor does after the
 commit (Redis publish, webhook enqueue, log line).
+
+``--symbols-per-batch K`` also measures several books per transaction, as the actor runs a message naming
+several symbols of a partition: every round accepts ONE order per symbol, then the symbols are drained once as
+``K`` symbols per transaction (``process_symbols``, "grouped") and, on fresh symbols of the same run, as one
+transaction per symbol (``process_symbol``, "separate"); the two alternate ``--repeat`` times. It prints per
+command costs and the ratio separate / grouped (``K`` = 1 measures only the cost of the generalised SQL).
 
 ``--baseline REV`` also measures ``exchange/matching`` as it is at git revision ``REV`` (copied into a scratch
 package), alternating with the working tree's run for run on the same server, and prints the ratios
@@ -57,6 +64,7 @@ PGBOUNCER_SCRIPT = Path(__file__).resolve().parent / "scripts" / "pgbouncer.sh"
 MID = 10_000
 CENSUS_ROUNDS = 3
 RATIOS = ("wall_ms_per_batch", "cpu_ms_per_batch", "statements_per_batch", "round_trips_per_batch")
+GROUP_RATIOS = ("wall_ms_per_command", "cpu_ms_per_command", "round_trips_per_command")
 
 _ACCEPT = """
 WITH v AS (
@@ -162,22 +170,39 @@ def accept_round(
     pg.commit()
 
 
-def drain(service: ModuleType, engine: Engine, cache: Any, symbols: list[str], totals: Totals | None) -> int:
-    """Drain every symbol like the actor does; returns the number of non-empty batches."""
+def drain(
+    service: ModuleType, engine: Engine, cache: Any, symbols: list[str], totals: Totals | None, group: int = 0
+) -> int:
+    """Drain every symbol like the actor does; returns the number of non-empty batches (transactions).
+
+    ``group`` 0: one symbol per transaction (``process_symbol`` until ``more`` is false, symbol after symbol).
+    ``group`` K: K symbols per transaction (``process_symbols`` over consecutive groups of K, again while any has
+    ``more``)."""
     batches = 0
-    for symbol in symbols:
-        while True:
-            wall, cpu = time.perf_counter(), time.process_time()
-            result = service.process_symbol(engine, cache, symbol)
-            if totals is not None:
-                totals.wall_s += time.perf_counter() - wall
-                totals.cpu_s += time.process_time() - cpu
-                totals.commands += result.commands
-                totals.trades += result.trades
-                totals.batches += 1 if result.commands else 0
-            batches += 1 if result.commands else 0
-            if not result.more:
-                break
+    pending = (
+        [[symbol] for symbol in symbols]
+        if not group
+        else [symbols[i : i + group] for i in range(0, len(symbols), group)]
+    )
+    while pending:
+        chunk = pending.pop(0)
+        wall, cpu = time.perf_counter(), time.process_time()
+        results = (
+            service.process_symbols(engine, cache, chunk)
+            if group
+            else [service.process_symbol(engine, cache, chunk[0])]
+        )
+        elapsed_wall, elapsed_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        commands = sum(r.commands for r in results)
+        if totals is not None:
+            totals.wall_s += elapsed_wall
+            totals.cpu_s += elapsed_cpu
+            totals.commands += commands
+            totals.trades += sum(r.trades for r in results)
+            totals.batches += 1 if commands else 0
+        batches += 1 if commands else 0
+        if more := [r.symbol for r in results if r.more]:
+            pending.insert(0, more)
     return batches
 
 
@@ -211,7 +236,7 @@ def count_trace(census: Census) -> None:
 
 
 def run_regime(
-    args: argparse.Namespace, service: ModuleType, db_url: str, matcher_url: str, per: int, tag: str
+    args: argparse.Namespace, service: ModuleType, db_url: str, matcher_url: str, per: int, tag: str, group: int = 0
 ) -> dict[str, float]:
     rnd = random.Random(args.seed)  # noqa: S311 - reproducible load, not security
     symbols = [f"{tag}{i:04d}" for i in range(args.symbols)]
@@ -222,16 +247,16 @@ def run_regime(
     with psycopg.connect(libpq_url(db_url)) as pg:
         brokers = add_brokers(pg, args.brokers)
         accept_round(pg, rnd, symbols, brokers, per, args.cross)
-        drain(service, engine, cache, symbols, None)  # warm-up: symbol rows, book caches, pool
+        drain(service, engine, cache, symbols, None, group)  # warm-up: symbol rows, book caches, pool
         for _ in range(rounds):
             accept_round(pg, rnd, symbols, brokers, per, args.cross)
-            drain(service, engine, cache, symbols, totals)
+            drain(service, engine, cache, symbols, totals, group)
         engine.dispose()
         census = Census()
         traced = traced_engine(matcher_url, census)
         for _ in range(CENSUS_ROUNDS):
             accept_round(pg, rnd, symbols, brokers, per, args.cross)
-            census.batches += drain(service, traced, cache, symbols, None)
+            census.batches += drain(service, traced, cache, symbols, None, group)
         count_trace(census)
         traced.dispose()
     batches = max(totals.batches, 1)
@@ -247,6 +272,8 @@ def run_regime(
         "cpu_ms_per_command": 1000 * totals.cpu_s / max(totals.commands, 1),
         "statements_per_batch": census.statements / max(census.batches, 1),
         "round_trips_per_batch": census.round_trips / max(census.batches, 1),
+        "wall_ms_per_command": 1000 * totals.wall_s / max(totals.commands, 1),
+        "round_trips_per_command": census.round_trips / (CENSUS_ROUNDS * per * len(symbols)),
     }
 
 
@@ -279,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross", type=float, default=0.4, help="share of orders priced to cross the book")
     parser.add_argument("--repeat", type=int, default=1, help="runs per batch size (the median is printed)")
     parser.add_argument("--baseline", metavar="GIT_REV", help="also measure exchange/matching at this revision")
+    parser.add_argument(
+        "--symbols-per-batch",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="also compare K symbols with one command each per transaction against K separate transactions",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     print(f"via={'direct' if args.direct else 'pgbouncer'}", flush=True)
@@ -301,6 +336,25 @@ def main(argv: list[str] | None = None) -> int:
                 before, after = medians.values()
                 ratios = {k: before[k] / after[k] for k in RATIOS if after[k]}
                 print(f"batch={per:<3} {'ratio':<16} " + " ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))
+        current = services["current"]
+        for k in args.symbols_per_batch:
+            modes = {"separate": 0, "grouped": k}
+            group_runs: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
+            for _ in range(args.repeat):
+                for name, group in modes.items():
+                    tag = uuid.uuid4().hex[:5].upper()
+                    group_runs[name].append(run_regime(args, current, db_url, matcher_url, 1, tag, group))
+            medians = {name: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for name, rs in group_runs.items()}
+            for name, row in medians.items():
+                print(f"symbols_per_batch={k:<3} {name:<9} " + " ".join(f"{m}={v:.3f}" for m, v in row.items()))
+            separate, grouped = medians["separate"], medians["grouped"]
+            ratios = {m: separate[m] / grouped[m] for m in GROUP_RATIOS if grouped[m]}
+            print(
+                f"symbols_per_batch={k:<3} {'ratio':<9} "
+                + " ".join(f"{m}={v:.2f}x" for m, v in ratios.items())
+                + " (separate / grouped)",
+                flush=True,
+            )
     return 0
 
 

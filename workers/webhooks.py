@@ -7,11 +7,22 @@ records the outcomes in batches. ``--threads`` is the number of deliveries in fl
 threads themselves only take hints). Retries are timed in-process; retries too far out, events of a worker that
 died and hints that were lost are covered by the sweeper, which hints about overdue events. dramatiq's own
 retries are off: an actor that fails (Redis down) loses nothing but a hint.
+
+If the pump dies (its claimer or recorder ended: a bug), the process exits with ``EXIT_PUMP_DIED``: a process
+that takes hints but neither claims nor records would look alive while delivering nothing. dramatiq's main
+process then stops the other worker processes and exits with that code, and the supervisor (compose:
+``restart: unless-stopped``) starts the worker again.
+
+On shutdown the pump stops claiming and waits for the deliveries in flight and their recording, as long as that
+can take (:attr:`~exchange.webhooks.pump.Pump.drain_s`: connect timeout + connect and read timeouts + half a
+lease, 46 s with the defaults, plus a margin): stopping sooner would leave attempts made but not recorded, which
+are sent again a lease later. A supervisor's kill grace period shorter than that cuts this short.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import dramatiq
 
@@ -32,10 +43,12 @@ settings = Settings.from_env()
 configure_logging("webhooks", level=settings.log_level, fmt=settings.log_format, replace=True)
 metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
-# Claims and records run one at a time each, plus a spare for a fan-out hint's thread.
+# The pump claims and records one statement at a time each (on threads of its own), plus a spare.
 _engine = pooled_engine(settings.pooled_database_url, pool_size=3, max_overflow=2)
 _config = DeliveryConfig.from_settings(settings)
 _pump: PumpThread | None = None
+EXIT_PUMP_DIED = 70
+"""The worker process's exit status when its pump died (EX_SOFTWARE: an internal error)."""
 
 
 def _observe(result: DeliveryResult) -> None:
@@ -49,13 +62,22 @@ def _fan_out() -> None:
         log.warning("could not send a webhook fan-out hint", exc_info=True)
 
 
+def _pump_died(error: BaseException) -> None:
+    """Called in the pump's thread once it died (already logged by the pump): end the process, loudly."""
+    log.critical("webhook pump died (%r); exiting with status %d to be restarted", error, EXIT_PUMP_DIED)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(EXIT_PUMP_DIED)  # not sys.exit: it would only end the pump's thread
+
+
 class _PumpLifecycle(dramatiq.Middleware):
     """Starts the process's pump once dramatiq knows its thread count, and drains it on shutdown."""
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         global _pump
         capacity = worker.worker_threads
-        _pump = PumpThread(Pump(_engine, _config, capacity=capacity, observe=_observe, fan_out=_fan_out))
+        pump = Pump(_engine, _config, capacity=capacity, observe=_observe, fan_out=_fan_out)
+        _pump = PumpThread(pump, on_crash=_pump_died)
         _pump.start()
         log.info(
             "webhook pump started: %d deliveries in flight at most, %d per broker", capacity, _config.max_in_flight
@@ -63,7 +85,7 @@ class _PumpLifecycle(dramatiq.Middleware):
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if _pump is not None:
-            _pump.stop(_config.connect_timeout_s + _config.read_timeout_s + 5)
+            _pump.stop()  # waits as long as recording the deliveries in flight can take (module docstring)
 
 
 broker.add_middleware(_PumpLifecycle())

@@ -19,6 +19,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from exchange.api.errors import ApiError, unauthorized
 from exchange.api.state import api_state
+from exchange.db.engines import single_statement
 from exchange.orders.brokers import broker_for_key_hash, hash_api_key
 from exchange.orders.models import BrokerIdentity
 
@@ -45,7 +46,7 @@ async def broker_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
     key_hash = hash_api_key(token)
     broker = state.keys.get(key_hash)
     if broker is None:
-        async with state.engine.connect() as conn:
+        async with single_statement(state.engine) as conn:
             broker = await broker_for_key_hash(conn, key_hash)
         if broker is None:
             raise unauthorized()

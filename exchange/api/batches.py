@@ -4,6 +4,7 @@ together."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from uuid import UUID
@@ -12,6 +13,7 @@ from dramatiq.brokers.redis import RedisBroker
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exchange.db.engines import single_statement
 from exchange.messaging.wakeups import wake_async
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
@@ -32,13 +34,27 @@ async def wake(redis: Redis, broker: RedisBroker, symbols: Iterable[str], partit
         log.warning("wake-up failed (%s); the sweeper will re-nudge", exc)
 
 
+_waking: set[asyncio.Task[None]] = set()
+"""Wake-ups in flight (a reference per task, so none is garbage-collected before it ends)."""
+
+
+def wake_soon(redis: Redis, broker: RedisBroker, symbols: Sequence[str], partitions: int) -> None:
+    """:func:`wake` in its own task: a batch's requests get their outcomes (and its group-commit slot is free)
+    without waiting for Redis, so a stalled Redis delays matching, never the answers to committed requests."""
+    if not symbols:
+        return
+    task = asyncio.get_running_loop().create_task(wake(redis, broker, symbols, partitions))
+    _waking.add(task)
+    task.add_done_callback(_waking.discard)
+
+
 async def accept_orders(
     engine: AsyncEngine, redis: Redis, broker: RedisBroker, partitions: int, orders: Sequence[NewOrder]
 ) -> list[PlaceResult | Exception]:
     """Commit the orders together, then wake each symbol with a new order once."""
     outcomes = await accept.place_orders(engine, orders)
     created = [o.symbol for o, r in zip(orders, outcomes, strict=True) if isinstance(r, PlaceResult) and r.created]
-    await wake(redis, broker, created, partitions)
+    wake_soon(redis, broker, created, partitions)
     return outcomes
 
 
@@ -48,12 +64,12 @@ async def cancel_orders(
     """Commit the cancel commands together, then wake each symbol with a new command once."""
     outcomes = await accept.cancel_orders(engine, keys)
     written = [r.symbol for r in outcomes if isinstance(r, CommandResult) and r.written]
-    await wake(redis, broker, written, partitions)
+    wake_soon(redis, broker, written, partitions)
     return outcomes
 
 
 async def read_orders(engine: AsyncEngine, keys: Sequence[OrderKey]) -> list[OrderView | None]:
     """The orders' views from one query and one snapshot (taken after every key was submitted)."""
-    async with engine.connect() as conn:
+    async with single_statement(engine) as conn:
         views = await queries.get_orders(conn, keys)
     return [views.get(key) for key in keys]

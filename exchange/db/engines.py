@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from exchange.db.urls import sqlalchemy_url
 
@@ -47,3 +49,15 @@ def pooled_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10
         max_overflow=max_overflow,
         **kw,
     )
+
+
+@asynccontextmanager
+async def single_statement(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection in autocommit mode, for work that is ONE statement (a read, or a write that a single
+    statement makes atomic): PostgreSQL runs the statement as its own transaction, durably committed before it
+    answers. One round trip, where an explicit transaction costs three (``BEGIN``, the statement,
+    ``COMMIT``/``ROLLBACK``: psycopg sends ``BEGIN`` on its own). A connection used for two statements gives them
+    two snapshots: use a transaction for that."""
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn

@@ -175,6 +175,10 @@ orders = Table(
     Column("price", BigInteger),
     Column("quantity", BigInteger, nullable=False),
     Column("remaining", BigInteger, nullable=False),
+    # As placed (price and quantity change with amends and STP decrements): what an idempotent retry is compared
+    # with. NULL for rows from before migration 0003 or written around the api; readers fall back to the above.
+    Column("placed_price", BigInteger),
+    Column("placed_quantity", BigInteger),
     Column("status", Text, nullable=False, server_default=text(f"'{OrderStatus.PENDING.value}'")),
     Column("close_reason", Text),
     _timestamp("valid_until", nullable=True),

@@ -1,22 +1,34 @@
-"""Process a symbol's pending commands: the one function the matcher actor calls.
+"""Process symbols' pending commands: what the matcher actor calls (:func:`drain`, built on
+:func:`process_symbols` and :func:`process_symbol`).
 
-Order of operations in ONE transaction (DESIGN §3): take the symbol's advisory lock; read ``symbols.book_version``
-and the unprocessed commands in sequence order (bounded batch); if the cached book's version differs, rebuild it
-from the open orders; apply the commands to the pure engine; write order states, trades, balances, positions,
-outbox events, the new book version and the processed markers; commit. That is two round trips to Postgres per
-batch (see :mod:`exchange.matching.store`), plus one when the book is rebuilt. Only after the commit are results
+Order of operations in ONE transaction (DESIGN §3), for one symbol or a group of up to
+:data:`MAX_SYMBOLS_PER_BATCH` symbols (one dramatiq message names all the symbols of its partition woken together):
+take the symbols' advisory locks in ascending key order; read each ``symbols.book_version`` and its unprocessed
+commands in sequence order (bounded batch per symbol); rebuild every cached book whose version differs from the
+open orders; apply each symbol's commands to its book with the pure engine; write all the books' order states,
+trades, balances, positions, outbox events, new book versions and processed markers; commit. That is two round
+trips to Postgres per transaction whatever the number of symbols (see :mod:`exchange.matching.store`), plus one
+when a book is rebuilt (one for all of them) and one when a symbol row is new. Only after the commit are results
 published and webhook deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
 
-Invariant: the cached book always equals what Postgres says at the cached version. While a batch is applied
-the entry's version is invalid, and it becomes ``book_version + 1`` only once the COMMIT carrying the batch's
-writes has succeeded; a failed transaction also drops the entry, because the engine already mutated the book in
-memory.
+Invariants:
+
+* The cached book always equals what Postgres says at the cached version. While a batch is applied the entry's
+  version is invalid, and it becomes ``book_version + 1`` only once the COMMIT carrying the batch's writes has
+  succeeded; a failed transaction also drops the entries of all its symbols, because the engine already mutated
+  the books in memory.
+* A group's transaction commits all of its books or none. When it fails, each symbol goes through the one-symbol
+  path (:func:`process_symbol`: deadlock retries, then isolation and quarantine of a poison command), so a bad
+  command costs its own book a few single-command transactions and the other books nothing.
+* Commands are applied per book in sequence order, each exactly once: it is marked processed in the transaction
+  that applies it, under its book's lock, and a later batch reads only unprocessed ones.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -26,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 
 from exchange.db.errors import is_deterministic, is_retryable, sqlstate
 from exchange.engine import OrderBook
-from exchange.engine.types import Amend, Cancel, Command, Event, Place, Side
+from exchange.engine.types import Amend, Cancel, Command, Event, Place, RestingOrder, Side
 from exchange.matching import store
 from exchange.matching.commands import MalformedCommandError, to_engine_command
 from exchange.matching.effects import plan_batch
@@ -35,6 +47,9 @@ from exchange.times import to_micros
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_LIMIT = 500
+"""Commands per transaction: all of one symbol's, or shared out among the symbols of a multi-symbol batch."""
+MAX_SYMBOLS_PER_BATCH = 32
+"""Symbols per transaction: bounds the locks held, the statement sizes and the work lost to one failure."""
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 
@@ -87,7 +102,7 @@ def process_symbol(
         batch_limit = 1
     for attempt in range(4):
         try:
-            result = _process_once(engine, cache, symbol, batch_limit)
+            [result] = _process_once(engine, cache, [symbol], batch_limit)
             if result.commands == 0:
                 cache.suspects.discard(symbol)
             return result
@@ -131,47 +146,144 @@ def _isolate_poison(engine: Engine, cache: BookCache, symbol: str, batch_limit: 
     return BatchResult(symbol, 1, 0, order_ids, [], more=True, rebuilt=False)
 
 
-def _process_once(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> BatchResult:
+def process_symbols(
+    engine: Engine, cache: BookCache, symbols: Sequence[str], *, batch_limit: int = DEFAULT_BATCH_LIMIT
+) -> list[BatchResult]:
+    """Apply one batch of each of ``symbols`` (at most :data:`MAX_SYMBOLS_PER_BATCH` distinct ones) in ONE
+    transaction: two round trips in all instead of two per symbol. Returns one result per distinct symbol, in the
+    order given.
+
+    Each symbol's batch holds up to ``ceil(batch_limit / n)`` of its commands, so the whole transaction stays near
+    ``batch_limit`` commands; a symbol with more reports ``more``. A suspect symbol (see :class:`BookCache`) is left
+    out of the group and processed alone, one command at a time. If the group's transaction fails in any way (a
+    deterministic data error, a malformed command, a deadlock, anything unexpected) nothing of it was committed
+    (or, if the COMMIT's answer was lost, all of it was: the command log says which): every symbol of the group is
+    then processed by :func:`process_symbol` on its own, which retries, isolates and quarantines as usual, so a
+    poison command in one book never stops the others and no command is lost or applied twice.
+    """
+    wanted = list(dict.fromkeys(symbols))
+    if len(wanted) > MAX_SYMBOLS_PER_BATCH:
+        raise ValueError(f"{len(wanted)} symbols in one batch; at most {MAX_SYMBOLS_PER_BATCH}")
+    group = [symbol for symbol in wanted if symbol not in cache.suspects]
+    results: dict[str, BatchResult] = {}
+    if len(group) == 1:
+        results[group[0]] = process_symbol(engine, cache, group[0], batch_limit=batch_limit)
+    elif group:
+        try:
+            for result in _process_once(engine, cache, group, -(-batch_limit // len(group))):
+                results[result.symbol] = result
+        except Exception as exc:
+            for symbol in group:
+                cache.books.pop(symbol, None)
+            expected = isinstance(exc, DBAPIError | psycopg.Error | MalformedCommandError)
+            log.warning(
+                "a batch of %d symbols failed (%s); processing them one by one",
+                len(group),
+                _describe(exc),
+                exc_info=not expected,  # a bug deserves its traceback; data errors are logged when quarantined
+            )
+            for symbol in group:
+                results[symbol] = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
+        except BaseException:
+            for symbol in group:
+                cache.books.pop(symbol, None)
+            raise
+    for symbol in wanted:
+        if symbol not in results:  # a suspect
+            results[symbol] = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
+    return [results[symbol] for symbol in wanted]
+
+
+def drain(
+    engine: Engine,
+    cache: BookCache,
+    symbols: Iterable[str],
+    *,
+    batch_limit: int = DEFAULT_BATCH_LIMIT,
+    max_symbols: int = MAX_SYMBOLS_PER_BATCH,
+) -> Iterator[list[BatchResult]]:
+    """Process ``symbols`` until none has a full batch left: :func:`process_symbols` over groups of up to
+    ``max_symbols``, then again over the symbols whose batch was full, after the rest. Yields each group's results
+    once they are committed (for the caller to publish before the next group runs)."""
+    queue = list(dict.fromkeys(symbols))
+    while queue:
+        group, queue = queue[:max_symbols], queue[max_symbols:]
+        results = process_symbols(engine, cache, group, batch_limit=batch_limit)
+        yield results
+        queue.extend(result.symbol for result in results if result.more)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, DBAPIError | psycopg.Error):
+        return f"SQLSTATE {sqlstate(exc) or 'none'}"
+    return type(exc).__name__
+
+
+def _process_once(engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int) -> list[BatchResult]:
+    """One transaction over the books of ``symbols`` (distinct), up to ``batch_limit`` commands of each."""
     with store.connect(engine) as conn:
-        start = store.begin_batch(conn, symbol, batch_limit)
+        start = store.begin_batch(conn, symbols, batch_limit)
         if not start.commands:
-            return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)  # store.connect rolls back
-        cached = cache.books.get(symbol)
-        rebuilt = cached is None or cached.version != start.version
-        if cached is None or rebuilt:
-            resting = store.open_orders(conn, symbol)
-            owners = {o.order_id: (o.broker_id, o.side) for o in resting}
-            cached = CachedBook(start.version, OrderBook.rebuild(symbol, resting), owners)
-            cache.books[symbol] = cached
-        book, owners = cached.book, cached.owners
-        # From here the in-memory book runs ahead of Postgres. Mark it invalid first, so if anything fails before
+            return [BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False) for symbol in symbols]
+        entries: dict[str, CachedBook] = {}
+        stale: list[str] = []
+        for symbol in start.commands:
+            cached = cache.books.get(symbol)
+            if cached is None or cached.version != start.versions[symbol]:
+                stale.append(symbol)
+            else:
+                entries[symbol] = cached
+        if stale:
+            for symbol, resting in store.open_orders(conn, stale).items():  # one round trip for all of them
+                owners = {o.order_id: (o.broker_id, o.side) for o in resting}
+                entries[symbol] = CachedBook(start.versions[symbol], OrderBook.rebuild(symbol, resting), owners)
+                cache.books[symbol] = entries[symbol]
+        # From here the in-memory books run ahead of Postgres. Mark them invalid first, so if anything fails before
         # the commit (even in a way that skips our exception handler, or while another thread of this process
-        # already holds the lock we just released) the next holder rebuilds it instead of trusting it.
-        cached.version = _INVALID_VERSION
+        # already holds a lock we just released) the next holder rebuilds them instead of trusting them.
+        for cached in entries.values():
+            cached.version = _INVALID_VERSION
         now_us = to_micros(start.now)
-        applied: list[tuple[Command, list[Event]]] = []
-        for row in start.commands:
-            command = to_engine_command(row, symbol)
-            if isinstance(command, Place):
-                owners[command.order.order_id] = (command.order.broker_id, command.order.side)
-            applied.append((command, book.apply(command, now_us)))
-        touched = _touched_orders(applied)
-        resting_after = {oid: r for oid in touched if (r := book.get(oid)) is not None}
-        plan = plan_batch(applied, resting_after, owners)
-        event_ids = store.write_batch(conn, symbol, start.now, plan, [row.seq for row in start.commands])
-        cached.version = start.version + 1
-        for order_id in touched:
-            if order_id not in resting_after:
-                owners.pop(order_id, None)  # closed or never rested: keep the map as small as the book
-    return BatchResult(
-        symbol=symbol,
-        commands=len(start.commands),
-        trades=len(plan.trades),
-        order_ids=touched,
-        event_ids=event_ids,
-        more=len(start.commands) >= batch_limit,
-        rebuilt=rebuilt,
-    )
+        batches: list[store.BookBatch] = []
+        touched: dict[str, tuple[list[UUID], dict[UUID, RestingOrder]]] = {}
+        for symbol, rows in start.commands.items():
+            book, owners = entries[symbol].book, entries[symbol].owners
+            applied: list[tuple[Command, list[Event]]] = []
+            for row in rows:
+                command = to_engine_command(row, symbol)
+                if isinstance(command, Place):
+                    owners[command.order.order_id] = (command.order.broker_id, command.order.side)
+                applied.append((command, book.apply(command, now_us)))
+            order_ids = _touched_orders(applied)
+            resting_after = {oid: r for oid in order_ids if (r := book.get(oid)) is not None}
+            touched[symbol] = (order_ids, resting_after)
+            batches.append(store.BookBatch(symbol, plan_batch(applied, resting_after, owners), [r.seq for r in rows]))
+        event_ids = store.write_batch(conn, start.now, batches)
+        for symbol, cached in entries.items():
+            order_ids, resting_after = touched[symbol]
+            for order_id in order_ids:
+                if order_id not in resting_after:
+                    cached.owners.pop(order_id, None)  # closed or never rested: keep the map as small as the book
+            cached.version = start.versions[symbol] + 1  # last: the entry is trusted again only once it is whole
+    written = {batch.symbol: batch for batch in batches}
+    results: list[BatchResult] = []
+    for symbol in symbols:
+        if symbol not in start.commands:
+            results.append(BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False))
+            continue
+        commands = len(start.commands[symbol])
+        results.append(
+            BatchResult(
+                symbol=symbol,
+                commands=commands,
+                trades=len(written[symbol].plan.trades),
+                order_ids=touched[symbol][0],
+                event_ids=event_ids[symbol],
+                more=commands >= batch_limit,
+                rebuilt=symbol in stale,
+            )
+        )
+    return results
 
 
 def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:

@@ -1,17 +1,22 @@
-"""SQL of the matcher's transaction: lock the book, read its pending commands, write one batch's effects.
+"""SQL of the matcher's transaction: lock the books, read their pending commands, write one batch's effects.
 
-A batch costs two round trips to PostgreSQL (through pgbouncer), whatever its size:
+A batch covers one symbol or several (up to the service's cap, all of one partition in practice) and costs two
+round trips to PostgreSQL (through pgbouncer), whatever its size and its number of symbols:
 
-1. :func:`begin_batch`: ``BEGIN``, the symbol's advisory lock, its book version and the database clock, and its
-   pending commands;
-2. :func:`write_batch`: every write of the batch, then ``COMMIT``.
+1. :func:`begin_batch`: ``BEGIN``, the symbols' advisory locks (in ascending key order), the database clock, their
+   book versions, and up to a limit of pending commands per symbol;
+2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol), then ``COMMIT``.
 
 Each is ONE query message holding several statements (the simple query protocol; psycopg's ``ClientCursor`` binds
 the parameters on the client as quoted literals, escaped by libpq). PostgreSQL runs the statements one after the
-other, so nothing changes for the transaction except the waiting. In particular a statement after the lock still
-takes its READ COMMITTED snapshot when it starts, i.e. after the lock is granted, so it sees everything the previous
-holder committed (PostgreSQL releases a transaction's locks only after its commit is visible). That is also why
-the lock and the version read stay two statements: one statement's snapshot is taken before its lock wait.
+other, so nothing changes for the transaction except the waiting. In particular a statement after the locks still
+takes its READ COMMITTED snapshot when it starts, i.e. after every lock is granted, so it sees everything the
+previous holders committed (PostgreSQL releases a transaction's locks only after its commit is visible). That is
+also why the locks and the reads stay separate statements: one statement's snapshot is taken before its lock wait.
+
+Deadlock freedom: every transaction here takes its book locks first, all in one statement in ascending key order,
+and only then row locks; the broker rows, the only rows two books' batches share, are locked in id order. A
+transaction holding several book locks therefore never waits for a lock held by a transaction that waits for it.
 
 The connection is in autocommit mode meanwhile (:func:`connect`) so that psycopg sends no ``BEGIN`` of its own
 (one more round trip): the transaction is the explicit ``BEGIN`` … ``COMMIT`` of the two messages. psycopg's
@@ -20,17 +25,18 @@ per-statement protocol work cost twice the client CPU per batch (1.1 vs 0.5 ms i
 
 Rows go to PostgreSQL as one JSON document per table (``json_to_recordset``), not as one array parameter per
 column: msgspec encodes a batch's rows several times faster than psycopg adapts a dozen Python lists. Every
-statement is set-based (one statement per table per batch) and runs in a transaction holding the symbol's
-``pg_advisory_xact_lock`` (transaction-scoped, so it is safe through pgbouncer's transaction pooling).
+statement is set-based (one statement per table per batch, whatever the number of books) and runs in a transaction
+holding the books' ``pg_advisory_xact_lock`` (transaction-scoped, so it is safe through pgbouncer's transaction
+pooling).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -82,77 +88,138 @@ def _send(conn: Connection, statements: Sequence[str], params: dict[str, Any]) -
 
 @dataclass(frozen=True, slots=True)
 class BatchStart:
-    version: int
-    """``symbols.book_version`` under the lock."""
     now: datetime
-    """The database clock after the lock is held: every matcher process on every host uses this one clock."""
-    commands: list[LoggedCommand]
+    """The database clock after every lock is held: every matcher process on every host uses this one clock."""
+    versions: dict[str, int]
+    """``symbols.book_version`` under the lock, of every symbol that has pending commands."""
+    commands: dict[str, list[LoggedCommand]]
+    """Up to the limit of pending commands of each symbol, in sequence order (symbols with none are absent)."""
 
 
-_LOCK = "SELECT pg_advisory_xact_lock(%(key)s)"
-_VERSION = "SELECT book_version, clock_timestamp() FROM symbols WHERE symbol = %(symbol)s"
-_NEW_SYMBOL = """
-INSERT INTO symbols (symbol) VALUES (%(symbol)s)
-ON CONFLICT (symbol) DO UPDATE SET symbol = EXCLUDED.symbol
-RETURNING book_version, clock_timestamp()
+# The symbols' locks in one statement, in the order of the (sorted) array: a function scan over ``unnest`` emits
+# the elements in array order and the lock call is evaluated row by row as they come. Every transaction that holds
+# several book locks takes them in ascending key order, so two of them never wait on each other in a cycle.
+_LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k"
+# Each row's clock is read after every lock is held (this statement starts after the lock statement has returned).
+_VERSIONS = """
+SELECT symbol, book_version, clock_timestamp() FROM symbols WHERE symbol = ANY(%(symbols)s::text[])
 """
-_PENDING = """
-SELECT c.seq, c.kind, c.order_id, c.payload, o.broker_id, o.document_number, o.side, o.order_type,
+_NEW_SYMBOLS = """
+INSERT INTO symbols (symbol) SELECT unnest(%(symbols)s::text[])
+ON CONFLICT (symbol) DO UPDATE SET symbol = EXCLUDED.symbol
+RETURNING symbol, book_version, clock_timestamp()
+"""
+# A bounded range scan of ix_commands_unprocessed_symbol_seq, in sequence order: for one symbol as it is, for
+# several once per symbol (LATERAL), which plans a little slower, so a one-symbol batch does without it.
+_PENDING_OF = """
+SELECT c.symbol, c.seq, c.kind, c.order_id, c.payload, o.broker_id, o.document_number, o.side, o.order_type,
        o.time_in_force, o.price, o.quantity, o.valid_until, o.stp
 FROM commands c LEFT JOIN orders o ON o.id = c.order_id
-WHERE c.symbol = %(symbol)s AND c.processed_at IS NULL
+WHERE c.symbol = {symbol} AND c.processed_at IS NULL
 ORDER BY c.seq
 LIMIT %(limit)s
 """
+_PENDING_ONE = _PENDING_OF.format(symbol="%(symbol)s")
+_PENDING_MANY = "SELECT p.* FROM unnest(%(symbols)s::text[]) AS s(symbol) CROSS JOIN LATERAL ({}) p".format(  # noqa: S608
+    _PENDING_OF.format(symbol="s.symbol")
+)
 
 
-def begin_batch(conn: Connection, symbol: str, limit: int) -> BatchStart:
-    """Open the transaction, take the symbol's lock (waits for the current holder) and read the book version, the
-    clock and up to ``limit`` unprocessed commands in sequence order: one round trip (two for a new symbol).
+def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchStart:
+    """Open the transaction, take the locks of ``symbols`` in ascending key order (waits for their holders), and
+    read the clock, the book versions and up to ``limit`` unprocessed commands per symbol in sequence order: one
+    round trip (two when a symbol with commands has no ``symbols`` row yet).
 
     Each command is marked processed individually (no watermark): a command whose transaction commits late is simply
     found by a later batch."""
-    params = {"key": book_lock_key(symbol), "symbol": symbol, "limit": limit}
-    cursor = _send(conn, ("BEGIN", _LOCK, _VERSION, _PENDING), params)
-    cursor.nextset()  # BEGIN -> lock
-    cursor.nextset()  # lock -> version
-    row = cursor.fetchone()
-    cursor.nextset()  # version -> pending
-    commands = [LoggedCommand(*r) for r in cursor.fetchall()]
-    if row is None:
-        row = _send(conn, (_NEW_SYMBOL,), {"symbol": symbol}).fetchone()
-    if row is None:
-        raise RuntimeError(f"no symbols row for {symbol}")  # unreachable: an upsert with RETURNING returns its row
-    return BatchStart(int(row[0]), row[1], commands)
+    wanted = list(dict.fromkeys(symbols))
+    keys = sorted({book_lock_key(symbol) for symbol in wanted})
+    params = {"keys": _array(keys), "symbols": _array(wanted), "symbol": wanted[0], "limit": limit}
+    pending = _PENDING_ONE if len(wanted) == 1 else _PENDING_MANY
+    cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, pending), params)
+    cursor.nextset()  # BEGIN -> locks
+    cursor.nextset()  # locks -> versions
+    versions: dict[str, int] = {}
+    clocks: list[datetime] = []
+    for symbol, version, clock in cursor.fetchall():
+        versions[symbol] = int(version)
+        clocks.append(clock)
+    cursor.nextset()  # versions -> pending
+    commands: dict[str, list[LoggedCommand]] = {}
+    for symbol, *rest in cursor.fetchall():
+        commands.setdefault(symbol, []).append(LoggedCommand(*rest))
+    for rows in commands.values():
+        # Sequence order is what the engine must see. SQL promises it only for ORDER BY at the top of a query, not
+        # through the LATERAL join (which in practice keeps it): make sure here, at the cost of a check when sorted.
+        rows.sort(key=_seq)
+    if missing := [symbol for symbol in commands if symbol not in versions]:
+        # The api never touches ``symbols`` (its hot path stays two inserts): the matcher creates the row.
+        for symbol, version, clock in _send(conn, (_NEW_SYMBOLS,), {"symbols": _array(missing)}).fetchall():
+            versions[symbol] = int(version)
+            clocks.append(clock)
+    now = max(clocks) if clocks else datetime.now(UTC)  # no clock: no symbol row and no command, nothing to do
+    return BatchStart(now, {symbol: versions[symbol] for symbol in commands}, commands)
+
+
+def _seq(row: LoggedCommand) -> int:
+    return row.seq
+
+
+def _array(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal of plain values (symbols, integers, ``None``): one parameter instead of a list
+    that psycopg would adapt element by element."""
+    return "{" + ",".join(_element(v) for v in values) + "}"
+
+
+def _element(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
 
 
 _OPEN_ORDERS = """
-SELECT id, broker_id, document_number, side, price, quantity, remaining, priority, valid_until, stp
+SELECT symbol, id, broker_id, document_number, side, price, quantity, remaining, priority, valid_until, stp
 FROM orders
-WHERE symbol = %(symbol)s AND status = 'open'
-ORDER BY priority
+WHERE symbol = ANY(%(symbols)s::text[]) AND status = 'open'
+ORDER BY symbol, priority
 """
 
 
-def open_orders(conn: Connection, symbol: str) -> list[RestingOrder]:
-    """The resting orders of ``symbol`` in priority order: the input of ``OrderBook.rebuild``."""
-    return [
-        RestingOrder(
-            order_id=order_id,
-            broker_id=broker_id,
-            document_number=document_number,
-            side=Side(side),
-            price=price,
-            quantity=quantity,
-            remaining=remaining,
-            priority=priority,
-            valid_until=None if valid_until is None else to_micros(valid_until),
-            stp=StpMode(stp),
+def open_orders(conn: Connection, symbols: Sequence[str]) -> dict[str, list[RestingOrder]]:
+    """The resting orders of each of ``symbols`` in priority order (the input of ``OrderBook.rebuild``): one round
+    trip for all of them."""
+    books: dict[str, list[RestingOrder]] = {symbol: [] for symbol in symbols}
+    rows = _driver(conn).execute(_OPEN_ORDERS, {"symbols": _array(books)})
+    for (
+        symbol,
+        order_id,
+        broker_id,
+        document_number,
+        side,
+        price,
+        quantity,
+        remaining,
+        priority,
+        valid_until,
+        stp,
+    ) in rows:
+        books[symbol].append(
+            RestingOrder(
+                order_id=order_id,
+                broker_id=broker_id,
+                document_number=document_number,
+                side=Side(side),
+                price=price,
+                quantity=quantity,
+                remaining=remaining,
+                priority=priority,
+                valid_until=None if valid_until is None else to_micros(valid_until),
+                stp=StpMode(stp),
+            )
         )
-        for order_id, broker_id, document_number, side, price, quantity, remaining, priority, valid_until, stp in (
-            _driver(conn).execute(_OPEN_ORDERS, {"symbol": symbol})
-        )
-    ]
+    return books
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +246,8 @@ SELECT seq, kind, order_id FROM first
 def quarantine_first_pending(conn: Connection, symbol: str) -> QuarantinedCommand | None:
     """In a transaction of its own under the symbol's lock: mark the first pending command of ``symbol`` processed
     without applying it, and close its order ``rejected`` if the order never reached the book (a place)."""
-    cursor = _send(conn, ("BEGIN", _LOCK, _QUARANTINE, "COMMIT"), {"key": book_lock_key(symbol), "symbol": symbol})
+    params = {"keys": _array([book_lock_key(symbol)]), "symbol": symbol}
+    cursor = _send(conn, ("BEGIN", _LOCK, _QUARANTINE, "COMMIT"), params)
     cursor.nextset()  # BEGIN -> lock
     cursor.nextset()  # lock -> quarantine
     row = cursor.fetchone()
@@ -204,14 +272,14 @@ WHERE o.id = v.order_id
 _INSERT_TRADES = """
 INSERT INTO trades (id, symbol, price, quantity, buy_order_id, sell_order_id, buy_broker_id, sell_broker_id,
                     maker_order_id, taker_side, command_seq, match_no, executed_at)
-SELECT v.id, %(symbol)s, v.price, v.quantity, v.buy_order_id, v.sell_order_id, v.buy_broker_id, v.sell_broker_id,
+SELECT v.id, v.symbol, v.price, v.quantity, v.buy_order_id, v.sell_order_id, v.buy_broker_id, v.sell_broker_id,
        v.maker_order_id, v.taker_side, v.seq, v.match_no, %(now)s
 FROM json_to_recordset(%(trades)s::json)
-     AS v(id uuid, price bigint, quantity bigint, buy_order_id uuid, sell_order_id uuid, buy_broker_id uuid,
-          sell_broker_id uuid, maker_order_id uuid, taker_side text, seq bigint, match_no int)
+     AS v(id uuid, symbol text, price bigint, quantity bigint, buy_order_id uuid, sell_order_id uuid,
+          buy_broker_id uuid, sell_broker_id uuid, maker_order_id uuid, taker_side text, seq bigint, match_no int)
 """
 
-# Two matchers on different symbols touching the same brokers must queue in one order instead of deadlocking, so
+# Two matchers on different books touching the same brokers must queue in one order instead of deadlocking, so
 # the rows are locked in id order (the sorted LockRows of the CTE) before the UPDATE changes them: the UPDATE can
 # only reach a row through ``locked``, i.e. after the CTE has locked it, so it takes no lock of its own out of
 # order. NO KEY UPDATE (only balance/event_seq change) does not conflict with the KEY SHARE lock every order
@@ -230,9 +298,10 @@ FROM v
 WHERE b.id = v.id AND b.id IN (SELECT id FROM locked)
 """
 
-# Runs after _UPDATE_BROKERS in the same transaction, so ``b.event_seq`` already counts this batch's events: a
-# broker's k-th event of the batch (in draft order) gets ``event_seq - count + k``, which continues its sequence
-# without a gap. The sequence and the order's document/client ids are added to the payload here, in SQL.
+# Runs after _UPDATE_BROKERS in the same transaction, so ``b.event_seq`` already counts this batch's events (of
+# every book in it): a broker's k-th event of the batch (in row order: book by book, each in draft order) gets
+# ``event_seq - count + k``, which continues its sequence without a gap. The sequence and the order's
+# document/client ids are added to the payload here, in SQL.
 _INSERT_OUTBOX = """
 INSERT INTO webhook_events (id, broker_id, sequence, type, order_id, trade_id, payload, created_at,
                             next_attempt_at)
@@ -253,7 +322,8 @@ LEFT JOIN orders o ON o.id = e.order_id
 
 _UPSERT_POSITIONS = """
 INSERT INTO positions (broker_id, symbol, quantity, updated_at)
-SELECT key::uuid, %(symbol)s, value::bigint, %(now)s FROM json_each_text(%(shares)s::json)
+SELECT v.broker_id, v.symbol, v.quantity, %(now)s
+FROM json_to_recordset(%(shares)s::json) AS v(broker_id uuid, symbol text, quantity bigint)
 ON CONFLICT (broker_id, symbol)
 DO UPDATE SET quantity = positions.quantity + EXCLUDED.quantity, updated_at = EXCLUDED.updated_at
 """
@@ -262,34 +332,51 @@ _FINISH = """
 WITH processed AS (
     UPDATE commands SET processed_at = %(now)s WHERE seq = ANY(%(seqs)s::bigint[])
 )
-UPDATE symbols
-SET book_version = book_version + 1,
-    last_price = COALESCE(%(price)s::bigint, last_price),
-    last_trade_at = CASE WHEN %(price)s::bigint IS NULL THEN last_trade_at ELSE %(now)s END
-WHERE symbol = %(symbol)s
+UPDATE symbols AS s
+SET book_version = s.book_version + 1,
+    last_price = COALESCE(v.price, s.last_price),
+    last_trade_at = CASE WHEN v.price IS NULL THEN s.last_trade_at ELSE %(now)s END
+FROM unnest(%(books)s::text[], %(prices)s::bigint[]) AS v(symbol, price)
+WHERE s.symbol = v.symbol
 """
 
 
-def write_batch(
-    conn: Connection, symbol: str, now: datetime, plan: BatchEffects, processed_seqs: Sequence[int]
-) -> list[UUID]:
-    """Write one batch's effects, mark its commands processed, bump the book version and COMMIT: one round trip.
-    Returns the ids of the outbox events written."""
-    trade_ids = {(t.seq, t.match_no): uuid.uuid4() for t in plan.trades}
-    event_ids = [uuid.uuid4() for _ in plan.outbox]
+@dataclass(frozen=True, slots=True)
+class BookBatch:
+    """What one book's batch writes: the plan of its commands and their sequence numbers."""
+
+    symbol: str
+    plan: BatchEffects
+    seqs: Sequence[int]
+
+
+def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> dict[str, list[UUID]]:
+    """Write the effects of every book's batch, mark their commands processed, bump each book's version and COMMIT:
+    one round trip. Rows carry their symbol; the statements are the same whatever the number of books (one per
+    table). Returns the ids of the outbox events written, by symbol."""
+    trade_ids = {(t.seq, t.match_no): uuid.uuid4() for b in books for t in b.plan.trades}
+    event_ids = {b.symbol: [uuid.uuid4() for _ in b.plan.outbox] for b in books}
     params: dict[str, Any] = {
-        "symbol": symbol,
         "now": now,
-        "price": plan.last_price,
-        "seqs": "{" + ",".join(map(str, processed_seqs)) + "}",
+        "seqs": _array(seq for b in books for seq in b.seqs),
+        "books": _array(b.symbol for b in books),
+        "prices": _array(b.plan.last_price for b in books),
     }
     statements: list[str] = []
     for statement, name, rows in (
-        (_UPDATE_ORDERS, "orders", list(plan.orders.values())),
-        (_INSERT_TRADES, "trades", _trade_rows(plan.trades, trade_ids)),
-        (_UPDATE_BROKERS, "brokers", _broker_rows(plan)),
-        (_INSERT_OUTBOX, "events", _event_rows(plan.outbox, event_ids, trade_ids, symbol, now)),
-        (_UPSERT_POSITIONS, "shares", plan.shares),
+        (_UPDATE_ORDERS, "orders", [update for b in books for update in b.plan.orders.values()]),
+        (_INSERT_TRADES, "trades", [row for b in books for row in _trade_rows(b.symbol, b.plan.trades, trade_ids)]),
+        (_UPDATE_BROKERS, "brokers", _broker_rows(books)),
+        (
+            _INSERT_OUTBOX,
+            "events",
+            [row for b in books for row in _event_rows(b.plan.outbox, event_ids[b.symbol], trade_ids, b.symbol, now)],
+        ),
+        (
+            _UPSERT_POSITIONS,
+            "shares",
+            [{"broker_id": k, "symbol": b.symbol, "quantity": v} for b in books for k, v in b.plan.shares.items()],
+        ),
     ):
         if rows:  # a statement per table that has rows, in this order (the outbox reads the brokers' new event_seq)
             statements.append(statement)
@@ -298,10 +385,11 @@ def write_batch(
     return event_ids
 
 
-def _trade_rows(trades: list[TradeRow], trade_ids: dict[tuple[int, int], UUID]) -> list[dict[str, Any]]:
+def _trade_rows(symbol: str, trades: list[TradeRow], trade_ids: dict[tuple[int, int], UUID]) -> list[dict[str, Any]]:
     return [
         {
             "id": trade_ids[(t.seq, t.match_no)],
+            "symbol": symbol,
             "price": t.price,
             "quantity": t.quantity,
             "buy_order_id": t.buy_order_id,
@@ -317,12 +405,20 @@ def _trade_rows(trades: list[TradeRow], trade_ids: dict[tuple[int, int], UUID]) 
     ]
 
 
-def _broker_rows(plan: BatchEffects) -> list[dict[str, Any]]:
-    """Cash delta and number of outbox events of every broker the batch touches."""
+def _broker_rows(books: Sequence[BookBatch]) -> list[dict[str, Any]]:
+    """Cash delta and number of outbox events of every broker the batch touches (summed over its books), in id
+    order."""
+    cash: dict[UUID, int] = {}
     events: dict[UUID, int] = {}
-    for draft in plan.outbox:
-        events[draft.broker_id] = events.get(draft.broker_id, 0) + 1
-    return [{"id": b, "delta": plan.cash.get(b, 0), "events": events.get(b, 0)} for b in plan.touched_brokers]
+    for book in books:
+        for broker_id in book.plan.touched_brokers:
+            cash.setdefault(broker_id, 0)
+            events.setdefault(broker_id, 0)
+        for broker_id, delta in book.plan.cash.items():
+            cash[broker_id] += delta
+        for draft in book.plan.outbox:
+            events[draft.broker_id] += 1
+    return [{"id": b, "delta": cash[b], "events": events[b]} for b in sorted(cash)]
 
 
 def _event_rows(

@@ -17,6 +17,7 @@ finds them when they are due by its timeout, as in dramatiq.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dramatiq
@@ -26,7 +27,14 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue
 from exchange.observability.propagation import RequestIdMiddleware
 
+log = logging.getLogger("exchange.messaging")
+
 DOORBELL_PREFIX = "exchange:doorbell:"
+SOCKET_TIMEOUT_S = 10.0
+"""Every Redis call of the broker gives up after this long (a stalled Redis must not hang a request's batch or a
+worker forever; dramatiq's own client has no timeout)."""
+MAX_IDLE_WAIT_S = SOCKET_TIMEOUT_S / 2
+"""An idle consumer's doorbell wait is capped below the socket timeout, whatever ``dramatiq_worker_timeout`` says."""
 
 
 def doorbell_key(queue_name: str) -> str:
@@ -44,7 +52,8 @@ class _DoorbellConsumer(_RedisConsumer):
             if self.message_cache:
                 return super().__next__()  # type: ignore[no-untyped-call]
             # Nothing queued: wait for a ring (or the idle timeout). The caller loops back here and fetches again.
-            self.broker.client.blpop([doorbell_key(self.queue_name)], timeout=max(self.timeout, 1) / 1000)
+            wait_s = min(max(self.timeout, 1) / 1000, MAX_IDLE_WAIT_S)
+            self.broker.client.blpop([doorbell_key(self.queue_name)], timeout=wait_s)
             return None
         except redis.ConnectionError as exc:
             raise dramatiq.ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
@@ -64,12 +73,18 @@ class DoorbellRedisBroker(RedisBroker):
         return enqueued
 
     def ring(self, queue_name: str) -> None:
-        """Wake one idle consumer of ``queue_name`` (a ring nobody hears waits, capped at one)."""
+        """Wake one idle consumer of ``queue_name`` (a ring nobody hears waits, capped at one). Never raises: the
+        message is enqueued already, and a lost ring only costs an idle consumer's timeout."""
         key = doorbell_key(queue_name)
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, b"1")
-            pipe.ltrim(key, 0, 0)
-            pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, b"1")
+                pipe.ltrim(key, 0, 0)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning(
+                "could not ring the doorbell of %s (%s); its consumer finds the message on its timeout", queue_name, exc
+            )
 
 
 def make_broker(redis_url: str, partitions: int) -> RedisBroker:
@@ -80,7 +95,9 @@ def make_broker(redis_url: str, partitions: int) -> RedisBroker:
     retries of matching messages are pointless (the sweeper re-nudges) but harmless, so they are left to each
     actor's options.
     """
-    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
+    broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
+        url=redis_url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+    )
     broker.add_middleware(RequestIdMiddleware())
     for n in range(partitions):
         broker.declare_queue(matching_queue(n))

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from exchange.db.engines import single_statement
 from exchange.db.errors import is_deterministic, is_retryable
 from exchange.db.tables import CommandKind, OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
@@ -122,10 +123,11 @@ _PLACE_MANY = text(
     f"""
     WITH ins AS (
         INSERT INTO orders (id, broker_id, client_order_id, idempotency_key, document_number, symbol, side,
-                            order_type, time_in_force, stp, price, quantity, remaining, valid_until, seq)
+                            order_type, time_in_force, stp, price, quantity, remaining, placed_price,
+                            placed_quantity, valid_until, seq)
         SELECT v.id, v.broker_id, v.client_order_id, v.idempotency_key, v.document_number, v.symbol, v.side,
-               v.order_type, v.time_in_force, v.stp, v.price, v.quantity, v.quantity, v.valid_until,
-               nextval('command_seq')
+               v.order_type, v.time_in_force, v.stp, v.price, v.quantity, v.quantity, v.price, v.quantity,
+               v.valid_until, nextval('command_seq')
         FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[]), CAST(:client_order_ids AS text[]),
                     CAST(:idempotency_keys AS text[]), CAST(:document_numbers AS text[]), CAST(:symbols AS text[]),
                     CAST(:sides AS text[]), CAST(:order_types AS text[]), CAST(:time_in_forces AS text[]),
@@ -146,7 +148,9 @@ _PLACE_MANY = text(
 
 _FIND_DUPLICATE = text(
     """
-    SELECT id, document_number, symbol, side, order_type, time_in_force, stp, price, quantity, valid_until
+    SELECT id, document_number, symbol, side, order_type, time_in_force, stp, valid_until,
+           CASE WHEN placed_quantity IS NULL THEN price ELSE placed_price END AS price,
+           COALESCE(placed_quantity, quantity) AS quantity
     FROM orders
     WHERE broker_id = :broker_id
       AND (client_order_id = :client_order_id OR idempotency_key = :idempotency_key)
@@ -186,8 +190,9 @@ async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[
 
     If the group fails on data (SQLSTATE class 22/23, e.g. a broker deleted while its key was cached), nothing of
     it was written, and the orders are retried one transaction each so only the offending order gets the error.
-    A deadlock is retried; any other failure (connection lost, ...) is raised for the whole group: nothing was
-    committed.
+    A deadlock is retried; any other failure is raised for the whole group: nothing was committed, or (the
+    connection was lost while the statement ran) the outcome is unknown, which a retry with the same
+    ``client_order_id``/``Idempotency-Key`` resolves.
     """
     for attempt in range(_GROUP_ATTEMPTS):
         try:
@@ -203,7 +208,7 @@ async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[
     for order in orders:
         try:
             outcomes.extend(await _place_group(engine, [order]))
-        except DBAPIError as exc:
+        except Exception as exc:  # the orders before it are committed: only this one failed
             outcomes.append(exc)
     return outcomes
 
@@ -211,7 +216,9 @@ async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[
 async def _place_group(
     engine: AsyncEngine, orders: Sequence[NewOrder]
 ) -> list[PlaceResult | IdempotencyKeyReusedError]:
-    async with engine.begin() as conn:
+    # One statement writes (and, in autocommit mode, durably commits) the whole group: one round trip. The
+    # duplicate lookups below run after it, when the originals they look for are committed.
+    async with single_statement(engine) as conn:
         inserted = set((await conn.execute(_PLACE_MANY, _columns(orders))).scalars())
         outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
         for order in orders:
@@ -221,7 +228,7 @@ async def _place_group(
             if order.client_order_id is None and order.idempotency_key is None:
                 # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
                 raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
-            # Within our own transaction: an earlier order of this group with the same key is visible too.
+            # An earlier order of this group with the same key is committed (and visible) too.
             params = {
                 "broker_id": order.broker_id,
                 "client_order_id": order.client_order_id,

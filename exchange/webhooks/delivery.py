@@ -1,6 +1,7 @@
-"""One delivery attempt of one claimed event: resolve and SSRF-check the URL, POST the stored payload signed,
-judge the answer. Never raises (except on cancellation): every attempt ends as an :class:`~store.Attempt` to
-record, so no event can be stuck being claimed and crashing forever.
+"""One delivery attempt of one claimed event: resolve and SSRF-check the URL (one lookup per host, reused for a
+short while: :class:`Resolver`), POST the stored payload signed, judge the answer. Never raises (except on
+cancellation): every attempt ends as an :class:`~store.Attempt` to record, so no event can be stuck being claimed
+and crashing forever.
 
 The payload is sent byte-identical on every attempt (``payload::text`` is deterministic for a JSONB value) with
 fresh Standard Webhooks headers. A host that does not resolve or is refused by the SSRF guard, and a stored URL
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,7 +29,7 @@ from exchange.webhooks.outcomes import Outcome, judge
 from exchange.webhooks.store import Attempt, Claim
 
 # Outcome: what an attempt led to; importable from here as before (the review proofs import it from this module).
-__all__ = ["DeliveryConfig", "Endpoints", "Outcome", "attempt"]
+__all__ = ["DeliveryConfig", "Endpoints", "Outcome", "Resolver", "attempt"]
 
 log = logging.getLogger("exchange.webhooks")
 
@@ -58,29 +62,127 @@ class DeliveryConfig:
         )
 
 
-class Endpoints:
-    """The endpoints of one claimed batch: each distinct URL is resolved and checked once, when its first
-    delivery needs it; deliveries to other URLs never wait for it (a slow DNS answer only delays its own URL)."""
+DNS_TTL_S = 30.0
+"""A host's checked address is reused this long after its lookup ended (a changed DNS record reaches deliveries
+within half a minute; rebinding cannot exploit the reuse: requests are pinned to the checked address anyway)."""
+DNS_FAILURE_TTL_S = 5.0
+"""A failed lookup (no such name, a resolver error, a forbidden address) is reused this long: a broker whose name
+does not resolve costs one lookup per 5 s, not one per delivery."""
+_MAX_CACHED = 4096
+"""Above this many cached hosts / URLs, expired hosts are dropped (URLs: all) before a new one is added."""
 
-    def __init__(self, config: DeliveryConfig) -> None:
-        self._config = config
-        self._resolving: dict[str, asyncio.Task[Endpoint]] = {}
+HostLookup = Callable[[str, bool], ssrf.IPAddress]
+"""``(host, allow_private) -> checked address``, blocking (:func:`ssrf.resolve_host`; tests pass a slow one)."""
+
+
+@dataclass(slots=True)
+class _Lookup:
+    answer: asyncio.Future[ssrf.IPAddress]
+    expires_at: float = math.inf
+    """Loop time after which the answer is not reused; infinite while the lookup runs (it is shared, not redone)."""
+
+
+class Resolver:
+    """Host name → the checked address deliveries connect to; one per pump, shared by every batch it claims.
+
+    Invariants:
+
+    * at most one lookup per host runs at a time: deliveries needing the host meanwhile wait for that one, each at
+      most ``timeout_s`` (then the attempt fails like an unresolvable host). A lookup its waiters gave up on keeps
+      running and is NOT started again: when it ends, its answer is cached like any other. A DNS server that hangs
+      therefore holds one thread per host, not one per batch or per delivery;
+    * an address is reused for ``ttl_s`` after its lookup ended, a failure (no such name, a resolver error, an
+      address the SSRF guard refuses) for ``failure_ttl_s``; then the next delivery that needs the host looks up;
+    * lookups run on ``executor`` (the pump's DNS threads, see :mod:`exchange.webhooks.pump`), never on the threads
+      that claim and record, so a slow DNS server cannot delay the database work of other brokers' deliveries.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        allow_private: bool,
+        timeout_s: float,
+        lookup: HostLookup = ssrf.resolve_host,
+        ttl_s: float = DNS_TTL_S,
+        failure_ttl_s: float = DNS_FAILURE_TTL_S,
+    ) -> None:
+        self._executor = executor
+        self._allow_private = allow_private
+        self._timeout_s = timeout_s
+        self._lookup = lookup
+        self._ttl_s = ttl_s
+        self._failure_ttl_s = failure_ttl_s
+        self._hosts: dict[str, _Lookup] = {}
+
+    async def address(self, host: str) -> ssrf.IPAddress:
+        """Raises :class:`ssrf.UnsafeWebhookUrlError` (refused, unresolvable, or no answer within the timeout)."""
+        if ssrf.is_literal(host):
+            return ssrf.resolve_host(host, self._allow_private)  # no DNS: checked on the spot
+        loop = asyncio.get_running_loop()
+        lookup = self._hosts.get(host)
+        if lookup is None or lookup.expires_at <= loop.time():
+            lookup = self._start(loop, host)
+        try:
+            # shield: a waiter that gives up (or is cancelled) must not cancel the lookup other waiters share
+            return await asyncio.wait_for(asyncio.shield(lookup.answer), self._timeout_s)
+        except TimeoutError:
+            raise ssrf.UnsafeWebhookUrlError(
+                f"cannot resolve host {host!r}: no answer within {self._timeout_s:g} s"
+            ) from None
+
+    def _start(self, loop: asyncio.AbstractEventLoop, host: str) -> _Lookup:
+        if len(self._hosts) >= _MAX_CACHED:
+            now = loop.time()
+            self._hosts = {h: known for h, known in self._hosts.items() if known.expires_at > now}
+        answer = loop.run_in_executor(self._executor, self._lookup, host, self._allow_private)
+        lookup = self._hosts[host] = _Lookup(answer)
+        answer.add_done_callback(lambda done: self._ended(loop, lookup, done))
+        return lookup
+
+    def _ended(self, loop: asyncio.AbstractEventLoop, lookup: _Lookup, answer: asyncio.Future[ssrf.IPAddress]) -> None:
+        if answer.cancelled():  # the executor was shut down: nothing to reuse
+            lookup.expires_at = -math.inf
+        elif answer.exception() is not None:  # retrieved here too: waiters that gave up never will
+            lookup.expires_at = loop.time() + self._failure_ttl_s
+        else:
+            lookup.expires_at = loop.time() + self._ttl_s
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a URL says about its requests, parsed once (``Endpoint`` without the address)."""
+
+    scheme: str
+    host: str
+    port: int
+    target: bytes
+    host_header: bytes
+
+
+class Endpoints:
+    """URL → :class:`Endpoint` for one pump: each URL is parsed once, its host's address comes from the
+    :class:`Resolver`. Deliveries to other hosts never wait for a host's lookup (a slow DNS answer only delays
+    the deliveries that need it)."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self._resolver = resolver
+        self._targets: dict[str, _Target] = {}
 
     async def get(self, url: str) -> Endpoint:
         """Raises ``UnsafeWebhookUrlError`` (refused or unresolvable) or ``httpx.InvalidURL``."""
-        task = self._resolving.get(url)
-        if task is None:
-            task = self._resolving[url] = asyncio.create_task(self._resolve(url))
-        return await asyncio.shield(task)  # a cancelled delivery must not cancel its batch-mates' resolution
+        target = self._targets.get(url) or self._parse(url)
+        address = await self._resolver.address(target.host)
+        return Endpoint(target.scheme, target.host, str(address), target.port, target.target, target.host_header)
 
-    async def _resolve(self, url: str) -> Endpoint:
-        config = self._config
-        destination = await ssrf.resolve_destination_async(url, config.allow_private, config.connect_timeout_s)
+    def _parse(self, url: str) -> _Target:
+        scheme, host, _ = ssrf.split_url(url)
         parsed = httpx.URL(url)  # normalizes and percent-encodes; refuses what cannot be requested
-        port = parsed.port or (443 if destination.scheme == "https" else 80)
-        return Endpoint(
-            destination.scheme, destination.host, str(destination.address), port, parsed.raw_path, parsed.netloc
-        )
+        port = parsed.port or (443 if scheme == "https" else 80)
+        if len(self._targets) >= _MAX_CACHED:
+            self._targets.clear()
+        target = self._targets[url] = _Target(scheme, host, port, parsed.raw_path, parsed.netloc)
+        return target
 
 
 async def attempt(http: HttpClient, endpoints: Endpoints, claim: Claim, config: DeliveryConfig) -> Attempt:
@@ -120,7 +222,7 @@ async def attempt(http: HttpClient, endpoints: Endpoints, claim: Claim, config: 
     if error is None and not 200 <= (status_code or 0) < 300:
         error = f"HTTP {status_code}"
     if error is not None:
-        error = error[:_ERROR_CHARS].replace("\x00", "\ufffd")  # PostgreSQL text cannot hold NUL
+        error = error[:_ERROR_CHARS]  # NULs are replaced where text is stored (store.record)
     verdict = judge(
         status_code,
         error,

@@ -66,7 +66,8 @@ class Endpoint:
 class Reply:
     status_code: int
     excerpt: str
-    """The first ``EXCERPT_BYTES`` of the body, for humans (undecodable bytes and NULs replaced)."""
+    """The first ``EXCERPT_BYTES`` of the body, for humans (undecodable bytes replaced; NULs are replaced where
+    text is stored, :func:`exchange.webhooks.store.record`)."""
 
 
 class _Connection:
@@ -194,8 +195,7 @@ class HttpClient:
             self._put_idle(endpoint.key, connection)
         else:
             connection.close()
-        excerpt = kept.decode("utf-8", errors="replace").replace("\x00", "\ufffd")  # PostgreSQL text has no NUL
-        return Reply(status_code, excerpt)
+        return Reply(status_code, kept.decode("utf-8", errors="replace"))
 
     def _take_idle(self, key: tuple[str, str, str, int]) -> _Connection | None:
         connections = self._idle.get(key)

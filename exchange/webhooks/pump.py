@@ -5,12 +5,25 @@ delays bookkeeping:
 
 * **claimer** — when woken (a hint arrived, a retry came due, the worker started) and while due events remain,
   claims in ONE statement as many as there is room for (``capacity`` deliveries in flight per process, at most
-  ``max_in_flight`` per broker) and starts one task per event;
+  ``max_in_flight`` per broker, at most ``MAX_CLAIM`` per statement) and starts one task per event. It claims as
+  soon as ONE slot is free: slots never sit idle while events are due. Batches still grow with load, the way the
+  recorder's do: deliveries that end while a claim runs are all refilled by the next one. When it has no room
+  left (a claim filled it, or a hint arrived while it was full) it hints the other workers instead;
 * **deliveries** — each POSTs its event (:func:`exchange.webhooks.delivery.attempt`); when it ends its slot is
   free at once and its attempt is queued for the recorder;
 * **recorder** — records every attempt queued so far in ONE statement, again and again (group commit: the more
   deliveries end while a statement runs, the bigger the next one), then reports each result and arms a local
   timer for the retries it scheduled.
+
+Blocking work runs on two thread pools of the pump's own, never on asyncio's default executor: database calls
+(a claim, a record, a fan-out hint: at most one of each at a time, so they never wait for a thread) and DNS
+lookups (at most one per host at a time, answers reused for a short while: :class:`~delivery.Resolver`). A DNS
+server that hangs therefore delays only the deliveries to its hosts, never claims or records.
+
+The claimer and the recorder are supervised: if either ends while the pump runs (a bug), :meth:`Pump.run` logs
+it and raises :class:`PumpDiedError` instead of going on half-dead (claiming without recording would send every
+event again each lease, forever); :class:`PumpThread` then calls its ``on_crash``, which in a worker process
+exits the process so that its supervisor starts a new one. A report callback that raises only loses its report.
 
 Nothing here is state the database does not have. A claimed event whose attempt is never recorded (process
 killed, database unreachable for longer than half a lease) is due again when its lease ends; the sweeper then
@@ -21,17 +34,21 @@ order events by their per-broker ``sequence``, which is gap-free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 from uuid import UUID
 
 from sqlalchemy import Engine
 
-from exchange.webhooks import store
-from exchange.webhooks.delivery import DeliveryConfig, Endpoints, attempt
+from exchange.webhooks import ssrf, store
+from exchange.webhooks.delivery import DeliveryConfig, Endpoints, HostLookup, Resolver, attempt
 from exchange.webhooks.http import HttpClient
 from exchange.webhooks.outcomes import DeliveryResult, Outcome
 from exchange.webhooks.store import Attempt, Claim
@@ -47,8 +64,22 @@ FAN_OUT_INTERVAL_S = 0.1
 TIMER_GRANULARITY_S = 0.05
 MAX_LOCAL_DELAY_S = 900.0
 """Retries due later than this are not timed in-process; the sweeper hints the workers when they are overdue."""
+MAX_CLAIM = 256
+"""Events claimed by one statement at most (bounds its run time and the rows it locks); with more room free the
+claimer claims again at once."""
+DB_THREADS = 3
+"""Threads for the pump's blocking calls other than DNS: the claimer, the recorder and the fan-out each run at most
+one call at a time, so a call never waits for a thread."""
+DNS_THREADS = 32
+"""Threads for host-name lookups. At most one lookup per host runs, so only more than this many hosts whose DNS
+hangs at the same time delay other hosts' lookups (never database calls). A blocked lookup costs no CPU."""
 
 Observer = Callable[[DeliveryResult], None]
+_T = TypeVar("_T")
+
+
+class PumpDiedError(RuntimeError):
+    """The claimer or the recorder ended while the pump was running (see the module docstring)."""
 
 
 class Pump:
@@ -62,10 +93,12 @@ class Pump:
         capacity: int,
         observe: Observer | None = None,
         fan_out: Callable[[], None] | None = None,
+        resolve_host: HostLookup = ssrf.resolve_host,
     ) -> None:
-        """``capacity``: deliveries in flight at once. ``observe`` gets every result after it is recorded.
-        ``fan_out`` (blocking, must not raise; called in a worker thread) tells the other worker processes that
-        more events are due: called when a claim was full."""
+        """``capacity``: deliveries in flight at once. ``observe`` gets every result after it is recorded (an
+        exception it raises is logged and otherwise ignored). ``fan_out`` (blocking, must not raise; called in a
+        worker thread) tells the other worker processes that more events are due: called when this pump has no
+        room left. ``resolve_host``: the blocking DNS lookup + SSRF check (tests pass a slow one)."""
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.engine = engine
@@ -74,6 +107,16 @@ class Pump:
         self._observe = observe
         self._fan_out = fan_out
         self._http = HttpClient(connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s)
+        self._db = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="webhook-db")
+        self._dns = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="webhook-dns")
+        self._endpoints = Endpoints(
+            Resolver(
+                self._dns,
+                allow_private=config.allow_private,
+                timeout_s=config.connect_timeout_s,
+                lookup=resolve_host,
+            )
+        )
         self._running = 0
         self._busy: dict[UUID, int] = {}
         """Deliveries in flight per broker."""
@@ -86,6 +129,7 @@ class Pump:
         self._changed = asyncio.Event()
         self._claiming = False
         self._recording = False
+        self._hinting = False
         self._stopping = False
         self._timers: set[float] = set()
         self._last_fan_out = -math.inf
@@ -93,25 +137,59 @@ class Pump:
     def wake(self) -> None:
         """Events may be due: claim them (from the pump's loop; see :class:`PumpThread` for other threads)."""
         self._wake.set()
+        if self._running >= self.capacity:
+            # No room: the hint that woke this pump was taken from the other workers, which may have room now.
+            self._hint_others()
+
+    @property
+    def drain_s(self) -> float:
+        """The longest :meth:`run` takes to return once ``stop`` is set: the claim in progress (given the connect
+        timeout), the deliveries in flight (connect + read timeouts), then recording them (half a lease, after
+        which their events are being claimed again anyway)."""
+        config = self.config
+        return config.connect_timeout_s + (config.connect_timeout_s + config.read_timeout_s) + config.lease_s / 2
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until ``stop`` is set, then finish what is in flight (bounded by the timeouts) and record it."""
-        claimer = asyncio.create_task(self._claim_loop())
-        recorder = asyncio.create_task(self._record_loop())
+        """Deliver until ``stop`` is set, then finish what is in flight and record it (at most :attr:`drain_s`).
+        Raises :class:`PumpDiedError` if the claimer or the recorder ends before that. Run a pump once."""
+        claimer = asyncio.create_task(self._claim_loop(), name="claimer")
+        recorder = asyncio.create_task(self._record_loop(), name="recorder")
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await stop.wait()
+            done, _ = await asyncio.wait({stopped, claimer, recorder}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._stopping = True
-            self._wake.set()
-            self._slot_freed.set()
-            await asyncio.wait({claimer}, timeout=self.config.connect_timeout_s)
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=self.config.connect_timeout_s + self.config.read_timeout_s)
-            recorded = asyncio.create_task(self._recorded())
-            await asyncio.wait({recorded}, timeout=self.config.lease_s / 2)
-            for task in (claimer, recorder, recorded, *self._tasks):
+            stopped.cancel()
+            await self._drain(claimer, recorder)
+        for part in (claimer, recorder):
+            if part in done:  # they only end once _drain cancels them: ending before is a bug
+                error = None if part.cancelled() else part.exception()
+                log.error("the webhook pump's %s died; stopping the pump", part.get_name(), exc_info=error)
+                raise PumpDiedError(f"the webhook pump's {part.get_name()} died") from error
+
+    async def _drain(self, claimer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
+        """Stop claiming; let deliveries in flight end and record them, unless the recorder is dead (then they
+        cannot be recorded: their events are due again when their leases end). Bounded by :attr:`drain_s`."""
+        self._stopping = True
+        self._wake.set()
+        self._slot_freed.set()
+        config = self.config
+        try:
+            await asyncio.wait({claimer}, timeout=config.connect_timeout_s)
+            if not recorder.done():
+                if self._tasks:
+                    await asyncio.wait(self._tasks, timeout=config.connect_timeout_s + config.read_timeout_s)
+                recorded = asyncio.create_task(self._recorded())
+                await asyncio.wait(
+                    {recorded, recorder}, timeout=config.lease_s / 2, return_when=asyncio.FIRST_COMPLETED
+                )
+                recorded.cancel()
+        finally:
+            for task in (claimer, recorder, *self._tasks):
                 task.cancel()
+            await asyncio.gather(claimer, recorder, return_exceptions=True)  # ended, so run() can inspect them
             self._http.close()
+            self._db.shutdown(wait=False)
+            self._dns.shutdown(wait=False, cancel_futures=True)
 
     async def idle(self) -> None:
         """Return once nothing is due that this pump may claim, nothing is in flight and everything is recorded."""
@@ -144,54 +222,69 @@ class Pump:
             # Cleared before the room is read: a delivery ending from here on (even during the claim) sets it.
             self._slot_freed.clear()
             room = self.capacity - self._running
-            # Claim in batches: with deliveries in flight, wait until half the slots are free.
-            if room < (1 if self._running == 0 else max(1, self.capacity // 2)):
+            if room < 1:
+                # Filled by the last claim: more events may be due that another worker could deliver now (a wake
+                # while full does the same, see wake()). Saturated workers pass hints on at most once per
+                # FAN_OUT_INTERVAL_S each.
+                self._hint_others()
                 await self._slot_freed.wait()
                 continue
             busy = dict(self._busy)
-            claimed = await asyncio.to_thread(
-                store.claim,
-                self.engine,
-                limit=room,
-                lease_s=self.config.lease_s,
-                per_broker=self.config.max_in_flight,
-                busy=busy,
+            claimed = await self._blocking(
+                functools.partial(
+                    store.claim,
+                    self.engine,
+                    limit=min(room, MAX_CLAIM),
+                    lease_s=self.config.lease_s,
+                    per_broker=self.config.max_in_flight,
+                    busy=busy,
+                )
             )
             for event_id in claimed.skipped:
                 self._report(DeliveryResult(event_id, Outcome.SKIPPED))
             self._start(claimed.claims)
-            taken = len(claimed.claims) + len(claimed.skipped)
-            if taken >= room:
-                self._hint_others()
-            elif taken == 0:
+            if not claimed.claims and not claimed.skipped:
                 # Judged on what the claim saw: brokers at their cap then were not even looked at.
                 if all(n < self.config.max_in_flight for n in busy.values()):
                     return  # nothing due that this worker may take
                 await self._slot_freed.wait()  # due events of brokers at their cap: claim when one finishes
 
     def _hint_others(self) -> None:
+        """Tell the other workers that events are due (at most one hint per FAN_OUT_INTERVAL_S, one at a time)."""
         now = time.monotonic()
-        if self._fan_out is None or now - self._last_fan_out < FAN_OUT_INTERVAL_S:
+        if self._fan_out is None or self._hinting or now - self._last_fan_out < FAN_OUT_INTERVAL_S:
             return
         self._last_fan_out = now
-        self._track(asyncio.create_task(asyncio.to_thread(self._fan_out)))
+        self._hinting = True
+        self._track(asyncio.create_task(self._send_hint(self._fan_out)))
+
+    async def _send_hint(self, fan_out: Callable[[], None]) -> None:
+        try:
+            await self._blocking(fan_out)
+        except Exception:  # fan_out must not raise; if it does, the sweeper's hints still come
+            log.warning("could not hint the other webhook workers", exc_info=True)
+        finally:
+            self._hinting = False
+
+    async def _blocking(self, call: Callable[[], _T]) -> _T:
+        """Run ``call`` (a database call or a hint) on the pump's own threads: never behind DNS lookups."""
+        return await asyncio.get_running_loop().run_in_executor(self._db, call)
 
     # ------------------------------------------------------------------------------------------ deliveries
 
     def _start(self, claims: Iterable[Claim]) -> None:
-        endpoints = Endpoints(self.config)
         for claim in claims:
             self._running += 1
             self._busy[claim.broker_id] = self._busy.get(claim.broker_id, 0) + 1
-            self._track(asyncio.create_task(self._deliver(claim, endpoints)))
+            self._track(asyncio.create_task(self._deliver(claim)))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, claim: Claim, endpoints: Endpoints) -> None:
+    async def _deliver(self, claim: Claim) -> None:
         try:
-            finished = await attempt(self._http, endpoints, claim, self.config)
+            finished = await attempt(self._http, self._endpoints, claim, self.config)
         finally:
             self._running -= 1
             left = self._busy[claim.broker_id] - 1
@@ -217,7 +310,10 @@ class Pump:
             try:
                 if await self._record(batch):
                     for finished in batch:
-                        self._reported(finished)
+                        try:
+                            self._reported(finished)
+                        except Exception:  # a bug in reporting loses one report, never the recorder
+                            log.exception("reporting webhook event %s failed", finished.claim.event_id)
             finally:
                 self._recording = False
                 self._changed.set()
@@ -231,7 +327,9 @@ class Pump:
         pause = RECORD_BACKOFF_S[0]
         while True:
             try:
-                await asyncio.to_thread(store.record, self.engine, batch, disable_after=self.config.disable_after)
+                await self._blocking(
+                    functools.partial(store.record, self.engine, batch, disable_after=self.config.disable_after)
+                )
                 return True
             except Exception:
                 if self._stopping or time.monotonic() + pause > deadline:
@@ -276,8 +374,12 @@ class Pump:
         )
 
     def _report(self, result: DeliveryResult) -> None:
-        if self._observe is not None:
+        if self._observe is None:
+            return
+        try:
             self._observe(result)
+        except Exception:  # the observer's bug must not stop claiming or recording (see Pump.__init__)
+            log.exception("webhook result observer failed on event %s", result.event_id)
 
     def _arm(self, delay_s: float) -> None:
         """Wake the claimer when a retry is due (timers coalesced to ``TIMER_GRANULARITY_S``, never early)."""
@@ -308,10 +410,16 @@ def _first_of_each_event(finished: list[Attempt]) -> tuple[list[Attempt], list[A
 
 class PumpThread:
     """Runs a :class:`Pump` on an event loop of its own in a daemon thread; ``wake`` and ``stop`` may be called
-    from any thread (the dramatiq actor threads)."""
+    from any thread (the dramatiq actor threads). If the pump dies (:class:`PumpDiedError`, or any other
+    exception out of :meth:`Pump.run`), ``on_crash`` is called with the exception in the pump's thread, after
+    its loop closed; without one, the exception ends the thread (and is printed by ``threading.excepthook``)."""
 
-    def __init__(self, pump: Pump) -> None:
+    STOP_MARGIN_S = 5.0
+    """Added to the pump's :attr:`Pump.drain_s` by :meth:`stop`: closing the loop and the last statement's commit."""
+
+    def __init__(self, pump: Pump, on_crash: Callable[[BaseException], None] | None = None) -> None:
         self.pump = pump
+        self._on_crash = on_crash
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="webhook-pump", daemon=True)
@@ -321,16 +429,29 @@ class PumpThread:
 
     def wake(self) -> None:
         if self._thread.is_alive():  # after stop() the loop is closed; a pump that starts claims anyway
-            self._loop.call_soon_threadsafe(self.pump.wake)
+            with contextlib.suppress(RuntimeError):  # the loop closed since (stopped or died): nothing to wake
+                self._loop.call_soon_threadsafe(self.pump.wake)
 
-    def stop(self, timeout_s: float) -> None:
-        """Stop claiming, let deliveries in flight finish and be recorded (at most ``timeout_s``)."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop claiming, let deliveries in flight finish and be recorded. Waits at most ``timeout_s``, by
+        default as long as that can take (:attr:`Pump.drain_s` + ``STOP_MARGIN_S``): a shorter wait lets the
+        process exit with attempts made but not recorded, whose events are then sent again a lease later."""
+        if timeout_s is None:
+            timeout_s = self.pump.drain_s + self.STOP_MARGIN_S
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop closed since: the pump already ended
+                return
             self._thread.join(timeout_s)
 
     def _main(self) -> None:
         try:
             self._loop.run_until_complete(self.pump.run(self._stop))
+        except BaseException as exc:
+            if self._on_crash is None:
+                raise
+            self._loop.close()  # first: on_crash may end the process
+            self._on_crash(exc)
         finally:
-            self._loop.close()
+            self._loop.close()  # idempotent

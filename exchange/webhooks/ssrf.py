@@ -5,10 +5,11 @@ Checked twice:
 * at registration / ``PUT /webhooks/endpoint`` (:func:`check_url_async`): literal IPs are checked, host names are
   resolved (bounded time) and refused when any address is forbidden; a name that does not resolve (yet) is
   accepted, because the delivery-time check is the one that counts;
-* at delivery (:func:`resolve_destination_async`, once per URL per claimed batch): the host is resolved,
-  refused if ANY address is forbidden, and the request is *pinned* to the checked address (connect to the IP,
-  ``Host`` header and TLS SNI keep the name), so a DNS answer that changes between the check and the connect
-  (rebinding) cannot redirect it. Kept-alive connections are pooled by checked address, never by name.
+* at delivery (:func:`resolve_host`, called by :class:`exchange.webhooks.delivery.Resolver`, which shares one
+  lookup per host and reuses its answer for a short while): the host is resolved, refused if ANY address is
+  forbidden, and the request is *pinned* to the checked address (connect to the IP, ``Host`` header and TLS SNI
+  keep the name), so a DNS answer that changes between the check and the connect (rebinding) cannot redirect it.
+  Kept-alive connections are pooled by checked address, never by name.
 
 Forbidden: everything that is not globally routable (loopback, RFC 1918 private, link-local incl. the cloud
 metadata address 169.254.169.254, CGNAT 100.64/10, unique-local and site-local IPv6, unspecified, reserved,
@@ -123,39 +124,33 @@ def _addresses(infos: list[tuple[object, object, object, object, tuple[object, .
 
 def resolve_destination(url: str, allow_private: bool) -> Destination:
     """Resolve ``url``'s host now and return the checked address to connect to (delivery time)."""
-    scheme, host, port = split_url(url)
+    scheme, host, _ = split_url(url)
+    return Destination(scheme, host, resolve_host(host, allow_private))
+
+
+def is_literal(host: str) -> bool:
+    """True when ``host`` is an IP address (checking it needs no lookup)."""
+    return _literal(host) is not None
+
+
+def resolve_host(host: str, allow_private: bool) -> IPAddress:
+    """The address deliveries to ``host`` connect to, checked: blocks on DNS unless ``host`` is a literal.
+    Raises :class:`UnsafeWebhookUrlError` when it does not resolve, has no address or ANY address is forbidden."""
     literal = _literal(host)
     if literal is not None:
-        return _pinned(scheme, host, [literal], allow_private)
+        return _pinned(host, [literal], allow_private)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, ValueError) as exc:  # ValueError: UnicodeError from the IDNA codec (``a..b``), NUL
         raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: {exc}") from exc
-    return _pinned(scheme, host, _addresses(infos), allow_private)  # type: ignore[arg-type]
+    return _pinned(host, _addresses(infos), allow_private)  # type: ignore[arg-type]
 
 
-async def resolve_destination_async(url: str, allow_private: bool, timeout_s: float) -> Destination:
-    """:func:`resolve_destination` for the delivery worker's event loop: resolving never blocks the loop and
-    takes at most ``timeout_s`` (a host that does not resolve in time is refused like one that does not resolve)."""
-    scheme, host, port = split_url(url)
-    literal = _literal(host)
-    if literal is not None:
-        return _pinned(scheme, host, [literal], allow_private)
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout_s)
-    except TimeoutError as exc:
-        raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: no answer within {timeout_s:g} s") from exc
-    except (OSError, ValueError) as exc:
-        raise UnsafeWebhookUrlError(f"cannot resolve host {host!r}: {exc}") from exc
-    return _pinned(scheme, host, _addresses(infos), allow_private)  # type: ignore[arg-type]
-
-
-def _pinned(scheme: str, host: str, addresses: list[IPAddress], allow_private: bool) -> Destination:
+def _pinned(host: str, addresses: list[IPAddress], allow_private: bool) -> IPAddress:
     if not addresses:
         raise UnsafeWebhookUrlError(f"host {host} has no address")
     _check(host, addresses, allow_private)
-    return Destination(scheme, host, addresses[0])
+    return addresses[0]
 
 
 async def check_url_async(url: str, allow_private: bool) -> None:

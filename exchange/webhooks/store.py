@@ -159,9 +159,16 @@ class Attempt:
 # ``o`` is the batch, in completion order (``ord``). The broker's count of consecutive failed events restarts
 # after its last delivery in the batch and only counts events this statement actually failed (fenced); a 410
 # disables the endpoint at once. Brokers are only written when something changes (the happy path writes none:
-# the matcher updates broker rows too, and an idle write would contend with it).
+# the matcher updates broker rows too, and an idle write would contend with it). The rows that change are locked
+# first, in id order (``locked``), exactly as the matcher locks broker rows (exchange.matching.store,
+# _UPDATE_BROKERS): two statements locking rows of the same brokers in the same order cannot deadlock. The UPDATE
+# then only writes rows this statement holds. A row another transaction changed after this statement's snapshot
+# is re-read at its newest version by the lock and by the UPDATE (READ COMMITTED re-check), so the condition is
+# judged on what is written over.
 _FAILURES = "(CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after)"
 """The broker's consecutive failed events after this batch (``t``: its tally, ``b``: its row)."""
+_CHANGES = f"({_FAILURES} <> b.webhook_consecutive_failures OR (t.gone AND b.webhook_enabled))"
+"""The batch changes the broker's row."""
 
 _RECORD = f"""
     WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
@@ -203,6 +210,12 @@ _RECORD = f"""
                    FILTER (WHERE o.kind = 'gone' OR (o.kind = 'exhausted' AND f.id IS NOT NULL)))[1] AS reason
         FROM o LEFT JOIN last_ok AS l ON l.broker_id = o.broker_id LEFT JOIN failed AS f ON f.id = o.id
         GROUP BY o.broker_id
+    ),
+    locked AS MATERIALIZED (
+        SELECT b.id FROM brokers AS b JOIN tally AS t ON t.broker_id = b.id
+        WHERE {_CHANGES}
+        ORDER BY b.id
+        FOR NO KEY UPDATE OF b
     )
     UPDATE brokers AS b
     SET webhook_consecutive_failures = {_FAILURES},
@@ -210,13 +223,16 @@ _RECORD = f"""
         webhook_disabled_reason = CASE WHEN b.webhook_enabled AND (t.gone OR {_FAILURES} >= %(limit)s) THEN t.reason
                                        ELSE b.webhook_disabled_reason END
     FROM tally AS t
-    WHERE b.id = t.broker_id
-      AND ({_FAILURES} <> b.webhook_consecutive_failures OR (t.gone AND b.webhook_enabled))
+    WHERE b.id = t.broker_id AND b.id IN (SELECT id FROM locked) AND {_CHANGES}
 """  # noqa: S608  # constant SQL fragments only
 
 
 def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -> None:
-    """Record a batch of attempts (in completion order; each event at most once) in one statement."""
+    """Record a batch of attempts (in completion order; each event at most once) in one statement.
+
+    The receiver's answer and the error texts are stored with NUL replaced by U+FFFD: PostgreSQL text (and a
+    jsonb string, which carries the batch) cannot hold NUL. This is the one place that rule is applied.
+    """
     if not attempts:
         return
     batch = [
@@ -230,14 +246,19 @@ def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -
             "url": a.claim.url,
             "status_code": a.status_code,
             "latency_ms": a.latency_ms,
-            "error": a.error,
-            "excerpt": a.excerpt,
+            "error": _text(a.error),
+            "excerpt": _text(a.excerpt),
             "delay": a.verdict.retry_in_s,
-            "reason": a.verdict.disable_reason,
+            "reason": _text(a.verdict.disable_reason),
         }
         for n, a in enumerate(attempts, 1)
     ]
     _execute(engine, _RECORD, {"batch": msgspec.json.encode(batch).decode(), "limit": disable_after})
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` as PostgreSQL text can hold it (see :func:`record`)."""
+    return None if value is None else value.replace("\x00", "\ufffd")
 
 
 def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:

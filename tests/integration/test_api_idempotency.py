@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient, TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from exchange.api.app import create_app
 from exchange.config import Settings
@@ -73,6 +73,24 @@ def test_a_reused_key_with_a_different_order_is_refused_and_writes_nothing(
     assert changed.json()["code"] == "idempotency_key_reused"
     assert count(api_engine, PLACES, b=broker.id) == 1
     assert count(api_engine, "SELECT quantity FROM orders WHERE broker_id = :b", b=broker.id) == 5
+
+
+def test_a_retry_after_the_order_was_amended_still_returns_the_original_order(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    first = api_client.post("/orders", json=order(symbol, client_order_id="amended"), headers=broker.headers)
+    with api_engine.begin() as conn:  # what the matcher writes after an amend or an STP decrement
+        conn.execute(
+            text("UPDATE orders SET price = 101, quantity = 3, remaining = 3 WHERE id = :id"),
+            {"id": first.json()["id"]},
+        )
+    again = api_client.post("/orders", json=order(symbol, client_order_id="amended"), headers=broker.headers)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert count(api_engine, PLACES, b=broker.id) == 1
 
 
 @pytest.mark.anyio

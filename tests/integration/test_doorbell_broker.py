@@ -11,9 +11,9 @@ from typing import Any
 
 import dramatiq
 import pytest
-import redis
 
 from exchange.messaging.broker import DoorbellRedisBroker, doorbell_key
+from tests.integration.redis_support import namespaced_broker
 
 IDLE_TIMEOUT_MS = 30_000
 """Far longer than any wake-up may take: a consumer that returns well before it was woken, not timed out."""
@@ -21,18 +21,8 @@ IDLE_TIMEOUT_MS = 30_000
 
 @pytest.fixture
 def broker() -> Iterator[DoorbellRedisBroker]:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is unreachable: {exc}")
-    namespace = f"exchange-test-{uuid.uuid4().hex[:8]}"
-    broker = DoorbellRedisBroker(url="redis://127.0.0.1:6379/0", namespace=namespace)
-    yield broker
-    for key in [*client.scan_iter(f"{namespace}*"), *client.scan_iter(doorbell_key(f"{namespace}*"))]:
-        client.delete(key)
-    broker.close()
-    client.close()
+    with namespaced_broker(DoorbellRedisBroker) as broker:
+        yield broker
 
 
 def message(queue: str) -> dramatiq.Message[Any]:

@@ -1,8 +1,9 @@
 """The matcher's transaction through pgbouncer 1.18 in transaction pooling, as production runs it.
 
-What these pin down: a batch is two round trips whatever its size (one query message carrying BEGIN, the lock and
-the reads; one carrying the writes and COMMIT), multi-statement messages on autocommit connections work through
-the pooler, and concurrent matchers still apply each command exactly once. Round trips are counted by pgbouncer
+What these pin down: a batch is two round trips whatever its size and its number of symbols (one query message
+carrying BEGIN, the locks and the reads; one carrying the writes and COMMIT), multi-statement messages on autocommit
+connections work through the pooler, and concurrent matchers (overlapping groups of symbols included) still apply
+each command exactly once. Round trips are counted by pgbouncer
 itself: ``SHOW STATS``' ``total_query_count`` grows by one per ReadyForQuery, i.e. per round trip.
 """
 
@@ -23,7 +24,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from exchange.db.engines import pooled_engine
-from exchange.matching.service import BatchResult, BookCache, process_symbol
+from exchange.matching.service import BatchResult, BookCache, drain, process_symbol, process_symbols
 from tests.integration.sql_orders import add_broker, cancel, place
 from tests.integration.test_matching_service import assert_conserved
 
@@ -74,7 +75,7 @@ def bounced(pooled_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def round_trips(pooled_url: str, pgbouncer_port: int) -> Callable[[Callable[[], BatchResult]], int]:
+def round_trips(pooled_url: str, pgbouncer_port: int) -> Callable[[Callable[[], object]], int]:
     """Run a call and return how many round trips pgbouncer saw for this test's database meanwhile."""
     database = urlsplit(pooled_url).path.lstrip("/")
     admin_url = urlsplit(pooled_url)._replace(path="/pgbouncer").geturl()
@@ -86,7 +87,7 @@ def round_trips(pooled_url: str, pgbouncer_port: int) -> Callable[[Callable[[], 
                     return int(row[2])  # total_query_count
         return 0
 
-    def measure(call: Callable[[], BatchResult]) -> int:
+    def measure(call: Callable[[], object]) -> int:
         before = count()
         call()
         return count() - before
@@ -95,7 +96,7 @@ def round_trips(pooled_url: str, pgbouncer_port: int) -> Callable[[Callable[[], 
 
 
 def test_a_batch_costs_two_round_trips_whatever_its_size(
-    engine: Engine, bounced: Engine, round_trips: Callable[[Callable[[], BatchResult]], int]
+    engine: Engine, bounced: Engine, round_trips: Callable[[Callable[[], object]], int]
 ) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     cache = BookCache()
@@ -149,4 +150,60 @@ def test_concurrent_matchers_through_pgbouncer_apply_each_command_once(engine: E
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
         assert conn.execute(text("SELECT sum(book_version) FROM symbols")).scalar_one() > 0
+    assert_conserved(engine)
+
+
+def test_a_batch_of_several_symbols_also_costs_two_round_trips(
+    engine: Engine, bounced: Engine, round_trips: Callable[[Callable[[], object]], int]
+) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    symbols = [f"RTM{i}" for i in range(12)]
+    cache = BookCache()
+    for symbol in symbols:
+        place(engine, seller, symbol, "ask", 2, 100)
+    # New symbols: one more round trip creates all their rows, one more rebuilds all their books.
+    assert round_trips(lambda: process_symbols(bounced, cache, symbols)) == 4
+
+    for symbol in symbols:
+        place(engine, buyer, symbol, "bid", 1, 100)
+    results: list[BatchResult] = []
+    assert round_trips(lambda: results.extend(process_symbols(bounced, cache, symbols))) == 2
+    assert [(r.commands, r.trades, len(r.event_ids)) for r in results] == [(1, 1, 2)] * len(symbols)
+
+    assert round_trips(lambda: process_symbols(bounced, cache, symbols)) == 2  # nothing to do: BEGIN… then ROLLBACK
+    place(engine, buyer, symbols[3], "bid", 1, 100)
+    place(engine, buyer, symbols[7], "bid", 1, 100)
+    assert round_trips(lambda: process_symbols(bounced, BookCache(), symbols)) == 3  # both books rebuilt in one
+    assert_conserved(engine)
+
+
+def test_overlapping_groups_through_pgbouncer_apply_each_command_once(engine: Engine, bounced: Engine) -> None:
+    first, second = add_broker(engine, "first"), add_broker(engine, "second")
+    symbols = [f"PGM{i}" for i in range(5)]
+    for i in range(80):
+        symbol = symbols[i % len(symbols)]
+        buyer, seller = (first, second) if i % 2 else (second, first)
+        place(engine, seller, symbol, "ask", 1 + i % 3, 100)
+        place(engine, buyer, symbol, "bid", 1 + i % 2, 100)
+    errors: list[BaseException] = []
+
+    def run(group: list[str]) -> None:
+        try:
+            cache = BookCache()
+            while any(r.commands for results in drain(bounced, cache, group, batch_limit=6) for r in results):
+                pass
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    groups = [symbols, symbols[::-1], symbols[1:4], [symbols[2]]]
+    threads = [threading.Thread(target=run, args=(group,)) for group in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+        assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
     assert_conserved(engine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,9 +71,12 @@ def test_order_wake_up_message_carries_the_request_id(api_client: TestClient[Any
     response = api_client.post("/orders", json=body, headers={**broker.headers, "X-Request-ID": f"rid-{symbol}"})
     assert response.status_code == 201
     client = redis.Redis.from_url(api_redis_url)
-    raw = client.hvals(f"dramatiq:{matching_queue(partition_of(symbol, 4))}.msgs")
-    messages = [dramatiq.Message.decode(m) for m in raw]
-    mine = [m for m in messages if m.args == [symbol] or m.args == (symbol,)]
+    mine: list[dramatiq.Message[Any]] = []
+    deadline = time.monotonic() + 5  # the wake-up is sent by its own task, right after the commit
+    while not mine and time.monotonic() < deadline:
+        raw = client.hvals(f"dramatiq:{matching_queue(partition_of(symbol, 4))}.msgs")
+        mine = [m for m in map(dramatiq.Message.decode, raw) if symbol in m.args]
+        time.sleep(0.01)
     assert mine
     assert mine[0].options[REQUEST_ID_OPTION] == f"rid-{symbol}"
 

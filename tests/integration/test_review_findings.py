@@ -120,7 +120,7 @@ def test_f2_a_late_committing_place_gets_the_same_queue_position_cached_or_rebui
     process_symbol(engine, cache, symbol)  # rests slow_id: appended BEHIND fast_id although its priority is lower
 
     with engine.connect() as conn:
-        rebuilt = OrderBook.rebuild(symbol, store.open_orders(conn, symbol))
+        rebuilt = OrderBook.rebuild(symbol, store.open_orders(conn, [symbol])[symbol])
     cached = cache.books[symbol].book
     assert [o.order_id for o in cached.resting_orders()] == [o.order_id for o in rebuilt.resting_orders()], (
         "cached book and the book rebuilt from Postgres disagree on FIFO order within the 100 level"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, Executable, insert, select, update
+from sqlalchemy import Connection, Engine, Executable, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from exchange.db.tables import brokers, commands, orders, trades, webhook_attempts, webhook_events
@@ -354,7 +354,8 @@ def _trade(conn: Connection, **values: Any) -> dict[str, Any]:
         "sell_broker_id": seller,
         "maker_order_id": buy,
         "taker_side": "ask",
-        "command_seq": 2,
+        # A sequence number no other test's trade has (the migrated database is shared).
+        "command_seq": conn.execute(text("SELECT nextval('command_seq')")).scalar_one(),
         "match_no": 0,
         **values,
     }

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import redis
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import Engine, text
 
 from exchange.matching.service import BookCache, process_symbol
 from exchange.messaging.partitions import matching_queue, partition_of
 from exchange.sweeper import sweep_once
+from tests.integration.redis_support import namespaced_broker
 from tests.integration.sql_orders import add_broker, place
 
 PARTITIONS = 4
@@ -23,17 +22,8 @@ PARTITIONS = 4
 @pytest.fixture
 def broker() -> Iterator[RedisBroker]:
     """A real Redis broker in a namespace of its own, so concurrent runs and other tests never share queues."""
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is unreachable: {exc}")
-    namespace = f"exchange-test-{uuid.uuid4().hex[:8]}"
-    broker = RedisBroker(url="redis://127.0.0.1:6379/0", namespace=namespace)
-    yield broker
-    for key in client.scan_iter(f"{namespace}*"):
-        client.delete(key)
-    broker.close()
+    with namespaced_broker(RedisBroker) as broker:
+        yield broker
 
 
 def queued_symbols(broker: RedisBroker, symbol: str) -> list[str]:

@@ -56,9 +56,11 @@ class Deliverer:
         pump = Pump(self.engine, self.config, capacity=self.capacity, observe=results.append)
         stop = asyncio.Event()
         running = asyncio.create_task(pump.run(stop))
-        await pump.idle()
+        idle = asyncio.create_task(pump.idle())
+        await asyncio.wait({idle, running}, return_when=asyncio.FIRST_COMPLETED)  # a pump that died is not idle
+        idle.cancel()
         stop.set()
-        await running
+        await running  # raises PumpDiedError if it died
         return results
 
 

@@ -1,15 +1,22 @@
 """The webhook HTTP client against real sockets: small asyncio servers on 127.0.0.1 that answer in the ways
-receivers do (keep-alive, closing idle connections, chunked, huge, never)."""
+receivers do (keep-alive, closing idle connections, chunked, huge, never); and the resolver that gives it the
+checked address to connect to (DNS stood in for by a blocking lookup that can hang)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
 
+from exchange.webhooks import ssrf
+from exchange.webhooks.delivery import Resolver
 from exchange.webhooks.http import EXCERPT_BYTES, Endpoint, HttpClient, ReadTimeoutError
 
 BODY = b'{"event":"trade_executed"}'
@@ -142,7 +149,7 @@ def test_a_huge_answer_is_cut_short_and_its_connection_not_reused() -> None:
     replies = run(server, scenario)
 
     assert [r.status_code for r in replies] == [200, 200]  # type: ignore[attr-defined]
-    assert replies[0].excerpt == "\ufffd" * EXCERPT_BYTES  # type: ignore[index]  # NULs replaced: PostgreSQL text
+    assert replies[0].excerpt == "\x00" * EXCERPT_BYTES  # type: ignore[index]  # NULs: replaced by store.record
     assert server.connections == 2
 
 
@@ -170,3 +177,113 @@ def test_a_refused_connection_is_an_os_error() -> None:
         return None
 
     run(Server(ok), scenario)
+
+
+# ------------------------------------------------------------------------------------------------ resolver
+
+ADDRESS = ipaddress.ip_address("93.184.215.14")
+
+
+class Dns:
+    """A blocking lookup (:func:`ssrf.resolve_host`'s signature) that waits for ``open`` (cleared: DNS hangs);
+    ``bad.example`` does not resolve. Counts lookups per host."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.open = threading.Event()
+        self.open.set()
+
+    def __call__(self, host: str, allow_private: bool) -> ssrf.IPAddress:
+        self.calls[host] += 1
+        self.open.wait(10)
+        if host == "bad.example":
+            raise ssrf.UnsafeWebhookUrlError(f"cannot resolve host {host!r}: no such name")
+        return ADDRESS
+
+
+def resolve(dns: Dns, scenario: Callable[[Resolver], Awaitable[None]], timeout_s: float = 1.0, **ttls: float) -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            try:
+                await scenario(Resolver(pool, allow_private=False, timeout_s=timeout_s, lookup=dns, **ttls))
+            finally:
+                dns.open.set()  # the pool's threads must end
+
+    asyncio.run(main())
+
+
+def test_a_lookup_that_outlives_its_waiters_is_joined_by_later_deliveries_not_started_again() -> None:
+    dns = Dns()
+    dns.open.clear()
+
+    async def scenario(resolver: Resolver) -> None:
+        for _ in range(3):  # three batches' deliveries give up on the hanging lookup
+            with pytest.raises(ssrf.UnsafeWebhookUrlError, match=r"no answer within 0\.1 s"):
+                await resolver.address("slow.example")
+        assert dns.calls == {"slow.example": 1}
+        dns.open.set()
+        assert await resolver.address("slow.example") == ADDRESS  # the same lookup's answer
+
+    resolve(dns, scenario, timeout_s=0.1)
+    assert dns.calls == {"slow.example": 1}
+
+
+def test_concurrent_deliveries_share_one_lookup_and_reuse_its_answer_until_it_expires() -> None:
+    dns = Dns()
+
+    async def scenario(resolver: Resolver) -> None:
+        answers = await asyncio.gather(*(resolver.address("hook.example") for _ in range(5)))
+        assert answers == [ADDRESS] * 5
+        assert await resolver.address("hook.example") == ADDRESS
+        assert dns.calls == {"hook.example": 1}
+        await asyncio.sleep(0.6)
+        assert await resolver.address("hook.example") == ADDRESS
+        assert dns.calls == {"hook.example": 2}
+
+    resolve(dns, scenario, ttl_s=0.5)
+
+
+def test_a_failed_lookup_is_reused_for_the_failure_ttl() -> None:
+    dns = Dns()
+
+    async def scenario(resolver: Resolver) -> None:
+        for _ in range(2):
+            with pytest.raises(ssrf.UnsafeWebhookUrlError, match="no such name"):
+                await resolver.address("bad.example")
+        assert dns.calls == {"bad.example": 1}
+        await asyncio.sleep(0.6)
+        with pytest.raises(ssrf.UnsafeWebhookUrlError, match="no such name"):
+            await resolver.address("bad.example")
+        assert dns.calls == {"bad.example": 2}
+
+    resolve(dns, scenario, failure_ttl_s=0.5)
+
+
+def test_a_hanging_host_does_not_delay_another_hosts_lookup_and_literals_need_none() -> None:
+    dns = Dns()
+    hang = threading.Event()
+
+    def lookup(host: str, allow_private: bool) -> ssrf.IPAddress:
+        if host == "slow.example":
+            hang.wait(10)
+        return dns(host, allow_private)
+
+    async def scenario(resolver: Resolver) -> None:
+        slow = asyncio.ensure_future(resolver.address("slow.example"))
+        await asyncio.sleep(0)  # its lookup is running (and hangs)
+        assert await resolver.address("fast.example") == ADDRESS  # within the timeout
+        assert await resolver.address("93.184.215.14") == ADDRESS
+        with pytest.raises(ssrf.UnsafeWebhookUrlError, match="private address"):
+            await resolver.address("10.0.0.1")
+        with pytest.raises(ssrf.UnsafeWebhookUrlError, match="no answer within"):
+            await slow
+
+    async def main() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            try:
+                await scenario(Resolver(pool, allow_private=False, timeout_s=0.5, lookup=lookup))
+            finally:
+                hang.set()
+
+    asyncio.run(main())
+    assert dns.calls == {"fast.example": 1, "slow.example": 1}  # literals are checked without a lookup

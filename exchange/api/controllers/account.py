@@ -7,6 +7,7 @@ from litestar import Controller, get
 from exchange.api.auth import broker_guard, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
 from exchange.api.schemas import BalanceOut, PositionOut, to_wire
+from exchange.db.engines import single_statement
 from exchange.orders import queries
 
 
@@ -18,13 +19,13 @@ class AccountController(Controller):
     @get("/balance")
     async def balance(self, api: Api, broker: CurrentBroker) -> BalanceOut:
         """Net cash from trades in cents (sales minus purchases)."""
-        async with api.engine.connect() as conn:
+        async with single_statement(api.engine) as conn:
             view = unauthorized_if_missing(await queries.balance(conn, broker.id))
         return to_wire(view, BalanceOut)
 
     @get("/positions")
     async def positions(self, api: Api, broker: CurrentBroker) -> list[PositionOut]:
         """Net shares per symbol (negative = net seller); symbols netting to zero are omitted."""
-        async with api.engine.connect() as conn:
+        async with single_statement(api.engine) as conn:
             rows = await queries.positions(conn, broker.id)
         return [to_wire(p, PositionOut) for p in rows]

@@ -22,6 +22,7 @@ from exchange.api.schemas import (
     order_out,
     order_page_out,
 )
+from exchange.db.engines import single_statement
 from exchange.db.tables import OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
 from exchange.observability.metrics import ORDERS_ACCEPTED
@@ -95,7 +96,7 @@ class OrdersController(Controller):
     ) -> OrderPageOut:
         """The broker's orders, newest first, without trades; pass ``next_cursor`` back as ``cursor``."""
         sym = None if symbol is None else accept.normalize_symbol(symbol)
-        async with api.engine.connect() as conn:
+        async with single_statement(api.engine) as conn:
             page = await queries.list_orders(conn, broker.id, symbol=sym, status=status, cursor=cursor, limit=limit)
         return order_page_out(page)
 

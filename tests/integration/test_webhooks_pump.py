@@ -1,0 +1,325 @@
+"""The pump under stress of its own: hanging DNS, hanging receivers, failing callbacks, concurrent broker writers
+(real PostgreSQL, real HTTP receivers on 127.0.0.1; only DNS is stood in for: a blocking lookup that hangs)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from exchange.webhooks import ssrf, store
+from exchange.webhooks.outcomes import DeliveryResult, Kind, Outcome, Verdict
+from exchange.webhooks.pump import FAN_OUT_INTERVAL_S, Pump, PumpDiedError, PumpThread
+from tests.integration.webhook_support import FAST, attempts_of, broker_row, broker_with_endpoint, events_of, fills
+from tests.webhook_receiver import Receiver
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
+
+
+def status_counts(engine: Engine, broker_id: uuid.UUID) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT CASE WHEN status = 'pending' AND attempts > 0 THEN 'claimed' ELSE status END, count(*) "
+                "FROM webhook_events WHERE broker_id = :b GROUP BY 1"
+            ),
+            {"b": broker_id},
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running(pump: Pump) -> AsyncIterator[asyncio.Task[None]]:
+    """``pump`` running on this loop; stopped (and drained) on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(pump.run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await task
+
+
+# ------------------------------------------------------------------------------------------------------ DNS
+
+
+class Dns:
+    """Stands in for getaddrinfo + the SSRF check (:func:`ssrf.resolve_host`): ``*.hang.example`` blocks until
+    ``release()`` (a DNS server that does not answer), any other name is 127.0.0.1 at once. Counts lookups."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+
+    def __call__(self, host: str, allow_private: bool) -> ssrf.IPAddress:
+        with self._lock:
+            self.calls[host] += 1
+        if host.endswith(".hang.example") and not self._open.wait(30):
+            raise ssrf.UnsafeWebhookUrlError(f"cannot resolve host {host!r}: timed out")
+        return ipaddress.ip_address("127.0.0.1")
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def test_hosts_whose_dns_hangs_delay_neither_other_brokers_nor_recording_and_are_looked_up_once(
+    engine: Engine,
+) -> None:
+    dns = Dns()
+    with Receiver() as fast:
+        healthy, _ = broker_with_endpoint(engine, f"http://fast.example:{fast.port}/hook")
+        # More hanging hosts than asyncio's default executor has threads (6 on 2 cores), where claims and records
+        # used to run too.
+        hanging = [broker_with_endpoint(engine, f"http://h{i}.hang.example/hook")[0] for i in range(8)]
+        seller, _ = broker_with_endpoint(engine, None)
+        for broker in hanging:
+            fills(engine, broker, seller, n=2)  # first in line: the oldest due events
+        fills(engine, healthy, seller, n=10)
+        config = replace(FAST, connect_timeout_s=0.3, retry_schedule=(0.05,) * 50, lease_s=30.0)
+        pump = Pump(engine, config, capacity=16, resolve_host=dns)
+
+        def attempted_again() -> bool:
+            with engine.connect() as conn:
+                least = conn.execute(
+                    text("SELECT min(attempts) FROM webhook_events WHERE broker_id = ANY(:b)"), {"b": hanging}
+                ).scalar_one()
+            return bool(least >= 3)
+
+        async def scenario() -> None:
+            async with running(pump):
+                try:
+                    await eventually(lambda: status_counts(engine, healthy) == {"delivered": 10}, timeout=5)
+                    await eventually(attempted_again)  # many batches, each giving up on DNS after 0.3 s
+                    assert all(status_counts(engine, b).keys() <= {"pending", "claimed"} for b in hanging)
+                finally:
+                    dns.release()
+
+        asyncio.run(scenario())
+
+    # a lookup still running is joined, not started again; an answer is reused across batches
+    assert dns.calls == {"fast.example": 1} | {f"h{i}.hang.example": 1 for i in range(8)}
+    attempt = attempts_of(engine, events_of(engine, hanging[0])[0].id)[0]
+    assert attempt.error == "refused: cannot resolve host 'h0.hang.example': no answer within 0.3 s"
+
+
+# ------------------------------------------------------------------------------------------------- claiming
+
+
+def test_one_free_slot_is_refilled_at_once_while_other_deliveries_hang(engine: Engine) -> None:
+    with Receiver() as slow, Receiver() as fast:
+        slow.hang()
+        hung, _ = broker_with_endpoint(engine, slow.url)
+        healthy, _ = broker_with_endpoint(engine, fast.url)
+        seller, _ = broker_with_endpoint(engine, None)
+        fills(engine, hung, seller, n=3)
+        pump = Pump(engine, replace(FAST, read_timeout_s=20.0, lease_s=60.0), capacity=4)
+
+        async def scenario() -> dict[str, int]:
+            async with running(pump):
+                try:
+                    await eventually(lambda: status_counts(engine, hung) == {"claimed": 3})  # 3 of 4 slots hang
+                    await asyncio.to_thread(fills, engine, healthy, seller)
+                    pump.wake()  # the hint its commit sends
+                    await eventually(lambda: status_counts(engine, healthy) == {"delivered": 1}, timeout=5)
+                    return status_counts(engine, hung)
+                finally:
+                    slow.release()
+
+        while_hanging = asyncio.run(scenario())
+
+    assert while_hanging == {"claimed": 3}  # delivered well before the hanging ones' 20 s read timeout
+
+
+def test_a_worker_woken_while_full_passes_the_hint_on(engine: Engine, receiver: Receiver) -> None:
+    receiver.hang()
+    hung, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, hung, seller, n=3)
+    hints: list[int] = []
+    pump = Pump(engine, replace(FAST, read_timeout_s=20.0, lease_s=60.0), capacity=2, fan_out=lambda: hints.append(1))
+
+    async def scenario() -> None:
+        async with running(pump):
+            try:
+                await eventually(lambda: len(hints) == 1)  # the claim that filled it
+                await asyncio.sleep(FAN_OUT_INTERVAL_S * 2)
+                pump.wake()  # a hint for an event this worker has no room for
+                await eventually(lambda: len(hints) == 2, timeout=2)
+            finally:
+                receiver.release()
+
+    asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------------------------------------- supervision
+
+
+def test_an_observer_that_raises_loses_its_report_not_the_recorder(
+    engine: Engine, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+
+    def observe(result: DeliveryResult) -> None:
+        raise RuntimeError("a bug in the metrics")
+
+    pump = Pump(engine, FAST, capacity=4, observe=observe)
+
+    async def scenario() -> None:
+        async with running(pump) as task:
+            await asyncio.wait_for(pump.idle(), 10)
+            await asyncio.to_thread(fills, engine, buyer, seller)  # a second batch after the failed reports
+            pump.wake()
+            await asyncio.wait_for(pump.idle(), 10)
+            assert not task.done()
+
+    with caplog.at_level(logging.ERROR, logger="exchange.webhooks"):
+        asyncio.run(scenario())
+
+    assert [e.status for e in events_of(engine, buyer)] == ["delivered", "delivered"]
+    assert len(receiver.received) == 2
+    assert "webhook result observer failed" in caplog.text
+
+
+class Fatal(BaseException):
+    """Not an ``Exception``: escapes the per-report isolation and kills the recorder, as a bug in it would."""
+
+
+def test_a_dead_recorder_stops_the_pump_loudly(
+    engine: Engine, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+
+    def observe(result: DeliveryResult) -> None:
+        if result.outcome is Outcome.DELIVERED:  # reported by the recorder
+            raise Fatal
+
+    crashes: list[BaseException] = []
+    crashed = threading.Event()
+
+    def on_crash(error: BaseException) -> None:
+        crashes.append(error)
+        crashed.set()
+
+    worker = PumpThread(Pump(engine, FAST, capacity=4, observe=observe), on_crash=on_crash)
+    with caplog.at_level(logging.ERROR, logger="exchange.webhooks"):
+        worker.start()
+        assert crashed.wait(10), "the pump went on without its recorder"
+
+    (error,) = crashes
+    assert isinstance(error, PumpDiedError)
+    assert isinstance(error.__cause__, Fatal)
+    assert "the webhook pump's recorder died" in caplog.text
+    worker.stop()  # a dead pump's thread: returns at once
+    worker.wake()
+
+
+def test_stopping_a_pump_thread_records_the_deliveries_in_flight(engine: Engine, receiver: Receiver) -> None:
+    receiver.delay_s = 1.0
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller, n=2)
+    pump = Pump(engine, FAST, capacity=4)
+    worker = PumpThread(pump)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while status_counts(engine, buyer) != {"claimed": 2}:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+    worker.stop()  # waits as long as the drain may take, not the fixed connect + read + 5 s of before
+
+    assert status_counts(engine, buyer) == {"delivered": 2}
+    config = FAST
+    assert pump.drain_s == 2 * config.connect_timeout_s + config.read_timeout_s + config.lease_s / 2
+
+
+# ------------------------------------------------------------------------------------------------ recording
+
+
+def test_recording_locks_broker_rows_in_id_order_like_the_matcher(engine: Engine) -> None:
+    brokers = sorted(broker_with_endpoint(engine, "http://127.0.0.1:9/hook")[0] for _ in range(12))
+    seller, _ = broker_with_endpoint(engine, None)
+    # Fills update broker rows: in descending id order, the table's physical order (in which a plan that scans
+    # brokers visits them) is the reverse of the lock order the matcher uses.
+    for broker in reversed(brokers):
+        fills(engine, broker, seller)
+    claims = store.claim(engine, limit=1000, lease_s=30, per_broker=1000).claims
+    gone = Verdict(Kind.GONE, disable_reason="receiver answered 410 Gone")
+    batch = [store.Attempt(c, gone, datetime.now(UTC), 3, 410, "HTTP 410", "") for c in claims]
+    *first, last = brokers
+
+    def locked(broker: uuid.UUID) -> bool:
+        with engine.connect() as probe:
+            try:
+                probe.execute(text("SELECT 1 FROM brokers WHERE id = :id FOR NO KEY UPDATE NOWAIT"), {"id": broker})
+            except OperationalError:  # lock_not_available
+                return True
+            finally:
+                probe.rollback()
+            return False
+
+    with engine.connect() as holder:  # the matcher, say, holds the broker with the highest id
+        holder.execute(text("SELECT 1 FROM brokers WHERE id = :id FOR NO KEY UPDATE"), {"id": last})
+        holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        recording = threading.Thread(target=store.record, args=(engine, batch), kwargs={"disable_after": 5})
+        recording.start()
+        deadline = time.monotonic() + 10
+        with engine.connect() as conn:
+            while not conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                {"pid": holder_pid},
+            ).scalar_one():
+                conn.rollback()
+                assert time.monotonic() < deadline, "the record statement never waited for the held row"
+                time.sleep(0.02)
+        # Sorted like the matcher's: every lower id is already locked when it waits for the highest one.
+        locked_while_waiting = [b for b in first if locked(b)]
+        holder.rollback()
+    recording.join(10)
+
+    assert locked_while_waiting == first
+    assert not any(broker_row(engine, b).webhook_enabled for b in brokers)
+
+
+def test_nul_characters_in_an_answer_or_an_error_are_stored_replaced(engine: Engine) -> None:
+    broker, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, broker, seller)
+    (claim,) = store.claim(engine, limit=1000, lease_s=30, per_broker=1000).claims
+    retry = Verdict(Kind.RETRY, retry_in_s=60.0)
+
+    store.record(
+        engine, [store.Attempt(claim, retry, datetime.now(UTC), 3, 500, "HTTP 500\x00", "a\x00b")], disable_after=5
+    )
+
+    (logged,) = attempts_of(engine, claim.event_id)
+    assert (logged.error, logged.response_excerpt) == ("HTTP 500\ufffd", "a\ufffdb")
+    assert events_of(engine, broker)[0].last_error == "HTTP 500\ufffd"
