@@ -4,7 +4,6 @@ poison command in one book that costs the other books nothing."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any
 
@@ -21,6 +20,7 @@ from exchange.matching.service import (
     process_symbols,
 )
 from exchange.messaging.partitions import book_lock_key
+from tests.integration.concurrency import run_concurrently
 from tests.integration.sql_orders import add_broker, cancel, place
 from tests.integration.test_matching_service import assert_conserved
 
@@ -203,26 +203,14 @@ def test_overlapping_groups_in_concurrent_matchers_never_deadlock_and_apply_each
     # Groups given in opposite lock-key orders, overlapping on every symbol: locks taken in the order given would
     # deadlock at once. Plus one-symbol matchers (the sweeper's messages) in the middle of it.
     groups = [by_key, by_key[::-1], by_key[1:5], by_key[4::-1], [by_key[2]], [by_key[3]]]
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(groups))
 
     def run(group: list[str]) -> None:
-        try:
-            cache = BookCache()
-            start.wait()
-            while any(r.commands for r in process_symbols(engine, cache, group, batch_limit=len(group) * 2)):
-                pass
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        cache = BookCache()
+        while any(r.commands for r in process_symbols(engine, cache, group, batch_limit=len(group) * 2)):
+            pass
 
-    threads = [threading.Thread(target=run, args=(group,)) for group in groups]
     with caplog.at_level("WARNING", logger="exchange.matching.service"):
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    assert errors == []
+        run_concurrently(run, groups)
     assert [r.message for r in caplog.records] == [], "a group failed or retried: locks taken out of order?"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0

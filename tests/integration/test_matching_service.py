@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from exchange.matching.service import BookCache, process_symbol
+from tests.integration.concurrency import run_concurrently
 from tests.integration.sql_orders import add_broker, cancel, place
 
 
@@ -182,23 +183,13 @@ def test_concurrent_matchers_on_one_symbol_apply_each_command_once(engine: Engin
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     for i in range(40):
         place(engine, seller if i % 2 else buyer, "RENT3", "ask" if i % 2 else "bid", 1 + i % 3, 100)
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            cache = BookCache()
-            while process_symbol(engine, cache, "RENT3", batch_limit=3).commands:
-                pass
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+    def run(_: int) -> None:
+        cache = BookCache()
+        while process_symbol(engine, cache, "RENT3", batch_limit=3).commands:
+            pass
 
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert errors == []
+    run_concurrently(run, range(3))
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
@@ -322,24 +313,14 @@ def test_matchers_of_different_symbols_sharing_brokers_never_deadlock(engine: En
         for _ in range(30):
             place(engine, seller, symbol, "ask", 1, 100)
             place(engine, buyer, symbol, "bid", 1, 100)
-    errors: list[BaseException] = []
 
     def run(symbol: str) -> None:
-        try:
-            cache = BookCache()
-            while process_symbol(engine, cache, symbol, batch_limit=2).commands:
-                pass
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        cache = BookCache()
+        while process_symbol(engine, cache, symbol, batch_limit=2).commands:
+            pass
 
-    threads = [threading.Thread(target=run, args=(symbol,)) for symbol in symbols]
     with caplog.at_level("WARNING", logger="exchange.matching.service"):
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    assert errors == []
+        run_concurrently(run, symbols)
     assert [r.message for r in caplog.records if "retrying" in r.message] == [], "broker rows locked out of order"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM trades")).scalar_one() == 4 * 30

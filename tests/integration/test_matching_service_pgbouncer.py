@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +24,7 @@ from sqlalchemy import Engine, text
 
 from exchange.db.engines import pooled_engine
 from exchange.matching.service import BatchResult, BookCache, drain, process_symbol, process_symbols
+from tests.integration.concurrency import run_concurrently
 from tests.integration.sql_orders import add_broker, cancel, place
 from tests.integration.test_matching_service import assert_conserved
 
@@ -129,23 +129,13 @@ def test_concurrent_matchers_through_pgbouncer_apply_each_command_once(engine: E
         buyer, seller = (first, second) if i % 2 else (second, first)
         place(engine, seller, symbol, "ask", 1 + i % 3, 100)
         place(engine, buyer, symbol, "bid", 1 + i % 2, 100)
-    errors: list[BaseException] = []
 
     def run(symbol: str) -> None:
-        try:
-            cache = BookCache()
-            while process_symbol(bounced, cache, symbol, batch_limit=3).commands:
-                pass
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        cache = BookCache()
+        while process_symbol(bounced, cache, symbol, batch_limit=3).commands:
+            pass
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in ("PGB1", "PGB1", "PGB1", "PGB2", "PGB2")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert errors == []
+    run_concurrently(run, ("PGB1", "PGB1", "PGB1", "PGB2", "PGB2"))
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
@@ -185,24 +175,14 @@ def test_overlapping_groups_through_pgbouncer_apply_each_command_once(engine: En
         buyer, seller = (first, second) if i % 2 else (second, first)
         place(engine, seller, symbol, "ask", 1 + i % 3, 100)
         place(engine, buyer, symbol, "bid", 1 + i % 2, 100)
-    errors: list[BaseException] = []
 
     def run(group: list[str]) -> None:
-        try:
-            cache = BookCache()
-            while any(r.commands for results in drain(bounced, cache, group, batch_limit=6) for r in results):
-                pass
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        cache = BookCache()
+        while any(r.commands for results in drain(bounced, cache, group, batch_limit=6) for r in results):
+            pass
 
     groups = [symbols, symbols[::-1], symbols[1:4], [symbols[2]]]
-    threads = [threading.Thread(target=run, args=(group,)) for group in groups]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert errors == []
+    run_concurrently(run, groups)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0

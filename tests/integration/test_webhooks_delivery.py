@@ -28,6 +28,7 @@ from tests.integration.webhook_support import (
     drive,
     events_of,
     fills,
+    status_counts,
 )
 from tests.webhook_receiver import Receiver
 
@@ -279,18 +280,6 @@ def test_take_overdue_hands_an_event_out_once_per_period(engine: Engine) -> None
 
     assert event.id in take_overdue(engine, older_than_s=30)
     assert event.id not in take_overdue(engine, older_than_s=30)
-
-
-def status_counts(engine: Engine, broker_id: object) -> dict[str, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT CASE WHEN status = 'pending' AND attempts > 0 THEN 'claimed' ELSE status END, count(*) "
-                "FROM webhook_events WHERE broker_id = :b GROUP BY 1"
-            ),
-            {"b": broker_id},
-        )
-        return {row[0]: row[1] for row in rows}
 
 
 async def wait_for(condition: object, timeout: float = 10.0) -> None:

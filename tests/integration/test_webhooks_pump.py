@@ -22,7 +22,15 @@ from sqlalchemy.exc import OperationalError
 from exchange.webhooks import ssrf, store
 from exchange.webhooks.outcomes import DeliveryResult, Kind, Outcome, Verdict
 from exchange.webhooks.pump import FAN_OUT_INTERVAL_S, Pump, PumpDiedError, PumpThread
-from tests.integration.webhook_support import FAST, attempts_of, broker_row, broker_with_endpoint, events_of, fills
+from tests.integration.webhook_support import (
+    FAST,
+    attempts_of,
+    broker_row,
+    broker_with_endpoint,
+    events_of,
+    fills,
+    status_counts,
+)
 from tests.webhook_receiver import Receiver
 
 
@@ -30,18 +38,6 @@ from tests.webhook_receiver import Receiver
 def receiver() -> Iterator[Receiver]:
     with Receiver() as r:
         yield r
-
-
-def status_counts(engine: Engine, broker_id: uuid.UUID) -> dict[str, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT CASE WHEN status = 'pending' AND attempts > 0 THEN 'claimed' ELSE status END, count(*) "
-                "FROM webhook_events WHERE broker_id = :b GROUP BY 1"
-            ),
-            {"b": broker_id},
-        )
-        return {row[0]: row[1] for row in rows}
 
 
 async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:

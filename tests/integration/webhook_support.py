@@ -107,6 +107,19 @@ def broker_row(engine: Engine, broker_id: uuid.UUID) -> Any:
         return conn.execute(text("SELECT * FROM brokers WHERE id = :id"), {"id": broker_id}).one()
 
 
+def status_counts(engine: Engine, broker_id: uuid.UUID) -> dict[str, int]:
+    """Events of a broker by status, claimed ones (pending with an attempt in flight) counted apart."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT CASE WHEN status = 'pending' AND attempts > 0 THEN 'claimed' ELSE status END, count(*) "
+                "FROM webhook_events WHERE broker_id = :b GROUP BY 1"
+            ),
+            {"b": broker_id},
+        )
+        return {row[0]: row[1] for row in rows}
+
+
 def attempts_of(engine: Engine, event_id: uuid.UUID) -> list[Any]:
     with engine.connect() as conn:
         return list(
