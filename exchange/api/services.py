@@ -64,7 +64,7 @@ async def place(state: ApiState, order: NewOrder) -> tuple[OrderView, bool]:
     """Accept ``order``; returns its view (after matching, or ``pending`` on timeout) and whether it is new
     (False: a duplicate ``client_order_id``/``Idempotency-Key`` returned the original order)."""
     with _registered(state, order.order_id) as future:
-        result = await state.accepts.submit(order)  # committed, and the symbol woken, when this returns
+        result = await state.accepts.submit(order)  # committed when this returns; the wake-up is on its way
         if result.created:
             await state.waiter.wait(order.order_id, future, _wait_s(state))
     return await read_order(state, order.broker_id, result.order_id), result.created
