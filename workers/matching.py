@@ -52,12 +52,15 @@ def _after_commit(results: list[BatchResult], seconds: float) -> None:
         except Exception:
             # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
             log.warning("could not enqueue %d webhook deliveries", len(event_ids), exc_info=True)
+    applied = [result for result in results if result.commands]
+    if applied:  # per transaction: its commands, its books, its duration
+        metrics.MATCH_BATCH_SIZE.observe(sum(result.commands for result in applied))
+        metrics.MATCH_SYMBOLS.observe(len(applied))
+        metrics.MATCH_BATCH_LATENCY.observe(seconds)
     for result in results:
         if result.rebuilt:
             metrics.BOOK_REBUILDS.inc()
         if result.commands:
-            metrics.MATCH_BATCH_SIZE.observe(result.commands)
-            metrics.MATCH_BATCH_LATENCY.observe(seconds)
             metrics.MATCH_TRADES.inc(result.trades)
             # order_ids: with coalesced wake-ups a batch spans several requests; logs join on order id exactly.
             log.info(

@@ -83,6 +83,11 @@ MATCH_BATCH_LATENCY = Histogram(
     "Duration of one matcher transaction that applied at least one command (lock to commit).",
     buckets=_LATENCY_BUCKETS,
 )
+MATCH_SYMBOLS = Histogram(
+    "exchange_match_symbols_per_transaction",
+    "Books with commands applied per matcher transaction.",
+    buckets=(1, 2, 4, 8, 16, 32),
+)
 MATCH_TRADES = Counter("exchange_match_trades_total", "Trades written by the matcher.")
 BOOK_REBUILDS = Counter(
     "exchange_book_rebuilds_total", "Books rebuilt from Postgres because the cached version was missing or stale."

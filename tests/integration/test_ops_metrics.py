@@ -80,10 +80,12 @@ def test_worker_metrics_endpoint_serves_matcher_and_webhook_metrics() -> None:
     port = free_port()
     assert metrics.start_worker_metrics_server(port)
     metrics.MATCH_BATCH_SIZE.observe(3)
+    metrics.MATCH_SYMBOLS.observe(2)
     metrics.record_webhook_delivery("delivered", 0.02)
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for name in (
         "exchange_match_batch_size_bucket",
+        "exchange_match_symbols_per_transaction_bucket",
         "exchange_match_batch_duration_seconds_bucket",
         "exchange_book_rebuilds_total",
         "exchange_webhook_deliveries_total",
