@@ -84,10 +84,9 @@ def match(*symbols: str) -> None:
     :mod:`exchange.messaging.wakeups`). Clearing them here, not inside the transaction, keeps a Redis round trip
     out of the time the symbols' locks and a pgbouncer server connection are held.
     """
-    wanted = list(dict.fromkeys(symbols))
-    clear_wakeups(_redis, wanted)
+    clear_wakeups(_redis, symbols)
     started = time.perf_counter()
-    for results in drain(_engine, _cache, wanted):
+    for results in drain(_engine, _cache, symbols):
         _after_commit(results, time.perf_counter() - started)
         started = time.perf_counter()
 

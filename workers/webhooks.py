@@ -56,10 +56,7 @@ def _observe(result: DeliveryResult) -> None:
 
 
 def _fan_out() -> None:
-    try:
-        send_hint(broker)
-    except Exception:  # Redis down: the other workers only start later (on the next hint or the sweeper's)
-        log.warning("could not send a webhook fan-out hint", exc_info=True)
+    send_hint(broker)  # a failure is the pump's to log
 
 
 def _pump_died(error: BaseException) -> None:

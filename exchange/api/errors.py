@@ -52,6 +52,7 @@ from litestar.exceptions import (
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy import exc as sa_exc
 
+from exchange.db.errors import sqlstate
 from exchange.orders import errors as domain
 from exchange.webhooks import errors as webhook_errors
 
@@ -170,8 +171,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
             return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-        return bool(_CONNECTION_SQLSTATE.match(sqlstate))
+        return bool(_CONNECTION_SQLSTATE.match(sqlstate(exc)))
     return False
 
 

@@ -107,7 +107,6 @@ def process_symbol(
                 cache.suspects.discard(symbol)
             return result
         except (DBAPIError, psycopg.Error) as exc:
-            cache.books.pop(symbol, None)
             if is_retryable(exc) and attempt < 3:
                 log.warning("retrying %s after %s", symbol, sqlstate(exc))
                 time.sleep(0.01 * (attempt + 1))
@@ -116,11 +115,7 @@ def process_symbol(
                 raise  # connection lost, server shutting down, ...: dramatiq and the sweeper try again later
             return _isolate_poison(engine, cache, symbol, batch_limit, exc)
         except MalformedCommandError as exc:
-            cache.books.pop(symbol, None)
             return _isolate_poison(engine, cache, symbol, batch_limit, exc)
-        except BaseException:
-            cache.books.pop(symbol, None)
-            raise
     raise AssertionError("unreachable")
 
 
@@ -173,8 +168,6 @@ def process_symbols(
             for result in _process_once(engine, cache, group, -(-batch_limit // len(group))):
                 results[result.symbol] = result
         except Exception as exc:
-            for symbol in group:
-                cache.books.pop(symbol, None)
             expected = isinstance(exc, DBAPIError | psycopg.Error | MalformedCommandError)
             log.warning(
                 "a batch of %d symbols failed (%s); processing them one by one",
@@ -184,10 +177,6 @@ def process_symbols(
             )
             for symbol in group:
                 results[symbol] = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
-        except BaseException:
-            for symbol in group:
-                cache.books.pop(symbol, None)
-            raise
     for symbol in wanted:
         if symbol not in results:  # a suspect
             results[symbol] = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
@@ -220,7 +209,17 @@ def _describe(exc: BaseException) -> str:
 
 
 def _process_once(engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int) -> list[BatchResult]:
-    """One transaction over the books of ``symbols`` (distinct), up to ``batch_limit`` commands of each."""
+    """One transaction over the books of ``symbols`` (distinct), up to ``batch_limit`` commands of each. If it
+    fails in any way, the symbols' cached books are dropped (they may have run ahead of what was committed)."""
+    try:
+        return _transaction(engine, cache, symbols, batch_limit)
+    except BaseException:
+        for symbol in symbols:
+            cache.books.pop(symbol, None)
+        raise
+
+
+def _transaction(engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int) -> list[BatchResult]:
     with store.connect(engine) as conn:
         start = store.begin_batch(conn, symbols, batch_limit)
         if not start.commands:

@@ -120,20 +120,22 @@ ORDER BY c.seq
 LIMIT %(limit)s
 """
 _PENDING_ONE = _PENDING_OF.format(symbol="%(symbol)s")
-_PENDING_MANY = "SELECT p.* FROM unnest(%(symbols)s::text[]) AS s(symbol) CROSS JOIN LATERAL ({}) p".format(  # noqa: S608
-    _PENDING_OF.format(symbol="s.symbol")
+_PENDING_MANY = (
+    "SELECT p.* FROM unnest(%(symbols)s::text[]) AS s(symbol) CROSS JOIN LATERAL ({}) p ORDER BY p.seq".format(  # noqa: S608
+        _PENDING_OF.format(symbol="s.symbol")
+    )
 )
 
 
 def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchStart:
-    """Open the transaction, take the locks of ``symbols`` in ascending key order (waits for their holders), and
-    read the clock, the book versions and up to ``limit`` unprocessed commands per symbol in sequence order: one
-    round trip (two when a symbol with commands has no ``symbols`` row yet).
+    """Open the transaction, take the locks of ``symbols`` (distinct) in ascending key order (waits for their
+    holders), and read the clock, the book versions and up to ``limit`` unprocessed commands per symbol in sequence
+    order: one round trip (two when a symbol with commands has no ``symbols`` row yet).
 
     Each command is marked processed individually (no watermark): a command whose transaction commits late is simply
     found by a later batch."""
-    wanted = list(dict.fromkeys(symbols))
-    keys = sorted({book_lock_key(symbol) for symbol in wanted})
+    wanted = list(symbols)
+    keys = sorted(book_lock_key(symbol) for symbol in wanted)
     params = {"keys": _array(keys), "symbols": _array(wanted), "symbol": wanted[0], "limit": limit}
     pending = _PENDING_ONE if len(wanted) == 1 else _PENDING_MANY
     cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, pending), params)
@@ -148,10 +150,6 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     commands: dict[str, list[LoggedCommand]] = {}
     for symbol, *rest in cursor.fetchall():
         commands.setdefault(symbol, []).append(LoggedCommand(*rest))
-    for rows in commands.values():
-        # Sequence order is what the engine must see. SQL promises it only for ORDER BY at the top of a query, not
-        # through the LATERAL join (which in practice keeps it): make sure here, at the cost of a check when sorted.
-        rows.sort(key=_seq)
     if missing := [symbol for symbol in commands if symbol not in versions]:
         # The api never touches ``symbols`` (its hot path stays two inserts): the matcher creates the row.
         for symbol, version, clock in _send(conn, (_NEW_SYMBOLS,), {"symbols": _array(missing)}).fetchall():
@@ -159,10 +157,6 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
             clocks.append(clock)
     now = max(clocks) if clocks else datetime.now(UTC)  # no clock: no symbol row and no command, nothing to do
     return BatchStart(now, {symbol: versions[symbol] for symbol in commands}, commands)
-
-
-def _seq(row: LoggedCommand) -> int:
-    return row.seq
 
 
 def _array(values: Iterable[object]) -> str:

@@ -104,7 +104,3 @@ def clear_wakeups(client: redis.Redis, symbols: Sequence[str]) -> None:
     for all the symbols of a message."""
     if symbols:
         client.delete(*(wake_key(symbol) for symbol in symbols))
-
-
-def clear_wakeup(client: redis.Redis, symbol: str) -> None:
-    clear_wakeups(client, [symbol])

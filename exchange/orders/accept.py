@@ -22,9 +22,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -146,16 +147,18 @@ _PLACE_MANY = text(
     """  # noqa: S608  # enum constant only
 )
 
-_FIND_DUPLICATE = text(
+# The original of each order that was not inserted (key ``n``: its position in the arrays), all in one query.
+_FIND_DUPLICATES = text(
     """
-    SELECT id, document_number, symbol, side, order_type, time_in_force, stp, valid_until,
-           CASE WHEN placed_quantity IS NULL THEN price ELSE placed_price END AS price,
-           COALESCE(placed_quantity, quantity) AS quantity
-    FROM orders
-    WHERE broker_id = :broker_id
-      AND (client_order_id = :client_order_id OR idempotency_key = :idempotency_key)
-    ORDER BY seq
-    LIMIT 1
+    SELECT DISTINCT ON (k.n) k.n, o.id, o.document_number, o.symbol, o.side, o.order_type, o.time_in_force, o.stp,
+           o.valid_until,
+           CASE WHEN o.placed_quantity IS NULL THEN o.price ELSE o.placed_price END AS price,
+           COALESCE(o.placed_quantity, o.quantity) AS quantity
+    FROM unnest(CAST(:broker_ids AS uuid[]), CAST(:client_order_ids AS text[]), CAST(:idempotency_keys AS text[]))
+         WITH ORDINALITY AS k(broker_id, client_order_id, idempotency_key, n)
+    JOIN orders o ON o.broker_id = k.broker_id
+                 AND (o.client_order_id = k.client_order_id OR o.idempotency_key = k.idempotency_key)
+    ORDER BY k.n, o.seq
     """
 )
 
@@ -217,31 +220,37 @@ async def _place_group(
     engine: AsyncEngine, orders: Sequence[NewOrder]
 ) -> list[PlaceResult | IdempotencyKeyReusedError]:
     # One statement writes (and, in autocommit mode, durably commits) the whole group: one round trip. The
-    # duplicate lookups below run after it, when the originals they look for are committed.
+    # originals of the orders it did not insert are looked up after it (one query), when they are committed.
     async with single_statement(engine) as conn:
         inserted = set((await conn.execute(_PLACE_MANY, _columns(orders))).scalars())
-        outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
-        for order in orders:
-            if order.order_id in inserted:
-                outcomes.append(PlaceResult(order.order_id, created=True))
-                continue
+        duplicates = [order for order in orders if order.order_id not in inserted]
+        for order in duplicates:
             if order.client_order_id is None and order.idempotency_key is None:
                 # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
                 raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
+        originals: dict[int, Row[Any]] = {}  # by position in ``duplicates``, from 1
+        if duplicates:
             # An earlier order of this group with the same key is committed (and visible) too.
             params = {
-                "broker_id": order.broker_id,
-                "client_order_id": order.client_order_id,
-                "idempotency_key": order.idempotency_key,
+                "broker_ids": [o.broker_id for o in duplicates],
+                "client_order_ids": [o.client_order_id for o in duplicates],
+                "idempotency_keys": [o.idempotency_key for o in duplicates],
             }
-            original = (await conn.execute(_FIND_DUPLICATE, params)).first()
-            if original is None:
-                raise RuntimeError("duplicate order conflict but the original order is not visible")
-            if _fields(original) != _fields(order):
-                outcomes.append(_key_reused(order))
-            else:
-                outcomes.append(PlaceResult(original.id, created=False))
-        return outcomes
+            originals = {row.n: row for row in await conn.execute(_FIND_DUPLICATES, params)}
+    position = {order.order_id: n for n, order in enumerate(duplicates, 1)}
+    outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
+    for order in orders:
+        if order.order_id in inserted:
+            outcomes.append(PlaceResult(order.order_id, created=True))
+            continue
+        original = originals.get(position[order.order_id])
+        if original is None:
+            raise RuntimeError("duplicate order conflict but the original order is not visible")
+        if _fields(original) != _fields(order):
+            outcomes.append(_key_reused(order))
+        else:
+            outcomes.append(PlaceResult(original.id, created=False))
+    return outcomes
 
 
 _COMPARED_FIELDS = (

@@ -176,9 +176,8 @@ class Endpoints:
         return Endpoint(target.scheme, target.host, str(address), target.port, target.target, target.host_header)
 
     def _parse(self, url: str) -> _Target:
-        scheme, host, _ = ssrf.split_url(url)
+        scheme, host, port = ssrf.split_url(url)
         parsed = httpx.URL(url)  # normalizes and percent-encodes; refuses what cannot be requested
-        port = parsed.port or (443 if scheme == "https" else 80)
         if len(self._targets) >= _MAX_CACHED:
             self._targets.clear()
         target = self._targets[url] = _Target(scheme, host, port, parsed.raw_path, parsed.netloc)

@@ -96,9 +96,10 @@ class Pump:
         resolve_host: HostLookup = ssrf.resolve_host,
     ) -> None:
         """``capacity``: deliveries in flight at once. ``observe`` gets every result after it is recorded (an
-        exception it raises is logged and otherwise ignored). ``fan_out`` (blocking, must not raise; called in a
-        worker thread) tells the other worker processes that more events are due: called when this pump has no
-        room left. ``resolve_host``: the blocking DNS lookup + SSRF check (tests pass a slow one)."""
+        exception it raises is logged and otherwise ignored). ``fan_out`` (blocking, called in a worker thread; a
+        failure is logged, the sweeper's hints still come) tells the other worker processes that more events are
+        due: called when this pump has no room left. ``resolve_host``: the blocking DNS lookup + SSRF check (tests
+        pass a slow one)."""
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.engine = engine
@@ -261,7 +262,7 @@ class Pump:
     async def _send_hint(self, fan_out: Callable[[], None]) -> None:
         try:
             await self._blocking(fan_out)
-        except Exception:  # fan_out must not raise; if it does, the sweeper's hints still come
+        except Exception:  # Redis down: the other workers start later, on the next hint or the sweeper's
             log.warning("could not hint the other webhook workers", exc_info=True)
         finally:
             self._hinting = False

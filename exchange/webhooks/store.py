@@ -79,7 +79,10 @@ _CLAIM = """
                CASE WHEN b.webhook_url IS NULL THEN 'broker has no webhook URL'
                     ELSE 'endpoint disabled: ' || COALESCE(b.webhook_disabled_reason, 'by the broker') END AS why_not,
                row_number() OVER (PARTITION BY d.broker_id ORDER BY d.next_attempt_at) AS nth,
-               COALESCE(r.room_left, %(per_broker)s) AS room_left
+               COALESCE(r.room_left, %(per_broker)s) AS room_left,
+               b.webhook_url, b.webhook_secret,
+               CASE WHEN b.webhook_secret_previous_expires_at > clock_timestamp()
+                    THEN b.webhook_secret_previous END AS previous_secret
         FROM due AS d JOIN brokers AS b ON b.id = d.broker_id LEFT JOIN room AS r ON r.broker_id = d.broker_id
     ),
     skipped AS (
@@ -95,10 +98,8 @@ _CLAIM = """
         WHERE e.id = r.id AND r.deliverable AND r.nth <= r.room_left
         RETURNING e.id, e.attempts, e.broker_id, e.payload::text AS body
     )
-    SELECT c.id, c.attempts, c.broker_id, c.body, b.webhook_url, b.webhook_secret,
-           CASE WHEN b.webhook_secret_previous_expires_at > clock_timestamp()
-                THEN b.webhook_secret_previous END AS previous_secret
-    FROM claimed AS c JOIN brokers AS b ON b.id = c.broker_id
+    SELECT c.id, c.attempts, c.broker_id, c.body, r.webhook_url, r.webhook_secret, r.previous_secret
+    FROM claimed AS c JOIN ranked AS r ON r.id = c.id
     UNION ALL
     SELECT s.id, NULL, NULL, NULL, NULL, NULL, NULL FROM skipped AS s
 """
