@@ -1,8 +1,9 @@
 """Matcher actors: one dramatiq actor per partition queue ``matching.<n>`` (run with ``exchange matcher``).
 
-A message only says "these symbols have work" (``match_<n>(*symbols)``: the api names every symbol of the
-partition it woke together, the sweeper one); the actor drains their command logs under their advisory locks,
-several books per transaction (:func:`exchange.matching.service.drain`). A duplicate, late or lost message is
+A message only says "this partition has work" (``match_<n>(*symbols)``: the api names the symbols it woke, the
+sweeper one); the actor drains those and every symbol woken on the partition while it works, under their advisory
+locks, several books per transaction (:func:`exchange.matching.service.drain`), holding the partition so that one
+message at a time is in flight for it (:mod:`exchange.messaging.wakeups`). A duplicate, late or lost message is
 harmless: a duplicate finds nothing pending, a lost one is re-sent by the sweeper. After each committed
 transaction the actor publishes the changed orders to waiting api workers.
 """
@@ -22,7 +23,7 @@ from exchange.matching.service import BatchResult, BookCache, drain
 from exchange.messaging.broker import make_broker
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
-from exchange.messaging.wakeups import clear_wakeups
+from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
 from exchange.webhooks.queue import enqueue_deliveries
@@ -38,6 +39,9 @@ _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
 _engine = pooled_engine(settings.pooled_database_url, pool_size=_threads + 1, max_overflow=1)
 _redis = redis.Redis.from_url(settings.redis_url)
 _cache = BookCache()
+_wakeups = PartitionWakeups(_redis)
+HOLD_S = 0.5
+"""Longest a message keeps its partition before handing what is left back to the queue."""
 
 
 def _after_commit(results: list[BatchResult], seconds: float) -> None:
@@ -74,25 +78,25 @@ def _after_commit(results: list[BatchResult], seconds: float) -> None:
             )
 
 
-def match(*symbols: str) -> None:
-    """Drain the pending commands of ``symbols``: bounded batches of up to 32 symbols per transaction, until none
-    has a full batch left. A message of one symbol (the sweeper's, or one sent before multi-symbol messages) is the
-    same with one symbol.
-
-    The wake-up keys are cleared once, before the first batch reads the command log (and so before every later
-    one): a command committed after any of those reads then finds its key gone and sends a new wake-up (see
-    :mod:`exchange.messaging.wakeups`). Clearing them here, not inside the transaction, keeps a Redis round trip
-    out of the time the symbols' locks and a pgbouncer server connection are held.
-    """
-    clear_wakeups(_redis, symbols)
+def _drain(symbols: list[str]) -> None:
     started = time.perf_counter()
     for results in drain(_engine, _cache, symbols):
         _after_commit(results, time.perf_counter() - started)
         started = time.perf_counter()
 
 
-# `send_with_options(queue_name=...)` does not route in dramatiq: one actor per partition queue does.
-actors = [
-    dramatiq.actor(actor_name=matching_actor(n), queue_name=matching_queue(n), max_retries=10)(match)
-    for n in range(settings.partitions)
-]
+def _hand_off(partition: int, symbols: list[str]) -> None:
+    broker.enqueue(partition_message(partition, symbols))
+
+
+def _partition_actor(partition: int) -> dramatiq.Actor[[str], None]:
+    def match(*symbols: str) -> None:
+        hold_partition(_wakeups, partition, symbols, process=_drain, hand_off=_hand_off, hold_s=HOLD_S)
+
+    # `send_with_options(queue_name=...)` does not route in dramatiq: one actor per partition queue does.
+    return dramatiq.actor(actor_name=matching_actor(partition), queue_name=matching_queue(partition), max_retries=10)(
+        match
+    )
+
+
+actors = [_partition_actor(n) for n in range(settings.partitions)]

@@ -1,18 +1,26 @@
-"""Coalesced wake-ups: tell a symbol's partition "this symbol has work", at most once per pending window.
+"""Coalesced wake-ups: tell a partition's matcher "these symbols have work", with at most one message per partition
+in flight, so that work arriving while a partition is busy accumulates into its next transaction.
 
-A wake-up is sent only when ``SET wake:<symbol> NX PX <ttl>`` succeeds, so a burst of orders on one symbol costs
-one dramatiq message, and the symbols of one partition woken together share one message ``match_<n>(*symbols)``
-(the matcher processes them in one transaction). The matcher deletes the keys of a message's symbols *before* it
-reads their command log: a command committed after that read finds its key gone and sends a new wake-up, so no
-command can be left without one. If a message is lost anyway, the key expires after ``ttl`` and the sweeper
-re-nudges symbols with old pending commands (one message per symbol: any number of symbols is a valid message).
+Two Redis keys per partition: ``exchange:wake:<n>:symbols``, the set of symbols woken since the partition's matcher
+last took it, and ``exchange:wake:<n>:busy``, a flag (with a TTL) saying a matcher holds the partition. After its
+commit the api adds the symbols to the set and sets the flag ``NX`` in ONE Redis transaction; only when the flag was
+free does it enqueue a message ``match_<n>(*symbols)``. The matcher takes the set (and re-arms the flag) before it
+reads the command log, drains those symbols, and then atomically either takes what was added meanwhile and goes on,
+or, if nothing was, clears the flag and stops.
+
+Why no command is left without a wake-up: a command is committed before its symbol is added. If the api's ``SET NX``
+succeeded, its message names the symbol. If it failed, a matcher held the flag and the symbol is in the set, and the
+holder takes the set again before it may clear the flag (the take and the clear are one script), so it processes the
+symbol after the command was committed. A holder that dies leaves its flag to expire (``WAKE_TTL_MS``); the symbols
+it had taken are re-nudged by the sweeper, which wakes symbols with old pending commands with a plain message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import dramatiq
@@ -22,11 +30,20 @@ import redis.asyncio
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
 
 WAKE_KEY_PREFIX = "exchange:wake:"
-WAKE_TTL_MS = 1000
+WAKE_TTL_MS = 500
+"""How long a partition's flag outlives its last renewal: a matcher renews it every time it takes the set, so only
+a matcher that died (or stalled this long in one transaction) lets it expire. It bounds how long wake-ups of a
+partition stay suppressed after its matcher was killed."""
 
 
-def wake_key(symbol: str) -> str:
-    return f"{WAKE_KEY_PREFIX}{symbol}"
+def woken_key(partition: int) -> str:
+    """The set of symbols of ``partition`` woken since its matcher last took them."""
+    return f"{WAKE_KEY_PREFIX}{partition}:symbols"
+
+
+def busy_key(partition: int) -> str:
+    """Set while a matcher holds ``partition`` (its message is queued or being processed)."""
+    return f"{WAKE_KEY_PREFIX}{partition}:busy"
 
 
 class BrokerLike(Protocol):
@@ -39,8 +56,8 @@ def match_message(symbol: str, partitions: int) -> dramatiq.Message[object]:
 
 
 def partition_message(partition: int, symbols: Sequence[str]) -> dramatiq.Message[object]:
-    """One message asking ``partition``'s matcher to process all of ``symbols`` (each must map to ``partition``):
-    the actor processes them together, several books per transaction."""
+    """One message asking ``partition``'s matcher to process ``symbols`` (each must map to ``partition``) and
+    whatever else has been woken on the partition by then."""
     return dramatiq.Message(
         queue_name=matching_queue(partition),
         actor_name=matching_actor(partition),
@@ -59,48 +76,119 @@ def group_by_partition(symbols: Iterable[str], partitions: int) -> dict[int, lis
 
 
 def send_wakeup(broker: BrokerLike, symbol: str, partitions: int) -> None:
-    """Unconditionally enqueue a match message for one symbol (sweeper, tests)."""
+    """Unconditionally enqueue a match message for one symbol (sweeper, tests): a duplicate only finds less to do."""
     broker.enqueue(match_message(symbol, partitions))
 
 
 async def wake_async(client: redis.asyncio.Redis, broker: BrokerLike, symbols: Iterable[str], partitions: int) -> int:
-    """Coalesced wake-ups of several symbols from an async caller (api): one Redis round trip for all the
-    ``SET NX`` checks, then ONE message per partition naming every symbol of it whose key was free. Returns the
-    number of symbols woken."""
-    wanted = list(dict.fromkeys(symbols))
-    if not wanted:
+    """Wake ``symbols`` (their commands are committed) from an async caller (the api): one Redis transaction adds
+    them to their partitions' sets and tries each partition's flag, then ONE message goes to each partition whose
+    flag was free. Returns the number of messages sent."""
+    groups = list(group_by_partition(symbols, partitions).items())
+    if not groups:
         return 0
-    async with client.pipeline(transaction=False) as pipe:
-        for symbol in wanted:
-            pipe.set(wake_key(symbol), b"1", nx=True, px=WAKE_TTL_MS)
-        claimed = await pipe.execute()
-    due = [symbol for symbol, ok in zip(wanted, claimed, strict=True) if ok]
+    async with client.pipeline(transaction=True) as pipe:
+        for partition, names in groups:
+            pipe.sadd(woken_key(partition), *names)
+            pipe.set(busy_key(partition), b"1", nx=True, px=WAKE_TTL_MS)
+        replies = await pipe.execute()
+    due = [group for group, claimed in zip(groups, replies[1::2], strict=True) if claimed]
     if due:
-        groups = list(group_by_partition(due, partitions).items())
-        sent: list[str] = []
+        sent: list[int] = []
         try:
             # dramatiq's enqueue is synchronous (a blocking Redis round trip): run it in a worker thread so the
             # event loop keeps serving the other requests meanwhile. Profiling showed it blocking ~10% of the loop.
-            await asyncio.to_thread(_send_wakeups, broker, groups, sent)
+            await asyncio.to_thread(_send_wakeups, broker, due, sent)
         except Exception:
-            # Free the keys of the symbols left without a message, so the next command wakes them at once
-            # instead of after the key's TTL (best effort: Redis may be the thing that failed).
-            done = set(sent)
-            unsent = [wake_key(symbol) for symbol in due if symbol not in done]
+            # Free the flags of the partitions left without a message, so the next command wakes them at once (their
+            # symbols are in the sets already) instead of after the TTL. Best effort: Redis may be what failed.
+            unsent = [busy_key(partition) for partition, _ in due if partition not in sent]
             with contextlib.suppress(redis.RedisError):
                 await client.delete(*unsent)
             raise
     return len(due)
 
 
-def _send_wakeups(broker: BrokerLike, groups: list[tuple[int, list[str]]], sent: list[str]) -> None:
+def _send_wakeups(broker: BrokerLike, groups: list[tuple[int, list[str]]], sent: list[int]) -> None:
     for partition, symbols in groups:
         broker.enqueue(partition_message(partition, symbols))
-        sent.extend(symbols)
+        sent.append(partition)
 
 
-def clear_wakeups(client: redis.Redis, symbols: Sequence[str]) -> None:
-    """Called by the matcher before it reads the command log (see the module docstring for why): one round trip
-    for all the symbols of a message."""
-    if symbols:
-        client.delete(*(wake_key(symbol) for symbol in symbols))
+# KEYS: the partition's set and flag; ARGV: the flag's TTL in ms, and "1" to release the partition when nothing was
+# woken. One script, so no api transaction can fall between reading the set and clearing the flag.
+_TAKE_SCRIPT = """
+local symbols = redis.call('SMEMBERS', KEYS[1])
+if #symbols == 0 and ARGV[2] == '1' then
+    redis.call('DEL', KEYS[2])
+    return symbols
+end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+return symbols
+"""
+
+
+class PartitionWakeups:
+    """The matcher's side: take a partition's woken symbols, and release the partition when none are left."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._take = client.register_script(_TAKE_SCRIPT)
+
+    def take(self, partition: int) -> list[str]:
+        """Hold ``partition`` (arm its flag) and take the symbols woken on it. Called before reading the command
+        log: a command committed after this finds the flag set and its symbol in the set for the next take."""
+        return self._run(partition, release=False)
+
+    def take_or_release(self, partition: int) -> list[str]:
+        """Take the symbols woken on ``partition`` since the last take, keeping it held; if there are none,
+        release it (the next wake-up sends a message) and return []."""
+        return self._run(partition, release=True)
+
+    def give_back(self, partition: int, symbols: Sequence[str]) -> None:
+        """After a failure: put ``symbols`` back in the set and release the partition, so the next wake-up (or the
+        sweeper) has them processed. Best effort: never raises (Redis may be what failed)."""
+        with contextlib.suppress(redis.RedisError), self._client.pipeline(transaction=True) as pipe:
+            if symbols:
+                pipe.sadd(woken_key(partition), *symbols)
+            pipe.delete(busy_key(partition))
+            pipe.execute()
+
+    def _run(self, partition: int, *, release: bool) -> list[str]:
+        keys = [woken_key(partition), busy_key(partition)]
+        taken = self._take(keys=keys, args=[WAKE_TTL_MS, "1" if release else "0"])
+        return sorted(symbol.decode() if isinstance(symbol, bytes) else str(symbol) for symbol in taken)
+
+
+def hold_partition(
+    wakeups: PartitionWakeups,
+    partition: int,
+    symbols: Sequence[str],
+    *,
+    process: Callable[[list[str]], None],
+    hand_off: Callable[[int, list[str]], None],
+    hold_s: float,
+) -> None:
+    """What a matcher does with one message of ``partition``: take the partition, ``process`` ``symbols`` and what
+    was woken on it, take what was woken meanwhile and go on, until nothing was; then release it. Work that arrives
+    while a transaction runs thus joins the next one instead of costing a message and a transaction of its own.
+
+    The partition is taken before the first ``process`` reads the command log and again before every later round,
+    so a command committed after any read is in the set of the next take. After ``hold_s`` what is left is handed
+    back to the queue as one message (``hand_off``; the partition stays held), so that a busy partition neither
+    starves the other partitions of the worker's threads nor runs into dramatiq's time limit. On any failure the
+    symbols in hand are given back and the partition released, then the error propagates (dramatiq retries the
+    message; the sweeper re-nudges what is left)."""
+    todo = list(dict.fromkeys([*symbols, *wakeups.take(partition)]))
+    held_since = time.monotonic()
+    try:
+        while todo:
+            process(todo)
+            todo = wakeups.take_or_release(partition)
+            if todo and time.monotonic() - held_since >= hold_s:
+                hand_off(partition, todo)
+                return
+    except BaseException:
+        wakeups.give_back(partition, todo)
+        raise

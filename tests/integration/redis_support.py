@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -19,6 +20,8 @@ from dramatiq.brokers.redis import RedisBroker
 from exchange.messaging.broker import doorbell_key
 
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_CLAIM_KEY = "exchange:e2e:claimed-by"
+"""The claim the e2e harness puts on a Redis database it uses (tests/e2e/conftest.py): honoured here too."""
 
 B = TypeVar("B", bound=RedisBroker)
 
@@ -45,4 +48,32 @@ def namespaced_broker(broker_class: type[B]) -> Iterator[B]:
         for key in [*client.scan_iter(f"{namespace}*"), *client.scan_iter(doorbell_key(f"{namespace}*"))]:
             client.delete(key)
         broker.close()
+        client.close()
+
+
+@contextmanager
+def claimed_database() -> Iterator[str]:
+    """A Redis database of the caller's own on the tests' Redis server (1..15, claimed like the e2e harness does),
+    flushed before and after: for tests whose keys are not named per test (a matcher process consumes every matching
+    queue of its database; wake-up flags are per partition). Skips the test when every database is taken."""
+    run_id = uuid.uuid4().hex
+    server = urlsplit(redis_test_url())
+    for n in range(15, 0, -1):
+        url = server._replace(path=f"/{n}", query="").geturl()
+        client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        try:
+            if client.set(REDIS_CLAIM_KEY, run_id, nx=True, ex=600):
+                break
+        finally:
+            client.close()
+    else:
+        pytest.skip("no free Redis database in 1..15")
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        client.set(REDIS_CLAIM_KEY, run_id, ex=600)
+        yield url
+        if client.get(REDIS_CLAIM_KEY) == run_id.encode():
+            client.flushdb()
+    finally:
         client.close()

@@ -1,6 +1,6 @@
-"""The matcher actor in a real ``exchange matcher`` process (dramatiq, Redis, PostgreSQL): a message naming several
-symbols of a partition is processed in one transaction, and a single-symbol message (the sweeper's, or one queued
-before multi-symbol messages existed) still works."""
+"""The matcher actor in a real ``exchange matcher`` process (dramatiq, Redis, PostgreSQL): a partition's message
+and the symbols woken on the partition while it was held are processed in one transaction, the partition is released
+afterwards, and a single-symbol message (the sweeper's) still works."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -21,41 +20,18 @@ from sqlalchemy import Engine, text
 
 from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.partitions import matching_queue, partition_of
-from exchange.messaging.wakeups import match_message, partition_message, wake_key
-from tests.integration.redis_support import redis_test_url
+from exchange.messaging.wakeups import busy_key, match_message, partition_message, woken_key
+from tests.integration.redis_support import claimed_database
 from tests.integration.sql_orders import add_broker, place
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
-REDIS_CLAIM_KEY = "exchange:e2e:claimed-by"
-"""The claim the e2e harness puts on a Redis database it uses (tests/e2e/conftest.py): honoured here too."""
 
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    """A Redis database of this test's own on the tests' Redis server (1..15, claimed like the e2e harness does),
-    flushed after: the matcher process consumes every matching queue of it."""
-    run_id = uuid.uuid4().hex
-    server = urlsplit(redis_test_url())
-    for n in range(15, 0, -1):
-        url = server._replace(path=f"/{n}", query="").geturl()
-        client = redis.Redis.from_url(url, socket_connect_timeout=5)
-        try:
-            if client.set(REDIS_CLAIM_KEY, run_id, nx=True, ex=600):
-                break
-        finally:
-            client.close()
-    else:
-        pytest.skip("no free Redis database in 1..15")
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-        client.set(REDIS_CLAIM_KEY, run_id, ex=600)
+    with claimed_database() as url:
         yield url
-        if client.get(REDIS_CLAIM_KEY) == run_id.encode():
-            client.flushdb()
-    finally:
-        client.close()
 
 
 @pytest.fixture
@@ -107,7 +83,7 @@ def wait_processed(engine: Engine, symbols: list[str], log_path: Path, timeout: 
     pytest.fail(f"{symbols} not processed within {timeout} s; matcher log:\n{log_path.read_text()[-4000:]}")
 
 
-def test_one_message_per_partition_is_processed_in_one_transaction_and_single_symbol_messages_still_work(
+def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_and_releases_the_partition(
     engine: Engine, redis_url: str, matcher: Path
 ) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
@@ -117,14 +93,15 @@ def test_one_message_per_partition_is_processed_in_one_transaction_and_single_sy
         place(engine, seller, symbol, "ask", 3, 100)
         place(engine, buyer, symbol, "bid", 2, 100)
     client = redis.Redis.from_url(redis_url)
-    for symbol in [*grouped, single]:
-        client.set(wake_key(symbol), b"1", px=60_000)  # as wake_async leaves them: the actor must clear them
+    # As the api leaves a held partition: the message names the first symbols, the rest were woken after it was sent.
+    client.sadd(woken_key(2), *grouped[2:])
+    client.set(busy_key(2), b"1", px=60_000)
     broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
     for n in range(PARTITIONS):
         broker.declare_queue(matching_queue(n))
 
-    broker.enqueue(partition_message(2, grouped))
-    broker.enqueue(match_message(single, PARTITIONS))  # args=(symbol,): the old message shape
+    broker.enqueue(partition_message(2, grouped[:2]))
+    broker.enqueue(match_message(single, PARTITIONS))  # the sweeper's shape: one symbol, partition not held
     wait_processed(engine, [*grouped, single], matcher)
 
     with engine.connect() as conn:
@@ -137,6 +114,10 @@ def test_one_message_per_partition_is_processed_in_one_transaction_and_single_sy
     assert traded == dict.fromkeys([*grouped, single], 2)
     assert stamps == 1
     assert balances == 0
-    assert client.exists(*(wake_key(symbol) for symbol in [*grouped, single])) == 0
+    keys = [woken_key(2), busy_key(2), woken_key(1), busy_key(1)]
+    deadline = time.monotonic() + 5  # the release follows the commit and the published results
+    while client.exists(*keys) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.exists(*keys) == 0  # taken, then released
     client.close()
     broker.close()

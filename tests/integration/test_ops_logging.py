@@ -15,6 +15,7 @@ import redis
 from litestar.testing import TestClient
 
 from exchange.messaging.partitions import matching_queue, partition_of
+from exchange.messaging.wakeups import busy_key
 from exchange.observability.context import current_request_id, request_id_var
 from exchange.observability.logs import JsonFormatter
 from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
@@ -68,9 +69,10 @@ def test_order_wake_up_message_carries_the_request_id(api_client: TestClient[Any
     broker = register(api_client)
     symbol = new_symbol()
     body = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 1}
+    client = redis.Redis.from_url(api_redis_url)
+    client.delete(busy_key(partition_of(symbol, 4)))  # held by an earlier test's wake-up: this one would send none
     response = api_client.post("/orders", json=body, headers={**broker.headers, "X-Request-ID": f"rid-{symbol}"})
     assert response.status_code == 201
-    client = redis.Redis.from_url(api_redis_url)
     mine: list[dramatiq.Message[Any]] = []
     deadline = time.monotonic() + 5  # the wake-up is sent by its own task, right after the commit
     while not mine and time.monotonic() < deadline:

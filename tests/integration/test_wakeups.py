@@ -1,21 +1,27 @@
-"""Coalesced wake-ups from the api: one message per partition naming every symbol of it whose key was free, and a
-symbol left without its message (enqueue failed half-way) gets its key back so the next command wakes it at once."""
+"""Coalesced wake-ups (real Redis): one message per partition while it is free, none while a matcher holds it (the
+symbols accumulate for the holder), the holder takes them and releases the partition only when nothing is left, and
+a failure never leaves a partition held without a message."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dramatiq
 import pytest
+import redis
 import redis.asyncio
 
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
-from exchange.messaging.wakeups import wake_async, wake_key
-from tests.integration.redis_support import redis_test_url
+from exchange.messaging.wakeups import PartitionWakeups, busy_key, hold_partition, wake_async, woken_key
+from tests.integration.redis_support import claimed_database
 
 pytestmark = pytest.mark.anyio
+
+PARTITIONS = 8
 
 
 class FailingAfter:
@@ -37,14 +43,27 @@ class FailingAfter:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_test_url())
+def redis_url() -> Iterator[str]:
+    with claimed_database() as url:  # the keys are per partition: no other test may share them
+        yield url
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
     yield client
     await client.aclose()
 
 
-def symbols(n: int, *, partitions: int = 8, distinct: bool = False) -> list[str]:
-    """``n`` fresh symbols; with ``distinct``, in ``n`` different partitions."""
+@pytest.fixture
+def matcher_side(redis_url: str) -> Iterator[PartitionWakeups]:
+    client = redis.Redis.from_url(redis_url)
+    yield PartitionWakeups(client)
+    client.close()
+
+
+def symbols(n: int, *, partition: int | None = None, distinct: bool = False) -> list[str]:
+    """``n`` fresh symbols: all in ``partition`` if given; with ``distinct``, in ``n`` different partitions."""
     tag = uuid.uuid4().hex[:6].upper()
     chosen: dict[int, str] = {}
     found: list[str] = []
@@ -52,45 +71,155 @@ def symbols(n: int, *, partitions: int = 8, distinct: bool = False) -> list[str]
     while len(found) < n:
         symbol = f"W{tag}{i}"
         i += 1
-        if distinct and chosen.setdefault(partition_of(symbol, partitions), symbol) != symbol:
+        p = partition_of(symbol, PARTITIONS)
+        if partition is not None and p != partition:
+            continue
+        if distinct and chosen.setdefault(p, symbol) != symbol:
             continue
         found.append(symbol)
     return found
 
 
-async def test_a_burst_on_one_symbol_sends_one_message(client: redis.asyncio.Redis) -> None:
+def wake_elsewhere(redis_url: str, symbols: list[str]) -> int:
+    """The api's wake-up of ``symbols`` from another thread with its own event loop and client (an api worker is
+    another process): what a holder sees while it processes."""
+
+    async def wake() -> int:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await wake_async(client, FailingAfter(ok=100), symbols, PARTITIONS)
+        finally:
+            await client.aclose()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wake()).result()
+
+
+async def members(client: redis.asyncio.Redis, partition: int) -> list[str]:
+    return sorted(m.decode() if isinstance(m, bytes) else m for m in await client.smembers(woken_key(partition)))
+
+
+async def test_a_held_partition_gets_no_second_message_and_its_symbols_accumulate(client: redis.asyncio.Redis) -> None:
     broker = FailingAfter(ok=100)
-    [symbol] = symbols(1)
-    assert await wake_async(client, broker, [symbol, symbol], 8) == 1
-    assert await wake_async(client, broker, [symbol], 8) == 0
-    assert broker.sent == [symbol]
-    await client.delete(wake_key(symbol))
+    first, second = symbols(2, partition=3)
+    assert await wake_async(client, broker, [first, first], PARTITIONS) == 1
+    assert await wake_async(client, broker, [second], PARTITIONS) == 0
+    assert broker.sent == [first]
+    assert await members(client, 3) == sorted([first, second])
+    assert 0 < await client.pttl(busy_key(3)) <= 500
 
 
-async def test_one_message_per_partition_names_all_its_woken_symbols(client: redis.asyncio.Redis) -> None:
+async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(client: redis.asyncio.Redis) -> None:
     broker = FailingAfter(ok=100)
     woken = symbols(40)
-    already = woken[5]
-    await client.set(wake_key(already), b"1", px=5000)  # a wake-up of it is pending: not named again
+    held = partition_of(woken[5], PARTITIONS)
+    await client.set(busy_key(held), b"1", px=5000)  # a matcher holds this partition: it gets no message
 
-    assert await wake_async(client, broker, [*woken, woken[0]], 8) == 39
+    messages = await wake_async(client, broker, [*woken, woken[0]], PARTITIONS)
 
-    partitions = {partition_of(symbol, 8) for symbol in woken if symbol != already}
-    assert len(broker.messages) == len(partitions)
+    free = {partition_of(symbol, PARTITIONS) for symbol in woken} - {held}
+    assert messages == len(broker.messages) == len(free)
     for message in broker.messages:
-        [n] = {partition_of(symbol, 8) for symbol in message.args}
+        [n] = {partition_of(symbol, PARTITIONS) for symbol in message.args}
         assert (message.queue_name, message.actor_name) == (matching_queue(n), matching_actor(n))
-        assert list(message.args) == [s for s in woken if s != already and partition_of(s, 8) == n]
-    assert sorted(broker.sent) == sorted(s for s in woken if s != already)
-    await client.delete(*(wake_key(symbol) for symbol in woken))
+        assert list(message.args) == [s for s in woken if partition_of(s, PARTITIONS) == n]
+    assert sorted(broker.sent) == sorted(s for s in woken if partition_of(s, PARTITIONS) != held)
+    assert await members(client, held) == sorted(s for s in woken if partition_of(s, PARTITIONS) == held)
 
 
-async def test_symbols_left_without_a_message_get_their_wake_key_back(client: redis.asyncio.Redis) -> None:
+async def test_partitions_left_without_a_message_are_released_and_keep_their_symbols(
+    client: redis.asyncio.Redis,
+) -> None:
     broker = FailingAfter(ok=1)
     first, second, third = symbols(3, distinct=True)
     with pytest.raises(ConnectionError):
-        await wake_async(client, broker, [first, second, third], 8)
+        await wake_async(client, broker, [first, second, third], PARTITIONS)
     assert broker.sent == [first]
-    assert await client.exists(wake_key(first)) == 1
-    assert await client.exists(wake_key(second), wake_key(third)) == 0
-    await client.delete(wake_key(first))
+    p1, p2, p3 = (partition_of(s, PARTITIONS) for s in (first, second, third))
+    assert await client.exists(busy_key(p1)) == 1
+    assert await client.exists(busy_key(p2), busy_key(p3)) == 0  # the next command wakes them at once
+    assert await members(client, p2) == [second]
+    assert await members(client, p3) == [third]
+
+
+async def test_the_holder_takes_what_was_woken_meanwhile_and_releases_only_when_nothing_was(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups
+) -> None:
+    broker = FailingAfter(ok=100)
+    first, second, third = symbols(3, partition=6)
+    assert await wake_async(client, broker, [first], PARTITIONS) == 1
+    assert matcher_side.take(6) == [first]  # the message's own symbol is in the set too: taking it is harmless
+
+    assert await wake_async(client, broker, [second, third], PARTITIONS) == 0  # held: no message
+    assert matcher_side.take_or_release(6) == sorted([second, third])
+    assert await client.exists(busy_key(6)) == 1  # still held: the holder goes on with them
+
+    assert matcher_side.take_or_release(6) == []
+    assert await client.exists(busy_key(6), woken_key(6)) == 0
+    assert await wake_async(client, broker, [first], PARTITIONS) == 1  # released: the next wake-up sends a message
+    assert len(broker.messages) == 2
+
+
+async def test_a_failed_holder_gives_its_symbols_back_and_frees_the_partition(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups
+) -> None:
+    broker = FailingAfter(ok=100)
+    first, second = symbols(2, partition=1)
+    await wake_async(client, broker, [first, second], PARTITIONS)
+    in_hand = matcher_side.take(1)
+    matcher_side.give_back(1, in_hand)
+    assert await client.exists(busy_key(1)) == 0
+    assert await members(client, 1) == sorted([first, second])
+    assert await wake_async(client, broker, [first], PARTITIONS) == 1
+
+
+async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_next_round_and_then_releases(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str
+) -> None:
+    first, second, third = symbols(3, partition=4)
+    rounds: list[list[str]] = []
+    messages_during: list[int] = []
+
+    def process(todo: list[str]) -> None:
+        rounds.append(todo)
+        if len(rounds) == 1:  # commands committed while the first transaction runs
+            messages_during.append(wake_elsewhere(redis_url, [second, third]))
+
+    hold_partition(matcher_side, 4, [first], process=process, hand_off=lambda *_: None, hold_s=60)
+
+    assert rounds == [[first], sorted([second, third])]
+    assert messages_during == [0]  # held: their wake-up sent no message
+    assert await client.exists(busy_key(4), woken_key(4)) == 0  # released once a take found nothing
+
+
+async def test_a_partition_held_past_hold_s_is_handed_back_to_its_queue_still_held(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str
+) -> None:
+    first, second = symbols(2, partition=5)
+    handed: list[tuple[int, list[str]]] = []
+
+    def process(todo: list[str]) -> None:
+        wake_elsewhere(redis_url, [second])
+
+    hold_partition(
+        matcher_side, 5, [first], process=process, hand_off=lambda p, todo: handed.append((p, todo)), hold_s=0
+    )
+
+    assert handed == [(5, [second])]
+    assert await client.exists(busy_key(5)) == 1  # the handed-off message holds it: no second message meanwhile
+
+
+async def test_a_failing_holder_gives_back_the_symbols_in_hand_and_releases_the_partition(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups
+) -> None:
+    first, second = symbols(2, partition=2)
+    await client.sadd(woken_key(2), second)
+
+    def process(todo: list[str]) -> None:
+        raise ConnectionError("postgres went away")
+
+    with pytest.raises(ConnectionError):
+        hold_partition(matcher_side, 2, [first], process=process, hand_off=lambda *_: None, hold_s=60)
+
+    assert await client.exists(busy_key(2)) == 0
+    assert await members(client, 2) == sorted([first, second])
