@@ -85,3 +85,36 @@ def test_a_delayed_message_rings_nobody_and_still_arrives_through_the_delay_queu
     assert got.message_id == sent.message_id
     delayed.ack(got)
     delayed.close()
+
+
+def test_a_consumer_whose_fetch_drained_the_queue_waits_for_a_ring_before_fetching_again(
+    broker: DoorbellRedisBroker,
+) -> None:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    fetches: list[int] = []
+    real_fetch = broker.do_fetch
+
+    def counting_fetch(queue_name: str, count: int) -> Any:
+        fetches.append(count)
+        return real_fetch(queue_name, count)
+
+    broker.do_fetch = counting_fetch  # the real fetch still runs; only the calls are counted
+    consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    received = []
+    for n in range(2):
+        waiting = threading.Thread(target=lambda: next(consumer))  # idle: blocked on the doorbell
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive(), "the consumer did not wait for the doorbell"
+        assert len(fetches) == (1 if n == 0 else 2), "a drained consumer fetched again before any ring"
+        sent = broker.enqueue(message(queue))
+        waiting.join(timeout=IDLE_TIMEOUT_MS / 1000 / 2)
+        assert not waiting.is_alive(), "the consumer slept through the ring"
+        got = next_message(consumer, 10)
+        assert got.message_id == sent.message_id
+        received.append(got)
+    assert len(fetches) == 3  # one empty look at the start, then one fetch per message: no empty fetch after each
+    for got in received:
+        consumer.ack(got)
+    consumer.close()
