@@ -22,6 +22,9 @@ import time
 from typing import Any
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/exchange"
+"""``exchange dev``'s defaults (exchange/config.py), repeated: this module imports only the stdlib."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL, help=f"Postgres for --ceiling (default {DEFAULT_PG_URL})")
     parser.add_argument("--ceiling-duration", type=int, default=0, help="pgbench seconds (default: --duration)")
     parser.add_argument("--strict", action="store_true", help="exit 3 when the run is INVALID")
+    parser.add_argument(
+        "--server-stats",
+        action="store_true",
+        help="for an exchange of this project on this machine: Redis commands, PostgreSQL transactions and CPU "
+        "seconds by process kind over the run, per accepted order",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("EXCHANGE_REDIS_URL", DEFAULT_REDIS_URL),
+        help=f"the exchange's Redis for --server-stats (default EXCHANGE_REDIS_URL or {DEFAULT_REDIS_URL})",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("EXCHANGE_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help=f"the exchange's database for --server-stats (default EXCHANGE_DATABASE_URL or {DEFAULT_DATABASE_URL})",
+    )
 
 
 def free_port() -> int:
@@ -122,6 +141,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     from collections import Counter
 
     from ops.bench import model as m
+    from ops.bench import server_stats
     from ops.bench.ceiling import run_pgbench
     from ops.bench.receiver import ReceiverResult, receiver_main
     from ops.bench.report import build_report, render
@@ -205,6 +225,10 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             proc.start()
             procs.append(proc)
         print(f"bench: running for {args.duration:.0f} s …", flush=True)
+        stats_before = None
+        if args.server_stats:
+            time.sleep(max(0.0, t0 - time.monotonic()))
+            stats_before = server_stats.take(args.redis_url, args.database_url)
         results: list[WorkerResult] = []
         deadline = time.monotonic() + args.duration + args.timeout + 60.0
         for _ in procs:
@@ -225,6 +249,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             stop.set()
             receiver = receiver_queue.get(timeout=30)
             receiver_proc.join(10)
+        stats_after = server_stats.take(args.redis_url, args.database_url) if stats_before is not None else None
 
         config = {
             "base_url": args.base_url,
@@ -249,6 +274,9 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             receiver=receiver,
             setup=setup,
         )
+        if stats_before is not None and stats_after is not None:
+            accepted = round(report["accepted_orders_per_s"] * report["duration_s"])
+            report["server_stats"] = server_stats.per_order(stats_before, stats_after, accepted)
         if args.ceiling:
             clients = args.closed_loop if closed else max(1, report["connections"]["peak_open"])
             seconds = args.ceiling_duration or max(1, round(args.duration))

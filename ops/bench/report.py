@@ -208,6 +208,15 @@ def render(report: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"ceiling: pgbench failed: {c.get('error')}")
+    if report.get("server_stats"):
+        st = report["server_stats"]
+        top = ", ".join(f"{name} {calls}" for name, calls in list(st["redis_calls"].items())[:6])
+        cpu = " ".join(f"{kind} {seconds:.2f}" for kind, seconds in st["cpu_s"].items())
+        lines.append(
+            f"server, per accepted order over {st['window_s']:.0f} s: {st['redis_calls_per_order']} Redis commands "
+            f"({st['redis_scripts_per_order']} scripts; {top}), {st['pg_transactions_per_order']} PostgreSQL "
+            f"transactions, {st['cpu_ms_per_order']} ms CPU (s in all: {cpu})"
+        )
     origin = "scheduled send time" if report["mode"] == "open_loop" else "send time (closed loop)"
     lines.append(f"all latencies in ms, measured from the {origin}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Smoke test of ``exchange bench`` against the real multi-process exchange of the e2e harness.
 
 A short open-loop run at 5 % of B3 (and the pgbench ceiling when pgbench is installed): the JSON report has the
-documented keys, orders were accepted, the generator's own schedule lag is reported, and the traffic left the
-database consistent (DESIGN.md §6). No timing assertions: CI machines are slow and shared.
+documented keys, orders were accepted, the generator's own schedule lag and the server's cost per order
+(``--server-stats``) are reported, and the traffic left the database consistent (DESIGN.md §6). No timing
+assertions: CI machines are slow and shared.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "exchange.cli", "bench", "--base-url", h.base_url, "--admin-key", h.admin_key]
     argv += ["--scale", "5", "--duration", "3", "--prefill", "1", "--webhook-grace", "2", "--json", str(out)]
+    argv += ["--server-stats", "--redis-url", h.redis_url, "--database-url", h.database_url]
     ceiling = pgbench_binary() is not None
     if ceiling:
         argv += ["--ceiling", "--ceiling-duration", "1", "--pg-url", postgres_admin_url]
@@ -58,5 +60,13 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
         assert report["ceiling"]["pgbench_tps"], report["ceiling"]
         assert report["ceiling"]["ratio"] > 0
     assert "accepted orders/s" in proc.stdout
+    stats = report["server_stats"]
+    assert stats["accepted_orders"] > 0
+    assert stats["redis_calls"].get("evalsha", 0) > 0, stats  # dramatiq's scripts: wake-ups were consumed
+    assert stats["redis_calls_per_order"] > 0
+    assert stats["pg"]["rows_inserted"] >= stats["accepted_orders"], stats  # at least each order's row
+    assert stats["pg_transactions_per_order"] > 0
+    assert stats["cpu_s"].get("postgres", 0) > 0, stats
+    assert stats["cpu_ms_per_order"] > 0
 
     h.check_invariants()

@@ -1,0 +1,114 @@
+"""``--server-stats``: what the measured window cost the exchange under test, per accepted order.
+
+For an exchange of this project running on this machine: Redis commands executed (``INFO commandstats``, every
+command, those run inside dramatiq's Lua scripts included; a Redis server shared with other work counts that work
+too), PostgreSQL transactions and rows written in the exchange's database (``pg_stat_database``), and CPU seconds by
+process kind read from ``/proc`` (Linux). Counts are deterministic where CPU seconds are not: on small shared
+machines the same run varies by tens of percent in time, but sends the same number of commands for the same work.
+
+The snapshots bracket the run: from the senders' synchronised start to the end of the webhook grace (so the work
+the run's orders caused is counted, deliveries included); the deltas are divided by the orders accepted in the run.
+PostgreSQL's counters reach ``pg_stat_database`` up to a second late, a small error over a run of 20 s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+PROCESS_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("postgres", ("postgres:", "/postgres ")),
+    ("pgbouncer", ("pgbouncer",)),
+    ("redis", ("redis-server",)),
+    ("api", ("gunicorn", "uvicorn", "exchange.cli api")),
+    ("matcher", ("workers.matching", "exchange.cli matcher")),
+    ("webhooks", ("workers.webhooks", "exchange.cli webhooks")),
+    ("sweeper", ("exchange.cli sweeper",)),
+)
+"""The exchange's process kinds by command-line substring, first match wins (a dramatiq worker's command line names
+its module). The generator is not one: its senders have exited by the second snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    at: float
+    redis_calls: dict[str, int]
+    pg: dict[str, int]
+    cpu_s: dict[str, float]
+
+
+def kind_of(cmdline: str) -> str | None:
+    for kind, needles in PROCESS_KINDS:
+        if any(needle in cmdline for needle in needles):
+            return kind
+    return None
+
+
+def _cpu_by_kind() -> dict[str, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        kind = kind_of(cmdline)
+        if kind is not None:
+            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return totals
+
+
+def _redis_calls(redis_url: str) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        stats: dict[str, Any] = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+
+
+def _pg(database_url: str) -> dict[str, int]:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT xact_commit + xact_rollback, tup_inserted, tup_updated, tup_deleted"
+            " FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    if row is None:
+        return {}
+    return dict(zip(("transactions", "rows_inserted", "rows_updated", "rows_deleted"), map(int, row), strict=True))
+
+
+def take(redis_url: str, database_url: str) -> Snapshot:
+    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), _cpu_by_kind())
+
+
+def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:
+    """The deltas between two snapshots, in all and per accepted order."""
+    orders = max(1, accepted_orders)
+    calls = {k: v - before.redis_calls.get(k, 0) for k, v in after.redis_calls.items()}
+    calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
+    pg = {k: v - before.pg.get(k, 0) for k, v in after.pg.items()}
+    cpu = {k: round(v - before.cpu_s.get(k, 0.0), 3) for k, v in after.cpu_s.items()}
+    cpu = {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0}
+    return {
+        "window_s": round(after.at - before.at, 3),
+        "accepted_orders": accepted_orders,
+        "redis_calls": calls,
+        "redis_calls_per_order": round(sum(calls.values()) / orders, 2),
+        "redis_scripts_per_order": round(calls.get("evalsha", 0) / orders, 2),
+        "pg": pg,
+        "pg_transactions_per_order": round(pg.get("transactions", 0) / orders, 2),
+        "cpu_s": cpu,
+        "cpu_ms_per_order": round(1000 * sum(cpu.values()) / orders, 2),
+    }
