@@ -146,9 +146,11 @@ class Settings:
     """Bearer key for admin endpoints (``/register``, ``/ops``); admin endpoints are disabled when unset."""
     order_wait_ms: int = _env("EXCHANGE_ORDER_WAIT_MS", _integer(minimum=0, maximum=60_000), 250)
     """How long ``POST /orders`` waits for the matcher's result before answering with status ``pending``."""
-    group_commit_concurrency: int = _env("EXCHANGE_GROUP_COMMIT_CONCURRENCY", _integer(minimum=1, maximum=64), 4)
+    group_commit_concurrency: int = _env("EXCHANGE_GROUP_COMMIT_CONCURRENCY", _integer(minimum=1, maximum=64), 1)
     """Per api process: how many order-accept transactions (and order read-back queries) run at once. Requests
-    arriving while all are busy are committed together in the next one (group commit)."""
+    arriving while all are busy are committed together in the next one (group commit). One is the fastest measured
+    (``exchange bench``, README "Measured"): every request that arrives during a commit joins the next batch, so
+    batches grow with the load; an idle exchange still starts each request's batch at once."""
     group_commit_max: int = _env("EXCHANGE_GROUP_COMMIT_MAX", _integer(minimum=1, maximum=10_000), 200)
     """Per api process: the most orders one group-commit transaction (or read-back query) holds."""
     debug_endpoints: bool = _env("EXCHANGE_DEBUG_ENDPOINTS", _boolean, False)
