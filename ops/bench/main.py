@@ -8,7 +8,8 @@
 3. Wait for late webhooks (``--webhook-grace``), optionally run the pgbench ceiling (``--ceiling``), print the
    summary and write the JSON (``--json``).
 
-Only stdlib imports at module level: ``exchange --help`` imports this module to build its parser.
+Only stdlib imports at module level (and :mod:`exchange.config`, itself stdlib-only): ``exchange --help`` imports
+this module to build its parser.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import sys
 import time
 from typing import Any
 
+from exchange.config import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL  # stdlib-only module: cheap for `--help`
+
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/exchange"
-"""``exchange dev``'s defaults (exchange/config.py), repeated: this module imports only the stdlib."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
