@@ -36,6 +36,7 @@ from exchange.orders.brokers import new_webhook_secret
 from exchange.webhooks.queue import enqueue_deliveries
 from ops.bench.ceiling import create_scratch_database, drop_database
 from ops.bench.main import free_port
+from ops.bench.server_stats import TICKS, process_cpu_s
 
 ADMIN_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "exchange_bench_webhooks"
@@ -107,19 +108,6 @@ def _add_events(url: str, broker_ids: list[str], events: int) -> list[str]:
     return ids
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process ``pid`` used so far (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp session ... utime stime
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
 def _session_cpu_s(session: int) -> float:
     """CPU seconds used so far by the live processes of session ``session`` (a child and everything it started)."""
     total = 0.0
@@ -130,7 +118,7 @@ def _session_cpu_s(session: int) -> float:
                     continue
         except OSError:
             continue
-        total += _cpu_s(int(stat.split("/")[2]))
+        total += process_cpu_s(int(stat.split("/")[2]))
     return total
 
 
@@ -140,14 +128,14 @@ def _backend_cpu_s(conn: psycopg.Connection[Any]) -> dict[int, float]:
     rows = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (DB_NAME,)
     ).fetchall()
-    return {int(pid): _cpu_s(int(pid)) for (pid,) in rows}
+    return {int(pid): process_cpu_s(int(pid)) for (pid,) in rows}
 
 
 def _machine_busy_s() -> float:
     """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
-    return (sum(values) - values[3] - values[4]) / _TICKS
+    return (sum(values) - values[3] - values[4]) / TICKS
 
 
 def main() -> None:

@@ -275,8 +275,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             setup=setup,
         )
         if stats_before is not None and stats_after is not None:
-            accepted = round(report["accepted_orders_per_s"] * report["duration_s"])
-            report["server_stats"] = server_stats.per_order(stats_before, stats_after, accepted)
+            report["server_stats"] = server_stats.per_order(stats_before, stats_after, report["accepted_orders"])
         if args.ceiling:
             clients = args.closed_loop if closed else max(1, report["connections"]["peak_open"])
             seconds = args.ceiling_duration or max(1, round(args.duration))

@@ -131,6 +131,7 @@ def build_report(
             "reads_per_s": round(model.reads_per_s, 2),
         },
         "duration_s": round(elapsed, 3),
+        "accepted_orders": accepted,
         "accepted_orders_per_s": round(accepted / elapsed, 2),
         "requests_per_s": round(total_requests / elapsed, 2),
         "scheduled": {ep: {"count": n, "per_s": round(n / duration_s, 2)} for ep, n in sorted(scheduled.items())},

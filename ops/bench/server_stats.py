@@ -46,22 +46,31 @@ def kind_of(cmdline: str) -> str | None:
     return None
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp session ... utime stime
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def _cpu_by_kind() -> dict[str, float]:
-    ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+                kind = kind_of(fh.read().replace(b"\0", b" ").decode(errors="replace"))
         except OSError:  # the process ended meanwhile
             continue
-        kind = kind_of(cmdline)
         if kind is not None:
-            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+            totals[kind] = totals.get(kind, 0.0) + process_cpu_s(int(pid))
     return totals
 
 

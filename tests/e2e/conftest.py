@@ -50,6 +50,7 @@ import redis
 
 from exchange.messaging.partitions import partition_of
 from tests.conftest import DatabaseFactory
+from tests.integration.redis_support import claim_database, database_url, release_database
 from tests.invariants import check_invariants
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +62,7 @@ STOP_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 60
-REDIS_CLAIM_KEY = "exchange:e2e:claimed-by"
+REDIS_SERVER_URL = "redis://127.0.0.1:6379/0"
 REDIS_CLAIM_TTL_S = 3600
 
 _REDIS_DBS_IN_USE: set[int] = set()
@@ -91,7 +92,7 @@ def _skip_or_fail(message: str) -> None:
 def require_services() -> None:
     if pgbouncer_binary() is None:
         _skip_or_fail("pgbouncer is not installed (ops/scripts/install-system-deps.sh installs it)")
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=3)
+    client = redis.Redis.from_url(REDIS_SERVER_URL, socket_connect_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -329,30 +330,17 @@ class Harness:
         """A random Redis database in 1..15, flushed; a claim key keeps concurrent test runs off it."""
         choices = [n for n in range(1, 16) if n not in _REDIS_DBS_IN_USE]
         random.shuffle(choices)
-        for n in choices:
-            client = redis.Redis.from_url(f"redis://127.0.0.1:6379/{n}", socket_connect_timeout=5)
-            try:
-                if not client.set(REDIS_CLAIM_KEY, self.run_id, nx=True, ex=REDIS_CLAIM_TTL_S):
-                    continue  # another run (or a killed one, until the claim expires) uses this database
-                client.flushdb()
-                client.set(REDIS_CLAIM_KEY, self.run_id, ex=REDIS_CLAIM_TTL_S)
-            finally:
-                client.close()
-            self.redis_db = n
-            _REDIS_DBS_IN_USE.add(n)
-            self.redis_url = f"redis://127.0.0.1:6379/{n}"
-            return
-        pytest.fail("no free Redis database in 1..15 (all claimed by other test runs)")
+        n = claim_database(REDIS_SERVER_URL, self.run_id, REDIS_CLAIM_TTL_S, choices)
+        if n is None:
+            pytest.fail("no free Redis database in 1..15 (all claimed by other test runs)")
+        self.redis_db = n
+        _REDIS_DBS_IN_USE.add(n)
+        self.redis_url = database_url(REDIS_SERVER_URL, n)
 
     def _release_redis_db(self) -> None:
         if self.redis_db is None:
             return
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
-        try:
-            if client.get(REDIS_CLAIM_KEY) == self.run_id.encode():
-                client.flushdb()
-        finally:
-            client.close()
+        release_database(self.redis_url, self.run_id)
         _REDIS_DBS_IN_USE.discard(self.redis_db)
         self.redis_db = None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ from exchange.messaging.broker import doorbell_key
 
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/11"
 REDIS_CLAIM_KEY = "exchange:e2e:claimed-by"
-"""The claim the e2e harness puts on a Redis database it uses (tests/e2e/conftest.py): honoured here too."""
+"""Put on a Redis database a test run uses (here and by the e2e harness), so concurrent runs keep off it."""
 
 B = TypeVar("B", bound=RedisBroker)
 
@@ -51,29 +51,48 @@ def namespaced_broker(broker_class: type[B]) -> Iterator[B]:
         client.close()
 
 
+def database_url(server_url: str, n: int) -> str:
+    """Database ``n`` on the server of ``server_url``."""
+    return urlsplit(server_url)._replace(path=f"/{n}", query="").geturl()
+
+
+def claim_database(server_url: str, run_id: str, ttl_s: int, candidates: Iterable[int]) -> int | None:
+    """The first of ``candidates`` (database numbers on ``server_url``'s server) that no other test run has
+    claimed, claimed for ``run_id`` for ``ttl_s`` and flushed; None when every one is taken."""
+    for n in candidates:
+        client = redis.Redis.from_url(database_url(server_url, n), socket_connect_timeout=5)
+        try:
+            if not client.set(REDIS_CLAIM_KEY, run_id, nx=True, ex=ttl_s):
+                continue  # another run (or a killed one, until the claim expires) uses this database
+            client.flushdb()
+            client.set(REDIS_CLAIM_KEY, run_id, ex=ttl_s)
+            return n
+        finally:
+            client.close()
+    return None
+
+
+def release_database(url: str, run_id: str) -> None:
+    """Flush a database :func:`claim_database` gave ``run_id``, unless its claim has passed to another run."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        if client.get(REDIS_CLAIM_KEY) == run_id.encode():
+            client.flushdb()
+    finally:
+        client.close()
+
+
 @contextmanager
 def claimed_database() -> Iterator[str]:
     """A Redis database of the caller's own on the tests' Redis server (1..15, claimed like the e2e harness does),
     flushed before and after: for tests whose keys are not named per test (a matcher process consumes every matching
     queue of its database; wake-up flags are per partition). Skips the test when every database is taken."""
     run_id = uuid.uuid4().hex
-    server = urlsplit(redis_test_url())
-    for n in range(15, 0, -1):
-        url = server._replace(path=f"/{n}", query="").geturl()
-        client = redis.Redis.from_url(url, socket_connect_timeout=5)
-        try:
-            if client.set(REDIS_CLAIM_KEY, run_id, nx=True, ex=600):
-                break
-        finally:
-            client.close()
-    else:
+    n = claim_database(redis_test_url(), run_id, 600, range(15, 0, -1))
+    if n is None:
         pytest.skip("no free Redis database in 1..15")
-    client = redis.Redis.from_url(url)
+    url = database_url(redis_test_url(), n)
     try:
-        client.flushdb()
-        client.set(REDIS_CLAIM_KEY, run_id, ex=600)
         yield url
-        if client.get(REDIS_CLAIM_KEY) == run_id.encode():
-            client.flushdb()
     finally:
-        client.close()
+        release_database(url, run_id)

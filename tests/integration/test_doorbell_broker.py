@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dramatiq
@@ -39,19 +39,30 @@ def next_message(consumer: Any, deadline_s: float) -> Any:
     return None
 
 
-def test_an_idle_consumer_blocks_until_a_message_is_enqueued_instead_of_polling(broker: DoorbellRedisBroker) -> None:
-    queue = f"q-{uuid.uuid4().hex[:8]}"
-    broker.declare_queue(queue)
-    consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
-    idle_wait = threading.Thread(target=lambda: next(consumer))  # one empty fetch, then the wait
+def ring_an_idle_consumer(
+    broker: DoorbellRedisBroker, consumer: Any, queue: str, *, idle_s: float, while_idle: Callable[[], None]
+) -> Any:
+    """Let ``consumer`` go idle (it must still be waiting for the doorbell after ``idle_s``; ``while_idle`` checks
+    more), enqueue a message, and return it as the woken consumer receives it."""
+    idle_wait = threading.Thread(target=lambda: next(consumer))
     idle_wait.start()
-    idle_wait.join(timeout=1.0)
+    idle_wait.join(timeout=idle_s)
     assert idle_wait.is_alive(), "an idle consumer returned to poll again instead of waiting for the doorbell"
+    while_idle()
     sent = broker.enqueue(message(queue))
     idle_wait.join(timeout=IDLE_TIMEOUT_MS / 1000 / 2)
     assert not idle_wait.is_alive(), "the consumer slept through the ring"
     received = next_message(consumer, 10)
     assert received.message_id == sent.message_id
+    return received
+
+
+def test_an_idle_consumer_blocks_until_a_message_is_enqueued_instead_of_polling(broker: DoorbellRedisBroker) -> None:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    # One empty fetch, then the wait.
+    received = ring_an_idle_consumer(broker, consumer, queue, idle_s=1.0, while_idle=lambda: None)
     consumer.ack(received)
     consumer.close()
 
@@ -103,17 +114,11 @@ def test_a_consumer_whose_fetch_drained_the_queue_waits_for_a_ring_before_fetchi
     consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
     received = []
     for n in range(2):
-        waiting = threading.Thread(target=lambda: next(consumer))  # idle: blocked on the doorbell
-        waiting.start()
-        waiting.join(timeout=0.5)
-        assert waiting.is_alive(), "the consumer did not wait for the doorbell"
-        assert len(fetches) == (1 if n == 0 else 2), "a drained consumer fetched again before any ring"
-        sent = broker.enqueue(message(queue))
-        waiting.join(timeout=IDLE_TIMEOUT_MS / 1000 / 2)
-        assert not waiting.is_alive(), "the consumer slept through the ring"
-        got = next_message(consumer, 10)
-        assert got.message_id == sent.message_id
-        received.append(got)
+
+        def fetched_once_per_message(expected: int = 1 if n == 0 else 2) -> None:
+            assert len(fetches) == expected, "a drained consumer fetched again before any ring"
+
+        received.append(ring_an_idle_consumer(broker, consumer, queue, idle_s=0.5, while_idle=fetched_once_per_message))
     assert len(fetches) == 3  # one empty look at the start, then one fetch per message: no empty fetch after each
     for got in received:
         consumer.ack(got)
