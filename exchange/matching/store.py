@@ -24,7 +24,11 @@ pipeline mode with the same explicit ``BEGIN``/``COMMIT`` also takes one round t
 per-statement protocol work cost twice the client CPU per batch (1.1 vs 0.5 ms in ``ops/bench_matcher.py``).
 
 Rows go to PostgreSQL as one JSON document per table (``json_to_recordset``), not as one array parameter per
-column: msgspec encodes a batch's rows several times faster than psycopg adapts a dozen Python lists. Every
+column: msgspec encodes a batch's rows several times faster than psycopg adapts a dozen Python lists. The planner
+takes every ``json_to_recordset`` for 100 rows, so a join of one with ``orders`` hashed the whole table (a
+sequential scan per batch) while it held some 3,000 to 20,000 orders; the statements that join ``orders`` therefore
+also name the order ids as an array literal (``o.id = ANY(…)``, counted exactly), so the planner weighs a batch's
+real number of primary-key probes against the scan (``tests/integration/test_query_plans.py``). Every
 statement is set-based (one statement per table per batch, whatever the number of books) and runs in a transaction
 holding the books' ``pg_advisory_xact_lock`` (transaction-scoped, so it is safe through pgbouncer's transaction
 pooling).
@@ -260,7 +264,7 @@ SET status = v.status,
 FROM json_to_recordset(%(orders)s::json)
      AS v(order_id uuid, status text, remaining bigint, close_reason text, priority bigint, price bigint,
           quantity bigint)
-WHERE o.id = v.order_id
+WHERE o.id = v.order_id AND o.id = ANY(%(order_ids)s::uuid[])
 """
 
 _INSERT_TRADES = """
@@ -311,7 +315,7 @@ FROM (
          WITH ORDINALITY AS v(id, broker_id, type, order_id, trade_id, payload, n)
     JOIN brokers b ON b.id = v.broker_id
 ) e
-LEFT JOIN orders o ON o.id = e.order_id
+LEFT JOIN orders o ON o.id = e.order_id AND o.id = ANY(%(event_order_ids)s::uuid[])
 """
 
 _UPSERT_POSITIONS = """
@@ -357,15 +361,15 @@ def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> 
         "prices": _array(b.plan.last_price for b in books),
     }
     statements: list[str] = []
+    order_updates = [update for b in books for update in b.plan.orders.values()]
+    events = [row for b in books for row in _event_rows(b.plan.outbox, event_ids[b.symbol], trade_ids, b.symbol, now)]
+    params["order_ids"] = _array(update.order_id for update in order_updates)
+    params["event_order_ids"] = _array(dict.fromkeys(event["order_id"] for event in events))
     for statement, name, rows in (
-        (_UPDATE_ORDERS, "orders", [update for b in books for update in b.plan.orders.values()]),
+        (_UPDATE_ORDERS, "orders", order_updates),
         (_INSERT_TRADES, "trades", [row for b in books for row in _trade_rows(b.symbol, b.plan.trades, trade_ids)]),
         (_UPDATE_BROKERS, "brokers", _broker_rows(books)),
-        (
-            _INSERT_OUTBOX,
-            "events",
-            [row for b in books for row in _event_rows(b.plan.outbox, event_ids[b.symbol], trade_ids, b.symbol, now)],
-        ),
+        (_INSERT_OUTBOX, "events", events),
         (
             _UPSERT_POSITIONS,
             "shares",

@@ -1,0 +1,107 @@
+"""The matcher's statements that join a batch's rows to ``orders`` probe those orders by primary key.
+
+Joined to a ``json_to_recordset`` alone (always planned as 100 rows), PostgreSQL hashed the whole table while it
+held a few thousand to some 20,000 orders: a sequential scan per batch, the bench's whole run long. 5,000 orders of
+100 brokers and a batch of 10 orders are inside that range; the plans are taken with EXPLAIN (nothing runs).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from exchange.matching import store
+
+ROWS = 5000
+BROKERS = 100
+BATCH = 10
+
+
+@pytest.fixture
+def filled(engine: Engine) -> tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]:
+    """5,000 orders of 100 brokers, analysed; returns the engine and 10 ``(broker_id, order_id)`` keys."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                """
+                INSERT INTO brokers (name, api_key_hash, webhook_secret)
+                SELECT 'broker ' || g, encode(sha256(g::text::bytea), 'hex'), 'whsec_x' FROM generate_series(1, :n) AS g
+                """
+            ),
+            {"n": BROKERS},
+        )
+        conn.execute(
+            text(
+                """
+                INSERT INTO orders (id, broker_id, document_number, symbol, side, order_type, time_in_force, price,
+                                    quantity, remaining, seq)
+                SELECT gen_random_uuid(), b.id, '1', 'S' || (g % 450), 'bid', 'limit', 'gtc', 100, 10, 10,
+                       nextval('command_seq')
+                FROM generate_series(1, :n) AS g
+                JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM brokers) AS b ON b.k = g % :brokers
+                """
+            ),
+            {"n": ROWS, "brokers": BROKERS},
+        )
+        rows = conn.execute(text("SELECT broker_id, id FROM orders ORDER BY seq LIMIT :n"), {"n": BATCH})
+        keys = [(row.broker_id, row.id) for row in rows]
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    return engine, keys
+
+
+Keys = tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]
+
+
+def _matcher_plan(engine: Engine, statement: str, params: dict[str, Any]) -> str:
+    """EXPLAIN of a matcher statement, its parameters bound on the client as the matcher binds them."""
+    raw = engine.raw_connection()
+    try:
+        conn = raw.driver_connection
+        assert isinstance(conn, psycopg.Connection)
+        cursor = psycopg.ClientCursor(conn)
+        cursor.execute("EXPLAIN " + statement, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        conn.rollback()
+        return plan
+    finally:
+        raw.close()
+
+
+def _probes_orders_by_primary_key(plan: str) -> bool:
+    return "Seq Scan on orders" not in plan and "pk_orders" in plan
+
+
+def test_matcher_updates_orders_by_primary_key(filled: Keys) -> None:
+    engine, keys = filled
+    updates = [
+        {"order_id": str(order_id), "status": "open", "remaining": 5, "close_reason": None, "priority": 1}
+        for _, order_id in keys
+    ]
+    params = {
+        "now": datetime.now(UTC),
+        "orders": json.dumps(updates),
+        "order_ids": store._array(order_id for _, order_id in keys),
+    }
+    assert _probes_orders_by_primary_key(_matcher_plan(engine, store._UPDATE_ORDERS, params))
+
+
+def test_matcher_outbox_reads_the_events_orders_by_primary_key(filled: Keys) -> None:
+    engine, keys = filled
+    events: list[dict[str, Any]] = [
+        {"id": str(uuid.uuid4()), "broker_id": str(broker_id), "type": "order.fill", "order_id": str(order_id),
+         "trade_id": None, "payload": {}}
+        for broker_id, order_id in keys
+    ]  # fmt: skip
+    params = {
+        "now": datetime.now(UTC),
+        "events": json.dumps(events),
+        "event_order_ids": store._array(order_id for _, order_id in keys),
+    }
+    assert _probes_orders_by_primary_key(_matcher_plan(engine, store._INSERT_OUTBOX, params))
