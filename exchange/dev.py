@@ -77,10 +77,17 @@ def _pump(name: str, stream: IO[bytes]) -> None:
         sys.stdout.flush()
 
 
+SETPRIV = shutil.which("setpriv")
+"""util-linux's ``setpriv`` (Linux): runs a child with a parent-death signal."""
+
+
 def _spawn(child: Child, env: dict[str, str]) -> None:
-    # A process group per child, so stopping it also stops its own workers (gunicorn, dramatiq).
+    # A process group per child, so stopping it also stops its own workers (gunicorn, dramatiq). Through setpriv,
+    # each child also gets SIGTERM when dev dies without stopping it (SIGKILL, OOM killer): an orphaned matcher or
+    # api would otherwise live on, still taking work from Redis and the database after a new dev run started.
+    argv = [SETPRIV, "--pdeathsig", "TERM", "--", *child.argv] if SETPRIV else child.argv
     child.process = subprocess.Popen(
-        child.argv, env={**env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        argv, env={**env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     assert child.process.stdout is not None
     child.pump = threading.Thread(target=_pump, args=(child.name, child.process.stdout), daemon=True)

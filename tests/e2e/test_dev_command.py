@@ -3,17 +3,20 @@
 Runs the real command with ``EXCHANGE_DATABASE_URL`` / ``EXCHANGE_REDIS_URL`` unset (so it starts embedded
 PostgreSQL and Redis), waits for readiness, does what the README's curl example does (register two brokers, cross
 two orders: filled), checks the dramatiq dashboard lists every queue, then sends SIGTERM and checks that every
-process of the run — children, their workers, pgbouncer, the embedded servers — is gone.
+process of the run — children, their workers, pgbouncer, the embedded servers — is gone. And when dev is killed
+outright (nothing stopped), its children stop by themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+
+from exchange.dev import stop_pgbouncer
+from tests.integration.redis_support import claimed_database
 
 ADMIN_KEY = "adm_dev_command_test"
 READY_TIMEOUT_S = 120.0
@@ -142,3 +148,43 @@ def test_exchange_dev_without_configured_services_fills_the_readme_example_and_s
     assert not left, f"processes left after exchange dev stopped: {[psutil.Process(p).cmdline() for p in left]}"
     with pytest.raises(ProcessLookupError):
         os.killpg(dev.pid, 0)
+
+
+def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path, fresh_database_url: str) -> None:
+    """SIGKILL (or the OOM killer) gives dev no chance to stop anything: its children must still not live on as
+    orphans taking matching work from Redis and the database."""
+    port, log = free_port(), tmp_path / "dev.log"
+    # Not under pytest's tmp dir: pgbouncer runs as the postgres user (as root), which cannot enter it (0700).
+    state_dir = Path(tempfile.mkdtemp(prefix="exchange-dev-killed-"))
+    state_dir.chmod(0o755)
+    with claimed_database() as redis_url:
+        env = {k: v for k, v in os.environ.items() if k not in UNSET}
+        env |= {
+            "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
+            "EXCHANGE_PARTITIONS": "2",
+            "EXCHANGE_DATABASE_URL": fresh_database_url,
+            "EXCHANGE_REDIS_URL": redis_url,
+        }
+        argv = [sys.executable, "-m", "exchange.cli", "dev", "--port", str(port), "--state-dir", str(state_dir)]
+        argv += ["--pgbouncer-port", str(free_port()), "--metrics-port", "0", "--matchers", "1", "--api-workers", "1"]
+        with log.open("wb") as out:
+            dev = subprocess.Popen(
+                argv, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        children: set[int] = set()
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", dev, log)
+            children = {p.pid for p in psutil.Process(dev.pid).children(recursive=True)}
+            assert len(children) >= 5  # api master + worker, matcher, webhooks, sweeper
+            dev.kill()
+            dev.wait(10)
+            deadline = time.monotonic() + 30
+            while (left := {p for p in children if alive(p)}) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not left, f"orphans of a killed exchange dev: {[psutil.Process(p).cmdline() for p in left]}"
+        finally:
+            for pid in {dev.pid} | children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            stop_pgbouncer(state_dir / "pgbouncer")  # a daemon of its own: the next dev run would stop it too
+            shutil.rmtree(state_dir, ignore_errors=True)
