@@ -211,8 +211,10 @@ def _add_dev(subparsers: Subparsers) -> None:
         "installed, and supervise api + matchers + webhooks + sweeper. Ctrl-C stops everything.",
     )
     parser.add_argument("--port", type=int, default=8000, help="api port on 127.0.0.1 (default 8000)")
-    parser.add_argument("--matchers", type=int, default=2, help="matcher processes splitting the partitions")
-    parser.add_argument("--api-workers", type=int, default=2, help="gunicorn workers (default 2)")
+    parser.add_argument(
+        "--matchers", type=int, default=None, help="matcher processes splitting the partitions (default: CPUs / 2)"
+    )
+    parser.add_argument("--api-workers", type=int, default=None, help="gunicorn workers (default: CPUs / 2)")
     parser.add_argument("--pgbouncer-port", type=int, default=6432, help="pgbouncer port (default 6432)")
     parser.add_argument(
         "--state-dir",
@@ -230,15 +232,15 @@ def _add_dev(subparsers: Subparsers) -> None:
 
 
 def _run_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from exchange.dev import DEFAULT_STATE_DIR, run_dev
+    from exchange.dev import DEFAULT_STATE_DIR, default_processes, run_dev
 
     return run_dev(
         settings,
         state_dir=args.state_dir or DEFAULT_STATE_DIR,
         metrics_port=args.metrics_port,
         port=args.port,
-        matchers=args.matchers,
-        api_workers=args.api_workers,
+        matchers=default_processes() if args.matchers is None else args.matchers,
+        api_workers=default_processes() if args.api_workers is None else args.api_workers,
         pgbouncer_port=args.pgbouncer_port,
     )
 

@@ -112,6 +112,18 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
 DEFAULT_STATE_DIR = REPO_ROOT / ".exchange"
 
 
+def default_processes() -> int:
+    """api workers, and matcher processes, that ``exchange dev`` starts unless told: half the CPUs this process may
+    run on, at least one. Everything shares those cores (PostgreSQL, pgbouncer, Redis, webhooks, the sweeper, and
+    a load generator when one runs): on 2 cores, 1 api worker + 1 matcher served closed-loop load 1.16x faster than
+    2 + 2, with a fifth less CPU per order (README, "Measured")."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(1, cpus // 2)
+
+
 def run_dev(
     settings: Settings,
     *,
@@ -184,6 +196,7 @@ def _supervise(
     env["EXCHANGE_REDIS_URL"] = settings.redis_url
 
     exe = [sys.executable, "-m", "exchange.cli"]
+    print(f"dev: {api_workers} api worker(s), {matchers} matcher process(es)", flush=True)
     children = [Child("api", [*exe, "api", "--bind", f"127.0.0.1:{port}", "--workers", str(api_workers)])]
     for n, spec in enumerate(split_partitions(settings.partitions, matchers)):
         children.append(Child(f"matcher-{n}", [*exe, "matcher", "--partitions", spec]))
