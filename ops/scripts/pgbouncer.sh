@@ -11,29 +11,42 @@ mkdir -p "$run_dir"; run_dir="$(cd "$run_dir" && pwd)"
 bin="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
 run_user=${RUN_USER:-postgres}
 
+# pgbouncer's own files (config, pid, log, socket) live in RUN_DIR, unless RUN_DIR is one the run user cannot
+# enter (as root, under /root or another 0700 directory): then in a fresh directory under the temp dir, whose path
+# RUN_DIR/pgbouncer.files records for stop.
+pointer="$run_dir/pgbouncer.files"
+files_dir() { if [ -f "$pointer" ]; then cat "$pointer"; else echo "$run_dir"; fi; }
+
 case "$cmd" in
 start)
     port=${3:-6432}; pg_host=${4:-127.0.0.1}; pg_port=${5:-5432}; pg_user=${6:-postgres}
+    files="$run_dir"; rm -f "$pointer"
+    if [ "$(id -u)" = 0 ] && ! runuser -u "$run_user" -- test -x "$run_dir" 2>/dev/null; then
+        files="$(mktemp -d "${TMPDIR:-/tmp}/exchange-pgbouncer-XXXXXX")"
+        echo "$files" > "$pointer"
+    fi
     sed -e "s|@PG_HOST@|$pg_host|" -e "s|@PG_PORT@|$pg_port|" -e "s|@PG_USER@|$pg_user|g" \
-        -e "s|@LISTEN_ADDR@|127.0.0.1|" -e "s|@LISTEN_PORT@|$port|" -e "s|@RUN_DIR@|$run_dir|g" \
-        "$here/pgbouncer.ini" > "$run_dir/pgbouncer.ini"
+        -e "s|@LISTEN_ADDR@|127.0.0.1|" -e "s|@LISTEN_PORT@|$port|" -e "s|@RUN_DIR@|$files|g" \
+        "$here/pgbouncer.ini" > "$files/pgbouncer.ini"
     if [ "$(id -u)" = 0 ]; then
-        chown -R "$run_user" "$run_dir"
-        runuser -u "$run_user" -- "$bin" -d "$run_dir/pgbouncer.ini"
+        chown -R "$run_user" "$files"
+        runuser -u "$run_user" -- "$bin" -d "$files/pgbouncer.ini"
     else
-        "$bin" -d "$run_dir/pgbouncer.ini"
+        "$bin" -d "$files/pgbouncer.ini"
     fi
     for _ in $(seq 1 50); do
         if pg_isready -q -h 127.0.0.1 -p "$port"; then echo "pgbouncer: listening on 127.0.0.1:$port"; exit 0; fi
         sleep 0.1
     done
-    echo "pgbouncer: did not start; log:" >&2; cat "$run_dir/pgbouncer.log" >&2 || true; exit 1
+    echo "pgbouncer: did not start; log:" >&2; cat "$files/pgbouncer.log" >&2 || true; exit 1
     ;;
 stop)
-    if [ -f "$run_dir/pgbouncer.pid" ]; then
-        kill "$(cat "$run_dir/pgbouncer.pid")" 2>/dev/null || true
-        rm -f "$run_dir/pgbouncer.pid"
+    files="$(files_dir)"
+    if [ -f "$files/pgbouncer.pid" ]; then
+        kill "$(cat "$files/pgbouncer.pid")" 2>/dev/null || true
+        rm -f "$files/pgbouncer.pid"
     fi
+    if [ "$files" != "$run_dir" ]; then rm -rf "$files"; rm -f "$pointer"; fi
     ;;
 *) echo "usage: $0 start|stop RUN_DIR ..." >&2; exit 2 ;;
 esac

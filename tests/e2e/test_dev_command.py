@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,8 +54,10 @@ def pid_from(path: Path) -> int | None:
 def run_pids(dev: subprocess.Popen[bytes], state_dir: Path) -> set[int]:
     """Every process this run started: dev's descendants plus the daemonized servers (own sessions)."""
     pids = {p.pid for p in psutil.Process(dev.pid).children(recursive=True)}
-    servers = ("pgdata/postmaster.pid", "redis.pid", "pgbouncer/pgbouncer.pid")
-    for pid in filter(None, (pid_from(state_dir / name) for name in servers)):
+    pointer = state_dir / "pgbouncer" / "pgbouncer.files"  # pgbouncer's files when its user cannot enter state_dir
+    pgbouncer_dir = Path(pointer.read_text().strip()) if pointer.exists() else state_dir / "pgbouncer"
+    pid_files = (state_dir / "pgdata/postmaster.pid", state_dir / "redis.pid", pgbouncer_dir / "pgbouncer.pid")
+    for pid in filter(None, (pid_from(path) for path in pid_files)):
         pids.add(pid)
         with contextlib.suppress(psutil.NoSuchProcess):
             pids |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
@@ -153,10 +153,7 @@ def test_exchange_dev_without_configured_services_fills_the_readme_example_and_s
 def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path, fresh_database_url: str) -> None:
     """SIGKILL (or the OOM killer) gives dev no chance to stop anything: its children must still not live on as
     orphans taking matching work from Redis and the database."""
-    port, log = free_port(), tmp_path / "dev.log"
-    # Not under pytest's tmp dir: pgbouncer runs as the postgres user (as root), which cannot enter it (0700).
-    state_dir = Path(tempfile.mkdtemp(prefix="exchange-dev-killed-"))
-    state_dir.chmod(0o755)
+    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
     with claimed_database() as redis_url:
         env = {k: v for k, v in os.environ.items() if k not in UNSET}
         env |= {
@@ -187,4 +184,3 @@ def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path,
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
             stop_pgbouncer(state_dir / "pgbouncer")  # a daemon of its own: the next dev run would stop it too
-            shutil.rmtree(state_dir, ignore_errors=True)
