@@ -49,7 +49,7 @@ def _after_commit(results: list[BatchResult], seconds: float) -> None:
     order_ids = [order_id for result in results for order_id in result.order_ids]
     event_ids = [event_id for result in results for event_id in result.event_ids]
     if order_ids:
-        publish_results(_redis, order_ids)
+        publish_results(_redis, order_ids, [state for result in results for state in result.placed])
     if event_ids:
         try:
             enqueue_deliveries(broker, event_ids)

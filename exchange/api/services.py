@@ -1,10 +1,12 @@
 """The api's side of the order flow: write the command (one transaction), wake the symbol's matcher, wait for
-the result (bounded), read the order back.
+the result (bounded), answer with the order's state.
 
 Order of steps for every command (DESIGN §3): register the waiter BEFORE the transaction (a result published
 any time after the commit is seen), commit, wake the partition (coalesced), wait up to
-``settings.order_wait_ms``, read. A failed wake-up (Redis down) is logged and ignored: the command is durable and
-the sweeper re-nudges symbols with old unprocessed commands.
+``settings.order_wait_ms``, then read the order back, unless the result carried the state of the new order it
+placed (:class:`~exchange.messaging.results.PlacedState`, the order as committed: no query). A failed wake-up
+(Redis down) is logged and ignored: the command is durable and the sweeper re-nudges symbols with old unprocessed
+commands.
 
 New orders and read-backs go through the process's coalescers (:mod:`exchange.api.coalescing`): requests that
 arrive together share one transaction / one query; each still gets only its own outcome.
@@ -15,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from uuid import UUID
 
 from exchange.api import batches
 from exchange.api.state import ApiState
+from exchange.messaging.results import PlacedState
 from exchange.orders import accept
 from exchange.orders.errors import OrderNotFoundError
-from exchange.orders.models import NewOrder, OrderView
+from exchange.orders.models import NewOrder, OrderView, TradeView
+from exchange.times import from_micros
 
 
 async def wake(state: ApiState, symbol: str) -> None:
@@ -40,7 +45,7 @@ def _wait_s(state: ApiState) -> float:
 
 
 @contextlib.contextmanager
-def _registered(state: ApiState, order_id: UUID) -> Iterator[asyncio.Future[None]]:
+def _registered(state: ApiState, order_id: UUID) -> Iterator[asyncio.Future[PlacedState | None]]:
     """Register for ``order_id``'s result (before the command's transaction); always deregistered on exit."""
     future = state.waiter.register(order_id)
     try:
@@ -62,12 +67,43 @@ async def _commit_and_wait(
 
 async def place(state: ApiState, order: NewOrder) -> tuple[OrderView, bool]:
     """Accept ``order``; returns its view (after matching, or ``pending`` on timeout) and whether it is new
-    (False: a duplicate ``client_order_id``/``Idempotency-Key`` returned the original order)."""
+    (False: a duplicate ``client_order_id``/``Idempotency-Key`` returned the original order). A new order's view
+    comes from the matcher's published state when it arrives with one, else from a read."""
     with _registered(state, order.order_id) as future:
         result = await state.accepts.submit(order)  # committed when this returns; the wake-up is on its way
-        if result.created:
-            await state.waiter.wait(order.order_id, future, _wait_s(state))
+        if result.created and await state.waiter.wait(order.order_id, future, _wait_s(state)):
+            placed = future.result()
+            if placed is not None and result.created_at is not None:
+                return _placed_view(order, result.created_at, placed), True
     return await read_order(state, order.broker_id, result.order_id), result.created
+
+
+def _placed_view(order: NewOrder, created_at: datetime, placed: PlacedState) -> OrderView:
+    """The view :func:`exchange.orders.queries.get_orders` would read of a new order right after the matcher's
+    transaction that placed it: what the api wrote, with the columns that transaction wrote over it (a ``None``
+    kept the written value, as in its ``UPDATE``) and its trades."""
+    return OrderView(
+        id=order.order_id,
+        side=order.side,
+        order_type=order.order_type,
+        time_in_force=order.time_in_force,
+        symbol=order.symbol,
+        price=order.price if placed.price is None else placed.price,
+        quantity=order.quantity if placed.quantity is None else placed.quantity,
+        remaining_quantity=order.quantity if placed.remaining is None else placed.remaining,
+        status=placed.status,
+        close_reason=placed.close_reason,
+        valid_until=None if order.valid_until is None else order.valid_until.astimezone(UTC),
+        created_at=created_at.astimezone(UTC),
+        updated_at=from_micros(placed.updated_us),
+        client_order_id=order.client_order_id,
+        document_number=order.document_number,
+        stp=order.stp,
+        trades=[
+            TradeView(t.trade_id, t.price, t.quantity, t.counterparty_broker, from_micros(t.executed_us))
+            for t in placed.trades
+        ],
+    )
 
 
 async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool) -> OrderView | None:

@@ -41,7 +41,8 @@ from exchange.engine import OrderBook
 from exchange.engine.types import Amend, Cancel, Command, Event, Place, RestingOrder, Side
 from exchange.matching import store
 from exchange.matching.commands import MalformedCommandError, to_engine_command
-from exchange.matching.effects import plan_batch
+from exchange.matching.effects import BatchEffects, plan_batch
+from exchange.messaging.results import PlacedState, PlacedTrade
 from exchange.times import to_micros
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class BatchResult:
     more: bool
     """The batch was full: more commands may be waiting."""
     rebuilt: bool
+    placed: list[PlacedState] = field(default_factory=list)
+    """The committed state of each order placed by this batch, published with ``order_ids``."""
 
 
 def process_symbol(
@@ -139,6 +142,46 @@ def _isolate_poison(engine: Engine, cache: BookCache, symbol: str, batch_limit: 
     )
     order_ids = [] if quarantined.order_id is None else [quarantined.order_id]
     return BatchResult(symbol, 1, 0, order_ids, [], more=True, rebuilt=False)
+
+
+def _placed_states(
+    plan: BatchEffects,
+    placed_ids: Iterable[UUID],
+    trade_ids: dict[tuple[int, int], UUID],
+    names: dict[UUID, str],
+    now_us: int,
+) -> list[PlacedState]:
+    """What the api shows of each order this batch placed, exactly as ``store.write_batch`` committed it: the
+    columns its ``UPDATE orders`` wrote (``None`` kept the placed value) and every trade of the order, all of them
+    in this batch. An order without an update, or with a counterparty whose name is unknown, gets no state (its
+    waiter reads it back)."""
+    states: list[PlacedState] = []
+    for order_id in placed_ids:
+        update = plan.orders.get(order_id)
+        if update is None:
+            continue
+        trades: list[PlacedTrade] = []
+        for t in plan.trades:  # in application order: command sequence, then match number
+            if order_id not in (t.buy_order_id, t.sell_order_id):
+                continue
+            counterparty = names.get(t.sell_broker_id if t.buy_order_id == order_id else t.buy_broker_id)
+            if counterparty is None:
+                break
+            trades.append(PlacedTrade(trade_ids[(t.seq, t.match_no)], t.price, t.quantity, counterparty, now_us))
+        else:
+            states.append(
+                PlacedState(
+                    order_id=order_id,
+                    status=update.status,
+                    close_reason=update.close_reason,
+                    remaining=update.remaining,
+                    price=update.price,
+                    quantity=update.quantity,
+                    updated_us=now_us,
+                    trades=trades,
+                )
+            )
+    return states
 
 
 def process_symbols(
@@ -245,26 +288,30 @@ def _transaction(engine: Engine, cache: BookCache, symbols: list[str], batch_lim
         now_us = to_micros(start.now)
         batches: list[store.BookBatch] = []
         touched: dict[str, tuple[list[UUID], dict[UUID, RestingOrder]]] = {}
+        placed_ids: dict[str, list[UUID]] = {}
         for symbol, rows in start.commands.items():
             book, owners = entries[symbol].book, entries[symbol].owners
             applied: list[tuple[Command, list[Event]]] = []
+            placed_ids[symbol] = []
             for row in rows:
                 command = to_engine_command(row, symbol)
                 if isinstance(command, Place):
                     owners[command.order.order_id] = (command.order.broker_id, command.order.side)
+                    placed_ids[symbol].append(command.order.order_id)
                 applied.append((command, book.apply(command, now_us)))
             order_ids = _touched_orders(applied)
             resting_after = {oid: r for oid in order_ids if (r := book.get(oid)) is not None}
             touched[symbol] = (order_ids, resting_after)
             batches.append(store.BookBatch(symbol, plan_batch(applied, resting_after, owners), [r.seq for r in rows]))
-        event_ids = store.write_batch(conn, start.now, batches)
+        written = store.write_batch(conn, start.now, batches)
+        event_ids = written.event_ids
         for symbol, cached in entries.items():
             order_ids, resting_after = touched[symbol]
             for order_id in order_ids:
                 if order_id not in resting_after:
                     cached.owners.pop(order_id, None)  # closed or never rested: keep the map as small as the book
             cached.version = start.versions[symbol] + 1  # last: the entry is trusted again only once it is whole
-    written = {batch.symbol: batch for batch in batches}
+    planned = {batch.symbol: batch for batch in batches}
     results: list[BatchResult] = []
     for symbol in symbols:
         if symbol not in start.commands:
@@ -275,11 +322,14 @@ def _transaction(engine: Engine, cache: BookCache, symbols: list[str], batch_lim
             BatchResult(
                 symbol=symbol,
                 commands=commands,
-                trades=len(written[symbol].plan.trades),
+                trades=len(planned[symbol].plan.trades),
                 order_ids=touched[symbol][0],
                 event_ids=event_ids[symbol],
                 more=commands >= batch_limit,
                 rebuilt=symbol in stale,
+                placed=_placed_states(
+                    planned[symbol].plan, placed_ids[symbol], written.trade_ids, written.broker_names, now_us
+                ),
             )
         )
     return results

@@ -294,6 +294,7 @@ UPDATE brokers AS b
 SET balance = b.balance + v.delta, event_seq = b.event_seq + v.events
 FROM v
 WHERE b.id = v.id AND b.id IN (SELECT id FROM locked)
+RETURNING b.id, b.name
 """
 
 # Runs after _UPDATE_BROKERS in the same transaction, so ``b.event_seq`` already counts this batch's events (of
@@ -348,10 +349,20 @@ class BookBatch:
     seqs: Sequence[int]
 
 
-def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> dict[str, list[UUID]]:
+@dataclass(frozen=True, slots=True)
+class Written:
+    event_ids: dict[str, list[UUID]]
+    """The outbox events written, by symbol."""
+    trade_ids: dict[tuple[int, int], UUID]
+    """The trades written, by (command sequence, match number)."""
+    broker_names: dict[UUID, str]
+    """The name of every broker whose row the batch updated (every side of every trade)."""
+
+
+def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> Written:
     """Write the effects of every book's batch, mark their commands processed, bump each book's version and COMMIT:
     one round trip. Rows carry their symbol; the statements are the same whatever the number of books (one per
-    table). Returns the ids of the outbox events written, by symbol."""
+    table)."""
     trade_ids = {(t.seq, t.match_no): uuid.uuid4() for b in books for t in b.plan.trades}
     event_ids = {b.symbol: [uuid.uuid4() for _ in b.plan.outbox] for b in books}
     params: dict[str, Any] = {
@@ -379,8 +390,13 @@ def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> 
         if rows:  # a statement per table that has rows, in this order (the outbox reads the brokers' new event_seq)
             statements.append(statement)
             params[name] = msgspec.json.encode(rows).decode()
-    _send(conn, [*statements, _FINISH, "COMMIT"], params)
-    return event_ids
+    cursor = _send(conn, [*statements, _FINISH, "COMMIT"], params)
+    names: dict[UUID, str] = {}
+    if _UPDATE_BROKERS in statements:  # its RETURNING rows are in the message's results, in statement order
+        for _ in range(statements.index(_UPDATE_BROKERS)):
+            cursor.nextset()
+        names = dict(cursor.fetchall())
+    return Written(event_ids, trade_ids, names)
 
 
 def _trade_rows(symbol: str, trades: list[TradeRow], trade_ids: dict[tuple[int, int], UUID]) -> list[dict[str, Any]]:

@@ -1,12 +1,19 @@
 """Fan-out of matching results from matchers to the api workers waiting for them.
 
 The matcher publishes, after its commit, the ids of the orders whose state it changed on one Redis pub/sub
-channel. Each api *process* holds exactly one subscriber connection (not one per request) and resolves the
-futures of the requests it has waiting. LISTEN/NOTIFY is not used because it does not pass pgbouncer's
-transaction pooling.
+channel, with the committed state of each order PLACED in that transaction (:class:`PlacedState`: everything of
+the order's view that the api did not write itself), so the api answers a new order's 201 without reading it
+back. Each api *process* holds exactly one subscriber connection (not one per request) and resolves the futures
+of the requests it has waiting. LISTEN/NOTIFY is not used because it does not pass pgbouncer's transaction
+pooling.
 
 A waiter registers *before* its order is committed, so a result published at any time after the commit is seen.
 A lost message only costs the waiting request its bounded wait: the order itself is safe in Postgres.
+
+Invariant: a :class:`PlacedState` is the order exactly as committed by the transaction that processed its place
+command, and that transaction holds every trade the order has (all of them come from commands of the same
+batch), so the api's view built from it equals the one read back. Orders that changed without being placed in
+the transaction (a maker filled, a cancel) carry no state: their waiters read them back.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 from collections.abc import Iterable
 from uuid import UUID
 
+import msgspec
 import redis
 import redis.asyncio
 
@@ -25,19 +33,61 @@ RESULTS_CHANNEL = "exchange:order-results"
 log = logging.getLogger(__name__)
 
 
-def encode_order_ids(order_ids: Iterable[UUID]) -> bytes:
-    return b",".join(o.hex.encode("ascii") for o in order_ids)
+class PlacedTrade(msgspec.Struct, array_like=True, frozen=True):
+    trade_id: UUID
+    price: int
+    quantity: int
+    counterparty_broker: str
+    executed_us: int
+    """Microseconds since the epoch (UTC), as stored."""
 
 
-def decode_order_ids(payload: bytes) -> list[UUID]:
-    return [UUID(hex=part.decode("ascii")) for part in payload.split(b",") if part]
+class PlacedState(msgspec.Struct, array_like=True, frozen=True):
+    """A placed order's committed state: what its view holds beyond the fields the api wrote (see module doc)."""
+
+    order_id: UUID
+    status: str
+    close_reason: str | None
+    remaining: int | None
+    """None: unchanged (the placed quantity), like every None here, as the matcher's ``UPDATE orders`` reads it."""
+    price: int | None
+    quantity: int | None
+    updated_us: int
+    trades: list[PlacedTrade]
+    """Oldest first (command sequence, then match number): the order of the read-back."""
 
 
-def publish_results(client: redis.Redis, order_ids: Iterable[UUID]) -> None:
-    """Tell every api process that these orders were processed (called after the matcher's commit)."""
-    payload = encode_order_ids(order_ids)
-    if payload:
-        client.publish(RESULTS_CHANNEL, payload)
+class _Results(msgspec.Struct, array_like=True):
+    order_ids: list[UUID]
+    placed: list[PlacedState]
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_Results)
+
+
+def encode_results(order_ids: Iterable[UUID], placed: Iterable[PlacedState] = ()) -> bytes:
+    return _encoder.encode(_Results(list(order_ids), list(placed)))
+
+
+def decode_results(payload: bytes) -> tuple[list[UUID], dict[UUID, PlacedState]]:
+    """Order ids and placed states of one message; a message of a matcher from before the states (comma-separated
+    hex ids, during a rolling upgrade) gives ids only. Raises ``ValueError`` for anything else."""
+    if not payload.startswith(b"["):
+        return [UUID(hex=part.decode("ascii")) for part in payload.split(b",") if part], {}
+    try:
+        results = _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed result message: {exc}") from exc
+    return results.order_ids, {state.order_id: state for state in results.placed}
+
+
+def publish_results(client: redis.Redis, order_ids: Iterable[UUID], placed: Iterable[PlacedState] = ()) -> None:
+    """Tell every api process that these orders were processed, with the state of those placed in the
+    transaction (called after the matcher's commit)."""
+    ids = list(order_ids)
+    if ids:
+        client.publish(RESULTS_CHANNEL, encode_results(ids, placed))
 
 
 class ResultWaiter:
@@ -50,7 +100,7 @@ class ResultWaiter:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
-        self._waiting: dict[UUID, list[asyncio.Future[None]]] = {}
+        self._waiting: dict[UUID, list[asyncio.Future[PlacedState | None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
@@ -67,12 +117,14 @@ class ResultWaiter:
                 await self._task
             self._task = None
 
-    def register(self, order_id: UUID) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def register(self, order_id: UUID) -> asyncio.Future[PlacedState | None]:
+        """A future resolved when ``order_id``'s result arrives: with its :class:`PlacedState` when the transaction
+        placed it, else None."""
+        future: asyncio.Future[PlacedState | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(order_id, []).append(future)
         return future
 
-    def discard(self, order_id: UUID, future: asyncio.Future[None]) -> None:
+    def discard(self, order_id: UUID, future: asyncio.Future[PlacedState | None]) -> None:
         futures = self._waiting.get(order_id)
         if futures is None:
             return
@@ -81,8 +133,9 @@ class ResultWaiter:
         if not futures:
             del self._waiting[order_id]
 
-    async def wait(self, order_id: UUID, future: asyncio.Future[None], timeout_s: float) -> bool:
-        """Wait for the registered ``future`` up to ``timeout_s``. True if the result arrived."""
+    async def wait(self, order_id: UUID, future: asyncio.Future[PlacedState | None], timeout_s: float) -> bool:
+        """Wait for the registered ``future`` up to ``timeout_s``. True if the result arrived (then
+        ``future.result()`` is the order's :class:`PlacedState` or None)."""
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except TimeoutError:
@@ -101,15 +154,18 @@ class ResultWaiter:
                     self._ready.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            self._resolve(decode_order_ids(message["data"]))
+                            try:
+                                self._resolve(*decode_results(message["data"]))
+                            except ValueError:  # one bad message must not cost the subscription
+                                log.warning("ignored a malformed result message", exc_info=True)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("result subscriber lost its Redis connection; reconnecting", exc_info=True)
                 await asyncio.sleep(0.5)
 
-    def _resolve(self, order_ids: list[UUID]) -> None:
+    def _resolve(self, order_ids: list[UUID], placed: dict[UUID, PlacedState]) -> None:
         for order_id in order_ids:
             for future in self._waiting.get(order_id, ()):
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(placed.get(order_id))

@@ -143,7 +143,7 @@ _PLACE_MANY = text(
     )
     INSERT INTO commands (seq, symbol, kind, order_id)
     SELECT seq, symbol, '{CommandKind.PLACE.value}', id FROM ins
-    RETURNING order_id
+    RETURNING order_id, now() AS created_at
     """  # noqa: S608  # enum constant only
 )
 
@@ -222,7 +222,8 @@ async def _place_group(
     # One statement writes (and, in autocommit mode, durably commits) the whole group: one round trip. The
     # originals of the orders it did not insert are looked up after it (one query), when they are committed.
     async with single_statement(engine) as conn:
-        inserted = set((await conn.execute(_PLACE_MANY, _columns(orders))).scalars())
+        # ``created_at`` defaults to now(), the transaction's start: the same value for every row it inserts.
+        inserted = {row.order_id: row.created_at for row in await conn.execute(_PLACE_MANY, _columns(orders))}
         duplicates = [order for order in orders if order.order_id not in inserted]
         for order in duplicates:
             if order.client_order_id is None and order.idempotency_key is None:
@@ -241,7 +242,7 @@ async def _place_group(
     outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
     for order in orders:
         if order.order_id in inserted:
-            outcomes.append(PlaceResult(order.order_id, created=True))
+            outcomes.append(PlaceResult(order.order_id, created=True, created_at=inserted[order.order_id]))
             continue
         original = originals.get(position[order.order_id])
         if original is None:

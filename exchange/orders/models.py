@@ -32,6 +32,8 @@ class PlaceResult:
     """The new order's id, or the original order's id when the request was a duplicate."""
     created: bool
     """False when a ``client_order_id``/``Idempotency-Key`` matched an existing order (nothing was written)."""
+    created_at: datetime | None = None
+    """The new order's ``created_at`` (None for a duplicate)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ import redis
 from litestar.testing import TestClient
 from sqlalchemy import Engine
 
+from exchange.api.state import api_state
 from exchange.matching.service import BookCache, process_symbol
 from exchange.messaging.results import publish_results
 from tests.integration.api_helpers import count, match, new_symbol, register
@@ -74,7 +75,7 @@ def running_matcher(api_engine: Engine, api_redis_url: str) -> Iterator[Callable
             for symbol in list(symbols):
                 result = process_symbol(api_engine, cache, symbol)
                 if result.order_ids:
-                    publish_results(client, result.order_ids)
+                    publish_results(client, result.order_ids, result.placed)
             time.sleep(0.005)
 
     thread = threading.Thread(target=loop, daemon=True)
@@ -100,6 +101,51 @@ def test_place_order_waits_for_the_matcher_and_returns_the_matched_state(
     assert bid["status"] == "closed"
     assert bid["close_reason"] == "filled"
     assert [(t["price"], t["quantity"], t["counterparty_broker"]) for t in bid["trades"]] == [(100, 4, seller.name)]
+
+
+def test_a_new_orders_201_is_the_matchers_published_state_and_equals_the_order_read_back(
+    client_factory: Callable[..., TestClient[Any]],
+    running_matcher: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = client_factory(order_wait_ms="5000")
+    symbol = new_symbol()
+    running_matcher(symbol)
+    seller, buyer = register(client, "Seller SA"), register(client, "Buyer SA")
+    reads = api_state(client.app).reads
+    read_back: list[object] = []
+    read = reads.submit
+
+    async def counted(key: Any) -> Any:
+        read_back.append(key)
+        return await read(key)
+
+    monkeypatch.setattr(reads, "submit", counted)
+    expiry = (datetime.now(UTC) + timedelta(days=1)).astimezone(timezone(timedelta(hours=-3))).isoformat()
+    placed = [
+        (seller, limit(symbol, "ask", 100, 10, valid_until=expiry, client_order_id="rests")),  # open, gtd
+        (buyer, limit(symbol, "bid", 100, 4)),  # filled by the ask
+        (buyer, limit(symbol, "bid", 100, 10)),  # 6 filled, 4 rest
+        (seller, {**limit(symbol, "ask", 0, 50), "order_type": "market", "price": None}),  # 4 filled, rest unfilled
+    ]
+    answers, read_afterwards = [], []
+    for broker, body in placed:
+        response = client.post("/orders", json=body, headers=broker.headers)
+        assert response.status_code == 201, response.text
+        answers.append(response.json())
+        read_back_so_far = len(read_back)
+        # Read before the next order changes it (the next POST's batch may fill it).
+        read_afterwards.append(client.get(f"/orders/{response.json()['id']}", headers=broker.headers).json())
+        del read_back[read_back_so_far:]  # that GET's own read
+    assert read_back == []  # every 201 came from the matcher's published state
+    summary = [(a["status"], a["close_reason"], a["remaining_quantity"], len(a["trades"])) for a in answers]
+    assert summary == [
+        ("open", None, 10, 0),
+        ("closed", "filled", 0, 1),
+        ("open", None, 4, 1),
+        ("closed", "unfilled", 46, 1),
+    ]
+    assert answers == read_afterwards
 
 
 def test_a_crossing_pair_trades_at_the_sellers_price_and_updates_balances_and_positions(

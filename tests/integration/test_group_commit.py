@@ -59,17 +59,20 @@ async def test_a_group_writes_every_order_with_its_place_command_in_submission_o
     broker = add_broker(engine, "grouped")
     orders = [new_order(broker, new_symbol()) for _ in range(5)]
     outcomes = await accept.place_orders(async_engine, orders)
-    assert outcomes == [PlaceResult(o.order_id, created=True) for o in orders]
+    assert [(o.order_id, o.created) for o in outcomes if isinstance(o, PlaceResult)] == [
+        (o.order_id, True) for o in orders
+    ]
     with engine.connect() as conn:
         rows = conn.execute(
             text(
-                "SELECT o.id, o.seq, c.seq AS command_seq, c.kind FROM orders o JOIN commands c ON c.order_id = o.id "
-                "WHERE o.broker_id = :b ORDER BY o.seq"
+                "SELECT o.id, o.seq, o.created_at, c.seq AS command_seq, c.kind FROM orders o"
+                " JOIN commands c ON c.order_id = o.id WHERE o.broker_id = :b ORDER BY o.seq"
             ),
             {"b": broker},
         ).all()
     assert [r.id for r in rows] == [o.order_id for o in orders]
     assert all(r.seq == r.command_seq and r.kind == "place" for r in rows)
+    assert [o.created_at for o in outcomes if isinstance(o, PlaceResult)] == [r.created_at for r in rows]
 
 
 @pytest.mark.anyio
@@ -80,7 +83,12 @@ async def test_a_repeated_client_order_id_inside_one_group_resolves_to_the_first
     symbol = new_symbol()
     first, second = (new_order(broker, symbol, client_order_id="same") for _ in range(2))
     outcomes = await accept.place_orders(async_engine, [first, second])
-    assert outcomes == [PlaceResult(first.order_id, created=True), PlaceResult(first.order_id, created=False)]
+    assert [(o.order_id, o.created) for o in outcomes if isinstance(o, PlaceResult)] == [
+        (first.order_id, True),
+        (first.order_id, False),
+    ]
+    assert isinstance(outcomes[1], PlaceResult)
+    assert outcomes[1].created_at is None
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE symbol = :s"), {"s": symbol}).scalar() == 1
 
@@ -94,9 +102,11 @@ async def test_an_order_that_violates_a_constraint_fails_alone_and_the_rest_of_i
     good_before, good_after = new_order(broker, symbol), new_order(broker, symbol)
     unknown_broker = new_order(uuid.uuid4(), symbol)  # foreign key violation
     outcomes = await accept.place_orders(async_engine, [good_before, unknown_broker, good_after])
-    assert outcomes[0] == PlaceResult(good_before.order_id, created=True)
+    assert isinstance(outcomes[0], PlaceResult)
+    assert (outcomes[0].order_id, outcomes[0].created) == (good_before.order_id, True)
     assert isinstance(outcomes[1], IntegrityError)
-    assert outcomes[2] == PlaceResult(good_after.order_id, created=True)
+    assert isinstance(outcomes[2], PlaceResult)
+    assert (outcomes[2].order_id, outcomes[2].created) == (good_after.order_id, True)
     with engine.connect() as conn:
         ids = set(conn.execute(text("SELECT order_id FROM commands WHERE symbol = :s"), {"s": symbol}).scalars())
     assert ids == {good_before.order_id, good_after.order_id}
