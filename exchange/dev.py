@@ -77,8 +77,17 @@ def _pump(name: str, stream: IO[bytes]) -> None:
         sys.stdout.flush()
 
 
-SETPRIV = shutil.which("setpriv")
-"""util-linux's ``setpriv`` (Linux): runs a child with a parent-death signal."""
+def _setpriv() -> str | None:
+    """util-linux's ``setpriv`` (Linux) if it has ``--pdeathsig`` (util-linux 2.33 and newer), else None."""
+    found = shutil.which("setpriv")
+    if found is None:
+        return None
+    usage = subprocess.run([found, "--help"], capture_output=True, text=True, check=False).stdout
+    return found if "--pdeathsig" in usage else None
+
+
+SETPRIV = _setpriv()
+"""Runs a child with a parent-death signal; None where there is none (the children then outlive a killed dev)."""
 
 
 def _spawn(child: Child, env: dict[str, str]) -> None:
@@ -117,11 +126,26 @@ def default_processes() -> int:
     run on, at least one. Everything shares those cores (PostgreSQL, pgbouncer, Redis, webhooks, the sweeper, and
     a load generator when one runs): on 2 cores, 1 api worker + 1 matcher served closed-loop load 1.16x faster than
     2 + 2, with a fifth less CPU per order (README, "Measured")."""
+    return max(1, usable_cpus() // 2)
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), fewer when a cgroup v2 quota (a container's ``--cpus``) allows
+    less time than that."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 2
-    return max(1, cpus // 2)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))  # a quota of 1.5 CPUs still runs on 2
 
 
 def run_dev(

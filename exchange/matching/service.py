@@ -155,20 +155,21 @@ def _placed_states(
     columns its ``UPDATE orders`` wrote (``None`` kept the placed value) and every trade of the order, all of them
     in this batch. An order without an update, or with a counterparty whose name is unknown, gets no state (its
     waiter reads it back)."""
+    placed = set(placed_ids)
+    trades_of: dict[UUID, list[PlacedTrade | None]] = {order_id: [] for order_id in placed}
+    for t in plan.trades:  # in application order: command sequence, then match number
+        for order_id, counterparty_id in ((t.buy_order_id, t.sell_broker_id), (t.sell_order_id, t.buy_broker_id)):
+            if order_id in placed:
+                name = names.get(counterparty_id)
+                trade_id = trade_ids[(t.seq, t.match_no)]
+                trades_of[order_id].append(
+                    None if name is None else PlacedTrade(trade_id, t.price, t.quantity, name, now_us)
+                )
     states: list[PlacedState] = []
     for order_id in placed_ids:
         update = plan.orders.get(order_id)
-        if update is None:
-            continue
-        trades: list[PlacedTrade] = []
-        for t in plan.trades:  # in application order: command sequence, then match number
-            if order_id not in (t.buy_order_id, t.sell_order_id):
-                continue
-            counterparty = names.get(t.sell_broker_id if t.buy_order_id == order_id else t.buy_broker_id)
-            if counterparty is None:
-                break
-            trades.append(PlacedTrade(trade_ids[(t.seq, t.match_no)], t.price, t.quantity, counterparty, now_us))
-        else:
+        trades = trades_of[order_id]
+        if update is not None and None not in trades:
             states.append(
                 PlacedState(
                     order_id=order_id,
@@ -178,7 +179,7 @@ def _placed_states(
                     price=update.price,
                     quantity=update.quantity,
                     updated_us=now_us,
-                    trades=trades,
+                    trades=[t for t in trades if t is not None],
                 )
             )
     return states
@@ -327,12 +328,29 @@ def _transaction(engine: Engine, cache: BookCache, symbols: list[str], batch_lim
                 event_ids=event_ids[symbol],
                 more=commands >= batch_limit,
                 rebuilt=symbol in stale,
-                placed=_placed_states(
-                    planned[symbol].plan, placed_ids[symbol], written.trade_ids, written.broker_names, now_us
+                placed=_placed_after_commit(
+                    symbol, planned[symbol].plan, placed_ids[symbol], written.trade_ids, written.broker_names, now_us
                 ),
             )
         )
     return results
+
+
+def _placed_after_commit(
+    symbol: str,
+    plan: BatchEffects,
+    placed_ids: Iterable[UUID],
+    trade_ids: dict[tuple[int, int], UUID],
+    names: dict[UUID, str],
+    now_us: int,
+) -> list[PlacedState]:
+    """:func:`_placed_states`, run after the COMMIT: nothing there may raise, or the committed batch would be
+    retried as failed and its results never published. Without states the waiters read their orders back."""
+    try:
+        return _placed_states(plan, placed_ids, trade_ids, names, now_us)
+    except Exception:
+        log.exception("placed states of %s not published; waiters will read their orders back", symbol)
+        return []
 
 
 def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:

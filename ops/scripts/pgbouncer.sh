@@ -12,17 +12,31 @@ bin="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
 run_user=${RUN_USER:-postgres}
 
 # pgbouncer's own files (config, pid, log, socket) live in RUN_DIR, unless RUN_DIR is one the run user cannot
-# enter (as root, under /root or another 0700 directory): then in a fresh directory under the temp dir, whose path
-# RUN_DIR/pgbouncer.files records for stop.
+# enter (as root, under /root or another 0700 directory): then in a fresh /tmp/exchange-pgbouncer-* directory,
+# whose path RUN_DIR/pgbouncer.files records for stop (which removes it).
 pointer="$run_dir/pgbouncer.files"
-files_dir() { if [ -f "$pointer" ]; then cat "$pointer"; else echo "$run_dir"; fi; }
+
+stop_run() {  # the pgbouncer of RUN_DIR, if one runs; then its stand-in directory, if it had one
+    local files="$run_dir"
+    if [ -f "$pointer" ]; then
+        files="$(cat "$pointer")"
+        case "$files" in /tmp/exchange-pgbouncer-*) ;; *) echo "pgbouncer: ignoring $pointer ($files)" >&2; files="$run_dir" ;; esac
+    fi
+    if [ -f "$files/pgbouncer.pid" ]; then
+        kill "$(cat "$files/pgbouncer.pid")" 2>/dev/null || true
+        rm -f "$files/pgbouncer.pid"
+    fi
+    if [ "$files" != "$run_dir" ]; then rm -rf "$files"; fi
+    rm -f "$pointer"
+}
 
 case "$cmd" in
 start)
     port=${3:-6432}; pg_host=${4:-127.0.0.1}; pg_port=${5:-5432}; pg_user=${6:-postgres}
-    files="$run_dir"; rm -f "$pointer"
+    if [ -f "$pointer" ]; then stop_run; fi  # a stand-in directory is only ever used by one run
+    files="$run_dir"
     if [ "$(id -u)" = 0 ] && ! runuser -u "$run_user" -- test -x "$run_dir" 2>/dev/null; then
-        files="$(mktemp -d "${TMPDIR:-/tmp}/exchange-pgbouncer-XXXXXX")"
+        files="$(mktemp -d /tmp/exchange-pgbouncer-XXXXXX)"
         echo "$files" > "$pointer"
     fi
     sed -e "s|@PG_HOST@|$pg_host|" -e "s|@PG_PORT@|$pg_port|" -e "s|@PG_USER@|$pg_user|g" \
@@ -41,12 +55,7 @@ start)
     echo "pgbouncer: did not start; log:" >&2; cat "$files/pgbouncer.log" >&2 || true; exit 1
     ;;
 stop)
-    files="$(files_dir)"
-    if [ -f "$files/pgbouncer.pid" ]; then
-        kill "$(cat "$files/pgbouncer.pid")" 2>/dev/null || true
-        rm -f "$files/pgbouncer.pid"
-    fi
-    if [ "$files" != "$run_dir" ]; then rm -rf "$files"; rm -f "$pointer"; fi
+    stop_run
     ;;
 *) echo "usage: $0 start|stop RUN_DIR ..." >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from exchange.dev import stop_pgbouncer
+from exchange.dev import SETPRIV, stop_pgbouncer
 from tests.integration.redis_support import claimed_database
 
 ADMIN_KEY = "adm_dev_command_test"
@@ -153,6 +153,8 @@ def test_exchange_dev_without_configured_services_fills_the_readme_example_and_s
 def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path, fresh_database_url: str) -> None:
     """SIGKILL (or the OOM killer) gives dev no chance to stop anything: its children must still not live on as
     orphans taking matching work from Redis and the database."""
+    if SETPRIV is None:
+        pytest.skip("no setpriv with --pdeathsig (util-linux 2.33+, Linux)")
     port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
     with claimed_database() as redis_url:
         env = {k: v for k, v in os.environ.items() if k not in UNSET}

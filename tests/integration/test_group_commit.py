@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exchange.api.app import create_app
 from exchange.config import Settings
-from exchange.db.engines import pooled_async_engine
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
@@ -25,13 +24,6 @@ from tests.integration.api_helpers import ADMIN_KEY, new_symbol
 from tests.integration.sql_orders import add_broker
 
 pytest_plugins = ["tests.integration.api_fixtures"]
-
-
-@pytest.fixture
-async def async_engine(fresh_migrated_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = pooled_async_engine(fresh_migrated_database_url)
-    yield engine
-    await engine.dispose()
 
 
 def new_order(broker_id: uuid.UUID, symbol: str, **extra: Any) -> NewOrder:

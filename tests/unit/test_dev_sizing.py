@@ -1,6 +1,8 @@
-"""``exchange dev`` sizes its api workers and matcher processes by the CPUs it may run on."""
+"""``exchange dev`` sizes its api workers and matcher processes by the CPUs it may use."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +11,18 @@ from exchange import dev
 
 @pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4)])
 def test_dev_starts_half_as_many_api_workers_and_matchers_as_it_has_cpus(
-    monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int, expected: int
 ) -> None:
     monkeypatch.setattr(dev.os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    monkeypatch.setattr(dev, "CGROUP_CPU_MAX", tmp_path / "absent")
     assert dev.default_processes() == expected
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", 8), ("150000 100000", 2), ("50000 100000", 1)])
+def test_a_cgroup_cpu_quota_caps_the_cpus_dev_sizes_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpu_max: str, expected: int
+) -> None:
+    monkeypatch.setattr(dev.os, "sched_getaffinity", lambda _pid: set(range(8)))
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(dev, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert dev.usable_cpus() == expected
