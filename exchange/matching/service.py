@@ -145,8 +145,9 @@ def _isolate_poison(engine: Engine, cache: BookCache, symbol: str, batch_limit: 
 
 
 def _placed_states(
+    symbol: str,
     plan: BatchEffects,
-    placed_ids: Iterable[UUID],
+    placed_ids: Sequence[UUID],
     trade_ids: dict[tuple[int, int], UUID],
     names: dict[UUID, str],
     now_us: int,
@@ -154,35 +155,40 @@ def _placed_states(
     """What the api shows of each order this batch placed, exactly as ``store.write_batch`` committed it: the
     columns its ``UPDATE orders`` wrote (``None`` kept the placed value) and every trade of the order, all of them
     in this batch. An order without an update, or with a counterparty whose name is unknown, gets no state (its
-    waiter reads it back)."""
-    placed = set(placed_ids)
-    trades_of: dict[UUID, list[PlacedTrade | None]] = {order_id: [] for order_id in placed}
-    for t in plan.trades:  # in application order: command sequence, then match number
-        for order_id, counterparty_id in ((t.buy_order_id, t.sell_broker_id), (t.sell_order_id, t.buy_broker_id)):
-            if order_id in placed:
-                name = names.get(counterparty_id)
-                trade_id = trade_ids[(t.seq, t.match_no)]
-                trades_of[order_id].append(
-                    None if name is None else PlacedTrade(trade_id, t.price, t.quantity, name, now_us)
+    waiter reads it back). Runs after the COMMIT, so it never raises: the committed batch would be retried as
+    failed and its results never published; on a bug it returns no states (the waiters read their orders back)."""
+    try:
+        placed = set(placed_ids)
+        trades_of: dict[UUID, list[PlacedTrade | None]] = {order_id: [] for order_id in placed}
+        for t in plan.trades:  # in application order: command sequence, then match number
+            for order_id, counterparty_id in ((t.buy_order_id, t.sell_broker_id), (t.sell_order_id, t.buy_broker_id)):
+                if order_id in placed:
+                    name = names.get(counterparty_id)
+                    trade_id = trade_ids[(t.seq, t.match_no)]
+                    trades_of[order_id].append(
+                        None if name is None else PlacedTrade(trade_id, t.price, t.quantity, name, now_us)
+                    )
+        states: list[PlacedState] = []
+        for order_id in placed_ids:
+            update = plan.orders.get(order_id)
+            trades = trades_of[order_id]
+            if update is not None and None not in trades:
+                states.append(
+                    PlacedState(
+                        order_id=order_id,
+                        status=update.status,
+                        close_reason=update.close_reason,
+                        remaining=update.remaining,
+                        price=update.price,
+                        quantity=update.quantity,
+                        updated_us=now_us,
+                        trades=[t for t in trades if t is not None],
+                    )
                 )
-    states: list[PlacedState] = []
-    for order_id in placed_ids:
-        update = plan.orders.get(order_id)
-        trades = trades_of[order_id]
-        if update is not None and None not in trades:
-            states.append(
-                PlacedState(
-                    order_id=order_id,
-                    status=update.status,
-                    close_reason=update.close_reason,
-                    remaining=update.remaining,
-                    price=update.price,
-                    quantity=update.quantity,
-                    updated_us=now_us,
-                    trades=[t for t in trades if t is not None],
-                )
-            )
-    return states
+        return states
+    except Exception:
+        log.exception("placed states of %s not published; waiters will read their orders back", symbol)
+        return []
 
 
 def process_symbols(
@@ -328,29 +334,12 @@ def _transaction(engine: Engine, cache: BookCache, symbols: list[str], batch_lim
                 event_ids=event_ids[symbol],
                 more=commands >= batch_limit,
                 rebuilt=symbol in stale,
-                placed=_placed_after_commit(
+                placed=_placed_states(
                     symbol, planned[symbol].plan, placed_ids[symbol], written.trade_ids, written.broker_names, now_us
                 ),
             )
         )
     return results
-
-
-def _placed_after_commit(
-    symbol: str,
-    plan: BatchEffects,
-    placed_ids: Iterable[UUID],
-    trade_ids: dict[tuple[int, int], UUID],
-    names: dict[UUID, str],
-    now_us: int,
-) -> list[PlacedState]:
-    """:func:`_placed_states`, run after the COMMIT: nothing there may raise, or the committed batch would be
-    retried as failed and its results never published. Without states the waiters read their orders back."""
-    try:
-        return _placed_states(plan, placed_ids, trade_ids, names, now_us)
-    except Exception:
-        log.exception("placed states of %s not published; waiters will read their orders back", symbol)
-        return []
 
 
 def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:
