@@ -104,17 +104,31 @@ def filled(client: httpx.Client, key: str, order_id: str) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def test_exchange_dev_without_configured_services_fills_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
-    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
+def start_dev(tmp_path: Path, port: int, state_dir: Path, log: Path, **env_extra: str) -> subprocess.Popen[bytes]:
+    """``exchange dev`` (one api worker, one matcher, two partitions) in a session of its own, its output in
+    ``log``; services come from ``env_extra`` (``EXCHANGE_DATABASE_URL``…), embedded ones otherwise."""
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    env |= {"EXCHANGE_ADMIN_API_KEY": ADMIN_KEY, "EXCHANGE_PARTITIONS": "2"}
+    env |= {"EXCHANGE_ADMIN_API_KEY": ADMIN_KEY, "EXCHANGE_PARTITIONS": "2", **env_extra}
     argv = [sys.executable, "-m", "exchange.cli", "dev", "--port", str(port), "--state-dir", str(state_dir)]
     argv += ["--pgbouncer-port", str(free_port()), "--metrics-port", "0", "--matchers", "1", "--api-workers", "1"]
     with log.open("wb") as out:
         # cwd: an empty directory, so no developer's .env can configure services behind the test's back.
-        dev = subprocess.Popen(
+        return subprocess.Popen(
             argv, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def still_alive_after(pids: set[int], timeout_s: float) -> set[int]:
+    """The processes of ``pids`` still running once they all ended or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_exchange_dev_without_configured_services_fills_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
+    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
+    dev = start_dev(tmp_path, port, state_dir, log)
     pids: set[int] = set()
     try:
         base = f"http://127.0.0.1:{port}"
@@ -142,9 +156,7 @@ def test_exchange_dev_without_configured_services_fills_the_readme_example_and_s
             os.killpg(dev.pid, signal.SIGKILL)
             pytest.fail(f"exchange dev did not stop within 60 s of SIGTERM:\n{log.read_text()[-4000:]}")
     assert code == 0, log.read_text()[-4000:]
-    deadline = time.monotonic() + 10
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    left = still_alive_after(pids, 10)
     assert not left, f"processes left after exchange dev stopped: {[psutil.Process(p).cmdline() for p in left]}"
     with pytest.raises(ProcessLookupError):
         os.killpg(dev.pid, 0)
@@ -157,19 +169,8 @@ def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path,
         pytest.skip("no setpriv with --pdeathsig (util-linux 2.33+, Linux)")
     port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
     with claimed_database() as redis_url:
-        env = {k: v for k, v in os.environ.items() if k not in UNSET}
-        env |= {
-            "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
-            "EXCHANGE_PARTITIONS": "2",
-            "EXCHANGE_DATABASE_URL": fresh_database_url,
-            "EXCHANGE_REDIS_URL": redis_url,
-        }
-        argv = [sys.executable, "-m", "exchange.cli", "dev", "--port", str(port), "--state-dir", str(state_dir)]
-        argv += ["--pgbouncer-port", str(free_port()), "--metrics-port", "0", "--matchers", "1", "--api-workers", "1"]
-        with log.open("wb") as out:
-            dev = subprocess.Popen(
-                argv, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        services = {"EXCHANGE_DATABASE_URL": fresh_database_url, "EXCHANGE_REDIS_URL": redis_url}
+        dev = start_dev(tmp_path, port, state_dir, log, **services)
         children: set[int] = set()
         try:
             wait_ready(f"http://127.0.0.1:{port}", dev, log)
@@ -177,9 +178,7 @@ def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path,
             assert len(children) >= 5  # api master + worker, matcher, webhooks, sweeper
             dev.kill()
             dev.wait(10)
-            deadline = time.monotonic() + 30
-            while (left := {p for p in children if alive(p)}) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            left = still_alive_after(children, 30)
             assert not left, f"orphans of a killed exchange dev: {[psutil.Process(p).cmdline() for p in left]}"
         finally:
             for pid in {dev.pid} | children:
