@@ -1,4 +1,5 @@
-"""The matcher's statements that join a batch's rows to ``orders`` probe those orders by primary key.
+"""Plans of hot statements: the matcher's statements that join a batch's rows to ``orders`` probe those orders by
+primary key; the webhook claim's cached generic plan reads due events through their partial index.
 
 Joined to a ``json_to_recordset`` alone (always planned as 100 rows), PostgreSQL hashed the whole table while it
 held a few thousand to some 20,000 orders: a sequential scan per batch, the bench's whole run long. 5,000 orders of
@@ -105,3 +106,55 @@ def test_matcher_outbox_reads_the_events_orders_by_primary_key(filled: Keys) -> 
         "event_order_ids": store._array(order_id for _, order_id in keys),
     }
     assert _probes_orders_by_primary_key(_matcher_plan(engine, store._INSERT_OUTBOX, params))
+
+
+def _nested_plans(conn: psycopg.Connection[Any], call: str, times: int) -> list[str]:
+    """The plans auto_explain reports, as notices, for the statements run inside ``call`` (run ``times`` times)."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+        conn.execute(f"SET auto_explain.{setting}")
+    for _ in range(times):
+        conn.execute(call)
+    conn.rollback()
+    return notices
+
+
+def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_generic_plan(engine: Engine) -> None:
+    # 20,000 delivered events and 100 due ones: a plan that scans the table instead of the pending-events index
+    # would read them all on every claim. The function plans once per server connection (generic plan), so the
+    # plan must be right without knowing the limit: the first call plans, the later ones reuse it.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                """
+                INSERT INTO brokers (name, api_key_hash, webhook_url, webhook_secret)
+                SELECT 'broker ' || g, encode(sha256(g::text::bytea), 'hex'), 'http://127.0.0.1:9/hook', 'whsec_x'
+                FROM generate_series(1, 100) AS g
+                """
+            )
+        )
+        conn.execute(
+            text(
+                """
+                INSERT INTO webhook_events (broker_id, sequence, type, payload, status, delivered_at)
+                SELECT b.id, g, 'trade_executed', '{}', CASE WHEN g > 1 THEN 'delivered' ELSE 'pending' END,
+                       CASE WHEN g > 1 THEN now() END
+                FROM generate_series(1, 201) AS g CROSS JOIN brokers AS b
+                """
+            )
+        )
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    raw = engine.raw_connection()
+    try:
+        conn = raw.driver_connection
+        assert isinstance(conn, psycopg.Connection)
+        call = "SELECT * FROM webhook_claim('{}'::uuid[], '{}'::integer[], '{}'::uuid[], 32, 16, 30)"
+        plans = [p for p in _nested_plans(conn, call, times=3) if "webhook_events" in p]
+    finally:
+        raw.close()
+    assert len(plans) == 3, plans
+    assert all("ix_webhook_events_pending_next_attempt_at" in plan for plan in plans), plans[0]
+    assert not any("Seq Scan on webhook_events" in plan for plan in plans), plans[0]
