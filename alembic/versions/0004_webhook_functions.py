@@ -26,6 +26,14 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# ``due`` locks the oldest due events, skipping rows other workers hold and brokers the calling worker already has at
+# its per-broker cap (``p_full_brokers``); ``ranked`` numbers them per broker and ``claimed`` keeps at most the
+# broker's room (``p_room_left`` for brokers the worker has some in flight, else ``p_per_broker``). Rows locked but
+# not claimed are released at commit and stay due. Events of brokers without a usable endpoint become ``skipped``
+# and are returned with NULL attempts. "Due" is bounded by ``statement_timestamp()``, not ``clock_timestamp()``: a
+# volatile bound cannot end the index scan, so every claim that finds nothing would walk the whole pending index.
+# ``#variable_conflict use_column``: the result columns (id, attempts, …) are also PL/pgSQL variables; every name
+# in the statement means a column.
 WEBHOOK_CLAIM = """
 CREATE FUNCTION webhook_claim(
     p_room_brokers uuid[], p_room_left integer[], p_full_brokers uuid[], p_limit integer, p_per_broker integer,
@@ -85,6 +93,15 @@ END
 $fn$
 """
 
+# ``o`` is the batch, in completion order (``ord``). The broker's count of consecutive failed events restarts
+# after its last delivery in the batch and only counts events this statement actually failed (fenced); a 410
+# disables the endpoint at once. Brokers are only written when something changes (the happy path writes none:
+# the matcher updates broker rows too, and an idle write would contend with it). The rows that change are locked
+# first, in id order (``locked``), exactly as the matcher locks broker rows (exchange.matching.store,
+# _UPDATE_BROKERS): two statements locking rows of the same brokers in the same order cannot deadlock. The UPDATE
+# then only writes rows this statement holds. A row another transaction changed after this statement's snapshot
+# is re-read at its newest version by the lock and by the UPDATE (READ COMMITTED re-check), so the condition is
+# judged on what is written over.
 WEBHOOK_RECORD = """
 CREATE FUNCTION webhook_record(p_batch jsonb, p_disable_after integer) RETURNS void
 LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan

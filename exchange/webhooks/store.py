@@ -55,11 +55,11 @@ class Claimed:
     """Events marked ``skipped`` instead (the broker has no URL or its endpoint is disabled)."""
 
 
-# One call of ``webhook_claim`` (alembic revision 0004, where the statement and its comments live): ``due`` locks the
-# oldest due events, skipping rows other workers hold and brokers this worker already has at its per-broker cap;
-# ``picked`` keeps at most ``room`` of them per broker; events of brokers without a usable endpoint are marked
-# ``skipped`` and returned with NULL attempts. A PL/pgSQL function, so the server plans the statement once per
-# backend instead of on every call (pgbouncer 1.18 passes no prepared statements).
+# One call of ``webhook_claim`` (alembic revision 0004, where the statement and its comments live): locks the oldest
+# due events (skipping rows other workers hold and brokers at this worker's per-broker cap), claims at most each
+# broker's room of them, and marks events of brokers without a usable endpoint ``skipped`` (returned with NULL
+# attempts). A PL/pgSQL function, so the server plans the statement once per server connection instead of on every
+# call (pgbouncer 1.18 passes no prepared statements).
 _CLAIM = """
     SELECT * FROM webhook_claim(
         CAST(%(room_brokers)s AS uuid[]), CAST(%(room_left)s AS integer[]), CAST(%(full_brokers)s AS uuid[]),
