@@ -10,8 +10,8 @@ statements with pgbouncer 1.18) PostgreSQL parsed and planned each one every tim
 idle table, 0.50 ms of server time per claim and 1.0 ms per record, most of it parse and plan. PL/pgSQL keeps a
 function's plans in the server backend across transactions, and ``plan_cache_mode = force_generic_plan`` makes it
 plan each statement once per backend (the plans use the same indexes: the pending-events partial index with its
-limit, the primary keys): 0.1 ms each. The statements are the ones documented in
-:mod:`exchange.webhooks.store`; ``synchronous_commit`` is still set for the calling transaction only
+limit, the primary keys): 0.1 ms each. The statements are the ones :mod:`exchange.webhooks.store` sent before,
+unchanged; ``synchronous_commit`` is still set for the calling transaction only
 (``set_config(…, true)`` outlives the function, not the transaction).
 
 A later change to either statement is a new revision with ``CREATE OR REPLACE FUNCTION``.
@@ -102,7 +102,12 @@ $fn$
 # then only writes rows this statement holds. A row another transaction changed after this statement's snapshot
 # is re-read at its newest version by the lock and by the UPDATE (READ COMMITTED re-check), so the condition is
 # judged on what is written over.
-WEBHOOK_RECORD = """
+_FAILURES = "(CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after)"
+"""The broker's consecutive failed events after this batch (``t``: its tally, ``b``: its row)."""
+_CHANGES = f"({_FAILURES} <> b.webhook_consecutive_failures OR (t.gone AND b.webhook_enabled))"
+"""The batch changes the broker's row."""
+
+WEBHOOK_RECORD = f"""
 CREATE FUNCTION webhook_record(p_batch jsonb, p_disable_after integer) RETURNS void
 LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan
 AS $fn$
@@ -150,20 +155,20 @@ BEGIN
         ),
         locked AS MATERIALIZED (
             SELECT b.id FROM brokers AS b JOIN tally AS t ON t.broker_id = b.id
-            WHERE ((CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after) <> b.webhook_consecutive_failures OR (t.gone AND b.webhook_enabled))
+            WHERE {_CHANGES}
             ORDER BY b.id
             FOR NO KEY UPDATE OF b
         )
         UPDATE brokers AS b
-        SET webhook_consecutive_failures = (CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after),
-            webhook_enabled = b.webhook_enabled AND NOT t.gone AND (CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after) < p_disable_after,
-            webhook_disabled_reason = CASE WHEN b.webhook_enabled AND (t.gone OR (CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after) >= p_disable_after) THEN t.reason
+        SET webhook_consecutive_failures = {_FAILURES},
+            webhook_enabled = b.webhook_enabled AND NOT t.gone AND {_FAILURES} < p_disable_after,
+            webhook_disabled_reason = CASE WHEN b.webhook_enabled AND (t.gone OR {_FAILURES} >= p_disable_after) THEN t.reason
                                            ELSE b.webhook_disabled_reason END
         FROM tally AS t
-        WHERE b.id = t.broker_id AND b.id IN (SELECT id FROM locked) AND ((CASE WHEN t.reset THEN 0 ELSE b.webhook_consecutive_failures END + t.failed_after) <> b.webhook_consecutive_failures OR (t.gone AND b.webhook_enabled));
+        WHERE b.id = t.broker_id AND b.id IN (SELECT id FROM locked) AND {_CHANGES};
 END
 $fn$
-"""
+"""  # noqa: S608  # constant SQL fragments only
 
 
 def upgrade() -> None:
