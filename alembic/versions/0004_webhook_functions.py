@@ -111,7 +111,6 @@ WEBHOOK_RECORD = f"""
 CREATE FUNCTION webhook_record(p_batch jsonb, p_disable_after integer) RETURNS void
 LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan
 AS $fn$
-#variable_conflict use_column
 BEGIN
         WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
         o AS (

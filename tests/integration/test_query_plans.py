@@ -10,33 +10,41 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from exchange.matching import store
+from exchange.webhooks import store as webhook_store
 
 ROWS = 5000
 BROKERS = 100
 BATCH = 10
 
 
+def _insert_brokers(conn: Connection, *, webhook_url: str | None) -> None:
+    conn.execute(
+        text(
+            """
+            INSERT INTO brokers (name, api_key_hash, webhook_url, webhook_secret)
+            SELECT 'broker ' || g, encode(sha256(g::text::bytea), 'hex'), :url, 'whsec_x'
+            FROM generate_series(1, :n) AS g
+            """
+        ),
+        {"n": BROKERS, "url": webhook_url},
+    )
+
+
 @pytest.fixture
 def filled(engine: Engine) -> tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]:
     """5,000 orders of 100 brokers, analysed; returns the engine and 10 ``(broker_id, order_id)`` keys."""
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                """
-                INSERT INTO brokers (name, api_key_hash, webhook_secret)
-                SELECT 'broker ' || g, encode(sha256(g::text::bytea), 'hex'), 'whsec_x' FROM generate_series(1, :n) AS g
-                """
-            ),
-            {"n": BROKERS},
-        )
+        _insert_brokers(conn, webhook_url=None)
         conn.execute(
             text(
                 """
@@ -60,19 +68,26 @@ def filled(engine: Engine) -> tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]:
 Keys = tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]
 
 
-def _matcher_plan(engine: Engine, statement: str, params: dict[str, Any]) -> str:
-    """EXPLAIN of a matcher statement, its parameters bound on the client as the matcher binds them."""
+@contextmanager
+def _psycopg_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled connection's psycopg connection, as the matcher and the webhook worker use theirs."""
     raw = engine.raw_connection()
     try:
         conn = raw.driver_connection
         assert isinstance(conn, psycopg.Connection)
+        yield conn
+    finally:
+        raw.close()
+
+
+def _matcher_plan(engine: Engine, statement: str, params: dict[str, Any]) -> str:
+    """EXPLAIN of a matcher statement, its parameters bound on the client as the matcher binds them."""
+    with _psycopg_connection(engine) as conn:
         cursor = psycopg.ClientCursor(conn)
         cursor.execute("EXPLAIN " + statement, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
         conn.rollback()
         return plan
-    finally:
-        raw.close()
 
 
 def _probes_orders_by_primary_key(plan: str) -> bool:
@@ -108,7 +123,7 @@ def test_matcher_outbox_reads_the_events_orders_by_primary_key(filled: Keys) -> 
     assert _probes_orders_by_primary_key(_matcher_plan(engine, store._INSERT_OUTBOX, params))
 
 
-def _nested_plans(conn: psycopg.Connection[Any], call: str, times: int) -> list[str]:
+def _nested_plans(conn: psycopg.Connection[Any], call: str, params: dict[str, Any], times: int) -> list[str]:
     """The plans auto_explain reports, as notices, for the statements run inside ``call`` (run ``times`` times)."""
     notices: list[str] = []
     conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
@@ -116,7 +131,7 @@ def _nested_plans(conn: psycopg.Connection[Any], call: str, times: int) -> list[
     for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
         conn.execute(f"SET auto_explain.{setting}")
     for _ in range(times):
-        conn.execute(call)
+        conn.execute(call, params)
     conn.rollback()
     return notices
 
@@ -126,15 +141,7 @@ def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_gene
     # would read them all on every claim. The function plans once per server connection (generic plan), so the
     # plan must be right without knowing the limit: the first call plans, the later ones reuse it.
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                """
-                INSERT INTO brokers (name, api_key_hash, webhook_url, webhook_secret)
-                SELECT 'broker ' || g, encode(sha256(g::text::bytea), 'hex'), 'http://127.0.0.1:9/hook', 'whsec_x'
-                FROM generate_series(1, 100) AS g
-                """
-            )
-        )
+        _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
         conn.execute(
             text(
                 """
@@ -147,14 +154,9 @@ def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_gene
         )
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
-    raw = engine.raw_connection()
-    try:
-        conn = raw.driver_connection
-        assert isinstance(conn, psycopg.Connection)
-        call = "SELECT * FROM webhook_claim('{}'::uuid[], '{}'::integer[], '{}'::uuid[], 32, 16, 30)"
-        plans = [p for p in _nested_plans(conn, call, times=3) if "webhook_events" in p]
-    finally:
-        raw.close()
+    params = {"room_brokers": [], "room_left": [], "full_brokers": [], "limit": 32, "per_broker": 16, "lease": 30}
+    with _psycopg_connection(engine) as conn:
+        plans = [p for p in _nested_plans(conn, webhook_store._CLAIM, params, times=3) if "webhook_events" in p]
     assert len(plans) == 3, plans
     assert all("ix_webhook_events_pending_next_attempt_at" in plan for plan in plans), plans[0]
     assert not any("Seq Scan on webhook_events" in plan for plan in plans), plans[0]
