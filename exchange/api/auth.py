@@ -46,7 +46,7 @@ async def broker_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
     key_hash = hash_api_key(token)
     broker = state.keys.get(key_hash)
     if broker is None:
-        async with single_statement(state.engine) as conn:
+        async with single_statement(state.pool) as conn:
             broker = await broker_for_key_hash(conn, key_hash)
         if broker is None:
             raise unauthorized()

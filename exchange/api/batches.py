@@ -11,9 +11,8 @@ from uuid import UUID
 
 from dramatiq.brokers.redis import RedisBroker
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exchange.db.engines import single_statement
+from exchange.db.engines import AsyncPool, single_statement
 from exchange.messaging.wakeups import wake_async
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
@@ -49,27 +48,27 @@ def wake_soon(redis: Redis, broker: RedisBroker, symbols: Sequence[str], partiti
 
 
 async def accept_orders(
-    engine: AsyncEngine, redis: Redis, broker: RedisBroker, partitions: int, orders: Sequence[NewOrder]
+    pool: AsyncPool, redis: Redis, broker: RedisBroker, partitions: int, orders: Sequence[NewOrder]
 ) -> list[PlaceResult | Exception]:
     """Commit the orders together, then wake each symbol with a new order once."""
-    outcomes = await accept.place_orders(engine, orders)
+    outcomes = await accept.place_orders(pool, orders)
     created = [o.symbol for o, r in zip(orders, outcomes, strict=True) if isinstance(r, PlaceResult) and r.created]
     wake_soon(redis, broker, created, partitions)
     return outcomes
 
 
 async def cancel_orders(
-    engine: AsyncEngine, redis: Redis, broker: RedisBroker, partitions: int, keys: Sequence[OrderKey]
+    pool: AsyncPool, redis: Redis, broker: RedisBroker, partitions: int, keys: Sequence[OrderKey]
 ) -> list[CommandResult | OrderNotFoundError]:
     """Commit the cancel commands together, then wake each symbol with a new command once."""
-    outcomes = await accept.cancel_orders(engine, keys)
+    outcomes = await accept.cancel_orders(pool, keys)
     written = [r.symbol for r in outcomes if isinstance(r, CommandResult) and r.written]
     wake_soon(redis, broker, written, partitions)
     return outcomes
 
 
-async def read_orders(engine: AsyncEngine, keys: Sequence[OrderKey]) -> list[OrderView | None]:
+async def read_orders(pool: AsyncPool, keys: Sequence[OrderKey]) -> list[OrderView | None]:
     """The orders' views from one query and one snapshot (taken after every key was submitted)."""
-    async with single_statement(engine) as conn:
+    async with single_statement(pool) as conn:
         views = await queries.get_orders(conn, keys)
     return [views.get(key) for key in keys]

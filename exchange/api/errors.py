@@ -40,6 +40,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
     HTTPException,
@@ -50,7 +51,6 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.types import ExceptionHandlersMap
-from sqlalchemy import exc as sa_exc
 
 from exchange.db.errors import sqlstate
 from exchange.orders import errors as domain
@@ -153,9 +153,8 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
     return error_response(status, code, message, None, exc.headers)
 
 
-def _integrity_error(request: Request[Any, Any, Any], exc: sa_exc.IntegrityError) -> Response[dict[str, Any]]:
-    diag = getattr(exc.orig, "diag", None)
-    constraint = getattr(diag, "constraint_name", None) or ""
+def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityError) -> Response[dict[str, Any]]:
+    constraint = exc.diag.constraint_name or ""
     if constraint.startswith("fk_") and constraint.endswith("_brokers"):
         # The authenticated broker no longer exists (e.g. after /debug/reset while its key was cached).
         return _api_error(request, unauthorized("unknown broker"))
@@ -166,16 +165,15 @@ def _integrity_error(request: Request[Any, Any, Any], exc: sa_exc.IntegrityError
 
 def is_database_unavailable(exc: BaseException) -> bool:
     """True for failures to reach or keep a PostgreSQL connection (as opposed to a bad statement)."""
-    if isinstance(exc, sa_exc.TimeoutError | sa_exc.InterfaceError):
+    # OperationalError covers a failed connect, a connection lost mid-statement and the pool's PoolTimeout.
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return True
-    if isinstance(exc, sa_exc.DBAPIError):
-        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
-            return True
+    if isinstance(exc, psycopg.Error):
         return bool(_CONNECTION_SQLSTATE.match(sqlstate(exc)))
     return False
 
 
-def _database_error(request: Request[Any, Any, Any], exc: sa_exc.SQLAlchemyError) -> Response[dict[str, Any]]:
+def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[dict[str, Any]]:
     if is_database_unavailable(exc):
         log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=True)
         return error_response(503, "database_unavailable", "the database is unavailable; retry later")
@@ -192,7 +190,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     domain.OrderServiceError: _domain_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
-    sa_exc.IntegrityError: _integrity_error,
-    sa_exc.SQLAlchemyError: _database_error,
+    psycopg.IntegrityError: _integrity_error,
+    psycopg.Error: _database_error,
     Exception: _unexpected,
 }

@@ -120,7 +120,7 @@ async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool
 
 
 async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.CancelAllResult:
-    result = await accept.cancel_all(state.engine, broker_id, symbol)
+    result = await accept.cancel_all(state.pool, broker_id, symbol)
     if result.order_ids:
         await wake(state, result.symbol)
     return result
@@ -128,7 +128,7 @@ async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.Ca
 
 async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None) -> OrderView:
     async def commit() -> bool:
-        result = await accept.amend_order(state.engine, broker_id, order_id, quantity, price)
+        result = await accept.amend_order(state.pool, broker_id, order_id, quantity, price)
         if result.written:
             await wake(state, result.symbol)
         return result.written

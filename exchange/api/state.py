@@ -1,6 +1,6 @@
 """Per-process resources of an api worker, created at startup and released at shutdown.
 
-One :class:`ApiState` per process (stored as ``app.state.api``): a pooled async engine (pgbouncer-safe), a
+One :class:`ApiState` per process (stored as ``app.state.api``): a psycopg connection pool (pgbouncer-safe), a
 Redis client for commands (short timeouts), a separate Redis client for the result subscriber (its pub/sub
 connection idles for long periods, so it must not carry a read timeout), the dramatiq broker, exactly one
 :class:`~exchange.messaging.results.ResultWaiter`, and the group-commit coalescers of order accepts, cancels and reads.
@@ -19,12 +19,11 @@ from typing import cast
 from dramatiq.brokers.redis import RedisBroker
 from litestar import Litestar
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exchange.api.batches import OrderKey, accept_orders, cancel_orders, read_orders
 from exchange.api.coalescing import Coalescer
 from exchange.config import Settings
-from exchange.db.engines import pooled_async_engine
+from exchange.db.engines import AsyncPool
 from exchange.messaging.broker import make_broker
 from exchange.messaging.results import ResultWaiter
 from exchange.orders.models import BrokerIdentity, CommandResult, NewOrder, OrderView, PlaceResult
@@ -67,7 +66,7 @@ class KeyCache:
 @dataclass(slots=True)
 class ApiState:
     settings: Settings
-    engine: AsyncEngine
+    pool: AsyncPool
     redis: Redis
     subscriber_redis: Redis
     broker: RedisBroker
@@ -90,7 +89,7 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
 
     @contextlib.asynccontextmanager
     async def run(app: Litestar) -> AsyncIterator[None]:
-        engine = pooled_async_engine(settings.pooled_database_url)
+        pool = AsyncPool(settings.pooled_database_url)
         client = Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
@@ -100,13 +99,13 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
         await waiter.start()
         group = {"max_concurrent": settings.group_commit_concurrency, "max_batch": settings.group_commit_max}
         accepts: Coalescer[NewOrder, PlaceResult] = Coalescer(
-            functools.partial(accept_orders, engine, client, broker, settings.partitions), **group
+            functools.partial(accept_orders, pool, client, broker, settings.partitions), **group
         )
         cancels: Coalescer[OrderKey, CommandResult] = Coalescer(
-            functools.partial(cancel_orders, engine, client, broker, settings.partitions), **group
+            functools.partial(cancel_orders, pool, client, broker, settings.partitions), **group
         )
-        reads: Coalescer[OrderKey, OrderView | None] = Coalescer(functools.partial(read_orders, engine), **group)
-        app.state.api = ApiState(settings, engine, client, subscriber, broker, waiter, accepts, cancels, reads)
+        reads: Coalescer[OrderKey, OrderView | None] = Coalescer(functools.partial(read_orders, pool), **group)
+        app.state.api = ApiState(settings, pool, client, subscriber, broker, waiter, accepts, cancels, reads)
         try:
             yield
         finally:
@@ -116,6 +115,6 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
                     await c.aclose()
             with contextlib.suppress(Exception):
                 broker.close()
-            await engine.dispose()
+            await pool.close()
 
     return run

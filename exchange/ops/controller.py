@@ -39,12 +39,12 @@ class OpsController(Controller):
     @get("/", guards=[ops_guard], media_type=MediaType.HTML)
     async def page(self, api: Api) -> str:
         """The ops page (HTML)."""
-        return page.render(await data.snapshot(api.engine, api.redis, api.settings.partitions))
+        return page.render(await data.snapshot(api.pool, api.redis, api.settings.partitions))
 
     @get("/data.json", guards=[ops_guard])
     async def data_json(self, api: Api) -> dict[str, Any]:
         """The ops snapshot the page shows, as JSON."""
-        return await data.snapshot(api.engine, api.redis, api.settings.partitions)
+        return await data.snapshot(api.pool, api.redis, api.settings.partitions)
 
     @get("/login")
     async def login(
@@ -81,7 +81,7 @@ class MetricsController(Controller):
         pending: list[tuple[int, int, float]] = []
         try:
             rows = await asyncio.wait_for(
-                data.pending_by_partition(api.engine, api.settings.partitions), data.READ_TIMEOUT_S
+                data.pending_by_partition(api.pool, api.settings.partitions), data.READ_TIMEOUT_S
             )
             pending = [(r["partition"], r["pending"], r["oldest_age_s"]) for r in rows]
         except Exception as exc:

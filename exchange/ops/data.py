@@ -15,9 +15,8 @@ from typing import Any
 
 from dramatiq.common import dq_name, xq_name
 from redis.asyncio import Redis
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exchange.db.engines import AsyncPool, single_statement, transaction
 from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue, partition_of
 
 MAX_SYMBOLS = 50
@@ -29,15 +28,12 @@ READ_TIMEOUT_S = 2.0
 """Bound on a read that may fail on its own (``/metrics``' gauges, the queue depths), so an unreachable Postgres
 or Redis never stalls ``/ops`` or ``/metrics``."""
 
-_PENDING = text(
-    """
+_PENDING = """
     SELECT symbol, count(*) AS pending, extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_s
     FROM commands WHERE processed_at IS NULL GROUP BY symbol
-    """
-)
+"""
 
-_BOOKS = text(
-    """
+_BOOKS = """
     SELECT s.symbol, s.last_price, s.last_trade_at,
            coalesce(o.bids, 0) AS bid_orders, coalesce(o.asks, 0) AS ask_orders,
            coalesce(o.bid_qty, 0) AS bid_quantity, coalesce(o.ask_qty, 0) AS ask_quantity,
@@ -52,40 +48,35 @@ _BOOKS = text(
         FROM orders WHERE status = 'open' GROUP BY symbol
     ) o ON o.symbol = s.symbol
     ORDER BY s.last_trade_at DESC NULLS LAST, s.symbol
-    LIMIT :limit
-    """
-)
+    LIMIT %(limit)s
+"""
 
-_WEBHOOK_ENDPOINTS = text(
-    """
+_WEBHOOK_ENDPOINTS = """
     SELECT id, name, webhook_url, webhook_enabled, webhook_disabled_reason, webhook_consecutive_failures
     FROM brokers
     WHERE webhook_url IS NOT NULL AND (NOT webhook_enabled OR webhook_consecutive_failures > 0)
     ORDER BY webhook_enabled, webhook_consecutive_failures DESC, name
-    LIMIT :limit
-    """
-)
+    LIMIT %(limit)s
+"""
 
-_RECENT_ERRORS = text(
-    """
+_RECENT_ERRORS = """
     SELECT e.id, e.broker_id, b.name AS broker_name, e.type, e.status, e.attempts, e.last_error,
            e.created_at, e.next_attempt_at
     FROM webhook_events e JOIN brokers b ON b.id = e.broker_id
     WHERE e.last_error IS NOT NULL AND e.status <> 'skipped'  -- skipped = no URL or disabled: listed above
     ORDER BY e.next_attempt_at DESC
-    LIMIT :limit
-    """
-)
+    LIMIT %(limit)s
+"""
 
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
-async def pending_by_partition(engine: AsyncEngine, partitions: int) -> list[dict[str, Any]]:
+async def pending_by_partition(pool: AsyncPool, partitions: int) -> list[dict[str, Any]]:
     """Every partition (including idle ones) with its unprocessed commands and the oldest one's age."""
-    async with engine.connect() as conn:
-        rows = (await conn.execute(_PENDING)).all()
+    async with single_statement(pool) as conn:
+        rows = await (await conn.execute(_PENDING)).fetchall()
     pending = [0] * partitions
     oldest = [0.0] * partitions
     for row in rows:
@@ -119,18 +110,18 @@ async def queue_depths_or_none(redis: Redis, partitions: int) -> list[dict[str, 
     return None
 
 
-async def snapshot(engine: AsyncEngine, redis: Redis, partitions: int) -> dict[str, Any]:
+async def snapshot(pool: AsyncPool, redis: Redis, partitions: int) -> dict[str, Any]:
     """The whole ops view. Redis being down does not hide the Postgres part (``queues`` is then ``None``)."""
 
     async def database() -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
-        async with engine.connect() as conn:
-            books = (await conn.execute(_BOOKS, {"limit": MAX_SYMBOLS})).all()
-            hooks = (await conn.execute(_WEBHOOK_ENDPOINTS, {"limit": MAX_ERRORS})).all()
-            errors = (await conn.execute(_RECENT_ERRORS, {"limit": MAX_ERRORS})).all()
+        async with transaction(pool) as conn:
+            books = await (await conn.execute(_BOOKS, {"limit": MAX_SYMBOLS})).fetchall()
+            hooks = await (await conn.execute(_WEBHOOK_ENDPOINTS, {"limit": MAX_ERRORS})).fetchall()
+            errors = await (await conn.execute(_RECENT_ERRORS, {"limit": MAX_ERRORS})).fetchall()
         return books, hooks, errors
 
     pending, (books, hooks, errors), queues = await asyncio.gather(
-        pending_by_partition(engine, partitions), database(), queue_depths_or_none(redis, partitions)
+        pending_by_partition(pool, partitions), database(), queue_depths_or_none(redis, partitions)
     )
     return {
         "generated_at": datetime.now(UTC).isoformat(),

@@ -25,11 +25,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Row, text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+import psycopg
 
-from exchange.db.engines import single_statement
+from exchange.db.engines import AsyncPgConnection, AsyncPool, single_statement, transaction
 from exchange.db.errors import is_deterministic, is_retryable
 from exchange.db.tables import CommandKind, OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
@@ -120,8 +118,7 @@ def new_order(
     )
 
 
-_PLACE_MANY = text(
-    f"""
+_PLACE_MANY = f"""
     WITH ins AS (
         INSERT INTO orders (id, broker_id, client_order_id, idempotency_key, document_number, symbol, side,
                             order_type, time_in_force, stp, price, quantity, remaining, placed_price,
@@ -129,11 +126,12 @@ _PLACE_MANY = text(
         SELECT v.id, v.broker_id, v.client_order_id, v.idempotency_key, v.document_number, v.symbol, v.side,
                v.order_type, v.time_in_force, v.stp, v.price, v.quantity, v.quantity, v.price, v.quantity,
                v.valid_until, nextval('command_seq')
-        FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[]), CAST(:client_order_ids AS text[]),
-                    CAST(:idempotency_keys AS text[]), CAST(:document_numbers AS text[]), CAST(:symbols AS text[]),
-                    CAST(:sides AS text[]), CAST(:order_types AS text[]), CAST(:time_in_forces AS text[]),
-                    CAST(:stps AS text[]), CAST(:prices AS bigint[]), CAST(:quantities AS bigint[]),
-                    CAST(:valid_untils AS timestamptz[]))
+        FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]),
+                    CAST(%(client_order_ids)s AS text[]), CAST(%(idempotency_keys)s AS text[]),
+                    CAST(%(document_numbers)s AS text[]), CAST(%(symbols)s AS text[]), CAST(%(sides)s AS text[]),
+                    CAST(%(order_types)s AS text[]), CAST(%(time_in_forces)s AS text[]), CAST(%(stps)s AS text[]),
+                    CAST(%(prices)s AS bigint[]), CAST(%(quantities)s AS bigint[]),
+                    CAST(%(valid_untils)s AS timestamptz[]))
              WITH ORDINALITY
              AS v(id, broker_id, client_order_id, idempotency_key, document_number, symbol, side, order_type,
                   time_in_force, stp, price, quantity, valid_until, n)
@@ -145,22 +143,20 @@ _PLACE_MANY = text(
     SELECT seq, symbol, '{CommandKind.PLACE.value}', id FROM ins
     RETURNING order_id, now() AS created_at
     """  # noqa: S608  # enum constant only
-)
 
 # The original of each order that was not inserted (key ``n``: its position in the arrays), all in one query.
-_FIND_DUPLICATES = text(
-    """
+_FIND_DUPLICATES = """
     SELECT DISTINCT ON (k.n) k.n, o.id, o.document_number, o.symbol, o.side, o.order_type, o.time_in_force, o.stp,
            o.valid_until,
            CASE WHEN o.placed_quantity IS NULL THEN o.price ELSE o.placed_price END AS price,
            COALESCE(o.placed_quantity, o.quantity) AS quantity
-    FROM unnest(CAST(:broker_ids AS uuid[]), CAST(:client_order_ids AS text[]), CAST(:idempotency_keys AS text[]))
+    FROM unnest(CAST(%(broker_ids)s AS uuid[]), CAST(%(client_order_ids)s AS text[]),
+                CAST(%(idempotency_keys)s AS text[]))
          WITH ORDINALITY AS k(broker_id, client_order_id, idempotency_key, n)
     JOIN orders o ON o.broker_id = k.broker_id
                  AND (o.client_order_id = k.client_order_id OR o.idempotency_key = k.idempotency_key)
     ORDER BY k.n, o.seq
     """
-)
 
 _GROUP_ATTEMPTS = 3
 
@@ -183,7 +179,7 @@ def _columns(orders: Sequence[NewOrder]) -> dict[str, list[object]]:
     }
 
 
-async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[PlaceResult | Exception]:
+async def place_orders(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[PlaceResult | Exception]:
     """Accept a group of orders in ONE transaction (group commit); one outcome per order, in order.
 
     Each order and its ``place`` command are written by one statement for the whole group and share the
@@ -199,8 +195,8 @@ async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[
     """
     for attempt in range(_GROUP_ATTEMPTS):
         try:
-            return list(await _place_group(engine, orders))
-        except DBAPIError as exc:
+            return list(await _place_group(pool, orders))
+        except psycopg.Error as exc:
             # Two groups inserting the same idempotency keys in different orders can deadlock: run it again.
             if is_retryable(exc) and attempt + 1 < _GROUP_ATTEMPTS:
                 continue
@@ -210,26 +206,25 @@ async def place_orders(engine: AsyncEngine, orders: Sequence[NewOrder]) -> list[
     outcomes: list[PlaceResult | Exception] = []
     for order in orders:
         try:
-            outcomes.extend(await _place_group(engine, [order]))
+            outcomes.extend(await _place_group(pool, [order]))
         except Exception as exc:  # the orders before it are committed: only this one failed
             outcomes.append(exc)
     return outcomes
 
 
-async def _place_group(
-    engine: AsyncEngine, orders: Sequence[NewOrder]
-) -> list[PlaceResult | IdempotencyKeyReusedError]:
+async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[PlaceResult | IdempotencyKeyReusedError]:
     # One statement writes (and, in autocommit mode, durably commits) the whole group: one round trip. The
     # originals of the orders it did not insert are looked up after it (one query), when they are committed.
-    async with single_statement(engine) as conn:
+    async with single_statement(pool) as conn:
         # ``created_at`` defaults to now(), the transaction's start: the same value for every row it inserts.
-        inserted = {row.order_id: row.created_at for row in await conn.execute(_PLACE_MANY, _columns(orders))}
+        cursor = await conn.execute(_PLACE_MANY, _columns(orders))
+        inserted = {row.order_id: row.created_at for row in await cursor.fetchall()}
         duplicates = [order for order in orders if order.order_id not in inserted]
         for order in duplicates:
             if order.client_order_id is None and order.idempotency_key is None:
                 # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
                 raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
-        originals: dict[int, Row[Any]] = {}  # by position in ``duplicates``, from 1
+        originals: dict[int, Any] = {}  # by position in ``duplicates``, from 1
         if duplicates:
             # An earlier order of this group with the same key is committed (and visible) too.
             params = {
@@ -237,7 +232,7 @@ async def _place_group(
                 "client_order_ids": [o.client_order_id for o in duplicates],
                 "idempotency_keys": [o.idempotency_key for o in duplicates],
             }
-            originals = {row.n: row for row in await conn.execute(_FIND_DUPLICATES, params)}
+            originals = {row.n: row for row in await (await conn.execute(_FIND_DUPLICATES, params)).fetchall()}
     position = {order.order_id: n for n, order in enumerate(duplicates, 1)}
     outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
     for order in orders:
@@ -279,9 +274,10 @@ def _key_reused(order: NewOrder) -> IdempotencyKeyReusedError:
     )
 
 
-_LOCK_ORDER = text(
-    "SELECT symbol, status, order_type FROM orders WHERE id = :id AND broker_id = :broker_id FOR NO KEY UPDATE"
+_LOCK_ORDER = (
+    "SELECT symbol, status, order_type FROM orders WHERE id = %(id)s AND broker_id = %(broker_id)s FOR NO KEY UPDATE"
 )
+
 
 ORDER_LOCK_SPACE = 0x0C0C
 """First key of the two-integer advisory locks that serialise cancel writers per order. Two-integer keys are a
@@ -293,20 +289,18 @@ entries of PostgreSQL's shared lock table. Two orders in one bucket only make th
 # Transaction-scoped advisory locks taken in one fixed (sorted) order, so two groups never wait on each other in a
 # cycle. Not row locks: the matcher updates order rows in its own order, so locking several rows here could
 # deadlock with it (as the row-locking cancel-all once did).
-_LOCK_CANCELS = text(
-    f"""
+_LOCK_CANCELS = f"""
     SELECT pg_advisory_xact_lock({ORDER_LOCK_SPACE}, k.bucket)
     FROM (SELECT DISTINCT hashtext(CAST(id AS text)) & {CANCEL_LOCK_BUCKETS - 1} AS bucket
-          FROM unnest(CAST(:ids AS uuid[])) AS id ORDER BY 1) AS k
+          FROM unnest(CAST(%(ids)s AS uuid[])) AS id ORDER BY 1) AS k
     """  # noqa: S608  # integer constants only
-)
 
 # A separate statement from the locks above on purpose: under READ COMMITTED it takes a fresh snapshot after the
 # locks are granted, so it sees the cancel commands (and closed statuses) a concurrent cancel committed meanwhile.
-_INSERT_CANCELS = text(
-    f"""
+_INSERT_CANCELS = f"""
     WITH k AS (
-        SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[])) WITH ORDINALITY AS k(id, broker_id, n)
+        SELECT * FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]))
+                      WITH ORDINALITY AS k(id, broker_id, n)
     ), target AS (
         SELECT o.id, o.broker_id, o.symbol, o.status, k.n
         FROM k JOIN orders o ON o.id = k.id AND o.broker_id = k.broker_id
@@ -326,29 +320,26 @@ _INSERT_CANCELS = text(
     SELECT t.id, t.broker_id, t.symbol, w.order_id IS NOT NULL AS written
     FROM target t LEFT JOIN written w ON w.order_id = t.id
     """  # noqa: S608  # enum constants only
-)
 
 
 async def _write_cancels(
-    conn: AsyncConnection, keys: Sequence[tuple[UUID, UUID]]
+    conn: AsyncPgConnection, keys: Sequence[tuple[UUID, UUID]]
 ) -> dict[tuple[UUID, UUID], CommandResult]:
     """Cancel commands for the keyed ``(broker_id, order_id)`` orders that are not closed and have no cancel
     pending; returns the outcome of every order found (another broker's order is not found)."""
     unique = list(dict.fromkeys(keys))  # one order twice in a group: one command, the same outcome for both
     await conn.execute(_LOCK_CANCELS, {"ids": [order_id for _, order_id in unique]})
     params = {"ids": [order_id for _, order_id in unique], "broker_ids": [broker_id for broker_id, _ in unique]}
-    rows = await conn.execute(_INSERT_CANCELS, params)
+    rows = await (await conn.execute(_INSERT_CANCELS, params)).fetchall()
     return {(row.broker_id, row.id): CommandResult(row.symbol, written=row.written) for row in rows}
 
 
-async def cancel_orders(
-    engine: AsyncEngine, keys: Sequence[tuple[UUID, UUID]]
-) -> list[CommandResult | OrderNotFoundError]:
+async def cancel_orders(pool: AsyncPool, keys: Sequence[tuple[UUID, UUID]]) -> list[CommandResult | OrderNotFoundError]:
     """Cancel a group of the brokers' own orders in ONE transaction (group commit); ``keys`` are
     ``(broker_id, order_id)``. Per key: a cancel command is written unless the order is closed or a cancel is
     already pending (``written=False``, a no-op); an unknown order, or another broker's, is
     :class:`OrderNotFoundError`. Concurrent cancels of one order write one command."""
-    async with engine.begin() as conn:
+    async with transaction(pool) as conn:
         found = await _write_cancels(conn, keys)
     return [found.get(key) or OrderNotFoundError() for key in keys]
 
@@ -360,19 +351,18 @@ class CancelAllResult:
     """Orders a cancel command was written for (those already closed or already being cancelled are skipped)."""
 
 
-_OPEN_ORDER_IDS = text(
-    f"""
+_OPEN_ORDER_IDS = f"""
     SELECT id FROM orders
-    WHERE broker_id = :broker_id AND symbol = :symbol AND status <> '{OrderStatus.CLOSED.value}'
+    WHERE broker_id = %(broker_id)s AND symbol = %(symbol)s AND status <> '{OrderStatus.CLOSED.value}'
     """  # noqa: S608  # enum constant only
-)
 
 
-async def cancel_all(engine: AsyncEngine, broker_id: UUID, symbol: str) -> CancelAllResult:
+async def cancel_all(pool: AsyncPool, broker_id: UUID, symbol: str) -> CancelAllResult:
     """Cancel commands for every open or pending order of the broker in ``symbol``, in one transaction."""
     symbol = normalize_symbol(symbol)
-    async with engine.begin() as conn:
-        ids = list((await conn.execute(_OPEN_ORDER_IDS, {"broker_id": broker_id, "symbol": symbol})).scalars())
+    async with transaction(pool) as conn:
+        cursor = await conn.execute(_OPEN_ORDER_IDS, {"broker_id": broker_id, "symbol": symbol})
+        ids: list[UUID] = [row.id for row in await cursor.fetchall()]
         if not ids:
             return CancelAllResult(symbol, [])
         found = await _write_cancels(conn, [(broker_id, order_id) for order_id in ids])
@@ -380,16 +370,14 @@ async def cancel_all(engine: AsyncEngine, broker_id: UUID, symbol: str) -> Cance
         return CancelAllResult(symbol, written)
 
 
-_INSERT_AMEND = text(
-    f"""
+_INSERT_AMEND = f"""
     INSERT INTO commands (symbol, kind, order_id, payload)
-    VALUES (:symbol, '{CommandKind.AMEND.value}', :id, CAST(:payload AS jsonb))
+    VALUES (%(symbol)s, '{CommandKind.AMEND.value}', %(id)s, CAST(%(payload)s AS jsonb))
     """  # noqa: S608  # enum constant only
-)
 
 
 async def amend_order(
-    engine: AsyncEngine, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None
+    pool: AsyncPool, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None
 ) -> CommandResult:
     """Write an ``amend`` command (new total ``quantity`` and/or limit ``price``) for the broker's own live order.
 
@@ -398,8 +386,8 @@ async def amend_order(
     """
     if quantity is None and price is None:
         raise InvalidOrderError("give quantity and/or price", {"fields": ["quantity", "price"]})
-    async with engine.begin() as conn:
-        row = (await conn.execute(_LOCK_ORDER, {"id": order_id, "broker_id": broker_id})).first()
+    async with transaction(pool) as conn:
+        row = await (await conn.execute(_LOCK_ORDER, {"id": order_id, "broker_id": broker_id})).fetchone()
         if row is None:
             raise OrderNotFoundError()
         if row.status == OrderStatus.CLOSED.value:

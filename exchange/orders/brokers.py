@@ -11,9 +11,7 @@ import hashlib
 import secrets
 from urllib.parse import urlsplit
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
+from exchange.db.engines import AsyncPgConnection, AsyncPool, transaction
 from exchange.orders.errors import InvalidWebhookUrlError
 from exchange.orders.models import BrokerIdentity, RegisteredBroker
 from exchange.webhooks.signing import SECRET_PREFIX
@@ -66,39 +64,38 @@ async def check_webhook_destination(url: str, *, allow_private: bool) -> str:
     return url
 
 
-_INSERT_BROKER = text(
-    """
+_INSERT_BROKER = """
     INSERT INTO brokers (name, api_key_hash, webhook_url, webhook_secret)
-    VALUES (:name, :api_key_hash, :webhook_url, :webhook_secret)
+    VALUES (%(name)s, %(api_key_hash)s, %(webhook_url)s, %(webhook_secret)s)
     RETURNING id
-    """
-)
+"""
 
 
 async def register_broker(
-    engine: AsyncEngine, name: str, webhook_url: str | None, *, allow_private_webhooks: bool = False
+    pool: AsyncPool, name: str, webhook_url: str | None, *, allow_private_webhooks: bool = False
 ) -> RegisteredBroker:
     """Create a broker with a fresh API key and webhook secret (one transaction)."""
     if webhook_url is not None:
         await check_webhook_destination(webhook_url, allow_private=allow_private_webhooks)
     api_key = new_api_key()
     secret = new_webhook_secret()
-    async with engine.begin() as conn:
-        broker_id = (
-            await conn.execute(
-                _INSERT_BROKER,
-                {
-                    "name": name,
-                    "api_key_hash": hash_api_key(api_key),
-                    "webhook_url": webhook_url,
-                    "webhook_secret": secret,
-                },
-            )
-        ).scalar_one()
-    return RegisteredBroker(broker_id, name, api_key, webhook_url, secret)
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            _INSERT_BROKER,
+            {
+                "name": name,
+                "api_key_hash": hash_api_key(api_key),
+                "webhook_url": webhook_url,
+                "webhook_secret": secret,
+            },
+        )
+        row = await cur.fetchone()
+    assert row is not None  # INSERT … RETURNING of one row returns one row
+    return RegisteredBroker(row.id, name, api_key, webhook_url, secret)
 
 
-async def broker_for_key_hash(conn: AsyncConnection, key_hash: str) -> BrokerIdentity | None:
+async def broker_for_key_hash(conn: AsyncPgConnection, key_hash: str) -> BrokerIdentity | None:
     """The broker whose API key has SHA-256 ``key_hash`` (see :func:`hash_api_key`), or None."""
-    row = (await conn.execute(text("SELECT id, name FROM brokers WHERE api_key_hash = :h"), {"h": key_hash})).first()
+    cur = await conn.execute("SELECT id, name FROM brokers WHERE api_key_hash = %(h)s", {"h": key_hash})
+    row = await cur.fetchone()
     return None if row is None else BrokerIdentity(row.id, row.name)

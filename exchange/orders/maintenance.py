@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from exchange.db.engines import AsyncPool, transaction
 
 DATA_TABLES = (
     "webhook_attempts",
@@ -18,8 +17,8 @@ DATA_TABLES = (
 """Every table holding exchange data (not ``alembic_version``)."""
 
 
-async def reset_all_data(engine: AsyncEngine) -> None:
+async def reset_all_data(pool: AsyncPool) -> None:
     """Empty every data table in one statement (``TRUNCATE … RESTART IDENTITY``). The command sequence is not
     reset: sequence numbers only need to grow."""
-    async with engine.begin() as conn:
-        await conn.execute(text(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY"))
+    async with transaction(pool) as conn:
+        await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY")

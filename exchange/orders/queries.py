@@ -15,9 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Row, text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+from exchange.db.engines import AsyncPgConnection
 from exchange.db.tables import OrderStatus
 from exchange.engine.types import Side
 from exchange.orders.errors import InvalidCursorError
@@ -43,7 +41,7 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-def _order_view(row: Row[Any], trades: list[TradeView]) -> OrderView:
+def _order_view(row: Any, trades: list[TradeView]) -> OrderView:
     return OrderView(
         id=row.id,
         side=row.side,
@@ -67,12 +65,11 @@ def _order_view(row: Row[Any], trades: list[TradeView]) -> OrderView:
 
 # One row per trade (or one row with NULL trade columns): orders and trades from one snapshot. The two index
 # lookups (buy side, sell side) are a UNION ALL rather than an OR so both use their index.
-_ORDERS_WITH_TRADES = text(
-    f"""
+_ORDERS_WITH_TRADES = f"""
     SELECT {_ORDER_COLUMNS}, o.broker_id,
            t.id AS trade_id, t.price AS trade_price, t.quantity AS trade_quantity, t.executed_at,
            cb.name AS counterparty
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:broker_ids AS uuid[])) AS k(id, broker_id)
+    FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[])) AS k(id, broker_id)
     JOIN orders o ON o.id = k.id AND o.broker_id = k.broker_id
     LEFT JOIN LATERAL (
         SELECT id, price, quantity, executed_at, command_seq, match_no, sell_broker_id AS counterparty_id
@@ -83,18 +80,17 @@ _ORDERS_WITH_TRADES = text(
     ) t ON true
     LEFT JOIN brokers cb ON cb.id = t.counterparty_id
     ORDER BY o.broker_id, o.id, t.executed_at, t.command_seq, t.match_no
-    """  # noqa: S608  # constant column list only
-)
+"""  # noqa: S608  # constant column list only
 
 
-async def get_orders(conn: AsyncConnection, keys: Sequence[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], OrderView]:
+async def get_orders(conn: AsyncPgConnection, keys: Sequence[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], OrderView]:
     """Several orders with their trades (oldest first) in one query, keyed like ``keys``: ``(broker_id, order_id)``.
 
     An order is only returned to its own broker: a key naming another broker's order is simply absent."""
     unique = list(dict.fromkeys(keys))  # a repeated key would repeat its order's trade rows
     params = {"ids": [order_id for _, order_id in unique], "broker_ids": [broker_id for broker_id, _ in unique]}
-    rows_by_key: dict[tuple[UUID, UUID], list[Row[Any]]] = {}
-    for row in await conn.execute(_ORDERS_WITH_TRADES, params):
+    rows_by_key: dict[tuple[UUID, UUID], list[Any]] = {}
+    for row in await (await conn.execute(_ORDERS_WITH_TRADES, params)).fetchall():
         rows_by_key.setdefault((row.broker_id, row.id), []).append(row)
     views: dict[tuple[UUID, UUID], OrderView] = {}
     for key, rows in rows_by_key.items():
@@ -136,7 +132,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 
 
 async def list_orders(
-    conn: AsyncConnection,
+    conn: AsyncPgConnection,
     broker_id: UUID,
     *,
     symbol: str | None = None,
@@ -148,23 +144,23 @@ async def list_orders(
 
     ``next_cursor`` is None on the last page.
     """
-    conditions = ["o.broker_id = :broker_id"]
+    conditions = ["o.broker_id = %(broker_id)s"]
     params: dict[str, Any] = {"broker_id": broker_id, "limit": limit + 1}
     if symbol is not None:
-        conditions.append("o.symbol = :symbol")
+        conditions.append("o.symbol = %(symbol)s")
         params["symbol"] = symbol
     if status is not None:
-        conditions.append("o.status = :status")
+        conditions.append("o.status = %(status)s")
         params["status"] = status.value
     if cursor is not None:
         params["c_at"], params["c_id"] = decode_cursor(cursor)
-        conditions.append("(o.created_at, o.id) < (:c_at, :c_id)")
+        conditions.append("(o.created_at, o.id) < (%(c_at)s, %(c_id)s)")
     # Constant fragments only; every value is a bound parameter.
     where = " AND ".join(conditions)
-    statement = text(
-        f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE {where} ORDER BY o.created_at DESC, o.id DESC LIMIT :limit"  # noqa: S608
+    statement = (
+        f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE {where} ORDER BY o.created_at DESC, o.id DESC LIMIT %(limit)s"  # noqa: S608
     )
-    rows = (await conn.execute(statement, params)).all()
+    rows = await (await conn.execute(statement, params)).fetchall()
     items = [_order_view(r, []) for r in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
@@ -179,24 +175,22 @@ async def list_orders(
 _BOOK_SIDE = """
     SELECT price, sum(remaining) AS total_quantity, count(*) AS order_count
     FROM orders
-    WHERE symbol = :symbol AND status = '{open}' AND side = '{side}'
+    WHERE symbol = %(symbol)s AND status = '{open}' AND side = '{side}'
       AND (valid_until IS NULL OR valid_until > now())
     GROUP BY price
     ORDER BY price {direction}
-    LIMIT :depth
+    LIMIT %(depth)s
 """
 _BIDS = _BOOK_SIDE.format(open=OrderStatus.OPEN.value, side=Side.BID.value, direction="DESC")
 _ASKS = _BOOK_SIDE.format(open=OrderStatus.OPEN.value, side=Side.ASK.value, direction="ASC")
-_BOOK = text(
-    f"SELECT '{Side.BID.value}' AS side, * FROM ({_BIDS}) b UNION ALL SELECT '{Side.ASK.value}', * FROM ({_ASKS}) a"  # noqa: S608
-)
+_BOOK = f"SELECT '{Side.BID.value}' AS side, * FROM ({_BIDS}) b UNION ALL SELECT '{Side.ASK.value}', * FROM ({_ASKS}) a"  # noqa: S608
 
 
-async def book(conn: AsyncConnection, symbol: str, depth: int) -> BookView:
+async def book(conn: AsyncPgConnection, symbol: str, depth: int) -> BookView:
     """Aggregated price levels: bids best (highest) first, asks best (lowest) first, ``depth`` levels each."""
     bids: list[BookLevel] = []
     asks: list[BookLevel] = []
-    for row in await conn.execute(_BOOK, {"symbol": symbol, "depth": depth}):
+    for row in await (await conn.execute(_BOOK, {"symbol": symbol, "depth": depth})).fetchall():
         level = BookLevel(int(row.price), int(row.total_quantity), int(row.order_count))
         (bids if row.side == Side.BID else asks).append(level)
     bids.sort(key=lambda lv: -lv.price)
@@ -204,13 +198,11 @@ async def book(conn: AsyncConnection, symbol: str, depth: int) -> BookView:
     return BookView(symbol, bids, asks)
 
 
-_RECENT_PRICES = text(
-    """
-    SELECT price FROM trades WHERE symbol = :symbol
+_RECENT_PRICES = """
+    SELECT price FROM trades WHERE symbol = %(symbol)s
     ORDER BY executed_at DESC, command_seq DESC, match_no DESC
-    LIMIT :n
-    """
-)
+    LIMIT %(n)s
+"""
 
 
 def rounded_average(prices: Sequence[int]) -> int:
@@ -219,46 +211,49 @@ def rounded_average(prices: Sequence[int]) -> int:
     return (2 * total + count) // (2 * count)
 
 
-async def price(conn: AsyncConnection, symbol: str, trades: int) -> PriceView | None:
+async def price(conn: AsyncPgConnection, symbol: str, trades: int) -> PriceView | None:
     """Last trade price and the simple (unweighted) average of the last ``trades`` trade prices; None before the
     symbol's first trade."""
-    prices = [int(p) for p in (await conn.execute(_RECENT_PRICES, {"symbol": symbol, "n": trades})).scalars()]
+    cursor = await conn.execute(_RECENT_PRICES, {"symbol": symbol, "n": trades})
+    prices = [int(row.price) for row in await cursor.fetchall()]
     if not prices:
         return None
     return PriceView(symbol, prices[0], rounded_average(prices), len(prices))
 
 
-_RECENT_TRADES = text(
-    """
-    SELECT id, price, quantity, taker_side, executed_at FROM trades WHERE symbol = :symbol
+_RECENT_TRADES = """
+    SELECT id, price, quantity, taker_side, executed_at FROM trades WHERE symbol = %(symbol)s
     ORDER BY executed_at DESC, command_seq DESC, match_no DESC
-    LIMIT :limit
-    """
-)
+    LIMIT %(limit)s
+"""
 
 
-async def recent_trades(conn: AsyncConnection, symbol: str, limit: int) -> list[PublicTrade]:
+async def recent_trades(conn: AsyncPgConnection, symbol: str, limit: int) -> list[PublicTrade]:
     """The symbol's latest trades, newest first, without any broker or order ids (public tape)."""
-    rows = await conn.execute(_RECENT_TRADES, {"symbol": symbol, "limit": limit})
+    rows = await (await conn.execute(_RECENT_TRADES, {"symbol": symbol, "limit": limit})).fetchall()
     return [PublicTrade(r.id, r.price, r.quantity, r.taker_side, _utc(r.executed_at)) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- accounts
 
 
-async def balance(conn: AsyncConnection, broker_id: UUID) -> BalanceView | None:
-    row = (await conn.execute(text("SELECT id, name, balance FROM brokers WHERE id = :id"), {"id": broker_id})).first()
+async def balance(conn: AsyncPgConnection, broker_id: UUID) -> BalanceView | None:
+    row = await (
+        await conn.execute("SELECT id, name, balance FROM brokers WHERE id = %(id)s", {"id": broker_id})
+    ).fetchone()
     return None if row is None else BalanceView(row.id, row.name, int(row.balance))
 
 
-async def positions(conn: AsyncConnection, broker_id: UUID) -> list[PositionView]:
+async def positions(conn: AsyncPgConnection, broker_id: UUID) -> list[PositionView]:
     """Net shares per symbol (negative = net seller), zero positions omitted, by symbol."""
-    rows = await conn.execute(
-        text("SELECT symbol, quantity FROM positions WHERE broker_id = :id AND quantity <> 0 ORDER BY symbol"),
+    cursor = await conn.execute(
+        "SELECT symbol, quantity FROM positions WHERE broker_id = %(id)s AND quantity <> 0 ORDER BY symbol",
         {"id": broker_id},
     )
+    rows = await cursor.fetchall()
     return [PositionView(r.symbol, int(r.quantity)) for r in rows]
 
 
-async def trade_count(conn: AsyncConnection) -> int:
-    return int((await conn.execute(text("SELECT count(*) FROM trades"))).scalar_one())
+async def trade_count(conn: AsyncPgConnection) -> int:
+    row = await (await conn.execute("SELECT count(*) FROM trades")).fetchone()
+    return int(row[0]) if row is not None else 0

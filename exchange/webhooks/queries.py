@@ -11,9 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+from exchange.db.engines import AsyncPgConnection
 from exchange.orders.errors import InvalidCursorError
 from exchange.webhooks.errors import WebhookEndpointUnavailableError, WebhookEventNotFoundError
 
@@ -31,19 +29,17 @@ class EndpointView:
     failed_events: int
 
 
-_ENDPOINT = text(
-    """
+_ENDPOINT = """
     SELECT b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason, b.webhook_consecutive_failures,
            b.webhook_secret_previous_expires_at,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending') AS pending,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed
-    FROM brokers b WHERE b.id = :broker_id
-    """
-)
+    FROM brokers b WHERE b.id = %(broker_id)s
+"""
 
 
-async def endpoint(conn: AsyncConnection, broker_id: UUID) -> EndpointView | None:
-    row = (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).first()
+async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | None:
+    row = await (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).fetchone()
     if row is None:
         return None
     return EndpointView(
@@ -57,39 +53,34 @@ async def endpoint(conn: AsyncConnection, broker_id: UUID) -> EndpointView | Non
     )
 
 
-async def set_endpoint(conn: AsyncConnection, broker_id: UUID, url: str | None) -> bool:
+async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> bool:
     """Set (or clear) the URL and re-enable the endpoint with a clean failure count. False: no such broker."""
-    result = await conn.execute(
-        text(
-            "UPDATE brokers SET webhook_url = :url, webhook_enabled = true, webhook_disabled_reason = NULL, "
-            "webhook_consecutive_failures = 0 WHERE id = :broker_id RETURNING id"
-        ),
+    cur = await conn.execute(
+        "UPDATE brokers SET webhook_url = %(url)s, webhook_enabled = true, webhook_disabled_reason = NULL, "
+        "webhook_consecutive_failures = 0 WHERE id = %(broker_id)s RETURNING id",
         {"broker_id": broker_id, "url": url},
     )
-    return result.first() is not None
+    return await cur.fetchone() is not None
 
 
 async def rotate_secret(
-    conn: AsyncConnection, broker_id: UUID, new_secret: str, grace_s: int
+    conn: AsyncPgConnection, broker_id: UUID, new_secret: str, grace_s: int
 ) -> tuple[bool, datetime | None]:
     """Make ``new_secret`` current; the old one keeps signing for ``grace_s`` seconds (none when 0).
     Returns (found, previous secret's expiry)."""
-    row = (
-        await conn.execute(
-            text(
-                """
-                UPDATE brokers
-                SET webhook_secret_previous = CASE WHEN :grace > 0 THEN webhook_secret END,
-                    webhook_secret_previous_expires_at =
-                        CASE WHEN :grace > 0 THEN clock_timestamp() + make_interval(secs => :grace) END,
-                    webhook_secret = :secret
-                WHERE id = :broker_id
-                RETURNING webhook_secret_previous_expires_at
-                """
-            ),
-            {"broker_id": broker_id, "secret": new_secret, "grace": grace_s},
-        )
-    ).first()
+    cur = await conn.execute(
+        """
+        UPDATE brokers
+        SET webhook_secret_previous = CASE WHEN %(grace)s > 0 THEN webhook_secret END,
+            webhook_secret_previous_expires_at =
+                CASE WHEN %(grace)s > 0 THEN clock_timestamp() + make_interval(secs => %(grace)s) END,
+            webhook_secret = %(secret)s
+        WHERE id = %(broker_id)s
+        RETURNING webhook_secret_previous_expires_at
+        """,
+        {"broker_id": broker_id, "secret": new_secret, "grace": grace_s},
+    )
+    row = await cur.fetchone()
     return (False, None) if row is None else (True, row[0])
 
 
@@ -108,33 +99,30 @@ class EventView:
     """The webhook body exactly as it is sent (JSON text)."""
 
 
-async def list_events(conn: AsyncConnection, broker_id: UUID, after: int, limit: int) -> list[EventView]:
+async def list_events(conn: AsyncPgConnection, broker_id: UUID, after: int, limit: int) -> list[EventView]:
     """The broker's durable event log: events with ``sequence > after`` in sequence order (gap-free per broker)."""
-    rows = await conn.execute(
-        text(
-            "SELECT sequence, id, type, created_at, status, attempts, payload::text AS body FROM webhook_events "
-            "WHERE broker_id = :broker_id AND sequence > :after ORDER BY sequence LIMIT :limit"
-        ),
+    cur = await conn.execute(
+        "SELECT sequence, id, type, created_at, status, attempts, payload::text AS body FROM webhook_events "
+        "WHERE broker_id = %(broker_id)s AND sequence > %(after)s ORDER BY sequence LIMIT %(limit)s",
         {"broker_id": broker_id, "after": after, "limit": limit},
     )
-    return [EventView(r.sequence, r.id, r.type, r.created_at, r.status, r.attempts, r.body) for r in rows]
+    return [
+        EventView(r.sequence, r.id, r.type, r.created_at, r.status, r.attempts, r.body) for r in await cur.fetchall()
+    ]
 
 
-async def redeliver(conn: AsyncConnection, broker_id: UUID, event_id: UUID) -> None:
+async def redeliver(conn: AsyncPgConnection, broker_id: UUID, event_id: UUID) -> None:
     """Make the event pending and due now (whatever its status). The caller enqueues ``deliver`` after commit.
 
     Raises :class:`WebhookEventNotFoundError` (not this broker's event) or
     :class:`WebhookEndpointUnavailableError` (no URL or endpoint disabled: nothing could be sent).
     """
-    row = (
-        await conn.execute(
-            text(
-                "SELECT b.webhook_url IS NOT NULL AND b.webhook_enabled AS deliverable FROM webhook_events e "
-                "JOIN brokers b ON b.id = e.broker_id WHERE e.id = :id AND e.broker_id = :broker_id FOR UPDATE OF e"
-            ),
-            {"id": event_id, "broker_id": broker_id},
-        )
-    ).first()
+    cur = await conn.execute(
+        "SELECT b.webhook_url IS NOT NULL AND b.webhook_enabled AS deliverable FROM webhook_events e "
+        "JOIN brokers b ON b.id = e.broker_id WHERE e.id = %(id)s AND e.broker_id = %(broker_id)s FOR UPDATE OF e",
+        {"id": event_id, "broker_id": broker_id},
+    )
+    row = await cur.fetchone()
     if row is None:
         raise WebhookEventNotFoundError()
     if not row.deliverable:
@@ -142,10 +130,8 @@ async def redeliver(conn: AsyncConnection, broker_id: UUID, event_id: UUID) -> N
             "the webhook endpoint has no URL or is disabled; set it with PUT /webhooks/endpoint"
         )
     await conn.execute(
-        text(
-            "UPDATE webhook_events SET status = 'pending', delivered_at = NULL, last_error = NULL, "
-            "next_attempt_at = clock_timestamp() WHERE id = :id"
-        ),
+        "UPDATE webhook_events SET status = 'pending', delivered_at = NULL, last_error = NULL, "
+        "next_attempt_at = clock_timestamp() WHERE id = %(id)s",
         {"id": event_id},
     )
 
@@ -178,7 +164,7 @@ _ATTEMPTS = """
     FROM webhook_attempts a JOIN webhook_events e ON e.id = a.event_id
     WHERE {where}
     ORDER BY a.attempted_at DESC, a.id DESC
-    LIMIT :limit
+    LIMIT %(limit)s
 """
 
 
@@ -206,10 +192,10 @@ def decode_attempt_cursor(cursor: str) -> tuple[datetime, int]:
 
 
 async def list_attempts(
-    conn: AsyncConnection, broker_id: UUID, *, status: str | None, cursor: str | None, limit: int
+    conn: AsyncPgConnection, broker_id: UUID, *, status: str | None, cursor: str | None, limit: int
 ) -> tuple[list[AttemptView], str | None]:
     """The broker's delivery attempts, newest first (keyset on ``(attempted_at, id)``), and the next cursor."""
-    conditions = ["a.broker_id = :broker_id"]
+    conditions = ["a.broker_id = %(broker_id)s"]
     params: dict[str, Any] = {"broker_id": broker_id, "limit": limit + 1}
     if status == "succeeded":
         conditions.append("a.status_code BETWEEN 200 AND 299")
@@ -217,10 +203,10 @@ async def list_attempts(
         conditions.append("(a.status_code IS NULL OR a.status_code NOT BETWEEN 200 AND 299)")
     if cursor is not None:
         params["c_at"], params["c_id"] = decode_attempt_cursor(cursor)
-        conditions.append("(a.attempted_at, a.id) < (:c_at, :c_id)")
+        conditions.append("(a.attempted_at, a.id) < (%(c_at)s, %(c_id)s)")
     # Constant fragments only; every value is a bound parameter.
     statement = _ATTEMPTS.format(where=" AND ".join(conditions))
-    rows = (await conn.execute(text(statement), params)).all()
+    rows = await (await conn.execute(statement, params)).fetchall()
     items = [AttemptView(*row) for row in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
@@ -245,8 +231,7 @@ class FailingEndpoint:
     oldest_pending_at: datetime | None
 
 
-_FAILING = text(
-    """
+_FAILING = """
     SELECT b.id, b.name, b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason,
            b.webhook_consecutive_failures,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed,
@@ -258,11 +243,11 @@ _FAILING = text(
     WHERE NOT b.webhook_enabled OR b.webhook_consecutive_failures > 0
        OR EXISTS (SELECT 1 FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending' AND e.attempts > 0)
     ORDER BY b.webhook_enabled, b.webhook_consecutive_failures DESC, b.name
-    LIMIT :limit
-    """
-)
+    LIMIT %(limit)s
+"""
 
 
-async def failing_endpoints(conn: AsyncConnection, limit: int = 500) -> list[FailingEndpoint]:
+async def failing_endpoints(conn: AsyncPgConnection, limit: int = 500) -> list[FailingEndpoint]:
     """Endpoints disabled, with failed events in a row, or with events being retried: worst first."""
-    return [FailingEndpoint(*row) for row in await conn.execute(_FAILING, {"limit": limit})]
+    cur = await conn.execute(_FAILING, {"limit": limit})
+    return [FailingEndpoint(*row) for row in await cur.fetchall()]

@@ -6,9 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exchange.db.engines import pooled_async_engine, pooled_engine
+from exchange.db.engines import AsyncPool, pooled_engine
 
 
 @pytest.fixture
@@ -19,8 +18,8 @@ def engine(fresh_migrated_database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-async def async_engine(fresh_migrated_database_url: str) -> AsyncIterator[AsyncEngine]:
-    """The api's kind of engine (async) on the same fresh database as ``engine``."""
-    engine = pooled_async_engine(fresh_migrated_database_url)
-    yield engine
-    await engine.dispose()
+async def api_pool(fresh_migrated_database_url: str) -> AsyncIterator[AsyncPool]:
+    """The api's kind of pool (async psycopg) on the same fresh database as ``engine``."""
+    pool = AsyncPool(fresh_migrated_database_url)
+    yield pool
+    await pool.close()

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exchange.api.app import create_app
 from exchange.config import Settings
+from exchange.db.engines import AsyncPool, single_statement
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
@@ -46,11 +46,11 @@ def new_order(broker_id: uuid.UUID, symbol: str, **extra: Any) -> NewOrder:
 
 @pytest.mark.anyio
 async def test_a_group_writes_every_order_with_its_place_command_in_submission_order(
-    engine: Engine, async_engine: AsyncEngine
+    engine: Engine, api_pool: AsyncPool
 ) -> None:
     broker = add_broker(engine, "grouped")
     orders = [new_order(broker, new_symbol()) for _ in range(5)]
-    outcomes = await accept.place_orders(async_engine, orders)
+    outcomes = await accept.place_orders(api_pool, orders)
     assert [(o.order_id, o.created) for o in outcomes if isinstance(o, PlaceResult)] == [
         (o.order_id, True) for o in orders
     ]
@@ -69,12 +69,12 @@ async def test_a_group_writes_every_order_with_its_place_command_in_submission_o
 
 @pytest.mark.anyio
 async def test_a_repeated_client_order_id_inside_one_group_resolves_to_the_first_order(
-    engine: Engine, async_engine: AsyncEngine
+    engine: Engine, api_pool: AsyncPool
 ) -> None:
     broker = add_broker(engine, "twice")
     symbol = new_symbol()
     first, second = (new_order(broker, symbol, client_order_id="same") for _ in range(2))
-    outcomes = await accept.place_orders(async_engine, [first, second])
+    outcomes = await accept.place_orders(api_pool, [first, second])
     assert [(o.order_id, o.created) for o in outcomes if isinstance(o, PlaceResult)] == [
         (first.order_id, True),
         (first.order_id, False),
@@ -87,16 +87,16 @@ async def test_a_repeated_client_order_id_inside_one_group_resolves_to_the_first
 
 @pytest.mark.anyio
 async def test_an_order_that_violates_a_constraint_fails_alone_and_the_rest_of_its_group_commits(
-    engine: Engine, async_engine: AsyncEngine
+    engine: Engine, api_pool: AsyncPool
 ) -> None:
     broker = add_broker(engine, "good")
     symbol = new_symbol()
     good_before, good_after = new_order(broker, symbol), new_order(broker, symbol)
     unknown_broker = new_order(uuid.uuid4(), symbol)  # foreign key violation
-    outcomes = await accept.place_orders(async_engine, [good_before, unknown_broker, good_after])
+    outcomes = await accept.place_orders(api_pool, [good_before, unknown_broker, good_after])
     assert isinstance(outcomes[0], PlaceResult)
     assert (outcomes[0].order_id, outcomes[0].created) == (good_before.order_id, True)
-    assert isinstance(outcomes[1], IntegrityError)
+    assert isinstance(outcomes[1], psycopg.IntegrityError)
     assert isinstance(outcomes[2], PlaceResult)
     assert (outcomes[2].order_id, outcomes[2].created) == (good_after.order_id, True)
     with engine.connect() as conn:
@@ -106,12 +106,12 @@ async def test_an_order_that_violates_a_constraint_fails_alone_and_the_rest_of_i
 
 @pytest.mark.anyio
 async def test_reading_orders_together_never_shows_an_order_to_another_broker(
-    engine: Engine, async_engine: AsyncEngine
+    engine: Engine, api_pool: AsyncPool
 ) -> None:
     owner, other = add_broker(engine, "owner"), add_broker(engine, "other")
     order = new_order(owner, new_symbol())
-    await accept.place_orders(async_engine, [order])
-    async with async_engine.connect() as conn:
+    await accept.place_orders(api_pool, [order])
+    async with single_statement(api_pool) as conn:
         views = await queries.get_orders(conn, [(other, order.order_id), (owner, order.order_id)] * 2)
     assert list(views) == [(owner, order.order_id)]
     assert views[(owner, order.order_id)].trades == []
@@ -119,19 +119,19 @@ async def test_reading_orders_together_never_shows_an_order_to_another_broker(
 
 @pytest.mark.anyio
 async def test_a_cancel_group_writes_one_command_per_live_order_and_finds_only_own_orders(
-    engine: Engine, async_engine: AsyncEngine
+    engine: Engine, api_pool: AsyncPool
 ) -> None:
     owner, other = add_broker(engine, "canceller"), add_broker(engine, "stranger")
     symbol = new_symbol()
     live = new_order(owner, symbol)
-    await accept.place_orders(async_engine, [live])
+    await accept.place_orders(api_pool, [live])
     outcomes = await accept.cancel_orders(
-        async_engine, [(owner, live.order_id), (other, live.order_id), (owner, live.order_id), (owner, uuid.uuid4())]
+        api_pool, [(owner, live.order_id), (other, live.order_id), (owner, live.order_id), (owner, uuid.uuid4())]
     )
     assert outcomes[0] == outcomes[2] == CommandResult(symbol, written=True)
     assert isinstance(outcomes[1], OrderNotFoundError)
     assert isinstance(outcomes[3], OrderNotFoundError)
-    again = await accept.cancel_orders(async_engine, [(owner, live.order_id)])
+    again = await accept.cancel_orders(api_pool, [(owner, live.order_id)])
     assert again == [CommandResult(symbol, written=False)]  # a cancel is already pending
     with engine.connect() as conn:
         kinds = conn.execute(text("SELECT kind FROM commands WHERE order_id = :o ORDER BY seq"), {"o": live.order_id})
@@ -139,19 +139,19 @@ async def test_a_cancel_group_writes_one_command_per_live_order_and_finds_only_o
 
 
 @pytest.mark.anyio
-async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, async_engine: AsyncEngine) -> None:
+async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, api_pool: AsyncPool) -> None:
     # The matcher updates order rows (FOR NO KEY UPDATE level) in its own order; cancels taking row locks could
     # deadlock with it. Cancels must only need their advisory locks and the foreign key's KEY SHARE lock.
     broker = add_broker(engine, "no-wait")
     symbol = new_symbol()
     orders = [new_order(broker, symbol) for _ in range(3)]
-    await accept.place_orders(async_engine, orders)
+    await accept.place_orders(api_pool, orders)
     with engine.connect() as matcher:
         matcher.execute(
             text("SELECT id FROM orders WHERE id = ANY(:ids) FOR NO KEY UPDATE"), {"ids": [o.order_id for o in orders]}
         )
-        one = await asyncio.wait_for(accept.cancel_orders(async_engine, [(broker, orders[0].order_id)]), timeout=10)
-        everything = await asyncio.wait_for(accept.cancel_all(async_engine, broker, symbol), timeout=10)
+        one = await asyncio.wait_for(accept.cancel_orders(api_pool, [(broker, orders[0].order_id)]), timeout=10)
+        everything = await asyncio.wait_for(accept.cancel_all(api_pool, broker, symbol), timeout=10)
         matcher.rollback()
     assert one == [CommandResult(symbol, written=True)]
     assert set(everything.order_ids) == {orders[1].order_id, orders[2].order_id}

@@ -16,9 +16,9 @@ import uuid
 
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exchange.api.services import _placed_view
+from exchange.db.engines import AsyncPool, single_statement
 from exchange.matching.service import BookCache, process_symbols
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderClosedError
@@ -48,7 +48,7 @@ def random_order(rnd: random.Random, brokers: list[uuid.UUID], symbols: list[str
 @pytest.mark.anyio
 @pytest.mark.parametrize("seed", range(3))
 async def test_every_placed_orders_published_state_gives_the_view_read_back(
-    engine: Engine, async_engine: AsyncEngine, seed: int
+    engine: Engine, api_pool: AsyncPool, seed: int
 ) -> None:
     rnd = random.Random(seed)
     brokers = [add_broker(engine, f"broker {n}") for n in range(3)]
@@ -58,21 +58,21 @@ async def test_every_placed_orders_published_state_gives_the_view_read_back(
     compared = traded = 0
     for _ in range(25):
         orders = [random_order(rnd, brokers, symbols) for _ in range(rnd.randint(1, 12))]
-        outcomes = await accept.place_orders(async_engine, orders)
+        outcomes = await accept.place_orders(api_pool, orders)
         created = {o.order_id: r for o, r in zip(orders, outcomes, strict=True) if isinstance(r, PlaceResult)}
         assert len(created) == len(orders)
         for order in rnd.sample(orders + earlier, k=min(3, len(orders) + len(earlier))):
             if rnd.random() < 0.5:
                 price = None if order.price is None else rnd.randint(97, 103)
                 with contextlib.suppress(OrderClosedError):  # an order closed by an earlier round
-                    await accept.amend_order(async_engine, order.broker_id, order.order_id, rnd.randint(1, 10), price)
+                    await accept.amend_order(api_pool, order.broker_id, order.order_id, rnd.randint(1, 10), price)
             else:
-                await accept.cancel_orders(async_engine, [(order.broker_id, order.order_id)])
+                await accept.cancel_orders(api_pool, [(order.broker_id, order.order_id)])
         earlier += [o for o in orders if o.order_type == "limit"]
 
         states = {s.order_id: s for result in process_symbols(engine, cache, symbols) for s in result.placed}
         assert states.keys() == {o.order_id for o in orders}  # every placed order gets its state
-        async with async_engine.connect() as conn:
+        async with single_statement(api_pool) as conn:
             read = await queries.get_orders(conn, [(o.broker_id, o.order_id) for o in orders])
         for order in orders:
             created_at = created[order.order_id].created_at

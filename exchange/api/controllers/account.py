@@ -19,13 +19,13 @@ class AccountController(Controller):
     @get("/balance")
     async def balance(self, api: Api, broker: CurrentBroker) -> BalanceOut:
         """Net cash from trades in cents (sales minus purchases)."""
-        async with single_statement(api.engine) as conn:
+        async with single_statement(api.pool) as conn:
             view = unauthorized_if_missing(await queries.balance(conn, broker.id))
         return to_wire(view, BalanceOut)
 
     @get("/positions")
     async def positions(self, api: Api, broker: CurrentBroker) -> list[PositionOut]:
         """Net shares per symbol (negative = net seller); symbols netting to zero are omitted."""
-        async with single_statement(api.engine) as conn:
+        async with single_statement(api.pool) as conn:
             rows = await queries.positions(conn, broker.id)
         return [to_wire(p, PositionOut) for p in rows]

@@ -11,6 +11,7 @@ from exchange.api.auth import admin_guard
 from exchange.api.dependencies import API, Api
 from exchange.api.errors import ApiError
 from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body, to_wire
+from exchange.db.engines import single_statement
 from exchange.messaging.wakeups import WAKE_KEY_PREFIX
 from exchange.orders import brokers, maintenance, queries
 
@@ -27,13 +28,13 @@ class AdminController(Controller):
         """Create a broker. The API key is in this response only (stored as its SHA-256)."""
         body = decode_body(await request.body(), RegisterRequest)
         created = await brokers.register_broker(
-            api.engine, body.name, body.webhook_url, allow_private_webhooks=api.settings.webhook_allow_private
+            api.pool, body.name, body.webhook_url, allow_private_webhooks=api.settings.webhook_allow_private
         )
         return Response(to_wire(created, RegisterResponse), status_code=201, headers={"Cache-Control": "no-store"})
 
     @get("/debug/trade-count")
     async def trade_count(self, api: Api) -> TradeCountOut:
-        async with api.engine.connect() as conn:
+        async with single_statement(api.pool) as conn:
             return TradeCountOut(trade_count=await queries.trade_count(conn))
 
     @post("/debug/reset", status_code=200)
@@ -42,7 +43,7 @@ class AdminController(Controller):
         404 unless ``EXCHANGE_DEBUG_ENDPOINTS=true``."""
         if not api.settings.debug_endpoints:
             raise ApiError(404, "not_found", "no such resource")
-        await maintenance.reset_all_data(api.engine)
+        await maintenance.reset_all_data(api.pool)
         api.keys.clear()
         try:
             keys = [k async for k in api.redis.scan_iter(match=f"{WAKE_KEY_PREFIX}*", count=1000)]

@@ -11,11 +11,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from litestar import Controller, Response, get
-from sqlalchemy import text
 
 from exchange.api.dependencies import API, Api
 from exchange.api.schemas import CheckOut, HealthOut, ReadyOut
 from exchange.db import migrate
+from exchange.db.engines import single_statement
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -54,15 +54,16 @@ class HealthController(Controller):
     @get("/ready")
     async def ready(self, api: Api) -> Response[ReadyOut]:
         async def postgres() -> None:
-            async with api.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with single_statement(api.pool) as conn:
+                await conn.execute("SELECT 1")
 
         async def redis() -> None:
             await api.redis.ping()
 
         async def migrations() -> None:
-            async with api.engine.connect() as conn:
-                current = (await conn.execute(text("SELECT max(version_num) FROM alembic_version"))).scalar()
+            async with single_statement(api.pool) as conn:
+                row = await (await conn.execute("SELECT max(version_num) FROM alembic_version")).fetchone()
+            current = None if row is None else row[0]
             head = _head_revision()
             if current != head:
                 raise MigrationsNotAtHeadError(f"database at {current or 'base'}, this build needs {head}")

@@ -96,7 +96,7 @@ class OrdersController(Controller):
     ) -> OrderPageOut:
         """The broker's orders, newest first, without trades; pass ``next_cursor`` back as ``cursor``."""
         sym = None if symbol is None else accept.normalize_symbol(symbol)
-        async with single_statement(api.engine) as conn:
+        async with single_statement(api.pool) as conn:
             page = await queries.list_orders(conn, broker.id, symbol=sym, status=status, cursor=cursor, limit=limit)
         return order_page_out(page)
 

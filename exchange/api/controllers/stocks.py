@@ -27,7 +27,7 @@ class StocksController(Controller):
     ) -> BookOut:
         """Aggregated open levels: asks ascending, bids descending, ``depth`` levels per side."""
         sym = normalize_symbol(symbol)
-        async with single_statement(api.engine) as conn:
+        async with single_statement(api.pool) as conn:
             return to_wire(await queries.book(conn, sym, depth), BookOut)
 
     @get("/price")
@@ -37,7 +37,7 @@ class StocksController(Controller):
         """Last trade price and the simple average of the last ``trades`` trade prices (integer cents, halves
         rounded up). 404 ``no_trades`` before the first trade."""
         sym = normalize_symbol(symbol)
-        async with single_statement(api.engine) as conn:
+        async with single_statement(api.pool) as conn:
             view = await queries.price(conn, sym, trades)
         if view is None:
             raise NoTradesError(f"no trades yet for {sym}", {"symbol": sym})
@@ -49,6 +49,6 @@ class StocksController(Controller):
     ) -> TradesOut:
         """Recent trades of the symbol, newest first (public tape: no broker or order ids)."""
         sym = normalize_symbol(symbol)
-        async with single_statement(api.engine) as conn:
+        async with single_statement(api.pool) as conn:
             rows = await queries.recent_trades(conn, sym, limit)
         return TradesOut(symbol=sym, trades=[to_wire(t, PublicTradeOut) for t in rows])

@@ -35,6 +35,7 @@ from litestar.params import FromPath, QueryParameter
 from exchange.api.auth import admin_guard, broker_guard, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
 from exchange.api.schemas import Url, decode_body, to_wire
+from exchange.db.engines import single_statement, transaction
 from exchange.orders.brokers import check_webhook_destination, new_webhook_secret
 from exchange.webhooks import queries
 from exchange.webhooks.errors import WebhookEventNotFoundError
@@ -141,7 +142,7 @@ class WebhooksController(Controller):
     @get("/webhooks/endpoint")
     async def get_endpoint(self, api: Api, broker: CurrentBroker) -> EndpointOut:
         """The broker's webhook endpoint and why it is disabled, if it is."""
-        async with api.engine.connect() as conn:
+        async with single_statement(api.pool) as conn:
             view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
 
@@ -152,7 +153,7 @@ class WebhooksController(Controller):
         body = decode_body(await request.body(), EndpointRequest)
         if body.url is not None:
             await check_webhook_destination(body.url, allow_private=api.settings.webhook_allow_private)
-        async with api.engine.begin() as conn:
+        async with transaction(api.pool) as conn:
             await queries.set_endpoint(conn, broker.id, body.url)  # a missing broker: endpoint() is None below
             view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
@@ -161,7 +162,7 @@ class WebhooksController(Controller):
     async def rotate_secret(self, api: Api, broker: CurrentBroker) -> Response[SecretOut]:
         """A new signing secret, shown once; the previous one stays valid for ``EXCHANGE_WEBHOOK_SECRET_GRACE_S``."""
         secret = new_webhook_secret()
-        async with api.engine.begin() as conn:
+        async with transaction(api.pool) as conn:
             found, expires = await queries.rotate_secret(conn, broker.id, secret, api.settings.webhook_secret_grace_s)
         unauthorized_if_missing(found or None)
         out = SecretOut(webhook_secret=secret, previous_secret_expires_at=expires)
@@ -177,7 +178,7 @@ class WebhooksController(Controller):
         limit: PageLimit = 50,
     ) -> AttemptPageOut:
         """Delivery attempts, newest first; pass ``next_cursor`` back as ``cursor``."""
-        async with api.engine.connect() as conn:
+        async with single_statement(api.pool) as conn:
             items, next_cursor = await queries.list_attempts(conn, broker.id, status=status, cursor=cursor, limit=limit)
         return AttemptPageOut(items=[to_wire(a, AttemptOut) for a in items], next_cursor=next_cursor)
 
@@ -188,7 +189,7 @@ class WebhooksController(Controller):
             parsed = uuid.UUID(event_id)
         except ValueError:
             raise WebhookEventNotFoundError() from None
-        async with api.engine.begin() as conn:
+        async with transaction(api.pool) as conn:
             await queries.redeliver(conn, broker.id, parsed)
         try:
             # dramatiq's enqueue blocks on Redis: keep it off the event loop (as wake_async does).
@@ -206,7 +207,7 @@ class WebhooksController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> EventPageOut:
         """The broker's events with ``sequence > after``, in sequence order."""
-        async with api.engine.connect() as conn:
+        async with single_statement(api.pool) as conn:
             rows = await queries.list_events(conn, broker.id, after, limit)
         return EventPageOut(
             items=[
@@ -233,7 +234,7 @@ class WebhooksAdminController(Controller):
     @get("/failing")
     async def failing(self, api: Api) -> list[FailingEndpointOut]:
         """Disabled endpoints and endpoints whose events fail or are being retried, worst first."""
-        async with api.engine.connect() as conn:
+        async with single_statement(api.pool) as conn:
             rows = await queries.failing_endpoints(conn)
         return [
             FailingEndpointOut(

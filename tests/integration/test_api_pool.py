@@ -1,0 +1,112 @@
+"""The api's connection pool (:class:`exchange.db.engines.AsyncPool`) against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from exchange.db import engines
+from exchange.db.engines import AsyncPool, PoolTimeoutError, single_statement, transaction
+
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nothing"
+
+
+async def backend_pid(pool: AsyncPool) -> int:
+    async with single_statement(pool) as conn:
+        row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()
+    assert row is not None
+    return int(row.pid)
+
+
+@pytest.mark.anyio
+async def test_a_clean_connection_is_reused_by_the_next_request(fresh_database_url: str) -> None:
+    pool = AsyncPool(fresh_database_url)
+    try:
+        assert await backend_pid(pool) == await backend_pid(pool)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_returned_inside_a_transaction_is_closed_not_reused(fresh_database_url: str) -> None:
+    pool = AsyncPool(fresh_database_url)
+    try:
+        async with single_statement(pool) as conn:
+            await conn.execute("BEGIN")  # an open transaction must never reach the next request
+            first = conn
+        assert first.closed
+        async with single_statement(pool) as conn:
+            assert conn is not first
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    finally:
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_failed_transaction_rolls_back_and_its_connection_is_reused(fresh_database_url: str) -> None:
+    pool = AsyncPool(fresh_database_url)
+    try:
+        before = await backend_pid(pool)
+
+        async def create_then_fail() -> None:
+            async with transaction(pool) as conn:
+                await conn.execute("CREATE TEMP TABLE scratch (x int)")
+                await conn.execute("SELECT 1 / 0")
+
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await create_then_fail()
+        async with single_statement(pool) as conn:
+            row = await (await conn.execute("SELECT to_regclass('pg_temp.scratch') IS NULL AS gone")).fetchone()
+        assert row is not None
+        assert row.gone  # rolled back
+        assert await backend_pid(pool) == before
+    finally:
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_database_fails_the_request_at_once_not_with_a_pool_timeout() -> None:
+    pool = AsyncPool(UNREACHABLE)
+    with pytest.raises(psycopg.OperationalError) as raised:
+        async with single_statement(pool):
+            pass
+    assert not isinstance(raised.value, PoolTimeoutError)
+
+
+@pytest.mark.anyio
+async def test_a_broken_connection_discards_the_idle_ones_so_one_request_fails_not_one_per_connection(
+    fresh_database_url: str,
+) -> None:
+    pool = AsyncPool(fresh_database_url)
+    try:
+        async with single_statement(pool) as a, single_statement(pool) as b:  # two idle connections afterwards
+            pids = [a.info.backend_pid, b.info.backend_pid]
+        async with await psycopg.AsyncConnection.connect(fresh_database_url, autocommit=True) as admin:
+            for pid in pids:
+                await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        with pytest.raises(psycopg.OperationalError):
+            await backend_pid(pool)
+        assert await backend_pid(pool) not in pids  # a new connection, not the other dead one
+    finally:
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_request_waits_for_a_free_connection_then_times_out_with_pool_timeout(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engines, "POOL_WAIT_S", 0.2)
+    pool = AsyncPool(fresh_database_url, max_size=1)
+    try:
+        async with single_statement(pool) as held:
+            waiting = asyncio.create_task(backend_pid(pool))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            with pytest.raises(PoolTimeoutError):
+                await waiting
+        # once it is free, the next request gets the connection that was held
+        assert await backend_pid(pool) == held.info.backend_pid
+    finally:
+        await pool.close()
