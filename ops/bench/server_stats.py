@@ -59,7 +59,8 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def _cpu_by_kind() -> dict[str, float]:
+def cpu_by_kind() -> dict[str, float]:
+    """CPU seconds used so far by every running process of the exchange, summed by kind (:data:`PROCESS_KINDS`)."""
     totals: dict[str, float] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -99,7 +100,7 @@ def _pg(database_url: str) -> dict[str, int]:
 
 
 def take(redis_url: str, database_url: str) -> Snapshot:
-    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), _cpu_by_kind())
+    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind())
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:

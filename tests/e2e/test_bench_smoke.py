@@ -70,3 +70,16 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
     assert stats["cpu_ms_per_order"] > 0
 
     h.check_invariants()
+
+
+def test_bench_api_reports_cpu_per_request_for_each_endpoint(e2e_harness: Harness) -> None:
+    h = e2e_harness
+    argv = [sys.executable, "-m", "ops.bench_api", "--base-url", h.base_url, "--admin-key", h.admin_key]
+    argv += ["--requests", "64", "--concurrency", "4"]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"ops.bench_api failed:\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stdout.splitlines()
+    for path in ("/balance", "/orders/not-an-id", "/stocks/BENCH/book"):
+        measured = [line for line in lines if f"GET {path} " in line]
+        assert len(measured) == 2, proc.stdout  # two rounds
+        assert all("µs/request" in line and "requests/s" in line for line in measured), proc.stdout

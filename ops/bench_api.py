@@ -1,0 +1,73 @@
+"""The api's CPU per request, one endpoint at a time, against a running exchange on this machine.
+
+    uv run python -m ops.bench_api --base-url http://127.0.0.1:8000 --admin-key KEY [--requests 4000]
+                                   [--concurrency 32]
+
+Registers a broker, then for each endpoint (``GET /balance``: one indexed read; ``GET /orders/not-an-id``: a 404
+that touches no database; ``GET /stocks/{symbol}/book``: one aggregate read) sends ``--requests`` requests from
+``--concurrency`` concurrent clients and prints the CPU seconds the api processes and PostgreSQL used per request
+(``/proc``, Linux, the exchange's processes found by command line as ``exchange bench --server-stats`` finds them)
+and the requests/s. Each endpoint runs twice; compare the second round (the first warms caches and pools). On a
+shared machine compare alternating runs of two builds, not figures taken hours apart. Numbers only: nothing is
+asserted; the broker it registered stays (use a scratch exchange).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+
+from ops.bench.server_stats import cpu_by_kind
+
+ENDPOINTS = (("/balance", 200), ("/orders/not-an-id", 404), ("/stocks/BENCH/book", 200))
+"""Path and the status it must answer (anything else means the run measures something else: it stops)."""
+WARMUP_PER_CLIENT = 20
+
+
+async def measure(base_url: str, admin_key: str, requests: int, concurrency: int) -> None:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+        registered = await client.post(
+            "/register", json={"name": "bench-api"}, headers={"Authorization": f"Bearer {admin_key}"}
+        )
+        registered.raise_for_status()
+        headers = {"Authorization": f"Bearer {registered.json()['api_key']}"}
+        per_client = max(1, requests // concurrency)
+
+        async def send(path: str, expected: int, count: int) -> None:
+            for _ in range(count):
+                response = await client.get(path, headers=headers)
+                if response.status_code != expected:
+                    raise SystemExit(f"GET {path}: {response.status_code} {response.text[:200]}")
+
+        for round_no in (1, 2):
+            for path, expected in ENDPOINTS:
+                await asyncio.gather(*(send(path, expected, WARMUP_PER_CLIENT) for _ in range(concurrency)))
+                before, started = cpu_by_kind(), time.perf_counter()
+                await asyncio.gather(*(send(path, expected, per_client) for _ in range(concurrency)))
+                elapsed, after = time.perf_counter() - started, cpu_by_kind()
+                sent = per_client * concurrency
+                api_us = 1e6 * (after.get("api", 0.0) - before.get("api", 0.0)) / sent
+                pg_us = 1e6 * (after.get("postgres", 0.0) - before.get("postgres", 0.0)) / sent
+                print(
+                    f"round {round_no}  GET {path:22s} api {api_us:6.0f} µs/request  "
+                    f"PostgreSQL {pg_us:5.0f} µs/request  {sent / elapsed:6.0f} requests/s",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--admin-key", required=True)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    asyncio.run(measure(args.base_url, args.admin_key, args.requests, args.concurrency))
+
+
+if __name__ == "__main__":
+    main()
