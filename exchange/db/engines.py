@@ -32,11 +32,11 @@ AsyncPgConnection = psycopg.AsyncConnection[Any]
 # connect_timeout: a database host that silently drops packets must turn into a quick 503, not a hung request.
 _POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_timeout": 5}
 
-# No ``pool_pre_ping``: it costs a round trip on every checkout (two per order on the api's hot path). Through
-# pgbouncer a PostgreSQL restart does not break the client connections at all (pgbouncer opens new server
-# connections), and when a connection does break (pgbouncer or a direct PostgreSQL restarted) SQLAlchemy's disconnect
-# handling invalidates the whole pool on the first error: that request fails with a retryable error (api: 503;
-# matcher/webhooks: the message is retried) and the next checkout reconnects.
+# No check on checkout (``pool_pre_ping``): it costs a round trip every time. Through pgbouncer a PostgreSQL restart
+# does not break the client connections at all (pgbouncer opens new server connections), and when a connection does
+# break (pgbouncer or a direct PostgreSQL restarted) the pool drops all its idle connections on the first error
+# (SQLAlchemy's disconnect handling; :class:`AsyncPool` likewise): that request or message fails with a retryable
+# error (api: 503; matcher/webhooks: the message is retried) and the next checkout reconnects.
 
 
 def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:
