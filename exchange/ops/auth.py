@@ -49,7 +49,7 @@ def key_matches(candidate: str | None, expected: str) -> bool:
 
 def ops_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     expected = configured_admin_key(connection)
-    if key_matches(bearer_token(connection), expected):
+    if key_matches(bearer_token(connection.headers.get("authorization")), expected):
         return
     if key_matches(connection.cookies.get(COOKIE_NAME), session_token(expected)):
         return

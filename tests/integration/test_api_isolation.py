@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
 import pytest
+from litestar.routes import HTTPRoute
 from litestar.testing import TestClient
 from sqlalchemy import Engine
 
@@ -76,3 +78,24 @@ def test_broker_endpoints_need_a_valid_broker_key(
     response = api_client.request(method, path, headers=headers, content=b"{not json")
     assert response.status_code == 401  # checked before the body is even parsed
     assert response.json()["code"] == "unauthorized"
+
+
+PUBLIC_PREFIXES = ("/health", "/schema", "/metrics", "/ops/login")
+"""Routes anyone may call; every other route of the app needs a broker, admin or ops key."""
+
+
+def test_every_route_but_the_public_ones_is_401_without_a_key_before_its_input_is_parsed(
+    api_client: TestClient[Any],
+) -> None:
+    app = api_client.app
+    checked = 0
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute) or route.path.startswith(PUBLIC_PREFIXES):
+            continue
+        path = re.sub(r"\{[^}]+\}", "x", route.path) + "?limit=not-a-number&cursor=%00"
+        for method in sorted(route.methods - {"OPTIONS", "HEAD"}):
+            response = api_client.request(method, path, content=b"{not json")
+            assert response.status_code == 401, (method, route.path, response.text)
+            assert response.json()["code"] == "unauthorized", (method, route.path)
+            checked += 1
+    assert checked >= 20  # the routes were really enumerated

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Controller, get
 
-from exchange.api.auth import broker_guard, unauthorized_if_missing
+from exchange.api.auth import broker_auth, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
 from exchange.api.schemas import BalanceOut, PositionOut, to_wire
 from exchange.db.engines import single_statement
@@ -13,7 +13,7 @@ from exchange.orders import queries
 
 class AccountController(Controller):
     path = "/"
-    guards = [broker_guard]  # noqa: RUF012
+    before_request = staticmethod(broker_auth)
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
     @get("/balance")

@@ -10,7 +10,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from exchange.api import services
-from exchange.api.auth import broker_guard
+from exchange.api.auth import broker_auth
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
 from exchange.api.schemas import (
     AmendOrderRequest,
@@ -51,7 +51,7 @@ def wants_representation(request: Request[Any, Any, Any]) -> bool:
 
 class OrdersController(Controller):
     path = "/orders"
-    guards = [broker_guard]  # noqa: RUF012  # Litestar reads these class attributes
+    before_request = staticmethod(broker_auth)  # Litestar reads these class attributes
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
     @post("/", status_code=201)

@@ -7,7 +7,7 @@ from typing import Annotated
 from litestar import Controller, get
 from litestar.params import FromPath, QueryParameter
 
-from exchange.api.auth import broker_guard
+from exchange.api.auth import broker_auth
 from exchange.api.dependencies import API, Api
 from exchange.api.schemas import BookOut, PriceOut, PublicTradeOut, TradesOut, to_wire
 from exchange.db.engines import single_statement
@@ -18,7 +18,7 @@ from exchange.orders.errors import NoTradesError
 
 class StocksController(Controller):
     path = "/stocks/{symbol:str}"
-    guards = [broker_guard]  # noqa: RUF012
+    before_request = staticmethod(broker_auth)
     dependencies = API
 
     @get("/book")

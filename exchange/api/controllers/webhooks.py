@@ -32,7 +32,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post, put
 from litestar.params import FromPath, QueryParameter
 
-from exchange.api.auth import admin_guard, broker_guard, unauthorized_if_missing
+from exchange.api.auth import admin_guard, broker_auth, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
 from exchange.api.schemas import Url, decode_body, to_wire
 from exchange.db.engines import single_statement, transaction
@@ -136,7 +136,7 @@ def _endpoint_out(view: queries.EndpointView) -> EndpointOut:
 
 class WebhooksController(Controller):
     path = "/"
-    guards = [broker_guard]  # noqa: RUF012  # Litestar reads these class attributes
+    before_request = staticmethod(broker_auth)  # Litestar reads these class attributes
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
     @get("/webhooks/endpoint")
