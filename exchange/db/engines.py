@@ -51,7 +51,9 @@ def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: 
 
 
 POOL_WAIT_S = 5.0
-"""How long a request waits for a free pooled connection when all of them are in use."""
+"""How long a request waits for a free pooled connection when all of them are in use (then 503; SQLAlchemy's pool
+waited 30 s). With group commit a worker's accepts, cancels and read-backs hold at most three connections per
+``EXCHANGE_GROUP_COMMIT_CONCURRENCY`` slot, far below ``max_size``."""
 
 
 class PoolTimeoutError(psycopg.OperationalError):
@@ -66,20 +68,25 @@ class AsyncPool:
     Invariants:
 
     * A connection is handed out only when it is idle (no transaction open or in error, no statement running) and
-      not broken; one that comes back otherwise (an exception inside ``transaction()`` rolls back first, so this is
-      a lost connection or a request cancelled mid-statement) is closed, never reused.
+      not broken; one that comes back otherwise is closed, never reused. (An exception inside ``transaction()``
+      rolls back first, and psycopg cancels a statement whose task is cancelled and waits for the server, so
+      this is a lost connection, or a statement the server did not stop in time.)
     * Opening a connection happens in the request that needs it: when the server is unreachable that request fails
       at once with psycopg's error (503), rather than waiting out a pool timeout as ``psycopg_pool`` does (its
       background workers keep retrying while callers wait ``timeout`` seconds: 5 s per request in
       ``test_api_health_admin``).
     * A connection that broke makes every idle one suspect (pgbouncer or PostgreSQL restarted under all of them):
       they are closed too, so one request fails instead of one per idle connection.
+    * At most ``max_idle`` connections are kept between requests (a burst's extra ones are closed as they come
+      back: without pgbouncer each is a PostgreSQL backend); none after :meth:`close`.
     """
 
-    def __init__(self, url: str, *, max_size: int = 20) -> None:
+    def __init__(self, url: str, *, max_size: int = 20, max_idle: int = 10) -> None:
         self._conninfo = libpq_url(url)
         self._idle: list[AsyncPgConnection] = []
         self._slots = asyncio.Semaphore(max_size)
+        self._max_idle = max_idle
+        self._closed = False
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncPgConnection]:
@@ -96,9 +103,11 @@ class AsyncPool:
             conn = self._idle.pop() if self._idle else await self._connect()
             yield conn
         finally:
-            if conn is not None:
-                await self._put(conn)
-            self._slots.release()
+            try:
+                if conn is not None:
+                    await self._put(conn)
+            finally:
+                self._slots.release()
 
     async def _connect(self) -> AsyncPgConnection:
         return await psycopg.AsyncConnection.connect(
@@ -106,7 +115,8 @@ class AsyncPool:
         )
 
     async def _put(self, conn: AsyncPgConnection) -> None:
-        if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+        reusable = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+        if reusable and not self._closed and len(self._idle) < self._max_idle:
             self._idle.append(conn)
             return
         stale = [conn]
@@ -118,7 +128,8 @@ class AsyncPool:
                 await each.close()
 
     async def close(self) -> None:
-        """Close the idle connections (at shutdown, when no request is using one)."""
+        """Close the idle connections, and every connection in use as it comes back (at shutdown)."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             with contextlib.suppress(psycopg.Error):

@@ -110,3 +110,29 @@ async def test_a_request_waits_for_a_free_connection_then_times_out_with_pool_ti
         assert await backend_pid(pool) == held.info.backend_pid
     finally:
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_connections_beyond_max_idle_are_closed_as_they_come_back(fresh_database_url: str) -> None:
+    pool = AsyncPool(fresh_database_url, max_idle=1)
+    try:
+        async with single_statement(pool) as first, single_statement(pool) as second:
+            pass
+        assert [first.closed, second.closed].count(True) == 1  # one kept for the next request, one closed
+        async with single_statement(pool) as again:
+            assert again in (first, second)
+            assert not again.closed
+    finally:
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_in_use_when_the_pool_closes_is_closed_when_it_comes_back(fresh_database_url: str) -> None:
+    pool = AsyncPool(fresh_database_url)
+    async with single_statement(pool) as idle:
+        pass
+    async with single_statement(pool) as in_use:
+        assert in_use is idle
+        await pool.close()
+        assert not in_use.closed  # still serving its request
+    assert in_use.closed
