@@ -113,15 +113,13 @@ async def test_a_request_waits_for_a_free_connection_then_times_out_with_pool_ti
 
 
 @pytest.mark.anyio
-async def test_connections_beyond_max_idle_are_closed_as_they_come_back(fresh_database_url: str) -> None:
-    pool = AsyncPool(fresh_database_url, max_idle=1)
+async def test_every_connection_of_a_burst_is_kept_for_the_next_one(fresh_database_url: str) -> None:
+    pool = AsyncPool(fresh_database_url)
     try:
-        async with single_statement(pool) as first, single_statement(pool) as second:
-            pass
-        assert [first.closed, second.closed].count(True) == 1  # one kept for the next request, one closed
-        async with single_statement(pool) as again:
-            assert again in (first, second)
-            assert not again.closed
+        async with single_statement(pool) as a, single_statement(pool) as b, single_statement(pool) as c:
+            burst = {a.info.backend_pid, b.info.backend_pid, c.info.backend_pid}
+        async with single_statement(pool) as a, single_statement(pool) as b, single_statement(pool) as c:
+            assert {a.info.backend_pid, b.info.backend_pid, c.info.backend_pid} == burst  # no reconnections
     finally:
         await pool.close()
 
