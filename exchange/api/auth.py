@@ -25,6 +25,7 @@ from litestar.types import Scope
 from exchange.api.errors import ApiError, unauthorized
 from exchange.api.state import api_state
 from exchange.db.engines import single_statement
+from exchange.observability.requests import scope_header
 from exchange.orders.brokers import broker_for_key_hash, hash_api_key
 from exchange.orders.models import BrokerIdentity
 
@@ -47,16 +48,9 @@ def bearer_token(header: str | None) -> str | None:
     return token
 
 
-def _authorization(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name.lower() == b"authorization":
-            return value.decode("latin-1")
-    return None
-
-
 async def authenticate_broker(scope: Scope) -> BrokerIdentity:
     """The broker whose API key the request carries; raises 401 ``unauthorized`` otherwise."""
-    token = bearer_token(_authorization(scope))
+    token = bearer_token(scope_header(scope, b"authorization"))
     if token is None:
         raise unauthorized()
     state = api_state(scope["app"])

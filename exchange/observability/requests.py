@@ -47,7 +47,9 @@ def request_observability(slow_request_ms: int) -> Any:
     return factory
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def scope_header(scope: Scope, name: bytes) -> str | None:
+    """A request header's value straight from the ASGI scope (``name`` lower-case, as ASGI servers send names),
+    without building a framework ``Headers`` object."""
     for key, value in scope.get("headers", ()):
         if key == name:
             return str(value.decode("latin-1"))
@@ -66,7 +68,7 @@ def _route(scope: Scope) -> str:
 
 async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slow_request_ms: int) -> None:
     started = time.perf_counter()
-    request_id = accept_request_id(_header(scope, _REQUEST_ID_KEY))
+    request_id = accept_request_id(scope_header(scope, _REQUEST_ID_KEY))
     token = request_id_var.set(request_id)
     status = 500
     route = _route(scope)

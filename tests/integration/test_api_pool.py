@@ -21,49 +21,37 @@ async def backend_pid(pool: AsyncPool) -> int:
 
 
 @pytest.mark.anyio
-async def test_a_clean_connection_is_reused_by_the_next_request(fresh_database_url: str) -> None:
-    pool = AsyncPool(fresh_database_url)
-    try:
-        assert await backend_pid(pool) == await backend_pid(pool)
-    finally:
-        await pool.close()
+async def test_a_clean_connection_is_reused_by_the_next_request(api_pool: AsyncPool) -> None:
+    assert await backend_pid(api_pool) == await backend_pid(api_pool)
 
 
 @pytest.mark.anyio
-async def test_a_connection_returned_inside_a_transaction_is_closed_not_reused(fresh_database_url: str) -> None:
-    pool = AsyncPool(fresh_database_url)
-    try:
-        async with single_statement(pool) as conn:
-            await conn.execute("BEGIN")  # an open transaction must never reach the next request
-            first = conn
-        assert first.closed
-        async with single_statement(pool) as conn:
-            assert conn is not first
-            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    finally:
-        await pool.close()
+async def test_a_connection_returned_inside_a_transaction_is_closed_not_reused(api_pool: AsyncPool) -> None:
+    async with single_statement(api_pool) as conn:
+        await conn.execute("BEGIN")  # an open transaction must never reach the next request
+        first = conn
+    assert first.closed
+    async with single_statement(api_pool) as conn:
+        assert conn is not first
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 @pytest.mark.anyio
-async def test_a_failed_transaction_rolls_back_and_its_connection_is_reused(fresh_database_url: str) -> None:
-    pool = AsyncPool(fresh_database_url)
-    try:
-        before = await backend_pid(pool)
+async def test_a_failed_transaction_rolls_back_and_its_connection_is_reused(api_pool: AsyncPool) -> None:
+    before = await backend_pid(api_pool)
 
-        async def create_then_fail() -> None:
-            async with transaction(pool) as conn:
-                await conn.execute("CREATE TEMP TABLE scratch (x int)")
-                await conn.execute("SELECT 1 / 0")
+    async def create_then_fail() -> None:
+        async with transaction(api_pool) as conn:
+            await conn.execute("CREATE TEMP TABLE scratch (x int)")
+            await conn.execute("SELECT 1 / 0")
 
-        with pytest.raises(psycopg.errors.DivisionByZero):
-            await create_then_fail()
-        async with single_statement(pool) as conn:
-            row = await (await conn.execute("SELECT to_regclass('pg_temp.scratch') IS NULL AS gone")).fetchone()
-        assert row is not None
-        assert row.gone  # rolled back
-        assert await backend_pid(pool) == before
-    finally:
-        await pool.close()
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        await create_then_fail()
+    async with single_statement(api_pool) as conn:
+        row = await (await conn.execute("SELECT to_regclass('pg_temp.scratch') IS NULL AS gone")).fetchone()
+    assert row is not None
+    assert row.gone  # rolled back
+    assert await backend_pid(api_pool) == before
 
 
 @pytest.mark.anyio
@@ -77,20 +65,16 @@ async def test_an_unreachable_database_fails_the_request_at_once_not_with_a_pool
 
 @pytest.mark.anyio
 async def test_a_broken_connection_discards_the_idle_ones_so_one_request_fails_not_one_per_connection(
-    fresh_database_url: str,
+    api_pool: AsyncPool, fresh_migrated_database_url: str
 ) -> None:
-    pool = AsyncPool(fresh_database_url)
-    try:
-        async with single_statement(pool) as a, single_statement(pool) as b:  # two idle connections afterwards
-            pids = [a.info.backend_pid, b.info.backend_pid]
-        async with await psycopg.AsyncConnection.connect(fresh_database_url, autocommit=True) as admin:
-            for pid in pids:
-                await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
-        with pytest.raises(psycopg.OperationalError):
-            await backend_pid(pool)
-        assert await backend_pid(pool) not in pids  # a new connection, not the other dead one
-    finally:
-        await pool.close()
+    async with single_statement(api_pool) as a, single_statement(api_pool) as b:  # two idle connections afterwards
+        pids = [a.info.backend_pid, b.info.backend_pid]
+    async with await psycopg.AsyncConnection.connect(fresh_migrated_database_url, autocommit=True) as admin:
+        for pid in pids:
+            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    with pytest.raises(psycopg.OperationalError):
+        await backend_pid(api_pool)
+    assert await backend_pid(api_pool) not in pids  # a new connection, not the other dead one
 
 
 @pytest.mark.anyio
@@ -113,15 +97,11 @@ async def test_a_request_waits_for_a_free_connection_then_times_out_with_pool_ti
 
 
 @pytest.mark.anyio
-async def test_every_connection_of_a_burst_is_kept_for_the_next_one(fresh_database_url: str) -> None:
-    pool = AsyncPool(fresh_database_url)
-    try:
-        async with single_statement(pool) as a, single_statement(pool) as b, single_statement(pool) as c:
-            burst = {a.info.backend_pid, b.info.backend_pid, c.info.backend_pid}
-        async with single_statement(pool) as a, single_statement(pool) as b, single_statement(pool) as c:
-            assert {a.info.backend_pid, b.info.backend_pid, c.info.backend_pid} == burst  # no reconnections
-    finally:
-        await pool.close()
+async def test_every_connection_of_a_burst_is_kept_for_the_next_one(api_pool: AsyncPool) -> None:
+    async with single_statement(api_pool) as a, single_statement(api_pool) as b, single_statement(api_pool) as c:
+        burst = {a.info.backend_pid, b.info.backend_pid, c.info.backend_pid}
+    async with single_statement(api_pool) as a, single_statement(api_pool) as b, single_statement(api_pool) as c:
+        assert {a.info.backend_pid, b.info.backend_pid, c.info.backend_pid} == burst  # no reconnections
 
 
 @pytest.mark.anyio
