@@ -3,7 +3,8 @@
 A :class:`Harness` owns, for one fresh migrated database:
 
 * pgbouncer (transaction pooling) on a free 127.0.0.1 port, started with ``ops/scripts/pgbouncer.sh``;
-* a Redis database index picked at random in 1..15 and ``FLUSHDB``-ed first;
+* a Redis database index picked at random in 1..15 (never the api integration tests' shared one) and ``FLUSHDB``-ed
+  first;
 * ``exchange api`` (gunicorn, 2 uvicorn workers, through pgbouncer), two ``exchange matcher`` processes splitting
   ``EXCHANGE_PARTITIONS=4`` as ``0-1`` and ``2-3``, ``exchange sweeper`` and ``exchange webhooks`` — each started as
   ``[sys.executable, "-m", "exchange.cli", ...]`` in its own process group, with stdout/stderr in a log file.
@@ -327,7 +328,8 @@ class Harness:
         self.pooled_url = parts._replace(netloc=f"{user}@127.0.0.1:{port}").geturl()
 
     def _pick_redis_db(self) -> None:
-        """A random Redis database in 1..15, flushed; a claim key keeps concurrent test runs off it."""
+        """A random Redis database in 1..15 (except the api tests' shared one), flushed; a claim key keeps concurrent
+        test runs off it."""
         choices = [n for n in range(1, 16) if n not in _REDIS_DBS_IN_USE]
         random.shuffle(choices)
         n = claim_database(REDIS_SERVER_URL, self.run_id, REDIS_CLAIM_TTL_S, choices)

@@ -56,10 +56,20 @@ def database_url(server_url: str, n: int) -> str:
     return urlsplit(server_url)._replace(path=f"/{n}", query="").geturl()
 
 
+def shared_database() -> int:
+    """The number of the database the api integration tests share (:func:`redis_test_url`'s, 11 by default). They
+    never claim it: they read the api's queues there and rely on no matcher consuming them."""
+    return int(redis.connection.parse_url(redis_test_url()).get("db", 0))  # type: ignore[no-untyped-call]
+
+
 def claim_database(server_url: str, run_id: str, ttl_s: int, candidates: Iterable[int]) -> int | None:
     """The first of ``candidates`` (database numbers on ``server_url``'s server) that no other test run has
-    claimed, claimed for ``run_id`` for ``ttl_s`` and flushed; None when every one is taken."""
+    claimed, claimed for ``run_id`` for ``ttl_s`` and flushed; None when every one is taken. Never the api tests'
+    :func:`shared_database`: an exchange started there (the session-long e2e harness) would consume their queues."""
+    shared = shared_database()
     for n in candidates:
+        if n == shared:
+            continue
         client = redis.Redis.from_url(database_url(server_url, n), socket_connect_timeout=5)
         try:
             if not client.set(REDIS_CLAIM_KEY, run_id, nx=True, ex=ttl_s):
