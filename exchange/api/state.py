@@ -24,7 +24,7 @@ from exchange.api.batches import OrderKey, accept_orders, cancel_orders, read_or
 from exchange.api.coalescing import Coalescer
 from exchange.config import Settings
 from exchange.db.engines import AsyncPool
-from exchange.messaging.broker import make_broker
+from exchange.messaging.broker import AsyncEnqueuer, make_broker
 from exchange.messaging.results import ResultWaiter
 from exchange.orders.models import BrokerIdentity, CommandResult, NewOrder, OrderView, PlaceResult
 
@@ -70,6 +70,8 @@ class ApiState:
     redis: Redis
     subscriber_redis: Redis
     broker: RedisBroker
+    enqueuer: AsyncEnqueuer
+    """The broker's enqueue on ``redis`` (the order path's wake-ups)."""
     waiter: ResultWaiter
     accepts: Coalescer[NewOrder, PlaceResult]
     """Group commit of new orders (one transaction per group of concurrent requests)."""
@@ -95,17 +97,18 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
         )
         subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_keepalive=True)
         broker = make_broker(settings.redis_url, settings.partitions)
+        enqueuer = AsyncEnqueuer(broker, client)
         waiter = ResultWaiter(subscriber)
         await waiter.start()
         group = {"max_concurrent": settings.group_commit_concurrency, "max_batch": settings.group_commit_max}
         accepts: Coalescer[NewOrder, PlaceResult] = Coalescer(
-            functools.partial(accept_orders, pool, client, broker, settings.partitions), **group
+            functools.partial(accept_orders, pool, client, enqueuer, settings.partitions), **group
         )
         cancels: Coalescer[OrderKey, CommandResult] = Coalescer(
-            functools.partial(cancel_orders, pool, client, broker, settings.partitions), **group
+            functools.partial(cancel_orders, pool, client, enqueuer, settings.partitions), **group
         )
         reads: Coalescer[OrderKey, OrderView | None] = Coalescer(functools.partial(read_orders, pool), **group)
-        app.state.api = ApiState(settings, pool, client, subscriber, broker, waiter, accepts, cancels, reads)
+        app.state.api = ApiState(settings, pool, client, subscriber, broker, enqueuer, waiter, accepts, cancels, reads)
         try:
             yield
         finally:

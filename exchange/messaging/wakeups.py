@@ -17,7 +17,6 @@ it had taken are re-nudged by the sweeper, which wakes symbols with old pending 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ import dramatiq
 import redis
 import redis.asyncio
 
+from exchange.messaging.broker import AsyncEnqueuer
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
 
 WAKE_KEY_PREFIX = "exchange:wake:"
@@ -80,10 +80,12 @@ def send_wakeup(broker: BrokerLike, symbol: str, partitions: int) -> None:
     broker.enqueue(match_message(symbol, partitions))
 
 
-async def wake_async(client: redis.asyncio.Redis, broker: BrokerLike, symbols: Iterable[str], partitions: int) -> int:
+async def wake_async(
+    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int
+) -> int:
     """Wake ``symbols`` (their commands are committed) from an async caller (the api): one Redis transaction adds
     them to their partitions' sets and tries each partition's flag, then ONE message goes to each partition whose
-    flag was free. Returns the number of messages sent."""
+    flag was free (all of them in one pipeline). Returns the number of messages sent."""
     groups = list(group_by_partition(symbols, partitions).items())
     if not groups:
         return 0
@@ -94,25 +96,16 @@ async def wake_async(client: redis.asyncio.Redis, broker: BrokerLike, symbols: I
         replies = await pipe.execute()
     due = [group for group, claimed in zip(groups, replies[1::2], strict=True) if claimed]
     if due:
-        sent: list[int] = []
         try:
-            # dramatiq's enqueue is synchronous (a blocking Redis round trip): run it in a worker thread so the
-            # event loop keeps serving the other requests meanwhile. Profiling showed it blocking ~10% of the loop.
-            await asyncio.to_thread(_send_wakeups, broker, due, sent)
+            await enqueuer.enqueue_all([partition_message(partition, names) for partition, names in due])
         except Exception:
-            # Free the flags of the partitions left without a message, so the next command wakes them at once (their
-            # symbols are in the sets already) instead of after the TTL. Best effort: Redis may be what failed.
-            unsent = [busy_key(partition) for partition, _ in due if partition not in sent]
+            # Free the flags this call took, so the next command wakes those partitions at once (their symbols are
+            # in the sets already) instead of after the TTL. Some messages may have gone out: a freed flag then
+            # only lets a second message through, which finds less to do. Best effort: Redis may be what failed.
             with contextlib.suppress(redis.RedisError):
-                await client.delete(*unsent)
+                await client.delete(*(busy_key(partition) for partition, _ in due))
             raise
     return len(due)
-
-
-def _send_wakeups(broker: BrokerLike, groups: list[tuple[int, list[str]]], sent: list[int]) -> None:
-    for partition, symbols in groups:
-        broker.enqueue(partition_message(partition, symbols))
-        sent.append(partition)
 
 
 # KEYS: the partition's set and flag; ARGV: the flag's TTL in ms, and "1" to release the partition when nothing was

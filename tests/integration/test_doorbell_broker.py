@@ -3,17 +3,23 @@ idle timeout, and nothing dramatiq does (fetch, ack, delayed messages) changes."
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import dramatiq
 import pytest
+import redis.asyncio
 
-from exchange.messaging.broker import DoorbellRedisBroker, doorbell_key
-from tests.integration.redis_support import namespaced_broker
+from exchange.embedded import EmbeddedRedis
+from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, doorbell_key
+from exchange.observability.context import request_id_var
+from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
+from tests.integration.redis_support import namespaced_broker, redis_test_url
 
 IDLE_TIMEOUT_MS = 30_000
 """Far longer than any wake-up may take: a consumer that returns well before it was woken, not timed out."""
@@ -40,16 +46,23 @@ def next_message(consumer: Any, deadline_s: float) -> Any:
 
 
 def ring_an_idle_consumer(
-    broker: DoorbellRedisBroker, consumer: Any, queue: str, *, idle_s: float, while_idle: Callable[[], None]
+    broker: DoorbellRedisBroker,
+    consumer: Any,
+    queue: str,
+    *,
+    idle_s: float,
+    while_idle: Callable[[], None],
+    send: Callable[[dramatiq.Message[Any]], dramatiq.Message[Any]] | None = None,
 ) -> Any:
     """Let ``consumer`` go idle (it must still be waiting for the doorbell after ``idle_s``; ``while_idle`` checks
-    more), enqueue a message, and return it as the woken consumer receives it."""
+    more), enqueue a message (``send``, default the broker's enqueue), and return it as the woken consumer receives
+    it."""
     idle_wait = threading.Thread(target=lambda: next(consumer))
     idle_wait.start()
     idle_wait.join(timeout=idle_s)
     assert idle_wait.is_alive(), "an idle consumer returned to poll again instead of waiting for the doorbell"
     while_idle()
-    sent = broker.enqueue(message(queue))
+    sent = (send or broker.enqueue)(message(queue))
     idle_wait.join(timeout=IDLE_TIMEOUT_MS / 1000 / 2)
     assert not idle_wait.is_alive(), "the consumer slept through the ring"
     received = next_message(consumer, 10)
@@ -123,3 +136,78 @@ def test_a_consumer_whose_fetch_drained_the_queue_waits_for_a_ring_before_fetchi
     for got in received:
         consumer.ack(got)
     consumer.close()
+
+
+def enqueue_from_an_event_loop(
+    broker: DoorbellRedisBroker, messages: list[dramatiq.Message[Any]], *, redis_url: str | None = None
+) -> list[dramatiq.Message[Any]]:
+    """What the api does: :class:`AsyncEnqueuer` on an asyncio client of its own, in a running event loop."""
+
+    async def run() -> list[dramatiq.Message[Any]]:
+        client = redis.asyncio.Redis.from_url(redis_url or redis_test_url())
+        try:
+            request_id_var.set("req-from-the-loop")
+            return await AsyncEnqueuer(broker, client).enqueue_all(messages)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_message_enqueued_from_an_event_loop_wakes_an_idle_consumer_and_went_through_the_enqueue_hooks(
+    broker: DoorbellRedisBroker,
+) -> None:
+    broker.add_middleware(RequestIdMiddleware())
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    received = ring_an_idle_consumer(
+        broker,
+        consumer,
+        queue,
+        idle_s=0.5,
+        while_idle=lambda: None,
+        send=lambda sent: enqueue_from_an_event_loop(broker, [sent])[0],
+    )
+    assert received.args == (1,)
+    assert received.options[REQUEST_ID_OPTION] == "req-from-the-loop"
+    consumer.ack(received)
+    consumer.close()
+
+
+def test_one_call_enqueues_every_message_on_its_own_queue_in_order_and_rings_each_queue(
+    broker: DoorbellRedisBroker,
+) -> None:
+    first, second = (f"q-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for queue in (first, second):
+        broker.declare_queue(queue)
+    messages = [message(first), message(second), message(first)]
+    enqueued = enqueue_from_an_event_loop(broker, messages)
+    assert len({m.options["redis_message_id"] for m in enqueued}) == 3  # each enqueue its own id, as dramatiq's
+    assert [broker.client.llen(doorbell_key(queue)) for queue in (first, second)] == [1, 1]
+    for queue, expected in ((first, [enqueued[0], enqueued[2]]), (second, [enqueued[1]])):
+        consumer = broker.consume(queue, prefetch=4, timeout=100)
+        got = [next_message(consumer, 10) for _ in expected]
+        assert [m.message_id for m in got] == [m.message_id for m in expected]
+        for m in got:
+            consumer.ack(m)
+        assert broker.do_qsize(queue) == 0
+        consumer.close()
+
+
+def test_a_redis_that_never_saw_dramatiqs_script_is_sent_it_and_the_message_is_enqueued(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)  # a fresh server: no script loaded yet, and nothing shared with other tests
+    url = server.start()
+    try:
+        broker = DoorbellRedisBroker(url=url)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
+        assert broker.client.script_exists(broker.scripts["dispatch"].sha) == [False]
+        [sent] = enqueue_from_an_event_loop(broker, [message("fresh")], redis_url=url)
+        consumer = broker.consume("fresh", prefetch=1, timeout=100)
+        got = next_message(consumer, 10)
+        assert got is not None
+        assert got.message_id == sent.message_id
+        consumer.ack(got)
+        consumer.close()
+        broker.close()
+    finally:
+        server.stop()

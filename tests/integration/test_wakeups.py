@@ -8,13 +8,14 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import dramatiq
 import pytest
 import redis
 import redis.asyncio
 
+from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
 from exchange.messaging.wakeups import PartitionWakeups, busy_key, hold_partition, wake_async, woken_key
 from tests.integration.redis_support import claimed_database
@@ -22,24 +23,6 @@ from tests.integration.redis_support import claimed_database
 pytestmark = pytest.mark.anyio
 
 PARTITIONS = 8
-
-
-class FailingAfter:
-    """A broker whose Redis goes away after ``ok`` messages (the only way to fail an enqueue half-way here)."""
-
-    def __init__(self, ok: int) -> None:
-        self.ok = ok
-        self.messages: list[dramatiq.Message[Any]] = []
-
-    @property
-    def sent(self) -> list[str]:
-        return [symbol for message in self.messages for symbol in message.args]
-
-    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> object:
-        if len(self.messages) >= self.ok:
-            raise ConnectionError("redis went away")
-        self.messages.append(message)
-        return message
 
 
 @pytest.fixture
@@ -53,6 +36,30 @@ async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     client = redis.asyncio.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[DoorbellRedisBroker]:
+    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def enqueuer(broker: DoorbellRedisBroker, client: redis.asyncio.Redis) -> AsyncEnqueuer:
+    return AsyncEnqueuer(broker, client)
+
+
+def queued(broker: DoorbellRedisBroker, partition: int) -> list[dramatiq.Message[Any]]:
+    """The messages waiting in ``partition``'s queue, oldest first (as dramatiq stores them)."""
+    queue = f"{broker.namespace}:{matching_queue(partition)}"
+    client: redis.Redis = broker.client
+    return [dramatiq.Message.decode(cast(bytes, client.hget(f"{queue}.msgs", i))) for i in client.lrange(queue, 0, -1)]
+
+
+def sent(broker: DoorbellRedisBroker) -> list[str]:
+    """Every symbol named by a queued message, over all partitions."""
+    return [symbol for n in range(PARTITIONS) for message in queued(broker, n) for symbol in message.args]
 
 
 @pytest.fixture
@@ -80,14 +87,14 @@ def symbols(n: int, *, partition: int | None = None, distinct: bool = False) -> 
     return found
 
 
-def wake_elsewhere(redis_url: str, symbols: list[str]) -> int:
+def wake_elsewhere(redis_url: str, broker: DoorbellRedisBroker, symbols: list[str]) -> int:
     """The api's wake-up of ``symbols`` from another thread with its own event loop and client (an api worker is
     another process): what a holder sees while it processes."""
 
     async def wake() -> int:
         client = redis.asyncio.Redis.from_url(redis_url)
         try:
-            return await wake_async(client, FailingAfter(ok=100), symbols, PARTITIONS)
+            return await wake_async(client, AsyncEnqueuer(broker, client), symbols, PARTITIONS)
         finally:
             await client.aclose()
 
@@ -99,43 +106,50 @@ async def members(client: redis.asyncio.Redis, partition: int) -> list[str]:
     return sorted(m.decode() if isinstance(m, bytes) else m for m in await client.smembers(woken_key(partition)))
 
 
-async def test_a_held_partition_gets_no_second_message_and_its_symbols_accumulate(client: redis.asyncio.Redis) -> None:
-    broker = FailingAfter(ok=100)
+async def test_a_held_partition_gets_no_second_message_and_its_symbols_accumulate(
+    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
+) -> None:
     first, second = symbols(2, partition=3)
-    assert await wake_async(client, broker, [first, first], PARTITIONS) == 1
-    assert await wake_async(client, broker, [second], PARTITIONS) == 0
-    assert broker.sent == [first]
+    assert await wake_async(client, enqueuer, [first, first], PARTITIONS) == 1
+    assert await wake_async(client, enqueuer, [second], PARTITIONS) == 0
+    assert sent(broker) == [first]
     assert await members(client, 3) == sorted([first, second])
     assert 0 < await client.pttl(busy_key(3)) <= 500
 
 
-async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(client: redis.asyncio.Redis) -> None:
-    broker = FailingAfter(ok=100)
+async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(
+    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
+) -> None:
     woken = symbols(40)
     held = partition_of(woken[5], PARTITIONS)
     await client.set(busy_key(held), b"1", px=5000)  # a matcher holds this partition: it gets no message
 
-    messages = await wake_async(client, broker, [*woken, woken[0]], PARTITIONS)
+    messages = await wake_async(client, enqueuer, [*woken, woken[0]], PARTITIONS)
 
     free = {partition_of(symbol, PARTITIONS) for symbol in woken} - {held}
-    assert messages == len(broker.messages) == len(free)
-    for message in broker.messages:
-        [n] = {partition_of(symbol, PARTITIONS) for symbol in message.args}
+    assert messages == len(free)
+    for n in range(PARTITIONS):
+        if n not in free:
+            assert queued(broker, n) == []
+            continue
+        [message] = queued(broker, n)
         assert (message.queue_name, message.actor_name) == (matching_queue(n), matching_actor(n))
         assert list(message.args) == [s for s in woken if partition_of(s, PARTITIONS) == n]
-    assert sorted(broker.sent) == sorted(s for s in woken if partition_of(s, PARTITIONS) != held)
+    assert sorted(sent(broker)) == sorted(s for s in woken if partition_of(s, PARTITIONS) != held)
     assert await members(client, held) == sorted(s for s in woken if partition_of(s, PARTITIONS) == held)
 
 
-async def test_partitions_left_without_a_message_are_released_and_keep_their_symbols(
-    client: redis.asyncio.Redis,
+async def test_partitions_whose_messages_could_not_be_sent_are_released_and_keep_their_symbols(
+    client: redis.asyncio.Redis, broker: DoorbellRedisBroker
 ) -> None:
-    broker = FailingAfter(ok=1)
     first, second, third = symbols(3, distinct=True)
-    with pytest.raises(ConnectionError):
-        await wake_async(client, broker, [first, second, third], PARTITIONS)
-    assert broker.sent == [first]
     p1, p2, p3 = (partition_of(s, PARTITIONS) for s in (first, second, third))
+    await client.set(busy_key(p1), b"1", px=5000)  # held by a matcher: no message is due, the flag is not ours
+    unreachable = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)  # the enqueue's Redis
+    with pytest.raises(redis.ConnectionError):
+        await wake_async(client, AsyncEnqueuer(broker, unreachable), [first, second, third], PARTITIONS)
+    await unreachable.aclose()
+    assert sent(broker) == []
     assert await client.exists(busy_key(p1)) == 1
     assert await client.exists(busy_key(p2), busy_key(p3)) == 0  # the next command wakes them at once
     assert await members(client, p2) == [second]
@@ -143,38 +157,36 @@ async def test_partitions_left_without_a_message_are_released_and_keep_their_sym
 
 
 async def test_the_holder_takes_what_was_woken_meanwhile_and_releases_only_when_nothing_was(
-    client: redis.asyncio.Redis, matcher_side: PartitionWakeups
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
 ) -> None:
-    broker = FailingAfter(ok=100)
     first, second, third = symbols(3, partition=6)
-    assert await wake_async(client, broker, [first], PARTITIONS) == 1
+    assert await wake_async(client, enqueuer, [first], PARTITIONS) == 1
     assert matcher_side.take(6) == [first]  # the message's own symbol is in the set too: taking it is harmless
 
-    assert await wake_async(client, broker, [second, third], PARTITIONS) == 0  # held: no message
+    assert await wake_async(client, enqueuer, [second, third], PARTITIONS) == 0  # held: no message
     assert matcher_side.take_or_release(6) == sorted([second, third])
     assert await client.exists(busy_key(6)) == 1  # still held: the holder goes on with them
 
     assert matcher_side.take_or_release(6) == []
     assert await client.exists(busy_key(6), woken_key(6)) == 0
-    assert await wake_async(client, broker, [first], PARTITIONS) == 1  # released: the next wake-up sends a message
-    assert len(broker.messages) == 2
+    assert await wake_async(client, enqueuer, [first], PARTITIONS) == 1  # released: the next wake-up sends a message
+    assert len(queued(broker, 6)) == 2
 
 
 async def test_a_failed_holder_gives_its_symbols_back_and_frees_the_partition(
-    client: redis.asyncio.Redis, matcher_side: PartitionWakeups
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer
 ) -> None:
-    broker = FailingAfter(ok=100)
     first, second = symbols(2, partition=1)
-    await wake_async(client, broker, [first, second], PARTITIONS)
+    await wake_async(client, enqueuer, [first, second], PARTITIONS)
     in_hand = matcher_side.take(1)
     matcher_side.give_back(1, in_hand)
     assert await client.exists(busy_key(1)) == 0
     assert await members(client, 1) == sorted([first, second])
-    assert await wake_async(client, broker, [first], PARTITIONS) == 1
+    assert await wake_async(client, enqueuer, [first], PARTITIONS) == 1
 
 
 async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_next_round_and_then_releases(
-    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str, broker: DoorbellRedisBroker
 ) -> None:
     first, second, third = symbols(3, partition=4)
     rounds: list[list[str]] = []
@@ -183,7 +195,7 @@ async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_n
     def process(todo: list[str]) -> None:
         rounds.append(todo)
         if len(rounds) == 1:  # commands committed while the first transaction runs
-            messages_during.append(wake_elsewhere(redis_url, [second, third]))
+            messages_during.append(wake_elsewhere(redis_url, broker, [second, third]))
 
     hold_partition(matcher_side, 4, [first], process=process, hand_off=lambda *_: None, hold_s=60)
 
@@ -193,13 +205,13 @@ async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_n
 
 
 async def test_a_partition_held_past_hold_s_is_handed_back_to_its_queue_still_held(
-    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str, broker: DoorbellRedisBroker
 ) -> None:
     first, second = symbols(2, partition=5)
     handed: list[tuple[int, list[str]]] = []
 
     def process(todo: list[str]) -> None:
-        wake_elsewhere(redis_url, [second])
+        wake_elsewhere(redis_url, broker, [second])
 
     hold_partition(
         matcher_side, 5, [first], process=process, hand_off=lambda p, todo: handed.append((p, todo)), hold_s=0

@@ -192,7 +192,8 @@ class WebhooksController(Controller):
         async with transaction(api.pool) as conn:
             await queries.redeliver(conn, broker.id, parsed)
         try:
-            # dramatiq's enqueue blocks on Redis: keep it off the event loop (as wake_async does).
+            # dramatiq's enqueue blocks on Redis: keep it off the event loop (a rare request: the order path's
+            # wake-ups use the async AsyncEnqueuer instead).
             await asyncio.to_thread(enqueue_deliveries, api.broker, [parsed])
         except Exception:  # committed: the sweeper re-enqueues it
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
