@@ -134,6 +134,7 @@ class AsyncEnqueuer:
         self._client = client
         self._dispatch = broker.scripts["dispatch"]  # dramatiq's own script (its text and sha)
         self._max_unpack_size: int | None = None
+        self._first_lookup = asyncio.Lock()
 
     async def enqueue_all(self, messages: Sequence[dramatiq.Message[Any]]) -> list[dramatiq.Message[Any]]:
         """Enqueue ``messages`` and ring their queues' doorbells; returns the messages as enqueued. On an error
@@ -141,8 +142,10 @@ class AsyncEnqueuer:
         if not messages:
             return []
         broker = self._broker
-        if self._max_unpack_size is None:  # dramatiq asks Redis once per process (a blocking call): off the loop
-            self._max_unpack_size = int(await asyncio.to_thread(broker._max_unpack_size))
+        if self._max_unpack_size is None:  # dramatiq asks Redis once per process (a blocking call): off the loop,
+            async with self._first_lookup:  # and one thread at a time, however many wake-ups arrive meanwhile
+                if self._max_unpack_size is None:
+                    self._max_unpack_size = int(await asyncio.to_thread(broker._max_unpack_size))
         max_unpack_size = self._max_unpack_size
         # A unique id per enqueue, as dramatiq's: a message may be enqueued again (retries, redeliveries).
         enqueued = [message.copy(options={"redis_message_id": str(uuid.uuid4())}) for message in messages]

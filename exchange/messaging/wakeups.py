@@ -100,8 +100,10 @@ async def wake_async(
             await enqueuer.enqueue_all([partition_message(partition, names) for partition, names in due])
         except Exception:
             # Free the flags this call took, so the next command wakes those partitions at once (their symbols are
-            # in the sets already) instead of after the TTL. Some messages may have gone out: a freed flag then
-            # only lets a second message through, which finds less to do. Best effort: Redis may be what failed.
+            # in the sets already) instead of after the TTL. Some messages may have gone out, and their matchers may
+            # have re-armed the flags: freeing one then only lets a second message (and possibly a second holder at
+            # once, serialized by the symbols' advisory locks) through, which finds less to do. Deleting a flag
+            # never removes a symbol from a set. Best effort: Redis may be what failed.
             with contextlib.suppress(redis.RedisError):
                 await client.delete(*(busy_key(partition) for partition, _ in due))
             raise

@@ -15,12 +15,13 @@ from sqlalchemy import Engine
 from exchange.api.app import create_app
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
-from tests.integration.api_helpers import ADMIN_KEY, DEFAULT_TEST_REDIS_URL
+from tests.integration.api_helpers import ADMIN_KEY
+from tests.integration.redis_support import redis_test_url
 
 
 @pytest.fixture(scope="session")
 def api_redis_url() -> Iterator[str]:
-    url = os.environ.get("EXCHANGE_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    url = redis_test_url()
     client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
         client.ping()

@@ -19,7 +19,6 @@ from sqlalchemy import Engine, text
 from exchange.matching.service import BatchResult, BookCache, process_symbol
 
 ADMIN_KEY = "test-admin-key"
-DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/11"
 
 
 @dataclass(frozen=True)

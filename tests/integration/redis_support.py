@@ -45,7 +45,7 @@ def namespaced_broker(broker_class: type[B]) -> Iterator[B]:
     try:
         yield broker
     finally:
-        for key in [*client.scan_iter(f"{namespace}*"), *client.scan_iter(doorbell_key(f"{namespace}*"))]:
+        for key in [*client.scan_iter(f"{namespace}*"), *(doorbell_key(q) for q in broker.get_declared_queues())]:
             client.delete(key)
         broker.close()
         client.close()

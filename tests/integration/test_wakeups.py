@@ -8,13 +8,17 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, cast
 
 import dramatiq
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
+from exchange.messaging import wakeups
 from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
 from exchange.messaging.wakeups import PartitionWakeups, busy_key, hold_partition, wake_async, woken_key
@@ -23,6 +27,13 @@ from tests.integration.redis_support import claimed_database
 pytestmark = pytest.mark.anyio
 
 PARTITIONS = 8
+
+
+@pytest.fixture(autouse=True)
+def flags_outlive_the_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No flag expires by itself during a test (0.5 s is short on a loaded machine): only the code under test
+    sets and clears them, so a test that expects a flag freed fails when it is not."""
+    monkeypatch.setattr(wakeups, "WAKE_TTL_MS", 60_000)
 
 
 @pytest.fixture
@@ -114,7 +125,7 @@ async def test_a_held_partition_gets_no_second_message_and_its_symbols_accumulat
     assert await wake_async(client, enqueuer, [second], PARTITIONS) == 0
     assert sent(broker) == [first]
     assert await members(client, 3) == sorted([first, second])
-    assert 0 < await client.pttl(busy_key(3)) <= 500
+    assert 0 < await client.pttl(busy_key(3)) <= wakeups.WAKE_TTL_MS
 
 
 async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(
@@ -140,12 +151,13 @@ async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(
 
 
 async def test_partitions_whose_messages_could_not_be_sent_are_released_and_keep_their_symbols(
-    client: redis.asyncio.Redis, broker: DoorbellRedisBroker
+    client: redis.asyncio.Redis, broker: DoorbellRedisBroker, tmp_path: Path
 ) -> None:
     first, second, third = symbols(3, distinct=True)
     p1, p2, p3 = (partition_of(s, PARTITIONS) for s in (first, second, third))
     await client.set(busy_key(p1), b"1", px=5000)  # held by a matcher: no message is due, the flag is not ours
-    unreachable = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)  # the enqueue's Redis
+    # The enqueue's Redis is gone (a socket nobody listens on; no retries: fail at once).
+    unreachable = redis.asyncio.Redis(unix_socket_path=str(tmp_path / "gone.sock"), retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.ConnectionError):
         await wake_async(client, AsyncEnqueuer(broker, unreachable), [first, second, third], PARTITIONS)
     await unreachable.aclose()
