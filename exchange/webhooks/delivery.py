@@ -93,6 +93,7 @@ class Resolver:
       therefore holds one thread per host, not one per batch or per delivery;
     * an address is reused for ``ttl_s`` after its lookup ended, a failure (no such name, a resolver error, an
       address the SSRF guard refuses) for ``failure_ttl_s``; then the next delivery that needs the host looks up;
+      a host that is an IP address needs no lookup: it is checked once and its address kept, or refused each time;
     * lookups run on ``executor`` (the pump's DNS threads, see :mod:`exchange.webhooks.pump`), never on the threads
       that claim and record, so a slow DNS server cannot delay the database work of other brokers' deliveries.
     """
@@ -114,11 +115,19 @@ class Resolver:
         self._ttl_s = ttl_s
         self._failure_ttl_s = failure_ttl_s
         self._hosts: dict[str, _Lookup] = {}
+        self._literals: dict[str, ssrf.IPAddress] = {}
+        """IP-address hosts and their checked address (parsed and checked once, not per delivery)."""
 
     async def address(self, host: str) -> ssrf.IPAddress:
         """Raises :class:`ssrf.UnsafeWebhookUrlError` (refused, unresolvable, or no answer within the timeout)."""
-        if ssrf.is_literal(host):
-            return ssrf.resolve_host(host, self._allow_private)  # no DNS: checked on the spot
+        literal = self._literals.get(host)
+        if literal is not None:
+            return literal
+        if ssrf.is_literal(host):  # no DNS: checked on the spot, once (the answer cannot change); refusals each time
+            if len(self._literals) >= _MAX_CACHED:
+                self._literals.clear()
+            literal = self._literals[host] = ssrf.resolve_host(host, self._allow_private)
+            return literal
         loop = asyncio.get_running_loop()
         lookup = self._hosts.get(host)
         if lookup is None or lookup.expires_at <= loop.time():
