@@ -287,3 +287,17 @@ def test_a_hanging_host_does_not_delay_another_hosts_lookup_and_literals_need_no
 
     asyncio.run(main())
     assert dns.calls == {"fast.example": 1, "slow.example": 1}  # literals are checked without a lookup
+
+
+def test_an_ip_address_host_is_checked_once_and_kept_and_a_refused_one_is_refused_every_time() -> None:
+    dns = Dns()
+
+    async def scenario(resolver: Resolver) -> None:
+        for _ in range(3):
+            assert await resolver.address("93.184.215.14") == ADDRESS
+            with pytest.raises(ssrf.UnsafeWebhookUrlError, match="private address"):
+                await resolver.address("10.0.0.1")
+        assert resolver._literals == {"93.184.215.14": ADDRESS}  # the refused one is not kept
+
+    resolve(dns, scenario)
+    assert dns.calls == {}
