@@ -19,12 +19,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import h11
 import httpx
 
 from exchange.config import Settings
 from exchange.webhooks import signing, ssrf
-from exchange.webhooks.http import Endpoint, HttpClient
+from exchange.webhooks.http import Endpoint, HttpClient, InvalidRequestError, RemoteProtocolError
 from exchange.webhooks.outcomes import Outcome, judge
 from exchange.webhooks.store import Attempt, Claim
 
@@ -217,11 +216,11 @@ async def attempt(http: HttpClient, endpoints: Endpoints, claim: Claim, config: 
         error = f"refused: {exc}"
     except TimeoutError as exc:  # before OSError: TimeoutError is one
         error = f"timeout: {exc}"
-    except (httpx.InvalidURL, h11.LocalProtocolError, ValueError) as exc:
+    except (httpx.InvalidURL, InvalidRequestError, ValueError) as exc:
         # A stored URL that cannot be requested (a control character, an unencodable host, ...): a failed attempt
         # like any other, so it is recorded and retried / failed on the normal schedule.
         error = f"invalid URL: {type(exc).__name__}: {exc}"
-    except (OSError, h11.RemoteProtocolError) as exc:
+    except (OSError, RemoteProtocolError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a bug: still an attempt to record, never an event claimed and crashed forever
         log.exception("webhook delivery of event %s failed unexpectedly", claim.event_id)

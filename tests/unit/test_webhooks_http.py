@@ -17,7 +17,15 @@ import pytest
 
 from exchange.webhooks import ssrf
 from exchange.webhooks.delivery import Resolver
-from exchange.webhooks.http import EXCERPT_BYTES, Endpoint, HttpClient, ReadTimeoutError
+from exchange.webhooks.http import (
+    EXCERPT_BYTES,
+    Endpoint,
+    HttpClient,
+    InvalidRequestError,
+    ReadTimeoutError,
+    RemoteProtocolError,
+    Reply,
+)
 
 BODY = b'{"event":"trade_executed"}'
 
@@ -151,6 +159,87 @@ def test_a_huge_answer_is_cut_short_and_its_connection_not_reused() -> None:
     assert [r.status_code for r in replies] == [200, 200]  # type: ignore[attr-defined]
     assert replies[0].excerpt == "\x00" * EXCERPT_BYTES  # type: ignore[index]  # NULs: replaced by store.record
     assert server.connections == 2
+
+
+def answering(raw: bytes) -> Callable[[asyncio.StreamWriter], Awaitable[None]]:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+
+    return answer
+
+
+def two_posts(server: Server) -> list[Reply]:
+    async def scenario(client: HttpClient) -> object:
+        return [await client.post(endpoint(server.port), headers(), BODY) for _ in range(2)]
+
+    return run(server, scenario)  # type: ignore[return-value]
+
+
+def test_an_answer_ended_by_the_connection_closing_is_read_and_the_next_request_opens_a_new_connection() -> None:
+    server = Server(answering(b"HTTP/1.1 202 Accepted\r\n\r\nqueued"), close_after=True)
+
+    assert [(r.status_code, r.excerpt) for r in two_posts(server)] == [(202, "queued")] * 2
+    assert (server.connections, len(server.requests)) == (2, 2)
+
+
+def test_an_answer_saying_connection_close_is_not_reused_even_if_the_receiver_keeps_it_open() -> None:
+    server = Server(answering(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"))
+
+    assert [r.status_code for r in two_posts(server)] == [200, 200]
+    assert server.connections == 2
+
+
+def test_an_http_1_0_answer_is_not_reused_and_a_keep_alive_1_1_answer_after_an_interim_one_is() -> None:
+    http10 = Server(answering(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"))
+    interim = Server(answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"))
+
+    assert [r.status_code for r in two_posts(http10)] == [200, 200]
+    assert http10.connections == 2
+    assert [(r.status_code, r.excerpt) for r in two_posts(interim)] == [(201, "ok")] * 2  # the final status
+    assert interim.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", RemoteProtocolError),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b", ConnectionResetError),  # then closed
+        (b"HTTP/1.1 200 OK\r\ncontent-le", ConnectionResetError),  # closed within the headers
+    ],
+)
+def test_a_malformed_or_cut_off_answer_is_an_error_not_a_reply(raw: bytes, error: type[Exception]) -> None:
+    server = Server(answering(raw), close_after=True)
+
+    async def scenario(client: HttpClient) -> object:
+        with pytest.raises(error):
+            await client.post(endpoint(server.port), headers(), BODY)
+        return None
+
+    run(server, scenario)
+
+
+@pytest.mark.parametrize(
+    ("target", "extra"),
+    [
+        (b"/hook\r\nx-injected: 1", ()),
+        (b"/hook HTTP/1.1\r\n\r\nPOST /second", ()),
+        (b"/hook", ((b"x-note", b"line\r\nx-injected: 1"),)),
+        (b"/hook", ((b"bad name", b"v"),)),
+    ],
+)
+def test_a_target_or_header_that_could_inject_a_line_is_refused_and_nothing_is_sent(
+    target: bytes, extra: tuple[tuple[bytes, bytes], ...]
+) -> None:
+    server = Server(ok)
+
+    async def scenario(client: HttpClient) -> object:
+        with pytest.raises(InvalidRequestError):
+            await client.post(endpoint(server.port, target), [*headers(), *extra], BODY)
+        return None
+
+    run(server, scenario)
+    assert (server.connections, server.requests) == (0, [])
 
 
 def test_a_receiver_that_never_answers_times_out() -> None:
