@@ -52,8 +52,12 @@ def namespaced_broker(broker_class: type[B]) -> Iterator[B]:
 
 
 def database_url(server_url: str, n: int) -> str:
-    """Database ``n`` on the server of ``server_url``."""
-    return urlsplit(server_url)._replace(path=f"/{n}", query="").geturl()
+    """Database ``n`` on the server of ``server_url`` (``redis://host:port/n``, or ``unix:///path.sock?db=n`` for
+    the embedded Redis the session starts when none answers at 127.0.0.1)."""
+    parts = urlsplit(server_url)
+    if parts.scheme == "unix":  # urlunsplit would drop the empty authority ("unix:/path"), which redis-py refuses
+        return f"unix://{parts.path}?db={n}"
+    return parts._replace(path=f"/{n}", query="").geturl()
 
 
 def shared_database() -> int:
