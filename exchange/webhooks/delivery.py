@@ -206,7 +206,6 @@ async def attempt(http: HttpClient, endpoints: Endpoints, claim: Claim, config: 
         headers = [
             (b"host", endpoint.host_header),
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(claim.body)).encode("ascii")),
             (b"user-agent", USER_AGENT),
             *((name.encode("ascii"), value.encode("ascii")) for name, value in signed.items()),
         ]

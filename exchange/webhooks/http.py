@@ -14,10 +14,13 @@ Invariants:
   header, TLS SNI and the certificate check use the URL's host name;
 * the request line and headers are sent only when the target and every header value are printable ASCII
   (:class:`InvalidRequestError` otherwise): no stored URL can inject a header or a second request;
+* ``Content-Length`` is written here from the body, never taken from the caller;
 * a connection returns to the idle pool only after a complete answer that keeps it alive (llhttp's keep-alive rule:
-  HTTP/1.1 without ``Connection: close``); anything else (an error, a timeout, an answer longer than
-  ``MAX_READ_BYTES``, an answer delimited by the connection closing) closes it;
-* interim ``1xx`` answers are skipped; the status reported is the final one;
+  HTTP/1.1 without ``Connection: close``, or HTTP/1.0 with ``Connection: keep-alive``); anything else (an error, a
+  timeout, an answer longer than ``MAX_READ_BYTES`` or whose non-body bytes exceed ``MAX_HEAD_BYTES``, an answer
+  delimited by the connection closing, bytes after the answer) closes it;
+* interim ``1xx`` answers are skipped; the status reported is the final one, and bytes after it are not parsed
+  as part of this exchange (they cannot replace its status or reach the next request);
 * a request on a reused idle connection that fails before any byte of an answer arrived is sent again on another
   connection (the receiver had closed the idle one); the receiver may then get the body twice, which
   at-least-once delivery allows.
@@ -37,6 +40,9 @@ EXCERPT_BYTES = 512
 """Bytes of the receiver's answer kept for the attempt log."""
 MAX_READ_BYTES = 64 * 1024
 """Answers are read up to this size (so small answers leave the connection reusable), the rest is dropped."""
+MAX_HEAD_BYTES = 64 * 1024
+"""Bytes of an answer that are not its body (status lines, headers, chunk framing, interim answers) read at most:
+llhttp itself has no limit, and a receiver must not keep a pump's loop busy with endless headers."""
 _READ_CHUNK = 16 * 1024
 
 
@@ -54,6 +60,10 @@ class InvalidRequestError(ValueError):
 
 class RemoteProtocolError(Exception):
     """The receiver's answer is not HTTP/1.x (or ends before it is complete)."""
+
+
+class _SurplusError(Exception):
+    """Bytes after the final answer (raised from a parser callback to stop llhttp there)."""
 
 
 class _StaleConnectionError(Exception):
@@ -88,7 +98,6 @@ class Reply:
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEADER_VALUE = re.compile(rb"[\x20-\x7e]*\Z")
-_NO_BODY = frozenset({204, 304})
 
 
 def _request(target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
@@ -98,8 +107,10 @@ def _request(target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> 
     for name, value in headers:
         if not (_HEADER_NAME.match(name) and _HEADER_VALUE.match(value)):
             raise InvalidRequestError(f"header {name[:100]!r} is not a token with a printable ASCII value")
+        if name.lower() == b"content-length":
+            raise InvalidRequestError("Content-Length is written from the body, not given")
         lines += (name, b": ", value, b"\r\n")
-    lines += (b"\r\n", body)
+    lines += (b"content-length: %d\r\n\r\n" % len(body), body)
     return b"".join(lines)
 
 
@@ -110,6 +121,8 @@ class _Answer:
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
+        # Lines ended by a bare LF are read as h11 read them: a client parsing its own answers smuggles nothing.
+        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.reset()
 
     def reset(self) -> None:
@@ -120,6 +133,10 @@ class _Answer:
         self.read = 0
         self.complete = False
         self.keep_alive = False
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the final answer: not an answer to this request; stop parsing here
+            raise _SurplusError
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
@@ -142,7 +159,7 @@ class _Answer:
 
     def ended_by_close(self) -> bool:
         """At the end of the stream: the answer was complete when the closing connection delimits its body."""
-        return self.status_code >= 200 and not self.framed and self.status_code not in _NO_BODY
+        return self.status_code >= 200 and not self.framed  # 204/304 complete at their head: never asked
 
 
 class _Connection:
@@ -180,7 +197,8 @@ class HttpClient:
         self._idle_count = 0
 
     async def post(self, endpoint: Endpoint, headers: list[tuple[bytes, bytes]], body: bytes) -> Reply:
-        """POST ``body`` with ``headers`` (which must include Host and Content-Length). Raises
+        """POST ``body`` with ``headers`` (which must include Host, and not Content-Length: it is written from
+        ``body``). Raises
         :class:`ConnectTimeoutError` / :class:`ReadTimeoutError`, ``OSError`` (refused, reset, TLS),
         :class:`RemoteProtocolError` (a malformed or cut-off answer) or :class:`InvalidRequestError` (nothing sent)."""
         request = _request(endpoint.target, headers, body)
@@ -229,27 +247,33 @@ class HttpClient:
         answer = connection.answer
         answer.reset()
         answered = False
+        fed = 0
         try:
             async with asyncio.timeout(self.read_timeout_s):
                 connection.writer.write(request)
                 await connection.writer.drain()
-                while not answer.complete and answer.read < MAX_READ_BYTES:
+                while not answer.complete and answer.read < MAX_READ_BYTES and fed - answer.read < MAX_HEAD_BYTES:
                     chunk = await connection.reader.read(_READ_CHUNK)
                     if not chunk:
-                        if answered and answer.ended_by_close():
+                        if answer.ended_by_close():
                             break
                         raise ConnectionResetError("connection closed before a complete answer")
                     answered = True
+                    fed += len(chunk)
                     answer.parser.feed_data(chunk)
+                if answer.status_code < 200:  # stopped by MAX_HEAD_BYTES before a final answer's head ended
+                    raise RemoteProtocolError(f"no final answer head within {fed} bytes")
         except TimeoutError:
             connection.close()
             raise ReadTimeoutError(f"no complete answer within {self.read_timeout_s:g} s") from None
         except httptools.HttpParserUpgrade:
             connection.close()
             raise RemoteProtocolError("the receiver switched protocols") from None
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError as exc:  # _SurplusError arrives wrapped as HttpParserCallbackError
             connection.close()
-            raise RemoteProtocolError(f"malformed answer: {exc}") from None
+            if not answer.complete:
+                raise RemoteProtocolError(f"malformed answer: {exc}") from None
+            answer.keep_alive = False  # bytes after the final answer: the answer stands, the connection does not
         except OSError as exc:
             connection.close()
             if connection.reused and not answered:

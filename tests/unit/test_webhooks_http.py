@@ -70,7 +70,7 @@ def endpoint(port: int, target: bytes = b"/hook", host_header: bytes = b"receive
 
 
 def headers(host: bytes = b"receiver.example") -> list[tuple[bytes, bytes]]:
-    return [(b"host", host), (b"content-length", str(len(BODY)).encode())]
+    return [(b"host", host), (b"content-type", b"application/json")]
 
 
 def run(server: Server, scenario: Callable[[HttpClient], Awaitable[object]], read_timeout_s: float = 5.0) -> object:
@@ -190,14 +190,112 @@ def test_an_answer_saying_connection_close_is_not_reused_even_if_the_receiver_ke
     assert server.connections == 2
 
 
-def test_an_http_1_0_answer_is_not_reused_and_a_keep_alive_1_1_answer_after_an_interim_one_is() -> None:
-    http10 = Server(answering(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"))
-    interim = Server(answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"))
+def test_an_http_1_0_answer_is_reused_only_when_it_says_keep_alive() -> None:
+    plain = Server(answering(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"))
+    kept = Server(answering(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok"))
 
-    assert [r.status_code for r in two_posts(http10)] == [200, 200]
-    assert http10.connections == 2
-    assert [(r.status_code, r.excerpt) for r in two_posts(interim)] == [(201, "ok")] * 2  # the final status
-    assert interim.connections == 1
+    assert [r.status_code for r in two_posts(plain)] == [200, 200]
+    assert [r.status_code for r in two_posts(kept)] == [200, 200]
+    assert (plain.connections, kept.connections) == (2, 1)
+
+
+def test_interim_answers_arriving_byte_by_byte_are_skipped_and_the_final_status_is_reported() -> None:
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        for i in range(len(raw)):  # one byte per read: each answer is parsed alone
+            writer.write(raw[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+
+    server = Server(trickle)
+
+    assert [(r.status_code, r.excerpt) for r in two_posts(server)] == [(201, "ok")] * 2
+    assert server.connections == 1
+
+
+def test_a_204_answer_ends_at_its_head_and_keeps_the_connection() -> None:
+    server = Server(answering(b"HTTP/1.1 204 No Content\r\n\r\n"))
+
+    assert [r.status_code for r in two_posts(server)] == [204, 204]
+    assert server.connections == 1
+
+
+def test_answer_lines_ended_by_a_bare_lf_are_read() -> None:
+    server = Server(answering(b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok"))
+
+    assert [(r.status_code, r.excerpt) for r in two_posts(server)] == [(200, "ok")] * 2
+
+
+def test_bytes_after_the_answer_neither_replace_it_nor_reach_the_next_request() -> None:
+    second_answer = Server(
+        answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 500 X\r\ncontent-length: 3\r\n\r\nbad")
+    )
+    stray_byte = Server(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok!"))
+    half_answer = Server(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 5"))
+
+    for server in (second_answer, stray_byte, half_answer):
+        assert [(r.status_code, r.excerpt) for r in two_posts(server)] == [(200, "ok")] * 2
+        assert server.connections == 2  # the connection the bytes came on is not reused
+
+
+def test_endless_headers_are_cut_off_at_max_head_bytes() -> None:
+    sent = 0
+
+    async def endless(writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nx-long: ")
+        try:
+            for _ in range(4096):  # 64 MiB, unless the client stops reading
+                writer.write(b"a" * 16384)
+                await writer.drain()
+                sent += 16384
+        except ConnectionError:
+            pass
+
+    server = Server(endless)
+
+    async def scenario(client: HttpClient) -> object:
+        with pytest.raises(RemoteProtocolError, match="no final answer head"):
+            await client.post(endpoint(server.port), headers(), BODY)
+        return None
+
+    run(server, scenario, read_timeout_s=30.0)
+    assert sent < 64 * 1024 * 1024  # the client hung up long before the receiver was done
+
+
+def test_a_switch_of_protocols_is_a_protocol_error() -> None:
+    server = Server(answering(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"))
+
+    async def scenario(client: HttpClient) -> object:
+        with pytest.raises(RemoteProtocolError, match="switched protocols"):
+            await client.post(endpoint(server.port), headers(), BODY)
+        return None
+
+    run(server, scenario)
+
+
+def test_a_reused_connection_closed_after_part_of_an_answer_is_an_error_not_sent_again() -> None:
+    answers = iter([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\ncontent-le"])
+
+    async def then_half(writer: asyncio.StreamWriter) -> None:
+        writer.write(next(answers))
+        await writer.drain()
+
+    server = Server(then_half)
+
+    async def scenario(client: HttpClient) -> object:
+        await client.post(endpoint(server.port), headers(), BODY)
+        server.close_after = True  # the second answer is cut off by the receiver closing
+        with pytest.raises(ConnectionResetError):
+            await client.post(endpoint(server.port), headers(), BODY)
+        return None
+
+    run(server, scenario)
+    assert (server.connections, len(server.requests)) == (1, 2)  # the body went out once, not again elsewhere
 
 
 @pytest.mark.parametrize(
@@ -226,6 +324,8 @@ def test_a_malformed_or_cut_off_answer_is_an_error_not_a_reply(raw: bytes, error
         (b"/hook HTTP/1.1\r\n\r\nPOST /second", ()),
         (b"/hook", ((b"x-note", b"line\r\nx-injected: 1"),)),
         (b"/hook", ((b"bad name", b"v"),)),
+        (b"/a b", ()),
+        (b"/hook", ((b"Content-Length", b"0"),)),  # written from the body only
     ],
 )
 def test_a_target_or_header_that_could_inject_a_line_is_refused_and_nothing_is_sent(
