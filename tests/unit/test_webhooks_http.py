@@ -183,20 +183,21 @@ def test_an_answer_ended_by_the_connection_closing_is_read_and_the_next_request_
     assert (server.connections, len(server.requests)) == (2, 2)
 
 
-def test_an_answer_saying_connection_close_is_not_reused_even_if_the_receiver_keeps_it_open() -> None:
-    server = Server(answering(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"))
+@pytest.mark.parametrize(
+    ("raw", "connections"),
+    [
+        (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", 2),  # the receiver keeps it open
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", 2),
+        (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok", 1),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 1),  # complete at its head
+    ],
+)
+def test_a_connection_is_reused_only_when_the_answer_keeps_it_alive(raw: bytes, connections: int) -> None:
+    server = Server(answering(raw))
 
-    assert [r.status_code for r in two_posts(server)] == [200, 200]
-    assert server.connections == 2
-
-
-def test_an_http_1_0_answer_is_reused_only_when_it_says_keep_alive() -> None:
-    plain = Server(answering(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"))
-    kept = Server(answering(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok"))
-
-    assert [r.status_code for r in two_posts(plain)] == [200, 200]
-    assert [r.status_code for r in two_posts(kept)] == [200, 200]
-    assert (plain.connections, kept.connections) == (2, 1)
+    status = int(raw.split(b" ", 2)[1])
+    assert [r.status_code for r in two_posts(server)] == [status, status]
+    assert server.connections == connections
 
 
 def test_interim_answers_arriving_byte_by_byte_are_skipped_and_the_final_status_is_reported() -> None:
@@ -214,13 +215,6 @@ def test_interim_answers_arriving_byte_by_byte_are_skipped_and_the_final_status_
     server = Server(trickle)
 
     assert [(r.status_code, r.excerpt) for r in two_posts(server)] == [(201, "ok")] * 2
-    assert server.connections == 1
-
-
-def test_a_204_answer_ends_at_its_head_and_keeps_the_connection() -> None:
-    server = Server(answering(b"HTTP/1.1 204 No Content\r\n\r\n"))
-
-    assert [r.status_code for r in two_posts(server)] == [204, 204]
     assert server.connections == 1
 
 
