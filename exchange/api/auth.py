@@ -72,12 +72,22 @@ async def broker_auth(request: Request[Any, Any, Any]) -> None:
     request.scope.setdefault("state", {})[BROKER_STATE_KEY] = await authenticate_broker(request.scope)
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def configured_admin_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """``EXCHANGE_ADMIN_API_KEY``; 503 ``admin_disabled`` when unset (admin endpoints and the ops pages)."""
     expected = api_state(connection.app).settings.admin_api_key
     if not expected:
         raise ApiError(503, "admin_disabled", "admin endpoints are disabled: EXCHANGE_ADMIN_API_KEY is not set")
-    token = bearer_token(connection.headers.get("authorization"))
-    if token is None or not hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8")):
+    return expected
+
+
+def key_matches(candidate: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented key (None: none presented) with the expected one."""
+    return candidate is not None and hmac.compare_digest(candidate.encode("utf-8"), expected.encode("utf-8"))
+
+
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    expected = configured_admin_key(connection)
+    if not key_matches(bearer_token(connection.headers.get("authorization")), expected):
         raise unauthorized("missing or invalid admin key")
 
 

@@ -36,7 +36,6 @@ Bad input is always 4xx, never 500. Handlers are registered at the app level, so
 from __future__ import annotations
 
 import logging
-import re
 from http import HTTPStatus
 from typing import Any
 
@@ -52,7 +51,6 @@ from litestar.exceptions import (
 )
 from litestar.types import ExceptionHandlersMap
 
-from exchange.db.errors import sqlstate
 from exchange.orders import errors as domain
 from exchange.webhooks import errors as webhook_errors
 
@@ -115,7 +113,6 @@ _HTTP_CODES = {
     503: "service_unavailable",
 }
 
-_CONNECTION_SQLSTATE = re.compile(r"^(08|57P0[1-3]|53)")
 """Connection exceptions, admin shutdown / crash shutdown / cannot connect now, insufficient resources."""
 
 
@@ -165,12 +162,10 @@ def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityErro
 
 def is_database_unavailable(exc: BaseException) -> bool:
     """True for failures to reach or keep a PostgreSQL connection (as opposed to a bad statement)."""
-    # OperationalError covers a failed connect, a connection lost mid-statement and the pool's PoolTimeout.
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    if isinstance(exc, psycopg.Error):
-        return bool(_CONNECTION_SQLSTATE.match(sqlstate(exc)))
-    return False
+    # OperationalError covers a failed connect, a connection lost mid-statement, the pool's PoolTimeoutError and
+    # every SQLSTATE of classes 08/53/57P0x (psycopg maps them to it); also deadlocks, serialization failures and
+    # statement timeouts (40P01, 40001, 57014), which a retry may pass too.
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[dict[str, Any]]:

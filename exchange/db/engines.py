@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -136,15 +136,12 @@ class AsyncPool:
                 await conn.close()
 
 
-@asynccontextmanager
-async def single_statement(pool: AsyncPool) -> AsyncIterator[AsyncPgConnection]:
+def single_statement(pool: AsyncPool) -> AbstractAsyncContextManager[AsyncPgConnection]:
     """A pooled connection (autocommit) for work that is ONE statement (a read, or a write that a single
     statement makes atomic): PostgreSQL runs the statement as its own transaction, durably committed before it
     answers. One round trip, where an explicit transaction costs three (``BEGIN``, the statement,
-    ``COMMIT``/``ROLLBACK``). A connection used for two statements gives them two snapshots: use
-    :func:`transaction` for that."""
-    async with pool.connection() as conn:
-        yield conn
+    ``COMMIT``/``ROLLBACK``). Statements that must commit or fail together need :func:`transaction`."""
+    return pool.connection()
 
 
 @asynccontextmanager

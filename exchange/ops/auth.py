@@ -20,9 +20,8 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from exchange.api.auth import bearer_token
-from exchange.api.errors import ApiError, unauthorized
-from exchange.api.state import api_state
+from exchange.api.auth import bearer_token, configured_admin_key, key_matches
+from exchange.api.errors import unauthorized
 
 COOKIE_NAME = "exchange_ops"
 COOKIE_PATH = "/ops"
@@ -33,18 +32,6 @@ _SESSION_LABEL = b"exchange-ops-session"
 def session_token(admin_key: str) -> str:
     """The cookie value for ``admin_key`` (derived, so the cookie never reveals the key)."""
     return hmac.new(admin_key.encode("utf-8"), _SESSION_LABEL, hashlib.sha256).hexdigest()
-
-
-def configured_admin_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
-    """``EXCHANGE_ADMIN_API_KEY``; 503 ``admin_disabled`` when unset (as :func:`exchange.api.auth.admin_guard`)."""
-    expected = api_state(connection.app).settings.admin_api_key
-    if not expected:
-        raise ApiError(503, "admin_disabled", "admin endpoints are disabled: EXCHANGE_ADMIN_API_KEY is not set")
-    return expected
-
-
-def key_matches(candidate: str | None, expected: str) -> bool:
-    return candidate is not None and hmac.compare_digest(candidate.encode("utf-8"), expected.encode("utf-8"))
 
 
 def ops_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -15,19 +15,12 @@ from litestar.datastructures import Cookie
 from litestar.params import QueryParameter
 from litestar.response import Redirect
 
+from exchange.api.auth import configured_admin_key, key_matches
 from exchange.api.dependencies import API, Api
 from exchange.api.errors import unauthorized
 from exchange.observability.metrics import CONTENT_TYPE, exposition, state_registry
 from exchange.ops import data, page
-from exchange.ops.auth import (
-    COOKIE_MAX_AGE_S,
-    COOKIE_NAME,
-    COOKIE_PATH,
-    configured_admin_key,
-    key_matches,
-    ops_guard,
-    session_token,
-)
+from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, COOKIE_PATH, ops_guard, session_token
 
 log = logging.getLogger("exchange.ops")
 

@@ -16,7 +16,7 @@ from typing import Any
 from dramatiq.common import dq_name, xq_name
 from redis.asyncio import Redis
 
-from exchange.db.engines import AsyncPool, single_statement, transaction
+from exchange.db.engines import AsyncPool, single_statement
 from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue, partition_of
 
 MAX_SYMBOLS = 50
@@ -114,7 +114,7 @@ async def snapshot(pool: AsyncPool, redis: Redis, partitions: int) -> dict[str, 
     """The whole ops view. Redis being down does not hide the Postgres part (``queues`` is then ``None``)."""
 
     async def database() -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
-        async with transaction(pool) as conn:
+        async with single_statement(pool) as conn:  # three reads: nothing to commit together
             books = await (await conn.execute(_BOOKS, {"limit": MAX_SYMBOLS})).fetchall()
             hooks = await (await conn.execute(_WEBHOOK_ENDPOINTS, {"limit": MAX_ERRORS})).fetchall()
             errors = await (await conn.execute(_RECENT_ERRORS, {"limit": MAX_ERRORS})).fetchall()

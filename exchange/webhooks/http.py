@@ -198,9 +198,9 @@ class HttpClient:
 
     async def post(self, endpoint: Endpoint, headers: list[tuple[bytes, bytes]], body: bytes) -> Reply:
         """POST ``body`` with ``headers`` (which must include Host, and not Content-Length: it is written from
-        ``body``). Raises
-        :class:`ConnectTimeoutError` / :class:`ReadTimeoutError`, ``OSError`` (refused, reset, TLS),
-        :class:`RemoteProtocolError` (a malformed or cut-off answer) or :class:`InvalidRequestError` (nothing sent)."""
+        ``body``). Raises :class:`ConnectTimeoutError` / :class:`ReadTimeoutError`, ``OSError`` (refused, reset,
+        TLS), :class:`RemoteProtocolError` (a malformed or cut-off answer) or :class:`InvalidRequestError` (nothing
+        sent)."""
         request = _request(endpoint.target, headers, body)
         while (idle := self._take_idle(endpoint.key)) is not None:
             try:

@@ -53,14 +53,13 @@ async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | N
     )
 
 
-async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> bool:
-    """Set (or clear) the URL and re-enable the endpoint with a clean failure count. False: no such broker."""
-    cur = await conn.execute(
+async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> None:
+    """Set (or clear) the URL and re-enable the endpoint with a clean failure count (no such broker: no row)."""
+    await conn.execute(
         "UPDATE brokers SET webhook_url = %(url)s, webhook_enabled = true, webhook_disabled_reason = NULL, "
-        "webhook_consecutive_failures = 0 WHERE id = %(broker_id)s RETURNING id",
+        "webhook_consecutive_failures = 0 WHERE id = %(broker_id)s",
         {"broker_id": broker_id, "url": url},
     )
-    return await cur.fetchone() is not None
 
 
 async def rotate_secret(
