@@ -1,4 +1,5 @@
-"""gunicorn settings for the exchange api: Litestar on uvicorn workers (``uvicorn_worker.UvicornWorker``).
+"""gunicorn settings for the exchange api: Litestar on uvicorn workers (``exchange.api.server.ApiWorker``:
+``uvicorn_worker.UvicornWorker`` whose protocol writes each response to the socket once).
 
 ``exchange api`` passes --bind/--workers on the command line; everything else has a local default here and can be
 overridden with the usual GUNICORN_CMD_ARGS or EXCHANGE_API_* variables. Workers are stateless: any of them can be
@@ -8,7 +9,7 @@ killed at any moment (an accepted order is already committed in Postgres before 
 import os
 
 wsgi_app = "exchange.api.app:create_app()"
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "exchange.api.server.ApiWorker"
 bind = os.environ.get("EXCHANGE_API_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("EXCHANGE_API_WORKERS", "2"))
 # gunicorn 27 shares one control-socket path between instances on a machine; the exchange does not use it.
