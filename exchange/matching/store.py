@@ -5,7 +5,9 @@ round trips to PostgreSQL (through pgbouncer), whatever its size and its number 
 
 1. :func:`begin_batch`: ``BEGIN``, the symbols' advisory locks (in ascending key order), the database clock, their
    book versions, and up to a limit of pending commands per symbol;
-2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol), then ``COMMIT``.
+2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol) in one call of the
+   PL/pgSQL function ``matcher_write`` (alembic revision 0005: its statements keep their plans in the server
+   backend instead of being parsed and planned on every batch), then ``COMMIT``.
 
 Each is ONE query message holding several statements (the simple query protocol; psycopg's ``ClientCursor`` binds
 the parameters on the client as quoted literals, escaped by libpq). PostgreSQL runs the statements one after the
@@ -27,11 +29,11 @@ Rows go to PostgreSQL as one JSON document per table (``json_to_recordset``), no
 column: msgspec encodes a batch's rows several times faster than psycopg adapts a dozen Python lists. The planner
 takes every ``json_to_recordset`` for 100 rows, so a join of one with ``orders`` hashed the whole table (a
 sequential scan per batch) while it held some 3,000 to 20,000 orders; the statements that join ``orders`` therefore
-also name the order ids as an array literal (``o.id = ANY(…)``, counted exactly), so the planner weighs a batch's
-real number of primary-key probes against the scan (``tests/integration/test_query_plans.py``). Every
-statement is set-based (one statement per table per batch, whatever the number of books) and runs in a transaction
-holding the books' ``pg_advisory_xact_lock`` (transaction-scoped, so it is safe through pgbouncer's transaction
-pooling).
+also name the order ids as an array (``o.id = ANY(…)``), so the planner weighs primary-key probes against the
+scan: in ``matcher_write``'s generic plans an array parameter counts as 10 ids, whatever the table's size
+(``tests/integration/test_query_plans.py``). Every statement is set-based (one statement per table per batch,
+whatever the number of books) and runs in a transaction holding the books' ``pg_advisory_xact_lock``
+(transaction-scoped, so it is safe through pgbouncer's transaction pooling).
 """
 
 from __future__ import annotations
@@ -252,91 +254,16 @@ def quarantine_first_pending(conn: Connection, symbol: str) -> QuarantinedComman
     return None if row is None else QuarantinedCommand(*row)
 
 
-_UPDATE_ORDERS = """
-UPDATE orders AS o
-SET status = v.status,
-    remaining = COALESCE(v.remaining, o.remaining),
-    close_reason = v.close_reason,
-    priority = v.priority,
-    price = COALESCE(v.price, o.price),
-    quantity = COALESCE(v.quantity, o.quantity),
-    updated_at = %(now)s
-FROM json_to_recordset(%(orders)s::json)
-     AS v(order_id uuid, status text, remaining bigint, close_reason text, priority bigint, price bigint,
-          quantity bigint)
-WHERE o.id = v.order_id AND o.id = ANY(%(order_ids)s::uuid[])
-"""
-
-_INSERT_TRADES = """
-INSERT INTO trades (id, symbol, price, quantity, buy_order_id, sell_order_id, buy_broker_id, sell_broker_id,
-                    maker_order_id, taker_side, command_seq, match_no, executed_at)
-SELECT v.id, v.symbol, v.price, v.quantity, v.buy_order_id, v.sell_order_id, v.buy_broker_id, v.sell_broker_id,
-       v.maker_order_id, v.taker_side, v.seq, v.match_no, %(now)s
-FROM json_to_recordset(%(trades)s::json)
-     AS v(id uuid, symbol text, price bigint, quantity bigint, buy_order_id uuid, sell_order_id uuid,
-          buy_broker_id uuid, sell_broker_id uuid, maker_order_id uuid, taker_side text, seq bigint, match_no int)
-"""
-
-# Two matchers on different books touching the same brokers must queue in one order instead of deadlocking, so
-# the rows are locked in id order (the sorted LockRows of the CTE) before the UPDATE changes them: the UPDATE can
-# only reach a row through ``locked``, i.e. after the CTE has locked it, so it takes no lock of its own out of
-# order. NO KEY UPDATE (only balance/event_seq change) does not conflict with the KEY SHARE lock every order
-# INSERT's foreign-key check takes, so accepts never wait on us. A row updated by another transaction between
-# this statement's snapshot and our lock is re-read at its newest version (READ COMMITTED re-check), so no
-# increment is lost.
-_UPDATE_BROKERS = """
-WITH v AS MATERIALIZED (
-    SELECT * FROM json_to_recordset(%(brokers)s::json) AS v(id uuid, delta bigint, events bigint)
-), locked AS MATERIALIZED (
-    SELECT id FROM brokers WHERE id IN (SELECT id FROM v) ORDER BY id FOR NO KEY UPDATE
+# One call of ``matcher_write`` (alembic revision 0005, where the statements and their comments live): updates the
+# orders, inserts the trades, updates the brokers' cash and event sequence (rows locked in id order, as the webhook
+# recorder locks them: no deadlock), inserts the outbox events (their per-broker sequence continues the brokers'
+# without a gap), upserts the positions, marks the commands processed and bumps each book's version. A table with
+# no rows in the batch gets NULL and is not written. Returns the id and name of every broker row it updated.
+_WRITE = """
+SELECT id, name FROM matcher_write(
+    %(now)s, %(orders)s::json, %(order_ids)s::uuid[], %(trades)s::json, %(brokers)s::json, %(events)s::json,
+    %(event_order_ids)s::uuid[], %(shares)s::json, %(seqs)s::bigint[], %(books)s::text[], %(prices)s::bigint[]
 )
-UPDATE brokers AS b
-SET balance = b.balance + v.delta, event_seq = b.event_seq + v.events
-FROM v
-WHERE b.id = v.id AND b.id IN (SELECT id FROM locked)
-RETURNING b.id, b.name
-"""
-
-# Runs after _UPDATE_BROKERS in the same transaction, so ``b.event_seq`` already counts this batch's events (of
-# every book in it): a broker's k-th event of the batch (in row order: book by book, each in draft order) gets
-# ``event_seq - count + k``, which continues its sequence without a gap. The sequence and the order's
-# document/client ids are added to the payload here, in SQL.
-_INSERT_OUTBOX = """
-INSERT INTO webhook_events (id, broker_id, sequence, type, order_id, trade_id, payload, created_at,
-                            next_attempt_at)
-SELECT e.id, e.broker_id, e.sequence, e.type, e.order_id, e.trade_id,
-       e.payload || jsonb_build_object('sequence', e.sequence, 'document_number', o.document_number,
-                                       'client_order_id', o.client_order_id),
-       %(now)s, %(now)s
-FROM (
-    SELECT v.*, b.event_seq - count(*) OVER (PARTITION BY v.broker_id)
-                + row_number() OVER (PARTITION BY v.broker_id ORDER BY v.n) AS sequence
-    FROM ROWS FROM (json_to_recordset(%(events)s::json)
-                    AS (id uuid, broker_id uuid, type text, order_id uuid, trade_id uuid, payload jsonb))
-         WITH ORDINALITY AS v(id, broker_id, type, order_id, trade_id, payload, n)
-    JOIN brokers b ON b.id = v.broker_id
-) e
-LEFT JOIN orders o ON o.id = e.order_id AND o.id = ANY(%(event_order_ids)s::uuid[])
-"""
-
-_UPSERT_POSITIONS = """
-INSERT INTO positions (broker_id, symbol, quantity, updated_at)
-SELECT v.broker_id, v.symbol, v.quantity, %(now)s
-FROM json_to_recordset(%(shares)s::json) AS v(broker_id uuid, symbol text, quantity bigint)
-ON CONFLICT (broker_id, symbol)
-DO UPDATE SET quantity = positions.quantity + EXCLUDED.quantity, updated_at = EXCLUDED.updated_at
-"""
-
-_FINISH = """
-WITH processed AS (
-    UPDATE commands SET processed_at = %(now)s WHERE seq = ANY(%(seqs)s::bigint[])
-)
-UPDATE symbols AS s
-SET book_version = s.book_version + 1,
-    last_price = COALESCE(v.price, s.last_price),
-    last_trade_at = CASE WHEN v.price IS NULL THEN s.last_trade_at ELSE %(now)s END
-FROM unnest(%(books)s::text[], %(prices)s::bigint[]) AS v(symbol, price)
-WHERE s.symbol = v.symbol
 """
 
 
@@ -361,8 +288,8 @@ class Written:
 
 def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> Written:
     """Write the effects of every book's batch, mark their commands processed, bump each book's version and COMMIT:
-    one round trip. Rows carry their symbol; the statements are the same whatever the number of books (one per
-    table)."""
+    one round trip, one ``matcher_write`` call whatever the number of books (rows carry their symbol; one JSON
+    document per table)."""
     trade_ids = {(t.seq, t.match_no): uuid.uuid4() for b in books for t in b.plan.trades}
     event_ids = {b.symbol: [uuid.uuid4() for _ in b.plan.outbox] for b in books}
     params: dict[str, Any] = {
@@ -371,31 +298,22 @@ def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> 
         "books": _array(b.symbol for b in books),
         "prices": _array(b.plan.last_price for b in books),
     }
-    statements: list[str] = []
     order_updates = [update for b in books for update in b.plan.orders.values()]
     events = [row for b in books for row in _event_rows(b.plan.outbox, event_ids[b.symbol], trade_ids, b.symbol, now)]
     params["order_ids"] = _array(update.order_id for update in order_updates)
     params["event_order_ids"] = _array(dict.fromkeys(event["order_id"] for event in events))
-    for statement, name, rows in (
-        (_UPDATE_ORDERS, "orders", order_updates),
-        (_INSERT_TRADES, "trades", [row for b in books for row in _trade_rows(b.symbol, b.plan.trades, trade_ids)]),
-        (_UPDATE_BROKERS, "brokers", _broker_rows(books)),
-        (_INSERT_OUTBOX, "events", events),
+    for name, rows in (
+        ("orders", order_updates),
+        ("trades", [row for b in books for row in _trade_rows(b.symbol, b.plan.trades, trade_ids)]),
+        ("brokers", _broker_rows(books)),
+        ("events", events),
         (
-            _UPSERT_POSITIONS,
             "shares",
             [{"broker_id": k, "symbol": b.symbol, "quantity": v} for b in books for k, v in b.plan.shares.items()],
         ),
     ):
-        if rows:  # a statement per table that has rows, in this order (the outbox reads the brokers' new event_seq)
-            statements.append(statement)
-            params[name] = msgspec.json.encode(rows).decode()
-    cursor = _send(conn, [*statements, _FINISH, "COMMIT"], params)
-    names: dict[UUID, str] = {}
-    if _UPDATE_BROKERS in statements:  # its RETURNING rows are in the message's results, in statement order
-        for _ in range(statements.index(_UPDATE_BROKERS)):
-            cursor.nextset()
-        names = dict(cursor.fetchall())
+        params[name] = msgspec.json.encode(rows).decode() if rows else None
+    names: dict[UUID, str] = dict(_send(conn, (_WRITE, "COMMIT"), params).fetchall())
     return Written(event_ids, trade_ids, names)
 
 
@@ -464,7 +382,7 @@ def _event_payload(
     draft: OutboxDraft, event_id: UUID, symbol: str, now: datetime, trade_id: UUID | None
 ) -> dict[str, Any]:
     """The webhook body (DESIGN §5): the seed's fields plus event id and type. The per-broker ``sequence`` and the
-    order's ``document_number``/``client_order_id`` are added by ``_INSERT_OUTBOX``."""
+    order's ``document_number``/``client_order_id`` are added by ``matcher_write``."""
     body: dict[str, Any] = {
         "event_id": str(event_id),
         "type": draft.type,

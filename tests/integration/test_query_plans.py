@@ -40,26 +40,31 @@ def _insert_brokers(conn: Connection, *, webhook_url: str | None) -> None:
     )
 
 
+def _insert_orders(conn: Connection, n: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """``n`` more open orders spread over the brokers; returns the first ``BATCH`` ``(broker_id, order_id)`` keys."""
+    conn.execute(
+        text(
+            """
+            INSERT INTO orders (id, broker_id, document_number, symbol, side, order_type, time_in_force, price,
+                                quantity, remaining, seq)
+            SELECT gen_random_uuid(), b.id, '1', 'S' || (g % 450), 'bid', 'limit', 'gtc', 100, 10, 10,
+                   nextval('command_seq')
+            FROM generate_series(1, :n) AS g
+            JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM brokers) AS b ON b.k = g % :brokers
+            """
+        ),
+        {"n": n, "brokers": BROKERS},
+    )
+    rows = conn.execute(text("SELECT broker_id, id FROM orders ORDER BY seq LIMIT :n"), {"n": BATCH})
+    return [(row.broker_id, row.id) for row in rows]
+
+
 @pytest.fixture
 def filled(engine: Engine) -> tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]:
     """5,000 orders of 100 brokers, analysed; returns the engine and 10 ``(broker_id, order_id)`` keys."""
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url=None)
-        conn.execute(
-            text(
-                """
-                INSERT INTO orders (id, broker_id, document_number, symbol, side, order_type, time_in_force, price,
-                                    quantity, remaining, seq)
-                SELECT gen_random_uuid(), b.id, '1', 'S' || (g % 450), 'bid', 'limit', 'gtc', 100, 10, 10,
-                       nextval('command_seq')
-                FROM generate_series(1, :n) AS g
-                JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM brokers) AS b ON b.k = g % :brokers
-                """
-            ),
-            {"n": ROWS, "brokers": BROKERS},
-        )
-        rows = conn.execute(text("SELECT broker_id, id FROM orders ORDER BY seq LIMIT :n"), {"n": BATCH})
-        keys = [(row.broker_id, row.id) for row in rows]
+        keys = _insert_orders(conn, ROWS)
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
     return engine, keys
@@ -80,49 +85,6 @@ def _psycopg_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
         raw.close()
 
 
-def _matcher_plan(engine: Engine, statement: str, params: dict[str, Any]) -> str:
-    """EXPLAIN of a matcher statement, its parameters bound on the client as the matcher binds them."""
-    with _psycopg_connection(engine) as conn:
-        cursor = psycopg.ClientCursor(conn)
-        cursor.execute("EXPLAIN " + statement, params)
-        plan = "\n".join(row[0] for row in cursor.fetchall())
-        conn.rollback()
-        return plan
-
-
-def _probes_orders_by_primary_key(plan: str) -> bool:
-    return "Seq Scan on orders" not in plan and "pk_orders" in plan
-
-
-def test_matcher_updates_orders_by_primary_key(filled: Keys) -> None:
-    engine, keys = filled
-    updates = [
-        {"order_id": str(order_id), "status": "open", "remaining": 5, "close_reason": None, "priority": 1}
-        for _, order_id in keys
-    ]
-    params = {
-        "now": datetime.now(UTC),
-        "orders": json.dumps(updates),
-        "order_ids": store._array(order_id for _, order_id in keys),
-    }
-    assert _probes_orders_by_primary_key(_matcher_plan(engine, store._UPDATE_ORDERS, params))
-
-
-def test_matcher_outbox_reads_the_events_orders_by_primary_key(filled: Keys) -> None:
-    engine, keys = filled
-    events: list[dict[str, Any]] = [
-        {"id": str(uuid.uuid4()), "broker_id": str(broker_id), "type": "order.fill", "order_id": str(order_id),
-         "trade_id": None, "payload": {}}
-        for broker_id, order_id in keys
-    ]  # fmt: skip
-    params = {
-        "now": datetime.now(UTC),
-        "events": json.dumps(events),
-        "event_order_ids": store._array(order_id for _, order_id in keys),
-    }
-    assert _probes_orders_by_primary_key(_matcher_plan(engine, store._INSERT_OUTBOX, params))
-
-
 def _nested_plans(conn: psycopg.Connection[Any], call: str, params: dict[str, Any], times: int) -> list[str]:
     """The plans auto_explain reports, as notices, for the statements run inside ``call`` (run ``times`` times)."""
     notices: list[str] = []
@@ -134,6 +96,71 @@ def _nested_plans(conn: psycopg.Connection[Any], call: str, params: dict[str, An
         conn.execute(call, params)
     conn.rollback()
     return notices
+
+
+def _probes_orders_by_primary_key(plan: str) -> bool:
+    return "Seq Scan on orders" not in plan and "pk_orders" in plan
+
+
+def _write_params(keys: list[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, Any]:
+    """A ``matcher_write`` batch that opens the ``keys``' orders, each with a fresh outbox event."""
+    updates = [
+        {"order_id": str(order_id), "status": "open", "remaining": 5, "close_reason": None, "priority": 1}
+        for _, order_id in keys
+    ]
+    events: list[dict[str, Any]] = [
+        {"id": str(uuid.uuid4()), "broker_id": str(broker_id), "type": "order.fill", "order_id": str(order_id),
+         "trade_id": None, "payload": {}}
+        for broker_id, order_id in keys
+    ]  # fmt: skip
+    brokers = [{"id": str(b), "delta": 0, "events": 1} for b in sorted({broker_id for broker_id, _ in keys})]
+    return {
+        "now": datetime.now(UTC),
+        "orders": json.dumps(updates),
+        "order_ids": store._array(order_id for _, order_id in keys),
+        "trades": None,
+        "brokers": json.dumps(brokers),
+        "events": json.dumps(events),
+        "event_order_ids": store._array(order_id for _, order_id in keys),
+        "shares": None,
+        "seqs": "{}",
+        "books": "{}",
+        "prices": "{}",
+    }
+
+
+def _assert_write_probes_orders_by_primary_key(plans: list[str]) -> None:
+    updates = [p for p in plans if "UPDATE orders" in p]
+    outbox = [p for p in plans if "INSERT INTO webhook_events" in p]
+    assert len(updates) == 1, plans
+    assert len(outbox) == 1, plans
+    assert _probes_orders_by_primary_key(updates[0]), updates[0]
+    assert _probes_orders_by_primary_key(outbox[0]), outbox[0]
+
+
+def test_matcher_write_probes_orders_by_primary_key(filled: Keys) -> None:
+    # The orders update and the outbox's join to orders, as matcher_write (alembic 0005) plans them: once per server
+    # connection, for any batch (an array parameter of order ids is estimated at 10 ids).
+    engine, keys = filled
+    with _psycopg_connection(engine) as conn:
+        _assert_write_probes_orders_by_primary_key(_nested_plans(conn, store._WRITE, _write_params(keys), times=1))
+
+
+def test_matcher_write_plans_made_while_orders_was_small_still_probe_by_primary_key_once_it_is_big(
+    engine: Engine,
+) -> None:
+    # A server connection keeps its plans until a table they read is analysed. Plans made on a fresh database (a
+    # few orders: scanning them all is cheapest) chose sequential scans of orders and kept them while the table
+    # grew to thousands of rows; matcher_write forbids sequential scans (every statement reaches rows by key).
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        keys = _insert_orders(conn, BATCH)
+    with _psycopg_connection(engine) as conn:
+        conn.execute(store._WRITE, _write_params(keys))  # plans made now, kept by this server connection
+        conn.rollback()
+        with engine.begin() as other:
+            _insert_orders(other, ROWS)  # no ANALYZE: nothing tells the connection to plan again
+        _assert_write_probes_orders_by_primary_key(_nested_plans(conn, store._WRITE, _write_params(keys), times=1))
 
 
 def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_generic_plan(engine: Engine) -> None:
