@@ -187,3 +187,51 @@ def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_gene
     assert len(plans) == 3, plans
     assert all("ix_webhook_events_pending_next_attempt_at" in plan for plan in plans), plans[0]
     assert not any("Seq Scan on webhook_events" in plan for plan in plans), plans[0]
+
+
+def _insert_pending_events(conn: Connection, per_broker: int, first_sequence: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """``per_broker`` pending events of every broker; returns ``(event_id, broker_id)`` of the first ``BATCH``."""
+    rows = conn.execute(
+        text(
+            """
+            INSERT INTO webhook_events (broker_id, sequence, type, payload, attempts)
+            SELECT b.id, :first + g, 'trade_executed', '{}', 1
+            FROM generate_series(0, :n - 1) AS g CROSS JOIN brokers AS b
+            RETURNING id, broker_id
+            """
+        ),
+        {"n": per_broker, "first": first_sequence},
+    )
+    return [(row.id, row.broker_id) for row in rows][:BATCH]
+
+
+def _record_params(events: list[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, Any]:
+    """A ``webhook_record`` batch: each of ``events`` delivered at its first attempt."""
+    batch = [
+        {"ord": n, "id": str(event_id), "broker_id": str(broker_id), "attempt": 1, "kind": "delivered",
+         "started": datetime.now(UTC).isoformat(), "url": "http://127.0.0.1:9/hook", "status_code": 200,
+         "latency_ms": 1, "error": None, "excerpt": "", "delay": None, "reason": None}
+        for n, (event_id, broker_id) in enumerate(events, 1)
+    ]  # fmt: skip
+    return {"batch": json.dumps(batch), "limit": 20}
+
+
+def test_webhook_record_plans_made_while_few_events_were_pending_still_update_events_by_primary_key(
+    engine: Engine,
+) -> None:
+    # The recorder's plans are kept per server connection until webhook_events is analysed. Made while a handful of
+    # events were pending, they read every pending event through the pending-events index to update the batch's
+    # few; with thousands pending (a slow receiver's backlog) each record then read them all.
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
+        first = _insert_pending_events(conn, per_broker=1, first_sequence=1)
+    with _psycopg_connection(engine) as conn:
+        conn.execute(webhook_store._RECORD, _record_params(first))  # plans made now, kept by this server connection
+        conn.rollback()
+        with engine.begin() as other:
+            later = _insert_pending_events(other, per_broker=50, first_sequence=2)  # no ANALYZE
+        plans = [p for p in _nested_plans(conn, webhook_store._RECORD, _record_params(later), 1) if "o AS" in p]
+    assert len(plans) == 1, plans
+    assert "pk_webhook_events" in plans[0], plans[0]
+    assert "ix_webhook_events_pending_next_attempt_at" not in plans[0], plans[0]
+    assert "Seq Scan on webhook_events" not in plans[0], plans[0]
