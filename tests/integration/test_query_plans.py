@@ -235,3 +235,35 @@ def test_webhook_record_plans_made_while_few_events_were_pending_still_update_ev
     assert "pk_webhook_events" in plans[0], plans[0]
     assert "ix_webhook_events_pending_next_attempt_at" not in plans[0], plans[0]
     assert "Seq Scan on webhook_events" not in plans[0], plans[0]
+
+
+def test_matcher_pending_plans_made_on_a_fresh_database_still_read_commands_through_their_index(
+    engine: Engine,
+) -> None:
+    # Plans made with a handful of commands and orders (or none), kept by the server connection while both tables grow to
+    # thousands of rows (no ANALYZE): the pending commands of a symbol still come from a range scan of the
+    # unprocessed-commands index, their orders by primary key.
+    def add_commands(conn: Connection, orders: int) -> None:
+        _insert_orders(conn, orders)
+        conn.execute(
+            text(
+                "INSERT INTO commands (symbol, kind, order_id) "
+                "SELECT o.symbol, 'place', o.id FROM orders o LEFT JOIN commands c ON c.order_id = o.id "
+                "WHERE c.seq IS NULL"
+            )
+        )
+
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        add_commands(conn, BATCH)
+    params = {"symbols": "{S1,S2}", "limit": 200}
+    with _psycopg_connection(engine) as conn:
+        conn.execute(store._PENDING, params)  # plans made now, kept by this server connection
+        conn.rollback()
+        with engine.begin() as other:
+            add_commands(other, ROWS)  # no ANALYZE
+        plans = [p for p in _nested_plans(conn, store._PENDING, params, 1) if "FROM commands c" in p]
+    assert len(plans) == 1, plans
+    assert "ix_commands_unprocessed_symbol_seq" in plans[0], plans[0]
+    assert _probes_orders_by_primary_key(plans[0]), plans[0]
+    assert "Seq Scan" not in plans[0], plans[0]
