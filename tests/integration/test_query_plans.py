@@ -240,9 +240,9 @@ def test_webhook_record_plans_made_while_few_events_were_pending_still_update_ev
 def test_matcher_pending_plans_made_on_a_fresh_database_still_read_commands_through_their_index(
     engine: Engine,
 ) -> None:
-    # Plans made with a handful of commands and orders (or none), kept by the server connection while both tables grow to
-    # thousands of rows (no ANALYZE): the pending commands of a symbol still come from a range scan of the
-    # unprocessed-commands index, their orders by primary key.
+    # Plans made with a handful of commands and orders (with none too), kept by the server connection while both
+    # tables grow to thousands of rows (no ANALYZE): the pending commands of a symbol still come from a range scan
+    # of the unprocessed-commands index, their orders by primary key.
     def add_commands(conn: Connection, orders: int) -> None:
         _insert_orders(conn, orders)
         conn.execute(
