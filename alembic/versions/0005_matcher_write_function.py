@@ -15,10 +15,13 @@ functions of 0004, PL/pgSQL keeps each statement's plan in the server backend ac
 ``enable_seqscan = off``: a kept plan is made again only after a table it reads is analysed, and plans made on a
 fresh database (a few orders, where reading them all is cheapest) scanned ``orders`` on every batch while it grew
 to thousands of rows before autovacuum's first ANALYZE; under ``exchange bench`` that made the function slower
-than the statements it replaced. Every statement here reaches its rows by key (``orders``, ``brokers``,
-``commands``, ``symbols`` by primary key; ``o.id = ANY(p_order_ids)`` is estimated at 10 ids), so forbidding
-sequential scans only removes those plans (``tests/integration/test_query_plans.py``). The setting holds for the
-function's statements and the foreign-key checks they fire, which probe primary keys too.
+than the statements it replaced. Every table here has an index that serves its statement (``orders``,
+``commands``, ``symbols`` and ``brokers`` by primary key; ``o.id = ANY(p_order_ids)`` is estimated at 10 ids), so
+forbidding sequential scans only removes those plans (``tests/integration/test_query_plans.py``). Where the
+planner still prefers reading a whole small table, it reads it through its primary key instead: ``brokers``,
+joined to a batch's rows, when the plan was made with a few hundred brokers, which costs what the sequential scan
+did until ``brokers`` is analysed again. The setting holds for the function's statements and the foreign-key
+checks they fire, which probe primary keys too.
 
 The statements and their comments are the ones :mod:`exchange.matching.store` sent before, unchanged except that
 the parameters are the function's. A table whose rows are NULL (none in the batch) is not written. The function

@@ -92,6 +92,13 @@ def upgrade() -> None:
     op.execute(WEBHOOK_RECORD)
 
 
+# 0004's function exactly (its text with the three changes of this revision undone).
+PREVIOUS_WEBHOOK_RECORD = (
+    WEBHOOK_RECORD.replace(" SET enable_seqscan = off", "")
+    .replace("DECLARE\n    v_pending CONSTANT text := 'pending';\n", "")
+    .replace("e.status = v_pending", "e.status = 'pending'")
+)
+
+
 def downgrade() -> None:
-    # 0004's plan settings; the body keeps the constant (the same statement for PostgreSQL to run).
-    op.execute("ALTER FUNCTION webhook_record(jsonb, integer) RESET enable_seqscan")
+    op.execute(PREVIOUS_WEBHOOK_RECORD)

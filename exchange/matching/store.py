@@ -4,8 +4,7 @@ A batch covers one symbol or several (up to the service's cap, all of one partit
 round trips to PostgreSQL (through pgbouncer), whatever its size and its number of symbols:
 
 1. :func:`begin_batch`: ``BEGIN``, the symbols' advisory locks (in ascending key order), the database clock, their
-   book versions, and up to a limit of pending commands per symbol (the function ``matcher_pending``, alembic
-   revision 0007);
+   book versions, and up to a limit of pending commands per symbol;
 2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol) in one call of the
    PL/pgSQL function ``matcher_write`` (alembic revision 0005: its statements keep their plans in the server
    backend instead of being parsed and planned on every batch), then ``COMMIT``.
@@ -116,10 +115,22 @@ INSERT INTO symbols (symbol) SELECT unnest(%(symbols)s::text[])
 ON CONFLICT (symbol) DO UPDATE SET symbol = EXCLUDED.symbol
 RETURNING symbol, book_version, clock_timestamp()
 """
-# Up to the limit of each symbol's unprocessed commands, in sequence order, with their orders' fields: one call of
-# ``matcher_pending`` (alembic revision 0007, where the statement lives: a bounded range scan of
-# ix_commands_unprocessed_symbol_seq per symbol, planned once per server connection).
-_PENDING = "SELECT * FROM matcher_pending(%(symbols)s::text[], %(limit)s)"
+# A bounded range scan of ix_commands_unprocessed_symbol_seq, in sequence order: for one symbol as it is, for
+# several once per symbol (LATERAL), which plans a little slower, so a one-symbol batch does without it.
+_PENDING_OF = """
+SELECT c.symbol, c.seq, c.kind, c.order_id, c.payload, o.broker_id, o.document_number, o.side, o.order_type,
+       o.time_in_force, o.price, o.quantity, o.valid_until, o.stp
+FROM commands c LEFT JOIN orders o ON o.id = c.order_id
+WHERE c.symbol = {symbol} AND c.processed_at IS NULL
+ORDER BY c.seq
+LIMIT %(limit)s
+"""
+_PENDING_ONE = _PENDING_OF.format(symbol="%(symbol)s")
+_PENDING_MANY = (
+    "SELECT p.* FROM unnest(%(symbols)s::text[]) AS s(symbol) CROSS JOIN LATERAL ({}) p ORDER BY p.seq".format(  # noqa: S608
+        _PENDING_OF.format(symbol="s.symbol")
+    )
+)
 
 
 def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchStart:
@@ -131,8 +142,9 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     found by a later batch."""
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
-    params = {"keys": _array(keys), "symbols": _array(wanted), "limit": limit}
-    cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, _PENDING), params)
+    params = {"keys": _array(keys), "symbols": _array(wanted), "symbol": wanted[0], "limit": limit}
+    pending = _PENDING_ONE if len(wanted) == 1 else _PENDING_MANY
+    cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, pending), params)
     cursor.nextset()  # BEGIN -> locks
     cursor.nextset()  # locks -> versions
     versions: dict[str, int] = {}

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -273,3 +274,22 @@ def test_database_check_allows_exactly_the_enum_values(
 ) -> None:
     # A new engine enum value needs a migration: this fails until the database accepts it too.
     assert _allowed_values(migrated_connection, constraint) == {member.value for member in enum}
+
+
+def _function_definition(url: str, signature: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)", (signature,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_downgrading_0006_restores_0004s_webhook_record_exactly(fresh_database_url: str) -> None:
+    migrate.upgrade(fresh_database_url, "0005")
+    before = _function_definition(fresh_database_url, "webhook_record(jsonb, integer)")
+    migrate.upgrade(fresh_database_url, "0006")
+    changed = _function_definition(fresh_database_url, "webhook_record(jsonb, integer)")
+
+    migrate.downgrade(fresh_database_url, "0005")
+
+    assert changed != before
+    assert _function_definition(fresh_database_url, "webhook_record(jsonb, integer)") == before

@@ -12,7 +12,7 @@ import uvloop
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from exchange.api.server import ApiWorker, CoalescingHttpToolsProtocol, CoalescingTransport
+from exchange.api.server import MAX_HELD_BYTES, ApiWorker, CoalescingHttpToolsProtocol, CoalescingTransport
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -175,6 +175,35 @@ def test_writes_after_close_are_dropped(run: Run[Any]) -> None:
         return await _read_all(peer)
 
     assert run(scenario()) == b"last words"
+
+
+def test_held_writes_reaching_the_limit_are_sent_at_once(run: Run[Any]) -> None:
+    async def scenario() -> tuple[int, bytes]:
+        transport, peer = await _socket_transport()
+        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing.write(b"h" * 10)
+        coalescing.write(b"b" * MAX_HELD_BYTES)
+        held = coalescing.get_write_buffer_size() - transport.get_write_buffer_size()
+        arrived = peer.recv(2 * MAX_HELD_BYTES)  # before the loop step ends: it was sent, not held
+        coalescing.close()
+        return held, arrived + await _read_all(peer)
+
+    held, received = run(scenario())
+    assert held == 0
+    assert received == b"h" * 10 + b"b" * MAX_HELD_BYTES
+
+
+def test_the_end_of_the_stream_follows_what_was_held(run: Run[Any]) -> None:
+    async def scenario() -> bytes:
+        transport, peer = await _socket_transport()
+        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing.write(b"last bytes")
+        coalescing.write_eof()
+        received = await _read_all(peer)  # EOF ends it: written after the held bytes
+        coalescing.close()
+        return received
+
+    assert run(scenario()) == b"last bytes"
 
 
 def test_the_gunicorn_worker_serves_with_the_coalescing_protocol() -> None:
