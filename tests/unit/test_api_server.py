@@ -122,11 +122,13 @@ def test_a_malformed_request_gets_its_400_before_the_connection_closes(run: Run[
     assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
-async def _socket_transport() -> tuple[asyncio.Transport, socket.socket]:
+async def _coalescing() -> tuple[CoalescingTransport, asyncio.Transport, socket.socket]:
+    """A :class:`CoalescingTransport` over a real socket transport of this loop, that transport, and the peer."""
     ours, theirs = socket.socketpair()
-    transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, sock=ours)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
     theirs.setblocking(False)
-    return transport, theirs
+    return CoalescingTransport(transport, loop), transport, theirs
 
 
 async def _read_all(sock: socket.socket) -> bytes:
@@ -138,8 +140,7 @@ async def _read_all(sock: socket.socket) -> bytes:
 
 def test_writes_of_one_loop_step_are_held_until_the_step_ends_and_counted_as_buffered(run: Run[Any]) -> None:
     async def scenario() -> tuple[int, int, bytes]:
-        transport, peer = await _socket_transport()
-        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing, _, peer = await _coalescing()
         coalescing.write(b"head ")
         coalescing.write(memoryview(b"body"))
         held = coalescing.get_write_buffer_size()
@@ -154,8 +155,7 @@ def test_writes_of_one_loop_step_are_held_until_the_step_ends_and_counted_as_buf
 
 def test_an_aborted_connection_sends_nothing_it_held(run: Run[Any]) -> None:
     async def scenario() -> bytes:
-        transport, peer = await _socket_transport()
-        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing, _, peer = await _coalescing()
         coalescing.write(b"never sent")
         coalescing.abort()
         await asyncio.sleep(0)
@@ -166,8 +166,7 @@ def test_an_aborted_connection_sends_nothing_it_held(run: Run[Any]) -> None:
 
 def test_writes_after_close_are_dropped(run: Run[Any]) -> None:
     async def scenario() -> bytes:
-        transport, peer = await _socket_transport()
-        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing, _, peer = await _coalescing()
         coalescing.write(b"last words")
         coalescing.close()
         coalescing.write(b" and more")
@@ -179,8 +178,7 @@ def test_writes_after_close_are_dropped(run: Run[Any]) -> None:
 
 def test_held_writes_reaching_the_limit_are_sent_at_once(run: Run[Any]) -> None:
     async def scenario() -> tuple[int, bytes]:
-        transport, peer = await _socket_transport()
-        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing, transport, peer = await _coalescing()
         coalescing.write(b"h" * 10)
         coalescing.write(b"b" * MAX_HELD_BYTES)
         held = coalescing.get_write_buffer_size() - transport.get_write_buffer_size()
@@ -195,8 +193,7 @@ def test_held_writes_reaching_the_limit_are_sent_at_once(run: Run[Any]) -> None:
 
 def test_the_end_of_the_stream_follows_what_was_held(run: Run[Any]) -> None:
     async def scenario() -> bytes:
-        transport, peer = await _socket_transport()
-        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing, _, peer = await _coalescing()
         coalescing.write(b"last bytes")
         coalescing.write_eof()
         received = await _read_all(peer)  # EOF ends it: written after the held bytes
