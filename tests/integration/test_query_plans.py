@@ -62,14 +62,18 @@ def _insert_orders(conn: Connection, n: int) -> list[tuple[uuid.UUID, uuid.UUID]
     return [(row.broker_id, row.id) for row in rows]
 
 
+def _analyse(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+
+
 @pytest.fixture
 def filled(engine: Engine) -> tuple[Engine, list[tuple[uuid.UUID, uuid.UUID]]]:
     """5,000 orders of 100 brokers, analysed; returns the engine and 10 ``(broker_id, order_id)`` keys."""
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url=None)
         keys = _insert_orders(conn, ROWS)
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    _analyse(engine)
     return engine, keys
 
 
@@ -114,14 +118,8 @@ def _probes_orders_by_primary_key(plan: str) -> bool:
     return _looks_up(plan, "orders", "pk_orders")
 
 
-def _analyse_if(analysed: bool, engine: Engine) -> None:
-    """Analyse the (still small) tables: plans made then weigh their real sizes instead of guessed ones."""
-    if analysed:
-        with engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
-
-
 SMALL_TABLES = pytest.mark.parametrize("analysed", [False, True], ids=["not-analysed", "analysed"])
+"""Plans made on small tables that were analysed (their real sizes weighed) or not (sizes guessed)."""
 
 
 def _write_params(keys: list[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, Any]:
@@ -174,11 +172,12 @@ def test_matcher_write_plans_made_while_orders_was_small_still_probe_by_primary_
 ) -> None:
     # A server connection keeps its plans until a table they read is analysed. Plans made on a fresh database (a
     # few orders: scanning them all is cheapest) chose sequential scans of orders and kept them while the table
-    # grew to thousands of rows; matcher_write forbids sequential scans (every statement reaches rows by key).
+    # grew to thousands of rows; matcher_write forbids sequential scans (every table has an index that serves it).
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url=None)
         keys = _insert_orders(conn, BATCH)
-    _analyse_if(analysed, engine)
+    if analysed:
+        _analyse(engine)
     with _psycopg_connection(engine) as pg:
         pg.execute(store._WRITE, _write_params(keys))  # plans made now, kept by this server connection
         pg.rollback()
@@ -203,8 +202,7 @@ def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_gene
                 """
             )
         )
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    _analyse(engine)
     params = {"room_brokers": [], "room_left": [], "full_brokers": [], "limit": 32, "per_broker": 16, "lease": 30}
     with _psycopg_connection(engine) as pg:
         plans = [p for p in _nested_plans(pg, webhook_store._CLAIM, params, times=3) if "webhook_events" in p]
@@ -250,7 +248,8 @@ def test_webhook_record_plans_made_while_few_events_were_pending_still_update_ev
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
         first = _insert_pending_events(conn, per_broker=1, first_sequence=1)
-    _analyse_if(analysed, engine)
+    if analysed:
+        _analyse(engine)
     with _psycopg_connection(engine) as pg:
         pg.execute(webhook_store._RECORD, _record_params(first))  # plans made now, kept by this server connection
         pg.rollback()
