@@ -26,7 +26,7 @@ from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
-from exchange.webhooks.queue import enqueue_deliveries
+from exchange.webhooks.queue import claim_hint, send_claimed_hint
 
 log = logging.getLogger("exchange.matcher")
 
@@ -45,17 +45,22 @@ HOLD_S = 0.5
 
 
 def _after_commit(results: list[BatchResult], seconds: float) -> None:
-    """Publish what one transaction (of one or several books) committed; ``seconds`` is its duration."""
+    """Publish what one transaction (of one or several books) committed; ``seconds`` is its duration. The results
+    and the webhook hint's ``SET NX`` go in one round trip (both Redis clients use ``settings.redis_url``)."""
     order_ids = [order_id for result in results for order_id in result.order_ids]
-    event_ids = [event_id for result in results for event_id in result.event_ids]
-    if order_ids:
-        publish_results(_redis, order_ids, [state for result in results for state in result.placed])
-    if event_ids:
-        try:
-            enqueue_deliveries(broker, event_ids)
-        except Exception:
-            # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
-            log.warning("could not enqueue %d webhook deliveries", len(event_ids), exc_info=True)
+    has_events = any(result.event_ids for result in results)
+    if order_ids or has_events:
+        with _redis.pipeline(transaction=False) as pipe:
+            publish_results(pipe, order_ids, [state for result in results for state in result.placed])
+            if has_events:
+                claim_hint(pipe, broker)
+            claimed = pipe.execute()[-1]
+        if has_events:
+            try:
+                send_claimed_hint(broker, claimed)
+            except Exception:
+                # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
+                log.warning("could not enqueue a webhook delivery hint", exc_info=True)
     applied = [result for result in results if result.commands]
     if applied:  # per transaction: its commands, its books, its duration
         metrics.MATCH_BATCH_SIZE.observe(sum(result.commands for result in applied))

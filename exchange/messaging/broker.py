@@ -4,10 +4,11 @@ dramatiq's Redis consumer polls: when a queue is empty it sleeps with an exponen
 ``dramatiq_worker_timeout`` ms and then runs its fetch script again. Every poll is a Lua script per queue, and every
 message arriving during a sleep waits for the sleep to end (measured: ~25 ms of the ~32 ms an order took from
 POST to fill on an idle exchange). :class:`DoorbellRedisBroker` keeps dramatiq's queues, scripts, acks and
-maintenance exactly as they are and changes only the idle wait: after enqueuing a message it rings the queue's
-*doorbell* (a one-element Redis list), and an idle consumer blocks on that doorbell (``BLPOP``) instead of
-sleeping. A message is then picked up about one round trip after it was enqueued, and an idle consumer costs one
-``BLPOP`` per ``dramatiq_worker_timeout`` instead of a poll every few milliseconds.
+maintenance exactly as they are and changes only the idle wait: with each message it enqueues it rings the queue's
+*doorbell* (a one-element Redis list; in the same pipeline, so the ring costs no round trip), and an idle consumer
+blocks on that doorbell (``BLPOP``) instead of sleeping. A message is then picked up about one round trip after it
+was enqueued, and an idle consumer costs one ``BLPOP`` per ``dramatiq_worker_timeout`` instead of a poll every few
+milliseconds.
 
 Invariants: the doorbell only says "look now"; correctness never depends on it. A ring that nobody hears stays in
 the list (capped at one element) and makes the next idle wait return at once; a lost ring costs at most one idle
@@ -91,22 +92,55 @@ class DoorbellRedisBroker(RedisBroker):
         return _DoorbellConsumer
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        enqueued = super().enqueue(message, delay=delay)
-        if delay is None:
-            self.ring(enqueued.queue_name)
+        """dramatiq's ``enqueue`` (the same middleware hooks, the same ``dispatch`` script with the same arguments),
+        sent in ONE pipeline with the ring of the queue's doorbell: one round trip instead of dramatiq's script
+        call and a ring after it. A delayed message takes dramatiq's own path and rings nobody."""
+        if delay is not None:
+            return super().enqueue(message, delay=delay)
+        enqueued = _stamped(self, message)
+        max_unpack_size = int(self._max_unpack_size())  # type: ignore[no-untyped-call]  # cached per class by dramatiq
+        try:
+            self._send(enqueued, max_unpack_size)
+        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot dramatiq's script
+            self.client.script_load(self.scripts["dispatch"].script)
+            self._send(enqueued, max_unpack_size)
+        self.emit_after("enqueue", enqueued, None)
         return enqueued
 
-    def ring(self, queue_name: str) -> None:
-        """Wake one idle consumer of ``queue_name`` (a ring nobody hears waits, capped at one). Never raises: the
-        message is enqueued already, and a lost ring only costs an idle consumer's timeout."""
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                queue_ring(pipe, queue_name)
-                pipe.execute()
-        except redis.RedisError as exc:
-            log.warning(
-                "could not ring the doorbell of %s (%s); its consumer finds the message on its timeout", queue_name, exc
-            )
+    def _send(self, message: dramatiq.Message[Any], max_unpack_size: int) -> None:
+        with self.client.pipeline(transaction=False) as pipe:
+            add_enqueue(pipe, self, message, max_unpack_size)
+            pipe.execute()
+
+
+def _stamped(broker: RedisBroker, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+    """``message`` with an id of its own for this enqueue, as dramatiq gives it (a message may be enqueued again:
+    retries, redeliveries), once the broker's ``before_enqueue`` hooks have seen it."""
+    stamped = message.copy(options={"redis_message_id": str(uuid.uuid4())})
+    broker.emit_before("enqueue", stamped, None)
+    return stamped
+
+
+def add_enqueue(
+    pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline,
+    broker: RedisBroker,
+    message: dramatiq.Message[Any],
+    max_unpack_size: int,
+) -> None:
+    """Add to ``pipe`` what ``RedisBroker.enqueue`` (dramatiq 2.x, pinned ``<3``) sends for ``message`` (which has
+    its ``redis_message_id``): the ``dispatch`` script with dramatiq's arguments, read from the broker's
+    ``namespace``, ``broker_id``, ``heartbeat_timeout``, ``dead_message_ttl`` and ``_should_do_maintenance``; then
+    the ring of its queue's doorbell. The integration tests consume what it enqueues with dramatiq's own consumer,
+    so a dramatiq that changes them fails there, not in production."""
+    args = (
+        *("enqueue", current_millis(), message.queue_name, broker.broker_id),
+        *(broker.heartbeat_timeout, broker.dead_message_ttl),
+        broker._should_do_maintenance("enqueue"),
+        max_unpack_size,
+        *(message.options["redis_message_id"], message.encode()),
+    )
+    pipe.evalsha(broker.scripts["dispatch"].sha, 1, broker.namespace, *args)
+    queue_ring(pipe, message.queue_name)
 
 
 def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, queue_name: str) -> None:
@@ -120,13 +154,8 @@ class AsyncEnqueuer:
     """:meth:`DoorbellRedisBroker.enqueue` (no delay) for an event loop: the same middleware hooks, the same
     dramatiq ``dispatch`` script with the same arguments, and the doorbell rings, sent over a ``redis.asyncio``
     client as ONE pipeline for any number of messages, so the api neither blocks its loop on Redis nor hands each
-    enqueue to a worker thread with two blocking round trips (measured against that: api CPU per order -13-17 %
-    at ``exchange bench --closed-loop 64``).
-
-    It mirrors ``RedisBroker.enqueue``/``_dispatch`` of dramatiq 2.x (pinned ``<3``), reading the broker's
-    ``namespace``, ``broker_id``, ``heartbeat_timeout``, ``dead_message_ttl`` and its ``_should_do_maintenance`` and
-    ``_max_unpack_size``: the integration tests consume what it enqueues with dramatiq's own consumer, so a dramatiq
-    that changes them fails there, not in production.
+    enqueue to a worker thread with blocking round trips (measured against that: api CPU per order -13-17 %
+    at ``exchange bench --closed-loop 64``). Each message is sent as :func:`add_enqueue` adds it.
     """
 
     def __init__(self, broker: RedisBroker, client: redis.asyncio.Redis) -> None:
@@ -147,10 +176,7 @@ class AsyncEnqueuer:
                 if self._max_unpack_size is None:
                     self._max_unpack_size = int(await asyncio.to_thread(broker._max_unpack_size))
         max_unpack_size = self._max_unpack_size
-        # A unique id per enqueue, as dramatiq's: a message may be enqueued again (retries, redeliveries).
-        enqueued = [message.copy(options={"redis_message_id": str(uuid.uuid4())}) for message in messages]
-        for message in enqueued:
-            broker.emit_before("enqueue", message, None)
+        enqueued = [_stamped(broker, message) for message in messages]
         try:
             await self._send(enqueued, max_unpack_size)
         except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot dramatiq's script
@@ -161,18 +187,9 @@ class AsyncEnqueuer:
         return enqueued
 
     async def _send(self, messages: Sequence[dramatiq.Message[Any]], max_unpack_size: int) -> None:
-        broker = self._broker
         async with self._client.pipeline(transaction=False) as pipe:
             for message in messages:
-                args = (
-                    *("enqueue", current_millis(), message.queue_name, broker.broker_id),
-                    *(broker.heartbeat_timeout, broker.dead_message_ttl),
-                    broker._should_do_maintenance("enqueue"),
-                    max_unpack_size,
-                    *(message.options["redis_message_id"], message.encode()),
-                )
-                pipe.evalsha(self._dispatch.sha, 1, broker.namespace, *args)
-                queue_ring(pipe, message.queue_name)
+                add_enqueue(pipe, self._broker, message, max_unpack_size)
             await pipe.execute()
 
 

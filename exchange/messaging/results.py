@@ -82,9 +82,11 @@ def decode_results(payload: bytes) -> tuple[list[UUID], dict[UUID, PlacedState]]
     return results.order_ids, {state.order_id: state for state in results.placed}
 
 
-def publish_results(client: redis.Redis, order_ids: Iterable[UUID], placed: Iterable[PlacedState] = ()) -> None:
+def publish_results(
+    client: redis.Redis | redis.client.Pipeline, order_ids: Iterable[UUID], placed: Iterable[PlacedState] = ()
+) -> None:
     """Tell every api process that these orders were processed, with the state of those placed in the
-    transaction (called after the matcher's commit)."""
+    transaction (called after the matcher's commit; on a pipeline, sent when the caller executes it)."""
     ids = list(order_ids)
     if ids:
         client.publish(RESULTS_CHANNEL, encode_results(ids, placed))

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio
 
 from exchange.embedded import EmbeddedRedis
-from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, doorbell_key
+from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, doorbell_key, queue_ring
 from exchange.observability.context import request_id_var
 from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
 from tests.integration.redis_support import namespaced_broker, redis_test_url
@@ -85,8 +85,10 @@ def test_a_ring_nobody_heard_makes_the_next_idle_wait_return_at_once_and_is_used
 ) -> None:
     queue = f"q-{uuid.uuid4().hex[:8]}"
     broker.declare_queue(queue)
-    broker.ring(queue)
-    broker.ring(queue)  # rings do not pile up: one is kept
+    for _ in range(2):  # rings do not pile up: one is kept
+        with broker.client.pipeline(transaction=False) as pipe:
+            queue_ring(pipe, queue)
+            pipe.execute()
     assert broker.client.llen(doorbell_key(queue)) == 1
     consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
     started = time.monotonic()
@@ -154,23 +156,28 @@ def enqueue_from_an_event_loop(
     return asyncio.run(run())
 
 
-def test_a_message_enqueued_from_an_event_loop_wakes_an_idle_consumer_and_went_through_the_enqueue_hooks(
-    broker: DoorbellRedisBroker,
+@pytest.mark.parametrize("from_event_loop", [False, True], ids=["broker.enqueue", "AsyncEnqueuer"])
+def test_an_enqueued_message_wakes_an_idle_consumer_and_went_through_the_enqueue_hooks(
+    broker: DoorbellRedisBroker, from_event_loop: bool
 ) -> None:
     broker.add_middleware(RequestIdMiddleware())
     queue = f"q-{uuid.uuid4().hex[:8]}"
     broker.declare_queue(queue)
     consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
-    received = ring_an_idle_consumer(
-        broker,
-        consumer,
-        queue,
-        idle_s=0.5,
-        while_idle=lambda: None,
-        send=lambda sent: enqueue_from_an_event_loop(broker, [sent])[0],
-    )
+
+    def send(sent: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+        if from_event_loop:
+            return enqueue_from_an_event_loop(broker, [sent])[0]
+        token = request_id_var.set("req-from-the-loop")
+        try:
+            return broker.enqueue(sent)
+        finally:
+            request_id_var.reset(token)
+
+    received = ring_an_idle_consumer(broker, consumer, queue, idle_s=0.5, while_idle=lambda: None, send=send)
     assert received.args == (1,)
     assert received.options[REQUEST_ID_OPTION] == "req-from-the-loop"
+    assert broker.client.llen(doorbell_key(queue)) == 0  # the one ring was heard, none was left over
     consumer.ack(received)
     consumer.close()
 
@@ -195,13 +202,19 @@ def test_one_call_enqueues_every_message_on_its_own_queue_in_order_and_rings_eac
         consumer.close()
 
 
-def test_a_redis_that_never_saw_dramatiqs_script_is_sent_it_and_the_message_is_enqueued(tmp_path: Path) -> None:
+@pytest.mark.parametrize("from_event_loop", [False, True], ids=["broker.enqueue", "AsyncEnqueuer"])
+def test_a_redis_that_never_saw_dramatiqs_script_is_sent_it_and_the_message_is_enqueued(
+    tmp_path: Path, from_event_loop: bool
+) -> None:
     server = EmbeddedRedis(tmp_path)  # a fresh server: no script loaded yet, and nothing shared with other tests
     url = server.start()
     try:
         broker = DoorbellRedisBroker(url=url)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
         assert broker.client.script_exists(broker.scripts["dispatch"].sha) == [False]
-        [sent] = enqueue_from_an_event_loop(broker, [message("fresh")], redis_url=url)
+        if from_event_loop:
+            [sent] = enqueue_from_an_event_loop(broker, [message("fresh")], redis_url=url)
+        else:
+            sent = broker.enqueue(message("fresh"))
         consumer = broker.consume("fresh", prefetch=1, timeout=100)
         got = next_message(consumer, 10)
         assert got is not None

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
@@ -115,3 +116,15 @@ def test_json_log_line_is_one_object_with_request_id_and_extras() -> None:
     assert body["logger"] == "exchange.matcher"
     assert body["order_ids"] == ["a", "b"]
     assert body["unserialisable"].startswith("<object")
+
+
+def test_json_log_line_has_the_records_utc_time_to_the_millisecond_and_stays_valid_json_for_any_value() -> None:
+    formatter = JsonFormatter()
+    for created in (1_796_000_000.0, 1_796_000_000.9994, 1_796_000_001.25):  # a second's first and last ms, the next
+        record = logging.LogRecord("exchange.access", logging.INFO, __file__, 1, "line", (), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        record.odd = {(1, 2): float("nan"), None: b"\x00"}
+        body = json.loads(formatter.format(record))
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert body["ts"] == expected
+        assert body["odd"] == {"(1, 2)": None, "None": "AA=="}

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.sweeper import sweep_once
-from exchange.webhooks.queue import DELIVER_ACTOR, clear_hint, enqueue_deliveries
+from exchange.webhooks.queue import DELIVER_ACTOR, claim_hint, clear_hint, enqueue_deliveries, send_claimed_hint
 from tests.integration.webhook_support import broker_with_endpoint, events_of, fills
 
 
@@ -94,6 +94,23 @@ def test_hints_are_coalesced_until_a_worker_takes_one(broker: RedisBroker) -> No
 
     clear_hint(broker)  # what the worker does when it takes the hint, before its pump claims
     assert enqueue_deliveries(broker, ["d"]) == 1
+
+    assert queued_hints(broker) == 2
+
+
+def test_a_hint_claimed_in_the_matchers_pipeline_is_coalesced_with_every_other_hint(broker: RedisBroker) -> None:
+    def after_commit() -> int:  # what the matcher sends after a commit with events: results and the claim at once
+        with broker.client.pipeline(transaction=False) as pipe:
+            pipe.publish("exchange:test-results", b"[]")
+            claim_hint(pipe, broker)
+            claimed = pipe.execute()[-1]
+        return send_claimed_hint(broker, claimed)
+
+    assert after_commit() == 1
+    assert after_commit() == 0
+    assert enqueue_deliveries(broker, ["a"]) == 0  # the matcher's hint is pending: nobody else sends one
+    clear_hint(broker)
+    assert after_commit() == 1
 
     assert queued_hints(broker) == 2
 
