@@ -148,6 +148,34 @@ def usable_cpus() -> int:
     return max(1, min(cpus, -(-int(quota) // int(period))))  # a quota of 1.5 CPUs still runs on 2
 
 
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the supervisor loop sleeps on it.
+
+    A plain flag, not a ``threading.Event``: a signal handler runs in the main thread between two bytecodes, also
+    inside another handler (a process-group kill delivers a SIGTERM that ``uv run`` forwards as well), and
+    ``Event.set()`` there waits forever for the lock its own thread already holds (seen: a dev supervisor hung on
+    SIGTERM, every child still serving on its ports)."""
+
+    POLL_S = 0.1
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as a stop was requested (at most ``POLL_S`` after it)."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.POLL_S))
+        return self.requested
+
+
 def run_dev(
     settings: Settings,
     *,
@@ -232,9 +260,8 @@ def _supervise(
             child.env["EXCHANGE_METRICS_PORT"] = str(metrics_port + offset)
             print(f"dev: {child.name} metrics on http://127.0.0.1:{metrics_port + offset}/metrics", flush=True)
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopping = StopRequest()
+    stopping.install()
     for child in children:
         _spawn(child, env)
     _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
@@ -244,8 +271,7 @@ def _supervise(
                 if child.process is not None and child.process.poll() is not None:
                     code = child.process.returncode
                     print(f"dev: {child.name} exited with {code}; restarting in {RESTART_DELAY_S:.0f}s", flush=True)
-                    stopping.wait(RESTART_DELAY_S)
-                    if stopping.is_set():
+                    if stopping.wait(RESTART_DELAY_S):
                         break
                     child.restarts += 1
                     _spawn(child, env)
