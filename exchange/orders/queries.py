@@ -63,24 +63,9 @@ def _order_view(row: Any, trades: list[TradeView]) -> OrderView:
     )
 
 
-# One row per trade (or one row with NULL trade columns): orders and trades from one snapshot. The two index
-# lookups (buy side, sell side) are a UNION ALL rather than an OR so both use their index.
-_ORDERS_WITH_TRADES = f"""
-    SELECT {_ORDER_COLUMNS}, o.broker_id,
-           t.id AS trade_id, t.price AS trade_price, t.quantity AS trade_quantity, t.executed_at,
-           cb.name AS counterparty
-    FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[])) AS k(id, broker_id)
-    JOIN orders o ON o.id = k.id AND o.broker_id = k.broker_id
-    LEFT JOIN LATERAL (
-        SELECT id, price, quantity, executed_at, command_seq, match_no, sell_broker_id AS counterparty_id
-        FROM trades WHERE buy_order_id = o.id
-        UNION ALL
-        SELECT id, price, quantity, executed_at, command_seq, match_no, buy_broker_id
-        FROM trades WHERE sell_order_id = o.id
-    ) t ON true
-    LEFT JOIN brokers cb ON cb.id = t.counterparty_id
-    ORDER BY o.broker_id, o.id, t.executed_at, t.command_seq, t.match_no
-"""  # noqa: S608  # constant column list only
+# One row per trade (or one row with NULL trade columns), oldest trade first: orders and trades from one snapshot.
+# The statement is PL/pgSQL's (alembic 0007), planned once per server connection.
+_ORDERS_WITH_TRADES = "SELECT * FROM order_views(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]))"
 
 
 async def get_orders(conn: AsyncPgConnection, keys: Sequence[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], OrderView]:
@@ -171,19 +156,9 @@ async def list_orders(
 
 # ------------------------------------------------------------------------------------------- market data
 
-# Resting orders whose valid_until has passed never trade (the sweeper closes them soon), so they are not shown.
-_BOOK_SIDE = """
-    SELECT price, sum(remaining) AS total_quantity, count(*) AS order_count
-    FROM orders
-    WHERE symbol = %(symbol)s AND status = '{open}' AND side = '{side}'
-      AND (valid_until IS NULL OR valid_until > now())
-    GROUP BY price
-    ORDER BY price {direction}
-    LIMIT %(depth)s
-"""
-_BIDS = _BOOK_SIDE.format(open=OrderStatus.OPEN.value, side=Side.BID.value, direction="DESC")
-_ASKS = _BOOK_SIDE.format(open=OrderStatus.OPEN.value, side=Side.ASK.value, direction="ASC")
-_BOOK = f"SELECT '{Side.BID.value}' AS side, * FROM ({_BIDS}) b UNION ALL SELECT '{Side.ASK.value}', * FROM ({_ASKS}) a"  # noqa: S608
+# Resting orders whose valid_until has passed are not shown (alembic 0007's book_levels, planned once per server
+# connection).
+_BOOK = "SELECT * FROM book_levels(CAST(%(symbol)s AS text), CAST(%(depth)s AS integer))"
 
 
 async def book(conn: AsyncPgConnection, symbol: str, depth: int) -> BookView:
@@ -198,11 +173,7 @@ async def book(conn: AsyncPgConnection, symbol: str, depth: int) -> BookView:
     return BookView(symbol, bids, asks)
 
 
-_RECENT_PRICES = """
-    SELECT price FROM trades WHERE symbol = %(symbol)s
-    ORDER BY executed_at DESC, command_seq DESC, match_no DESC
-    LIMIT %(n)s
-"""
+_RECENT_PRICES = "SELECT price FROM recent_prices(CAST(%(symbol)s AS text), CAST(%(n)s AS integer))"  # alembic 0007
 
 
 def rounded_average(prices: Sequence[int]) -> int:

@@ -1,6 +1,7 @@
 """Plans of hot statements, as auto_explain reports them for the statements inside the PL/pgSQL functions (each
 call rolled back): the matcher's writes probe ``orders`` by primary key, the webhook recorder updates events by
-primary key, the webhook claim reads due events through their partial index.
+primary key, the webhook claim reads due events through their partial index, the api's reads (order views, book
+levels, recent prices) reach their rows through indexes.
 
 Joined to a ``json_to_recordset`` alone (always planned as 100 rows), PostgreSQL hashed the whole table while it
 held a few thousand to some 20,000 orders: a sequential scan per batch, the bench's whole run long. 5,000 orders of
@@ -23,6 +24,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from exchange.matching import store
+from exchange.orders import queries
 from exchange.webhooks import store as webhook_store
 
 ROWS = 5000
@@ -259,3 +261,41 @@ def test_webhook_record_plans_made_while_few_events_were_pending_still_update_ev
     assert len(plans) == 1, plans
     assert _looks_up(plans[0], "webhook_events", "pk_webhook_events"), plans[0]
     assert "ix_webhook_events_pending_next_attempt_at" not in plans[0], plans[0]
+
+
+READS = {
+    "order_views": (queries._ORDERS_WITH_TRADES, ("pk_orders", "ix_trades_buy_order_id", "ix_trades_sell_order_id")),
+    "book_levels": (queries._BOOK, ("ix_orders_open_book",)),
+    "recent_prices": (queries._RECENT_PRICES, ("ix_trades_symbol_executed_at",)),
+}
+"""The api's reads (alembic 0007): statement, and the indexes through which its plan must reach every row."""
+
+
+@SMALL_TABLES
+@pytest.mark.parametrize("read", list(READS))
+def test_api_read_plans_made_while_tables_were_small_still_use_their_indexes_once_they_are_big(
+    engine: Engine, analysed: bool, read: str
+) -> None:
+    statement, indexes = READS[read]
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        keys = _insert_orders(conn, BATCH)
+    if analysed:
+        _analyse(engine)
+    params = {
+        "ids": [order_id for _, order_id in keys],
+        "broker_ids": [broker_id for broker_id, _ in keys],
+        "symbol": "S1",
+        "depth": 10,
+        "n": 50,
+    }
+    with _psycopg_connection(engine) as pg:
+        pg.execute(statement, params)  # plans made now, kept by this server connection
+        pg.rollback()
+        with engine.begin() as other:
+            _insert_orders(other, ROWS)  # no ANALYZE: nothing tells the connection to plan again
+        plans = _nested_plans(pg, statement, params, times=1)
+    [plan] = [p for p in plans if "Index" in p or "Seq Scan" in p]
+    for index in indexes:
+        table = "orders" if "orders" in index else "trades"
+        assert _looks_up(plan, table, index), plan
