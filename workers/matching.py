@@ -54,9 +54,15 @@ def _after_commit(results: list[BatchResult], seconds: float) -> None:
             publish_results(pipe, order_ids, [state for result in results for state in result.placed])
             if has_events:
                 claim_hint(pipe, broker)
-            claimed = pipe.execute()[-1]
+            replies = pipe.execute(raise_on_error=False)
+        claimed = replies.pop() if has_events else None
+        for reply in replies:  # the publish: its failure propagates (the message is retried), as it always did
+            if isinstance(reply, Exception):
+                raise reply
         if has_events:
             try:
+                if isinstance(claimed, Exception):
+                    raise claimed
                 send_claimed_hint(broker, claimed)
             except Exception:
                 # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.

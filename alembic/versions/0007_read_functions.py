@@ -16,8 +16,8 @@ made on a near-empty table (a fresh database) from reading the whole table once 
 primary key and trades by order, the open book's partial index, which the literal ``'open'`` still matches in a
 generic plan, and trades by symbol).
 
-The statements are the ones :mod:`exchange.orders.queries` sent before, unchanged except that the parameters are
-the functions' (``#variable_conflict use_column``: a bare name is the column, not the output parameter of the same
+The statements are the ones :mod:`exchange.orders.queries` sent before, with the functions' parameters, except that
+``order_views`` reads each order by id alone and then checks its broker (see its comment) (``#variable_conflict use_column``: a bare name is the column, not the output parameter of the same
 name). A later change is a new revision with ``CREATE OR REPLACE FUNCTION``.
 """
 

@@ -94,7 +94,9 @@ class DoorbellRedisBroker(RedisBroker):
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         """dramatiq's ``enqueue`` (the same middleware hooks, the same ``dispatch`` script with the same arguments),
         sent in ONE pipeline with the ring of the queue's doorbell: one round trip instead of dramatiq's script
-        call and a ring after it. A delayed message takes dramatiq's own path and rings nobody."""
+        call and a ring after it. A delayed message takes dramatiq's own path and rings nobody. Any error raises,
+        the ring's too (the message may then be queued already: enqueuing it again only costs a duplicate, which
+        every actor here tolerates)."""
         if delay is not None:
             return super().enqueue(message, delay=delay)
         enqueued = _stamped(self, message)

@@ -8,6 +8,7 @@ valid JSON, whatever the message or extra values contain (unserialisable values 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -56,10 +57,13 @@ class JsonFormatter(logging.Formatter):
                 body[key] = value
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
-        return _encoder.encode(body).decode()
+        try:
+            return _encoder.encode(body).decode()
+        except UnicodeEncodeError:  # a lone surrogate (not UTF-8): escaped as \uXXXX, still one valid JSON line
+            return json.dumps(body, default=repr)
 
     def _timestamp(self, record: logging.LogRecord) -> str:
-        """UTC, ISO 8601 with milliseconds, as ``datetime.isoformat(timespec="milliseconds")`` writes it."""
+        """UTC, ISO 8601 with milliseconds (truncated), in ``datetime.isoformat(timespec="milliseconds")``'s form."""
         second = int(record.created)
         cached_second, text = self._second
         if second != cached_second:
@@ -91,7 +95,6 @@ def configure_logging(kind: str, *, level: str = "info", fmt: str = "json", repl
     # Fields no formatter here writes, each costing every record a lookup (the logging HOWTO's "Optimization").
     logging.logThreads = False
     logging.logMultiprocessing = False
-    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.set_name(_HANDLER_NAME)

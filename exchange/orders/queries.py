@@ -1,8 +1,9 @@
 """Read models: what brokers see of their orders, the books, prices, trades, balances and positions.
 
 Every query is one statement (one snapshot), so an order is never shown with trades that disagree with its
-``remaining_quantity``. Timestamps are returned in UTC. Only the caller's own orders are ever read
-(``broker_id`` is part of every predicate on ``orders``).
+``remaining_quantity``. Timestamps are returned in UTC. Only the caller's own orders are ever returned
+(``broker_id`` is part of every predicate on ``orders``, or, in ``order_views``, checked on each order read by id).
+The order, book and price reads are PL/pgSQL functions (alembic 0007): their plans are kept per server connection.
 """
 
 from __future__ import annotations

@@ -128,3 +128,6 @@ def test_json_log_line_has_the_records_utc_time_to_the_millisecond_and_stays_val
         expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
         assert body["ts"] == expected
         assert body["odd"] == {"(1, 2)": None, "None": "AA=="}
+    del record.odd
+    record.msg = "lone \ud800 surrogate"  # not encodable as UTF-8
+    assert json.loads(formatter.format(record))["msg"] == "lone \ud800 surrogate"
