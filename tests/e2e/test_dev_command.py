@@ -2,7 +2,7 @@
 
 Runs the real command with ``EXCHANGE_DATABASE_URL`` / ``EXCHANGE_REDIS_URL`` unset (so it starts embedded
 PostgreSQL and Redis), waits for readiness, does what the README's curl example does (register two brokers, cross
-two orders: filled), checks the dramatiq dashboard lists every queue, then sends SIGTERM and checks that every
+two orders: filled), checks the dramatiq dashboard lists every queue, then sends SIGTERM twice and checks that every
 process of the run — children, their workers, pgbouncer, the embedded servers — is gone. And when dev is killed
 outright (nothing stopped), its children stop by themselves.
 """
@@ -149,6 +149,9 @@ def test_exchange_dev_without_configured_services_fills_the_readme_example_and_s
         assert len(pids) >= 5  # api master + worker, matcher, webhooks, sweeper, servers
     finally:
         if dev.poll() is None:
+            # Twice, as a process-group kill under `uv run` delivers it (the group's and uv's forwarded copy): a
+            # supervisor whose handler took a lock hung on the second one with every child still serving.
+            dev.send_signal(signal.SIGTERM)
             dev.send_signal(signal.SIGTERM)
         try:
             code = dev.wait(60)
