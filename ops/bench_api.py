@@ -1,15 +1,16 @@
 """The api's CPU per request, one endpoint at a time, against a running exchange on this machine.
 
     uv run python -m ops.bench_api --base-url http://127.0.0.1:8000 --admin-key KEY [--requests 4000]
-                                   [--concurrency 32]
+                                   [--concurrency 32] [--endpoint PATH:STATUS ...]
 
 Registers a broker, then for each endpoint (``GET /balance``: one indexed read; ``GET /orders/not-an-id``: a 404
-that touches no database; ``GET /stocks/{symbol}/book``: one aggregate read) sends ``--requests`` requests from
-``--concurrency`` concurrent clients and prints the CPU seconds the api processes and PostgreSQL used per request
-(``/proc``, Linux, the exchange's processes found by command line as ``exchange bench --server-stats`` finds them)
-and the requests/s. Each endpoint runs twice; compare the second round (the first warms caches and pools). On a
-shared machine compare alternating runs of two builds, not figures taken hours apart. Numbers only: nothing is
-asserted; the broker it registered stays (use a scratch exchange).
+that touches no database; ``GET /stocks/{symbol}/book``: one aggregate read; or those given as
+``--endpoint PATH:STATUS``) sends ``--requests`` requests from ``--concurrency`` concurrent clients and prints the
+CPU seconds the api processes and PostgreSQL used per request (``/proc``, Linux, the exchange's processes found
+by command line as ``exchange bench --server-stats`` finds them) and the requests/s. Each endpoint runs twice;
+compare the second round (the first warms caches and pools). On a shared machine compare alternating runs of two
+builds, not figures taken hours apart. Numbers only: nothing is asserted; the broker it registered stays (use a
+scratch exchange).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ ENDPOINTS = (("/balance", 200), ("/orders/not-an-id", 404), ("/stocks/BENCH/book
 WARMUP_PER_CLIENT = 20
 
 
-async def measure(base_url: str, admin_key: str, requests: int, concurrency: int) -> None:
+async def measure(
+    base_url: str,
+    admin_key: str,
+    requests: int,
+    concurrency: int,
+    endpoints: tuple[tuple[str, int], ...] = ENDPOINTS,
+) -> None:
     # The load generator's own client (ops.bench.http): httpx would spend several times the api's CPU per request
     # on the same cores it measures.
     pool = Pool(base_url, timeout_s=30, max_connections=concurrency)
@@ -49,7 +56,7 @@ async def measure(base_url: str, admin_key: str, requests: int, concurrency: int
                     raise SystemExit(f"GET {path}: {status} {data[:200]!r}")
 
         for round_no in (1, 2):
-            for path, expected in ENDPOINTS:
+            for path, expected in endpoints:
                 await asyncio.gather(*(send(path, expected, WARMUP_PER_CLIENT) for _ in range(concurrency)))
                 before, started = cpu_by_kind(), time.perf_counter()
                 await asyncio.gather(*(send(path, expected, per_client) for _ in range(concurrency)))
@@ -66,14 +73,28 @@ async def measure(base_url: str, admin_key: str, requests: int, concurrency: int
         pool.close()
 
 
+def _endpoint(spec: str) -> tuple[str, int]:
+    path, _, status = spec.rpartition(":")
+    if not path.startswith("/") or not status.isdigit():
+        raise argparse.ArgumentTypeError(f"expected PATH:STATUS, e.g. /balance:200, not {spec!r}")
+    return path, int(status)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--admin-key", required=True)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--endpoint",
+        action="append",
+        type=_endpoint,
+        help="GET PATH that must answer STATUS, as PATH:STATUS (repeatable; default: the three above)",
+    )
     args = parser.parse_args()
-    asyncio.run(measure(args.base_url, args.admin_key, args.requests, args.concurrency))
+    endpoints = tuple(args.endpoint) if args.endpoint else ENDPOINTS
+    asyncio.run(measure(args.base_url, args.admin_key, args.requests, args.concurrency, endpoints))
 
 
 if __name__ == "__main__":

@@ -83,3 +83,14 @@ def test_bench_api_reports_cpu_per_request_for_each_endpoint(e2e_harness: Harnes
         measured = [line for line in lines if f"GET {path} " in line]
         assert len(measured) == 2, proc.stdout  # two rounds
         assert all("µs/request" in line and "requests/s" in line for line in measured), proc.stdout
+
+
+def test_bench_api_measures_only_the_endpoints_it_is_given(e2e_harness: Harness) -> None:
+    h = e2e_harness
+    argv = [sys.executable, "-m", "ops.bench_api", "--base-url", h.base_url, "--admin-key", h.admin_key]
+    argv += ["--requests", "16", "--concurrency", "2", "--endpoint", "/stocks/NONE/price:404"]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"ops.bench_api failed:\n{proc.stdout}\n{proc.stderr}"
+    measured = [line for line in proc.stdout.splitlines() if "µs/request" in line]
+    assert len(measured) == 2, proc.stdout
+    assert all("GET /stocks/NONE/price " in line for line in measured), proc.stdout
