@@ -51,14 +51,13 @@ def enqueue_deliveries(broker: BrokerLike, event_ids: Iterable[UUID | str], *, d
 
 def send_hint(broker: RedisBroker) -> int:
     """Enqueue a ``deliver`` hint unless one is already pending (see the module docstring). Returns 0 or 1."""
-    client: redis.Redis = broker.client
-    return send_claimed_hint(broker, client.set(hint_key(broker), b"1", nx=True, px=HINT_TTL_MS))
+    return send_claimed_hint(broker, claim_hint(broker.client, broker))
 
 
-def claim_hint(pipe: redis.client.Pipeline, broker: RedisBroker) -> None:
-    """Add :func:`send_hint`'s ``SET NX`` to ``pipe`` (one round trip with whatever else the caller sends after its
-    commit); pass its reply to :func:`send_claimed_hint`."""
-    pipe.set(hint_key(broker), b"1", nx=True, px=HINT_TTL_MS)
+def claim_hint(target: redis.Redis | redis.client.Pipeline, broker: RedisBroker) -> object:
+    """The hint's ``SET NX``: on a client, its reply; on a pipeline (one round trip with whatever else the caller
+    sends after its commit), the reply comes from ``execute``. Pass the reply to :func:`send_claimed_hint`."""
+    return target.set(hint_key(broker), b"1", nx=True, px=HINT_TTL_MS)
 
 
 def send_claimed_hint(broker: RedisBroker, claimed: object) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +107,20 @@ def _nested_plans(conn: psycopg.Connection[Any], call: str, params: dict[str, An
     return notices
 
 
+def _plans_kept_while_growing(
+    engine: Engine, statement: str, params: dict[str, Any], grow: Callable[[Connection], dict[str, Any]]
+) -> list[str]:
+    """Run ``statement`` once on a server connection (its plans are made now and kept by it; rolled back), let
+    ``grow`` add rows on another connection without ANALYZE (nothing tells the first one to plan again), and return
+    the plans auto_explain reports for ``statement`` run on the first with the parameters ``grow`` returns."""
+    with _psycopg_connection(engine) as pg:
+        pg.execute(statement, params)
+        pg.rollback()
+        with engine.begin() as other:
+            later = grow(other)
+        return _nested_plans(pg, statement, later, times=1)
+
+
 def _looks_up(plan: str, table: str, index: str) -> bool:
     """``plan`` reads ``table`` only through ``index``, each time with an index condition: lookups, never a whole
     table or a whole index."""
@@ -180,12 +194,13 @@ def test_matcher_write_plans_made_while_orders_was_small_still_probe_by_primary_
         keys = _insert_orders(conn, BATCH)
     if analysed:
         _analyse(engine)
-    with _psycopg_connection(engine) as pg:
-        pg.execute(store._WRITE, _write_params(keys))  # plans made now, kept by this server connection
-        pg.rollback()
-        with engine.begin() as other:
-            _insert_orders(other, ROWS)  # no ANALYZE: nothing tells the connection to plan again
-        _assert_write_probes_orders_by_primary_key(_nested_plans(pg, store._WRITE, _write_params(keys), times=1))
+    params = _write_params(keys)
+
+    def grow(other: Connection) -> dict[str, Any]:
+        _insert_orders(other, ROWS)
+        return params
+
+    _assert_write_probes_orders_by_primary_key(_plans_kept_while_growing(engine, store._WRITE, params, grow))
 
 
 def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_generic_plan(engine: Engine) -> None:
@@ -252,12 +267,12 @@ def test_webhook_record_plans_made_while_few_events_were_pending_still_update_ev
         first = _insert_pending_events(conn, per_broker=1, first_sequence=1)
     if analysed:
         _analyse(engine)
-    with _psycopg_connection(engine) as pg:
-        pg.execute(webhook_store._RECORD, _record_params(first))  # plans made now, kept by this server connection
-        pg.rollback()
-        with engine.begin() as other:
-            later = _insert_pending_events(other, per_broker=50, first_sequence=2)  # no ANALYZE
-        plans = [p for p in _nested_plans(pg, webhook_store._RECORD, _record_params(later), 1) if "o AS" in p]
+
+    def grow(other: Connection) -> dict[str, Any]:
+        return _record_params(_insert_pending_events(other, per_broker=50, first_sequence=2))
+
+    kept = _plans_kept_while_growing(engine, webhook_store._RECORD, _record_params(first), grow)
+    plans = [p for p in kept if "o AS" in p]
     assert len(plans) == 1, plans
     assert _looks_up(plans[0], "webhook_events", "pk_webhook_events"), plans[0]
     assert "ix_webhook_events_pending_next_attempt_at" not in plans[0], plans[0]
@@ -291,13 +306,12 @@ def test_api_read_plans_made_while_tables_were_small_still_use_their_indexes_onc
         "depth": 10,
         "n": 50,
     }
-    with _psycopg_connection(engine) as pg:
-        pg.execute(statement, params)  # plans made now, kept by this server connection
-        pg.rollback()
-        with engine.begin() as other:
-            _insert_orders(other, ROWS)  # no ANALYZE: nothing tells the connection to plan again
-        plans = _nested_plans(pg, statement, params, times=1)
-    [plan] = [p for p in plans if "Index" in p or "Seq Scan" in p]
+
+    def grow(other: Connection) -> dict[str, Any]:
+        _insert_orders(other, ROWS)
+        return params
+
+    [plan] = [p for p in _plans_kept_while_growing(engine, statement, params, grow) if "Index" in p or "Seq Scan" in p]
     for index in indexes:
         table = "orders" if "orders" in index else "trades"
         assert _looks_up(plan, table, index), plan
