@@ -130,6 +130,15 @@ def _looks_up(plan: str, table: str, index: str) -> bool:
     return bool(scans) and keyed and f"Seq Scan on {table}" not in plan
 
 
+def _assert_brokers_looked_up(plans: list[str]) -> None:
+    """Every plan that reads ``brokers`` looks its rows up by primary key: a batch's few brokers, never all of them
+    (``json_to_recordset`` is estimated at 100 rows, and joined at that estimate the table was hashed whole)."""
+    reading = [plan for plan in plans if "on brokers" in plan]
+    assert reading, plans
+    for plan in reading:
+        assert _looks_up(plan, "brokers", "pk_brokers"), plan
+
+
 def _probes_orders_by_primary_key(plan: str) -> bool:
     return _looks_up(plan, "orders", "pk_orders")
 
@@ -172,6 +181,7 @@ def _assert_write_probes_orders_by_primary_key(plans: list[str]) -> None:
     assert len(outbox) == 1, plans
     assert _probes_orders_by_primary_key(updates[0]), updates[0]
     assert _probes_orders_by_primary_key(outbox[0]), outbox[0]
+    _assert_brokers_looked_up(plans)
 
 
 def test_matcher_write_probes_orders_by_primary_key(filled: Keys) -> None:
@@ -275,11 +285,15 @@ def test_webhook_record_plans_made_while_few_events_were_pending_still_update_ev
     plans = [p for p in kept if "o AS" in p]
     assert len(plans) == 1, plans
     assert _looks_up(plans[0], "webhook_events", "pk_webhook_events"), plans[0]
+    _assert_brokers_looked_up(kept)
     assert "ix_webhook_events_pending_next_attempt_at" not in plans[0], plans[0]
 
 
 READS = {
-    "order_views": (queries._ORDERS_WITH_TRADES, ("pk_orders", "ix_trades_buy_order_id", "ix_trades_sell_order_id")),
+    "order_views": (
+        queries._ORDERS_WITH_TRADES,
+        ("pk_orders", "ix_trades_buy_order_id", "ix_trades_sell_order_id", "pk_brokers"),
+    ),
     "book_levels": (queries._BOOK, ("ix_orders_open_book",)),
     "recent_prices": (queries._RECENT_PRICES, ("ix_trades_symbol_executed_at",)),
 }
@@ -313,5 +327,5 @@ def test_api_read_plans_made_while_tables_were_small_still_use_their_indexes_onc
 
     [plan] = [p for p in _plans_kept_while_growing(engine, statement, params, grow) if "Index" in p or "Seq Scan" in p]
     for index in indexes:
-        table = "orders" if "orders" in index else "trades"
+        table = next(name for name in ("orders", "trades", "brokers") if name in index)
         assert _looks_up(plan, table, index), plan
