@@ -134,7 +134,8 @@ def add_enqueue(
     ``namespace``, ``broker_id``, ``heartbeat_timeout``, ``dead_message_ttl`` and ``_should_do_maintenance``; then
     the ring of its queue's doorbell. The integration tests consume what it enqueues with dramatiq's own consumer,
     so a dramatiq that changes them fails there, not in production."""
-    args = (
+    # Any: redis-py 6 types evalsha's arguments as str, but encodes ints and bytes as dramatiq's own call does.
+    args: tuple[Any, ...] = (
         *("enqueue", current_millis(), message.queue_name, broker.broker_id),
         *(broker.heartbeat_timeout, broker.dead_message_ttl),
         broker._should_do_maintenance("enqueue"),
