@@ -39,7 +39,7 @@ whatever the number of books) and runs in a transaction holding the books' ``pg_
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +51,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine
 
+from exchange.db.arrays import array_literal
 from exchange.engine.types import RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
 from exchange.matching.effects import BatchEffects, OutboxDraft, TradeRow
@@ -142,7 +143,7 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     found by a later batch."""
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
-    params = {"keys": _array(keys), "symbols": _array(wanted), "symbol": wanted[0], "limit": limit}
+    params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "symbol": wanted[0], "limit": limit}
     pending = _PENDING_ONE if len(wanted) == 1 else _PENDING_MANY
     cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, pending), params)
     cursor.nextset()  # BEGIN -> locks
@@ -158,25 +159,11 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
         commands.setdefault(symbol, []).append(LoggedCommand(*rest))
     if missing := [symbol for symbol in commands if symbol not in versions]:
         # The api never touches ``symbols`` (its hot path stays two inserts): the matcher creates the row.
-        for symbol, version, clock in _send(conn, (_NEW_SYMBOLS,), {"symbols": _array(missing)}).fetchall():
+        for symbol, version, clock in _send(conn, (_NEW_SYMBOLS,), {"symbols": array_literal(missing)}).fetchall():
             versions[symbol] = int(version)
             clocks.append(clock)
     now = max(clocks) if clocks else datetime.now(UTC)  # no clock: no symbol row and no command, nothing to do
     return BatchStart(now, {symbol: versions[symbol] for symbol in commands}, commands)
-
-
-def _array(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal of plain values (symbols, integers, ``None``): one parameter instead of a list
-    that psycopg would adapt element by element."""
-    return "{" + ",".join(_element(v) for v in values) + "}"
-
-
-def _element(value: object) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return str(value)
 
 
 _OPEN_ORDERS = """
@@ -191,7 +178,7 @@ def open_orders(conn: Connection, symbols: Sequence[str]) -> dict[str, list[Rest
     """The resting orders of each of ``symbols`` in priority order (the input of ``OrderBook.rebuild``): one round
     trip for all of them."""
     books: dict[str, list[RestingOrder]] = {symbol: [] for symbol in symbols}
-    rows = _driver(conn).execute(_OPEN_ORDERS, {"symbols": _array(books)})
+    rows = _driver(conn).execute(_OPEN_ORDERS, {"symbols": array_literal(books)})
     for (
         symbol,
         order_id,
@@ -246,7 +233,7 @@ SELECT seq, kind, order_id FROM first
 def quarantine_first_pending(conn: Connection, symbol: str) -> QuarantinedCommand | None:
     """In a transaction of its own under the symbol's lock: mark the first pending command of ``symbol`` processed
     without applying it, and close its order ``rejected`` if the order never reached the book (a place)."""
-    params = {"keys": _array([book_lock_key(symbol)]), "symbol": symbol}
+    params = {"keys": array_literal([book_lock_key(symbol)]), "symbol": symbol}
     cursor = _send(conn, ("BEGIN", _LOCK, _QUARANTINE, "COMMIT"), params)
     cursor.nextset()  # BEGIN -> lock
     cursor.nextset()  # lock -> quarantine
@@ -294,14 +281,14 @@ def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> 
     event_ids = {b.symbol: [uuid.uuid4() for _ in b.plan.outbox] for b in books}
     params: dict[str, Any] = {
         "now": now,
-        "seqs": _array(seq for b in books for seq in b.seqs),
-        "books": _array(b.symbol for b in books),
-        "prices": _array(b.plan.last_price for b in books),
+        "seqs": array_literal(seq for b in books for seq in b.seqs),
+        "books": array_literal(b.symbol for b in books),
+        "prices": array_literal(b.plan.last_price for b in books),
     }
     order_updates = [update for b in books for update in b.plan.orders.values()]
     events = [row for b in books for row in _event_rows(b.plan.outbox, event_ids[b.symbol], trade_ids, b.symbol, now)]
-    params["order_ids"] = _array(update.order_id for update in order_updates)
-    params["event_order_ids"] = _array(dict.fromkeys(event["order_id"] for event in events))
+    params["order_ids"] = array_literal(update.order_id for update in order_updates)
+    params["event_order_ids"] = array_literal(dict.fromkeys(event["order_id"] for event in events))
     for name, rows in (
         ("orders", order_updates),
         ("trades", [row for b in books for row in _trade_rows(b.symbol, b.plan.trades, trade_ids)]),

@@ -27,6 +27,7 @@ from uuid import UUID
 
 import psycopg
 
+from exchange.db.arrays import array_literal
 from exchange.db.engines import AsyncPgConnection, AsyncPool, single_statement, transaction
 from exchange.db.errors import is_deterministic, is_retryable
 from exchange.db.tables import CommandKind, OrderStatus
@@ -161,21 +162,22 @@ _FIND_DUPLICATES = """
 _GROUP_ATTEMPTS = 3
 
 
-def _columns(orders: Sequence[NewOrder]) -> dict[str, list[object]]:
+def _columns(orders: Sequence[NewOrder]) -> dict[str, str]:
+    """The group's columns as array literals (:mod:`exchange.db.arrays`), one per ``CAST(... AS type[])``."""
     return {
-        "ids": [o.order_id for o in orders],
-        "broker_ids": [o.broker_id for o in orders],
-        "client_order_ids": [o.client_order_id for o in orders],
-        "idempotency_keys": [o.idempotency_key for o in orders],
-        "document_numbers": [o.document_number for o in orders],
-        "symbols": [o.symbol for o in orders],
-        "sides": [o.side for o in orders],
-        "order_types": [o.order_type for o in orders],
-        "time_in_forces": [o.time_in_force for o in orders],
-        "stps": [o.stp for o in orders],
-        "prices": [o.price for o in orders],
-        "quantities": [o.quantity for o in orders],
-        "valid_untils": [o.valid_until for o in orders],
+        "ids": array_literal(o.order_id for o in orders),
+        "broker_ids": array_literal(o.broker_id for o in orders),
+        "client_order_ids": array_literal(o.client_order_id for o in orders),
+        "idempotency_keys": array_literal(o.idempotency_key for o in orders),
+        "document_numbers": array_literal(o.document_number for o in orders),
+        "symbols": array_literal(o.symbol for o in orders),
+        "sides": array_literal(o.side for o in orders),
+        "order_types": array_literal(o.order_type for o in orders),
+        "time_in_forces": array_literal(o.time_in_force for o in orders),
+        "stps": array_literal(o.stp for o in orders),
+        "prices": array_literal(o.price for o in orders),
+        "quantities": array_literal(o.quantity for o in orders),
+        "valid_untils": array_literal(o.valid_until for o in orders),
     }
 
 
@@ -328,8 +330,9 @@ async def _write_cancels(
     """Cancel commands for the keyed ``(broker_id, order_id)`` orders that are not closed and have no cancel
     pending; returns the outcome of every order found (another broker's order is not found)."""
     unique = list(dict.fromkeys(keys))  # one order twice in a group: one command, the same outcome for both
-    await conn.execute(_LOCK_CANCELS, {"ids": [order_id for _, order_id in unique]})
-    params = {"ids": [order_id for _, order_id in unique], "broker_ids": [broker_id for broker_id, _ in unique]}
+    ids = array_literal(order_id for _, order_id in unique)
+    await conn.execute(_LOCK_CANCELS, {"ids": ids})
+    params = {"ids": ids, "broker_ids": array_literal(broker_id for broker_id, _ in unique)}
     rows = await (await conn.execute(_INSERT_CANCELS, params)).fetchall()
     return {(row.broker_id, row.id): CommandResult(row.symbol, written=row.written) for row in rows}
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from exchange.db.arrays import array_literal
 from exchange.db.engines import AsyncPgConnection
 from exchange.db.tables import OrderStatus
 from exchange.engine.types import Side
@@ -74,7 +75,10 @@ async def get_orders(conn: AsyncPgConnection, keys: Sequence[tuple[UUID, UUID]])
 
     An order is only returned to its own broker: a key naming another broker's order is simply absent."""
     unique = list(dict.fromkeys(keys))  # a repeated key would repeat its order's trade rows
-    params = {"ids": [order_id for _, order_id in unique], "broker_ids": [broker_id for broker_id, _ in unique]}
+    params = {
+        "ids": array_literal(order_id for _, order_id in unique),
+        "broker_ids": array_literal(broker_id for broker_id, _ in unique),
+    }
     rows_by_key: dict[tuple[UUID, UUID], list[Any]] = {}
     for row in await (await conn.execute(_ORDERS_WITH_TRADES, params)).fetchall():
         rows_by_key.setdefault((row.broker_id, row.id), []).append(row)

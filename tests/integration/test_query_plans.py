@@ -23,6 +23,7 @@ import psycopg
 import pytest
 from sqlalchemy import Connection, Engine, text
 
+from exchange.db.arrays import array_literal
 from exchange.matching import store
 from exchange.orders import queries
 from exchange.webhooks import store as webhook_store
@@ -162,11 +163,11 @@ def _write_params(keys: list[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, Any]:
     return {
         "now": datetime.now(UTC),
         "orders": json.dumps(updates),
-        "order_ids": store._array(order_id for _, order_id in keys),
+        "order_ids": array_literal(order_id for _, order_id in keys),
         "trades": None,
         "brokers": json.dumps(brokers),
         "events": json.dumps(events),
-        "event_order_ids": store._array(order_id for _, order_id in keys),
+        "event_order_ids": array_literal(order_id for _, order_id in keys),
         "shares": None,
         "seqs": "{}",
         "books": "{}",
