@@ -121,3 +121,29 @@ def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_
     assert client.exists(*keys) == 0  # taken, then released
     client.close()
     broker.close()
+
+
+def test_a_transaction_of_several_books_logs_one_matched_line_naming_each_book(
+    engine: Engine, redis_url: str, matcher: Path
+) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    grouped = same_partition(3, 3)
+    for symbol in grouped:
+        place(engine, seller, symbol, "ask", 3, 100)
+        place(engine, buyer, symbol, "bid", 2, 100)
+    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    broker.declare_queue(matching_queue(3))
+    broker.enqueue(partition_message(3, grouped))
+    wait_processed(engine, grouped, matcher)
+
+    deadline = time.monotonic() + 5  # the line follows the commit, through dramatiq's log relay
+    while time.monotonic() < deadline:
+        lines = [line for line in matcher.read_text().splitlines() if "matched books=" in line]
+        if lines:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 1, lines
+    assert "matched books=3 commands=6 trades=3 " in lines[0], lines[0]
+    named = lines[0].split(" symbols=", 1)[1].split()[0]
+    assert sorted(named.split(",")) == sorted(grouped), lines[0]
+    broker.close()
