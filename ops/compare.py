@@ -1,0 +1,186 @@
+"""Compare this checkout's exchange with another revision's under the same load, alternating runs.
+
+    uv run python -m ops.compare --base REV [--pairs N] [--port P] -- <exchange bench arguments>
+
+On the project's 2-core machines one run of ``exchange bench`` varies by 10-25 % from the next with the same code,
+so a single run of each side says little. This tool checks ``REV`` out in a git worktree (``uv sync --frozen``
+there), then runs ``N`` pairs, alternating which side goes first: for each run a fresh database and a flushed Redis
+database, ``exchange dev`` of that side on ``--port`` (its own venv, no ``uv run`` wrapper), ``exchange bench`` of
+THIS checkout against it with ``--server-stats`` (the same generator for both sides), then ``exchange dev``
+stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
+order->fill p50 and server CPU per order by process kind, with the ratio of the medians (this side / base).
+
+PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``
+and the three ports after it (pgbouncer +1000, metrics +2000) while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "compare-admin-key"
+
+
+def _worktree(rev: str, into: Path) -> Path:
+    path = into / "base"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
+    subprocess.run(["uv", "sync", "--frozen"], cwd=path, check=True)
+    return path
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exchange dev exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"exchange dev not ready on port {port} within {timeout_s} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to dev's process group (dev stops its children), SIGKILL after 60 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _run_once(side: Path, args: argparse.Namespace, bench_args: list[str], work: Path, label: str) -> dict[str, Any]:
+    database = f"exchange_compare_{args.port}"
+    database_url = urlsplit(args.postgres_url)._replace(path=f"/{database}").geturl()
+    if _port_in_use(args.port):
+        raise RuntimeError(f"something already serves 127.0.0.1:{args.port}: stop it or pass another --port")
+    with psycopg.connect(args.postgres_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{database}"')
+    redis.Redis.from_url(args.redis_url).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_", "VIRTUAL_ENV"))}
+    env.update(EXCHANGE_ADMIN_API_KEY=ADMIN_KEY, EXCHANGE_DATABASE_URL=database_url, EXCHANGE_REDIS_URL=args.redis_url)
+    log = (work / f"dev-{label}.log").open("wb")
+    dev = subprocess.Popen(
+        [
+            *(str(side / ".venv" / "bin" / "exchange"), "dev", "--port", str(args.port)),
+            *("--pgbouncer-port", str(args.port + 1000), "--metrics-port", str(args.port + 2000)),
+            *("--state-dir", str(work / f"state-{label}")),
+        ],
+        cwd=side,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    report_path = work / f"{label}.json"
+    try:
+        _wait_ready(args.port, dev)
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "exchange.cli", "bench", "--base-url", f"http://127.0.0.1:{args.port}"),
+                *("--admin-key", ADMIN_KEY, "--server-stats", "--redis-url", args.redis_url),
+                *("--database-url", database_url, "--json", str(report_path), *bench_args),
+            ],
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    finally:
+        _stop(dev)
+        log.close()
+        with psycopg.connect(args.postgres_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    return report
+
+
+def figures(report: dict[str, Any]) -> dict[str, float]:
+    """The compared figures of one ``exchange bench --json`` report."""
+    post = report.get("endpoints", {}).get("POST /orders", {})
+    fill = report.get("order_to_fill", {})
+    stats = report.get("server_stats", {})
+    orders = max(1, int(stats.get("accepted_orders", 0)))
+    out = {
+        "orders/s": float(report.get("accepted_orders_per_s") or 0.0),
+        "POST p50 ms": float(post.get("p50_ms") or 0.0),
+        "POST p99 ms": float(post.get("p99_ms") or 0.0),
+        "order->fill p50 ms": float(fill.get("p50_ms") or 0.0),
+        "CPU ms/order": float(stats.get("cpu_ms_per_order") or 0.0),
+    }
+    for kind, seconds in stats.get("cpu_s", {}).items():
+        out[f"  {kind} ms/order"] = round(1000 * float(seconds) / orders, 3)
+    return out
+
+
+def summary(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """One line per figure: the median of each side and the ratio of the medians (new / base)."""
+    names = list(dict.fromkeys(name for side in runs.values() for run in side for name in run))
+    lines = [f"{'median of ' + str(len(runs['base'])) + ' runs':<24}{'base':>10}{'new':>10}{'new/base':>10}"]
+    for name in names:
+        base = statistics.median(run.get(name, 0.0) for run in runs["base"])
+        new = statistics.median(run.get(name, 0.0) for run in runs["new"])
+        ratio = f"{new / base:.3f}" if base else "-"
+        lines.append(f"{name:<24}{base:>10.3f}{new:>10.3f}{ratio:>10}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, bench_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(prog="python -m ops.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision to compare against (e.g. main~3, a tag, a sha)")
+    parser.add_argument("--pairs", type=int, default=3, help="runs of each side, alternating (default 3)")
+    parser.add_argument("--port", type=int, default=8300, help="api port of both sides (default 8300)")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="flushed before every run")
+    args = parser.parse_args(ours)
+    with tempfile.TemporaryDirectory(prefix="exchange-compare-") as tmp:
+        work = Path(tmp)
+        base = _worktree(args.base, work)
+        sides = {"base": base, "new": REPO}
+        runs: dict[str, list[dict[str, float]]] = {"base": [], "new": []}
+        try:
+            for pair in range(args.pairs):
+                order = ["base", "new"] if pair % 2 == 0 else ["new", "base"]
+                for name in order:
+                    result = figures(_run_once(sides[name], args, bench_args, work, f"{name}-{pair}"))
+                    runs[name].append(result)
+                    shown = ", ".join(f"{k.strip()} {v:g}" for k, v in list(result.items())[:5])
+                    print(f"pair {pair + 1} {name}: {shown}", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
+        print("\n".join(summary(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

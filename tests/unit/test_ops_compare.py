@@ -1,0 +1,43 @@
+"""``ops.compare``'s arithmetic: the figures it reads from an ``exchange bench --json`` report, and the medians and
+ratios it prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ops.compare import figures, summary
+
+
+def _report(orders_per_s: float, post_p50: float | None, cpu: dict[str, float], orders: int) -> dict[str, Any]:
+    return {
+        "accepted_orders_per_s": orders_per_s,
+        "endpoints": {"POST /orders": {"p50_ms": post_p50, "p99_ms": 2 * (post_p50 or 0)}},
+        "order_to_fill": {"p50_ms": None},
+        "server_stats": {
+            "accepted_orders": orders,
+            "cpu_s": cpu,
+            "cpu_ms_per_order": round(1000 * sum(cpu.values()) / orders, 2),
+        },
+    }
+
+
+def test_figures_reads_rates_latencies_and_cpu_per_order_by_process_kind() -> None:
+    got = figures(_report(500.0, 10.0, {"api": 2.0, "matcher": 1.0}, orders=1000))
+    assert got["orders/s"] == 500.0
+    assert got["POST p50 ms"] == 10.0
+    assert got["POST p99 ms"] == 20.0
+    assert got["order->fill p50 ms"] == 0.0  # no fill timed: None in the report
+    assert got["CPU ms/order"] == 3.0
+    assert got["  api ms/order"] == 2.0
+    assert got["  matcher ms/order"] == 1.0
+
+
+def test_summary_prints_each_sides_median_and_the_ratio_of_the_medians() -> None:
+    base = [figures(_report(r, 10.0, {"api": 1.0}, orders=1000)) for r in (400.0, 500.0, 900.0)]
+    new = [figures(_report(r, 8.0, {"api": 0.9}, orders=1000)) for r in (450.0, 600.0, 550.0)]
+    lines = summary({"base": base, "new": new})
+    assert lines[0].startswith("median of 3 runs")
+    rates = next(line for line in lines if line.startswith("orders/s")).split()
+    assert rates[1:] == ["500.000", "550.000", "1.100"]
+    post = next(line for line in lines if line.startswith("POST p50 ms")).split()
+    assert post[3:] == ["10.000", "8.000", "0.800"]
