@@ -10,8 +10,9 @@ THIS checkout against it with ``--server-stats`` (the same generator for both si
 stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
 order->fill p50 and server CPU per order by process kind, with the ratio of the medians (this side / base).
 
-PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``
-and the three ports after it (pgbouncer +1000, metrics +2000) while it runs.
+PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
+``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics) while it runs. SIGTERM, SIGHUP and
+Ctrl-C stop the running side and remove the worktree and the database.
 """
 
 from __future__ import annotations
@@ -29,20 +30,25 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import redis
 
+from exchange.db.urls import with_database
+
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "compare-admin-key"
+METRICS_PORTS = range(2001, 2011)
+"""Offsets from ``--port`` of the metrics ports ``exchange dev`` gives its workers (matcher-0 = +2001, ...)."""
 
 
-def _worktree(rev: str, into: Path) -> Path:
-    path = into / "base"
+def _on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # run every ``finally``: stop dev, drop the database, remove the worktree
+
+
+def _worktree(rev: str, path: Path) -> None:
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
     subprocess.run(["uv", "sync", "--frozen"], cwd=path, check=True)
-    return path
 
 
 def _port_in_use(port: int) -> bool:
@@ -65,8 +71,9 @@ def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 
     raise RuntimeError(f"exchange dev not ready on port {port} within {timeout_s} s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to dev's process group (dev stops its children), SIGKILL after 60 s."""
+def _stop(process: subprocess.Popen[bytes], state_dir: Path) -> None:
+    """SIGTERM to dev's process group (dev stops its children and pgbouncer), SIGKILL after 60 s; pgbouncer runs
+    as a daemon outside the group, so it is stopped here as well (a no-op when dev did)."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(60)
@@ -75,25 +82,35 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+    subprocess.run(["bash", str(REPO / "ops" / "scripts" / "pgbouncer.sh"), "stop", str(state_dir / "pgbouncer")])
 
 
 def _run_once(side: Path, args: argparse.Namespace, bench_args: list[str], work: Path, label: str) -> dict[str, Any]:
     database = f"exchange_compare_{args.port}"
-    database_url = urlsplit(args.postgres_url)._replace(path=f"/{database}").geturl()
-    if _port_in_use(args.port):
-        raise RuntimeError(f"something already serves 127.0.0.1:{args.port}: stop it or pass another --port")
+    database_url = with_database(args.postgres_url, database)
+    busy = [p for p in (args.port, args.port + 1000, *(args.port + n for n in METRICS_PORTS)) if _port_in_use(p)]
+    if busy:
+        raise RuntimeError(f"something already serves 127.0.0.1 ports {busy}: stop it or pass another --port")
     with psycopg.connect(args.postgres_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{database}"')
     redis.Redis.from_url(args.redis_url).flushdb()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_", "VIRTUAL_ENV"))}
-    env.update(EXCHANGE_ADMIN_API_KEY=ADMIN_KEY, EXCHANGE_DATABASE_URL=database_url, EXCHANGE_REDIS_URL=args.redis_url)
+    env.pop("PYTHONPATH", None)
+    (work / "empty.env").write_text("")  # neither side reads a .env of its checkout: both get exactly these
+    env.update(
+        EXCHANGE_ADMIN_API_KEY=ADMIN_KEY,
+        EXCHANGE_DATABASE_URL=database_url,
+        EXCHANGE_REDIS_URL=args.redis_url,
+        EXCHANGE_ENV_FILE=str(work / "empty.env"),
+    )
+    state_dir = work / f"state-{label}"
     log = (work / f"dev-{label}.log").open("wb")
     dev = subprocess.Popen(
         [
             *(str(side / ".venv" / "bin" / "exchange"), "dev", "--port", str(args.port)),
             *("--pgbouncer-port", str(args.port + 1000), "--metrics-port", str(args.port + 2000)),
-            *("--state-dir", str(work / f"state-{label}")),
+            *("--state-dir", str(state_dir)),
         ],
         cwd=side,
         env=env,
@@ -115,7 +132,7 @@ def _run_once(side: Path, args: argparse.Namespace, bench_args: list[str], work:
             stdout=subprocess.DEVNULL,
         )
     finally:
-        _stop(dev)
+        _stop(dev, state_dir)
         log.close()
         with psycopg.connect(args.postgres_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
@@ -163,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="flushed before every run")
     args = parser.parse_args(ours)
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
     with tempfile.TemporaryDirectory(prefix="exchange-compare-") as tmp:
         work = Path(tmp)
-        base = _worktree(args.base, work)
+        base = work / "base"
         sides = {"base": base, "new": REPO}
         runs: dict[str, list[dict[str, float]]] = {"base": [], "new": []}
         try:
+            _worktree(args.base, base)
             for pair in range(args.pairs):
                 order = ["base", "new"] if pair % 2 == 0 else ["new", "base"]
                 for name in order:

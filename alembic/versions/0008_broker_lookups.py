@@ -216,6 +216,8 @@ def upgrade() -> None:
 
 def _undone(function: str, changes: list[tuple[str, str]]) -> str:
     for new, old in changes:
+        if function.count(new) != 1:  # a silent no-op replace would "restore" this revision's text
+            raise RuntimeError(f"0008's downgrade expected exactly one {new!r}")
         function = function.replace(new, old)
     return function
 

@@ -6,8 +6,8 @@ round trips to PostgreSQL (through pgbouncer), whatever its size and its number 
 1. :func:`begin_batch`: ``BEGIN``, the symbols' advisory locks (in ascending key order), the database clock, their
    book versions, and up to a limit of pending commands per symbol;
 2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol) in one call of the
-   PL/pgSQL function ``matcher_write`` (alembic revision 0005: its statements keep their plans in the server
-   backend instead of being parsed and planned on every batch), then ``COMMIT``.
+   PL/pgSQL function ``matcher_write`` (alembic revision 0005, as revision 0008 left it: its statements keep their
+   plans in the server backend instead of being parsed and planned on every batch), then ``COMMIT``.
 
 Each is ONE query message holding several statements (the simple query protocol; psycopg's ``ClientCursor`` binds
 the parameters on the client as quoted literals, escaped by libpq). PostgreSQL runs the statements one after the
@@ -241,7 +241,8 @@ def quarantine_first_pending(conn: Connection, symbol: str) -> QuarantinedComman
     return None if row is None else QuarantinedCommand(*row)
 
 
-# One call of ``matcher_write`` (alembic revision 0005, where the statements and their comments live): updates the
+# One call of ``matcher_write`` (alembic revision 0005, where the statements' comments live; 0008 holds the current
+# text, which reaches brokers by primary key only): updates the
 # orders, inserts the trades, updates the brokers' cash and event sequence (rows locked in id order, as the webhook
 # recorder locks them: no deadlock), inserts the outbox events (their per-broker sequence continues the brokers'
 # without a gap), upserts the positions, marks the commands processed and bumps each book's version. A table with

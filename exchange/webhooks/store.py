@@ -120,7 +120,8 @@ class Attempt:
     excerpt: str | None
 
 
-# One call of ``webhook_record`` (alembic revision 0004, where the statement and its comments live): logs every
+# One call of ``webhook_record`` (alembic revision 0004, where the statement's comments live; 0008 holds the current
+# text): logs every
 # attempt, marks events delivered / due again (fenced) / failed (fenced), and updates a broker's consecutive
 # failures and endpoint state only when the batch changes them, locking those broker rows in id order as the
 # matcher does (no deadlock between the two).

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import psycopg
+
 from tests.e2e.conftest import REPO_ROOT, free_port
 from tests.integration.redis_support import claimed_database
 
@@ -45,3 +47,9 @@ def test_compare_runs_both_sides_and_prints_the_medians_and_their_ratio(postgres
     assert float(cpu[3]) > 0, proc.stdout
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
     assert "exchange-compare-" not in worktrees  # removed after the run
+    with psycopg.connect(postgres_admin_url) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (f"exchange_compare_{port}",))
+        assert left.fetchone() == (0,)  # dropped after each run
+    for stopped in (port, port + 1000):  # the api and pgbouncer of the last run are gone
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", stopped)) != 0

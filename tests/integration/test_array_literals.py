@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exchange.db.arrays import array_literal
+from exchange.engine.types import OrderType, Side
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,11 @@ def test_aware_datetimes_come_back_as_the_same_instants(pg: psycopg.Connection[A
         datetime(1999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=5, minutes=30))),
     ]
     assert _round_trip(pg, values, "timestamptz") == values
+
+
+def test_str_enums_are_written_as_their_values(pg: psycopg.Connection[Any]) -> None:
+    values = [Side.BID, OrderType.MARKET, None]
+    assert _round_trip(pg, values, "text") == ["bid", "market", None]
 
 
 def test_an_empty_list_is_an_empty_array(pg: psycopg.Connection[Any]) -> None:

@@ -293,3 +293,17 @@ def test_downgrading_0006_restores_0004s_webhook_record_exactly(fresh_database_u
 
     assert changed != before
     assert _function_definition(fresh_database_url, "webhook_record(jsonb, integer)") == before
+
+
+def test_downgrading_0008_restores_0007s_matcher_write_and_webhook_record_exactly(fresh_database_url: str) -> None:
+    functions = ("matcher_write(timestamptz, json, uuid[], json, json, json, uuid[], json, bigint[], text[], bigint[])",
+                 "webhook_record(jsonb, integer)")  # fmt: skip
+    migrate.upgrade(fresh_database_url, "0007")
+    before = [_function_definition(fresh_database_url, f) for f in functions]
+    migrate.upgrade(fresh_database_url, "0008")
+    changed = [_function_definition(fresh_database_url, f) for f in functions]
+
+    migrate.downgrade(fresh_database_url, "0007")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert [_function_definition(fresh_database_url, f) for f in functions] == before
