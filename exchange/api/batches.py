@@ -9,8 +9,6 @@ import logging
 from collections.abc import Iterable, Sequence
 from uuid import UUID
 
-from redis.asyncio import Redis
-
 from exchange.db.engines import AsyncPool, single_statement
 from exchange.messaging.broker import AsyncEnqueuer
 from exchange.messaging.wakeups import wake_async
@@ -24,11 +22,11 @@ OrderKey = tuple[UUID, UUID]
 """``(broker_id, order_id)``: an order is only ever read for its own broker."""
 
 
-async def wake(redis: Redis, enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int) -> None:
+async def wake(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int) -> None:
     """Wake the symbols' matchers (coalesced). A failure (Redis down) is logged and ignored: the commands are
     durable and the sweeper re-nudges symbols with old unprocessed commands."""
     try:
-        await wake_async(redis, enqueuer, symbols, partitions)
+        await wake_async(enqueuer, symbols, partitions)
     except Exception as exc:
         log.warning("wake-up failed (%s); the sweeper will re-nudge", exc)
 
@@ -37,33 +35,33 @@ _waking: set[asyncio.Task[None]] = set()
 """Wake-ups in flight (a reference per task, so none is garbage-collected before it ends)."""
 
 
-def wake_soon(redis: Redis, enqueuer: AsyncEnqueuer, symbols: Sequence[str], partitions: int) -> None:
+def wake_soon(enqueuer: AsyncEnqueuer, symbols: Sequence[str], partitions: int) -> None:
     """:func:`wake` in its own task: a batch's requests get their outcomes (and its group-commit slot is free)
     without waiting for Redis, so a stalled Redis delays matching, never the answers to committed requests."""
     if not symbols:
         return
-    task = asyncio.get_running_loop().create_task(wake(redis, enqueuer, symbols, partitions))
+    task = asyncio.get_running_loop().create_task(wake(enqueuer, symbols, partitions))
     _waking.add(task)
     task.add_done_callback(_waking.discard)
 
 
 async def accept_orders(
-    pool: AsyncPool, redis: Redis, enqueuer: AsyncEnqueuer, partitions: int, orders: Sequence[NewOrder]
+    pool: AsyncPool, enqueuer: AsyncEnqueuer, partitions: int, orders: Sequence[NewOrder]
 ) -> list[PlaceResult | Exception]:
     """Commit the orders together, then wake each symbol with a new order once."""
     outcomes = await accept.place_orders(pool, orders)
     created = [o.symbol for o, r in zip(orders, outcomes, strict=True) if isinstance(r, PlaceResult) and r.created]
-    wake_soon(redis, enqueuer, created, partitions)
+    wake_soon(enqueuer, created, partitions)
     return outcomes
 
 
 async def cancel_orders(
-    pool: AsyncPool, redis: Redis, enqueuer: AsyncEnqueuer, partitions: int, keys: Sequence[OrderKey]
+    pool: AsyncPool, enqueuer: AsyncEnqueuer, partitions: int, keys: Sequence[OrderKey]
 ) -> list[CommandResult | OrderNotFoundError]:
     """Commit the cancel commands together, then wake each symbol with a new command once."""
     outcomes = await accept.cancel_orders(pool, keys)
     written = [r.symbol for r in outcomes if isinstance(r, CommandResult) and r.written]
-    wake_soon(redis, enqueuer, written, partitions)
+    wake_soon(enqueuer, written, partitions)
     return outcomes
 
 

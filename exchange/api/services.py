@@ -30,7 +30,7 @@ from exchange.times import from_micros
 
 
 async def wake(state: ApiState, symbol: str) -> None:
-    await batches.wake(state.redis, state.enqueuer, [symbol], state.settings.partitions)
+    await batches.wake(state.enqueuer, [symbol], state.settings.partitions)
 
 
 async def read_order(state: ApiState, broker_id: UUID, order_id: UUID) -> OrderView:

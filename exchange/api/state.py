@@ -102,10 +102,10 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
         await waiter.start()
         group = {"max_concurrent": settings.group_commit_concurrency, "max_batch": settings.group_commit_max}
         accepts: Coalescer[NewOrder, PlaceResult] = Coalescer(
-            functools.partial(accept_orders, pool, client, enqueuer, settings.partitions), **group
+            functools.partial(accept_orders, pool, enqueuer, settings.partitions), **group
         )
         cancels: Coalescer[OrderKey, CommandResult] = Coalescer(
-            functools.partial(cancel_orders, pool, client, enqueuer, settings.partitions), **group
+            functools.partial(cancel_orders, pool, enqueuer, settings.partitions), **group
         )
         reads: Coalescer[OrderKey, OrderView | None] = Coalescer(functools.partial(read_orders, pool), **group)
         app.state.api = ApiState(settings, pool, client, subscriber, broker, enqueuer, waiter, accepts, cancels, reads)

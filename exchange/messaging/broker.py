@@ -18,10 +18,11 @@ finds them when they are due by its timeout, as in dramatiq.
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -153,47 +154,90 @@ def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, queu
     pipe.ltrim(key, 0, 0)
 
 
+# KEYS: the queue's list of message ids and hash of messages (dramatiq's layout, as its ``dispatch`` script's
+# ``enqueue`` writes them), the queue's doorbell, then for a guarded enqueue a set and a flag; ARGV: the message's
+# ``redis_message_id`` and encoded body, then for a guarded enqueue the flag's TTL in ms and the set's members.
+# Guarded: add the members to the set, and enqueue only when the flag was free (it is then set): all or nothing.
+_ENQUEUE_SCRIPT = """
+if #KEYS == 5 then
+    redis.call('SADD', KEYS[4], unpack(ARGV, 4))
+    if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[3]) then
+        return 0
+    end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[3], '1')
+redis.call('LTRIM', KEYS[3], 0, 0)
+return 1
+"""
+_ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_SCRIPT.encode()).hexdigest()  # noqa: S324  # Redis names scripts by SHA-1
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Enqueue a message only if ``flag`` is free, after adding ``members`` to ``set_key`` (see
+    :meth:`AsyncEnqueuer.enqueue_all`); the flag is then set with a TTL of ``ttl_ms``."""
+
+    set_key: str
+    members: Sequence[str]
+    flag: str
+    ttl_ms: int
+
+
 class AsyncEnqueuer:
-    """:meth:`DoorbellRedisBroker.enqueue` (no delay) for an event loop: the same middleware hooks, the same
-    dramatiq ``dispatch`` script with the same arguments, and the doorbell rings, sent over a ``redis.asyncio``
-    client as ONE pipeline for any number of messages, so the api neither blocks its loop on Redis nor hands each
-    enqueue to a worker thread with blocking round trips (measured against that: api CPU per order -13-17 %
-    at ``exchange bench --closed-loop 64``). Each message is sent as :func:`add_enqueue` adds it.
+    """:meth:`DoorbellRedisBroker.enqueue` (no delay) for an event loop: the same middleware hooks, the message
+    stored as dramatiq's ``dispatch`` script stores it, and the doorbell rung, all by one script of this module per
+    message, every message of a call in ONE pipeline, so the api neither blocks its loop on Redis nor hands each
+    enqueue to a worker thread with blocking round trips (measured against that: api CPU per order -13-17 % at
+    ``exchange bench --closed-loop 64``). A message may carry a :class:`Guard`, which makes its enqueue conditional
+    in the same script: the api's wake-up of a partition (:func:`exchange.messaging.wakeups.wake_async`) is one
+    round trip instead of a transaction on its flag followed by the enqueue.
+
+    Unlike dramatiq's ``dispatch``, the script neither records this process as a worker in dramatiq's heartbeats
+    nor runs dramatiq's maintenance: the api consumes nothing, and every consumer's fetch still runs it. The
+    integration tests consume what it enqueues with dramatiq's own consumer, so a dramatiq that changes its Redis
+    layout fails there, not in production.
     """
 
     def __init__(self, broker: RedisBroker, client: redis.asyncio.Redis) -> None:
         self._broker = broker
         self._client = client
-        self._dispatch = broker.scripts["dispatch"]  # dramatiq's own script (its text and sha)
-        self._max_unpack_size: int | None = None
-        self._first_lookup = asyncio.Lock()
 
-    async def enqueue_all(self, messages: Sequence[dramatiq.Message[Any]]) -> list[dramatiq.Message[Any]]:
-        """Enqueue ``messages`` and ring their queues' doorbells; returns the messages as enqueued. On an error
-        (Redis down) any number of them, none to all, may have been enqueued."""
+    async def enqueue_all(
+        self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard | None] | None = None
+    ) -> list[dramatiq.Message[Any]]:
+        """Enqueue ``messages`` (each unless its guard's flag is held) and ring their queues' doorbells; returns
+        the messages as enqueued, those whose guard was held left out. Every message went through the
+        ``before_enqueue`` hooks (they may set its options); only the enqueued ones through ``after_enqueue``. On
+        an error (Redis down) any number of them, none to all, may have been enqueued, each with its guard's set
+        and flag updated, or nothing of it written."""
         if not messages:
             return []
-        broker = self._broker
-        if self._max_unpack_size is None:  # dramatiq asks Redis once per process (a blocking call): off the loop,
-            async with self._first_lookup:  # and one thread at a time, however many wake-ups arrive meanwhile
-                if self._max_unpack_size is None:
-                    self._max_unpack_size = int(await asyncio.to_thread(broker._max_unpack_size))
-        max_unpack_size = self._max_unpack_size
-        enqueued = [_stamped(broker, message) for message in messages]
+        stamped = [_stamped(self._broker, message) for message in messages]
+        chosen = list(guards) if guards is not None else [None] * len(stamped)
         try:
-            await self._send(enqueued, max_unpack_size)
-        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot dramatiq's script
-            await self._client.script_load(self._dispatch.script)
-            await self._send(enqueued, max_unpack_size)
+            replies = await self._send(stamped, chosen)
+        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot the script
+            await self._client.script_load(_ENQUEUE_SCRIPT)
+            replies = await self._send(stamped, chosen)
+        enqueued = [message for message, sent in zip(stamped, replies, strict=True) if sent]
         for message in enqueued:
-            broker.emit_after("enqueue", message, None)
+            self._broker.emit_after("enqueue", message, None)
         return enqueued
 
-    async def _send(self, messages: Sequence[dramatiq.Message[Any]], max_unpack_size: int) -> None:
+    async def _send(self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard | None]) -> list[Any]:
+        namespace = self._broker.namespace
         async with self._client.pipeline(transaction=False) as pipe:
-            for message in messages:
-                add_enqueue(pipe, self._broker, message, max_unpack_size)
-            await pipe.execute()
+            for message, guard in zip(messages, guards, strict=True):
+                queue = f"{namespace}:{message.queue_name}"
+                keys = [queue, f"{queue}.msgs", doorbell_key(message.queue_name)]
+                args: list[Any] = [message.options["redis_message_id"], message.encode()]
+                if guard is not None:
+                    keys += [guard.set_key, guard.flag]
+                    args += [guard.ttl_ms, *guard.members]
+                pipe.evalsha(_ENQUEUE_SHA, len(keys), *keys, *args)
+            return list(await pipe.execute())
 
 
 def make_broker(redis_url: str, partitions: int) -> RedisBroker:

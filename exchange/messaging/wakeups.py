@@ -3,8 +3,9 @@ in flight, so that work arriving while a partition is busy accumulates into its 
 
 Two Redis keys per partition: ``exchange:wake:<n>:symbols``, the set of symbols woken since the partition's matcher
 last took it, and ``exchange:wake:<n>:busy``, a flag (with a TTL) saying a matcher holds the partition. After its
-commit the api adds the symbols to the set and sets the flag ``NX`` in ONE Redis transaction; only when the flag was
-free does it enqueue a message ``match_<n>(*symbols)``. The matcher takes the set (and re-arms the flag) before it
+commit the api adds the symbols to the set, sets the flag ``NX`` and, only when the flag was free, enqueues a
+message ``match_<n>(*symbols)``, all in ONE script (one round trip; a flag is never held without its message). The
+matcher takes the set (and re-arms the flag) before it
 reads the command log, drains those symbols, and then atomically either takes what was added meanwhile and goes on,
 or, if nothing was, clears the flag and stops.
 
@@ -26,7 +27,7 @@ import dramatiq
 import redis
 import redis.asyncio
 
-from exchange.messaging.broker import AsyncEnqueuer
+from exchange.messaging.broker import AsyncEnqueuer, Guard
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
 
 WAKE_KEY_PREFIX = "exchange:wake:"
@@ -80,34 +81,23 @@ def send_wakeup(broker: BrokerLike, symbol: str, partitions: int) -> None:
     broker.enqueue(match_message(symbol, partitions))
 
 
-async def wake_async(
-    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int
-) -> int:
-    """Wake ``symbols`` (their commands are committed) from an async caller (the api): one Redis transaction adds
-    them to their partitions' sets and tries each partition's flag, then ONE message goes to each partition whose
-    flag was free (all of them in one pipeline). Returns the number of messages sent."""
+async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int) -> int:
+    """Wake ``symbols`` (their commands are committed) from an async caller (the api), in ONE round trip: for each
+    partition, one script adds its symbols to the partition's set, tries its flag and, only when the flag was free,
+    enqueues a message naming them (:class:`~exchange.messaging.broker.Guard`). Returns the number of messages
+    sent.
+
+    A partition's flag is thus never set without its message, nor its message sent without its flag: if Redis
+    fails, each partition's wake-up happened whole or not at all, and the sweeper re-nudges the symbols of a
+    partition it did not reach (their commands are durable)."""
     groups = list(group_by_partition(symbols, partitions).items())
     if not groups:
         return 0
-    async with client.pipeline(transaction=True) as pipe:
-        for partition, names in groups:
-            pipe.sadd(woken_key(partition), *names)
-            pipe.set(busy_key(partition), b"1", nx=True, px=WAKE_TTL_MS)
-        replies = await pipe.execute()
-    due = [group for group, claimed in zip(groups, replies[1::2], strict=True) if claimed]
-    if due:
-        try:
-            await enqueuer.enqueue_all([partition_message(partition, names) for partition, names in due])
-        except Exception:
-            # Free the flags this call took, so the next command wakes those partitions at once (their symbols are
-            # in the sets already) instead of after the TTL. Some messages may have gone out, and their matchers may
-            # have re-armed the flags: freeing one then only lets a second message (and possibly a second holder at
-            # once, serialized by the symbols' advisory locks) through, which finds less to do. Deleting a flag
-            # never removes a symbol from a set. Best effort: Redis may be what failed.
-            with contextlib.suppress(redis.RedisError):
-                await client.delete(*(busy_key(partition) for partition, _ in due))
-            raise
-    return len(due)
+    messages = [partition_message(partition, names) for partition, names in groups]
+    guards: list[Guard | None] = [
+        Guard(woken_key(partition), names, busy_key(partition), WAKE_TTL_MS) for partition, names in groups
+    ]
+    return len(await enqueuer.enqueue_all(messages, guards))
 
 
 # KEYS: the partition's set and flag; ARGV: the flag's TTL in ms, and "1" to release the partition when nothing was

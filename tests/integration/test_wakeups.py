@@ -105,7 +105,7 @@ def wake_elsewhere(redis_url: str, broker: DoorbellRedisBroker, symbols: list[st
     async def wake() -> int:
         client = redis.asyncio.Redis.from_url(redis_url)
         try:
-            return await wake_async(client, AsyncEnqueuer(broker, client), symbols, PARTITIONS)
+            return await wake_async(AsyncEnqueuer(broker, client), symbols, PARTITIONS)
         finally:
             await client.aclose()
 
@@ -121,8 +121,8 @@ async def test_a_held_partition_gets_no_second_message_and_its_symbols_accumulat
     client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
 ) -> None:
     first, second = symbols(2, partition=3)
-    assert await wake_async(client, enqueuer, [first, first], PARTITIONS) == 1
-    assert await wake_async(client, enqueuer, [second], PARTITIONS) == 0
+    assert await wake_async(enqueuer, [first, first], PARTITIONS) == 1
+    assert await wake_async(enqueuer, [second], PARTITIONS) == 0
     assert sent(broker) == [first]
     assert await members(client, 3) == sorted([first, second])
     assert 0 < await client.pttl(busy_key(3)) <= wakeups.WAKE_TTL_MS
@@ -135,7 +135,7 @@ async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(
     held = partition_of(woken[5], PARTITIONS)
     await client.set(busy_key(held), b"1", px=5000)  # a matcher holds this partition: it gets no message
 
-    messages = await wake_async(client, enqueuer, [*woken, woken[0]], PARTITIONS)
+    messages = await wake_async(enqueuer, [*woken, woken[0]], PARTITIONS)
 
     free = {partition_of(symbol, PARTITIONS) for symbol in woken} - {held}
     assert messages == len(free)
@@ -150,38 +150,48 @@ async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(
     assert await members(client, held) == sorted(s for s in woken if partition_of(s, PARTITIONS) == held)
 
 
-async def test_partitions_whose_messages_could_not_be_sent_are_released_and_keep_their_symbols(
+async def test_a_wake_up_that_cannot_reach_redis_takes_no_flag_and_sends_nothing(
     client: redis.asyncio.Redis, broker: DoorbellRedisBroker, tmp_path: Path
 ) -> None:
-    first, second, third = symbols(3, distinct=True)
-    p1, p2, p3 = (partition_of(s, PARTITIONS) for s in (first, second, third))
-    await client.set(busy_key(p1), b"1", px=5000)  # held by a matcher: no message is due, the flag is not ours
-    # The enqueue's Redis is gone (a socket nobody listens on; no retries: fail at once).
+    # Each partition's set, flag and message are written by one script, whole or not at all: a flag is never left
+    # held without its message (that would silence the partition's wake-ups until the flag's TTL).
+    first, second = symbols(2, distinct=True)
+    p1, p2 = (partition_of(s, PARTITIONS) for s in (first, second))
     unreachable = redis.asyncio.Redis(unix_socket_path=str(tmp_path / "gone.sock"), retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.ConnectionError):
-        await wake_async(client, AsyncEnqueuer(broker, unreachable), [first, second, third], PARTITIONS)
+        await wake_async(AsyncEnqueuer(broker, unreachable), [first, second], PARTITIONS)
     await unreachable.aclose()
     assert sent(broker) == []
-    assert await client.exists(busy_key(p1)) == 1
-    assert await client.exists(busy_key(p2), busy_key(p3)) == 0  # the next command wakes them at once
-    assert await members(client, p2) == [second]
-    assert await members(client, p3) == [third]
+    assert await client.exists(busy_key(p1), busy_key(p2), woken_key(p1), woken_key(p2)) == 0
+
+
+async def test_a_free_partitions_flag_is_set_together_with_its_message_and_a_held_ones_without_one(
+    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
+) -> None:
+    held, free = symbols(2, distinct=True)
+    p_held, p_free = (partition_of(s, PARTITIONS) for s in (held, free))
+    await client.set(busy_key(p_held), b"1", px=5000)  # held by a matcher
+    assert await wake_async(enqueuer, [held, free], PARTITIONS) == 1
+    assert [m.args for m in queued(broker, p_free)] == [(free,)]
+    assert 0 < await client.pttl(busy_key(p_free)) <= wakeups.WAKE_TTL_MS
+    assert queued(broker, p_held) == []
+    assert await members(client, p_held) == [held]  # for the holder's next take
 
 
 async def test_the_holder_takes_what_was_woken_meanwhile_and_releases_only_when_nothing_was(
     client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
 ) -> None:
     first, second, third = symbols(3, partition=6)
-    assert await wake_async(client, enqueuer, [first], PARTITIONS) == 1
+    assert await wake_async(enqueuer, [first], PARTITIONS) == 1
     assert matcher_side.take(6) == [first]  # the message's own symbol is in the set too: taking it is harmless
 
-    assert await wake_async(client, enqueuer, [second, third], PARTITIONS) == 0  # held: no message
+    assert await wake_async(enqueuer, [second, third], PARTITIONS) == 0  # held: no message
     assert matcher_side.take_or_release(6) == sorted([second, third])
     assert await client.exists(busy_key(6)) == 1  # still held: the holder goes on with them
 
     assert matcher_side.take_or_release(6) == []
     assert await client.exists(busy_key(6), woken_key(6)) == 0
-    assert await wake_async(client, enqueuer, [first], PARTITIONS) == 1  # released: the next wake-up sends a message
+    assert await wake_async(enqueuer, [first], PARTITIONS) == 1  # released: the next wake-up sends a message
     assert len(queued(broker, 6)) == 2
 
 
@@ -189,12 +199,12 @@ async def test_a_failed_holder_gives_its_symbols_back_and_frees_the_partition(
     client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer
 ) -> None:
     first, second = symbols(2, partition=1)
-    await wake_async(client, enqueuer, [first, second], PARTITIONS)
+    await wake_async(enqueuer, [first, second], PARTITIONS)
     in_hand = matcher_side.take(1)
     matcher_side.give_back(1, in_hand)
     assert await client.exists(busy_key(1)) == 0
     assert await members(client, 1) == sorted([first, second])
-    assert await wake_async(client, enqueuer, [first], PARTITIONS) == 1
+    assert await wake_async(enqueuer, [first], PARTITIONS) == 1
 
 
 async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_next_round_and_then_releases(
