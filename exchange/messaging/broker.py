@@ -160,7 +160,9 @@ def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, queu
 # Guarded: add the members to the set, and enqueue only when the flag was free (it is then set): all or nothing.
 _ENQUEUE_SCRIPT = """
 if #KEYS == 5 then
-    redis.call('SADD', KEYS[4], unpack(ARGV, 4))
+    if #ARGV > 3 then
+        redis.call('SADD', KEYS[4], unpack(ARGV, 4))
+    end
     if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[3]) then
         return 0
     end

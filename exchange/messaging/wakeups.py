@@ -25,7 +25,6 @@ from typing import Protocol
 
 import dramatiq
 import redis
-import redis.asyncio
 
 from exchange.messaging.broker import AsyncEnqueuer, Guard
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
