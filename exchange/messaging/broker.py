@@ -125,7 +125,7 @@ def _stamped(broker: RedisBroker, message: dramatiq.Message[Any]) -> dramatiq.Me
 
 
 def add_enqueue(
-    pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline,
+    pipe: redis.client.Pipeline,
     broker: RedisBroker,
     message: dramatiq.Message[Any],
     max_unpack_size: int,

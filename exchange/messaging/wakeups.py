@@ -5,9 +5,8 @@ Two Redis keys per partition: ``exchange:wake:<n>:symbols``, the set of symbols 
 last took it, and ``exchange:wake:<n>:busy``, a flag (with a TTL) saying a matcher holds the partition. After its
 commit the api adds the symbols to the set, sets the flag ``NX`` and, only when the flag was free, enqueues a
 message ``match_<n>(*symbols)``, all in ONE script (one round trip; a flag is never held without its message). The
-matcher takes the set (and re-arms the flag) before it
-reads the command log, drains those symbols, and then atomically either takes what was added meanwhile and goes on,
-or, if nothing was, clears the flag and stops.
+matcher takes the set (and re-arms the flag) before it reads the command log, drains those symbols, and then
+atomically either takes what was added meanwhile and goes on, or, if nothing was, clears the flag and stops.
 
 Why no command is left without a wake-up: a command is committed before its symbol is added. If the api's ``SET NX``
 succeeded, its message names the symbol. If it failed, a matcher held the flag and the symbol is in the set, and the
