@@ -68,7 +68,8 @@ class AsyncPool:
     Invariants:
 
     * A connection is handed out only when it is idle (no transaction open or in error, no statement running) and
-      not broken; one that comes back otherwise is closed, never reused. (An exception inside ``transaction()``
+      not broken; one that comes back otherwise, or through a psycopg error without SQLSTATE (the client library's
+      own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), is closed, never reused. (An exception inside ``transaction()``
       rolls back first, and psycopg cancels a statement whose task is cancelled and waits for the server, so
       this is a lost connection, or a statement the server did not stop in time.)
     * Opening a connection happens in the request that needs it: when the server is unreachable that request fails
@@ -99,13 +100,20 @@ class AsyncPool:
         else:
             await self._slots.acquire()  # returns at once
         conn: AsyncPgConnection | None = None
+        confused = False
         try:
             conn = self._idle.pop() if self._idle else await self._connect()
-            yield conn
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                # No SQLSTATE: the client library itself failed on this connection (a protocol surprise, a lost
+                # socket), not the server on a statement. Its state is unknown: never hand it out again.
+                confused = not exc.sqlstate
+                raise
         finally:
             try:
                 if conn is not None:
-                    await self._put(conn)
+                    await self._put(conn, reuse=not confused)
             finally:
                 self._slots.release()
 
@@ -114,8 +122,8 @@ class AsyncPool:
             self._conninfo, **_POOLED_CONNECT_ARGS, autocommit=True, row_factory=namedtuple_row
         )
 
-    async def _put(self, conn: AsyncPgConnection) -> None:
-        reusable = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+    async def _put(self, conn: AsyncPgConnection, *, reuse: bool = True) -> None:
+        reusable = reuse and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
         if reusable and not self._closed:
             self._idle.append(conn)
             return

@@ -114,3 +114,22 @@ async def test_a_connection_in_use_when_the_pool_closes_is_closed_when_it_comes_
         await pool.close()
         assert not in_use.closed  # still serving its request
     assert in_use.closed
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_raised_a_client_side_error_is_closed_not_reused(api_pool: AsyncPool) -> None:
+    # What psycopg raises when a connection answers what it cannot account for (seen through pgbouncer while
+    # PostgreSQL restarted: two results for one BEGIN): no SQLSTATE, the connection's state unknown.
+    seen: list[psycopg.AsyncConnection[object]] = []
+
+    async def fail_on_the_connection() -> None:
+        async with single_statement(api_pool) as conn:
+            seen.append(conn)
+            raise psycopg.InternalError("received 2 results from command 'BEGIN'")
+
+    with pytest.raises(psycopg.InternalError):
+        await fail_on_the_connection()
+    [first] = seen
+    assert first.closed
+    async with single_statement(api_pool) as conn:
+        assert conn is not first
