@@ -69,9 +69,10 @@ class AsyncPool:
 
     * A connection is handed out only when it is idle (no transaction open or in error, no statement running) and
       not broken; one that comes back otherwise, or through a psycopg error without SQLSTATE (the client library's
-      own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), is closed, never reused. (An exception inside ``transaction()``
-      rolls back first, and psycopg cancels a statement whose task is cancelled and waits for the server, so
-      this is a lost connection, or a statement the server did not stop in time.)
+      own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), is closed, never reused.
+      (An exception inside ``transaction()`` rolls back first, and psycopg cancels a statement whose task is
+      cancelled and waits for the server, so a connection that comes back not idle is a lost connection, or a
+      statement the server did not stop in time.)
     * Opening a connection happens in the request that needs it: when the server is unreachable that request fails
       at once with psycopg's error (503), rather than waiting out a pool timeout as ``psycopg_pool`` does (its
       background workers keep retrying while callers wait ``timeout`` seconds: 5 s per request in
