@@ -3,10 +3,11 @@
 dramatiq's Redis consumer polls: when a queue is empty it sleeps with an exponential back-off of up to
 ``dramatiq_worker_timeout`` ms and then runs its fetch script again. Every poll is a Lua script per queue, and every
 message arriving during a sleep waits for the sleep to end (measured: ~25 ms of the ~32 ms an order took from
-POST to fill on an idle exchange). :class:`DoorbellRedisBroker` keeps dramatiq's queues, scripts, acks and
-maintenance exactly as they are and changes only the idle wait: with each message it enqueues it rings the queue's
-*doorbell* (a one-element Redis list; in the same pipeline, so the ring costs no round trip), and an idle consumer
-blocks on that doorbell (``BLPOP``) instead of sleeping. A message is then picked up about one round trip after it
+POST to fill on an idle exchange). :class:`DoorbellRedisBroker` keeps dramatiq's queues, acks, consumers' scripts
+and maintenance exactly as they are and changes the idle wait: it stores each message it enqueues as dramatiq's
+``dispatch`` script stores it and rings the queue's *doorbell* (a one-element Redis list) in the same script of its
+own, so the ring costs no round trip, and an idle consumer blocks on that doorbell (``BLPOP``) instead of
+sleeping. A message is then picked up about one round trip after it
 was enqueued, and an idle consumer costs one ``BLPOP`` per ``dramatiq_worker_timeout`` instead of a poll every few
 milliseconds.
 
@@ -29,7 +30,6 @@ import dramatiq
 import redis
 import redis.asyncio
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import current_millis
 
 from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue
 from exchange.observability.propagation import RequestIdMiddleware
@@ -93,26 +93,25 @@ class DoorbellRedisBroker(RedisBroker):
         return _DoorbellConsumer
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        """dramatiq's ``enqueue`` (the same middleware hooks, the same ``dispatch`` script with the same arguments),
-        sent in ONE pipeline with the ring of the queue's doorbell: one round trip instead of dramatiq's script
-        call and a ring after it. A delayed message takes dramatiq's own path and rings nobody. Any error raises,
-        the ring's too (the message may then be queued already: enqueuing it again only costs a duplicate, which
-        every actor here tolerates)."""
+        """dramatiq's ``enqueue`` (the same middleware hooks, the message stored as dramatiq's ``dispatch`` script
+        stores it) and the ring of the queue's doorbell in ONE script: one round trip, the one
+        :class:`AsyncEnqueuer` sends. A delayed message takes dramatiq's own path and rings nobody. Any error
+        raises (the message may then be queued already: enqueuing it again only costs a duplicate, which every
+        actor here tolerates)."""
         if delay is not None:
             return super().enqueue(message, delay=delay)
         enqueued = _stamped(self, message)
-        max_unpack_size = int(self._max_unpack_size())  # type: ignore[no-untyped-call]  # cached per class by dramatiq
         try:
-            self._send(enqueued, max_unpack_size)
-        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot dramatiq's script
-            self.client.script_load(self.scripts["dispatch"].script)
-            self._send(enqueued, max_unpack_size)
+            self._send(enqueued)
+        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot the script
+            self.client.script_load(_ENQUEUE_SCRIPT)
+            self._send(enqueued)
         self.emit_after("enqueue", enqueued, None)
         return enqueued
 
-    def _send(self, message: dramatiq.Message[Any], max_unpack_size: int) -> None:
+    def _send(self, message: dramatiq.Message[Any]) -> None:
         with self.client.pipeline(transaction=False) as pipe:
-            add_enqueue(pipe, self, message, max_unpack_size)
+            _add_enqueue(pipe, self.namespace, message, None)
             pipe.execute()
 
 
@@ -122,29 +121,6 @@ def _stamped(broker: RedisBroker, message: dramatiq.Message[Any]) -> dramatiq.Me
     stamped = message.copy(options={"redis_message_id": str(uuid.uuid4())})
     broker.emit_before("enqueue", stamped, None)
     return stamped
-
-
-def add_enqueue(
-    pipe: redis.client.Pipeline,
-    broker: RedisBroker,
-    message: dramatiq.Message[Any],
-    max_unpack_size: int,
-) -> None:
-    """Add to ``pipe`` what ``RedisBroker.enqueue`` (dramatiq 2.x, pinned ``<3``) sends for ``message`` (which has
-    its ``redis_message_id``): the ``dispatch`` script with dramatiq's arguments, read from the broker's
-    ``namespace``, ``broker_id``, ``heartbeat_timeout``, ``dead_message_ttl`` and ``_should_do_maintenance``; then
-    the ring of its queue's doorbell. The integration tests consume what it enqueues with dramatiq's own consumer,
-    so a dramatiq that changes them fails there, not in production."""
-    # Any: redis-py 6 types evalsha's arguments as str, but encodes ints and bytes as dramatiq's own call does.
-    args: tuple[Any, ...] = (
-        *("enqueue", current_millis(), message.queue_name, broker.broker_id),
-        *(broker.heartbeat_timeout, broker.dead_message_ttl),
-        broker._should_do_maintenance("enqueue"),
-        max_unpack_size,
-        *(message.options["redis_message_id"], message.encode()),
-    )
-    pipe.evalsha(broker.scripts["dispatch"].sha, 1, broker.namespace, *args)
-    queue_ring(pipe, message.queue_name)
 
 
 def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, queue_name: str) -> None:
@@ -196,8 +172,9 @@ class AsyncEnqueuer:
     in the same script: the api's wake-up of a partition (:func:`exchange.messaging.wakeups.wake_async`) is one
     round trip instead of a transaction on its flag followed by the enqueue.
 
-    Unlike dramatiq's ``dispatch``, the script neither records this process as a worker in dramatiq's heartbeats
-    nor runs dramatiq's maintenance: the api consumes nothing, and every consumer's fetch still runs it. The
+    Unlike dramatiq's ``dispatch``, the script (also :meth:`DoorbellRedisBroker.enqueue`'s) neither records the
+    enqueuing process in dramatiq's heartbeats nor runs dramatiq's maintenance: every consumer's fetch still does
+    both, and the api consumes nothing. The
     integration tests consume what it enqueues with dramatiq's own consumer, so a dramatiq that changes its Redis
     layout fails there, not in production.
     """
@@ -229,17 +206,26 @@ class AsyncEnqueuer:
         return enqueued
 
     async def _send(self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard | None]) -> list[Any]:
-        namespace = self._broker.namespace
         async with self._client.pipeline(transaction=False) as pipe:
             for message, guard in zip(messages, guards, strict=True):
-                queue = f"{namespace}:{message.queue_name}"
-                keys = [queue, f"{queue}.msgs", doorbell_key(message.queue_name)]
-                args: list[Any] = [message.options["redis_message_id"], message.encode()]
-                if guard is not None:
-                    keys += [guard.set_key, guard.flag]
-                    args += [guard.ttl_ms, *guard.members]
-                pipe.evalsha(_ENQUEUE_SHA, len(keys), *keys, *args)
+                _add_enqueue(pipe, self._broker.namespace, message, guard)
             return list(await pipe.execute())
+
+
+def _add_enqueue(
+    pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline,
+    namespace: str,
+    message: dramatiq.Message[Any],
+    guard: Guard | None,
+) -> None:
+    """Add to ``pipe`` the enqueue script's call for ``message`` (which has its ``redis_message_id``)."""
+    queue = f"{namespace}:{message.queue_name}"
+    keys = [queue, f"{queue}.msgs", doorbell_key(message.queue_name)]
+    args: list[Any] = [message.options["redis_message_id"], message.encode()]
+    if guard is not None:
+        keys += [guard.set_key, guard.flag]
+        args += [guard.ttl_ms, *guard.members]
+    pipe.evalsha(_ENQUEUE_SHA, len(keys), *keys, *args)
 
 
 def make_broker(redis_url: str, partitions: int) -> RedisBroker:
