@@ -40,7 +40,8 @@ _LOG_EXPIRIES = text(
     INSERT INTO commands (symbol, kind)
     SELECT due.symbol, 'expire'
     FROM (SELECT DISTINCT symbol FROM orders
-          WHERE status = 'open' AND valid_until IS NOT NULL AND valid_until <= clock_timestamp()) AS due
+          WHERE close_reason IS NULL AND status = 'open' AND valid_until IS NOT NULL
+            AND valid_until <= clock_timestamp()) AS due
     WHERE NOT EXISTS (SELECT 1 FROM commands c
                       WHERE c.symbol = due.symbol AND c.kind = 'expire' AND c.processed_at IS NULL)
     RETURNING symbol

@@ -169,7 +169,7 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
 _OPEN_ORDERS = """
 SELECT symbol, id, broker_id, document_number, side, price, quantity, remaining, priority, valid_until, stp
 FROM orders
-WHERE symbol = ANY(%(symbols)s::text[]) AND status = 'open'
+WHERE symbol = ANY(%(symbols)s::text[]) AND close_reason IS NULL AND status = 'open'  -- see ix_orders_open_book
 ORDER BY symbol, priority
 """
 

@@ -45,7 +45,7 @@ _BOOKS = """
                sum(remaining) FILTER (WHERE side = 'bid') AS bid_qty,
                sum(remaining) FILTER (WHERE side = 'ask') AS ask_qty,
                max(price) FILTER (WHERE side = 'bid') AS best_bid, min(price) FILTER (WHERE side = 'ask') AS best_ask
-        FROM orders WHERE status = 'open' GROUP BY symbol
+        FROM orders WHERE close_reason IS NULL AND status = 'open' GROUP BY symbol
     ) o ON o.symbol = s.symbol
     ORDER BY s.last_trade_at DESC NULLS LAST, s.symbol
     LIMIT %(limit)s

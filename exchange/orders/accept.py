@@ -123,19 +123,25 @@ _PLACE_MANY = f"""
     WITH ins AS (
         INSERT INTO orders (id, broker_id, client_order_id, idempotency_key, document_number, symbol, side,
                             order_type, time_in_force, stp, price, quantity, remaining, placed_price,
-                            placed_quantity, valid_until, seq)
+                            placed_quantity, valid_until, seq, priority)
         SELECT v.id, v.broker_id, v.client_order_id, v.idempotency_key, v.document_number, v.symbol, v.side,
                v.order_type, v.time_in_force, v.stp, v.price, v.quantity, v.quantity, v.price, v.quantity,
-               v.valid_until, nextval('command_seq')
-        FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]),
-                    CAST(%(client_order_ids)s AS text[]), CAST(%(idempotency_keys)s AS text[]),
-                    CAST(%(document_numbers)s AS text[]), CAST(%(symbols)s AS text[]), CAST(%(sides)s AS text[]),
-                    CAST(%(order_types)s AS text[]), CAST(%(time_in_forces)s AS text[]), CAST(%(stps)s AS text[]),
-                    CAST(%(prices)s AS bigint[]), CAST(%(quantities)s AS bigint[]),
-                    CAST(%(valid_untils)s AS timestamptz[]))
-             WITH ORDINALITY
-             AS v(id, broker_id, client_order_id, idempotency_key, document_number, symbol, side, order_type,
-                  time_in_force, stp, price, quantity, valid_until, n)
+               v.valid_until, v.seq, v.seq
+        FROM (
+            -- The seq is also the new order's priority (its FIFO key once it rests), so that the matcher's
+            -- pending -> open update changes no indexed column (a HOT update; see ix_orders_open_book).
+            SELECT u.*, nextval('command_seq') AS seq
+            FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]),
+                        CAST(%(client_order_ids)s AS text[]), CAST(%(idempotency_keys)s AS text[]),
+                        CAST(%(document_numbers)s AS text[]), CAST(%(symbols)s AS text[]), CAST(%(sides)s AS text[]),
+                        CAST(%(order_types)s AS text[]), CAST(%(time_in_forces)s AS text[]),
+                        CAST(%(stps)s AS text[]), CAST(%(prices)s AS bigint[]), CAST(%(quantities)s AS bigint[]),
+                        CAST(%(valid_untils)s AS timestamptz[]))
+                 WITH ORDINALITY
+                 AS u(id, broker_id, client_order_id, idempotency_key, document_number, symbol, side, order_type,
+                      time_in_force, stp, price, quantity, valid_until, n)
+            ORDER BY u.n  -- a volatile target is computed after the sort: seqs follow arrival order
+        ) AS v
         ORDER BY v.n
         ON CONFLICT DO NOTHING
         RETURNING id, symbol, seq

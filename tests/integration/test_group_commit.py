@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 from exchange.api.app import create_app
 from exchange.config import Settings
 from exchange.db.engines import AsyncPool, single_statement
+from exchange.matching.service import BookCache, process_symbol
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
@@ -193,3 +194,46 @@ async def test_concurrent_requests_to_one_api_process_share_transactions(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _is_heap_only(engine: Engine, order_id: uuid.UUID) -> bool:
+    """Whether the order's current row version was written by a HOT update (pageinspect's HEAP_ONLY_TUPLE bit):
+    such a version got no index entry of its own."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pageinspect"))
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT (i.t_infomask2 & 32768) <> 0 FROM orders o,"
+                    " heap_page_items(get_raw_page('orders', (o.ctid::text::point)[0]::int)) AS i"
+                    " WHERE o.id = :id AND i.lp = (o.ctid::text::point)[1]::int"
+                ),
+                {"id": order_id},
+            ).scalar_one()
+        )
+
+
+@pytest.mark.anyio
+async def test_a_new_order_that_rests_is_opened_by_the_matcher_with_a_hot_update(
+    engine: Engine, api_pool: AsyncPool
+) -> None:
+    # The pending -> open update is the matcher's most frequent write (three orders in four rest): it must not
+    # write new entries into the six indexes of orders (alembic 0009). It is HOT only if the api wrote the
+    # priority the matcher gives a resting order (its seq) and no index names status.
+    broker = add_broker(engine, "resting")
+    symbol = new_symbol()
+    order = new_order(broker, symbol, client_order_id="rests")
+    [outcome] = await accept.place_orders(api_pool, [order])
+    assert isinstance(outcome, PlaceResult)
+    with engine.connect() as conn:
+        seq, priority = conn.execute(
+            text("SELECT seq, priority FROM orders WHERE id = :id"), {"id": order.order_id}
+        ).one()
+    assert priority == seq
+
+    process_symbol(engine, BookCache(), symbol)
+
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT status, priority FROM orders WHERE id = :id"), {"id": order.order_id}).one()
+    assert (row.status, row.priority) == ("open", seq)
+    assert _is_heap_only(engine, order.order_id)

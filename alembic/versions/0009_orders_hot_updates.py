@@ -1,0 +1,101 @@
+"""The matcher's update of a new order is a HOT update: no new entry in any index of ``orders``.
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-12-05
+
+Hand-written and frozen (see 0001). Every order is inserted ``pending`` by the api and updated by the matcher that
+applies it (to ``open`` for the three quarters that rest, or ``closed``). That update was never HOT: ``status`` was
+in the predicates of ``ix_orders_open_book`` and ``ix_orders_open_valid_until`` and ``priority`` (NULL until then) in
+the book index's key, so each one wrote a new entry into all six indexes of the table (and the new row version
+usually on another page). Here:
+
+* both partial indexes take "not closed" (``close_reason IS NULL``) as their predicate, which holds for pending and
+  open orders alike; their readers (the book rebuild, ``book_levels``, the sweeper's expiry scan, the ops page) also
+  filter on ``status = 'open'`` as before, and name the predicate so that their plans can use the indexes;
+* the api writes ``priority`` with the order (its place ``seq``, which is what the matcher sets when it rests),
+  so pending → open changes only ``status``, ``remaining`` and ``updated_at``, none of them indexed;
+* the table keeps 20 % of each page free (``fillfactor``), since a HOT version must fit on its row's page;
+* the broker-scoped unique keys ``client_order_id`` and ``idempotency_key`` become unique indexes over the rows that
+  have one (NULL never conflicted): an order sent without them no longer adds two index entries on insert and two
+  on each non-HOT update. ``INSERT … ON CONFLICT DO NOTHING`` (no conflict target) arbitrates on them as before.
+
+A maker's partial fill (``remaining`` only) is HOT too. Closing an order (``close_reason`` set) is not.
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0009"
+down_revision: str | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+FILLFACTOR = 80
+
+# 0007's book_levels with the predicate of ix_orders_open_book added to both sides' conditions.
+BOOK_LEVELS = """CREATE OR REPLACE FUNCTION book_levels(p_symbol text, p_depth integer)
+RETURNS TABLE (side text, price bigint, total_quantity numeric, order_count bigint)
+LANGUAGE plpgsql STABLE SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        SELECT 'bid'::text, b.* FROM (
+            SELECT o.price, sum(o.remaining), count(*)
+            FROM orders o
+            WHERE o.symbol = p_symbol AND o.close_reason IS NULL AND o.status = 'open' AND o.side = 'bid'
+              AND (o.valid_until IS NULL OR o.valid_until > now())
+            GROUP BY o.price
+            ORDER BY o.price DESC
+            LIMIT p_depth
+        ) b
+        UNION ALL
+        SELECT 'ask'::text, a.* FROM (
+            SELECT o.price, sum(o.remaining), count(*)
+            FROM orders o
+            WHERE o.symbol = p_symbol AND o.close_reason IS NULL AND o.status = 'open' AND o.side = 'ask'
+              AND (o.valid_until IS NULL OR o.valid_until > now())
+            GROUP BY o.price
+            ORDER BY o.price ASC
+            LIMIT p_depth
+        ) a;
+END
+$fn$"""
+BOOK_LEVELS_CHANGE = ("o.close_reason IS NULL AND o.status = 'open'", "o.status = 'open'")
+
+
+def upgrade() -> None:
+    for key in ("client_order_id", "idempotency_key"):
+        op.drop_constraint(f"uq_orders_broker_id_{key}", "orders", type_="unique")
+        op.execute(
+            f"CREATE UNIQUE INDEX uq_orders_broker_id_{key} ON orders (broker_id, {key}) WHERE {key} IS NOT NULL"
+        )
+    op.execute("DROP INDEX ix_orders_open_book")
+    op.execute("CREATE INDEX ix_orders_open_book ON orders (symbol, side, price, priority) WHERE close_reason IS NULL")
+    op.execute("DROP INDEX ix_orders_open_valid_until")
+    op.execute(
+        "CREATE INDEX ix_orders_open_valid_until ON orders (valid_until)"
+        " WHERE close_reason IS NULL AND valid_until IS NOT NULL"
+    )
+    op.execute(f"ALTER TABLE orders SET (fillfactor = {FILLFACTOR})")
+    op.execute(BOOK_LEVELS)
+
+
+def downgrade() -> None:
+    new, old = BOOK_LEVELS_CHANGE
+    if BOOK_LEVELS.count(new) != 2:  # a silent no-op replace would "restore" this revision's text
+        raise RuntimeError(f"0009's downgrade expected {new!r} twice")
+    op.execute(BOOK_LEVELS.replace(new, old))
+    op.execute("ALTER TABLE orders RESET (fillfactor)")
+    op.execute("DROP INDEX ix_orders_open_valid_until")
+    op.execute(
+        "CREATE INDEX ix_orders_open_valid_until ON orders (valid_until)"
+        " WHERE status = 'open' AND valid_until IS NOT NULL"
+    )
+    op.execute("DROP INDEX ix_orders_open_book")
+    op.execute("CREATE INDEX ix_orders_open_book ON orders (symbol, side, price, priority) WHERE status = 'open'")
+    for key in ("client_order_id", "idempotency_key"):
+        op.execute(f"DROP INDEX uq_orders_broker_id_{key}")
+        op.create_unique_constraint(f"uq_orders_broker_id_{key}", "orders", ["broker_id", key])
