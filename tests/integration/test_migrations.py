@@ -307,3 +307,27 @@ def test_downgrading_0008_restores_0007s_matcher_write_and_webhook_record_exactl
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert [_function_definition(fresh_database_url, f) for f in functions] == before
+
+
+def test_downgrading_0009_restores_0008s_orders_indexes_constraints_storage_and_book_levels(
+    fresh_database_url: str,
+) -> None:
+    def schema() -> tuple[object, ...]:
+        storage = _catalog(fresh_database_url, "indexes"), _catalog(fresh_database_url, "constraints")
+        engine = create_engine(sqlalchemy_url(fresh_database_url))
+        try:
+            with engine.connect() as conn:
+                options = conn.scalar(text("SELECT reloptions FROM pg_class WHERE oid = 'orders'::regclass"))
+        finally:
+            engine.dispose()
+        return (*storage, options, _function_definition(fresh_database_url, "book_levels(text, integer)"))
+
+    migrate.upgrade(fresh_database_url, "0008")
+    before = schema()
+    migrate.upgrade(fresh_database_url, "0009")
+    changed = schema()
+
+    migrate.downgrade(fresh_database_url, "0008")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert schema() == before
