@@ -6,7 +6,7 @@ Invariants:
   of concurrent requests (group commit, see :mod:`exchange.api.coalescing`) and each order shares its command's
   sequence number (``orders.seq`` = ``commands.seq``); nothing is written when validation fails.
 * Duplicates are safe under concurrency: ``INSERT … ON CONFLICT DO NOTHING`` on the broker's
-  ``client_order_id``/``idempotency_key`` unique constraints, then the original order is read back. A concurrent
+  ``client_order_id``/``idempotency_key`` unique indexes, then the original order is read back. A concurrent
   duplicate waits for the first insert to commit (or roll back) inside PostgreSQL, so exactly one order exists.
 * A cancel or amend command is written only for the broker's own order and only while it is not closed.
   Concurrent cancels of one order write one command: cancels serialise on a per-order advisory lock (taken in
