@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     from collections import Counter
 
     from ops.bench import model as m
-    from ops.bench import server_stats
+    from ops.bench import server_stats, stages
     from ops.bench.ceiling import run_pgbench
     from ops.bench.receiver import ReceiverResult, receiver_main
     from ops.bench.report import build_report, render
@@ -276,6 +276,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
         )
         if stats_before is not None and stats_after is not None:
             report["server_stats"] = server_stats.per_order(stats_before, stats_after, report["accepted_orders"])
+            report["order_stages"] = stages.order_stages(args.database_url, [t for r in results for t in r.order_times])
         if args.ceiling:
             clients = args.closed_loop if closed else max(1, report["connections"]["peak_open"])
             seconds = args.ceiling_duration or max(1, round(args.duration))

@@ -218,6 +218,15 @@ def render(report: dict[str, Any]) -> str:
             f"({st['redis_scripts_per_order']} scripts; {top}), {st['pg_transactions_per_order']} PostgreSQL "
             f"transactions, {st['cpu_ms_per_order']} ms CPU (s in all: {cpu})"
         )
+    if report.get("order_stages"):
+        st = report["order_stages"]
+        parts = " · ".join(
+            f"{name} p50 {_fmt(st[name]['p50_ms'])} / p99 {_fmt(st[name]['p99_ms'])}"
+            for name in ("to_accept", "accept_to_match", "match_to_answer")
+        )
+        lines.append(
+            f"new order stages (n={st['orders']}, answered before the match {st['answered_before_match']}): {parts} ms"
+        )
     origin = "scheduled send time" if report["mode"] == "open_loop" else "send time (closed loop)"
     lines.append(f"all latencies in ms, measured from the {origin}")
     return "\n".join(lines)

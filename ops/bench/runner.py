@@ -52,6 +52,8 @@ class WorkerResult:
     statuses: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     lags_ms: list[float] = field(default_factory=list)
     order_to_fill_ms: list[float] = field(default_factory=list)
+    order_times: list[tuple[str, float, float]] = field(default_factory=list)
+    """Each new order answered 2xx: (order id, scheduled send, answer), wall-clock epoch seconds."""
     order_states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     orders_accepted: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -68,6 +70,7 @@ class WorkerResult:
             statuses={k: dict(v) for k, v in self.statuses.items()},
             lags_ms=self.lags_ms,
             order_to_fill_ms=self.order_to_fill_ms,
+            order_times=self.order_times,
             order_states=dict(self.order_states),
             orders_accepted=self.orders_accepted,
             skipped=dict(self.skipped),
@@ -115,6 +118,8 @@ class _Sender:
         self.known: dict[int, list[str]] = defaultdict(list)  # broker -> its order ids (recent)
         self.rng = random.Random(cfg.seed * 1_000 + cfg.index)
         self.symbols = cfg.model.symbols
+        self.wall_offset = time.time() - time.monotonic()
+        """Added to a monotonic instant: the wall-clock time (epoch s) the database's timestamps are compared with."""
 
     def _record(self, kind: int, status: int | str, latency_ms: float) -> None:
         endpoint = m.KIND_ENDPOINT[kind]
@@ -138,7 +143,7 @@ class _Sender:
             return "GET", f"/stocks/{self.symbols[event.symbol]}/book", None
         return "GET", "/balance", None
 
-    def _on_order(self, event: m.Event, data: bytes, latency_ms: float) -> None:
+    def _on_order(self, event: m.Event, data: bytes, latency_ms: float, scheduled: float) -> None:
         self.result.orders_accepted += 1
         try:
             doc = msgspec.json.decode(data)
@@ -148,6 +153,8 @@ class _Sender:
             return
         oid = _order_id(doc)
         if oid is not None:
+            sent = scheduled + self.wall_offset
+            self.result.order_times.append((oid, sent, sent + latency_ms / 1000.0))
             if event.order_no >= 0:
                 self.ids[event.order_no] = oid
             known = self.known[event.broker]
@@ -177,7 +184,7 @@ class _Sender:
         latency_ms = (time.monotonic() - scheduled) * 1000.0
         self._record(event.kind, status, latency_ms)
         if event.kind == m.ORDER and isinstance(status, int) and 200 <= status < 300:
-            self._on_order(event, data, latency_ms)
+            self._on_order(event, data, latency_ms, scheduled)
 
 
 async def _open_loop(cfg: WorkerConfig, result: WorkerResult) -> None:

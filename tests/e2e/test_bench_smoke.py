@@ -56,6 +56,9 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
     assert isinstance(report["valid"], bool)
     assert "order_to_fill" in report
     assert "fill_to_webhook" in report
+    stages = report["order_stages"]  # --server-stats: every accepted new order is in the database, processed
+    assert stages["orders"] + stages["answered_before_match"] == orders["count"], stages
+    assert stages["not_processed"] == 0, stages
     if ceiling:
         assert report["ceiling"]["pgbench_tps"], report["ceiling"]
         assert report["ceiling"]["ratio"] > 0
