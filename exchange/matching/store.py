@@ -116,22 +116,9 @@ INSERT INTO symbols (symbol) SELECT unnest(%(symbols)s::text[])
 ON CONFLICT (symbol) DO UPDATE SET symbol = EXCLUDED.symbol
 RETURNING symbol, book_version, clock_timestamp()
 """
-# A bounded range scan of ix_commands_unprocessed_symbol_seq, in sequence order: for one symbol as it is, for
-# several once per symbol (LATERAL), which plans a little slower, so a one-symbol batch does without it.
-_PENDING_OF = """
-SELECT c.symbol, c.seq, c.kind, c.order_id, c.payload, o.broker_id, o.document_number, o.side, o.order_type,
-       o.time_in_force, o.price, o.quantity, o.valid_until, o.stp
-FROM commands c LEFT JOIN orders o ON o.id = c.order_id
-WHERE c.symbol = {symbol} AND c.processed_at IS NULL
-ORDER BY c.seq
-LIMIT %(limit)s
-"""
-_PENDING_ONE = _PENDING_OF.format(symbol="%(symbol)s")
-_PENDING_MANY = (
-    "SELECT p.* FROM unnest(%(symbols)s::text[]) AS s(symbol) CROSS JOIN LATERAL ({}) p ORDER BY p.seq".format(  # noqa: S608
-        _PENDING_OF.format(symbol="s.symbol")
-    )
-)
+# Up to ``limit`` unprocessed commands of each symbol with their orders, in sequence order (alembic 0010: a
+# PL/pgSQL function, so that its plan is made once per server connection instead of on every call).
+_PENDING = "SELECT * FROM matcher_pending(%(symbols)s::text[], %(limit)s)"
 
 
 def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchStart:
@@ -143,9 +130,8 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     found by a later batch."""
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
-    params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "symbol": wanted[0], "limit": limit}
-    pending = _PENDING_ONE if len(wanted) == 1 else _PENDING_MANY
-    cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, pending), params)
+    params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "limit": limit}
+    cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, _PENDING), params)
     cursor.nextset()  # BEGIN -> locks
     cursor.nextset()  # locks -> versions
     versions: dict[str, int] = {}

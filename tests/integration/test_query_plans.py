@@ -330,3 +330,39 @@ def test_api_read_plans_made_while_tables_were_small_still_use_their_indexes_onc
     for index in indexes:
         table = next(name for name in ("orders", "trades", "brokers") if name in index)
         assert _looks_up(plan, table, index), plan
+
+
+def _insert_place_commands(conn: Connection) -> None:
+    """An unprocessed ``place`` command for every order that has none."""
+    conn.execute(
+        text(
+            "INSERT INTO commands (seq, symbol, kind, order_id) SELECT o.seq, o.symbol, 'place', o.id FROM orders o"
+            " WHERE NOT EXISTS (SELECT 1 FROM commands c WHERE c.seq = o.seq)"
+        )
+    )
+
+
+@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
+def test_matcher_pending_plans_made_while_tables_were_small_still_read_each_symbols_range_once_they_are_big(
+    engine: Engine, made_on: str
+) -> None:
+    # alembic 0010: kept per server connection, the plan must stay a bounded range scan of the unprocessed
+    # commands of each symbol with the orders probed by primary key, not a scan of the whole backlog.
+    if made_on == "empty-analysed":
+        _analyse(engine)
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        _insert_orders(conn, BATCH)
+        _insert_place_commands(conn)
+    if made_on == "small-analysed":
+        _analyse(engine)
+    params = {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}
+
+    def grow(other: Connection) -> dict[str, Any]:
+        _insert_orders(other, ROWS)
+        _insert_place_commands(other)
+        return params
+
+    [plan] = [p for p in _plans_kept_while_growing(engine, store._PENDING, params, grow) if "Index" in p or "Seq" in p]
+    assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
+    assert _probes_orders_by_primary_key(plan), plan
