@@ -2,9 +2,10 @@
 
 Invariants:
 
-* One transaction per call. Orders and their ``place`` commands are inserted by ONE statement (a CTE) per group
-  of concurrent requests (group commit, see :mod:`exchange.api.coalescing`) and each order shares its command's
-  sequence number (``orders.seq`` = ``commands.seq``); nothing is written when validation fails.
+* One transaction per call. Orders and their ``place`` commands are inserted by ONE statement (the function
+  ``accept_orders``, alembic 0011) per group of concurrent requests (group commit, see
+  :mod:`exchange.api.coalescing`) and each order shares its command's sequence number (``orders.seq`` =
+  ``commands.seq``, also its ``priority``); nothing is written when validation fails.
 * Duplicates are safe under concurrency: ``INSERT … ON CONFLICT DO NOTHING`` on the broker's
   ``client_order_id``/``idempotency_key`` unique indexes, then the original order is read back. A concurrent
   duplicate waits for the first insert to commit (or roll back) inside PostgreSQL, so exactly one order exists.
@@ -119,37 +120,16 @@ def new_order(
     )
 
 
-_PLACE_MANY = f"""
-    WITH ins AS (
-        INSERT INTO orders (id, broker_id, client_order_id, idempotency_key, document_number, symbol, side,
-                            order_type, time_in_force, stp, price, quantity, remaining, placed_price,
-                            placed_quantity, valid_until, seq, priority)
-        SELECT v.id, v.broker_id, v.client_order_id, v.idempotency_key, v.document_number, v.symbol, v.side,
-               v.order_type, v.time_in_force, v.stp, v.price, v.quantity, v.quantity, v.price, v.quantity,
-               v.valid_until, v.seq, v.seq
-        FROM (
-            -- The seq is also the new order's priority (its FIFO key once it rests), so that the matcher's
-            -- pending -> open update changes no indexed column (a HOT update; see ix_orders_open_book).
-            SELECT u.*, nextval('command_seq') AS seq
-            FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]),
-                        CAST(%(client_order_ids)s AS text[]), CAST(%(idempotency_keys)s AS text[]),
-                        CAST(%(document_numbers)s AS text[]), CAST(%(symbols)s AS text[]), CAST(%(sides)s AS text[]),
-                        CAST(%(order_types)s AS text[]), CAST(%(time_in_forces)s AS text[]),
-                        CAST(%(stps)s AS text[]), CAST(%(prices)s AS bigint[]), CAST(%(quantities)s AS bigint[]),
-                        CAST(%(valid_untils)s AS timestamptz[]))
-                 WITH ORDINALITY
-                 AS u(id, broker_id, client_order_id, idempotency_key, document_number, symbol, side, order_type,
-                      time_in_force, stp, price, quantity, valid_until, n)
-            ORDER BY u.n  -- a volatile target is computed after the sort: seqs follow arrival order
-        ) AS v
-        ORDER BY v.n
-        ON CONFLICT DO NOTHING
-        RETURNING id, symbol, seq
-    )
-    INSERT INTO commands (seq, symbol, kind, order_id)
-    SELECT seq, symbol, '{CommandKind.PLACE.value}', id FROM ins
-    RETURNING order_id, now() AS created_at
-    """  # noqa: S608  # enum constant only
+# The group's orders and their place commands, in the arrays' order, skipping the duplicates of a unique key;
+# returns the inserted orders (alembic 0011: a PL/pgSQL function, planned once per server connection).
+_PLACE_MANY = """
+    SELECT order_id, created_at FROM accept_orders(
+        CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]), CAST(%(client_order_ids)s AS text[]),
+        CAST(%(idempotency_keys)s AS text[]), CAST(%(document_numbers)s AS text[]), CAST(%(symbols)s AS text[]),
+        CAST(%(sides)s AS text[]), CAST(%(order_types)s AS text[]), CAST(%(time_in_forces)s AS text[]),
+        CAST(%(stps)s AS text[]), CAST(%(prices)s AS bigint[]), CAST(%(quantities)s AS bigint[]),
+        CAST(%(valid_untils)s AS timestamptz[]))
+    """
 
 # The original of each order that was not inserted (key ``n``: its position in the arrays), all in one query.
 _FIND_DUPLICATES = """
@@ -305,29 +285,9 @@ _LOCK_CANCELS = f"""
 
 # A separate statement from the locks above on purpose: under READ COMMITTED it takes a fresh snapshot after the
 # locks are granted, so it sees the cancel commands (and closed statuses) a concurrent cancel committed meanwhile.
-_INSERT_CANCELS = f"""
-    WITH k AS (
-        SELECT * FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]))
-                      WITH ORDINALITY AS k(id, broker_id, n)
-    ), target AS (
-        SELECT o.id, o.broker_id, o.symbol, o.status, k.n
-        FROM k JOIN orders o ON o.id = k.id AND o.broker_id = k.broker_id
-    ), written AS (
-        INSERT INTO commands (symbol, kind, order_id)
-        SELECT t.symbol, '{CommandKind.CANCEL.value}', t.id
-        FROM target t
-        WHERE t.status <> '{OrderStatus.CLOSED.value}'
-          AND NOT EXISTS (
-            SELECT 1 FROM commands c
-            WHERE c.symbol = t.symbol AND c.processed_at IS NULL AND c.order_id = t.id
-              AND c.kind = '{CommandKind.CANCEL.value}'
-          )
-        ORDER BY t.n
-        RETURNING order_id
-    )
-    SELECT t.id, t.broker_id, t.symbol, w.order_id IS NOT NULL AS written
-    FROM target t LEFT JOIN written w ON w.order_id = t.id
-    """  # noqa: S608  # enum constants only
+# A cancel command for each keyed order of its broker that is not closed and has none pending (alembic 0012: a
+# PL/pgSQL function, planned once per server connection); one row per order found, with whether one was written.
+_INSERT_CANCELS = "SELECT * FROM write_cancels(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]))"
 
 
 async def _write_cancels(

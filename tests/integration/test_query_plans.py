@@ -366,3 +366,35 @@ def test_matcher_pending_plans_made_while_tables_were_small_still_read_each_symb
     [plan] = [p for p in _plans_kept_while_growing(engine, store._PENDING, params, grow) if "Index" in p or "Seq" in p]
     assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
     assert _probes_orders_by_primary_key(plan), plan
+
+
+@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
+def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pending_commands_once_they_are_big(
+    engine: Engine, made_on: str
+) -> None:
+    # alembic 0012: the group's orders by primary key, and each one's pending cancel through the unprocessed
+    # commands' index, never a scan of every order or of the command log.
+    from exchange.orders import accept
+
+    if made_on == "empty-analysed":
+        _analyse(engine)
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        keys = _insert_orders(conn, BATCH)
+        _insert_place_commands(conn)
+    if made_on == "small-analysed":
+        _analyse(engine)
+    params = {
+        "ids": array_literal(order_id for _, order_id in keys),
+        "broker_ids": array_literal(broker_id for broker_id, _ in keys),
+    }
+
+    def grow(other: Connection) -> dict[str, Any]:
+        _insert_orders(other, ROWS)
+        _insert_place_commands(other)
+        return params
+
+    kept = _plans_kept_while_growing(engine, accept._INSERT_CANCELS, params, grow)
+    [plan] = [p for p in kept if "target AS" in p]  # not the foreign-key checks of the commands written
+    assert _probes_orders_by_primary_key(plan), plan
+    assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
