@@ -218,7 +218,9 @@ def render(report: dict[str, Any]) -> str:
             f"({st['redis_scripts_per_order']} scripts; {top}), {st['pg_transactions_per_order']} PostgreSQL "
             f"transactions, {st['cpu_ms_per_order']} ms CPU (s in all: {cpu})"
         )
-    if report.get("order_stages"):
+    if report.get("order_stages", {}).get("error"):
+        lines.append(f"new order stages: not read ({report['order_stages']['error']})")
+    elif report.get("order_stages"):
         st = report["order_stages"]
         parts = " · ".join(
             f"{name} p50 {_fmt(st[name]['p50_ms'])} / p99 {_fmt(st[name]['p99_ms'])}"

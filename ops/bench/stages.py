@@ -72,4 +72,12 @@ def fetch(database_url: str, order_ids: Sequence[str]) -> dict[str, tuple[float,
 
 
 def order_stages(database_url: str, times: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
-    return split(times, fetch(database_url, [order_id for order_id, _, _ in times]))
+    """:func:`split` of ``times`` by the database's timestamps; ``{"error": ...}`` when they cannot be read (the
+    run's report is worth more than this part of it)."""
+    import psycopg
+
+    try:
+        stamps = fetch(database_url, [order_id for order_id, _, _ in times])
+    except psycopg.Error as exc:
+        return {"error": f"{type(exc).__name__}: {exc}".strip()}
+    return split(times, stamps)

@@ -35,3 +35,12 @@ def test_no_orders_give_empty_summaries() -> None:
 
     assert result["orders"] == 0
     assert all(result[name]["p50_ms"] is None for name in STAGES)
+
+
+def test_a_database_that_cannot_be_read_gives_an_error_instead_of_stages() -> None:
+    from ops.bench.stages import order_stages
+
+    result = order_stages("postgresql://postgres@127.0.0.1:1/none?connect_timeout=1", [("a", 1.0, 2.0)])
+
+    assert set(result) == {"error"}
+    assert "OperationalError" in result["error"]
