@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, text
 
 from exchange.db.arrays import array_literal
 from exchange.matching import store
-from exchange.orders import queries
+from exchange.orders import accept, queries
 from exchange.webhooks import store as webhook_store
 
 ROWS = 5000
@@ -342,40 +342,13 @@ def _insert_place_commands(conn: Connection) -> None:
     )
 
 
-@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
-def test_matcher_pending_plans_made_while_tables_were_small_still_read_each_symbols_range_once_they_are_big(
-    engine: Engine, made_on: str
-) -> None:
-    # alembic 0010: kept per server connection, the plan must stay a bounded range scan of the unprocessed
-    # commands of each symbol with the orders probed by primary key, not a scan of the whole backlog.
-    if made_on == "empty-analysed":
-        _analyse(engine)
-    with engine.begin() as conn:
-        _insert_brokers(conn, webhook_url=None)
-        _insert_orders(conn, BATCH)
-        _insert_place_commands(conn)
-    if made_on == "small-analysed":
-        _analyse(engine)
-    params = {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}
-
-    def grow(other: Connection) -> dict[str, Any]:
-        _insert_orders(other, ROWS)
-        _insert_place_commands(other)
-        return params
-
-    [plan] = [p for p in _plans_kept_while_growing(engine, store._PENDING, params, grow) if "Index" in p or "Seq" in p]
-    assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
-    assert _probes_orders_by_primary_key(plan), plan
+MADE_ON = pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
+"""Plans made on a fresh database's statistics ("no rows"), or on small tables not analysed or analysed."""
 
 
-@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
-def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pending_commands_once_they_are_big(
-    engine: Engine, made_on: str
-) -> None:
-    # alembic 0012: the group's orders by primary key, and each one's pending cancel through the unprocessed
-    # commands' index, never a scan of every order or of the command log.
-    from exchange.orders import accept
-
+def _orders_with_pending_commands(engine: Engine, made_on: str) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """``BATCH`` orders, each with an unprocessed place command, under the statistics ``made_on`` names; returns
+    their ``(broker_id, order_id)`` keys."""
     if made_on == "empty-analysed":
         _analyse(engine)
     with engine.begin() as conn:
@@ -384,17 +357,48 @@ def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pendin
         _insert_place_commands(conn)
     if made_on == "small-analysed":
         _analyse(engine)
-    params = {
-        "ids": array_literal(order_id for _, order_id in keys),
-        "broker_ids": array_literal(broker_id for broker_id, _ in keys),
-    }
+    return keys
+
+
+def _growing_pending_commands(params: dict[str, Any]) -> Callable[[Connection], dict[str, Any]]:
+    """A ``grow`` for :func:`_plans_kept_while_growing`: ``ROWS`` more orders with unprocessed place commands."""
 
     def grow(other: Connection) -> dict[str, Any]:
         _insert_orders(other, ROWS)
         _insert_place_commands(other)
         return params
 
-    kept = _plans_kept_while_growing(engine, accept._INSERT_CANCELS, params, grow)
+    return grow
+
+
+@MADE_ON
+def test_matcher_pending_plans_made_while_tables_were_small_still_read_each_symbols_range_once_they_are_big(
+    engine: Engine, made_on: str
+) -> None:
+    # alembic 0010: kept per server connection, the plan must stay a bounded range scan of the unprocessed
+    # commands of each symbol with the orders probed by primary key, not a scan of the whole backlog.
+    _orders_with_pending_commands(engine, made_on)
+    params = {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}
+
+    kept = _plans_kept_while_growing(engine, store._PENDING, params, _growing_pending_commands(params))
+    [plan] = [p for p in kept if "Index" in p or "Seq" in p]
+    assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
+    assert _probes_orders_by_primary_key(plan), plan
+
+
+@MADE_ON
+def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pending_commands_once_they_are_big(
+    engine: Engine, made_on: str
+) -> None:
+    # alembic 0012: the group's orders by primary key, and each one's pending cancel through the unprocessed
+    # commands' index, never a scan of every order or of the command log.
+    keys = _orders_with_pending_commands(engine, made_on)
+    params = {
+        "ids": array_literal(order_id for _, order_id in keys),
+        "broker_ids": array_literal(broker_id for broker_id, _ in keys),
+    }
+
+    kept = _plans_kept_while_growing(engine, accept._INSERT_CANCELS, params, _growing_pending_commands(params))
     [plan] = [p for p in kept if "target AS" in p]  # not the foreign-key checks of the commands written
     assert _probes_orders_by_primary_key(plan), plan
     assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
