@@ -8,7 +8,8 @@ there), then runs ``N`` pairs, alternating which side goes first: for each run a
 database, ``exchange dev`` of that side on ``--port`` (its own venv, no ``uv run`` wrapper), ``exchange bench`` of
 THIS checkout against it with ``--server-stats`` (the same generator for both sides), then ``exchange dev``
 stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
-order->fill p50 and server CPU per order by process kind, with the ratio of the medians (this side / base).
+order->fill p50, server CPU per order by process kind, PostgreSQL transactions and Redis commands per order and the
+new-order stages' p50, with the ratio of the medians (this side / base).
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
 ``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics) while it runs. SIGTERM, SIGHUP and
@@ -155,6 +156,16 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
     }
     for kind, seconds in stats.get("cpu_s", {}).items():
         out[f"  {kind} ms/order"] = round(1000 * float(seconds) / orders, 3)
+    # Counts: the stable figures of a noisy machine (the same work sends the same statements and commands).
+    if "pg_transactions_per_order" in stats:
+        out["PG transactions/order"] = float(stats["pg_transactions_per_order"])
+    if "redis_calls_per_order" in stats:
+        out["Redis commands/order"] = float(stats["redis_calls_per_order"])
+    stages = report.get("order_stages", {})
+    for name in ("to_accept", "accept_to_match", "match_to_answer"):
+        p50 = stages.get(name, {}).get("p50_ms")
+        if p50 is not None:
+            out[f"stage {name} p50 ms"] = float(p50)
     return out
 
 

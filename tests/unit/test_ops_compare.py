@@ -32,6 +32,19 @@ def test_figures_reads_rates_latencies_and_cpu_per_order_by_process_kind() -> No
     assert got["  matcher ms/order"] == 1.0
 
 
+def test_figures_reads_the_server_counts_and_the_order_stages_when_the_report_has_them() -> None:
+    report = _report(500.0, 10.0, {"api": 2.0}, orders=1000)
+    report["server_stats"] |= {"pg_transactions_per_order": 1.75, "redis_calls_per_order": 15.1}
+    report["order_stages"] = {"to_accept": {"p50_ms": 9.7}, "accept_to_match": {"p50_ms": 16.4}}
+
+    got = figures(report)
+
+    assert (got["PG transactions/order"], got["Redis commands/order"]) == (1.75, 15.1)
+    assert (got["stage to_accept p50 ms"], got["stage accept_to_match p50 ms"]) == (9.7, 16.4)
+    assert "stage match_to_answer p50 ms" not in got
+    assert "PG transactions/order" not in figures(_report(500.0, 10.0, {"api": 2.0}, orders=1000))
+
+
 def test_summary_prints_each_sides_median_and_the_ratio_of_the_medians() -> None:
     base = [figures(_report(r, 10.0, {"api": 1.0}, orders=1000)) for r in (400.0, 500.0, 900.0)]
     new = [figures(_report(r, 8.0, {"api": 0.9}, orders=1000)) for r in (450.0, 600.0, 550.0)]
