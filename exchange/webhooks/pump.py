@@ -3,9 +3,11 @@
 Three parts run independently, so a slow receiver stalls only its own deliveries and a slow database only
 delays bookkeeping:
 
-* **claimer** — when woken (a hint arrived, a retry came due, the worker started) and while due events remain,
-  claims in ONE statement as many as there is room for (``capacity`` deliveries in flight per process, at most
-  ``max_in_flight`` per broker, at most ``MAX_CLAIM`` per statement) and starts one task per event. It claims as
+* **claimer** — when woken (a hint arrived, a retry came due, the worker started) and while due events remain
+  (a claim that got fewer than it asked for, no broker held back at its cap, ends the round: what commits later
+  hints again), claims in ONE statement as many as there is room for (``capacity`` deliveries in flight per
+  process, at most ``max_in_flight`` per broker, at most ``MAX_CLAIM`` per statement) and starts one task per
+  event. It claims as
   soon as ONE slot is free: slots never sit idle while events are due. Batches still grow with load, the way the
   recorder's do: deliveries that end while a claim runs are all refilled by the next one. When it has no room
   left (a claim filled it, or a hint arrived while it was full) it hints the other workers instead;
@@ -231,11 +233,12 @@ class Pump:
                 await self._slot_freed.wait()
                 continue
             busy = dict(self._busy)
+            limit = min(room, MAX_CLAIM)
             claimed = await self._blocking(
                 functools.partial(
                     store.claim,
                     self.engine,
-                    limit=min(room, MAX_CLAIM),
+                    limit=limit,
                     lease_s=self.config.lease_s,
                     per_broker=self.config.max_in_flight,
                     busy=busy,
@@ -244,11 +247,20 @@ class Pump:
             for event_id in claimed.skipped:
                 self._report(DeliveryResult(event_id, Outcome.SKIPPED))
             self._start(claimed.claims)
+            if len(claimed.claims) + len(claimed.skipped) < limit and self._no_broker_at_cap():
+                # Fewer than asked for and no broker held back: nothing else was due when the claim ran, and an
+                # event committed since then hints again (the hint was cleared before this wake-up). Claiming once
+                # more only to find nothing cost a transaction per hint.
+                return
             if not claimed.claims and not claimed.skipped:
                 # Judged on what the claim saw: brokers at their cap then were not even looked at.
                 if all(n < self.config.max_in_flight for n in busy.values()):
                     return  # nothing due that this worker may take
                 await self._slot_freed.wait()  # due events of brokers at their cap: claim when one finishes
+
+    def _no_broker_at_cap(self) -> bool:
+        """No broker has ``max_in_flight`` deliveries running: a claim left none of its due events behind."""
+        return all(n < self.config.max_in_flight for n in self._busy.values())
 
     def _hint_others(self) -> None:
         """Tell the other workers that events are due (at most one hint per FAN_OUT_INTERVAL_S, one at a time)."""

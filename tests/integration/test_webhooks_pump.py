@@ -150,6 +150,35 @@ def test_one_free_slot_is_refilled_at_once_while_other_deliveries_hang(engine: E
     assert while_hanging == {"claimed": 3}  # delivered well before the hanging ones' 20 s read timeout
 
 
+def test_a_claim_that_gets_fewer_events_than_it_asked_for_ends_the_round_without_claiming_again(
+    engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every hint used to cost a second claim that found nothing. Events committed after a claim hint again (the
+    # hint is cleared before the pump is woken), so a short claim with no broker held back at its cap is the last.
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller, n=2)  # 2 events to deliver, 2 to skip (no URL): 4 < the room of 8
+    claims: list[int] = []
+    real_claim = store.claim
+
+    def counted_claim(*args: object, **kwargs: object) -> store.Claimed:
+        claimed = real_claim(*args, **kwargs)  # type: ignore[arg-type]
+        claims.append(len(claimed.claims) + len(claimed.skipped))
+        return claimed
+
+    monkeypatch.setattr(store, "claim", counted_claim)
+    pump = Pump(engine, FAST, capacity=8)
+
+    async def scenario() -> None:
+        async with running(pump):  # a pump starts by claiming whatever is due
+            await eventually(lambda: status_counts(engine, buyer) == {"delivered": 2})
+            await asyncio.sleep(0.3)  # room for a further claim, if one were coming
+
+    asyncio.run(scenario())
+
+    assert claims == [4]
+
+
 def test_a_worker_woken_while_full_passes_the_hint_on(engine: Engine, receiver: Receiver) -> None:
     receiver.hang()
     hung, _ = broker_with_endpoint(engine, receiver.url)
