@@ -107,10 +107,9 @@ class BatchStart:
 # the elements in array order and the lock call is evaluated row by row as they come. Every transaction that holds
 # several book locks takes them in ascending key order, so two of them never wait on each other in a cycle.
 _LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k"
-# Each row's clock is read after every lock is held (this statement starts after the lock statement has returned).
-_VERSIONS = """
-SELECT symbol, book_version, clock_timestamp() FROM symbols WHERE symbol = ANY(%(symbols)s::text[])
-"""
+# The same locks, then each symbol's book version and the clock read after every lock is held, in one call
+# (alembic 0013: a PL/pgSQL function, planned once per server connection).
+_LOCK_VERSIONS = "SELECT * FROM matcher_lock(%(keys)s::bigint[], %(symbols)s::text[])"
 _NEW_SYMBOLS = """
 INSERT INTO symbols (symbol) SELECT unnest(%(symbols)s::text[])
 ON CONFLICT (symbol) DO UPDATE SET symbol = EXCLUDED.symbol
@@ -131,9 +130,8 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
     params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "limit": limit}
-    cursor = _send(conn, ("BEGIN", _LOCK, _VERSIONS, _PENDING), params)
-    cursor.nextset()  # BEGIN -> locks
-    cursor.nextset()  # locks -> versions
+    cursor = _send(conn, ("BEGIN", _LOCK_VERSIONS, _PENDING), params)
+    cursor.nextset()  # BEGIN -> locks and versions
     versions: dict[str, int] = {}
     clocks: list[datetime] = []
     for symbol, version, clock in cursor.fetchall():

@@ -402,3 +402,32 @@ def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pendin
     [plan] = [p for p in kept if "target AS" in p]  # not the foreign-key checks of the commands written
     assert _probes_orders_by_primary_key(plan), plan
     assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
+
+
+def _insert_symbols(conn: Connection, n: int, first: int) -> None:
+    conn.execute(
+        text("INSERT INTO symbols (symbol) SELECT 'S' || g FROM generate_series(:first, :first + :n - 1) AS g"),
+        {"n": n, "first": first},
+    )
+
+
+@MADE_ON
+def test_matcher_lock_plans_made_while_symbols_were_few_still_read_versions_by_primary_key_once_they_are_many(
+    engine: Engine, made_on: str
+) -> None:
+    # alembic 0013: the versions of a transaction's few books, never every symbol's row.
+    if made_on == "empty-analysed":
+        _analyse(engine)
+    with engine.begin() as conn:
+        _insert_symbols(conn, BATCH, first=0)
+    if made_on == "small-analysed":
+        _analyse(engine)
+    params = {"keys": array_literal([1, 2, 3]), "symbols": array_literal(["S1", "S2", "S3"])}
+
+    def grow(other: Connection) -> dict[str, Any]:
+        _insert_symbols(other, ROWS, first=BATCH)
+        return params
+
+    kept = _plans_kept_while_growing(engine, store._LOCK_VERSIONS, params, grow)
+    [plan] = [p for p in kept if "symbols" in p and ("Index" in p or "Seq Scan" in p)]
+    assert _looks_up(plan, "symbols", "pk_symbols"), plan
