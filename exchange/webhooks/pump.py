@@ -247,20 +247,19 @@ class Pump:
             for event_id in claimed.skipped:
                 self._report(DeliveryResult(event_id, Outcome.SKIPPED))
             self._start(claimed.claims)
-            if len(claimed.claims) + len(claimed.skipped) < limit and self._no_broker_at_cap():
-                # Fewer than asked for and no broker held back: nothing else was due when the claim ran, and an
-                # event committed since then hints again (the hint was cleared before this wake-up). Claiming once
-                # more only to find nothing cost a transaction per hint.
-                return
-            if not claimed.claims and not claimed.skipped:
-                # Judged on what the claim saw: brokers at their cap then were not even looked at.
-                if all(n < self.config.max_in_flight for n in busy.values()):
-                    return  # nothing due that this worker may take
-                await self._slot_freed.wait()  # due events of brokers at their cap: claim when one finishes
+            if len(claimed.claims) + len(claimed.skipped) < limit:
+                # Fewer than asked for. If no broker was at its cap when the claim ran (those were not even looked
+                # at) nor reached it through the claim (their further events were held back), nothing else was due
+                # then, and an event committed since hints again (the hint was cleared before this wake-up):
+                # claiming once more only to find nothing cost a transaction per hint.
+                if self._below_cap(busy) and self._below_cap(self._busy):
+                    return
+                if not claimed.claims and not claimed.skipped:
+                    await self._slot_freed.wait()  # due events of brokers at their cap: claim when one finishes
 
-    def _no_broker_at_cap(self) -> bool:
-        """No broker has ``max_in_flight`` deliveries running: a claim left none of its due events behind."""
-        return all(n < self.config.max_in_flight for n in self._busy.values())
+    def _below_cap(self, in_flight: dict[UUID, int]) -> bool:
+        """Every broker in ``in_flight`` (deliveries running per broker) has fewer than ``max_in_flight``."""
+        return all(n < self.config.max_in_flight for n in in_flight.values())
 
     def _hint_others(self) -> None:
         """Tell the other workers that events are due (at most one hint per FAN_OUT_INTERVAL_S, one at a time)."""
