@@ -36,6 +36,7 @@ import psycopg
 import redis
 
 from exchange.db.urls import with_database
+from ops.bench.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "compare-admin-key"
@@ -162,7 +163,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
     if "redis_calls_per_order" in stats:
         out["Redis commands/order"] = float(stats["redis_calls_per_order"])
     stages = report.get("order_stages", {})
-    for name in ("to_accept", "accept_to_match", "match_to_answer"):
+    for name in STAGES:
         p50 = stages.get(name, {}).get("p50_ms")
         if p50 is not None:
             out[f"stage {name} p50 ms"] = float(p50)

@@ -66,19 +66,23 @@ $fn$"""
 BOOK_LEVELS_CHANGE = ("o.close_reason IS NULL AND o.status = 'open'", "o.status = 'open'")
 
 
+def _book_indexes(*, resting: str) -> None:
+    """Rebuild the book and expiry indexes over the orders for which ``resting`` holds."""
+    op.execute("DROP INDEX ix_orders_open_book")
+    op.execute(f"CREATE INDEX ix_orders_open_book ON orders (symbol, side, price, priority) WHERE {resting}")
+    op.execute("DROP INDEX ix_orders_open_valid_until")
+    op.execute(
+        f"CREATE INDEX ix_orders_open_valid_until ON orders (valid_until) WHERE {resting} AND valid_until IS NOT NULL"
+    )
+
+
 def upgrade() -> None:
     for key in ("client_order_id", "idempotency_key"):
         op.drop_constraint(f"uq_orders_broker_id_{key}", "orders", type_="unique")
         op.execute(
             f"CREATE UNIQUE INDEX uq_orders_broker_id_{key} ON orders (broker_id, {key}) WHERE {key} IS NOT NULL"
         )
-    op.execute("DROP INDEX ix_orders_open_book")
-    op.execute("CREATE INDEX ix_orders_open_book ON orders (symbol, side, price, priority) WHERE close_reason IS NULL")
-    op.execute("DROP INDEX ix_orders_open_valid_until")
-    op.execute(
-        "CREATE INDEX ix_orders_open_valid_until ON orders (valid_until)"
-        " WHERE close_reason IS NULL AND valid_until IS NOT NULL"
-    )
+    _book_indexes(resting="close_reason IS NULL")
     op.execute(f"ALTER TABLE orders SET (fillfactor = {FILLFACTOR})")
     op.execute(BOOK_LEVELS)
 
@@ -89,13 +93,7 @@ def downgrade() -> None:
         raise RuntimeError(f"0009's downgrade expected {new!r} twice")
     op.execute(BOOK_LEVELS.replace(new, old))
     op.execute("ALTER TABLE orders RESET (fillfactor)")
-    op.execute("DROP INDEX ix_orders_open_valid_until")
-    op.execute(
-        "CREATE INDEX ix_orders_open_valid_until ON orders (valid_until)"
-        " WHERE status = 'open' AND valid_until IS NOT NULL"
-    )
-    op.execute("DROP INDEX ix_orders_open_book")
-    op.execute("CREATE INDEX ix_orders_open_book ON orders (symbol, side, price, priority) WHERE status = 'open'")
+    _book_indexes(resting="status = 'open'")
     for key in ("client_order_id", "idempotency_key"):
         op.execute(f"DROP INDEX uq_orders_broker_id_{key}")
         op.create_unique_constraint(f"uq_orders_broker_id_{key}", "orders", ["broker_id", key])

@@ -221,11 +221,10 @@ def render(report: dict[str, Any]) -> str:
     if report.get("order_stages", {}).get("error"):
         lines.append(f"new order stages: not read ({report['order_stages']['error']})")
     elif report.get("order_stages"):
+        from ops.bench.stages import STAGES  # here: stages imports this module's summarize
+
         st = report["order_stages"]
-        parts = " · ".join(
-            f"{name} p50 {_fmt(st[name]['p50_ms'])} / p99 {_fmt(st[name]['p99_ms'])}"
-            for name in ("to_accept", "accept_to_match", "match_to_answer")
-        )
+        parts = " · ".join(f"{name} p50 {_fmt(st[name]['p50_ms'])} / p99 {_fmt(st[name]['p99_ms'])}" for name in STAGES)
         lines.append(
             f"new order stages (n={st['orders']}, answered before the match {st['answered_before_match']}): {parts} ms"
         )
