@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -48,6 +49,26 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class LabelCache(Generic[M]):
+    """A labelled metric's children by label values (positional, in the metric's label order), each looked up
+    once: ``metric.labels(...)`` costs ~4 µs a call on the project's machines (keyword handling and a lock), a dict
+    hit ~0.1, and the api updates three labelled metrics per order. Holds no more children than the metric
+    itself keeps (label values are bounded sets, see above)."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
@@ -108,11 +129,15 @@ WEBHOOK_LATENCY = Histogram(
 )
 
 
+_webhook_deliveries = LabelCache(WEBHOOK_DELIVERIES)
+_webhook_latency = LabelCache(WEBHOOK_LATENCY)
+
+
 def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
     """Count one webhook attempt (``outcome``: delivered | retry | failed | skipped) and its duration."""
-    WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()
+    _webhook_deliveries(outcome).inc()
     if seconds is not None:
-        WEBHOOK_LATENCY.labels(outcome=outcome).observe(seconds)
+        _webhook_latency(outcome).observe(seconds)
 
 
 # -------------------------------------------------------------------------------------------------- sweeper

@@ -25,7 +25,7 @@ from exchange.api.schemas import (
 from exchange.db.engines import single_statement
 from exchange.db.tables import OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
-from exchange.observability.metrics import ORDERS_ACCEPTED
+from exchange.observability.metrics import ORDERS_ACCEPTED, LabelCache
 from exchange.orders import accept, queries
 from exchange.orders.errors import OrderNotFoundError
 
@@ -34,6 +34,8 @@ IdempotencyKey = Annotated[
 ]
 SymbolQuery = Annotated[str, QueryParameter(min_length=1, max_length=10)]
 OptionalSymbolQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=10)]
+
+_accepted = LabelCache(ORDERS_ACCEPTED)
 
 
 def parse_order_id(raw: str) -> uuid.UUID:
@@ -80,7 +82,7 @@ class OrdersController(Controller):
         )
         view, created = await services.place(api, order)
         if created:
-            ORDERS_ACCEPTED.labels(order_type=body.order_type, side=body.side).inc()
+            _accepted(body.order_type, body.side).inc()
         headers = {} if created else {"Idempotent-Replayed": "true"}
         return Response(order_out(view), status_code=201, headers=headers)
 
