@@ -18,8 +18,8 @@ import dramatiq
 import redis
 
 from exchange.config import Settings
-from exchange.db.engines import pooled_engine
 from exchange.matching.service import BatchResult, BookCache, drain
+from exchange.matching.store import matcher_engine
 from exchange.messaging.broker import make_broker
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
@@ -36,7 +36,7 @@ metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind
 broker = make_broker(settings.redis_url, settings.partitions)
 # One connection per dramatiq thread (each may hold one symbol's lock) plus a spare for the one in rollback.
 _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
-_engine = pooled_engine(settings.pooled_database_url, pool_size=_threads + 1, max_overflow=1)
+_engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
 _redis = redis.Redis.from_url(settings.redis_url)
 _cache = BookCache()
 _wakeups = PartitionWakeups(_redis)

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from exchange.db.engines import pooled_engine
+from exchange.matching import store
 from exchange.matching.service import BatchResult, BookCache, drain, process_symbol, process_symbols
 from tests.integration.concurrency import run_concurrently
 from tests.integration.sql_orders import add_broker, cancel, place
@@ -66,9 +67,9 @@ def pooled_url(fresh_migrated_database_url: str, pgbouncer_port: int) -> str:
 
 @pytest.fixture
 def bounced(pooled_url: str) -> Iterator[Engine]:
-    """The matcher's engine through pgbouncer (``pooled_engine``, as workers/matching.py builds it), connected once
-    so that SQLAlchemy's first-connect queries are not counted."""
-    engine = pooled_engine(pooled_url)
+    """The matcher's engine through pgbouncer (``store.matcher_engine``, as workers/matching.py builds it),
+    connected once so that SQLAlchemy's first-connect queries are not counted."""
+    engine = store.matcher_engine(pooled_url, pool_size=5)
     engine.connect().close()
     yield engine
     engine.dispose()
@@ -187,3 +188,23 @@ def test_overlapping_groups_through_pgbouncer_apply_each_command_once(engine: En
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM orders WHERE status = 'pending'")).scalar_one() == 0
     assert_conserved(engine)
+
+
+def test_the_matchers_connections_stay_in_autocommit_and_others_get_their_mode_back(
+    bounced: Engine, pooled_url: str
+) -> None:
+    other = pooled_engine(pooled_url, pool_size=1, max_overflow=0)
+    try:
+        for engine, mode_in_pool in ((bounced, True), (other, False)):
+            for _ in range(2):  # the second checkout gets the connection the first returned
+                with store.connect(engine) as conn:
+                    pg = conn.connection.driver_connection
+                    assert pg is not None
+                    assert pg.autocommit  # the queries carry their own BEGIN/COMMIT
+                    conn.exec_driver_sql("BEGIN; SELECT 1; COMMIT")
+                with engine.connect() as conn:
+                    pg = conn.connection.driver_connection
+                    assert pg is not None
+                    assert pg.autocommit is mode_in_pool
+    finally:
+        other.dispose()
