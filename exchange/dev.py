@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -176,6 +177,13 @@ class StopRequest:
         return self.requested
 
 
+def dev_partitions(configured: Mapping[str, str], partitions: int, matchers: int) -> int:
+    """The partition count dev gives every process: ``EXCHANGE_PARTITIONS`` when it is set (``partitions``, read
+    from it), else one per matcher process: more would only cut each process's work into smaller transactions
+    (see :attr:`exchange.config.Settings.partitions`), fewer would leave matcher processes without a partition."""
+    return partitions if configured.get("EXCHANGE_PARTITIONS") else matchers
+
+
 def run_dev(
     settings: Settings,
     *,
@@ -200,6 +208,7 @@ def run_dev(
     configured = load_environ()
     with EmbeddedServices(state_dir) as embedded:
         overrides: dict[str, Any] = {}
+        overrides["partitions"] = dev_partitions(configured, settings.partitions, matchers)
         if not configured.get("EXCHANGE_DATABASE_URL"):
             overrides["database_url"] = embedded.start_postgres()
             print(f"dev: embedded PostgreSQL (data in {state_dir / 'pgdata'})", flush=True)
@@ -246,9 +255,13 @@ def _supervise(
     env["EXCHANGE_DATABASE_URL"] = settings.database_url
     env["EXCHANGE_POOLED_DATABASE_URL"] = pooled or settings.database_url
     env["EXCHANGE_REDIS_URL"] = settings.redis_url
+    env["EXCHANGE_PARTITIONS"] = str(settings.partitions)  # every process must agree on it
 
     exe = [sys.executable, "-m", "exchange.cli"]
-    print(f"dev: {api_workers} api worker(s), {matchers} matcher process(es)", flush=True)
+    print(
+        f"dev: {api_workers} api worker(s), {matchers} matcher process(es), {settings.partitions} partition(s)",
+        flush=True,
+    )
     children = [Child("api", [*exe, "api", "--bind", f"127.0.0.1:{port}", "--workers", str(api_workers)])]
     for n, spec in enumerate(split_partitions(settings.partitions, matchers)):
         children.append(Child(f"matcher-{n}", [*exe, "matcher", "--partitions", spec]))

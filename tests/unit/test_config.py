@@ -13,7 +13,7 @@ from exchange.config import Settings, SettingsError, load_environ
 
 def test_defaults_apply_when_nothing_is_set() -> None:
     settings = Settings.from_env({})
-    assert settings.partitions == 8
+    assert settings.partitions == 1
     assert settings.slow_request_ms == 500
     assert settings.log_format == "json"
     assert settings.metrics_port == 0
@@ -44,7 +44,7 @@ def test_dotenv_in_current_directory_is_read_by_default(tmp_path: Path, monkeypa
 def test_explicit_environ_ignores_dotenv_in_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / ".env").write_text("EXCHANGE_PARTITIONS=3\n")
     monkeypatch.chdir(tmp_path)
-    assert Settings.from_env({}).partitions == 8
+    assert Settings.from_env({}).partitions == 1
 
 
 def test_named_env_file_that_is_missing_is_an_error(tmp_path: Path) -> None:

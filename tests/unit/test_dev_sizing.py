@@ -26,3 +26,13 @@ def test_a_cgroup_cpu_quota_caps_the_cpus_dev_sizes_for(
     (tmp_path / "cpu.max").write_text(cpu_max + "\n")
     monkeypatch.setattr(dev, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert dev.usable_cpus() == expected
+
+
+@pytest.mark.parametrize(
+    ("configured", "matchers", "expected"), [({}, 1, 1), ({}, 3, 3), ({"EXCHANGE_PARTITIONS": "8"}, 1, 8)]
+)
+def test_dev_gives_one_partition_per_matcher_process_unless_partitions_are_set(
+    configured: dict[str, str], matchers: int, expected: int
+) -> None:
+    partitions = int(configured.get("EXCHANGE_PARTITIONS", "1"))
+    assert dev.dev_partitions(configured, partitions, matchers) == expected
