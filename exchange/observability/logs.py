@@ -12,8 +12,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -84,8 +85,82 @@ class TextFormatter(logging.Formatter):
         return f"{line} request_id={request_id}" if request_id else line
 
 
+class BatchingStreamHandler(logging.StreamHandler[TextIO]):
+    """A :class:`logging.StreamHandler` that writes its lines in batches: every ``flush_interval_s`` at most, and at
+    once for a record at WARNING or above (after the lines before it), when ``max_lines`` wait, on :meth:`flush`
+    and at exit (``logging.shutdown``).
+
+    Why: stderr is a pipe (``exchange dev``, a container runtime), and a line per ``write`` costs a system call and
+    a wake-up of the reader for every request's access line: 5 % of the api's CPU at ``--scale 75`` (py-spy). The
+    price is that a process killed outright (SIGKILL) loses up to ``flush_interval_s`` of its INFO lines; errors
+    and warnings are never held back. Like nginx's ``access_log … buffer= flush=``.
+
+    Invariant: lines reach the stream whole and in the order they were logged. The flusher thread is started with
+    the first held line, in each process (a forked child starts its own)."""
+
+    def __init__(self, stream: TextIO, *, flush_interval_s: float = 0.2, max_lines: int = 512) -> None:
+        super().__init__(stream)
+        self.flush_interval_s = flush_interval_s
+        self.max_lines = max_lines
+        self._held: list[str] = []
+        self._due = threading.Event()
+        self._flusher: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._forget_flusher)
+
+    def _forget_flusher(self) -> None:
+        self._flusher = None  # threads do not survive fork(); the child's first held line starts its own
+        self._due = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Handler.handle holds self.lock around emit.
+        try:
+            self._held.append(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING or len(self._held) >= self.max_lines:
+                self._write_held()
+            elif not self._due.is_set():
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True)
+                    self._flusher.start()
+                self._due.set()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_held()
+        finally:
+            self.release()
+
+    def _write_held(self) -> None:
+        """Write the held lines in one call (the caller holds the handler's lock)."""
+        if self._held:
+            text = "".join(self._held)
+            self._held.clear()
+            self.stream.write(text)
+        if hasattr(self.stream, "flush"):
+            self.stream.flush()
+
+    def _flush_periodically(self) -> None:
+        due = self._due
+        while True:
+            due.wait()
+            time.sleep(self.flush_interval_s)
+            self.acquire()
+            try:
+                due.clear()
+                self._write_held()
+            except Exception:  # a closed or broken stream: nothing to log it to
+                self._held.clear()
+            finally:
+                self.release()
+
+
 def configure_logging(kind: str, *, level: str = "info", fmt: str = "json", replace: bool = False) -> None:
-    """Send every log record of this process to stderr, one line each.
+    """Send every log record of this process to stderr, one line each (written in batches: see
+    :class:`BatchingStreamHandler`).
 
     Called once at start-up by each process kind (api worker, matcher, webhooks, sweeper); idempotent: a second
     call swaps the handler it installed. ``replace=True`` also removes handlers others installed on the root
@@ -98,7 +173,7 @@ def configure_logging(kind: str, *, level: str = "info", fmt: str = "json", repl
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
