@@ -91,7 +91,7 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
     and at exit (``logging.shutdown``).
 
     Why: stderr is a pipe (``exchange dev``, a container runtime), and a line per ``write`` costs a system call and
-    a wake-up of the reader for every request's access line: 5 % of the api's CPU at ``--scale 75`` (py-spy). The
+    a wake-up of the reader for every request's access line: 5 % of the api's py-spy samples at ``--scale 75``. The
     price is that a process killed outright (SIGKILL) loses up to ``flush_interval_s`` of its INFO lines; errors
     and warnings are never held back. Like nginx's ``access_log … buffer= flush=``.
 
