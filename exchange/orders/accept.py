@@ -267,26 +267,12 @@ _LOCK_ORDER = (
 )
 
 
-ORDER_LOCK_SPACE = 0x0C0C
-"""First key of the two-integer advisory locks that serialise cancel writers per order. Two-integer keys are a
-namespace of their own in PostgreSQL, apart from the one-bigint keys of the books' locks."""
-CANCEL_LOCK_BUCKETS = 256
-"""Orders hash into this many locks: a group (or a cancel-all of thousands of orders) holds at most this many
-entries of PostgreSQL's shared lock table. Two orders in one bucket only make their cancels wait for each other."""
-
-# Transaction-scoped advisory locks taken in one fixed (sorted) order, so two groups never wait on each other in a
-# cycle. Not row locks: the matcher updates order rows in its own order, so locking several rows here could
-# deadlock with it (as the row-locking cancel-all once did).
-_LOCK_CANCELS = f"""
-    SELECT pg_advisory_xact_lock({ORDER_LOCK_SPACE}, k.bucket)
-    FROM (SELECT DISTINCT hashtext(CAST(id AS text)) & {CANCEL_LOCK_BUCKETS - 1} AS bucket
-          FROM unnest(CAST(%(ids)s AS uuid[])) AS id ORDER BY 1) AS k
-    """  # noqa: S608  # integer constants only
-
-# A separate statement from the locks above on purpose: under READ COMMITTED it takes a fresh snapshot after the
-# locks are granted, so it sees the cancel commands (and closed statuses) a concurrent cancel committed meanwhile.
-# A cancel command for each keyed order of its broker that is not closed and has none pending (alembic 0012: a
-# PL/pgSQL function, planned once per server connection); one row per order found, with whether one was written.
+# Cancel writers are serialised per order by transaction-scoped advisory locks (on 256 buckets of the order ids'
+# hash, taken in ascending order, so two groups never wait on each other in a cycle), which ``write_cancels``
+# takes itself before it reads (alembic 0014): not row locks, since the matcher updates order rows in its own order
+# and locking several rows here could deadlock with it (as the row-locking cancel-all once did). A cancel command
+# for each keyed order of its broker that is not closed and has none pending; one row per order found, with whether
+# one was written. One statement: in autocommit, one round trip and its own transaction.
 _INSERT_CANCELS = "SELECT * FROM write_cancels(CAST(%(ids)s AS uuid[]), CAST(%(broker_ids)s AS uuid[]))"
 
 
@@ -297,7 +283,6 @@ async def _write_cancels(
     pending; returns the outcome of every order found (another broker's order is not found)."""
     unique = list(dict.fromkeys(keys))  # one order twice in a group: one command, the same outcome for both
     ids = array_literal(order_id for _, order_id in unique)
-    await conn.execute(_LOCK_CANCELS, {"ids": ids})
     params = {"ids": ids, "broker_ids": array_literal(broker_id for broker_id, _ in unique)}
     rows = await (await conn.execute(_INSERT_CANCELS, params)).fetchall()
     return {(row.broker_id, row.id): CommandResult(row.symbol, written=row.written) for row in rows}
@@ -308,7 +293,7 @@ async def cancel_orders(pool: AsyncPool, keys: Sequence[tuple[UUID, UUID]]) -> l
     ``(broker_id, order_id)``. Per key: a cancel command is written unless the order is closed or a cancel is
     already pending (``written=False``, a no-op); an unknown order, or another broker's, is
     :class:`OrderNotFoundError`. Concurrent cancels of one order write one command."""
-    async with transaction(pool) as conn:
+    async with single_statement(pool) as conn:
         found = await _write_cancels(conn, keys)
     return [found.get(key) or OrderNotFoundError() for key in keys]
 

@@ -140,6 +140,35 @@ async def test_a_cancel_group_writes_one_command_per_live_order_and_finds_only_o
 
 
 @pytest.mark.anyio
+async def test_a_cancel_group_waits_for_its_orders_advisory_lock_which_the_one_statement_takes_itself(
+    engine: Engine, api_pool: AsyncPool
+) -> None:
+    broker = add_broker(engine, "lock-taker")
+    order = new_order(broker, new_symbol())
+    await accept.place_orders(api_pool, [order])
+    with engine.connect() as other:  # another cancel writer of the same order's bucket (alembic 0014's key)
+        bucket_lock = text("SELECT pg_advisory_xact_lock(3084, hashtext(CAST(:id AS text)) & 255)")
+        other.execute(bucket_lock, {"id": order.order_id})
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(accept.cancel_orders(api_pool, [(broker, order.order_id)]), timeout=1)
+        other.rollback()
+    outcome = await asyncio.wait_for(accept.cancel_orders(api_pool, [(broker, order.order_id)]), timeout=10)
+    assert outcome == [CommandResult(order.symbol, written=True)]
+
+
+@pytest.mark.anyio
+async def test_concurrent_cancel_groups_of_one_order_write_one_command(engine: Engine, api_pool: AsyncPool) -> None:
+    broker = add_broker(engine, "racing-cancels")
+    order = new_order(broker, new_symbol())
+    await accept.place_orders(api_pool, [order])
+    outcomes = await asyncio.gather(*(accept.cancel_orders(api_pool, [(broker, order.order_id)]) for _ in range(8)))
+    assert sorted(o[0].written for o in outcomes if isinstance(o[0], CommandResult)) == [False] * 7 + [True]
+    with engine.connect() as conn:
+        kinds = conn.execute(text("SELECT kind FROM commands WHERE order_id = :o"), {"o": order.order_id})
+        assert sorted(kinds.scalars()) == ["cancel", "place"]
+
+
+@pytest.mark.anyio
 async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, api_pool: AsyncPool) -> None:
     # The matcher updates order rows (FOR NO KEY UPDATE level) in its own order; cancels taking row locks could
     # deadlock with it. Cancels must only need their advisory locks and the foreign key's KEY SHARE lock.
