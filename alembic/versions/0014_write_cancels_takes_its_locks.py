@@ -11,7 +11,7 @@ statement of its own, then called ``write_cancels`` (0012), inside an explicit t
 insert, COMMIT, four round trips per group. Taken in the function instead, a group is one autocommit statement.
 ``VOLATILE`` under READ COMMITTED: the insert's statement takes its own snapshot after every lock is granted, so it
 sees the commands (and closed statuses) that a concurrent cancel committed meanwhile, as the separate statement did.
-The rest of the function is 0012's.
+The rest of the function is 0012's, read from its revision file.
 """
 
 import importlib.util
@@ -25,52 +25,30 @@ down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-WRITE_CANCELS = """CREATE OR REPLACE FUNCTION write_cancels(p_ids uuid[], p_broker_ids uuid[])
-RETURNS TABLE (id uuid, broker_id uuid, symbol text, written boolean)
-LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
-AS $fn$
-#variable_conflict use_column
-BEGIN
-    -- The buckets in ascending order: the sorted subquery's rows reach the lock calls in that order.
+# Put first in 0012's function body (the rest of it is 0012's, read from its frozen revision file).
+LOCKS = """    -- The buckets in ascending order: the sorted subquery's rows reach the lock calls in that order.
     PERFORM pg_advisory_xact_lock(3084, k.bucket)
     FROM (SELECT DISTINCT hashtext(CAST(i AS text)) & 255 AS bucket FROM unnest(p_ids) AS i ORDER BY 1) AS k;
-    RETURN QUERY
-        WITH k AS (
-            SELECT * FROM unnest(p_ids, p_broker_ids) WITH ORDINALITY AS k(id, broker_id, n)
-        ), target AS (
-            SELECT o.id, o.broker_id, o.symbol, o.status, k.n
-            FROM k CROSS JOIN LATERAL (SELECT * FROM orders WHERE orders.id = k.id OFFSET 0) o
-            WHERE o.broker_id = k.broker_id
-        ), written AS (
-            INSERT INTO commands (symbol, kind, order_id)
-            SELECT t.symbol, 'cancel', t.id
-            FROM target t
-            LEFT JOIN LATERAL (
-                SELECT true AS found FROM commands c
-                WHERE c.symbol = t.symbol AND c.processed_at IS NULL AND c.order_id = t.id AND c.kind = 'cancel'
-                ORDER BY c.seq
-                LIMIT 1
-            ) pending ON true
-            WHERE t.status <> 'closed' AND pending.found IS NULL
-            ORDER BY t.n
-            RETURNING order_id
-        )
-        SELECT t.id, t.broker_id, t.symbol, w.order_id IS NOT NULL
-        FROM target t LEFT JOIN written w ON w.order_id = t.id;
-END
-$fn$"""
+"""
 
 
-def upgrade() -> None:
-    op.execute(WRITE_CANCELS)
-
-
-def downgrade() -> None:
-    # 0012's function, read from its (frozen) revision file rather than copied here.
+def _write_cancels_0012() -> str:
+    """0012's ``CREATE FUNCTION write_cancels`` as ``CREATE OR REPLACE``, from its revision file."""
     path = Path(__file__).with_name("0012_write_cancels_function.py")
     spec = importlib.util.spec_from_file_location("rev_0012", path)
     if spec is None or spec.loader is None:
         raise RuntimeError(f"cannot load {path}")
     rev_0012 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rev_0012)
-    op.execute(rev_0012.WRITE_CANCELS.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
+    return str(rev_0012.WRITE_CANCELS).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+
+
+def upgrade() -> None:
+    head, begin, body = _write_cancels_0012().partition("\nBEGIN\n")
+    if not begin:
+        raise RuntimeError("0012's write_cancels has no BEGIN line")
+    op.execute(head + begin + LOCKS + body)
+
+
+def downgrade() -> None:
+    op.execute(_write_cancels_0012())
