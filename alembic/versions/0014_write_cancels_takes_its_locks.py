@@ -6,9 +6,11 @@ Create Date: 2026-12-06
 
 Hand-written and frozen (see 0001). Cancel writers are serialised per order by transaction-scoped advisory locks,
 taken in ascending order (no cycle between two groups) on one of 256 buckets of the order id's hash under the
-two-integer key space 3084 (0x0C0C), apart from the books' one-bigint keys. Until now the api took them with a
-statement of its own, then called ``write_cancels`` (0012), inside an explicit transaction: BEGIN, the locks, the
-insert, COMMIT, four round trips per group. Taken in the function instead, a group is one autocommit statement.
+two-integer key space 3084 (0x0C0C), apart from the books' one-bigint keys: a group (or a cancel-all of thousands
+of orders) holds at most 256 entries of PostgreSQL's shared lock table, and two orders in one bucket only make their
+cancels wait for each other. Until now the api took them with a statement of its own, then called
+``write_cancels`` (0012), inside an explicit transaction: BEGIN, the locks, the insert, COMMIT, four round trips per
+group. Taken in the function instead, a group is one autocommit statement.
 ``VOLATILE`` under READ COMMITTED: the insert's statement takes its own snapshot after every lock is granted, so it
 sees the commands (and closed statuses) that a concurrent cancel committed meanwhile, as the separate statement did.
 The rest of the function is 0012's, read from its revision file.
