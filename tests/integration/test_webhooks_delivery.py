@@ -70,7 +70,9 @@ def test_every_attempt_sends_the_same_bytes_with_a_fresh_timestamp(engine: Engin
     (event,) = events_of(engine, buyer)
     receiver.fail_next(1)
 
-    deliver_until_settled(deliverer(engine, retry_schedule=(1.1,)), event.id)
+    # Timestamps are whole seconds and retries are jittered by ±20 %: 1.3 s comes at least 1.04 s after the first
+    # attempt's record, so the second attempt's timestamp is always a later second (1.1 s could come 0.88 s later).
+    deliver_until_settled(deliverer(engine, retry_schedule=(1.3,)), event.id)
 
     first, second = receiver.received
     assert first.body == second.body
