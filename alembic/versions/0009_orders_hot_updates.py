@@ -25,7 +25,7 @@ A maker's partial fill (``remaining`` only) is HOT too. Closing an order (``clos
 
 from collections.abc import Sequence
 
-from alembic import op
+from alembic import context, op
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -34,36 +34,14 @@ depends_on: str | Sequence[str] | None = None
 
 FILLFACTOR = 80
 
-# 0007's book_levels with the predicate of ix_orders_open_book added to both sides' conditions.
-BOOK_LEVELS = """CREATE OR REPLACE FUNCTION book_levels(p_symbol text, p_depth integer)
-RETURNS TABLE (side text, price bigint, total_quantity numeric, order_count bigint)
-LANGUAGE plpgsql STABLE SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
-AS $fn$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY
-        SELECT 'bid'::text, b.* FROM (
-            SELECT o.price, sum(o.remaining), count(*)
-            FROM orders o
-            WHERE o.symbol = p_symbol AND o.close_reason IS NULL AND o.status = 'open' AND o.side = 'bid'
-              AND (o.valid_until IS NULL OR o.valid_until > now())
-            GROUP BY o.price
-            ORDER BY o.price DESC
-            LIMIT p_depth
-        ) b
-        UNION ALL
-        SELECT 'ask'::text, a.* FROM (
-            SELECT o.price, sum(o.remaining), count(*)
-            FROM orders o
-            WHERE o.symbol = p_symbol AND o.close_reason IS NULL AND o.status = 'open' AND o.side = 'ask'
-              AND (o.valid_until IS NULL OR o.valid_until > now())
-            GROUP BY o.price
-            ORDER BY o.price ASC
-            LIMIT p_depth
-        ) a;
-END
-$fn$"""
-BOOK_LEVELS_CHANGE = ("o.close_reason IS NULL AND o.status = 'open'", "o.status = 'open'")
+# book_levels (0007) names the predicate of ix_orders_open_book on both sides, so that its plan can use the index.
+BOOK_LEVELS_CHANGE = ("o.status = 'open'", "o.close_reason IS NULL AND o.status = 'open'")
+
+
+def _book_levels_0007() -> str:
+    """0007's ``CREATE FUNCTION book_levels`` as ``CREATE OR REPLACE``, from that (frozen) revision's module."""
+    text = str(context.script.get_revision("0007").module.BOOK_LEVELS)
+    return text.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
 
 def _book_indexes(*, resting: str) -> None:
@@ -84,14 +62,15 @@ def upgrade() -> None:
         )
     _book_indexes(resting="close_reason IS NULL")
     op.execute(f"ALTER TABLE orders SET (fillfactor = {FILLFACTOR})")
-    op.execute(BOOK_LEVELS)
+    old, new = BOOK_LEVELS_CHANGE
+    book_levels = _book_levels_0007()
+    if book_levels.count(old) != 2:  # a silent no-op replace would leave 0007's plan
+        raise RuntimeError(f"0009 expected {old!r} twice in 0007's book_levels")
+    op.execute(book_levels.replace(old, new))
 
 
 def downgrade() -> None:
-    new, old = BOOK_LEVELS_CHANGE
-    if BOOK_LEVELS.count(new) != 2:  # a silent no-op replace would "restore" this revision's text
-        raise RuntimeError(f"0009's downgrade expected {new!r} twice")
-    op.execute(BOOK_LEVELS.replace(new, old))
+    op.execute(_book_levels_0007())
     op.execute("ALTER TABLE orders RESET (fillfactor)")
     _book_indexes(resting="status = 'open'")
     for key in ("client_order_id", "idempotency_key"):

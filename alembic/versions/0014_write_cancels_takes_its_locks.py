@@ -13,21 +13,19 @@ cancels wait for each other. Until now the api took them with a statement of its
 group. Taken in the function instead, a group is one autocommit statement.
 ``VOLATILE`` under READ COMMITTED: the insert's statement takes its own snapshot after every lock is granted, so it
 sees the commands (and closed statuses) that a concurrent cancel committed meanwhile, as the separate statement did.
-The rest of the function is 0012's, read from its revision file.
+The rest of the function is 0012's, read from that revision.
 """
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 
-from alembic import op
+from alembic import context, op
 
 revision: str = "0014"
 down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Put first in 0012's function body (the rest of it is 0012's, read from its frozen revision file).
+# Put first in 0012's function body (the rest of it is 0012's, read from its frozen revision).
 LOCKS = """    -- The buckets in ascending order: the sorted subquery's rows reach the lock calls in that order.
     PERFORM pg_advisory_xact_lock(3084, k.bucket)
     FROM (SELECT DISTINCT hashtext(CAST(i AS text)) & 255 AS bucket FROM unnest(p_ids) AS i ORDER BY 1) AS k;
@@ -35,14 +33,9 @@ LOCKS = """    -- The buckets in ascending order: the sorted subquery's rows rea
 
 
 def _write_cancels_0012() -> str:
-    """0012's ``CREATE FUNCTION write_cancels`` as ``CREATE OR REPLACE``, from its revision file."""
-    path = Path(__file__).with_name("0012_write_cancels_function.py")
-    spec = importlib.util.spec_from_file_location("rev_0012", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    rev_0012 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rev_0012)
-    return str(rev_0012.WRITE_CANCELS).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    """0012's ``CREATE FUNCTION write_cancels`` as ``CREATE OR REPLACE``, from that (frozen) revision's module."""
+    text = str(context.script.get_revision("0012").module.WRITE_CANCELS)
+    return text.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
 
 def upgrade() -> None:
