@@ -20,7 +20,7 @@ import redis
 from exchange.config import Settings
 from exchange.matching.service import BatchResult, BookCache, drain
 from exchange.matching.store import matcher_engine
-from exchange.messaging.broker import make_broker
+from exchange.messaging.broker import SettledHeap, make_broker
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
@@ -34,6 +34,7 @@ settings = Settings.from_env()
 configure_logging("matcher", level=settings.log_level, fmt=settings.log_format, replace=True)
 metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
+broker.add_middleware(SettledHeap())
 # One connection per dramatiq thread (each may hold one symbol's lock) plus a spare for the one in rollback.
 _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
 _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)

@@ -28,7 +28,7 @@ import dramatiq
 
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
-from exchange.messaging.broker import make_broker
+from exchange.messaging.broker import SettledHeap, make_broker
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
@@ -43,6 +43,7 @@ settings = Settings.from_env()
 configure_logging("webhooks", level=settings.log_level, fmt=settings.log_format, replace=True)
 metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
+broker.add_middleware(SettledHeap())
 # The pump claims and records one statement at a time each (on threads of its own), plus a spare.
 _engine = pooled_engine(settings.pooled_database_url, pool_size=3, max_overflow=2)
 _config = DeliveryConfig.from_settings(settings)

@@ -31,6 +31,7 @@ import redis
 import redis.asyncio
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 
+from exchange.heap import settle
 from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue
 from exchange.observability.propagation import RequestIdMiddleware
 
@@ -226,6 +227,14 @@ def _add_enqueue(
         keys += [guard.set_key, guard.flag]
         args += [guard.ttl_ms, *guard.members]
     pipe.evalsha(_ENQUEUE_SHA, len(keys), *keys, *args)
+
+
+class SettledHeap(dramatiq.Middleware):
+    """Settles a worker process's heap (:func:`exchange.heap.settle`) once dramatiq has booted it: the actors'
+    modules, the broker, the pools and the worker's threads exist by then."""
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        settle()
 
 
 def make_broker(redis_url: str, partitions: int) -> RedisBroker:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from exchange.heap import settle
 from ops.bench import model as m
 from ops.bench.http import HttpError, Pool, install_uvloop
 
@@ -254,8 +255,11 @@ def run_worker(cfg: WorkerConfig) -> WorkerResult:
 
 
 def worker_main(cfg: WorkerConfig, queue: Any) -> None:
-    """multiprocessing target: run and put the result (or the exception text) on ``queue``."""
+    """multiprocessing target: run and put the result (or the exception text) on ``queue``. The schedule and the
+    modules exist by now and stay to the end: settled (``exchange.heap``), a full collection of them cannot stall
+    the sends behind their schedule."""
     try:
+        settle()
         queue.put(run_worker(cfg))
     except BaseException as exc:
         queue.put(f"worker {cfg.index} failed: {exc.__class__.__name__}: {exc}")
