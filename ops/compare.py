@@ -12,7 +12,8 @@ order->fill p50, server CPU per order by process kind, PostgreSQL transactions a
 new-order stages' p50, with the ratio of the medians (this side / base).
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
-``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics) while it runs. SIGTERM, SIGHUP and
+``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics), nor use the Redis database,
+while it runs (it checks both before every run). SIGTERM, SIGHUP and
 Ctrl-C stop the running side and remove the worktree and the database.
 """
 
@@ -87,6 +88,27 @@ def _stop(process: subprocess.Popen[bytes], state_dir: Path) -> None:
     subprocess.run(["bash", str(REPO / "ops" / "scripts" / "pgbouncer.sh"), "stop", str(state_dir / "pgbouncer")])
 
 
+def flush_unshared_redis(redis_url: str) -> None:
+    """Empty the Redis database of ``redis_url`` for a run, after checking that no other program is connected to it.
+    A leftover ``exchange dev`` (or any dramatiq worker) on the same database would take the run's messages and
+    measure nothing of the side under test (seen: a forgotten exchange's matcher took the run's wake-ups, every
+    new order waited out the api's 250 ms and both sides reported 7 orders/s at concurrency 1)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        own = client.client_id()
+        db = int(client.connection_pool.connection_kwargs.get("db", 0))
+        others = [c for c in client.client_list() if int(c.get("db", -1)) == db and int(c["id"]) != own]
+        if others:
+            seen = ", ".join(sorted({f"{c.get('addr')} ({c.get('cmd')})" for c in others}))
+            raise RuntimeError(
+                f"{len(others)} other client(s) connected to Redis database {db} ({seen}): a leftover exchange "
+                "would take this run's messages; stop it or pass another --redis-url"
+            )
+        client.flushdb()
+    finally:
+        client.close()
+
+
 def _run_once(side: Path, args: argparse.Namespace, bench_args: list[str], work: Path, label: str) -> dict[str, Any]:
     database = f"exchange_compare_{args.port}"
     database_url = with_database(args.postgres_url, database)
@@ -96,7 +118,7 @@ def _run_once(side: Path, args: argparse.Namespace, bench_args: list[str], work:
     with psycopg.connect(args.postgres_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{database}"')
-    redis.Redis.from_url(args.redis_url).flushdb()
+    flush_unshared_redis(args.redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_", "VIRTUAL_ENV"))}
     env.pop("PYTHONPATH", None)
     (work / "empty.env").write_text("")  # neither side reads a .env of its checkout: both get exactly these
