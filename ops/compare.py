@@ -13,8 +13,8 @@ new-order stages' p50, with the ratio of the medians (this side / base).
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
 ``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics), nor use the Redis database,
-while it runs (it checks both before every run). SIGTERM, SIGHUP and
-Ctrl-C stop the running side and remove the worktree and the database.
+while it runs (it checks both before every run). SIGTERM, SIGHUP and Ctrl-C stop the running side and remove the
+worktree and the database.
 """
 
 from __future__ import annotations
