@@ -9,6 +9,9 @@ generation (``gc.freeze``: never walked again), and lets the youngest generation
 :data:`YOUNG_THRESHOLD` allocations between collections instead of 700, so that the churn of requests and batches
 (mostly freed by reference counting anyway) triggers the collector less often.
 
+With ``on_pause``, every collection from the settling one on is timed (``gc.callbacks``) and reported with its
+generation: the servers export it as ``exchange_gc_pause_seconds``.
+
 Invariant: only what is alive at the call is frozen; reference cycles made afterwards are still collected (by the
 same three generations, the oldest still only when enough survivors accumulated). A frozen object that later
 becomes garbage in a cycle is never freed: call :func:`settle` only after start-up, when what exists is meant to
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("exchange.heap")
 
@@ -27,8 +33,15 @@ YOUNG_THRESHOLD = 10_000
 (CPython's default: 700). The older generations keep their default ratios (each runs every 10 of the one below)."""
 
 
-def settle() -> None:
-    """Collect what start-up left behind, freeze the rest, raise the youngest generation's threshold."""
+PauseObserver = Callable[[int, float], None]
+"""Called after each collection with its generation (0-2) and its duration in seconds."""
+
+
+def settle(on_pause: PauseObserver | None = None) -> None:
+    """Collect what start-up left behind, freeze the rest, raise the youngest generation's threshold. With
+    ``on_pause``, every collection from this first full one on is timed and reported."""
+    if on_pause is not None:
+        gc.callbacks.append(_Timer(on_pause))
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
@@ -38,3 +51,18 @@ def settle() -> None:
         gc.get_freeze_count(),
         YOUNG_THRESHOLD,
     )
+
+
+class _Timer:
+    """A ``gc.callbacks`` entry: the collector calls it at the start and at the end of each collection, in the
+    thread that triggered it and with the GIL held, and collections never overlap, so one start time suffices."""
+
+    def __init__(self, on_pause: PauseObserver) -> None:
+        self._on_pause = on_pause
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._on_pause(int(info["generation"]), time.perf_counter() - self._started)

@@ -33,6 +33,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 
 from exchange.heap import settle
 from exchange.messaging.partitions import WEBHOOK_QUEUE, matching_queue
+from exchange.observability import metrics
 from exchange.observability.propagation import RequestIdMiddleware
 
 log = logging.getLogger("exchange.messaging")
@@ -231,10 +232,11 @@ def _add_enqueue(
 
 class SettledHeap(dramatiq.Middleware):
     """Settles a worker process's heap (:func:`exchange.heap.settle`) once dramatiq has booted it: the actors'
-    modules, the broker, the pools and the worker's threads exist by then."""
+    modules, the broker, the pools and the worker's threads exist by then. Collections are timed from then on
+    (``exchange_gc_pause_seconds`` on the worker's metrics port)."""
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        settle()
+        settle(metrics.observe_gc_pause)
 
 
 def make_broker(redis_url: str, partitions: int) -> RedisBroker:

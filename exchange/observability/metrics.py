@@ -19,6 +19,8 @@ metric                                         updated by      served by
 ``exchange_webhook_delivery_duration_seconds`` webhooks        webhook worker's metrics port
 ``exchange_sweeper_renudges_total``            sweeper         sweeper's metrics port
 ``exchange_sweeper_expiries_total``            sweeper         sweeper's metrics port
+``exchange_gc_pause_seconds``                  api, matcher,   each one's endpoint above
+                                               webhooks
 =============================================  ==============  ====================================================
 
 The api runs several gunicorn workers, so it uses prometheus-client's multiprocess mode: ``gunicorn.conf.py``
@@ -144,6 +146,24 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 SWEEPER_RENUDGES = Counter("exchange_sweeper_renudges_total", "Symbols re-woken by the sweeper (stale commands).")
 SWEEPER_EXPIRIES = Counter("exchange_sweeper_expiries_total", "Expire commands logged by the sweeper.")
+
+# ------------------------------------------------------------------------------------------- every process
+
+GC_PAUSE = Histogram(
+    "exchange_gc_pause_seconds",
+    "Duration of one collection of Python's cyclic garbage collector (the process stands still), by generation.",
+    ["generation"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+_gc_pause = LabelCache(GC_PAUSE)
+for _generation in ("0", "1", "2"):  # exported from the start, at zero, so that a dashboard sees all three
+    _gc_pause(_generation)
+
+
+def observe_gc_pause(generation: int, seconds: float) -> None:
+    """``exchange.heap.settle``'s ``on_pause`` in the servers."""
+    _gc_pause(str(generation)).observe(seconds)
+
 
 # --------------------------------------------------------------------------------------- scrape-time gauges
 

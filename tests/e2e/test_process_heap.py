@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import httpx
+
 from tests.e2e.conftest import MATCHER_SPLITS, Harness, wait_until
 
 SETTLED = b"heap settled:"
@@ -13,6 +15,25 @@ def _settled(harness: Harness, name: str) -> int:
 
 def test_each_api_worker_matcher_and_webhook_worker_settles_its_heap_after_start_up(e2e_harness: Harness) -> None:
     h = e2e_harness
-    names = ["api", *MATCHER_SPLITS, "webhooks"]
-    wait_until(lambda: all(_settled(h, name) >= 1 for name in names), message=f"'heap settled' in each of {names}")
-    assert _settled(h, "api") >= 2  # each of the two gunicorn workers, after loading the app
+    wanted = {"api": 2, **dict.fromkeys(MATCHER_SPLITS, 1), "webhooks": 1}  # the api: each of its two workers
+    wait_until(
+        lambda: all(_settled(h, name) >= count for name, count in wanted.items()),
+        message=f"'heap settled' lines: {wanted} at least",
+    )
+
+
+def test_the_api_and_the_webhook_worker_export_their_collections_pauses_from_the_settling_one_on(
+    e2e_harness: Harness,
+) -> None:
+    h = e2e_harness
+    api = h.client.get("/metrics").text
+    webhooks = httpx.get(f"http://127.0.0.1:{h.webhooks_metrics_port}/metrics", timeout=5).text
+    for text, processes in ((api, 2), (webhooks, 1)):  # the api's two gunicorn workers add up
+        assert _sample(text, 'exchange_gc_pause_seconds_count{generation="2"}') >= processes
+        assert _sample(text, 'exchange_gc_pause_seconds_sum{generation="2"}') > 0
+        for generation in ("0", "1"):
+            assert _sample(text, f'exchange_gc_pause_seconds_count{{generation="{generation}"}}') >= 0
+
+
+def _sample(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))

@@ -54,3 +54,19 @@ def test_a_cycle_made_after_settle_is_still_collected() -> None:
         assert gone() is None
         """
     )
+
+
+def test_with_an_observer_every_collection_from_settles_own_on_is_reported_with_generation_and_duration() -> None:
+    _run(
+        """
+        import gc
+        from exchange import heap
+
+        pauses = []
+        heap.settle(lambda generation, seconds: pauses.append((generation, seconds)))
+        gc.collect()
+        gc.collect(0)
+        assert [g for g, _ in pauses] == [2, 2, 0], pauses  # settle's own full collection, then these two
+        assert all(0 <= s < 5 for _, s in pauses), pauses
+        """
+    )
