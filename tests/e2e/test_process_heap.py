@@ -26,10 +26,17 @@ def test_the_api_and_the_webhook_worker_export_their_collections_pauses_from_the
     e2e_harness: Harness,
 ) -> None:
     h = e2e_harness
-    api = h.client.get("/metrics").text
-    webhooks = httpx.get(f"http://127.0.0.1:{h.webhooks_metrics_port}/metrics", timeout=5).text
-    for text, processes in ((api, 2), (webhooks, 1)):  # the api's two gunicorn workers add up
-        assert _sample(text, 'exchange_gc_pause_seconds_count{generation="2"}') >= processes
+
+    def scrapes() -> list[tuple[str, int]]:  # the api's two gunicorn workers add up
+        api = h.client.get("/metrics").text
+        webhooks = httpx.get(f"http://127.0.0.1:{h.webhooks_metrics_port}/metrics", timeout=5).text
+        return [(api, 2), (webhooks, 1)]
+
+    def settled_collections_reported() -> bool:  # reported within a second (exchange.heap.REPORT_EVERY_S)
+        return all(_sample(text, 'exchange_gc_pause_seconds_count{generation="2"}') >= n for text, n in scrapes())
+
+    wait_until(settled_collections_reported, message="each process's settling collection in exchange_gc_pause_seconds")
+    for text, _ in scrapes():
         assert _sample(text, 'exchange_gc_pause_seconds_sum{generation="2"}') > 0
         for generation in ("0", "1"):
             assert _sample(text, f'exchange_gc_pause_seconds_count{{generation="{generation}"}}') >= 0
