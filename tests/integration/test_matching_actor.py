@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,9 +34,10 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def matcher(fresh_migrated_database_url: str, redis_url: str) -> Iterator[Path]:
-    """An ``exchange matcher`` over every partition; yields its log file."""
-    work = Path(tempfile.mkdtemp(prefix="exchange-test-matcher-actor-"))
+def matcher(fresh_migrated_database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Path]:
+    """An ``exchange matcher`` over every partition; yields its log file (in pytest's own temporary directory,
+    which pytest prunes, unlike a directory of ``tempfile`` left behind by every run)."""
+    work = tmp_path
     (work / "empty.env").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_"))}
     env.update(
