@@ -18,6 +18,7 @@ import dramatiq
 import redis
 
 from exchange.config import Settings
+from exchange.heap import Keeper
 from exchange.matching.service import BatchResult, BookCache, drain
 from exchange.matching.store import matcher_engine
 from exchange.messaging.broker import SettledHeap, make_broker
@@ -41,6 +42,9 @@ _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
 _redis = redis.Redis.from_url(settings.redis_url)
 _cache = BookCache()
 _wakeups = PartitionWakeups(_redis)
+_keep_heap = Keeper()
+"""The cached books only grow while the matcher runs: what survived is frozen once a second (``exchange.heap``), so
+no collection walks them again."""
 HOLD_S = 0.5
 """Longest a message keeps its partition before handing what is left back to the queue."""
 
@@ -109,6 +113,7 @@ def _drain(symbols: list[str]) -> None:
     started = time.perf_counter()
     for results in drain(_engine, _cache, symbols):
         _after_commit(results, time.perf_counter() - started)
+        _keep_heap()
         started = time.perf_counter()
 
 

@@ -260,6 +260,8 @@ class Harness:
     redis_db: int | None = None
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    matcher_metrics_ports: dict[str, int] = field(default_factory=dict)
+    """The metrics port of each matcher of ``MATCHER_SPLITS`` (kept when a test restarts it)."""
     _client: httpx.Client | None = None
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -292,6 +294,7 @@ class Harness:
         )
         self.env = env
         self.start_service("api", ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", "2"])
+        self.matcher_metrics_ports = {name: free_port() for name in MATCHER_SPLITS}
         for name, spec in MATCHER_SPLITS.items():
             self.start_matcher(name, spec)
         self.start_service("sweeper", ["sweeper"])
@@ -397,7 +400,10 @@ class Harness:
         return service
 
     def start_matcher(self, name: str, partitions: str) -> Service:
-        return self.start_service(name, ["matcher", "--partitions", partitions])
+        port = self.matcher_metrics_ports.get(name, 0)  # a matcher started by a test on its own: no metrics
+        return self.start_service(
+            name, ["matcher", "--partitions", partitions], env={"EXCHANGE_METRICS_PORT": str(port)}
+        )
 
     def kill_service(self, name: str) -> None:
         """SIGKILL the service's whole process group (a crash: no cleanup, no acks) and reap it."""

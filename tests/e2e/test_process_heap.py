@@ -41,3 +41,21 @@ def test_the_api_and_the_webhook_worker_export_their_collections_pauses_from_the
         assert (sample(text, "exchange_gc_pause_seconds_sum", generation="2") or 0) > 0
         for generation in ("0", "1"):
             assert sample(text, "exchange_gc_pause_seconds_count", generation=generation) is not None  # exported
+
+
+def test_each_matcher_keeps_its_heap_frozen_as_its_books_grow(e2e_harness: Harness) -> None:
+    """After its first transaction a matcher collects and freezes what survived (``exchange.heap.Keeper``): a
+    full collection of its own, reported with the settling one."""
+    h = e2e_harness
+    broker = h.register_broker("heap-keeper")
+    for n in range(8):  # several symbols, so that each matcher gets some
+        broker.place(f"KEEP{n}", "bid", 1, 100 + n)
+
+    def gen2(name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{h.matcher_metrics_ports[name]}/metrics", timeout=5).text
+        return sample(text, "exchange_gc_pause_seconds_count", generation="2") or 0
+
+    wait_until(
+        lambda: all(gen2(name) >= 2 for name in MATCHER_SPLITS),
+        message="each matcher's settling collection and at least one keep in exchange_gc_pause_seconds",
+    )

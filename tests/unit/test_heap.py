@@ -74,3 +74,71 @@ def test_with_an_observer_every_collection_from_settles_own_on_is_reported_with_
         assert {name for _, _, name in pauses} == {"gc-pauses"}  # reported by its own thread, not in the collector
         """
     )
+
+
+def test_a_keep_collects_the_cycles_already_garbage_and_freezes_what_is_alive() -> None:
+    _run(
+        """
+        import gc, weakref
+        from exchange import heap
+
+        class Node:
+            pass
+
+        gc.disable()  # no automatic collection may do the keep's work
+        book = Node()  # alive: the keep freezes it
+        dead = Node()
+        dead.self = dead  # garbage already, reachable only from itself: the keep frees it instead of freezing it
+        gone = weakref.ref(dead)
+        del dead
+        promoted = Node()
+        promoted.self = promoted
+        gc.collect(1)  # now in the oldest generation, which a young collection would not walk
+        promoted_gone = weakref.ref(promoted)
+        del promoted
+
+        assert heap.Keeper()() is True
+
+        assert gone() is None and promoted_gone() is None
+        assert gc.get_freeze_count() > 0
+        assert not any(o is book for o in gc.get_objects())
+        """
+    )
+
+
+def test_a_keeper_keeps_at_most_once_per_interval_whatever_the_calls() -> None:
+    _run(
+        """
+        import gc
+        from exchange import heap
+
+        now = [100.0]
+        keep = heap.Keeper(every_s=1.0, clock=lambda: now[0])
+        kept = []
+        for t in (100.0, 100.2, 100.99, 101.0, 101.5, 103.0):
+            now[0] = t
+            kept.append(keep())
+        assert kept == [True, False, False, True, False, True], kept
+        """
+    )
+
+
+def test_an_object_a_keep_froze_is_still_freed_when_its_last_reference_goes() -> None:
+    _run(
+        """
+        import gc, weakref
+        from exchange import heap
+
+        class Order:
+            pass
+
+        resting = Order()
+        resting.owner = Order()  # tracked, no cycle: reference counting frees both, frozen or not
+        heap.Keeper()()
+        assert not any(o is resting for o in gc.get_objects())
+        freed = []
+        watch = weakref.ref(resting.owner, lambda _: freed.append(True))
+        del resting
+        assert freed == [True] and watch() is None
+        """
+    )
