@@ -16,10 +16,10 @@ allocated, including in a thread that holds a lock ``on_pause`` takes (prometheu
 share one non-reentrant lock, and create objects under it), and taking it again there would deadlock.
 
 A process whose long-lived heap keeps *growing* while it runs (the matcher: every resting order of its cached
-books is about three tracked objects) also uses a :class:`Keeper`: after each transaction, at most once per
+books is about five tracked objects) also uses a :class:`Keeper`: after each transaction, at most once per
 :data:`KEEP_EVERY_S`, it collects what is not frozen and freezes what survived, so that the collected generations
 only ever hold what is younger than a second and no collection walks the books again. Without it a full
-collection walks all of them each time they have grown by a quarter: 49 ms at 100,000 resting orders, 244 ms at
+collection walks all of them each time they have grown by a quarter: 162 ms at 100,000 resting orders, 1.2 s at
 1,000,000 (``python -m ops.bench_heap``), with every book of the partition waiting.
 
 Invariant: only what is alive at the call is frozen; reference cycles made afterwards are still collected (by the
@@ -27,7 +27,7 @@ same three generations, the oldest still only when enough survivors accumulated)
 reference counting like any other; only a reference cycle that is still alive when it is frozen and becomes
 garbage later is never freed. So call :func:`settle` only after start-up, when what exists is meant to stay, and
 use a :class:`Keeper` only in a process whose long-lived objects form no cycles (the matcher's collections found
-no garbage at all over a `--scale 100` run; ``tests/integration/test_matcher_heap.py`` keeps it that way).
+no garbage at all over a ``--scale 100`` run; ``tests/integration/test_matcher_heap.py`` keeps it that way).
 """
 
 from __future__ import annotations
