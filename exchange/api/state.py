@@ -113,6 +113,8 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
             yield
         finally:
             await waiter.stop()
+            with contextlib.suppress(Exception):
+                await enqueuer.close()
             for c in (client, subscriber):
                 with contextlib.suppress(Exception):
                     await c.aclose()

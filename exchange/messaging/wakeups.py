@@ -79,23 +79,21 @@ def send_wakeup(broker: BrokerLike, symbol: str, partitions: int) -> None:
     broker.enqueue(match_message(symbol, partitions))
 
 
-async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int) -> int:
-    """Wake ``symbols`` (their commands are committed) from an async caller (the api), in ONE round trip: for each
-    partition, one script adds its symbols to the partition's set, tries its flag and, only when the flag was free,
-    enqueues a message naming them (:class:`~exchange.messaging.broker.Guard`). Returns the number of messages
-    sent.
+async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int) -> None:
+    """Wake ``symbols`` (their commands are committed) from an async caller (the api), in ONE write that Redis does
+    not answer (:meth:`~exchange.messaging.broker.AsyncEnqueuer.ring_all`): for each partition, one script adds its
+    symbols to the partition's set, tries its flag and, only when the flag was free, enqueues a message naming them
+    (:class:`~exchange.messaging.broker.Guard`). Returns once the scripts are written, not run.
 
     A partition's flag is thus never set without its message, nor its message sent without its flag: if Redis
     fails, each partition's wake-up happened whole or not at all, and the sweeper re-nudges the symbols of a
     partition it did not reach (their commands are durable)."""
     groups = list(group_by_partition(symbols, partitions).items())
     if not groups:
-        return 0
+        return
     messages = [partition_message(partition, names) for partition, names in groups]
-    guards: list[Guard | None] = [
-        Guard(woken_key(partition), names, busy_key(partition), WAKE_TTL_MS) for partition, names in groups
-    ]
-    return len(await enqueuer.enqueue_all(messages, guards))
+    guards = [Guard(woken_key(partition), names, busy_key(partition), WAKE_TTL_MS) for partition, names in groups]
+    await enqueuer.ring_all(messages, guards)
 
 
 # KEYS: the partition's set and flag; ARGV: the flag's TTL in ms, and "1" to release the partition when nothing was

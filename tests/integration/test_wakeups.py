@@ -57,8 +57,10 @@ def broker(redis_url: str) -> Iterator[DoorbellRedisBroker]:
 
 
 @pytest.fixture
-def enqueuer(broker: DoorbellRedisBroker, client: redis.asyncio.Redis) -> AsyncEnqueuer:
-    return AsyncEnqueuer(broker, client)
+async def enqueuer(broker: DoorbellRedisBroker, client: redis.asyncio.Redis) -> AsyncIterator[AsyncEnqueuer]:
+    enqueuer = AsyncEnqueuer(broker, client)
+    yield enqueuer
+    await enqueuer.close()
 
 
 def queued(broker: DoorbellRedisBroker, partition: int) -> list[dramatiq.Message[Any]]:
@@ -98,19 +100,40 @@ def symbols(n: int, *, partition: int | None = None, distinct: bool = False) -> 
     return found
 
 
+def messages_queued(broker: DoorbellRedisBroker) -> int:
+    return sum(len(queued(broker, n)) for n in range(PARTITIONS))
+
+
+async def wake(enqueuer: AsyncEnqueuer, client: redis.asyncio.Redis, names: list[str]) -> int:
+    """The api's wake-up of ``names``, once Redis has run it (Redis does not answer it: a key set after it on the
+    same connection is the fence); returns the number of messages it queued."""
+    broker = cast(DoorbellRedisBroker, enqueuer._broker)
+    before = messages_queued(broker)
+    await wake_async(enqueuer, names, PARTITIONS)
+    fence = f"test:fence:{uuid.uuid4().hex}"
+    await enqueuer._quiet.send([("SET", fence, b"1", "PX", 60_000)])
+    for _ in range(1000):
+        if await client.exists(fence):
+            return messages_queued(broker) - before
+        await asyncio.sleep(0.01)
+    raise AssertionError("the wake-up's connection never reached Redis")
+
+
 def wake_elsewhere(redis_url: str, broker: DoorbellRedisBroker, symbols: list[str]) -> int:
     """The api's wake-up of ``symbols`` from another thread with its own event loop and client (an api worker is
     another process): what a holder sees while it processes."""
 
-    async def wake() -> int:
+    async def wake_there() -> int:
         client = redis.asyncio.Redis.from_url(redis_url)
+        enqueuer = AsyncEnqueuer(broker, client)
         try:
-            return await wake_async(AsyncEnqueuer(broker, client), symbols, PARTITIONS)
+            return await wake(enqueuer, client, symbols)
         finally:
+            await enqueuer.close()
             await client.aclose()
 
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, wake()).result()
+        return pool.submit(asyncio.run, wake_there()).result()
 
 
 async def members(client: redis.asyncio.Redis, partition: int) -> list[str]:
@@ -121,8 +144,8 @@ async def test_a_held_partition_gets_no_second_message_and_its_symbols_accumulat
     client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
 ) -> None:
     first, second = symbols(2, partition=3)
-    assert await wake_async(enqueuer, [first, first], PARTITIONS) == 1
-    assert await wake_async(enqueuer, [second], PARTITIONS) == 0
+    assert await wake(enqueuer, client, [first, first]) == 1
+    assert await wake(enqueuer, client, [second]) == 0
     assert sent(broker) == [first]
     assert await members(client, 3) == sorted([first, second])
     assert 0 < await client.pttl(busy_key(3)) <= wakeups.WAKE_TTL_MS
@@ -135,7 +158,7 @@ async def test_one_message_per_free_partition_names_the_symbols_woken_on_it(
     held = partition_of(woken[5], PARTITIONS)
     await client.set(busy_key(held), b"1", px=5000)  # a matcher holds this partition: it gets no message
 
-    messages = await wake_async(enqueuer, [*woken, woken[0]], PARTITIONS)
+    messages = await wake(enqueuer, client, [*woken, woken[0]])
 
     free = {partition_of(symbol, PARTITIONS) for symbol in woken} - {held}
     assert messages == len(free)
@@ -171,7 +194,7 @@ async def test_a_free_partitions_flag_is_set_together_with_its_message_and_a_hel
     held, free = symbols(2, distinct=True)
     p_held, p_free = (partition_of(s, PARTITIONS) for s in (held, free))
     await client.set(busy_key(p_held), b"1", px=5000)  # held by a matcher
-    assert await wake_async(enqueuer, [held, free], PARTITIONS) == 1
+    assert await wake(enqueuer, client, [held, free]) == 1
     assert [m.args for m in queued(broker, p_free)] == [(free,)]
     assert 0 < await client.pttl(busy_key(p_free)) <= wakeups.WAKE_TTL_MS
     assert queued(broker, p_held) == []
@@ -182,16 +205,16 @@ async def test_the_holder_takes_what_was_woken_meanwhile_and_releases_only_when_
     client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
 ) -> None:
     first, second, third = symbols(3, partition=6)
-    assert await wake_async(enqueuer, [first], PARTITIONS) == 1
+    assert await wake(enqueuer, client, [first]) == 1
     assert matcher_side.take(6) == [first]  # the message's own symbol is in the set too: taking it is harmless
 
-    assert await wake_async(enqueuer, [second, third], PARTITIONS) == 0  # held: no message
+    assert await wake(enqueuer, client, [second, third]) == 0  # held: no message
     assert matcher_side.take_or_release(6) == sorted([second, third])
     assert await client.exists(busy_key(6)) == 1  # still held: the holder goes on with them
 
     assert matcher_side.take_or_release(6) == []
     assert await client.exists(busy_key(6), woken_key(6)) == 0
-    assert await wake_async(enqueuer, [first], PARTITIONS) == 1  # released: the next wake-up sends a message
+    assert await wake(enqueuer, client, [first]) == 1  # released: the next wake-up sends a message
     assert len(queued(broker, 6)) == 2
 
 
@@ -199,12 +222,12 @@ async def test_a_failed_holder_gives_its_symbols_back_and_frees_the_partition(
     client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer
 ) -> None:
     first, second = symbols(2, partition=1)
-    await wake_async(enqueuer, [first, second], PARTITIONS)
+    await wake(enqueuer, client, [first, second])
     in_hand = matcher_side.take(1)
     matcher_side.give_back(1, in_hand)
     assert await client.exists(busy_key(1)) == 0
     assert await members(client, 1) == sorted([first, second])
-    assert await wake_async(enqueuer, [first], PARTITIONS) == 1
+    assert await wake(enqueuer, client, [first]) == 1
 
 
 async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_next_round_and_then_releases(
@@ -257,3 +280,44 @@ async def test_a_failing_holder_gives_back_the_symbols_in_hand_and_releases_the_
 
     assert await client.exists(busy_key(2)) == 0
     assert await members(client, 2) == sorted([first, second])
+
+
+async def test_redis_answers_nothing_on_the_wake_up_connection(
+    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer
+) -> None:
+    woken = symbols(20)
+    for name in woken:
+        await wake(enqueuer, client, [name])
+    assert sorted(sent(cast(DoorbellRedisBroker, enqueuer._broker))) == sorted(
+        {partition_of(s, PARTITIONS): s for s in reversed(woken)}.values()
+    )  # the first wake-up of each partition queued a message, the rest found it held
+    await asyncio.sleep(0.05)
+    reader = enqueuer._quiet._connection._reader
+    assert reader is not None
+    assert not reader.at_eof()
+    assert len(reader._buffer) == 0  # twenty scripts and their fences, not one byte of answer
+
+
+async def test_a_wake_up_after_redis_closed_its_connection_connects_again_and_is_not_lost(
+    redis_url: str, client: redis.asyncio.Redis, broker: DoorbellRedisBroker
+) -> None:
+    name = f"quiet-{uuid.uuid4().hex[:8]}"
+    named = redis.asyncio.Redis.from_url(redis_url, client_name=name)
+    enqueuer = AsyncEnqueuer(broker, named)
+    first, second = symbols(2, distinct=True)
+    try:
+        assert await wake(enqueuer, client, [first]) == 1
+        for connection in await client.client_list():
+            if connection["name"] == name:  # what a restart of Redis does to it
+                await client.client_kill_filter(_id=connection["id"])
+        await asyncio.sleep(0.05)
+
+        assert await wake(enqueuer, client, [second]) == 1
+        assert sorted(sent(broker)) == sorted([first, second])
+        reader = enqueuer._quiet._connection._reader
+        await asyncio.sleep(0.05)
+        assert reader is not None
+        assert len(reader._buffer) == 0  # the new connection answers nothing either
+    finally:
+        await enqueuer.close()
+        await named.aclose()
