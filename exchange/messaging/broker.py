@@ -19,6 +19,7 @@ finds them when they are due by its timeout, as in dramatiq.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -250,15 +251,19 @@ class QuietConnection:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         pool = client.connection_pool
         self._connection = pool.connection_class(**{**pool.connection_kwargs, "redis_connect_func": _replies_off})
+        self._lock = asyncio.Lock()
+        """One sender at a time: two concurrent (re)connects would each open a socket and one of them would be lost
+        with whatever was written on it."""
 
     async def send(self, commands: Sequence[tuple[Any, ...]]) -> None:
         """Write ``commands`` in one go (connecting first when needed). Raises ``redis.ConnectionError`` when the
         write fails (the connection is dropped: the next send connects again)."""
         connection = self._connection
-        reader = getattr(connection, "_reader", None)
-        if reader is not None and reader.at_eof():
-            await connection.disconnect()
-        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        async with self._lock:
+            reader = getattr(connection, "_reader", None)
+            if reader is not None and reader.at_eof():
+                await connection.disconnect()
+            await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
 
     async def close(self) -> None:
         await self._connection.disconnect()

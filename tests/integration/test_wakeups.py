@@ -321,3 +321,20 @@ async def test_a_wake_up_after_redis_closed_its_connection_connects_again_and_is
     finally:
         await enqueuer.close()
         await named.aclose()
+
+
+async def test_concurrent_first_wake_ups_share_one_connection_and_all_arrive(
+    redis_url: str, client: redis.asyncio.Redis, broker: DoorbellRedisBroker
+) -> None:
+    name = f"quiet-{uuid.uuid4().hex[:8]}"
+    named = redis.asyncio.Redis.from_url(redis_url, client_name=name)
+    enqueuer = AsyncEnqueuer(broker, named)
+    woken = symbols(8, distinct=True)
+    try:
+        await asyncio.gather(*(wake_async(enqueuer, [s], PARTITIONS) for s in woken))  # none connected yet
+        assert await wake(enqueuer, client, []) == 0  # the fence: everything before it has run
+        assert sorted(sent(broker)) == sorted(woken)
+        assert [c["name"] for c in await client.client_list()].count(name) == 1
+    finally:
+        await enqueuer.close()
+        await named.aclose()
