@@ -175,8 +175,8 @@ class AsyncEnqueuer:
     ``exchange bench --closed-loop 64``). A message may carry a :class:`Guard`, which makes its enqueue conditional
     in the same script: the api's wake-up of a partition (:func:`exchange.messaging.wakeups.wake_async`) is one
     write instead of a transaction on its flag followed by the enqueue, sent by :meth:`ring_all` on a connection
-    Redis does not answer (measured in three pairs at ``--scale 100``: POST p50 0.67x, p99 0.48x, api CPU per
-    order 0.93x, against one pipeline round trip a wake-up).
+    Redis does not answer (against one pipeline round trip a wake-up, at ``--scale 100``: POST p50 0.90x in five
+    pairs of a fast spell, 0.67x in three of a slower one; api CPU per order 0.93-0.96x).
 
     Unlike dramatiq's ``dispatch``, the script (also :meth:`DoorbellRedisBroker.enqueue`'s) neither records the
     enqueuing process in dramatiq's heartbeats nor runs dramatiq's maintenance: every consumer's fetch still does
