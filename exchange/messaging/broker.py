@@ -115,7 +115,7 @@ class DoorbellRedisBroker(RedisBroker):
 
     def _send(self, message: dramatiq.Message[Any]) -> None:
         with self.client.pipeline(transaction=False) as pipe:
-            _add_enqueue(pipe, self.namespace, message, None)
+            _add_enqueue(pipe, self.namespace, message)
             pipe.execute()
 
 
@@ -172,11 +172,11 @@ class AsyncEnqueuer:
     stored as dramatiq's ``dispatch`` script stores it, and the doorbell rung, all by one script of this module per
     message, every message of a call in ONE pipeline, so the api neither blocks its loop on Redis nor hands each
     enqueue to a worker thread with blocking round trips (measured against that: api CPU per order -13-17 % at
-    ``exchange bench --closed-loop 64``). A message may carry a :class:`Guard`, which makes its enqueue conditional
-    in the same script: the api's wake-up of a partition (:func:`exchange.messaging.wakeups.wake_async`) is one
-    write instead of a transaction on its flag followed by the enqueue, sent by :meth:`ring_all` on a connection
-    Redis does not answer (against one pipeline round trip a wake-up, at ``--scale 100``: POST p50 0.90x in five
-    pairs of a fast spell, 0.67x in three of a slower one; api CPU per order 0.93-0.96x).
+    ``exchange bench --closed-loop 64``). :meth:`ring_all` sends messages that each carry a :class:`Guard`, which makes
+    the enqueue conditional in the same script: the api's wake-up of a partition
+    (:func:`exchange.messaging.wakeups.wake_async`) is one write instead of a transaction on its flag followed by the
+    enqueue, on a connection Redis does not answer (against one pipeline round trip a wake-up, at ``--scale 100``:
+    POST p50 0.90x in five pairs of a fast spell, 0.67x in three of a slower one; api CPU per order 0.93-0.96x).
 
     Unlike dramatiq's ``dispatch``, the script (also :meth:`DoorbellRedisBroker.enqueue`'s) neither records the
     enqueuing process in dramatiq's heartbeats nor runs dramatiq's maintenance: every consumer's fetch still does
@@ -194,27 +194,21 @@ class AsyncEnqueuer:
         """Close the connection of :meth:`ring_all` (``client`` is the caller's to close)."""
         await self._quiet.close()
 
-    async def enqueue_all(
-        self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard | None] | None = None
-    ) -> list[dramatiq.Message[Any]]:
-        """Enqueue ``messages`` (each unless its guard's flag is held) and ring their queues' doorbells; returns
-        the messages as enqueued, those whose guard was held left out. Every message went through the
-        ``before_enqueue`` hooks (they may set its options); only the enqueued ones through ``after_enqueue``. On
-        an error (Redis down) any number of them, none to all, may have been enqueued, each with its guard's set
-        and flag updated, or nothing of it written."""
+    async def enqueue_all(self, messages: Sequence[dramatiq.Message[Any]]) -> list[dramatiq.Message[Any]]:
+        """Enqueue ``messages`` and ring their queues' doorbells; returns the messages as enqueued, each through the
+        ``before_enqueue`` hooks (they may set its options) and the ``after_enqueue`` ones. On an error (Redis down)
+        any number of them, none to all, may have been enqueued."""
         if not messages:
             return []
         stamped = [_stamped(self._broker, message) for message in messages]
-        chosen = list(guards) if guards is not None else [None] * len(stamped)
         try:
-            replies = await self._send(stamped, chosen)
+            await self._send(stamped)
         except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot the script
             await self._client.script_load(_ENQUEUE_SCRIPT)
-            replies = await self._send(stamped, chosen)
-        enqueued = [message for message, sent in zip(stamped, replies, strict=True) if sent]
-        for message in enqueued:
+            await self._send(stamped)
+        for message in stamped:
             self._broker.emit_after("enqueue", message, None)
-        return enqueued
+        return stamped
 
     async def ring_all(self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard]) -> None:
         """:meth:`enqueue_all` for guarded messages whose outcome nobody waits for (the api's wake-ups): the same
@@ -232,11 +226,11 @@ class AsyncEnqueuer:
         ]
         await self._quiet.send(calls)
 
-    async def _send(self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard | None]) -> list[Any]:
+    async def _send(self, messages: Sequence[dramatiq.Message[Any]]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
-            for message, guard in zip(messages, guards, strict=True):
-                _add_enqueue(pipe, self._broker.namespace, message, guard)
-            return list(await pipe.execute())
+            for message in messages:
+                _add_enqueue(pipe, self._broker.namespace, message)
+            await pipe.execute()
 
 
 class QuietConnection:
@@ -286,13 +280,10 @@ def _script_call(namespace: str, message: dramatiq.Message[Any], guard: Guard | 
 
 
 def _add_enqueue(
-    pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline,
-    namespace: str,
-    message: dramatiq.Message[Any],
-    guard: Guard | None,
+    pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, namespace: str, message: dramatiq.Message[Any]
 ) -> None:
-    """Add to ``pipe`` the enqueue script's call for ``message`` (which has its ``redis_message_id``)."""
-    pipe.evalsha(_ENQUEUE_SHA, *_script_call(namespace, message, guard))
+    """Add to ``pipe`` the enqueue script's (unguarded) call for ``message`` (which has its ``redis_message_id``)."""
+    pipe.evalsha(_ENQUEUE_SHA, *_script_call(namespace, message, None))
 
 
 class SettledHeap(dramatiq.Middleware):

@@ -282,6 +282,25 @@ async def test_a_failing_holder_gives_back_the_symbols_in_hand_and_releases_the_
     assert await members(client, 2) == sorted([first, second])
 
 
+@pytest.fixture
+async def named(redis_url: str, broker: DoorbellRedisBroker) -> AsyncIterator[tuple[str, AsyncEnqueuer]]:
+    """An enqueuer whose wake-up connection Redis lists under a name of its own (to find it, or count it)."""
+    name = f"quiet-{uuid.uuid4().hex[:8]}"
+    client = redis.asyncio.Redis.from_url(redis_url, client_name=name)
+    enqueuer = AsyncEnqueuer(broker, client)
+    yield name, enqueuer
+    await enqueuer.close()
+    await client.aclose()
+
+
+async def unanswered(enqueuer: AsyncEnqueuer) -> asyncio.StreamReader:
+    """The reader of ``enqueuer``'s wake-up connection, once anything Redis might have sent on it has arrived."""
+    await asyncio.sleep(0.05)
+    reader = enqueuer._quiet._connection._reader
+    assert reader is not None
+    return reader
+
+
 async def test_redis_answers_nothing_on_the_wake_up_connection(
     client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer
 ) -> None:
@@ -291,50 +310,33 @@ async def test_redis_answers_nothing_on_the_wake_up_connection(
     assert sorted(sent(cast(DoorbellRedisBroker, enqueuer._broker))) == sorted(
         {partition_of(s, PARTITIONS): s for s in reversed(woken)}.values()
     )  # the first wake-up of each partition queued a message, the rest found it held
-    await asyncio.sleep(0.05)
-    reader = enqueuer._quiet._connection._reader
-    assert reader is not None
+    reader = await unanswered(enqueuer)
     assert not reader.at_eof()
     assert len(reader._buffer) == 0  # twenty scripts and their fences, not one byte of answer
 
 
 async def test_a_wake_up_after_redis_closed_its_connection_connects_again_and_is_not_lost(
-    redis_url: str, client: redis.asyncio.Redis, broker: DoorbellRedisBroker
+    client: redis.asyncio.Redis, broker: DoorbellRedisBroker, named: tuple[str, AsyncEnqueuer]
 ) -> None:
-    name = f"quiet-{uuid.uuid4().hex[:8]}"
-    named = redis.asyncio.Redis.from_url(redis_url, client_name=name)
-    enqueuer = AsyncEnqueuer(broker, named)
+    name, enqueuer = named
     first, second = symbols(2, distinct=True)
-    try:
-        assert await wake(enqueuer, client, [first]) == 1
-        for connection in await client.client_list():
-            if connection["name"] == name:  # what a restart of Redis does to it
-                await client.client_kill_filter(_id=connection["id"])
-        await asyncio.sleep(0.05)
+    assert await wake(enqueuer, client, [first]) == 1
+    for connection in await client.client_list():
+        if connection["name"] == name:  # what a restart of Redis does to it
+            await client.client_kill_filter(_id=connection["id"])
+    await asyncio.sleep(0.05)
 
-        assert await wake(enqueuer, client, [second]) == 1
-        assert sorted(sent(broker)) == sorted([first, second])
-        reader = enqueuer._quiet._connection._reader
-        await asyncio.sleep(0.05)
-        assert reader is not None
-        assert len(reader._buffer) == 0  # the new connection answers nothing either
-    finally:
-        await enqueuer.close()
-        await named.aclose()
+    assert await wake(enqueuer, client, [second]) == 1
+    assert sorted(sent(broker)) == sorted([first, second])
+    assert len((await unanswered(enqueuer))._buffer) == 0  # the new connection answers nothing either
 
 
 async def test_concurrent_first_wake_ups_share_one_connection_and_all_arrive(
-    redis_url: str, client: redis.asyncio.Redis, broker: DoorbellRedisBroker
+    client: redis.asyncio.Redis, broker: DoorbellRedisBroker, named: tuple[str, AsyncEnqueuer]
 ) -> None:
-    name = f"quiet-{uuid.uuid4().hex[:8]}"
-    named = redis.asyncio.Redis.from_url(redis_url, client_name=name)
-    enqueuer = AsyncEnqueuer(broker, named)
+    name, enqueuer = named
     woken = symbols(8, distinct=True)
-    try:
-        await asyncio.gather(*(wake_async(enqueuer, [s], PARTITIONS) for s in woken))  # none connected yet
-        assert await wake(enqueuer, client, []) == 0  # the fence: everything before it has run
-        assert sorted(sent(broker)) == sorted(woken)
-        assert [c["name"] for c in await client.client_list()].count(name) == 1
-    finally:
-        await enqueuer.close()
-        await named.aclose()
+    await asyncio.gather(*(wake_async(enqueuer, [s], PARTITIONS) for s in woken))  # none connected yet
+    assert await wake(enqueuer, client, []) == 0  # the fence: everything before it has run
+    assert sorted(sent(broker)) == sorted(woken)
+    assert [c["name"] for c in await client.client_list()].count(name) == 1
