@@ -27,7 +27,7 @@ from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
-from exchange.webhooks.queue import claim_hint, send_claimed_hint
+from exchange.webhooks.queue import add_hint, hinted
 
 log = logging.getLogger("exchange.matcher")
 
@@ -49,35 +49,20 @@ HOLD_S = 0.5
 """Longest a message keeps its partition before handing what is left back to the queue."""
 
 
-def _after_commit(results: list[BatchResult], seconds: float) -> None:
-    """Publish what one transaction (of one or several books) committed; ``seconds`` is its duration. The results
-    and the webhook hint's ``SET NX`` go in one round trip (both Redis clients use ``settings.redis_url``)."""
-    order_ids = [order_id for result in results for order_id in result.order_ids]
-    has_events = any(result.event_ids for result in results)
-    if order_ids or has_events:
-        with _redis.pipeline(transaction=False) as pipe:
-            publish_results(pipe, order_ids, [state for result in results for state in result.placed])
-            if has_events:
-                claim_hint(pipe, broker)
-            replies = pipe.execute(raise_on_error=False)
-        claimed = replies.pop() if has_events else None
-        for reply in replies:  # the publish: its failure propagates (the message is retried), as it always did
-            if isinstance(reply, Exception):
-                raise reply
-        if has_events:
-            try:
-                if isinstance(claimed, Exception):
-                    raise claimed
-                send_claimed_hint(broker, claimed)
-            except Exception:
-                # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
-                log.warning("could not enqueue a webhook delivery hint", exc_info=True)
+def _after_commit(results: list[BatchResult], seconds: float, *, release: int | None) -> list[str] | None:
+    """Publish what one transaction (of one or several books) committed; ``seconds`` is its duration. With
+    ``release`` (a partition; the drain's last transaction), also take what was woken on it meanwhile, or release
+    it, and return what was taken. The results, the webhook hint and the take go in ONE round trip (both Redis
+    clients use ``settings.redis_url``).
+
+    Once the take has run nothing here raises (what it took would be lost until the sweeper): only a failed round
+    trip does, before anything of it is known."""
+    applied = [result for result in results if result.commands]
     for result in results:
         if result.rebuilt:
             metrics.BOOK_REBUILDS.inc()
         if result.commands:
             metrics.MATCH_TRADES.inc(result.trades)
-    applied = [result for result in results if result.commands]
     if applied:  # per transaction: its commands, its books, its duration
         metrics.MATCH_BATCH_SIZE.observe(sum(result.commands for result in applied))
         metrics.MATCH_SYMBOLS.observe(len(applied))
@@ -107,14 +92,38 @@ def _after_commit(results: list[BatchResult], seconds: float) -> None:
                 "order_ids": [str(o) for result in applied for o in result.order_ids],
             },
         )
+    order_ids = [order_id for result in results for order_id in result.order_ids]
+    has_events = any(result.event_ids for result in results)
+    if not order_ids and not has_events and release is None:
+        return None
+    with _redis.pipeline(transaction=False) as pipe:
+        publish_results(pipe, order_ids, [state for result in results for state in result.placed])
+        hint = add_hint(pipe, broker) if has_events else None
+        if release is not None:
+            PartitionWakeups.add_take_or_release(pipe, release)
+        replies = pipe.execute(raise_on_error=False)
+    taken = PartitionWakeups.taken(replies.pop()) if release is not None else None
+    if hint is not None:
+        try:
+            hinted(broker, hint, replies.pop())
+        except Exception:
+            # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
+            log.warning("could not enqueue a webhook delivery hint", exc_info=True)
+    if replies and isinstance(replies[0], Exception):  # the waiters time out and read their orders back
+        log.warning("could not publish results", exc_info=replies[0])
+    return taken
 
 
-def _drain(symbols: list[str]) -> None:
+def _drain(partition: int, symbols: list[str]) -> list[str] | None:
+    """Drain ``symbols`` (:func:`~exchange.matching.service.drain`), publishing after each commit; returns what the
+    last transaction's round trip took for ``partition`` (see :func:`hold_partition`)."""
+    taken = None
     started = time.perf_counter()
-    for results in drain(_engine, _cache, symbols):
-        _after_commit(results, time.perf_counter() - started)
+    for round_ in drain(_engine, _cache, symbols):
+        taken = _after_commit(round_.results, time.perf_counter() - started, release=partition if round_.last else None)
         _keep_heap()
         started = time.perf_counter()
+    return taken
 
 
 def _hand_off(partition: int, symbols: list[str]) -> None:
@@ -123,7 +132,14 @@ def _hand_off(partition: int, symbols: list[str]) -> None:
 
 def _partition_actor(partition: int) -> dramatiq.Actor[[str], None]:
     def match(*symbols: str) -> None:
-        hold_partition(_wakeups, partition, symbols, process=_drain, hand_off=_hand_off, hold_s=HOLD_S)
+        hold_partition(
+            _wakeups,
+            partition,
+            symbols,
+            process=lambda todo: _drain(partition, todo),
+            hand_off=_hand_off,
+            hold_s=HOLD_S,
+        )
 
     # `send_with_options(queue_name=...)` does not route in dramatiq: one actor per partition queue does.
     return dramatiq.actor(actor_name=matching_actor(partition), queue_name=matching_queue(partition), max_retries=10)(

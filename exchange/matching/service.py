@@ -233,6 +233,15 @@ def process_symbols(
     return [results[symbol] for symbol in wanted]
 
 
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One transaction of :func:`drain`: its results, and whether it was the last (nothing of the symbols drained
+    was left over for another one)."""
+
+    results: list[BatchResult]
+    last: bool
+
+
 def drain(
     engine: Engine,
     cache: BookCache,
@@ -240,7 +249,7 @@ def drain(
     *,
     batch_limit: int = DEFAULT_BATCH_LIMIT,
     max_symbols: int = MAX_SYMBOLS_PER_BATCH,
-) -> Iterator[list[BatchResult]]:
+) -> Iterator[Round]:
     """Process ``symbols`` until none has a full batch left: :func:`process_symbols` over groups of up to
     ``max_symbols``, then again over the symbols whose batch was full, after the rest. Yields each group's results
     once they are committed (for the caller to publish before the next group runs)."""
@@ -248,8 +257,8 @@ def drain(
     while queue:
         group, queue = queue[:max_symbols], queue[max_symbols:]
         results = process_symbols(engine, cache, group, batch_limit=batch_limit)
-        yield results
         queue.extend(result.symbol for result in results if result.more)
+        yield Round(results, last=not queue)
 
 
 def _describe(exc: BaseException) -> str:

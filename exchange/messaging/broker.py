@@ -118,6 +118,27 @@ class DoorbellRedisBroker(RedisBroker):
             _add_enqueue(pipe, self.namespace, message)
             pipe.execute()
 
+    def add_guarded(
+        self, pipe: redis.client.Pipeline, message: dramatiq.Message[Any], guard: Guard
+    ) -> dramatiq.Message[Any]:
+        """Add to ``pipe`` the enqueue of ``message`` behind ``guard`` (the script :meth:`AsyncEnqueuer.ring_all`
+        sends, here answered), so that it shares the round trip of whatever else the caller sends. Sent as ``EVAL``
+        (Redis caches it by its digest), so no forgotten script can fail it. Returns the message as stamped: pass
+        it, with the script's reply, to :meth:`guarded_sent`."""
+        stamped = _stamped(self, message)
+        pipe.eval(_ENQUEUE_SCRIPT, *_script_call(self.namespace, stamped, guard))
+        return stamped
+
+    def guarded_sent(self, message: dramatiq.Message[Any], reply: object) -> bool:
+        """Whether :meth:`add_guarded`'s script enqueued ``message`` (its ``after_enqueue`` hooks then run); raises
+        the script's error when ``reply`` is one (``pipe.execute(raise_on_error=False)``)."""
+        if isinstance(reply, BaseException):
+            raise reply
+        if reply != 1:
+            return False
+        self.emit_after("enqueue", message, None)
+        return True
+
 
 def _stamped(broker: RedisBroker, message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
     """``message`` with an id of its own for this enqueue, as dramatiq gives it (a message may be enqueued again:
@@ -158,10 +179,11 @@ _ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_SCRIPT.encode()).hexdigest()  # noqa: S324 
 
 @dataclass(frozen=True, slots=True)
 class Guard:
-    """Enqueue a message only if ``flag`` is free, after adding ``members`` to ``set_key`` (see
-    :meth:`AsyncEnqueuer.enqueue_all`); the flag is then set with a TTL of ``ttl_ms``."""
+    """Enqueue a message only if ``flag`` is free, after adding ``members`` (if any) to ``set_key`` (see
+    :meth:`AsyncEnqueuer.ring_all`, :meth:`DoorbellRedisBroker.add_guarded`); the flag is then set with a TTL of
+    ``ttl_ms``. With no ``set_key`` there are no members: only the flag decides."""
 
-    set_key: str
+    set_key: str | None
     members: Sequence[str]
     flag: str
     ttl_ms: int
@@ -274,7 +296,10 @@ def _script_call(namespace: str, message: dramatiq.Message[Any], guard: Guard | 
     keys = [queue, f"{queue}.msgs", doorbell_key(message.queue_name)]
     args: list[Any] = [message.options["redis_message_id"], message.encode()]
     if guard is not None:
-        keys += [guard.set_key, guard.flag]
+        if guard.set_key is None and guard.members:
+            raise ValueError("a guard's members need its set")
+        # Without a set the script never touches its slot (no members, no SADD): the flag fills it.
+        keys += [guard.set_key or guard.flag, guard.flag]
         args += [guard.ttl_ms, *guard.members]
     return [len(keys), *keys, *args]
 
@@ -295,7 +320,7 @@ class SettledHeap(dramatiq.Middleware):
         settle(metrics.observe_gc_pause)
 
 
-def make_broker(redis_url: str, partitions: int) -> RedisBroker:
+def make_broker(redis_url: str, partitions: int) -> DoorbellRedisBroker:
     """Create the Redis broker, make it dramatiq's global broker, and declare every queue.
 
     Declaring all ``matching.<n>`` queues and ``webhooks`` up front lets the dashboard list them before the

@@ -127,6 +127,22 @@ class PartitionWakeups:
         release it (the next wake-up sends a message) and return []."""
         return self._run(partition, release=True)
 
+    @staticmethod
+    def add_take_or_release(pipe: redis.client.Pipeline, partition: int) -> None:
+        """Add :meth:`take_or_release` to ``pipe`` (the matcher's after its last commit: one round trip with the
+        results it publishes), as ``EVAL`` (Redis caches it by its digest: no forgotten script can fail it). Pass
+        the reply to :meth:`taken`."""
+        pipe.eval(_TAKE_SCRIPT, 2, woken_key(partition), busy_key(partition), str(WAKE_TTL_MS), "1")
+
+    @staticmethod
+    def taken(reply: object) -> list[str]:
+        """The symbols a take returned (its script's ``reply``), sorted; raises the script's error if it failed."""
+        if isinstance(reply, BaseException):
+            raise reply
+        if not isinstance(reply, list):
+            raise TypeError(f"a take returned {reply!r}")
+        return sorted(symbol.decode() if isinstance(symbol, bytes) else str(symbol) for symbol in reply)
+
     def give_back(self, partition: int, symbols: Sequence[str]) -> None:
         """After a failure: put ``symbols`` back in the set and release the partition, so the next wake-up (or the
         sweeper) has them processed. Best effort: never raises (Redis may be what failed)."""
@@ -138,8 +154,7 @@ class PartitionWakeups:
 
     def _run(self, partition: int, *, release: bool) -> list[str]:
         keys = [woken_key(partition), busy_key(partition)]
-        taken = self._take(keys=keys, args=[WAKE_TTL_MS, "1" if release else "0"])
-        return sorted(symbol.decode() if isinstance(symbol, bytes) else str(symbol) for symbol in taken)
+        return self.taken(self._take(keys=keys, args=[WAKE_TTL_MS, "1" if release else "0"]))
 
 
 def hold_partition(
@@ -147,13 +162,16 @@ def hold_partition(
     partition: int,
     symbols: Sequence[str],
     *,
-    process: Callable[[list[str]], None],
+    process: Callable[[list[str]], list[str] | None],
     hand_off: Callable[[int, list[str]], None],
     hold_s: float,
 ) -> None:
     """What a matcher does with one message of ``partition``: take the partition, ``process`` ``symbols`` and what
     was woken on it, take what was woken meanwhile and go on, until nothing was; then release it. Work that arrives
     while a transaction runs thus joins the next one instead of costing a message and a transaction of its own.
+
+    ``process`` returns None, or what its own :meth:`PartitionWakeups.add_take_or_release` took after its last
+    commit (sent with what it publishes then, it saves a round trip): then that is the next round's.
 
     The partition is taken before the first ``process`` reads the command log and again before every later round,
     so a command committed after any read is in the set of the next take. After ``hold_s`` what is left is handed
@@ -165,8 +183,8 @@ def hold_partition(
     held_since = time.monotonic()
     try:
         while todo:
-            process(todo)
-            todo = wakeups.take_or_release(partition)
+            taken = process(todo)
+            todo = wakeups.take_or_release(partition) if taken is None else taken
             if todo and time.monotonic() - held_since >= hold_s:
                 hand_off(partition, todo)
                 return

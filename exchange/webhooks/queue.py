@@ -5,7 +5,9 @@ The worker that takes one claims due events from Postgres in batches until none 
 never whether; the sweeper hints about events left overdue.
 
 Hints are coalesced like matcher wake-ups (:mod:`exchange.messaging.wakeups`): one is sent only when
-``SET <due key> NX PX <ttl>`` succeeds, so a burst of commits costs one message. The worker deletes the key
+``SET <due key> NX PX <ttl>`` succeeds, so a burst of commits costs one message; the ``SET`` and the enqueue are one
+script (:class:`~exchange.messaging.broker.Guard`), so a hint costs one round trip, or none of its own in the
+matcher's pipeline (:func:`add_hint`), and the key is never set without its message. The worker deletes the key
 *before* it claims (:func:`clear_hint`): an event committed after that claim started finds the key gone and sends
 a new hint, so no committed event is left without one. A lost hint frees the key after ``HINT_TTL_MS``.
 """
@@ -19,6 +21,7 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from exchange.messaging.broker import DoorbellRedisBroker, Guard
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.messaging.wakeups import BrokerLike
 
@@ -43,29 +46,31 @@ def enqueue_deliveries(broker: BrokerLike, event_ids: Iterable[UUID | str], *, d
     Returns the number of messages sent (0 or 1)."""
     if next(iter(event_ids), None) is None:
         return 0
-    if delay_ms is None and isinstance(broker, RedisBroker):
+    if delay_ms is None and isinstance(broker, DoorbellRedisBroker):
         return send_hint(broker)
     broker.enqueue(deliver_message(), delay=delay_ms)
     return 1
 
 
-def send_hint(broker: RedisBroker) -> int:
-    """Enqueue a ``deliver`` hint unless one is already pending (see the module docstring). Returns 0 or 1."""
-    return send_claimed_hint(broker, claim_hint(broker.client, broker))
+def send_hint(broker: DoorbellRedisBroker) -> int:
+    """Enqueue a ``deliver`` hint unless one is already pending (see the module docstring), in one round trip.
+    Returns 0 or 1."""
+    with broker.client.pipeline(transaction=False) as pipe:
+        hint = add_hint(pipe, broker)
+        (reply,) = pipe.execute(raise_on_error=False)
+    return int(hinted(broker, hint, reply))
 
 
-def claim_hint(target: redis.Redis | redis.client.Pipeline, broker: RedisBroker) -> object:
-    """The hint's ``SET NX``: on a client, its reply; on a pipeline (one round trip with whatever else the caller
-    sends after its commit), the reply comes from ``execute``. Pass the reply to :func:`send_claimed_hint`."""
-    return target.set(hint_key(broker), b"1", nx=True, px=HINT_TTL_MS)
+def add_hint(pipe: redis.client.Pipeline, broker: DoorbellRedisBroker) -> dramatiq.Message[object]:
+    """Add the coalesced hint to ``pipe`` (the matcher's: one round trip with the results it publishes after its
+    commit). Pass what this returns and the script's reply to :func:`hinted`."""
+    guard = Guard(set_key=None, members=(), flag=hint_key(broker), ttl_ms=HINT_TTL_MS)
+    return broker.add_guarded(pipe, deliver_message(), guard)
 
 
-def send_claimed_hint(broker: RedisBroker, claimed: object) -> int:
-    """Enqueue the hint when the ``SET NX`` (``claimed``: its reply) took the key; returns the messages sent."""
-    if not claimed:
-        return 0
-    broker.enqueue(deliver_message())
-    return 1
+def hinted(broker: DoorbellRedisBroker, hint: dramatiq.Message[object], reply: object) -> bool:
+    """Whether :func:`add_hint`'s hint was sent (False: one was pending); raises its error if it failed."""
+    return broker.guarded_sent(hint, reply)
 
 
 def clear_hint(broker: RedisBroker) -> None:

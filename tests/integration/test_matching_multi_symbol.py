@@ -168,9 +168,10 @@ def test_a_group_shares_its_batch_limit_and_drain_finishes_every_symbol(engine: 
     assert [(r.commands, r.more) for r in first] == [(3, True)] * 4
 
     rounds = list(drain(engine, BookCache(), symbols, batch_limit=12, max_symbols=3))
-    processed = [sum(r.commands for r in results) for results in rounds]
+    processed = [sum(r.commands for r in round_.results) for round_ in rounds]
     assert sum(processed) == 4 * 6 + 1 - 12
-    assert all(len(results) <= 3 for results in rounds)
+    assert all(len(round_.results) <= 3 for round_ in rounds)
+    assert [round_.last for round_ in rounds] == [False] * (len(rounds) - 1) + [True]  # only the last is last
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
 
@@ -185,8 +186,8 @@ def test_too_many_symbols_for_one_transaction_is_refused_and_drain_splits_them(e
 
     rounds = list(drain(engine, BookCache(), symbols))
 
-    assert [len(results) for results in rounds] == [MAX_SYMBOLS_PER_BATCH, 3]
-    assert sum(r.commands for results in rounds for r in results) == len(symbols)
+    assert [(len(round_.results), round_.last) for round_ in rounds] == [(MAX_SYMBOLS_PER_BATCH, False), (3, True)]
+    assert sum(r.commands for round_ in rounds for r in round_.results) == len(symbols)
 
 
 def test_overlapping_groups_in_concurrent_matchers_never_deadlock_and_apply_each_command_once(
@@ -244,7 +245,7 @@ def test_a_poison_command_in_one_symbol_does_not_stop_the_others(engine: Engine,
 
     assert any("processing them one by one" in r.message for r in caplog.records)
     assert any("quarantined" in r.message for r in caplog.records)
-    assert sum(r.trades for results in rounds for r in results) == 2
+    assert sum(r.trades for round_ in rounds for r in round_.results) == 2
     with engine.connect() as conn:
         status = dict(conn.execute(text("SELECT id, close_reason FROM orders WHERE status = 'closed'")).all())
         assert [status.get(order_id) for order_id in good] == ["filled", "filled"]

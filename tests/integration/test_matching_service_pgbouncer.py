@@ -179,7 +179,7 @@ def test_overlapping_groups_through_pgbouncer_apply_each_command_once(engine: En
 
     def run(group: list[str]) -> None:
         cache = BookCache()
-        while any(r.commands for results in drain(bounced, cache, group, batch_limit=6) for r in results):
+        while any(r.commands for round_ in drain(bounced, cache, group, batch_limit=6) for r in round_.results):
             pass
 
     groups = [symbols, symbols[::-1], symbols[1:4], [symbols[2]]]

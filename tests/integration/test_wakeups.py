@@ -218,6 +218,53 @@ async def test_the_holder_takes_what_was_woken_meanwhile_and_releases_only_when_
     assert len(queued(broker, 6)) == 2
 
 
+async def test_a_take_sent_in_a_pipeline_takes_and_releases_exactly_like_take_or_release(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
+) -> None:
+    first, second, third = symbols(3, partition=3)
+    await wake(enqueuer, client, [first])
+    matcher_side.take(3)
+    await wake(enqueuer, client, [second, third])
+
+    def after_commit() -> list[str]:  # what the matcher sends after its last commit: its results and the take
+        with broker.client.pipeline(transaction=False) as pipe:
+            pipe.publish("exchange:test-results", b"[]")
+            PartitionWakeups.add_take_or_release(pipe, 3)
+            replies = pipe.execute(raise_on_error=False)
+        assert len(replies) == 2  # the take is one command of the pipeline: no round trip of its own
+        return PartitionWakeups.taken(replies[-1])
+
+    assert after_commit() == sorted([second, third])
+    assert await client.exists(busy_key(3)) == 1  # still held: the holder goes on with them
+    assert after_commit() == []
+    assert await client.exists(busy_key(3), woken_key(3)) == 0
+    assert await wake(enqueuer, client, [first]) == 1  # released: the next wake-up sends a message
+
+
+async def test_a_holder_goes_on_with_what_its_process_took_and_takes_nothing_itself(
+    client: redis.asyncio.Redis, matcher_side: PartitionWakeups, redis_url: str, broker: DoorbellRedisBroker
+) -> None:
+    first, second = symbols(2, partition=7)
+    rounds: list[list[str]] = []
+
+    def process(todo: list[str]) -> list[str]:
+        rounds.append(todo)
+        if len(rounds) == 1:
+            wake_elsewhere(redis_url, broker, [second])
+        with broker.client.pipeline(transaction=False) as pipe:
+            PartitionWakeups.add_take_or_release(pipe, 7)
+            return PartitionWakeups.taken(pipe.execute()[0])
+
+    def take_or_release(partition: int) -> list[str]:
+        raise AssertionError("the holder took again after its process had taken")
+
+    matcher_side.take_or_release = take_or_release  # type: ignore[method-assign]
+    hold_partition(matcher_side, 7, [first], process=process, hand_off=lambda *_: None, hold_s=60)
+
+    assert rounds == [[first], [second]]
+    assert await client.exists(busy_key(7), woken_key(7)) == 0  # released by the process's last take
+
+
 async def test_a_failed_holder_gives_its_symbols_back_and_frees_the_partition(
     client: redis.asyncio.Redis, matcher_side: PartitionWakeups, enqueuer: AsyncEnqueuer
 ) -> None:

@@ -4,34 +4,36 @@ coalesced (real Postgres + Redis)."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 
 import pytest
-import redis
-from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import Engine, text
 
+from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.sweeper import sweep_once
-from exchange.webhooks.queue import DELIVER_ACTOR, claim_hint, clear_hint, enqueue_deliveries, send_claimed_hint
+from exchange.webhooks.queue import (
+    DELIVER_ACTOR,
+    HINT_TTL_MS,
+    add_hint,
+    clear_hint,
+    enqueue_deliveries,
+    hint_key,
+    hinted,
+)
+from tests.integration.redis_support import namespaced_broker
 from tests.integration.webhook_support import broker_with_endpoint, events_of, fills
 
 
 @pytest.fixture
-def broker() -> Iterator[RedisBroker]:
-    """A real Redis broker in a namespace of its own, so concurrent runs never share queues."""
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    namespace = f"exchange-test-{uuid.uuid4().hex[:8]}"
-    broker = RedisBroker(url="redis://127.0.0.1:6379/0", namespace=namespace)
-    yield broker
-    for key in client.scan_iter(f"{namespace}*"):
-        client.delete(key)
-    broker.close()
-    client.close()
+def broker() -> Iterator[DoorbellRedisBroker]:
+    """The exchange's Redis broker in a namespace of its own, so concurrent runs never share queues."""
+    with namespaced_broker(DoorbellRedisBroker) as broker:
+        broker.declare_queue(WEBHOOK_QUEUE)  # its doorbell is deleted afterwards too
+        yield broker
 
 
-def queued_hints(broker: RedisBroker) -> int:
+def queued_hints(broker: DoorbellRedisBroker) -> int:
     """How many ``deliver`` hints wait in the queue (they carry no arguments: a hint names no event)."""
     queue = f"{broker.namespace}:{WEBHOOK_QUEUE}"
     bodies = [broker.client.hget(f"{queue}.msgs", i) for i in broker.client.lrange(queue, 0, -1)]
@@ -49,7 +51,7 @@ def due_now(engine: Engine) -> set[str]:
 
 
 def test_the_sweeper_makes_an_event_overdue_for_longer_than_the_requeue_period_due_and_hints_once(
-    engine: Engine, broker: RedisBroker
+    engine: Engine, broker: DoorbellRedisBroker
 ) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     seller, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
@@ -67,7 +69,7 @@ def test_the_sweeper_makes_an_event_overdue_for_longer_than_the_requeue_period_d
     assert again.webhooks_requeued == 0
 
 
-def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, broker: RedisBroker) -> None:
+def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, broker: DoorbellRedisBroker) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     seller, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     fills(engine, buyer, seller)
@@ -86,7 +88,7 @@ def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, bro
 # ------------------------------------------------------------------------------------------------ hints
 
 
-def test_hints_are_coalesced_until_a_worker_takes_one(broker: RedisBroker) -> None:
+def test_hints_are_coalesced_until_a_worker_takes_one(broker: DoorbellRedisBroker) -> None:
     assert enqueue_deliveries(broker, []) == 0  # no events, no hint
     assert enqueue_deliveries(broker, ["a", "b"]) == 1
     assert enqueue_deliveries(broker, ["c"]) == 0  # one is pending already
@@ -98,13 +100,14 @@ def test_hints_are_coalesced_until_a_worker_takes_one(broker: RedisBroker) -> No
     assert queued_hints(broker) == 2
 
 
-def test_a_hint_claimed_in_the_matchers_pipeline_is_coalesced_with_every_other_hint(broker: RedisBroker) -> None:
-    def after_commit() -> int:  # what the matcher sends after a commit with events: results and the claim at once
+def test_a_hint_sent_in_the_matchers_pipeline_is_coalesced_with_every_other_hint(broker: DoorbellRedisBroker) -> None:
+    def after_commit() -> int:  # what the matcher sends after a commit with events: results and the hint at once
         with broker.client.pipeline(transaction=False) as pipe:
             pipe.publish("exchange:test-results", b"[]")
-            claim_hint(pipe, broker)
-            claimed = pipe.execute()[-1]
-        return send_claimed_hint(broker, claimed)
+            hint = add_hint(pipe, broker)
+            replies = pipe.execute(raise_on_error=False)
+        assert len(replies) == 2  # the hint is one command of the pipeline: no round trip of its own
+        return int(hinted(broker, hint, replies[-1]))
 
     assert after_commit() == 1
     assert after_commit() == 0
@@ -115,7 +118,25 @@ def test_a_hint_claimed_in_the_matchers_pipeline_is_coalesced_with_every_other_h
     assert queued_hints(broker) == 2
 
 
-def test_a_delayed_hint_is_sent_even_while_one_is_pending(broker: RedisBroker) -> None:
+def test_a_hint_sets_its_key_in_the_script_that_queues_it_and_a_pending_one_changes_nothing(
+    broker: DoorbellRedisBroker,
+) -> None:
+    key = hint_key(broker)
+
+    assert enqueue_deliveries(broker, ["a"]) == 1
+    ttl = broker.client.pttl(key)
+    assert 0 < ttl <= HINT_TTL_MS  # set with its TTL, by the script that queued the hint
+    assert broker.client.get(key) == b"1"
+    assert enqueue_deliveries(broker, ["b"]) == 0
+
+    assert queued_hints(broker) == 1
+    assert broker.client.pttl(key) <= ttl  # a refused hint did not renew the key
+    assert sorted(k.decode() for k in broker.client.scan_iter(f"*{broker.namespace}*")) == sorted(
+        [key, f"{broker.namespace}:{WEBHOOK_QUEUE}", f"{broker.namespace}:{WEBHOOK_QUEUE}.msgs"]
+    )  # no set beside the key: a hint's guard has none
+
+
+def test_a_delayed_hint_is_sent_even_while_one_is_pending(broker: DoorbellRedisBroker) -> None:
     assert enqueue_deliveries(broker, ["a"]) == 1
     assert enqueue_deliveries(broker, ["b"], delay_ms=60_000) == 1
 
