@@ -50,13 +50,47 @@ HOLD_S = 0.5
 
 
 def _after_commit(results: list[BatchResult], seconds: float, *, release: int | None) -> list[str] | None:
-    """Publish what one transaction (of one or several books) committed; ``seconds`` is its duration. With
-    ``release`` (a partition; the drain's last transaction), also take what was woken on it meanwhile, or release
-    it, and return what was taken. The results, the webhook hint and the take go in ONE round trip (both Redis
-    clients use ``settings.redis_url``).
+    """Publish what one transaction (of one or several books) committed, then report it (``seconds``: its
+    duration). With ``release`` (a partition; the drain's last transaction), also take what was woken on it
+    meanwhile, or release it, and return what was taken. The results, the webhook hint and the take go in ONE round
+    trip (both Redis clients use ``settings.redis_url``), before anything else: waiters are answered first.
 
     Once the take has run nothing here raises (what it took would be lost until the sweeper): only a failed round
     trip does, before anything of it is known."""
+    taken = _publish(results, release)
+    try:
+        _report(results, seconds)
+    except Exception:
+        log.exception("could not report a committed transaction")
+    return taken
+
+
+def _publish(results: list[BatchResult], release: int | None) -> list[str] | None:
+    """The after-commit round trip (see :func:`_after_commit`): the take's symbols, or None without ``release``."""
+    order_ids = [order_id for result in results for order_id in result.order_ids]
+    has_events = any(result.event_ids for result in results)
+    if not order_ids and not has_events and release is None:
+        return None
+    with _redis.pipeline(transaction=False) as pipe:
+        publish_results(pipe, order_ids, [state for result in results for state in result.placed])
+        hint = add_hint(pipe, broker) if has_events else None
+        if release is not None:
+            PartitionWakeups.add_take_or_release(pipe, release)
+        replies = pipe.execute(raise_on_error=False)
+    taken = PartitionWakeups.taken(replies.pop()) if release is not None else None
+    if hint is not None:
+        try:
+            hinted(broker, hint, replies.pop())
+        except Exception:
+            # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
+            log.warning("could not enqueue a webhook delivery hint", exc_info=True)
+    if replies and isinstance(replies[0], Exception):  # the waiters time out and read their orders back
+        log.warning("could not publish results", exc_info=replies[0])
+    return taken
+
+
+def _report(results: list[BatchResult], seconds: float) -> None:
+    """The transaction's metrics and its ``matched`` line."""
     applied = [result for result in results if result.commands]
     for result in results:
         if result.rebuilt:
@@ -92,26 +126,6 @@ def _after_commit(results: list[BatchResult], seconds: float, *, release: int | 
                 "order_ids": [str(o) for result in applied for o in result.order_ids],
             },
         )
-    order_ids = [order_id for result in results for order_id in result.order_ids]
-    has_events = any(result.event_ids for result in results)
-    if not order_ids and not has_events and release is None:
-        return None
-    with _redis.pipeline(transaction=False) as pipe:
-        publish_results(pipe, order_ids, [state for result in results for state in result.placed])
-        hint = add_hint(pipe, broker) if has_events else None
-        if release is not None:
-            PartitionWakeups.add_take_or_release(pipe, release)
-        replies = pipe.execute(raise_on_error=False)
-    taken = PartitionWakeups.taken(replies.pop()) if release is not None else None
-    if hint is not None:
-        try:
-            hinted(broker, hint, replies.pop())
-        except Exception:
-            # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
-            log.warning("could not enqueue a webhook delivery hint", exc_info=True)
-    if replies and isinstance(replies[0], Exception):  # the waiters time out and read their orders back
-        log.warning("could not publish results", exc_info=replies[0])
-    return taken
 
 
 def _drain(partition: int, symbols: list[str]) -> list[str] | None:
