@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from uuid import UUID
 
+import uvloop
 from sqlalchemy import Engine
 
 from exchange.webhooks import ssrf, store
@@ -432,7 +433,7 @@ class PumpThread:
     def __init__(self, pump: Pump, on_crash: Callable[[BaseException], None] | None = None) -> None:
         self.pump = pump
         self._on_crash = on_crash
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()  # the api's loop too: its callbacks, timers and sockets in C
         self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="webhook-pump", daemon=True)
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+import uvloop
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -264,6 +265,25 @@ def test_a_dead_recorder_stops_the_pump_loudly(
     assert "the webhook pump's recorder died" in caplog.text
     worker.stop()  # a dead pump's thread: returns at once
     worker.wake()
+
+
+def test_a_pump_thread_runs_its_pump_on_uvloop(engine: Engine) -> None:
+    worker = PumpThread(Pump(engine, FAST, capacity=4))
+    running = threading.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def note() -> None:
+        loops.append(asyncio.get_running_loop())
+        running.set()
+
+    worker._loop.call_soon(note)  # the first callback of the pump's loop once its thread runs it
+    worker.start()
+    try:
+        assert running.wait(10)
+    finally:
+        worker.stop()
+
+    assert [type(loop) for loop in loops] == [uvloop.Loop]  # the api's loop too: callbacks and sockets in C
 
 
 def test_stopping_a_pump_thread_records_the_deliveries_in_flight(engine: Engine, receiver: Receiver) -> None:
