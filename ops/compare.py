@@ -8,8 +8,8 @@ there), then runs ``N`` pairs, alternating which side goes first: for each run a
 database, ``exchange dev`` of that side on ``--port`` (its own venv, no ``uv run`` wrapper), ``exchange bench`` of
 THIS checkout against it with ``--server-stats`` (the same generator for both sides), then ``exchange dev``
 stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
-order->fill p50, server CPU per order by process kind, PostgreSQL transactions and Redis commands per order and the
-new-order stages' p50, with the ratio of the medians (this side / base).
+order->fill p50, fill->webhook p50, server CPU per order by process kind, PostgreSQL transactions and Redis
+commands per order and the new-order stages' p50, with the ratio of the medians (this side / base).
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
 ``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics), nor use the Redis database,
@@ -168,6 +168,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
     """The compared figures of one ``exchange bench --json`` report."""
     post = report.get("endpoints", {}).get("POST /orders", {})
     fill = report.get("order_to_fill", {})
+    webhook = report.get("fill_to_webhook", {})
     stats = report.get("server_stats", {})
     orders = max(1, int(stats.get("accepted_orders", 0)))
     out = {
@@ -175,6 +176,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
         "POST p50 ms": float(post.get("p50_ms") or 0.0),
         "POST p99 ms": float(post.get("p99_ms") or 0.0),
         "order->fill p50 ms": float(fill.get("p50_ms") or 0.0),
+        "fill->webhook p50 ms": float(webhook.get("p50_ms") or 0.0),
         "CPU ms/order": float(stats.get("cpu_ms_per_order") or 0.0),
     }
     for kind, seconds in stats.get("cpu_s", {}).items():

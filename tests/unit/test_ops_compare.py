@@ -27,13 +27,15 @@ def test_figures_reads_rates_latencies_and_cpu_per_order_by_process_kind() -> No
     assert got["POST p50 ms"] == 10.0
     assert got["POST p99 ms"] == 20.0
     assert got["order->fill p50 ms"] == 0.0  # no fill timed: None in the report
+    assert got["fill->webhook p50 ms"] == 0.0  # no receiver: no such section in the report
     assert got["CPU ms/order"] == 3.0
     assert got["  api ms/order"] == 2.0
     assert got["  matcher ms/order"] == 1.0
 
 
-def test_figures_reads_the_server_counts_and_the_order_stages_when_the_report_has_them() -> None:
+def test_figures_reads_the_server_counts_the_order_stages_and_the_webhooks_when_the_report_has_them() -> None:
     report = _report(500.0, 10.0, {"api": 2.0}, orders=1000)
+    report["fill_to_webhook"] = {"p50_ms": 12.5, "p99_ms": 40.0}
     report["server_stats"] |= {"pg_transactions_per_order": 1.75, "redis_calls_per_order": 15.1}
     report["order_stages"] = {"to_accept": {"p50_ms": 9.7}, "accept_to_match": {"p50_ms": 16.4}}
 
@@ -42,6 +44,7 @@ def test_figures_reads_the_server_counts_and_the_order_stages_when_the_report_ha
     assert (got["PG transactions/order"], got["Redis commands/order"]) == (1.75, 15.1)
     assert (got["stage to_accept p50 ms"], got["stage accept_to_match p50 ms"]) == (9.7, 16.4)
     assert "stage match_to_answer p50 ms" not in got
+    assert got["fill->webhook p50 ms"] == 12.5
     assert "PG transactions/order" not in figures(_report(500.0, 10.0, {"api": 2.0}, orders=1000))
 
 
