@@ -41,7 +41,7 @@ _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
 _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
 _redis = redis.Redis.from_url(settings.redis_url)
 _cache = BookCache()
-_wakeups = PartitionWakeups(_redis)
+_wakeups = PartitionWakeups(_redis, linger_s=settings.matcher_linger_ms / 1000)
 _keep_heap = Keeper()
 """The cached books only grow while the matcher runs: what survived is frozen once a second (``exchange.heap``), so
 no collection walks them again."""
@@ -75,7 +75,7 @@ def _publish(results: list[BatchResult], release: int | None) -> list[str] | Non
         publish_results(pipe, order_ids, [state for result in results for state in result.placed])
         hint = add_hint(pipe, broker) if has_events else None
         if release is not None:
-            PartitionWakeups.add_take_or_release(pipe, release)
+            _wakeups.add_take_or_release(pipe, release)
         replies = pipe.execute(raise_on_error=False)
     taken = PartitionWakeups.taken(replies.pop()) if release is not None else None
     if hint is not None:

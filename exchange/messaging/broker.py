@@ -156,15 +156,20 @@ def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, queu
 
 
 # KEYS: the queue's list of message ids and hash of messages (dramatiq's layout, as its ``dispatch`` script's
-# ``enqueue`` writes them), the queue's doorbell, then for a guarded enqueue a set and a flag; ARGV: the message's
-# ``redis_message_id`` and encoded body, then for a guarded enqueue the flag's TTL in ms and the set's members.
-# Guarded: add the members to the set, and enqueue only when the flag was free (it is then set): all or nothing.
+# ``enqueue`` writes them), the queue's doorbell, then for a guarded enqueue a set and a flag, and maybe a ring;
+# ARGV: the message's ``redis_message_id`` and encoded body, then for a guarded enqueue the flag's TTL in ms and the
+# set's members. Guarded: add the members to the set, and enqueue only when the flag was free (it is then set): all
+# or nothing; when it was not, ring the ring (a one-element list its holder may be waiting on).
 _ENQUEUE_SCRIPT = """
-if #KEYS == 5 then
+if #KEYS >= 5 then
     if #ARGV > 3 then
         redis.call('SADD', KEYS[4], unpack(ARGV, 4))
     end
     if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[3]) then
+        if #KEYS == 6 then
+            redis.call('LPUSH', KEYS[6], '1')
+            redis.call('LTRIM', KEYS[6], 0, 0)
+        end
         return 0
     end
 end
@@ -187,6 +192,8 @@ class Guard:
     members: Sequence[str]
     flag: str
     ttl_ms: int
+    ring: str | None = None
+    """Rung (a one-element list) when the flag was held: its holder may be waiting for work on it."""
 
 
 class AsyncEnqueuer:
@@ -299,7 +306,7 @@ def _script_call(namespace: str, message: dramatiq.Message[Any], guard: Guard | 
         if guard.set_key is None and guard.members:
             raise ValueError("a guard's members need its set")
         # Without a set the script never touches its slot (no members, no SADD): the flag fills it.
-        keys += [guard.set_key or guard.flag, guard.flag]
+        keys += [guard.set_key or guard.flag, guard.flag, *([guard.ring] if guard.ring else [])]
         args += [guard.ttl_ms, *guard.members]
     return [len(keys), *keys, *args]
 

@@ -6,7 +6,10 @@ last took it, and ``exchange:wake:<n>:busy``, a flag (with a TTL) saying a match
 commit the api adds the symbols to the set, sets the flag ``NX`` and, only when the flag was free, enqueues a
 message ``match_<n>(*symbols)``, all in ONE script (one round trip; a flag is never held without its message). The
 matcher takes the set (and re-arms the flag) before it reads the command log, drains those symbols, and then
-atomically either takes what was added meanwhile and goes on, or, if nothing was, clears the flag and stops.
+atomically either takes what was added meanwhile and goes on, or, if nothing was, clears the flag and stops. A
+matcher may linger before it stops: a wake-up that finds the flag held also rings ``exchange:wake:<n>:ring`` (a
+one-element list), on which the holder waits a few milliseconds (``EXCHANGE_MATCHER_LINGER_MS``) for work that
+then costs no message; the take clears the ring with the set it rang for.
 
 Why no command is left without a wake-up: a command is committed before its symbol is added. If the api's ``SET NX``
 succeeded, its message names the symbol. If it failed, a matcher held the flag and the symbol is in the set, and the
@@ -43,6 +46,11 @@ def woken_key(partition: int) -> str:
 def busy_key(partition: int) -> str:
     """Set while a matcher holds ``partition`` (its message is queued or being processed)."""
     return f"{WAKE_KEY_PREFIX}{partition}:busy"
+
+
+def ring_key(partition: int) -> str:
+    """Rung by a wake-up that found ``partition`` held: its holder, lingering after a drain, takes the set at once."""
+    return f"{WAKE_KEY_PREFIX}{partition}:ring"
 
 
 class BrokerLike(Protocol):
@@ -92,30 +100,40 @@ async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions
     if not groups:
         return
     messages = [partition_message(partition, names) for partition, names in groups]
-    guards = [Guard(woken_key(partition), names, busy_key(partition), WAKE_TTL_MS) for partition, names in groups]
+    guards = [
+        Guard(woken_key(partition), names, busy_key(partition), WAKE_TTL_MS, ring=ring_key(partition))
+        for partition, names in groups
+    ]
     await enqueuer.ring_all(messages, guards)
 
 
-# KEYS: the partition's set and flag; ARGV: the flag's TTL in ms, and "1" to release the partition when nothing was
-# woken. One script, so no api transaction can fall between reading the set and clearing the flag.
+# KEYS: the partition's set, flag and ring (the ring is cleared with the set it rang for); ARGV: the flag's TTL in
+# ms, and "1" to release the partition when nothing was woken. One script, so no api transaction can fall between
+# reading the set and clearing the flag.
 _TAKE_SCRIPT = """
 local symbols = redis.call('SMEMBERS', KEYS[1])
 if #symbols == 0 and ARGV[2] == '1' then
     redis.call('DEL', KEYS[2])
     return symbols
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 return symbols
 """
 
 
 class PartitionWakeups:
-    """The matcher's side: take a partition's woken symbols, and release the partition when none are left."""
+    """The matcher's side: take a partition's woken symbols, and release the partition when none are left.
 
-    def __init__(self, client: redis.Redis) -> None:
+    With ``linger_s`` a holder that finds nothing left keeps the partition up to that long (well below
+    ``WAKE_TTL_MS``, which its last take re-armed) waiting on the partition's ring, which every wake-up that finds
+    it held rings: work arriving meanwhile is taken at once, without a message (enqueue, fetch, hand-over to a
+    worker thread, ack) and without the take that starts one. Only then is it released."""
+
+    def __init__(self, client: redis.Redis, *, linger_s: float = 0.0) -> None:
         self._client = client
         self._take = client.register_script(_TAKE_SCRIPT)
+        self.linger_s = linger_s
 
     def take(self, partition: int) -> list[str]:
         """Hold ``partition`` (arm its flag) and take the symbols woken on it. Called before reading the command
@@ -124,15 +142,24 @@ class PartitionWakeups:
 
     def take_or_release(self, partition: int) -> list[str]:
         """Take the symbols woken on ``partition`` since the last take, keeping it held; if there are none,
-        release it (the next wake-up sends a message) and return []."""
-        return self._run(partition, release=True)
+        release it (the next wake-up sends a message) and return [] (after lingering, see the class)."""
+        return self._run(partition, release=not self.linger_s) or self.linger(partition)
 
-    @staticmethod
-    def add_take_or_release(pipe: redis.client.Pipeline, partition: int) -> None:
-        """Add :meth:`take_or_release` to ``pipe`` (the matcher's after its last commit: one round trip with the
-        results it publishes), as ``EVAL`` (Redis caches it by its digest: no forgotten script can fail it). Pass
-        the reply to :meth:`taken`."""
-        pipe.eval(_TAKE_SCRIPT, 2, woken_key(partition), busy_key(partition), str(WAKE_TTL_MS), "1")
+    def add_take_or_release(self, pipe: redis.client.Pipeline, partition: int) -> None:
+        """Add the take of :meth:`take_or_release` to ``pipe`` (the matcher's after its last commit: one round trip
+        with the results it publishes), as ``EVAL`` (Redis caches it by its digest: no forgotten script can fail
+        it). Pass the reply to :meth:`taken`; when it is [], :meth:`linger` (lingering, the take kept the
+        partition)."""
+        keys = (woken_key(partition), busy_key(partition), ring_key(partition))
+        pipe.eval(_TAKE_SCRIPT, 3, *keys, str(WAKE_TTL_MS), "0" if self.linger_s else "1")
+
+    def linger(self, partition: int) -> list[str]:
+        """After a take that found nothing: wait up to ``linger_s`` for the partition's ring, then take or release
+        (without ``linger_s`` that take released the partition already: [])."""
+        if not self.linger_s:
+            return []
+        self._client.blpop([ring_key(partition)], timeout=self.linger_s)
+        return self._run(partition, release=True)
 
     @staticmethod
     def taken(reply: object) -> list[str]:
@@ -153,7 +180,7 @@ class PartitionWakeups:
             pipe.execute()
 
     def _run(self, partition: int, *, release: bool) -> list[str]:
-        keys = [woken_key(partition), busy_key(partition)]
+        keys = [woken_key(partition), busy_key(partition), ring_key(partition)]
         return self.taken(self._take(keys=keys, args=[WAKE_TTL_MS, "1" if release else "0"]))
 
 
@@ -171,7 +198,8 @@ def hold_partition(
     while a transaction runs thus joins the next one instead of costing a message and a transaction of its own.
 
     ``process`` returns None, or what its own :meth:`PartitionWakeups.add_take_or_release` took after its last
-    commit (sent with what it publishes then, it saves a round trip): then that is the next round's.
+    commit (sent with what it publishes then, it saves a round trip): then that is the next round's, or, when it
+    took nothing, what :meth:`PartitionWakeups.linger` takes.
 
     The partition is taken before the first ``process`` reads the command log and again before every later round,
     so a command committed after any read is in the set of the next take. After ``hold_s`` what is left is handed
@@ -184,7 +212,7 @@ def hold_partition(
     try:
         while todo:
             taken = process(todo)
-            todo = wakeups.take_or_release(partition) if taken is None else taken
+            todo = wakeups.take_or_release(partition) if taken is None else taken or wakeups.linger(partition)
             if todo and time.monotonic() - held_since >= hold_s:
                 hand_off(partition, todo)
                 return

@@ -5,6 +5,8 @@ a failure never leaves a partition held without a message."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,14 @@ from redis.backoff import NoBackoff
 from exchange.messaging import wakeups
 from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
-from exchange.messaging.wakeups import PartitionWakeups, busy_key, hold_partition, wake_async, woken_key
+from exchange.messaging.wakeups import (
+    PartitionWakeups,
+    busy_key,
+    hold_partition,
+    ring_key,
+    wake_async,
+    woken_key,
+)
 from tests.integration.redis_support import claimed_database
 
 pytestmark = pytest.mark.anyio
@@ -229,7 +238,7 @@ async def test_a_take_sent_in_a_pipeline_takes_and_releases_exactly_like_take_or
     def after_commit() -> list[str]:  # what the matcher sends after its last commit: its results and the take
         with broker.client.pipeline(transaction=False) as pipe:
             pipe.publish("exchange:test-results", b"[]")
-            PartitionWakeups.add_take_or_release(pipe, 3)
+            matcher_side.add_take_or_release(pipe, 3)
             replies = pipe.execute(raise_on_error=False)
         assert len(replies) == 2  # the take is one command of the pipeline: no round trip of its own
         return PartitionWakeups.taken(replies[-1])
@@ -252,7 +261,7 @@ async def test_a_holder_goes_on_with_what_its_process_took_and_takes_nothing_its
         if len(rounds) == 1:
             wake_elsewhere(redis_url, broker, [second])
         with broker.client.pipeline(transaction=False) as pipe:
-            PartitionWakeups.add_take_or_release(pipe, 7)
+            matcher_side.add_take_or_release(pipe, 7)
             return PartitionWakeups.taken(pipe.execute()[0])
 
     def take_or_release(partition: int) -> list[str]:
@@ -327,6 +336,86 @@ async def test_a_failing_holder_gives_back_the_symbols_in_hand_and_releases_the_
 
     assert await client.exists(busy_key(2)) == 0
     assert await members(client, 2) == sorted([first, second])
+
+
+@pytest.fixture
+def lingering(redis_url: str) -> Iterator[PartitionWakeups]:
+    """The matcher's side with a linger long enough that only a ring can end it early."""
+    client = redis.Redis.from_url(redis_url)
+    yield PartitionWakeups(client, linger_s=5.0)
+    client.close()
+
+
+async def test_a_wake_up_rings_a_held_partition_once_and_a_free_one_not_at_all(
+    client: redis.asyncio.Redis, enqueuer: AsyncEnqueuer, matcher_side: PartitionWakeups
+) -> None:
+    first, second, third = symbols(3, partition=0)
+    assert await wake(enqueuer, client, [first]) == 1  # free: a message, no ring
+    assert await client.exists(ring_key(0)) == 0
+
+    matcher_side.take(0)
+    assert await wake(enqueuer, client, [second]) == 0
+    assert await wake(enqueuer, client, [third]) == 0
+    assert await client.lrange(ring_key(0), 0, -1) == [b"1"]  # held: rung, one element however many wake-ups
+
+    assert matcher_side.take(0) == sorted([second, third])
+    assert await client.exists(ring_key(0)) == 0  # the take clears the ring it answers
+
+
+async def test_a_lingering_holder_takes_what_is_woken_meanwhile_at_once_and_without_a_message(
+    client: redis.asyncio.Redis, lingering: PartitionWakeups, redis_url: str, broker: DoorbellRedisBroker
+) -> None:
+    [woken] = symbols(1, partition=1)
+    lingering.take(1)
+    messages: list[int] = []
+    waker = threading.Timer(0.2, lambda: messages.append(wake_elsewhere(redis_url, broker, [woken])))
+    started = time.monotonic()
+    waker.start()
+
+    taken = lingering.linger(1)
+
+    waker.join()
+    assert taken == [woken]
+    assert time.monotonic() - started < 2.5  # the ring ended the 5 s linger
+    assert messages == [0]  # held while lingering: the wake-up sent no message
+    assert await client.exists(busy_key(1)) == 1  # still held: the holder goes on with it
+
+
+async def test_a_lingering_holder_that_gets_nothing_releases_the_partition_after_its_linger(
+    client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    sync_client = redis.Redis.from_url(redis_url)
+    wakeups_ = PartitionWakeups(sync_client, linger_s=0.1)
+    wakeups_.take(5)
+    started = time.monotonic()
+
+    assert wakeups_.take_or_release(5) == []
+
+    assert time.monotonic() - started >= 0.09  # it waited its linger first
+    assert await client.exists(busy_key(5), woken_key(5), ring_key(5)) == 0
+    sync_client.close()
+
+
+async def test_a_holder_lingers_after_a_drain_that_took_nothing_and_goes_on_with_what_came(
+    client: redis.asyncio.Redis, lingering: PartitionWakeups, redis_url: str, broker: DoorbellRedisBroker
+) -> None:
+    first, second = symbols(2, partition=6)
+    rounds: list[list[str]] = []
+
+    def process(todo: list[str]) -> list[str]:
+        rounds.append(todo)
+        with broker.client.pipeline(transaction=False) as pipe:
+            lingering.add_take_or_release(pipe, 6)  # lingering: this take keeps the partition when it finds nothing
+            taken = PartitionWakeups.taken(pipe.execute()[0])
+        if len(rounds) == 1:
+            threading.Timer(0.2, wake_elsewhere, (redis_url, broker, [second])).start()  # during the linger
+        return taken
+
+    lingering.linger_s = 1.0  # the second linger gets nothing: released after it
+    hold_partition(lingering, 6, [first], process=process, hand_off=lambda *_: None, hold_s=60)
+
+    assert rounds == [[first], [second]]
+    assert await client.exists(busy_key(6), woken_key(6), ring_key(6)) == 0
 
 
 @pytest.fixture
