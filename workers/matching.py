@@ -52,8 +52,9 @@ HOLD_S = 0.5
 def _after_commit(results: list[BatchResult], seconds: float, *, release: int | None) -> list[str] | None:
     """Publish what one transaction (of one or several books) committed, then report it (``seconds``: its
     duration). With ``release`` (a partition; the drain's last transaction), also take what was woken on it
-    meanwhile, or release it, and return what was taken. The results, the webhook hint and the take go in ONE round
-    trip (both Redis clients use ``settings.redis_url``), before anything else: waiters are answered first.
+    meanwhile (or, when nothing was and the matcher does not linger, release it) and return what was taken. The
+    results, the webhook hint and the take go in ONE round trip (both Redis clients use ``settings.redis_url``),
+    before anything else: waiters are answered first.
 
     Once the take has run nothing here raises (what it took would be lost until the sweeper): only a failed round
     trip does, before anything of it is known."""
