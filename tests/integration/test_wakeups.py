@@ -145,6 +145,16 @@ def wake_elsewhere(redis_url: str, broker: DoorbellRedisBroker, symbols: list[st
         return pool.submit(asyncio.run, wake_there()).result()
 
 
+def take_after_commit(side: PartitionWakeups, broker: DoorbellRedisBroker, partition: int) -> list[str]:
+    """What the matcher sends after its last commit: its results and the take, in one pipeline; what was taken."""
+    with broker.client.pipeline(transaction=False) as pipe:
+        pipe.publish("exchange:test-results", b"[]")
+        side.add_take_or_release(pipe, partition)
+        replies = pipe.execute(raise_on_error=False)
+    assert len(replies) == 2  # the take is one command of the pipeline: no round trip of its own
+    return PartitionWakeups.taken(replies[-1])
+
+
 async def members(client: redis.asyncio.Redis, partition: int) -> list[str]:
     return sorted(m.decode() if isinstance(m, bytes) else m for m in await client.smembers(woken_key(partition)))
 
@@ -235,17 +245,9 @@ async def test_a_take_sent_in_a_pipeline_takes_and_releases_exactly_like_take_or
     matcher_side.take(3)
     await wake(enqueuer, client, [second, third])
 
-    def after_commit() -> list[str]:  # what the matcher sends after its last commit: its results and the take
-        with broker.client.pipeline(transaction=False) as pipe:
-            pipe.publish("exchange:test-results", b"[]")
-            matcher_side.add_take_or_release(pipe, 3)
-            replies = pipe.execute(raise_on_error=False)
-        assert len(replies) == 2  # the take is one command of the pipeline: no round trip of its own
-        return PartitionWakeups.taken(replies[-1])
-
-    assert after_commit() == sorted([second, third])
+    assert take_after_commit(matcher_side, broker, 3) == sorted([second, third])
     assert await client.exists(busy_key(3)) == 1  # still held: the holder goes on with them
-    assert after_commit() == []
+    assert take_after_commit(matcher_side, broker, 3) == []
     assert await client.exists(busy_key(3), woken_key(3)) == 0
     assert await wake(enqueuer, client, [first]) == 1  # released: the next wake-up sends a message
 
@@ -260,9 +262,7 @@ async def test_a_holder_goes_on_with_what_its_process_took_and_takes_nothing_its
         rounds.append(todo)
         if len(rounds) == 1:
             wake_elsewhere(redis_url, broker, [second])
-        with broker.client.pipeline(transaction=False) as pipe:
-            matcher_side.add_take_or_release(pipe, 7)
-            return PartitionWakeups.taken(pipe.execute()[0])
+        return take_after_commit(matcher_side, broker, 7)
 
     def take_or_release(partition: int) -> list[str]:
         raise AssertionError("the holder took again after its process had taken")
@@ -404,9 +404,8 @@ async def test_a_holder_lingers_after_a_drain_that_took_nothing_and_goes_on_with
 
     def process(todo: list[str]) -> list[str]:
         rounds.append(todo)
-        with broker.client.pipeline(transaction=False) as pipe:
-            lingering.add_take_or_release(pipe, 6)  # lingering: this take keeps the partition when it finds nothing
-            taken = PartitionWakeups.taken(pipe.execute()[0])
+        # Lingering, this take keeps the partition when it finds nothing.
+        taken = take_after_commit(lingering, broker, 6)
         if len(rounds) == 1:
             threading.Timer(0.2, wake_elsewhere, (redis_url, broker, [second])).start()  # during the linger
         return taken
