@@ -27,7 +27,7 @@ from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
-from exchange.webhooks.queue import add_hint, hinted
+from exchange.webhooks.queue import add_hint
 
 log = logging.getLogger("exchange.matcher")
 
@@ -81,7 +81,7 @@ def _publish(results: list[BatchResult], release: int | None) -> list[str] | Non
     taken = PartitionWakeups.taken(replies.pop()) if release is not None else None
     if hint is not None:
         try:
-            hinted(broker, hint, replies.pop())
+            broker.guarded_sent(hint, replies.pop())
         except Exception:
             # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
             log.warning("could not enqueue a webhook delivery hint", exc_info=True)

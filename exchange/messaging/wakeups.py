@@ -122,6 +122,11 @@ return symbols
 """
 
 
+def _take_keys(partition: int) -> list[str]:
+    """The take script's KEYS for ``partition``, in its order."""
+    return [woken_key(partition), busy_key(partition), ring_key(partition)]
+
+
 class PartitionWakeups:
     """The matcher's side: take a partition's woken symbols, and release the partition when none are left.
 
@@ -150,8 +155,8 @@ class PartitionWakeups:
         with the results it publishes), as ``EVAL`` (Redis caches it by its digest: no forgotten script can fail
         it). Pass the reply to :meth:`taken`; when it is [], :meth:`linger` (lingering, the take kept the
         partition)."""
-        keys = (woken_key(partition), busy_key(partition), ring_key(partition))
-        pipe.eval(_TAKE_SCRIPT, 3, *keys, str(WAKE_TTL_MS), "0" if self.linger_s else "1")
+        keys = _take_keys(partition)
+        pipe.eval(_TAKE_SCRIPT, len(keys), *keys, str(WAKE_TTL_MS), "0" if self.linger_s else "1")
 
     def linger(self, partition: int) -> list[str]:
         """After a take that found nothing: wait up to ``linger_s`` for the partition's ring, then take or release
@@ -180,8 +185,7 @@ class PartitionWakeups:
             pipe.execute()
 
     def _run(self, partition: int, *, release: bool) -> list[str]:
-        keys = [woken_key(partition), busy_key(partition), ring_key(partition)]
-        return self.taken(self._take(keys=keys, args=[WAKE_TTL_MS, "1" if release else "0"]))
+        return self.taken(self._take(keys=_take_keys(partition), args=[WAKE_TTL_MS, "1" if release else "0"]))
 
 
 def hold_partition(

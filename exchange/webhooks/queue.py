@@ -58,19 +58,15 @@ def send_hint(broker: DoorbellRedisBroker) -> int:
     with broker.client.pipeline(transaction=False) as pipe:
         hint = add_hint(pipe, broker)
         (reply,) = pipe.execute(raise_on_error=False)
-    return int(hinted(broker, hint, reply))
+    return int(broker.guarded_sent(hint, reply))
 
 
 def add_hint(pipe: redis.client.Pipeline, broker: DoorbellRedisBroker) -> dramatiq.Message[object]:
     """Add the coalesced hint to ``pipe`` (the matcher's: one round trip with the results it publishes after its
-    commit). Pass what this returns and the script's reply to :func:`hinted`."""
+    commit). Pass what this returns and the script's reply to ``broker.guarded_sent``: whether it was sent (False:
+    one was pending)."""
     guard = Guard(set_key=None, members=(), flag=hint_key(broker), ttl_ms=HINT_TTL_MS)
     return broker.add_guarded(pipe, deliver_message(), guard)
-
-
-def hinted(broker: DoorbellRedisBroker, hint: dramatiq.Message[object], reply: object) -> bool:
-    """Whether :func:`add_hint`'s hint was sent (False: one was pending); raises its error if it failed."""
-    return broker.guarded_sent(hint, reply)
 
 
 def clear_hint(broker: RedisBroker) -> None:

@@ -19,7 +19,6 @@ from exchange.webhooks.queue import (
     clear_hint,
     enqueue_deliveries,
     hint_key,
-    hinted,
 )
 from tests.integration.redis_support import namespaced_broker
 from tests.integration.webhook_support import broker_with_endpoint, events_of, fills
@@ -107,7 +106,7 @@ def test_a_hint_sent_in_the_matchers_pipeline_is_coalesced_with_every_other_hint
             hint = add_hint(pipe, broker)
             replies = pipe.execute(raise_on_error=False)
         assert len(replies) == 2  # the hint is one command of the pipeline: no round trip of its own
-        return int(hinted(broker, hint, replies[-1]))
+        return int(broker.guarded_sent(hint, replies[-1]))
 
     assert after_commit() == 1
     assert after_commit() == 0
