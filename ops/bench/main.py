@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ceiling-duration", type=int, default=0, help="pgbench seconds (default: --duration)")
     parser.add_argument("--strict", action="store_true", help="exit 3 when the run is INVALID")
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="nice value of the senders and the receiver, each in a scheduling group of its own, so that on a "
+        "machine the server saturates they do not wait for a core (needs root or CAP_SYS_NICE; 0 = leave them; "
+        "default -10)",
+    )
+    parser.add_argument(
         "--server-stats",
         action="store_true",
         help="for an exchange of this project on this machine: Redis commands, PostgreSQL transactions and CPU "
@@ -180,7 +188,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
         ready = ctx.Event()
         receiver_proc = ctx.Process(
             target=receiver_main,
-            args=(receiver_port, since, stop, ready, receiver_queue, progress),
+            args=(receiver_port, since, stop, ready, receiver_queue, progress, args.nice),
             name="bench-receiver",
             daemon=True,
         )
@@ -220,6 +228,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
                 max_connections=args.connections,
                 closed_loop_clients=clients,
                 brokers=mine,
+                nice=args.nice,
             )
             proc = ctx.Process(target=worker_main, args=(cfg, queue), name=f"bench-sender-{w}", daemon=True)
             proc.start()

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from ops.bench.http import install_uvloop
+from ops.bench.priority import raise_priority
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -92,9 +93,11 @@ async def _handle(state: _State, reader: asyncio.StreamReader, writer: asyncio.S
             writer.close()
 
 
-def receiver_main(port: int, since_wall: Any, stop: Any, ready: Any, queue: Any, progress: Any) -> None:
+def receiver_main(port: int, since_wall: Any, stop: Any, ready: Any, queue: Any, progress: Any, nice: int = 0) -> None:
     """multiprocessing target. ``stop``/``ready``: Events; ``since_wall``: shared double, webhooks of fills
-    executed before it are not timed; ``progress``: shared int, webhooks received so far."""
+    executed before it are not timed; ``progress``: shared int, webhooks received so far; ``nice``: as the
+    senders' (:mod:`ops.bench.priority`), so that receipt times are not the receiver's own waits for a core."""
+    raise_priority(nice)
     install_uvloop()
     queue.put(asyncio.run(_serve(port, since_wall, stop, ready, progress)))
 

@@ -121,6 +121,7 @@ def build_report(
         "mode": mode,
         "valid": valid,
         "invalid_reasons": reasons,
+        "generator_priority": sorted({r.priority for r in results if r.priority}),
         "config": config,
         "model": {
             "scale_percent": model.scale,
@@ -195,6 +196,8 @@ def render(report: dict[str, Any]) -> str:
                 f"{name:28} n={s['count']:<8} p50 {_fmt(s['p50_ms'])} · p95 {_fmt(s['p95_ms'])} · "
                 f"p99 {_fmt(s['p99_ms'])} · max {_fmt(s['max_ms'])} ms"
             )
+    if report.get("generator_priority"):
+        lines.append(f"generator priority: {'; '.join(report['generator_priority'])}")
     if "webhooks" in report:
         w = report["webhooks"]
         lines.append(f"webhooks received {w['received']} ({w['by_event']}), timed {w['timed']}")

@@ -22,6 +22,7 @@ import msgspec
 from exchange.heap import settle
 from ops.bench import model as m
 from ops.bench.http import HttpError, Pool, install_uvloop
+from ops.bench.priority import raise_priority
 
 # Responses that are expected outcomes, not errors: no trade yet on a symbol; cancel of an order a seed-style
 # server no longer knows (or refuses because it is closed).
@@ -44,6 +45,7 @@ class WorkerConfig:
     max_connections: int = 128
     closed_loop_clients: int = 0
     brokers: list[int] = field(default_factory=list)  # closed loop: brokers this worker sends for
+    nice: int = 0  # the worker process's priority (ops.bench.priority); 0 leaves it
 
 
 @dataclass
@@ -62,6 +64,8 @@ class WorkerResult:
     connections_opened: int = 0
     waited_for_connection: int = 0
     elapsed_s: float = 0.0
+    priority: str = ""
+    """What :func:`ops.bench.priority.raise_priority` did in the worker process."""
 
     def plain(self) -> WorkerResult:
         """A picklable copy (no lambdas in the defaultdicts)."""
@@ -79,6 +83,7 @@ class WorkerResult:
             connections_opened=self.connections_opened,
             waited_for_connection=self.waited_for_connection,
             elapsed_s=self.elapsed_s,
+            priority=self.priority,
         )
 
 
@@ -259,8 +264,11 @@ def worker_main(cfg: WorkerConfig, queue: Any) -> None:
     modules exist by now and stay to the end: settled (``exchange.heap``), a full collection of them cannot stall
     the sends behind their schedule."""
     try:
+        priority = raise_priority(cfg.nice)
         settle()
-        queue.put(run_worker(cfg))
+        result = run_worker(cfg)
+        result.priority = priority
+        queue.put(result)
     except BaseException as exc:
         queue.put(f"worker {cfg.index} failed: {exc.__class__.__name__}: {exc}")
         raise
