@@ -30,7 +30,23 @@ from exchange.db import migrate
 from exchange.db.urls import libpq_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESTART_DELAY_S = 1.0
+FIRST_RESTART_DELAY_S = 0.1
+"""How long a child that died is left down before it is started again: Docker's restart policy (``restart:
+unless-stopped`` in ``compose.yaml``) waits 100 ms. A matcher's partitions are idle meanwhile (unless a standby
+holds them), so this is part of its failover time."""
+MAX_RESTART_DELAY_S = 10.0
+HEALTHY_RUN_S = 10.0
+"""A child that ran this long before it died is restarted after the first delay again."""
+
+
+def restart_delay(previous_s: float | None, ran_s: float) -> float:
+    """The pause before restarting a child that died after running ``ran_s`` seconds, whose last restart waited
+    ``previous_s`` (None: never restarted). As Docker does: the first delay, doubled for every further death
+    within :data:`HEALTHY_RUN_S` of a start (up to :data:`MAX_RESTART_DELAY_S`: a child that cannot start is not
+    restarted, and its output repeated, ten times a second), back to the first once a start lasted that long."""
+    if previous_s is None or ran_s >= HEALTHY_RUN_S:
+        return FIRST_RESTART_DELAY_S
+    return min(previous_s * 2, MAX_RESTART_DELAY_S)
 
 
 @dataclass
@@ -39,6 +55,10 @@ class Child:
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    started_at: float = 0.0
+    """``time.monotonic()`` when the process was last started."""
+    restart_delay_s: float | None = None
+    """The pause before its last restart (None: never restarted)."""
     pump: threading.Thread | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
@@ -99,6 +119,7 @@ def _spawn(child: Child, env: dict[str, str]) -> None:
     child.process = subprocess.Popen(
         argv, env={**env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
+    child.started_at = time.monotonic()
     assert child.process.stdout is not None
     child.pump = threading.Thread(target=_pump, args=(child.name, child.process.stdout), daemon=True)
     child.pump.start()
@@ -283,8 +304,10 @@ def _supervise(
             for child in children:
                 if child.process is not None and child.process.poll() is not None:
                     code = child.process.returncode
-                    print(f"dev: {child.name} exited with {code}; restarting in {RESTART_DELAY_S:.0f}s", flush=True)
-                    if stopping.wait(RESTART_DELAY_S):
+                    delay = restart_delay(child.restart_delay_s, time.monotonic() - child.started_at)
+                    child.restart_delay_s = delay
+                    print(f"dev: {child.name} exited with {code}; restarting in {delay:g}s", flush=True)
+                    if stopping.wait(delay):
                         break
                     child.restarts += 1
                     _spawn(child, env)

@@ -188,3 +188,39 @@ def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path,
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
             stop_pgbouncer(state_dir / "pgbouncer")  # a daemon of its own: the next dev run would stop it too
+
+
+def _sweepers(dev: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """dev's sweeper children (through setpriv, the child is the sweeper itself: setpriv execs it)."""
+    found = []
+    for child in psutil.Process(dev.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "sweeper" in child.cmdline() and alive(child.pid):
+                found.append(child)
+    return found
+
+
+def test_exchange_dev_restarts_a_killed_child_after_a_100_ms_pause(tmp_path: Path, fresh_database_url: str) -> None:
+    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
+    with claimed_database() as redis_url:
+        services = {"EXCHANGE_DATABASE_URL": fresh_database_url, "EXCHANGE_REDIS_URL": redis_url}
+        dev = start_dev(tmp_path, port, state_dir, log, **services)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", dev, log)
+            (sweeper,) = _sweepers(dev)
+            os.killpg(sweeper.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            restarted = None
+            while restarted is None and time.monotonic() - killed_at < 5:
+                restarted = next((p for p in _sweepers(dev) if p.pid != sweeper.pid), None)
+                time.sleep(0.01)
+            assert restarted is not None, log.read_text()[-4000:]
+            assert "dev: sweeper exited with -9; restarting in 0.1s" in log.read_text()
+        finally:
+            if dev.poll() is None:
+                dev.send_signal(signal.SIGTERM)
+            try:
+                dev.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(dev.pid, signal.SIGKILL)
+            stop_pgbouncer(state_dir / "pgbouncer")

@@ -6,7 +6,7 @@ symbols at crossing prices for four brokers whose webhooks go to a real receiver
 with the same ``client_order_id`` as a broker would. Meanwhile the module's scenario injects, in turn:
 
 1. SIGKILL of one api gunicorn worker (gunicorn replaces it);
-2. SIGKILL of one matcher (restarted after 1 s, as a supervisor would);
+2. SIGKILL of one matcher (restarted after 100 ms, as ``exchange dev`` and Docker would);
 3. SIGKILL of the webhooks worker (restarted);
 4. SIGKILL of the sweeper (restarted);
 5. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
@@ -42,6 +42,7 @@ import psycopg
 import pytest
 
 from exchange.db import migrate
+from exchange.dev import FIRST_RESTART_DELAY_S
 from exchange.messaging.partitions import partition_of
 from tests.e2e.conftest import PARTITIONS, Broker, Harness, free_port, in_ci, require_services, unique_symbol
 from tests.e2e.private_services import PrivatePostgres, PrivateRedis, private_services_missing
@@ -51,8 +52,8 @@ from tests.webhook_receiver import Receiver
 SOAK_SECONDS = float(os.environ.get("FAULTS_SOAK_SECONDS", "0") or 0)
 STEADY_S = 10.0 if SOAK_SECONDS else 2.5
 """Steady load after each fault has recovered (and before the first)."""
-RESTART_DELAY_S = 1.0
-"""What a supervisor waits before restarting a dead process (as ``exchange dev`` does)."""
+RESTART_DELAY_S = FIRST_RESTART_DELAY_S
+"""What a supervisor waits before restarting a dead process (``exchange dev`` and Docker: 100 ms)."""
 REDIS_DOWN_S = 2.0
 POSTGRES_DOWN_S = 3.0
 RECOVERY_TIMEOUT_S = 60.0

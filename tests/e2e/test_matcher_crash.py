@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from exchange.dev import FIRST_RESTART_DELAY_S
 from tests.e2e.conftest import PARTITIONS, Broker, Harness, HarnessFactory, unique_symbol
 
 ORDERS = 300
@@ -20,8 +21,8 @@ SYMBOLS_PER_SIDE = 10
 CONCURRENCY = 8
 KILL_AFTER = 60
 """Orders answered before the kill (the rest flow during the outage and after the restart)."""
-RESTART_DELAY_S = 1.0
-"""What a supervisor waits before restarting a dead process (as ``exchange dev`` does)."""
+RESTART_DELAY_S = FIRST_RESTART_DELAY_S
+"""What a supervisor waits before restarting a dead process (``exchange dev`` and Docker: 100 ms)."""
 DEAD_PARTITIONS = {0, 1}
 LIVE_PARTITIONS = set(range(PARTITIONS)) - DEAD_PARTITIONS
 
