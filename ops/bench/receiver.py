@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -97,18 +98,20 @@ def receiver_main(port: int, since_wall: Any, stop: Any, ready: Any, queue: Any,
     """multiprocessing target. ``stop``/``ready``: Events; ``since_wall``: shared double, webhooks of fills
     executed before it are not timed; ``progress``: shared int, webhooks received so far; ``nice``: as the
     senders' (:mod:`ops.bench.priority`), so that receipt times are not the receiver's own waits for a core."""
-    raise_priority(nice)
+    parent = os.getppid()
+    raise_priority(nice)  # a session of its own: a signal to the bench's process group no longer reaches it
     install_uvloop()
-    queue.put(asyncio.run(_serve(port, since_wall, stop, ready, progress)))
+    queue.put(asyncio.run(_serve(port, since_wall, stop, ready, progress, parent)))
 
 
-async def _serve(port: int, since_wall: Any, stop: Any, ready: Any, progress: Any) -> ReceiverResult:
+async def _serve(port: int, since_wall: Any, stop: Any, ready: Any, progress: Any, parent: int) -> ReceiverResult:
+    """Serve until ``stop`` is set, or until the bench (``parent``) is gone without setting it (killed)."""
     state = _State(since_wall)
     server = await asyncio.start_server(
         lambda r, w: _handle(state, r, w), "127.0.0.1", port, backlog=1024, limit=1 << 20
     )
     ready.set()
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:
         progress.value = state.result.received
         await asyncio.sleep(0.1)
     server.close()
