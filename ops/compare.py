@@ -9,7 +9,8 @@ database, ``exchange dev`` of that side on ``--port`` (its own venv, no ``uv run
 THIS checkout against it with ``--server-stats`` (the same generator for both sides), then ``exchange dev``
 stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
 order->fill p50, fill->webhook p50, server CPU per order by process kind, PostgreSQL transactions and Redis
-commands per order and the new-order stages' p50, with the ratio of the medians (this side / base).
+commands per order and the new-order stages' p50, with the ratio of the medians (this side / base) and in how many
+pairs this side's figure was lower and higher than the base's.
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
 ``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics), nor use the Redis database,
@@ -195,14 +196,21 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
 
 
 def summary(runs: dict[str, list[dict[str, float]]]) -> list[str]:
-    """One line per figure: the median of each side and the ratio of the medians (new / base)."""
+    """One line per figure: the median of each side, the ratio of the medians (new / base), and in how many pairs
+    the new side's figure was lower and higher than the base's of the same pair (the rest: equal). On a machine
+    where one run differs from the next by 10-25 %, a ratio of medians with the pairs split 3:2 says little; one
+    with every pair on the same side says more."""
     names = list(dict.fromkeys(name for side in runs.values() for run in side for name in run))
-    lines = [f"{'median of ' + str(len(runs['base'])) + ' runs':<24}{'base':>10}{'new':>10}{'new/base':>10}"]
+    pairs = list(zip(runs["base"], runs["new"], strict=True))
+    header = f"{'median of ' + str(len(runs['base'])) + ' runs':<24}{'base':>10}{'new':>10}{'new/base':>10}"
+    lines = [f"{header}{'pairs lower:higher':>20}"]
     for name in names:
         base = statistics.median(run.get(name, 0.0) for run in runs["base"])
         new = statistics.median(run.get(name, 0.0) for run in runs["new"])
         ratio = f"{new / base:.3f}" if base else "-"
-        lines.append(f"{name:<24}{base:>10.3f}{new:>10.3f}{ratio:>10}")
+        lower = sum(n.get(name, 0.0) < b.get(name, 0.0) for b, n in pairs)
+        higher = sum(n.get(name, 0.0) > b.get(name, 0.0) for b, n in pairs)
+        lines.append(f"{name:<24}{base:>10.3f}{new:>10.3f}{ratio:>10}{f'{lower}:{higher}':>20}")
     return lines
 
 

@@ -54,6 +54,18 @@ def test_summary_prints_each_sides_median_and_the_ratio_of_the_medians() -> None
     lines = summary({"base": base, "new": new})
     assert lines[0].startswith("median of 3 runs")
     rates = next(line for line in lines if line.startswith("orders/s")).split()
-    assert rates[1:] == ["500.000", "550.000", "1.100"]
+    assert rates[1:4] == ["500.000", "550.000", "1.100"]
     post = next(line for line in lines if line.startswith("POST p50 ms")).split()
-    assert post[3:] == ["10.000", "8.000", "0.800"]
+    assert post[3:6] == ["10.000", "8.000", "0.800"]
+
+
+def test_summary_counts_the_pairs_where_the_new_side_was_lower_and_higher() -> None:
+    base = [
+        figures(_report(r, p50, {"api": 1.0}, orders=1000)) for r, p50 in ((400.0, 10.0), (500.0, 10.0), (900.0, 7.0))
+    ]
+    new = [figures(_report(r, p50, {"api": 1.0}, orders=1000)) for r, p50 in ((450.0, 8.0), (600.0, 9.0), (550.0, 7.0))]
+    lines = summary({"base": base, "new": new})
+    assert lines[0].split()[-1] == "lower:higher"
+    assert next(line for line in lines if line.startswith("orders/s")).split()[-1] == "1:2"
+    assert next(line for line in lines if line.startswith("POST p50 ms")).split()[-1] == "2:0"  # one pair equal
+    assert next(line for line in lines if line.startswith("  api ms/order")).split()[-1] == "0:0"
