@@ -1,11 +1,12 @@
 """Webhook delivery worker (run with ``exchange webhooks``): the actor ``deliver`` on queue ``webhooks`` plus,
 in every worker process, one :class:`~exchange.webhooks.pump.Pump` on its own event loop.
 
-A ``deliver`` message is only a hint that events are due (:mod:`exchange.webhooks.queue`): the actor clears the
-hint key and wakes the pump, which claims due events in batches from Postgres, POSTs them concurrently and
-records the outcomes in batches. ``--threads`` is the number of deliveries in flight per process (the dramatiq
-threads themselves only take hints). Retries are timed in-process; retries too far out, events of a worker that
-died and hints that were lost are covered by the sweeper, which hints about overdue events. dramatiq's own
+A ``deliver`` message is only a hint that events are due (:mod:`exchange.webhooks.queue`): the actor makes the
+process hold the hint key (later hints ring it instead of sending messages) and wakes the pump, which claims due
+events in batches from Postgres, POSTs them concurrently and records the outcomes in batches. ``--threads`` is the
+number of deliveries in flight per process (the dramatiq threads themselves only take hints). Retries are timed
+in-process; retries too far out, events of a worker that died and hints that were lost are covered by the sweeper,
+which hints about overdue events. dramatiq's own
 retries are off: an actor that fails (Redis down) loses nothing but a hint.
 
 If the pump dies (its claimer or recorder ended: a bug), the process exits with ``EXIT_PUMP_DIED``: a process
@@ -35,7 +36,7 @@ from exchange.observability.logs import configure_logging
 from exchange.webhooks.delivery import DeliveryConfig
 from exchange.webhooks.outcomes import DeliveryResult
 from exchange.webhooks.pump import Pump, PumpThread
-from exchange.webhooks.queue import DELIVER_ACTOR, clear_hint, send_hint
+from exchange.webhooks.queue import DELIVER_ACTOR, HintHolder, send_fan_out
 
 log = logging.getLogger("exchange.webhooks")
 
@@ -48,6 +49,7 @@ broker.add_middleware(SettledHeap())
 _engine = pooled_engine(settings.pooled_database_url, pool_size=3, max_overflow=2)
 _config = DeliveryConfig.from_settings(settings)
 _pump: PumpThread | None = None
+_hints: HintHolder | None = None
 EXIT_PUMP_DIED = 70
 """The worker process's exit status when its pump died (EX_SOFTWARE: an internal error)."""
 
@@ -57,7 +59,16 @@ def _observe(result: DeliveryResult) -> None:
 
 
 def _fan_out() -> None:
-    send_hint(broker)  # a failure is the pump's to log
+    send_fan_out(broker)  # a failure is the pump's to log
+
+
+def _wake_pump() -> None:
+    if _pump is not None:
+        _pump.wake()
+
+
+def _hint_holder() -> HintHolder:
+    return HintHolder(broker, _wake_pump)
 
 
 def _pump_died(error: BaseException) -> None:
@@ -72,16 +83,20 @@ class _PumpLifecycle(dramatiq.Middleware):
     """Starts the process's pump once dramatiq knows its thread count, and drains it on shutdown."""
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        global _pump
+        global _pump, _hints
         capacity = worker.worker_threads
         pump = Pump(_engine, _config, capacity=capacity, observe=_observe, fan_out=_fan_out)
         _pump = PumpThread(pump, on_crash=_pump_died)
         _pump.start()
+        _hints = _hint_holder()
+        _hints.start()
         log.info(
             "webhook pump started: %d deliveries in flight at most, %d per broker", capacity, _config.max_in_flight
         )
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if _hints is not None:
+            _hints.stop()  # first: the next hint then goes to a worker that is not stopping
         if _pump is not None:
             _pump.stop()  # waits as long as recording the deliveries in flight can take (module docstring)
 
@@ -91,9 +106,10 @@ broker.add_middleware(_PumpLifecycle())
 
 @dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=WEBHOOK_QUEUE, max_retries=0)
 def deliver(*legacy_event_ids: str) -> None:
-    """Events are due: wake this process's pump (a hint taken before the pump started is not needed: a pump
-    starts by claiming whatever is due). Messages of the previous version carried one event id; the pump claims
-    whatever is due, so ids are not needed."""
-    clear_hint(broker)
-    if _pump is not None:
-        _pump.wake()
+    """Events are due: hold the hint key (hints sent meanwhile ring this process: :class:`HintHolder`) and wake
+    this process's pump (a hint taken before the pump started is not needed: a pump starts by claiming whatever is
+    due). Messages of the previous version carried one event id; the pump claims whatever is due, so ids are not
+    needed."""
+    if _hints is not None:
+        _hints.hold()
+    _wake_pump()

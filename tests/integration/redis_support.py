@@ -45,7 +45,8 @@ def namespaced_broker(broker_class: type[B]) -> Iterator[B]:
     try:
         yield broker
     finally:
-        for key in [*client.scan_iter(f"{namespace}*"), *(doorbell_key(q) for q in broker.get_declared_queues())]:
+        # Keys named after the namespace anywhere: its queues, and e.g. the webhook hint key and ring after them.
+        for key in [*client.scan_iter(f"*{namespace}*"), *(doorbell_key(q) for q in broker.get_declared_queues())]:
             client.delete(key)
         broker.close()
         client.close()

@@ -16,9 +16,9 @@ from exchange.webhooks.queue import (
     DELIVER_ACTOR,
     HINT_TTL_MS,
     add_hint,
-    clear_hint,
     enqueue_deliveries,
     hint_key,
+    ring_key,
 )
 from tests.integration.redis_support import namespaced_broker
 from tests.integration.webhook_support import broker_with_endpoint, events_of, fills
@@ -87,13 +87,18 @@ def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, bro
 # ------------------------------------------------------------------------------------------------ hints
 
 
-def test_hints_are_coalesced_until_a_worker_takes_one(broker: DoorbellRedisBroker) -> None:
+def release(broker: DoorbellRedisBroker) -> None:
+    """What the worker that took the hint does once no ring came for a while (HintHolder)."""
+    broker.client.delete(hint_key(broker))
+
+
+def test_hints_are_coalesced_until_the_key_is_released(broker: DoorbellRedisBroker) -> None:
     assert enqueue_deliveries(broker, []) == 0  # no events, no hint
     assert enqueue_deliveries(broker, ["a", "b"]) == 1
     assert enqueue_deliveries(broker, ["c"]) == 0  # one is pending already
     assert queued_hints(broker) == 1
 
-    clear_hint(broker)  # what the worker does when it takes the hint, before its pump claims
+    release(broker)
     assert enqueue_deliveries(broker, ["d"]) == 1
 
     assert queued_hints(broker) == 2
@@ -111,27 +116,30 @@ def test_a_hint_sent_in_the_matchers_pipeline_is_coalesced_with_every_other_hint
     assert after_commit() == 1
     assert after_commit() == 0
     assert enqueue_deliveries(broker, ["a"]) == 0  # the matcher's hint is pending: nobody else sends one
-    clear_hint(broker)
+    release(broker)
     assert after_commit() == 1
 
     assert queued_hints(broker) == 2
 
 
-def test_a_hint_sets_its_key_in_the_script_that_queues_it_and_a_pending_one_changes_nothing(
+def test_a_hint_sets_its_key_in_the_script_that_queues_it_and_a_refused_one_only_rings(
     broker: DoorbellRedisBroker,
 ) -> None:
-    key = hint_key(broker)
+    key, ring = hint_key(broker), ring_key(broker)
 
     assert enqueue_deliveries(broker, ["a"]) == 1
     ttl = broker.client.pttl(key)
     assert 0 < ttl <= HINT_TTL_MS  # set with its TTL, by the script that queued the hint
     assert broker.client.get(key) == b"1"
+    assert not broker.client.exists(ring)
     assert enqueue_deliveries(broker, ["b"]) == 0
+    assert enqueue_deliveries(broker, ["c"]) == 0
 
     assert queued_hints(broker) == 1
     assert broker.client.pttl(key) <= ttl  # a refused hint did not renew the key
+    assert broker.client.lrange(ring, 0, -1) == [b"1"]  # it rang the holder, once however many rang
     assert sorted(k.decode() for k in broker.client.scan_iter(f"*{broker.namespace}*")) == sorted(
-        [key, f"{broker.namespace}:{WEBHOOK_QUEUE}", f"{broker.namespace}:{WEBHOOK_QUEUE}.msgs"]
+        [key, ring, f"{broker.namespace}:{WEBHOOK_QUEUE}", f"{broker.namespace}:{WEBHOOK_QUEUE}.msgs"]
     )  # no set beside the key: a hint's guard has none
 
 
