@@ -197,15 +197,15 @@ class Guard:
 
 
 class AsyncEnqueuer:
-    """:meth:`DoorbellRedisBroker.enqueue` (no delay) for an event loop: the same middleware hooks, the message
-    stored as dramatiq's ``dispatch`` script stores it, and the doorbell rung, all by one script of this module per
-    message, every message of a call in ONE pipeline, so the api neither blocks its loop on Redis nor hands each
-    enqueue to a worker thread with blocking round trips (measured against that: api CPU per order -13-17 % at
-    ``exchange bench --closed-loop 64``). :meth:`ring_all` sends messages that each carry a :class:`Guard`, which makes
-    the enqueue conditional in the same script: the api's wake-up of a partition
-    (:func:`exchange.messaging.wakeups.wake_async`) is one write instead of a transaction on its flag followed by the
-    enqueue, on a connection Redis does not answer (against one pipeline round trip a wake-up, at ``--scale 100``:
-    POST p50 0.90x in five pairs of a fast spell, 0.67x in three of a slower one; api CPU per order 0.93-0.96x).
+    """Guarded :meth:`DoorbellRedisBroker.enqueue` (no delay) for an event loop: the ``before_enqueue`` hooks, the
+    message stored as dramatiq's ``dispatch`` script stores it, and the doorbell rung, all by one script of this
+    module per message, every message of a call in one write, so the api neither blocks its loop on Redis nor hands
+    each enqueue to a worker thread with blocking round trips (measured against that: api CPU per order -13-17 % at
+    ``exchange bench --closed-loop 64``). Each message carries a :class:`Guard`, which makes the enqueue conditional
+    in the same script: the api's wake-up of a partition (:func:`exchange.messaging.wakeups.wake_async`) is one write
+    instead of a transaction on its flag followed by the enqueue, on a connection Redis does not answer (against one
+    pipeline round trip a wake-up, at ``--scale 100``: POST p50 0.90x in five pairs of a fast spell, 0.67x in three
+    of a slower one; api CPU per order 0.93-0.96x).
 
     Unlike dramatiq's ``dispatch``, the script (also :meth:`DoorbellRedisBroker.enqueue`'s) neither records the
     enqueuing process in dramatiq's heartbeats nor runs dramatiq's maintenance: every consumer's fetch still does
@@ -216,36 +216,19 @@ class AsyncEnqueuer:
 
     def __init__(self, broker: RedisBroker, client: redis.asyncio.Redis) -> None:
         self._broker = broker
-        self._client = client
         self._quiet = QuietConnection(client)
 
     async def close(self) -> None:
         """Close the connection of :meth:`ring_all` (``client`` is the caller's to close)."""
         await self._quiet.close()
 
-    async def enqueue_all(self, messages: Sequence[dramatiq.Message[Any]]) -> list[dramatiq.Message[Any]]:
-        """Enqueue ``messages`` and ring their queues' doorbells; returns the messages as enqueued, each through the
-        ``before_enqueue`` hooks (they may set its options) and the ``after_enqueue`` ones. On an error (Redis down)
-        any number of them, none to all, may have been enqueued."""
-        if not messages:
-            return []
-        stamped = [_stamped(self._broker, message) for message in messages]
-        try:
-            await self._send(stamped)
-        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis forgot the script
-            await self._client.script_load(_ENQUEUE_SCRIPT)
-            await self._send(stamped)
-        for message in stamped:
-            self._broker.emit_after("enqueue", message, None)
-        return stamped
-
     async def ring_all(self, messages: Sequence[dramatiq.Message[Any]], guards: Sequence[Guard]) -> None:
-        """:meth:`enqueue_all` for guarded messages whose outcome nobody waits for (the api's wake-ups): the same
-        scripts, all written at once on a connection Redis never answers (:class:`QuietConnection`), so the caller's
-        event loop is not woken by a reply. Whether each guard let its message through is therefore not known:
-        the messages go through the ``before_enqueue`` hooks, never through ``after_enqueue``. Raises when the
-        connection is broken (the scripts may then have run or not, each whole or not at all); a script that fails
-        in Redis fails silently."""
+        """Enqueue each of ``messages`` behind its guard and ring its queue's doorbell, for messages whose outcome
+        nobody waits for (the api's wake-ups): the scripts, one per message, all written at once on a connection
+        Redis never answers (:class:`QuietConnection`), so the caller's event loop is not woken by a reply. Whether
+        each guard let its message through is therefore not known: the messages go through the ``before_enqueue``
+        hooks, never through ``after_enqueue``. Raises when the connection is broken (the scripts may then have run
+        or not, each whole or not at all); a script that fails in Redis fails silently."""
         if not messages:
             return
         stamped = [_stamped(self._broker, message) for message in messages]
@@ -254,12 +237,6 @@ class AsyncEnqueuer:
             for message, guard in zip(stamped, guards, strict=True)
         ]
         await self._quiet.send(calls)
-
-    async def _send(self, messages: Sequence[dramatiq.Message[Any]]) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for message in messages:
-                _add_enqueue(pipe, self._broker.namespace, message)
-            await pipe.execute()
 
 
 class QuietConnection:

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio
 
 from exchange.embedded import EmbeddedRedis
-from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, doorbell_key, queue_ring
+from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, Guard, doorbell_key, queue_ring
 from exchange.observability.context import request_id_var
 from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
 from tests.integration.redis_support import namespaced_broker, redis_test_url
@@ -143,17 +143,27 @@ def test_a_consumer_whose_fetch_drained_the_queue_waits_for_a_ring_before_fetchi
 def enqueue_from_an_event_loop(
     broker: DoorbellRedisBroker, messages: list[dramatiq.Message[Any]], *, redis_url: str | None = None
 ) -> list[dramatiq.Message[Any]]:
-    """What the api does: :class:`AsyncEnqueuer` on an asyncio client of its own, in a running event loop."""
+    """What the api does: :meth:`AsyncEnqueuer.ring_all` on an asyncio client of its own, in a running event loop,
+    each message behind a guard whose flag is free (so each is enqueued). Returns ``messages`` (the enqueued copies
+    keep their ``message_id``) once Redis has run the scripts, which it does not answer."""
 
-    async def run() -> list[dramatiq.Message[Any]]:
+    async def run() -> None:
         client = redis.asyncio.Redis.from_url(redis_url or redis_test_url())
+        enqueuer = AsyncEnqueuer(broker, client)
+        flags = [f"{broker.namespace}:free-flag:{uuid.uuid4().hex}" for _ in messages]
         try:
             request_id_var.set("req-from-the-loop")
-            return await AsyncEnqueuer(broker, client).enqueue_all(messages)
+            await enqueuer.ring_all(messages, [Guard(None, (), flag, 60_000) for flag in flags])
+            deadline = time.monotonic() + 10
+            while await client.exists(*flags) < len(flags) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the scripts were written on a connection Redis does not answer
+            assert await client.exists(*flags) == len(flags), "the guarded enqueues did not run"
         finally:
+            await enqueuer.close()
             await client.aclose()
 
-    return asyncio.run(run())
+    asyncio.run(run())
+    return messages
 
 
 @pytest.mark.parametrize("from_event_loop", [False, True], ids=["broker.enqueue", "AsyncEnqueuer"])
@@ -190,16 +200,18 @@ def test_one_call_enqueues_every_message_on_its_own_queue_in_order_and_rings_eac
         broker.declare_queue(queue)
     messages = [message(first), message(second), message(first)]
     enqueued = enqueue_from_an_event_loop(broker, messages)
-    assert len({m.options["redis_message_id"] for m in enqueued}) == 3  # each enqueue its own id, as dramatiq's
     assert [broker.client.llen(doorbell_key(queue)) for queue in (first, second)] == [1, 1]
+    received = []
     for queue, expected in ((first, [enqueued[0], enqueued[2]]), (second, [enqueued[1]])):
         consumer = broker.consume(queue, prefetch=4, timeout=100)
         got = [next_message(consumer, 10) for _ in expected]
         assert [m.message_id for m in got] == [m.message_id for m in expected]
+        received += got
         for m in got:
             consumer.ack(m)
         assert broker.do_qsize(queue) == 0
         consumer.close()
+    assert len({m.options["redis_message_id"] for m in received}) == 3  # each enqueue its own id, as dramatiq's
 
 
 @pytest.mark.parametrize("from_event_loop", [False, True], ids=["broker.enqueue", "AsyncEnqueuer"])
