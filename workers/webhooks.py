@@ -49,7 +49,6 @@ broker.add_middleware(SettledHeap())
 _engine = pooled_engine(settings.pooled_database_url, pool_size=3, max_overflow=2)
 _config = DeliveryConfig.from_settings(settings)
 _pump: PumpThread | None = None
-_hints: HintHolder | None = None
 EXIT_PUMP_DIED = 70
 """The worker process's exit status when its pump died (EX_SOFTWARE: an internal error)."""
 
@@ -67,8 +66,8 @@ def _wake_pump() -> None:
         _pump.wake()
 
 
-def _hint_holder() -> HintHolder:
-    return HintHolder(broker, _wake_pump)
+_hints = HintHolder(broker, _wake_pump)
+"""This process's hold on the hint key; its thread starts with the pump."""
 
 
 def _pump_died(error: BaseException) -> None:
@@ -83,20 +82,18 @@ class _PumpLifecycle(dramatiq.Middleware):
     """Starts the process's pump once dramatiq knows its thread count, and drains it on shutdown."""
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        global _pump, _hints
+        global _pump
         capacity = worker.worker_threads
         pump = Pump(_engine, _config, capacity=capacity, observe=_observe, fan_out=_fan_out)
         _pump = PumpThread(pump, on_crash=_pump_died)
         _pump.start()
-        _hints = _hint_holder()
         _hints.start()
         log.info(
             "webhook pump started: %d deliveries in flight at most, %d per broker", capacity, _config.max_in_flight
         )
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        if _hints is not None:
-            _hints.stop()  # first: the next hint then goes to a worker that is not stopping
+        _hints.stop()  # first: the next hint then goes to a worker that is not stopping
         if _pump is not None:
             _pump.stop()  # waits as long as recording the deliveries in flight can take (module docstring)
 
@@ -110,6 +107,5 @@ def deliver(*legacy_event_ids: str) -> None:
     this process's pump (a hint taken before the pump started is not needed: a pump starts by claiming whatever is
     due). Messages of the previous version carried one event id; the pump claims whatever is due, so ids are not
     needed."""
-    if _hints is not None:
-        _hints.hold()
+    _hints.hold()
     _wake_pump()

@@ -149,7 +149,8 @@ class HintHolder:
         if held:
             with contextlib.suppress(redis.RedisError):
                 self._client.delete(self._keys[0])
-        self._thread.join(self.idle_s + 1.0 if timeout_s is None else timeout_s)
+        if self._thread.ident is not None:  # started (a worker stopping before its boot never started it)
+            self._thread.join(self.idle_s + 1.0 if timeout_s is None else timeout_s)
 
     def _listen(self) -> None:
         flag, ring = self._keys
