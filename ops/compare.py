@@ -8,9 +8,10 @@ there), then runs ``N`` pairs, alternating which side goes first: for each run a
 database, ``exchange dev`` of that side on ``--port`` (its own venv, no ``uv run`` wrapper), ``exchange bench`` of
 THIS checkout against it with ``--server-stats`` (the same generator for both sides), then ``exchange dev``
 stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
-order->fill p50, fill->webhook p50, server CPU per order by process kind, PostgreSQL transactions and Redis
-commands per order and the new-order stages' p50, with the ratio of the medians (this side / base) and in how many
-pairs this side's figure was lower and higher than the base's.
+order->fill p50, fill->webhook p50, server CPU per order by process kind (and, where the kernel keeps scheduler
+statistics, the time each kind waited for a CPU per order), PostgreSQL transactions and Redis commands per order
+and the new-order stages' p50, with the ratio of the medians (this side / base) and in how many pairs this side's
+figure was lower and higher than the base's.
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
 ``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics), nor use the Redis database,
@@ -182,6 +183,10 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
     }
     for kind, seconds in stats.get("cpu_s", {}).items():
         out[f"  {kind} ms/order"] = round(1000 * float(seconds) / orders, 3)
+    if stats.get("run_queue_wait_s") is not None:  # the kernel keeps scheduler statistics
+        out["CPU wait ms/order"] = float(stats["run_queue_wait_ms_per_order"])
+        for kind, seconds in stats["run_queue_wait_s"].items():
+            out[f"  {kind} wait ms/order"] = round(1000 * float(seconds) / orders, 3)
     # Counts: the stable figures of a noisy machine (the same work sends the same statements and commands).
     if "pg_transactions_per_order" in stats:
         out["PG transactions/order"] = float(stats["pg_transactions_per_order"])

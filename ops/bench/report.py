@@ -221,6 +221,12 @@ def render(report: dict[str, Any]) -> str:
             f"({st['redis_scripts_per_order']} scripts; {top}), {st['pg_transactions_per_order']} PostgreSQL "
             f"transactions, {st['cpu_ms_per_order']} ms CPU (s in all: {cpu})"
         )
+        if st.get("run_queue_wait_s") is not None:
+            waits = " ".join(f"{kind} {seconds:.2f}" for kind, seconds in st["run_queue_wait_s"].items())
+            lines.append(
+                f"server, waiting for a CPU (run queue), per accepted order: {st['run_queue_wait_ms_per_order']} ms "
+                f"(s in all: {waits})"
+            )
     if report.get("order_stages", {}).get("error"):
         lines.append(f"new order stages: not read ({report['order_stages']['error']})")
     elif report.get("order_stages"):

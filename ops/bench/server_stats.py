@@ -6,6 +6,13 @@ too), PostgreSQL transactions and rows written in the exchange's database (``pg_
 process kind read from ``/proc`` (Linux). Counts are deterministic where CPU seconds are not: on small shared
 machines the same run varies by tens of percent in time, but sends the same number of commands for the same work.
 
+Also by process kind: the time the processes' threads were ready to run but waited for a CPU (the kernel's
+``run_delay``, ``/proc/<pid>/task/<tid>/schedstat``). On a machine the load saturates, that wait is what latency
+is made of, and it says which process kind waits: the part of a stage's latency no code change to that process
+removes, only less CPU used by everything else. Threads that ended during the window take their wait with them (the
+exchange's threads live for the whole run); a kernel without scheduler statistics gives none, and the report then
+has no wait figures rather than zeros.
+
 The snapshots bracket the run: from the senders' synchronised start to the end of the webhook grace (so the work
 the run's orders caused is counted, deliveries included); the deltas are divided by the orders accepted in the run.
 PostgreSQL's counters reach ``pg_stat_database`` up to a second late, a small error over a run of 20 s.
@@ -37,6 +44,8 @@ class Snapshot:
     redis_calls: dict[str, int]
     pg: dict[str, int]
     cpu_s: dict[str, float]
+    wait_s: dict[str, float]
+    """Run-queue wait by kind (empty when the kernel keeps no scheduler statistics)."""
 
 
 def kind_of(cmdline: str) -> str | None:
@@ -59,9 +68,30 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def cpu_by_kind() -> dict[str, float]:
-    """CPU seconds used so far by every running process of the exchange, summed by kind (:data:`PROCESS_KINDS`)."""
-    totals: dict[str, float] = {}
+def process_run_queue_wait_s(pid: int) -> float | None:
+    """Seconds the threads of process ``pid`` have waited on a run queue so far (None when the kernel keeps no
+    scheduler statistics; 0 when the process is gone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    waited_ns = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                waited_ns += int(fh.read().split()[1])  # on-CPU ns, run-queue wait ns, timeslices
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended meanwhile
+            return None  # the thread is there, its statistics are not: a kernel without CONFIG_SCHED_INFO
+        except (OSError, IndexError, ValueError):
+            continue
+    return waited_ns / 1e9
+
+
+def exchange_processes() -> list[tuple[int, str]]:
+    """(pid, kind) of every running process of the exchange (:data:`PROCESS_KINDS`)."""
+    found: list[tuple[int, str]] = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -71,7 +101,27 @@ def cpu_by_kind() -> dict[str, float]:
         except OSError:  # the process ended meanwhile
             continue
         if kind is not None:
-            totals[kind] = totals.get(kind, 0.0) + process_cpu_s(int(pid))
+            found.append((int(pid), kind))
+    return found
+
+
+def cpu_by_kind() -> dict[str, float]:
+    """CPU seconds used so far by every running process of the exchange, summed by kind (:data:`PROCESS_KINDS`)."""
+    totals: dict[str, float] = {}
+    for pid, kind in exchange_processes():
+        totals[kind] = totals.get(kind, 0.0) + process_cpu_s(pid)
+    return totals
+
+
+def run_queue_wait_by_kind() -> dict[str, float]:
+    """Run-queue wait so far (s) of every running process of the exchange, summed by kind; empty when the kernel
+    keeps no scheduler statistics."""
+    totals: dict[str, float] = {}
+    for pid, kind in exchange_processes():
+        waited = process_run_queue_wait_s(pid)
+        if waited is None:
+            return {}
+        totals[kind] = totals.get(kind, 0.0) + waited
     return totals
 
 
@@ -100,7 +150,9 @@ def _pg(database_url: str) -> dict[str, int]:
 
 
 def take(redis_url: str, database_url: str) -> Snapshot:
-    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind())
+    return Snapshot(
+        time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind(), run_queue_wait_by_kind()
+    )
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:
@@ -109,8 +161,9 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
     calls = {k: v - before.redis_calls.get(k, 0) for k, v in after.redis_calls.items()}
     calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
     pg = {k: v - before.pg.get(k, 0) for k, v in after.pg.items()}
-    cpu = {k: round(v - before.cpu_s.get(k, 0.0), 3) for k, v in after.cpu_s.items()}
-    cpu = {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0}
+    cpu = _deltas(before.cpu_s, after.cpu_s)
+    # Both snapshots or neither: a wait figure from one side would count a whole lifetime as the run's.
+    wait = _deltas(before.wait_s, after.wait_s) if before.wait_s and after.wait_s else None
     return {
         "window_s": round(after.at - before.at, 3),
         "accepted_orders": accepted_orders,
@@ -121,4 +174,12 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
         "pg_transactions_per_order": round(pg.get("transactions", 0) / orders, 2),
         "cpu_s": cpu,
         "cpu_ms_per_order": round(1000 * sum(cpu.values()) / orders, 2),
+        "run_queue_wait_s": wait,
+        "run_queue_wait_ms_per_order": None if wait is None else round(1000 * sum(wait.values()) / orders, 2),
     }
+
+
+def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Seconds by kind between two snapshots, largest first, kinds with none left out."""
+    deltas = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
+    return {k: v for k, v in sorted(deltas.items(), key=lambda kv: -kv[1]) if v > 0}

@@ -9,11 +9,13 @@ assertions: CI machines are slow and shared.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from ops.bench.ceiling import pgbench_binary
+from ops.bench.server_stats import PROCESS_KINDS
 from tests.e2e.conftest import REPO_ROOT, Harness
 
 ENDPOINTS = {
@@ -71,6 +73,11 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
     assert stats["pg_transactions_per_order"] > 0
     assert stats["cpu_s"].get("postgres", 0) > 0, stats
     assert stats["cpu_ms_per_order"] > 0
+    if os.path.exists("/proc/self/schedstat"):  # the kernel keeps scheduler statistics
+        assert isinstance(stats["run_queue_wait_s"], dict), stats
+        assert stats["run_queue_wait_ms_per_order"] >= 0
+        assert set(stats["run_queue_wait_s"]) <= {kind for kind, _ in PROCESS_KINDS}, stats
+        assert "waiting for a CPU (run queue)" in proc.stdout
 
     h.check_invariants()
 

@@ -48,6 +48,18 @@ def test_figures_reads_the_server_counts_the_order_stages_and_the_webhooks_when_
     assert "PG transactions/order" not in figures(_report(500.0, 10.0, {"api": 2.0}, orders=1000))
 
 
+def test_figures_reads_the_run_queue_wait_by_process_kind_when_the_kernel_kept_it() -> None:
+    report = _report(500.0, 10.0, {"api": 2.0}, orders=1000)
+    report["server_stats"] |= {"run_queue_wait_s": {"api": 0.5, "postgres": 0.25}, "run_queue_wait_ms_per_order": 0.75}
+
+    got = figures(report)
+
+    assert got["CPU wait ms/order"] == 0.75
+    assert (got["  api wait ms/order"], got["  postgres wait ms/order"]) == (0.5, 0.25)
+    report["server_stats"] |= {"run_queue_wait_s": None, "run_queue_wait_ms_per_order": None}
+    assert not any("wait" in name for name in figures(report))
+
+
 def test_summary_prints_each_sides_median_and_the_ratio_of_the_medians() -> None:
     base = [figures(_report(r, 10.0, {"api": 1.0}, orders=1000)) for r in (400.0, 500.0, 900.0)]
     new = [figures(_report(r, 8.0, {"api": 0.9}, orders=1000)) for r in (450.0, 600.0, 550.0)]

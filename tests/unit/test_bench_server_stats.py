@@ -1,0 +1,90 @@
+"""``exchange bench --server-stats``: the run-queue wait read from ``/proc`` and its arithmetic per accepted order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ops.bench.server_stats import Snapshot, per_order, process_run_queue_wait_s
+
+BUSY_LOOP = "import time\nend = time.monotonic() + 0.6\nwhile time.monotonic() < end: pass\n"
+BUSY_THREADS = """
+import hashlib, threading, time
+data = bytes(1 << 20)
+def work():
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        hashlib.sha256(data).digest()
+workers = [threading.Thread(target=work) for _ in range({threads})]
+for w in workers: w.start()
+for w in workers: w.join()
+"""
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="Linux scheduler statistics")
+
+
+def _snapshot(cpu: dict[str, float], wait: dict[str, float]) -> Snapshot:
+    return Snapshot(at=0.0, redis_calls={}, pg={}, cpu_s=cpu, wait_s=wait)
+
+
+def test_processes_that_outnumber_the_cpus_have_waited_on_the_run_queue() -> None:
+    busy = [
+        subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range((os.cpu_count() or 1) + 2)
+    ]  # more runnable processes than CPUs for 0.6 s: the scheduler must make some of them wait
+    try:
+        time.sleep(0.4)
+        waits = [process_run_queue_wait_s(p.pid) for p in busy]
+    finally:
+        for p in busy:
+            p.wait(timeout=30)
+    assert all(w is not None for w in waits), waits
+    assert sum(w or 0.0 for w in waits) > 0.01, waits
+
+
+def test_the_wait_of_a_process_counts_every_thread_not_only_the_first() -> None:
+    # Threads hashing large buffers run in parallel (hashlib lets go of the GIL), more of them than CPUs: they wait
+    # on the run queue while the main thread only sleeps in join(). /proc/<pid>/schedstat is the main thread's.
+    threads = (os.cpu_count() or 1) + 2
+    child = subprocess.Popen([sys.executable, "-c", BUSY_THREADS.format(threads=threads)])
+    try:
+        time.sleep(0.4)
+        total = process_run_queue_wait_s(child.pid)
+        with open(f"/proc/{child.pid}/schedstat") as fh:
+            main_thread = int(fh.read().split()[1]) / 1e9
+    finally:
+        child.wait(timeout=30)
+    assert total is not None
+    assert total > main_thread + 0.01, (total, main_thread)
+
+
+def test_a_process_that_is_gone_has_no_wait_left_to_count() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    assert process_run_queue_wait_s(proc.pid) == 0.0
+
+
+def test_per_order_reports_the_wait_by_kind_and_per_accepted_order() -> None:
+    before = _snapshot({"api": 1.0, "postgres": 2.0}, {"api": 0.5, "postgres": 1.0, "sweeper": 0.1})
+    after = _snapshot({"api": 3.0, "postgres": 3.0}, {"api": 1.5, "postgres": 1.25, "sweeper": 0.1})
+
+    got = per_order(before, after, accepted_orders=500)
+
+    assert got["run_queue_wait_s"] == {"api": 1.0, "postgres": 0.25}  # largest first; none waited: left out
+    assert list(got["run_queue_wait_s"]) == ["api", "postgres"]
+    assert got["run_queue_wait_ms_per_order"] == 2.5
+    assert got["cpu_ms_per_order"] == 6.0
+
+
+@pytest.mark.parametrize("side", ["before", "after"])
+def test_per_order_has_no_wait_figures_when_a_snapshot_has_no_scheduler_statistics(side: str) -> None:
+    with_wait, without = _snapshot({"api": 1.0}, {"api": 0.5}), _snapshot({"api": 2.0}, {})
+    before, after = (without, with_wait) if side == "before" else (with_wait, without)
+
+    got = per_order(before, after, accepted_orders=100)
+
+    assert got["run_queue_wait_s"] is None
+    assert got["run_queue_wait_ms_per_order"] is None
