@@ -187,6 +187,7 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
         out["CPU wait ms/order"] = float(stats["run_queue_wait_ms_per_order"])
         for kind, seconds in stats["run_queue_wait_s"].items():
             out[f"  {kind} wait ms/order"] = round(1000 * float(seconds) / orders, 3)
+        out["put on a CPU /order"] = float(stats["times_on_cpu_per_order"])
     # Counts: the stable figures of a noisy machine (the same work sends the same statements and commands).
     if "pg_transactions_per_order" in stats:
         out["PG transactions/order"] = float(stats["pg_transactions_per_order"])

@@ -222,10 +222,12 @@ def render(report: dict[str, Any]) -> str:
             f"transactions, {st['cpu_ms_per_order']} ms CPU (s in all: {cpu})"
         )
         if st.get("run_queue_wait_s") is not None:
+            orders = max(1, st["accepted_orders"])
             waits = " ".join(f"{kind} {seconds:.2f}" for kind, seconds in st["run_queue_wait_s"].items())
+            runs = " ".join(f"{kind} {count / orders:.1f}" for kind, count in st["times_on_cpu"].items())
             lines.append(
                 f"server, waiting for a CPU (run queue), per accepted order: {st['run_queue_wait_ms_per_order']} ms "
-                f"(s in all: {waits})"
+                f"(s in all: {waits}); put on a CPU {st['times_on_cpu_per_order']} times ({runs})"
             )
     if report.get("order_stages", {}).get("error"):
         lines.append(f"new order stages: not read ({report['order_stages']['error']})")

@@ -6,12 +6,14 @@ too), PostgreSQL transactions and rows written in the exchange's database (``pg_
 process kind read from ``/proc`` (Linux). Counts are deterministic where CPU seconds are not: on small shared
 machines the same run varies by tens of percent in time, but sends the same number of commands for the same work.
 
-Also by process kind: the time the processes' threads were ready to run but waited for a CPU (the kernel's
-``run_delay``, ``/proc/<pid>/task/<tid>/schedstat``). On a machine the load saturates, that wait is what latency
-is made of, and it says which process kind waits: the part of a stage's latency no code change to that process
-removes, only less CPU used by everything else. Threads that ended during the window take their wait with them (the
-exchange's threads live for the whole run); a kernel without scheduler statistics gives none, and the report then
-has no wait figures rather than zeros.
+Also by process kind, from the kernel's scheduler statistics (``/proc/<pid>/task/<tid>/schedstat``): the time the
+processes' threads were ready to run but waited for a CPU (``run_delay``), and how many times they were put on one.
+On a machine the load saturates, that wait is what latency is made of, and it says which process kind waits: the
+part of a stage's latency no code change to that process removes, only less CPU used by everything else; every time
+a thread is put on a CPU (a reply arrived, a lock was released, a message came) it may wait first, so the count is
+the number of such hops, a count as stable as the Redis commands. Threads that ended during the window take their
+figures with them (the exchange's threads live for the whole run); a kernel without scheduler statistics gives
+none, and the report then has no such figures rather than zeros.
 
 The snapshots bracket the run: from the senders' synchronised start to the end of the webhook grace (so the work
 the run's orders caused is counted, deliveries included); the deltas are divided by the orders accepted in the run.
@@ -46,6 +48,8 @@ class Snapshot:
     cpu_s: dict[str, float]
     wait_s: dict[str, float]
     """Run-queue wait by kind (empty when the kernel keeps no scheduler statistics)."""
+    times_on_cpu: dict[str, float]
+    """Times a thread was put on a CPU, by kind (empty as ``wait_s``)."""
 
 
 def kind_of(cmdline: str) -> str | None:
@@ -68,25 +72,27 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def process_run_queue_wait_s(pid: int) -> float | None:
-    """Seconds the threads of process ``pid`` have waited on a run queue so far (None when the kernel keeps no
-    scheduler statistics; 0 when the process is gone)."""
+def process_scheduling(pid: int) -> tuple[float, int] | None:
+    """Seconds the threads of process ``pid`` have waited on a run queue so far, and how many times they were put on
+    a CPU (None when the kernel keeps no scheduler statistics; zeros when the process is gone)."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0.0
-    waited_ns = 0
+        return 0.0, 0
+    waited_ns = runs = 0
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                waited_ns += int(fh.read().split()[1])  # on-CPU ns, run-queue wait ns, timeslices
+                _, waited, timeslices = fh.read().split()[:3]  # on-CPU ns, run-queue wait ns, times run
         except FileNotFoundError:
             if not os.path.exists(f"/proc/{pid}/task/{tid}"):
                 continue  # the thread ended meanwhile
             return None  # the thread is there, its statistics are not: a kernel without CONFIG_SCHED_INFO
-        except (OSError, IndexError, ValueError):
+        except (OSError, ValueError):
             continue
-    return waited_ns / 1e9
+        waited_ns += int(waited)
+        runs += int(timeslices)
+    return waited_ns / 1e9, runs
 
 
 def exchange_processes() -> list[tuple[int, str]]:
@@ -113,16 +119,18 @@ def cpu_by_kind() -> dict[str, float]:
     return totals
 
 
-def run_queue_wait_by_kind() -> dict[str, float]:
-    """Run-queue wait so far (s) of every running process of the exchange, summed by kind; empty when the kernel
-    keeps no scheduler statistics."""
-    totals: dict[str, float] = {}
+def scheduling_by_kind() -> tuple[dict[str, float], dict[str, float]]:
+    """Run-queue wait so far (s) and times put on a CPU of every running process of the exchange, each summed by
+    kind; both empty when the kernel keeps no scheduler statistics."""
+    waits: dict[str, float] = {}
+    runs: dict[str, float] = {}
     for pid, kind in exchange_processes():
-        waited = process_run_queue_wait_s(pid)
-        if waited is None:
-            return {}
-        totals[kind] = totals.get(kind, 0.0) + waited
-    return totals
+        stats = process_scheduling(pid)
+        if stats is None:
+            return {}, {}
+        waits[kind] = waits.get(kind, 0.0) + stats[0]
+        runs[kind] = runs.get(kind, 0) + stats[1]
+    return waits, runs
 
 
 def _redis_calls(redis_url: str) -> dict[str, int]:
@@ -150,9 +158,8 @@ def _pg(database_url: str) -> dict[str, int]:
 
 
 def take(redis_url: str, database_url: str) -> Snapshot:
-    return Snapshot(
-        time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind(), run_queue_wait_by_kind()
-    )
+    waits, runs = scheduling_by_kind()
+    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind(), waits, runs)
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:
@@ -162,8 +169,10 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
     calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
     pg = {k: v - before.pg.get(k, 0) for k, v in after.pg.items()}
     cpu = _deltas(before.cpu_s, after.cpu_s)
-    # Both snapshots or neither: a wait figure from one side would count a whole lifetime as the run's.
-    wait = _deltas(before.wait_s, after.wait_s) if before.wait_s and after.wait_s else None
+    # Both snapshots or neither: a figure from one side would count a whole lifetime as the run's.
+    scheduler = bool(before.wait_s and after.wait_s)
+    wait = _deltas(before.wait_s, after.wait_s) if scheduler else None
+    runs = _deltas(before.times_on_cpu, after.times_on_cpu) if scheduler else None
     return {
         "window_s": round(after.at - before.at, 3),
         "accepted_orders": accepted_orders,
@@ -176,10 +185,12 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
         "cpu_ms_per_order": round(1000 * sum(cpu.values()) / orders, 2),
         "run_queue_wait_s": wait,
         "run_queue_wait_ms_per_order": None if wait is None else round(1000 * sum(wait.values()) / orders, 2),
+        "times_on_cpu": runs,
+        "times_on_cpu_per_order": None if runs is None else round(sum(runs.values()) / orders, 2),
     }
 
 
 def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Seconds by kind between two snapshots, largest first, kinds with none left out."""
+    """Seconds (or counts) by kind between two snapshots, largest first, kinds with none left out."""
     deltas = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
     return {k: v for k, v in sorted(deltas.items(), key=lambda kv: -kv[1]) if v > 0}

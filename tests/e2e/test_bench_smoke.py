@@ -77,6 +77,8 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
         assert isinstance(stats["run_queue_wait_s"], dict), stats
         assert stats["run_queue_wait_ms_per_order"] >= 0
         assert set(stats["run_queue_wait_s"]) <= {kind for kind, _ in PROCESS_KINDS}, stats
+        assert stats["times_on_cpu"].get("api", 0) > 0, stats
+        assert stats["times_on_cpu"].get("postgres", 0) > 0, stats
         assert "waiting for a CPU (run queue)" in proc.stdout
 
     h.check_invariants()

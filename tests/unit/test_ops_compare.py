@@ -48,16 +48,19 @@ def test_figures_reads_the_server_counts_the_order_stages_and_the_webhooks_when_
     assert "PG transactions/order" not in figures(_report(500.0, 10.0, {"api": 2.0}, orders=1000))
 
 
-def test_figures_reads_the_run_queue_wait_by_process_kind_when_the_kernel_kept_it() -> None:
+def test_figures_reads_the_run_queue_wait_and_the_times_on_a_cpu_when_the_kernel_kept_them() -> None:
     report = _report(500.0, 10.0, {"api": 2.0}, orders=1000)
     report["server_stats"] |= {"run_queue_wait_s": {"api": 0.5, "postgres": 0.25}, "run_queue_wait_ms_per_order": 0.75}
+    report["server_stats"] |= {"times_on_cpu": {"api": 9000}, "times_on_cpu_per_order": 9.0}
 
     got = figures(report)
 
     assert got["CPU wait ms/order"] == 0.75
+    assert got["put on a CPU /order"] == 9.0
     assert (got["  api wait ms/order"], got["  postgres wait ms/order"]) == (0.5, 0.25)
     report["server_stats"] |= {"run_queue_wait_s": None, "run_queue_wait_ms_per_order": None}
-    assert not any("wait" in name for name in figures(report))
+    report["server_stats"] |= {"times_on_cpu": None, "times_on_cpu_per_order": None}
+    assert not any("wait" in name or "CPU /order" in name for name in figures(report))
 
 
 def test_summary_prints_each_sides_median_and_the_ratio_of_the_medians() -> None:
