@@ -9,9 +9,9 @@ database, ``exchange dev`` of that side on ``--port`` (its own venv, no ``uv run
 THIS checkout against it with ``--server-stats`` (the same generator for both sides), then ``exchange dev``
 stopped and the database dropped. It prints every run and, per side, the median of accepted orders/s, POST p50/p99,
 order->fill p50, fill->webhook p50, server CPU per order by process kind (and, where the kernel keeps scheduler
-statistics, the time each kind waited for a CPU per order), PostgreSQL transactions and Redis commands per order
-and the new-order stages' p50, with the ratio of the medians (this side / base) and in how many pairs this side's
-figure was lower and higher than the base's.
+statistics, the time each kind waited for a CPU and how many times the processes were put on one, per order),
+PostgreSQL transactions and Redis commands per order and the new-order stages' p50, with the ratio of the medians
+(this side / base) and in how many pairs this side's figure was lower and higher than the base's.
 
 PostgreSQL and Redis are the local ones (``--postgres-url``, ``--redis-url``); nothing else may serve on ``--port``,
 ``--port`` + 1000 (pgbouncer) or ``--port`` + 2001 to + 2010 (the workers' metrics), nor use the Redis database,
