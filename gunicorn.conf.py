@@ -24,12 +24,25 @@ loglevel = os.environ.get("EXCHANGE_LOG_LEVEL", "info").lower()
 
 # Prometheus multiprocess mode: every worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and /metrics
 # (any worker) aggregates them. The directory must be set before a worker imports prometheus_client, and must not
-# hold files of an earlier run: a given directory is emptied at start; without one, a fresh one is made and removed.
-_METRICS_DIR_OWNED = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _METRICS_DIR_OWNED:
+# hold files of an earlier run: a given directory is emptied at start; without one, a fresh one is made and removed
+# when the master process exits, however it exits (stopped, or unable to bind its port: gunicorn calls no on_exit
+# hook then, and `exchange dev` restarts a dying api again and again). Only a master killed outright leaves it behind.
+# The pid check: forked workers inherit the exit handlers (gunicorn's workers do not run them today; one that did must
+# not remove its master's directory).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import atexit
+    import shutil
     import tempfile
 
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="exchange-metrics-")
+    _metrics_dir = tempfile.mkdtemp(prefix="exchange-metrics-")
+    _master_pid = os.getpid()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+    def _remove_metrics_dir():
+        if os.getpid() == _master_pid:
+            shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+    atexit.register(_remove_metrics_dir)
 
 
 def on_starting(server):  # gunicorn hook signatures: (server) and (server, worker)
@@ -44,13 +57,6 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-
-
-def on_exit(server):
-    if _METRICS_DIR_OWNED:
-        import shutil
-
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def post_worker_init(worker):

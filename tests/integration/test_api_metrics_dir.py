@@ -1,0 +1,124 @@
+"""The api's Prometheus multiprocess directory (``gunicorn.conf.py``): made fresh per gunicorn master when none is
+given, removed however the master exits, and a given one is left alone. Real gunicorn processes
+with the project's config; the made directory lands in the test's own ``TMPDIR``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.redis_support import redis_test_url
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(tmp_path: Path, migrated_database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "PROMETHEUS_"))}
+    env.update(
+        TMPDIR=str(tmp_path),
+        EXCHANGE_ENV_FILE=str(tmp_path / "empty.env"),
+        EXCHANGE_DATABASE_URL=migrated_database_url,
+        EXCHANGE_REDIS_URL=redis_test_url(),
+        **extra,
+    )
+    (tmp_path / "empty.env").write_text("")
+    return env
+
+
+def _made_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(tmp_path.glob("exchange-metrics-*"))
+
+
+def _gunicorn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture
+def serving(tmp_path: Path, migrated_database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = _free_port()
+    master = _gunicorn(port, _env(tmp_path, migrated_database_url))
+    try:
+        _wait_live(port, master)
+        yield master, port
+    finally:
+        if master.poll() is None:
+            os.killpg(master.pid, signal.SIGKILL)
+        master.wait(timeout=30)
+
+
+def _wait_live(port: int, master: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert master.poll() is None, "gunicorn exited before it served"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"gunicorn did not serve within {STARTUP_TIMEOUT_S} s")
+
+
+def test_a_gunicorn_that_cannot_bind_its_port_leaves_no_metrics_directory(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        master = _gunicorn(taken.getsockname()[1], _env(tmp_path, migrated_database_url))
+        assert master.wait(timeout=60) != 0  # gunicorn gives up after its bind retries
+
+    assert _made_dirs(tmp_path) == []
+
+
+def test_a_stopped_gunicorn_removes_the_metrics_directory_it_made(
+    serving: tuple[subprocess.Popen[bytes], int], tmp_path: Path
+) -> None:
+    master, _ = serving
+    assert len(_made_dirs(tmp_path)) == 1  # made while it serves
+
+    master.send_signal(signal.SIGTERM)
+    master.wait(timeout=60)
+
+    assert _made_dirs(tmp_path) == []
+
+
+def test_a_given_metrics_directory_is_left_in_place(tmp_path: Path, migrated_database_url: str) -> None:
+    given = tmp_path / "given"
+    given.mkdir()
+    port = _free_port()
+    master = _gunicorn(port, _env(tmp_path, migrated_database_url, PROMETHEUS_MULTIPROC_DIR=str(given)))
+    try:
+        _wait_live(port, master)
+        master.send_signal(signal.SIGTERM)
+        master.wait(timeout=60)
+    finally:
+        if master.poll() is None:
+            os.killpg(master.pid, signal.SIGKILL)
+            master.wait(timeout=30)
+
+    assert given.is_dir()
+    assert _made_dirs(tmp_path) == []
