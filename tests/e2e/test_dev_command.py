@@ -25,6 +25,7 @@ import pytest
 
 from exchange.dev import SETPRIV, stop_pgbouncer
 from tests.integration.redis_support import claimed_database
+from tests.serving import wait_until_answering
 
 ADMIN_KEY = "adm_dev_command_test"
 READY_TIMEOUT_S = 120.0
@@ -65,17 +66,7 @@ def run_pids(dev: subprocess.Popen[bytes], state_dir: Path) -> set[int]:
 
 
 def wait_ready(base: str, dev: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if dev.poll() is not None:
-            pytest.fail(f"exchange dev exited with {dev.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"exchange dev not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+    wait_until_answering(f"{base}/health/ready", dev, READY_TIMEOUT_S, details=lambda: log.read_text()[-4000:])
 
 
 def register(client: httpx.Client, name: str) -> str:

@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.integration.redis_support import redis_test_url
+from tests.serving import wait_until_answering
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60.0
@@ -70,16 +69,7 @@ def serving(tmp_path: Path, migrated_database_url: str) -> Iterator[tuple[subpro
 
 
 def _wait_live(port: int, master: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert master.poll() is None, "gunicorn exited before it served"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"gunicorn did not serve within {STARTUP_TIMEOUT_S} s")
+    wait_until_answering(f"http://127.0.0.1:{port}/health/live", master, STARTUP_TIMEOUT_S)
 
 
 def test_a_gunicorn_that_cannot_bind_its_port_leaves_no_metrics_directory(
