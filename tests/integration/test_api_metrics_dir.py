@@ -1,6 +1,6 @@
 """The api's Prometheus multiprocess directory (``gunicorn.conf.py``): made fresh per gunicorn master when none is
-given, removed however the master exits, and a given one is left alone. Real gunicorn processes
-with the project's config; the made directory lands in the test's own ``TMPDIR``."""
+given, removed however the master exits, and a given one is left alone. Real gunicorn processes with the project's
+config; the directory they make lands in the test's own ``TMPDIR``."""
 
 from __future__ import annotations
 
