@@ -20,6 +20,7 @@ import uvloop
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from exchange.webhooks import pump as pump_module
 from exchange.webhooks import ssrf, store
 from exchange.webhooks.outcomes import DeliveryResult, Kind, Outcome, Verdict
 from exchange.webhooks.pump import FAN_OUT_INTERVAL_S, Pump, PumpDiedError, PumpThread
@@ -178,6 +179,55 @@ def test_a_claim_that_gets_fewer_events_than_it_asked_for_ends_the_round_without
     asyncio.run(scenario())
 
     assert claims == [4]
+
+
+def test_events_held_back_by_a_brokers_room_are_claimed_though_a_delivery_ended_during_the_claim(
+    engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short claim ends the round only when nothing it held back can be claimed now. A broker that got as many
+    # events as it had room for may have more due; a delivery of its own that ended during the claim leaves it below
+    # its cap once the claim returns, yet the claim did not see that room. The round used to end there, and its
+    # last events waited for the next hint (the sweeper's, in the worst case) while the worker sat idle.
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller, n=4)  # 4 events to deliver to the buyer, at most 2 at once
+    gates = [threading.Event(), threading.Event()]  # the first two deliveries wait for theirs
+    started: list[uuid.UUID] = []
+    real_attempt = pump_module.attempt
+
+    async def gated_attempt(http: object, endpoints: object, claim: store.Claim, config: object) -> store.Attempt:
+        started.append(claim.event_id)
+        if len(started) <= len(gates):
+            gate = gates[len(started) - 1]
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+        return await real_attempt(http, endpoints, claim, config)  # type: ignore[arg-type]
+
+    pump = Pump(engine, replace(FAST, max_in_flight=2), capacity=4)
+    real_claim = store.claim
+    ended_during_a_claim = threading.Event()
+
+    def claim_while_a_delivery_ends(*args: object, **kwargs: object) -> store.Claimed:
+        claimed = real_claim(*args, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("busy") == {buyer: 1} and not ended_during_a_claim.is_set():
+            gates[1].set()  # the other delivery in flight ends before this claim's result is seen
+            deadline = time.monotonic() + 5
+            while pump._running and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ended_during_a_claim.set()
+        return claimed
+
+    monkeypatch.setattr(pump_module, "attempt", gated_attempt)
+    monkeypatch.setattr(store, "claim", claim_while_a_delivery_ends)
+
+    async def scenario() -> None:
+        async with running(pump):
+            await eventually(lambda: len(started) == 2)  # the buyer at its cap, both deliveries held
+            gates[0].set()
+            await eventually(ended_during_a_claim.is_set)
+            await eventually(lambda: status_counts(engine, buyer) == {"delivered": 4}, timeout=5)
+
+    asyncio.run(scenario())
 
 
 def test_a_worker_woken_while_full_passes_the_hint_on(engine: Engine, receiver: Receiver) -> None:
