@@ -57,7 +57,6 @@ class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
     started_at: float = 0.0
     """``time.monotonic()`` when the process was last started."""
     restart_delay_s: float | None = None
@@ -312,7 +311,6 @@ def _supervise(
                     print(f"dev: {child.name} exited with {code}; restarting in {delay:g}s", flush=True)
                     if stopping.wait(delay):
                         break
-                    child.restarts += 1
                     _spawn(child, env)
     finally:
         print("dev: stopping", flush=True)

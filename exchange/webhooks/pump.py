@@ -250,25 +250,21 @@ class Pump:
                 self._report(DeliveryResult(event_id, Outcome.SKIPPED))
             self._start(claimed.claims)
             if len(claimed.claims) + len(claimed.skipped) < limit:
-                # Fewer than asked for. If no broker was at its cap when the claim ran (those were not even looked
-                # at) nor got as many events as it had room for (its further events were held back), nothing else
-                # was due then, and an event committed since hints again (the hint was cleared before this
-                # wake-up): claiming once more only to find nothing cost a transaction per hint. Room is judged as
-                # the claim saw it, not by the deliveries in flight now: one that ended during the claim frees a
-                # slot the claim did not use, and no later hint need come for the events it held back.
-                if self._below_cap(busy) and not self._used_up_room(claimed.claims, busy):
+                # Fewer than asked for. If the claim held nothing back, nothing else was due then, and an event
+                # committed since hints again (the hint was cleared before this wake-up): claiming once more only to
+                # find nothing cost a transaction per hint.
+                if not self._held_back(claimed.claims, busy):
                     return
                 if not claimed.claims and not claimed.skipped:
                     await self._slot_freed.wait()  # due events of brokers at their cap: claim when one finishes
 
-    def _below_cap(self, in_flight: dict[UUID, int]) -> bool:
-        """Every broker in ``in_flight`` (deliveries running per broker) has fewer than ``max_in_flight``."""
-        return all(n < self.config.max_in_flight for n in in_flight.values())
-
-    def _used_up_room(self, claims: list[Claim], busy: dict[UUID, int]) -> bool:
-        """Some broker got as many of ``claims`` as it had room for, with ``busy`` in flight when it was claimed."""
+    def _held_back(self, claims: list[Claim], busy: dict[UUID, int]) -> bool:
+        """A claim made with ``busy`` in flight per broker may have held due events back: some broker had no room
+        (its events were not even looked at) or got as many of ``claims`` as it had room for. Room is judged as the
+        claim saw it, not by the deliveries in flight now: one that ended during the claim freed a slot the claim
+        did not use, and no later hint need come for the events it held back."""
         got = Counter(claim.broker_id for claim in claims)
-        return any(n >= self.config.max_in_flight - busy.get(broker, 0) for broker, n in got.items())
+        return any(got[broker] >= self.config.max_in_flight - busy.get(broker, 0) for broker in {*busy, *got})
 
     def _hint_others(self) -> None:
         """Tell the other workers that events are due (at most one hint per FAN_OUT_INTERVAL_S, one at a time)."""

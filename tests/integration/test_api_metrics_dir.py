@@ -14,17 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from ops.bench.main import free_port
 from tests.integration.redis_support import redis_test_url
 from tests.serving import wait_until_answering
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env(tmp_path: Path, migrated_database_url: str, **extra: str) -> dict[str, str]:
@@ -57,7 +52,7 @@ def _gunicorn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 def serving(tmp_path: Path, migrated_database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = _free_port()
+    port = free_port()
     master = _gunicorn(port, _env(tmp_path, migrated_database_url))
     try:
         _wait_live(port, master)
@@ -99,7 +94,7 @@ def test_a_stopped_gunicorn_removes_the_metrics_directory_it_made(
 def test_a_given_metrics_directory_is_left_in_place(tmp_path: Path, migrated_database_url: str) -> None:
     given = tmp_path / "given"
     given.mkdir()
-    port = _free_port()
+    port = free_port()
     master = _gunicorn(port, _env(tmp_path, migrated_database_url, PROMETHEUS_MULTIPROC_DIR=str(given)))
     try:
         _wait_live(port, master)

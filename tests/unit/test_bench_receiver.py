@@ -6,27 +6,21 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from typing import Any
 
 import psutil
 
+from ops.bench.main import free_port
 from ops.bench.receiver import receiver_main
 
 CTX = multiprocessing.get_context("fork")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _bench(pids: Any) -> None:
     """A bench that starts its receiver as ``exchange bench`` does, then waits to be killed."""
     stop, ready = CTX.Event(), CTX.Event()
-    args = (_free_port(), CTX.RawValue("d", 0.0), stop, ready, CTX.Queue(), CTX.RawValue("q", 0), 0)
+    args = (free_port(), CTX.RawValue("d", 0.0), stop, ready, CTX.Queue(), CTX.RawValue("q", 0), 0)
     receiver = CTX.Process(target=receiver_main, args=args, daemon=True)
     receiver.start()
     ready.wait(10)
