@@ -147,11 +147,11 @@ class Settings:
     processes unless it is set). A partition is a stream of matcher transactions, each covering the partition's
     woken books, so more partitions than processes only cut the same work into smaller transactions: on the
     project's 2-core machines one matcher process over 8 partitions used 1.8x the matcher CPU per order of one
-    over a single partition, and held two thirds of its closed-loop throughput (README, "Measured")."""
+    over a single partition, and held two thirds of its closed-loop throughput (ops/MEASURED.md)."""
     matcher_linger_ms: int = _env("EXCHANGE_MATCHER_LINGER_MS", _integer(minimum=0, maximum=200), 50)
     """How long a matcher keeps a partition it drained, waiting for new work on it, before it releases it (0: at
     once). Work woken meanwhile is taken without a message (:class:`exchange.messaging.wakeups.PartitionWakeups`):
-    50 answered new orders 0.80x faster at the median than 20 (README, "Measured"). A lingering partition keeps
+    50 answered new orders 0.80x faster at the median than 20 (ops/MEASURED.md). A lingering partition keeps
     its worker thread, so with more partitions than matcher threads it should be lower."""
     admin_api_key: str | None = _env("EXCHANGE_ADMIN_API_KEY", _optional_text, None, repr=False)
     """Bearer key for admin endpoints (``/register``, ``/ops``); admin endpoints are disabled when unset."""
@@ -160,7 +160,7 @@ class Settings:
     group_commit_concurrency: int = _env("EXCHANGE_GROUP_COMMIT_CONCURRENCY", _integer(minimum=1, maximum=64), 1)
     """Per api process: how many order-accept transactions (and order read-back queries) run at once. Requests
     arriving while all are busy are committed together in the next one (group commit). One is the fastest measured
-    (``exchange bench``, README "Measured"): every request that arrives during a commit joins the next batch, so
+    (``exchange bench``, ops/MEASURED.md): every request that arrives during a commit joins the next batch, so
     batches grow with the load; an idle exchange still starts each request's batch at once."""
     group_commit_max: int = _env("EXCHANGE_GROUP_COMMIT_MAX", _integer(minimum=1, maximum=10_000), 200)
     """Per api process: the most orders one group-commit transaction (or read-back query) holds."""

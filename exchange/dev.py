@@ -149,7 +149,7 @@ def default_processes() -> int:
     """api workers, and matcher processes, that ``exchange dev`` starts unless told: half the CPUs this process may
     run on, at least one. Everything shares those cores (PostgreSQL, pgbouncer, Redis, webhooks, the sweeper, and
     a load generator when one runs): on 2 cores, 1 api worker + 1 matcher served closed-loop load 1.16x faster than
-    2 + 2, with a fifth less CPU per order (README, "Measured")."""
+    2 + 2, with a fifth less CPU per order (ops/MEASURED.md)."""
     return max(1, usable_cpus() // 2)
 
 

@@ -242,7 +242,7 @@ class AsyncEnqueuer:
 class QuietConnection:
     """One Redis connection of its own, configured like ``client``'s, in ``CLIENT REPLY OFF`` mode: Redis runs
     what is sent on it and answers nothing, so a sender on an event loop is never woken for the answer (each
-    wake-up costs the api's loop ~50-90 µs on the project's machines, README "Measured").
+    wake-up costs the api's loop ~50-90 µs on the project's machines, ops/MEASURED.md).
 
     Invariants: the mode is set on every (re)connect, before anything else is sent; a connection Redis has closed
     (a restart: its reader is at EOF) is replaced before the next send instead of swallowing it. Writes on one
