@@ -2,7 +2,7 @@
 
 Every ``interval`` seconds it
 * re-nudges symbols whose oldest unprocessed command is older than ``stale_after`` (a lost or stuck wake-up, or a
-  matcher killed with the message in hand), sending the match message unconditionally;
+  matcher killed with the message in hand), sending one match message per partition unconditionally;
 * logs an ``expire`` command for every symbol with open GTD orders past ``valid_until`` (at most one pending
   per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol;
 * makes webhook events still pending and not in flight more than ``webhook_requeue_after`` seconds after they
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, text
 
-from exchange.messaging.wakeups import BrokerLike, send_wakeup
+from exchange.messaging.wakeups import BrokerLike, send_wakeups
 from exchange.observability.metrics import SWEEPER_EXPIRIES, SWEEPER_RENUDGES
 from exchange.webhooks.queue import enqueue_deliveries
 from exchange.webhooks.store import take_overdue
@@ -67,8 +67,7 @@ def sweep_once(
     with engine.begin() as conn:
         expiring = [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
-    for symbol in sorted(set(stale) | set(expiring)):
-        send_wakeup(broker, symbol, partitions)
+    send_wakeups(broker, sorted(set(stale) | set(expiring)), partitions)
     overdue = take_overdue(engine, older_than_s=webhook_requeue_after_s)
     enqueue_deliveries(broker, overdue)  # one hint for all of them: a webhook worker claims every due event
     return SweepResult(renudged=stale, expiring=expiring, webhooks_requeued=len(overdue))

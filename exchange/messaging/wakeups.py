@@ -82,9 +82,13 @@ def group_by_partition(symbols: Iterable[str], partitions: int) -> dict[int, lis
     return groups
 
 
-def send_wakeup(broker: BrokerLike, symbol: str, partitions: int) -> None:
-    """Unconditionally enqueue a match message for one symbol (sweeper, tests): a duplicate only finds less to do."""
-    broker.enqueue(match_message(symbol, partitions))
+def send_wakeups(broker: BrokerLike, symbols: Iterable[str], partitions: int) -> None:
+    """Unconditionally enqueue ONE match message per partition naming its ``symbols`` (the sweeper): a duplicate
+    only finds less to do. One per partition, not per symbol: when a matcher falls behind, every symbol of its
+    partition goes stale together, and a message each (dozens a sweep) only split its work into more, smaller
+    transactions on its other threads."""
+    for partition, names in group_by_partition(symbols, partitions).items():
+        broker.enqueue(partition_message(partition, names))
 
 
 async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int) -> None:

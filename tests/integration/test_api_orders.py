@@ -62,6 +62,38 @@ def test_place_order_returns_201_pending_with_every_order_field(
     assert api_client.get(f"/orders/{body['id']}", headers=broker.headers).json() == body
 
 
+def test_a_new_order_whose_wait_expires_is_answered_as_written_without_a_read_and_equals_the_read_back(
+    api_client: TestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No matcher runs and EXCHANGE_ORDER_WAIT_MS is 0: every wait expires.
+    broker = register(api_client)
+    symbol = new_symbol()
+    reads = api_state(api_client.app).reads
+    read_back: list[object] = []
+    read = reads.submit
+
+    async def counted(key: Any) -> Any:
+        read_back.append(key)
+        return await read(key)
+
+    monkeypatch.setattr(reads, "submit", counted)
+    expiry = (datetime.now(UTC) + timedelta(days=1)).astimezone(timezone(timedelta(hours=-3))).isoformat()
+    bodies = [
+        limit(symbol, "bid", 1500, 100),
+        limit(symbol, "ask", 1600, 7, valid_until=expiry, client_order_id="gtd-1", stp="cancel_newest"),
+        {**limit(symbol, "ask", 0, 5), "order_type": "market", "price": None},
+    ]
+    answers = []
+    for body in bodies:
+        response = api_client.post("/orders", json=body, headers=broker.headers)
+        assert response.status_code == 201, response.text
+        answers.append(response.json())
+    assert read_back == []  # answered from what was written
+    assert [a["status"] for a in answers] == ["pending"] * 3
+    for answer in answers:
+        assert api_client.get(f"/orders/{answer['id']}", headers=broker.headers).json() == answer
+
+
 @pytest.fixture
 def running_matcher(api_engine: Engine, api_redis_url: str) -> Iterator[Callable[[str], None]]:
     """A matcher loop in a thread for the given symbols that publishes results like the real actor does."""

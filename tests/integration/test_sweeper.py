@@ -26,11 +26,16 @@ def broker() -> Iterator[RedisBroker]:
         yield broker
 
 
-def queued_symbols(broker: RedisBroker, symbol: str) -> list[str]:
+def queued_messages(broker: RedisBroker, symbol: str) -> list[list[str]]:
+    """The symbols each message queued on ``symbol``'s partition names, in queue order."""
     queue = f"{broker.namespace}:{matching_queue(partition_of(symbol, PARTITIONS))}"
     ids = broker.client.lrange(queue, 0, -1)
     bodies = [broker.client.hget(f"{queue}.msgs", i) for i in ids]
-    return [json.loads(b)["args"][0] for b in bodies if b]
+    return [list(json.loads(b)["args"]) for b in bodies if b]
+
+
+def queued_symbols(broker: RedisBroker, symbol: str) -> list[str]:
+    return [name for message in queued_messages(broker, symbol) for name in message]
 
 
 def test_a_symbol_with_an_old_pending_command_is_renudged_to_its_partition(engine: Engine, broker: RedisBroker) -> None:
@@ -40,6 +45,25 @@ def test_a_symbol_with_an_old_pending_command_is_renudged_to_its_partition(engin
 
     assert result.renudged == ["PETR4"]
     assert queued_symbols(broker, "PETR4") == ["PETR4"]
+
+
+def test_stale_symbols_are_renudged_with_one_message_per_partition_naming_them_all(
+    engine: Engine, broker: RedisBroker
+) -> None:
+    symbols = [f"SWP{n:03d}" for n in range(40)]
+    first = symbols[0]
+    together = [s for s in symbols if partition_of(s, PARTITIONS) == partition_of(first, PARTITIONS)][:3]
+    apart = next(s for s in symbols if partition_of(s, PARTITIONS) != partition_of(first, PARTITIONS))
+    b = add_broker(engine, "b")
+    for symbol in [*together, apart]:
+        place(engine, b, symbol, "bid", 1, 100)
+
+    result = sweep_once(engine, broker, PARTITIONS, stale_after_s=0.0)
+
+    assert sorted(result.renudged) == sorted([*together, apart])
+    assert len(together) == 3
+    assert queued_messages(broker, first) == [sorted(together)]
+    assert queued_messages(broker, apart) == [[apart]]
 
 
 def test_a_fresh_pending_command_is_left_to_its_own_wakeup(engine: Engine, broker: RedisBroker) -> None:
