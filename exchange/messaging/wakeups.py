@@ -57,11 +57,6 @@ class BrokerLike(Protocol):
     def enqueue(self, message: dramatiq.Message[object], *, delay: int | None = None) -> object: ...
 
 
-def match_message(symbol: str, partitions: int) -> dramatiq.Message[object]:
-    """The dramatiq message that asks partition ``crc32(symbol) % partitions`` to process ``symbol``."""
-    return partition_message(partition_of(symbol, partitions), [symbol])
-
-
 def partition_message(partition: int, symbols: Sequence[str]) -> dramatiq.Message[object]:
     """One message asking ``partition``'s matcher to process ``symbols`` (each must map to ``partition``) and
     whatever else has been woken on the partition by then."""

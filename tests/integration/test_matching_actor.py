@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 
 from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.partitions import matching_queue, partition_of
-from exchange.messaging.wakeups import busy_key, match_message, partition_message, woken_key
+from exchange.messaging.wakeups import busy_key, partition_message, send_wakeups, woken_key
 from tests.integration.redis_support import claimed_database
 from tests.integration.sql_orders import add_broker, place
 
@@ -101,7 +101,7 @@ def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_
         broker.declare_queue(matching_queue(n))
 
     broker.enqueue(partition_message(2, grouped[:2]))
-    broker.enqueue(match_message(single, PARTITIONS))  # the sweeper's shape: one symbol, partition not held
+    send_wakeups(broker, [single], PARTITIONS)  # the sweeper's re-nudge, partition not held
     wait_processed(engine, [*grouped, single], matcher)
 
     with engine.connect() as conn:
