@@ -35,6 +35,25 @@ def limit(symbol: str, side: str, price: int, quantity: int, **extra: Any) -> di
     }
 
 
+def counted_reads(client: TestClient[Any], monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The keys of every order read-back the app's api process makes from now on (its read coalescer's submits)."""
+    reads = api_state(client.app).reads
+    read_back: list[object] = []
+    read = reads.submit
+
+    async def counted(key: Any) -> Any:
+        read_back.append(key)
+        return await read(key)
+
+    monkeypatch.setattr(reads, "submit", counted)
+    return read_back
+
+
+def tomorrow_in_another_zone() -> str:
+    """A ``valid_until`` a day ahead, written with a UTC-3 offset (the api answers in UTC)."""
+    return (datetime.now(UTC) + timedelta(days=1)).astimezone(timezone(timedelta(hours=-3))).isoformat()
+
+
 def test_place_order_returns_201_pending_with_every_order_field(
     api_client: TestClient[Any], api_engine: Engine
 ) -> None:
@@ -68,16 +87,8 @@ def test_a_new_order_whose_wait_expires_is_answered_as_written_without_a_read_an
     # No matcher runs and EXCHANGE_ORDER_WAIT_MS is 0: every wait expires.
     broker = register(api_client)
     symbol = new_symbol()
-    reads = api_state(api_client.app).reads
-    read_back: list[object] = []
-    read = reads.submit
-
-    async def counted(key: Any) -> Any:
-        read_back.append(key)
-        return await read(key)
-
-    monkeypatch.setattr(reads, "submit", counted)
-    expiry = (datetime.now(UTC) + timedelta(days=1)).astimezone(timezone(timedelta(hours=-3))).isoformat()
+    read_back = counted_reads(api_client, monkeypatch)
+    expiry = tomorrow_in_another_zone()
     bodies = [
         limit(symbol, "bid", 1500, 100),
         limit(symbol, "ask", 1600, 7, valid_until=expiry, client_order_id="gtd-1", stp="cancel_newest"),
@@ -144,16 +155,8 @@ def test_a_new_orders_201_is_the_matchers_published_state_and_equals_the_order_r
     symbol = new_symbol()
     running_matcher(symbol)
     seller, buyer = register(client, "Seller SA"), register(client, "Buyer SA")
-    reads = api_state(client.app).reads
-    read_back: list[object] = []
-    read = reads.submit
-
-    async def counted(key: Any) -> Any:
-        read_back.append(key)
-        return await read(key)
-
-    monkeypatch.setattr(reads, "submit", counted)
-    expiry = (datetime.now(UTC) + timedelta(days=1)).astimezone(timezone(timedelta(hours=-3))).isoformat()
+    read_back = counted_reads(client, monkeypatch)
+    expiry = tomorrow_in_another_zone()
     placed = [
         (seller, limit(symbol, "ask", 100, 10, valid_until=expiry, client_order_id="rests")),  # open, gtd
         (buyer, limit(symbol, "bid", 100, 4)),  # filled by the ask
