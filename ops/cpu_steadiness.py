@@ -8,7 +8,7 @@ and prints the median chunk time, p90 / median, and for every second of the run 
 ``--slow-factor`` x the median. On a steady machine that share is 0 almost everywhere. The project's shared 2-core
 machines have shown spells of several seconds in which most chunks ran 1.3-1.6x slower while the machine was idle
 (no steal time reported): a server at 80-90 % of its capacity (``exchange bench --scale 100``) falls behind in such
-a spell and catches up after it, which is most of the spread between runs of the same code (ops/MEASURED.md,
+a spell and catches up after it, a likely part of the spread between runs of the same code (ops/MEASURED.md,
 "Overload spells"). Numbers only: nothing is asserted.
 """
 
