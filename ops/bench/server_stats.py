@@ -111,20 +111,21 @@ def exchange_processes() -> list[tuple[int, str]]:
     return found
 
 
-def cpu_by_kind() -> dict[str, float]:
-    """CPU seconds used so far by every running process of the exchange, summed by kind (:data:`PROCESS_KINDS`)."""
+def cpu_by_kind(processes: list[tuple[int, str]] | None = None) -> dict[str, float]:
+    """CPU seconds used so far by every running process of the exchange (or of ``processes``, as
+    :func:`exchange_processes` lists them), summed by kind (:data:`PROCESS_KINDS`)."""
     totals: dict[str, float] = {}
-    for pid, kind in exchange_processes():
+    for pid, kind in exchange_processes() if processes is None else processes:
         totals[kind] = totals.get(kind, 0.0) + process_cpu_s(pid)
     return totals
 
 
-def scheduling_by_kind() -> tuple[dict[str, float], dict[str, float]]:
-    """Run-queue wait so far (s) and times put on a CPU of every running process of the exchange, each summed by
-    kind; both empty when the kernel keeps no scheduler statistics."""
+def scheduling_by_kind(processes: list[tuple[int, str]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Run-queue wait so far (s) and times put on a CPU of every running process of the exchange (or of
+    ``processes``), each summed by kind; both empty when the kernel keeps no scheduler statistics."""
     waits: dict[str, float] = {}
     runs: dict[str, float] = {}
-    for pid, kind in exchange_processes():
+    for pid, kind in exchange_processes() if processes is None else processes:
         stats = process_scheduling(pid)
         if stats is None:
             return {}, {}
@@ -158,8 +159,9 @@ def _pg(database_url: str) -> dict[str, int]:
 
 
 def take(redis_url: str, database_url: str) -> Snapshot:
-    waits, runs = scheduling_by_kind()
-    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind(), waits, runs)
+    processes = exchange_processes()  # one scan of /proc for both figures
+    waits, runs = scheduling_by_kind(processes)
+    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind(processes), waits, runs)
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ import pytest
 import redis
 
 from exchange.messaging.partitions import partition_of
+from ops.bench.main import free_port
 from tests.conftest import DatabaseFactory
 from tests.integration.redis_support import claim_database, database_url, release_database
 from tests.invariants import check_invariants
@@ -100,12 +100,6 @@ def require_services() -> None:
         _skip_or_fail(f"Redis is unreachable at 127.0.0.1:6379: {exc}")
     finally:
         client.close()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def unique_symbol(prefix: str = "T", partitions: set[int] | None = None) -> str:

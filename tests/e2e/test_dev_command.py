@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,13 @@ import psutil
 import pytest
 
 from exchange.dev import SETPRIV, stop_pgbouncer
+from ops.bench.main import free_port
 from tests.integration.redis_support import claimed_database
 from tests.serving import wait_until_answering
 
 ADMIN_KEY = "adm_dev_command_test"
 READY_TIMEOUT_S = 120.0
 UNSET = ("EXCHANGE_DATABASE_URL", "EXCHANGE_POOLED_DATABASE_URL", "EXCHANGE_REDIS_URL", "EXCHANGE_ENV_FILE")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def alive(pid: int) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from sqlalchemy import Engine, text
 
 from exchange.api.app import create_app
 from exchange.config import Settings
+from ops.bench.main import free_port
 from tests.integration.api_helpers import ADMIN_KEY, match, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -52,12 +52,6 @@ def chromium_binary() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

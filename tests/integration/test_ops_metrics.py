@@ -11,15 +11,10 @@ import httpx
 from litestar.testing import TestClient
 
 from exchange.observability import metrics
+from ops.bench.main import free_port
 from tests.integration.api_helpers import new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sample(exposition: str, name: str, **labels: str) -> float | None:
