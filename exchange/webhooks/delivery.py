@@ -47,6 +47,8 @@ class DeliveryConfig:
     allow_private: bool
     max_in_flight: int
     """Deliveries to one broker in flight at once, per worker process."""
+    record_linger_s: float = 0.0
+    """How long the recorder waits after an attempt ends for more to record with it (see the pump)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryConfig:
@@ -58,6 +60,7 @@ class DeliveryConfig:
             disable_after=settings.webhook_disable_after,
             allow_private=settings.webhook_allow_private,
             max_in_flight=settings.webhook_max_in_flight,
+            record_linger_s=settings.webhook_record_linger_ms / 1000,
         )
 
 

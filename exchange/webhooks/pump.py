@@ -15,7 +15,11 @@ delays bookkeeping:
   free at once and its attempt is queued for the recorder;
 * **recorder** — records every attempt queued so far in ONE statement, again and again (group commit: the more
   deliveries end while a statement runs, the bigger the next one), then reports each result and arms a local
-  timer for the retries it scheduled.
+  timer for the retries it scheduled. Woken by an attempt that ended, it first lingers ``record_linger_s``
+  (``EXCHANGE_WEBHOOK_RECORD_LINGER_MS``) so that the attempts ending meanwhile join the same statement: under
+  load deliveries end one by one, and recording each on its own cost a transaction, a database thread's wake-ups
+  and the server's work per event. Nothing waits for a record but the bookkeeping (the receiver has the event, the
+  slot is free, a retry is timed from its record); a stopping pump records at once.
 
 Blocking work runs on two thread pools of the pump's own, never on asyncio's default executor: database calls
 (a claim, a record, a fan-out hint: at most one of each at a time, so they never wait for a thread) and DNS
@@ -131,6 +135,8 @@ class Pump:
         self._wake.set()  # a pump starts by claiming whatever is due already (left by a worker that died, say)
         self._slot_freed = asyncio.Event()
         self._to_record = asyncio.Event()
+        self._record_now = asyncio.Event()
+        """Set when the pump stops: a lingering recorder records at once."""
         self._changed = asyncio.Event()
         self._claiming = False
         self._recording = False
@@ -177,6 +183,7 @@ class Pump:
         self._stopping = True
         self._wake.set()
         self._slot_freed.set()
+        self._record_now.set()
         config = self.config
         try:
             await asyncio.wait({claimer}, timeout=config.connect_timeout_s)
@@ -319,6 +326,7 @@ class Pump:
     async def _record_loop(self) -> None:
         while True:
             await self._to_record.wait()
+            await self._linger()
             self._to_record.clear()
             batch, self._finished = _first_of_each_event(self._finished)
             if not batch:
@@ -336,6 +344,15 @@ class Pump:
                 self._changed.set()
             if self._finished:
                 self._to_record.set()
+
+    async def _linger(self) -> None:
+        """Give the attempts ending in the next ``record_linger_s`` a place in this record (cut short by a stop)."""
+        linger = self.config.record_linger_s
+        if linger <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(linger):
+                await self._record_now.wait()
 
     async def _record(self, batch: list[Attempt]) -> bool:
         """Record ``batch``, retrying while its leases last (half a lease: after that the events are being

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -357,6 +357,59 @@ def test_stopping_a_pump_thread_records_the_deliveries_in_flight(engine: Engine,
 
 
 # ------------------------------------------------------------------------------------------------ recording
+
+
+def _counting_records(monkeypatch: pytest.MonkeyPatch) -> list[set[uuid.UUID]]:
+    """The event ids of every record statement the pumps send from now on (the real statement still runs)."""
+    calls: list[set[uuid.UUID]] = []
+    real = store.record
+
+    def record(engine: Engine, attempts: Sequence[store.Attempt], *, disable_after: int) -> None:
+        calls.append({a.claim.event_id for a in attempts})
+        real(engine, attempts, disable_after=disable_after)
+
+    monkeypatch.setattr(store, "record", record)
+    return calls
+
+
+def test_attempts_ending_within_the_record_linger_are_recorded_in_one_statement(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = _counting_records(monkeypatch)
+    with Receiver() as now, Receiver() as later, Receiver() as last:
+        later.delay_s, last.delay_s = 0.15, 0.3  # three deliveries ending 150 ms apart, each a record of its own
+        seller, _ = broker_with_endpoint(engine, None)
+        buyers = [broker_with_endpoint(engine, r.url)[0] for r in (now, later, last)]
+        for buyer in buyers:
+            fills(engine, buyer, seller)
+        ours = {event.id for buyer in buyers for event in events_of(engine, buyer)}
+        pump = Pump(engine, replace(FAST, record_linger_s=1.0), capacity=8)
+
+        async def scenario() -> None:
+            async with running(pump):
+                await eventually(lambda: all(status_counts(engine, b) == {"delivered": 1} for b in buyers))
+
+        asyncio.run(scenario())
+
+    assert len(ours) == 3
+    assert [ids & ours for ids in records if ids & ours] == [ours]
+
+
+def test_a_stopping_pump_records_at_once_instead_of_lingering(engine: Engine, receiver: Receiver) -> None:
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    # The linger outlasts the drain's wait for records (half a lease): a stop that waited it out would leave the
+    # delivered event unrecorded.
+    pump = Pump(engine, replace(FAST, record_linger_s=30.0), capacity=4)
+
+    async def scenario() -> None:
+        async with running(pump):
+            await eventually(lambda: len(receiver.received) == 1)
+
+    asyncio.run(scenario())
+
+    assert status_counts(engine, buyer) == {"delivered": 1}
 
 
 def test_recording_locks_broker_rows_in_id_order_like_the_matcher(engine: Engine) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from exchange.cli import main
 from exchange.config import Settings, SettingsError, load_environ
+from exchange.webhooks.delivery import DeliveryConfig
 
 
 def test_defaults_apply_when_nothing_is_set() -> None:
@@ -86,3 +87,9 @@ def test_every_setting_is_documented_in_the_readme_table() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f.metadata["env"] for f in dataclasses.fields(Settings) if f"`{f.metadata['env']}`" not in readme]
     assert missing == []
+
+
+def test_the_webhook_record_linger_reaches_the_delivery_config_in_seconds() -> None:
+    assert DeliveryConfig.from_settings(Settings.from_env({})).record_linger_s == 0.05
+    linger = {"EXCHANGE_WEBHOOK_RECORD_LINGER_MS": "0"}
+    assert DeliveryConfig.from_settings(Settings.from_env(linger)).record_linger_s == 0
