@@ -191,8 +191,8 @@ class Settings:
     """How long a worker holds a finished attempt so that the attempts ending meanwhile are recorded with it, in
     one statement (0: record at once). Only the bookkeeping waits: the receiver already has the event, and the
     slot was free when the attempt ended. A worker killed meanwhile sends those events again once their leases
-    end (at least once, as for an attempt in flight). At ``--scale 100`` 50 ms took the records from ~76 to ~16
-    statements per second and the orders' latency down by a quarter (ops/MEASURED.md)."""
+    end (at least once, as for an attempt in flight). At ``--scale 100`` 50 ms took the records from ~115 to ~16
+    statements per second and the orders' p50 latency down by a quarter or more (ops/MEASURED.md)."""
     log_level: str = _env("EXCHANGE_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
     log_format: str = _env("EXCHANGE_LOG_FORMAT", _choice("json", "text"), "json")
     """``json``: one JSON object per line (with ``request_id``); ``text`` for reading in a terminal."""

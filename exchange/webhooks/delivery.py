@@ -48,7 +48,8 @@ class DeliveryConfig:
     max_in_flight: int
     """Deliveries to one broker in flight at once, per worker process."""
     record_linger_s: float = 0.0
-    """How long the recorder waits after an attempt ends for more to record with it (see the pump)."""
+    """How long the recorder waits after an attempt ends for more to record with it (see the pump); 0 here unless
+    given, ``EXCHANGE_WEBHOOK_RECORD_LINGER_MS`` in a worker (:meth:`from_settings`)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryConfig:
