@@ -135,13 +135,12 @@ class Pump:
         self._wake.set()  # a pump starts by claiming whatever is due already (left by a worker that died, say)
         self._slot_freed = asyncio.Event()
         self._to_record = asyncio.Event()
-        self._record_now = asyncio.Event()
-        """Set when the pump stops: a lingering recorder records at once."""
+        self._stopping = asyncio.Event()
+        """Set when the pump stops: the claimer ends, a lingering recorder records at once."""
         self._changed = asyncio.Event()
         self._claiming = False
         self._recording = False
         self._hinting = False
-        self._stopping = False
         self._timers: set[float] = set()
         self._last_fan_out = -math.inf
 
@@ -180,10 +179,9 @@ class Pump:
     async def _drain(self, claimer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
         """Stop claiming; let deliveries in flight end and record them, unless the recorder is dead (then they
         cannot be recorded: their events are due again when their leases end). Bounded by :attr:`drain_s`."""
-        self._stopping = True
+        self._stopping.set()
         self._wake.set()
         self._slot_freed.set()
-        self._record_now.set()
         config = self.config
         try:
             await asyncio.wait({claimer}, timeout=config.connect_timeout_s)
@@ -215,7 +213,7 @@ class Pump:
         return not (self._wake.is_set() or self._claiming or self._running or self._finished or self._recording)
 
     async def _claim_loop(self) -> None:
-        while not self._stopping:
+        while not self._stopping.is_set():
             await self._wake.wait()
             self._wake.clear()
             self._claiming = True
@@ -230,7 +228,7 @@ class Pump:
                 self._changed.set()
 
     async def _claim_while_due(self) -> None:
-        while not self._stopping:
+        while not self._stopping.is_set():
             # Cleared before the room is read: a delivery ending from here on (even during the claim) sets it.
             self._slot_freed.clear()
             room = self.capacity - self._running
@@ -352,7 +350,7 @@ class Pump:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(linger):
-                await self._record_now.wait()
+                await self._stopping.wait()
 
     async def _record(self, batch: list[Attempt]) -> bool:
         """Record ``batch``, retrying while its leases last (half a lease: after that the events are being
@@ -366,7 +364,7 @@ class Pump:
                 )
                 return True
             except Exception:
-                if self._stopping or time.monotonic() + pause > deadline:
+                if self._stopping.is_set() or time.monotonic() + pause > deadline:
                     log.error(
                         "could not record %d webhook attempts; their events are sent again when their leases end",
                         len(batch),
