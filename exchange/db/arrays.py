@@ -7,13 +7,14 @@ statement casts (``CAST(%(ids)s AS uuid[])``), so the server parses it exactly a
 
 Invariant: every string element is double-quoted with ``\\`` and ``"`` escaped, so no value (commas, braces,
 spaces, the word NULL) can change the array's shape; ``None`` is SQL NULL. Text must not contain NUL (PostgreSQL
-refuses it either way; the api refuses it at the edge).
+refuses it either way; the api refuses it at the edge). A datetime is written as its instant in UTC, as psycopg's
+own adaptation sends it: PostgreSQL reads UTC offsets up to ±15:59 only, Python's reach ±23:59.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 
@@ -28,5 +29,5 @@ def _element(value: str | int | UUID | datetime | None) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, datetime):
-        return '"' + value.isoformat() + '"'
+        return '"' + value.astimezone(UTC).isoformat() + '"'
     return str(value)  # int, UUID: digits, letters and dashes only

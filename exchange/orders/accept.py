@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -60,9 +60,17 @@ def resolve_time_in_force(
     limit without → ``gtc``. Market orders admit only ``ioc``/``fok``; ``gtd`` needs ``valid_until``; ``gtc``
     forbids it. An ``ioc``/``fok`` order never rests, so a (future) ``valid_until`` sent with it cannot matter: it
     is accepted for compatibility with seed clients that always send one, and not stored.
+
+    ``valid_until`` comes back in UTC: an ISO 8601 offset may reach ±23:59, PostgreSQL's ``timestamptz`` input only
+    ±15:59, and the instant is what is stored. One whose UTC date is past year 9999 is out of range (422).
     """
-    if valid_until is not None and valid_until <= now:
-        raise InvalidOrderError("valid_until must be in the future", {"field": "valid_until"})
+    if valid_until is not None:
+        try:
+            valid_until = valid_until.astimezone(UTC)
+        except OverflowError:
+            raise InvalidOrderError("valid_until is out of range", {"field": "valid_until"}) from None
+        if valid_until <= now:
+            raise InvalidOrderError("valid_until must be in the future", {"field": "valid_until"})
     tif = requested
     if tif is None:
         if order_type is OrderType.MARKET:

@@ -1,6 +1,6 @@
 """``exchange.db.arrays.array_literal`` round-trips through PostgreSQL: any text (quotes, backslashes, commas,
-braces, blanks, the word NULL, any Unicode but NUL), NULLs, integers, UUIDs and aware datetimes come back exactly,
-in order, as the statement's cast reads them."""
+braces, blanks, the word NULL, any Unicode but NUL), NULLs, integers, UUIDs and aware datetimes (with any UTC offset
+Python allows, wider than PostgreSQL's) come back exactly, in order, as the statement's cast reads them."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def test_aware_datetimes_come_back_as_the_same_instants(pg: psycopg.Connection[A
         None,
         datetime(2030, 1, 1, tzinfo=timezone(timedelta(hours=-3))),
         datetime(1999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(7686, 7, 10, 22, 5, 50, tzinfo=timezone(-timedelta(hours=21, minutes=17))),
+        datetime(2030, 1, 1, tzinfo=timezone(timedelta(hours=23, minutes=59))),
     ]
     assert _round_trip(pg, values, "timestamptz") == values
 
