@@ -50,6 +50,18 @@ def test_uuid_arrays_come_back_exactly(pg: psycopg.Connection[Any]) -> None:
     assert _round_trip(pg, values, "uuid") == values
 
 
+_OFFSETS = st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
+_INSTANTS = st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31), timezones=st.just(UTC))
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(_INSTANTS, _OFFSETS).map(lambda t: t[0].astimezone(t[1])), max_size=8))
+def test_datetimes_with_any_offset_come_back_as_the_same_instants(
+    pg: psycopg.Connection[Any], values: list[datetime]
+) -> None:
+    assert _round_trip(pg, values, "timestamptz") == values
+
+
 def test_aware_datetimes_come_back_as_the_same_instants(pg: psycopg.Connection[Any]) -> None:
     values = [
         datetime(2026, 12, 5, 3, 4, 5, 123456, tzinfo=UTC),
