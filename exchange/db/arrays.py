@@ -7,8 +7,8 @@ statement casts (``CAST(%(ids)s AS uuid[])``), so the server parses it exactly a
 
 Invariant: every string element is double-quoted with ``\\`` and ``"`` escaped, so no value (commas, braces,
 spaces, the word NULL) can change the array's shape; ``None`` is SQL NULL. Text must not contain NUL (PostgreSQL
-refuses it either way; the api refuses it at the edge). A datetime is written as its instant in UTC, as psycopg's
-own adaptation sends it: PostgreSQL reads UTC offsets up to ±15:59 only, Python's reach ±23:59.
+refuses it either way; the api refuses it at the edge). An aware datetime is written as its instant in UTC, as
+psycopg's own adaptation sends it: PostgreSQL reads UTC offsets up to ±15:59 only, Python's reach ±23:59.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def resolve_time_in_force(
     is accepted for compatibility with seed clients that always send one, and not stored.
 
     ``valid_until`` comes back in UTC: an ISO 8601 offset may reach ±23:59, PostgreSQL's ``timestamptz`` input only
-    ±15:59, and the instant is what is stored. One whose UTC date is past year 9999 is out of range (422).
+    ±15:59, and the instant is what is stored. One whose UTC date falls outside years 1-9999 is out of range (422).
     """
     if valid_until is not None:
         try:
