@@ -1,34 +1,11 @@
-"""The ONE place that turns exceptions into HTTP error responses.
+"""The ONE place that turns exceptions into HTTP error responses, and that documents them in the OpenAPI schema.
 
-Every error body is ``{"code": str, "message": str, "details"?: any}``. Codes are stable (clients branch on them):
-
-=====  ======================  ==========================================================================
-HTTP   code                    when
-=====  ======================  ==========================================================================
-400    malformed_json          the request body is not parseable JSON (or is empty where a body is needed)
-401    unauthorized            missing, malformed or unknown Bearer key (``WWW-Authenticate: Bearer``)
-403    forbidden               authenticated but not allowed
-404    not_found               no such route (or a disabled debug endpoint)
-404    order_not_found         no such order *for this broker* (another broker's order looks the same)
-404    no_trades               ``/stocks/{symbol}/price`` before the symbol's first trade
-404    event_not_found         no such webhook event *for this broker* (redeliver)
-405    method_not_allowed      the route exists but not for this method (``Allow`` header set)
-409    order_closed            amend of a closed order
-409    webhook_endpoint_unav…  ``webhook_endpoint_unavailable``: redeliver while the broker has no webhook URL
-                               or its endpoint is disabled (``PUT /webhooks/endpoint`` re-enables it)
-413    payload_too_large       request body over the size limit
-422    validation_error        well-formed JSON (or query/path/header parameter) with a bad field: wrong
-                               type, out of range (e.g. ≥ 2**63), unknown field, naive or past datetime,
-                               price/time-in-force inconsistent with the order type, bad cursor, …
-                               ``details`` names the field/path when known
-422    idempotency_key_reused  a ``client_order_id``/``Idempotency-Key`` already used by this broker, sent with
-                               different order fields (an identical retry answers 201 with the original order)
-422    invalid_webhook_url     ``webhook_url`` is not an absolute http(s) URL, or its host is/resolves to a
-                               loopback, private, link-local or metadata address (SSRF guard)
-500    internal_error          a bug; logged with its traceback, no details returned
-503    admin_disabled          admin endpoint called but ``EXCHANGE_ADMIN_API_KEY`` is unset
-503    database_unavailable    PostgreSQL unreachable or failing at the connection level
-=====  ======================  ==========================================================================
+Every error body is :class:`ErrorOut` (``{"code": str, "message": str, "details"?: any}``). Codes are stable
+(clients branch on them); :data:`ERRORS` says which status each code has and when it is answered. A handler names
+the codes it can answer with ``responses=error_responses(...)`` (plus :data:`BROKER_ERRORS`, :data:`ADMIN_ERRORS`
+or :data:`BODY_ERRORS`), which puts them in its OpenAPI operation with :class:`ErrorOut` as the body, in place of
+Litestar's own error shape that the api never sends. 500 ``internal_error`` (a bug; logged with its traceback, no
+details returned) is not documented: it is never meant to happen.
 
 Bad input is always 4xx, never 500. Handlers are registered at the app level, so they also cover routing errors.
 """
@@ -37,8 +14,9 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 import psycopg
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
@@ -49,12 +27,90 @@ from litestar.exceptions import (
     PermissionDeniedException,
     ValidationException,
 )
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from exchange.orders import errors as domain
 from exchange.webhooks import errors as webhook_errors
 
 log = logging.getLogger("exchange.api")
+
+
+class ErrorOut(msgspec.Struct, omit_defaults=True):
+    """The body of every error response."""
+
+    code: str
+    """Stable: one of :data:`ERRORS`."""
+    message: str
+    """For people; may change."""
+    details: Any = None
+    """The offending field or path, when known (absent otherwise)."""
+
+
+class ErrorCode(NamedTuple):
+    status: int
+    when: str
+
+
+ERRORS: dict[str, ErrorCode] = {
+    "bad_request": ErrorCode(400, "a request the api cannot read (its HTTP layer refused it)"),
+    "malformed_json": ErrorCode(400, "the request body is not parseable JSON (or is empty where a body is needed)"),
+    "unauthorized": ErrorCode(401, "missing, malformed or unknown Bearer key (`WWW-Authenticate: Bearer`)"),
+    "forbidden": ErrorCode(403, "authenticated but not allowed"),
+    "not_found": ErrorCode(404, "no such route (or a disabled debug endpoint)"),
+    "order_not_found": ErrorCode(404, "no such order for this broker (another broker's order looks the same)"),
+    "no_trades": ErrorCode(404, "the symbol has had no trade yet"),
+    "event_not_found": ErrorCode(404, "no such webhook event for this broker"),
+    "method_not_allowed": ErrorCode(405, "the route exists but not for this method (`Allow` header set)"),
+    "order_closed": ErrorCode(409, "amend of a closed order"),
+    "webhook_endpoint_unavailable": ErrorCode(
+        409, "redeliver while the broker has no webhook URL or its endpoint is disabled (PUT /webhooks/endpoint)"
+    ),
+    "payload_too_large": ErrorCode(413, "request body over the size limit"),
+    "unsupported_media_type": ErrorCode(415, "a request body the HTTP layer refused by its media type"),
+    "validation_error": ErrorCode(
+        422,
+        "well-formed JSON (or query/path/header parameter) with a bad field: wrong type, out of range, unknown "
+        "field, naive, past or out-of-range datetime, price/time in force inconsistent with the order type, bad "
+        "cursor; `details` names the field or path when known",
+    ),
+    "idempotency_key_reused": ErrorCode(
+        422, "a client_order_id/Idempotency-Key already used by this broker with different order fields"
+    ),
+    "invalid_webhook_url": ErrorCode(
+        422,
+        "not an absolute http(s) URL, or its host is or resolves to a loopback, private, link-local or metadata "
+        "address (SSRF guard)",
+    ),
+    "admin_disabled": ErrorCode(503, "admin endpoint called but EXCHANGE_ADMIN_API_KEY is unset"),
+    "database_unavailable": ErrorCode(503, "PostgreSQL unreachable or failing at the connection level; retry later"),
+    "rate_limited": ErrorCode(429, "too many requests (from the HTTP layer)"),
+    "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now"),
+}
+"""Every error code the api answers (besides ``internal_error``), with its status and when."""
+
+BROKER_ERRORS = ("bad_request", "unauthorized", "validation_error", "database_unavailable")
+"""What any broker endpoint may answer (its parameters are validated, it reads PostgreSQL)."""
+ADMIN_ERRORS = ("bad_request", "unauthorized", "validation_error", "admin_disabled", "database_unavailable")
+"""What any admin endpoint may answer."""
+BODY_ERRORS = ("malformed_json", "payload_too_large")
+"""What an endpoint with a JSON request body may answer besides."""
+
+
+def error_responses(*codes: str) -> dict[int, ResponseSpec]:
+    """The OpenAPI ``responses`` of a handler that may answer ``codes``: one entry per status, naming its codes,
+    with :class:`ErrorOut` as the body."""
+    by_status: dict[int, list[str]] = {}
+    for code in dict.fromkeys(codes):
+        by_status.setdefault(ERRORS[code].status, []).append(code)
+    return {
+        status: ResponseSpec(
+            ErrorOut,
+            generate_examples=False,
+            description="; ".join(f"`{code}`: {ERRORS[code].when}" for code in names),
+        )
+        for status, names in sorted(by_status.items())
+    }
 
 
 class ApiError(Exception):
@@ -82,11 +138,10 @@ def unauthorized(message: str = "missing or invalid API key") -> ApiError:
 
 def error_response(
     status_code: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
-) -> Response[dict[str, Any]]:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        body["details"] = details
-    return Response(body, status_code=status_code, media_type=MediaType.JSON, headers=headers)
+) -> Response[ErrorOut]:
+    return Response(
+        ErrorOut(code, message, details), status_code=status_code, media_type=MediaType.JSON, headers=headers
+    )
 
 
 _DOMAIN_STATUS: dict[type[domain.OrderServiceError], int] = {
@@ -116,23 +171,23 @@ _HTTP_CODES = {
 """Connection exceptions, admin shutdown / crash shutdown / cannot connect now, insufficient resources."""
 
 
-def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[dict[str, Any]]:
+def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorOut]:
     return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
-def _domain_error(_: Request[Any, Any, Any], exc: domain.OrderServiceError) -> Response[dict[str, Any]]:
+def _domain_error(_: Request[Any, Any, Any], exc: domain.OrderServiceError) -> Response[ErrorOut]:
     status = next((s for cls, s in _DOMAIN_STATUS.items() if isinstance(exc, cls)), 422)
     return error_response(status, exc.code, exc.message, exc.details)
 
 
-def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorOut]:
     # Litestar raises this for bad query/path/header parameters (bodies are decoded by schemas.decode_body).
     details = exc.extra if exc.extra else None
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else "invalid request parameters"
     return error_response(422, "validation_error", message, details)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorOut]:
     status = exc.status_code
     if status >= 500:
         log.error("http error %s: %s", status, exc.detail)
@@ -150,7 +205,7 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
     return error_response(status, code, message, None, exc.headers)
 
 
-def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityError) -> Response[dict[str, Any]]:
+def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityError) -> Response[ErrorOut]:
     constraint = exc.diag.constraint_name or ""
     if constraint.startswith("fk_") and constraint.endswith("_brokers"):
         # The authenticated broker no longer exists (e.g. after /debug/reset while its key was cached).
@@ -172,14 +227,14 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
-def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[dict[str, Any]]:
+def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[ErrorOut]:
     if is_database_unavailable(exc):
         log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=True)
         return error_response(503, "database_unavailable", "the database is unavailable; retry later")
     return _unexpected(request, exc)
 
 
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorOut]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal error")
 

@@ -17,7 +17,7 @@ from litestar.response import Redirect
 
 from exchange.api.auth import configured_admin_key, key_matches
 from exchange.api.dependencies import API, Api
-from exchange.api.errors import unauthorized
+from exchange.api.errors import ADMIN_ERRORS, error_responses, unauthorized
 from exchange.observability.metrics import CONTENT_TYPE, exposition, state_registry
 from exchange.ops import data, page
 from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, COOKIE_PATH, ops_guard, session_token
@@ -29,17 +29,21 @@ class OpsController(Controller):
     path = "/ops"
     dependencies = API
 
-    @get("/", guards=[ops_guard], media_type=MediaType.HTML)
+    @get("/", guards=[ops_guard], media_type=MediaType.HTML, responses=error_responses(*ADMIN_ERRORS))
     async def page(self, api: Api) -> str:
         """The ops page (HTML)."""
         return page.render(await data.snapshot(api.pool, api.redis, api.settings.partitions))
 
-    @get("/data.json", guards=[ops_guard])
+    @get("/data.json", guards=[ops_guard], responses=error_responses(*ADMIN_ERRORS))
     async def data_json(self, api: Api) -> dict[str, Any]:
         """The ops snapshot the page shows, as JSON."""
         return await data.snapshot(api.pool, api.redis, api.settings.partitions)
 
-    @get("/login")
+    @get(
+        "/login",
+        status_code=303,
+        responses=error_responses("bad_request", "unauthorized", "validation_error", "admin_disabled"),
+    )
     async def login(
         self,
         request: Request[Any, Any, Any],
@@ -67,7 +71,7 @@ class MetricsController(Controller):
     path = "/metrics"
     dependencies = API
 
-    @get("/", media_type=CONTENT_TYPE)
+    @get("/", media_type=CONTENT_TYPE, responses=error_responses("bad_request"))
     async def metrics(self, api: Api) -> Response[bytes]:
         """Prometheus exposition: every api worker's counters/histograms plus gauges read now from Postgres and
         Redis (pending commands per partition, queue depths). A failing source omits its gauges, never the rest."""

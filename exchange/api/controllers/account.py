@@ -6,6 +6,7 @@ from litestar import Controller, get
 
 from exchange.api.auth import broker_auth, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker
+from exchange.api.errors import BROKER_ERRORS, error_responses
 from exchange.api.schemas import BalanceOut, PositionOut, to_wire
 from exchange.db.engines import single_statement
 from exchange.orders import queries
@@ -16,14 +17,14 @@ class AccountController(Controller):
     before_request = staticmethod(broker_auth)
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
-    @get("/balance")
+    @get("/balance", responses=error_responses(*BROKER_ERRORS))
     async def balance(self, api: Api, broker: CurrentBroker) -> BalanceOut:
         """Net cash from trades in cents (sales minus purchases)."""
         async with single_statement(api.pool) as conn:
             view = unauthorized_if_missing(await queries.balance(conn, broker.id))
         return to_wire(view, BalanceOut)
 
-    @get("/positions")
+    @get("/positions", responses=error_responses(*BROKER_ERRORS))
     async def positions(self, api: Api, broker: CurrentBroker) -> list[PositionOut]:
         """Net shares per symbol (negative = net seller); symbols netting to zero are omitted."""
         async with single_statement(api.pool) as conn:

@@ -9,7 +9,7 @@ from litestar import Controller, Request, Response, get, post
 
 from exchange.api.auth import admin_guard
 from exchange.api.dependencies import API, Api
-from exchange.api.errors import ApiError
+from exchange.api.errors import ADMIN_ERRORS, BODY_ERRORS, ApiError, error_responses
 from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body, to_wire
 from exchange.db.engines import single_statement
 from exchange.messaging.wakeups import WAKE_KEY_PREFIX
@@ -23,7 +23,7 @@ class AdminController(Controller):
     guards = [admin_guard]  # noqa: RUF012
     dependencies = API
 
-    @post("/register", status_code=201)
+    @post("/register", status_code=201, responses=error_responses(*ADMIN_ERRORS, *BODY_ERRORS, "invalid_webhook_url"))
     async def register(self, request: Request[Any, Any, Any], api: Api) -> Response[RegisterResponse]:
         """Create a broker. The API key is in this response only (stored as its SHA-256)."""
         body = decode_body(await request.body(), RegisterRequest)
@@ -32,12 +32,12 @@ class AdminController(Controller):
         )
         return Response(to_wire(created, RegisterResponse), status_code=201, headers={"Cache-Control": "no-store"})
 
-    @get("/debug/trade-count")
+    @get("/debug/trade-count", responses=error_responses(*ADMIN_ERRORS))
     async def trade_count(self, api: Api) -> TradeCountOut:
         async with single_statement(api.pool) as conn:
             return TradeCountOut(trade_count=await queries.trade_count(conn))
 
-    @post("/debug/reset", status_code=200)
+    @post("/debug/reset", status_code=200, responses=error_responses(*ADMIN_ERRORS, "not_found"))
     async def reset(self, api: Api) -> ResetOut:
         """Delete every row of every data table and the exchange's wake-up keys in Redis (nothing else there).
         404 unless ``EXCHANGE_DEBUG_ENDPOINTS=true``."""

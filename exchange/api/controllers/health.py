@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from litestar import Controller, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
 from exchange.api.dependencies import API, Api
 from exchange.api.schemas import CheckOut, HealthOut, ReadyOut
@@ -51,7 +52,7 @@ class HealthController(Controller):
     async def live(self) -> HealthOut:
         return HealthOut(status="ok")
 
-    @get("/ready")
+    @get("/ready", responses={503: ResponseSpec(ReadyOut, description="not ready: a check failed (see `checks`)")})
     async def ready(self, api: Api) -> Response[ReadyOut]:
         async def postgres() -> None:
             async with single_statement(api.pool) as conn:

@@ -7,11 +7,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from exchange.api import services
 from exchange.api.auth import broker_auth
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
+from exchange.api.errors import BODY_ERRORS, BROKER_ERRORS, error_responses
 from exchange.api.schemas import (
     AmendOrderRequest,
     CancelAllOut,
@@ -56,7 +58,7 @@ class OrdersController(Controller):
     before_request = staticmethod(broker_auth)  # Litestar reads these class attributes
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
-    @post("/", status_code=201)
+    @post("/", status_code=201, responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "idempotency_key_reused"))
     async def place_order(
         self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, idempotency_key: IdempotencyKey
     ) -> Response[OrderOut]:
@@ -86,7 +88,7 @@ class OrdersController(Controller):
         headers = {} if created else {"Idempotent-Replayed": "true"}
         return Response(order_out(view), status_code=201, headers=headers)
 
-    @get("/")
+    @get("/", responses=error_responses(*BROKER_ERRORS))
     async def list_orders(
         self,
         api: Api,
@@ -102,18 +104,20 @@ class OrdersController(Controller):
             page = await queries.list_orders(conn, broker.id, symbol=sym, status=status, cursor=cursor, limit=limit)
         return order_page_out(page)
 
-    @delete("/", status_code=200)
+    @delete("/", status_code=200, responses=error_responses(*BROKER_ERRORS))
     async def cancel_all(self, api: Api, broker: CurrentBroker, symbol: SymbolQuery) -> CancelAllOut:
         """Cancel every open or pending order of the broker in ``symbol``; ``cancelled`` counts the cancel
         commands written (orders already closed or already being cancelled are not counted)."""
         result = await services.cancel_all(api, broker.id, symbol)
         return CancelAllOut(symbol=result.symbol, cancelled=len(result.order_ids))
 
-    @get("/{order_id:str}")
+    @get("/{order_id:str}", responses=error_responses(*BROKER_ERRORS, "order_not_found"))
     async def get_order(self, api: Api, broker: CurrentBroker, order_id: FromPath[str]) -> OrderOut:
         return order_out(await services.read_order(api, broker.id, parse_order_id(order_id)))
 
-    @patch("/{order_id:str}")
+    @patch(
+        "/{order_id:str}", responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "order_not_found", "order_closed")
+    )
     async def amend_order(
         self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, order_id: FromPath[str]
     ) -> OrderOut:
@@ -123,7 +127,14 @@ class OrdersController(Controller):
         body = decode_body(await request.body(), AmendOrderRequest)
         return order_out(await services.amend(api, broker.id, oid, body.quantity, body.price))
 
-    @post("/{order_id:str}/cancel", status_code=200)
+    @post(
+        "/{order_id:str}/cancel",
+        status_code=200,
+        responses={
+            204: ResponseSpec(None, description="the cancel is written (without `Prefer: return=representation`)"),
+            **error_responses(*BROKER_ERRORS, "order_not_found"),
+        },
+    )
     async def cancel_order(
         self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, order_id: FromPath[str]
     ) -> Response[Any]:

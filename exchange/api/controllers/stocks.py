@@ -9,6 +9,7 @@ from litestar.params import FromPath, QueryParameter
 
 from exchange.api.auth import broker_auth
 from exchange.api.dependencies import API, Api
+from exchange.api.errors import BROKER_ERRORS, error_responses
 from exchange.api.schemas import BookOut, PriceOut, PublicTradeOut, TradesOut, to_wire
 from exchange.db.engines import single_statement
 from exchange.orders import queries
@@ -21,7 +22,7 @@ class StocksController(Controller):
     before_request = staticmethod(broker_auth)
     dependencies = API
 
-    @get("/book")
+    @get("/book", responses=error_responses(*BROKER_ERRORS))
     async def book(
         self, api: Api, symbol: FromPath[str], depth: Annotated[int, QueryParameter(ge=1, le=50)] = 10
     ) -> BookOut:
@@ -30,7 +31,7 @@ class StocksController(Controller):
         async with single_statement(api.pool) as conn:
             return to_wire(await queries.book(conn, sym, depth), BookOut)
 
-    @get("/price")
+    @get("/price", responses=error_responses(*BROKER_ERRORS, "no_trades"))
     async def price(
         self, api: Api, symbol: FromPath[str], trades: Annotated[int, QueryParameter(ge=1, le=1000)] = 50
     ) -> PriceOut:
@@ -43,7 +44,7 @@ class StocksController(Controller):
             raise NoTradesError(f"no trades yet for {sym}", {"symbol": sym})
         return to_wire(view, PriceOut)
 
-    @get("/trades")
+    @get("/trades", responses=error_responses(*BROKER_ERRORS))
     async def trades(
         self, api: Api, symbol: FromPath[str], limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50
     ) -> TradesOut:

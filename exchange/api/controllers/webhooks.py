@@ -34,6 +34,7 @@ from litestar.params import FromPath, QueryParameter
 
 from exchange.api.auth import admin_guard, broker_auth, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
+from exchange.api.errors import ADMIN_ERRORS, BODY_ERRORS, BROKER_ERRORS, error_responses
 from exchange.api.schemas import Url, decode_body, to_wire
 from exchange.db.engines import single_statement, transaction
 from exchange.orders.brokers import check_webhook_destination, new_webhook_secret
@@ -139,14 +140,14 @@ class WebhooksController(Controller):
     before_request = staticmethod(broker_auth)  # Litestar reads these class attributes
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
-    @get("/webhooks/endpoint")
+    @get("/webhooks/endpoint", responses=error_responses(*BROKER_ERRORS))
     async def get_endpoint(self, api: Api, broker: CurrentBroker) -> EndpointOut:
         """The broker's webhook endpoint and why it is disabled, if it is."""
         async with single_statement(api.pool) as conn:
             view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
 
-    @put("/webhooks/endpoint")
+    @put("/webhooks/endpoint", responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "invalid_webhook_url"))
     async def put_endpoint(self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker) -> EndpointOut:
         """Set (or, with ``null``, clear) the webhook URL; re-enables the endpoint. Events skipped while it was
         disabled are not re-sent: fetch them from ``GET /events`` or redeliver them one by one."""
@@ -158,7 +159,7 @@ class WebhooksController(Controller):
             view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
 
-    @post("/webhooks/secret/rotate", status_code=200)
+    @post("/webhooks/secret/rotate", status_code=200, responses=error_responses(*BROKER_ERRORS))
     async def rotate_secret(self, api: Api, broker: CurrentBroker) -> Response[SecretOut]:
         """A new signing secret, shown once; the previous one stays valid for ``EXCHANGE_WEBHOOK_SECRET_GRACE_S``."""
         secret = new_webhook_secret()
@@ -168,7 +169,7 @@ class WebhooksController(Controller):
         out = SecretOut(webhook_secret=secret, previous_secret_expires_at=expires)
         return Response(out, status_code=200, headers={"Cache-Control": "no-store"})
 
-    @get("/webhooks/deliveries")
+    @get("/webhooks/deliveries", responses=error_responses(*BROKER_ERRORS))
     async def deliveries(
         self,
         api: Api,
@@ -182,7 +183,11 @@ class WebhooksController(Controller):
             items, next_cursor = await queries.list_attempts(conn, broker.id, status=status, cursor=cursor, limit=limit)
         return AttemptPageOut(items=[to_wire(a, AttemptOut) for a in items], next_cursor=next_cursor)
 
-    @post("/webhooks/events/{event_id:str}/redeliver", status_code=202)
+    @post(
+        "/webhooks/events/{event_id:str}/redeliver",
+        status_code=202,
+        responses=error_responses(*BROKER_ERRORS, "event_not_found", "webhook_endpoint_unavailable"),
+    )
     async def redeliver(self, api: Api, broker: CurrentBroker, event_id: FromPath[str]) -> RedeliverOut:
         """Send the event again (whatever its status); delivery is asynchronous."""
         try:
@@ -199,7 +204,7 @@ class WebhooksController(Controller):
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
         return RedeliverOut(event_id=parsed, status="pending")
 
-    @get("/events")
+    @get("/events", responses=error_responses(*BROKER_ERRORS))
     async def events(
         self,
         api: Api,
@@ -232,7 +237,7 @@ class WebhooksAdminController(Controller):
     guards = [admin_guard]  # noqa: RUF012
     dependencies = API
 
-    @get("/failing")
+    @get("/failing", responses=error_responses(*ADMIN_ERRORS))
     async def failing(self, api: Api) -> list[FailingEndpointOut]:
         """Disabled endpoints and endpoints whose events fail or are being retried, worst first."""
         async with single_statement(api.pool) as conn:
