@@ -48,6 +48,8 @@ class ErrorOut(msgspec.Struct, omit_defaults=True):
 
 
 class ErrorCode(NamedTuple):
+    """The status an error code is answered with, and when (the OpenAPI description says it)."""
+
     status: int
     when: str
 
