@@ -1,7 +1,7 @@
 """The Litestar application: ``create_app()`` is what gunicorn loads (``exchange.api.app:create_app()``).
 
-Endpoints (auth; success status; error codes beyond 401/422/503 ``database_unavailable`` — see
-:mod:`exchange.api.errors` for the full table):
+Endpoints (auth; success status; error codes beyond 401/422/503 ``database_unavailable`` — every code is in
+:data:`exchange.api.errors.ERRORS`, and each operation's are in the OpenAPI schema):
 
 * ``POST /register`` (admin) 201 · ``GET /debug/trade-count`` (admin) 200 · ``POST /debug/reset`` (admin, only with
   ``EXCHANGE_DEBUG_ENDPOINTS=true``, else 404) 200 · admin endpoints are 503 ``admin_disabled`` without an admin key.

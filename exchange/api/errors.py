@@ -31,7 +31,6 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from exchange.orders import errors as domain
-from exchange.webhooks import errors as webhook_errors
 
 log = logging.getLogger("exchange.api")
 
@@ -58,7 +57,7 @@ ERRORS: dict[str, ErrorCode] = {
     "bad_request": ErrorCode(400, "a request the api cannot read (its HTTP layer refused it)"),
     "malformed_json": ErrorCode(400, "the request body is not parseable JSON (or is empty where a body is needed)"),
     "unauthorized": ErrorCode(401, "missing, malformed or unknown Bearer key (`WWW-Authenticate: Bearer`)"),
-    "forbidden": ErrorCode(403, "authenticated but not allowed"),
+    "forbidden": ErrorCode(403, "not allowed (an HTTP-layer fallback: no endpoint answers it today)"),
     "not_found": ErrorCode(404, "no such route (or a disabled debug endpoint)"),
     "order_not_found": ErrorCode(404, "no such order for this broker (another broker's order looks the same)"),
     "no_trades": ErrorCode(404, "the symbol has had no trade yet"),
@@ -69,7 +68,7 @@ ERRORS: dict[str, ErrorCode] = {
         409, "redeliver while the broker has no webhook URL or its endpoint is disabled (PUT /webhooks/endpoint)"
     ),
     "payload_too_large": ErrorCode(413, "request body over the size limit"),
-    "unsupported_media_type": ErrorCode(415, "a request body the HTTP layer refused by its media type"),
+    "unsupported_media_type": ErrorCode(415, "refused by the HTTP layer for its media type (a fallback)"),
     "validation_error": ErrorCode(
         422,
         "well-formed JSON (or query/path/header parameter) with a bad field: wrong type, out of range, unknown "
@@ -84,18 +83,20 @@ ERRORS: dict[str, ErrorCode] = {
         "not an absolute http(s) URL, or its host is or resolves to a loopback, private, link-local or metadata "
         "address (SSRF guard)",
     ),
+    "rate_limited": ErrorCode(429, "too many requests (an HTTP-layer fallback: the api sets no limit today)"),
     "admin_disabled": ErrorCode(503, "admin endpoint called but EXCHANGE_ADMIN_API_KEY is unset"),
     "database_unavailable": ErrorCode(503, "PostgreSQL unreachable or failing at the connection level; retry later"),
-    "rate_limited": ErrorCode(429, "too many requests (from the HTTP layer)"),
-    "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now"),
+    "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now (a fallback)"),
 }
-"""Every error code the api answers (besides ``internal_error``), with its status and when."""
+"""Every error code the api answers (besides ``internal_error``), in status order: its status and when. The domain
+errors' statuses are read from here (:func:`_domain_error`); the HTTP-layer fallbacks are the codes of
+``_HTTP_CODES`` that no handler raises itself."""
 
-BROKER_ERRORS = ("bad_request", "unauthorized", "validation_error", "database_unavailable")
-"""What any broker endpoint may answer (its parameters are validated, it reads PostgreSQL)."""
-ADMIN_ERRORS = ("bad_request", "unauthorized", "validation_error", "admin_disabled", "database_unavailable")
+BROKER_ERRORS = ("bad_request", "unauthorized", "database_unavailable")
+"""What any broker endpoint may answer (add ``validation_error`` where it takes parameters or a body)."""
+ADMIN_ERRORS = ("bad_request", "unauthorized", "admin_disabled", "database_unavailable")
 """What any admin endpoint may answer."""
-BODY_ERRORS = ("malformed_json", "payload_too_large")
+BODY_ERRORS = ("malformed_json", "payload_too_large", "validation_error")
 """What an endpoint with a JSON request body may answer besides."""
 
 
@@ -146,18 +147,6 @@ def error_response(
     )
 
 
-_DOMAIN_STATUS: dict[type[domain.OrderServiceError], int] = {
-    domain.InvalidOrderError: 422,
-    domain.InvalidWebhookUrlError: 422,
-    domain.InvalidCursorError: 422,
-    domain.OrderNotFoundError: 404,
-    domain.NoTradesError: 404,
-    domain.OrderClosedError: 409,
-    domain.IdempotencyKeyReusedError: 422,
-    webhook_errors.WebhookEventNotFoundError: 404,
-    webhook_errors.WebhookEndpointUnavailableError: 409,
-}
-
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -169,8 +158,8 @@ _HTTP_CODES = {
     429: "rate_limited",
     503: "service_unavailable",
 }
-
-"""Connection exceptions, admin shutdown / crash shutdown / cannot connect now, insufficient resources."""
+"""The code of each status Litestar's own HTTP exceptions are answered with (not-found, method and auth errors
+get their own messages in :func:`_http_error`)."""
 
 
 def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorOut]:
@@ -178,7 +167,7 @@ def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorOut]:
 
 
 def _domain_error(_: Request[Any, Any, Any], exc: domain.OrderServiceError) -> Response[ErrorOut]:
-    status = next((s for cls, s in _DOMAIN_STATUS.items() if isinstance(exc, cls)), 422)
+    status = ERRORS[exc.code].status if exc.code in ERRORS else 422
     return error_response(status, exc.code, exc.message, exc.details)
 
 

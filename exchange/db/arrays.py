@@ -29,5 +29,7 @@ def _element(value: str | int | UUID | datetime | None) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, datetime):
+        if value.tzinfo is None:  # astimezone would take the process's local zone for it
+            raise ValueError("naive datetime in an array literal: a timezone is required")
         return '"' + value.astimezone(UTC).isoformat() + '"'
     return str(value)  # int, UUID: digits, letters and dashes only

@@ -71,7 +71,7 @@ class MetricsController(Controller):
     path = "/metrics"
     dependencies = API
 
-    @get("/", media_type=CONTENT_TYPE, responses=error_responses("bad_request"))
+    @get("/", media_type=CONTENT_TYPE, responses=error_responses("bad_request"))  # the HTTP layer's, as anywhere
     async def metrics(self, api: Api) -> Response[bytes]:
         """Prometheus exposition: every api worker's counters/histograms plus gauges read now from Postgres and
         Redis (pending commands per partition, queue depths). A failing source omits its gauges, never the rest."""

@@ -59,7 +59,8 @@ def resolve_time_in_force(
     Rules: ``valid_until`` must be in the future. Defaults: market → ``ioc``; limit with ``valid_until`` → ``gtd``;
     limit without → ``gtc``. Market orders admit only ``ioc``/``fok``; ``gtd`` needs ``valid_until``; ``gtc``
     forbids it. An ``ioc``/``fok`` order never rests, so a (future) ``valid_until`` sent with it cannot matter: it
-    is accepted for compatibility with seed clients that always send one, and not stored.
+    is accepted for compatibility with seed clients that always send one, and not stored (one out of range is
+    still refused, as for any order).
 
     ``valid_until`` comes back in UTC: an ISO 8601 offset may reach ±23:59, PostgreSQL's ``timestamptz`` input only
     ±15:59, and the instant is what is stored. One whose UTC date falls outside years 1-9999 is out of range (422).

@@ -81,3 +81,8 @@ def test_str_enums_are_written_as_their_values(pg: psycopg.Connection[Any]) -> N
 
 def test_an_empty_list_is_an_empty_array(pg: psycopg.Connection[Any]) -> None:
     assert _round_trip(pg, [], "text") == []
+
+
+def test_a_naive_datetime_is_refused_rather_than_read_in_the_process_time_zone() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        array_literal([datetime(2030, 1, 1)])

@@ -10,7 +10,7 @@ The app reads request bodies itself (to control its 400/422 errors), so Litestar
 request bodies; the test adds them from the msgspec request Structs, or the body endpoints would only ever
 be called empty.
 
-``FUZZ_EXAMPLES`` (default 25) sets the examples per operation; e.g. ``FUZZ_EXAMPLES=500`` for a long run.
+``FUZZ_EXAMPLES`` (default 25) sets the examples per operation; e.g. ``FUZZ_EXAMPLES=3000`` for a long run.
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@ the api answers is in ``ERRORS`` (what the OpenAPI schema documents) with the st
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import psycopg
 
-from exchange.api.errors import _DOMAIN_STATUS, _HTTP_CODES, ERRORS, is_database_unavailable
+from exchange.api.errors import _HTTP_CODES, ERRORS, _domain_error, is_database_unavailable
 from exchange.orders.errors import OrderServiceError
+from exchange.webhooks import errors as webhook_errors
 
 
 def test_psycopgs_own_internal_error_without_sqlstate_is_the_database_being_unavailable() -> None:
@@ -28,10 +31,12 @@ def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
-def test_every_domain_error_is_documented_with_the_status_the_api_answers() -> None:
-    for cls in _subclasses(OrderServiceError):
-        status = next(s for base, s in _DOMAIN_STATUS.items() if issubclass(cls, base))
-        assert ERRORS[cls.code].status == status, cls.__name__
+def test_every_domain_error_answers_the_status_documented_for_its_code() -> None:
+    classes = _subclasses(OrderServiceError)
+    assert webhook_errors.WebhookEventNotFoundError in classes
+    for cls in classes:
+        assert cls.code in ERRORS, cls.__name__
+        assert _domain_error(cast(Any, None), cls("message")).status_code == ERRORS[cls.code].status, cls.__name__
 
 
 def test_every_code_the_http_layer_maps_to_is_documented_with_its_status() -> None:

@@ -14,6 +14,7 @@ from litestar import Controller, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 
 from exchange.api.dependencies import API, Api
+from exchange.api.errors import error_responses
 from exchange.api.schemas import CheckOut, HealthOut, ReadyOut
 from exchange.db import migrate
 from exchange.db.engines import single_statement
@@ -44,15 +45,21 @@ class HealthController(Controller):
     path = "/health"
     dependencies = API
 
-    @get("/")
+    @get("/", responses=error_responses("bad_request"))  # the HTTP layer's, as anywhere
     async def health(self) -> HealthOut:
         return HealthOut(status="ok")
 
-    @get("/live")
+    @get("/live", responses=error_responses("bad_request"))
     async def live(self) -> HealthOut:
         return HealthOut(status="ok")
 
-    @get("/ready", responses={503: ResponseSpec(ReadyOut, description="not ready: a check failed (see `checks`)")})
+    @get(
+        "/ready",
+        responses={
+            **error_responses("bad_request"),
+            503: ResponseSpec(ReadyOut, description="not ready: a check failed (see `checks`)"),
+        },
+    )
     async def ready(self, api: Api) -> Response[ReadyOut]:
         async def postgres() -> None:
             async with single_statement(api.pool) as conn:

@@ -88,7 +88,7 @@ class OrdersController(Controller):
         headers = {} if created else {"Idempotent-Replayed": "true"}
         return Response(order_out(view), status_code=201, headers=headers)
 
-    @get("/", responses=error_responses(*BROKER_ERRORS))
+    @get("/", responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def list_orders(
         self,
         api: Api,
@@ -104,7 +104,7 @@ class OrdersController(Controller):
             page = await queries.list_orders(conn, broker.id, symbol=sym, status=status, cursor=cursor, limit=limit)
         return order_page_out(page)
 
-    @delete("/", status_code=200, responses=error_responses(*BROKER_ERRORS))
+    @delete("/", status_code=200, responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def cancel_all(self, api: Api, broker: CurrentBroker, symbol: SymbolQuery) -> CancelAllOut:
         """Cancel every open or pending order of the broker in ``symbol``; ``cancelled`` counts the cancel
         commands written (orders already closed or already being cancelled are not counted)."""

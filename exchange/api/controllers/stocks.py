@@ -22,7 +22,7 @@ class StocksController(Controller):
     before_request = staticmethod(broker_auth)
     dependencies = API
 
-    @get("/book", responses=error_responses(*BROKER_ERRORS))
+    @get("/book", responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def book(
         self, api: Api, symbol: FromPath[str], depth: Annotated[int, QueryParameter(ge=1, le=50)] = 10
     ) -> BookOut:
@@ -31,7 +31,7 @@ class StocksController(Controller):
         async with single_statement(api.pool) as conn:
             return to_wire(await queries.book(conn, sym, depth), BookOut)
 
-    @get("/price", responses=error_responses(*BROKER_ERRORS, "no_trades"))
+    @get("/price", responses=error_responses(*BROKER_ERRORS, "validation_error", "no_trades"))
     async def price(
         self, api: Api, symbol: FromPath[str], trades: Annotated[int, QueryParameter(ge=1, le=1000)] = 50
     ) -> PriceOut:
@@ -44,7 +44,7 @@ class StocksController(Controller):
             raise NoTradesError(f"no trades yet for {sym}", {"symbol": sym})
         return to_wire(view, PriceOut)
 
-    @get("/trades", responses=error_responses(*BROKER_ERRORS))
+    @get("/trades", responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def trades(
         self, api: Api, symbol: FromPath[str], limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50
     ) -> TradesOut:

@@ -169,7 +169,7 @@ class WebhooksController(Controller):
         out = SecretOut(webhook_secret=secret, previous_secret_expires_at=expires)
         return Response(out, status_code=200, headers={"Cache-Control": "no-store"})
 
-    @get("/webhooks/deliveries", responses=error_responses(*BROKER_ERRORS))
+    @get("/webhooks/deliveries", responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def deliveries(
         self,
         api: Api,
@@ -204,7 +204,7 @@ class WebhooksController(Controller):
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
         return RedeliverOut(event_id=parsed, status="pending")
 
-    @get("/events", responses=error_responses(*BROKER_ERRORS))
+    @get("/events", responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def events(
         self,
         api: Api,
