@@ -76,7 +76,7 @@ def configured_admin_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     """``EXCHANGE_ADMIN_API_KEY``; 503 ``admin_disabled`` when unset (admin endpoints and the ops pages)."""
     expected = api_state(connection.app).settings.admin_api_key
     if not expected:
-        raise ApiError(503, "admin_disabled", "admin endpoints are disabled: EXCHANGE_ADMIN_API_KEY is not set")
+        raise ApiError("admin_disabled", "admin endpoints are disabled: EXCHANGE_ADMIN_API_KEY is not set")
     return expected
 
 

@@ -88,9 +88,9 @@ ERRORS: dict[str, ErrorCode] = {
     "database_unavailable": ErrorCode(503, "PostgreSQL unreachable or failing at the connection level; retry later"),
     "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now (a fallback)"),
 }
-"""Every error code the api answers (besides ``internal_error``), in status order: its status and when. The domain
-errors' statuses are read from here (:func:`_domain_error`); the HTTP-layer fallbacks are the codes of
-``_HTTP_CODES`` that no handler raises itself."""
+"""Every error code the api answers (besides ``internal_error``), in status order: its status and when. The
+statuses of :class:`ApiError` and of the domain errors are read from here; the HTTP-layer fallbacks are the codes
+of ``_HTTP_CODES`` that no handler raises itself."""
 
 BROKER_ERRORS = ("bad_request", "unauthorized", "database_unavailable")
 """What any broker endpoint may answer (add ``validation_error`` where it takes parameters or a body)."""
@@ -117,18 +117,12 @@ def error_responses(*codes: str) -> dict[int, ResponseSpec]:
 
 
 class ApiError(Exception):
-    """An error response decided by the api itself (auth, body parsing, …)."""
+    """An error response decided by the api itself (auth, body parsing, …); its status is its code's in
+    :data:`ERRORS`."""
 
-    def __init__(
-        self,
-        status_code: int,
-        code: str,
-        message: str,
-        details: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status_code = status_code
+        self.status_code = ERRORS[code].status
         self.code = code
         self.message = message
         self.details = details
@@ -136,7 +130,7 @@ class ApiError(Exception):
 
 
 def unauthorized(message: str = "missing or invalid API key") -> ApiError:
-    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+    return ApiError("unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
 def error_response(
@@ -171,11 +165,11 @@ def _domain_error(_: Request[Any, Any, Any], exc: domain.OrderServiceError) -> R
     return error_response(status, exc.code, exc.message, exc.details)
 
 
-def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorOut]:
+def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorOut]:
     # Litestar raises this for bad query/path/header parameters (bodies are decoded by schemas.decode_body).
     details = exc.extra if exc.extra else None
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else "invalid request parameters"
-    return error_response(422, "validation_error", message, details)
+    return _api_error(request, ApiError("validation_error", message, details))
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorOut]:
@@ -202,7 +196,8 @@ def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityErro
         # The authenticated broker no longer exists (e.g. after /debug/reset while its key was cached).
         return _api_error(request, unauthorized("unknown broker"))
     if constraint.startswith("ck_"):
-        return error_response(422, "validation_error", "value rejected by a database rule", {"rule": constraint})
+        rejected = ApiError("validation_error", "value rejected by a database rule", {"rule": constraint})
+        return _api_error(request, rejected)
     return _unexpected(request, exc)
 
 
@@ -221,7 +216,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
 def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[ErrorOut]:
     if is_database_unavailable(exc):
         log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=True)
-        return error_response(503, "database_unavailable", "the database is unavailable; retry later")
+        return _api_error(request, ApiError("database_unavailable", "the database is unavailable; retry later"))
     return _unexpected(request, exc)
 
 

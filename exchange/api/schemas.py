@@ -84,9 +84,9 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         if match:
             details["path"] = match.group("path")
             message = message[: match.start()]
-        raise ApiError(422, "validation_error", message, details or None) from None
+        raise ApiError("validation_error", message, details or None) from None
     except msgspec.DecodeError as exc:
-        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        raise ApiError("malformed_json", f"request body is not valid JSON: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -115,7 +115,7 @@ def _placed_view(order: NewOrder, created_at: datetime, placed: PlacedState) -> 
         remaining_quantity=order.quantity if placed.remaining is None else placed.remaining,
         status=placed.status,
         close_reason=placed.close_reason,
-        valid_until=None if order.valid_until is None else order.valid_until.astimezone(UTC),
+        valid_until=order.valid_until,  # in UTC already (accept.resolve_time_in_force)
         created_at=created_at.astimezone(UTC),
         updated_at=from_micros(placed.updated_us),
         client_order_id=order.client_order_id,

@@ -21,6 +21,7 @@ class NewOrder:
     price: int | None
     quantity: int
     valid_until: datetime | None
+    """In UTC (:func:`exchange.orders.accept.resolve_time_in_force`)."""
     stp: str
     client_order_id: str | None = None
     idempotency_key: str | None = None

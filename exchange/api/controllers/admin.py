@@ -42,7 +42,7 @@ class AdminController(Controller):
         """Delete every row of every data table and the exchange's wake-up keys in Redis (nothing else there).
         404 unless ``EXCHANGE_DEBUG_ENDPOINTS=true``."""
         if not api.settings.debug_endpoints:
-            raise ApiError(404, "not_found", "no such resource")
+            raise ApiError("not_found", "no such resource")
         await maintenance.reset_all_data(api.pool)
         api.keys.clear()
         try:
