@@ -14,8 +14,9 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
-behaviour on the recorded run, in SQL and over HTTP. The matcher failover time (kill → first processed command on
-its partitions, from the database's ``processed_at``) and the fault timeline are printed, never asserted.
+behaviour on the recorded run, in SQL and over HTTP. The matcher failover time (kill → first command on its
+partitions processed by a live matcher, from the database's ``processed_at``) and the fault timeline are printed, never
+asserted.
 
 ``FAULTS_SOAK_SECONDS=N`` (for humans, default off) repeats the fault cycle until N seconds have passed, with longer
 steady spells in between.
@@ -327,7 +328,11 @@ def kill_api_worker(run: FaultRun) -> str:
 class Failover:
     setup: str
     first_processed_s: float | None
-    """SIGKILL → first command of the killed matcher's symbols processed (database ``processed_at``)."""
+    """SIGKILL → first command of the killed matcher's symbols processed by a live matcher (database
+    ``processed_at``). Only commands stamped after the killed process was reaped count: between the kill's timestamp
+    and the signal's delivery the dying matcher can still commit one transaction, which is not a failover."""
+    reaped_after_s: float
+    """SIGKILL's timestamp → the killed process reaped (the window in which it could still commit)."""
     backlog_cleared_s: float | None
     """SIGKILL → every command of those symbols created before the kill processed (the worst stall)."""
 
@@ -348,10 +353,14 @@ def kill_matcher(standby: bool) -> Callable[[FaultRun], str]:
         killed = [s for s in run.symbols if partition_of(s, PARTITIONS) in {0, 1}]
         t_kill: datetime = h.scalar("SELECT clock_timestamp()")
         h.kill_service(MATCHER_KILLED)
+        # processed_at is the database clock read when the matcher's transaction took its locks, so every command
+        # the killed process committed (even one whose COMMIT arrives after its death) is stamped before it was
+        # reaped: counting only later stamps measures the live matchers.
+        t_reaped: datetime = h.scalar("SELECT clock_timestamp()")
         time.sleep(RESTART_DELAY_S)
         h.start_matcher(MATCHER_KILLED, MATCHER_KILLED_PARTITIONS)
         first_sql = "SELECT min(processed_at) FROM commands WHERE symbol = ANY(%s) AND processed_at > %s"
-        first: datetime | None = _poll(lambda: h.scalar(first_sql, (killed, t_kill)), RECOVERY_TIMEOUT_S)
+        first: datetime | None = _poll(lambda: h.scalar(first_sql, (killed, t_reaped)), RECOVERY_TIMEOUT_S)
         left_sql = "SELECT count(*) FROM commands WHERE symbol = ANY(%s) AND created_at <= %s AND processed_at IS NULL"
         cleared = _poll(lambda: h.scalar(left_sql, (killed, t_kill)) == 0, RECOVERY_TIMEOUT_S)
         last: datetime | None = None
@@ -365,13 +374,18 @@ def kill_matcher(standby: bool) -> Callable[[FaultRun], str]:
                 h.services.pop(STANDBY)  # stopped on purpose: not a dead process for assert_alive
 
             run.after_recovery.append(stop_standby)
+        setup = "hot standby on the same partitions" if standby else f"restarted after {RESTART_DELAY_S}s, no standby"
         failover = Failover(
-            "hot standby on the same partitions" if standby else f"restarted after {RESTART_DELAY_S}s, no standby",
-            None if first is None else (first - t_kill).total_seconds(),
-            None if last is None else max(0.0, (last - t_kill).total_seconds()),
+            setup=setup,
+            first_processed_s=None if first is None else (first - t_kill).total_seconds(),
+            reaped_after_s=(t_reaped - t_kill).total_seconds(),
+            backlog_cleared_s=None if last is None else max(0.0, (last - t_kill).total_seconds()),
         )
         run.failovers.append(failover)
-        return f"{failover.setup}: first processed {failover.first_processed_s}s, backlog {failover.backlog_cleared_s}s"
+        return (
+            f"{failover.setup}: first processed {failover.first_processed_s}s, backlog {failover.backlog_cleared_s}s, "
+            f"reaped {failover.reaped_after_s}s"
+        )
 
     return fault
 
@@ -650,7 +664,8 @@ def _report(run: FaultRun) -> str:
     for f in run.failovers:
         lines.append(
             f"  matcher failover ({f.setup}): kill -> first processed command on its partitions "
-            f"{f.first_processed_s}s; -> every command accepted before the kill processed {f.backlog_cleared_s}s"
+            f"{f.first_processed_s}s (killed process reaped after {f.reaped_after_s}s); "
+            f"-> every command accepted before the kill processed {f.backlog_cleared_s}s"
         )
     for outage in run.outages:
         seen = outage.probes + run.calls_between(outage.down_at, outage.up_at)
