@@ -1,19 +1,21 @@
 """``exchange dev``: the whole exchange on one machine, for development and first contact.
 
-Migrates the database, starts pgbouncer in front of PostgreSQL when the binary exists (direct connections
-otherwise), then runs and supervises the api, the matchers, the webhook worker and the sweeper as child
-processes: their output is streamed with a ``[name]`` prefix, a child that dies is restarted, and Ctrl-C or
-SIGTERM stops them all.
+Migrates the database, then runs and supervises as child processes pgbouncer in front of PostgreSQL (when the
+binary exists; direct connections otherwise), the api, the matchers, the webhook worker and the sweeper: their
+output is streamed with a ``[name]`` prefix, a child that dies is restarted, and Ctrl-C or SIGTERM stops them all
+(pgbouncer last, once nothing uses it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,8 +68,13 @@ class Child:
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
 
 
-def start_pgbouncer(database_url: str, run_dir: Path, port: int) -> str | None:
-    """Start pgbouncer for ``database_url``; return the pooled URL, or None when pgbouncer is not installed.
+PGBOUNCER_SCRIPT = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
+PGBOUNCER_LISTEN_TIMEOUT_S = 10.0
+
+
+def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child, str] | None:
+    """pgbouncer for ``database_url`` as a supervised child (``pgbouncer.sh run``: in the foreground, files under
+    ``run_dir``, listening on ``port``) and the pooled URL; None when pgbouncer is not installed.
 
     A unix-socket URL (``…?host=/socket/dir``, the embedded server) works too: pgbouncer then runs as the owner
     of the socket directory, the only user besides root that may enter it (pgbouncer refuses to run as root)."""
@@ -78,20 +85,32 @@ def start_pgbouncer(database_url: str, run_dir: Path, port: int) -> str | None:
     socket_dir = dict(parse_qsl(parts.query)).get("host", "")
     host = socket_dir or parts.hostname or "127.0.0.1"
     pg_port, user = str(parts.port or 5432), parts.username or "postgres"
-    env = dict(os.environ)
+    env = {}
     if socket_dir.startswith("/") and os.geteuid() == 0:
         owner = pwd.getpwuid(Path(socket_dir).stat().st_uid).pw_name
         if owner != "root":
             env["RUN_USER"] = owner
-    script = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
-    subprocess.run(["bash", str(script), "stop", str(run_dir)], check=False)
-    subprocess.run(["bash", str(script), "start", str(run_dir), str(port), host, pg_port, user], check=True, env=env)
-    return parts._replace(netloc=f"{user}@127.0.0.1:{port}", query="").geturl()
+    argv = ["bash", str(PGBOUNCER_SCRIPT), "run", str(run_dir), str(port), host, pg_port, user]
+    return Child("pgbouncer", argv, env=env), parts._replace(netloc=f"{user}@127.0.0.1:{port}", query="").geturl()
+
+
+def wait_listening(child: Child, port: int, timeout_s: float = PGBOUNCER_LISTEN_TIMEOUT_S) -> None:
+    """Return once ``127.0.0.1:port`` accepts connections; raise RuntimeError if ``child`` exits or ``timeout_s``
+    passes first (the other children would only fail to connect)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        if child.process is not None and child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} not listening on {port} after {timeout_s:g}s")
+        time.sleep(0.05)
 
 
 def stop_pgbouncer(run_dir: Path) -> None:
-    script = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
-    subprocess.run(["bash", str(script), "stop", str(run_dir)], check=False)
+    """Stop the pgbouncer whose pid file is under ``run_dir`` (if one runs) and remove its stand-in directory."""
+    subprocess.run(["bash", str(PGBOUNCER_SCRIPT), "stop", str(run_dir)], check=False)
 
 
 def _pump(name: str, stream: IO[bytes]) -> None:
@@ -274,9 +293,23 @@ def _supervise(
     revision = migrate.upgrade(settings.database_url)
     print(f"dev: database at revision {revision}", flush=True)
     pgb_dir = state_dir / "pgbouncer"
-    pooled = start_pgbouncer(settings.database_url, pgb_dir, pgbouncer_port)
+    stop_pgbouncer(pgb_dir)  # one an earlier run left behind (older runs daemonized it) would hold the port
+    stopping = StopRequest()
+    stopping.install()
+    pgbouncer = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port)
     env["EXCHANGE_DATABASE_URL"] = settings.database_url
-    env["EXCHANGE_POOLED_DATABASE_URL"] = pooled or settings.database_url
+    env["EXCHANGE_POOLED_DATABASE_URL"] = settings.database_url
+    servers: list[Child] = []
+    if pgbouncer is not None:
+        servers.append(pgbouncer[0])
+        env["EXCHANGE_POOLED_DATABASE_URL"] = pgbouncer[1]
+        _spawn(pgbouncer[0], env)
+        try:
+            wait_listening(pgbouncer[0], pgbouncer_port)
+        except RuntimeError:
+            _stop(servers)
+            stop_pgbouncer(pgb_dir)
+            raise
     env["EXCHANGE_REDIS_URL"] = settings.redis_url
     env["EXCHANGE_PARTITIONS"] = str(settings.partitions)  # every process must agree on it
 
@@ -296,14 +329,12 @@ def _supervise(
             child.env["EXCHANGE_METRICS_PORT"] = str(metrics_port + offset)
             print(f"dev: {child.name} metrics on http://127.0.0.1:{metrics_port + offset}/metrics", flush=True)
 
-    stopping = StopRequest()
-    stopping.install()
     for child in children:
         _spawn(child, env)
     _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
     try:
         while not stopping.wait(CHILD_POLL_S):
-            for child in children:
+            for child in servers + children:
                 if child.process is not None and child.process.poll() is not None:
                     code = child.process.returncode
                     delay = restart_delay(child.restart_delay_s, time.monotonic() - child.started_at)
@@ -315,8 +346,9 @@ def _supervise(
     finally:
         print("dev: stopping", flush=True)
         _stop(children)
-        if pooled:
-            stop_pgbouncer(pgb_dir)
+        _stop(servers)  # after its clients: a request still being answered keeps its database connection
+        if servers:
+            stop_pgbouncer(pgb_dir)  # its stand-in directory, if it had one
     return 0
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Start or stop a pgbouncer for the exchange (dev, tests, CI).
+# Start, run or stop a pgbouncer for the exchange (dev, tests, CI).
 #   ops/scripts/pgbouncer.sh start RUN_DIR [LISTEN_PORT=6432] [PG_HOST=127.0.0.1] [PG_PORT=5432] [PG_USER=postgres]
+#   ops/scripts/pgbouncer.sh run RUN_DIR [same arguments]
 #   ops/scripts/pgbouncer.sh stop RUN_DIR
-# Renders ops/pgbouncer.ini into RUN_DIR and daemonizes; pgbouncer refuses to run as root, so as root it runs
-# as the RUN_USER (default: postgres, which Debian's postgresql/pgbouncer packages create).
+# Renders ops/pgbouncer.ini into RUN_DIR; `start` daemonizes and returns once it listens, `run` stays in the
+# foreground (a supervisor's child: `exchange dev` restarts it when it dies). pgbouncer refuses to run as root, so
+# as root it runs as the RUN_USER (default: postgres, which Debian's postgresql/pgbouncer packages create).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cmd=${1:?start|stop}; run_dir=${2:?RUN_DIR}
+cmd=${1:?start|run|stop}; run_dir=${2:?RUN_DIR}
 mkdir -p "$run_dir"; run_dir="$(cd "$run_dir" && pwd)"
 bin="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
 run_user=${RUN_USER:-postgres}
@@ -30,9 +32,7 @@ stop_run() {  # the pgbouncer of RUN_DIR, if one runs; then its stand-in directo
     rm -f "$pointer"
 }
 
-case "$cmd" in
-start)
-    port=${3:-6432}; pg_host=${4:-127.0.0.1}; pg_port=${5:-5432}; pg_user=${6:-postgres}
+render() {  # RUN_DIR's config into $files (RUN_DIR or a fresh stand-in directory), owned by the run user
     if [ -f "$pointer" ]; then stop_run; fi  # a stand-in directory is only ever used by one run
     files="$run_dir"
     if [ "$(id -u)" = 0 ] && ! runuser -u "$run_user" -- test -x "$run_dir" 2>/dev/null; then
@@ -42,12 +42,27 @@ start)
     sed -e "s|@PG_HOST@|$pg_host|" -e "s|@PG_PORT@|$pg_port|" -e "s|@PG_USER@|$pg_user|g" \
         -e "s|@LISTEN_ADDR@|127.0.0.1|" -e "s|@LISTEN_PORT@|$port|" -e "s|@RUN_DIR@|$files|g" \
         "$here/pgbouncer.ini" > "$files/pgbouncer.ini"
-    if [ "$(id -u)" = 0 ]; then
-        chown -R "$run_user" "$files"
-        runuser -u "$run_user" -- "$bin" -d "$files/pgbouncer.ini"
-    else
-        "$bin" -d "$files/pgbouncer.ini"
+    # A pid file left by a pgbouncer that was killed (a crash, or SIGKILL to restart it) must not stop the next one.
+    rm -f "$files/pgbouncer.pid"
+    if [ "$(id -u)" = 0 ]; then chown -R "$run_user" "$files"; fi
+}
+
+run_as=(); if [ "$(id -u)" = 0 ]; then run_as=(runuser -u "$run_user" --); fi
+port=${3:-6432}; pg_host=${4:-127.0.0.1}; pg_port=${5:-5432}; pg_user=${6:-postgres}
+case "$cmd" in
+run)
+    render
+    # As root, setpriv switches user and execs pgbouncer in this very process (a supervisor's child that it can
+    # signal and wait for); switching user clears a parent-death signal, so it is set again after the switch.
+    # runuser instead would stay pgbouncer's parent and hold every stop for two seconds.
+    if [ "$(id -u)" = 0 ] && setpriv --help 2>/dev/null | grep -q -- --pdeathsig; then
+        run_as=(setpriv --reuid "$run_user" --regid "$run_user" --init-groups --pdeathsig TERM --)
     fi
+    exec "${run_as[@]}" "$bin" "$files/pgbouncer.ini"
+    ;;
+start)
+    render
+    "${run_as[@]}" "$bin" -d "$files/pgbouncer.ini"
     for _ in $(seq 1 50); do
         if pg_isready -q -h 127.0.0.1 -p "$port"; then echo "pgbouncer: listening on 127.0.0.1:$port"; exit 0; fi
         sleep 0.1
@@ -57,5 +72,5 @@ start)
 stop)
     stop_run
     ;;
-*) echo "usage: $0 start|stop RUN_DIR ..." >&2; exit 2 ;;
+*) echo "usage: $0 start|run|stop RUN_DIR ..." >&2; exit 2 ;;
 esac

@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import psycopg
 import pytest
 import redis
@@ -81,6 +82,21 @@ def pgbouncer_binary() -> str | None:
     if found:
         return found
     return "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pgbouncer_files(run_dir: Path) -> Path:
+    """Where ``ops/scripts/pgbouncer.sh`` keeps the pid file and log of ``run_dir``'s pgbouncer: ``run_dir``, or the
+    stand-in directory it records in ``run_dir/pgbouncer.files`` when pgbouncer's user cannot enter ``run_dir``."""
+    pointer = run_dir / "pgbouncer.files"
+    return Path(pointer.read_text().strip()) if pointer.exists() else run_dir
 
 
 def _skip_or_fail(message: str) -> None:
@@ -249,6 +265,8 @@ class Harness:
     run_id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     services: dict[str, Service] = field(default_factory=dict)
     pgbouncer_dir: Path | None = None
+    _pgbouncer_args: list[str] = field(default_factory=list)
+    """``pgbouncer.sh start`` arguments after the run directory: listen port, PostgreSQL host, port and user."""
     pooled_url: str = ""
     redis_url: str = ""
     redis_db: int | None = None
@@ -316,13 +334,30 @@ class Harness:
         self.pgbouncer_dir = Path(tempfile.mkdtemp(prefix=f"exchange-e2e-{self.name}-pgbouncer-"))
         parts = urlsplit(self.database_url)
         port = free_port()
-        argv = ["bash", str(PGBOUNCER_SCRIPT), "start", str(self.pgbouncer_dir), str(port)]
-        argv += [parts.hostname or "127.0.0.1", str(parts.port or 5432), parts.username or "postgres"]
+        user = parts.username or "postgres"
+        self._pgbouncer_args = [str(port), parts.hostname or "127.0.0.1", str(parts.port or 5432), user]
+        self.start_pgbouncer()
+        self.pooled_url = parts._replace(netloc=f"{user}@127.0.0.1:{port}").geturl()
+
+    def start_pgbouncer(self) -> None:
+        """Start (or start again, on the same port) the harness's pgbouncer; return once it listens."""
+        assert self.pgbouncer_dir is not None
+        argv = ["bash", str(PGBOUNCER_SCRIPT), "start", str(self.pgbouncer_dir), *self._pgbouncer_args]
         result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
         if result.returncode != 0:
             pytest.fail(f"pgbouncer did not start:\n{result.stdout}\n{result.stderr}")
-        user = parts.username or "postgres"
-        self.pooled_url = parts._replace(netloc=f"{user}@127.0.0.1:{port}").geturl()
+
+    def kill_pgbouncer(self) -> int:
+        """SIGKILL the harness's pgbouncer (a crash: every client and server connection drops at once); return its
+        pid once it is gone."""
+        assert self.pgbouncer_dir is not None
+        pid = int((pgbouncer_files(self.pgbouncer_dir) / "pgbouncer.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive(pid):
+            assert time.monotonic() < deadline, f"pgbouncer {pid} still alive 10 s after SIGKILL"
+            time.sleep(0.01)
+        return pid
 
     def _pick_redis_db(self) -> None:
         """A random Redis database in 1..15 (except the api tests' shared one), flushed; a claim key keeps concurrent
@@ -433,7 +468,7 @@ class Harness:
     def logs(self, lines: int = LOG_TAIL_LINES) -> str:
         parts = [f"===== {s.name} ({s.log_path}) =====\n{tail(s.log_path, lines)}" for s in self.services.values()]
         if self.pgbouncer_dir is not None:
-            parts.append(f"===== pgbouncer =====\n{tail(self.pgbouncer_dir / 'pgbouncer.log', 20)}")
+            parts.append(f"===== pgbouncer =====\n{tail(pgbouncer_files(self.pgbouncer_dir) / 'pgbouncer.log', 20)}")
         return "\n".join(parts)
 
     # ------------------------------------------------------------------------------------------- api

@@ -24,19 +24,13 @@ import pytest
 
 from exchange.dev import SETPRIV, stop_pgbouncer
 from ops.bench.main import free_port
+from tests.e2e.conftest import alive, pgbouncer_files
 from tests.integration.redis_support import claimed_database
 from tests.serving import wait_until_answering
 
 ADMIN_KEY = "adm_dev_command_test"
 READY_TIMEOUT_S = 120.0
 UNSET = ("EXCHANGE_DATABASE_URL", "EXCHANGE_POOLED_DATABASE_URL", "EXCHANGE_REDIS_URL", "EXCHANGE_ENV_FILE")
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def pid_from(path: Path) -> int | None:
@@ -49,9 +43,8 @@ def pid_from(path: Path) -> int | None:
 def run_pids(dev: subprocess.Popen[bytes], state_dir: Path) -> set[int]:
     """Every process this run started: dev's descendants plus the daemonized servers (own sessions)."""
     pids = {p.pid for p in psutil.Process(dev.pid).children(recursive=True)}
-    pointer = state_dir / "pgbouncer" / "pgbouncer.files"  # pgbouncer's files when its user cannot enter state_dir
-    pgbouncer_dir = Path(pointer.read_text().strip()) if pointer.exists() else state_dir / "pgbouncer"
-    pid_files = (state_dir / "pgdata/postmaster.pid", state_dir / "redis.pid", pgbouncer_dir / "pgbouncer.pid")
+    pgbouncer_pid = pgbouncer_files(state_dir / "pgbouncer") / "pgbouncer.pid"
+    pid_files = (state_dir / "pgdata/postmaster.pid", state_dir / "redis.pid", pgbouncer_pid)
     for pid in filter(None, (pid_from(path) for path in pid_files)):
         pids.add(pid)
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -172,17 +165,28 @@ def test_exchange_dev_killed_outright_takes_its_children_with_it(tmp_path: Path,
             for pid in {dev.pid} | children:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-            stop_pgbouncer(state_dir / "pgbouncer")  # a daemon of its own: the next dev run would stop it too
+            stop_pgbouncer(state_dir / "pgbouncer")  # its stand-in directory, which only dev's own stop removes
 
 
-def _sweepers(dev: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    """dev's sweeper children (through setpriv, the child is the sweeper itself: setpriv execs it)."""
+def _children(dev: subprocess.Popen[bytes], name: str) -> list[psutil.Process]:
+    """dev's running children whose command line names ``name`` (through setpriv, the child is the program itself:
+    setpriv execs it)."""
     found = []
     for child in psutil.Process(dev.pid).children():
         with contextlib.suppress(psutil.NoSuchProcess):
-            if "sweeper" in child.cmdline() and alive(child.pid):
+            if any(name in arg for arg in child.cmdline()) and alive(child.pid):
                 found.append(child)
     return found
+
+
+def _restarted(dev: subprocess.Popen[bytes], name: str, killed: psutil.Process) -> psutil.Process | None:
+    """The child named ``name`` that replaced ``killed``, once dev started it (None after 5 s)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if found := next((p for p in _children(dev, name) if p.pid != killed.pid), None):
+            return found
+        time.sleep(0.01)
+    return None
 
 
 def test_exchange_dev_restarts_a_killed_child_after_a_100_ms_pause(tmp_path: Path, fresh_database_url: str) -> None:
@@ -192,15 +196,46 @@ def test_exchange_dev_restarts_a_killed_child_after_a_100_ms_pause(tmp_path: Pat
         dev = start_dev(tmp_path, port, state_dir, log, **services)
         try:
             wait_ready(f"http://127.0.0.1:{port}", dev, log)
-            (sweeper,) = _sweepers(dev)
+            (sweeper,) = _children(dev, "sweeper")
             os.killpg(sweeper.pid, signal.SIGKILL)
-            killed_at = time.monotonic()
-            restarted = None
-            while restarted is None and time.monotonic() - killed_at < 5:
-                restarted = next((p for p in _sweepers(dev) if p.pid != sweeper.pid), None)
-                time.sleep(0.01)
-            assert restarted is not None, log.read_text()[-4000:]
+            assert _restarted(dev, "sweeper", sweeper) is not None, log.read_text()[-4000:]
             assert "dev: sweeper exited with -9; restarting in 0.1s" in log.read_text()
+        finally:
+            if dev.poll() is None:
+                dev.send_signal(signal.SIGTERM)
+            try:
+                dev.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(dev.pid, signal.SIGKILL)
+            stop_pgbouncer(state_dir / "pgbouncer")
+
+
+def test_exchange_dev_restarts_a_killed_pgbouncer_and_accepts_orders_again(
+    tmp_path: Path, fresh_database_url: str
+) -> None:
+    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
+    with claimed_database() as redis_url:
+        services = {"EXCHANGE_DATABASE_URL": fresh_database_url, "EXCHANGE_REDIS_URL": redis_url}
+        dev = start_dev(tmp_path, port, state_dir, log, **services)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", dev, log)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                key = register(client, "broker")
+                (pgbouncer,) = _children(dev, "pgbouncer")
+                os.killpg(pgbouncer.pid, signal.SIGKILL)
+                assert _restarted(dev, "pgbouncer", pgbouncer) is not None, log.read_text()[-4000:]
+                assert "dev: pgbouncer exited with -9; restarting in 0.1s" in log.read_text()
+                # The api's pool drops the connections pgbouncer's death broke: until it has new ones, a request
+                # may be answered 503, never 500, and an order is accepted again within seconds.
+                body = {"document_number": "12345678900", "side": "bid", "order_type": "limit", "symbol": "PETR4"}
+                body |= {"price": 3850, "quantity": 100}
+                statuses: list[int] = []
+                deadline = time.monotonic() + 15
+                while (not statuses or statuses[-1] != 201) and time.monotonic() < deadline:
+                    response = client.post("/orders", json=body, headers={"Authorization": f"Bearer {key}"})
+                    statuses.append(response.status_code)
+                assert statuses[-1] == 201, (statuses, log.read_text()[-4000:])
+                assert set(statuses) <= {201, 503}, statuses
         finally:
             if dev.poll() is None:
                 dev.send_signal(signal.SIGTERM)

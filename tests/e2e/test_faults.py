@@ -9,8 +9,10 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 2. SIGKILL of one matcher (restarted after 100 ms, as ``exchange dev`` and Docker would);
 3. SIGKILL of the webhooks worker (restarted);
 4. SIGKILL of the sweeper (restarted);
-5. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
-6. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched.
+5. SIGKILL of pgbouncer (restarted on the same port after 100 ms): every client and server connection of the
+   pool drops at once, mid-transaction or mid-commit;
+6. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
+7. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched.
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -400,6 +402,13 @@ def restart_service(name: str, args: list[str]) -> Callable[[FaultRun], str]:
     return fault
 
 
+def restart_pgbouncer(run: FaultRun) -> str:
+    pid = run.harness.kill_pgbouncer()
+    time.sleep(RESTART_DELAY_S)
+    run.harness.start_pgbouncer()
+    return f"SIGKILL of pid {pid}, restarted on the same port after {RESTART_DELAY_S}s"
+
+
 def restart_redis(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
     def fault(run: FaultRun) -> str:
         redis_server.stop()
@@ -501,6 +510,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("matcher SIGKILL with a hot standby", kill_matcher(standby=True)),
             ("webhooks SIGKILL", restart_service("webhooks", ["webhooks", "--threads", "8"])),
             ("sweeper SIGKILL", restart_service("sweeper", ["sweeper"])),
+            ("pgbouncer SIGKILL", restart_pgbouncer),
             ("redis restart", restart_redis(redis_server)),
             ("postgres restart", restart_postgres(pg, prober)),
         ]
