@@ -7,6 +7,7 @@ is the published one and the one its healthcheck probes; workers' metrics port i
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import re
 from pathlib import Path
@@ -18,7 +19,9 @@ import yaml
 from exchange.cli import build_parser
 from exchange.config import Settings
 
-COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "compose.yaml"
+PGBOUNCER_INI = REPO / "ops" / "pgbouncer.ini"
 EXCHANGE_IMAGE = "exchange:latest"
 
 
@@ -119,3 +122,19 @@ def test_redis_persists_with_append_only_file(compose: dict[str, Any]) -> None:
     command = compose["services"]["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
+
+
+def test_every_long_running_service_is_restarted_after_a_crash(compose: dict[str, Any]) -> None:
+    """As ``exchange dev`` restarts every child it runs, pgbouncer included (tests/e2e/test_faults.py kills each)."""
+    for name, svc in compose["services"].items():
+        if svc.get("command", [None])[0] != "migrate":
+            assert svc.get("restart") in {"unless-stopped", "always"}, name
+
+
+@pytest.mark.parametrize("setting", ["pool_mode", "server_login_retry", "query_wait_timeout", "max_client_conn"])
+def test_compose_pgbouncer_has_the_fault_tested_settings_of_ops_pgbouncer_ini(
+    compose: dict[str, Any], setting: str
+) -> None:
+    ini = configparser.ConfigParser(inline_comment_prefixes=None, comment_prefixes=(";", "#"))
+    ini.read_string(PGBOUNCER_INI.read_text())
+    assert str(compose["services"]["pgbouncer"]["environment"][setting.upper()]) == ini["pgbouncer"][setting]
