@@ -153,6 +153,18 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait()
 
+    def kill_and_lose_data(self) -> None:
+        """SIGKILL, then delete the append-only file: the next start is an empty Redis, as after losing the
+        machine's disk (or a crash within ``appendfsync everysec``'s last second, for what was not yet written)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        for path in self.dir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)  # appendonlydir (Redis 7)
+            elif path.name != "redis.log":
+                path.unlink()
+
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

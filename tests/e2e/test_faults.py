@@ -12,7 +12,9 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 5. SIGKILL of pgbouncer (restarted on the same port after 100 ms): every client and server connection of the
    pool drops at once, mid-transaction or mid-commit;
 6. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
-7. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched.
+7. a Redis crash that loses its data (SIGKILL, append-only file deleted, started empty after 100 ms): every queued
+   message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
+8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched.
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -419,6 +421,16 @@ def restart_redis(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
     return fault
 
 
+def redis_loses_its_data(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
+    def fault(run: FaultRun) -> str:
+        redis_server.kill_and_lose_data()
+        time.sleep(RESTART_DELAY_S)
+        redis_server.start()
+        return f"redis-server SIGKILL, append-only file deleted, started empty after {RESTART_DELAY_S}s"
+
+    return fault
+
+
 def restart_postgres(pg: PrivatePostgres, prober: Prober) -> Callable[[FaultRun], str]:
     def fault(run: FaultRun) -> str:
         h = run.harness
@@ -512,6 +524,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("sweeper SIGKILL", restart_service("sweeper", ["sweeper"])),
             ("pgbouncer SIGKILL", restart_pgbouncer),
             ("redis restart", restart_redis(redis_server)),
+            ("redis data lost", redis_loses_its_data(redis_server)),
             ("postgres restart", restart_postgres(pg, prober)),
         ]
         try:
