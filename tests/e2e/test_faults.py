@@ -6,7 +6,8 @@ symbols at crossing prices for four brokers whose webhooks go to a real receiver
 with the same ``client_order_id`` as a broker would. Meanwhile the module's scenario injects, in turn:
 
 1. SIGKILL of one api gunicorn worker (gunicorn replaces it);
-2. SIGKILL of one matcher (restarted after 100 ms, as ``exchange dev`` and Docker would);
+2. SIGKILL of one matcher (restarted after 100 ms, as ``exchange dev`` and Docker would), then again beside a hot
+   standby on the same partitions, and SIGSTOP of it for 4 s beside the standby (a hung process, not a dead one);
 3. SIGKILL of the webhooks worker (restarted);
 4. SIGKILL of the sweeper (restarted);
 5. SIGKILL of pgbouncer (restarted on the same port after 100 ms): every client and server connection of the
@@ -60,6 +61,8 @@ STEADY_S = 10.0 if SOAK_SECONDS else 2.5
 RESTART_DELAY_S = FIRST_RESTART_DELAY_S
 """What a supervisor waits before restarting a dead process (``exchange dev`` and Docker: 100 ms)."""
 REDIS_DOWN_S = 2.0
+FREEZE_S = 4.0
+"""How long a matcher stays stopped (SIGSTOP): longer than the database lets it hold its books idle."""
 POSTGRES_DOWN_S = 3.0
 RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
@@ -228,6 +231,8 @@ class FaultRun:
     faults: list[Fault] = field(default_factory=list)
     outages: list[PostgresOutage] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
+    frozen_matching_after_s: list[float | None] = field(default_factory=list)
+    """SIGSTOP of a matcher beside its hot standby → a new order on every partition matched (None: never)."""
     after_recovery: list[Callable[[], None]] = field(default_factory=list)
     api_workers_replaced: list[bool] = field(default_factory=list)
     probe_accepted: list[tuple[Broker, str]] = field(default_factory=list)
@@ -341,6 +346,50 @@ class Failover:
     """SIGKILL → every command of those symbols created before the kill processed (the worst stall)."""
 
 
+def _start_standby(run: FaultRun) -> None:
+    """A second matcher on the killed matcher's partitions (DESIGN §7), consuming once this returns; the fault's
+    injection time is reset to after its start."""
+    h = run.harness
+    log = h.work_dir / f"{STANDBY}.log"
+    offset = log.stat().st_size if log.exists() else 0  # the log is appended to on every (soak) cycle
+    h.start_matcher(STANDBY, MATCHER_KILLED_PARTITIONS)
+    ready = _poll(lambda: b"ready for action" in log.read_bytes()[offset:], RECOVERY_TIMEOUT_S)
+    assert ready, f"the standby matcher did not start:\n{h.logs()}"
+    run.faults[-1].injected_at = time.monotonic()  # the fault is what follows, not the standby's start
+
+
+def _stop_standby(run: FaultRun) -> None:
+    run.harness.stop_services([STANDBY])
+    run.harness.services.pop(STANDBY)  # stopped on purpose: not a dead process for assert_alive
+
+
+def freeze_matcher(prober: Prober) -> Callable[[FaultRun], str]:
+    """SIGSTOP every process of matcher-a (partitions 0-1) beside a hot standby, probe the pipeline while it is
+    stopped, and SIGCONT it after at least FREEZE_S: a matcher stopped inside its transaction holds its books until
+    PostgreSQL ends the idle transaction (``exchange.matching.store.IDLE_HOLDER_LIMIT_MS``), then the standby
+    matches them; when it wakes, its transaction is gone and what it had fetched is done already."""
+
+    def fault(run: FaultRun) -> str:
+        h = run.harness
+        _start_standby(run)
+        process = h.services[MATCHER_KILLED].process
+        assert process is not None
+        os.killpg(process.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            run.frozen_matching_after_s.append(prober.pipeline_works(stopped_at))
+        finally:
+            time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
+            os.killpg(process.pid, signal.SIGCONT)
+        run.after_recovery.append(lambda: _stop_standby(run))
+        return (
+            f"stopped {time.monotonic() - stopped_at:.1f}s beside a hot standby; while stopped, matching on every "
+            f"partition after {run.frozen_matching_after_s[-1]}s"
+        )
+
+    return fault
+
+
 def kill_matcher(standby: bool) -> Callable[[FaultRun], str]:
     """SIGKILL matcher-a (partitions 0-1) and restart it after RESTART_DELAY_S, as a supervisor would; with
     ``standby``, a second matcher already consumes the same partitions (DESIGN §7) and is stopped afterwards."""
@@ -348,12 +397,7 @@ def kill_matcher(standby: bool) -> Callable[[FaultRun], str]:
     def fault(run: FaultRun) -> str:
         h = run.harness
         if standby:
-            log = h.work_dir / f"{STANDBY}.log"
-            offset = log.stat().st_size if log.exists() else 0  # the log is appended to on every (soak) cycle
-            h.start_matcher(STANDBY, MATCHER_KILLED_PARTITIONS)
-            ready = _poll(lambda: b"ready for action" in log.read_bytes()[offset:], RECOVERY_TIMEOUT_S)
-            assert ready, f"the standby matcher did not start:\n{h.logs()}"
-            run.faults[-1].injected_at = time.monotonic()  # the fault is the kill, not the standby's start
+            _start_standby(run)
         killed = [s for s in run.symbols if partition_of(s, PARTITIONS) in {0, 1}]
         t_kill: datetime = h.scalar("SELECT clock_timestamp()")
         h.kill_service(MATCHER_KILLED)
@@ -372,12 +416,7 @@ def kill_matcher(standby: bool) -> Callable[[FaultRun], str]:
             last_sql = "SELECT max(processed_at) FROM commands WHERE symbol = ANY(%s) AND created_at <= %s"
             last = h.scalar(last_sql, (killed, t_kill))
         if standby:  # after the recovery probe (not timed): the next faults run with one matcher per partition
-
-            def stop_standby() -> None:
-                h.stop_services([STANDBY])
-                h.services.pop(STANDBY)  # stopped on purpose: not a dead process for assert_alive
-
-            run.after_recovery.append(stop_standby)
+            run.after_recovery.append(lambda: _stop_standby(run))
         setup = "hot standby on the same partitions" if standby else f"restarted after {RESTART_DELAY_S}s, no standby"
         failover = Failover(
             setup=setup,
@@ -520,6 +559,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("api worker SIGKILL", kill_api_worker),
             ("matcher SIGKILL", kill_matcher(standby=False)),
             ("matcher SIGKILL with a hot standby", kill_matcher(standby=True)),
+            ("matcher SIGSTOP with a hot standby", freeze_matcher(prober)),
             ("webhooks SIGKILL", restart_service("webhooks", ["webhooks", "--threads", "8"])),
             ("sweeper SIGKILL", restart_service("sweeper", ["sweeper"])),
             ("pgbouncer SIGKILL", restart_pgbouncer),
@@ -663,6 +703,11 @@ def test_pipeline_matches_new_orders_again_after_every_fault(fault_run: FaultRun
     stuck = [f"{f.name} ({f.note})" for f in fault_run.faults if f.recovered_after_s is None]
     assert not stuck, f"no probe order was matched within {RECOVERY_TIMEOUT_S}s after: {stuck}"
     fault_run.harness.assert_alive()
+
+
+def test_a_stopped_matchers_partitions_are_matched_by_its_standby_while_it_is_stopped(fault_run: FaultRun) -> None:
+    assert fault_run.frozen_matching_after_s, "no matcher was stopped"
+    assert None not in fault_run.frozen_matching_after_s, fault_run.frozen_matching_after_s
 
 
 def test_killed_matchers_partitions_are_processed_again(

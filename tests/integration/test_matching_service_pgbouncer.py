@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -208,3 +209,30 @@ def test_the_matchers_connections_stay_in_autocommit_and_others_get_their_mode_b
                     assert pg.autocommit is mode_in_pool
     finally:
         other.dispose()
+
+
+def test_a_matcher_frozen_while_holding_its_books_frees_them_after_the_idle_limit(
+    engine: Engine, bounced: Engine, pooled_url: str
+) -> None:
+    """A matcher stopped between its two round trips (SIGSTOP, swapping, cut off) holds its books' locks only until
+    PostgreSQL ends its idle transaction: another matcher then applies the symbol's commands, and the frozen one's
+    next statement fails, so nothing of its batch is ever committed."""
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    place(engine, seller, "FRZ", "ask", 1, 100)
+    place(engine, buyer, "FRZ", "bid", 1, 100)
+    other = store.matcher_engine(pooled_url, pool_size=1)
+    applied: list[BatchResult] = []
+    waiter = threading.Thread(target=lambda: applied.append(process_symbol(other, BookCache(), "FRZ")), daemon=True)
+    try:
+        with store.connect(bounced) as frozen:
+            assert len(store.begin_batch(frozen, ["FRZ"], limit=10).commands["FRZ"]) == 2  # locks held: it freezes
+            waiter.start()
+            waiter.join(timeout=store.IDLE_HOLDER_LIMIT_MS / 1000 + 10)
+            assert [(r.commands, r.trades) for r in applied] == [(2, 1)], "the frozen matcher still blocks the book"
+            with pytest.raises(psycopg.Error):  # it wakes up: its transaction is gone
+                store._driver(frozen).execute("SELECT 1")
+    finally:
+        waiter.join()  # released at the latest when the frozen connection is rolled back
+        other.dispose()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trades WHERE symbol = 'FRZ'")).scalar_one() == 1
