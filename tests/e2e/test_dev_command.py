@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ def pid_from(path: Path) -> int | None:
 
 
 def run_pids(dev: subprocess.Popen[bytes], state_dir: Path) -> set[int]:
-    """Every process this run started: dev's descendants plus the daemonized servers (own sessions)."""
+    """Every process this run started: dev's descendants (pgbouncer among them) plus the daemonized embedded servers
+    (own sessions)."""
     pids = {p.pid for p in psutil.Process(dev.pid).children(recursive=True)}
     pgbouncer_pid = pgbouncer_files(state_dir / "pgbouncer") / "pgbouncer.pid"
     pid_files = (state_dir / "pgdata/postmaster.pid", state_dir / "redis.pid", pgbouncer_pid)
@@ -174,7 +177,7 @@ def _children(dev: subprocess.Popen[bytes], name: str) -> list[psutil.Process]:
     found = []
     for child in psutil.Process(dev.pid).children():
         with contextlib.suppress(psutil.NoSuchProcess):
-            if any(name in arg for arg in child.cmdline()) and alive(child.pid):
+            if name in {Path(arg).name for arg in child.cmdline()} and alive(child.pid):
                 found.append(child)
     return found
 
@@ -189,17 +192,24 @@ def _restarted(dev: subprocess.Popen[bytes], name: str, killed: psutil.Process) 
     return None
 
 
-def test_exchange_dev_restarts_a_killed_child_after_a_100_ms_pause(tmp_path: Path, fresh_database_url: str) -> None:
+@dataclass(frozen=True)
+class DevRun:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+
+@contextlib.contextmanager
+def ready_dev(tmp_path: Path, database_url: str) -> Iterator[DevRun]:
+    """``exchange dev`` on ``database_url`` and a claimed Redis database, ready; stopped (SIGTERM, then SIGKILL after
+    60 s) afterwards, with its pgbouncer's stand-in directory."""
     port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
     with claimed_database() as redis_url:
-        services = {"EXCHANGE_DATABASE_URL": fresh_database_url, "EXCHANGE_REDIS_URL": redis_url}
+        services = {"EXCHANGE_DATABASE_URL": database_url, "EXCHANGE_REDIS_URL": redis_url}
         dev = start_dev(tmp_path, port, state_dir, log, **services)
         try:
             wait_ready(f"http://127.0.0.1:{port}", dev, log)
-            (sweeper,) = _children(dev, "sweeper")
-            os.killpg(sweeper.pid, signal.SIGKILL)
-            assert _restarted(dev, "sweeper", sweeper) is not None, log.read_text()[-4000:]
-            assert "dev: sweeper exited with -9; restarting in 0.1s" in log.read_text()
+            yield DevRun(dev, f"http://127.0.0.1:{port}", log)
         finally:
             if dev.poll() is None:
                 dev.send_signal(signal.SIGTERM)
@@ -208,39 +218,35 @@ def test_exchange_dev_restarts_a_killed_child_after_a_100_ms_pause(tmp_path: Pat
             except subprocess.TimeoutExpired:
                 os.killpg(dev.pid, signal.SIGKILL)
             stop_pgbouncer(state_dir / "pgbouncer")
+
+
+def test_exchange_dev_restarts_a_killed_child_after_a_100_ms_pause(tmp_path: Path, fresh_database_url: str) -> None:
+    with ready_dev(tmp_path, fresh_database_url) as dev:
+        (sweeper,) = _children(dev.process, "sweeper")
+        os.killpg(sweeper.pid, signal.SIGKILL)
+        assert _restarted(dev.process, "sweeper", sweeper) is not None, dev.log.read_text()[-4000:]
+        assert "dev: sweeper exited with -9; restarting in 0.1s" in dev.log.read_text()
 
 
 def test_exchange_dev_restarts_a_killed_pgbouncer_and_accepts_orders_again(
     tmp_path: Path, fresh_database_url: str
 ) -> None:
-    port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
-    with claimed_database() as redis_url:
-        services = {"EXCHANGE_DATABASE_URL": fresh_database_url, "EXCHANGE_REDIS_URL": redis_url}
-        dev = start_dev(tmp_path, port, state_dir, log, **services)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", dev, log)
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-                key = register(client, "broker")
-                (pgbouncer,) = _children(dev, "pgbouncer")
-                os.killpg(pgbouncer.pid, signal.SIGKILL)
-                assert _restarted(dev, "pgbouncer", pgbouncer) is not None, log.read_text()[-4000:]
-                assert "dev: pgbouncer exited with -9; restarting in 0.1s" in log.read_text()
-                # The api's pool drops the connections pgbouncer's death broke: until it has new ones, a request
-                # may be answered 503, never 500, and an order is accepted again within seconds.
-                body = {"document_number": "12345678900", "side": "bid", "order_type": "limit", "symbol": "PETR4"}
-                body |= {"price": 3850, "quantity": 100}
-                statuses: list[int] = []
-                deadline = time.monotonic() + 15
-                while (not statuses or statuses[-1] != 201) and time.monotonic() < deadline:
-                    response = client.post("/orders", json=body, headers={"Authorization": f"Bearer {key}"})
-                    statuses.append(response.status_code)
-                assert statuses[-1] == 201, (statuses, log.read_text()[-4000:])
-                assert set(statuses) <= {201, 503}, statuses
-        finally:
-            if dev.poll() is None:
-                dev.send_signal(signal.SIGTERM)
-            try:
-                dev.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(dev.pid, signal.SIGKILL)
-            stop_pgbouncer(state_dir / "pgbouncer")
+    with ready_dev(tmp_path, fresh_database_url) as dev, httpx.Client(base_url=dev.base_url, timeout=10) as client:
+        key = register(client, "broker")
+        (pgbouncer,) = _children(dev.process, "pgbouncer")
+        os.killpg(pgbouncer.pid, signal.SIGKILL)
+        assert _restarted(dev.process, "pgbouncer", pgbouncer) is not None, dev.log.read_text()[-4000:]
+        assert "dev: pgbouncer exited with -9; restarting in 0.1s" in dev.log.read_text()
+        # The api's pool drops the connections pgbouncer's death broke: until it has new ones, a request may be
+        # answered 503, never 500, and an order is accepted again within seconds.
+        body = {"document_number": "12345678900", "side": "bid", "order_type": "limit", "symbol": "PETR4"}
+        body |= {"price": 3850, "quantity": 100}
+        statuses: list[int] = []
+        deadline = time.monotonic() + 15
+        while (not statuses or statuses[-1] != 201) and time.monotonic() < deadline:
+            response = client.post("/orders", json=body, headers={"Authorization": f"Bearer {key}"})
+            statuses.append(response.status_code)
+            if response.status_code != 201:
+                time.sleep(0.1)
+        assert statuses[-1] == 201, (statuses, dev.log.read_text()[-4000:])
+        assert set(statuses) <= {201, 503}, statuses

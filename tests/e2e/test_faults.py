@@ -363,6 +363,13 @@ def _stop_standby(run: FaultRun) -> None:
     run.harness.services.pop(STANDBY)  # stopped on purpose: not a dead process for assert_alive
 
 
+_IDLE_BOOK_HOLDERS = """
+SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND a.state = 'idle in transaction'
+  AND a.state_change < clock_timestamp() - interval '100 milliseconds'
+"""
+
+
 def freeze_matcher(prober: Prober) -> Callable[[FaultRun], str]:
     """SIGSTOP every process of matcher-a (partitions 0-1) beside a hot standby, probe the pipeline while it is
     stopped, and SIGCONT it after at least FREEZE_S: a matcher stopped inside its transaction holds its books until
@@ -377,14 +384,19 @@ def freeze_matcher(prober: Prober) -> Callable[[FaultRun], str]:
         os.killpg(process.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
+            time.sleep(
+                0.2
+            )  # every live matcher's transaction ends in milliseconds: one still idle is the stopped one's
+            holding = h.scalar(_IDLE_BOOK_HOLDERS) > 0
             run.frozen_matching_after_s.append(prober.pipeline_works(stopped_at))
         finally:
             time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
             os.killpg(process.pid, signal.SIGCONT)
         run.after_recovery.append(lambda: _stop_standby(run))
         return (
-            f"stopped {time.monotonic() - stopped_at:.1f}s beside a hot standby; while stopped, matching on every "
-            f"partition after {run.frozen_matching_after_s[-1]}s"
+            f"stopped {time.monotonic() - stopped_at:.1f}s beside a hot standby "
+            f"({'inside' if holding else 'outside'} a transaction holding its books); while stopped, matching on "
+            f"every partition after {run.frozen_matching_after_s[-1]}s (recovery below counts from the SIGSTOP)"
         )
 
     return fault
@@ -450,22 +462,21 @@ def restart_pgbouncer(run: FaultRun) -> str:
     return f"SIGKILL of pid {pid}, restarted on the same port after {RESTART_DELAY_S}s"
 
 
-def restart_redis(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
+def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[FaultRun], str]:
+    """A Redis restart: SIGTERM (it writes its append-only file) and down REDIS_DOWN_S, or with ``lose_data`` a
+    crash (SIGKILL) whose append-only file is lost, started again empty after RESTART_DELAY_S."""
+
     def fault(run: FaultRun) -> str:
-        redis_server.stop()
-        time.sleep(REDIS_DOWN_S)
+        if lose_data:
+            redis_server.kill_and_lose_data()
+            time.sleep(RESTART_DELAY_S)
+        else:
+            redis_server.stop()
+            time.sleep(REDIS_DOWN_S)
         redis_server.start()
+        if lose_data:
+            return f"redis-server SIGKILL, append-only file deleted, started empty after {RESTART_DELAY_S}s"
         return f"redis-server down {REDIS_DOWN_S}s (SIGTERM, append-only file kept)"
-
-    return fault
-
-
-def redis_loses_its_data(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
-    def fault(run: FaultRun) -> str:
-        redis_server.kill_and_lose_data()
-        time.sleep(RESTART_DELAY_S)
-        redis_server.start()
-        return f"redis-server SIGKILL, append-only file deleted, started empty after {RESTART_DELAY_S}s"
 
     return fault
 
@@ -563,8 +574,8 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("webhooks SIGKILL", restart_service("webhooks", ["webhooks", "--threads", "8"])),
             ("sweeper SIGKILL", restart_service("sweeper", ["sweeper"])),
             ("pgbouncer SIGKILL", restart_pgbouncer),
-            ("redis restart", restart_redis(redis_server)),
-            ("redis data lost", redis_loses_its_data(redis_server)),
+            ("redis restart", restart_redis(redis_server, lose_data=False)),
+            ("redis data lost", restart_redis(redis_server, lose_data=True)),
             ("postgres restart", restart_postgres(pg, prober)),
         ]
         try:

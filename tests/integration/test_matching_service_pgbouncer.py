@@ -222,12 +222,21 @@ def test_a_matcher_frozen_while_holding_its_books_frees_them_after_the_idle_limi
     place(engine, buyer, "FRZ", "bid", 1, 100)
     other = store.matcher_engine(pooled_url, pool_size=1)
     applied: list[BatchResult] = []
-    waiter = threading.Thread(target=lambda: applied.append(process_symbol(other, BookCache(), "FRZ")), daemon=True)
+    failed: list[BaseException] = []
+
+    def wait_and_apply() -> None:
+        try:
+            applied.append(process_symbol(other, BookCache(), "FRZ"))
+        except BaseException as exc:  # reported below, not lost in the thread
+            failed.append(exc)
+
+    waiter = threading.Thread(target=wait_and_apply, daemon=True)
     try:
         with store.connect(bounced) as frozen:
             assert len(store.begin_batch(frozen, ["FRZ"], limit=10).commands["FRZ"]) == 2  # locks held: it freezes
             waiter.start()
             waiter.join(timeout=store.IDLE_HOLDER_LIMIT_MS / 1000 + 10)
+            assert not failed, failed
             assert [(r.commands, r.trades) for r in applied] == [(2, 1)], "the frozen matcher still blocks the book"
             with pytest.raises(psycopg.Error):  # it wakes up: its transaction is gone
                 store._driver(frozen).execute("SELECT 1")
