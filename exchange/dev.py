@@ -69,7 +69,6 @@ class Child:
 
 
 PGBOUNCER_SCRIPT = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
-PGBOUNCER_LISTEN_TIMEOUT_S = 10.0
 
 
 def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child, str] | None:
@@ -94,9 +93,7 @@ def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child,
     return Child("pgbouncer", argv, env=env), parts._replace(netloc=f"{user}@127.0.0.1:{port}", query="").geturl()
 
 
-def wait_listening(
-    child: Child, port: int, stopping: StopRequest, timeout_s: float = PGBOUNCER_LISTEN_TIMEOUT_S
-) -> None:
+def wait_listening(child: Child, port: int, stopping: StopRequest, timeout_s: float = 10.0) -> None:
     """Return once ``child`` listens on ``127.0.0.1:port`` (or a stop was requested); raise RuntimeError if it exits
     or ``timeout_s`` passes first (the other children would only fail to connect). A listener that answers while
     ``child`` has died (another run's, on the same port) is not taken for it: the child is checked after."""
@@ -299,10 +296,9 @@ def _supervise(
     print(f"dev: database at revision {revision}", flush=True)
     pgb_dir = state_dir / "pgbouncer"
     stop_pgbouncer(pgb_dir)  # one an earlier run left behind (older runs daemonized it) would hold the port
-    pgbouncer = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port)
-    servers = [pgbouncer[0]] if pgbouncer else []
+    pgbouncer, pooled_url = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port) or (None, None)
     env["EXCHANGE_DATABASE_URL"] = settings.database_url
-    env["EXCHANGE_POOLED_DATABASE_URL"] = pgbouncer[1] if pgbouncer else settings.database_url
+    env["EXCHANGE_POOLED_DATABASE_URL"] = pooled_url or settings.database_url
     env["EXCHANGE_REDIS_URL"] = settings.redis_url
     env["EXCHANGE_PARTITIONS"] = str(settings.partitions)  # every process must agree on it
 
@@ -322,19 +318,20 @@ def _supervise(
             child.env["EXCHANGE_METRICS_PORT"] = str(metrics_port + offset)
             print(f"dev: {child.name} metrics on http://127.0.0.1:{metrics_port + offset}/metrics", flush=True)
 
+    supervised = [pgbouncer, *children] if pgbouncer else children
     stopping = StopRequest()
     stopping.install()
     try:
-        for server in servers:
-            _spawn(server, env)
-            wait_listening(server, pgbouncer_port, stopping)
+        if pgbouncer is not None:
+            _spawn(pgbouncer, env)
+            wait_listening(pgbouncer, pgbouncer_port, stopping)
         if stopping.requested:
             return 0
         for child in children:
             _spawn(child, env)
         _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
         while not stopping.wait(CHILD_POLL_S):
-            for child in servers + children:
+            for child in supervised:
                 if child.process is not None and child.process.poll() is not None:
                     code = child.process.returncode
                     delay = restart_delay(child.restart_delay_s, time.monotonic() - child.started_at)
@@ -346,8 +343,8 @@ def _supervise(
     finally:
         print("dev: stopping", flush=True)
         _stop(children)
-        _stop(servers)  # after its clients: a request still being answered keeps its database connection
-        if servers:
+        if pgbouncer is not None:  # after its clients: a request still being answered keeps its connection
+            _stop([pgbouncer])
             stop_pgbouncer(pgb_dir)  # its stand-in directory, if it had one
     return 0
 

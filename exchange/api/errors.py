@@ -92,19 +92,19 @@ ERRORS: dict[str, ErrorCode] = {
 statuses of :class:`ApiError` and of the domain errors are read from here; the HTTP-layer fallbacks are the codes
 of ``_HTTP_CODES`` that no handler raises itself."""
 
-BROKER_ERRORS = ("bad_request", "unauthorized", "database_unavailable")
+BROKER_ERRORS = ("unauthorized", "database_unavailable")
 """What any broker endpoint may answer (add ``validation_error`` where it takes parameters or a body)."""
-ADMIN_ERRORS = ("bad_request", "unauthorized", "admin_disabled", "database_unavailable")
+ADMIN_ERRORS = ("unauthorized", "admin_disabled", "database_unavailable")
 """What any admin endpoint may answer."""
 BODY_ERRORS = ("malformed_json", "payload_too_large", "validation_error")
 """What an endpoint with a JSON request body may answer besides."""
 
 
 def error_responses(*codes: str) -> dict[int, ResponseSpec]:
-    """The OpenAPI ``responses`` of a handler that may answer ``codes``: one entry per status, naming its codes,
-    with :class:`ErrorOut` as the body."""
+    """The OpenAPI ``responses`` of a handler that may answer ``codes`` and ``bad_request`` (the HTTP layer's, on any
+    route): one entry per status, naming its codes, with :class:`ErrorOut` as the body."""
     by_status: dict[int, list[str]] = {}
-    for code in dict.fromkeys(codes):
+    for code in dict.fromkeys(("bad_request", *codes)):
         by_status.setdefault(ERRORS[code].status, []).append(code)
     return {
         status: ResponseSpec(
@@ -141,16 +141,24 @@ def error_response(
     )
 
 
+def coded_response(code: str, message: str, details: Any = None) -> Response[ErrorOut]:
+    """The error response of ``code``, with its status from :data:`ERRORS`."""
+    return error_response(ERRORS[code].status, code, message, details)
+
+
 _HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-    503: "service_unavailable",
+    ERRORS[code].status: code
+    for code in (
+        "bad_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "payload_too_large",
+        "unsupported_media_type",
+        "rate_limited",
+        "service_unavailable",
+    )
 }
 """The code of each status Litestar's own HTTP exceptions are answered with (not-found, method and auth errors
 get their own messages in :func:`_http_error`)."""
@@ -161,15 +169,15 @@ def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorOut]:
 
 
 def _domain_error(_: Request[Any, Any, Any], exc: domain.OrderServiceError) -> Response[ErrorOut]:
-    status = ERRORS[exc.code].status if exc.code in ERRORS else 422
-    return error_response(status, exc.code, exc.message, exc.details)
+    known = ERRORS.get(exc.code)
+    return error_response(known.status if known else 422, exc.code, exc.message, exc.details)
 
 
-def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorOut]:
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorOut]:
     # Litestar raises this for bad query/path/header parameters (bodies are decoded by schemas.decode_body).
     details = exc.extra if exc.extra else None
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else "invalid request parameters"
-    return _api_error(request, ApiError("validation_error", message, details))
+    return coded_response("validation_error", message, details)
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorOut]:
@@ -196,8 +204,7 @@ def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityErro
         # The authenticated broker no longer exists (e.g. after /debug/reset while its key was cached).
         return _api_error(request, unauthorized("unknown broker"))
     if constraint.startswith("ck_"):
-        rejected = ApiError("validation_error", "value rejected by a database rule", {"rule": constraint})
-        return _api_error(request, rejected)
+        return coded_response("validation_error", "value rejected by a database rule", {"rule": constraint})
     return _unexpected(request, exc)
 
 
@@ -216,7 +223,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
 def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[ErrorOut]:
     if is_database_unavailable(exc):
         log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=True)
-        return _api_error(request, ApiError("database_unavailable", "the database is unavailable; retry later"))
+        return coded_response("database_unavailable", "the database is unavailable; retry later")
     return _unexpected(request, exc)
 
 

@@ -42,7 +42,7 @@ class OpsController(Controller):
     @get(
         "/login",
         status_code=303,
-        responses=error_responses("bad_request", "unauthorized", "validation_error", "admin_disabled"),
+        responses=error_responses("unauthorized", "validation_error", "admin_disabled"),
     )
     async def login(
         self,
@@ -71,7 +71,7 @@ class MetricsController(Controller):
     path = "/metrics"
     dependencies = API
 
-    @get("/", media_type=CONTENT_TYPE, responses=error_responses("bad_request"))  # the HTTP layer's, as anywhere
+    @get("/", media_type=CONTENT_TYPE, responses=error_responses())
     async def metrics(self, api: Api) -> Response[bytes]:
         """Prometheus exposition: every api worker's counters/histograms plus gauges read now from Postgres and
         Redis (pending commands per partition, queue depths). A failing source omits its gauges, never the rest."""

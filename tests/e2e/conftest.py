@@ -92,6 +92,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def pid_from(path: Path) -> int | None:
+    """The pid a pid file names (None: no file, or nothing readable in it)."""
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
 def pgbouncer_files(run_dir: Path) -> Path:
     """Where ``ops/scripts/pgbouncer.sh`` keeps the pid file and log of ``run_dir``'s pgbouncer: ``run_dir``, or the
     stand-in directory it records in ``run_dir/pgbouncer.files`` when pgbouncer's user cannot enter ``run_dir``."""
@@ -265,8 +273,8 @@ class Harness:
     run_id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     services: dict[str, Service] = field(default_factory=dict)
     pgbouncer_dir: Path | None = None
-    _pgbouncer_args: list[str] = field(default_factory=list)
-    """``pgbouncer.sh start`` arguments after the run directory: listen port, PostgreSQL host, port and user."""
+    _pgbouncer_start: list[str] = field(default_factory=list)
+    """The ``pgbouncer.sh start`` command of the harness's pgbouncer (run again to restart it on the same port)."""
     pooled_url: str = ""
     redis_url: str = ""
     redis_db: int | None = None
@@ -335,15 +343,14 @@ class Harness:
         parts = urlsplit(self.database_url)
         port = free_port()
         user = parts.username or "postgres"
-        self._pgbouncer_args = [str(port), parts.hostname or "127.0.0.1", str(parts.port or 5432), user]
+        self._pgbouncer_start = ["bash", str(PGBOUNCER_SCRIPT), "start", str(self.pgbouncer_dir), str(port)]
+        self._pgbouncer_start += [parts.hostname or "127.0.0.1", str(parts.port or 5432), user]
         self.start_pgbouncer()
         self.pooled_url = parts._replace(netloc=f"{user}@127.0.0.1:{port}").geturl()
 
     def start_pgbouncer(self) -> None:
         """Start (or start again, on the same port) the harness's pgbouncer; return once it listens."""
-        assert self.pgbouncer_dir is not None
-        argv = ["bash", str(PGBOUNCER_SCRIPT), "start", str(self.pgbouncer_dir), *self._pgbouncer_args]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+        result = subprocess.run(self._pgbouncer_start, capture_output=True, text=True, check=False, timeout=30)
         if result.returncode != 0:
             pytest.fail(f"pgbouncer did not start:\n{result.stdout}\n{result.stderr}")
 
@@ -351,12 +358,10 @@ class Harness:
         """SIGKILL the harness's pgbouncer (a crash: every client and server connection drops at once); return its
         pid once it is gone."""
         assert self.pgbouncer_dir is not None
-        pid = int((pgbouncer_files(self.pgbouncer_dir) / "pgbouncer.pid").read_text().split()[0])
+        pid = pid_from(pgbouncer_files(self.pgbouncer_dir) / "pgbouncer.pid")
+        assert pid is not None, "the harness's pgbouncer wrote no pid file"
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while alive(pid):
-            assert time.monotonic() < deadline, f"pgbouncer {pid} still alive 10 s after SIGKILL"
-            time.sleep(0.01)
+        wait_until(lambda: not alive(pid), timeout=10, interval=0.01, message=f"pgbouncer {pid} to die after SIGKILL")
         return pid
 
     def _pick_redis_db(self) -> None:

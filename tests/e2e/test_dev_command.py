@@ -26,20 +26,13 @@ import pytest
 
 from exchange.dev import SETPRIV, stop_pgbouncer
 from ops.bench.main import free_port
-from tests.e2e.conftest import alive, pgbouncer_files
+from tests.e2e.conftest import alive, pgbouncer_files, pid_from
 from tests.integration.redis_support import claimed_database
 from tests.serving import wait_until_answering
 
 ADMIN_KEY = "adm_dev_command_test"
 READY_TIMEOUT_S = 120.0
 UNSET = ("EXCHANGE_DATABASE_URL", "EXCHANGE_POOLED_DATABASE_URL", "EXCHANGE_REDIS_URL", "EXCHANGE_ENV_FILE")
-
-
-def pid_from(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
 
 
 def run_pids(dev: subprocess.Popen[bytes], state_dir: Path) -> set[int]:

@@ -469,14 +469,13 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
     def fault(run: FaultRun) -> str:
         if lose_data:
             redis_server.kill_and_lose_data()
-            time.sleep(RESTART_DELAY_S)
+            down_s, how = RESTART_DELAY_S, "SIGKILL, append-only file deleted, started empty"
         else:
             redis_server.stop()
-            time.sleep(REDIS_DOWN_S)
+            down_s, how = REDIS_DOWN_S, "SIGTERM, append-only file kept"
+        time.sleep(down_s)
         redis_server.start()
-        if lose_data:
-            return f"redis-server SIGKILL, append-only file deleted, started empty after {RESTART_DELAY_S}s"
-        return f"redis-server down {REDIS_DOWN_S}s (SIGTERM, append-only file kept)"
+        return f"redis-server down {down_s}s ({how})"
 
     return fault
 

@@ -17,7 +17,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.e2e.conftest import PGBOUNCER_SCRIPT, free_port, require_services
+from tests.e2e.conftest import PGBOUNCER_SCRIPT, free_port, pgbouncer_files, require_services
 
 
 def start(run_dir: Path, port: int, database_url: str) -> tuple[subprocess.CompletedProcess[str], Path | None]:
@@ -26,8 +26,8 @@ def start(run_dir: Path, port: int, database_url: str) -> tuple[subprocess.Compl
     argv = ["bash", str(PGBOUNCER_SCRIPT), "start", str(run_dir), str(port)]
     argv += [parts.hostname or "127.0.0.1", str(parts.port or 5432), parts.username or "postgres"]
     started = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
-    pointer = run_dir / "pgbouncer.files"
-    return started, Path(pointer.read_text().strip()) if pointer.exists() else None
+    files = pgbouncer_files(run_dir)
+    return started, files if files != run_dir else None
 
 
 def gone(pid: int) -> bool:

@@ -45,18 +45,18 @@ class HealthController(Controller):
     path = "/health"
     dependencies = API
 
-    @get("/", responses=error_responses("bad_request"))  # the HTTP layer's, as anywhere
+    @get("/", responses=error_responses())
     async def health(self) -> HealthOut:
         return HealthOut(status="ok")
 
-    @get("/live", responses=error_responses("bad_request"))
+    @get("/live", responses=error_responses())
     async def live(self) -> HealthOut:
         return HealthOut(status="ok")
 
     @get(
         "/ready",
         responses={
-            **error_responses("bad_request"),
+            **error_responses(),
             503: ResponseSpec(ReadyOut, description="not ready: a check failed (see `checks`)"),
         },
     )
