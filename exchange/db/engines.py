@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
@@ -153,8 +153,56 @@ def single_statement(pool: AsyncPool) -> AbstractAsyncContextManager[AsyncPgConn
     return pool.connection()
 
 
+IDLE_HOLDER_LIMIT_MS = 2000
+"""How long a transaction of the exchange that spans several round trips may sit idle between them before
+PostgreSQL ends its session (``idle_in_transaction_session_timeout``). A process frozen inside one (stopped,
+swapping, cut off from the database) would otherwise keep its locks until it woke: a matcher its books, from every
+other matcher, a hot standby included; an amend its order's row, a broker change or a webhook record its brokers'
+rows, which a matcher's write then waits for while it holds its books; a webhook claim its events. With the limit
+they are free after it, the frozen transaction rolls back, and the process's next statement fails with a
+connection error (retried, or a 503). A live process's window is its own CPU work between two statements,
+milliseconds: one kept off the CPU longer only loses that transaction."""
+
+BOUNDED_BEGIN = f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {IDLE_HOLDER_LIMIT_MS}"
+"""Opens a transaction bounded by :data:`IDLE_HOLDER_LIMIT_MS`. One query message without parameters (psycopg sends
+it with the simple query protocol, which takes several statements), so it costs the one round trip a bare
+``BEGIN`` costs. ``SET LOCAL`` lasts until the transaction ends: the only scope safe through pgbouncer's
+transaction pooling. Every transaction that spans round trips opens with it; a single statement in autocommit
+holds its locks only while PostgreSQL runs it and needs no bound."""
+
+
 @asynccontextmanager
 async def transaction(pool: AsyncPool) -> AsyncIterator[AsyncPgConnection]:
-    """A pooled connection inside one transaction: committed when the block ends, rolled back if it raises."""
-    async with pool.connection() as conn, conn.transaction():
+    """A pooled connection inside one transaction opened with :data:`BOUNDED_BEGIN`: committed when the block
+    ends, rolled back if it raises (a connection that cannot be rolled back is closed by the pool, never reused)."""
+    async with pool.connection() as conn:
+        await conn.execute(BOUNDED_BEGIN)
+        try:
+            yield conn
+        except BaseException:
+            if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
+
+@contextmanager
+def bounded_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
+    """One transaction on a synchronous psycopg connection, opened with :data:`BOUNDED_BEGIN`: committed when the
+    block ends, rolled back if it raises. The connection is in autocommit mode for the block, so that psycopg sends
+    no ``BEGIN`` of its own (a round trip more), and goes back to its previous mode after it, when it is usable."""
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        conn.execute(BOUNDED_BEGIN)
         yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
+    finally:
+        if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+            conn.autocommit = autocommit

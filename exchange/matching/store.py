@@ -3,7 +3,9 @@
 A batch covers one symbol or several (up to the service's cap, all of one partition in practice) and costs two
 round trips to PostgreSQL (through pgbouncer), whatever its size and its number of symbols:
 
-1. :func:`begin_batch`: ``BEGIN``, a bound on how long the transaction may then sit idle (:data:`IDLE_HOLDER_LIMIT_MS`),
+1. :func:`begin_batch`: ``BEGIN`` with a bound on how long the transaction may then sit idle
+   (:data:`~exchange.db.engines.BOUNDED_BEGIN`: a matcher frozen between its two round trips frees its books for
+   the others after 2 s, and when it wakes its write fails and it drops the books it cached),
    the symbols' advisory locks (in ascending key order), the database clock, their book versions, and up to a
    limit of pending commands per symbol;
 2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol) in one call of the
@@ -53,7 +55,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine
 
 from exchange.db.arrays import array_literal
-from exchange.db.engines import pooled_engine
+from exchange.db.engines import BOUNDED_BEGIN, pooled_engine
 from exchange.engine.types import RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
 from exchange.matching.effects import BatchEffects, OutboxDraft, TradeRow
@@ -114,14 +116,6 @@ class BatchStart:
     """Up to the limit of pending commands of each symbol, in sequence order (symbols with none are absent)."""
 
 
-IDLE_HOLDER_LIMIT_MS = 2000
-"""How long a matcher's transaction may sit idle between its two round trips (holding its books' locks) before
-PostgreSQL ends its session. A matcher frozen there (stopped, swapping, cut off from the database) would otherwise
-keep its symbols from every other matcher, a hot standby included, until it woke; with the limit they are free
-after it, its transaction rolls back, and when it wakes its write fails and it drops the books it cached (see
-:mod:`exchange.matching.service`; the message is retried). A live matcher's window is one batch's CPU work,
-milliseconds: one kept off the CPU longer only loses that transaction."""
-_IDLE_HOLDER_LIMIT = f"SET LOCAL idle_in_transaction_session_timeout = {IDLE_HOLDER_LIMIT_MS}"
 # The symbols' locks in one statement, in the order of the (sorted) array: a function scan over ``unnest`` emits
 # the elements in array order and the lock call is evaluated row by row as they come. Every transaction that holds
 # several book locks takes them in ascending key order, so two of them never wait on each other in a cycle.
@@ -149,7 +143,7 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
     params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "limit": limit}
-    cursor = _send(conn, ("BEGIN", _IDLE_HOLDER_LIMIT, _LOCK_VERSIONS, _PENDING), params)
+    cursor = _send(conn, (BOUNDED_BEGIN, _LOCK_VERSIONS, _PENDING), params)
     cursor.nextset()  # BEGIN -> SET LOCAL
     cursor.nextset()  # SET LOCAL -> locks and versions
     versions: dict[str, int] = {}

@@ -373,7 +373,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND a.state = 'idle in transaction'
 def freeze_matcher(prober: Prober) -> Callable[[FaultRun], str]:
     """SIGSTOP every process of matcher-a (partitions 0-1) beside a hot standby, probe the pipeline while it is
     stopped, and SIGCONT it after at least FREEZE_S: a matcher stopped inside its transaction holds its books until
-    PostgreSQL ends the idle transaction (``exchange.matching.store.IDLE_HOLDER_LIMIT_MS``), then the standby
+    PostgreSQL ends the idle transaction (``exchange.db.engines.IDLE_HOLDER_LIMIT_MS``), then the standby
     matches them; when it wakes, its transaction is gone and what it had fetched is done already."""
 
     def fault(run: FaultRun) -> str:

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, text
 
-from exchange.db.engines import pooled_engine
+from exchange.db.engines import IDLE_HOLDER_LIMIT_MS, pooled_engine
 from exchange.matching import store
 from exchange.matching.service import BatchResult, BookCache, drain, process_symbol, process_symbols
 from tests.integration.concurrency import run_concurrently
@@ -235,7 +235,7 @@ def test_a_matcher_frozen_while_holding_its_books_frees_them_after_the_idle_limi
         with store.connect(bounced) as frozen:
             assert len(store.begin_batch(frozen, ["FRZ"], limit=10).commands["FRZ"]) == 2  # locks held: it freezes
             waiter.start()
-            waiter.join(timeout=store.IDLE_HOLDER_LIMIT_MS / 1000 + 10)
+            waiter.join(timeout=IDLE_HOLDER_LIMIT_MS / 1000 + 10)
             assert not failed, failed
             assert [(r.commands, r.trades) for r in applied] == [(2, 1)], "the frozen matcher still blocks the book"
             with pytest.raises(psycopg.Error):  # it wakes up: its transaction is gone

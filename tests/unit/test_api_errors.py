@@ -22,6 +22,13 @@ def test_connection_failures_are_the_database_being_unavailable() -> None:
     assert is_database_unavailable(psycopg.InterfaceError("the connection is closed"))
 
 
+def test_a_transaction_postgresql_ended_for_sitting_idle_is_the_database_being_unavailable() -> None:
+    # A worker kept off the CPU past the idle limit mid-transaction: nothing committed, the client may retry.
+    ended = psycopg.errors.IdleInTransactionSessionTimeout("terminating connection due to idle-in-transaction timeout")
+    assert is_database_unavailable(ended)
+    assert not is_database_unavailable(psycopg.errors.InvalidTransactionState("another error of its class"))
+
+
 def test_a_client_side_data_error_is_not_the_database_being_unavailable() -> None:
     # A value psycopg cannot send is a bug of ours (500), not a reason for the client to retry later.
     assert not is_database_unavailable(psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"))
