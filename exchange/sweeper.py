@@ -64,7 +64,9 @@ def sweep_once(
     stale_after_s: float = 0.5,
     webhook_requeue_after_s: float = 10.0,
 ) -> SweepResult:
-    with engine.begin() as conn:
+    # Two statements in autocommit, each its own transaction: neither needs the other's, and a sweeper stopped
+    # between them holds no lock (see exchange.db.engines.BOUNDED_BEGIN).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         expiring = [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
     send_wakeups(broker, sorted(set(stale) | set(expiring)), partitions)
