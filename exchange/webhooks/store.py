@@ -174,7 +174,7 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
     pooled = engine.raw_connection()
     try:
         conn = cast(psycopg.Connection[Any], pooled.driver_connection)
-        with bounded_transaction(conn), conn.cursor(row_factory=namedtuple_row) as cursor:
+        with bounded_transaction(conn, row_factory=namedtuple_row) as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:
