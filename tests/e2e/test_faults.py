@@ -73,6 +73,11 @@ LOAD_TASKS = 6
 PACE_S = 0.03
 """Pause between two requests of one load task: ~150 requests/s in all, leaving CPU for restarts."""
 CANCEL_SHARE = 0.15
+AMEND_SHARE = 0.1
+"""Of the requests that do not cancel: amends go through the api's transaction of several round trips (the
+order's row locked, then the command written), which every fault may cut."""
+AMEND_ANSWERS = frozenset({200, 409, 422})
+"""Applied (or rejected by the engine, unchanged); the order was closed meanwhile; a price for a market order."""
 REQUEST_TIMEOUT_S = 5.0
 RETRY_PAUSE_S = 0.2
 GIVE_UP_AFTER_S = 90.0
@@ -115,6 +120,8 @@ class Load:
         self.gave_up: list[str] = []
         self.expired_before_accepted = 0
         self.placed_states: list[tuple[float, str]] = []
+        self.amended: Counter[int] = Counter()
+        """The final answer of every amend, by status."""
         self._mine: list[list[str]] = [[] for _ in brokers]
         self._stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="fault-load", daemon=True)
@@ -163,6 +170,16 @@ class Load:
                 order_id = mine.pop(rng.randrange(len(mine)))
                 await self._send(client, "cancel", broker, f"/orders/{order_id}/cancel", None)
                 continue
+            if mine and rng.random() < AMEND_SHARE:
+                # A new total quantity or limit price: the same amend sent twice (a retry) sets the same values.
+                change = {"quantity": rng.randint(1, 6)} if rng.random() < 0.5 else {"price": rng.randint(96, 104)}
+                path = f"/orders/{rng.choice(mine)}"
+                answer = await self._send(client, "amend", broker, path, change, "PATCH")
+                if answer is None:
+                    self.gave_up.append(f"PATCH {path}")
+                else:
+                    self.amended[answer.status_code] += 1
+                continue
             i += 1
             body = self._order(rng, n, i)
             response = await self._send(client, "place", broker, "/orders", body)
@@ -179,13 +196,19 @@ class Load:
                 self.rejected.append(f"{body['client_order_id']}: {response.status_code} {response.text}")
 
     async def _send(
-        self, client: httpx.AsyncClient, op: str, broker: Broker, path: str, body: dict[str, Any] | None
+        self,
+        client: httpx.AsyncClient,
+        op: str,
+        broker: Broker,
+        path: str,
+        body: dict[str, Any] | None,
+        method: str = "POST",
     ) -> httpx.Response | None:
-        """POST until a non-5xx answer, retrying the SAME request on transport errors, timeouts and 5xx."""
+        """Send until a non-5xx answer, retrying the SAME request on transport errors, timeouts and 5xx."""
         deadline = time.monotonic() + GIVE_UP_AFTER_S
         while True:
             try:
-                response = await client.post(path, json=body, headers=broker.headers)
+                response = await client.request(method, path, json=body, headers=broker.headers)
             except httpx.HTTPError as exc:
                 self.calls.append(Call(time.monotonic(), op, None, type(exc).__name__))
             else:
@@ -701,7 +724,13 @@ def test_api_recovers_from_a_postgres_restart_without_any_process_restart(fault_
 def test_no_request_is_answered_500_under_faults(fault_run: FaultRun) -> None:
     errors = [c for c in fault_run.load.calls if c.status is not None and c.status >= 500 and c.status != 503]
     assert not errors, f"{len(errors)} requests answered 5xx other than 503, e.g. {errors[:5]}"
-    assert fault_run.load.gave_up == [], f"{len(fault_run.load.gave_up)} orders never got an answer"
+    assert fault_run.load.gave_up == [], f"{len(fault_run.load.gave_up)} requests never got an answer"
+
+
+def test_amends_under_faults_are_applied_and_answered_as_documented(fault_run: FaultRun) -> None:
+    amended = fault_run.load.amended
+    assert amended[200] > 0, f"no amend was applied: {dict(amended)}"
+    assert set(amended) <= AMEND_ANSWERS, f"amends answered {dict(amended)}"
 
 
 def test_gunicorn_replaces_a_killed_api_worker(fault_run: FaultRun) -> None:
