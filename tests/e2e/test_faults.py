@@ -5,7 +5,8 @@ the machine's shared servers are never restarted). A background thread posts ord
 symbols at crossing prices for four brokers whose webhooks go to a real receiver, retrying every error or timeout
 with the same ``client_order_id`` as a broker would. Meanwhile the module's scenario injects, in turn:
 
-1. SIGKILL of one api gunicorn worker (gunicorn replaces it);
+1. SIGKILL of one api gunicorn worker (gunicorn replaces it), and SIGSTOP of one for 4 s (the other serves; one
+   stopped inside a transaction holds its rows for 2 s at most);
 2. SIGKILL of one matcher (restarted after 100 ms, as ``exchange dev`` and Docker would), then again beside a hot
    standby on the same partitions, and SIGSTOP of it for 4 s beside the standby (a hung process, not a dead one);
 3. SIGKILL of the webhooks worker (restarted);
@@ -258,6 +259,8 @@ class FaultRun:
     """SIGSTOP of a matcher beside its hot standby → a new order on every partition matched (None: never)."""
     after_recovery: list[Callable[[], None]] = field(default_factory=list)
     api_workers_replaced: list[bool] = field(default_factory=list)
+    api_frozen_matching_after_s: list[float | None] = field(default_factory=list)
+    """SIGSTOP of an api worker → a new order on every partition accepted by another worker and matched."""
     probe_accepted: list[tuple[Broker, str]] = field(default_factory=list)
     drained: bool = False
     webhooks_settled: bool = False
@@ -302,11 +305,14 @@ def child_pids(pid: int) -> set[int]:
 class Prober:
     """One resting probe order per partition (price 1: never trades), each on a symbol of its own."""
 
-    def __init__(self, harness: Harness, broker: Broker) -> None:
+    def __init__(self, harness: Harness, broker: Broker, *, fresh_connections: bool = False) -> None:
         self.harness = harness
         self.broker = broker
         self.symbols = [unique_symbol("P", {n}) for n in range(PARTITIONS)]
-        self.client = httpx.Client(base_url=harness.base_url, timeout=REQUEST_TIMEOUT_S, headers=broker.headers)
+        # A connection of its own per request goes to a worker that accepts it: not one kept alive with a stopped one.
+        limits = httpx.Limits(max_keepalive_connections=0) if fresh_connections else httpx.Limits()
+        timeout = 1.0 if fresh_connections else REQUEST_TIMEOUT_S
+        self.client = httpx.Client(base_url=harness.base_url, timeout=timeout, headers=broker.headers, limits=limits)
         self.accepted: list[str] = []
 
     def place(self, symbol: str) -> str | None:
@@ -354,6 +360,30 @@ def kill_api_worker(run: FaultRun) -> str:
     replaced = _poll(lambda: (w := child_pids(api.process.pid)) and victim not in w and len(w) == len(workers), 30)
     run.api_workers_replaced.append(bool(replaced))
     return f"killed worker pid {victim}; {'replaced by gunicorn' if replaced else 'NOT replaced within 30 s'}"
+
+
+def freeze_api_worker(run: FaultRun) -> str:
+    """SIGSTOP one gunicorn worker for FREEZE_S while probing the pipeline on connections of its own (a client kept
+    alive with the stopped worker waits for its timeout and retries, as the load's clients do), then SIGCONT it.
+    A worker stopped inside a transaction (an amend holds its order's row) holds it for the idle limit at most."""
+    api = run.harness.services["api"]
+    assert api.process is not None
+    victim = min(child_pids(api.process.pid))
+    broker = run.harness.register_broker(f"probe-api-{len(run.api_frozen_matching_after_s)}")
+    prober = Prober(run.harness, broker, fresh_connections=True)
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        run.api_frozen_matching_after_s.append(prober.pipeline_works(stopped_at))
+    finally:
+        time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
+        os.kill(victim, signal.SIGCONT)
+        prober.close()
+        run.probe_accepted += [(prober.broker, order_id) for order_id in prober.accepted]
+    return (
+        f"worker pid {victim} stopped {time.monotonic() - stopped_at:.1f}s; while stopped, the other served and "
+        f"matching on every partition after {run.api_frozen_matching_after_s[-1]}s"
+    )
 
 
 @dataclass(frozen=True)
@@ -590,6 +620,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
         run = FaultRun(h, receiver, load, brokers, symbols)
         faults: list[tuple[str, Callable[[FaultRun], str]]] = [
             ("api worker SIGKILL", kill_api_worker),
+            ("api worker SIGSTOP", freeze_api_worker),
             ("matcher SIGKILL", kill_matcher(standby=False)),
             ("matcher SIGKILL with a hot standby", kill_matcher(standby=True)),
             ("matcher SIGSTOP with a hot standby", freeze_matcher(prober)),
@@ -736,6 +767,11 @@ def test_amends_under_faults_are_applied_and_answered_as_documented(fault_run: F
 def test_gunicorn_replaces_a_killed_api_worker(fault_run: FaultRun) -> None:
     assert fault_run.api_workers_replaced, "no api worker was killed"
     assert all(fault_run.api_workers_replaced), "gunicorn did not replace a killed worker within 30 s"
+
+
+def test_a_stopped_api_worker_leaves_the_other_serving_and_matching(fault_run: FaultRun) -> None:
+    assert fault_run.api_frozen_matching_after_s, "no api worker was stopped"
+    assert None not in fault_run.api_frozen_matching_after_s, fault_run.api_frozen_matching_after_s
 
 
 def test_pipeline_matches_new_orders_again_after_every_fault(fault_run: FaultRun) -> None:
