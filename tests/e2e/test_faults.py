@@ -16,7 +16,12 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 6. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
 7. a Redis crash that loses its data (SIGKILL, append-only file deleted, started empty after 100 ms): every queued
    message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
-8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched.
+8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
+9. a PostgreSQL crash (``pg_ctl stop -m immediate``: every server process quits at once, no checkpoint; the start
+   replays the write-ahead log): every order answered 2xx, every fill and every event a broker received must
+   have been committed before it was answered or sent, so none may be missing or changed after the replay.
+   (It does not prove that answers wait for the WAL flush: with ``synchronous_commit = off`` everywhere the run
+   passed too, since under this load PostgreSQL writes the WAL within milliseconds of a commit anyway.)
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -105,6 +110,8 @@ class Accepted:
     broker: int
     order_id: str
     client_order_id: str
+    status: str
+    """As the 201 answered it."""
 
 
 class Load:
@@ -188,7 +195,9 @@ class Load:
                 self.gave_up.append(body["client_order_id"])
             elif response.status_code == 201:
                 data = response.json()
-                self.accepted[body["client_order_id"]] = Accepted(b, data["order_id"], body["client_order_id"])
+                self.accepted[body["client_order_id"]] = Accepted(
+                    b, data["order_id"], body["client_order_id"], data["status"]
+                )
                 self.placed_states.append((time.monotonic(), data["status"]))
                 mine.append(data["order_id"])
             elif "valid_until" in body and response.status_code == 422 and "valid_until" in response.text:
@@ -533,7 +542,10 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
     return fault
 
 
-def restart_postgres(pg: PrivatePostgres, prober: Prober) -> Callable[[FaultRun], str]:
+def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False) -> Callable[[FaultRun], str]:
+    """Stop PostgreSQL for POSTGRES_DOWN_S (probing the api meanwhile) and start it again: cleanly (``fast``: a
+    checkpoint) or, with ``crash``, as a crash (``immediate``: no checkpoint, the start replays the WAL)."""
+
     def fault(run: FaultRun) -> str:
         h = run.harness
         outage = PostgresOutage(starts_before={n: s.starts for n, s in h.services.items()})
@@ -542,7 +554,7 @@ def restart_postgres(pg: PrivatePostgres, prober: Prober) -> Callable[[FaultRun]
         broker_order = prober.accepted[0]
         body = {"document_number": "00000000001", "side": "bid", "order_type": "limit", "symbol": prober.symbols[0]}
         body |= {"price": 1, "quantity": 1}
-        pg.stop("fast")
+        pg.stop("immediate" if crash else "fast")
         outage.down_at = time.monotonic()
         while time.monotonic() - outage.down_at < POSTGRES_DOWN_S:
             probes: list[tuple[str, Callable[[], httpx.Response]]] = [
@@ -630,6 +642,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("redis restart", restart_redis(redis_server, lose_data=False)),
             ("redis data lost", restart_redis(redis_server, lose_data=True)),
             ("postgres restart", restart_postgres(pg, prober)),
+            ("postgres crash", restart_postgres(pg, prober, crash=True)),
         ]
         try:
             assert prober.pipeline_works(time.monotonic()) is not None, "the pipeline does not work before faults"
@@ -692,6 +705,18 @@ def test_every_order_answered_2xx_exists_and_ends_open_or_closed(
         assert body["status"] in {"open", "closed"}, body
 
 
+def test_an_order_answered_closed_is_still_closed(
+    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+) -> None:
+    """A 201 that answers ``closed`` reports a committed fill, cancel or expiry: no crash may take it back."""
+    closed = [a.order_id for a in fault_run.load.accepted.values() if a.status == "closed"]
+    assert closed, "no order was answered closed: the load did not cross"
+    rows = fault_stack[0].query("SELECT id::text, status FROM orders WHERE id = ANY(%s::uuid[])", (closed,))
+    reopened = [(order_id, status) for order_id, status in rows if status != "closed"]
+    assert len(rows) == len(closed)
+    assert not reopened, f"{len(reopened)} orders answered closed are not closed: {reopened[:5]}"
+
+
 def test_invariants_hold_after_every_fault(
     fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
@@ -723,6 +748,13 @@ def test_every_fill_event_reaches_the_receiver_with_contiguous_per_broker_sequen
         assert not not_delivered, f"broker {n}: {len(not_delivered)} events not delivered, e.g. {not_delivered[:5]}"
         missing = [row for row in stored if row[0] not in got]
         assert not missing, f"broker {n}: {len(missing)} events never reached the receiver, e.g. {missing[:5]}"
+        # An event is sent only after the transaction that wrote it committed: one the receiver got cannot have
+        # been lost by a crash (nor its sequence number given to another event after the WAL replay).
+        stored_ids = {row[0] for row in stored}
+        phantoms = [event_id for event_id in got if event_id not in stored_ids]
+        assert not phantoms, f"broker {n}: {len(phantoms)} events received are not in PostgreSQL: {phantoms[:5]}"
+        reused = [seq for seq, count in Counter(b["sequence"] for b in got.values()).items() if count > 1]
+        assert not reused, f"broker {n}: sequences received for two different events: {reused[:5]}"
         sequences = sorted({b["sequence"] for b in got.values()})
         assert sequences == list(range(1, event_seq + 1)), f"broker {n}: sequences received are not 1..{event_seq}"
         fills += sum(row[2] == "order.fill" for row in stored)
