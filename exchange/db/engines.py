@@ -163,12 +163,22 @@ they are free after it, the frozen transaction rolls back, and the process's nex
 connection error (retried, or a 503). A live process's window is its own CPU work between two statements,
 milliseconds: one kept off the CPU longer only loses that transaction."""
 
-BOUNDED_BEGIN = f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {IDLE_HOLDER_LIMIT_MS}"
+BOUNDED_BEGIN_STATEMENTS = ("BEGIN", f"SET LOCAL idle_in_transaction_session_timeout = {IDLE_HOLDER_LIMIT_MS}")
+BOUNDED_BEGIN = "; ".join(BOUNDED_BEGIN_STATEMENTS)
 """Opens a transaction bounded by :data:`IDLE_HOLDER_LIMIT_MS`. One query message without parameters (psycopg sends
 it with the simple query protocol, which takes several statements), so it costs the one round trip a bare
 ``BEGIN`` costs. ``SET LOCAL`` lasts until the transaction ends: the only scope safe through pgbouncer's
-transaction pooling. Every transaction that spans round trips opens with it; a single statement in autocommit
-holds its locks only while PostgreSQL runs it and needs no bound."""
+transaction pooling. Every transaction of the running services that spans round trips opens with it (migrations,
+run by an operator on a direct connection, do not); a single statement in autocommit holds its locks only while
+PostgreSQL runs it and needs no bound."""
+
+
+def _check_began(status: TransactionStatus) -> None:
+    """After :data:`BOUNDED_BEGIN` the connection must be inside a transaction. One that is not answered something
+    else than what was asked (seen through pgbouncer while PostgreSQL restarted, as psycopg's own ``BEGIN`` reported:
+    "received 2 results"): an error without SQLSTATE, which the pools treat as a lost connection."""
+    if status != TransactionStatus.INTRANS:
+        raise psycopg.InternalError(f"the connection is {status.name} after BEGIN, not in a transaction")
 
 
 @asynccontextmanager
@@ -177,6 +187,7 @@ async def transaction(pool: AsyncPool) -> AsyncIterator[AsyncPgConnection]:
     ends, rolled back if it raises (a connection that cannot be rolled back is closed by the pool, never reused)."""
     async with pool.connection() as conn:
         await conn.execute(BOUNDED_BEGIN)
+        _check_began(conn.info.transaction_status)
         try:
             yield conn
         except BaseException:
@@ -201,6 +212,7 @@ def bounded_transaction(
     try:
         with conn.cursor(row_factory=row_factory) as cursor:
             cursor.execute(BOUNDED_BEGIN)
+            _check_began(conn.info.transaction_status)
             yield cursor
             cursor.execute("COMMIT")
     except BaseException:

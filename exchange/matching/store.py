@@ -5,7 +5,7 @@ round trips to PostgreSQL (through pgbouncer), whatever its size and its number 
 
 1. :func:`begin_batch`: ``BEGIN`` with a bound on how long the transaction may then sit idle
    (:data:`~exchange.db.engines.BOUNDED_BEGIN`: a matcher frozen between its two round trips frees its books for
-   the others after 2 s, and when it wakes its write fails and it drops the books it cached),
+   the others after the limit, and when it wakes its write fails and it drops the books it cached),
    the symbols' advisory locks (in ascending key order), the database clock, their book versions, and up to a
    limit of pending commands per symbol;
 2. :func:`write_batch`: every write of every book of the batch (rows carry their symbol) in one call of the
@@ -55,7 +55,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine
 
 from exchange.db.arrays import array_literal
-from exchange.db.engines import BOUNDED_BEGIN, pooled_engine
+from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS, pooled_engine
 from exchange.engine.types import RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
 from exchange.matching.effects import BatchEffects, OutboxDraft, TradeRow
@@ -143,9 +143,9 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
     params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "limit": limit}
-    cursor = _send(conn, (BOUNDED_BEGIN, _LOCK_VERSIONS, _PENDING), params)
-    cursor.nextset()  # BEGIN -> SET LOCAL
-    cursor.nextset()  # SET LOCAL -> locks and versions
+    cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK_VERSIONS, _PENDING), params)
+    for _ in BOUNDED_BEGIN_STATEMENTS:
+        cursor.nextset()  # past BEGIN and its SET LOCAL, to the locks and versions
     versions: dict[str, int] = {}
     clocks: list[datetime] = []
     for symbol, version, clock in cursor.fetchall():

@@ -271,11 +271,6 @@ def _key_reused(order: NewOrder) -> IdempotencyKeyReusedError:
     )
 
 
-_LOCK_ORDER = (
-    "SELECT symbol, status, order_type FROM orders WHERE id = %(id)s AND broker_id = %(broker_id)s FOR NO KEY UPDATE"
-)
-
-
 # Cancel writers are serialised per order by transaction-scoped advisory locks (on 256 buckets of the order ids'
 # hash, taken in ascending order, so two groups never wait on each other in a cycle), which ``write_cancels``
 # takes itself before it reads (alembic 0014): not row locks, since the matcher updates order rows in its own order
@@ -333,10 +328,25 @@ async def cancel_all(pool: AsyncPool, broker_id: UUID, symbol: str) -> CancelAll
         return CancelAllResult(symbol, written)
 
 
-_INSERT_AMEND = f"""
-    INSERT INTO commands (symbol, kind, order_id, payload)
-    VALUES (%(symbol)s, '{CommandKind.AMEND.value}', %(id)s, CAST(%(payload)s AS jsonb))
-    """  # noqa: S608  # enum constant only
+# The order's row is locked (``FOR NO KEY UPDATE``: concurrent amends of one order take turns; the matcher's
+# foreign-key checks are not blocked) and the command written only while the order is not closed and the change is
+# one it can take, in ONE statement: in autocommit it is its own transaction, one round trip, and nothing holds the
+# row between round trips. The row's state comes back either way, for the error to answer.
+_AMEND = f"""
+    WITH target AS (
+        SELECT symbol, status, order_type FROM orders
+        WHERE id = %(id)s AND broker_id = %(broker_id)s
+        FOR NO KEY UPDATE
+    ),
+    written AS (
+        INSERT INTO commands (symbol, kind, order_id, payload)
+        SELECT symbol, '{CommandKind.AMEND.value}', %(id)s, CAST(%(payload)s AS jsonb) FROM target
+        WHERE status <> '{OrderStatus.CLOSED.value}'
+          AND NOT (CAST(%(price)s AS bigint) IS NOT NULL AND order_type = '{OrderType.MARKET.value}')
+        RETURNING 1
+    )
+    SELECT symbol, status, order_type, EXISTS (SELECT FROM written) AS written FROM target
+    """  # noqa: S608  # enum constants only
 
 
 async def amend_order(
@@ -349,14 +359,14 @@ async def amend_order(
     """
     if quantity is None and price is None:
         raise InvalidOrderError("give quantity and/or price", {"fields": ["quantity", "price"]})
-    async with transaction(pool) as conn:
-        row = await (await conn.execute(_LOCK_ORDER, {"id": order_id, "broker_id": broker_id})).fetchone()
-        if row is None:
-            raise OrderNotFoundError()
-        if row.status == OrderStatus.CLOSED.value:
-            raise OrderClosedError("the order is closed and cannot be amended", {"order_id": str(order_id)})
-        if price is not None and row.order_type == OrderType.MARKET.value:
-            raise InvalidOrderError("a market order has no price to amend", {"field": "price"})
-        payload = json.dumps({"quantity": quantity, "price": price})
-        await conn.execute(_INSERT_AMEND, {"id": order_id, "symbol": row.symbol, "payload": payload})
-        return CommandResult(row.symbol, written=True)
+    payload = json.dumps({"quantity": quantity, "price": price})
+    params = {"id": order_id, "broker_id": broker_id, "payload": payload, "price": price}
+    async with single_statement(pool) as conn:
+        row = await (await conn.execute(_AMEND, params)).fetchone()
+    if row is None:
+        raise OrderNotFoundError()
+    if row.status == OrderStatus.CLOSED.value:
+        raise OrderClosedError("the order is closed and cannot be amended", {"order_id": str(order_id)})
+    if price is not None and row.order_type == OrderType.MARKET.value:
+        raise InvalidOrderError("a market order has no price to amend", {"field": "price"})
+    return CommandResult(row.symbol, written=row.written)  # written: the order is open and takes the change

@@ -29,6 +29,7 @@ from uuid import UUID
 
 import msgspec
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine
 
@@ -172,14 +173,17 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
     ``BEGIN``, statement and ``COMMIT``: in autocommit, with no round trip for ``BEGIN``/``COMMIT``, the workers
     claimed more often for fewer events, and no gain in the orders' latency was found (``ops/MEASURED.md``)."""
     pooled = engine.raw_connection()
+    conn = cast(psycopg.Connection[Any], pooled.driver_connection)
     try:
-        conn = cast(psycopg.Connection[Any], pooled.driver_connection)
         with bounded_transaction(conn, row_factory=namedtuple_row) as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:
-        if isinstance(exc, psycopg.OperationalError) or conn.broken:
-            pooled.invalidate()  # a broken connection must not go back to the pool
+        # Lost (an OperationalError, a session PostgreSQL ended), answering what it cannot (no SQLSTATE), or left
+        # inside a transaction (and in autocommit mode): such a connection must not go back to the pool.
+        lost = isinstance(exc, psycopg.OperationalError) or not exc.sqlstate or conn.broken
+        if lost or conn.info.transaction_status != TransactionStatus.IDLE:
+            pooled.invalidate()
         raise
     finally:
         pooled.close()
@@ -205,4 +209,6 @@ def take_overdue(engine: Engine, *, older_than_s: float, limit: int = 1000) -> l
     Their ``next_attempt_at`` is reset to now, so the same event is handed out again only after another
     ``older_than_s``: a dead delivery worker costs one hint per period, not one per sweep.
     """
-    return [row.id for row in _execute(engine, _REQUEUE_DUE, {"older": older_than_s, "limit": limit})]
+    # One statement in autocommit: its own transaction, one round trip, no lock held between round trips.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        return [row.id for row in conn.exec_driver_sql(_REQUEUE_DUE, {"older": older_than_s, "limit": limit})]

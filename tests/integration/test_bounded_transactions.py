@@ -2,8 +2,7 @@
 inside one keeps its locks for :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS` at most.
 
 The frozen holder here is a real transaction whose client stops sending (as a stopped, swapping or cut-off process
-does); the one waiting for its locks is the real matcher, which holds its books while it waits for an order's or
-a broker's row.
+does); the one waiting for its locks is the real matcher, which holds its books while it waits for a broker's row.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from sqlalchemy import Engine, text
 
 from exchange.db.engines import IDLE_HOLDER_LIMIT_MS, AsyncPool, bounded_transaction, transaction
 from exchange.matching.service import BatchResult, BookCache, process_symbol
-from exchange.orders.accept import _LOCK_ORDER
+from exchange.webhooks import queries
 from tests.integration.sql_orders import add_broker, place
 
 LIMIT_S = IDLE_HOLDER_LIMIT_MS / 1000
@@ -32,56 +31,50 @@ def trades(engine: Engine, symbol: str) -> int:
         return int(conn.execute(text("SELECT count(*) FROM trades WHERE symbol = :s"), {"s": symbol}).scalar_one())
 
 
-def crossing_pair(engine: Engine, symbol: str) -> tuple[UUID, UUID, UUID]:
-    """A resting ask (matched first, so its row is locked) and a bid that crosses it, both pending for the matcher;
-    returns (seller, ask order, buyer)."""
+def crossing_pair(engine: Engine, symbol: str) -> UUID:
+    """An ask and a bid that cross, both pending for the matcher, whose trade updates both brokers' rows; returns
+    the seller."""
     seller, buyer = add_broker(engine, f"seller-{symbol}"), add_broker(engine, f"buyer-{symbol}")
-    ask = place(engine, seller, symbol, "ask", 1, 100)
+    place(engine, seller, symbol, "ask", 1, 100)
     place(engine, buyer, symbol, "bid", 1, 100)
-    return seller, ask, buyer
+    return seller
 
 
-def match_in_thread(engine: Engine, symbol: str) -> tuple[threading.Thread, list[BatchResult], list[float]]:
-    """Start the matcher on ``symbol``; the lists get its result and how long it took."""
+def match_while_frozen(engine: Engine, symbol: str) -> tuple[list[tuple[int, int]], float]:
+    """Run the matcher on ``symbol`` while the caller's transaction sits idle (the caller sends nothing until this
+    returns): its batch's (commands, trades), and how long it took (it gives up waiting after the limit + 1.5 s)."""
     results: list[BatchResult] = []
-    took: list[float] = []
-
-    def run() -> None:
-        start = time.monotonic()
-        results.append(process_symbol(engine, BookCache(), symbol))
-        took.append(time.monotonic() - start)
-
-    thread = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    thread = threading.Thread(target=lambda: results.append(process_symbol(engine, BookCache(), symbol)), daemon=True)
     thread.start()
-    return thread, results, took
+    thread.join(timeout=LIMIT_S + 1.5)
+    return [(r.commands, r.trades) for r in results], time.monotonic() - start
 
 
 @pytest.mark.anyio
-async def test_an_api_transaction_frozen_on_an_order_row_keeps_the_matcher_waiting_only_until_the_idle_limit(
+async def test_an_api_transaction_frozen_on_a_broker_row_keeps_the_matcher_waiting_only_until_the_idle_limit(
     engine: Engine, api_pool: AsyncPool
 ) -> None:
-    """An amend locks its order's row; an api worker frozen there (before its insert and ``COMMIT``) would keep
-    the matcher, and with it every book of the batch, waiting until it woke."""
-    seller, ask, _ = crossing_pair(engine, "AMDX")
+    """A webhook endpoint change (or a secret rotation) updates the broker's row, then reads it back and commits; an
+    api worker frozen in between would keep every matcher trade of that broker, and with it the matcher's books,
+    waiting until it woke."""
+    seller = crossing_pair(engine, "APIX")
     holders: list[psycopg.AsyncConnection[Any]] = []
-    matcher: list[threading.Thread] = []
 
-    async def freeze_holding_the_order_row() -> None:
+    async def freeze_holding_the_broker_row() -> None:
         async with transaction(api_pool) as conn:
             holders.append(conn)
-            assert await (await conn.execute(_LOCK_ORDER, {"id": ask, "broker_id": seller})).fetchone()
-            thread, results, took = match_in_thread(engine, "AMDX")
-            matcher.append(thread)
-            await asyncio.sleep(LIMIT_S + 1.5)  # frozen: the client sends nothing
-            assert [(r.commands, r.trades) for r in results] == [(2, 1)], "the frozen amend still blocks the book"
-            assert LIMIT_S - 0.5 <= took[0] <= LIMIT_S + 1.5
-            await conn.execute("SELECT 1")  # it wakes up: its transaction and session are gone
+            await queries.set_endpoint(conn, seller, None)
+            matched, took = await asyncio.to_thread(match_while_frozen, engine, "APIX")  # frozen meanwhile
+            assert matched == [(2, 1)], "the frozen api transaction still blocks the book"
+            assert LIMIT_S - 0.5 <= took <= LIMIT_S + 1.5
+            await queries.endpoint(conn, seller)  # it wakes up: its transaction and session are gone
 
     with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
-        await freeze_holding_the_order_row()
-    matcher[0].join()
-    assert holders[0].closed  # the pool does not hand it out again
-    assert trades(engine, "AMDX") == 1
+        await freeze_holding_the_broker_row()
+    assert holders[0].closed
+    assert holders[0] not in api_pool._idle  # never handed out again
+    assert trades(engine, "APIX") == 1
 
 
 def test_a_worker_frozen_on_a_broker_row_keeps_the_matcher_waiting_only_until_the_idle_limit(
@@ -89,24 +82,20 @@ def test_a_worker_frozen_on_a_broker_row_keeps_the_matcher_waiting_only_until_th
 ) -> None:
     """A webhook record that changes a broker (its consecutive failures, its endpoint) locks the broker's row; a
     worker frozen before its ``COMMIT`` would keep every matcher trade of that broker waiting until it woke."""
-    seller, _, _ = crossing_pair(engine, "BRKX")
-    matcher: list[threading.Thread] = []
+    seller = crossing_pair(engine, "BRKX")
 
     def freeze_holding_the_broker_row(conn: psycopg.Connection[Any]) -> None:
-        with bounded_transaction(conn):
-            conn.execute("SELECT 1 FROM brokers WHERE id = %s FOR UPDATE", (seller,))
-            thread, results, took = match_in_thread(engine, "BRKX")
-            matcher.append(thread)
-            time.sleep(LIMIT_S + 1.5)  # frozen
-            assert [(r.commands, r.trades) for r in results] == [(2, 1)], "the frozen worker still blocks the book"
-            assert LIMIT_S - 0.5 <= took[0] <= LIMIT_S + 1.5
-            conn.execute("SELECT 1")  # it wakes up: its transaction and session are gone
+        with bounded_transaction(conn) as cursor:
+            cursor.execute("SELECT 1 FROM brokers WHERE id = %s FOR UPDATE", (seller,))
+            matched, took = match_while_frozen(engine, "BRKX")
+            assert matched == [(2, 1)], "the frozen worker still blocks the book"
+            assert LIMIT_S - 0.5 <= took <= LIMIT_S + 1.5
+            cursor.execute("SELECT 1")  # it wakes up: its transaction and session are gone
 
     with psycopg.connect(fresh_migrated_database_url) as conn:
         with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
             freeze_holding_the_broker_row(conn)
         assert conn.broken
-    matcher[0].join()
     assert trades(engine, "BRKX") == 1
 
 
@@ -115,15 +104,15 @@ def test_a_bounded_transaction_commits_and_gives_the_connection_back_in_its_mode
 ) -> None:
     with psycopg.connect(fresh_migrated_database_url) as conn:
         assert not conn.autocommit
-        with bounded_transaction(conn):
-            timeout = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
-            conn.execute("CREATE TABLE kept (x int)")
-        assert timeout == (f"{IDLE_HOLDER_LIMIT_MS // 1000}s",)
+        limit = "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'"  # in ms
+        with bounded_transaction(conn) as cursor:
+            inside = cursor.execute(limit).fetchone()
+            cursor.execute("CREATE TABLE kept (x int)")
+        assert inside == (str(IDLE_HOLDER_LIMIT_MS),)
         assert not conn.autocommit
         assert conn.info.transaction_status == TransactionStatus.IDLE
         # the limit was the transaction's own: the session is back to the server's default
-        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("0",)
-        conn.rollback()
+        assert conn.execute(limit).fetchone() == ("0",)
     with psycopg.connect(fresh_migrated_database_url) as other:
         assert other.execute("SELECT to_regclass('kept') IS NOT NULL").fetchone() == (True,)
 
