@@ -24,6 +24,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 from sqlalchemy import Engine, create_engine
 
+from exchange.db.errors import IDLE_SESSION_ENDED
 from exchange.db.urls import libpq_url, sqlalchemy_url
 
 AsyncPgConnection = psycopg.AsyncConnection[Any]
@@ -78,7 +79,9 @@ class AsyncPool:
       background workers keep retrying while callers wait ``timeout`` seconds: 5 s per request in
       ``test_api_health_admin``).
     * A connection that broke makes every idle one suspect (pgbouncer or PostgreSQL restarted under all of them):
-      they are closed too, so one request fails instead of one per idle connection.
+      they are closed too, so one request fails instead of one per idle connection. Not when PostgreSQL ended that
+      one session because its transaction sat idle past :data:`IDLE_HOLDER_LIMIT_MS` (SQLSTATE 25P03): that says
+      nothing of the others.
     * Every clean connection is kept for the next request (up to ``max_size``; none after :meth:`close`): closing
       a burst's extra ones, as SQLAlchemy's pool did with its overflow, cost ~560 reconnections per 20-s run at
       ``--scale 100``. Without pgbouncer each is a PostgreSQL backend: ``max_size`` per api worker.
@@ -101,7 +104,7 @@ class AsyncPool:
         else:
             await self._slots.acquire()  # returns at once
         conn: AsyncPgConnection | None = None
-        confused = False
+        confused = ended_alone = False
         try:
             conn = self._idle.pop() if self._idle else await self._connect()
             try:
@@ -110,11 +113,13 @@ class AsyncPool:
                 # No SQLSTATE: the client library itself failed on this connection (a protocol surprise, a lost
                 # socket), not the server on a statement. Its state is unknown: never hand it out again.
                 confused = not exc.sqlstate
+                # PostgreSQL ended this one session (its transaction sat idle past the limit): the others are fine.
+                ended_alone = exc.sqlstate == IDLE_SESSION_ENDED
                 raise
         finally:
             try:
                 if conn is not None:
-                    await self._put(conn, reuse=not confused)
+                    await self._put(conn, reuse=not confused, others_suspect=not ended_alone)
             finally:
                 self._slots.release()
 
@@ -123,13 +128,13 @@ class AsyncPool:
             self._conninfo, **_POOLED_CONNECT_ARGS, autocommit=True, row_factory=namedtuple_row
         )
 
-    async def _put(self, conn: AsyncPgConnection, *, reuse: bool = True) -> None:
+    async def _put(self, conn: AsyncPgConnection, *, reuse: bool = True, others_suspect: bool = True) -> None:
         reusable = reuse and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
         if reusable and not self._closed:
             self._idle.append(conn)
             return
         stale = [conn]
-        if conn.broken:
+        if conn.broken and others_suspect:
             stale += self._idle
             self._idle.clear()
         for each in stale:

@@ -55,6 +55,28 @@ async def test_a_failed_transaction_rolls_back_and_its_connection_is_reused(api_
 
 
 @pytest.mark.anyio
+async def test_a_session_ended_for_sitting_idle_in_a_transaction_closes_that_connection_only(
+    api_pool: AsyncPool,
+) -> None:
+    async def two_at_once() -> list[int]:
+        async with single_statement(api_pool) as one, single_statement(api_pool) as two:
+            rows = [await (await c.execute("SELECT pg_backend_pid() AS pid")).fetchone() for c in (one, two)]
+        return [row.pid for row in rows if row is not None]
+
+    kept = await two_at_once()  # both go back to the pool
+
+    async def sit_idle_past_the_limit() -> None:
+        async with transaction(api_pool) as conn:
+            await asyncio.sleep(engines.IDLE_HOLDER_LIMIT_MS / 1000 + 1)
+            await conn.execute("SELECT 1")
+
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+        await sit_idle_past_the_limit()
+    assert len(api_pool._idle) == 1  # the other connection is kept
+    assert await backend_pid(api_pool) in kept
+
+
+@pytest.mark.anyio
 async def test_an_unreachable_database_fails_the_request_at_once_not_with_a_pool_timeout() -> None:
     pool = AsyncPool(UNREACHABLE)
     with pytest.raises(psycopg.OperationalError) as raised:
