@@ -162,8 +162,8 @@ IDLE_HOLDER_LIMIT_MS = 2000
 """How long a transaction of the exchange that spans several round trips may sit idle between them before
 PostgreSQL ends its session (``idle_in_transaction_session_timeout``). A process frozen inside one (stopped,
 swapping, cut off from the database) would otherwise keep its locks until it woke: a matcher its books, from every
-other matcher, a hot standby included; a webhook-endpoint change, a secret rotation or a webhook record its broker's
-row, which a matcher's write then waits for while it holds its books; a webhook claim its events. With the limit
+other matcher, a hot standby included; a webhook-endpoint change or a webhook record its broker's row, which a
+matcher's write then waits for while it holds its books; a webhook claim its events. With the limit
 they are free after it, the frozen transaction rolls back, and the process's next statement fails with a
 connection error (retried, or a 503). A live process's window is its own work between two statements:
 milliseconds in the workers; in the api also the event loop's other requests, which is why the api's busy writes

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from urllib.parse import urlsplit
 
-from exchange.db.engines import AsyncPgConnection, AsyncPool, transaction
+from exchange.db.engines import AsyncPgConnection, AsyncPool, single_statement
 from exchange.orders.errors import InvalidWebhookUrlError
 from exchange.orders.models import BrokerIdentity, RegisteredBroker
 from exchange.webhooks.signing import SECRET_PREFIX
@@ -74,12 +74,12 @@ _INSERT_BROKER = """
 async def register_broker(
     pool: AsyncPool, name: str, webhook_url: str | None, *, allow_private_webhooks: bool = False
 ) -> RegisteredBroker:
-    """Create a broker with a fresh API key and webhook secret (one transaction)."""
+    """Create a broker with a fresh API key and webhook secret (one statement)."""
     if webhook_url is not None:
         await check_webhook_destination(webhook_url, allow_private=allow_private_webhooks)
     api_key = new_api_key()
     secret = new_webhook_secret()
-    async with transaction(pool) as conn:
+    async with single_statement(pool) as conn:
         cur = await conn.execute(
             _INSERT_BROKER,
             {

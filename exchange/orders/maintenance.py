@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exchange.db.engines import AsyncPool, transaction
+from exchange.db.engines import AsyncPool, single_statement
 
 DATA_TABLES = (
     "webhook_attempts",
@@ -20,5 +20,5 @@ DATA_TABLES = (
 async def reset_all_data(pool: AsyncPool) -> None:
     """Empty every data table in one statement (``TRUNCATE … RESTART IDENTITY``). The command sequence is not
     reset: sequence numbers only need to grow."""
-    async with transaction(pool) as conn:
+    async with single_statement(pool) as conn:
         await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY")

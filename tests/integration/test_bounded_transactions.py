@@ -55,7 +55,7 @@ def match_while_frozen(engine: Engine, symbol: str) -> tuple[list[tuple[int, int
 async def test_an_api_transaction_frozen_on_a_broker_row_keeps_the_matcher_waiting_only_until_the_idle_limit(
     engine: Engine, api_pool: AsyncPool
 ) -> None:
-    """A webhook endpoint change (or a secret rotation) updates the broker's row, then reads it back and commits; an
+    """A webhook endpoint change updates the broker's row, then reads it back and commits; an
     api worker frozen in between would keep every matcher trade of that broker, and with it the matcher's books,
     waiting until it woke."""
     seller = crossing_pair(engine, "APIX")

@@ -163,7 +163,7 @@ class WebhooksController(Controller):
     async def rotate_secret(self, api: Api, broker: CurrentBroker) -> Response[SecretOut]:
         """A new signing secret, shown once; the previous one stays valid for ``EXCHANGE_WEBHOOK_SECRET_GRACE_S``."""
         secret = new_webhook_secret()
-        async with transaction(api.pool) as conn:
+        async with single_statement(api.pool) as conn:  # one UPDATE: its own transaction, no lock between round trips
             found, expires = await queries.rotate_secret(conn, broker.id, secret, api.settings.webhook_secret_grace_s)
         unauthorized_if_missing(found or None)
         out = SecretOut(webhook_secret=secret, previous_secret_expires_at=expires)
