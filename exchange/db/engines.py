@@ -128,7 +128,7 @@ class AsyncPool:
             self._conninfo, **_POOLED_CONNECT_ARGS, autocommit=True, row_factory=namedtuple_row
         )
 
-    async def _put(self, conn: AsyncPgConnection, *, reuse: bool = True, others_suspect: bool = True) -> None:
+    async def _put(self, conn: AsyncPgConnection, *, reuse: bool, others_suspect: bool) -> None:
         reusable = reuse and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
         if reusable and not self._closed:
             self._idle.append(conn)

@@ -331,7 +331,8 @@ async def cancel_all(pool: AsyncPool, broker_id: UUID, symbol: str) -> CancelAll
 # The order's row is locked (``FOR NO KEY UPDATE``: concurrent amends of one order take turns; the matcher's
 # foreign-key checks are not blocked) and the command written only while the order is not closed and the change is
 # one it can take, in ONE statement: in autocommit it is its own transaction, one round trip, and nothing holds the
-# row between round trips. The row's state comes back either way, for the error to answer.
+# row between round trips. The row's state comes back either way: the checks below answer the error when the insert
+# (which PostgreSQL runs whether or not the query reads it) wrote nothing, on the same conditions.
 _AMEND = f"""
     WITH target AS (
         SELECT symbol, status, order_type FROM orders
@@ -343,9 +344,8 @@ _AMEND = f"""
         SELECT symbol, '{CommandKind.AMEND.value}', %(id)s, CAST(%(payload)s AS jsonb) FROM target
         WHERE status <> '{OrderStatus.CLOSED.value}'
           AND NOT (CAST(%(price)s AS bigint) IS NOT NULL AND order_type = '{OrderType.MARKET.value}')
-        RETURNING 1
     )
-    SELECT symbol, status, order_type, EXISTS (SELECT FROM written) AS written FROM target
+    SELECT symbol, status, order_type FROM target
     """  # noqa: S608  # enum constants only
 
 
@@ -369,4 +369,4 @@ async def amend_order(
         raise OrderClosedError("the order is closed and cannot be amended", {"order_id": str(order_id)})
     if price is not None and row.order_type == OrderType.MARKET.value:
         raise InvalidOrderError("a market order has no price to amend", {"field": "price"})
-    return CommandResult(row.symbol, written=row.written)  # written: the order is open and takes the change
+    return CommandResult(row.symbol, written=True)

@@ -43,6 +43,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -180,15 +181,14 @@ class Load:
             if mine and rng.random() < AMEND_SHARE:
                 # A new total quantity or limit price: the same amend sent twice (a retry) sets the same values.
                 change = {"quantity": rng.randint(1, 6)} if rng.random() < 0.5 else {"price": rng.randint(96, 104)}
-                path = f"/orders/{rng.choice(mine)}"
-                answer = await self._send(client, "amend", broker, path, change, "PATCH")
+                order_id = rng.choice(mine)
+                answer = await self._send(client, "amend", broker, f"/orders/{order_id}", change, "PATCH")
                 if answer is None:
-                    self.gave_up.append(f"PATCH {path}")
+                    self.gave_up.append(f"PATCH /orders/{order_id}")
                 else:
                     self.amended[answer.status_code] += 1
-                    closed = path.rsplit("/", 1)[1]
-                    if answer.status_code == 409 and closed in mine:  # another task may have taken it meanwhile
-                        mine.remove(closed)  # amend (and cancel) the orders still open
+                    if answer.status_code == 409 and order_id in mine:  # another task may have taken it meanwhile
+                        mine.remove(order_id)  # amend (and cancel) the orders still open
                 continue
             i += 1
             body = self._order(rng, n, i)
@@ -362,14 +362,32 @@ class Prober:
 # ------------------------------------------------------------------------------------------------ faults
 
 
-def kill_api_worker(run: FaultRun) -> str:
+def _api_workers(run: FaultRun) -> tuple[int, set[int]]:
+    """The gunicorn master's pid and its workers' pids."""
     api = run.harness.services["api"]
     assert api.process is not None
     workers = child_pids(api.process.pid)
     assert workers, "no gunicorn worker found"
+    return api.process.pid, workers
+
+
+@contextmanager
+def stopped(send: Callable[[signal.Signals], None]) -> Iterator[float]:
+    """SIGSTOP through ``send``, and SIGCONT when the block ends but not before FREEZE_S; yields the stop's time."""
+    send(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        yield stopped_at
+    finally:
+        time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
+        send(signal.SIGCONT)
+
+
+def kill_api_worker(run: FaultRun) -> str:
+    master, workers = _api_workers(run)
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
-    replaced = _poll(lambda: (w := child_pids(api.process.pid)) and victim not in w and len(w) == len(workers), 30)
+    replaced = _poll(lambda: (w := child_pids(master)) and victim not in w and len(w) == len(workers), 30)
     run.api_workers_replaced.append(bool(replaced))
     return f"killed worker pid {victim}; {'replaced by gunicorn' if replaced else 'NOT replaced within 30 s'}"
 
@@ -377,18 +395,13 @@ def kill_api_worker(run: FaultRun) -> str:
 def freeze_api_worker(run: FaultRun) -> str:
     """SIGSTOP one gunicorn worker for FREEZE_S while probing the pipeline on connections of its own (a client kept
     alive with the stopped worker waits for its timeout and retries, as the load's clients do), then SIGCONT it."""
-    api = run.harness.services["api"]
-    assert api.process is not None
-    victim = min(child_pids(api.process.pid))
+    victim = min(_api_workers(run)[1])
     broker = run.harness.register_broker(f"probe-api-{len(run.api_frozen_matching_after_s)}")
     prober = Prober(run.harness, broker, fresh_connections=True)
-    os.kill(victim, signal.SIGSTOP)
-    stopped_at = time.monotonic()
     try:
-        run.api_frozen_matching_after_s.append(prober.pipeline_works(stopped_at))
+        with stopped(lambda sig: os.kill(victim, sig)) as stopped_at:
+            run.api_frozen_matching_after_s.append(prober.pipeline_works(stopped_at))
     finally:
-        time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
-        os.kill(victim, signal.SIGCONT)
         prober.close()
         run.probe_accepted += [(prober.broker, order_id) for order_id in prober.accepted]
     return (
@@ -445,17 +458,11 @@ def freeze_matcher(prober: Prober) -> Callable[[FaultRun], str]:
         _start_standby(run)
         process = h.services[MATCHER_KILLED].process
         assert process is not None
-        os.killpg(process.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        try:
-            time.sleep(
-                0.2
-            )  # every live matcher's transaction ends in milliseconds: one still idle is the stopped one's
+        with stopped(lambda sig: os.killpg(process.pid, sig)) as stopped_at:
+            # Every live matcher's transaction ends in milliseconds: one still idle is the stopped one's.
+            time.sleep(0.2)
             holding = h.scalar(_IDLE_BOOK_HOLDERS) > 0
             run.frozen_matching_after_s.append(prober.pipeline_works(stopped_at))
-        finally:
-            time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
-            os.killpg(process.pid, signal.SIGCONT)
         run.after_recovery.append(lambda: _stop_standby(run))
         return (
             f"stopped {time.monotonic() - stopped_at:.1f}s beside a hot standby "

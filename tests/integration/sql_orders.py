@@ -71,3 +71,18 @@ def cancel(engine: Engine, symbol: str, order_id: uuid.UUID) -> None:
             text("INSERT INTO commands (symbol, kind, order_id) VALUES (:s, 'cancel', :id)"),
             {"s": symbol, "id": order_id},
         )
+
+
+def crossing_pair(engine: Engine, symbol: str) -> uuid.UUID:
+    """An ask and a bid that cross, both pending for the matcher, whose trade updates both brokers' rows; returns
+    the seller."""
+    seller, buyer = add_broker(engine, f"seller-{symbol}"), add_broker(engine, f"buyer-{symbol}")
+    place(engine, seller, symbol, "ask", 1, 100)
+    place(engine, buyer, symbol, "bid", 1, 100)
+    return seller
+
+
+def trades(engine: Engine, symbol: str) -> int:
+    """How many trades ``symbol`` has."""
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM trades WHERE symbol = :s"), {"s": symbol}).scalar_one())

@@ -11,33 +11,18 @@ import asyncio
 import threading
 import time
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from exchange.db.engines import IDLE_HOLDER_LIMIT_MS, AsyncPool, bounded_transaction, transaction
 from exchange.matching.service import BatchResult, BookCache, process_symbol
 from exchange.webhooks import queries
-from tests.integration.sql_orders import add_broker, place
+from tests.integration.sql_orders import crossing_pair, trades
 
 LIMIT_S = IDLE_HOLDER_LIMIT_MS / 1000
-
-
-def trades(engine: Engine, symbol: str) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM trades WHERE symbol = :s"), {"s": symbol}).scalar_one())
-
-
-def crossing_pair(engine: Engine, symbol: str) -> UUID:
-    """An ask and a bid that cross, both pending for the matcher, whose trade updates both brokers' rows; returns
-    the seller."""
-    seller, buyer = add_broker(engine, f"seller-{symbol}"), add_broker(engine, f"buyer-{symbol}")
-    place(engine, seller, symbol, "ask", 1, 100)
-    place(engine, buyer, symbol, "bid", 1, 100)
-    return seller
 
 
 def match_while_frozen(engine: Engine, symbol: str) -> tuple[list[tuple[int, int]], float]:

@@ -27,7 +27,7 @@ from exchange.db.engines import IDLE_HOLDER_LIMIT_MS, pooled_engine
 from exchange.matching import store
 from exchange.matching.service import BatchResult, BookCache, drain, process_symbol, process_symbols
 from tests.integration.concurrency import run_concurrently
-from tests.integration.sql_orders import add_broker, cancel, place
+from tests.integration.sql_orders import add_broker, cancel, crossing_pair, place, trades
 from tests.integration.test_matching_service import assert_conserved
 
 PGBOUNCER_SCRIPT = Path(__file__).resolve().parents[2] / "ops" / "scripts" / "pgbouncer.sh"
@@ -217,9 +217,7 @@ def test_a_matcher_frozen_while_holding_its_books_frees_them_after_the_idle_limi
     """A matcher stopped between its two round trips (SIGSTOP, swapping, cut off) holds its books' locks only until
     PostgreSQL ends its idle transaction: another matcher then applies the symbol's commands, and the frozen one's
     next statement fails, so nothing of its batch is ever committed."""
-    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
-    place(engine, seller, "FRZ", "ask", 1, 100)
-    place(engine, buyer, "FRZ", "bid", 1, 100)
+    crossing_pair(engine, "FRZ")
     other = store.matcher_engine(pooled_url, pool_size=1)
     applied: list[BatchResult] = []
     failed: list[BaseException] = []
@@ -243,5 +241,4 @@ def test_a_matcher_frozen_while_holding_its_books_frees_them_after_the_idle_limi
     finally:
         waiter.join()  # released at the latest when the frozen connection is rolled back
         other.dispose()
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM trades WHERE symbol = 'FRZ'")).scalar_one() == 1
+    assert trades(engine, "FRZ") == 1
