@@ -86,6 +86,13 @@ class PrivatePostgres:
         assert pg_ctl is not None
         self._run([pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"])
 
+    def process_pid(self, backend_type: str) -> int:
+        """The pid of the cluster's one process of ``backend_type`` (``pg_stat_activity``), e.g. ``walwriter``."""
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            row = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = %s", (backend_type,)).fetchone()
+        assert row is not None, f"no {backend_type} process"
+        return int(row[0])
+
     @property
     def running(self) -> bool:
         try:

@@ -16,11 +16,14 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 7. a Redis crash that loses its data (SIGKILL, append-only file deleted, started empty after 100 ms): every queued
    message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
 8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
-9. a PostgreSQL crash (``pg_ctl stop -m immediate``: every server process quits at once, no checkpoint; the start
-   replays the write-ahead log): every order answered 2xx, every fill and every event a broker received must
-   have been committed before it was answered or sent, so none may be missing or changed after the replay.
-   (It does not prove that answers wait for the WAL flush: with ``synchronous_commit = off`` everywhere the run
-   passed too, since under this load PostgreSQL writes the WAL within milliseconds of a commit anyway.)
+9. a PostgreSQL crash: its WAL writer is stopped (SIGSTOP) for WAL_WRITER_STOPPED_S under the load, then killed
+   (SIGKILL), and the cluster stopped at once (``pg_ctl stop -m immediate``: no checkpoint; the start replays the
+   write-ahead log). Every order answered 2xx, every fill and every event a broker received must have been
+   committed before it was answered or sent, so none may be missing or changed after the replay. With the WAL
+   writer stopped nothing but the committing session itself writes a commit's WAL out of PostgreSQL's memory, so
+   an answer sent before its commit's WAL was written (``synchronous_commit = off``) is an order the replay does
+   not know: with that setting the test of the orders answered in the spell fails. (The private cluster runs with
+   ``fsync = off``: what the crash of PostgreSQL's processes shows is WAL written to the kernel, not to the disk.)
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -70,6 +73,8 @@ REDIS_DOWN_S = 2.0
 FREEZE_S = 4.0
 """How long a matcher stays stopped (SIGSTOP): longer than the database lets it hold its books idle."""
 POSTGRES_DOWN_S = 3.0
+WAL_WRITER_STOPPED_S = 1.0
+"""How long the load runs with PostgreSQL's WAL writer stopped before the crash."""
 RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
 
@@ -112,6 +117,8 @@ class Accepted:
     client_order_id: str
     status: str
     """As the 201 answered it."""
+    answered_at: float
+    """time.monotonic() just after the 201 came."""
 
 
 class Load:
@@ -197,10 +204,11 @@ class Load:
                 self.gave_up.append(body["client_order_id"])
             elif response.status_code == 201:
                 data = response.json()
+                answered_at = time.monotonic()
                 self.accepted[body["client_order_id"]] = Accepted(
-                    b, data["order_id"], body["client_order_id"], data["status"]
+                    b, data["order_id"], body["client_order_id"], data["status"], answered_at
                 )
-                self.placed_states.append((time.monotonic(), data["status"]))
+                self.placed_states.append((answered_at, data["status"]))
                 if data["status"] != "closed":
                     mine.append(data["order_id"])
             elif "valid_until" in body and response.status_code == 422 and "valid_until" in response.text:
@@ -258,6 +266,21 @@ class PostgresOutage:
 
 
 @dataclass
+class UnwrittenWal:
+    """The spell before a crash in which PostgreSQL's WAL writer was stopped."""
+
+    stopped_at: float
+    crashed_at: float
+    """Just before the WAL writer's SIGKILL: every answer recorded by then came before the crash."""
+    probe_orders: list[str]
+    """Probe orders answered 201 in the spell."""
+
+    def load_orders(self, load: Load) -> list[str]:
+        """The load's orders answered 201 in the spell."""
+        return [a.order_id for a in load.accepted.values() if self.stopped_at <= a.answered_at <= self.crashed_at]
+
+
+@dataclass
 class FaultRun:
     harness: Harness
     receiver: Receiver
@@ -266,6 +289,7 @@ class FaultRun:
     symbols: list[str]
     faults: list[Fault] = field(default_factory=list)
     outages: list[PostgresOutage] = field(default_factory=list)
+    unwritten_wal: list[UnwrittenWal] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     frozen_matching_after_s: list[float | None] = field(default_factory=list)
     """SIGSTOP of a matcher beside its hot standby → a new order on every partition matched (None: never)."""
@@ -551,9 +575,24 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
     return fault
 
 
+def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: FaultRun) -> None:
+    """SIGSTOP PostgreSQL's WAL writer for WAL_WRITER_STOPPED_S under the load (a few probe orders placed meanwhile),
+    then SIGKILL it and stop the cluster at once (``immediate``). What a commit left in the WAL buffers only, for the
+    WAL writer to write later, is gone."""
+    walwriter = pg.process_pid("walwriter")
+    os.kill(walwriter, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
+    time.sleep(max(0.0, WAL_WRITER_STOPPED_S - (time.monotonic() - stopped_at)))
+    run.unwritten_wal.append(UnwrittenWal(stopped_at, time.monotonic(), probe_orders))
+    os.kill(walwriter, signal.SIGKILL)  # never continued: a stopped process would hold up the immediate stop
+    pg.stop("immediate")
+
+
 def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False) -> Callable[[FaultRun], str]:
     """Stop PostgreSQL for POSTGRES_DOWN_S (probing the api meanwhile) and start it again: cleanly (``fast``: a
-    checkpoint) or, with ``crash``, as a crash (``immediate``: no checkpoint, the start replays the WAL)."""
+    checkpoint) or, with ``crash``, as a crash with the WAL writer stopped (:func:`crash_with_the_wal_writer_stopped`;
+    no checkpoint, the start replays the WAL)."""
 
     def fault(run: FaultRun) -> str:
         h = run.harness
@@ -563,7 +602,10 @@ def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False
         broker_order = prober.accepted[0]
         body = {"document_number": "00000000001", "side": "bid", "order_type": "limit", "symbol": prober.symbols[0]}
         body |= {"price": 1, "quantity": 1}
-        pg.stop("immediate" if crash else "fast")
+        if crash:
+            crash_with_the_wal_writer_stopped(pg, prober, run)
+        else:
+            pg.stop("fast")
         outage.down_at = time.monotonic()
         while time.monotonic() - outage.down_at < POSTGRES_DOWN_S:
             probes: list[tuple[str, Callable[[], httpx.Response]]] = [
@@ -727,6 +769,19 @@ def test_an_order_answered_closed_is_still_closed(
     assert not reopened, f"{len(reopened)} orders answered closed are not closed: {reopened[:5]}"
 
 
+def test_orders_answered_while_the_wal_writer_was_stopped_survive_the_crash(
+    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+) -> None:
+    """A 201 is sent only after the order's commit is in the WAL outside PostgreSQL's memory: with the WAL writer
+    stopped, that is the committing session's own write (``synchronous_commit = on``), which a crash keeps."""
+    assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
+    for spell in fault_run.unwritten_wal:
+        ids = spell.probe_orders + spell.load_orders(fault_run.load)
+        assert spell.probe_orders, "no probe order was answered 201 while the WAL writer was stopped"
+        found = fault_stack[0].scalar("SELECT count(*) FROM orders WHERE id = ANY(%s::uuid[])", (ids,))
+        assert found == len(ids), f"{len(ids) - found} of {len(ids)} orders answered in the spell were lost"
+
+
 def test_invariants_hold_after_every_fault(
     fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
@@ -854,6 +909,11 @@ def _report(run: FaultRun) -> str:
         seen = outage.probes + run.calls_between(outage.down_at, outage.up_at)
         statuses = Counter(f"{c.op}:{c.status or c.error}" for c in seen)
         lines.append(f"  postgres outage statuses: {dict(statuses)}; first 201 after {outage.first_201_after_s}s")
+    for spell in run.unwritten_wal:
+        lines.append(
+            f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the crash: "
+            f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201"
+        )
     edges = [f.injected_at for f in run.faults] + [float("inf")]
     for name, start, end in zip(["before faults", *(f.name for f in run.faults)], [0.0, *edges], edges, strict=False):
         states = Counter(state for at, state in run.load.placed_states if start <= at < end)
