@@ -30,7 +30,6 @@ from litestar.exceptions import (
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from exchange.db.errors import IDLE_SESSION_ENDED
 from exchange.orders import errors as domain
 
 log = logging.getLogger("exchange.api")
@@ -216,9 +215,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
     # statement timeouts (40P01, 40001, 57014), which a retry may pass too. An InternalError with no SQLSTATE is
     # psycopg's own "the connection answered what it cannot" (seen through pgbouncer while PostgreSQL restarted:
     # "received 2 results from command 'BEGIN'"): a connection-level failure too; the pool drops that connection.
-    # The same holds for a transaction PostgreSQL ended because it sat idle past the limit (a worker kept off the
-    # CPU mid-transaction): nothing was committed, the connection is gone, and a retry may pass.
-    if isinstance(exc, psycopg.InternalError) and (not exc.sqlstate or exc.sqlstate == IDLE_SESSION_ENDED):
+    if isinstance(exc, psycopg.InternalError) and not exc.sqlstate:
         return True
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 

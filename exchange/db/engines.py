@@ -24,7 +24,6 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 from sqlalchemy import Engine, create_engine
 
-from exchange.db.errors import IDLE_SESSION_ENDED
 from exchange.db.urls import libpq_url, sqlalchemy_url
 
 AsyncPgConnection = psycopg.AsyncConnection[Any]
@@ -71,17 +70,15 @@ class AsyncPool:
     * A connection is handed out only when it is idle (no transaction open or in error, no statement running) and
       not broken; one that comes back otherwise, or through a psycopg error without SQLSTATE (the client library's
       own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), is closed, never reused.
-      (An exception inside ``transaction()`` rolls back first, and psycopg cancels a statement whose task is
-      cancelled and waits for the server, so a connection that comes back not idle is a lost connection, or a
-      statement the server did not stop in time.)
+      (The api opens no transaction: every connection runs single statements, see :func:`single_statement`; and
+      psycopg cancels a statement whose task is cancelled and waits for the server, so a connection that comes
+      back not idle is a lost connection, a statement the server did not stop in time, or a bug.)
     * Opening a connection happens in the request that needs it: when the server is unreachable that request fails
       at once with psycopg's error (503), rather than waiting out a pool timeout as ``psycopg_pool`` does (its
       background workers keep retrying while callers wait ``timeout`` seconds: 5 s per request in
       ``test_api_health_admin``).
     * A connection that broke makes every idle one suspect (pgbouncer or PostgreSQL restarted under all of them):
-      they are closed too, so one request fails instead of one per idle connection. Not when PostgreSQL ended that
-      one session because its transaction sat idle past :data:`IDLE_HOLDER_LIMIT_MS` (SQLSTATE 25P03): that says
-      nothing of the others.
+      they are closed too, so one request fails instead of one per idle connection.
     * Every clean connection is kept for the next request (up to ``max_size``; none after :meth:`close`): closing
       a burst's extra ones, as SQLAlchemy's pool did with its overflow, cost ~560 reconnections per 20-s run at
       ``--scale 100``. Without pgbouncer each is a PostgreSQL backend: ``max_size`` per api worker.
@@ -104,7 +101,7 @@ class AsyncPool:
         else:
             await self._slots.acquire()  # returns at once
         conn: AsyncPgConnection | None = None
-        confused = ended_alone = False
+        confused = False
         try:
             conn = self._idle.pop() if self._idle else await self._connect()
             try:
@@ -113,13 +110,11 @@ class AsyncPool:
                 # No SQLSTATE: the client library itself failed on this connection (a protocol surprise, a lost
                 # socket), not the server on a statement. Its state is unknown: never hand it out again.
                 confused = not exc.sqlstate
-                # PostgreSQL ended this one session (its transaction sat idle past the limit): the others are fine.
-                ended_alone = exc.sqlstate == IDLE_SESSION_ENDED
                 raise
         finally:
             try:
                 if conn is not None:
-                    await self._put(conn, reuse=not confused, others_suspect=not ended_alone)
+                    await self._put(conn, reuse=not confused)
             finally:
                 self._slots.release()
 
@@ -128,13 +123,13 @@ class AsyncPool:
             self._conninfo, **_POOLED_CONNECT_ARGS, autocommit=True, row_factory=namedtuple_row
         )
 
-    async def _put(self, conn: AsyncPgConnection, *, reuse: bool, others_suspect: bool) -> None:
+    async def _put(self, conn: AsyncPgConnection, *, reuse: bool) -> None:
         reusable = reuse and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
         if reusable and not self._closed:
             self._idle.append(conn)
             return
         stale = [conn]
-        if conn.broken and others_suspect:
+        if conn.broken:
             stale += self._idle
             self._idle.clear()
         for each in stale:
@@ -154,7 +149,9 @@ def single_statement(pool: AsyncPool) -> AbstractAsyncContextManager[AsyncPgConn
     """A pooled connection (autocommit) for work that is ONE statement (a read, or a write that a single
     statement makes atomic): PostgreSQL runs the statement as its own transaction, durably committed before it
     answers. One round trip, where an explicit transaction costs three (``BEGIN``, the statement,
-    ``COMMIT``/``ROLLBACK``). Statements that must commit or fail together need :func:`transaction`."""
+    ``COMMIT``/``ROLLBACK``). The api's only kind of connection use: every write of the api is one statement
+    (a CTE or a SQL function where it takes several steps), so the api never holds a lock between round trips,
+    which an event loop busy with other requests, or a stopped process, would stretch."""
     return pool.connection()
 
 
@@ -165,9 +162,9 @@ swapping, cut off from the database) would otherwise keep its locks until it wok
 other matcher, a hot standby included; a webhook-endpoint change or a webhook record its broker's row, which a
 matcher's write then waits for while it holds its books; a webhook claim its events. With the limit
 they are free after it, the frozen transaction rolls back, and the process's next statement fails with a
-connection error (retried, or a 503). A live process's window is its own work between two statements:
-milliseconds in the workers; in the api also the event loop's other requests, which is why the api's busy writes
-(accepts, cancels, amends) are single statements. One kept off the CPU longer only loses that transaction."""
+connection error (the message or delivery is retried). A live process's window is its own work between two
+statements: milliseconds. One kept off the CPU longer only loses that transaction. (The api opens no such
+transaction: :func:`single_statement`.)"""
 
 BOUNDED_BEGIN_STATEMENTS = ("BEGIN", f"SET LOCAL idle_in_transaction_session_timeout = {IDLE_HOLDER_LIMIT_MS}")
 BOUNDED_BEGIN = "; ".join(BOUNDED_BEGIN_STATEMENTS)
@@ -185,23 +182,6 @@ def _check_began(status: TransactionStatus) -> None:
     "received 2 results"): an error without SQLSTATE, which the pools treat as a lost connection."""
     if status != TransactionStatus.INTRANS:
         raise psycopg.InternalError(f"the connection is {status.name} after BEGIN, not in a transaction")
-
-
-@asynccontextmanager
-async def transaction(pool: AsyncPool) -> AsyncIterator[AsyncPgConnection]:
-    """A pooled connection inside one transaction opened with :data:`BOUNDED_BEGIN`: committed when the block
-    ends, rolled back if it raises (a connection that cannot be rolled back is closed by the pool, never reused)."""
-    async with pool.connection() as conn:
-        await conn.execute(BOUNDED_BEGIN)
-        _check_began(conn.info.transaction_status)
-        try:
-            yield conn
-        except BaseException:
-            if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):
-                    await conn.execute("ROLLBACK")
-            raise
-        await conn.execute("COMMIT")
 
 
 @contextmanager

@@ -11,11 +11,6 @@ DatabaseError = DBAPIError | psycopg.Error
 
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
 """Deadlock detected, serialization failure: the same transaction may well succeed when run again."""
-IDLE_SESSION_ENDED = "25P03"
-"""``idle_in_transaction_session_timeout``: PostgreSQL ended the session of a transaction that sat idle longer than
-:data:`exchange.db.engines.IDLE_HOLDER_LIMIT_MS` (its process was kept off the CPU or frozen). Nothing of the
-transaction was committed and the connection is gone; running it again on a new connection may well succeed.
-psycopg raises it as an ``InternalError``, not an ``OperationalError``."""
 _DETERMINISTIC_CLASSES = frozenset({"22", "23"})
 """Data exception, integrity constraint violation: the same statement on the same data fails again."""
 

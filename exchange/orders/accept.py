@@ -29,7 +29,7 @@ from uuid import UUID
 import psycopg
 
 from exchange.db.arrays import array_literal
-from exchange.db.engines import AsyncPgConnection, AsyncPool, single_statement, transaction
+from exchange.db.engines import AsyncPgConnection, AsyncPool, single_statement
 from exchange.db.errors import is_deterministic, is_retryable
 from exchange.db.tables import CommandKind, OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
@@ -309,23 +309,28 @@ class CancelAllResult:
     """Orders a cancel command was written for (those already closed or already being cancelled are skipped)."""
 
 
-_OPEN_ORDER_IDS = f"""
-    SELECT id FROM orders
-    WHERE broker_id = %(broker_id)s AND symbol = %(symbol)s AND status <> '{OrderStatus.CLOSED.value}'
+# The broker's orders in the symbol that are not closed, and their cancels written, in ONE statement: in autocommit it
+# is its own transaction, one round trip (the function's statements take their own snapshots, as separate
+# statements of a READ COMMITTED transaction would).
+_CANCEL_ALL = f"""
+    WITH live AS (
+        SELECT ARRAY(
+            SELECT id FROM orders
+            WHERE broker_id = %(broker_id)s AND symbol = %(symbol)s AND status <> '{OrderStatus.CLOSED.value}'
+        ) AS ids
+    )
+    SELECT w.id FROM live,
+        write_cancels(live.ids, array_fill(CAST(%(broker_id)s AS uuid), ARRAY[cardinality(live.ids)])) AS w
+    WHERE w.written
     """  # noqa: S608  # enum constant only
 
 
 async def cancel_all(pool: AsyncPool, broker_id: UUID, symbol: str) -> CancelAllResult:
-    """Cancel commands for every open or pending order of the broker in ``symbol``, in one transaction."""
+    """Cancel commands for every open or pending order of the broker in ``symbol``, in one statement."""
     symbol = normalize_symbol(symbol)
-    async with transaction(pool) as conn:
-        cursor = await conn.execute(_OPEN_ORDER_IDS, {"broker_id": broker_id, "symbol": symbol})
-        ids: list[UUID] = [row.id for row in await cursor.fetchall()]
-        if not ids:
-            return CancelAllResult(symbol, [])
-        found = await _write_cancels(conn, [(broker_id, order_id) for order_id in ids])
-        written = [order_id for order_id in ids if (r := found.get((broker_id, order_id))) and r.written]
-        return CancelAllResult(symbol, written)
+    async with single_statement(pool) as conn:
+        rows = await (await conn.execute(_CANCEL_ALL, {"broker_id": broker_id, "symbol": symbol})).fetchall()
+    return CancelAllResult(symbol, [row.id for row in rows])
 
 
 # The order's row is locked (``FOR NO KEY UPDATE``: concurrent amends of one order take turns; the matcher's

@@ -29,17 +29,28 @@ class EndpointView:
     failed_events: int
 
 
-_ENDPOINT = """
+_ENDPOINT_OF = """
     SELECT b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason, b.webhook_consecutive_failures,
            b.webhook_secret_previous_expires_at,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending') AS pending,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed
-    FROM brokers b WHERE b.id = %(broker_id)s
+    FROM {brokers} b WHERE b.id = %(broker_id)s
 """
+_ENDPOINT = _ENDPOINT_OF.format(brokers="brokers")
+# The change and the view of its result in ONE statement (the outer query reads the updated row from RETURNING):
+# in autocommit it is its own transaction, and nothing holds the broker's row, which the matcher's writes wait
+# for, between round trips.
+_SET_ENDPOINT = """
+    WITH changed AS (
+        UPDATE brokers SET webhook_url = %(url)s, webhook_enabled = true, webhook_disabled_reason = NULL,
+                           webhook_consecutive_failures = 0
+        WHERE id = %(broker_id)s
+        RETURNING *
+    )
+""" + _ENDPOINT_OF.format(brokers="changed")  # noqa: S608  # a CTE name of this module
 
 
-async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | None:
-    row = await (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).fetchone()
+def _endpoint_view(row: Any) -> EndpointView | None:
     if row is None:
         return None
     return EndpointView(
@@ -53,13 +64,15 @@ async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | N
     )
 
 
-async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> None:
-    """Set (or clear) the URL and re-enable the endpoint with a clean failure count (no such broker: no row)."""
-    await conn.execute(
-        "UPDATE brokers SET webhook_url = %(url)s, webhook_enabled = true, webhook_disabled_reason = NULL, "
-        "webhook_consecutive_failures = 0 WHERE id = %(broker_id)s",
-        {"broker_id": broker_id, "url": url},
-    )
+async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | None:
+    return _endpoint_view(await (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).fetchone())
+
+
+async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> EndpointView | None:
+    """Set (or clear) the URL and re-enable the endpoint with a clean failure count; the endpoint as it now is
+    (None: no such broker). One statement."""
+    params = {"broker_id": broker_id, "url": url}
+    return _endpoint_view(await (await conn.execute(_SET_ENDPOINT, params)).fetchone())
 
 
 async def rotate_secret(
@@ -110,29 +123,38 @@ async def list_events(conn: AsyncPgConnection, broker_id: UUID, after: int, limi
     ]
 
 
+# The event made pending again only while its broker's endpoint can be sent to, and whether it can, in ONE
+# statement: in autocommit it is its own transaction (the UPDATE locks the event row itself; a concurrent change of
+# it is waited for and the update applied after it).
+_REDELIVER = """
+    WITH target AS (
+        SELECT e.id, b.webhook_url IS NOT NULL AND b.webhook_enabled AS deliverable
+        FROM webhook_events e JOIN brokers b ON b.id = e.broker_id
+        WHERE e.id = %(id)s AND e.broker_id = %(broker_id)s
+    ),
+    made_pending AS (
+        UPDATE webhook_events
+        SET status = 'pending', delivered_at = NULL, last_error = NULL, next_attempt_at = clock_timestamp()
+        WHERE id = (SELECT id FROM target WHERE deliverable)
+    )
+    SELECT deliverable FROM target
+"""
+
+
 async def redeliver(conn: AsyncPgConnection, broker_id: UUID, event_id: UUID) -> None:
-    """Make the event pending and due now (whatever its status). The caller enqueues ``deliver`` after commit.
+    """Make the event pending and due now (whatever its status), in one statement. The caller enqueues ``deliver``
+    after it.
 
     Raises :class:`WebhookEventNotFoundError` (not this broker's event) or
-    :class:`WebhookEndpointUnavailableError` (no URL or endpoint disabled: nothing could be sent).
+    :class:`WebhookEndpointUnavailableError` (no URL or endpoint disabled: nothing could be sent; nothing changed).
     """
-    cur = await conn.execute(
-        "SELECT b.webhook_url IS NOT NULL AND b.webhook_enabled AS deliverable FROM webhook_events e "
-        "JOIN brokers b ON b.id = e.broker_id WHERE e.id = %(id)s AND e.broker_id = %(broker_id)s FOR UPDATE OF e",
-        {"id": event_id, "broker_id": broker_id},
-    )
-    row = await cur.fetchone()
+    row = await (await conn.execute(_REDELIVER, {"id": event_id, "broker_id": broker_id})).fetchone()
     if row is None:
         raise WebhookEventNotFoundError()
     if not row.deliverable:
         raise WebhookEndpointUnavailableError(
             "the webhook endpoint has no URL or is disabled; set it with PUT /webhooks/endpoint"
         )
-    await conn.execute(
-        "UPDATE webhook_events SET status = 'pending', delivered_at = NULL, last_error = NULL, "
-        "next_attempt_at = clock_timestamp() WHERE id = %(id)s",
-        {"id": event_id},
-    )
 
 
 # ----------------------------------------------------------------------------------------------- attempts

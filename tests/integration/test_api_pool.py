@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from exchange.db import engines
-from exchange.db.engines import AsyncPool, PoolTimeoutError, single_statement, transaction
+from exchange.db.engines import AsyncPool, PoolTimeoutError, single_statement
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nothing"
 
@@ -34,46 +34,6 @@ async def test_a_connection_returned_inside_a_transaction_is_closed_not_reused(a
     async with single_statement(api_pool) as conn:
         assert conn is not first
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-
-
-@pytest.mark.anyio
-async def test_a_failed_transaction_rolls_back_and_its_connection_is_reused(api_pool: AsyncPool) -> None:
-    before = await backend_pid(api_pool)
-
-    async def create_then_fail() -> None:
-        async with transaction(api_pool) as conn:
-            await conn.execute("CREATE TEMP TABLE scratch (x int)")
-            await conn.execute("SELECT 1 / 0")
-
-    with pytest.raises(psycopg.errors.DivisionByZero):
-        await create_then_fail()
-    async with single_statement(api_pool) as conn:
-        row = await (await conn.execute("SELECT to_regclass('pg_temp.scratch') IS NULL AS gone")).fetchone()
-    assert row is not None
-    assert row.gone  # rolled back
-    assert await backend_pid(api_pool) == before
-
-
-@pytest.mark.anyio
-async def test_a_session_ended_for_sitting_idle_in_a_transaction_closes_that_connection_only(
-    api_pool: AsyncPool,
-) -> None:
-    async def two_at_once() -> list[int]:
-        async with single_statement(api_pool) as one, single_statement(api_pool) as two:
-            rows = [await (await c.execute("SELECT pg_backend_pid() AS pid")).fetchone() for c in (one, two)]
-        return [row.pid for row in rows if row is not None]
-
-    kept = await two_at_once()  # both go back to the pool
-
-    async def sit_idle_past_the_limit() -> None:
-        async with transaction(api_pool) as conn:
-            await asyncio.sleep(engines.IDLE_HOLDER_LIMIT_MS / 1000 + 1)
-            await conn.execute("SELECT 1")
-
-    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
-        await sit_idle_past_the_limit()
-    assert len(api_pool._idle) == 1  # the other connection is kept
-    assert await backend_pid(api_pool) in kept
 
 
 @pytest.mark.anyio

@@ -232,6 +232,16 @@ def test_a_broker_sees_none_of_another_brokers_events(client: TestClient[Any], a
 # -------------------------------------------------------------------------------------------- redeliver
 
 
+def event_row(api_engine: Engine, event_id: str) -> tuple[Any, ...]:
+    """The event's delivery state: status, next attempt, delivery time, last error."""
+    with api_engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT status, next_attempt_at, delivered_at, last_error FROM webhook_events WHERE id = :id"),
+            {"id": event_id},
+        ).one()
+    return tuple(row)
+
+
 def test_redeliver_makes_a_delivered_event_pending_and_sends_it_again(
     client: TestClient[Any], api_engine: Engine, receiver: Receiver
 ) -> None:
@@ -256,10 +266,31 @@ def test_redeliver_without_a_url_is_a_conflict(client: TestClient[Any], api_engi
     trade(client, api_engine, buyer, seller)
     (event_id,) = event_ids(client, buyer)
 
+    before = event_row(api_engine, event_id)
+
     response = client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers)
 
     assert response.status_code == 409
     assert response.json()["code"] == "webhook_endpoint_unavailable"
+    assert event_row(api_engine, event_id) == before  # nothing changed
+
+
+def test_redeliver_of_another_brokers_event_is_not_found_and_changes_nothing(
+    client: TestClient[Any], api_engine: Engine, receiver: Receiver
+) -> None:
+    buyer, _ = register(client, receiver.url)
+    seller, _ = register(client, receiver.url)
+    trade(client, api_engine, buyer, seller)
+    (event_id,) = event_ids(client, buyer)
+    deliverer(api_engine).deliver(uuid.UUID(event_id))
+    before = event_row(api_engine, event_id)
+
+    response = client.post(f"/webhooks/events/{event_id}/redeliver", headers=seller.headers)
+
+    assert response.status_code == 404
+    assert response.json()["code"] == "event_not_found"
+    assert before[0] == "delivered"
+    assert event_row(api_engine, event_id) == before
 
 
 def test_redeliver_of_a_malformed_id_is_not_found(client: TestClient[Any]) -> None:

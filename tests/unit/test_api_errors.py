@@ -6,11 +6,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 import psycopg
-import pytest
-from psycopg.pq import TransactionStatus
 
 from exchange.api.errors import _HTTP_CODES, ERRORS, _domain_error, is_database_unavailable
-from exchange.db.engines import _check_began
 from exchange.orders.errors import OrderServiceError
 from exchange.webhooks import errors as webhook_errors
 
@@ -23,21 +20,6 @@ def test_psycopgs_own_internal_error_without_sqlstate_is_the_database_being_unav
 def test_connection_failures_are_the_database_being_unavailable() -> None:
     assert is_database_unavailable(psycopg.OperationalError("connection refused"))
     assert is_database_unavailable(psycopg.InterfaceError("the connection is closed"))
-
-
-def test_a_transaction_postgresql_ended_for_sitting_idle_is_the_database_being_unavailable() -> None:
-    # A worker kept off the CPU past the idle limit mid-transaction: nothing committed, the client may retry.
-    ended = psycopg.errors.IdleInTransactionSessionTimeout("terminating connection due to idle-in-transaction timeout")
-    assert is_database_unavailable(ended)
-    assert not is_database_unavailable(psycopg.errors.InvalidTransactionState("another error of its class"))
-
-
-def test_a_connection_not_in_a_transaction_after_begin_is_the_database_being_unavailable() -> None:
-    # The connection answered something other than what was asked: like psycopg's own "received 2 results".
-    with pytest.raises(psycopg.InternalError) as raised:
-        _check_began(TransactionStatus.IDLE)
-    assert is_database_unavailable(raised.value)
-    _check_began(TransactionStatus.INTRANS)  # the normal case passes
 
 
 def test_a_client_side_data_error_is_not_the_database_being_unavailable() -> None:

@@ -36,7 +36,7 @@ from exchange.api.auth import admin_guard, broker_auth, unauthorized_if_missing
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
 from exchange.api.errors import ADMIN_ERRORS, BODY_ERRORS, BROKER_ERRORS, error_responses
 from exchange.api.schemas import Url, decode_body, to_wire
-from exchange.db.engines import single_statement, transaction
+from exchange.db.engines import single_statement
 from exchange.orders.brokers import check_webhook_destination, new_webhook_secret
 from exchange.webhooks import queries
 from exchange.webhooks.errors import WebhookEventNotFoundError
@@ -154,9 +154,8 @@ class WebhooksController(Controller):
         body = decode_body(await request.body(), EndpointRequest)
         if body.url is not None:
             await check_webhook_destination(body.url, allow_private=api.settings.webhook_allow_private)
-        async with transaction(api.pool) as conn:
-            await queries.set_endpoint(conn, broker.id, body.url)  # a missing broker: endpoint() is None below
-            view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
+        async with single_statement(api.pool) as conn:
+            view = unauthorized_if_missing(await queries.set_endpoint(conn, broker.id, body.url))
         return _endpoint_out(view)
 
     @post("/webhooks/secret/rotate", status_code=200, responses=error_responses(*BROKER_ERRORS))
@@ -194,7 +193,7 @@ class WebhooksController(Controller):
             parsed = uuid.UUID(event_id)
         except ValueError:
             raise WebhookEventNotFoundError() from None
-        async with transaction(api.pool) as conn:
+        async with single_statement(api.pool) as conn:
             await queries.redeliver(conn, broker.id, parsed)
         try:
             # dramatiq's enqueue blocks on Redis: keep it off the event loop (a rare request: the order path's
