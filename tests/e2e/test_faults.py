@@ -137,6 +137,8 @@ class Load:
         self.placed_states: list[tuple[float, str]] = []
         self.amended: Counter[int] = Counter()
         """The final answer of every amend, by status."""
+        self.changes: list[tuple[float, str, str]] = []
+        """(answered at, ``cancel`` or ``amend``, order id) of every cancel answered 204 and amend answered 200."""
         self._mine: list[list[str]] = [[] for _ in brokers]
         self._stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="fault-load", daemon=True)
@@ -183,7 +185,9 @@ class Load:
             mine = self._mine[b]
             if mine and rng.random() < CANCEL_SHARE:
                 order_id = mine.pop(rng.randrange(len(mine)))
-                await self._send(client, "cancel", broker, f"/orders/{order_id}/cancel", None)
+                answer = await self._send(client, "cancel", broker, f"/orders/{order_id}/cancel", None)
+                if answer is not None and answer.status_code == 204:
+                    self.changes.append((time.monotonic(), "cancel", order_id))
                 continue
             if mine and rng.random() < AMEND_SHARE:
                 # A new total quantity or limit price: the same amend sent twice (a retry) sets the same values.
@@ -194,6 +198,8 @@ class Load:
                     self.gave_up.append(f"PATCH /orders/{order_id}")
                 else:
                     self.amended[answer.status_code] += 1
+                    if answer.status_code == 200:
+                        self.changes.append((time.monotonic(), "amend", order_id))
                     if answer.status_code == 409 and order_id in mine:  # another task may have taken it meanwhile
                         mine.remove(order_id)  # amend (and cancel) the orders still open
                 continue
@@ -278,6 +284,10 @@ class UnwrittenWal:
     def load_orders(self, load: Load) -> list[str]:
         """The load's orders answered 201 in the spell."""
         return [a.order_id for a in load.accepted.values() if self.stopped_at <= a.answered_at <= self.crashed_at]
+
+    def load_changes(self, load: Load) -> list[tuple[str, str]]:
+        """(``cancel`` or ``amend``, order id) of the load's cancels and amends acknowledged in the spell."""
+        return [(kind, order_id) for at, kind, order_id in load.changes if self.stopped_at <= at <= self.crashed_at]
 
 
 @dataclass
@@ -782,6 +792,26 @@ def test_orders_answered_while_the_wal_writer_was_stopped_survive_the_crash(
         assert found == len(ids), f"{len(ids) - found} of {len(ids)} orders answered in the spell were lost"
 
 
+def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_survive_the_crash(
+    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+) -> None:
+    """A cancel's 204 and an amend's 200 are sent only after their command is committed (a cancel of an order
+    already closed or already being cancelled writes nothing and needs nothing): none is lost by the crash."""
+    assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
+    changes = [change for spell in fault_run.unwritten_wal for change in spell.load_changes(fault_run.load)]
+    assert any(kind == "cancel" for kind, _ in changes), "no cancel was acknowledged while the WAL writer was stopped"
+    kept = {
+        (kind, order_id)
+        for kind, order_id in fault_stack[0].query(
+            "SELECT DISTINCT c.kind, c.order_id::text FROM commands c WHERE c.order_id = ANY(%s::uuid[])"
+            " UNION SELECT 'cancel', o.id::text FROM orders o WHERE o.id = ANY(%s::uuid[]) AND o.status = 'closed'",
+            ([order_id for _, order_id in changes],) * 2,
+        )
+    }
+    lost = [change for change in changes if change not in kept]
+    assert not lost, f"{len(lost)} of {len(changes)} acknowledged in the spell were lost, e.g. {lost[:5]}"
+
+
 def test_invariants_hold_after_every_fault(
     fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
@@ -912,7 +942,8 @@ def _report(run: FaultRun) -> str:
     for spell in run.unwritten_wal:
         lines.append(
             f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the crash: "
-            f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201"
+            f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201, "
+            f"{dict(Counter(kind for kind, _ in spell.load_changes(run.load)))} acknowledged"
         )
     edges = [f.injected_at for f in run.faults] + [float("inf")]
     for name, start, end in zip(["before faults", *(f.name for f in run.faults)], [0.0, *edges], edges, strict=False):
