@@ -159,8 +159,8 @@ IDLE_HOLDER_LIMIT_MS = 2000
 """How long a transaction of the exchange that spans several round trips may sit idle between them before
 PostgreSQL ends its session (``idle_in_transaction_session_timeout``). A process frozen inside one (stopped,
 swapping, cut off from the database) would otherwise keep its locks until it woke: a matcher its books, from every
-other matcher, a hot standby included; a webhook-endpoint change or a webhook record its broker's row, which a
-matcher's write then waits for while it holds its books; a webhook claim its events. With the limit
+other matcher, a hot standby included; a webhook record its broker's row (its failure count, its endpoint), which
+a matcher's write then waits for while it holds its books; a webhook claim its events. With the limit
 they are free after it, the frozen transaction rolls back, and the process's next statement fails with a
 connection error (the message or delivery is retried). A live process's window is its own work between two
 statements: milliseconds. One kept off the CPU longer only loses that transaction. (The api opens no such

@@ -29,28 +29,17 @@ class EndpointView:
     failed_events: int
 
 
-_ENDPOINT_OF = """
+_ENDPOINT = """
     SELECT b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason, b.webhook_consecutive_failures,
            b.webhook_secret_previous_expires_at,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending') AS pending,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed
-    FROM {brokers} b WHERE b.id = %(broker_id)s
+    FROM brokers b WHERE b.id = %(broker_id)s
 """
-_ENDPOINT = _ENDPOINT_OF.format(brokers="brokers")
-# The change and the view of its result in ONE statement (the outer query reads the updated row from RETURNING):
-# in autocommit it is its own transaction, and nothing holds the broker's row, which the matcher's writes wait
-# for, between round trips.
-_SET_ENDPOINT = """
-    WITH changed AS (
-        UPDATE brokers SET webhook_url = %(url)s, webhook_enabled = true, webhook_disabled_reason = NULL,
-                           webhook_consecutive_failures = 0
-        WHERE id = %(broker_id)s
-        RETURNING *
-    )
-""" + _ENDPOINT_OF.format(brokers="changed")  # noqa: S608  # a CTE name of this module
 
 
-def _endpoint_view(row: Any) -> EndpointView | None:
+async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | None:
+    row = await (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).fetchone()
     if row is None:
         return None
     return EndpointView(
@@ -64,15 +53,13 @@ def _endpoint_view(row: Any) -> EndpointView | None:
     )
 
 
-async def endpoint(conn: AsyncPgConnection, broker_id: UUID) -> EndpointView | None:
-    return _endpoint_view(await (await conn.execute(_ENDPOINT, {"broker_id": broker_id})).fetchone())
-
-
-async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> EndpointView | None:
-    """Set (or clear) the URL and re-enable the endpoint with a clean failure count; the endpoint as it now is
-    (None: no such broker). One statement."""
-    params = {"broker_id": broker_id, "url": url}
-    return _endpoint_view(await (await conn.execute(_SET_ENDPOINT, params)).fetchone())
+async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None) -> None:
+    """Set (or clear) the URL and re-enable the endpoint with a clean failure count (no such broker: no row)."""
+    await conn.execute(
+        "UPDATE brokers SET webhook_url = %(url)s, webhook_enabled = true, webhook_disabled_reason = NULL, "
+        "webhook_consecutive_failures = 0 WHERE id = %(broker_id)s",
+        {"broker_id": broker_id, "url": url},
+    )
 
 
 async def rotate_secret(

@@ -16,14 +16,17 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 7. a Redis crash that loses its data (SIGKILL, append-only file deleted, started empty after 100 ms): every queued
    message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
 8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
-9. a PostgreSQL crash: its WAL writer is stopped (SIGSTOP) for WAL_WRITER_STOPPED_S under the load, then killed
-   (SIGKILL), and the cluster stopped at once (``pg_ctl stop -m immediate``: no checkpoint; the start replays the
-   write-ahead log). Every order answered 2xx, every fill and every event a broker received must have been
-   committed before it was answered or sent, so none may be missing or changed after the replay. With the WAL
-   writer stopped nothing but the committing session itself writes a commit's WAL out of PostgreSQL's memory, so
-   an answer sent before its commit's WAL was written (``synchronous_commit = off``) is an order the replay does
-   not know: with that setting the test of the orders answered in the spell fails. (The private cluster runs with
-   ``fsync = off``: what the crash of PostgreSQL's processes shows is WAL written to the kernel, not to the disk.)
+9. a PostgreSQL crash: with every other writer of the exchange stopped (SIGSTOP of the matchers, the webhooks worker
+   and the sweeper), so that the api's statements are the only commits, its WAL writer is stopped too for
+   WAL_WRITER_STOPPED_S under the load, then killed (SIGKILL), and the cluster stopped at once (``pg_ctl stop -m
+   immediate``: no checkpoint; the start replays the write-ahead log). Every order answered 2xx, every fill and
+   every event a broker received must have been committed before it was answered or sent, so none may be missing
+   or changed after the replay. In the spell nothing writes a commit's WAL out of PostgreSQL's memory but the
+   committing session itself (a synchronous commit writes the WAL up to its own record; the WAL writer writes an
+   asynchronous one's later): an api answer sent before its own commit's WAL was written (``synchronous_commit =
+   off``) is a write the replay does not know, and the tests of the spell's orders, cancels and amends fail. (The
+   private cluster runs with ``fsync = off``: what a crash of PostgreSQL's processes shows is WAL written to the
+   kernel before an answer, not to the disk.)
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -38,6 +41,8 @@ steady spells in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import random
 import signal
@@ -59,7 +64,16 @@ import pytest
 from exchange.db import migrate
 from exchange.dev import FIRST_RESTART_DELAY_S
 from exchange.messaging.partitions import partition_of
-from tests.e2e.conftest import PARTITIONS, Broker, Harness, free_port, in_ci, require_services, unique_symbol
+from tests.e2e.conftest import (
+    MATCHER_SPLITS,
+    PARTITIONS,
+    Broker,
+    Harness,
+    free_port,
+    in_ci,
+    require_services,
+    unique_symbol,
+)
 from tests.e2e.private_services import PrivatePostgres, PrivateRedis, private_services_missing
 from tests.invariants import check_invariants
 from tests.webhook_receiver import Receiver
@@ -74,7 +88,9 @@ FREEZE_S = 4.0
 """How long a matcher stays stopped (SIGSTOP): longer than the database lets it hold its books idle."""
 POSTGRES_DOWN_S = 3.0
 WAL_WRITER_STOPPED_S = 1.0
-"""How long the load runs with PostgreSQL's WAL writer stopped before the crash."""
+"""How long the load runs with PostgreSQL's WAL writer stopped before the crash (longer, up to
+WAL_WRITER_STOPPED_MAX_S, until a cancel has been acknowledged in the spell)."""
+WAL_WRITER_STOPPED_MAX_S = 5.0
 RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
 
@@ -121,6 +137,23 @@ class Accepted:
     """time.monotonic() just after the 201 came."""
 
 
+@dataclass(frozen=True)
+class Change:
+    answered_at: float
+    """time.monotonic() just after the answer came."""
+    kind: str
+    """``cancel`` (answered 204) or ``amend`` (answered 200)."""
+    order_id: str
+    amend: dict[str, int] | None = None
+    """The amend's body: a new ``quantity`` or ``price``."""
+
+    @property
+    def command_payload(self) -> dict[str, int | None]:
+        """The amend command's payload as the api writes it (``exchange.orders.accept.amend_order``)."""
+        assert self.amend is not None
+        return {"quantity": self.amend.get("quantity"), "price": self.amend.get("price")}
+
+
 class Load:
     """Posts orders and cancels from a background thread until :meth:`stop`; every call is recorded."""
 
@@ -137,8 +170,8 @@ class Load:
         self.placed_states: list[tuple[float, str]] = []
         self.amended: Counter[int] = Counter()
         """The final answer of every amend, by status."""
-        self.changes: list[tuple[float, str, str]] = []
-        """(answered at, ``cancel`` or ``amend``, order id) of every cancel answered 204 and amend answered 200."""
+        self.changes: list[Change] = []
+        """Every cancel answered 204 and amend answered 200."""
         self._mine: list[list[str]] = [[] for _ in brokers]
         self._stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="fault-load", daemon=True)
@@ -187,7 +220,7 @@ class Load:
                 order_id = mine.pop(rng.randrange(len(mine)))
                 answer = await self._send(client, "cancel", broker, f"/orders/{order_id}/cancel", None)
                 if answer is not None and answer.status_code == 204:
-                    self.changes.append((time.monotonic(), "cancel", order_id))
+                    self.changes.append(Change(time.monotonic(), "cancel", order_id))
                 continue
             if mine and rng.random() < AMEND_SHARE:
                 # A new total quantity or limit price: the same amend sent twice (a retry) sets the same values.
@@ -199,7 +232,7 @@ class Load:
                 else:
                     self.amended[answer.status_code] += 1
                     if answer.status_code == 200:
-                        self.changes.append((time.monotonic(), "amend", order_id))
+                        self.changes.append(Change(time.monotonic(), "amend", order_id, change))
                     if answer.status_code == 409 and order_id in mine:  # another task may have taken it meanwhile
                         mine.remove(order_id)  # amend (and cancel) the orders still open
                 continue
@@ -276,6 +309,8 @@ class UnwrittenWal:
     """The spell before a crash in which PostgreSQL's WAL writer was stopped."""
 
     stopped_at: float
+    stopped_wall: float
+    """time.time() at the spell's start: nothing of the exchange but the api wrote from then on."""
     crashed_at: float
     """Just before the WAL writer's SIGKILL: every answer recorded by then came before the crash."""
     probe_orders: list[str]
@@ -285,9 +320,9 @@ class UnwrittenWal:
         """The load's orders answered 201 in the spell."""
         return [a.order_id for a in load.accepted.values() if self.stopped_at <= a.answered_at <= self.crashed_at]
 
-    def load_changes(self, load: Load) -> list[tuple[str, str]]:
-        """(``cancel`` or ``amend``, order id) of the load's cancels and amends acknowledged in the spell."""
-        return [(kind, order_id) for at, kind, order_id in load.changes if self.stopped_at <= at <= self.crashed_at]
+    def load_changes(self, load: Load) -> list[Change]:
+        """The load's cancels and amends acknowledged in the spell."""
+        return [c for c in load.changes if self.stopped_at <= c.answered_at <= self.crashed_at]
 
 
 @dataclass
@@ -586,17 +621,41 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
 
 
 def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: FaultRun) -> None:
-    """SIGSTOP PostgreSQL's WAL writer for WAL_WRITER_STOPPED_S under the load (a few probe orders placed meanwhile),
-    then SIGKILL it and stop the cluster at once (``immediate``). What a commit left in the WAL buffers only, for the
-    WAL writer to write later, is gone."""
+    """Stop (SIGSTOP) every writer of the exchange but the api, then PostgreSQL's WAL writer, for the spell under
+    the load (probe orders placed meanwhile); then SIGKILL the WAL writer (PostgreSQL's crash: the postmaster ends
+    every session; the restart it begins is cut short by the immediate stop), stop the cluster at once, and let the
+    writers go on. What a commit left in the WAL buffers only, for the WAL writer to write later, is gone."""
+    h = run.harness
+    writers = [h.services[name].process for name in (*MATCHER_SPLITS, "webhooks", "sweeper")]
     walwriter = pg.process_pid("walwriter")
-    os.kill(walwriter, signal.SIGSTOP)
-    stopped_at = time.monotonic()
-    probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
-    time.sleep(max(0.0, WAL_WRITER_STOPPED_S - (time.monotonic() - stopped_at)))
-    run.unwritten_wal.append(UnwrittenWal(stopped_at, time.monotonic(), probe_orders))
-    os.kill(walwriter, signal.SIGKILL)  # never continued: a stopped process would hold up the immediate stop
-    pg.stop("immediate")
+    walwriter_killed = False
+    for process in writers:
+        assert process is not None
+        os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        os.kill(walwriter, signal.SIGSTOP)
+        stopped_at, stopped_wall = time.monotonic(), time.time()
+        probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
+
+        def cancelled_in_spell() -> bool:
+            return any(c.kind == "cancel" and c.answered_at >= stopped_at for c in run.load.changes)
+
+        while (spent := time.monotonic() - stopped_at) < WAL_WRITER_STOPPED_S or (
+            not cancelled_in_spell() and spent < WAL_WRITER_STOPPED_MAX_S
+        ):
+            time.sleep(0.05)
+        run.unwritten_wal.append(UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders))
+        os.kill(walwriter, signal.SIGKILL)  # never continued: a stopped process would hold up the immediate stop
+        walwriter_killed = True
+        pg.stop("immediate")
+    finally:
+        if not walwriter_killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(walwriter, signal.SIGCONT)
+        for process in writers:
+            assert process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)
 
 
 def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False) -> Callable[[FaultRun], str]:
@@ -782,8 +841,10 @@ def test_an_order_answered_closed_is_still_closed(
 def test_orders_answered_while_the_wal_writer_was_stopped_survive_the_crash(
     fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
-    """A 201 is sent only after the order's commit is in the WAL outside PostgreSQL's memory: with the WAL writer
-    stopped, that is the committing session's own write (``synchronous_commit = on``), which a crash keeps."""
+    """A 201 is sent only after the order's commit is in the WAL outside PostgreSQL's memory: in the spell, with the
+    api the only writer and the WAL writer stopped, that is the api's own session writing it before it answers
+    (``synchronous_commit = on``), which a crash keeps. (The load's orders are checked with all the others above;
+    here the spell's own, with the probe orders.)"""
     assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
     for spell in fault_run.unwritten_wal:
         ids = spell.probe_orders + spell.load_orders(fault_run.load)
@@ -795,21 +856,40 @@ def test_orders_answered_while_the_wal_writer_was_stopped_survive_the_crash(
 def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_survive_the_crash(
     fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
-    """A cancel's 204 and an amend's 200 are sent only after their command is committed (a cancel of an order
-    already closed or already being cancelled writes nothing and needs nothing): none is lost by the crash."""
+    """A cancel's 204 and an amend's 200 are sent only after their command is committed: each cancel answered in the
+    spell has a cancel command, unless its order was closed before the spell began (a no-op: nothing to write), and
+    each amend a command with its payload."""
+    h = fault_stack[0]
     assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
-    changes = [change for spell in fault_run.unwritten_wal for change in spell.load_changes(fault_run.load)]
-    assert any(kind == "cancel" for kind, _ in changes), "no cancel was acknowledged while the WAL writer was stopped"
-    kept = {
-        (kind, order_id)
-        for kind, order_id in fault_stack[0].query(
-            "SELECT DISTINCT c.kind, c.order_id::text FROM commands c WHERE c.order_id = ANY(%s::uuid[])"
-            " UNION SELECT 'cancel', o.id::text FROM orders o WHERE o.id = ANY(%s::uuid[]) AND o.status = 'closed'",
-            ([order_id for _, order_id in changes],) * 2,
+    lost: list[Change] = []
+    for spell in fault_run.unwritten_wal:
+        changes = spell.load_changes(fault_run.load)
+        assert any(c.kind == "cancel" for c in changes), "no cancel was acknowledged while the WAL writer was stopped"
+        ids = [c.order_id for c in changes]
+        commands = h.query(
+            "SELECT kind, order_id::text, payload FROM commands WHERE kind IN ('cancel', 'amend')"
+            " AND order_id = ANY(%s::uuid[])",
+            (ids,),
         )
-    }
-    lost = [change for change in changes if change not in kept]
-    assert not lost, f"{len(lost)} of {len(changes)} acknowledged in the spell were lost, e.g. {lost[:5]}"
+        cancelled = {order_id for kind, order_id, _ in commands if kind == "cancel"}
+        closed_before = {
+            order_id
+            for (order_id,) in h.query(
+                "SELECT id::text FROM orders WHERE id = ANY(%s::uuid[]) AND status = 'closed'"
+                " AND updated_at < to_timestamp(%s)",
+                (ids, spell.stopped_wall),
+            )
+        }
+        amends = Counter((order_id, json.dumps(payload, sort_keys=True)) for kind, order_id, payload in commands)
+        for c in changes:
+            if c.kind == "cancel" and c.order_id not in cancelled | closed_before:
+                lost.append(c)
+            elif c.kind == "amend":
+                key = (c.order_id, json.dumps(c.command_payload, sort_keys=True))
+                if amends[key] == 0:
+                    lost.append(c)
+                amends[key] -= 1
+    assert not lost, f"{len(lost)} cancels and amends acknowledged in a spell were lost, e.g. {lost[:5]}"
 
 
 def test_invariants_hold_after_every_fault(
@@ -943,7 +1023,7 @@ def _report(run: FaultRun) -> str:
         lines.append(
             f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the crash: "
             f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201, "
-            f"{dict(Counter(kind for kind, _ in spell.load_changes(run.load)))} acknowledged"
+            f"{dict(Counter(c.kind for c in spell.load_changes(run.load)))} acknowledged"
         )
     edges = [f.injected_at for f in run.faults] + [float("inf")]
     for name, start, end in zip(["before faults", *(f.name for f in run.faults)], [0.0, *edges], edges, strict=False):

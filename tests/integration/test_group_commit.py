@@ -169,6 +169,30 @@ async def test_concurrent_cancel_groups_of_one_order_write_one_command(engine: E
 
 
 @pytest.mark.anyio
+async def test_cancel_all_racing_single_cancels_of_its_orders_writes_one_cancel_per_order(
+    engine: Engine, api_pool: AsyncPool
+) -> None:
+    broker = add_broker(engine, "racing-cancel-all")
+    symbol = new_symbol()
+    orders = [new_order(broker, symbol) for _ in range(4)]
+    await accept.place_orders(api_pool, orders)
+    keys = [(broker, o.order_id) for o in orders]
+    everything, *singles = await asyncio.gather(
+        accept.cancel_all(api_pool, broker, symbol), *(accept.cancel_orders(api_pool, [key]) for key in keys * 2)
+    )
+    assert isinstance(everything, accept.CancelAllResult)
+    written_by_singles = [o.order_id for o, [r] in zip(orders * 2, singles, strict=True) if r.written]
+    # every order's cancel was written once, by cancel-all or by one of the single cancels
+    assert sorted(everything.order_ids + written_by_singles) == sorted(o.order_id for o in orders)
+    with engine.connect() as conn:
+        counts = conn.execute(
+            text("SELECT order_id, count(*) FROM commands WHERE kind = 'cancel' AND order_id = ANY(:ids) GROUP BY 1"),
+            {"ids": [o.order_id for o in orders]},
+        )
+        assert {order_id: n for order_id, n in counts} == {o.order_id: 1 for o in orders}
+
+
+@pytest.mark.anyio
 async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, api_pool: AsyncPool) -> None:
     # The matcher updates order rows (FOR NO KEY UPDATE level) in its own order; cancels taking row locks could
     # deadlock with it. Cancels must only need their advisory locks and the foreign key's KEY SHARE lock.

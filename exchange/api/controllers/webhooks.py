@@ -155,7 +155,10 @@ class WebhooksController(Controller):
         if body.url is not None:
             await check_webhook_destination(body.url, allow_private=api.settings.webhook_allow_private)
         async with single_statement(api.pool) as conn:
-            view = unauthorized_if_missing(await queries.set_endpoint(conn, broker.id, body.url))
+            # Two statements, each its own transaction: the broker's row is locked only while the UPDATE runs, and
+            # the read after it counts the events as they are then. A missing broker: endpoint() is None.
+            await queries.set_endpoint(conn, broker.id, body.url)
+            view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
 
     @post("/webhooks/secret/rotate", status_code=200, responses=error_responses(*BROKER_ERRORS))
