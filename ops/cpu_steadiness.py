@@ -9,12 +9,20 @@ and prints the median chunk time, p90 / median, and for every second of the run 
 machines have shown spells of several seconds in which most chunks ran 1.3-1.6x slower while the machine was idle
 (no steal time reported): a server at 80-90 % of its capacity (``exchange bench --scale 100``) falls behind in such
 a spell and catches up after it, a likely part of the spread between runs of the same code (ops/MEASURED.md,
-"Overload spells"). Numbers only: nothing is asserted.
+"Overload spells").
+
+It also times a cross-process wake-up: one byte sent to a child process and back over a socket pair, ``--wakeups``
+times (the median round trip). Every stage of the exchange's pipeline is such a wake-up (a request reaching the api,
+a statement reaching PostgreSQL through pgbouncer, a wake-up reaching the matcher), and a machine can be fast at
+the interpreter's work and slow at this (ops/MEASURED.md, "a machine of costly wake-ups"). Numbers only: nothing is
+asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
 import time
 from collections import defaultdict
@@ -62,12 +70,39 @@ def measure(seconds: float, additions: int) -> list[tuple[float, float]]:
     return samples
 
 
+def wakeup_round_trip_s(rounds: int) -> float:
+    """Median seconds for one byte to reach a child process and come back (socket pair; ``rounds`` times)."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: echo every byte until the parent closes its end
+        parent.close()
+        while data := child.recv(1):
+            child.send(data)
+        os._exit(0)
+    child.close()
+    times: list[float] = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            parent.send(b"x")
+            if parent.recv(1) != b"x":
+                raise RuntimeError("the echoing child process went away")
+            times.append(time.perf_counter() - started)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ops.cpu_steadiness", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--chunk-additions", type=int, default=300_000)
     parser.add_argument("--slow-factor", type=float, default=1.3)
+    parser.add_argument("--wakeups", type=int, default=20_000, help="cross-process round trips to time (0: none)")
     args = parser.parse_args(argv)
+    if args.wakeups > 0:
+        print(f"cross-process wake-up round trip median {wakeup_round_trip_s(args.wakeups) * 1e6:.1f} us")
     result = steadiness(measure(args.seconds, args.chunk_additions), args.slow_factor)
     print(
         f"chunk median {result.median_s * 1000:.1f} ms, p90 {result.p90_over_median:.2f}x the median; "

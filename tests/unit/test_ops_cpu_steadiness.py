@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from ops.cpu_steadiness import chunk, main, steadiness
+from ops.cpu_steadiness import chunk, main, steadiness, wakeup_round_trip_s
 
 
 def test_slow_chunks_are_counted_in_the_second_they_started() -> None:
@@ -24,9 +26,20 @@ def test_a_bigger_chunk_takes_longer() -> None:
     assert min(chunk(2_000_000) for _ in range(3)) > min(chunk(20_000) for _ in range(3))
 
 
+def test_a_wake_up_round_trip_goes_through_a_child_process_and_leaves_none_behind() -> None:
+    assert wakeup_round_trip_s(50) > 0
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # the echoing child was reaped: no child of this process is left
+
+
 def test_the_command_prints_one_share_per_second(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--seconds", "1.2", "--chunk-additions", "10000"])
+    main(["--seconds", "1.2", "--chunk-additions", "10000", "--wakeups", "0"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("chunk median ")
     assert len(lines[1].split()) == 2
     assert lines[2].endswith(" of 2")
+
+
+def test_the_command_prints_the_wake_up_round_trip_first(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--seconds", "0.1", "--chunk-additions", "1000", "--wakeups", "20"])
+    assert capsys.readouterr().out.startswith("cross-process wake-up round trip median ")
