@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
 import time
@@ -74,11 +75,14 @@ def wakeup_round_trip_s(rounds: int) -> float:
     """Median seconds for one byte to reach a child process and come back (socket pair; ``rounds`` times)."""
     parent, child = socket.socketpair()
     pid = os.fork()
-    if pid == 0:  # the child: echo every byte until the parent closes its end
-        parent.close()
-        while data := child.recv(1):
-            child.send(data)
-        os._exit(0)
+    if pid == 0:  # the child: echo every byte until the parent closes its end, and never return into the caller
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+            parent.close()
+            while data := child.recv(1):
+                child.send(data)
+        finally:
+            os._exit(0)
     child.close()
     times: list[float] = []
     try:

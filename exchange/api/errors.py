@@ -213,8 +213,9 @@ def is_database_unavailable(exc: BaseException) -> bool:
     # OperationalError covers a failed connect, a connection lost mid-statement, the pool's PoolTimeoutError and
     # every SQLSTATE of classes 08/53/57P0x (psycopg maps them to it); also deadlocks, serialization failures and
     # statement timeouts (40P01, 40001, 57014), which a retry may pass too. An InternalError with no SQLSTATE is
-    # psycopg's own "the connection answered what it cannot" (seen through pgbouncer while PostgreSQL restarted:
-    # "received 2 results from command 'BEGIN'"): a connection-level failure too; the pool drops that connection.
+    # psycopg's own "the connection answered what it cannot" (seen through pgbouncer while PostgreSQL restarted, when
+    # the api still sent BEGIN: "received 2 results from command 'BEGIN'"): a connection-level failure too; the pool
+    # drops that connection.
     if isinstance(exc, psycopg.InternalError) and not exc.sqlstate:
         return True
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)

@@ -354,6 +354,11 @@ _AMEND = f"""
     """  # noqa: S608  # enum constants only
 
 
+def amend_payload(quantity: int | None, price: int | None) -> dict[str, int | None]:
+    """An ``amend`` command's payload: the new total quantity and limit price (None: unchanged)."""
+    return {"quantity": quantity, "price": price}
+
+
 async def amend_order(
     pool: AsyncPool, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None
 ) -> CommandResult:
@@ -364,7 +369,7 @@ async def amend_order(
     """
     if quantity is None and price is None:
         raise InvalidOrderError("give quantity and/or price", {"fields": ["quantity", "price"]})
-    payload = json.dumps({"quantity": quantity, "price": price})
+    payload = json.dumps(amend_payload(quantity, price))
     params = {"id": order_id, "broker_id": broker_id, "payload": payload, "price": price}
     async with single_statement(pool) as conn:
         row = await (await conn.execute(_AMEND, params)).fetchone()

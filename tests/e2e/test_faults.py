@@ -64,8 +64,8 @@ import pytest
 from exchange.db import migrate
 from exchange.dev import FIRST_RESTART_DELAY_S
 from exchange.messaging.partitions import partition_of
+from exchange.orders.accept import amend_payload
 from tests.e2e.conftest import (
-    MATCHER_SPLITS,
     PARTITIONS,
     Broker,
     Harness,
@@ -89,7 +89,7 @@ FREEZE_S = 4.0
 POSTGRES_DOWN_S = 3.0
 WAL_WRITER_STOPPED_S = 1.0
 """How long the load runs with PostgreSQL's WAL writer stopped before the crash (longer, up to
-WAL_WRITER_STOPPED_MAX_S, until a cancel has been acknowledged in the spell)."""
+WAL_WRITER_STOPPED_MAX_S, until a cancel and an amend have been acknowledged in the spell)."""
 WAL_WRITER_STOPPED_MAX_S = 5.0
 RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
@@ -149,9 +149,9 @@ class Change:
 
     @property
     def command_payload(self) -> dict[str, int | None]:
-        """The amend command's payload as the api writes it (``exchange.orders.accept.amend_order``)."""
+        """The amend command's payload as the api writes it."""
         assert self.amend is not None
-        return {"quantity": self.amend.get("quantity"), "price": self.amend.get("price")}
+        return amend_payload(self.amend.get("quantity"), self.amend.get("price"))
 
 
 class Load:
@@ -441,14 +441,15 @@ def _api_workers(run: FaultRun) -> tuple[int, set[int]]:
 
 
 @contextmanager
-def stopped(send: Callable[[signal.Signals], None]) -> Iterator[float]:
-    """SIGSTOP through ``send``, and SIGCONT when the block ends but not before FREEZE_S; yields the stop's time."""
+def stopped(send: Callable[[signal.Signals], None], at_least_s: float = FREEZE_S) -> Iterator[float]:
+    """SIGSTOP through ``send``, and SIGCONT when the block ends but not before ``at_least_s``; yields the stop's
+    time."""
     send(signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
         yield stopped_at
     finally:
-        time.sleep(max(0.0, FREEZE_S - (time.monotonic() - stopped_at)))
+        time.sleep(max(0.0, at_least_s - (time.monotonic() - stopped_at)))
         send(signal.SIGCONT)
 
 
@@ -621,41 +622,35 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
 
 
 def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: FaultRun) -> None:
-    """Stop (SIGSTOP) every writer of the exchange but the api, then PostgreSQL's WAL writer, for the spell under
-    the load (probe orders placed meanwhile); then SIGKILL the WAL writer (PostgreSQL's crash: the postmaster ends
-    every session; the restart it begins is cut short by the immediate stop), stop the cluster at once, and let the
-    writers go on. What a commit left in the WAL buffers only, for the WAL writer to write later, is gone."""
+    """Stop (SIGSTOP) every process of the exchange but the api (the matchers, the webhooks worker, the sweeper:
+    every other writer), then PostgreSQL's WAL writer, for the spell under the load (probe orders placed meanwhile);
+    then SIGKILL the WAL writer (PostgreSQL's crash: the postmaster ends every session; the restart it begins is cut
+    short by the immediate stop), stop the cluster at once, and let the exchange's processes go on. What a commit
+    left in the WAL buffers only, for the WAL writer to write later, is gone."""
     h = run.harness
-    writers = [h.services[name].process for name in (*MATCHER_SPLITS, "webhooks", "sweeper")]
+    groups = [svc.process.pid for name, svc in h.services.items() if name != "api" and svc.process is not None]
     walwriter = pg.process_pid("walwriter")
-    walwriter_killed = False
-    for process in writers:
-        assert process is not None
-        os.killpg(process.pid, signal.SIGSTOP)
-    try:
+    with contextlib.ExitStack() as writers_stopped:
+        for group in groups:
+            writers_stopped.enter_context(stopped(lambda sig, group=group: os.killpg(group, sig), at_least_s=0))
         os.kill(walwriter, signal.SIGSTOP)
-        stopped_at, stopped_wall = time.monotonic(), time.time()
-        probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
+        try:
+            stopped_at, stopped_wall = time.monotonic(), time.time()
+            probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
 
-        def cancelled_in_spell() -> bool:
-            return any(c.kind == "cancel" and c.answered_at >= stopped_at for c in run.load.changes)
+            def answered_in_spell(kind: str) -> bool:
+                return any(c.kind == kind and c.answered_at >= stopped_at for c in run.load.changes)
 
-        while (spent := time.monotonic() - stopped_at) < WAL_WRITER_STOPPED_S or (
-            not cancelled_in_spell() and spent < WAL_WRITER_STOPPED_MAX_S
-        ):
-            time.sleep(0.05)
-        run.unwritten_wal.append(UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders))
+            while (spent := time.monotonic() - stopped_at) < WAL_WRITER_STOPPED_S or (
+                not (answered_in_spell("cancel") and answered_in_spell("amend")) and spent < WAL_WRITER_STOPPED_MAX_S
+            ):
+                time.sleep(0.05)
+            run.unwritten_wal.append(UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders))
+        except BaseException:
+            os.kill(walwriter, signal.SIGCONT)
+            raise
         os.kill(walwriter, signal.SIGKILL)  # never continued: a stopped process would hold up the immediate stop
-        walwriter_killed = True
         pg.stop("immediate")
-    finally:
-        if not walwriter_killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(walwriter, signal.SIGCONT)
-        for process in writers:
-            assert process is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGCONT)
 
 
 def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False) -> Callable[[FaultRun], str]:
@@ -864,7 +859,7 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
     lost: list[Change] = []
     for spell in fault_run.unwritten_wal:
         changes = spell.load_changes(fault_run.load)
-        assert any(c.kind == "cancel" for c in changes), "no cancel was acknowledged while the WAL writer was stopped"
+        assert {c.kind for c in changes} == {"cancel", "amend"}, f"not both acknowledged in the spell: {changes}"
         ids = [c.order_id for c in changes]
         commands = h.query(
             "SELECT kind, order_id::text, payload FROM commands WHERE kind IN ('cancel', 'amend')"
@@ -886,7 +881,7 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
                 lost.append(c)
             elif c.kind == "amend":
                 key = (c.order_id, json.dumps(c.command_payload, sort_keys=True))
-                if amends[key] == 0:
+                if amends[key] <= 0:
                     lost.append(c)
                 amends[key] -= 1
     assert not lost, f"{len(lost)} cancels and amends acknowledged in a spell were lost, e.g. {lost[:5]}"

@@ -189,7 +189,7 @@ async def test_cancel_all_racing_single_cancels_of_its_orders_writes_one_cancel_
             text("SELECT order_id, count(*) FROM commands WHERE kind = 'cancel' AND order_id = ANY(:ids) GROUP BY 1"),
             {"ids": [o.order_id for o in orders]},
         )
-        assert {order_id: n for order_id, n in counts} == {o.order_id: 1 for o in orders}
+        assert dict(counts.all()) == {o.order_id: 1 for o in orders}
 
 
 @pytest.mark.anyio

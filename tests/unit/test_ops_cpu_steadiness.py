@@ -26,10 +26,21 @@ def test_a_bigger_chunk_takes_longer() -> None:
     assert min(chunk(2_000_000) for _ in range(3)) > min(chunk(20_000) for _ in range(3))
 
 
-def test_a_wake_up_round_trip_goes_through_a_child_process_and_leaves_none_behind() -> None:
+def test_a_wake_up_round_trip_goes_through_a_child_process_and_reaps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    children: list[int] = []
+    fork = os.fork
+
+    def recording_fork() -> int:
+        pid = fork()
+        if pid:
+            children.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recording_fork)
     assert wakeup_round_trip_s(50) > 0
+    assert len(children) == 1
     with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # the echoing child was reaped: no child of this process is left
+        os.waitpid(children[0], os.WNOHANG)  # already reaped
 
 
 def test_the_command_prints_one_share_per_second(capsys: pytest.CaptureFixture[str]) -> None:
