@@ -30,6 +30,7 @@ from litestar.exceptions import (
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
+from exchange.db.errors import is_client_side_failure
 from exchange.orders import errors as domain
 
 log = logging.getLogger("exchange.api")
@@ -216,7 +217,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
     # psycopg's own "the connection answered what it cannot" (seen through pgbouncer while PostgreSQL restarted, when
     # the api still sent BEGIN: "received 2 results from command 'BEGIN'"): a connection-level failure too; the pool
     # drops that connection.
-    if isinstance(exc, psycopg.InternalError) and not exc.sqlstate:
+    if isinstance(exc, psycopg.InternalError) and is_client_side_failure(exc):
         return True
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 

@@ -24,6 +24,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 from sqlalchemy import Engine, create_engine
 
+from exchange.db.errors import is_client_side_failure
 from exchange.db.urls import libpq_url, sqlalchemy_url
 
 AsyncPgConnection = psycopg.AsyncConnection[Any]
@@ -107,9 +108,7 @@ class AsyncPool:
             try:
                 yield conn
             except psycopg.Error as exc:
-                # No SQLSTATE: the client library itself failed on this connection (a protocol surprise, a lost
-                # socket), not the server on a statement. Its state is unknown: never hand it out again.
-                confused = not exc.sqlstate
+                confused = is_client_side_failure(exc)  # never hand it out again
                 raise
         finally:
             try:

@@ -21,6 +21,13 @@ def sqlstate(exc: DatabaseError) -> str:
     return getattr(orig, "sqlstate", None) or ""
 
 
+def is_client_side_failure(exc: DatabaseError) -> bool:
+    """No SQLSTATE: the client library failed on the connection itself (a lost socket, an answer it cannot account
+    for, e.g. through pgbouncer while PostgreSQL restarts), not the server on a statement. The connection's state is
+    unknown: it must never be used again."""
+    return not sqlstate(exc)
+
+
 def is_retryable(exc: DatabaseError) -> bool:
     return sqlstate(exc) in RETRYABLE_SQLSTATES
 

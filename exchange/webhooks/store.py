@@ -34,6 +34,7 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine
 
 from exchange.db.engines import bounded_transaction
+from exchange.db.errors import is_client_side_failure
 from exchange.webhooks.outcomes import Verdict
 
 
@@ -181,7 +182,7 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
     except psycopg.Error as exc:
         # Lost (an OperationalError, a session PostgreSQL ended), answering what it cannot (no SQLSTATE), or left
         # inside a transaction (and in autocommit mode): such a connection must not go back to the pool.
-        lost = isinstance(exc, psycopg.OperationalError) or not exc.sqlstate or conn.broken
+        lost = isinstance(exc, psycopg.OperationalError) or is_client_side_failure(exc) or conn.broken
         if lost or conn.info.transaction_status != TransactionStatus.IDLE:
             pooled.invalidate()
         raise

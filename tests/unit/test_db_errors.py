@@ -1,0 +1,32 @@
+"""Classifying database errors by SQLSTATE (:mod:`exchange.db.errors`), raised by psycopg or wrapped by SQLAlchemy."""
+
+from __future__ import annotations
+
+import psycopg
+from sqlalchemy.exc import DBAPIError
+
+from exchange.db.errors import is_client_side_failure, is_deterministic, is_retryable
+
+
+def wrapped(exc: psycopg.Error) -> DBAPIError:
+    return DBAPIError("SELECT 1", None, exc)
+
+
+def test_an_error_without_sqlstate_is_a_client_side_failure_raised_or_wrapped() -> None:
+    confused = psycopg.InternalError("received 2 results from command 'BEGIN'")
+    assert is_client_side_failure(confused)
+    assert is_client_side_failure(wrapped(confused))
+
+
+def test_an_error_the_server_answered_is_not_a_client_side_failure() -> None:
+    assert not is_client_side_failure(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not is_client_side_failure(wrapped(psycopg.errors.DeadlockDetected("deadlock")))
+
+
+def test_deadlocks_and_serialization_failures_are_retryable_and_data_errors_deterministic() -> None:
+    assert is_retryable(psycopg.errors.DeadlockDetected("deadlock"))
+    assert is_retryable(wrapped(psycopg.errors.SerializationFailure("could not serialize")))
+    assert not is_retryable(psycopg.errors.UniqueViolation("duplicate key"))
+    assert is_deterministic(psycopg.errors.UniqueViolation("duplicate key"))
+    assert is_deterministic(psycopg.errors.NumericValueOutOfRange("out of range"))
+    assert not is_deterministic(psycopg.errors.DeadlockDetected("deadlock"))
