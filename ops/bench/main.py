@@ -141,6 +141,23 @@ async def _setup(
     return auth, info
 
 
+MACHINE_WAKEUPS = 2000
+MACHINE_CHUNK_ADDITIONS = 300_000
+
+
+def machine_figures() -> dict[str, Any]:
+    """What this machine is like when the run starts (``ops.cpu_steadiness``'s two figures, briefly): its CPUs, the
+    median cross-process wake-up round trip, and the fastest of five 300,000-addition chunks of interpreter work.
+    Runs on different machines (or in a slow spell of one) differ by these before they differ by the code."""
+    from ops.cpu_steadiness import chunk, wakeup_round_trip_s
+
+    return {
+        "cpus": os.cpu_count(),
+        "wakeup_round_trip_us": round(wakeup_round_trip_s(MACHINE_WAKEUPS) * 1e6, 1),
+        "chunk_ms": round(min(chunk(MACHINE_CHUNK_ADDITIONS) for _ in range(5)) * 1000, 2),
+    }
+
+
 def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     import asyncio
     import json
@@ -163,6 +180,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
         print("exchange bench: --duration and --scale must be > 0, --closed-loop >= 0", file=sys.stderr)
         return 2
     closed = args.closed_loop > 0
+    machine = machine_figures()
     prefix = (args.symbol_prefix or m.symbol_prefix(random.Random())).upper()[:4]
     model = m.build_model(args.scale, args.seed, prefix)
     schedule = [] if closed else m.build_schedule(model, args.duration, args.seed)
@@ -283,6 +301,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             receiver=receiver,
             setup=setup,
         )
+        report["machine"] = machine
         if stats_before is not None and stats_after is not None:
             report["server_stats"] = server_stats.per_order(stats_before, stats_after, report["accepted_orders"])
             report["order_stages"] = stages.order_stages(args.database_url, [t for r in results for t in r.order_times])

@@ -196,6 +196,12 @@ def render(report: dict[str, Any]) -> str:
                 f"{name:28} n={s['count']:<8} p50 {_fmt(s['p50_ms'])} · p95 {_fmt(s['p95_ms'])} · "
                 f"p99 {_fmt(s['p99_ms'])} · max {_fmt(s['max_ms'])} ms"
             )
+    if "machine" in report:
+        mc = report["machine"]
+        lines.append(
+            f"machine: {mc['cpus']} CPUs · wake-up round trip {mc['wakeup_round_trip_us']} µs · "
+            f"300,000 additions {mc['chunk_ms']} ms (ops.cpu_steadiness)"
+        )
     if report.get("generator_priority"):
         lines.append(f"generator priority: {'; '.join(report['generator_priority'])}")
     if "webhooks" in report:

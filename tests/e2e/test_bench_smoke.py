@@ -65,6 +65,11 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
         assert report["ceiling"]["pgbench_tps"], report["ceiling"]
         assert report["ceiling"]["ratio"] > 0
     assert "accepted orders/s" in proc.stdout
+    machine = report["machine"]
+    assert machine["cpus"] >= 1
+    assert machine["wakeup_round_trip_us"] > 0
+    assert machine["chunk_ms"] > 0
+    assert "machine: " in proc.stdout
     stats = report["server_stats"]
     assert stats["accepted_orders"] > 0
     assert stats["redis_calls"].get("evalsha", 0) > 0, stats  # dramatiq's scripts: wake-ups were consumed
