@@ -199,6 +199,10 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
         p50 = stages.get(name, {}).get("p50_ms")
         if p50 is not None:
             out[f"stage {name} p50 ms"] = float(p50)
+    machine = report.get("machine", {})
+    if "wakeup_round_trip_us" in machine:  # the machine's phase at each run's start: a pair split by it says little
+        out["machine wake-up us"] = float(machine["wakeup_round_trip_us"])
+        out["machine chunk ms"] = float(machine["chunk_ms"])
     return out
 
 

@@ -84,3 +84,12 @@ def test_summary_counts_the_pairs_where_the_new_side_was_lower_and_higher() -> N
     assert next(line for line in lines if line.startswith("orders/s")).split()[-1] == "1:2"
     assert next(line for line in lines if line.startswith("POST p50 ms")).split()[-1] == "2:0"  # one pair equal
     assert next(line for line in lines if line.startswith("  api ms/order")).split()[-1] == "0:0"
+
+
+def test_figures_reads_the_machine_of_the_run_when_the_report_has_it() -> None:
+    report = _report(500.0, 10.0, {"api": 2.0}, orders=1000)
+    assert not any(name.startswith("machine") for name in figures(report))
+    report["machine"] = {"cpus": 2, "wakeup_round_trip_us": 42.9, "chunk_ms": 18.1}
+    got = figures(report)
+    assert got["machine wake-up us"] == 42.9
+    assert got["machine chunk ms"] == 18.1
