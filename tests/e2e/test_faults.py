@@ -17,16 +17,17 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
    message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
 8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
 9. a PostgreSQL crash: with every other writer of the exchange stopped (SIGSTOP of the matchers, the webhooks worker
-   and the sweeper), so that the api's statements are the only commits, its WAL writer is stopped too for
-   WAL_WRITER_STOPPED_S under the load, then killed (SIGKILL), and the cluster stopped at once (``pg_ctl stop -m
-   immediate``: no checkpoint; the start replays the write-ahead log). Every order answered 2xx, every fill and
-   every event a broker received must have been committed before it was answered or sent, so none may be missing
-   or changed after the replay. In the spell nothing writes a commit's WAL out of PostgreSQL's memory but the
-   committing session itself (a synchronous commit writes the WAL up to its own record; the WAL writer writes an
-   asynchronous one's later): an api answer sent before its own commit's WAL was written (``synchronous_commit =
-   off``) is a write the replay does not know, and the tests of the spell's orders, cancels and amends fail. (The
-   private cluster runs with ``fsync = off``: what a crash of PostgreSQL's processes shows is WAL written to the
-   kernel before an answer, not to the disk.)
+   and the sweeper), so that the api's statements are the only commits, its WAL writer is stopped too under the
+   load (WAL_WRITER_STOPPED_S, longer until a cancel and an amend have been answered), then killed (SIGKILL), and
+   the cluster stopped at once (``pg_ctl stop -m immediate``: no checkpoint; the start replays the write-ahead
+   log). Every order answered 2xx, every fill and every event a broker received must have been committed before it
+   was answered or sent, so none may be missing or changed after the replay. In the spell no process writes a
+   commit's WAL out of PostgreSQL's memory promptly but the committing session itself (a synchronous commit writes
+   the WAL up to its own record; the WAL writer writes an asynchronous one's later; the background writer, the
+   checkpointer or a full WAL buffer may write some, which can only hide a lost answer): an api answer sent before
+   its own commit's WAL was written (``synchronous_commit = off``) is a write the replay does not know, and the
+   tests of the spell's orders, cancels and amends fail. (The private cluster runs with ``fsync = off``: what a
+   crash of PostgreSQL's processes shows is WAL written to the kernel before an answer, not to the disk.)
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
