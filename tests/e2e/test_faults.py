@@ -18,7 +18,7 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
 9. a PostgreSQL crash: with every other writer of the exchange stopped (SIGSTOP of the matchers, the webhooks worker
    and the sweeper), so that the api's statements are the only commits, its WAL writer is stopped too under the
-   load (WAL_WRITER_STOPPED_S, longer until a cancel and an amend have been answered), then killed (SIGKILL), and
+   load (WAL_WRITER_STOPPED_S; a probe places orders, amends one and cancels one meanwhile), then killed (SIGKILL), and
    the cluster stopped at once (``pg_ctl stop -m immediate``: no checkpoint; the start replays the write-ahead
    log). Every order answered 2xx, every fill and every event a broker received must have been committed before it
    was answered or sent, so none may be missing or changed after the replay. In the spell no process writes a
@@ -89,9 +89,8 @@ FREEZE_S = 4.0
 """How long a matcher stays stopped (SIGSTOP): longer than the database lets it hold its books idle."""
 POSTGRES_DOWN_S = 3.0
 WAL_WRITER_STOPPED_S = 1.0
-"""How long the load runs with PostgreSQL's WAL writer stopped before the crash (longer, up to
-WAL_WRITER_STOPPED_MAX_S, until a cancel and an amend have been acknowledged in the spell)."""
-WAL_WRITER_STOPPED_MAX_S = 5.0
+"""How long the load runs with PostgreSQL's WAL writer stopped before the crash (at least: the probe's orders, amend
+and cancel are answered in it too)."""
 RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
 
@@ -316,6 +315,8 @@ class UnwrittenWal:
     """Just before the WAL writer's SIGKILL: every answer recorded by then came before the crash."""
     probe_orders: list[str]
     """Probe orders answered 201 in the spell."""
+    probe_changes: list[Change]
+    """The probe's amend (answered 200) and cancel (answered 204) of its orders in the spell."""
 
     def load_orders(self, load: Load) -> list[str]:
         """The load's orders answered 201 in the spell."""
@@ -409,6 +410,23 @@ class Prober:
         if order_id is not None:
             self.accepted.append(order_id)
         return order_id
+
+    def amend_and_cancel(self, order_ids: list[str]) -> list[Change]:
+        """Amend the first of ``order_ids`` (a new quantity) and cancel the second; the changes answered 200 and
+        204 (each retried on a 5xx or transport error, as a broker would)."""
+        change = {"quantity": 2}
+        calls = [("amend", order_ids[0], "PATCH", f"/orders/{order_ids[0]}", change, 200)]
+        calls.append(("cancel", order_ids[1], "POST", f"/orders/{order_ids[1]}/cancel", None, 204))
+        done: list[Change] = []
+        for kind, order_id, method, path, body, expected in calls:
+
+            def send(method: str = method, path: str = path, body: dict[str, int] | None = body) -> int:
+                return self.client.request(method, path, json=body).status_code
+
+            status = _poll(lambda: (code := send()) < 500 and code, RECOVERY_TIMEOUT_S, interval=0.2)
+            if status == expected:
+                done.append(Change(time.monotonic(), kind, order_id, change if kind == "amend" else None))
+        return done
 
     def pipeline_works(self, since: float) -> float | None:
         """Seconds from ``since`` until a new probe order on every partition left ``pending`` (None: never)."""
@@ -638,15 +656,10 @@ def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: 
         try:
             stopped_at, stopped_wall = time.monotonic(), time.time()
             probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
-
-            def answered_in_spell(kind: str) -> bool:
-                return any(c.kind == kind and c.answered_at >= stopped_at for c in run.load.changes)
-
-            while (spent := time.monotonic() - stopped_at) < WAL_WRITER_STOPPED_S or (
-                not (answered_in_spell("cancel") and answered_in_spell("amend")) and spent < WAL_WRITER_STOPPED_MAX_S
-            ):
-                time.sleep(0.05)
-            run.unwritten_wal.append(UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders))
+            probe_changes = prober.amend_and_cancel(probe_orders)
+            time.sleep(max(0.0, WAL_WRITER_STOPPED_S - (time.monotonic() - stopped_at)))
+            spell = UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders, probe_changes)
+            run.unwritten_wal.append(spell)
         except BaseException:
             os.kill(walwriter, signal.SIGCONT)
             raise
@@ -859,8 +872,8 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
     assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
     lost: list[Change] = []
     for spell in fault_run.unwritten_wal:
-        changes = spell.load_changes(fault_run.load)
-        assert {c.kind for c in changes} == {"cancel", "amend"}, f"not both acknowledged in the spell: {changes}"
+        assert {c.kind for c in spell.probe_changes} == {"cancel", "amend"}, spell.probe_changes
+        changes = spell.probe_changes + spell.load_changes(fault_run.load)
         ids = [c.order_id for c in changes]
         commands = h.query(
             "SELECT kind, order_id::text, payload FROM commands WHERE kind IN ('cancel', 'amend')"
@@ -1019,7 +1032,7 @@ def _report(run: FaultRun) -> str:
         lines.append(
             f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the crash: "
             f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201, "
-            f"{dict(Counter(c.kind for c in spell.load_changes(run.load)))} acknowledged"
+            f"{dict(Counter(c.kind for c in spell.probe_changes + spell.load_changes(run.load)))} acknowledged"
         )
     edges = [f.injected_at for f in run.faults] + [float("inf")]
     for name, start, end in zip(["before faults", *(f.name for f in run.faults)], [0.0, *edges], edges, strict=False):
