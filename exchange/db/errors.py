@@ -22,9 +22,10 @@ def sqlstate(exc: DatabaseError) -> str:
 
 
 def is_client_side_failure(exc: DatabaseError) -> bool:
-    """No SQLSTATE: the client library failed on the connection itself (a lost socket, an answer it cannot account
-    for, e.g. through pgbouncer while PostgreSQL restarts), not the server on a statement. The connection's state is
-    unknown: it must never be used again."""
+    """No SQLSTATE: not the server's answer to a statement but the client library's own failure (a lost socket, an
+    answer it cannot account for, e.g. through pgbouncer while PostgreSQL restarts; also a value it refused to
+    send). The connection's state is not known for sure: it must never be used again (a healthy one dropped costs a
+    reconnection, a broken one reused fails the next request)."""
     return not sqlstate(exc)
 
 

@@ -317,6 +317,8 @@ class UnwrittenWal:
     """Probe orders answered 201 in the spell."""
     probe_changes: list[Change]
     """The probe's amend (answered 200) and cancel (answered 204) of its orders in the spell."""
+    probe_answers: dict[str, int | None]
+    """The status each of the probe's changes was answered with (None: no answer)."""
 
     def load_orders(self, load: Load) -> list[str]:
         """The load's orders answered 201 in the spell."""
@@ -411,22 +413,23 @@ class Prober:
             self.accepted.append(order_id)
         return order_id
 
-    def amend_and_cancel(self, order_ids: list[str]) -> list[Change]:
-        """Amend the first of ``order_ids`` (a new quantity) and cancel the second; the changes answered 200 and
-        204 (each retried on a 5xx or transport error, as a broker would)."""
+    def amend_and_cancel(self, order_ids: list[str]) -> tuple[list[Change], dict[str, int | None]]:
+        """Amend the first of ``order_ids`` (a new quantity) and cancel the second (each retried on a 5xx or a
+        transport error, as a broker would): the changes answered 200 and 204, and every answer's status by kind
+        (None: no answer)."""
         change = {"quantity": 2}
-        calls = [("amend", order_ids[0], "PATCH", f"/orders/{order_ids[0]}", change, 200)]
-        calls.append(("cancel", order_ids[1], "POST", f"/orders/{order_ids[1]}/cancel", None, 204))
+        calls = [("amend", "PATCH", "", change, 200), ("cancel", "POST", "/cancel", None, 204)]
         done: list[Change] = []
-        for kind, order_id, method, path, body, expected in calls:
+        answers: dict[str, int | None] = {}
+        for (kind, method, suffix, body, expected), order_id in zip(calls, order_ids, strict=False):
 
-            def send(method: str = method, path: str = path, body: dict[str, int] | None = body) -> int:
+            def send(method: str = method, path: str = f"/orders/{order_id}{suffix}", body: Any = body) -> int:
                 return self.client.request(method, path, json=body).status_code
 
-            status = _poll(lambda: (code := send()) < 500 and code, RECOVERY_TIMEOUT_S, interval=0.2)
-            if status == expected:
+            answers[kind] = _poll(lambda: (code := send()) < 500 and code, RECOVERY_TIMEOUT_S, interval=0.2)
+            if answers[kind] == expected:
                 done.append(Change(time.monotonic(), kind, order_id, change if kind == "amend" else None))
-        return done
+        return done, answers
 
     def pipeline_works(self, since: float) -> float | None:
         """Seconds from ``since`` until a new probe order on every partition left ``pending`` (None: never)."""
@@ -656,9 +659,9 @@ def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: 
         try:
             stopped_at, stopped_wall = time.monotonic(), time.time()
             probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
-            probe_changes = prober.amend_and_cancel(probe_orders)
+            probe_changes, probe_answers = prober.amend_and_cancel(probe_orders)
             time.sleep(max(0.0, WAL_WRITER_STOPPED_S - (time.monotonic() - stopped_at)))
-            spell = UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders, probe_changes)
+            spell = UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders, probe_changes, probe_answers)
             run.unwritten_wal.append(spell)
         except BaseException:
             os.kill(walwriter, signal.SIGCONT)
@@ -872,7 +875,7 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
     assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
     lost: list[Change] = []
     for spell in fault_run.unwritten_wal:
-        assert {c.kind for c in spell.probe_changes} == {"cancel", "amend"}, spell.probe_changes
+        assert {c.kind for c in spell.probe_changes} == {"cancel", "amend"}, f"probe answers: {spell.probe_answers}"
         changes = spell.probe_changes + spell.load_changes(fault_run.load)
         ids = [c.order_id for c in changes]
         commands = h.query(
