@@ -24,7 +24,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 from sqlalchemy import Engine, create_engine
 
-from exchange.db.errors import is_client_side_failure
+from exchange.db.errors import ends_the_session, is_client_side_failure
 from exchange.db.urls import libpq_url, sqlalchemy_url
 
 AsyncPgConnection = psycopg.AsyncConnection[Any]
@@ -69,8 +69,10 @@ class AsyncPool:
     Invariants:
 
     * A connection is handed out only when it is idle (no transaction open or in error, no statement running) and
-      not broken; one that comes back otherwise, or through a psycopg error without SQLSTATE (the client library's
-      own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), is closed, never reused.
+      not broken; one that comes back otherwise, through a psycopg error without SQLSTATE (the client library's
+      own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), or through an error after
+      which the server or pgbouncer closes the connection (``ends_the_session``: pgbouncer's ``query_wait_timeout``
+      while PostgreSQL is down), is closed, never reused.
       (The api opens no transaction: every connection runs single statements, see :func:`single_statement`; and
       psycopg cancels a statement whose task is cancelled and waits for the server, so a connection that comes
       back not idle is a lost connection, a statement the server did not stop in time, or a bug.)
@@ -108,7 +110,8 @@ class AsyncPool:
             try:
                 yield conn
             except psycopg.Error as exc:
-                confused = is_client_side_failure(exc)  # never hand it out again
+                # never hand it out again: a reused one would fail a later request, long after the outage
+                confused = is_client_side_failure(exc) or ends_the_session(exc)
                 raise
         finally:
             try:

@@ -29,6 +29,18 @@ def is_client_side_failure(exc: DatabaseError) -> bool:
     return not sqlstate(exc)
 
 
+SESSION_ENDING_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+"""Admin shutdown, crash shutdown, cannot connect now: the server ends the session with the error."""
+
+
+def ends_the_session(exc: DatabaseError) -> bool:
+    """The server, or pgbouncer, closes the connection after this error: a connection exception (class 08, e.g.
+    pgbouncer's ``query_wait_timeout``, 08P01, while PostgreSQL is down) or a shutdown (57P01-57P03). psycopg may not
+    have seen the close yet (the connection looks idle, not broken): it must not be used again."""
+    state = sqlstate(exc)
+    return state[:2] == "08" or state in SESSION_ENDING_SQLSTATES
+
+
 def is_retryable(exc: DatabaseError) -> bool:
     return sqlstate(exc) in RETRYABLE_SQLSTATES
 

@@ -115,3 +115,25 @@ async def test_a_connection_that_raised_a_client_side_error_is_closed_not_reused
     assert first.closed
     async with single_statement(api_pool) as conn:
         assert conn is not first
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_got_an_error_ending_its_session_is_closed_not_reused(api_pool: AsyncPool) -> None:
+    # What pgbouncer answers a query that waited out query_wait_timeout while PostgreSQL was down, before it closes
+    # the connection: psycopg raises it without noticing the close, so the connection still looks idle.
+    with pytest.raises(psycopg.errors.ProtocolViolation):
+        async with single_statement(api_pool) as conn:
+            raise psycopg.errors.ProtocolViolation("query_wait_timeout")
+    assert conn.closed
+    assert api_pool._idle == []
+    async with single_statement(api_pool) as fresh:
+        assert fresh is not conn
+
+
+@pytest.mark.anyio
+async def test_a_connection_whose_statement_failed_is_kept(api_pool: AsyncPool) -> None:
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        async with single_statement(api_pool) as conn:
+            await conn.execute("SELECT 1 / 0")
+    async with single_statement(api_pool) as again:
+        assert again is conn  # a bad statement says nothing about the connection

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from sqlalchemy.exc import DBAPIError
 
-from exchange.db.errors import is_client_side_failure, is_deterministic, is_retryable
+from exchange.db.errors import ends_the_session, is_client_side_failure, is_deterministic, is_retryable
 
 
 def wrapped(exc: psycopg.Error) -> DBAPIError:
@@ -30,3 +30,12 @@ def test_deadlocks_and_serialization_failures_are_retryable_and_data_errors_dete
     assert is_deterministic(psycopg.errors.UniqueViolation("duplicate key"))
     assert is_deterministic(psycopg.errors.NumericValueOutOfRange("out of range"))
     assert not is_deterministic(psycopg.errors.DeadlockDetected("deadlock"))
+
+
+def test_connection_exceptions_and_shutdowns_end_the_session_and_statement_errors_do_not() -> None:
+    assert ends_the_session(psycopg.errors.ProtocolViolation("query_wait_timeout"))  # 08P01, from pgbouncer
+    assert ends_the_session(wrapped(psycopg.errors.AdminShutdown("terminating connection")))  # 57P01
+    assert ends_the_session(psycopg.errors.CrashShutdown("crash"))  # 57P02
+    assert not ends_the_session(psycopg.errors.QueryCanceled("statement timeout"))  # 57014: the session goes on
+    assert not ends_the_session(psycopg.errors.DivisionByZero("division by zero"))
+    assert not ends_the_session(psycopg.InternalError("no sqlstate"))
