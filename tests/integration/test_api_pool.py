@@ -99,31 +99,24 @@ async def test_a_connection_in_use_when_the_pool_closes_is_closed_when_it_comes_
 
 
 @pytest.mark.anyio
-async def test_a_connection_that_raised_a_client_side_error_is_closed_not_reused(api_pool: AsyncPool) -> None:
-    # What psycopg raises when a connection answers what it cannot account for (seen through pgbouncer while
-    # PostgreSQL restarted: two results for one BEGIN): no SQLSTATE, the connection's state unknown.
-    seen: list[psycopg.AsyncConnection[object]] = []
-
-    async def fail_on_the_connection() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        # psycopg's own, when a connection answers what it cannot account for (seen through pgbouncer while
+        # PostgreSQL restarted: two results for one BEGIN): no SQLSTATE, the connection's state unknown.
+        psycopg.InternalError("received 2 results from command 'BEGIN'"),
+        # pgbouncer's answer to a query that waited out query_wait_timeout while PostgreSQL was down, before it
+        # closes the connection: psycopg raises it without noticing the close, so the connection looks idle.
+        psycopg.errors.ProtocolViolation("query_wait_timeout"),
+    ],
+    ids=["no-sqlstate", "session-ended"],
+)
+async def test_a_connection_that_raised_a_connection_level_error_is_closed_not_reused(
+    api_pool: AsyncPool, error: psycopg.Error
+) -> None:
+    with pytest.raises(type(error)):
         async with single_statement(api_pool) as conn:
-            seen.append(conn)
-            raise psycopg.InternalError("received 2 results from command 'BEGIN'")
-
-    with pytest.raises(psycopg.InternalError):
-        await fail_on_the_connection()
-    [first] = seen
-    assert first.closed
-    async with single_statement(api_pool) as conn:
-        assert conn is not first
-
-
-@pytest.mark.anyio
-async def test_a_connection_that_got_an_error_ending_its_session_is_closed_not_reused(api_pool: AsyncPool) -> None:
-    # What pgbouncer answers a query that waited out query_wait_timeout while PostgreSQL was down, before it closes
-    # the connection: psycopg raises it without noticing the close, so the connection still looks idle.
-    with pytest.raises(psycopg.errors.ProtocolViolation):
-        async with single_statement(api_pool) as conn:
-            raise psycopg.errors.ProtocolViolation("query_wait_timeout")
+            raise error
     assert conn.closed
     assert api_pool._idle == []
     async with single_statement(api_pool) as fresh:
