@@ -45,6 +45,17 @@ def new_order(broker_id: uuid.UUID, symbol: str, **extra: Any) -> NewOrder:
     return NewOrder(**fields)
 
 
+async def placed_in_one_symbol(
+    engine: Engine, api_pool: AsyncPool, name: str, count: int
+) -> tuple[uuid.UUID, str, list[NewOrder]]:
+    """A new broker's ``count`` orders in one new symbol, accepted: (broker, symbol, orders)."""
+    broker = add_broker(engine, name)
+    symbol = new_symbol()
+    orders = [new_order(broker, symbol) for _ in range(count)]
+    await accept.place_orders(api_pool, orders)
+    return broker, symbol, orders
+
+
 @pytest.mark.anyio
 async def test_a_group_writes_every_order_with_its_place_command_in_submission_order(
     engine: Engine, api_pool: AsyncPool
@@ -172,13 +183,10 @@ async def test_concurrent_cancel_groups_of_one_order_write_one_command(engine: E
 async def test_cancel_all_racing_single_cancels_of_its_orders_writes_one_cancel_per_order(
     engine: Engine, api_pool: AsyncPool
 ) -> None:
-    broker = add_broker(engine, "racing-cancel-all")
-    symbol = new_symbol()
-    orders = [new_order(broker, symbol) for _ in range(4)]
-    await accept.place_orders(api_pool, orders)
-    keys = [(broker, o.order_id) for o in orders]
+    broker, symbol, orders = await placed_in_one_symbol(engine, api_pool, "racing-cancel-all", 4)
     everything, *singles = await asyncio.gather(
-        accept.cancel_all(api_pool, broker, symbol), *(accept.cancel_orders(api_pool, [key]) for key in keys * 2)
+        accept.cancel_all(api_pool, broker, symbol),
+        *(accept.cancel_orders(api_pool, [(broker, o.order_id)]) for o in orders * 2),
     )
     assert isinstance(everything, accept.CancelAllResult)
     written_by_singles = [o.order_id for o, [r] in zip(orders * 2, singles, strict=True) if r.written]
@@ -196,10 +204,7 @@ async def test_cancel_all_racing_single_cancels_of_its_orders_writes_one_cancel_
 async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, api_pool: AsyncPool) -> None:
     # The matcher updates order rows (FOR NO KEY UPDATE level) in its own order; cancels taking row locks could
     # deadlock with it. Cancels must only need their advisory locks and the foreign key's KEY SHARE lock.
-    broker = add_broker(engine, "no-wait")
-    symbol = new_symbol()
-    orders = [new_order(broker, symbol) for _ in range(3)]
-    await accept.place_orders(api_pool, orders)
+    broker, symbol, orders = await placed_in_one_symbol(engine, api_pool, "no-wait", 3)
     with engine.connect() as matcher:
         matcher.execute(
             text("SELECT id FROM orders WHERE id = ANY(:ids) FOR NO KEY UPDATE"), {"ids": [o.order_id for o in orders]}
