@@ -22,9 +22,10 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import ExceptionContext
 
-from exchange.db.errors import ends_the_session, is_client_side_failure
+from exchange.db.errors import leaves_the_connection_unusable
 from exchange.db.urls import libpq_url, sqlalchemy_url
 
 AsyncPgConnection = psycopg.AsyncConnection[Any]
@@ -41,14 +42,30 @@ _POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_time
 
 
 def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:
-    """A synchronous engine safe to use through pgbouncer's transaction pooling."""
-    return create_engine(
+    """A synchronous engine safe to use through pgbouncer's transaction pooling.
+
+    Invariant: a connection whose statement raised an error after which it is unusable
+    (:func:`~exchange.db.errors.leaves_the_connection_unusable`) is invalidated, with the pool's idle ones, not
+    checked in again. SQLAlchemy's own rule for psycopg only looks at whether psycopg saw the connection close,
+    which it has not when pgbouncer answers ``query_wait_timeout`` (PostgreSQL down) and then closes it: the next
+    checkout would fail a later sweep or claim with it. (Work that runs psycopg cursors on a checked-out connection
+    directly, as the matcher and the webhook store do, applies the same rule itself: SQLAlchemy never sees those
+    errors.)"""
+    engine = create_engine(
         sqlalchemy_url(url),
         connect_args=dict(_POOLED_CONNECT_ARGS),
         pool_size=pool_size,
         max_overflow=max_overflow,
         **kw,
     )
+    event.listen(engine, "handle_error", _invalidate_unusable)
+    return engine
+
+
+def _invalidate_unusable(context: ExceptionContext) -> None:
+    error = context.original_exception
+    if isinstance(error, psycopg.Error) and leaves_the_connection_unusable(error):
+        context.is_disconnect = True
 
 
 POOL_WAIT_S = 5.0
@@ -71,8 +88,8 @@ class AsyncPool:
     * A connection is handed out only when it is idle (no transaction open or in error, no statement running) and
       not broken; one that comes back otherwise, through a psycopg error without SQLSTATE (the client library's
       own failure, e.g. a protocol surprise through pgbouncer while PostgreSQL restarts), or through an error after
-      which the server or pgbouncer closes the connection (``ends_the_session``: pgbouncer's ``query_wait_timeout``
-      while PostgreSQL is down), is closed, never reused.
+      which the server or pgbouncer closes the connection (pgbouncer's ``query_wait_timeout`` while PostgreSQL is
+      down; both: :func:`~exchange.db.errors.leaves_the_connection_unusable`), is closed, never reused.
       (The api opens no transaction: every connection runs single statements, see :func:`single_statement`; and
       psycopg cancels a statement whose task is cancelled and waits for the server, so a connection that comes
       back not idle is a lost connection, a statement the server did not stop in time, or a bug.)
@@ -111,7 +128,7 @@ class AsyncPool:
                 yield conn
             except psycopg.Error as exc:
                 # never hand it out again: a reused one would fail a later request, long after the outage
-                confused = is_client_side_failure(exc) or ends_the_session(exc)
+                confused = leaves_the_connection_unusable(exc)
                 raise
         finally:
             try:

@@ -29,8 +29,10 @@ def is_client_side_failure(exc: DatabaseError) -> bool:
     return not sqlstate(exc)
 
 
-SESSION_ENDING_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
-"""Admin shutdown, crash shutdown, cannot connect now: the server ends the session with the error."""
+SESSION_ENDING_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "25P03", "57P05"})
+"""Admin shutdown, crash shutdown, cannot connect now, and the idle-in-transaction and idle-session timeouts
+(a worker's transaction frozen past :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`): the server ends the session
+with the error."""
 
 
 def ends_the_session(exc: DatabaseError) -> bool:
@@ -39,6 +41,15 @@ def ends_the_session(exc: DatabaseError) -> bool:
     have seen the close yet (the connection looks idle, not broken): it must not be used again."""
     state = sqlstate(exc)
     return state[:2] == "08" or state in SESSION_ENDING_SQLSTATES
+
+
+def leaves_the_connection_unusable(exc: DatabaseError) -> bool:
+    """After this error a pooled connection must be closed, never handed out again: the client library's own
+    failure (:func:`is_client_side_failure`) or a session the server or pgbouncer ends (:func:`ends_the_session`).
+    Every pool of the exchange applies it: the api's :class:`~exchange.db.engines.AsyncPool`, the workers'
+    SQLAlchemy engines (:func:`~exchange.db.engines.pooled_engine`), and the connections the matcher and the webhook
+    store use through psycopg directly. A statement's own error (a constraint, a division by zero) keeps it."""
+    return is_client_side_failure(exc) or ends_the_session(exc)
 
 
 def is_retryable(exc: DatabaseError) -> bool:

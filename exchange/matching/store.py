@@ -56,6 +56,7 @@ from sqlalchemy import Connection, Engine
 
 from exchange.db.arrays import array_literal
 from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS, pooled_engine
+from exchange.db.errors import leaves_the_connection_unusable
 from exchange.engine.types import RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
 from exchange.matching.effects import BatchEffects, OutboxDraft, TradeRow
@@ -85,15 +86,21 @@ def connect(engine: Engine) -> Iterator[Connection]:
     project's machines, which the matcher's own engine saves).
 
     Invariant: the connection goes back to the pool outside any transaction. One still open when the block ends
-    (an exception, or a batch that found nothing to do) is rolled back here; a broken connection is discarded."""
+    (an exception, or a batch that found nothing to do) is rolled back here; a broken connection, or one whose
+    statement raised an error that leaves it unusable (:func:`~exchange.db.errors.leaves_the_connection_unusable`:
+    the statements here run on psycopg cursors, out of the reach of the engine's own rule), is discarded."""
     with engine.connect() as conn:
         pg = _driver(conn)
         if not pg.autocommit:
             conn.execution_options(isolation_level="AUTOCOMMIT")
+        unusable = False
         try:
             yield conn
+        except psycopg.Error as exc:
+            unusable = leaves_the_connection_unusable(exc)
+            raise
         finally:
-            if pg.broken:
+            if unusable or pg.broken:
                 conn.invalidate()
             elif pg.info.transaction_status != TransactionStatus.IDLE:
                 pg.rollback()

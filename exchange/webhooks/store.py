@@ -34,7 +34,7 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine
 
 from exchange.db.engines import bounded_transaction
-from exchange.db.errors import is_client_side_failure
+from exchange.db.errors import leaves_the_connection_unusable
 from exchange.webhooks.outcomes import Verdict
 
 
@@ -180,9 +180,9 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
             cursor.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:
-        # Lost (an OperationalError, a session PostgreSQL ended), answering what it cannot (no SQLSTATE), or left
-        # inside a transaction (and in autocommit mode): such a connection must not go back to the pool.
-        lost = isinstance(exc, psycopg.OperationalError) or is_client_side_failure(exc) or conn.broken
+        # Unusable (a session the server or pgbouncer ended, or answering what it cannot: no SQLSTATE), broken, or
+        # left inside a transaction (and in autocommit mode): such a connection must not go back to the pool.
+        lost = leaves_the_connection_unusable(exc) or conn.broken
         if lost or conn.info.transaction_status != TransactionStatus.IDLE:
             pooled.invalidate()
         raise

@@ -5,7 +5,13 @@ from __future__ import annotations
 import psycopg
 from sqlalchemy.exc import DBAPIError
 
-from exchange.db.errors import ends_the_session, is_client_side_failure, is_deterministic, is_retryable
+from exchange.db.errors import (
+    ends_the_session,
+    is_client_side_failure,
+    is_deterministic,
+    is_retryable,
+    leaves_the_connection_unusable,
+)
 
 
 def wrapped(exc: psycopg.Error) -> DBAPIError:
@@ -36,6 +42,15 @@ def test_connection_exceptions_and_shutdowns_end_the_session_and_statement_error
     assert ends_the_session(psycopg.errors.ProtocolViolation("query_wait_timeout"))  # 08P01, from pgbouncer
     assert ends_the_session(wrapped(psycopg.errors.AdminShutdown("terminating connection")))  # 57P01
     assert ends_the_session(psycopg.errors.CrashShutdown("crash"))  # 57P02
+    assert ends_the_session(psycopg.errors.IdleInTransactionSessionTimeout("idle in transaction"))  # 25P03
+    assert ends_the_session(psycopg.errors.IdleSessionTimeout("idle session"))  # 57P05
     assert not ends_the_session(psycopg.errors.QueryCanceled("statement timeout"))  # 57014: the session goes on
     assert not ends_the_session(psycopg.errors.DivisionByZero("division by zero"))
     assert not ends_the_session(psycopg.InternalError("no sqlstate"))
+
+
+def test_a_client_failure_or_an_ended_session_leaves_the_connection_unusable_and_a_statement_error_does_not() -> None:
+    assert leaves_the_connection_unusable(psycopg.InternalError("received 2 results from command 'BEGIN'"))
+    assert leaves_the_connection_unusable(wrapped(psycopg.errors.ProtocolViolation("query_wait_timeout")))
+    assert not leaves_the_connection_unusable(psycopg.errors.DivisionByZero("division by zero"))
+    assert not leaves_the_connection_unusable(wrapped(psycopg.errors.QueryCanceled("statement timeout")))

@@ -1,0 +1,77 @@
+"""The workers' pooled connections after an error that leaves a connection unusable
+(:func:`exchange.db.errors.leaves_the_connection_unusable`), against a real PostgreSQL.
+
+The error is a real one from the server, raised by a statement with the SQLSTATE pgbouncer gives its
+``query_wait_timeout`` (08P01) before it closes the connection: psycopg sees an ordinary error on a connection that
+looks idle, as it does then. Here the server keeps the session, so a connection that went back to the pool would be
+handed out again with the same backend: what the tests look for. A statement's own error is the control: its
+connection is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from exchange.matching import store as matching_store
+from exchange.webhooks import store as webhook_store
+
+SESSION_ENDED = "DO $$ BEGIN RAISE EXCEPTION 'query_wait_timeout' USING ERRCODE = '08P01'; END $$"
+STATEMENT_FAILED = "SELECT 1 / 0"
+
+
+def through_sqlalchemy(engine: Engine, sql: str) -> None:
+    """As the sweeper does: a statement executed by SQLAlchemy."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(sql)
+
+
+def through_the_matcher(engine: Engine, sql: str) -> None:
+    """As the matcher does: a psycopg cursor on a connection of :func:`exchange.matching.store.connect`."""
+    with matching_store.connect(engine) as conn:
+        psycopg.ClientCursor(matching_store._driver(conn)).execute(sql)
+
+
+def through_the_webhook_store(engine: Engine, sql: str) -> None:
+    """As the webhook store does: one statement in a bounded transaction of its own, on a raw pooled connection."""
+    webhook_store._execute(engine, sql, {})
+
+
+def backend_of_the_next_checkout(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+def backend_that_failed(path: Callable[[Engine, str], None], engine: Engine, sql: str) -> int:
+    """Run ``sql`` through ``path`` (it raises) on the pool's one connection; that connection's backend."""
+    used = backend_of_the_next_checkout(engine)  # opens the connection the path checks out again (one at a time)
+    with pytest.raises((psycopg.Error, DBAPIError)):
+        path(engine, sql)
+    return used
+
+
+PATHS = pytest.mark.parametrize(
+    "path",
+    [through_sqlalchemy, through_the_matcher, through_the_webhook_store],
+    ids=["sqlalchemy-execution", "matcher-cursor", "webhook-store"],
+)
+
+
+@PATHS
+def test_a_worker_connection_whose_session_ended_is_not_handed_out_again(
+    engine: Engine, path: Callable[[Engine, str], None]
+) -> None:
+    used = backend_that_failed(path, engine, SESSION_ENDED)
+    assert backend_of_the_next_checkout(engine) != used
+
+
+@PATHS
+def test_a_worker_connection_whose_statement_failed_is_handed_out_again(
+    engine: Engine, path: Callable[[Engine, str], None]
+) -> None:
+    used = backend_that_failed(path, engine, STATEMENT_FAILED)
+    assert backend_of_the_next_checkout(engine) == used
