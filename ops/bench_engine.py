@@ -14,6 +14,7 @@ import argparse
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from uuid import UUID
 
 from exchange.engine import (
@@ -105,7 +106,7 @@ class Generator:
         return self.order(side, OrderType.MARKET, None, self.rnd.randint(1, TAKER_MAX_QTY), TimeInForce.IOC)
 
 
-def track(live: LiveSet, events: list[object]) -> None:
+def track(live: LiveSet, events: Sequence[object]) -> None:
     for e in events:
         if isinstance(e, Rested):
             live.add(e.order_id)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis
@@ -46,7 +46,8 @@ REDIS_SERVER = os.environ.get("EXCHANGE_BENCH_REDIS_SERVER", "redis://127.0.0.1:
 def _idle_redis_database() -> str:
     """The URL of a database of REDIS_SERVER that holds no keys and that no client is connected to (other
     setups on the same server, e.g. an ``exchange dev``, must neither see the bench's messages nor lose theirs)."""
-    in_use = {int(client["db"]) for client in redis.Redis.from_url(f"{REDIS_SERVER}/0").client_list()}
+    clients = cast(list[dict[str, Any]], redis.Redis.from_url(f"{REDIS_SERVER}/0").client_list())  # sync: a list
+    in_use = {int(client["db"]) for client in clients}
     for db in range(15, 0, -1):
         if db not in in_use and redis.Redis.from_url(f"{REDIS_SERVER}/{db}").dbsize() == 0:
             return f"{REDIS_SERVER}/{db}"

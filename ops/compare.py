@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis
@@ -100,7 +100,8 @@ def flush_unshared_redis(redis_url: str) -> None:
     try:
         own = client.client_id()
         db = int(client.connection_pool.connection_kwargs.get("db", 0))
-        others = [c for c in client.client_list() if int(c.get("db", -1)) == db and int(c["id"]) != own]
+        clients = cast(list[dict[str, Any]], client.client_list())  # the sync client: a list, not an awaitable
+        others = [c for c in clients if int(c.get("db", -1)) == db and int(c["id"]) != own]
         if others:
             seen = ", ".join(sorted({f"{c.get('addr')} ({c.get('cmd')})" for c in others}))
             raise RuntimeError(

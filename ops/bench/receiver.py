@@ -31,6 +31,8 @@ class ReceiverResult:
     first_at: float = 0.0  # wall time of the first timed webhook
     last_at: float = 0.0
     bad_requests: int = 0
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) the receiver process used from the run's start to its stop."""
 
 
 class _State:
@@ -111,8 +113,12 @@ async def _serve(port: int, since_wall: Any, stop: Any, ready: Any, progress: An
         lambda r, w: _handle(state, r, w), "127.0.0.1", port, backlog=1024, limit=1 << 20
     )
     ready.set()
+    cpu_at_start: float | None = None
     while not stop.is_set() and os.getppid() == parent:
         progress.value = state.result.received
+        if cpu_at_start is None and time.time() >= since_wall.value:
+            cpu_at_start = time.process_time()  # the run started (the setup's registrations cost little)
         await asyncio.sleep(0.1)
     server.close()
+    state.result.cpu_s = time.process_time() - (cpu_at_start or 0.0)
     return state.result

@@ -147,6 +147,10 @@ def build_report(
         "order_states_in_201": dict(order_states),
         "skipped": dict(skipped),
         "connections": {"peak_open": peak_connections, "requests_that_waited_for_one": waited},
+        "generator_cpu_s": {
+            "senders": round(sum(r.cpu_s for r in results), 3),
+            **({"receiver": round(receiver.cpu_s, 3)} if receiver is not None else {}),
+        },
         "setup": setup,
     }
     if receiver is not None:
@@ -202,6 +206,11 @@ def render(report: dict[str, Any]) -> str:
             f"machine: {mc['cpus']} CPUs · wake-up round trip {mc['wakeup_round_trip_us']} µs · "
             f"300,000 additions {mc['chunk_ms']} ms (ops.cpu_steadiness)"
         )
+    if report.get("generator_cpu_s"):
+        gen = report["generator_cpu_s"]
+        parts = " + ".join(f"{kind} {seconds:.2f}" for kind, seconds in gen.items())
+        share = sum(gen.values()) / report["duration_s"] if report["duration_s"] else 0.0
+        lines.append(f"generator CPU: {parts} s, {share:.2f} of a CPU over the run (the exchange shares the rest)")
     if report.get("generator_priority"):
         lines.append(f"generator priority: {'; '.join(report['generator_priority'])}")
     if "webhooks" in report:

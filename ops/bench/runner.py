@@ -64,6 +64,8 @@ class WorkerResult:
     connections_opened: int = 0
     waited_for_connection: int = 0
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) the worker process used sending (its loop's start to its end)."""
     priority: str = ""
     """What :func:`ops.bench.priority.raise_priority` did in the worker process."""
 
@@ -83,6 +85,7 @@ class WorkerResult:
             connections_opened=self.connections_opened,
             waited_for_connection=self.waited_for_connection,
             elapsed_s=self.elapsed_s,
+            cpu_s=self.cpu_s,
             priority=self.priority,
         )
 
@@ -252,10 +255,12 @@ def run_worker(cfg: WorkerConfig) -> WorkerResult:
     """Body of a worker process (also callable in-process)."""
     install_uvloop()
     result = WorkerResult(index=cfg.index)
+    started_cpu = time.process_time()
     if cfg.closed_loop_clients > 0:
         asyncio.run(_closed_loop(cfg, result))
     else:
         asyncio.run(_open_loop(cfg, result))
+    result.cpu_s = time.process_time() - started_cpu
     return result.plain()
 
 

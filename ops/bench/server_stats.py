@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 PROCESS_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("postgres", ("postgres:", "/postgres ")),
@@ -139,7 +139,7 @@ def _redis_calls(redis_url: str) -> dict[str, int]:
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     try:
-        stats: dict[str, Any] = client.info("commandstats")
+        stats = cast(dict[str, Any], client.info("commandstats"))  # the sync client: a dict, not an awaitable
     finally:
         client.close()
     return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}

@@ -70,6 +70,10 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
     assert machine["wakeup_round_trip_us"] > 0
     assert machine["chunk_ms"] > 0
     assert "machine: " in proc.stdout
+    generator = report["generator_cpu_s"]  # the generator's own share of the machine: its senders sent, it received
+    assert generator["senders"] > 0, generator
+    assert generator["receiver"] > 0, generator
+    assert "generator CPU: " in proc.stdout
     stats = report["server_stats"]
     assert stats["accepted_orders"] > 0
     assert stats["redis_calls"].get("evalsha", 0) > 0, stats  # dramatiq's scripts: wake-ups were consumed
