@@ -45,12 +45,13 @@ def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: 
     """A synchronous engine safe to use through pgbouncer's transaction pooling.
 
     Invariant: a connection whose statement raised an error after which it is unusable
-    (:func:`~exchange.db.errors.leaves_the_connection_unusable`) is invalidated, with the pool's idle ones, not
-    checked in again. SQLAlchemy's own rule for psycopg only looks at whether psycopg saw the connection close,
-    which it has not when pgbouncer answers ``query_wait_timeout`` (PostgreSQL down) and then closes it: the next
-    checkout would fail a later sweep or claim with it. (Work that runs psycopg cursors on a checked-out connection
-    directly, as the matcher and the webhook store do, applies the same rule itself: SQLAlchemy never sees those
-    errors.)"""
+    (:func:`~exchange.db.errors.leaves_the_connection_unusable`) is invalidated, not checked in again. SQLAlchemy's
+    own rule for psycopg only looks at whether psycopg saw the connection close, which it has not when pgbouncer
+    answers ``query_wait_timeout`` (PostgreSQL down) and then closes it: the next checkout would fail a later sweep
+    or claim with it. As in :class:`AsyncPool`, only a connection psycopg saw break makes the pool's others suspect
+    (SQLAlchemy's own rule, which invalidates them all); one that is merely unusable goes alone. (Work that runs
+    psycopg cursors on a checked-out connection directly, as the matcher and the webhook store do, applies the same
+    rule itself: SQLAlchemy never sees those errors.)"""
     engine = create_engine(
         sqlalchemy_url(url),
         connect_args=dict(_POOLED_CONNECT_ARGS),
@@ -64,8 +65,10 @@ def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: 
 
 def _invalidate_unusable(context: ExceptionContext) -> None:
     error = context.original_exception
-    if isinstance(error, psycopg.Error) and leaves_the_connection_unusable(error):
-        context.is_disconnect = True
+    if context.is_disconnect or not isinstance(error, psycopg.Error) or not leaves_the_connection_unusable(error):
+        return  # broken (SQLAlchemy's rule already holds), or a statement's own error: the connection stays
+    context.is_disconnect = True
+    context.invalidate_pool_on_disconnect = False
 
 
 POOL_WAIT_S = 5.0

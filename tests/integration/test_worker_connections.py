@@ -75,3 +75,14 @@ def test_a_worker_connection_whose_statement_failed_is_handed_out_again(
 ) -> None:
     used = backend_that_failed(path, engine, STATEMENT_FAILED)
     assert backend_of_the_next_checkout(engine) == used
+
+
+def test_a_worker_connection_whose_session_ended_goes_alone_the_pools_others_are_kept(engine: Engine) -> None:
+    with engine.connect() as other:  # checked out while the failing statement runs on a second connection
+        kept = int(other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        with pytest.raises(DBAPIError):
+            through_sqlalchemy(engine, SESSION_ENDED)
+    # Both connections are back in the pool (the failed one's record reconnects when handed out): take both.
+    with engine.connect() as first, engine.connect() as second:
+        backends = {int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()) for conn in (first, second)}
+    assert kept in backends  # only a connection psycopg saw break makes the others suspect
