@@ -59,16 +59,19 @@ def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: 
         max_overflow=max_overflow,
         **kw,
     )
-    event.listen(engine, "handle_error", _invalidate_unusable)
+    event.listen(engine, "handle_error", _unusable_is_a_disconnect)
     return engine
 
 
-def _invalidate_unusable(context: ExceptionContext) -> None:
+def _unusable_is_a_disconnect(context: ExceptionContext) -> None:
+    """SQLAlchemy's ``handle_error`` hook of :func:`pooled_engine`: an error that leaves its connection unusable
+    is a disconnect of that connection alone (SQLAlchemy then invalidates it)."""
     error = context.original_exception
-    if context.is_disconnect or not isinstance(error, psycopg.Error) or not leaves_the_connection_unusable(error):
-        return  # broken (SQLAlchemy's rule already holds), or a statement's own error: the connection stays
-    context.is_disconnect = True
-    context.invalidate_pool_on_disconnect = False
+    if context.connection is None or context.is_disconnect:
+        return  # no connection yet (a failed connect), or broken: SQLAlchemy's own rule already holds
+    if isinstance(error, psycopg.Error) and leaves_the_connection_unusable(error):
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = False
 
 
 POOL_WAIT_S = 5.0

@@ -29,16 +29,18 @@ def is_client_side_failure(exc: DatabaseError) -> bool:
     return not sqlstate(exc)
 
 
-SESSION_ENDING_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "25P03", "57P05"})
-"""Admin shutdown, crash shutdown, cannot connect now, and the idle-in-transaction and idle-session timeouts
-(a worker's transaction frozen past :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`): the server ends the session
-with the error."""
+SESSION_ENDING_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "25P03"})
+"""The server ends the session with the error: admin shutdown, crash shutdown, cannot connect now, database dropped,
+a server-side ``idle_session_timeout`` (if one is set), and the idle-in-transaction timeout (a worker's bounded
+transaction frozen past :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`; psycopg usually sees that close
+itself)."""
 
 
 def ends_the_session(exc: DatabaseError) -> bool:
     """The server, or pgbouncer, closes the connection after this error: a connection exception (class 08, e.g.
-    pgbouncer's ``query_wait_timeout``, 08P01, while PostgreSQL is down) or a shutdown (57P01-57P03). psycopg may not
-    have seen the close yet (the connection looks idle, not broken): it must not be used again."""
+    pgbouncer's ``query_wait_timeout``, 08P01, while PostgreSQL is down) or one of :data:`SESSION_ENDING_SQLSTATES`.
+    psycopg may not have seen the close yet (after pgbouncer's ``query_wait_timeout`` the connection looks idle, not
+    broken): it must not be used again."""
     state = sqlstate(exc)
     return state[:2] == "08" or state in SESSION_ENDING_SQLSTATES
 

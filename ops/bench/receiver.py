@@ -32,7 +32,8 @@ class ReceiverResult:
     last_at: float = 0.0
     bad_requests: int = 0
     cpu_s: float = 0.0
-    """CPU seconds (user + system) the receiver process used from the run's start to its stop."""
+    """CPU seconds (user + system) the receiver process used from the run's start to its stop, the webhook grace
+    included (0 when it stopped before the run started)."""
 
 
 class _State:
@@ -120,5 +121,6 @@ async def _serve(port: int, since_wall: Any, stop: Any, ready: Any, progress: An
             cpu_at_start = time.process_time()  # the run started (the setup's registrations cost little)
         await asyncio.sleep(0.1)
     server.close()
-    state.result.cpu_s = time.process_time() - (cpu_at_start or 0.0)
+    # Up to the stop: the webhooks of the run's fills arriving in the grace after it are the run's work too.
+    state.result.cpu_s = 0.0 if cpu_at_start is None else time.process_time() - cpu_at_start
     return state.result

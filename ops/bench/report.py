@@ -210,7 +210,10 @@ def render(report: dict[str, Any]) -> str:
         gen = report["generator_cpu_s"]
         parts = " + ".join(f"{kind} {seconds:.2f}" for kind, seconds in gen.items())
         share = sum(gen.values()) / report["duration_s"] if report["duration_s"] else 0.0
-        lines.append(f"generator CPU: {parts} s, {share:.2f} of a CPU over the run (the exchange shares the rest)")
+        lines.append(
+            f"generator CPU: {parts} s for the run's requests and webhooks (warm-up and drain included), "
+            f"{share:.2f} of a CPU per second of the run: what the exchange did not get"
+        )
     if report.get("generator_priority"):
         lines.append(f"generator priority: {'; '.join(report['generator_priority'])}")
     if "webhooks" in report:

@@ -65,7 +65,8 @@ class WorkerResult:
     waited_for_connection: int = 0
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
-    """CPU seconds (user + system) the worker process used sending (its loop's start to its end)."""
+    """CPU seconds (user + system) the worker process used for its requests: its loop's start (warming connections
+    before the run) to its end (the answers that arrive after the run)."""
     priority: str = ""
     """What :func:`ops.bench.priority.raise_priority` did in the worker process."""
 

@@ -44,6 +44,7 @@ def test_connection_exceptions_and_shutdowns_end_the_session_and_statement_error
     assert ends_the_session(psycopg.errors.CrashShutdown("crash"))  # 57P02
     assert ends_the_session(psycopg.errors.IdleInTransactionSessionTimeout("idle in transaction"))  # 25P03
     assert ends_the_session(psycopg.errors.IdleSessionTimeout("idle session"))  # 57P05
+    assert ends_the_session(psycopg.errors.DatabaseDropped("database dropped"))  # 57P04
     assert not ends_the_session(psycopg.errors.QueryCanceled("statement timeout"))  # 57014: the session goes on
     assert not ends_the_session(psycopg.errors.DivisionByZero("division by zero"))
     assert not ends_the_session(psycopg.InternalError("no sqlstate"))
