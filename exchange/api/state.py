@@ -33,6 +33,17 @@ log = logging.getLogger("exchange.api")
 REDIS_TIMEOUT_S = 2.0
 
 
+def results_subscriber(redis_url: str) -> Redis:
+    """The api process's pub/sub connection for :class:`~exchange.messaging.results.ResultWaiter`: idle between
+    messages, with no read timeout, so over TCP it asks for keepalive probes to notice a peer that vanished. A unix
+    socket (``exchange dev``'s embedded Redis) has none, and redis-py's unix connection refuses the option: passed
+    there, the subscriber never connected and every new order waited out ``EXCHANGE_ORDER_WAIT_MS`` to answer
+    ``pending``."""
+    keepalive = {} if redis_url.startswith("unix:") else {"socket_keepalive": True}
+    client: Redis = Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, **keepalive)
+    return client
+
+
 @dataclass(slots=True)
 class KeyCache:
     """Positive cache of API-key hash → broker, so most requests skip the lookup query.
@@ -95,7 +106,7 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
         client = Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
-        subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_keepalive=True)
+        subscriber = results_subscriber(settings.redis_url)
         broker = make_broker(settings.redis_url, settings.partitions)
         enqueuer = AsyncEnqueuer(broker, client)
         waiter = ResultWaiter(subscriber)

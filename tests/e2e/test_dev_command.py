@@ -2,9 +2,9 @@
 
 Runs the real command with ``EXCHANGE_DATABASE_URL`` / ``EXCHANGE_REDIS_URL`` unset (so it starts embedded
 PostgreSQL and Redis), waits for readiness, does what the README's curl example does (register two brokers, cross
-two orders: filled), checks the dramatiq dashboard lists every queue, then sends SIGTERM twice and checks that every
-process of the run — children, their workers, pgbouncer, the embedded servers — is gone. And when dev is killed
-outright (nothing stopped), its children stop by themselves.
+two orders: each answered after its match, filled), checks the dramatiq dashboard lists every queue, then sends
+SIGTERM twice and checks that every process of the run — children, their workers, pgbouncer, the embedded servers —
+is gone. And when dev is killed outright (nothing stopped), its children stop by themselves.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def still_alive_after(pids: set[int], timeout_s: float) -> set[int]:
 
 def test_exchange_dev_without_configured_services_fills_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
-    dev = start_dev(tmp_path, port, state_dir, log)
+    # A long wait for the matcher's result: an answer still `pending` then means the api never heard it.
+    dev = start_dev(tmp_path, port, state_dir, log, EXCHANGE_ORDER_WAIT_MS="5000")
     pids: set[int] = set()
     try:
         base = f"http://127.0.0.1:{port}"
@@ -113,6 +114,9 @@ def test_exchange_dev_without_configured_services_fills_the_readme_example_and_s
             seller, buyer = register(client, "seller"), register(client, "buyer")
             ask = place(client, seller, "ask")
             bid = place(client, buyer, "bid")
+            # Each 201 is the order after its match, heard over the embedded Redis (a unix socket) at once
+            assert ask["status"] == "open", ask
+            assert (bid["status"], bid["close_reason"]) == ("closed", "filled"), bid
             assert filled(client, buyer, bid["order_id"])["close_reason"] == "filled"
             assert filled(client, seller, ask["order_id"])["close_reason"] == "filled"
             dashboard = client.get("/ops/dramatiq/", headers={"Authorization": f"Bearer {ADMIN_KEY}"})

@@ -1,0 +1,50 @@
+"""The api process's result subscriber (:func:`exchange.api.state.results_subscriber` under a
+:class:`~exchange.messaging.results.ResultWaiter`) receives a matcher's published result, on both kinds of Redis URL
+the exchange runs with: TCP (a Redis server) and a unix socket (``exchange dev``'s embedded Redis)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from exchange.api.state import results_subscriber
+from exchange.embedded import EmbeddedRedis
+from exchange.messaging.results import PlacedState, ResultWaiter, publish_results
+from tests.integration.redis_support import redis_test_url
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["tcp", "unix-socket"])
+def redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "tcp":
+        yield redis_test_url()  # pub/sub ignores the database: nothing to claim
+        return
+    server = EmbeddedRedis(tmp_path)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+async def test_a_published_result_reaches_the_waiting_request(redis_url: str) -> None:
+    subscriber = results_subscriber(redis_url)
+    waiter = ResultWaiter(subscriber)
+    await waiter.start()
+    publisher = redis.Redis.from_url(redis_url)
+    try:
+        order_id = uuid.uuid4()
+        future = waiter.register(order_id)
+        state = PlacedState(order_id, "open", None, None, None, None, 0, [])
+        publish_results(publisher, [order_id], [state])
+        assert await waiter.wait(order_id, future, timeout_s=5.0)
+        assert future.result() == state
+    finally:
+        publisher.close()
+        await waiter.stop()
+        await subscriber.aclose()
