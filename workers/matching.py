@@ -15,13 +15,12 @@ import os
 import time
 
 import dramatiq
-import redis
 
 from exchange.config import Settings
 from exchange.heap import Keeper
 from exchange.matching.service import BatchResult, BookCache, drain
 from exchange.matching.store import matcher_engine
-from exchange.messaging.broker import SettledHeap, make_broker
+from exchange.messaging.broker import SettledHeap, make_broker, redis_client
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
@@ -39,7 +38,7 @@ broker.add_middleware(SettledHeap())
 # One connection per dramatiq thread (each may hold one symbol's lock) plus a spare for the one in rollback.
 _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
 _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
-_redis = redis.Redis.from_url(settings.redis_url)
+_redis = redis_client(settings.redis_url)
 _cache = BookCache()
 _wakeups = PartitionWakeups(_redis, linger_s=settings.matcher_linger_ms / 1000)
 _keep_heap = Keeper()

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from dramatiq.brokers.redis import RedisBroker
 from litestar import Litestar
 from redis.asyncio import Redis
+from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 
 from exchange.api.batches import OrderKey, accept_orders, cancel_orders, read_orders
 from exchange.api.coalescing import Coalescer
@@ -33,13 +35,25 @@ log = logging.getLogger("exchange.api")
 REDIS_TIMEOUT_S = 2.0
 
 
+SUBSCRIBER_KEEPALIVE: dict[int, int] = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+}
+"""TCP keepalive of the result subscriber: a Redis that vanished without closing the connection (a host gone, a
+network cut) is noticed within about a minute (30 s idle, then three probes 10 s apart), not Linux's two hours."""
+
+
 def results_subscriber(redis_url: str) -> Redis:
     """The api process's pub/sub connection for :class:`~exchange.messaging.results.ResultWaiter`: idle between
-    messages, with no read timeout, so over TCP it asks for keepalive probes to notice a peer that vanished. A unix
-    socket (``exchange dev``'s embedded Redis) has none, and redis-py's unix connection refuses the option: passed
-    there, the subscriber never connected and every new order waited out ``EXCHANGE_ORDER_WAIT_MS`` to answer
-    ``pending``."""
-    keepalive = {} if redis_url.startswith("unix:") else {"socket_keepalive": True}
+    messages, with no read timeout, so over TCP it sends keepalive probes (:data:`SUBSCRIBER_KEEPALIVE`) to notice a
+    peer that vanished. A unix socket (``exchange dev``'s embedded Redis) needs none (a dead server closes it), and
+    redis-py's unix connection refuses the option: passed there, the subscriber never connected and every new order
+    waited out ``EXCHANGE_ORDER_WAIT_MS`` to answer ``pending``."""
+    unix = parse_url(redis_url).get("connection_class") is UnixDomainSocketConnection
+    keepalive: dict[str, Any] = (
+        {} if unix else {"socket_keepalive": True, "socket_keepalive_options": SUBSCRIBER_KEEPALIVE}
+    )
     client: Redis = Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, **keepalive)
     return client
 

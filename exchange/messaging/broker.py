@@ -42,8 +42,21 @@ log = logging.getLogger("exchange.messaging")
 
 DOORBELL_PREFIX = "exchange:doorbell:"
 SOCKET_TIMEOUT_S = 10.0
-"""Every Redis call of the broker gives up after this long (a stalled Redis must not hang a request's batch or a
-worker forever; dramatiq's own client has no timeout)."""
+"""Every Redis call of the broker, and of the workers' other clients (:func:`redis_client`), gives up after this long
+(a stalled Redis must not hang a request's batch or a worker forever; dramatiq's own client has no timeout)."""
+
+
+def redis_client(redis_url: str) -> redis.Redis:
+    """A synchronous client whose every call gives up after :data:`SOCKET_TIMEOUT_S`, as does its connect.
+
+    Built here, not by dramatiq from the URL: given ``url=``, dramatiq's broker makes its own connection pool from
+    the URL alone, and the ``socket_timeout`` passed beside it is silently dropped (the broker had no timeout)."""
+    client: redis.Redis = redis.Redis.from_url(
+        redis_url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+    )
+    return client
+
+
 MAX_IDLE_WAIT_S = SOCKET_TIMEOUT_S / 2
 """An idle consumer's doorbell wait is capped below the socket timeout, whatever ``dramatiq_worker_timeout`` says."""
 
@@ -85,7 +98,7 @@ class _DoorbellConsumer(_RedisConsumer):
             self.broker.client.blpop([doorbell_key(self.queue_name)], timeout=wait_s)
             self.drained = False
             return None
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # lost, or stalled past SOCKET_TIMEOUT_S
             raise dramatiq.ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
 
@@ -312,9 +325,7 @@ def make_broker(redis_url: str, partitions: int) -> DoorbellRedisBroker:
     retries of matching messages are pointless (the sweeper re-nudges) but harmless, so they are left to each
     actor's options.
     """
-    broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
-        url=redis_url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
-    )
+    broker = DoorbellRedisBroker(client=redis_client(redis_url))  # type: ignore[no-untyped-call]  # untyped
     broker.add_middleware(RequestIdMiddleware())
     for n in range(partitions):
         broker.declare_queue(matching_queue(n))

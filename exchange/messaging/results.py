@@ -105,6 +105,9 @@ class ResultWaiter:
         self._waiting: dict[UUID, list[asyncio.Future[PlacedState | None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.subscribed = False
+        """The subscription is live now (the api's readiness reports it: without it every new order answers
+        ``pending`` after its wait)."""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="result-waiter")
@@ -153,6 +156,7 @@ class ResultWaiter:
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 async with pubsub:
                     await pubsub.subscribe(RESULTS_CHANNEL)
+                    self.subscribed = True
                     self._ready.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
@@ -165,6 +169,8 @@ class ResultWaiter:
             except Exception:
                 log.warning("result subscriber lost its Redis connection; reconnecting", exc_info=True)
                 await asyncio.sleep(0.5)
+            finally:
+                self.subscribed = False
 
     def _resolve(self, order_ids: list[UUID], placed: dict[UUID, PlacedState]) -> None:
         for order_id in order_ids:

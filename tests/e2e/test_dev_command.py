@@ -102,15 +102,16 @@ def still_alive_after(pids: set[int], timeout_s: float) -> set[int]:
 
 def test_exchange_dev_without_configured_services_fills_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
-    # A long wait for the matcher's result: an answer still `pending` then means the api never heard it.
-    dev = start_dev(tmp_path, port, state_dir, log, EXCHANGE_ORDER_WAIT_MS="5000")
+    # A long wait for the matcher's result (the first order also waits for the matcher's start-up, on a busy CI
+    # machine): an answer still `pending` then means the api never heard it. A working one answers at once.
+    dev = start_dev(tmp_path, port, state_dir, log, EXCHANGE_ORDER_WAIT_MS="30000")
     pids: set[int] = set()
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, dev, log)
         assert "embedded PostgreSQL" in log.read_text()
         assert "embedded Redis" in log.read_text()
-        with httpx.Client(base_url=base, timeout=10) as client:
+        with httpx.Client(base_url=base, timeout=45) as client:
             seller, buyer = register(client, "seller"), register(client, "buyer")
             ask = place(client, seller, "ask")
             bid = place(client, buyer, "bid")

@@ -32,6 +32,7 @@ def test_ready_is_200_when_postgres_and_redis_answer(api_client: TestClient[Any]
     assert body["status"] == "ok"
     assert body["checks"]["postgres"]["ok"] is True
     assert body["checks"]["redis"]["ok"] is True
+    assert body["checks"]["results"]["ok"] is True  # this process hears the matchers' results
 
 
 def test_ready_is_503_naming_redis_when_redis_is_down(client_factory: Callable[..., TestClient[Any]]) -> None:
@@ -42,6 +43,7 @@ def test_ready_is_503_naming_redis_when_redis_is_down(client_factory: Callable[.
     assert checks["postgres"]["ok"] is True
     assert checks["redis"]["ok"] is False
     assert checks["redis"]["error"]
+    assert checks["results"]["ok"] is False  # nor can it hear a result: every new order would answer pending
 
 
 def test_ready_is_503_and_requests_are_database_unavailable_when_postgres_is_down(

@@ -4,6 +4,8 @@ idle timeout, and nothing dramatiq does (fetch, ack, delayed messages) changes."
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 import uuid
@@ -13,10 +15,19 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 import redis.asyncio
 
 from exchange.embedded import EmbeddedRedis
-from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, Guard, doorbell_key, queue_ring
+from exchange.messaging import broker as messaging_broker
+from exchange.messaging.broker import (
+    AsyncEnqueuer,
+    DoorbellRedisBroker,
+    Guard,
+    doorbell_key,
+    make_broker,
+    queue_ring,
+)
 from exchange.observability.context import request_id_var
 from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
 from tests.integration.redis_support import namespaced_broker, redis_test_url
@@ -235,4 +246,36 @@ def test_a_redis_that_never_saw_dramatiqs_script_is_sent_it_and_the_message_is_e
         consumer.close()
         broker.close()
     finally:
+        server.stop()
+
+
+def test_a_stalled_redis_fails_the_brokers_call_after_the_socket_timeout_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker the processes use (:func:`~exchange.messaging.broker.make_broker`) gives up on a Redis that stopped
+    answering: dramatiq, given a URL, would build its own client without the timeout and wait forever."""
+    monkeypatch.setattr(messaging_broker, "SOCKET_TIMEOUT_S", 0.5)
+    server = EmbeddedRedis(tmp_path)  # a server of its own, to stop
+    broker = make_broker(server.start(), partitions=1)
+    outcome: list[BaseException | None] = []
+
+    def ping() -> None:
+        try:
+            broker.client.ping()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    assert server.pid is not None
+    try:
+        broker.client.ping()  # connected before the stall
+        os.kill(server.pid, signal.SIGSTOP)
+        caller = threading.Thread(target=ping, daemon=True)
+        caller.start()
+        caller.join(5)
+        assert outcome, "the call still waits on the stalled Redis"
+        assert isinstance(outcome[0], redis.TimeoutError), outcome
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        broker.close()
         server.stop()

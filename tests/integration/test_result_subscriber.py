@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from exchange.api.state import results_subscriber
+from exchange.api.state import SUBSCRIBER_KEEPALIVE, results_subscriber
 from exchange.embedded import EmbeddedRedis
 from exchange.messaging.results import PlacedState, ResultWaiter, publish_results
 from tests.integration.redis_support import redis_test_url
@@ -48,3 +48,11 @@ async def test_a_published_result_reaches_the_waiting_request(redis_url: str) ->
         publisher.close()
         await waiter.stop()
         await subscriber.aclose()
+
+
+def test_the_subscriber_probes_a_tcp_redis_and_asks_nothing_of_a_unix_socket() -> None:
+    tcp = results_subscriber("redis://127.0.0.1:6379/0").connection_pool.connection_kwargs
+    assert tcp["socket_keepalive"] is True
+    assert tcp["socket_keepalive_options"] == SUBSCRIBER_KEEPALIVE
+    unix = results_subscriber("unix:///tmp/redis.sock?db=0").connection_pool.connection_kwargs
+    assert "socket_keepalive" not in unix

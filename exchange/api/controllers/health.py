@@ -41,6 +41,10 @@ class MigrationsNotAtHeadError(RuntimeError):
     pass
 
 
+class ResultsNotSubscribedError(RuntimeError):
+    pass
+
+
 class HealthController(Controller):
     path = "/health"
     dependencies = API
@@ -76,8 +80,13 @@ class HealthController(Controller):
             if current != head:
                 raise MigrationsNotAtHeadError(f"database at {current or 'base'}, this build needs {head}")
 
-        pg, rd, mg = await asyncio.gather(_check(postgres), _check(redis), _check(migrations))
-        ok = pg.ok and rd.ok and mg.ok
-        checks = {"postgres": pg, "redis": rd, "migrations": mg}
+        async def results() -> None:
+            # This process hears the matchers' results: without it every new order waits out its wait, `pending`.
+            if not api.waiter.subscribed:
+                raise ResultsNotSubscribedError("the result subscriber is not subscribed (reconnecting to Redis)")
+
+        pg, rd, mg, rs = await asyncio.gather(_check(postgres), _check(redis), _check(migrations), _check(results))
+        ok = pg.ok and rd.ok and mg.ok and rs.ok
+        checks = {"postgres": pg, "redis": rd, "migrations": mg, "results": rs}
         body = ReadyOut(status="ok" if ok else "unavailable", checks=checks)
         return Response(body, status_code=200 if ok else 503)
