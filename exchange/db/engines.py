@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DisconnectionError
 
 from exchange.db.errors import leaves_the_connection_unusable
 from exchange.db.urls import libpq_url, sqlalchemy_url
@@ -44,7 +46,8 @@ _POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_time
 def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:
     """A synchronous engine safe to use through pgbouncer's transaction pooling.
 
-    Invariant: a connection whose statement raised an error after which it is unusable
+    Invariants: an idle connection the other end closed meanwhile is not handed out (:func:`closed_by_peer`, at
+    checkout, as in :class:`AsyncPool`); a connection whose statement raised an error after which it is unusable
     (:func:`~exchange.db.errors.leaves_the_connection_unusable`) is invalidated, not checked in again. SQLAlchemy's
     own rule for psycopg only looks at whether psycopg saw the connection close, which it has not when pgbouncer
     answers ``query_wait_timeout`` (PostgreSQL down) and then closes it: the next checkout would fail a later sweep
@@ -60,7 +63,15 @@ def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: 
         **kw,
     )
     event.listen(engine, "handle_error", _unusable_is_a_disconnect)
+    event.listen(engine, "checkout", _refuse_closed_by_peer)
     return engine
+
+
+def _refuse_closed_by_peer(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """SQLAlchemy's ``checkout`` hook of :func:`pooled_engine`: an idle connection the other end closed meanwhile
+    (:func:`closed_by_peer`) is refused, and the pool hands out another (SQLAlchemy's documented way: it retries)."""
+    if isinstance(dbapi_connection, psycopg.Connection) and closed_by_peer(dbapi_connection):
+        raise DisconnectionError("the server or pgbouncer closed this idle connection")
 
 
 def _unusable_is_a_disconnect(context: ExceptionContext) -> None:
@@ -103,8 +114,9 @@ class AsyncPool:
       at once with psycopg's error (503), rather than waiting out a pool timeout as ``psycopg_pool`` does (its
       background workers keep retrying while callers wait ``timeout`` seconds: 5 s per request in
       ``test_api_health_admin``).
-    * A connection that broke makes every idle one suspect (pgbouncer or PostgreSQL restarted under all of them):
-      they are closed too, so one request fails instead of one per idle connection.
+    * An idle connection the other end closed (pgbouncer restarted, a session PostgreSQL or pgbouncer ended) is
+      not handed out: :func:`closed_by_peer` sees it at checkout, so no request fails on it while the database is
+      up. A connection that broke in use makes every idle one suspect too (they are closed).
     * Every clean connection is kept for the next request (up to ``max_size``; none after :meth:`close`): closing
       a burst's extra ones, as SQLAlchemy's pool did with its overflow, cost ~560 reconnections per 20-s run at
       ``--scale 100``. Without pgbouncer each is a PostgreSQL backend: ``max_size`` per api worker.
@@ -129,7 +141,7 @@ class AsyncPool:
         conn: AsyncPgConnection | None = None
         confused = False
         try:
-            conn = self._idle.pop() if self._idle else await self._connect()
+            conn = await self._take_idle() or await self._connect()
             try:
                 yield conn
             except psycopg.Error as exc:
@@ -142,6 +154,17 @@ class AsyncPool:
                     await self._put(conn, reuse=not confused)
             finally:
                 self._slots.release()
+
+    async def _take_idle(self) -> AsyncPgConnection | None:
+        """The most recently used idle connection that the other end has not closed meanwhile (the others found on
+        the way are closed), or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not closed_by_peer(conn):
+                return conn
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+        return None
 
     async def _connect(self) -> AsyncPgConnection:
         return await psycopg.AsyncConnection.connect(
@@ -168,6 +191,21 @@ class AsyncPool:
         for conn in idle:
             with contextlib.suppress(psycopg.Error):
                 await conn.close()
+
+
+def closed_by_peer(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:
+    """An idle connection whose socket is readable was sent something nobody asked for: the server's or pgbouncer's
+    close (end of file, perhaps after an error such as an ended session). psycopg learns of it only at the next
+    statement, which would then fail a request while the database is up. One ``poll`` of the socket, no round trip
+    (a check query would cost one per request); a healthy connection wrongly taken for closed only costs a
+    reconnection. Nothing else reaches an idle connection here: the exchange never LISTENs."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:  # no socket: closed already
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def single_statement(pool: AsyncPool) -> AbstractAsyncContextManager[AsyncPgConnection]:

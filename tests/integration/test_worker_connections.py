@@ -91,3 +91,14 @@ def test_a_worker_connection_whose_session_ended_goes_alone_the_pools_others_are
     with engine.connect() as first, engine.connect() as second:
         backends = {int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()) for conn in (first, second)}
     assert kept in backends  # only a connection psycopg saw break makes the others suspect
+
+
+@PATHS
+def test_a_worker_connection_the_server_closed_while_idle_is_not_handed_out(
+    engine: Engine, path: Callable[[Engine, str], None], fresh_migrated_database_url: str
+) -> None:
+    idle = backend_of_the_next_checkout(engine)
+    with psycopg.connect(fresh_migrated_database_url, autocommit=True) as admin:  # as a restarted pgbouncer would
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [idle])
+    path(engine, "SELECT 1")  # no error: the pool saw the close at checkout and connected anew
+    assert backend_of_the_next_checkout(engine) != idle
