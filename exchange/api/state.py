@@ -41,7 +41,8 @@ SUBSCRIBER_KEEPALIVE: dict[int, int] = {
     if hasattr(socket, name)
 }
 """TCP keepalive of the result subscriber: a Redis that vanished without closing the connection (a host gone, a
-network cut) is noticed within about a minute (30 s idle, then three probes 10 s apart), not Linux's two hours."""
+network cut) is noticed within about a minute (30 s idle, then three probes 10 s apart), not Linux's two hours.
+(Linux's option names; a platform without ``TCP_KEEPIDLE`` keeps its own idle time.)"""
 
 
 def results_subscriber(redis_url: str) -> Redis:

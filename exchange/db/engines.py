@@ -36,11 +36,13 @@ AsyncPgConnection = psycopg.AsyncConnection[Any]
 # connect_timeout: a database host that silently drops packets must turn into a quick 503, not a hung request.
 _POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_timeout": 5}
 
-# No check on checkout (``pool_pre_ping``): it costs a round trip every time. Through pgbouncer a PostgreSQL restart
-# does not break the client connections at all (pgbouncer opens new server connections), and when a connection does
-# break (pgbouncer or a direct PostgreSQL restarted) the pool drops all its idle connections on the first error
-# (SQLAlchemy's disconnect handling; :class:`AsyncPool` likewise): that request or message fails with a retryable
-# error (api: 503; matcher/webhooks: the message is retried) and the next checkout reconnects.
+# No round-trip check on checkout (``pool_pre_ping``): it costs a round trip every time. Instead one ``poll`` of the
+# socket (:func:`closed_by_peer`) finds an idle connection the other end closed cleanly (pgbouncer or a direct
+# PostgreSQL restarted, a session ended) and replaces it. Through pgbouncer a PostgreSQL restart does not close the
+# client connections at all (pgbouncer opens new server connections). A connection that breaks in use, or a half-open
+# one (the peer gone without a close), still fails its request or message with a retryable error (api: 503;
+# matcher/webhooks: the message is retried), and the pool then drops its idle connections too (SQLAlchemy's
+# disconnect handling; :class:`AsyncPool` likewise).
 
 
 def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:

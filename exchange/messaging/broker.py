@@ -20,10 +20,11 @@ finds them when they are due by its timeout, as in dramatiq.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,16 @@ def doorbell_key(queue_name: str) -> str:
     return f"{DOORBELL_PREFIX}{queue_name}"
 
 
+@contextlib.contextmanager
+def _lost_or_stalled_is_closed() -> Iterator[None]:
+    """A Redis call that lost its connection or stalled past :data:`SOCKET_TIMEOUT_S` raises dramatiq's
+    ``ConnectionClosed``: the worker then restarts its consumer (and retries an ack) instead of reporting a bug."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # a timeout is not a ConnectionError in redis-py
+        raise dramatiq.ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+
 class _DoorbellConsumer(_RedisConsumer):
     """dramatiq's Redis consumer, except that an empty fetch waits on the queue's doorbell instead of sleeping, and
     a consumer whose last fetch found the queue drained waits on the doorbell before fetching again.
@@ -82,8 +93,20 @@ class _DoorbellConsumer(_RedisConsumer):
         self.drained = False
         """The last fetch returned fewer messages than it asked for: wait for a ring before fetching again."""
 
+    def ack(self, message: Any) -> None:
+        with _lost_or_stalled_is_closed():
+            super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        with _lost_or_stalled_is_closed():
+            super().nack(message)  # type: ignore[no-untyped-call]
+
+    def requeue(self, messages: Any) -> None:
+        with _lost_or_stalled_is_closed():
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+
     def __next__(self) -> Any:
-        try:
+        with _lost_or_stalled_is_closed():
             if self.message_cache or self.outstanding_message_count >= self.prefetch:
                 return super().__next__()  # type: ignore[no-untyped-call]  # at hand, or prefetch full: dramatiq's path
             if not self.drained:
@@ -98,8 +121,6 @@ class _DoorbellConsumer(_RedisConsumer):
             self.broker.client.blpop([doorbell_key(self.queue_name)], timeout=wait_s)
             self.drained = False
             return None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # lost, or stalled past SOCKET_TIMEOUT_S
-            raise dramatiq.ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
 
 
 class DoorbellRedisBroker(RedisBroker):

@@ -167,6 +167,7 @@ class ResultWaiter:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self.subscribed = False  # at once: readiness must not report it through the pause
                 log.warning("result subscriber lost its Redis connection; reconnecting", exc_info=True)
                 await asyncio.sleep(0.5)
             finally:

@@ -128,3 +128,18 @@ def test_reset_empties_every_data_table_when_enabled(fresh_migrated_database_url
             assert client.get("/balance", headers=buyer.headers).status_code == 401
     finally:
         engine.dispose()
+
+
+def test_ready_is_503_naming_results_when_the_result_subscriber_is_not_subscribed(
+    client_factory: Callable[..., TestClient[Any]],
+) -> None:
+    """Redis up, but this process no longer hears the matchers' results (every new order would answer pending)."""
+    client = client_factory()
+    waiter = client.app.state.api.waiter
+    client.blocking_portal.call(waiter.stop)  # the subscriber's task ends, as a lost subscription leaves it
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["redis"]["ok"] is True
+    assert checks["results"]["ok"] is False
+    assert "subscriber" in checks["results"]["error"]

@@ -132,3 +132,20 @@ async def test_a_connection_whose_statement_failed_is_kept(api_pool: AsyncPool) 
             await conn.execute("SELECT 1 / 0")
     async with single_statement(api_pool) as again:
         assert again is conn  # a bad statement says nothing about the connection
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_broke_in_use_discards_the_idle_ones_so_one_request_fails_not_one_per_connection(
+    api_pool: AsyncPool, fresh_migrated_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For a close the checkout cannot see (a half-open connection: the peer gone without a word), the first
+    failure makes every idle connection suspect."""
+    monkeypatch.setattr(engines, "closed_by_peer", lambda conn: False)  # as if no close had reached the sockets
+    async with single_statement(api_pool) as a, single_statement(api_pool) as b:  # two idle connections afterwards
+        pids = [a.info.backend_pid, b.info.backend_pid]
+    async with await psycopg.AsyncConnection.connect(fresh_migrated_database_url, autocommit=True) as admin:
+        for pid in pids:
+            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    with pytest.raises(psycopg.OperationalError):
+        await backend_pid(api_pool)
+    assert await backend_pid(api_pool) not in pids  # a new connection, not the other dead one

@@ -1,7 +1,8 @@
 """Health endpoints (no auth): ``/health`` and ``/health/live`` answer while the process runs; ``/health/ready``
-answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond and the database schema is at the
+answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond, the database schema is at the
 newest migration of this build (``migrations``: a process running against an un-migrated or newer database is not
-ready), else 503, with a check per component."""
+ready) and the process's result subscriber is subscribed (``results``: without it every new order answers
+``pending`` after its wait), else 503, with a check per component."""
 
 from __future__ import annotations
 
