@@ -100,8 +100,8 @@ def connect(engine: Engine) -> Iterator[Connection]:
             unusable = leaves_the_connection_unusable(exc)
             raise
         finally:
-            if unusable or pg.broken or pg.closed or conn.invalidated:
-                conn.invalidate()  # returns at once when SQLAlchemy invalidated it already
+            if unusable or pg.closed:  # closed: broken, or invalidated by SQLAlchemy already (then a no-op)
+                conn.invalidate()
             elif pg.info.transaction_status != TransactionStatus.IDLE:
                 pg.rollback()
 

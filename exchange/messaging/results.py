@@ -158,20 +158,20 @@ class ResultWaiter:
                     await pubsub.subscribe(RESULTS_CHANNEL)
                     self.subscribed = True
                     self._ready.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            try:
-                                self._resolve(*decode_results(message["data"]))
-                            except ValueError:  # one bad message must not cost the subscription
-                                log.warning("ignored a malformed result message", exc_info=True)
+                    try:
+                        async for message in pubsub.listen():
+                            if message.get("type") == "message":
+                                try:
+                                    self._resolve(*decode_results(message["data"]))
+                                except ValueError:  # one bad message must not cost the subscription
+                                    log.warning("ignored a malformed result message", exc_info=True)
+                    finally:  # however the subscription ends (lost, cancelled), and before the pause below
+                        self.subscribed = False
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.subscribed = False  # at once: readiness must not report it through the pause
                 log.warning("result subscriber lost its Redis connection; reconnecting", exc_info=True)
                 await asyncio.sleep(0.5)
-            finally:
-                self.subscribed = False
 
     def _resolve(self, order_ids: list[UUID], placed: dict[UUID, PlacedState]) -> None:
         for order_id in order_ids:

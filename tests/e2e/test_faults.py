@@ -324,9 +324,9 @@ class UnwrittenWal:
         """The load's orders answered 201 in the spell."""
         return [a.order_id for a in load.accepted.values() if self.stopped_at <= a.answered_at <= self.crashed_at]
 
-    def load_changes(self, load: Load) -> list[Change]:
-        """The load's cancels and amends acknowledged in the spell."""
-        return [c for c in load.changes if self.stopped_at <= c.answered_at <= self.crashed_at]
+    def changes(self, load: Load) -> list[Change]:
+        """The cancels and amends acknowledged in the spell: the probe's, then the load's."""
+        return self.probe_changes + [c for c in load.changes if self.stopped_at <= c.answered_at <= self.crashed_at]
 
 
 @dataclass
@@ -876,7 +876,7 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
     lost: list[Change] = []
     for spell in fault_run.unwritten_wal:
         assert {c.kind for c in spell.probe_changes} == {"cancel", "amend"}, f"probe answers: {spell.probe_answers}"
-        changes = spell.probe_changes + spell.load_changes(fault_run.load)
+        changes = spell.changes(fault_run.load)
         ids = [c.order_id for c in changes]
         commands = h.query(
             "SELECT kind, order_id::text, payload FROM commands WHERE kind IN ('cancel', 'amend')"
@@ -1035,7 +1035,7 @@ def _report(run: FaultRun) -> str:
         lines.append(
             f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the crash: "
             f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201, "
-            f"{dict(Counter(c.kind for c in spell.probe_changes + spell.load_changes(run.load)))} acknowledged"
+            f"{dict(Counter(c.kind for c in spell.changes(run.load)))} acknowledged"
         )
     edges = [f.injected_at for f in run.faults] + [float("inf")]
     for name, start, end in zip(["before faults", *(f.name for f in run.faults)], [0.0, *edges], edges, strict=False):

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from exchange.db import engines
-from exchange.db.engines import AsyncPool, PoolTimeoutError, single_statement
+from exchange.db.engines import AsyncPgConnection, AsyncPool, PoolTimeoutError, single_statement
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nothing"
 
@@ -45,15 +45,23 @@ async def test_an_unreachable_database_fails_the_request_at_once_not_with_a_pool
     assert not isinstance(raised.value, PoolTimeoutError)
 
 
+async def terminated_idle_pair(pool: AsyncPool, url: str) -> tuple[AsyncPgConnection, AsyncPgConnection]:
+    """Two idle connections of ``pool`` whose backends were then terminated (as a restarted pgbouncer, or a session
+    ended while idle, leaves them)."""
+    async with single_statement(pool) as a, single_statement(pool) as b:  # two idle connections afterwards
+        pids = [a.info.backend_pid, b.info.backend_pid]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        for pid in pids:
+            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    return a, b
+
+
 @pytest.mark.anyio
 async def test_idle_connections_the_server_closed_are_not_handed_out_so_no_request_fails(
     api_pool: AsyncPool, fresh_migrated_database_url: str
 ) -> None:
-    async with single_statement(api_pool) as a, single_statement(api_pool) as b:  # two idle connections afterwards
-        pids = [a.info.backend_pid, b.info.backend_pid]
-    async with await psycopg.AsyncConnection.connect(fresh_migrated_database_url, autocommit=True) as admin:
-        for pid in pids:  # as a restarted pgbouncer, or a session ended while idle, leaves them
-            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    a, b = await terminated_idle_pair(api_pool, fresh_migrated_database_url)
+    pids = [a.info.backend_pid, b.info.backend_pid]
     fresh = await backend_pid(api_pool)
     assert fresh not in pids  # answered, on a new connection
     assert [conn.info.backend_pid for conn in api_pool._idle] == [fresh]  # the closed ones were dropped
@@ -141,11 +149,8 @@ async def test_a_connection_that_broke_in_use_discards_the_idle_ones_so_one_requ
     """For a close the checkout cannot see (a half-open connection: the peer gone without a word), the first
     failure makes every idle connection suspect."""
     monkeypatch.setattr(engines, "closed_by_peer", lambda conn: False)  # as if no close had reached the sockets
-    async with single_statement(api_pool) as a, single_statement(api_pool) as b:  # two idle connections afterwards
-        pids = [a.info.backend_pid, b.info.backend_pid]
-    async with await psycopg.AsyncConnection.connect(fresh_migrated_database_url, autocommit=True) as admin:
-        for pid in pids:
-            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    a, b = await terminated_idle_pair(api_pool, fresh_migrated_database_url)
+    pids = [a.info.backend_pid, b.info.backend_pid]
     with pytest.raises(psycopg.OperationalError):
         await backend_pid(api_pool)
     assert await backend_pid(api_pool) not in pids  # a new connection, not the other dead one

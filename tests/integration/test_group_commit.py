@@ -154,9 +154,7 @@ async def test_a_cancel_group_writes_one_command_per_live_order_and_finds_only_o
 async def test_a_cancel_group_waits_for_its_orders_advisory_lock_which_the_one_statement_takes_itself(
     engine: Engine, api_pool: AsyncPool
 ) -> None:
-    broker = add_broker(engine, "lock-taker")
-    order = new_order(broker, new_symbol())
-    await accept.place_orders(api_pool, [order])
+    broker, _, [order] = await placed_in_one_symbol(engine, api_pool, "lock-taker", 1)
     with engine.connect() as other:  # another cancel writer of the same order's bucket (alembic 0014's key)
         bucket_lock = text("SELECT pg_advisory_xact_lock(3084, hashtext(CAST(:id AS text)) & 255)")
         other.execute(bucket_lock, {"id": order.order_id})
@@ -169,9 +167,7 @@ async def test_a_cancel_group_waits_for_its_orders_advisory_lock_which_the_one_s
 
 @pytest.mark.anyio
 async def test_concurrent_cancel_groups_of_one_order_write_one_command(engine: Engine, api_pool: AsyncPool) -> None:
-    broker = add_broker(engine, "racing-cancels")
-    order = new_order(broker, new_symbol())
-    await accept.place_orders(api_pool, [order])
+    broker, _, [order] = await placed_in_one_symbol(engine, api_pool, "racing-cancels", 1)
     outcomes = await asyncio.gather(*(accept.cancel_orders(api_pool, [(broker, order.order_id)]) for _ in range(8)))
     assert sorted(o[0].written for o in outcomes if isinstance(o[0], CommandResult)) == [False] * 7 + [True]
     with engine.connect() as conn:
