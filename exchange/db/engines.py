@@ -33,16 +33,38 @@ from exchange.db.urls import libpq_url, sqlalchemy_url
 AsyncPgConnection = psycopg.AsyncConnection[Any]
 """An api connection: autocommit, rows are named tuples (``row.column``)."""
 
-# connect_timeout: a database host that silently drops packets must turn into a quick 503, not a hung request.
-_POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_timeout": 5}
+DEAD_PEER_S = 10
+"""How long a pooled TCP connection waits on a database host (pgbouncer's, or PostgreSQL's) that went silent without
+closing it (the host lost, a network cut): a half-open connection. Without a bound the kernel's own gives up after
+about 15 minutes of retransmissions (``tcp_retries2``), and the request, the api's group commit, or the matcher's
+partition that sent the statement waits as long. With it, a statement the peer's kernel never acknowledged fails
+after :data:`DEAD_PEER_S` (``tcp_user_timeout``), and one that it acknowledged but never answered fails once
+keepalive probes, the first after :data:`DEAD_PEER_S` of silence, go unanswered; either as a connection error
+(the api answers 503, the message is retried) after which the pools drop the connection. A live host's kernel
+acknowledges within milliseconds however busy its server, so a long statement is not cut short. (libpq ignores
+these for a unix socket.)"""
+
+DEAD_PEER_OPTIONS: dict[str, int] = {
+    "tcp_user_timeout": DEAD_PEER_S * 1000,
+    "keepalives": 1,
+    "keepalives_idle": DEAD_PEER_S,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+"""libpq's options for :data:`DEAD_PEER_S` (``ops/pgbouncer.ini`` bounds its own sockets the same way)."""
+
+# connect_timeout: a database host that silently drops packets must turn into a quick 503, not a hung request;
+# DEAD_PEER_OPTIONS: the same for a host that goes silent later.
+_POOLED_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None, "connect_timeout": 5, **DEAD_PEER_OPTIONS}
 
 # No round-trip check on checkout (``pool_pre_ping``): it costs a round trip every time. Instead one ``poll`` of the
 # socket (:func:`closed_by_peer`) finds an idle connection the other end closed cleanly (pgbouncer or a direct
 # PostgreSQL restarted, a session ended) and replaces it. Through pgbouncer a PostgreSQL restart does not close the
 # client connections at all (pgbouncer opens new server connections). A connection that breaks in use, or a half-open
-# one (the peer gone without a close), still fails its request or message with a retryable error (api: 503;
-# matcher/webhooks: the message is retried), and the pool then drops its idle connections too (SQLAlchemy's
-# disconnect handling; :class:`AsyncPool` likewise).
+# one (the peer gone without a close: within DEAD_PEER_S and its probes), still fails its request or message with a
+# retryable error (api: 503; matcher/webhooks: the message is retried), and the pool then drops its idle connections
+# too (SQLAlchemy's disconnect handling; :class:`AsyncPool` likewise). An idle half-open connection whose keepalive
+# probes went unanswered has an error pending on its socket, which the checkout poll sees as it does a close.
 
 
 def pooled_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kw: Any) -> Engine:

@@ -18,6 +18,7 @@ import yaml
 
 from exchange.cli import build_parser
 from exchange.config import Settings
+from exchange.db.engines import DEAD_PEER_OPTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose.yaml"
@@ -132,10 +133,31 @@ def test_every_long_running_service_is_restarted_after_a_crash(compose: dict[str
             assert svc.get("restart") in {"unless-stopped", "always"}, name
 
 
-@pytest.mark.parametrize("setting", ["pool_mode", "server_login_retry", "query_wait_timeout", "max_client_conn"])
+def pgbouncer_settings() -> configparser.SectionProxy:
+    ini = configparser.ConfigParser(inline_comment_prefixes=None, comment_prefixes=(";", "#"))
+    ini.read_string(PGBOUNCER_INI.read_text())
+    return ini["pgbouncer"]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "pool_mode", "server_login_retry", "query_wait_timeout", "max_client_conn",
+        "tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout",
+    ],
+)  # fmt: skip
 def test_compose_pgbouncer_has_the_fault_tested_settings_of_ops_pgbouncer_ini(
     compose: dict[str, Any], setting: str
 ) -> None:
-    ini = configparser.ConfigParser(inline_comment_prefixes=None, comment_prefixes=(";", "#"))
-    ini.read_string(PGBOUNCER_INI.read_text())
-    assert str(compose["services"]["pgbouncer"]["environment"][setting.upper()]) == ini["pgbouncer"][setting]
+    assert str(compose["services"]["pgbouncer"]["environment"][setting.upper()]) == pgbouncer_settings()[setting]
+
+
+@pytest.mark.parametrize(
+    ("setting", "option"),
+    [
+        ("tcp_user_timeout", "tcp_user_timeout"), ("tcp_keepidle", "keepalives_idle"),
+        ("tcp_keepintvl", "keepalives_interval"), ("tcp_keepcnt", "keepalives_count"),
+    ],
+)  # fmt: skip
+def test_pgbouncer_gives_up_on_a_silent_peer_when_the_exchange_s_connections_do(setting: str, option: str) -> None:
+    assert int(pgbouncer_settings()[setting]) == DEAD_PEER_OPTIONS[option]

@@ -1,0 +1,138 @@
+"""Run inside a network namespace of its own (``unshare -n``) by ``test_dead_peer.py``: a database host that goes
+silent under the pools' connections, without closing them.
+
+The pools connect over TCP to a forwarder on this namespace's loopback, which passes the bytes on to the real
+PostgreSQL's unix socket (a unix socket is reached from any network namespace). With one warm connection in each
+pool, the loopback goes down: every packet is dropped, as when a host is lost or the network cut, and neither end
+learns of it from the other. A statement is then sent through each pool at once; this prints, as one JSON object,
+how long each waited and what it raised, and, after the loopback is back, which backend the pool's next statement
+ran on.
+
+Usage: ``python -m tests.integration.dead_peer_probe UNIX_SOCKET_PATH DBNAME USER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from exchange.db.engines import AsyncPool, pooled_engine
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def set_loopback(up: bool) -> None:
+    """The namespace's ``lo`` up or down (what ``ip link set lo up|down`` does, without needing iproute2)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        flags = flags | _IFF_UP if up else flags & ~_IFF_UP
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+def start_forwarder(unix_path: str) -> int:
+    """A TCP listener on 127.0.0.1 that forwards each connection to ``unix_path``; returns its port."""
+    started = threading.Event()
+    ports: list[int] = []
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_unix_connection(unix_path)
+        await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ports.append(server.sockets[0].getsockname()[1])
+        started.set()
+        await server.serve_forever()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+    started.wait(10)
+    return ports[0]
+
+
+def _outcome(error: Exception | None, began: float) -> dict[str, Any]:
+    """What the pool's user saw (reported, not judged here) and how long it waited for it."""
+    seen: dict[str, Any] = {"error": None} if error is None else {"error": type(error).__name__}
+    if error is not None:
+        seen["message"] = str(error).strip()[:200]
+    seen["waited_s"] = round(time.monotonic() - began, 2)
+    return seen
+
+
+def _timed(statement: Callable[[], object]) -> dict[str, Any]:
+    began = time.monotonic()
+    try:
+        statement()
+    except Exception as exc:
+        return _outcome(exc, began)
+    return _outcome(None, began)
+
+
+async def _timed_async(statement: Callable[[], Awaitable[object]]) -> dict[str, Any]:
+    began = time.monotonic()
+    try:
+        await statement()
+    except Exception as exc:
+        return _outcome(exc, began)
+    return _outcome(None, began)
+
+
+def _engine_backend(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+async def _pool_backend(pool: AsyncPool) -> int:
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def probe(url: str) -> dict[str, Any]:
+    engine = pooled_engine(url, pool_size=1, max_overflow=0)
+    pool = AsyncPool(url, max_size=1)
+    before = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
+    set_loopback(False)
+    engine_result, pool_result = await asyncio.gather(
+        asyncio.to_thread(_timed, lambda: _engine_backend(engine)), _timed_async(lambda: _pool_backend(pool))
+    )
+    set_loopback(True)
+    after = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
+    await pool.close()
+    engine.dispose()
+    return {"engine": engine_result, "api_pool": pool_result, "before": before, "after": after}
+
+
+def main() -> None:
+    unix_path, dbname, user = sys.argv[1:4]
+    set_loopback(True)
+    port = start_forwarder(unix_path)
+    print(json.dumps(asyncio.run(probe(f"postgresql://{user}@127.0.0.1:{port}/{dbname}"))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""A database host that goes silent under the pools' connections (a half-open connection: the host lost, a network
+cut) fails the statement sent on it within :data:`exchange.db.engines.DEAD_PEER_S`, instead of the kernel's ~15
+minutes, and the pools replace the connection.
+
+The silence is real: ``dead_peer_probe`` runs in a network namespace of its own (``unshare -n``, which needs root,
+as CI has) and takes its loopback down under both pools' warm connections; the packets are dropped and no end
+learns of it from the other. Without the pools' keepalive and ``tcp_user_timeout`` options the statements wait
+out the subprocess's timeout and the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from exchange.db.engines import DEAD_PEER_S
+from exchange.db.urls import libpq_url
+from tests.conftest import DatabaseFactory
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _namespaces_allowed() -> bool:
+    unshare = shutil.which("unshare")
+    return unshare is not None and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0
+
+
+def _unix_socket(database_url: str) -> str | None:
+    """The server's own unix socket, which a process in another network namespace still reaches."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        directories, port = conn.execute(
+            "SELECT current_setting('unix_socket_directories'), current_setting('port')"
+        ).fetchone() or ("", "")
+    for directory in str(directories).split(","):
+        path = Path(directory.strip()) / f".s.PGSQL.{port}"
+        if directory.strip() and path.is_socket():
+            return str(path)
+    return None
+
+
+@pytest.fixture(scope="module")
+def dead_peer_outcome(database_factory: DatabaseFactory) -> Iterator[dict[str, Any]]:
+    """One probe for the module's tests (it takes about DEAD_PEER_S)."""
+    if not _namespaces_allowed():
+        pytest.skip("needs a network namespace of its own (unshare -n: root or CAP_SYS_ADMIN)")
+    database_url = database_factory.create()
+    try:
+        yield _probe(database_url)
+    finally:
+        database_factory.drop(database_url)
+
+
+def _probe(database_url: str) -> dict[str, Any]:
+    unix_path = _unix_socket(database_url)
+    if unix_path is None:
+        pytest.skip("the test PostgreSQL has no unix socket to forward to")
+    parts = urlsplit(database_url)
+    probe = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "tests.integration.dead_peer_probe", unix_path,
+         parts.path.lstrip("/"), parts.username or "postgres"],
+        cwd=REPO, capture_output=True, text=True, timeout=DEAD_PEER_S * 4 + 30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    outcome: dict[str, Any] = json.loads(probe.stdout.strip().splitlines()[-1])
+    return outcome
+
+
+@pytest.mark.parametrize("path", ["engine", "api_pool"])
+def test_a_statement_to_a_silent_database_host_fails_within_the_dead_peer_limit(
+    dead_peer_outcome: dict[str, Any], path: str
+) -> None:
+    seen = dead_peer_outcome[path]
+    assert seen["error"] is not None, seen
+    assert "timed out" in seen["message"], seen
+    # the kernel gives up after DEAD_PEER_S without an acknowledgement; its own default is ~15 minutes
+    assert seen["waited_s"] < DEAD_PEER_S * 2, seen
+
+
+@pytest.mark.parametrize("path", ["engine", "api_pool"])
+def test_the_pool_replaces_a_connection_to_a_silent_host_once_the_network_is_back(
+    dead_peer_outcome: dict[str, Any], path: str
+) -> None:
+    assert dead_peer_outcome["after"][path] != dead_peer_outcome["before"][path]
