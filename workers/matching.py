@@ -15,12 +15,13 @@ import os
 import time
 
 import dramatiq
+import redis
 
 from exchange.config import Settings
 from exchange.heap import Keeper
 from exchange.matching.service import BatchResult, BookCache, drain
 from exchange.matching.store import matcher_engine
-from exchange.messaging.broker import SettledHeap, make_broker, redis_client
+from exchange.messaging.broker import SettledHeap, make_broker
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
@@ -38,7 +39,7 @@ broker.add_middleware(SettledHeap())
 # One connection per dramatiq thread (each may hold one symbol's lock) plus a spare for the one in rollback.
 _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
 _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
-_redis = redis_client(settings.redis_url)
+_redis: redis.Redis = broker.client  # the broker's own: the after-commit round trip also enqueues on it (add_hint)
 _cache = BookCache()
 _wakeups = PartitionWakeups(_redis, linger_s=settings.matcher_linger_ms / 1000)
 _keep_heap = Keeper()
@@ -52,8 +53,8 @@ def _after_commit(results: list[BatchResult], seconds: float, *, release: int | 
     """Publish what one transaction (of one or several books) committed, then report it (``seconds``: its
     duration). With ``release`` (a partition; the drain's last transaction), also take what was woken on it
     meanwhile (or, when nothing was and the matcher does not linger, release it) and return what was taken. The
-    results, the webhook hint and the take go in ONE round trip (both Redis clients use ``settings.redis_url``),
-    before anything else: waiters are answered first.
+    results, the webhook hint and the take go in ONE round trip (on the broker's client), before anything else:
+    waiters are answered first.
 
     Once the take has run nothing here raises (what it took would be lost until the sweeper): only a failed round
     trip does, before anything of it is known."""

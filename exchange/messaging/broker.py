@@ -43,8 +43,9 @@ log = logging.getLogger("exchange.messaging")
 
 DOORBELL_PREFIX = "exchange:doorbell:"
 SOCKET_TIMEOUT_S = 10.0
-"""Every Redis call of the broker, and of the workers' other clients (:func:`redis_client`), gives up after this long
-(a stalled Redis must not hang a request's batch or a worker forever; dramatiq's own client has no timeout)."""
+"""Every Redis call on the broker's client (:func:`redis_client`; the matcher's after-commit round trip uses it too)
+gives up after this long (a stalled Redis must not hang a request's batch or a worker forever; dramatiq's own client
+has no timeout)."""
 
 
 def redis_client(redis_url: str) -> redis.Redis:
