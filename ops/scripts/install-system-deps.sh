@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the system packages the tests and the dev stack use (Debian): pgbouncer, and chromium for the ops
-# page's browser test (tests/e2e/test_ops_page_browser.py).
+# Installs the system packages the tests and the dev stack use (Debian): pgbouncer, chromium for the ops
+# page's browser test (tests/e2e/test_ops_page_browser.py), and libfuse2 for the power-loss filesystem under the
+# fault test's PostgreSQL (tests/e2e/power_loss_fs.py).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 missing=()
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || missing+=(libfuse2)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

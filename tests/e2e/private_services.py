@@ -13,7 +13,9 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ PG_BIN_DIRS = sorted(
 )[::-1]
 """Debian's versioned server binaries, newest first (``initdb`` is not on PATH there)."""
 PG_USER = "postgres"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pg_bin(name: str) -> str | None:
@@ -74,11 +77,15 @@ class PrivatePostgres:
         assert initdb is not None
         self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
 
+    fsync = "off"
+    """A test cluster on a shared 2-core machine needs no disk syncs (a clean stop/restart still checkpoints); a
+    power loss does (:class:`PowerLossPostgres`)."""
+
     def start(self) -> None:
         pg_ctl = _pg_bin("pg_ctl")
         assert pg_ctl is not None
-        # fsync off: a test cluster on a shared 2-core machine; a clean stop/restart still checkpoints.
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={self.fsync}"
+        options += " -c max_connections=200"
         self._run([pg_ctl, "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start"])
 
     def stop(self, mode: str = "fast") -> None:
@@ -110,6 +117,136 @@ class PrivatePostgres:
             if pid_file.exists():
                 with contextlib.suppress(ValueError, ProcessLookupError):
                     os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (``/proc``)."""
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def power_loss_missing() -> str | None:
+    """Why :class:`PowerLossPostgres` cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "a power-loss filesystem needs root (a FUSE mount that PostgreSQL's OS user may use)"
+    if not Path("/dev/fuse").exists():
+        return "/dev/fuse is missing"
+    try:
+        import mfusepy  # noqa: F401  (finds libfuse as it is imported)
+    except (ImportError, OSError) as exc:
+        return f"libfuse is not usable: {exc}"
+    return None
+
+
+class PowerLossPostgres(PrivatePostgres):
+    """A :class:`PrivatePostgres` whose data directory is on a :mod:`tests.e2e.power_loss_fs` mount, with
+    ``fsync = on``: :meth:`power_loss` cuts the power under the cluster, and a start afterwards recovers from what
+    PostgreSQL had synced, as after a machine crash. (Root only: :func:`power_loss_missing`.)"""
+
+    fsync = "on"
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.disk = self.dir / "disk"  # the model's disk: the filesystem's backing directory
+        self.mount = self.dir / "mnt"
+        self.data = self.mount / "data"
+        self._fs: subprocess.Popen[bytes] | None = None
+        for directory in (self.disk, self.mount):
+            directory.mkdir()
+            shutil.chown(directory, PG_USER)
+
+    def init(self) -> None:
+        """``initdb`` straight onto the disk (all of it synced, as after an orderly install), then mount."""
+        initdb = _pg_bin("initdb")
+        assert initdb is not None
+        self._run([initdb, "-D", str(self.disk / "data"), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
+        self._mount()
+
+    def _mount(self, timeout: float = 10.0) -> None:
+        control = self.dir / "power.sock"
+        control.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "tests.e2e.power_loss_fs", str(self.disk), str(self.mount), str(control)]
+        with (self.dir / "power_loss_fs.log").open("ab") as log:
+            self._fs = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not (os.path.ismount(self.mount) and control.exists()):
+            if time.monotonic() > deadline or self._fs.poll() is not None:
+                raise RuntimeError(f"the power-loss filesystem did not mount: see {self.dir / 'power_loss_fs.log'}")
+            time.sleep(0.05)
+
+    def _unmount(self) -> None:
+        if self._fs is None:
+            return
+        subprocess.run(["umount", str(self.mount)], capture_output=True, check=False)
+        try:
+            self._fs.wait(10)
+        except subprocess.TimeoutExpired:
+            self._fs.kill()
+            self._fs.wait()
+            subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+        self._fs = None
+
+    def power_loss(self) -> None:
+        """Cut the power: the disk keeps what was synced and nothing else, and every process of the cluster dies at
+        that instant (SIGKILL, a stopped one too). The cluster is down afterwards; :meth:`start` recovers it."""
+        postmaster = self._postmaster()
+        assert postmaster is not None, "the cluster does not run"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.connect(str(self.dir / "power.sock"))
+            control.sendall(b"crash\n")
+            assert control.recv(64).strip() == b"crashed"
+        self._kill_cluster(postmaster)
+        self._unmount()
+        # After a power cut no process of the old cluster exists, and the runtime directory of its socket is empty
+        # (a tmpfs): their lock files would only stop the start (the old postmaster's PID may still be taken by its
+        # unreaped zombie, or by another process).
+        (self.disk / "data" / "postmaster.pid").unlink(missing_ok=True)
+        for runtime in self.dir.glob(f".s.PGSQL.{self.port}*"):
+            runtime.unlink(missing_ok=True)
+        self._mount()
+
+    def _postmaster(self) -> int | None:
+        """The running postmaster's PID, from its lock file as the cluster sees it (through the mount)."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        return None
+
+    @staticmethod
+    def _kill_cluster(postmaster: int) -> None:
+        """SIGKILL the postmaster and its processes (stopped ones too) and wait until none runs."""
+        processes = {postmaster} | child_pids(postmaster)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(map(_alive, processes)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Kill the cluster if it runs (a throwaway: a test may have left some of its processes stopped), unmount,
+        and remove its files."""
+        postmaster = self._postmaster() if self._fs is not None else None
+        if postmaster is not None:
+            self._kill_cluster(postmaster)
+        self._unmount()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

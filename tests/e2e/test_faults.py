@@ -16,18 +16,19 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 7. a Redis crash that loses its data (SIGKILL, append-only file deleted, started empty after 100 ms): every queued
    message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
 8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
-9. a PostgreSQL crash: with every other writer of the exchange stopped (SIGSTOP of the matchers, the webhooks worker
-   and the sweeper), so that the api's statements are the only commits, its WAL writer is stopped too under the
-   load (WAL_WRITER_STOPPED_S; a probe places orders, amends one and cancels one meanwhile), then killed (SIGKILL), and
-   the cluster stopped at once (``pg_ctl stop -m immediate``: no checkpoint; the start replays the write-ahead
-   log). Every order answered 2xx, every fill and every event a broker received must have been committed before it
-   was answered or sent, so none may be missing or changed after the replay. In the spell no process writes a
-   commit's WAL out of PostgreSQL's memory promptly but the committing session itself (a synchronous commit writes
-   the WAL up to its own record; the WAL writer writes an asynchronous one's later; the background writer, the
-   checkpointer or a full WAL buffer may write some, which can only hide a lost answer): an api answer sent before
-   its own commit's WAL was written (``synchronous_commit = off``) is a write the replay does not know, and the
-   tests of the spell's orders, cancels and amends fail. (The private cluster runs with ``fsync = off``: what a
-   crash of PostgreSQL's processes shows is WAL written to the kernel before an answer, not to the disk.)
+9. a power loss under PostgreSQL: its cluster runs with ``fsync = on`` on a filesystem that keeps, at a power cut,
+   only what was synced (:class:`~tests.e2e.private_services.PowerLossPostgres`). With every other writer of the
+   exchange stopped (SIGSTOP of the matchers, the webhooks worker and the sweeper), so that the api's statements are
+   the only commits, its WAL writer is stopped too under the load (WAL_WRITER_STOPPED_S; a probe places orders,
+   amends one and cancels one meanwhile); then the power goes: the disk loses everything unsynced and every process
+   of the cluster dies at once, and the start replays the write-ahead log the disk kept. Every order answered 2xx,
+   every fill and every event a broker received must have been durably committed before it was answered or sent,
+   so none may be missing or changed after the replay. In the spell no process syncs a commit's WAL promptly but the
+   committing session itself (a synchronous commit syncs the WAL up to its own record; the WAL writer syncs an
+   asynchronous one's later; the background writer, the checkpointer or a full WAL buffer may sync some, which can
+   only hide a lost answer): an api answer sent before its own commit's WAL was on the disk
+   (``synchronous_commit = off``, or a commit that reached the kernel's cache only) is a write the replay does not
+   know, and the tests of the spell's orders, cancels and amends fail.
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -55,7 +56,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,7 +75,13 @@ from tests.e2e.conftest import (
     require_services,
     unique_symbol,
 )
-from tests.e2e.private_services import PrivatePostgres, PrivateRedis, private_services_missing
+from tests.e2e.private_services import (
+    PowerLossPostgres,
+    PrivateRedis,
+    child_pids,
+    power_loss_missing,
+    private_services_missing,
+)
 from tests.invariants import check_invariants
 from tests.webhook_receiver import Receiver
 
@@ -89,8 +95,8 @@ FREEZE_S = 4.0
 """How long a matcher stays stopped (SIGSTOP): longer than the database lets it hold its books idle."""
 POSTGRES_DOWN_S = 3.0
 WAL_WRITER_STOPPED_S = 1.0
-"""How long the load runs with PostgreSQL's WAL writer stopped before the crash (at least: the probe's orders, amend
-and cancel are answered in it too)."""
+"""How long the load runs with PostgreSQL's WAL writer stopped before the power loss (at least: the probe's orders,
+amend and cancel are answered in it too)."""
 RECOVERY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 90.0
 
@@ -306,13 +312,13 @@ class PostgresOutage:
 
 @dataclass
 class UnwrittenWal:
-    """The spell before a crash in which PostgreSQL's WAL writer was stopped."""
+    """The spell before a power loss in which PostgreSQL's WAL writer was stopped."""
 
     stopped_at: float
     stopped_wall: float
     """time.time() at the spell's start: nothing of the exchange but the api wrote from then on."""
     crashed_at: float
-    """Just before the WAL writer's SIGKILL: every answer recorded by then came before the crash."""
+    """Just before the power loss: every answer recorded by then came before it."""
     probe_orders: list[str]
     """Probe orders answered 201 in the spell."""
     probe_changes: list[Change]
@@ -371,20 +377,6 @@ def _poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -
         if time.monotonic() >= deadline:
             return None
         time.sleep(interval)
-
-
-def child_pids(pid: int) -> set[int]:
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
 
 
 class Prober:
@@ -643,12 +635,12 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
     return fault
 
 
-def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: FaultRun) -> None:
+def power_loss_with_the_wal_writer_stopped(pg: PowerLossPostgres, prober: Prober, run: FaultRun) -> None:
     """Stop (SIGSTOP) every process of the exchange but the api (the matchers, the webhooks worker, the sweeper:
     every other writer), then PostgreSQL's WAL writer, for the spell under the load (probe orders placed meanwhile);
-    then SIGKILL the WAL writer (PostgreSQL's crash: the postmaster ends every session; the restart it begins is cut
-    short by the immediate stop), stop the cluster at once, and let the exchange's processes go on. What a commit
-    left in the WAL buffers only, for the WAL writer to write later, is gone."""
+    then cut the power under PostgreSQL (:meth:`PowerLossPostgres.power_loss`: its disk keeps what was synced, its
+    processes die at once) and let the exchange's processes go on. What a commit left unsynced, in the WAL buffers
+    for the WAL writer or in the kernel's cache, is gone."""
     h = run.harness
     groups = [svc.process.pid for name, svc in h.services.items() if name != "api" and svc.process is not None]
     walwriter = pg.process_pid("walwriter")
@@ -666,14 +658,13 @@ def crash_with_the_wal_writer_stopped(pg: PrivatePostgres, prober: Prober, run: 
         except BaseException:
             os.kill(walwriter, signal.SIGCONT)
             raise
-        os.kill(walwriter, signal.SIGKILL)  # never continued: a stopped process would hold up the immediate stop
-        pg.stop("immediate")
+        pg.power_loss()  # the WAL writer with the rest, never continued
 
 
-def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False) -> Callable[[FaultRun], str]:
+def restart_postgres(pg: PowerLossPostgres, prober: Prober, *, power_loss: bool = False) -> Callable[[FaultRun], str]:
     """Stop PostgreSQL for POSTGRES_DOWN_S (probing the api meanwhile) and start it again: cleanly (``fast``: a
-    checkpoint) or, with ``crash``, as a crash with the WAL writer stopped (:func:`crash_with_the_wal_writer_stopped`;
-    no checkpoint, the start replays the WAL)."""
+    checkpoint) or, with ``power_loss``, by a power loss with the WAL writer stopped
+    (:func:`power_loss_with_the_wal_writer_stopped`; no checkpoint, the start replays the WAL the disk kept)."""
 
     def fault(run: FaultRun) -> str:
         h = run.harness
@@ -683,8 +674,8 @@ def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False
         broker_order = prober.accepted[0]
         body = {"document_number": "00000000001", "side": "bid", "order_type": "limit", "symbol": prober.symbols[0]}
         body |= {"price": 1, "quantity": 1}
-        if crash:
-            crash_with_the_wal_writer_stopped(pg, prober, run)
+        if power_loss:
+            power_loss_with_the_wal_writer_stopped(pg, prober, run)
         else:
             pg.stop("fast")
         outage.down_at = time.monotonic()
@@ -721,13 +712,13 @@ def restart_postgres(pg: PrivatePostgres, prober: Prober, *, crash: bool = False
 
 
 @pytest.fixture(scope="module")
-def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, PrivatePostgres, PrivateRedis]]:
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, PowerLossPostgres, PrivateRedis]]:
     """A private exchange on its own PostgreSQL cluster and Redis server (both restartable by the scenario)."""
     require_services()
-    missing = private_services_missing()
+    missing = private_services_missing() or power_loss_missing()
     if missing:
         (pytest.fail if in_ci() else pytest.skip)(missing)
-    pg = PrivatePostgres(free_port())
+    pg = PowerLossPostgres(free_port())
     redis_server = PrivateRedis(free_port())
     harness: Harness | None = None
     try:
@@ -753,7 +744,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harn
 
 
 @pytest.fixture(scope="module")
-def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Iterator[FaultRun]:
+def fault_run(fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis]) -> Iterator[FaultRun]:
     h, pg, redis_server = fault_stack
     started = time.monotonic()
     with Receiver() as receiver:
@@ -774,7 +765,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("redis restart", restart_redis(redis_server, lose_data=False)),
             ("redis data lost", restart_redis(redis_server, lose_data=True)),
             ("postgres restart", restart_postgres(pg, prober)),
-            ("postgres crash", restart_postgres(pg, prober, crash=True)),
+            ("postgres power loss", restart_postgres(pg, prober, power_loss=True)),
         ]
         try:
             assert prober.pipeline_works(time.monotonic()) is not None, "the pipeline does not work before faults"
@@ -814,7 +805,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
 
 
 def test_every_order_answered_2xx_exists_and_ends_open_or_closed(
-    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+    fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
     h = fault_stack[0]
     accepted = list(fault_run.load.accepted.values())
@@ -838,10 +829,10 @@ def test_every_order_answered_2xx_exists_and_ends_open_or_closed(
 
 
 def test_an_order_answered_closed_is_still_closed(
-    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+    fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
     """A 201 that answers ``closed`` reports a committed fill, cancel or expiry: nothing afterwards (amends, cancels,
-    faults, a crash and its WAL replay) may reopen the order."""
+    faults, a power loss and its WAL replay) may reopen the order."""
     closed = [a.order_id for a in fault_run.load.accepted.values() if a.status == "closed"]
     assert closed, "no order was answered closed: the load did not cross"
     rows = fault_stack[0].query("SELECT id::text, status FROM orders WHERE id = ANY(%s::uuid[])", (closed,))
@@ -850,14 +841,14 @@ def test_an_order_answered_closed_is_still_closed(
     assert not reopened, f"{len(reopened)} orders answered closed are not closed: {reopened[:5]}"
 
 
-def test_orders_answered_while_the_wal_writer_was_stopped_survive_the_crash(
-    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+def test_orders_answered_while_the_wal_writer_was_stopped_survive_a_power_loss(
+    fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
-    """A 201 is sent only after the order's commit is in the WAL outside PostgreSQL's memory: in the spell, with the
-    api the only writer and the WAL writer stopped, that is the api's own session writing it before it answers
-    (``synchronous_commit = on``), which a crash keeps. (The load's orders are checked with all the others above;
-    here the spell's own, with the probe orders.)"""
-    assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
+    """A 201 is sent only after the order's commit is in the WAL on the disk: in the spell, with the api the only
+    writer and the WAL writer stopped, that is the api's own session syncing it before it answers
+    (``synchronous_commit = on``, ``fsync = on``), which a power loss keeps. (The load's orders are checked with all
+    the others above; here the spell's own, with the probe orders.)"""
+    assert fault_run.unwritten_wal, "postgres never lost power with its WAL writer stopped"
     for spell in fault_run.unwritten_wal:
         ids = spell.probe_orders + spell.load_orders(fault_run.load)
         assert spell.probe_orders, "no probe order was answered 201 while the WAL writer was stopped"
@@ -865,14 +856,14 @@ def test_orders_answered_while_the_wal_writer_was_stopped_survive_the_crash(
         assert found == len(ids), f"{len(ids) - found} of {len(ids)} orders answered in the spell were lost"
 
 
-def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_survive_the_crash(
-    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_survive_a_power_loss(
+    fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
     """A cancel's 204 and an amend's 200 are sent only after their command is committed: each cancel answered in the
     spell has a cancel command, unless its order was closed before the spell began (a no-op: nothing to write), and
     each amend a command with its payload."""
     h = fault_stack[0]
-    assert fault_run.unwritten_wal, "postgres never crashed with its WAL writer stopped"
+    assert fault_run.unwritten_wal, "postgres never lost power with its WAL writer stopped"
     lost: list[Change] = []
     for spell in fault_run.unwritten_wal:
         assert {c.kind for c in spell.probe_changes} == {"cancel", "amend"}, f"probe answers: {spell.probe_answers}"
@@ -905,14 +896,14 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
 
 
 def test_invariants_hold_after_every_fault(
-    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+    fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
     assert fault_run.drained, "the exchange did not drain (unprocessed commands or pending orders remain)"
     check_invariants(fault_stack[0].database_url)
 
 
 def test_every_fill_event_reaches_the_receiver_with_contiguous_per_broker_sequences(
-    fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis], fault_run: FaultRun
+    fault_stack: tuple[Harness, PowerLossPostgres, PrivateRedis], fault_run: FaultRun
 ) -> None:
     h = fault_stack[0]
     assert fault_run.webhooks_settled, "webhook events are still pending after the drain"
@@ -936,7 +927,7 @@ def test_every_fill_event_reaches_the_receiver_with_contiguous_per_broker_sequen
         missing = [row for row in stored if row[0] not in got]
         assert not missing, f"broker {n}: {len(missing)} events never reached the receiver, e.g. {missing[:5]}"
         # An event is sent only after the transaction that wrote it committed: one the receiver got cannot have
-        # been lost by a crash (and, with the unique (broker, sequence), its number given to another event).
+        # been lost by a power loss (and, with the unique (broker, sequence), its number given to another event).
         stored_ids = {row[0] for row in stored}
         phantoms = [event_id for event_id in got if event_id not in stored_ids]
         assert not phantoms, f"broker {n}: {len(phantoms)} events received are not in PostgreSQL: {phantoms[:5]}"
@@ -1033,7 +1024,7 @@ def _report(run: FaultRun) -> str:
         lines.append(f"  postgres outage statuses: {dict(statuses)}; first 201 after {outage.first_201_after_s}s")
     for spell in run.unwritten_wal:
         lines.append(
-            f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the crash: "
+            f"  WAL writer stopped {spell.crashed_at - spell.stopped_at:.2f}s before the power loss: "
             f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201, "
             f"{dict(Counter(c.kind for c in spell.changes(run.load)))} acknowledged"
         )
