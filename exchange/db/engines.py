@@ -38,11 +38,15 @@ DEAD_PEER_S = 10
 closing it (the host lost, a network cut): a half-open connection. Without a bound the kernel's own gives up after
 about 15 minutes of retransmissions (``tcp_retries2``), and the request, the api's group commit, or the matcher's
 partition that sent the statement waits as long. With it, a statement the peer's kernel never acknowledged fails
-after :data:`DEAD_PEER_S` (``tcp_user_timeout``), and one that it acknowledged but never answered fails once
-keepalive probes, the first after :data:`DEAD_PEER_S` of silence, go unanswered; either as a connection error
-(the api answers 503, the message is retried) after which the pools drop the connection. A live host's kernel
-acknowledges within milliseconds however busy its server, so a long statement is not cut short. (libpq ignores
-these for a unix socket.)"""
+after :data:`DEAD_PEER_S` (``tcp_user_timeout``), and one that it acknowledged but never answered fails at the
+first keepalive probe left unanswered (sent after :data:`DEAD_PEER_S` of silence, then every 2 s; once the user
+timeout has passed, Linux gives up at the first unanswered one, so ``keepalives_count`` does not count then). Either
+way the statement fails as a lost connection within about 10-12 s (the api answers 503, the message is retried), and
+the pools drop the connection. A live host's kernel acknowledges and answers probes within milliseconds however busy its
+server, so neither a long statement nor a healthy idle connection is cut short. (On recent Linux kernels a window
+the peer keeps shut for longer than the user timeout ends the connection too: a server that reads nothing of a
+client's input for 10 s; the exchange's statements are a few kilobytes, which the socket buffers take whole.
+libpq ignores these options for a unix socket.)"""
 
 DEAD_PEER_OPTIONS: dict[str, int] = {
     "tcp_user_timeout": DEAD_PEER_S * 1000,

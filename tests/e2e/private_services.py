@@ -10,6 +10,7 @@ temporary directory, and are stopped by PID (never by name) in :meth:`stop`, whi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -51,8 +52,11 @@ def private_services_missing() -> str | None:
 class PrivatePostgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1:``port`` (trust auth, superuser ``postgres``)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, fsync: str = "off") -> None:
+        """``fsync``: off for a test cluster on a shared 2-core machine (a clean stop or restart still checkpoints);
+        a power loss needs it on (:class:`PowerLossPostgres`)."""
         self.port = port
+        self.fsync = fsync
         # Not under pytest's tmp dir: the postgres OS user (as root) cannot enter it (0700).
         self.dir = Path(tempfile.mkdtemp(prefix="exchange-faults-pg-"))
         self.data = self.dir / "data"
@@ -73,19 +77,19 @@ class PrivatePostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def init(self) -> None:
+        self._initdb(self.data)
+
+    def _initdb(self, data: Path) -> None:
         initdb = _pg_bin("initdb")
         assert initdb is not None
-        self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
-
-    fsync = "off"
-    """A test cluster on a shared 2-core machine needs no disk syncs (a clean stop/restart still checkpoints); a
-    power loss does (:class:`PowerLossPostgres`)."""
+        self._run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
 
     def start(self) -> None:
         pg_ctl = _pg_bin("pg_ctl")
         assert pg_ctl is not None
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={self.fsync}"
-        options += " -c max_connections=200"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if self.fsync != "on":  # on is the default; left out, ALTER SYSTEM can still turn it off (a command line wins)
+            options += f" -c fsync={self.fsync}"
         self._run([pg_ctl, "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start"])
 
     def stop(self, mode: str = "fast") -> None:
@@ -120,133 +124,166 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent, ...), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def child_pids(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (``/proc``)."""
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
+    """The processes whose parent is ``pid``."""
+    return {
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))) is not None and int(fields[1]) == pid
+    }
 
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` still runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
+class PowerLossMount:
+    """A :mod:`tests.e2e.power_loss_fs` filesystem over ``disk`` (its backing directory) at ``mount``."""
+
+    def __init__(self, disk: Path, mount: Path, control: Path) -> None:
+        self.disk, self.mount, self.control = disk, mount, control
+        self.log = control.with_suffix(".log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def mount_it(self, timeout: float = 10.0) -> None:
+        self.control.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "tests.e2e.power_loss_fs", str(self.disk), str(self.mount), str(self.control)]
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while not (os.path.ismount(self.mount) and self.control.exists()):
+            if time.monotonic() > deadline or self._process.poll() is not None:
+                self.unmount()
+                raise RuntimeError(f"the power-loss filesystem did not mount: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    @property
+    def mounted(self) -> bool:
+        return self._process is not None
+
+    def cut_power(self) -> None:
+        """Drop every unsynced content at once; every later operation on the mount fails."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.connect(str(self.control))
+            control.sendall(b"crash\n")
+            if control.recv(64).strip() != b"crashed":
+                raise RuntimeError("the power-loss filesystem did not confirm the power cut")
+
+    def unmount(self) -> None:
+        if self._process is None:
+            return
+        subprocess.run(["umount", str(self.mount)], capture_output=True, check=False)
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if os.path.ismount(self.mount):  # busy, or its daemon died: detach it all the same
+            subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+        self._process = None
+
+
+@functools.cache
 def power_loss_missing() -> str | None:
-    """Why :class:`PowerLossPostgres` cannot run here, or None."""
+    """Why :class:`PowerLossPostgres` cannot run here, or None: a trial mount says (root, ``/dev/fuse``, libfuse
+    and the right to mount all play a part)."""
     if os.geteuid() != 0:
         return "a power-loss filesystem needs root (a FUSE mount that PostgreSQL's OS user may use)"
-    if not Path("/dev/fuse").exists():
-        return "/dev/fuse is missing"
     try:
         import mfusepy  # noqa: F401  (finds libfuse as it is imported)
     except (ImportError, OSError) as exc:
         return f"libfuse is not usable: {exc}"
+    with tempfile.TemporaryDirectory(prefix="exchange-power-loss-") as trial:
+        (Path(trial) / "disk").mkdir()
+        (Path(trial) / "mnt").mkdir()
+        mount = PowerLossMount(Path(trial) / "disk", Path(trial) / "mnt", Path(trial) / "power.sock")
+        try:
+            mount.mount_it()
+        except RuntimeError as exc:
+            return str(exc)
+        mount.unmount()
     return None
 
 
 class PowerLossPostgres(PrivatePostgres):
-    """A :class:`PrivatePostgres` whose data directory is on a :mod:`tests.e2e.power_loss_fs` mount, with
-    ``fsync = on``: :meth:`power_loss` cuts the power under the cluster, and a start afterwards recovers from what
-    PostgreSQL had synced, as after a machine crash. (Root only: :func:`power_loss_missing`.)"""
+    """A :class:`PrivatePostgres` whose data directory is on a :class:`PowerLossMount`, with ``fsync = on``:
+    :meth:`power_loss` cuts the power under the cluster, and a start afterwards recovers from what PostgreSQL had
+    synced, as after a machine crash. (Where it can run: :func:`power_loss_missing`.)"""
 
-    fsync = "on"
-
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.disk = self.dir / "disk"  # the model's disk: the filesystem's backing directory
-        self.mount = self.dir / "mnt"
-        self.data = self.mount / "data"
-        self._fs: subprocess.Popen[bytes] | None = None
-        for directory in (self.disk, self.mount):
-            directory.mkdir()
-            shutil.chown(directory, PG_USER)
+    def __init__(self, port: int, *, fsync: str = "on") -> None:
+        super().__init__(port, fsync=fsync)
+        for directory in ("disk", "mnt"):
+            (self.dir / directory).mkdir()
+            shutil.chown(self.dir / directory, PG_USER)
+        self.fs = PowerLossMount(self.dir / "disk", self.dir / "mnt", self.dir / "power.sock")
+        self.data = self.fs.mount / "data"
+        self._postmaster: int | None = None
 
     def init(self) -> None:
         """``initdb`` straight onto the disk (all of it synced, as after an orderly install), then mount."""
-        initdb = _pg_bin("initdb")
-        assert initdb is not None
-        self._run([initdb, "-D", str(self.disk / "data"), "-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
-        self._mount()
+        self._initdb(self.fs.disk / "data")
+        self.fs.mount_it()
 
-    def _mount(self, timeout: float = 10.0) -> None:
-        control = self.dir / "power.sock"
-        control.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "tests.e2e.power_loss_fs", str(self.disk), str(self.mount), str(control)]
-        with (self.dir / "power_loss_fs.log").open("ab") as log:
-            self._fs = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not (os.path.ismount(self.mount) and control.exists()):
-            if time.monotonic() > deadline or self._fs.poll() is not None:
-                raise RuntimeError(f"the power-loss filesystem did not mount: see {self.dir / 'power_loss_fs.log'}")
-            time.sleep(0.05)
+    def start(self) -> None:
+        super().start()
+        self._postmaster = int((self.data / "postmaster.pid").read_text().splitlines()[0])
 
-    def _unmount(self) -> None:
-        if self._fs is None:
-            return
-        subprocess.run(["umount", str(self.mount)], capture_output=True, check=False)
-        try:
-            self._fs.wait(10)
-        except subprocess.TimeoutExpired:
-            self._fs.kill()
-            self._fs.wait()
-            subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
-        self._fs = None
+    def stop(self, mode: str = "fast") -> None:
+        super().stop(mode)
+        self._postmaster = None
 
     def power_loss(self) -> None:
         """Cut the power: the disk keeps what was synced and nothing else, and every process of the cluster dies at
         that instant (SIGKILL, a stopped one too). The cluster is down afterwards; :meth:`start` recovers it."""
-        postmaster = self._postmaster()
-        assert postmaster is not None, "the cluster does not run"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
-            control.connect(str(self.dir / "power.sock"))
-            control.sendall(b"crash\n")
-            assert control.recv(64).strip() == b"crashed"
-        self._kill_cluster(postmaster)
-        self._unmount()
-        # After a power cut no process of the old cluster exists, and the runtime directory of its socket is empty
-        # (a tmpfs): their lock files would only stop the start (the old postmaster's PID may still be taken by its
-        # unreaped zombie, or by another process).
-        (self.disk / "data" / "postmaster.pid").unlink(missing_ok=True)
+        assert self._postmaster is not None, "the cluster does not run"
+        self.fs.cut_power()
+        self._kill_processes()
+        self.fs.unmount()
+        (self.fs.disk / "data" / "postmaster.pid").unlink(missing_ok=True)
+        self.fs.mount_it()
+
+    def kill(self) -> None:
+        """A crash of PostgreSQL alone: every process of the cluster dies (SIGKILL), and the disk still holds all
+        it was given. :meth:`start` recovers it."""
+        self._kill_processes()
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+
+    def _kill_processes(self) -> None:
+        """SIGKILL the postmaster and its processes (stopped ones too) and wait until none runs. The postmaster is
+        stopped first, so that it forks no process the kill would miss. Their lock files (the data directory's
+        is the caller's) would only stop the next start: the old postmaster's PID may still be taken by its
+        unreaped zombie, or by another process; and the runtime directory of the socket is a tmpfs that a power cut
+        empties."""
+        if self._postmaster is not None and _alive(self._postmaster):
+            os.kill(self._postmaster, signal.SIGSTOP)
+            processes = {self._postmaster} | child_pids(self._postmaster)
+            for pid in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while any(map(_alive, processes)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._postmaster = None
         for runtime in self.dir.glob(f".s.PGSQL.{self.port}*"):
             runtime.unlink(missing_ok=True)
-        self._mount()
-
-    def _postmaster(self) -> int | None:
-        """The running postmaster's PID, from its lock file as the cluster sees it (through the mount)."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
-        return None
-
-    @staticmethod
-    def _kill_cluster(postmaster: int) -> None:
-        """SIGKILL the postmaster and its processes (stopped ones too) and wait until none runs."""
-        processes = {postmaster} | child_pids(postmaster)
-        for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while any(map(_alive, processes)) and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def close(self) -> None:
         """Kill the cluster if it runs (a throwaway: a test may have left some of its processes stopped), unmount,
         and remove its files."""
-        postmaster = self._postmaster() if self._fs is not None else None
-        if postmaster is not None:
-            self._kill_cluster(postmaster)
-        self._unmount()
+        self._kill_processes()
+        self.fs.unmount()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

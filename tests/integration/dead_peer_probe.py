@@ -4,9 +4,10 @@ silent under the pools' connections, without closing them.
 The pools connect over TCP to a forwarder on this namespace's loopback, which passes the bytes on to the real
 PostgreSQL's unix socket (a unix socket is reached from any network namespace). With one warm connection in each
 pool, the loopback goes down: every packet is dropped, as when a host is lost or the network cut, and neither end
-learns of it from the other. A statement is then sent through each pool at once; this prints, as one JSON object,
-how long each waited and what it raised, and, after the loopback is back, which backend the pool's next statement
-ran on.
+learns of it from the other. Twice: before a statement is sent through each pool (never acknowledged), and while
+the statements wait for an answer the forwarder will never give (acknowledged, never answered). This prints, as
+one JSON object, how long each statement waited and what it raised, and, after the loopback is back, which backend
+the pool's next statement ran on.
 
 Usage: ``python -m tests.integration.dead_peer_probe UNIX_SOCKET_PATH DBNAME USER``.
 """
@@ -42,9 +43,15 @@ def set_loopback(up: bool) -> None:
         fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags))
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+SWALLOW = threading.Event()
+"""While set, the forwarder reads what clients send and drops it: a server that took a statement and never answers."""
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_client: bool) -> None:
     try:
         while data := await reader.read(65536):
+            if from_client and SWALLOW.is_set():
+                continue
             writer.write(data)
             await writer.drain()
     except OSError:
@@ -60,7 +67,10 @@ def start_forwarder(unix_path: str) -> int:
 
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_unix_connection(unix_path)
-        await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
+        await asyncio.gather(
+            _pipe(client_reader, server_writer, from_client=True),
+            _pipe(server_reader, client_writer, from_client=False),
+        )
 
     async def serve() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -112,19 +122,40 @@ async def _pool_backend(pool: AsyncPool) -> int:
         return int(row[0])
 
 
+async def _silence(engine: Engine, pool: AsyncPool, *, acknowledged: bool) -> dict[str, Any]:
+    """A statement on each pool's warm connection while the host is silent: ``acknowledged`` False, the loopback is
+    down before it is sent (its peer never acknowledges it); True, it reaches the forwarder, which drops it, and
+    the loopback goes down while it waits for the answer (acknowledged, never answered). Then the loopback comes
+    back, and each pool runs one more statement."""
+    before = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
+    if acknowledged:
+        SWALLOW.set()
+    else:
+        set_loopback(False)
+    waits = asyncio.gather(
+        asyncio.to_thread(_timed, lambda: _engine_backend(engine)), _timed_async(lambda: _pool_backend(pool))
+    )
+    if acknowledged:
+        await asyncio.sleep(0.5)  # both statements taken by the forwarder
+        set_loopback(False)
+    engine_seen, pool_seen = await waits
+    set_loopback(True)
+    SWALLOW.clear()
+    after = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
+    return {"engine": engine_seen, "api_pool": pool_seen, "before": before, "after": after}
+
+
 async def probe(url: str) -> dict[str, Any]:
     engine = pooled_engine(url, pool_size=1, max_overflow=0)
     pool = AsyncPool(url, max_size=1)
-    before = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
-    set_loopback(False)
-    engine_result, pool_result = await asyncio.gather(
-        asyncio.to_thread(_timed, lambda: _engine_backend(engine)), _timed_async(lambda: _pool_backend(pool))
-    )
-    set_loopback(True)
-    after = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
-    await pool.close()
-    engine.dispose()
-    return {"engine": engine_result, "api_pool": pool_result, "before": before, "after": after}
+    try:
+        return {
+            "unacknowledged": await _silence(engine, pool, acknowledged=False),
+            "unanswered": await _silence(engine, pool, acknowledged=True),
+        }
+    finally:
+        await pool.close()
+        engine.dispose()
 
 
 def main() -> None:
