@@ -25,7 +25,7 @@ from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 from exchange.api.batches import OrderKey, accept_orders, cancel_orders, read_orders
 from exchange.api.coalescing import Coalescer
 from exchange.config import Settings
-from exchange.db.engines import AsyncPool
+from exchange.db.engines import DEAD_PEER_OPTIONS, AsyncPool
 from exchange.messaging.broker import AsyncEnqueuer, make_broker
 from exchange.messaging.results import ResultWaiter
 from exchange.orders.models import BrokerIdentity, CommandResult, NewOrder, OrderView, PlaceResult
@@ -36,13 +36,18 @@ REDIS_TIMEOUT_S = 2.0
 
 
 SUBSCRIBER_KEEPALIVE: dict[int, int] = {
-    getattr(socket, name): value
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    getattr(socket, name): DEAD_PEER_OPTIONS[option]
+    for name, option in (
+        ("TCP_KEEPIDLE", "keepalives_idle"),
+        ("TCP_KEEPINTVL", "keepalives_interval"),
+        ("TCP_KEEPCNT", "keepalives_count"),
+        ("TCP_USER_TIMEOUT", "tcp_user_timeout"),
+    )
     if hasattr(socket, name)
 }
 """TCP keepalive of the result subscriber: a Redis that vanished without closing the connection (a host gone, a
-network cut) is noticed within about a minute (30 s idle, then three probes 10 s apart), not Linux's two hours.
-(Linux's option names; a platform without ``TCP_KEEPIDLE`` keeps its own idle time.)"""
+network cut) is given up as the database is (:data:`~exchange.db.engines.DEAD_PEER_S`; 12-14 s after the silence
+began), not after Linux's two hours. (Linux's option names; a platform without one keeps its own.)"""
 
 
 def results_subscriber(redis_url: str) -> Redis:

@@ -1,5 +1,5 @@
-"""Run inside a network namespace of its own (``unshare -n``) by ``test_dead_peer.py``: a database host that goes
-silent under the pools' connections, without closing them.
+"""Run inside a network namespace of its own (``unshare -n``) by ``test_dead_peer.py``: a database host (and a
+Redis) that goes silent under the exchange's connections, without closing them.
 
 The pools connect over TCP to a forwarder on this namespace's loopback, which passes the bytes on to the real
 PostgreSQL's unix socket (a unix socket is reached from any network namespace). With one warm connection in each
@@ -7,7 +7,8 @@ pool, the loopback goes down: every packet is dropped, as when a host is lost or
 learns of it from the other. Twice: before a statement is sent through each pool (never acknowledged), and while
 the statements wait for an answer the forwarder will never give (acknowledged, never answered). This prints, as
 one JSON object, how long each statement waited and what it raised, and, after the loopback is back, which backend
-the pool's next statement ran on.
+the pool's next statement ran on. Then the same for the api's result subscriber, idle on a redis-server in the
+namespace.
 
 Usage: ``python -m tests.integration.dead_peer_probe UNIX_SOCKET_PATH DBNAME USER``.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +30,9 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from exchange.db.engines import AsyncPool, pooled_engine
+from exchange.api.state import results_subscriber
+from exchange.db.engines import DEAD_PEER_S, AsyncPool, pooled_engine
+from exchange.messaging.results import ResultWaiter
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -145,6 +150,41 @@ async def _silence(engine: Engine, pool: AsyncPool, *, acknowledged: bool) -> di
     return {"engine": engine_seen, "api_pool": pool_seen, "before": before, "after": after}
 
 
+async def _silent_redis() -> dict[str, Any]:
+    """The api's :class:`~exchange.messaging.results.ResultWaiter` on its subscriber
+    (:func:`~exchange.api.state.results_subscriber`), subscribed and idle on a redis-server in this namespace, when
+    the loopback goes down: how long until it no longer reports itself subscribed (its readiness check)."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        return {"skipped": "redis-server is not installed"}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    argv = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waiter = ResultWaiter(results_subscriber(f"redis://127.0.0.1:{port}/0"))
+    try:
+        began = time.monotonic()
+        while not waiter.subscribed and time.monotonic() - began < 10:
+            await waiter.stop()
+            await waiter.start()  # waits up to 5 s for the subscription
+        subscribed_before = waiter.subscribed
+        set_loopback(False)
+        began = time.monotonic()
+        while waiter.subscribed and time.monotonic() - began < DEAD_PEER_S * 6:
+            await asyncio.sleep(0.1)
+        return {
+            "subscribed_before": subscribed_before,
+            "subscribed_after": waiter.subscribed,
+            "waited_s": round(time.monotonic() - began, 2),
+        }
+    finally:
+        set_loopback(True)
+        await waiter.stop()
+        server.kill()
+        server.wait()
+
+
 async def probe(url: str) -> dict[str, Any]:
     engine = pooled_engine(url, pool_size=1, max_overflow=0)
     pool = AsyncPool(url, max_size=1)
@@ -152,6 +192,7 @@ async def probe(url: str) -> dict[str, Any]:
         return {
             "unacknowledged": await _silence(engine, pool, acknowledged=False),
             "unanswered": await _silence(engine, pool, acknowledged=True),
+            "result_subscriber": await _silent_redis(),
         }
     finally:
         await pool.close()
