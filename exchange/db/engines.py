@@ -226,7 +226,9 @@ def closed_by_peer(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any])
     close (end of file, perhaps after an error such as an ended session). psycopg learns of it only at the next
     statement, which would then fail a request while the database is up. One ``poll`` of the socket, no round trip
     (a check query would cost one per request); a healthy connection wrongly taken for closed only costs a
-    reconnection. Nothing else reaches an idle connection here: the exchange never LISTENs."""
+    reconnection. Nothing else reaches an idle connection here (the exchange never LISTENs), but for the error the
+    kernel leaves on a connection whose keepalive probes went unanswered (:data:`DEAD_PEER_S`), which the poll
+    reports as well."""
     try:
         fd = conn.pgconn.socket
     except psycopg.OperationalError:  # no socket: closed already

@@ -7,7 +7,7 @@ set -euo pipefail
 missing=()
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || missing+=(libfuse2)
+ldconfig -p 2>/dev/null | grep -c 'libfuse\.so\.2 ' >/dev/null || missing+=(libfuse2)  # -c reads it all: no SIGPIPE
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -21,8 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 import redis
+
+from tests.e2e.conftest import alive, pid_from
 
 PG_BIN_DIRS = sorted(
     Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
@@ -124,27 +127,12 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent, ...), or None when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def child_pids(pid: int) -> set[int]:
     """The processes whose parent is ``pid``."""
-    return {
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))) is not None and int(fields[1]) == pid
-    }
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] != "Z"
+    try:
+        return {child.pid for child in psutil.Process(pid).children()}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 class PowerLossMount:
@@ -169,10 +157,6 @@ class PowerLossMount:
                 raise RuntimeError(f"the power-loss filesystem did not mount: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
 
-    @property
-    def mounted(self) -> bool:
-        return self._process is not None
-
     def cut_power(self) -> None:
         """Drop every unsynced content at once; every later operation on the mount fails."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
@@ -187,10 +171,9 @@ class PowerLossMount:
         subprocess.run(["umount", str(self.mount)], capture_output=True, check=False)
         try:
             self._process.wait(10)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # busy: detach it all the same (a dead daemon's mount fails ismount)
             self._process.kill()
             self._process.wait()
-        if os.path.ismount(self.mount):  # busy, or its daemon died: detach it all the same
             subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
         self._process = None
 
@@ -222,8 +205,8 @@ class PowerLossPostgres(PrivatePostgres):
     :meth:`power_loss` cuts the power under the cluster, and a start afterwards recovers from what PostgreSQL had
     synced, as after a machine crash. (Where it can run: :func:`power_loss_missing`.)"""
 
-    def __init__(self, port: int, *, fsync: str = "on") -> None:
-        super().__init__(port, fsync=fsync)
+    def __init__(self, port: int) -> None:
+        super().__init__(port, fsync="on")
         for directory in ("disk", "mnt"):
             (self.dir / directory).mkdir()
             shutil.chown(self.dir / directory, PG_USER)
@@ -238,11 +221,22 @@ class PowerLossPostgres(PrivatePostgres):
 
     def start(self) -> None:
         super().start()
-        self._postmaster = int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        self._postmaster = self._running_postmaster()
 
     def stop(self, mode: str = "fast") -> None:
         super().stop(mode)
         self._postmaster = None
+
+    def _running_postmaster(self) -> int | None:
+        """The cluster's postmaster, from its lock file as the mount shows it, or as the disk holds it once the
+        power is cut (the mount fails then; PostgreSQL syncs the file when fsync is on), if that process runs and
+        is this cluster's (its PID may have been taken by another since)."""
+        for lock_file in (self.data / "postmaster.pid", self.fs.disk / "data" / "postmaster.pid"):
+            with contextlib.suppress(OSError, psutil.NoSuchProcess):
+                pid = pid_from(lock_file)
+                if pid is not None and alive(pid) and str(self.data) in psutil.Process(pid).cmdline():
+                    return pid
+        return None
 
     def power_loss(self) -> None:
         """Cut the power: the disk keeps what was synced and nothing else, and every process of the cluster dies at
@@ -266,14 +260,15 @@ class PowerLossPostgres(PrivatePostgres):
         is the caller's) would only stop the next start: the old postmaster's PID may still be taken by its
         unreaped zombie, or by another process; and the runtime directory of the socket is a tmpfs that a power cut
         empties."""
-        if self._postmaster is not None and _alive(self._postmaster):
-            os.kill(self._postmaster, signal.SIGSTOP)
-            processes = {self._postmaster} | child_pids(self._postmaster)
+        postmaster = self._postmaster or self._running_postmaster()  # also a cluster whose start timed out
+        if postmaster is not None and alive(postmaster):
+            os.kill(postmaster, signal.SIGSTOP)
+            processes = {postmaster} | child_pids(postmaster)
             for pid in processes:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 30
-            while any(map(_alive, processes)) and time.monotonic() < deadline:
+            while any(map(alive, processes)) and time.monotonic() < deadline:
                 time.sleep(0.02)
         self._postmaster = None
         for runtime in self.dir.glob(f".s.PGSQL.{self.port}*"):

@@ -312,7 +312,7 @@ class PostgresOutage:
 
 
 @dataclass
-class UnwrittenWal:
+class UnsyncedWalSpell:
     """The spell before a power loss in which PostgreSQL's WAL writer was stopped."""
 
     stopped_at: float
@@ -345,7 +345,7 @@ class FaultRun:
     symbols: list[str]
     faults: list[Fault] = field(default_factory=list)
     outages: list[PostgresOutage] = field(default_factory=list)
-    unwritten_wal: list[UnwrittenWal] = field(default_factory=list)
+    unsynced_wal: list[UnsyncedWalSpell] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     frozen_matching_after_s: list[float | None] = field(default_factory=list)
     """SIGSTOP of a matcher beside its hot standby → a new order on every partition matched (None: never)."""
@@ -654,8 +654,10 @@ def power_loss_with_the_wal_writer_stopped(pg: PowerLossPostgres, prober: Prober
             probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]
             probe_changes, probe_answers = prober.amend_and_cancel(probe_orders)
             time.sleep(max(0.0, WAL_WRITER_STOPPED_S - (time.monotonic() - stopped_at)))
-            spell = UnwrittenWal(stopped_at, stopped_wall, time.monotonic(), probe_orders, probe_changes, probe_answers)
-            run.unwritten_wal.append(spell)
+            spell = UnsyncedWalSpell(
+                stopped_at, stopped_wall, time.monotonic(), probe_orders, probe_changes, probe_answers
+            )
+            run.unsynced_wal.append(spell)
         except BaseException:
             os.kill(walwriter, signal.SIGCONT)
             raise
@@ -849,7 +851,7 @@ def test_an_order_answered_closed_is_still_closed(
 def _require_power_loss(run: FaultRun) -> None:
     if power_loss_missing() and not in_ci():
         pytest.skip(f"no power loss here: {power_loss_missing()}")
-    assert run.unwritten_wal, "postgres never lost power with its WAL writer stopped"
+    assert run.unsynced_wal, "postgres never lost power with its WAL writer stopped"
 
 
 def test_orders_answered_while_the_wal_writer_was_stopped_survive_a_power_loss(
@@ -860,7 +862,7 @@ def test_orders_answered_while_the_wal_writer_was_stopped_survive_a_power_loss(
     (``synchronous_commit = on``, ``fsync = on``), which a power loss keeps. (The load's orders are checked with all
     the others above; here the spell's own, with the probe orders.)"""
     _require_power_loss(fault_run)
-    for spell in fault_run.unwritten_wal:
+    for spell in fault_run.unsynced_wal:
         ids = spell.probe_orders + spell.load_orders(fault_run.load)
         assert spell.probe_orders, "no probe order was answered 201 while the WAL writer was stopped"
         found = fault_stack[0].scalar("SELECT count(*) FROM orders WHERE id = ANY(%s::uuid[])", (ids,))
@@ -876,7 +878,7 @@ def test_cancels_and_amends_acknowledged_while_the_wal_writer_was_stopped_surviv
     h = fault_stack[0]
     _require_power_loss(fault_run)
     lost: list[Change] = []
-    for spell in fault_run.unwritten_wal:
+    for spell in fault_run.unsynced_wal:
         assert {c.kind for c in spell.probe_changes} == {"cancel", "amend"}, f"probe answers: {spell.probe_answers}"
         changes = spell.changes(fault_run.load)
         ids = [c.order_id for c in changes]
@@ -1033,7 +1035,7 @@ def _report(run: FaultRun) -> str:
         seen = outage.probes + run.calls_between(outage.down_at, outage.up_at)
         statuses = Counter(f"{c.op}:{c.status or c.error}" for c in seen)
         lines.append(f"  postgres outage statuses: {dict(statuses)}; first 201 after {outage.first_201_after_s}s")
-    for spell in run.unwritten_wal:
+    for spell in run.unsynced_wal:
         lines.append(
             f"  WAL writer stopped {spell.power_lost_at - spell.stopped_at:.2f}s before the power loss: "
             f"{len(spell.load_orders(run.load))} load orders and {len(spell.probe_orders)} probe orders answered 201, "

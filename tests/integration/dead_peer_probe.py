@@ -50,12 +50,15 @@ def set_loopback(up: bool) -> None:
 
 SWALLOW = threading.Event()
 """While set, the forwarder reads what clients send and drops it: a server that took a statement and never answers."""
+swallowed: list[int] = []
+"""The sizes of what the forwarder dropped (appended by its thread)."""
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_client: bool) -> None:
     try:
         while data := await reader.read(65536):
             if from_client and SWALLOW.is_set():
+                swallowed.append(len(data))
                 continue
             writer.write(data)
             await writer.drain()
@@ -140,14 +143,19 @@ async def _silence(engine: Engine, pool: AsyncPool, *, acknowledged: bool) -> di
     waits = asyncio.gather(
         asyncio.to_thread(_timed, lambda: _engine_backend(engine)), _timed_async(lambda: _pool_backend(pool))
     )
+    taken = False
     if acknowledged:
-        await asyncio.sleep(0.5)  # both statements taken by the forwarder
+        began = time.monotonic()
+        while len(swallowed) < 2 and time.monotonic() - began < 10:  # both statements taken by the forwarder
+            await asyncio.sleep(0.01)
+        taken = len(swallowed) >= 2
         set_loopback(False)
     engine_seen, pool_seen = await waits
     set_loopback(True)
     SWALLOW.clear()
+    swallowed.clear()
     after = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
-    return {"engine": engine_seen, "api_pool": pool_seen, "before": before, "after": after}
+    return {"engine": engine_seen, "api_pool": pool_seen, "before": before, "after": after, "taken": taken}
 
 
 async def _silent_redis() -> dict[str, Any]:
@@ -164,10 +172,10 @@ async def _silent_redis() -> dict[str, Any]:
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     waiter = ResultWaiter(results_subscriber(f"redis://127.0.0.1:{port}/0"))
     try:
+        await waiter.start()  # it retries every 0.5 s until the server answers
         began = time.monotonic()
         while not waiter.subscribed and time.monotonic() - began < 10:
-            await waiter.stop()
-            await waiter.start()  # waits up to 5 s for the subscription
+            await asyncio.sleep(0.05)
         subscribed_before = waiter.subscribed
         set_loopback(False)
         began = time.monotonic()

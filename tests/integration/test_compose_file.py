@@ -139,17 +139,24 @@ def pgbouncer_settings() -> configparser.SectionProxy:
     return ini["pgbouncer"]
 
 
-@pytest.mark.parametrize(
-    "setting",
-    [
-        "pool_mode", "server_login_retry", "query_wait_timeout", "max_client_conn",
-        "tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout",
-    ],
-)  # fmt: skip
+def _compose_pgbouncer_has_the_setting_of_ops_pgbouncer_ini(compose: dict[str, Any], setting: str) -> None:
+    assert str(compose["services"]["pgbouncer"]["environment"][setting.upper()]) == pgbouncer_settings()[setting]
+
+
+@pytest.mark.parametrize("setting", ["pool_mode", "server_login_retry", "query_wait_timeout", "max_client_conn"])
 def test_compose_pgbouncer_has_the_fault_tested_settings_of_ops_pgbouncer_ini(
     compose: dict[str, Any], setting: str
 ) -> None:
-    assert str(compose["services"]["pgbouncer"]["environment"][setting.upper()]) == pgbouncer_settings()[setting]
+    _compose_pgbouncer_has_the_setting_of_ops_pgbouncer_ini(compose, setting)
+
+
+@pytest.mark.parametrize(
+    "setting", ["tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout"]
+)
+def test_compose_pgbouncer_bounds_a_silent_peer_as_ops_pgbouncer_ini_does(
+    compose: dict[str, Any], setting: str
+) -> None:
+    _compose_pgbouncer_has_the_setting_of_ops_pgbouncer_ini(compose, setting)
 
 
 @pytest.mark.parametrize(
@@ -159,5 +166,7 @@ def test_compose_pgbouncer_has_the_fault_tested_settings_of_ops_pgbouncer_ini(
         ("tcp_keepintvl", "keepalives_interval"), ("tcp_keepcnt", "keepalives_count"),
     ],
 )  # fmt: skip
-def test_pgbouncer_gives_up_on_a_silent_peer_when_the_exchange_s_connections_do(setting: str, option: str) -> None:
+def test_ops_pgbouncer_ini_bounds_a_silent_peer_with_the_exchange_s_dead_peer_options(
+    setting: str, option: str
+) -> None:
     assert int(pgbouncer_settings()[setting]) == DEAD_PEER_OPTIONS[option]
