@@ -16,23 +16,29 @@ Usage: ``python -m tests.integration.dead_peer_probe UNIX_SOCKET_PATH DBNAME USE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
+import os
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from exchange.api.state import results_subscriber
 from exchange.db.engines import DEAD_PEER_S, AsyncPool, pooled_engine
 from exchange.messaging.results import ResultWaiter
+
+REPO = Path(__file__).resolve().parents[2]
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -118,14 +124,17 @@ async def _timed_async(statement: Callable[[], Awaitable[object]]) -> dict[str, 
     return _outcome(None, began)
 
 
-def _engine_backend(engine: Engine) -> int:
+BACKEND = "SELECT pg_backend_pid() FROM pg_sleep(%s)"
+
+
+def _engine_backend(engine: Engine, pause_s: float = 0.0) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        return int(conn.exec_driver_sql(BACKEND, (pause_s,)).scalar_one())
 
 
-async def _pool_backend(pool: AsyncPool) -> int:
+async def _pool_backend(pool: AsyncPool, pause_s: float = 0.0) -> int:
     async with pool.connection() as conn:
-        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        row = await (await conn.execute(BACKEND, (pause_s,))).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -135,7 +144,12 @@ async def _silence(engine: Engine, pool: AsyncPool, *, acknowledged: bool) -> di
     down before it is sent (its peer never acknowledges it); True, it reaches the forwarder, which drops it, and
     the loopback goes down while it waits for the answer (acknowledged, never answered). Then the loopback comes
     back, and each pool runs one more statement."""
-    before = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
+    # At once and held a moment: behind pgbouncer, each then has a server connection of its own to go silent (with
+    # one, the other statement would wait for a login that cannot happen, and fail on query_wait_timeout instead).
+    engine_before, pool_before = await asyncio.gather(
+        asyncio.to_thread(_engine_backend, engine, 0.3), _pool_backend(pool, 0.3)
+    )
+    before = {"engine": engine_before, "api_pool": pool_before}
     if acknowledged:
         SWALLOW.set()
     else:
@@ -149,13 +163,28 @@ async def _silence(engine: Engine, pool: AsyncPool, *, acknowledged: bool) -> di
         while len(swallowed) < 2 and time.monotonic() - began < 10:  # both statements taken by the forwarder
             await asyncio.sleep(0.01)
         taken = len(swallowed) >= 2
+        await asyncio.sleep(0.5)  # and their acknowledgements out (a delayed ACK waits up to 200 ms)
         set_loopback(False)
     engine_seen, pool_seen = await waits
     set_loopback(True)
     SWALLOW.clear()
     swallowed.clear()
-    after = {"engine": _engine_backend(engine), "api_pool": await _pool_backend(pool)}
+    after = {"engine": await _once_back(lambda: asyncio.to_thread(_engine_backend, engine)),
+             "api_pool": await _once_back(lambda: _pool_backend(pool))}  # fmt: skip
     return {"engine": engine_seen, "api_pool": pool_seen, "before": before, "after": after, "taken": taken}
+
+
+async def _once_back(statement: Callable[[], Awaitable[int]]) -> int:
+    """The statement's backend once the network is back: pgbouncer, whose logins failed during the silence, answers
+    ``server_login_retry`` errors for a second or so first."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return await statement()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def _silent_redis() -> dict[str, Any]:
@@ -193,25 +222,68 @@ async def _silent_redis() -> dict[str, Any]:
         server.wait()
 
 
-async def probe(url: str) -> dict[str, Any]:
-    engine = pooled_engine(url, pool_size=1, max_overflow=0)
-    pool = AsyncPool(url, max_size=1)
+@contextlib.contextmanager
+def pgbouncer_over(forwarder_port: int, dbname: str, user: str) -> Iterator[str]:
+    """``ops/pgbouncer.ini`` (the exchange's settings, its silent-peer bounds among them) run in this namespace,
+    listening on a unix socket only and reaching PostgreSQL over TCP through the forwarder: when the loopback goes
+    down, only pgbouncer's server connections go silent. Yields the URL its clients use."""
+    run_dir = Path(tempfile.mkdtemp(prefix="exchange-dead-peer-pgbouncer-"))
+    port = 6432
+    ini = (REPO / "ops" / "pgbouncer.ini").read_text()
+    for name, value in {
+        "@PG_HOST@": "127.0.0.1",
+        "@PG_PORT@": str(forwarder_port),
+        "@PG_USER@": user,
+        "@LISTEN_ADDR@": "",
+        "@LISTEN_PORT@": str(port),
+        "@RUN_DIR@": str(run_dir),
+    }.items():
+        ini = ini.replace(name, value)
+    ini = ini.replace("\nunix_socket_dir =\n", f"\nunix_socket_dir = {run_dir}\n")
+    (run_dir / "pgbouncer.ini").write_text(ini)
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(run_dir, "postgres")
+    pgbouncer = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    server = subprocess.Popen([*as_user, pgbouncer, str(run_dir / "pgbouncer.ini")], stdout=subprocess.DEVNULL)
     try:
-        return {
-            "unacknowledged": await _silence(engine, pool, acknowledged=False),
-            "unanswered": await _silence(engine, pool, acknowledged=True),
-            "result_subscriber": await _silent_redis(),
-        }
+        deadline = time.monotonic() + 10
+        while not (run_dir / f".s.PGSQL.{port}").exists():
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"pgbouncer did not start: {(run_dir / 'pgbouncer.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield f"postgresql://{user}@/{dbname}?host={run_dir}&port={port}"
     finally:
-        await pool.close()
-        engine.dispose()
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def probe(url: str, pgbouncer_url: str | None) -> dict[str, Any]:
+    outcome: dict[str, Any] = {}
+    for name, pooled_url in (("", url), ("behind_pgbouncer_", pgbouncer_url)):
+        if pooled_url is None:
+            continue
+        engine = pooled_engine(pooled_url, pool_size=1, max_overflow=0)
+        pool = AsyncPool(pooled_url, max_size=1)
+        try:
+            outcome[f"{name}unacknowledged"] = await _silence(engine, pool, acknowledged=False)
+            outcome[f"{name}unanswered"] = await _silence(engine, pool, acknowledged=True)
+        finally:
+            await pool.close()
+            engine.dispose()
+    outcome["result_subscriber"] = await _silent_redis()
+    return outcome
 
 
 def main() -> None:
     unix_path, dbname, user = sys.argv[1:4]
     set_loopback(True)
     port = start_forwarder(unix_path)
-    print(json.dumps(asyncio.run(probe(f"postgresql://{user}@127.0.0.1:{port}/{dbname}"))), flush=True)
+    url = f"postgresql://{user}@127.0.0.1:{port}/{dbname}"
+    with contextlib.ExitStack() as stack:
+        pgbouncer_url = stack.enter_context(pgbouncer_over(port, dbname, user)) if shutil.which("pgbouncer") else None
+        print(json.dumps(asyncio.run(probe(url, pgbouncer_url))), flush=True)
 
 
 if __name__ == "__main__":
