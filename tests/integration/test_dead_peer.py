@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,36 +101,41 @@ Behind pgbouncer only pgbouncer's server connections go silent (its clients reac
 ``ops/pgbouncer.ini`` bounds give up, and it tells its client the server connection crashed."""
 
 
-def _silence(outcome: dict[str, Any], silence: str) -> dict[str, Any]:
-    if silence not in outcome:
+@dataclass(frozen=True)
+class Silenced:
+    """One pool's statement in one silence: what it raised and which backends the pool used around it."""
+
+    silence: str
+    path: str
+    outcome: dict[str, Any]
+
+    @property
+    def seen(self) -> dict[str, Any]:
+        seen: dict[str, Any] = self.outcome[self.path]
+        return seen
+
+
+@pytest.fixture(params=[(silence, path) for silence in SILENCES for path in ("engine", "api_pool")], ids="-".join)
+def silenced(request: pytest.FixtureRequest, dead_peer_outcome: dict[str, Any]) -> Silenced:
+    silence, path = request.param
+    if silence not in dead_peer_outcome:
         reason = f"no {silence} here: pgbouncer is not installed"
         (pytest.fail if os.environ.get("CI", "").lower() == "true" else pytest.skip)(reason)
-    seen: dict[str, Any] = outcome[silence]
-    return seen
+    return Silenced(silence, path, dead_peer_outcome[silence])
 
 
-@pytest.mark.parametrize("silence", SILENCES)
-@pytest.mark.parametrize("path", ["engine", "api_pool"])
-def test_a_statement_to_a_silent_database_host_fails_within_the_dead_peer_limit(
-    dead_peer_outcome: dict[str, Any], path: str, silence: str
-) -> None:
-    outcome = _silence(dead_peer_outcome, silence)
+def test_a_statement_to_a_silent_database_host_fails_within_the_dead_peer_limit(silenced: Silenced) -> None:
     # an unanswered silence is the keepalive path only if the forwarder had taken both statements before it began
-    assert "unanswered" not in silence or outcome["taken"], outcome
-    seen = outcome[path]
+    assert "unanswered" not in silenced.silence or silenced.outcome["taken"], silenced.outcome
+    seen = silenced.seen
     assert seen["error"] is not None, seen
-    assert SILENCES[silence] in seen["message"], seen
+    assert SILENCES[silenced.silence] in seen["message"], seen
     # the kernel gives up after DEAD_PEER_S (and one unanswered probe); its own default is ~15 minutes, or never
     assert seen["waited_s"] < DEAD_PEER_S * 2, seen
 
 
-@pytest.mark.parametrize("silence", SILENCES)
-@pytest.mark.parametrize("path", ["engine", "api_pool"])
-def test_the_pool_replaces_a_connection_to_a_silent_host_once_the_network_is_back(
-    dead_peer_outcome: dict[str, Any], path: str, silence: str
-) -> None:
-    outcome = _silence(dead_peer_outcome, silence)
-    assert outcome["after"][path] != outcome["before"][path]
+def test_the_pool_replaces_a_connection_to_a_silent_host_once_the_network_is_back(silenced: Silenced) -> None:
+    assert silenced.outcome["after"][silenced.path] != silenced.outcome["before"][silenced.path]
 
 
 def test_the_result_subscriber_gives_up_a_silent_redis_within_the_dead_peer_limit(
