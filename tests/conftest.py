@@ -35,6 +35,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import psycopg
@@ -127,6 +128,18 @@ class DatabaseFactory:
             self.drop(with_database(self.admin_url, name))
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def skip_or_fail(message: str) -> NoReturn:
+    """What a test does when something it needs is missing here: skip it, but fail in CI (``CI=true``), where a
+    missing service or capability is a broken pipeline."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> str:
     url = libpq_url(os.environ.get("EXCHANGE_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL))
@@ -134,10 +147,7 @@ def postgres_admin_url() -> str:
         with psycopg.connect(url, connect_timeout=5):
             pass
     except psycopg.OperationalError as exc:
-        message = f"PostgreSQL is unreachable at {url}: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"PostgreSQL is unreachable at {url}: {exc}")
     return url
 
 

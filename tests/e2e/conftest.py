@@ -51,7 +51,7 @@ import redis
 
 from exchange.messaging.partitions import partition_of
 from ops.bench.main import free_port
-from tests.conftest import DatabaseFactory
+from tests.conftest import DatabaseFactory, skip_or_fail
 from tests.integration.redis_support import claim_database, database_url, release_database
 from tests.invariants import check_invariants
 
@@ -71,10 +71,6 @@ _REDIS_DBS_IN_USE: set[int] = set()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 def pgbouncer_binary() -> str | None:
@@ -107,21 +103,14 @@ def pgbouncer_files(run_dir: Path) -> Path:
     return Path(pointer.read_text().strip()) if pointer.exists() else run_dir
 
 
-def _skip_or_fail(message: str) -> None:
-    """Outside CI a missing service skips the e2e tests; in CI (``CI=true``) it is a broken pipeline."""
-    if in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def require_services() -> None:
     if pgbouncer_binary() is None:
-        _skip_or_fail("pgbouncer is not installed (ops/scripts/install-system-deps.sh installs it)")
+        skip_or_fail("pgbouncer is not installed (ops/scripts/install-system-deps.sh installs it)")
     client = redis.Redis.from_url(REDIS_SERVER_URL, socket_connect_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
-        _skip_or_fail(f"Redis is unreachable at 127.0.0.1:6379: {exc}")
+        skip_or_fail(f"Redis is unreachable at 127.0.0.1:6379: {exc}")
     finally:
         client.close()
 

@@ -138,20 +138,27 @@ def child_pids(pid: int) -> set[int]:
 class PowerLossMount:
     """A :mod:`tests.e2e.power_loss_fs` filesystem over ``disk`` (its backing directory) at ``mount``."""
 
-    def __init__(self, disk: Path, mount: Path, control: Path) -> None:
-        self.disk, self.mount, self.control = disk, mount, control
+    def __init__(self, disk: Path, mountpoint: Path, control: Path) -> None:
+        self.disk, self.mountpoint, self.control = disk, mountpoint, control
         self.log = control.with_suffix(".log")
         self._process: subprocess.Popen[bytes] | None = None
 
-    def mount_it(self, timeout: float = 10.0) -> None:
+    def mount(self, timeout: float = 10.0) -> None:
         self.control.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "tests.e2e.power_loss_fs", str(self.disk), str(self.mount), str(self.control)]
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.e2e.power_loss_fs",
+            str(self.disk),
+            str(self.mountpoint),
+            str(self.control),
+        ]
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
                 argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
-        while not (os.path.ismount(self.mount) and self.control.exists()):
+        while not (os.path.ismount(self.mountpoint) and self.control.exists()):
             if time.monotonic() > deadline or self._process.poll() is not None:
                 self.unmount()
                 raise RuntimeError(f"the power-loss filesystem did not mount: {self.log.read_text()[-2000:]}")
@@ -168,13 +175,13 @@ class PowerLossMount:
     def unmount(self) -> None:
         if self._process is None:
             return
-        subprocess.run(["umount", str(self.mount)], capture_output=True, check=False)
+        subprocess.run(["umount", str(self.mountpoint)], capture_output=True, check=False)
         try:
             self._process.wait(10)
         except subprocess.TimeoutExpired:  # busy: detach it all the same (a dead daemon's mount fails ismount)
             self._process.kill()
             self._process.wait()
-            subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
         self._process = None
 
 
@@ -193,7 +200,7 @@ def power_loss_missing() -> str | None:
         (Path(trial) / "mnt").mkdir()
         mount = PowerLossMount(Path(trial) / "disk", Path(trial) / "mnt", Path(trial) / "power.sock")
         try:
-            mount.mount_it()
+            mount.mount()
         except RuntimeError as exc:
             return str(exc)
         mount.unmount()
@@ -211,13 +218,13 @@ class PowerLossPostgres(PrivatePostgres):
             (self.dir / directory).mkdir()
             shutil.chown(self.dir / directory, PG_USER)
         self.fs = PowerLossMount(self.dir / "disk", self.dir / "mnt", self.dir / "power.sock")
-        self.data = self.fs.mount / "data"
+        self.data = self.fs.mountpoint / "data"
         self._postmaster: int | None = None
 
     def init(self) -> None:
         """``initdb`` straight onto the disk (all of it synced, as after an orderly install), then mount."""
         self._initdb(self.fs.disk / "data")
-        self.fs.mount_it()
+        self.fs.mount()
 
     def start(self) -> None:
         super().start()
@@ -246,7 +253,7 @@ class PowerLossPostgres(PrivatePostgres):
         self._kill_processes()
         self.fs.unmount()
         (self.fs.disk / "data" / "postmaster.pid").unlink(missing_ok=True)
-        self.fs.mount_it()
+        self.fs.mount()
 
     def kill(self) -> None:
         """A crash of PostgreSQL alone: every process of the cluster dies (SIGKILL), and the disk still holds all

@@ -66,12 +66,12 @@ from exchange.db import migrate
 from exchange.dev import FIRST_RESTART_DELAY_S
 from exchange.messaging.partitions import partition_of
 from exchange.orders.accept import amend_payload
+from tests.conftest import in_ci, skip_or_fail
 from tests.e2e.conftest import (
     PARTITIONS,
     Broker,
     Harness,
     free_port,
-    in_ci,
     require_services,
     unique_symbol,
 )
@@ -723,7 +723,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harn
     require_services()
     missing = private_services_missing() or (in_ci() and power_loss_missing())
     if missing:
-        (pytest.fail if in_ci() else pytest.skip)(missing)
+        skip_or_fail(missing)
     pg = PrivatePostgres(free_port()) if power_loss_missing() else PowerLossPostgres(free_port())
     redis_server = PrivateRedis(free_port())
     harness: Harness | None = None

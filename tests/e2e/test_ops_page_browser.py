@@ -6,7 +6,6 @@ Chromium missing: skipped locally, failed in CI (``CI=true``; ``ops/scripts/inst
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +25,7 @@ from sqlalchemy import Engine, text
 from exchange.api.app import create_app
 from exchange.config import Settings
 from ops.bench.main import free_port
+from tests.conftest import skip_or_fail
 from tests.integration.api_helpers import ADMIN_KEY, match, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -47,10 +47,7 @@ CHROMIUM_FLAGS = [
 def chromium_binary() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        message = "chromium is not installed (ops/scripts/install-system-deps.sh installs it)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("chromium is not installed (ops/scripts/install-system-deps.sh installs it)")
     return found
 
 

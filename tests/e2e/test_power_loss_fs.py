@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.e2e.conftest import free_port, in_ci
+from tests.conftest import skip_or_fail
+from tests.e2e.conftest import free_port, wait_until
 from tests.e2e.private_services import PowerLossPostgres, power_loss_missing, private_services_missing
 
 
@@ -29,7 +29,7 @@ from tests.e2e.private_services import PowerLossPostgres, power_loss_missing, pr
 def cluster() -> Iterator[PowerLossPostgres]:
     missing = private_services_missing() or power_loss_missing()
     if missing:
-        (pytest.fail if in_ci() else pytest.skip)(missing)
+        skip_or_fail(missing)
     pg = PowerLossPostgres(free_port())
     try:
         pg.init()
@@ -56,13 +56,12 @@ def _stop_syncing(pg: PowerLossPostgres) -> None:
     with psycopg.connect(pg.url(), autocommit=True) as conn:
         conn.execute("ALTER SYSTEM SET fsync = off")
         conn.execute("SELECT pg_reload_conf()")
-    deadline = time.monotonic() + 10
-    while True:
+
+    def fsync_off() -> bool:
         with psycopg.connect(pg.url(), autocommit=True) as conn:
-            if conn.execute("SHOW fsync").fetchone() == ("off",):
-                break
-        assert time.monotonic() < deadline, "fsync is still on"
-        time.sleep(0.05)
+            return conn.execute("SHOW fsync").fetchone() == ("off",)
+
+    wait_until(fsync_off, message="fsync off after the reload")
     for process in ("walwriter", "background writer"):
         os.kill(pg.process_pid(process), signal.SIGSTOP)
 
@@ -105,7 +104,7 @@ def model(tmp_path: Path) -> Any:
     try:
         from tests.e2e.power_loss_fs import BLOCK, PowerLossFS
     except (ImportError, OSError) as exc:  # mfusepy finds libfuse as it is imported
-        (pytest.fail if in_ci() else pytest.skip)(f"libfuse is not usable: {exc}")
+        skip_or_fail(f"libfuse is not usable: {exc}")
     (tmp_path / "f").write_bytes(b"A" * 3 * BLOCK)
     return PowerLossFS(str(tmp_path))
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from sqlalchemy import Engine
 from exchange.api.app import create_app
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
+from tests.conftest import skip_or_fail
 from tests.integration.api_helpers import ADMIN_KEY
 from tests.integration.redis_support import redis_test_url
 
@@ -26,10 +26,7 @@ def api_redis_url() -> Iterator[str]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        message = f"Redis is unreachable at {url}: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"Redis is unreachable at {url}: {exc}")
     yield url
     # No matcher consumes the test database's queues: drop what the tests enqueued (and only that).
     for pattern in ("dramatiq:matching.*", "exchange:wake:*"):

@@ -29,7 +29,7 @@ import pytest
 
 from exchange.db.engines import DEAD_PEER_S
 from exchange.db.urls import libpq_url
-from tests.conftest import DatabaseFactory
+from tests.conftest import DatabaseFactory, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE_TIMEOUT_S = DEAD_PEER_S * 15 + 30
@@ -58,8 +58,7 @@ def _unix_socket(database_url: str) -> str | None:
 def dead_peer_outcome(database_factory: DatabaseFactory) -> Iterator[dict[str, Any]]:
     """One probe for the module's tests (about 70 s)."""
     if not _namespaces_allowed():
-        reason = "needs a network namespace of its own (unshare -n: root or CAP_SYS_ADMIN)"
-        (pytest.fail if os.environ.get("CI", "").lower() == "true" else pytest.skip)(reason)
+        skip_or_fail("needs a network namespace of its own (unshare -n: root or CAP_SYS_ADMIN)")
     database_url = database_factory.create()
     try:
         yield _probe(database_url)
@@ -119,8 +118,7 @@ class Silenced:
 def silenced(request: pytest.FixtureRequest, dead_peer_outcome: dict[str, Any]) -> Silenced:
     silence, path = request.param
     if silence not in dead_peer_outcome:
-        reason = f"no {silence} here: pgbouncer is not installed"
-        (pytest.fail if os.environ.get("CI", "").lower() == "true" else pytest.skip)(reason)
+        skip_or_fail(f"no {silence} here: pgbouncer is not installed")
     return Silenced(silence, path, dead_peer_outcome[silence])
 
 

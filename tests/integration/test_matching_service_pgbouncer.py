@@ -9,7 +9,6 @@ itself: ``SHOW STATS``' ``total_query_count`` grows by one per ReadyForQuery, i.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from sqlalchemy import Engine, text
 from exchange.db.engines import IDLE_HOLDER_LIMIT_MS, pooled_engine
 from exchange.matching import store
 from exchange.matching.service import BatchResult, BookCache, drain, process_symbol, process_symbols
+from tests.conftest import skip_or_fail
 from tests.integration.concurrency import run_concurrently
 from tests.integration.sql_orders import add_broker, cancel, crossing_pair, place, trades
 from tests.integration.test_matching_service import assert_conserved
@@ -42,10 +42,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def pgbouncer_port(postgres_admin_url: str) -> Iterator[int]:
     if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
-        message = "pgbouncer is not installed (ops/scripts/install-system-deps.sh installs it)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("pgbouncer is not installed (ops/scripts/install-system-deps.sh installs it)")
     # Not under pytest's tmp dir: as root, pgbouncer runs as the postgres user, which cannot enter it.
     run_dir = Path(tempfile.mkdtemp(prefix="exchange-test-matcher-pgbouncer-"))
     parts = urlsplit(postgres_admin_url)
