@@ -336,6 +336,20 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait()
 
+    def refuse_writes(self, refuse: bool) -> None:
+        """Out of memory, or not: with ``refuse``, ``maxmemory`` is 1 byte under ``noeviction``, so Redis answers
+        every command that may grow its data (a write, a script that writes) ``OOM command not allowed``, while
+        reads, deletions, ``PING`` and ``PUBLISH`` go on, as when a real one fills up; without, no limit."""
+        with redis.Redis.from_url(self.url) as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1 if refuse else 0)
+
+    def error_replies(self) -> int:
+        """Error replies this server sent since it started (``INFO stats``): while it refuses writes, its refusals
+        (a refused write inside a script reaches its caller as the script's ``ERR``, not as ``OOM``)."""
+        with redis.Redis.from_url(self.url) as client:
+            return int(client.info("stats")["total_error_replies"])
+
     def kill_and_lose_data(self) -> None:
         """SIGKILL, then delete the append-only file: the next start is an empty Redis, as after losing the
         machine's disk (or a crash within ``appendfsync everysec``'s last second, for what was not yet written)."""

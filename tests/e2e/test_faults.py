@@ -15,20 +15,24 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
 6. a Redis restart (SIGTERM, down ~2 s, started again on the same port and append-only file);
 7. a Redis crash that loses its data (SIGKILL, append-only file deleted, started empty after 100 ms): every queued
    message, wake-up and partition flag is gone, and PostgreSQL alone must bring every command and event through;
-8. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
-9. a power loss under PostgreSQL: its cluster runs with ``fsync = on`` on a filesystem that keeps, at a power cut,
-   only what was synced (:class:`~tests.e2e.private_services.PowerLossPostgres`). With every other writer of the
-   exchange stopped (SIGSTOP of the matchers, the webhooks worker and the sweeper), so that the api's statements are
-   the only commits, its WAL writer is stopped too under the load (WAL_WRITER_STOPPED_S; a probe places orders,
-   amends one and cancels one meanwhile); then the power goes: the disk loses everything unsynced and every process
-   of the cluster dies at once, and the start replays the write-ahead log the disk kept. Every order answered 2xx,
-   every fill and every event a broker received must have been durably committed before it was answered or sent,
-   so none may be missing or changed after the replay. In the spell no process syncs a commit's WAL promptly but the
-   committing session itself (a synchronous commit syncs the WAL up to its own record; the WAL writer syncs an
-   asynchronous one's later; the background writer, the checkpointer or a full WAL buffer may sync some, which can
-   only hide a lost answer): an api answer sent before its own commit's WAL was on the disk
-   (``synchronous_commit = off``, or a commit that reached the kernel's cache only) is a write the replay does not
-   know, and the tests of the spell's orders, cancels and amends fail.
+8. Redis out of memory for ~2 s (``maxmemory`` under what it holds, ``noeviction``): it refuses every write — the
+   api's wake-ups, the matchers' after-commit scripts and acknowledgements, the webhook hints, the sweeper's
+   re-nudges — while it still answers reads and ``PUBLISH``; orders must still be accepted (PostgreSQL takes them)
+   and everything must go through once it has room again;
+9. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
+10. a power loss under PostgreSQL: its cluster runs with ``fsync = on`` on a filesystem that keeps, at a power cut,
+    only what was synced (:class:`~tests.e2e.private_services.PowerLossPostgres`). With every other writer of the
+    exchange stopped (SIGSTOP of the matchers, the webhooks worker and the sweeper), so that the api's statements are
+    the only commits, its WAL writer is stopped too under the load (WAL_WRITER_STOPPED_S; a probe places orders,
+    amends one and cancels one meanwhile); then the power goes: the disk loses everything unsynced and every process
+    of the cluster dies at once, and the start replays the write-ahead log the disk kept. Every order answered 2xx,
+    every fill and every event a broker received must have been durably committed before it was answered or sent,
+    so none may be missing or changed after the replay. In the spell no process syncs a commit's WAL promptly but the
+    committing session itself (a synchronous commit syncs the WAL up to its own record; the WAL writer syncs an
+    asynchronous one's later; the background writer, the checkpointer or a full WAL buffer may sync some, which can
+    only hide a lost answer): an api answer sent before its own commit's WAL was on the disk
+    (``synchronous_commit = off``, or a commit that reached the kernel's cache only) is a write the replay does not
+    know, and the tests of the spell's orders, cancels and amends fail.
 
 After each fault it waits for one probe order per partition to be matched (the pipeline works again), then keeps
 the load steady for a few seconds. Then the load stops, the exchange drains, and the tests below each check one
@@ -337,6 +341,16 @@ class UnsyncedWalSpell:
 
 
 @dataclass
+class RedisFull:
+    """A spell in which Redis refused every write for want of memory."""
+
+    started_at: float
+    ended_at: float
+    refused: int
+    """Commands Redis refused in the spell (its error replies)."""
+
+
+@dataclass
 class FaultRun:
     harness: Harness
     receiver: Receiver
@@ -346,6 +360,7 @@ class FaultRun:
     faults: list[Fault] = field(default_factory=list)
     outages: list[PostgresOutage] = field(default_factory=list)
     unsynced_wal: list[UnsyncedWalSpell] = field(default_factory=list)
+    redis_full: list[RedisFull] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     frozen_matching_after_s: list[float | None] = field(default_factory=list)
     """SIGSTOP of a matcher beside its hot standby → a new order on every partition matched (None: never)."""
@@ -636,6 +651,24 @@ def restart_redis(redis_server: PrivateRedis, *, lose_data: bool) -> Callable[[F
     return fault
 
 
+def fill_redis(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
+    """Redis out of memory for REDIS_DOWN_S (:meth:`PrivateRedis.refuse_writes`), then room again."""
+
+    def fault(run: FaultRun) -> str:
+        errors_before = redis_server.error_replies()
+        started_at = time.monotonic()
+        redis_server.refuse_writes(True)
+        try:
+            time.sleep(REDIS_DOWN_S)
+        finally:
+            redis_server.refuse_writes(False)
+        spell = RedisFull(started_at, time.monotonic(), redis_server.error_replies() - errors_before)
+        run.redis_full.append(spell)
+        return f"out of memory {REDIS_DOWN_S}s (maxmemory 1 byte, noeviction): {spell.refused} error replies"
+
+    return fault
+
+
 def power_loss_with_the_wal_writer_stopped(pg: PowerLossPostgres, prober: Prober, run: FaultRun) -> None:
     """Stop (SIGSTOP) every process of the exchange but the api (the matchers, the webhooks worker, the sweeper:
     every other writer), then PostgreSQL's WAL writer, for the spell under the load (probe orders placed meanwhile);
@@ -770,6 +803,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("pgbouncer SIGKILL", restart_pgbouncer),
             ("redis restart", restart_redis(redis_server, lose_data=False)),
             ("redis data lost", restart_redis(redis_server, lose_data=True)),
+            ("redis out of memory", fill_redis(redis_server)),
             ("postgres restart", restart_postgres(pg, prober)),
         ]
         if isinstance(pg, PowerLossPostgres):
@@ -985,6 +1019,18 @@ def test_amends_under_faults_are_applied_and_answered_as_documented(fault_run: F
     assert set(amended) <= AMEND_ANSWERS, f"amends answered {dict(amended)}"
 
 
+def test_api_accepts_every_order_while_redis_refuses_writes(fault_run: FaultRun) -> None:
+    """The wake-ups are lost, not the orders: PostgreSQL accepts them, and the sweeper's re-nudges and the drain
+    (the other tests) bring them through once Redis has room again."""
+    assert fault_run.redis_full, "redis never ran out of memory"
+    for spell in fault_run.redis_full:
+        assert spell.refused > 0, "redis refused no command: the spell tested nothing"
+        placed = [c for c in fault_run.calls_between(spell.started_at, spell.ended_at) if c.op == "place"]
+        statuses = Counter(c.status or c.error for c in placed)
+        assert placed, "no order was placed while redis refused writes"
+        assert set(statuses) == {201}, f"orders answered while redis refused writes: {dict(statuses)}"
+
+
 def test_gunicorn_replaces_a_killed_api_worker(fault_run: FaultRun) -> None:
     assert fault_run.api_workers_replaced, "no api worker was killed"
     assert all(fault_run.api_workers_replaced), "gunicorn did not replace a killed worker within 30 s"
@@ -1035,6 +1081,9 @@ def _report(run: FaultRun) -> str:
         seen = outage.probes + run.calls_between(outage.down_at, outage.up_at)
         statuses = Counter(f"{c.op}:{c.status or c.error}" for c in seen)
         lines.append(f"  postgres outage statuses: {dict(statuses)}; first 201 after {outage.first_201_after_s}s")
+    for full in run.redis_full:
+        placed = Counter(c.status or c.error for c in run.calls_between(full.started_at, full.ended_at))
+        lines.append(f"  redis out of memory: {full.refused} error replies; answers meanwhile {dict(placed)}")
     for spell in run.unsynced_wal:
         lines.append(
             f"  WAL writer stopped {spell.power_lost_at - spell.stopped_at:.2f}s before the power loss: "
