@@ -86,7 +86,9 @@ ERRORS: dict[str, ErrorCode] = {
     ),
     "rate_limited": ErrorCode(429, "too many requests (an HTTP-layer fallback: the api sets no limit today)"),
     "admin_disabled": ErrorCode(503, "admin endpoint called but EXCHANGE_ADMIN_API_KEY is unset"),
-    "database_unavailable": ErrorCode(503, "PostgreSQL unreachable or failing at the connection level; retry later"),
+    "database_unavailable": ErrorCode(
+        503, "PostgreSQL unreachable, failing at the connection level or out of resources (disk full); retry later"
+    ),
     "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now (a fallback)"),
 }
 """Every error code the api answers (besides ``internal_error``), in status order: its status and when. The

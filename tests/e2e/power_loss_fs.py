@@ -7,6 +7,9 @@ not in the backing file, as a disk's volatile cache or the kernel's dirty pages 
 ``crash`` (a line on the control socket) drops it all at once and fails every later operation (``EIO``): what the
 backing directory holds then is what a disk would hold after a power cut, and a PostgreSQL started on it must find
 every transaction it reported committed (``fsync = on``, ``synchronous_commit = on``), and may lose any other.
+``full`` makes it a full disk until ``room``: a write or truncation that would make a file longer fails (``ENOSPC``),
+while one within a file's length (blocks it has, as PostgreSQL's recycled WAL segments and its pages) goes on;
+``room`` is answered with the number of operations refused meanwhile.
 
 The model is a disk that keeps what was synced and loses every other change to contents. Names and attributes
 (create, rename, unlink, mkdir, ownership) reach the backing directory at once, as a journalling filesystem's
@@ -16,7 +19,7 @@ filesystem's own ``fsync``: the backing directory is the model's disk, not the m
 
 Run as ``python -m tests.e2e.power_loss_fs BACKING MOUNTPOINT CONTROL_SOCKET`` (as root: the mount is shared with
 other users, ``allow_other``, so PostgreSQL's OS user can use it); it serves until unmounted. The control socket
-takes ``crash``, answered ``crashed``.
+takes ``crash``, answered ``crashed``; ``full``, answered ``full``; ``room``, answered ``room <refused>``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class PowerLossFS(Operations):  # type: ignore[misc]
         self.backing = backing
         self.unsynced: dict[str, UnsyncedFile] = {}
         self.crashed = False
+        self.full = False
+        self.refused = 0
+        """Operations refused (``ENOSPC``) while full."""
         self._mutex = threading.RLock()
 
     def crash(self) -> None:
@@ -77,7 +83,24 @@ class PowerLossFS(Operations):  # type: ignore[misc]
             self.crashed = True
             self.unsynced.clear()
 
+    def fill(self, full: bool) -> int:
+        """A full disk (``True``) or one with room; returns the operations refused since the disk last filled."""
+        with self._mutex:
+            if full and not self.full:
+                self.refused = 0
+            self.full = full
+            return self.refused
+
     # -- the model
+
+    def _grow(self, path: str, length: int) -> None:
+        """Refuse (``ENOSPC``) to make the file longer than ``length`` while the disk is full."""
+        if not self.full:
+            return
+        file = self.unsynced.get(path)
+        if length > (file.size if file is not None else os.lstat(self._path(path)).st_size):
+            self.refused += 1
+            raise FuseOSError(errno.ENOSPC)
 
     def _path(self, path: str) -> str:
         return os.path.join(self.backing, path.lstrip("/"))
@@ -229,6 +252,7 @@ class PowerLossFS(Operations):  # type: ignore[misc]
 
     @_operation
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        self._grow(path, offset + len(data))
         file = self._unsynced(path)
         position, done = offset, 0
         while done < len(data):
@@ -242,6 +266,7 @@ class PowerLossFS(Operations):  # type: ignore[misc]
 
     @_operation
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self._grow(path, length)
         file = self._unsynced(path)
         if length < file.size:
             index, within = divmod(length, BLOCK)
@@ -275,9 +300,13 @@ def _serve_control(fs: PowerLossFS, control_path: str) -> None:
     while True:
         conn, _ = control.accept()
         with conn:
-            if conn.recv(64).strip() == b"crash":
+            command = conn.recv(64).strip()
+            if command == b"crash":
                 fs.crash()
                 conn.sendall(b"crashed\n")
+            elif command in (b"full", b"room"):
+                refused = fs.fill(command == b"full")
+                conn.sendall(b"full\n" if command == b"full" else b"room %d\n" % refused)
 
 
 def main() -> None:

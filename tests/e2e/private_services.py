@@ -164,13 +164,28 @@ class PowerLossMount:
                 raise RuntimeError(f"the power-loss filesystem did not mount: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
 
-    def cut_power(self) -> None:
-        """Drop every unsynced content at once; every later operation on the mount fails."""
+    def _command(self, command: bytes) -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
             control.connect(str(self.control))
-            control.sendall(b"crash\n")
-            if control.recv(64).strip() != b"crashed":
-                raise RuntimeError("the power-loss filesystem did not confirm the power cut")
+            control.sendall(command + b"\n")
+            return control.recv(64).strip()
+
+    def cut_power(self) -> None:
+        """Drop every unsynced content at once; every later operation on the mount fails."""
+        if self._command(b"crash") != b"crashed":
+            raise RuntimeError("the power-loss filesystem did not confirm the power cut")
+
+    def fill(self) -> None:
+        """The disk is full from now on: no file on the mount may grow (``ENOSPC``) until :meth:`make_room`."""
+        if self._command(b"full") != b"full":
+            raise RuntimeError("the power-loss filesystem did not confirm the full disk")
+
+    def make_room(self) -> int:
+        """Room on the disk again; returns how many writes and truncations it refused while full."""
+        answer = self._command(b"room").split()
+        if answer[:1] != [b"room"] or len(answer) != 2:
+            raise RuntimeError(f"the power-loss filesystem answered {answer!r} to 'room'")
+        return int(answer[1])
 
     def unmount(self) -> None:
         if self._process is None:

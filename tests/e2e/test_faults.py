@@ -20,7 +20,12 @@ with the same ``client_order_id`` as a broker would. Meanwhile the module's scen
    re-nudges — while it still answers reads and ``PUBLISH``; orders must still be accepted (PostgreSQL takes them)
    and everything must go through once it has room again;
 9. a PostgreSQL restart (``pg_ctl stop -m fast``, down ~3 s, ``start``): no exchange process is touched;
-10. a power loss under PostgreSQL: its cluster runs with ``fsync = on`` on a filesystem that keeps, at a power cut,
+10. PostgreSQL's disk full for ~3 s (:meth:`~tests.e2e.private_services.PowerLossMount.fill`): no table or index
+    can grow, so every statement that needs a new page fails (``53100 disk_full``) — the api's accepts, the
+    matchers' batches, the webhook records — while reads and writes into pages already there go on; the api must
+    answer 503, never 500, the matchers must retry rather than reject a command, and all must go through once
+    there is room, with no process restarted;
+11. a power loss under PostgreSQL: its cluster runs with ``fsync = on`` on a filesystem that keeps, at a power cut,
     only what was synced (:class:`~tests.e2e.private_services.PowerLossPostgres`). With every other writer of the
     exchange stopped (SIGSTOP of the matchers, the webhooks worker and the sweeper), so that the api's statements are
     the only commits, its WAL writer is stopped too under the load (WAL_WRITER_STOPPED_S; a probe places orders,
@@ -96,6 +101,7 @@ STEADY_S = 10.0 if SOAK_SECONDS else 2.5
 RESTART_DELAY_S = FIRST_RESTART_DELAY_S
 """What a supervisor waits before restarting a dead process (``exchange dev`` and Docker: 100 ms)."""
 REDIS_DOWN_S = 2.0
+DISK_FULL_S = 3.0
 FREEZE_S = 4.0
 """How long a matcher stays stopped (SIGSTOP): longer than the database lets it hold its books idle."""
 POSTGRES_DOWN_S = 3.0
@@ -351,6 +357,20 @@ class RedisFull:
 
 
 @dataclass
+class DiskFull:
+    """A spell in which PostgreSQL's disk was full."""
+
+    started_at: float
+    ended_at: float
+    refused: int
+    """Writes and truncations the disk refused (``ENOSPC``) in the spell."""
+    starts_before: dict[str, int]
+    starts_after: dict[str, int] = field(default_factory=dict)
+    """Each exchange process's start count once the pipeline worked again."""
+    dead_after: list[str] = field(default_factory=list)
+
+
+@dataclass
 class FaultRun:
     harness: Harness
     receiver: Receiver
@@ -361,6 +381,7 @@ class FaultRun:
     outages: list[PostgresOutage] = field(default_factory=list)
     unsynced_wal: list[UnsyncedWalSpell] = field(default_factory=list)
     redis_full: list[RedisFull] = field(default_factory=list)
+    disk_full: list[DiskFull] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     frozen_matching_after_s: list[float | None] = field(default_factory=list)
     """SIGSTOP of a matcher beside its hot standby → a new order on every partition matched (None: never)."""
@@ -669,6 +690,30 @@ def fill_redis(redis_server: PrivateRedis) -> Callable[[FaultRun], str]:
     return fault
 
 
+def fill_postgres_disk(pg: PowerLossPostgres) -> Callable[[FaultRun], str]:
+    """PostgreSQL's disk full for DISK_FULL_S, then room again (an operator freed some); no process is touched."""
+
+    def fault(run: FaultRun) -> str:
+        h = run.harness
+        spell = DiskFull(time.monotonic(), 0.0, 0, {n: s.starts for n, s in h.services.items()})
+        pg.fs.fill()
+        try:
+            time.sleep(DISK_FULL_S)
+        finally:
+            spell.refused = pg.fs.make_room()
+        spell.ended_at = time.monotonic()
+        run.disk_full.append(spell)
+
+        def recovered() -> None:
+            spell.starts_after = {n: s.starts for n, s in h.services.items()}
+            spell.dead_after = [n for n, s in h.services.items() if not s.alive]
+
+        run.after_recovery.append(recovered)
+        return f"disk full {DISK_FULL_S}s: {spell.refused} writes refused (ENOSPC)"
+
+    return fault
+
+
 def power_loss_with_the_wal_writer_stopped(pg: PowerLossPostgres, prober: Prober, run: FaultRun) -> None:
     """Stop (SIGSTOP) every process of the exchange but the api (the matchers, the webhooks worker, the sweeper:
     every other writer), then PostgreSQL's WAL writer, for the spell under the load (probe orders placed meanwhile);
@@ -807,6 +852,7 @@ def fault_run(fault_stack: tuple[Harness, PrivatePostgres, PrivateRedis]) -> Ite
             ("postgres restart", restart_postgres(pg, prober)),
         ]
         if isinstance(pg, PowerLossPostgres):
+            faults.append(("postgres disk full", fill_postgres_disk(pg)))
             faults.append(("postgres power loss", restart_postgres(pg, prober, power_loss=True)))
         try:
             assert prober.pipeline_works(time.monotonic()) is not None, "the pipeline does not work before faults"
@@ -882,9 +928,14 @@ def test_an_order_answered_closed_is_still_closed(
     assert not reopened, f"{len(reopened)} orders answered closed are not closed: {reopened[:5]}"
 
 
-def _require_power_loss(run: FaultRun) -> None:
+def _require_power_loss_fs() -> None:
+    """Skip where PostgreSQL's disk cannot be the power-loss filesystem (:func:`power_loss_missing`; never in CI)."""
     if power_loss_missing() and not in_ci():
-        pytest.skip(f"no power loss here: {power_loss_missing()}")
+        pytest.skip(f"no power-loss filesystem here: {power_loss_missing()}")
+
+
+def _require_power_loss(run: FaultRun) -> None:
+    _require_power_loss_fs()
     assert run.unsynced_wal, "postgres never lost power with its WAL writer stopped"
 
 
@@ -1019,6 +1070,26 @@ def test_amends_under_faults_are_applied_and_answered_as_documented(fault_run: F
     assert set(amended) <= AMEND_ANSWERS, f"amends answered {dict(amended)}"
 
 
+def test_api_answers_503_not_500_while_postgres_disk_is_full(fault_run: FaultRun) -> None:
+    _require_power_loss_fs()
+    assert fault_run.disk_full, "postgres's disk never filled"
+    for spell in fault_run.disk_full:
+        assert spell.refused > 0, "the disk refused no write: the spell tested nothing"
+        seen = fault_run.calls_between(spell.started_at, spell.ended_at)
+        statuses = Counter(f"{c.op}:{c.status or c.error}" for c in seen)
+        server_errors = [c for c in seen if c.status is not None and c.status >= 500 and c.status != 503]
+        assert not server_errors, f"5xx other than 503 while the disk was full: {dict(statuses)}"
+        assert any(c.status == 503 for c in seen), f"no request was refused while the disk was full: {dict(statuses)}"
+
+
+def test_exchange_recovers_from_a_full_disk_without_any_process_restart(fault_run: FaultRun) -> None:
+    _require_power_loss_fs()
+    assert fault_run.disk_full, "postgres's disk never filled"
+    for spell in fault_run.disk_full:
+        assert spell.starts_after == spell.starts_before, "a process was (re)started after the disk filled"
+        assert spell.dead_after == [], f"processes died after the disk filled: {spell.dead_after}"
+
+
 def test_api_accepts_every_order_while_redis_refuses_writes(fault_run: FaultRun) -> None:
     """The wake-ups are lost, not the orders: PostgreSQL accepts them, and the sweeper's re-nudges and the drain
     (the other tests) bring them through once Redis has room again."""
@@ -1084,6 +1155,9 @@ def _report(run: FaultRun) -> str:
     for full in run.redis_full:
         placed = Counter(c.status or c.error for c in run.calls_between(full.started_at, full.ended_at))
         lines.append(f"  redis out of memory: {full.refused} error replies; answers meanwhile {dict(placed)}")
+    for disk in run.disk_full:
+        answers = Counter(f"{c.op}:{c.status or c.error}" for c in run.calls_between(disk.started_at, disk.ended_at))
+        lines.append(f"  postgres disk full: {disk.refused} writes refused; answers meanwhile {dict(answers)}")
     for spell in run.unsynced_wal:
         lines.append(
             f"  WAL writer stopped {spell.power_lost_at - spell.stopped_at:.2f}s before the power loss: "

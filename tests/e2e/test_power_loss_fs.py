@@ -157,3 +157,21 @@ def test_the_model_fails_every_operation_after_the_power_cut_with_eio(model: Any
         with pytest.raises(FuseOSError) as failed:
             operation()
         assert failed.value.errno == errno.EIO, name
+
+
+def test_the_model_when_full_refuses_to_grow_a_file_but_lets_it_be_overwritten(model: Any, tmp_path: Path) -> None:
+    """A full disk: a file's own blocks can be written (PostgreSQL's pages, its recycled WAL segments) and a file cut
+    short, but no file may grow; with room again it grows."""
+    from mfusepy import FuseOSError
+
+    size = len((tmp_path / "f").read_bytes())
+    model.fill(True)
+    model.write("/f", b"B" * 10, size - 10, 0)
+    for grow in (lambda: model.write("/f", b"C", size, 0), lambda: model.truncate("/f", size + 1)):
+        with pytest.raises(FuseOSError) as refused:
+            grow()
+        assert refused.value.errno == errno.ENOSPC
+    model.truncate("/f", size - 5)  # shorter, as PostgreSQL's truncation of a relation
+    assert model.fill(False) == 2
+    model.write("/f", b"E", size, 0)
+    assert model.read("/f", 11, size - 10, 0) == b"B" * 5 + bytes(5) + b"E"

@@ -22,6 +22,11 @@ def test_connection_failures_are_the_database_being_unavailable() -> None:
     assert is_database_unavailable(psycopg.InterfaceError("the connection is closed"))
 
 
+def test_a_full_disk_is_the_database_being_unavailable() -> None:
+    # 53100 for a statement that needs a new page: the client may retry once there is room (503, not 500).
+    assert is_database_unavailable(psycopg.errors.DiskFull("could not extend file"))
+
+
 def test_a_client_side_data_error_is_not_the_database_being_unavailable() -> None:
     # A value psycopg cannot send is a bug of ours (500), not a reason for the client to retry later.
     assert not is_database_unavailable(psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"))

@@ -55,3 +55,12 @@ def test_a_client_failure_or_an_ended_session_leaves_the_connection_unusable_and
     assert leaves_the_connection_unusable(wrapped(psycopg.errors.ProtocolViolation("query_wait_timeout")))
     assert not leaves_the_connection_unusable(psycopg.errors.DivisionByZero("division by zero"))
     assert not leaves_the_connection_unusable(wrapped(psycopg.errors.QueryCanceled("statement timeout")))
+
+
+def test_a_full_disk_is_neither_the_commands_fault_nor_the_end_of_the_connection() -> None:
+    # 53100 for a statement that needs a new page: a matcher must retry its batch later (never quarantine a command
+    # for it), and the connection goes on (tests/e2e/test_faults.py fills PostgreSQL's disk under the load).
+    full = psycopg.errors.DiskFull("could not extend file")
+    assert not is_deterministic(full)
+    assert not is_deterministic(wrapped(full))
+    assert not leaves_the_connection_unusable(full)
