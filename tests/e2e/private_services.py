@@ -52,6 +52,10 @@ def private_services_missing() -> str | None:
     return None
 
 
+_WAITING_FOR_WORK = {"walwriter": ("WalWriterMain",), "background writer": ("BgWriterMain", "BgWriterHibernate")}
+"""The wait events of each background process's main loop, where it holds no lock (``pg_stat_activity``)."""
+
+
 class PrivatePostgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1:``port`` (trust auth, superuser ``postgres``)."""
 
@@ -100,12 +104,29 @@ class PrivatePostgres:
         assert pg_ctl is not None
         self._run([pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"])
 
-    def process_pid(self, backend_type: str) -> int:
-        """The pid of the cluster's one process of ``backend_type`` (``pg_stat_activity``), e.g. ``walwriter``."""
+    def stop_waiting(self, backend_type: str, timeout: float = 30.0) -> int:
+        """SIGSTOP the cluster's one process of ``backend_type`` (``walwriter``, ``background writer``) while it waits
+        for work, and return its pid. Stopped anywhere else it may hold a lock that commits need: the WAL writer
+        stopped inside its write or sync of the WAL holds ``WALWriteLock``, and every session that flushes its own
+        commit then waits for it for ever (seen: every commit of the fault test's spell hung). So it is stopped, its
+        wait event read once it is stopped (``pg_stat_activity`` keeps what it was doing), and let go again, until
+        it is caught in its main loop's wait."""
+        waiting = _WAITING_FOR_WORK[backend_type]
+        deadline = time.monotonic() + timeout
         with psycopg.connect(self.url(), autocommit=True) as conn:
             row = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = %s", (backend_type,)).fetchone()
-        assert row is not None, f"no {backend_type} process"
-        return int(row[0])
+            assert row is not None, f"no {backend_type} process"
+            pid = int(row[0])
+            while time.monotonic() < deadline:
+                os.kill(pid, signal.SIGSTOP)
+                while psutil.Process(pid).status() != psutil.STATUS_STOPPED:  # a signal lands when it is scheduled
+                    time.sleep(0.0005)
+                event = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+                if event is not None and event[0] in waiting:
+                    return pid
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.002)
+        raise RuntimeError(f"the {backend_type} was never caught waiting for work in {timeout}s")
 
     @property
     def running(self) -> bool:

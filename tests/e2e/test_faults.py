@@ -722,11 +722,10 @@ def power_loss_with_the_wal_writer_stopped(pg: PowerLossPostgres, prober: Prober
     for the WAL writer or in the kernel's cache, is gone."""
     h = run.harness
     groups = [svc.process.pid for name, svc in h.services.items() if name != "api" and svc.process is not None]
-    walwriter = pg.process_pid("walwriter")
     with contextlib.ExitStack() as writers_stopped:
         for group in groups:
             writers_stopped.enter_context(stopped(lambda sig, group=group: os.killpg(group, sig), at_least_s=0))
-        os.kill(walwriter, signal.SIGSTOP)
+        walwriter = pg.stop_waiting("walwriter")
         try:
             stopped_at, stopped_wall = time.monotonic(), time.time()
             probe_orders = [order_id for symbol in prober.symbols if (order_id := prober.place(symbol)) is not None]

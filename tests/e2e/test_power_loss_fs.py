@@ -11,8 +11,6 @@ left PostgreSQL's memory.
 from __future__ import annotations
 
 import errno
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,7 +61,7 @@ def _stop_syncing(pg: PowerLossPostgres) -> None:
 
     wait_until(fsync_off, message="fsync off after the reload")
     for process in ("walwriter", "background writer"):
-        os.kill(pg.process_pid(process), signal.SIGSTOP)
+        pg.stop_waiting(process)
 
 
 def _rows_after(pg: PowerLossPostgres, failure: Callable[[], None]) -> list[int]:
