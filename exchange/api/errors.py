@@ -212,7 +212,8 @@ def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityErro
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
-    """True for failures to reach or keep a PostgreSQL connection (as opposed to a bad statement)."""
+    """True for failures to reach or keep a PostgreSQL connection, or of a server out of resources (class 53, e.g. a
+    full disk), as opposed to a bad statement: the same request may pass later."""
     # OperationalError covers a failed connect, a connection lost mid-statement, the pool's PoolTimeoutError and
     # every SQLSTATE of classes 08/53/57P0x (psycopg maps them to it); also deadlocks, serialization failures and
     # statement timeouts (40P01, 40001, 57014), which a retry may pass too. An InternalError with no SQLSTATE is

@@ -110,20 +110,27 @@ class PrivatePostgres:
         stopped inside its write or sync of the WAL holds ``WALWriteLock``, and every session that flushes its own
         commit then waits for it for ever (seen: every commit of the fault test's spell hung). So it is stopped, its
         wait event read once it is stopped (``pg_stat_activity`` keeps what it was doing), and let go again, until
-        it is caught in its main loop's wait."""
+        it is caught in its main loop's wait. It is never left stopped but on success."""
         waiting = _WAITING_FOR_WORK[backend_type]
         deadline = time.monotonic() + timeout
         with psycopg.connect(self.url(), autocommit=True) as conn:
             row = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = %s", (backend_type,)).fetchone()
             assert row is not None, f"no {backend_type} process"
             pid = int(row[0])
+            process = psutil.Process(pid)
             while time.monotonic() < deadline:
                 os.kill(pid, signal.SIGSTOP)
-                while psutil.Process(pid).status() != psutil.STATUS_STOPPED:  # a signal lands when it is scheduled
-                    time.sleep(0.0005)
-                event = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-                if event is not None and event[0] in waiting:
-                    return pid
+                try:
+                    # A signal lands when the process is next scheduled: read its wait event only once it stopped.
+                    while process.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+                        time.sleep(0.0005)
+                    event = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+                    if process.status() == psutil.STATUS_STOPPED and event is not None and event[0] in waiting:
+                        return pid
+                except BaseException:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                    raise
                 os.kill(pid, signal.SIGCONT)
                 time.sleep(0.002)
         raise RuntimeError(f"the {backend_type} was never caught waiting for work in {timeout}s")
@@ -187,6 +194,7 @@ class PowerLossMount:
 
     def _command(self, command: bytes) -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(10)  # a daemon that stopped answering fails the fault, not hangs it
             control.connect(str(self.control))
             control.sendall(command + b"\n")
             return control.recv(64).strip()
@@ -380,11 +388,17 @@ class PrivateRedis:
             client.config_set("maxmemory-policy", "noeviction")
             client.config_set("maxmemory", 1 if refuse else 0)
 
-    def error_replies(self) -> int:
-        """Error replies this server sent since it started (``INFO stats``): while it refuses writes, its refusals
-        (a refused write inside a script reaches its caller as the script's ``ERR``, not as ``OOM``)."""
+    def refused_commands(self) -> int:
+        """Commands this server rejected or failed since it started (``INFO commandstats``), ``CLIENT`` left out (a
+        client's ``CLIENT SETINFO`` at connect fails on Redis 7.0). While it refuses writes, its refusals: a write
+        rejected (``OOM``), or a script failed by one of its writes."""
         with redis.Redis.from_url(self.url) as client:
-            return int(client.info("stats")["total_error_replies"])
+            stats: dict[str, dict[str, int]] = client.info("commandstats")
+        return sum(
+            int(stat.get("rejected_calls", 0)) + int(stat.get("failed_calls", 0))
+            for command, stat in stats.items()
+            if command != "cmdstat_client"
+        )
 
     def kill_and_lose_data(self) -> None:
         """SIGKILL, then delete the append-only file: the next start is an empty Redis, as after losing the
