@@ -27,8 +27,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 
-from exchange.db.errors import leaves_the_connection_unusable
+from exchange.db.errors import leaves_the_connection_unusable, sqlstate
 from exchange.db.urls import libpq_url, sqlalchemy_url
+from exchange.observability.metrics import count_database_error
 
 AsyncPgConnection = psycopg.AsyncConnection[Any]
 """An api connection: autocommit, rows are named tuples (``row.column``)."""
@@ -102,13 +103,25 @@ def _refuse_closed_by_peer(dbapi_connection: Any, record: Any, proxy: Any) -> No
         raise DisconnectionError("the server or pgbouncer closed this idle connection")
 
 
+def statement_failed(error: psycopg.Error) -> bool:
+    """Every pool's rule for an error a statement raised (the api's :class:`AsyncPool`, the workers' engines, the
+    matcher's and the webhook store's psycopg cursors): it is counted by SQLSTATE (``exchange_database_errors_total``,
+    what an operator alerts on: 53100 a full disk, 08xxx the server or pgbouncer gone), and True means its connection
+    must never be used again (:func:`~exchange.db.errors.leaves_the_connection_unusable`)."""
+    count_database_error(sqlstate(error))
+    return leaves_the_connection_unusable(error)
+
+
 def _unusable_is_a_disconnect(context: ExceptionContext) -> None:
     """SQLAlchemy's ``handle_error`` hook of :func:`pooled_engine`: an error that leaves its connection unusable
     is a disconnect of that connection alone (SQLAlchemy then invalidates it)."""
     error = context.original_exception
+    if not isinstance(error, psycopg.Error):
+        return
+    unusable = statement_failed(error)
     if context.connection is None or context.is_disconnect:
         return  # no connection yet (a failed connect), or broken: SQLAlchemy's own rule already holds
-    if isinstance(error, psycopg.Error) and leaves_the_connection_unusable(error):
+    if unusable:
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = False
 
@@ -174,7 +187,7 @@ class AsyncPool:
                 yield conn
             except psycopg.Error as exc:
                 # never hand it out again: a reused one would fail a later request, long after the outage
-                confused = leaves_the_connection_unusable(exc)
+                confused = statement_failed(exc)
                 raise
         finally:
             try:

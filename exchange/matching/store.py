@@ -55,8 +55,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine
 
 from exchange.db.arrays import array_literal
-from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS, pooled_engine
-from exchange.db.errors import leaves_the_connection_unusable
+from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS, pooled_engine, statement_failed
 from exchange.engine.types import RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
 from exchange.matching.effects import BatchEffects, OutboxDraft, TradeRow
@@ -87,7 +86,7 @@ def connect(engine: Engine) -> Iterator[Connection]:
 
     Invariant: the connection goes back to the pool outside any transaction. One still open when the block ends
     (an exception, or a batch that found nothing to do) is rolled back here; a broken connection, or one whose
-    statement raised an error that leaves it unusable (:func:`~exchange.db.errors.leaves_the_connection_unusable`:
+    statement raised an error that leaves it unusable (:func:`~exchange.db.engines.statement_failed`:
     the statements here run on psycopg cursors, out of the reach of the engine's own rule), is discarded."""
     with engine.connect() as conn:
         pg = _driver(conn)
@@ -97,7 +96,7 @@ def connect(engine: Engine) -> Iterator[Connection]:
         try:
             yield conn
         except psycopg.Error as exc:
-            unusable = leaves_the_connection_unusable(exc)
+            unusable = statement_failed(exc)
             raise
         finally:
             if unusable or pg.closed:  # closed: broken, or invalidated by SQLAlchemy already (then a no-op)

@@ -21,6 +21,9 @@ metric                                         updated by      served by
 ``exchange_sweeper_expiries_total``            sweeper         sweeper's metrics port
 ``exchange_gc_pause_seconds``                  api, matcher,   each one's endpoint above
                                                webhooks
+``exchange_database_errors_total``             api, matcher,   each one's endpoint above
+                                               webhooks,
+                                               sweeper
 =============================================  ==============  ====================================================
 
 The api runs several gunicorn workers, so it uses prometheus-client's multiprocess mode: ``gunicorn.conf.py``
@@ -164,6 +167,20 @@ for _generation in ("0", "1", "2"):  # exported from the start, at zero, so that
 def observe_gc_pause(generation: int, seconds: float) -> None:
     """``exchange.heap.settle``'s ``on_pause`` in the servers."""
     _gc_pause(str(generation)).observe(seconds)
+
+
+DATABASE_ERRORS = Counter(
+    "exchange_database_errors_total",
+    "Errors this process's pooled statements met, by SQLSTATE ('' for the client's own, such as a lost connection): "
+    "53100 a full disk, 08xxx and 57P0x the server or pgbouncer gone, 40P01 a deadlock, 22xxx/23xxx bad data.",
+    ["sqlstate"],
+)
+_database_errors = LabelCache(DATABASE_ERRORS)
+
+
+def count_database_error(sqlstate: str) -> None:
+    """One error of a statement on a pooled connection (:func:`exchange.db.engines.statement_failed`)."""
+    _database_errors(sqlstate).inc()
 
 
 # --------------------------------------------------------------------------------------- scrape-time gauges

@@ -33,8 +33,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine
 
-from exchange.db.engines import bounded_transaction
-from exchange.db.errors import leaves_the_connection_unusable
+from exchange.db.engines import bounded_transaction, statement_failed
 from exchange.webhooks.outcomes import Verdict
 
 
@@ -182,7 +181,7 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
     except psycopg.Error as exc:
         # Unusable (a session the server or pgbouncer ended, or answering what it cannot: no SQLSTATE), broken, or
         # left inside a transaction (and in autocommit mode): such a connection must not go back to the pool.
-        lost = leaves_the_connection_unusable(exc) or conn.broken
+        lost = statement_failed(exc) or conn.broken
         if lost or conn.info.transaction_status != TransactionStatus.IDLE:
             pooled.invalidate()
         raise

@@ -6,6 +6,7 @@ import asyncio
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from exchange.db import engines
 from exchange.db.engines import AsyncPgConnection, AsyncPool, PoolTimeoutError, single_statement
@@ -34,6 +35,18 @@ async def test_a_connection_returned_inside_a_transaction_is_closed_not_reused(a
     async with single_statement(api_pool) as conn:
         assert conn is not first
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.mark.anyio
+async def test_a_statements_error_is_counted_by_its_sqlstate(api_pool: AsyncPool) -> None:
+    def counted() -> float:
+        return REGISTRY.get_sample_value("exchange_database_errors_total", {"sqlstate": "22012"}) or 0.0
+
+    before = counted()
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        async with single_statement(api_pool) as conn:
+            await conn.execute("SELECT 1 / 0")
+    assert counted() == before + 1
 
 
 @pytest.mark.anyio

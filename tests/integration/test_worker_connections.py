@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -102,3 +103,19 @@ def test_a_worker_connection_the_server_closed_while_idle_is_not_handed_out(
         admin.execute("SELECT pg_terminate_backend(%s, 5000)", [idle])
     path(engine, "SELECT 1")  # no error: the pool saw the close at checkout and connected anew
     assert backend_of_the_next_checkout(engine) != idle
+
+
+def errors_counted(sqlstate: str) -> float:
+    """``exchange_database_errors_total`` of this process for ``sqlstate``."""
+    return REGISTRY.get_sample_value("exchange_database_errors_total", {"sqlstate": sqlstate}) or 0.0
+
+
+@PATHS
+def test_a_worker_statements_error_is_counted_once_by_its_sqlstate(
+    engine: Engine, path: Callable[[Engine, str], None]
+) -> None:
+    before = errors_counted("22012"), errors_counted("08P01")
+    for sql in ("SELECT 1 / 0", SESSION_ENDED):
+        with pytest.raises((psycopg.Error, DBAPIError)):
+            path(engine, sql)
+    assert (errors_counted("22012"), errors_counted("08P01")) == (before[0] + 1, before[1] + 1)
