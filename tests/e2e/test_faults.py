@@ -70,6 +70,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exchange.db import migrate
 from exchange.dev import FIRST_RESTART_DELAY_S
@@ -376,6 +377,9 @@ class DiskFull:
     """Each exchange process's start count once the pipeline worked again."""
     dead_after: list[str] = field(default_factory=list)
     checkpointer_after: int | None = None
+    counted_by_the_api: float = 0.0
+    """How much the api's ``exchange_database_errors_total{sqlstate="53100"}`` grew in the spell (what an operator
+    sees)."""
 
 
 @dataclass
@@ -689,6 +693,17 @@ def _dead(h: Harness) -> list[str]:
     return [name for name, service in h.services.items() if not service.alive]
 
 
+def _api_database_errors(h: Harness, sqlstate: str) -> float:
+    """``exchange_database_errors_total`` of ``sqlstate`` on the api's ``/metrics`` (every worker's, summed)."""
+    text = httpx.get(f"{h.base_url}/metrics", timeout=REQUEST_TIMEOUT_S).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "exchange_database_errors_total" and sample.labels.get("sqlstate") == sqlstate
+    )
+
+
 def _checkpointer(pg: PrivatePostgres) -> int:
     with psycopg.connect(pg.url(), autocommit=True) as conn:
         row = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'").fetchone()
@@ -725,6 +740,7 @@ def fill_postgres_disk(pg: PowerLossPostgres) -> Callable[[FaultRun], str]:
         with psycopg.connect(pg.url(), autocommit=True) as conn:
             conn.execute("CHECKPOINT")
         spell = DiskFull(time.monotonic(), 0.0, 0, _starts(h), _checkpointer(pg))
+        counted_before = _api_database_errors(h, "53100")
         first_call = len(run.load.calls)
         try:
             pg.fs.fill()
@@ -733,6 +749,7 @@ def fill_postgres_disk(pg: PowerLossPostgres) -> Callable[[FaultRun], str]:
         finally:
             spell.refused = pg.fs.make_room()
         spell.ended_at = time.monotonic()
+        spell.counted_by_the_api = _api_database_errors(h, "53100") - counted_before
         run.disk_full.append(spell)
 
         def recovered() -> None:
@@ -1108,6 +1125,7 @@ def test_api_answers_503_not_500_while_postgres_disk_is_full(fault_run: FaultRun
         statuses = Counter(f"{c.op}:{c.status or c.error}" for c in seen)
         # (No 5xx but 503 there: test_no_request_is_answered_500_under_faults covers every call.)
         assert any(c.status == 503 for c in seen), f"no request was refused while the disk was full: {dict(statuses)}"
+        assert spell.counted_by_the_api > 0, "the api's metrics counted no disk_full error (53100) for its operators"
 
 
 def test_no_order_is_rejected_under_faults(
@@ -1197,7 +1215,10 @@ def _report(run: FaultRun) -> str:
         lines.append(f"  redis out of memory: {full.refused} commands refused; answers meanwhile {dict(answers)}")
     for disk in run.disk_full:
         answers = Counter(f"{c.op}:{c.status or c.error}" for c in run.calls_between(disk.started_at, disk.ended_at))
-        lines.append(f"  postgres disk full: {disk.refused} writes refused; answers meanwhile {dict(answers)}")
+        lines.append(
+            f"  postgres disk full: {disk.refused} writes refused, {disk.counted_by_the_api:.0f} errors 53100 counted "
+            f"by the api; answers meanwhile {dict(answers)}"
+        )
     for spell in run.unsynced_wal:
         lines.append(
             f"  WAL writer stopped {spell.power_lost_at - spell.stopped_at:.2f}s before the power loss: "
