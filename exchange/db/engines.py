@@ -27,7 +27,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 
-from exchange.db.errors import leaves_the_connection_unusable, sqlstate
+from exchange.db.errors import DatabaseError, leaves_the_connection_unusable, sqlstate
 from exchange.db.urls import libpq_url, sqlalchemy_url
 from exchange.observability.metrics import count_database_error
 
@@ -112,16 +112,22 @@ def statement_failed(error: psycopg.Error) -> bool:
     return leaves_the_connection_unusable(error)
 
 
+def connect_failed(error: DatabaseError) -> None:
+    """Every pool's rule for a connect that failed (the server down, refusing, or full of connections): counted as a
+    statement's error is; there is no connection to drop."""
+    count_database_error(sqlstate(error))
+
+
 def _unusable_is_a_disconnect(context: ExceptionContext) -> None:
     """SQLAlchemy's ``handle_error`` hook of :func:`pooled_engine`: an error that leaves its connection unusable
-    is a disconnect of that connection alone (SQLAlchemy then invalidates it)."""
+    is a disconnect of that connection alone (SQLAlchemy then invalidates it). Every error is counted."""
     error = context.original_exception
     if not isinstance(error, psycopg.Error):
         return
-    unusable = statement_failed(error)
-    if context.connection is None or context.is_disconnect:
-        return  # no connection yet (a failed connect), or broken: SQLAlchemy's own rule already holds
-    if unusable:
+    if context.connection is None:  # a failed connect (through engine.connect(); raw_connection() does not come here)
+        connect_failed(error)
+        return
+    if statement_failed(error) and not context.is_disconnect:  # broken: SQLAlchemy's own rule already holds
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = False
 
@@ -182,7 +188,11 @@ class AsyncPool:
         conn: AsyncPgConnection | None = None
         confused = False
         try:
-            conn = await self._take_idle() or await self._connect()
+            try:
+                conn = await self._take_idle() or await self._connect()
+            except psycopg.Error as exc:
+                connect_failed(exc)
+                raise
             try:
                 yield conn
             except psycopg.Error as exc:

@@ -31,7 +31,7 @@ points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any worker start
 ``/metrics`` aggregates every worker's files. Workers (matcher, webhooks, sweeper) are one process each and serve
 their own registry on ``EXCHANGE_METRICS_BIND:EXCHANGE_METRICS_PORT`` (0 = no endpoint).
 
-Label values are bounded sets (route templates, not raw paths; outcomes; queue names), never ids.
+Label values are bounded sets (route templates, not raw paths; outcomes; queue names; SQLSTATEs), never ids.
 """
 
 from __future__ import annotations
@@ -171,16 +171,20 @@ def observe_gc_pause(generation: int, seconds: float) -> None:
 
 DATABASE_ERRORS = Counter(
     "exchange_database_errors_total",
-    "Errors this process's pooled statements met, by SQLSTATE ('' for the client's own, such as a lost connection): "
-    "53100 a full disk, 08xxx and 57P0x the server or pgbouncer gone, 40P01 a deadlock, 22xxx/23xxx bad data.",
+    "Errors this process's database pools met, a statement's or a connect's, by SQLSTATE ('client' for the client's "
+    "own, such as a lost or refused connection): 53100 a full disk, 08xxx and 57P0x the server or pgbouncer gone, "
+    "53300 too many connections, 40P01 a deadlock, 22xxx/23xxx bad data.",
     ["sqlstate"],
 )
 _database_errors = LabelCache(DATABASE_ERRORS)
+for _sqlstate in ("client", "53100", "08P01", "57P01"):  # exported at zero: an alert sees the first one rise
+    _database_errors(_sqlstate)
 
 
 def count_database_error(sqlstate: str) -> None:
-    """One error of a statement on a pooled connection (:func:`exchange.db.engines.statement_failed`)."""
-    _database_errors(sqlstate).inc()
+    """One error a database pool met (:func:`exchange.db.engines.statement_failed`, ``connect_failed``); ``sqlstate``
+    empty: the client library's own failure, labelled ``client``."""
+    _database_errors(sqlstate or "client").inc()
 
 
 # --------------------------------------------------------------------------------------- scrape-time gauges

@@ -33,7 +33,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine
 
-from exchange.db.engines import bounded_transaction, statement_failed
+from exchange.db.engines import bounded_transaction, connect_failed, statement_failed
 from exchange.webhooks.outcomes import Verdict
 
 
@@ -172,7 +172,11 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
     write waits for while it holds its books) for 2 s at most. The same three round trips as psycopg's own
     ``BEGIN``, statement and ``COMMIT``: in autocommit, with no round trip for ``BEGIN``/``COMMIT``, the workers
     claimed more often for fewer events, and no gain in the orders' latency was found (``ops/MEASURED.md``)."""
-    pooled = engine.raw_connection()
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as exc:  # the pool raises the driver's own error here, and no handle_error hook sees it
+        connect_failed(exc)
+        raise
     conn = cast(psycopg.Connection[Any], pooled.driver_connection)
     try:
         with bounded_transaction(conn, row_factory=namedtuple_row) as cursor:
@@ -181,7 +185,7 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
     except psycopg.Error as exc:
         # Unusable (a session the server or pgbouncer ended, or answering what it cannot: no SQLSTATE), broken, or
         # left inside a transaction (and in autocommit mode): such a connection must not go back to the pool.
-        lost = statement_failed(exc) or conn.broken
+        lost = statement_failed(exc) or conn.broken  # (counted whatever conn.broken says: the rule runs first)
         if lost or conn.info.transaction_status != TransactionStatus.IDLE:
             pooled.invalidate()
         raise

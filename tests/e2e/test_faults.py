@@ -749,12 +749,12 @@ def fill_postgres_disk(pg: PowerLossPostgres) -> Callable[[FaultRun], str]:
         finally:
             spell.refused = pg.fs.make_room()
         spell.ended_at = time.monotonic()
-        spell.counted_by_the_api = _api_database_errors(h, "53100") - counted_before
         run.disk_full.append(spell)
 
         def recovered() -> None:
             spell.starts_after, spell.dead_after = _starts(h), _dead(h)
             spell.checkpointer_after = _checkpointer(pg)
+            spell.counted_by_the_api = _api_database_errors(h, "53100") - counted_before  # (only the spell's)
 
         run.after_recovery.append(recovered)
         return f"disk full {spell.ended_at - spell.started_at:.1f}s: {spell.refused} writes refused (ENOSPC)"

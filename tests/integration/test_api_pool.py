@@ -37,16 +37,26 @@ async def test_a_connection_returned_inside_a_transaction_is_closed_not_reused(a
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
+def errors_counted(sqlstate: str) -> float:
+    return REGISTRY.get_sample_value("exchange_database_errors_total", {"sqlstate": sqlstate}) or 0.0
+
+
 @pytest.mark.anyio
 async def test_a_statements_error_is_counted_by_its_sqlstate(api_pool: AsyncPool) -> None:
-    def counted() -> float:
-        return REGISTRY.get_sample_value("exchange_database_errors_total", {"sqlstate": "22012"}) or 0.0
-
-    before = counted()
+    before = errors_counted("22012")
     with pytest.raises(psycopg.errors.DivisionByZero):
         async with single_statement(api_pool) as conn:
             await conn.execute("SELECT 1 / 0")
-    assert counted() == before + 1
+    assert errors_counted("22012") == before + 1
+
+
+@pytest.mark.anyio
+async def test_a_connect_that_fails_is_counted_as_the_clients_own_error() -> None:
+    before = errors_counted("client")
+    with pytest.raises(psycopg.OperationalError):
+        async with single_statement(AsyncPool(UNREACHABLE)):
+            pass
+    assert errors_counted("client") == before + 1
 
 
 @pytest.mark.anyio

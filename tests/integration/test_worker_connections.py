@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from exchange.db.engines import pooled_engine
 from exchange.matching import store as matching_store
 from exchange.webhooks import store as webhook_store
 
@@ -119,3 +120,15 @@ def test_a_worker_statements_error_is_counted_once_by_its_sqlstate(
         with pytest.raises((psycopg.Error, DBAPIError)):
             path(engine, sql)
     assert (errors_counted("22012"), errors_counted("08P01")) == (before[0] + 1, before[1] + 1)
+
+
+@PATHS
+def test_a_worker_connect_that_fails_is_counted_once(path: Callable[[Engine, str], None]) -> None:
+    unreachable = pooled_engine("postgresql://postgres@127.0.0.1:1/nothing")
+    try:
+        before = errors_counted("client")
+        with pytest.raises((psycopg.Error, DBAPIError)):
+            path(unreachable, "SELECT 1")
+        assert errors_counted("client") == before + 1
+    finally:
+        unreachable.dispose()
