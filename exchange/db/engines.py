@@ -127,7 +127,8 @@ def _unusable_is_a_disconnect(context: ExceptionContext) -> None:
     if context.connection is None:  # a failed connect (through engine.connect(); raw_connection() does not come here)
         connect_failed(error)
         return
-    if statement_failed(error) and not context.is_disconnect:  # broken: SQLAlchemy's own rule already holds
+    # (A disconnect already, the connection broken: SQLAlchemy's own rule invalidates it.)
+    if statement_failed(error) and not context.is_disconnect:
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = False
 

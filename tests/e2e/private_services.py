@@ -108,9 +108,10 @@ class PrivatePostgres:
         """SIGSTOP the cluster's one process of ``backend_type`` (``walwriter``, ``background writer``) while it waits
         for work, and return its pid. Stopped anywhere else it may hold a lock that commits need: the WAL writer
         stopped inside its write or sync of the WAL holds ``WALWriteLock``, and every session that flushes its own
-        commit then waits for it for ever (seen: every commit of the fault test's spell hung). So it is stopped, its
-        wait event read once it is stopped (``pg_stat_activity`` keeps what it was doing), and let go again, until
-        it is caught in its main loop's wait. It is never left stopped but on success."""
+        commit then waits for it for ever (the likely cause of a fault run in which every commit of the power loss's
+        spell hung). So it is stopped, its wait event read once it is stopped (``pg_stat_activity`` keeps what it
+        was doing), and let go again, until it is caught in its main loop's wait. It is never left stopped but on
+        success."""
         waiting = _WAITING_FOR_WORK[backend_type]
         deadline = time.monotonic() + timeout
         with psycopg.connect(self.url(), autocommit=True) as conn:
