@@ -85,7 +85,8 @@ class BatchResult:
     event_ids: list[UUID]
     """Outbox events written, to hand to the webhook queue."""
     more: bool
-    """The batch was full: more commands may be waiting."""
+    """The batch was full, or its symbol must be taken again at once (see :func:`_isolate_poison`): more commands
+    may be waiting."""
     rebuilt: bool
     placed: list[PlacedState] = field(default_factory=list)
     """The committed state of each order placed by this batch, published with ``order_ids``."""
@@ -99,13 +100,16 @@ def process_symbol(
     A command that fails the same way on every attempt (bad data: SQLSTATE class 22 or 23, e.g. a balance leaving
     the 64-bit range; or a malformed command row) must not wedge its symbol, because every retry would read the
     same batch in the same order and fail again. The batch is retried one command at a time to find it, and that
-    command alone is quarantined: marked processed, its pending order closed ``rejected``, and logged.
+    command alone is quarantined: marked processed, its pending order closed ``rejected``, and logged; never
+    another one (a command with a lower sequence number that committed after the failed attempt read is applied
+    first).
     """
     if symbol in cache.suspects:
         batch_limit = 1
     for attempt in range(4):
+        read: list[int] = []
         try:
-            [result] = _process_once(engine, cache, [symbol], batch_limit)
+            [result] = _process_once(engine, cache, [symbol], batch_limit, read)
             if result.commands == 0:
                 cache.suspects.discard(symbol)
             return result
@@ -116,22 +120,33 @@ def process_symbol(
                 continue
             if not is_deterministic(exc):
                 raise  # connection lost, server shutting down, ...: dramatiq and the sweeper try again later
-            return _isolate_poison(engine, cache, symbol, batch_limit, exc)
+            return _isolate_poison(engine, cache, symbol, batch_limit, read, exc)
         except MalformedCommandError as exc:
-            return _isolate_poison(engine, cache, symbol, batch_limit, exc)
+            return _isolate_poison(engine, cache, symbol, batch_limit, read, exc)
     raise AssertionError("unreachable")
 
 
-def _isolate_poison(engine: Engine, cache: BookCache, symbol: str, batch_limit: int, error: Exception) -> BatchResult:
+def _isolate_poison(
+    engine: Engine, cache: BookCache, symbol: str, batch_limit: int, read: Sequence[int], error: Exception
+) -> BatchResult:
+    """After a deterministic failure of a batch of ``symbol`` that read the commands ``read``: retry one command at
+    a time, or, if the failed batch was that single command, quarantine exactly it."""
     if batch_limit > 1:
         # The failing command may be anywhere in the batch: apply the commands one at a time from the first.
         cache.suspects.add(symbol)
         return process_symbol(engine, cache, symbol, batch_limit=1)
+    if not read:
+        cache.suspects.discard(symbol)
+        raise error  # it failed before reading a command: the failure was not a command's
+    [seq] = read
     with store.connect(engine) as conn:
-        quarantined = store.quarantine_first_pending(conn, symbol)
-    cache.suspects.discard(symbol)
+        quarantined = store.quarantine_command(conn, symbol, seq)
     if quarantined is None:
-        raise error  # nothing pending any more: the failure was not the command's
+        # The failed command is no longer the symbol's first pending one: another matcher processed it, or a
+        # command with a lower sequence number committed after the attempt read (a late group commit, a cancel).
+        # That one must be applied first, so go on one command at a time from the first pending.
+        return BatchResult(symbol, 0, 0, [], [], more=True, rebuilt=False)
+    cache.suspects.discard(symbol)
     log.error(
         "quarantined command seq=%s kind=%s order_id=%s of %s: %s",
         quarantined.seq,
@@ -267,20 +282,26 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _process_once(engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int) -> list[BatchResult]:
-    """One transaction over the books of ``symbols`` (distinct), up to ``batch_limit`` commands of each. If it
-    fails in any way, the symbols' cached books are dropped (they may have run ahead of what was committed)."""
+def _process_once(
+    engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int, read: list[int] | None = None
+) -> list[BatchResult]:
+    """One transaction over the books of ``symbols`` (distinct), up to ``batch_limit`` commands of each; the
+    sequence numbers of the commands it read are appended to ``read`` as soon as they are read. If it fails in any
+    way, the symbols' cached books are dropped (they may have run ahead of what was committed)."""
     try:
-        return _transaction(engine, cache, symbols, batch_limit)
+        return _transaction(engine, cache, symbols, batch_limit, [] if read is None else read)
     except BaseException:
         for symbol in symbols:
             cache.books.pop(symbol, None)
         raise
 
 
-def _transaction(engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int) -> list[BatchResult]:
+def _transaction(
+    engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int, read: list[int]
+) -> list[BatchResult]:
     with store.connect(engine) as conn:
         start = store.begin_batch(conn, symbols, batch_limit)
+        read.extend(row.seq for rows in start.commands.values() for row in rows)
         if not start.commands:
             return [BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False) for symbol in symbols]
         entries: dict[str, CachedBook] = {}

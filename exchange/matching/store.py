@@ -223,7 +223,8 @@ class QuarantinedCommand:
 _QUARANTINE = """
 WITH first AS (
     UPDATE commands SET processed_at = clock_timestamp()
-    WHERE seq = (SELECT seq FROM commands WHERE symbol = %(symbol)s AND processed_at IS NULL ORDER BY seq LIMIT 1)
+    WHERE seq = %(seq)s AND processed_at IS NULL
+      AND seq = (SELECT seq FROM commands WHERE symbol = %(symbol)s AND processed_at IS NULL ORDER BY seq LIMIT 1)
     RETURNING seq, kind, order_id
 ), rejected AS (
     UPDATE orders SET status = 'closed', close_reason = 'rejected', updated_at = clock_timestamp()
@@ -234,10 +235,12 @@ SELECT seq, kind, order_id FROM first
 """
 
 
-def quarantine_first_pending(conn: Connection, symbol: str) -> QuarantinedCommand | None:
-    """In a transaction of its own under the symbol's lock: mark the first pending command of ``symbol`` processed
-    without applying it, and close its order ``rejected`` if the order never reached the book (a place)."""
-    params = {"keys": array_literal([book_lock_key(symbol)]), "symbol": symbol}
+def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCommand | None:
+    """In a transaction of its own under the symbol's lock: mark command ``seq`` of ``symbol`` processed without
+    applying it, and close its order ``rejected`` if the order never reached the book (a place). Only while it is
+    still the symbol's first pending command (None otherwise): commands apply in sequence order, so one with a
+    lower number that committed after ``seq`` failed must be applied first, and is not the one that failed."""
+    params = {"keys": array_literal([book_lock_key(symbol)]), "symbol": symbol, "seq": seq}
     cursor = _send(conn, ("BEGIN", _LOCK, _QUARANTINE, "COMMIT"), params)
     cursor.nextset()  # BEGIN -> lock
     cursor.nextset()  # lock -> quarantine

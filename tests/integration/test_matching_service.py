@@ -253,6 +253,46 @@ def test_a_place_command_without_its_order_is_quarantined(engine: Engine) -> Non
         assert conn.execute(text("SELECT status FROM orders")).scalar_one() == "open"
 
 
+def test_quarantine_skips_only_the_failed_command_not_a_lower_one_that_committed_after_it_failed(
+    engine: Engine, monkeypatch: Any
+) -> None:
+    owner, buyer, seller = add_broker(engine, "owner"), add_broker(engine, "buyer"), add_broker(engine, "seller")
+    cache = BookCache()
+    place(engine, owner, "LATE3", "ask", 1, 100)
+    resting = place(engine, owner, "LATE3", "bid", 5, 90)
+    process_symbol(engine, cache, "LATE3")
+    with engine.begin() as conn:  # the buyer's next purchase takes its cash below the 64-bit range: a poison place
+        conn.execute(text("UPDATE brokers SET balance = -9223372036854775800 WHERE id = :id"), {"id": buyer})
+    late = engine.connect()  # the owner's cancel: its sequence number is taken now, its commit comes late
+    late.execute(text("INSERT INTO commands (symbol, kind, order_id) VALUES ('LATE3', 'cancel', :id)"), {"id": resting})
+    poison = place(engine, buyer, "LATE3", "bid", 1, 100)
+
+    from exchange.matching import store
+
+    real_write, writes = store.write_batch, []
+
+    def write_then_commit_the_cancel(*args: Any, **kwargs: Any) -> Any:
+        writes.append(1)
+        if len(writes) == 2:  # the poison alone, one command at a time: the cancel commits after that attempt read
+            late.commit()
+        return real_write(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "write_batch", write_then_commit_the_cancel)
+        while (result := process_symbol(engine, cache, "LATE3")).commands or result.more:
+            pass
+    late.close()
+    place(engine, seller, "LATE3", "ask", 5, 90)  # would fill the cancelled bid, had its cancel been skipped
+    process_symbol(engine, cache, "LATE3")
+
+    with engine.connect() as conn:
+        assert (order(conn, resting).status, order(conn, resting).close_reason) == ("closed", "cancelled")
+        assert (order(conn, poison).status, order(conn, poison).close_reason) == ("closed", "rejected")
+        assert conn.execute(text("SELECT count(*) FROM trades WHERE buy_order_id = :id"), {"id": resting}).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+    assert cache.suspects == set()
+
+
 def test_a_trade_whose_cash_exceeds_even_unsigned_64_bits_is_quarantined(engine: Engine) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     place(engine, seller, "HUGE3", "ask", 16, 2**62)
