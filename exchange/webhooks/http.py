@@ -114,6 +114,10 @@ def _request(target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> 
     return b"".join(lines)
 
 
+MAX_STATUS_CODE = 599
+"""The highest HTTP status; llhttp takes any three digits, the attempts' table only 100-599."""
+
+
 class _Answer:
     """llhttp's callbacks for the answers on one connection: the final status, the first bytes of its body."""
 
@@ -263,6 +267,8 @@ class HttpClient:
                     answer.parser.feed_data(chunk)
                 if answer.status_code < 200:  # stopped by MAX_HEAD_BYTES before a final answer's head ended
                     raise RemoteProtocolError(f"no final answer head within {fed} bytes")
+                if answer.status_code > MAX_STATUS_CODE:  # three digits, but of no class (RFC 9110, section 15)
+                    raise RemoteProtocolError(f"status {answer.status_code} is not an HTTP status (100-599)")
         except TimeoutError:
             connection.close()
             raise ReadTimeoutError(f"no complete answer within {self.read_timeout_s:g} s") from None

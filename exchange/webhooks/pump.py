@@ -52,9 +52,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from uuid import UUID
 
+import psycopg
 import uvloop
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
+from exchange.db.errors import is_deterministic
 from exchange.webhooks import ssrf, store
 from exchange.webhooks.delivery import DeliveryConfig, Endpoints, HostLookup, Resolver, attempt
 from exchange.webhooks.http import HttpClient
@@ -331,12 +334,11 @@ class Pump:
                 continue
             self._recording = True
             try:
-                if await self._record(batch):
-                    for finished in batch:
-                        try:
-                            self._reported(finished)
-                        except Exception:  # a bug in reporting loses one report, never the recorder
-                            log.exception("reporting webhook event %s failed", finished.claim.event_id)
+                for finished in await self._record(batch):
+                    try:
+                        self._reported(finished)
+                    except Exception:  # a bug in reporting loses one report, never the recorder
+                        log.exception("reporting webhook event %s failed", finished.claim.event_id)
             finally:
                 self._recording = False
                 self._changed.set()
@@ -352,9 +354,11 @@ class Pump:
             async with asyncio.timeout(linger):
                 await self._stopping.wait()
 
-    async def _record(self, batch: list[Attempt]) -> bool:
+    async def _record(self, batch: list[Attempt]) -> list[Attempt]:
         """Record ``batch``, retrying while its leases last (half a lease: after that the events are being
-        claimed again anyway). False: given up; the events are due again when their leases end."""
+        claimed again anyway); returns the attempts recorded. Those given up on are due again when their leases
+        end. A batch the database refuses for its data (SQLSTATE class 22 or 23: no retry changes that) is recorded
+        one attempt at a time instead, so that one attempt's row never holds back the others'."""
         deadline = time.monotonic() + self.config.lease_s / 2
         pause = RECORD_BACKOFF_S[0]
         while True:
@@ -362,15 +366,23 @@ class Pump:
                 await self._blocking(
                     functools.partial(store.record, self.engine, batch, disable_after=self.config.disable_after)
                 )
-                return True
-            except Exception:
-                if self._stopping.is_set() or time.monotonic() + pause > deadline:
+                return batch
+            except Exception as exc:
+                refused = isinstance(exc, psycopg.Error | DBAPIError) and is_deterministic(exc)
+                if refused and len(batch) > 1:
+                    log.error(
+                        "the database refused a record of %d webhook attempts; recording them one by one",
+                        len(batch),
+                        exc_info=True,
+                    )
+                    return [recorded for one in batch for recorded in await self._record([one])]
+                if refused or self._stopping.is_set() or time.monotonic() + pause > deadline:
                     log.error(
                         "could not record %d webhook attempts; their events are sent again when their leases end",
                         len(batch),
                         exc_info=True,
                     )
-                    return False
+                    return []
                 log.warning("recording %d webhook attempts failed; retrying", len(batch), exc_info=True)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RECORD_BACKOFF_S[1])

@@ -471,3 +471,43 @@ def test_nul_characters_in_an_answer_or_an_error_are_stored_replaced(engine: Eng
     (logged,) = attempts_of(engine, claim.event_id)
     assert (logged.error, logged.response_excerpt) == ("HTTP 500\ufffd", "a\ufffdb")
     assert events_of(engine, broker)[0].last_error == "HTTP 500\ufffd"
+
+
+def test_a_receiver_answering_a_status_beyond_599_holds_back_no_other_brokers_record(engine: Engine) -> None:
+    with Receiver() as odd, Receiver() as fine:
+        odd.always_status = 999  # three digits, which llhttp reads as a status, but no HTTP status
+        seller, _ = broker_with_endpoint(engine, None)
+        (a, _), (b, _) = broker_with_endpoint(engine, odd.url), broker_with_endpoint(engine, fine.url)
+        fills(engine, a, seller)
+        fills(engine, b, seller)
+        (odd_event,) = events_of(engine, a)
+        pump = Pump(engine, replace(FAST, record_linger_s=0.3), capacity=8)  # both attempts in one record
+
+        async def scenario() -> None:
+            async with running(pump):
+                await eventually(lambda: status_counts(engine, b) == {"delivered": 1})
+                await eventually(lambda: len(attempts_of(engine, odd_event.id)) > 0)
+
+        asyncio.run(scenario())
+
+    first = attempts_of(engine, odd_event.id)[0]
+    assert first.status_code is None
+    assert "999 is not an HTTP status" in first.error
+
+
+def test_a_record_the_database_refuses_is_retried_one_attempt_at_a_time(engine: Engine) -> None:
+    (a, _), (b, _) = broker_with_endpoint(engine, "http://127.0.0.1:9/a"), broker_with_endpoint(engine, None)
+    fills(engine, a, b)
+    with engine.begin() as conn:  # b's event deliverable too, without a receiver: only the record is tested here
+        conn.execute(text("UPDATE brokers SET webhook_url = 'http://127.0.0.1:9/b' WHERE id = :id"), {"id": b})
+    claims = {c.broker_id: c for c in store.claim(engine, limit=1000, lease_s=30, per_broker=1000).claims}
+    now = datetime.now(UTC)
+    refused = store.Attempt(claims[a], Verdict(Kind.RETRY, retry_in_s=60.0), now, 3, 999, "HTTP 999", "")
+    good = store.Attempt(claims[b], Verdict(Kind.DELIVERED), now, 3, 200, None, "ok")
+    pump = Pump(engine, FAST, capacity=4)
+
+    recorded = asyncio.run(pump._record([refused, good]))  # a row the attempts' table refuses: status > 599
+
+    assert recorded == [good]
+    assert status_counts(engine, b) == {"delivered": 1}
+    assert attempts_of(engine, claims[a].event_id) == []

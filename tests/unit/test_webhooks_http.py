@@ -298,6 +298,8 @@ def test_a_reused_connection_closed_after_part_of_an_answer_is_an_error_not_sent
         (b"NOT HTTP AT ALL\r\n\r\n", RemoteProtocolError),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b", ConnectionResetError),  # then closed
         (b"HTTP/1.1 200 OK\r\ncontent-le", ConnectionResetError),  # closed within the headers
+        (b"HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n", RemoteProtocolError),  # no HTTP status
+        (b"HTTP/1.1 600 Odd\r\ncontent-length: 0\r\n\r\n", RemoteProtocolError),
     ],
 )
 def test_a_malformed_or_cut_off_answer_is_an_error_not_a_reply(raw: bytes, error: type[Exception]) -> None:
