@@ -85,7 +85,7 @@ def decode_body(body: bytes, type_: type[T]) -> T:
             details["path"] = match.group("path")
             message = message[: match.start()]
         raise ApiError("validation_error", message, details or None) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for a string's bad UTF-8
         raise ApiError("malformed_json", f"request body is not valid JSON: {exc}") from None
 
 

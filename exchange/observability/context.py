@@ -15,7 +15,7 @@ import secrets
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
-_SAFE = re.compile(r"^[A-Za-z0-9._:/+=@-]+$")
+_SAFE = re.compile(r"\A[A-Za-z0-9._:/+=@-]+\Z")
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 

@@ -41,7 +41,7 @@ from exchange.orders.errors import (
 )
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
 
-SYMBOL_RE = re.compile(r"^[A-Za-z0-9.]{1,10}$")
+SYMBOL_RE = re.compile(r"\A[A-Za-z0-9.]{1,10}\Z")  # \Z, not $: "$" also matches before a final newline
 
 
 def normalize_symbol(symbol: str) -> str:

@@ -11,7 +11,7 @@ from litestar.testing import TestClient
 from sqlalchemy import Engine
 
 from exchange.api.schemas import MAX_PRICE_CENTS, MAX_QUANTITY
-from tests.integration.api_helpers import count, new_symbol, register
+from tests.integration.api_helpers import ADMIN_KEY, count, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
 
@@ -28,6 +28,12 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     ("truncated json", b'{"side": "bid"', 400, "malformed_json"),
     ("empty body", b"", 400, "malformed_json"),
     ("not json", b"side=bid", 400, "malformed_json"),
+    (
+        "invalid UTF-8 in a string",
+        b'{"document_number": "\xff", "side": "bid", "symbol": "A", "quantity": 1}',
+        400,
+        "malformed_json",
+    ),
     ("array body", b"[]", 422, "validation_error"),
     ("quantity as string", with_(quantity="5"), 422, "validation_error"),
     ("quantity as float", with_(quantity=5.0), 422, "validation_error"),
@@ -52,6 +58,7 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     ("symbol too long", with_(symbol="ABCDEFGHIJK"), 422, "validation_error"),
     ("symbol with a dash", with_(symbol="AB-C"), 422, "validation_error"),
     ("empty symbol", with_(symbol=""), 422, "validation_error"),
+    ("symbol with a trailing newline", with_(symbol="ABC\n"), 422, "validation_error"),
     ("empty document number", with_(document_number=""), 422, "validation_error"),
     ("document number too long", with_(document_number="1" * 21), 422, "validation_error"),
     ("gtd without valid_until", with_(time_in_force="gtd"), 422, "validation_error"),
@@ -156,6 +163,8 @@ def test_a_market_order_may_carry_a_future_valid_until_which_is_not_stored(api_c
         "/stocks/ABC/price?trades=1001",
         "/stocks/ABC/trades?limit=0",
         "/stocks/TOO-LONG-SYMBOL/book",
+        "/stocks/ABC%0A/book",
+        "/orders?symbol=ABC%0A",
         "/orders?limit=0",
         "/orders?limit=201",
         "/orders?status=sleeping",
@@ -170,7 +179,14 @@ def test_bad_query_and_path_parameters_are_422(api_client: TestClient[Any], path
 
 @pytest.mark.parametrize(
     ("body", "status"),
-    [(b"{}", 422), (b'{"quantity": 0}', 422), (b'{"price": 2.5}', 422), (b'{"qty": 1}', 422), (b"{", 400)],
+    [
+        (b"{}", 422),
+        (b'{"quantity": 0}', 422),
+        (b'{"price": 2.5}', 422),
+        (b'{"qty": 1}', 422),
+        (b"{", 400),
+        (b'{"\xff": 1}', 400),
+    ],
 )
 def test_bad_amend_bodies_are_rejected_without_a_command(
     api_client: TestClient[Any], api_engine: Engine, body: bytes, status: int
@@ -187,3 +203,18 @@ def test_unknown_routes_and_methods_have_json_errors(api_client: TestClient[Any]
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
     wrong = api_client.put("/orders")
     assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
+
+
+def test_invalid_utf8_in_a_register_or_endpoint_body_is_400_malformed_json(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    broker = register(api_client)
+    brokers = count(api_engine, "SELECT count(*) FROM brokers")
+
+    registered = api_client.post("/register", content=b'{"name": "\xed\xa0\x80"}', headers=admin)
+    endpoint = api_client.put("/webhooks/endpoint", content=b'{"url": "\xc3"}', headers=broker.headers)
+
+    assert [(r.status_code, r.json()["code"]) for r in (registered, endpoint)] == [(400, "malformed_json")] * 2
+    assert count(api_engine, "SELECT count(*) FROM brokers") == brokers
+    assert count(api_engine, "SELECT count(*) FROM brokers WHERE id = :b AND webhook_url IS NULL", b=broker.id) == 1
