@@ -89,6 +89,16 @@ Observer = Callable[[DeliveryResult], None]
 _T = TypeVar("_T")
 
 
+async def _any_set(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 class PumpDiedError(RuntimeError):
     """The claimer or the recorder ended while the pump was running (see the module docstring)."""
 
@@ -264,7 +274,10 @@ class Pump:
                 if not self._held_back(claimed.claims, busy):
                     return
                 if not claimed.claims and not claimed.skipped:
-                    await self._slot_freed.wait()  # due events of brokers at their cap: claim when one finishes
+                    # Due events of brokers at their cap: claim when one of their deliveries ends, or at once when
+                    # a hint says more is due (another broker's events must not wait for a hanging receiver).
+                    await _any_set(self._slot_freed, self._wake)
+                    self._wake.clear()
 
     def _held_back(self, claims: list[Claim], busy: dict[UUID, int]) -> bool:
         """A claim made with ``busy`` in flight per broker may have held due events back: some broker had no room

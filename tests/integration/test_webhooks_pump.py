@@ -152,6 +152,34 @@ def test_one_free_slot_is_refilled_at_once_while_other_deliveries_hang(engine: E
     assert while_hanging == {"claimed": 3}  # delivered well before the hanging ones' 20 s read timeout
 
 
+def test_a_hint_claims_another_brokers_events_while_a_hanging_broker_at_its_cap_has_more_due(
+    engine: Engine,
+) -> None:
+    with Receiver() as slow, Receiver() as fast:
+        slow.hang()
+        hung, _ = broker_with_endpoint(engine, slow.url)
+        healthy, _ = broker_with_endpoint(engine, fast.url)
+        seller, _ = broker_with_endpoint(engine, None)
+        fills(engine, hung, seller, n=3)  # 3 events due, at most 2 in flight: the claimer waits for room
+        pump = Pump(engine, replace(FAST, read_timeout_s=20.0, lease_s=60.0, max_in_flight=2), capacity=4)
+
+        async def scenario() -> dict[str, int]:
+            async with running(pump):
+                try:
+                    await eventually(lambda: status_counts(engine, hung) == {"claimed": 2, "pending": 1})
+                    await asyncio.sleep(0.2)  # the claim that found only the held-back event has returned
+                    await asyncio.to_thread(fills, engine, healthy, seller)
+                    pump.wake()  # the hint its commit sends
+                    await eventually(lambda: status_counts(engine, healthy) == {"delivered": 1}, timeout=5)
+                    return status_counts(engine, hung)
+                finally:
+                    slow.release()
+
+        while_hanging = asyncio.run(scenario())
+
+    assert while_hanging == {"claimed": 2, "pending": 1}  # well before the hanging ones' 20 s read timeout
+
+
 def test_a_claim_that_gets_fewer_events_than_it_asked_for_ends_the_round_without_claiming_again(
     engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
