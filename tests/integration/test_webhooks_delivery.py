@@ -215,6 +215,47 @@ def test_410_gone_disables_the_endpoint_at_once(engine: Engine, receiver: Receiv
     assert len(receiver.received) == 1
 
 
+@pytest.mark.parametrize(
+    "verdict",
+    [Verdict(Kind.GONE, disable_reason="receiver answered 410 Gone"), Verdict(Kind.EXHAUSTED, disable_reason="x")],
+    ids=["gone", "exhausted"],
+)
+def test_an_attempt_to_the_old_url_ending_after_a_new_one_was_set_does_not_disable_the_new_endpoint(
+    engine: Engine, verdict: Verdict
+) -> None:
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/old")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (claim,) = store.claim(engine, limit=10, lease_s=30, per_broker=10).claims  # sent to the old URL
+    with engine.begin() as conn:  # PUT /webhooks/endpoint meanwhile (exchange.webhooks.queries.set_endpoint)
+        conn.execute(
+            text(
+                "UPDATE brokers SET webhook_url = 'http://127.0.0.1:9/new', webhook_enabled = true, "
+                "webhook_disabled_reason = NULL, webhook_consecutive_failures = 0 WHERE id = :id"
+            ),
+            {"id": buyer},
+        )
+
+    store.record(engine, [store.Attempt(claim, verdict, datetime.now(UTC), 3, 410, "HTTP 410", "")], disable_after=1)
+
+    row = broker_row(engine, buyer)
+    assert (row.webhook_enabled, row.webhook_disabled_reason, row.webhook_consecutive_failures) == (True, None, 0)
+    assert events_of(engine, buyer)[0].status == "failed"  # the event itself ends by its own attempts
+
+
+def test_an_attempt_to_the_current_url_disables_the_endpoint_after_a_410(engine: Engine) -> None:
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (claim,) = store.claim(engine, limit=10, lease_s=30, per_broker=10).claims
+    gone = Verdict(Kind.GONE, disable_reason="receiver answered 410 Gone")
+
+    store.record(engine, [store.Attempt(claim, gone, datetime.now(UTC), 3, 410, "HTTP 410", "")], disable_after=5)
+
+    row = broker_row(engine, buyer)
+    assert (row.webhook_enabled, row.webhook_disabled_reason) == (False, "receiver answered 410 Gone")
+
+
 def test_events_of_a_broker_without_url_are_skipped_not_retried(engine: Engine) -> None:
     buyer, _ = broker_with_endpoint(engine, None)
     seller, _ = broker_with_endpoint(engine, None)
