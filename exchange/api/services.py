@@ -31,8 +31,10 @@ from exchange.orders.models import NewOrder, OrderView, TradeView
 from exchange.times import from_micros, to_micros
 
 
-async def wake(state: ApiState, symbol: str) -> None:
-    await batches.wake(state.enqueuer, [symbol], state.settings.partitions)
+def wake_soon(state: ApiState, symbol: str) -> None:
+    """Wake ``symbol``'s matcher without waiting for Redis (:func:`batches.wake_soon`): a stalled Redis delays the
+    matching of a committed command, never the answer to it."""
+    batches.wake_soon(state.enqueuer, [symbol], state.settings.partitions)
 
 
 async def read_order(state: ApiState, broker_id: UUID, order_id: UUID) -> OrderView:
@@ -144,7 +146,7 @@ async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool
 async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.CancelAllResult:
     result = await accept.cancel_all(state.pool, broker_id, symbol)
     if result.order_ids:
-        await wake(state, result.symbol)
+        wake_soon(state, result.symbol)
     return result
 
 
@@ -152,7 +154,7 @@ async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int 
     async def commit() -> bool:
         result = await accept.amend_order(state.pool, broker_id, order_id, quantity, price)
         if result.written:
-            await wake(state, result.symbol)
+            wake_soon(state, result.symbol)
         return result.written
 
     return await _commit_and_wait(state, broker_id, order_id, commit)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from litestar.testing import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from exchange.api.app import create_app
 from exchange.config import Settings
@@ -143,3 +145,39 @@ def test_ready_is_503_naming_results_when_the_result_subscriber_is_not_subscribe
     assert checks["redis"]["ok"] is True
     assert checks["results"]["ok"] is False
     assert "subscriber" in checks["results"]["error"]
+
+
+def test_amend_cancel_all_and_redeliver_answer_at_once_while_redis_stalls(
+    client_factory: Callable[..., TestClient[Any]], api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    body = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 5}
+    amended = api_client.post("/orders", json=body, headers=broker.headers).json()["id"]
+    cancelled = api_client.post("/orders", json=body, headers=broker.headers).json()["id"]
+    match(api_engine, symbol)
+    with api_engine.begin() as conn:  # an endpoint and an event of the broker's to redeliver
+        conn.execute(text("UPDATE brokers SET webhook_url = 'http://127.0.0.1:9/hook' WHERE id = :b"), {"b": broker.id})
+        event_id = conn.execute(
+            text(
+                "INSERT INTO webhook_events (broker_id, sequence, type, payload) VALUES (:b, 1, 'order.fill', '{}') "
+                "RETURNING id"
+            ),
+            {"b": broker.id},
+        ).scalar_one()
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections (the kernel does), never answers
+        client = client_factory(redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0", order_wait_ms="100")
+        took = []
+        for method, path, payload in (
+            ("PATCH", f"/orders/{amended}", {"quantity": 3}),
+            ("DELETE", f"/orders?symbol={symbol}", None),
+            ("POST", f"/webhooks/events/{event_id}/redeliver", None),
+        ):
+            start = time.monotonic()
+            response = client.request(method, path, json=payload, headers=broker.headers)
+            took.append(time.monotonic() - start)
+            assert response.status_code in (200, 202), response.text
+
+    assert max(took) < 2, took  # the broker's 10-s socket timeout, before
+    assert count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :o AND kind = 'amend'", o=amended) == 1
+    assert count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :o AND kind = 'cancel'", o=cancelled) == 1

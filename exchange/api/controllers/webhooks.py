@@ -44,6 +44,10 @@ from exchange.webhooks.queue import enqueue_deliveries
 
 log = logging.getLogger("exchange.api")
 
+REDELIVER_ENQUEUE_WAIT_S = 0.5
+"""How long a redelivery waits for its enqueue; a Redis that has not answered by then (a stalled server: the
+broker's socket timeout is 10 s) leaves the event to the sweeper, which re-enqueues due events."""
+
 # ------------------------------------------------------------------------------------------------ wire types
 
 
@@ -200,8 +204,9 @@ class WebhooksController(Controller):
             await queries.redeliver(conn, broker.id, parsed)
         try:
             # dramatiq's enqueue blocks on Redis: keep it off the event loop (a rare request: the order path's
-            # wake-ups use the async AsyncEnqueuer instead).
-            await asyncio.to_thread(enqueue_deliveries, api.broker, [parsed])
+            # wake-ups use the async AsyncEnqueuer instead), and answer without it when Redis stalls.
+            async with asyncio.timeout(REDELIVER_ENQUEUE_WAIT_S):
+                await asyncio.to_thread(enqueue_deliveries, api.broker, [parsed])
         except Exception:  # committed: the sweeper re-enqueues it
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
         return RedeliverOut(event_id=parsed, status="pending")
