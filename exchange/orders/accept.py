@@ -143,7 +143,7 @@ _PLACE_MANY = """
 # The original of each order that was not inserted (key ``n``: its position in the arrays), all in one query.
 _FIND_DUPLICATES = """
     SELECT DISTINCT ON (k.n) k.n, o.id, o.document_number, o.symbol, o.side, o.order_type, o.time_in_force, o.stp,
-           o.valid_until,
+           o.valid_until, o.client_order_id,
            CASE WHEN o.placed_quantity IS NULL THEN o.price ELSE o.placed_price END AS price,
            COALESCE(o.placed_quantity, o.quantity) AS quantity
     FROM unnest(CAST(%(broker_ids)s AS uuid[]), CAST(%(client_order_ids)s AS text[]),
@@ -240,7 +240,7 @@ async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[Plac
         if original is None:
             raise RuntimeError("duplicate order conflict but the original order is not visible")
         if _fields(original) != _fields(order):
-            outcomes.append(_key_reused(order))
+            outcomes.append(_key_reused(order, original.client_order_id))
         else:
             outcomes.append(PlaceResult(original.id, created=False))
     return outcomes
@@ -256,6 +256,7 @@ _COMPARED_FIELDS = (
     "price",
     "quantity",
     "valid_until",
+    "client_order_id",  # an Idempotency-Key repeated with another (or no) client_order_id is not the same request
 )
 
 
@@ -264,8 +265,11 @@ def _fields(order: object) -> tuple[object, ...]:
     return tuple(getattr(order, name) for name in _COMPARED_FIELDS)
 
 
-def _key_reused(order: NewOrder) -> IdempotencyKeyReusedError:
-    field = "client_order_id" if order.client_order_id is not None else "Idempotency-Key"
+def _key_reused(order: NewOrder, original_client_order_id: str | None) -> IdempotencyKeyReusedError:
+    """The error of ``order``, which repeats a key of an original order with other fields: the key it repeats is
+    its ``client_order_id`` when the original has the same one, else its ``Idempotency-Key``."""
+    same_id = order.client_order_id is not None and order.client_order_id == original_client_order_id
+    field = "client_order_id" if same_id else "Idempotency-Key"
     return IdempotencyKeyReusedError(
         f"{field} was already used for a different order; use a new one for a new order", {"field": field}
     )

@@ -75,6 +75,37 @@ def test_a_reused_key_with_a_different_order_is_refused_and_writes_nothing(
     assert count(api_engine, "SELECT quantity FROM orders WHERE broker_id = :b", b=broker.id) == 5
 
 
+@pytest.mark.parametrize("second", [{"client_order_id": "second"}, {}], ids=["another", "none"])
+def test_an_idempotency_key_repeated_with_another_client_order_id_is_refused(
+    api_client: TestClient[Any], api_engine: Engine, second: dict[str, Any]
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    headers = {**broker.headers, "Idempotency-Key": "k-8"}
+    first = api_client.post("/orders", json=order(symbol, client_order_id="first"), headers=headers)
+    changed = api_client.post("/orders", json=order(symbol, **second), headers=headers)
+    assert first.status_code == 201
+    assert (changed.status_code, changed.json()["code"]) == (422, "idempotency_key_reused")
+    assert changed.json()["details"] == {"field": "Idempotency-Key"}
+    assert count(api_engine, PLACES, b=broker.id) == 1
+
+
+def test_a_client_order_id_repeated_under_another_idempotency_key_returns_the_original_order(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    first = api_client.post(
+        "/orders", json=order(symbol, client_order_id="c-9"), headers={**broker.headers, "Idempotency-Key": "k-1"}
+    )
+    again = api_client.post(
+        "/orders", json=order(symbol, client_order_id="c-9"), headers={**broker.headers, "Idempotency-Key": "k-2"}
+    )
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert count(api_engine, PLACES, b=broker.id) == 1
+
+
 def test_a_retry_after_the_order_was_amended_still_returns_the_original_order(
     api_client: TestClient[Any], api_engine: Engine
 ) -> None:
