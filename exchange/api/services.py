@@ -59,14 +59,36 @@ def _registered(state: ApiState, order_id: UUID) -> Iterator[asyncio.Future[Plac
 
 
 async def _commit_and_wait(
-    state: ApiState, broker_id: UUID, order_id: UUID, commit: Callable[[], Awaitable[bool]]
+    state: ApiState,
+    broker_id: UUID,
+    order_id: UUID,
+    commit: Callable[[], Awaitable[bool]],
+    applied: Callable[[OrderView], Awaitable[bool]],
 ) -> OrderView:
-    """Register for ``order_id``'s result, run ``commit`` (writes a cancel/amend command and wakes its symbol; True
-    if it wrote one), wait for the matcher if it did, and read the order."""
-    with _registered(state, order_id) as future:
-        if await commit():
-            await state.waiter.wait(order_id, future, _wait_s(state))
-    return await read_order(state, broker_id, order_id)
+    """Register for ``order_id``'s results, run ``commit`` (writes a cancel/amend command and wakes its symbol;
+    False if it wrote none), and read the order once ``applied`` says the command took effect, or when the wait
+    ends. A result names every order its transaction changed: one may come from another command (a crossing order
+    that filled this one) before this command was applied, so each is checked and the next one awaited, with a
+    new registration made before the read (a result published after it is not missed). Without a command written,
+    the order is read at once, and awaited as well if ``applied`` is not yet true (another request's cancel)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _wait_s(state)
+    future = state.waiter.register(order_id)
+    try:
+        if not await commit():
+            view = await read_order(state, broker_id, order_id)
+            if await applied(view):
+                return view
+        while True:
+            left = deadline - loop.time()
+            if left <= 0 or not await state.waiter.wait(order_id, future, left):
+                return await read_order(state, broker_id, order_id)
+            future = state.waiter.register(order_id)
+            view = await read_order(state, broker_id, order_id)
+            if await applied(view):
+                return view
+    finally:
+        state.waiter.discard(order_id, future)
 
 
 async def place(state: ApiState, order: NewOrder) -> tuple[OrderView, bool]:
@@ -137,8 +159,11 @@ async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool
     async def commit() -> bool:
         return (await state.cancels.submit((broker_id, order_id))).written
 
+    async def closed(view: OrderView) -> bool:
+        return view.status == OrderStatus.CLOSED.value  # a processed cancel closes its order, if nothing did before
+
     if wait:
-        return await _commit_and_wait(state, broker_id, order_id, commit)
+        return await _commit_and_wait(state, broker_id, order_id, commit, closed)
     await commit()
     return None
 
@@ -151,10 +176,17 @@ async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.Ca
 
 
 async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None) -> OrderView:
+    seqs: list[int] = []
+
     async def commit() -> bool:
         result = await accept.amend_order(state.pool, broker_id, order_id, quantity, price)
+        if result.seq is not None:
+            seqs.append(result.seq)
         if result.written:
             wake_soon(state, result.symbol)
         return result.written
 
-    return await _commit_and_wait(state, broker_id, order_id, commit)
+    async def processed(view: OrderView) -> bool:
+        return not seqs or await accept.command_processed(state.pool, seqs[0])
+
+    return await _commit_and_wait(state, broker_id, order_id, commit, processed)

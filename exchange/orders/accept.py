@@ -353,8 +353,9 @@ _AMEND = f"""
         SELECT symbol, '{CommandKind.AMEND.value}', %(id)s, CAST(%(payload)s AS jsonb) FROM target
         WHERE status <> '{OrderStatus.CLOSED.value}'
           AND NOT (CAST(%(price)s AS bigint) IS NOT NULL AND order_type = '{OrderType.MARKET.value}')
+        RETURNING seq
     )
-    SELECT symbol, status, order_type FROM target
+    SELECT symbol, status, order_type, (SELECT seq FROM written) AS seq FROM target
     """  # noqa: S608  # enum constants only
 
 
@@ -383,4 +384,14 @@ async def amend_order(
         raise OrderClosedError("the order is closed and cannot be amended", {"order_id": str(order_id)})
     if price is not None and row.order_type == OrderType.MARKET.value:
         raise InvalidOrderError("a market order has no price to amend", {"field": "price"})
-    return CommandResult(row.symbol, written=True)
+    return CommandResult(row.symbol, written=True, seq=row.seq)
+
+
+_PROCESSED = "SELECT processed_at IS NOT NULL FROM commands WHERE seq = %(seq)s"
+
+
+async def command_processed(pool: AsyncPool, seq: int) -> bool:
+    """Whether a matcher has processed (applied, rejected or quarantined) the command ``seq``."""
+    async with single_statement(pool) as conn:
+        row = await (await conn.execute(_PROCESSED, {"seq": seq})).fetchone()
+    return row is not None and bool(row[0])

@@ -43,6 +43,9 @@ class CommandResult:
 
     symbol: str
     written: bool
+    seq: int | None = None
+    """The written command's sequence number, where the writer needs it (an amend's: its waiter asks whether the
+    command was processed)."""
 
 
 @dataclass(frozen=True, slots=True)

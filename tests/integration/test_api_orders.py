@@ -7,6 +7,7 @@ import base64
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -20,6 +21,7 @@ from exchange.api.state import api_state
 from exchange.matching.service import BookCache, process_symbol
 from exchange.messaging.results import publish_results
 from tests.integration.api_helpers import count, match, new_symbol, register
+from tests.integration.sql_orders import place
 
 pytest_plugins = ["tests.integration.api_fixtures"]
 
@@ -425,3 +427,97 @@ def test_list_orders_paginates_newest_first_with_an_opaque_cursor(api_client: Te
     assert filtered == {"items": [], "next_cursor": None}
     bad = api_client.get("/orders?cursor=not-a-cursor", headers=broker.headers)
     assert (bad.status_code, bad.json()["code"]) == (422, "validation_error")
+
+
+class _StepMatcher:
+    """The matcher's steps, one at a time, for a test to interleave with the api: ``step()`` processes up to
+    ``limit`` pending commands of the symbol and publishes the result like the actor does."""
+
+    def __init__(self, engine: Engine, redis_url: str, symbol: str) -> None:
+        self.engine, self.symbol, self.cache = engine, symbol, BookCache()
+        self.client = redis.Redis.from_url(redis_url)
+
+    def step(self, limit: int = 1) -> None:
+        result = process_symbol(self.engine, self.cache, self.symbol, batch_limit=limit)
+        assert result.commands
+        publish_results(self.client, result.order_ids, result.placed)
+
+    def pending(self, kind: str) -> int:
+        return count(
+            self.engine,
+            "SELECT count(*) FROM commands WHERE symbol = :s AND kind = :k AND processed_at IS NULL",
+            s=self.symbol,
+            k=kind,
+        )
+
+
+def _in_thread(call: Callable[[], Any]) -> Callable[[], Any]:
+    """Start ``call`` in a thread; the returned function waits for its result."""
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join(15)
+        return results[0]
+
+    return result
+
+
+def _eventually(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("change", ["cancel", "amend"])
+def test_a_cancel_or_amend_answers_with_the_order_after_its_command_not_after_a_fill_before_it(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, change: str
+) -> None:
+    client = client_factory(order_wait_ms="10000")
+    symbol = new_symbol()
+    matcher = _StepMatcher(api_engine, api_redis_url, symbol)
+    seller, buyer = register(client), register(client)
+    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)  # accepted as the api accepts
+    matcher.step()
+    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 1, 100)  # fills 1 of the ask
+    if change == "cancel":
+        headers = {**seller.headers, "Prefer": "return=representation"}
+        answer = _in_thread(lambda: client.post(f"/orders/{resting}/cancel", headers=headers))
+    else:
+        answer = _in_thread(lambda: client.patch(f"/orders/{resting}", json={"quantity": 5}, headers=seller.headers))
+    _eventually(lambda: matcher.pending(change) == 1)
+
+    matcher.step()  # the bid: the ask's result is published, its cancel or amend not applied yet
+    time.sleep(0.2)
+    matcher.step()  # the cancel or amend
+
+    response = answer()
+    assert response.status_code == 200, response.text
+    got = response.json()
+    if change == "cancel":
+        assert (got["status"], got["close_reason"], got["remaining_quantity"]) == ("closed", "cancelled", 9)
+    else:
+        assert (got["status"], got["quantity"], got["remaining_quantity"]) == ("open", 5, 4)
+
+
+def test_two_cancels_of_one_order_both_answer_with_the_cancelled_order(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str
+) -> None:
+    client = client_factory(order_wait_ms="10000")
+    symbol = new_symbol()
+    matcher = _StepMatcher(api_engine, api_redis_url, symbol)
+    seller = register(client)
+    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
+    matcher.step()
+    headers = {**seller.headers, "Prefer": "return=representation"}
+    first = _in_thread(lambda: client.post(f"/orders/{resting}/cancel", headers=headers))
+    _eventually(lambda: matcher.pending("cancel") == 1)
+    second = _in_thread(lambda: client.post(f"/orders/{resting}/cancel", headers=headers))  # writes no command
+    time.sleep(0.2)
+
+    matcher.step()
+
+    answers = [first().json(), second().json()]
+    assert [(a["status"], a["close_reason"]) for a in answers] == [("closed", "cancelled")] * 2
