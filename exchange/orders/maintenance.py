@@ -11,14 +11,20 @@ DATA_TABLES = (
     "positions",
     "commands",
     "orders",
-    "symbols",
     "brokers",
 )
-"""Every table holding exchange data (not ``alembic_version``)."""
+"""Every table emptied by a reset: those holding exchange data but ``symbols`` (whose rows a reset keeps, see
+:func:`reset_all_data`) and ``alembic_version``."""
 
 
 async def reset_all_data(pool: AsyncPool) -> None:
-    """Empty every data table in one statement (``TRUNCATE … RESTART IDENTITY``). The command sequence is not
-    reset: sequence numbers only need to grow."""
+    """Empty every data table (``TRUNCATE … RESTART IDENTITY``) and clear every symbol's price, in one transaction.
+    The symbols' rows stay, with their book versions bumped: a matcher holding a book from before the reset must
+    rebuild it, and would not if a recreated row counted its versions from 0 again up to the one it cached (it
+    would match against orders that are gone). The command sequence is not reset: sequence numbers only need to
+    grow."""
     async with single_statement(pool) as conn:
-        await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY")
+        await conn.execute(
+            f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY;"
+            " UPDATE symbols SET book_version = book_version + 1, last_price = NULL, last_trade_at = NULL"
+        )

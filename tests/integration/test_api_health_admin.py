@@ -13,6 +13,7 @@ from sqlalchemy import Engine, text
 from exchange.api.app import create_app
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
+from exchange.matching.service import BookCache, process_symbol
 from tests.integration.api_helpers import ADMIN_KEY, count, match, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -123,8 +124,9 @@ def test_reset_empties_every_data_table_when_enabled(fresh_migrated_database_url
 
             response = client.post("/debug/reset", headers=ADMIN)
             assert response.status_code == 200
-            for table in ("brokers", "orders", "commands", "trades", "positions", "symbols", "webhook_events"):
+            for table in ("brokers", "orders", "commands", "trades", "positions", "webhook_events"):
                 assert count(engine, f"SELECT count(*) FROM {table}") == 0, table
+            assert count(engine, "SELECT count(*) FROM symbols WHERE last_price IS NOT NULL") == 0
             assert client.get("/debug/trade-count", headers=ADMIN).json() == {"trade_count": 0}
             # Old keys are gone with their brokers.
             assert client.get("/balance", headers=buyer.headers).status_code == 401
@@ -181,3 +183,41 @@ def test_amend_cancel_all_and_redeliver_answer_at_once_while_redis_stalls(
     assert max(took) < 2, took  # the broker's 10-s socket timeout, before
     assert count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :o AND kind = 'amend'", o=amended) == 1
     assert count(api_engine, "SELECT count(*) FROM commands WHERE order_id = :o AND kind = 'cancel'", o=cancelled) == 1
+
+
+def test_a_matcher_holding_a_book_from_before_a_reset_rebuilds_it(
+    fresh_migrated_database_url: str, api_redis_url: str
+) -> None:
+    settings = Settings.from_env(
+        {
+            "EXCHANGE_DATABASE_URL": fresh_migrated_database_url,
+            "EXCHANGE_REDIS_URL": api_redis_url,
+            "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
+            "EXCHANGE_ORDER_WAIT_MS": "0",
+            "EXCHANGE_DEBUG_ENDPOINTS": "true",
+        }
+    )
+    engine = pooled_engine(fresh_migrated_database_url)
+    symbol = new_symbol()
+    first, second = BookCache(), BookCache()  # two matcher processes (a hot standby), each with its own books
+    try:
+        with TestClient(create_app(settings)) as client:
+
+            def order(broker: Any, side: str, price: int) -> str:
+                body = {"document_number": "1", "symbol": symbol, "side": side, "price": price, "quantity": 3}
+                return str(client.post("/orders", json=body, headers=broker.headers).json()["id"])
+
+            order(register(client), "ask", 100)
+            process_symbol(engine, first, symbol)  # the first one holds a book with that ask resting
+            assert client.post("/debug/reset", headers=ADMIN).status_code == 200
+            seller, buyer = register(client), register(client)
+            order(seller, "ask", 90)
+            process_symbol(engine, second, symbol)  # the other one takes the symbol after the reset
+            bid = order(buyer, "bid", 95)  # crosses the ask at 90, not the one at 100 that is gone
+            process_symbol(engine, first, symbol)  # back to the first one, whose book is from before the reset
+
+            got = client.get(f"/orders/{bid}", headers=buyer.headers).json()
+        assert (got["status"], got["close_reason"]) == ("closed", "filled")  # with the old book: resting, crossed
+        assert [(t["price"], t["counterparty_broker"]) for t in got["trades"]] == [(90, seller.name)]
+    finally:
+        engine.dispose()
