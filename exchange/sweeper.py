@@ -35,13 +35,17 @@ _STALE = text(
     """
 )
 
+# statement_timestamp(), not clock_timestamp(): a stable bound the planner can put into the index condition of
+# ix_orders_open_valid_until, so a sweep reads only the orders that are due. With a volatile one it filtered every
+# open GTD order, every second. In autocommit it is this statement's start; the matcher expires with its own clock,
+# read later, so every order found here is expired by it.
 _LOG_EXPIRIES = text(
     """
     INSERT INTO commands (symbol, kind)
     SELECT due.symbol, 'expire'
     FROM (SELECT DISTINCT symbol FROM orders
           WHERE close_reason IS NULL AND status = 'open' AND valid_until IS NOT NULL
-            AND valid_until <= clock_timestamp()) AS due
+            AND valid_until <= statement_timestamp()) AS due
     WHERE NOT EXISTS (SELECT 1 FROM commands c
                       WHERE c.symbol = due.symbol AND c.kind = 'expire' AND c.processed_at IS NULL)
     RETURNING symbol

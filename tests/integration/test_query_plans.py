@@ -431,3 +431,18 @@ def test_matcher_lock_plans_made_while_symbols_were_few_still_read_versions_by_p
     kept = _plans_kept_while_growing(engine, store._LOCK_VERSIONS, params, grow)
     [plan] = [p for p in kept if "symbols" in p and ("Index" in p or "Seq Scan" in p)]
     assert _looks_up(plan, "symbols", "pk_symbols"), plan
+
+
+def test_the_sweepers_expiry_scan_reads_only_due_orders_through_their_index(engine: Engine) -> None:
+    from exchange.sweeper import _LOG_EXPIRIES
+
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        _insert_orders(conn, ROWS)
+        conn.execute(text("UPDATE orders SET time_in_force = 'gtd', valid_until = now() + interval '1 day'"))
+    _analyse(engine)
+    with engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN {_LOG_EXPIRIES.text}")))
+
+    assert "ix_orders_open_valid_until" in plan, plan
+    assert "Index Cond: (valid_until <= statement_timestamp())" in plan, plan
