@@ -16,6 +16,11 @@ DATA_TABLES = (
 """Every table emptied by a reset: those holding exchange data but ``symbols`` (whose rows a reset keeps, see
 :func:`reset_all_data`) and ``alembic_version``."""
 
+_RESET = (
+    f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY;"  # noqa: S608  # table names are constants
+    " UPDATE symbols SET book_version = book_version + 1, last_price = NULL, last_trade_at = NULL"
+)
+
 
 async def reset_all_data(pool: AsyncPool) -> None:
     """Empty every data table (``TRUNCATE … RESTART IDENTITY``) and clear every symbol's price, in one transaction.
@@ -24,7 +29,4 @@ async def reset_all_data(pool: AsyncPool) -> None:
     would match against orders that are gone). The command sequence is not reset: sequence numbers only need to
     grow."""
     async with single_statement(pool) as conn:
-        await conn.execute(
-            f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY;"
-            " UPDATE symbols SET book_version = book_version + 1, last_price = NULL, last_trade_at = NULL"
-        )
+        await conn.execute(_RESET)
