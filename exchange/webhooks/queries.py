@@ -239,17 +239,20 @@ class FailingEndpoint:
     oldest_pending_at: datetime | None
 
 
+# Retrying: pending after a failed attempt (a recorded retry sets last_error; a delivery or a redelivery clears it).
+# Not attempts > 0: a first attempt in flight has claimed its event (attempts 1) and has not failed.
 _FAILING = """
     SELECT b.id, b.name, b.webhook_url, b.webhook_enabled, b.webhook_disabled_reason,
            b.webhook_consecutive_failures,
            (SELECT count(*) FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'failed') AS failed,
            (SELECT count(*) FROM webhook_events e
-            WHERE e.broker_id = b.id AND e.status = 'pending' AND e.attempts > 0) AS retrying,
+            WHERE e.broker_id = b.id AND e.status = 'pending' AND e.last_error IS NOT NULL) AS retrying,
            (SELECT min(e.created_at) FROM webhook_events e
             WHERE e.broker_id = b.id AND e.status = 'pending') AS oldest_pending
     FROM brokers b
     WHERE NOT b.webhook_enabled OR b.webhook_consecutive_failures > 0
-       OR EXISTS (SELECT 1 FROM webhook_events e WHERE e.broker_id = b.id AND e.status = 'pending' AND e.attempts > 0)
+       OR EXISTS (SELECT 1 FROM webhook_events e
+                  WHERE e.broker_id = b.id AND e.status = 'pending' AND e.last_error IS NOT NULL)
     ORDER BY b.webhook_enabled, b.webhook_consecutive_failures DESC, b.name
     LIMIT %(limit)s
 """

@@ -371,3 +371,26 @@ def test_admin_lists_a_disabled_endpoint_with_its_reason(
     assert "410" in mine["disabled_reason"]
     assert mine["failed_events"] == 1
     assert client.get("/admin/webhooks/failing", headers=buyer.headers).status_code == 401
+
+
+def test_admin_does_not_list_an_endpoint_whose_first_attempt_is_in_flight_but_lists_one_being_retried(
+    client: TestClient[Any], api_engine: Engine
+) -> None:
+    in_flight, _ = register(client, "http://127.0.0.1:9/in-flight")
+    retried, _ = register(client, "http://127.0.0.1:9/retried")
+    seller, _ = register(client)
+    trade(client, api_engine, in_flight, seller)
+    trade(client, api_engine, retried, seller)
+    with api_engine.begin() as conn:  # both claimed (attempts 1, leased); only one has failed (recorded retry)
+        conn.execute(
+            text(
+                "UPDATE webhook_events SET attempts = 1, next_attempt_at = now() + interval '60 seconds', "
+                "last_error = CASE WHEN broker_id = :r THEN 'HTTP 500' END WHERE broker_id IN (:i, :r)"
+            ),
+            {"i": in_flight.id, "r": retried.id},
+        )
+
+    listed = {e["broker_id"]: e for e in client.get("/admin/webhooks/failing", headers=ADMIN).json()}
+
+    assert in_flight.id not in listed
+    assert listed[retried.id]["retrying_events"] == 1
