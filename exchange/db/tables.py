@@ -413,6 +413,12 @@ webhook_attempts = Table(
     CheckConstraint("latency_ms >= 0", name="latency_non_negative"),
     Index("ix_webhook_attempts_broker_attempted_at", "broker_id", text("attempted_at DESC")),
     Index("ix_webhook_attempts_event_id", "event_id"),
+    # The ops page's latest failed attempts (alembic 0016): only failed ones, so a delivery writes no entry.
+    Index(
+        "ix_webhook_attempts_failed_attempted_at",
+        text("attempted_at DESC"),
+        postgresql_where=text("error IS NOT NULL"),
+    ),
 )
 """One HTTP delivery attempt (for the broker's delivery log and the ops views); ``response_excerpt`` holds
 the first bytes of the response body. ``broker_id`` is denormalised so the log is one index scan."""

@@ -59,13 +59,17 @@ _WEBHOOK_ENDPOINTS = """
     LIMIT %(limit)s
 """
 
+# The latest failed delivery attempts, by when they were made (ix_webhook_attempts_failed_attempted_at), with their
+# events' state. Not the events by their next attempt: one deep in its retry schedule would come first, and an
+# endpoint that had only just begun failing would not be listed. Skipped events (no URL, endpoint disabled) made no
+# attempt: they are listed above.
 _RECENT_ERRORS = """
-    SELECT e.id, e.broker_id, b.name AS broker_name, e.type, e.status, e.attempts, e.last_error,
-           e.created_at, e.next_attempt_at
-    FROM webhook_events e JOIN brokers b ON b.id = e.broker_id
-    WHERE e.last_error IS NOT NULL AND e.status <> 'skipped'  -- skipped = no URL or disabled: listed above
-    ORDER BY e.next_attempt_at DESC
-    LIMIT %(limit)s
+    SELECT a.event_id, a.broker_id, b.name AS broker_name, e.type, e.status, e.attempts, a.error, a.status_code,
+           a.attempted_at, e.created_at, e.next_attempt_at
+    FROM (SELECT * FROM webhook_attempts WHERE error IS NOT NULL ORDER BY attempted_at DESC LIMIT %(limit)s) AS a
+    JOIN webhook_events e ON e.id = a.event_id
+    JOIN brokers b ON b.id = a.broker_id
+    ORDER BY a.attempted_at DESC
 """
 
 
@@ -154,15 +158,17 @@ async def snapshot(pool: AsyncPool, redis: Redis, partitions: int) -> dict[str, 
         ],
         "recent_errors": [
             {
-                "event_id": str(r.id),
+                "event_id": str(r.event_id),
                 "broker_id": str(r.broker_id),
                 "broker_name": r.broker_name,
                 "type": r.type,
                 "status": r.status,
                 "attempts": int(r.attempts),
-                "error": r.last_error,
+                "error": r.error,
+                "status_code": r.status_code,
+                "attempted_at": _iso(r.attempted_at),
                 "created_at": _iso(r.created_at),
-                "next_attempt_at": _iso(r.next_attempt_at),
+                "next_attempt_at": _iso(r.next_attempt_at) if r.status == "pending" else None,
             }
             for r in errors
         ],

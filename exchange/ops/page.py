@@ -83,7 +83,7 @@ def render(snapshot: dict[str, Any]) -> str:
         for h in snapshot["webhook_endpoints"]
     ]
     errors = [
-        f"<tr>{_cell(e['next_attempt_at'])}{_cell(e['broker_name'])}{_cell(e['type'])}{_cell(e['status'])}"
+        f"<tr>{_cell(e['attempted_at'])}{_cell(e['broker_name'])}{_cell(e['type'])}{_cell(e['status'])}"
         f"{_cell(e['attempts'], 'num')}{_cell(e['error'], 'bad')}</tr>"
         for e in snapshot["recent_errors"]
     ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from litestar.testing import TestClient
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from exchange.ops.auth import COOKIE_NAME
 from tests.integration.api_helpers import ADMIN_KEY, match, new_symbol, register
@@ -123,13 +123,7 @@ def test_ops_data_lists_failing_or_disabled_webhooks_and_recent_errors(
             ),
             {"id": disabled.id},
         )
-        conn.execute(
-            text(
-                "INSERT INTO webhook_events (broker_id, sequence, type, payload, attempts, last_error, next_attempt_at)"
-                " VALUES (:b, 1, 'order.fill', '{}', 2, :e, now() + interval '1 hour')"
-            ),
-            {"b": failing.id, "e": error_text},
-        )
+        _failed_event(conn, failing.id, error_text, attempted="now()", next_attempt="now() + interval '1 hour'")
     data = api_client.get("/ops/data.json", headers=ADMIN).json()
     endpoints = {e["broker_id"]: e for e in data["webhook_endpoints"]}
     assert endpoints[failing.id]["consecutive_failures"] == 3
@@ -154,3 +148,40 @@ def test_ops_page_is_html_with_every_section_and_escapes_outside_text(
         assert f'id="{table_id}"' in response.text
     assert broker.name not in response.text
     assert "&lt;b&gt;evil-" in response.text
+
+
+def _failed_event(conn: Connection, broker_id: str, error: str, *, attempted: str, next_attempt: str) -> None:
+    """A pending webhook event of ``broker_id`` whose last attempt (at ``attempted``, SQL) failed with ``error``."""
+    conn.execute(
+        text(
+            "WITH e AS (INSERT INTO webhook_events (broker_id, sequence, type, payload, attempts, last_error,"
+            f" next_attempt_at) VALUES (:b, (SELECT coalesce(max(sequence), 0) + 1 FROM webhook_events"
+            f" WHERE broker_id = :b), 'order.fill', '{{}}', 2, :e, {next_attempt}) RETURNING id)"
+            " INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, error)"
+            f" SELECT id, :b, {attempted}, 'https://h.example/x', :e FROM e"
+        ),
+        {"b": broker_id, "e": error},
+    )
+
+
+def test_ops_recent_errors_are_the_latest_failed_attempts_not_the_latest_retries_due(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    down_for_hours, just_failing = register(api_client), register(api_client)
+    with api_engine.begin() as conn:
+        for n in range(25):  # deep in their retry schedule: next attempts hours ahead
+            _failed_event(
+                conn,
+                down_for_hours.id,
+                f"refused {n}",
+                attempted=f"now() - interval '{n + 2} minutes'",
+                next_attempt="now() + interval '9 hours'",
+            )
+        _failed_event(conn, just_failing.id, "just now", attempted="now()", next_attempt="now() + interval '5 s'")
+
+    data = api_client.get("/ops/data.json", headers=ADMIN).json()
+
+    errors = data["recent_errors"]
+    assert (errors[0]["broker_id"], errors[0]["error"]) == (just_failing.id, "just now")
+    assert all(e["attempted_at"] <= data["generated_at"] for e in errors)
+    assert [e["attempted_at"] for e in errors] == sorted((e["attempted_at"] for e in errors), reverse=True)

@@ -446,3 +446,33 @@ def test_the_sweepers_expiry_scan_reads_only_due_orders_through_their_index(engi
 
     assert "ix_orders_open_valid_until" in plan, plan
     assert "Index Cond: (valid_until <= statement_timestamp())" in plan, plan
+
+
+def test_the_ops_pages_recent_errors_read_the_latest_failed_attempts_through_their_index(engine: Engine) -> None:
+    from exchange.ops.data import _RECENT_ERRORS
+
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url="https://h.example/x")
+        conn.execute(
+            text(
+                """
+                WITH e AS (
+                    INSERT INTO webhook_events (broker_id, sequence, type, payload)
+                    SELECT b.id, g, 'order.fill', '{}' FROM generate_series(1, 50) AS g, brokers b
+                    RETURNING id, broker_id, sequence
+                )
+                INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, status_code, error)
+                SELECT id, broker_id, now() - make_interval(secs => sequence), 'https://h.example/x',
+                       CASE WHEN sequence % 100 = 7 THEN 500 ELSE 200 END,
+                       CASE WHEN sequence % 100 = 7 THEN 'HTTP 500' END
+                FROM e
+                """
+            )
+        )
+    _analyse(engine)
+    with engine.connect() as conn:
+        statement = _RECENT_ERRORS.replace("%(limit)s", "20")  # the psycopg placeholder the ops page binds
+        plan = "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN {statement}")))
+
+    assert "ix_webhook_attempts_failed_attempted_at" in plan, plan
+    assert "Seq Scan on webhook_attempts" not in plan, plan
