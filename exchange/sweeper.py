@@ -8,7 +8,7 @@ Every ``interval`` seconds it
 * makes webhook events still pending and not in flight more than ``webhook_requeue_after`` seconds after they
   became due (lost hint, crashed delivery worker, long retry) due now, and hints the webhook workers once.
 
-Any number of sweepers may run: every action is idempotent.
+Any number of sweepers may run: every action is idempotent, and their expiry logging takes turns.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, text
 
+from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS
 from exchange.messaging.wakeups import BrokerLike, send_wakeups
 from exchange.observability.metrics import SWEEPER_EXPIRIES, SWEEPER_RENUDGES
 from exchange.webhooks.queue import enqueue_deliveries
@@ -53,6 +54,26 @@ _LOG_EXPIRIES = text(
 )
 
 
+EXPIRY_LOCK = (3085, 0)
+"""The advisory lock the sweepers' expiry logging takes turns on: a two-integer key, apart from the books'
+one-bigint keys and the cancels' ``(3084, bucket)``."""
+
+
+def log_expiries(engine: Engine) -> list[str]:
+    """Log an ``expire`` command for every symbol with due GTD orders and none pending; returns those symbols.
+
+    Sweepers take turns (:data:`EXPIRY_LOCK`, held to the commit), and each one's insert, a statement after the lock,
+    sees what the one before it committed: without the turn, two sweepers' inserts, each not seeing the other's
+    uncommitted row, logged two commands per symbol (harmless to orders, but counted twice and processed twice).
+    A bounded transaction: a sweeper frozen inside it holds the turn for 2 s at most."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(BOUNDED_BEGIN_STATEMENTS[1])  # the bound: SET LOCAL, first in the transaction
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": EXPIRY_LOCK[0], "key": EXPIRY_LOCK[1]}
+        )
+        return [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
+
+
 @dataclass(frozen=True, slots=True)
 class SweepResult:
     renudged: list[str]
@@ -68,10 +89,9 @@ def sweep_once(
     stale_after_s: float = 0.5,
     webhook_requeue_after_s: float = 10.0,
 ) -> SweepResult:
-    # Two statements in autocommit, each its own transaction: neither needs the other's, and a sweeper stopped
-    # between them holds no lock (see exchange.db.engines.BOUNDED_BEGIN).
+    expiring = log_expiries(engine)
+    # In autocommit, its own transaction: it needs no other's.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        expiring = [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
     send_wakeups(broker, sorted(set(stale) | set(expiring)), partitions)
     overdue = take_overdue(engine, older_than_s=webhook_requeue_after_s)

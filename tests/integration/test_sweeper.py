@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from exchange.matching.service import BookCache, process_symbol
 from exchange.messaging.partitions import matching_queue, partition_of
-from exchange.sweeper import sweep_once
+from exchange.sweeper import _LOG_EXPIRIES, EXPIRY_LOCK, SweepResult, sweep_once
 from tests.integration.redis_support import namespaced_broker
 from tests.integration.sql_orders import add_broker, place
 
@@ -91,3 +93,26 @@ def test_due_gtd_orders_get_one_expire_command_and_are_closed_expired(engine: En
         kinds = conn.execute(text("SELECT kind FROM commands ORDER BY seq")).scalars().all()
     assert tuple(row) == ("closed", "expired")
     assert kinds == ["place", "expire"]
+
+
+def test_two_sweepers_at_once_log_one_expire_command_per_symbol(engine: Engine, broker: RedisBroker) -> None:
+    b = add_broker(engine, "b")
+    place(engine, b, "ITSA4", "ask", 1, 100, valid_until=datetime.now(UTC) + timedelta(milliseconds=50))
+    process_symbol(engine, BookCache(), "ITSA4")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET valid_until = now() - interval '1 second'"))
+    other = engine.connect()  # another sweeper, inside its expiry logging: its insert made, not yet committed
+    other.execute(text("SELECT pg_advisory_xact_lock(:s, :k)"), {"s": EXPIRY_LOCK[0], "k": EXPIRY_LOCK[1]})
+    assert [row.symbol for row in other.execute(_LOG_EXPIRIES)] == ["ITSA4"]
+    results: list[SweepResult] = []
+    sweeping = threading.Thread(target=lambda: results.append(sweep_once(engine, broker, PARTITIONS)))
+    sweeping.start()
+    time.sleep(0.3)  # this sweeper reaches its own expiry logging meanwhile
+    other.commit()
+    other.close()
+    sweeping.join(10)
+
+    assert results[0].expiring == []
+    with engine.connect() as conn:
+        expires = conn.execute(text("SELECT count(*) FROM commands WHERE kind = 'expire'")).scalar_one()
+    assert expires == 1
