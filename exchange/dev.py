@@ -63,6 +63,8 @@ class Child:
     """``time.monotonic()`` when the process was last started."""
     restart_delay_s: float | None = None
     """The pause before its last restart (None: never restarted)."""
+    restart_at: float | None = None
+    """``time.monotonic()`` when it is to be started again, once it died (None: running, or not started)."""
     pump: threading.Thread | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
@@ -148,10 +150,18 @@ def _spawn(child: Child, env: dict[str, str]) -> None:
     child.pump.start()
 
 
+def _signal_group(child: Child, signum: int) -> None:
+    """Send ``signum`` to the child's process group: its leader, if alive, and every process it forked (they stay in
+    the group when the leader dies: an orphaned gunicorn worker keeps the api's port and answers on it, an orphaned
+    matcher keeps taking work)."""
+    if child.process is not None:
+        with contextlib.suppress(ProcessLookupError):  # nothing left in the group
+            os.killpg(child.process.pid, signum)
+
+
 def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
     for child in children:
-        if child.process and child.process.poll() is None:
-            os.killpg(child.process.pid, signal.SIGTERM)
+        _signal_group(child, signal.SIGTERM)  # also a dead leader's orphans: their group outlives it
     deadline = time.monotonic() + timeout_s
     for child in children:
         if child.process is None:
@@ -159,8 +169,28 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
         try:
             child.process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(child.process.pid, signal.SIGKILL)
+            _signal_group(child, signal.SIGKILL)
             child.process.wait()
+        _signal_group(child, signal.SIGKILL)  # what its leader left behind when it exited
+
+
+def watch(supervised: list[Child], env: dict[str, str], stopping: StopRequest) -> None:
+    """Until a stop is requested, restart every child that exits, after its own restart delay
+    (:func:`restart_delay`; one child's back-off never holds up another's restart). What is left of a dead
+    child's process group is killed at once: its leader's workers, which would keep its port or its work."""
+    while not stopping.wait(CHILD_POLL_S):
+        now = time.monotonic()
+        for child in supervised:
+            if child.process is None:
+                continue
+            if child.restart_at is None and child.process.poll() is not None:
+                _signal_group(child, signal.SIGKILL)
+                delay = restart_delay(child.restart_delay_s, now - child.started_at)
+                child.restart_delay_s, child.restart_at = delay, now + delay
+                print(f"dev: {child.name} exited with {child.process.returncode}; restarting in {delay:g}s", flush=True)
+            elif child.restart_at is not None and now >= child.restart_at:
+                child.restart_at = None
+                _spawn(child, env)
 
 
 DEFAULT_STATE_DIR = REPO_ROOT / ".exchange"
@@ -273,6 +303,25 @@ def run_dev(
         )
 
 
+def port_in_use(port: int) -> bool:
+    """Something listens on ``127.0.0.1:port``: a bind with ``SO_REUSEADDR`` (as gunicorn's and pgbouncer's) fails."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _port_taken(port: int, option: str) -> bool:
+    """Say so, if ``port`` is taken: its child would exit and be restarted forever while something else answers."""
+    if not port_in_use(port):
+        return False
+    print(f"dev: 127.0.0.1:{port} is in use (another exchange dev?); choose another {option}", file=sys.stderr)
+    return True
+
+
 def _supervise(
     settings: Settings,
     *,
@@ -283,6 +332,8 @@ def _supervise(
     state_dir: Path,
     metrics_port: int,
 ) -> int:
+    if _port_taken(port, "--port"):
+        return 1
     env = dict(os.environ)
     env.setdefault("EXCHANGE_LOG_FORMAT", "text")  # a terminal, not a log shipper, reads dev's output
     env.setdefault("EXCHANGE_DEBUG_ENDPOINTS", "true")
@@ -297,6 +348,8 @@ def _supervise(
     pgb_dir = state_dir / "pgbouncer"
     stop_pgbouncer(pgb_dir)  # one an earlier run left behind (older runs daemonized it) would hold the port
     pgbouncer, pooled_url = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port) or (None, None)
+    if pgbouncer is not None and _port_taken(pgbouncer_port, "--pgbouncer-port"):
+        return 1
     env["EXCHANGE_DATABASE_URL"] = settings.database_url
     env["EXCHANGE_POOLED_DATABASE_URL"] = pooled_url or settings.database_url
     env["EXCHANGE_REDIS_URL"] = settings.redis_url
@@ -330,16 +383,7 @@ def _supervise(
         for child in children:
             _spawn(child, env)
         _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
-        while not stopping.wait(CHILD_POLL_S):
-            for child in supervised:
-                if child.process is not None and child.process.poll() is not None:
-                    code = child.process.returncode
-                    delay = restart_delay(child.restart_delay_s, time.monotonic() - child.started_at)
-                    child.restart_delay_s = delay
-                    print(f"dev: {child.name} exited with {code}; restarting in {delay:g}s", flush=True)
-                    if stopping.wait(delay):
-                        break
-                    _spawn(child, env)
+        watch(supervised, env, stopping)
     finally:
         print("dev: stopping", flush=True)
         _stop(children)

@@ -1,0 +1,101 @@
+"""``exchange dev``'s supervision of its children, with real processes: a dead child's workers do not outlive it,
+each child waits out only its own restart delay, a taken port is refused before anything starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from exchange.dev import Child, StopRequest, _spawn, _stop, port_in_use, watch
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return status != "Z"
+
+
+def _eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@contextmanager
+def _watching(children: list[Child]) -> Iterator[None]:
+    stopping = StopRequest()
+    thread = threading.Thread(target=watch, args=(children, dict(os.environ), stopping), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopping.requested = True
+        thread.join(5)
+        _stop(children, timeout_s=2)
+
+
+def _leaves_a_worker(pidfile: Path) -> Child:
+    """A child whose leader forks a long-lived worker (its pid written to ``pidfile``), then dies."""
+    return Child("leader", ["sh", "-c", f'sleep 30 & echo $! > "{pidfile}"; sleep 0.2; exit 3'])
+
+
+def test_a_dead_childs_worker_is_killed_before_the_child_is_started_again(tmp_path: Path) -> None:
+    pidfile = tmp_path / "worker.pid"
+    child = _leaves_a_worker(pidfile)
+    _spawn(child, dict(os.environ))
+    _eventually(pidfile.exists)
+    _eventually(lambda: pidfile.read_text().strip() != "")
+    worker = int(pidfile.read_text())
+    first = child.process
+
+    with _watching([child]):
+        _eventually(lambda: child.process is not first)
+
+        _eventually(lambda: not _alive(worker), timeout_s=1)  # an orphaned gunicorn worker kept the api's port
+
+
+def test_stopping_kills_the_workers_a_dead_leader_left(tmp_path: Path) -> None:
+    pidfile = tmp_path / "worker.pid"
+    child = _leaves_a_worker(pidfile)
+    _spawn(child, dict(os.environ))
+    assert child.process is not None
+    child.process.wait(5)
+    worker = int(pidfile.read_text())
+    assert _alive(worker)
+
+    _stop([child], timeout_s=2)
+
+    _eventually(lambda: not _alive(worker), timeout_s=1)
+
+
+def test_one_childs_long_restart_delay_does_not_hold_up_another_childs_restart() -> None:
+    backing_off = Child("backing-off", ["sh", "-c", "exit 1"])
+    other = Child("other", ["sh", "-c", "sleep 0.3; exit 1"])
+    _spawn(backing_off, dict(os.environ))
+    backing_off.restart_delay_s = 6.4  # died soon after each of its last starts: its next delay is 10 s
+    _spawn(other, dict(os.environ))
+    first = other.process
+
+    with _watching([backing_off, other]):
+        started = time.monotonic()
+        _eventually(lambda: other.process is not first, timeout_s=3)
+
+        assert time.monotonic() - started < 2
+        assert backing_off.restart_at is not None
+        assert backing_off.restart_at - time.monotonic() > 5
+
+
+def test_a_port_something_listens_on_is_in_use_and_a_free_one_is_not() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        taken = listening.getsockname()[1]
+        assert port_in_use(taken)
+    assert not port_in_use(taken)
