@@ -1,8 +1,9 @@
 """gunicorn settings for the exchange api: Litestar on uvicorn workers (``exchange.api.server.ApiWorker``:
 ``uvicorn_worker.UvicornWorker`` whose protocol writes each response to the socket once).
 
-``exchange api`` passes --bind/--workers on the command line; everything else has a local default here and can be
-overridden with the usual GUNICORN_CMD_ARGS or EXCHANGE_API_* variables. Workers are stateless: any of them can be
+``exchange api`` passes --bind/--workers on the command line when given; without them, and for everything else, the
+defaults here hold, overridden by the usual GUNICORN_CMD_ARGS or the EXCHANGE_API_* variables (``exchange api`` sets
+those of ``.env`` in gunicorn's environment). Workers are stateless: any of them can be
 killed at any moment (an accepted order is already committed in Postgres before the 201 is sent).
 """
 

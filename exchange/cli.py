@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from exchange.config import Settings, SettingsError
+from exchange.config import Settings, SettingsError, load_environ
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any
@@ -98,17 +98,28 @@ def _add_api(subparsers: Subparsers) -> None:
         help="run the HTTP api (gunicorn + uvicorn workers)",
         description="Run the Litestar api under gunicorn with uvicorn workers (gunicorn.conf.py).",
     )
-    parser.add_argument("--bind", default="127.0.0.1:8000", help="address to listen on (default 127.0.0.1:8000)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    parser.add_argument("--bind", help="address to listen on (default: EXCHANGE_API_BIND, else 127.0.0.1:8000)")
+    parser.add_argument("--workers", type=int, help="gunicorn worker processes (default: EXCHANGE_API_WORKERS, else 2)")
     parser.set_defaults(handler=_run_api)
 
 
+API_VARIABLES = ("EXCHANGE_API_BIND", "EXCHANGE_API_WORKERS", "EXCHANGE_LOG_LEVEL")
+"""Read by gunicorn.conf.py from gunicorn's environment: set there from ``.env`` too, like every other setting."""
+
+
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         print("exchange api: --workers must be >= 1", file=sys.stderr)
         return 2
-    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "--bind", args.bind]
-    argv += ["--workers", str(args.workers)]
+    configured = load_environ()
+    for name in API_VARIABLES:
+        if name in configured:
+            os.environ.setdefault(name, configured[name])
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)]
+    if args.bind is not None:
+        argv += ["--bind", args.bind]
+    if args.workers is not None:
+        argv += ["--workers", str(args.workers)]
     # exec: the gunicorn master becomes this process, so signals from a supervisor reach it directly.
     os.execv(sys.executable, argv)  # noqa: S606  (fixed argv of our own interpreter, no shell)
     return 1  # unreachable: execv only returns by raising

@@ -107,3 +107,29 @@ def test_a_given_metrics_directory_is_left_in_place(tmp_path: Path, migrated_dat
 
     assert given.is_dir()
     assert _made_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["environment", "env-file"])
+def test_exchange_api_listens_where_exchange_api_bind_says_without_bind(
+    tmp_path: Path, migrated_database_url: str, where: str
+) -> None:
+    port = free_port()
+    env = _env(tmp_path, migrated_database_url)
+    if where == "environment":
+        env["EXCHANGE_API_BIND"] = f"127.0.0.1:{port}"
+    else:
+        (tmp_path / "empty.env").write_text(f"EXCHANGE_API_BIND=127.0.0.1:{port}\nEXCHANGE_API_WORKERS=1\n")
+    master = subprocess.Popen(
+        [sys.executable, "-m", "exchange.cli", "api"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_live(port, master)  # was 127.0.0.1:8000 whatever the variable said
+    finally:
+        if master.poll() is None:
+            os.killpg(master.pid, signal.SIGTERM)
+        master.wait(timeout=60)
