@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from exchange.config import Settings, load_environ
 from exchange.db import migrate
@@ -78,7 +78,8 @@ def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child,
     ``run_dir``, listening on ``port``) and the pooled URL; None when pgbouncer is not installed.
 
     A unix-socket URL (``…?host=/socket/dir``, the embedded server) works too: pgbouncer then runs as the owner
-    of the socket directory, the only user besides root that may enter it (pgbouncer refuses to run as root)."""
+    of the socket directory, the only user besides root that may enter it (pgbouncer refuses to run as root). A
+    password in the URL is pgbouncer's to log in to PostgreSQL with (``PG_PASSWORD``); the pooled URL has none."""
     if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
         print("dev: pgbouncer not installed; api and matchers connect to PostgreSQL directly", flush=True)
         return None
@@ -87,6 +88,8 @@ def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child,
     host = socket_dir or parts.hostname or "127.0.0.1"
     pg_port, user = str(parts.port or 5432), parts.username or "postgres"
     env = {}
+    if parts.password:  # for pgbouncer's own login to PostgreSQL; its clients need none (auth_type any, 127.0.0.1)
+        env["PG_PASSWORD"] = unquote(parts.password)
     if socket_dir.startswith("/") and os.geteuid() == 0:
         owner = pwd.getpwuid(Path(socket_dir).stat().st_uid).pw_name
         if owner != "root":

@@ -11,13 +11,16 @@ import contextlib
 import os
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import psutil
 import psycopg
 import pytest
+from psycopg import sql
 
+from exchange.dev import StopRequest, _spawn, _stop, pgbouncer_child, stop_pgbouncer, wait_listening
 from tests.e2e.conftest import PGBOUNCER_SCRIPT, free_port, pgbouncer_files, require_services
+from tests.e2e.private_services import PrivatePostgres
 
 
 def start(run_dir: Path, port: int, database_url: str) -> tuple[subprocess.CompletedProcess[str], Path | None]:
@@ -65,3 +68,38 @@ def test_pgbouncer_serves_and_stops_for_a_run_dir_its_user_cannot_enter(
     assert gone(pid)
     assert not files_again.exists()
     assert not (run_dir / "pgbouncer.files").exists()
+
+
+def test_exchange_devs_pgbouncer_logs_in_with_the_database_urls_password(tmp_path: Path) -> None:
+    require_services()
+    password = "p'w d\\$x%"  # a quote, a space, a backslash, a dollar: each quoted for pgbouncer's connection string
+    pg = PrivatePostgres(free_port())
+    pg.init()
+    pg.start()
+    child = None
+    try:
+        with psycopg.connect(pg.url(), autocommit=True) as conn:  # trust, until the reload below
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(password)))
+            (pg.data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+            conn.execute("SELECT pg_reload_conf()")
+        url = f"postgresql://postgres:{quote(password, safe='')}@127.0.0.1:{pg.port}/postgres"
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(pg.url(), connect_timeout=5).close()  # the server asks for the password now
+        port = free_port()
+        made = pgbouncer_child(url, tmp_path / "pgbouncer", port)
+        assert made is not None
+        child, pooled_url = made
+        assert password not in pooled_url
+        assert quote(password, safe="") not in pooled_url
+        _spawn(child, dict(os.environ))
+        wait_listening(child, port, StopRequest())
+
+        with psycopg.connect(pooled_url, autocommit=True, prepare_threshold=None) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+        files = pgbouncer_files(tmp_path / "pgbouncer")
+        assert (files / "pgbouncer.ini").stat().st_mode & 0o077 == 0  # the password is not for other users
+    finally:
+        if child is not None:
+            _stop([child], timeout_s=5)
+            stop_pgbouncer(tmp_path / "pgbouncer")
+        pg.close()
