@@ -61,7 +61,7 @@ def _url(*schemes: str) -> Parser:
     def parse(variable: str, raw: str) -> str:
         scheme = urlsplit(raw).scheme.split("+", 1)[0].lower()
         if scheme not in schemes:
-            raise SettingsError(f"{variable} must be a URL with scheme {' or '.join(schemes)}, got {_redact(raw)!r}")
+            raise SettingsError(f"{variable} must be a URL with scheme {' or '.join(schemes)}, got {redact(raw)!r}")
         return raw
 
     return parse
@@ -95,8 +95,8 @@ def _boolean(variable: str, raw: str) -> bool:
     raise SettingsError(f"{variable} must be one of {sorted(_TRUE | _FALSE)}, got {raw!r}")
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -210,7 +210,7 @@ class Settings:
             if not field.repr:
                 continue
             value = getattr(self, field.name)
-            text = repr(_redact(value)) if field.name.endswith("_url") else repr(value)
+            text = repr(redact(value)) if field.name.endswith("_url") else repr(value)
             shown.append(f"{field.name}={text}")
         return f"Settings({', '.join(shown)})"
 

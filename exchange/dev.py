@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import pwd
 import secrets
@@ -20,14 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from exchange.config import Settings, load_environ
+from exchange.config import Settings, load_environ, redact
 from exchange.db import migrate
 from exchange.db.urls import libpq_url
 
@@ -261,6 +262,34 @@ def dev_partitions(configured: Mapping[str, str], partitions: int, matchers: int
     return partitions if configured.get("EXCHANGE_PARTITIONS") else matchers
 
 
+class StateDirBusyError(RuntimeError):
+    """Another ``exchange dev`` runs with this state directory."""
+
+
+@contextlib.contextmanager
+def holding_state_dir(state_dir: Path) -> Iterator[None]:
+    """Hold ``state_dir`` for one ``exchange dev`` run (an exclusive ``flock`` of ``state_dir/dev.lock``, released
+    however the run ends, also by the kernel when it is killed). A second run on the same directory would stop the
+    first one's pgbouncer as a leftover, replace its Redis, and stop its PostgreSQL and Redis when it stops: it is
+    refused instead. Raises :class:`StateDirBusyError`."""
+    lock = (state_dir / "dev.lock").open("a+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise StateDirBusyError(
+                f"another exchange dev (pid {holder}) runs with state dir {state_dir}; stop it or give --state-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+    finally:
+        lock.close()
+
+
 def run_dev(
     settings: Settings,
     *,
@@ -279,11 +308,17 @@ def run_dev(
     """
     from exchange.embedded import EmbeddedServices
 
-    # Until the supervisor loop installs its own handler, SIGTERM must unwind (and stop embedded servers) too.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     state_dir.mkdir(parents=True, exist_ok=True)
     configured = load_environ()
-    with EmbeddedServices(state_dir) as embedded:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(holding_state_dir(state_dir))
+        except StateDirBusyError as exc:
+            print(f"dev: {exc}", file=sys.stderr)
+            return 1
+        # Until the supervisor loop installs its own handler, SIGTERM must unwind (and stop embedded servers) too.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        embedded = stack.enter_context(EmbeddedServices(state_dir))
         overrides: dict[str, Any] = {}
         overrides["partitions"] = dev_partitions(configured, settings.partitions, matchers)
         if not configured.get("EXCHANGE_DATABASE_URL"):
@@ -412,8 +447,8 @@ dev: the exchange is starting
   health     {base}/health/ready
   ops        {base}/ops/login?key={admin_key}   (then {base}/ops/dramatiq for the queues)
   metrics    {base}/metrics
-  database   {pooled_url}
-  redis      {redis_url}
+  database   {redact(pooled_url)}
+  redis      {redact(redis_url)}
   admin key  {admin_key}
 
   # register a broker, then place an order with its api_key:

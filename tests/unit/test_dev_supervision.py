@@ -11,7 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from exchange.dev import Child, StopRequest, _spawn, _stop, port_in_use, watch
+import pytest
+
+from exchange.config import Settings
+from exchange.dev import Child, StopRequest, _spawn, _stop, holding_state_dir, port_in_use, run_dev, watch
 
 
 def _alive(pid: int) -> bool:
@@ -99,3 +102,21 @@ def test_a_port_something_listens_on_is_in_use_and_a_free_one_is_not() -> None:
         taken = listening.getsockname()[1]
         assert port_in_use(taken)
     assert not port_in_use(taken)
+
+
+def test_a_second_exchange_dev_on_the_same_state_dir_is_refused_and_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with holding_state_dir(tmp_path):
+        code = run_dev(Settings.from_env({}), port=1, matchers=1, api_workers=1, pgbouncer_port=1, state_dir=tmp_path)
+
+    assert code == 1
+    assert f"another exchange dev (pid {os.getpid()}) runs with state dir {tmp_path}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.lock"]  # no embedded server was started
+
+
+def test_the_state_dir_is_free_again_once_its_run_ends(tmp_path: Path) -> None:
+    with holding_state_dir(tmp_path):
+        pass
+    with holding_state_dir(tmp_path):
+        pass
