@@ -56,6 +56,7 @@ def test_ready_is_503_and_requests_are_database_unavailable_when_postgres_is_dow
     ready = client.get("/health/ready")
     assert ready.status_code == 503
     assert ready.json()["checks"]["postgres"]["ok"] is False
+    assert ready.json()["checks"]["postgres"]["error"] == "OperationalError"  # not the server's address
     assert client.get("/health/live").status_code == 200
     for response in (
         client.post("/register", json={"name": "x"}, headers=ADMIN),

@@ -2,12 +2,14 @@
 answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond, the database schema is at the
 newest migration of this build (``migrations``: a process running against an un-migrated or newer database is not
 ready) and the process's result subscriber is subscribed (``results``: without it every new order answers
-``pending`` after its wait), else 503, with a check per component."""
+``pending`` after its wait), else 503, with a check per component: what failed, not the driver's message (which
+names hosts, ports and users: it is logged instead)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,20 +24,7 @@ from exchange.db.engines import single_statement
 
 CHECK_TIMEOUT_S = 2.0
 
-
-async def _check(probe: Callable[[], Awaitable[object]]) -> CheckOut:
-    started = time.perf_counter()
-    try:
-        await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT_S)
-    except Exception as exc:
-        return CheckOut(ok=False, error=f"{exc.__class__.__name__}: {exc}"[:300])
-    return CheckOut(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
-
-
-@functools.cache
-def _head_revision() -> str:
-    """The newest migration shipped with this build (read from disk once per process)."""
-    return migrate.head()
+log = logging.getLogger("exchange.api")
 
 
 class MigrationsNotAtHeadError(RuntimeError):
@@ -44,6 +33,35 @@ class MigrationsNotAtHeadError(RuntimeError):
 
 class ResultsNotSubscribedError(RuntimeError):
     pass
+
+
+_OWN_ERRORS = (MigrationsNotAtHeadError, ResultsNotSubscribedError, TimeoutError)
+"""Failures whose message says nothing of the deployment: shown as they are."""
+
+
+async def _check(probe: Callable[[], Awaitable[object]]) -> CheckOut:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return CheckOut(ok=False, error=_shown(exc))
+    return CheckOut(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def _shown(exc: Exception) -> str:
+    """What an unauthenticated caller is told of a failed check: a driver's or server's message names hosts, ports,
+    users and databases, so it goes to the log (for operators) and the answer keeps its kind (and SQLSTATE)."""
+    if isinstance(exc, _OWN_ERRORS):
+        return f"{exc.__class__.__name__}: {exc}"[:300]
+    log.warning("readiness check failed: %s: %s", exc.__class__.__name__, exc)
+    code = getattr(exc, "sqlstate", None)
+    return exc.__class__.__name__ + (f" (SQLSTATE {code})" if code else "")
+
+
+@functools.cache
+def _head_revision() -> str:
+    """The newest migration shipped with this build (read from disk once per process)."""
+    return migrate.head()
 
 
 class HealthController(Controller):
