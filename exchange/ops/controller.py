@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Annotated, Any
 
 from litestar import Controller, MediaType, Request, Response, get
@@ -57,7 +58,7 @@ class OpsController(Controller):
         target = next_path if next_path.startswith("/ops") and "//" not in next_path else "/ops"
         cookie = Cookie(
             key=COOKIE_NAME,
-            value=session_token(expected),
+            value=session_token(expected, int(time.time())),
             path=COOKIE_PATH,
             max_age=COOKIE_MAX_AGE_S,
             httponly=True,

@@ -3,6 +3,7 @@ dramatiq dashboard listing every queue."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from litestar.testing import TestClient
 from sqlalchemy import Connection, Engine, text
 
-from exchange.ops.auth import COOKIE_NAME
+from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, session_token
 from tests.integration.api_helpers import ADMIN_KEY, match, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -185,3 +186,17 @@ def test_ops_recent_errors_are_the_latest_failed_attempts_not_the_latest_retries
     assert (errors[0]["broker_id"], errors[0]["error"]) == (just_failing.id, "just now")
     assert all(e["attempted_at"] <= data["generated_at"] for e in errors)
     assert [e["attempted_at"] for e in errors] == sorted((e["attempted_at"] for e in errors), reverse=True)
+
+
+def test_an_ops_cookie_opens_the_pages_for_twelve_hours_after_its_login_only(api_client: TestClient[Any]) -> None:
+    now = int(time.time())
+    fresh = session_token(ADMIN_KEY, now - COOKIE_MAX_AGE_S + 60)
+    stale = session_token(ADMIN_KEY, now - COOKIE_MAX_AGE_S - 60)  # a copied cookie: the browser's expiry is gone
+    issued, _, mac = fresh.partition(".")
+    moved = f"{now}.{mac}"  # its time changed, its MAC kept
+    other_key = session_token("another admin key", now)
+
+    def status(cookie: str) -> int:
+        return api_client.get("/ops/data.json", headers={"Cookie": f"{COOKIE_NAME}={cookie}"}).status_code
+
+    assert [status(c) for c in (fresh, stale, moved, other_key, "garbage", issued)] == [200, 401, 401, 401, 401, 401]
