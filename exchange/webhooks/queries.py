@@ -62,23 +62,33 @@ async def set_endpoint(conn: AsyncPgConnection, broker_id: UUID, url: str | None
     )
 
 
+MAX_PREVIOUS_SECRETS = 4
+"""The most secrets rotated out that still sign (each a ``v1,`` entry of every delivery's signature header)."""
+
+# ``webhook_secret_previous`` holds the secrets rotated out that still sign, newest first, separated by spaces. A
+# rotation within the grace of an earlier one keeps that one's secrets too (a client that lost the first answer
+# and rotated again, or a receiver still deploying the secret before): all of them sign until this rotation's grace
+# ends. One column of text, as before: the claim hands it over whole and the store splits it.
+_ROTATE = f"""
+    UPDATE brokers
+    SET webhook_secret_previous = CASE WHEN %(grace)s > 0 THEN array_to_string((string_to_array(concat_ws(' ',
+            webhook_secret,
+            CASE WHEN webhook_secret_previous_expires_at > clock_timestamp() THEN webhook_secret_previous END
+        ), ' '))[1:{MAX_PREVIOUS_SECRETS}], ' ') END,
+        webhook_secret_previous_expires_at =
+            CASE WHEN %(grace)s > 0 THEN clock_timestamp() + make_interval(secs => %(grace)s) END,
+        webhook_secret = %(secret)s
+    WHERE id = %(broker_id)s
+    RETURNING webhook_secret_previous_expires_at
+"""  # noqa: S608  # a constant
+
+
 async def rotate_secret(
     conn: AsyncPgConnection, broker_id: UUID, new_secret: str, grace_s: int
 ) -> tuple[bool, datetime | None]:
-    """Make ``new_secret`` current; the old one keeps signing for ``grace_s`` seconds (none when 0).
-    Returns (found, previous secret's expiry)."""
-    cur = await conn.execute(
-        """
-        UPDATE brokers
-        SET webhook_secret_previous = CASE WHEN %(grace)s > 0 THEN webhook_secret END,
-            webhook_secret_previous_expires_at =
-                CASE WHEN %(grace)s > 0 THEN clock_timestamp() + make_interval(secs => %(grace)s) END,
-            webhook_secret = %(secret)s
-        WHERE id = %(broker_id)s
-        RETURNING webhook_secret_previous_expires_at
-        """,
-        {"broker_id": broker_id, "secret": new_secret, "grace": grace_s},
-    )
+    """Make ``new_secret`` current; the secrets it replaces (the current one, and those an earlier rotation left
+    signing) keep signing for ``grace_s`` seconds (none when 0). Returns (found, their expiry)."""
+    cur = await conn.execute(_ROTATE, {"broker_id": broker_id, "secret": new_secret, "grace": grace_s})
     row = await cur.fetchone()
     return (False, None) if row is None else (True, row[0])
 

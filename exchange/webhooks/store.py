@@ -101,7 +101,8 @@ def claim(
         if row.attempts is None:
             skipped.append(row.id)
             continue
-        secrets = (row.webhook_secret,) if row.previous_secret is None else (row.webhook_secret, row.previous_secret)
+        # The secrets rotated out that still sign, space-separated (exchange.webhooks.queries.rotate_secret).
+        secrets = (row.webhook_secret, *(row.previous_secret or "").split())
         claims.append(Claim(row.id, row.attempts, row.broker_id, row.body.encode("utf-8"), row.webhook_url, secrets))
     return Claimed(claims, skipped)
 

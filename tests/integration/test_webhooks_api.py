@@ -197,6 +197,34 @@ def test_secret_rotation_returns_a_new_secret_and_deliveries_verify_with_both(
         Webhook(secret).verify(request.body, request.headers)
 
 
+def test_rotating_twice_within_the_grace_keeps_every_secret_rotated_out_signing(
+    client: TestClient[Any], api_engine: Engine, receiver: Receiver
+) -> None:
+    buyer, original = register(client, receiver.url)
+    seller, _ = register(client)
+
+    lost = client.post("/webhooks/secret/rotate", headers=buyer.headers).json()["webhook_secret"]  # answer lost
+    again = client.post("/webhooks/secret/rotate", headers=buyer.headers).json()["webhook_secret"]  # the retry
+    trade(client, api_engine, buyer, seller)
+    (event_id,) = event_ids(client, buyer)
+    assert deliverer(api_engine).deliver(uuid.UUID(event_id)).outcome is Outcome.DELIVERED
+
+    (request,) = receiver.received
+    for secret in (again, lost, original):  # the receiver still holding the original verifies too
+        Webhook(secret).verify(request.body, request.headers)
+
+
+def test_rotations_keep_at_most_four_secrets_rotated_out(client: TestClient[Any], api_engine: Engine) -> None:
+    buyer, _ = register(client)
+    for _ in range(7):
+        client.post("/webhooks/secret/rotate", headers=buyer.headers)
+    with api_engine.connect() as conn:
+        previous = conn.execute(
+            text("SELECT webhook_secret_previous FROM brokers WHERE id = :id"), {"id": buyer.id}
+        ).scalar_one()
+    assert len(previous.split()) == 4
+
+
 # ---------------------------------------------------------------------------------------------- events
 
 
