@@ -102,16 +102,21 @@ def test_reset_needs_the_admin_key_even_when_enabled(client_factory: Callable[..
     assert client.post("/debug/reset").status_code == 401
 
 
-def test_reset_empties_every_data_table_when_enabled(fresh_migrated_database_url: str, api_redis_url: str) -> None:
-    settings = Settings.from_env(
+def _debug_settings(database_url: str, redis_url: str) -> Settings:
+    """An app on its own database with the debug endpoints (``POST /debug/reset`` empties the database)."""
+    return Settings.from_env(
         {
-            "EXCHANGE_DATABASE_URL": fresh_migrated_database_url,
-            "EXCHANGE_REDIS_URL": api_redis_url,
+            "EXCHANGE_DATABASE_URL": database_url,
+            "EXCHANGE_REDIS_URL": redis_url,
             "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
             "EXCHANGE_ORDER_WAIT_MS": "0",
             "EXCHANGE_DEBUG_ENDPOINTS": "true",
         }
     )
+
+
+def test_reset_empties_every_data_table_when_enabled(fresh_migrated_database_url: str, api_redis_url: str) -> None:
+    settings = _debug_settings(fresh_migrated_database_url, api_redis_url)
     engine = pooled_engine(fresh_migrated_database_url)
     try:
         with TestClient(create_app(settings)) as client:
@@ -189,15 +194,7 @@ def test_amend_cancel_all_and_redeliver_answer_at_once_while_redis_stalls(
 def test_a_matcher_holding_a_book_from_before_a_reset_rebuilds_it(
     fresh_migrated_database_url: str, api_redis_url: str
 ) -> None:
-    settings = Settings.from_env(
-        {
-            "EXCHANGE_DATABASE_URL": fresh_migrated_database_url,
-            "EXCHANGE_REDIS_URL": api_redis_url,
-            "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
-            "EXCHANGE_ORDER_WAIT_MS": "0",
-            "EXCHANGE_DEBUG_ENDPOINTS": "true",
-        }
-    )
+    settings = _debug_settings(fresh_migrated_database_url, api_redis_url)
     engine = pooled_engine(fresh_migrated_database_url)
     symbol = new_symbol()
     first, second = BookCache(), BookCache()  # two matcher processes (a hot standby), each with its own books

@@ -127,6 +127,35 @@ def test_hosts_whose_dns_hangs_delay_neither_other_brokers_nor_recording_and_are
 # ------------------------------------------------------------------------------------------------- claiming
 
 
+def _served_beside(
+    engine: Engine,
+    pump: Pump,
+    slow: Receiver,
+    hung: uuid.UUID,
+    hanging: dict[str, int],
+    healthy: uuid.UUID,
+    seller: uuid.UUID,
+    *,
+    settle_s: float = 0.0,
+) -> dict[str, int]:
+    """Run ``pump`` until ``hung``'s events are ``hanging`` on ``slow``; then a fill of ``healthy``'s and the hint its
+    commit sends. Returns ``hung``'s events' state once ``healthy``'s event was delivered (within 5 s)."""
+
+    async def scenario() -> dict[str, int]:
+        async with running(pump):
+            try:
+                await eventually(lambda: status_counts(engine, hung) == hanging)
+                await asyncio.sleep(settle_s)
+                await asyncio.to_thread(fills, engine, healthy, seller)
+                pump.wake()
+                await eventually(lambda: status_counts(engine, healthy) == {"delivered": 1}, timeout=5)
+                return status_counts(engine, hung)
+            finally:
+                slow.release()
+
+    return asyncio.run(scenario())
+
+
 def test_one_free_slot_is_refilled_at_once_while_other_deliveries_hang(engine: Engine) -> None:
     with Receiver() as slow, Receiver() as fast:
         slow.hang()
@@ -136,18 +165,7 @@ def test_one_free_slot_is_refilled_at_once_while_other_deliveries_hang(engine: E
         fills(engine, hung, seller, n=3)
         pump = Pump(engine, replace(FAST, read_timeout_s=20.0, lease_s=60.0), capacity=4)
 
-        async def scenario() -> dict[str, int]:
-            async with running(pump):
-                try:
-                    await eventually(lambda: status_counts(engine, hung) == {"claimed": 3})  # 3 of 4 slots hang
-                    await asyncio.to_thread(fills, engine, healthy, seller)
-                    pump.wake()  # the hint its commit sends
-                    await eventually(lambda: status_counts(engine, healthy) == {"delivered": 1}, timeout=5)
-                    return status_counts(engine, hung)
-                finally:
-                    slow.release()
-
-        while_hanging = asyncio.run(scenario())
+        while_hanging = _served_beside(engine, pump, slow, hung, {"claimed": 3}, healthy, seller)  # 3 of 4 slots hang
 
     assert while_hanging == {"claimed": 3}  # delivered well before the hanging ones' 20 s read timeout
 
@@ -163,19 +181,9 @@ def test_a_hint_claims_another_brokers_events_while_a_hanging_broker_at_its_cap_
         fills(engine, hung, seller, n=3)  # 3 events due, at most 2 in flight: the claimer waits for room
         pump = Pump(engine, replace(FAST, read_timeout_s=20.0, lease_s=60.0, max_in_flight=2), capacity=4)
 
-        async def scenario() -> dict[str, int]:
-            async with running(pump):
-                try:
-                    await eventually(lambda: status_counts(engine, hung) == {"claimed": 2, "pending": 1})
-                    await asyncio.sleep(0.2)  # the claim that found only the held-back event has returned
-                    await asyncio.to_thread(fills, engine, healthy, seller)
-                    pump.wake()  # the hint its commit sends
-                    await eventually(lambda: status_counts(engine, healthy) == {"delivered": 1}, timeout=5)
-                    return status_counts(engine, hung)
-                finally:
-                    slow.release()
-
-        while_hanging = asyncio.run(scenario())
+        # settle: the claim that found only the held-back event has returned
+        hanging = {"claimed": 2, "pending": 1}
+        while_hanging = _served_beside(engine, pump, slow, hung, hanging, healthy, seller, settle_s=0.2)
 
     assert while_hanging == {"claimed": 2, "pending": 1}  # well before the hanging ones' 20 s read timeout
 
