@@ -1,0 +1,81 @@
+"""The generator's accounting against a real HTTP server on 127.0.0.1: every request's latency counts, timeouts
+included; the open loop's rate is over the time the answers took."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ops.bench import model as m
+from ops.bench.http import Pool
+from ops.bench.report import build_report
+from ops.bench.runner import WorkerConfig, WorkerResult, _Sender
+
+BODY = b'{"order_id":"o-1","status":"pending"}\n'
+ANSWER = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY)
+
+
+async def _serve(answered: int) -> tuple[asyncio.Server, int]:
+    """Answers the first ``answered`` requests at once; every later one never."""
+    seen = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        while await reader.readuntil(b"\r\n\r\n"):
+            seen += 1
+            if seen > answered:
+                await asyncio.sleep(3600)
+            writer.write(ANSWER)
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _send_orders(n: int, answered: int, timeout_s: float) -> WorkerResult:
+    model = m.build_model(20, 1, "ACCT")
+    event = m.Event(0.0, m.ORDER, 0, 0, 0, 0, m.PASSIVE, 100, 100)
+    result = WorkerResult(0)
+
+    async def run() -> None:
+        server, port = await _serve(answered)
+        pool = Pool(f"http://127.0.0.1:{port}", timeout_s=timeout_s, max_connections=n)
+        cfg = WorkerConfig(0, f"http://127.0.0.1:{port}", {0: b""}, model, [], time.monotonic(), 1.0, timeout_s, 1)
+        sender = _Sender(cfg, pool, result)
+        for _ in range(answered):  # one at a time: these are the fast ones
+            await sender.send(event, time.monotonic())
+        await asyncio.gather(*(sender.send(event, time.monotonic()) for _ in range(n - answered)))
+        pool.close()
+        server.close()
+
+    asyncio.run(run())
+    return result
+
+
+def _report(result: WorkerResult, duration_s: float) -> dict[str, object]:
+    return build_report(
+        mode="open_loop",
+        config={},
+        model=m.build_model(20, 1, "ACCT"),
+        scheduled={},
+        duration_s=duration_s,
+        results=[result],
+        receiver=None,
+        setup={},
+    )
+
+
+def test_requests_that_time_out_count_in_the_latency_percentiles_at_their_timeout() -> None:
+    result = _send_orders(20, answered=10, timeout_s=0.2)
+
+    endpoint = _report(result, 1.0)["endpoints"]["POST /orders"]  # type: ignore[index]
+
+    assert endpoint["statuses"] == {"201": 10, "timeout": 10}
+    assert endpoint["p99_ms"] >= 200  # the successes alone: a few ms
+    assert endpoint["max_ms"] >= 200
+
+
+def test_the_open_loop_rate_is_over_the_time_until_the_last_answer() -> None:
+    result = WorkerResult(0, orders_accepted=1400, elapsed_s=28.0)  # 20 s of sends, answers until 28 s
+
+    assert _report(result, 20.0)["accepted_orders_per_s"] == 50.0
