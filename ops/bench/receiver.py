@@ -1,8 +1,9 @@
 """The built-in webhook receiver: a minimal HTTP/1.1 server (keep-alive) in its own process.
 
 It answers every POST with 200 and, for a body with an ``executed_at`` (the seed's ``trade_executed`` event),
-records receipt wall time - ``executed_at`` (fill → webhook latency). Events executed before the measured run
-started are counted but not timed. Signatures are not verified: this measures delivery, not authentication.
+records receipt wall time - ``executed_at`` (fill → webhook latency) and each order's earliest ``executed_at``
+(order → fill, with the senders' send times). Events executed before the measured run started are counted but not
+timed. Signatures are not verified: this measures delivery, not authentication.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class ReceiverResult:
     received: int = 0
     by_event: dict[str, int] = field(default_factory=dict)
     fill_to_webhook_ms: list[float] = field(default_factory=list)
+    first_fill_at: dict[str, float] = field(default_factory=dict)
+    """Each order's earliest fill (its ``trade_executed`` body's ``executed_at``, epoch s), by ``order_id``."""
     first_at: float = 0.0  # wall time of the first timed webhook
     last_at: float = 0.0
     bad_requests: int = 0
@@ -65,6 +68,9 @@ class _State:
         if executed_at < self.since_wall.value:
             return
         result.fill_to_webhook_ms.append((now - executed_at) * 1000.0)
+        order_id = doc.get("order_id")
+        if isinstance(order_id, str) and executed_at < result.first_fill_at.get(order_id, float("inf")):
+            result.first_fill_at[order_id] = executed_at
         if not result.first_at:
             result.first_at = now
         result.last_at = now

@@ -57,6 +57,8 @@ class WorkerResult:
     order_to_fill_ms: list[float] = field(default_factory=list)
     order_times: list[tuple[str, float, float]] = field(default_factory=list)
     """Each new order answered 2xx: (order id, scheduled send, answer), wall-clock epoch seconds."""
+    takers: list[tuple[str, float]] = field(default_factory=list)
+    """(order id, scheduled send, epoch s) of each accepted order meant to trade on arrival (crossing, market)."""
     order_states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     orders_accepted: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -79,6 +81,7 @@ class WorkerResult:
             lags_ms=self.lags_ms,
             order_to_fill_ms=self.order_to_fill_ms,
             order_times=self.order_times,
+            takers=self.takers,
             order_states=dict(self.order_states),
             orders_accepted=self.orders_accepted,
             skipped=dict(self.skipped),
@@ -166,6 +169,8 @@ class _Sender:
         if oid is not None:
             sent = scheduled + self.wall_offset
             self.result.order_times.append((oid, sent, sent + latency_ms / 1000.0))
+            if event.order_class != m.PASSIVE:
+                self.result.takers.append((oid, sent))
             if event.order_no >= 0:
                 self.ids[event.order_no] = oid
             known = self.known[event.broker]

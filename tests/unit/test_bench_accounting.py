@@ -1,13 +1,19 @@
-"""The generator's accounting against a real HTTP server on 127.0.0.1: every request's latency counts, timeouts
-included; the open loop's rate is over the time the answers took."""
+"""The generator's accounting against real HTTP on 127.0.0.1: every request's latency counts, timeouts included;
+the open loop's rate is over the time the answers took; order -> fill from the webhooks the receiver got."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import multiprocessing
 import time
+import urllib.request
+from datetime import UTC, datetime
 
 from ops.bench import model as m
 from ops.bench.http import Pool
+from ops.bench.main import free_port
+from ops.bench.receiver import ReceiverResult, receiver_main
 from ops.bench.report import build_report
 from ops.bench.runner import WorkerConfig, WorkerResult, _Sender
 
@@ -79,3 +85,41 @@ def test_the_open_loop_rate_is_over_the_time_until_the_last_answer() -> None:
     result = WorkerResult(0, orders_accepted=1400, elapsed_s=28.0)  # 20 s of sends, answers until 28 s
 
     assert _report(result, 20.0)["accepted_orders_per_s"] == 50.0
+
+
+def test_order_to_fill_times_each_crossing_order_to_its_first_fill_whatever_its_201_said() -> None:
+    ctx = multiprocessing.get_context("fork")
+    stop, ready, results, progress = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.RawValue("q", 0)
+    sent = time.time()
+    port = free_port()
+    receiver = ctx.Process(
+        target=receiver_main, args=(port, ctx.RawValue("d", sent - 1), stop, ready, results, progress, 0)
+    )
+    receiver.start()
+    assert ready.wait(10)
+    for order_id, after_s in (("taker", 0.5), ("taker", 0.4), ("maker", 0.3)):  # two fills of one order
+        body = {"event": "trade_executed", "order_id": order_id, "executed_at": _iso(sent + after_s)}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/hook", data=json.dumps(body).encode()) as answer:
+            assert answer.status == 200
+    stop.set()
+    received: ReceiverResult = results.get(timeout=10)
+    receiver.join(10)
+    senders = WorkerResult(0, takers=[("taker", sent), ("never-filled", sent)])  # its 201 said pending
+
+    timed = build_report(
+        mode="open_loop",
+        config={},
+        model=m.build_model(20, 1, "ACCT"),
+        scheduled={},
+        duration_s=1.0,
+        results=[senders],
+        receiver=received,
+        setup={},
+    )["order_to_fill"]
+
+    assert (timed["count"], timed["orders"], timed["not_filled"]) == (1, 2, 1)
+    assert 399 <= timed["p50_ms"] <= 401
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
