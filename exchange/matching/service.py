@@ -227,7 +227,7 @@ def process_symbols(
     group = [symbol for symbol in wanted if symbol not in cache.suspects]
     results: dict[str, BatchResult] = {}
     if len(group) == 1:
-        results[group[0]] = process_symbol(engine, cache, group[0], batch_limit=batch_limit)
+        results[group[0]] = _alone(engine, cache, group[0], batch_limit)
     elif group:
         try:
             for result in _process_once(engine, cache, group, -(-batch_limit // len(group))):
@@ -241,11 +241,25 @@ def process_symbols(
                 exc_info=not expected,  # a bug deserves its traceback; data errors are logged when quarantined
             )
             for symbol in group:
-                results[symbol] = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
+                results[symbol] = _alone(engine, cache, symbol, batch_limit)
     for symbol in wanted:
         if symbol not in results:  # a suspect
-            results[symbol] = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
+            results[symbol] = _alone(engine, cache, symbol, batch_limit)
     return [results[symbol] for symbol in wanted]
+
+
+def _alone(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> BatchResult:
+    """:func:`process_symbol`, except that a failure of this symbol's own that is not the database's (a bug, a book
+    that cannot be rebuilt from its rows) costs this symbol only: logged with its traceback and answered as a batch
+    of nothing, its commands left pending (the sweeper wakes it again, and it fails again, loudly, until mended),
+    so that the symbols after it go on. The database's failures are raised: every other symbol would meet them."""
+    try:
+        return process_symbol(engine, cache, symbol, batch_limit=batch_limit)
+    except (DBAPIError, psycopg.Error):
+        raise
+    except Exception:
+        log.exception("processing %s failed; its commands stay pending, the other symbols go on", symbol)
+        return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)
 
 
 @dataclass(frozen=True, slots=True)

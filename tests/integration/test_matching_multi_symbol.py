@@ -256,6 +256,30 @@ def test_a_poison_command_in_one_symbol_does_not_stop_the_others(engine: Engine,
     assert_conserved(engine)
 
 
+def test_a_book_that_cannot_be_rebuilt_stops_only_its_own_symbol(engine: Engine, caplog: Any) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    good = []
+    for symbol in ("CRS1", "CRS3"):
+        place(engine, seller, symbol, "ask", 2, 100)
+        good.append(place(engine, buyer, symbol, "bid", 2, 100))
+    crossing = [place(engine, seller, "CRS2", "ask", 1, 100), place(engine, buyer, "CRS2", "bid", 1, 101)]
+    with engine.begin() as conn:  # rows no book can hold (the engine would have matched them): a crossed book
+        conn.execute(text("UPDATE orders SET status = 'open', priority = seq WHERE id = ANY(:ids)"), {"ids": crossing})
+        conn.execute(text("UPDATE commands SET processed_at = now() WHERE order_id = ANY(:ids)"), {"ids": crossing})
+    stuck = place(engine, buyer, "CRS2", "bid", 1, 50)
+
+    with caplog.at_level("ERROR", logger="exchange.matching.service"):
+        rounds = list(drain(engine, BookCache(), ["CRS1", "CRS2", "CRS3"]))
+
+    assert any("processing CRS2 failed" in r.message for r in caplog.records)
+    assert sum(r.trades for round_ in rounds for r in round_.results) == 2
+    with engine.connect() as conn:
+        status = dict(conn.execute(text("SELECT id, close_reason FROM orders WHERE status = 'closed'")).all())
+        assert [status.get(order_id) for order_id in good] == ["filled", "filled"]
+        pending = conn.execute(text("SELECT order_id FROM commands WHERE processed_at IS NULL")).scalars().all()
+    assert pending == [stuck]  # left for a mended book: never skipped
+
+
 def test_a_failure_of_the_group_after_the_engine_ran_falls_back_without_losing_or_repeating_work(
     engine: Engine, monkeypatch: Any
 ) -> None:
