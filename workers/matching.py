@@ -129,14 +129,19 @@ def _report(results: list[BatchResult], seconds: float) -> None:
         )
 
 
-def _drain(partition: int, symbols: list[str]) -> list[str] | None:
+def _drain(partition: int, symbols: list[str], deadline: float) -> list[str] | None:
     """Drain ``symbols`` (:func:`~exchange.matching.service.drain`), publishing after each commit; returns what the
-    last transaction's round trip took for ``partition`` (see :func:`hold_partition`)."""
+    last transaction's round trip took for ``partition`` (see :func:`hold_partition`). Past ``deadline``
+    (``time.monotonic()``) it stops after the transaction in progress and returns what the drain had left, which
+    :func:`hold_partition` hands off: a backlog (after an outage, thousands of commands of one book) would otherwise
+    hold the worker's thread, and the partition, for as many transactions as it takes."""
     taken = None
     started = time.perf_counter()
     for round_ in drain(_engine, _cache, symbols):
         taken = _after_commit(round_.results, time.perf_counter() - started, release=partition if round_.last else None)
         _keep_heap()
+        if not round_.last and time.monotonic() >= deadline:
+            return round_.left
         started = time.perf_counter()
     return taken
 
@@ -147,11 +152,12 @@ def _hand_off(partition: int, symbols: list[str]) -> None:
 
 def _partition_actor(partition: int) -> dramatiq.Actor[[str], None]:
     def match(*symbols: str) -> None:
+        deadline = time.monotonic() + HOLD_S
         hold_partition(
             _wakeups,
             partition,
             symbols,
-            process=lambda todo: _drain(partition, todo),
+            process=lambda todo: _drain(partition, todo, deadline),
             hand_off=_hand_off,
             hold_s=HOLD_S,
         )

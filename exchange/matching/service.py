@@ -269,6 +269,9 @@ class Round:
 
     results: list[BatchResult]
     last: bool
+    left: list[str] = field(default_factory=list)
+    """The symbols the drain has still to process after this round (none when ``last``): what a caller that stops
+    the drain here hands on."""
 
 
 def drain(
@@ -287,7 +290,7 @@ def drain(
         group, queue = queue[:max_symbols], queue[max_symbols:]
         results = process_symbols(engine, cache, group, batch_limit=batch_limit)
         queue.extend(result.symbol for result in results if result.more)
-        yield Round(results, last=not queue)
+        yield Round(results, last=not queue, left=list(queue))
 
 
 def _describe(exc: BaseException) -> str:

@@ -322,3 +322,14 @@ def test_a_suspect_symbol_is_processed_alone_while_the_rest_share_a_transaction(
     results = process_symbols(engine, cache, symbols)
 
     assert [(r.symbol, r.commands) for r in results] == [("SUS1", 2), ("SUS2", 1), ("SUS3", 2)]
+
+
+def test_each_round_of_a_drain_says_what_it_has_left_to_process(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    for _ in range(3):
+        place(engine, seller, "LEFT1", "ask", 1, 100 + _)
+    place(engine, buyer, "LEFT2", "bid", 1, 90)
+
+    rounds = list(drain(engine, BookCache(), ["LEFT1", "LEFT2"], batch_limit=4))  # 2 a symbol: LEFT1 is full
+
+    assert [(r.left, r.last) for r in rounds] == [(["LEFT1"], False), ([], True)]
