@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from uuid import UUID
 
 from exchange.db.engines import AsyncPool, single_statement
@@ -31,18 +33,42 @@ async def wake(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions: int)
         log.warning("wake-up failed (%s); the sweeper will re-nudge", exc)
 
 
-_waking: set[asyncio.Task[None]] = set()
-"""Wake-ups in flight (a reference per task, so none is garbage-collected before it ends)."""
+@dataclass
+class _Waking:
+    """One enqueuer's wake-ups: the symbols not sent yet, and the one task sending them."""
+
+    symbols: set[str] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+
+_waking: weakref.WeakKeyDictionary[AsyncEnqueuer, _Waking] = weakref.WeakKeyDictionary()
 
 
 def wake_soon(enqueuer: AsyncEnqueuer, symbols: Sequence[str], partitions: int) -> None:
-    """:func:`wake` in its own task: a batch's requests get their outcomes (and its group-commit slot is free)
-    without waiting for Redis, so a stalled Redis delays matching, never the answers to committed requests."""
+    """:func:`wake` in a task of its own: a batch's requests get their outcomes (and its group-commit slot is free)
+    without waiting for Redis, so a stalled Redis delays matching, never the answers to committed requests.
+
+    One such task per enqueuer at a time: symbols woken while it sends are merged into its next send. A wake-up is
+    a write Redis does not answer, so they rarely meet; but while Redis stalls (each connect attempt waits out its
+    timeout) a task per batch piled up without bound, and now only the set of symbols waits (bounded by the
+    symbols that exist), sent as one wake-up when Redis is back."""
     if not symbols:
         return
-    task = asyncio.get_running_loop().create_task(wake(enqueuer, symbols, partitions))
-    _waking.add(task)
-    task.add_done_callback(_waking.discard)
+    waking = _waking.get(enqueuer)
+    if waking is None:
+        waking = _waking[enqueuer] = _Waking()
+    waking.symbols.update(symbols)
+    if waking.task is None:
+        waking.task = asyncio.get_running_loop().create_task(_send_woken(enqueuer, waking, partitions))
+
+
+async def _send_woken(enqueuer: AsyncEnqueuer, waking: _Waking, partitions: int) -> None:
+    try:
+        while waking.symbols:
+            symbols, waking.symbols = sorted(waking.symbols), set()
+            await wake(enqueuer, symbols, partitions)
+    finally:
+        waking.task = None
 
 
 async def accept_orders(

@@ -5,6 +5,7 @@ a failure never leaves a partition held without a message."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from exchange.api import batches
 from exchange.messaging import wakeups
 from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
@@ -475,3 +477,39 @@ async def test_concurrent_first_wake_ups_share_one_connection_and_all_arrive(
     assert await wake(enqueuer, client, []) == 0  # the fence: everything before it has run
     assert sorted(sent(broker)) == sorted(woken)
     assert [c["name"] for c in await client.client_list()].count(name) == 1
+
+
+async def test_wake_ups_while_redis_stalls_wait_as_one_set_of_symbols_not_a_task_each(
+    broker: DoorbellRedisBroker, client: redis.asyncio.Redis
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
+        stalled = redis.asyncio.Redis(
+            host="127.0.0.1", port=silent.getsockname()[1], socket_timeout=0.5, socket_connect_timeout=0.5
+        )
+        enqueuer = AsyncEnqueuer(broker, stalled)
+        woken = symbols(50)
+        for symbol in woken:  # one group commit's wake-up each, as they come while the first send stalls
+            batches.wake_soon(enqueuer, [symbol], PARTITIONS)
+            await asyncio.sleep(0)
+
+        waking = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_send_woken"]  # type: ignore[union-attr]
+        assert len(waking) == 1
+        assert len(batches._waking[enqueuer].symbols) == 49  # the first is being sent
+        waking[0].cancel()
+        await asyncio.gather(*waking, return_exceptions=True)
+        await stalled.aclose()
+
+
+async def test_wake_ups_merged_while_one_is_sent_all_reach_their_partitions(
+    enqueuer: AsyncEnqueuer, broker: DoorbellRedisBroker
+) -> None:
+    woken = symbols(20)
+    for symbol in woken:
+        batches.wake_soon(enqueuer, [symbol], PARTITIONS)
+    while batches._waking[enqueuer].task is not None:
+        await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while sorted(sent(broker)) != sorted(woken) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+    assert sorted(sent(broker)) == sorted(woken)
