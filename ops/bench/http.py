@@ -112,9 +112,11 @@ class Pool:
         self.idle.extend(conns)
 
     async def request(
-        self, method: str, path: str, *, auth: bytes = b"", body: bytes | None = None
+        self, method: str, path: str, *, auth: bytes = b"", body: bytes | None = None, retry: bool = True
     ) -> tuple[int, bytes]:
-        """(status, body). ``auth``: a prebuilt ``Authorization: …\\r\\n`` header line. Raises
+        """(status, body). ``auth``: a prebuilt ``Authorization: …\\r\\n`` header line. ``retry``: the request
+        may be sent again on a new connection when a kept-alive one fails (not for a request that must not be made
+        twice, such as a new order: the server may have taken it before the connection failed). Raises
         :class:`HttpError` or :class:`TimeoutError`."""
         head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self.prefix + path).encode())
         head += self._host_header + auth
@@ -131,10 +133,11 @@ class Pool:
                 try:
                     return await self._exchange(conn, payload)
                 except (ConnectionError, asyncio.IncompleteReadError, HttpError):
-                    if fresh:
+                    if fresh or not retry:
                         raise
                     # A kept-alive connection the server closed meanwhile: retry once on a new one.
                     self._discard(conn)
+                    conn = None  # its slot is free: a failed connect below must not free it again
                     conn = await self._connect()
                     return await self._exchange(conn, payload)
         except TimeoutError:

@@ -192,7 +192,9 @@ class _Sender:
         status: int | str
         data = b""
         try:
-            status, data = await self.pool.request(method, path, auth=self.cfg.auth[event.broker], body=body)
+            status, data = await self.pool.request(
+                method, path, auth=self.cfg.auth[event.broker], body=body, retry=event.kind != m.ORDER
+            )
         except TimeoutError:
             status = "timeout"
         except HttpError:

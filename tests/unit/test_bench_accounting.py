@@ -10,8 +10,10 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 
+import pytest
+
 from ops.bench import model as m
-from ops.bench.http import Pool
+from ops.bench.http import HttpError, Pool
 from ops.bench.main import free_port
 from ops.bench.receiver import ReceiverResult, receiver_main
 from ops.bench.report import build_report
@@ -123,3 +125,45 @@ def test_order_to_fill_times_each_crossing_order_to_its_first_fill_whatever_its_
 
 def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat()
+
+
+def test_a_kept_alive_connection_lost_with_its_server_frees_its_slot_once() -> None:
+    async def run() -> tuple[int, int]:
+        server, port = await _serve(answered=1)
+        pool = Pool(f"http://127.0.0.1:{port}", timeout_s=2.0, max_connections=4)
+        await pool.request("GET", "/balance")  # its connection is kept alive, idle
+        server.close()
+        await server.wait_closed()
+        pool.idle[0].writer.transport.abort()  # the server's end of it is gone: write or read fails, as a reset does
+        with pytest.raises(HttpError):
+            await pool.request("GET", "/balance")  # retried on a new connection, which is refused
+        return pool.open_now, len(pool.idle)
+
+    assert asyncio.run(run()) == (0, 0)
+
+
+def test_a_new_order_is_not_sent_again_when_its_kept_alive_connection_fails() -> None:
+    async def run() -> int:
+        received = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal received
+            await reader.readuntil(b"\r\n\r\n")
+            received += 1
+            if received == 1:
+                writer.write(ANSWER)
+                await writer.drain()
+                await reader.readuntil(b"\r\n\r\n")  # the second request on this connection: taken, then dropped
+                received += 1
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        pool = Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_s=2.0)
+        await pool.request("POST", "/orders", body=b"{}", retry=False)
+        with pytest.raises(HttpError):
+            await pool.request("POST", "/orders", body=b"{}", retry=False)
+        await asyncio.sleep(0.1)
+        server.close()
+        return received
+
+    assert asyncio.run(run()) == 2  # the server got it once: a retry would have placed it twice
