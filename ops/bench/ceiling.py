@@ -68,6 +68,7 @@ def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | No
             fsync = conn.execute("SHOW fsync").fetchone()
         out["fsync"] = None if fsync is None else fsync[0]
         out["synchronous_commit"] = "on"
+        out["durable"] = out["fsync"] == "on"  # synchronous_commit waits for a flush that fsync=off never makes
         with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
             script.write(SCRIPT)
         try:

@@ -24,8 +24,6 @@ from typing import Any
 
 from exchange.config import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL  # stdlib-only module: cheap for `--help`
 
-DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="exchange api (http:// only)")
@@ -50,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--webhook-grace", type=float, default=5.0, help="max s to wait for late webhooks")
     parser.add_argument("--symbol-prefix", help="4-letter symbol prefix (default: random, fresh books)")
     parser.add_argument("--ceiling", action="store_true", help="also run pgbench 1-row INSERT; print the ratio")
-    parser.add_argument("--pg-url", default=DEFAULT_PG_URL, help=f"Postgres for --ceiling (default {DEFAULT_PG_URL})")
+    parser.add_argument(
+        "--pg-url",
+        default=None,
+        help="Postgres for --ceiling: a scratch database is made on its server (default: --database-url's server, "
+        "the exchange's own)",
+    )
     parser.add_argument("--ceiling-duration", type=int, default=0, help="pgbench seconds (default: --duration)")
     parser.add_argument("--strict", action="store_true", help="exit 3 when the run is INVALID")
     parser.add_argument(
@@ -77,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("EXCHANGE_DATABASE_URL", DEFAULT_DATABASE_URL),
         help=f"the exchange's database for --server-stats (default EXCHANGE_DATABASE_URL or {DEFAULT_DATABASE_URL})",
     )
+
+
+def ceiling_server(args: argparse.Namespace) -> str:
+    """Where ``--ceiling``'s pgbench runs: ``--pg-url``, else the server of ``--database-url`` (the exchange's own,
+    as the ratio needs), through its maintenance database."""
+    from exchange.db.urls import libpq_url, with_database
+
+    return str(args.pg_url or with_database(libpq_url(args.database_url), "postgres"))
 
 
 def free_port() -> int:
@@ -309,7 +320,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             clients = args.closed_loop if closed else max(1, report["connections"]["peak_open"])
             seconds = args.ceiling_duration or max(1, round(args.duration))
             print(f"bench: ceiling: pgbench 1-row INSERT, {clients} clients, {seconds} s …", flush=True)
-            ceiling = run_pgbench(args.pg_url, clients, seconds)
+            ceiling = run_pgbench(ceiling_server(args), clients, seconds)
             tps = ceiling.get("pgbench_tps")
             ceiling["ratio"] = round(report["accepted_orders_per_s"] / tps, 4) if tps else None
             report["ceiling"] = ceiling

@@ -236,7 +236,8 @@ def render(report: dict[str, Any]) -> str:
         if c.get("pgbench_tps"):
             lines.append(
                 f"ceiling: pgbench 1-row INSERT {c['pgbench_tps']:.0f} TPS ({c['clients']} clients, "
-                f"{c['duration_s']} s, synchronous_commit={c['synchronous_commit']}) → accepted orders/s ÷ "
+                f"{c['duration_s']} s, synchronous_commit={c['synchronous_commit']}, fsync={c.get('fsync')}"
+                f"{'' if c.get('durable') else ', NOT DURABLE'}) → accepted orders/s ÷ "
                 f"pgbench TPS = {c['ratio']:.3f}"
             )
         else:

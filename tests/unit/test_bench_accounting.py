@@ -3,6 +3,7 @@ the open loop's rate is over the time the answers took; order -> fill from the w
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import multiprocessing
@@ -14,7 +15,7 @@ import pytest
 
 from ops.bench import model as m
 from ops.bench.http import HttpError, Pool
-from ops.bench.main import free_port
+from ops.bench.main import add_arguments, ceiling_server, free_port
 from ops.bench.receiver import ReceiverResult, receiver_main
 from ops.bench.report import build_report
 from ops.bench.runner import WorkerConfig, WorkerResult, _Sender
@@ -167,3 +168,14 @@ def test_a_new_order_is_not_sent_again_when_its_kept_alive_connection_fails() ->
         return received
 
     assert asyncio.run(run()) == 2  # the server got it once: a retry would have placed it twice
+
+
+def test_the_ceiling_runs_on_the_exchanges_own_database_server_unless_told() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    server = "postgresql://u@db.example:6000/exchange?host=/sock"
+
+    own = ceiling_server(parser.parse_args(["--database-url", server]))
+    told = ceiling_server(parser.parse_args(["--database-url", server, "--pg-url", "postgresql://p@h/postgres"]))
+
+    assert (own, told) == ("postgresql://u@db.example:6000/postgres?host=/sock", "postgresql://p@h/postgres")
