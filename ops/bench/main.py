@@ -103,8 +103,18 @@ def auto_workers(requests_per_s: float, closed_loop: int) -> int:
 
 
 async def _setup(
-    base_url: str, admin_key: str, brokers: int, receiver_port: int, prefill: list[Any], model: Any, timeout: float
-) -> tuple[dict[int, bytes], dict[str, Any]]:
+    base_url: str,
+    admin_key: str,
+    brokers: int,
+    receiver_port: int,
+    prefill: list[Any],
+    before: list[Any],
+    model: Any,
+    timeout: float,
+) -> tuple[dict[int, bytes], dict[int, tuple[int, str]], dict[str, Any]]:
+    """Register the brokers, place the prefill and the orders of before the run (``before``: the run cancels them);
+    returns each broker's auth header line, each placed order of ``before`` as ``order_no -> (broker, id)``, and
+    what the setup did."""
     import asyncio
 
     import msgspec
@@ -134,22 +144,28 @@ async def _setup(
     registered_s = time.monotonic() - started
     statuses: dict[str, int] = {}
 
+    placed: dict[int, tuple[int, str]] = {}
+
     async def place(event: Any) -> None:
         async with limit:
-            status, _ = await pool.request("POST", "/orders", auth=auth[event.broker], body=order_body(model, event))
+            status, data = await pool.request("POST", "/orders", auth=auth[event.broker], body=order_body(model, event))
         statuses[str(status)] = statuses.get(str(status), 0) + 1
+        if event.order_no < -1 and 200 <= status < 300:
+            doc = msgspec.json.decode(data)
+            placed[event.order_no] = (event.broker, str(doc.get("order_id", doc.get("id"))))
 
     started = time.monotonic()
-    await asyncio.gather(*(place(e) for e in prefill))
+    await asyncio.gather(*(place(e) for e in [*prefill, *before]))
     pool.close()
     info = {
         "brokers_registered": len(auth),
         "register_s": round(registered_s, 2),
         "prefill_orders": len(prefill),
+        "orders_before_the_run": len(before),
         "prefill_statuses": statuses,
         "prefill_s": round(time.monotonic() - started, 2),
     }
-    return auth, info
+    return auth, placed, info
 
 
 MACHINE_WAKEUPS = 2000
@@ -194,7 +210,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     machine = machine_figures()
     prefix = (args.symbol_prefix or m.symbol_prefix(random.Random())).upper()[:4]
     model = m.build_model(args.scale, args.seed, prefix)
-    schedule = [] if closed else m.build_schedule(model, args.duration, args.seed)
+    before, schedule = m.pre_run([] if closed else m.build_schedule(model, args.duration, args.seed))
     workers = args.workers or auto_workers(model.requests_per_s, args.closed_loop)
     if closed:
         workers = min(workers, args.closed_loop, model.brokers)
@@ -230,9 +246,13 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     procs: list[Any] = []
     try:
         prefill = m.prefill_orders(model, args.prefill, args.seed) if args.prefill > 0 else []
-        print(f"bench: setup: registering {model.brokers} brokers, {len(prefill)} prefill orders", flush=True)
-        auth, setup = asyncio.run(
-            _setup(args.base_url, admin_key, model.brokers, receiver_port, prefill, model, args.timeout)
+        print(
+            f"bench: setup: registering {model.brokers} brokers, {len(prefill)} prefill orders, {len(before)} orders "
+            "of the minutes before the run that it cancels",
+            flush=True,
+        )
+        auth, placed_before, setup = asyncio.run(
+            _setup(args.base_url, admin_key, model.brokers, receiver_port, prefill, before, model, args.timeout)
         )
         print(f"bench: setup done {setup}", flush=True)
 
@@ -258,6 +278,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
                 closed_loop_clients=clients,
                 brokers=mine,
                 nice=args.nice,
+                placed_before={n: oid for n, (broker, oid) in placed_before.items() if broker % workers == w},
             )
             proc = ctx.Process(target=worker_main, args=(cfg, queue), name=f"bench-sender-{w}", daemon=True)
             proc.start()

@@ -3,14 +3,18 @@
 
 At ``scale = 100`` (percent): 450 symbols, 100 brokers, Zipf(0.95) symbol popularity, 700 new orders/s (75 %
 passive limits, 20 % limits priced to cross, 5 % market), cancels of 35 % of the new orders (40 % of them after
-0.5-5 s, 35 % after 5-60 s, 25 % after 1-10 min; a cancel that would fall after the run's end is dropped), and
+0.5-5 s, 35 % after 5-60 s, 25 % after 1-10 min), and
 reads making up 28 % of all requests (35 % order status, 30 % price, 25 % book, 10 % balance). Above 100 % only
 the rates grow; below it the broker and symbol counts shrink with the rates (not below a small floor), so the
 per-symbol activity stays B3-like.
 
 The schedule is computed up front from ``seed`` (the same seed gives the same schedule), in seconds from the
-start of the measured run; each event names the broker that sends it, and :func:`partition` gives every broker's
-events to one sender process, so a cancel or status read can use the ids that process's own orders received.
+start of the measured run, and is the market's steady state: the orders of the 10 minutes before the run whose
+cancels fall inside it are in it too, at negative times (:func:`pre_run`: placed during the setup, not measured),
+so that cancels are 35 % of the new orders in a run of any length (a 20-s run of the orders alone had 13 %: most
+cancels come minutes after their order). A cancel that would fall after the run's end is dropped. Each event names
+the broker that sends it, and :func:`partition` gives every broker's events to one sender process, so a cancel or
+status read can use the ids that process's own orders received (those placed before the run are handed to it).
 """
 
 from __future__ import annotations
@@ -168,14 +172,19 @@ def _poisson_times(rate: float, duration: float, rng: random.Random) -> list[flo
     return times
 
 
+WARM_UP_S = max(high for (_, high), _ in CANCEL_DELAYS)
+"""How far before the run the steady state's orders go: the longest delay of a cancel."""
+
+
 def build_schedule(model: Model, duration: float, seed: int) -> list[Event]:
-    """Every request of an open-loop run of ``duration`` seconds, sorted by time."""
+    """Every request of an open-loop run of ``duration`` seconds, sorted by time: first the orders placed before the
+    run that it sees cancelled (negative times, see the module's doc), then the run's own."""
     rng = random.Random(seed ^ 0x5EED)
     zipf = Zipf(len(model.symbols), ZIPF_S, random.Random(seed ^ 0x21FF))
-    events: list[Event] = []
     # Cancels target limit orders only (a market order never rests); this probability makes them 35 % of all.
     limit_share = sum(w for c, w in ORDER_MIX if c != MARKET)
     p_cancel = CANCEL_FRACTION / limit_share
+    events = _cancelled_before(model, duration, seed, zipf, p_cancel)
     for order_no, t in enumerate(_poisson_times(model.orders_per_s, duration, rng)):
         broker = rng.randrange(model.brokers)
         symbol = zipf.draw(rng)
@@ -191,6 +200,32 @@ def build_schedule(model: Model, duration: float, seed: int) -> list[Event]:
         events.append(Event(t, kind, rng.randrange(model.brokers), -1, zipf.draw(rng)))
     events.sort(key=lambda e: e.t)
     return events
+
+
+def _cancelled_before(model: Model, duration: float, seed: int, zipf: Zipf, p_cancel: float) -> list[Event]:
+    """The orders of the :data:`WARM_UP_S` before the run whose cancels fall inside it, and those cancels; numbered
+    below 0 (the run's orders count from 0). Drawn from a stream of their own, so the run's own orders and reads are
+    those of the same seed without it; each order's other fields are only drawn once its cancel is known to fall in
+    the run (most do not)."""
+    rng = random.Random(seed ^ 0xCA9CE1)
+    events: list[Event] = []
+    for n, t in enumerate(_poisson_times(model.orders_per_s, WARM_UP_S, rng), start=1):
+        order_class = pick(ORDER_MIX, rng)
+        if order_class == MARKET or rng.random() >= p_cancel:
+            continue
+        at = t - WARM_UP_S + _cancel_delay(rng)
+        if not 0 <= at < duration:
+            continue
+        broker, symbol = rng.randrange(model.brokers), zipf.draw(rng)
+        side, price, quantity = order_fields(model, symbol, order_class, rng)
+        events.append(Event(t - WARM_UP_S, ORDER, broker, -1 - n, symbol, side, order_class, price, quantity))
+        events.append(Event(at, CANCEL, broker, -1 - n, symbol))
+    return events
+
+
+def pre_run(schedule: list[Event]) -> tuple[list[Event], list[Event]]:
+    """``schedule`` split into the orders to place before the run (the setup's, not measured) and the run's events."""
+    return [e for e in schedule if e.t < 0], [e for e in schedule if e.t >= 0]
 
 
 def prefill_orders(model: Model, per_side: int, seed: int) -> list[Event]:

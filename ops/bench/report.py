@@ -175,7 +175,7 @@ def build_report(
             "orders": len(takers),
             "not_filled": len(takers) - len(filled),
             "note": "scheduled send -> the order's first fill (executed_at of its first trade_executed webhook), for "
-            "every accepted order meant to trade on arrival (crossing limits, market orders); whatever its 201 said",
+            "every accepted market order (one never rests: its first fill is its arrival's), whatever its 201 said",
         }
     return report
 

@@ -46,6 +46,8 @@ class WorkerConfig:
     closed_loop_clients: int = 0
     brokers: list[int] = field(default_factory=list)  # closed loop: brokers this worker sends for
     nice: int = 0  # the worker process's priority (ops.bench.priority); 0 leaves it
+    placed_before: dict[int, str] = field(default_factory=dict)
+    """The orders placed before the run (the setup's) that this worker's brokers cancel in it: order number -> id."""
 
 
 @dataclass
@@ -58,7 +60,9 @@ class WorkerResult:
     order_times: list[tuple[str, float, float]] = field(default_factory=list)
     """Each new order answered 2xx: (order id, scheduled send, answer), wall-clock epoch seconds."""
     takers: list[tuple[str, float]] = field(default_factory=list)
-    """(order id, scheduled send, epoch s) of each accepted order meant to trade on arrival (crossing, market)."""
+    """(order id, scheduled send, epoch s) of each accepted market order: one never rests, so its first fill, if
+    any, is the one its own arrival made (a crossing limit that found nothing to cross rests, and its first fill
+    may come minutes later, when another order crosses it)."""
     order_states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     orders_accepted: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -127,7 +131,7 @@ class _Sender:
         self.cfg = cfg
         self.pool = pool
         self.result = result
-        self.ids: dict[int, str] = {}  # schedule order number -> order id
+        self.ids: dict[int, str] = dict(cfg.placed_before)  # schedule order number -> order id
         self.known: dict[int, list[str]] = defaultdict(list)  # broker -> its order ids (recent)
         self.rng = random.Random(cfg.seed * 1_000 + cfg.index)
         self.symbols = cfg.model.symbols
@@ -169,7 +173,7 @@ class _Sender:
         if oid is not None:
             sent = scheduled + self.wall_offset
             self.result.order_times.append((oid, sent, sent + latency_ms / 1000.0))
-            if event.order_class != m.PASSIVE:
+            if event.order_class == m.MARKET:
                 self.result.takers.append((oid, sent))
             if event.order_no >= 0:
                 self.ids[event.order_no] = oid

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import time
 import urllib.request
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
@@ -90,7 +91,7 @@ def test_the_open_loop_rate_is_over_the_time_until_the_last_answer() -> None:
     assert _report(result, 20.0)["accepted_orders_per_s"] == 50.0
 
 
-def test_order_to_fill_times_each_crossing_order_to_its_first_fill_whatever_its_201_said() -> None:
+def test_order_to_fill_times_each_market_order_to_its_first_fill_whatever_its_201_said() -> None:
     ctx = multiprocessing.get_context("fork")
     stop, ready, results, progress = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.RawValue("q", 0)
     sent = time.time()
@@ -179,3 +180,17 @@ def test_the_ceiling_runs_on_the_exchanges_own_database_server_unless_told() -> 
     told = ceiling_server(parser.parse_args(["--database-url", server, "--pg-url", "postgresql://p@h/postgres"]))
 
     assert (own, told) == ("postgresql://u@db.example:6000/postgres?host=/sock", "postgresql://p@h/postgres")
+
+
+def test_a_short_runs_schedule_has_the_models_cancel_and_read_shares() -> None:
+    model = m.build_model(100, 1, "ACCT")
+
+    before, run = m.pre_run(m.build_schedule(model, 20.0, 1))
+
+    kinds = Counter(e.kind for e in run)
+    reads = sum(kinds[k] for k in (m.GET_ORDER, m.PRICE, m.BOOK, m.BALANCE))
+    assert abs(kinds[m.CANCEL] / kinds[m.ORDER] - 0.35) < 0.02  # was 0.13: most cancels come minutes later
+    assert abs(reads / len(run) - 0.28) < 0.01
+    assert all(e.kind == m.ORDER and e.order_no < -1 for e in before)  # placed in the setup
+    cancelled = {e.order_no for e in run if e.kind == m.CANCEL}
+    assert {e.order_no for e in before} <= cancelled  # each one is cancelled in the run
