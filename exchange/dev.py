@@ -66,6 +66,9 @@ class Child:
     """The pause before its last restart (None: never restarted)."""
     restart_at: float | None = None
     """``time.monotonic()`` when it is to be started again, once it died (None: running, or not started)."""
+    group: int | None = None
+    """Its process group while it may hold processes (the leader's pid); None once killed whole, so that the id,
+    which the kernel may then give to an unrelated session, is never signalled."""
     pump: threading.Thread | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
@@ -149,6 +152,7 @@ def _spawn(child: Child, env: dict[str, str]) -> None:
         argv, env={**env, **child.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     child.started_at = time.monotonic()
+    child.group = child.process.pid
     assert child.process.stdout is not None
     child.pump = threading.Thread(target=_pump, args=(child.name, child.process.stdout), daemon=True)
     child.pump.start()
@@ -158,9 +162,11 @@ def _signal_group(child: Child, signum: int) -> None:
     """Send ``signum`` to the child's process group: its leader, if alive, and every process it forked (they stay in
     the group when the leader dies: an orphaned gunicorn worker keeps the api's port and answers on it, an orphaned
     matcher keeps taking work)."""
-    if child.process is not None:
+    if child.group is not None:
         with contextlib.suppress(ProcessLookupError):  # nothing left in the group
-            os.killpg(child.process.pid, signum)
+            os.killpg(child.group, signum)
+        if signum == signal.SIGKILL and child.process is not None and child.process.poll() is not None:
+            child.group = None  # leader reaped, the rest killed: the id is no longer this child's
 
 
 def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
@@ -420,7 +426,7 @@ def _supervise(
             return 0
         for child in children:
             _spawn(child, env)
-        _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.redis_url)
+        _banner(port, admin_key, env["EXCHANGE_POOLED_DATABASE_URL"], settings.database_url, settings.redis_url)
         watch(supervised, env, stopping)
     finally:
         print("dev: stopping", flush=True)
@@ -438,7 +444,7 @@ def split_partitions(partitions: int, processes: int) -> list[str]:
     return [f"{lo}-{hi - 1}" for lo, hi in pairwise(bounds) if hi > lo]
 
 
-def _banner(port: int, admin_key: str, pooled_url: str, redis_url: str) -> None:
+def _banner(port: int, admin_key: str, pooled_url: str, direct_url: str, redis_url: str) -> None:
     base = f"http://127.0.0.1:{port}"
     print(
         f"""
@@ -448,6 +454,7 @@ dev: the exchange is starting
   ops        {base}/ops/login?key={admin_key}   (then {base}/ops/dramatiq for the queues)
   metrics    {base}/metrics
   database   {redact(pooled_url)}
+  direct     {redact(direct_url)}   (migrations, exchange bench --database-url)
   redis      {redact(redis_url)}
   admin key  {admin_key}
 

@@ -38,7 +38,7 @@ _STALE = text(
 
 # statement_timestamp(), not clock_timestamp(): a stable bound the planner can put into the index condition of
 # ix_orders_open_valid_until, so a sweep reads only the orders that are due. With a volatile one it filtered every
-# open GTD order, every second. In autocommit it is this statement's start; the matcher expires with its own clock,
+# open GTD order, every second. It is this statement's start; the matcher expires with its own clock,
 # read later, so every order found here is expired by it.
 _LOG_EXPIRIES = text(
     """

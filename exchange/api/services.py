@@ -63,29 +63,28 @@ async def _commit_and_wait(
     broker_id: UUID,
     order_id: UUID,
     commit: Callable[[], Awaitable[bool]],
-    applied: Callable[[OrderView], Awaitable[bool]],
+    settled: Callable[[], Awaitable[OrderView | None]],
 ) -> OrderView:
     """Register for ``order_id``'s results, run ``commit`` (writes a cancel/amend command and wakes its symbol;
-    False if it wrote none), and read the order once ``applied`` says the command took effect, or when the wait
-    ends. A result names every order its transaction changed: one may come from another command (a crossing order
-    that filled this one) before this command was applied, so each is checked and the next one awaited, with a
-    new registration made before the read (a result published after it is not missed). Without a command written,
-    the order is read at once, and awaited as well if ``applied`` is not yet true (another request's cancel)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _wait_s(state)
+    False if it wrote none), then answer with ``settled()``: the order once the command took effect (None until
+    then), or the order as it is when the wait ends. A result names every order its transaction changed: one may come
+    from another command (a crossing order that filled this one) before this command was applied, so each is checked
+    and the next one awaited, with a new registration made before the check (a result published after it is not
+    missed). Without a command written it is checked at once, and awaited as well if not yet settled (another
+    request's cancel is pending)."""
     future = state.waiter.register(order_id)
     try:
-        if not await commit():
-            view = await read_order(state, broker_id, order_id)
-            if await applied(view):
-                return view
+        written = await commit()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _wait_s(state)  # from the commit: a slow group commit does not shorten the wait
+        if not written and (view := await settled()) is not None:
+            return view
         while True:
             left = deadline - loop.time()
             if left <= 0 or not await state.waiter.wait(order_id, future, left):
                 return await read_order(state, broker_id, order_id)
             future = state.waiter.register(order_id)
-            view = await read_order(state, broker_id, order_id)
-            if await applied(view):
+            if (view := await settled()) is not None:
                 return view
     finally:
         state.waiter.discard(order_id, future)
@@ -159,8 +158,9 @@ async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool
     async def commit() -> bool:
         return (await state.cancels.submit((broker_id, order_id))).written
 
-    async def closed(view: OrderView) -> bool:
-        return view.status == OrderStatus.CLOSED.value  # a processed cancel closes its order, if nothing did before
+    async def closed() -> OrderView | None:
+        view = await read_order(state, broker_id, order_id)
+        return view if view.status == OrderStatus.CLOSED.value else None  # a processed cancel closes its order
 
     if wait:
         return await _commit_and_wait(state, broker_id, order_id, commit, closed)
@@ -186,7 +186,10 @@ async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int 
             wake_soon(state, result.symbol)
         return result.written
 
-    async def processed(view: OrderView) -> bool:
-        return not seqs or await accept.command_processed(state.pool, seqs[0])
+    async def processed() -> OrderView | None:
+        # The command first, the order after: an order read before the amend's commit shows it unamended.
+        if seqs and not await accept.command_processed(state.pool, seqs[0]):
+            return None
+        return await read_order(state, broker_id, order_id)
 
     return await _commit_and_wait(state, broker_id, order_id, commit, processed)

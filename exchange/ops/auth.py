@@ -45,7 +45,7 @@ def session_token(admin_key: str, issued_at: int) -> str:
 def session_valid(cookie: str | None, admin_key: str, now: float) -> bool:
     """``cookie`` is a login with ``admin_key`` made at most :data:`COOKIE_MAX_AGE_S` before ``now``."""
     issued, _, _ = (cookie or "").partition(".")
-    if not issued.isdigit() or len(issued) > 12:
+    if not (issued.isascii() and issued.isdigit()) or len(issued) > 12:  # isdigit() alone takes "²", int() not
         return False
     issued_at = int(issued)
     if not -CLOCK_SKEW_S <= now - issued_at <= COOKIE_MAX_AGE_S:

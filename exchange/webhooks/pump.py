@@ -367,12 +367,14 @@ class Pump:
             async with asyncio.timeout(linger):
                 await self._stopping.wait()
 
-    async def _record(self, batch: list[Attempt]) -> list[Attempt]:
+    async def _record(self, batch: list[Attempt], deadline: float | None = None) -> list[Attempt]:
         """Record ``batch``, retrying while its leases last (half a lease: after that the events are being
-        claimed again anyway); returns the attempts recorded. Those given up on are due again when their leases
-        end. A batch the database refuses for its data (SQLSTATE class 22 or 23: no retry changes that) is recorded
-        one attempt at a time instead, so that one attempt's row never holds back the others'."""
-        deadline = time.monotonic() + self.config.lease_s / 2
+        claimed again anyway, ``deadline``); returns the attempts recorded. Those given up on are due again when
+        their leases end. A batch the database refuses for its data (SQLSTATE class 22 or 23: no retry changes
+        that) is recorded one attempt at a time instead, within the same deadline, so that one attempt's row never
+        holds back the others'."""
+        if deadline is None:
+            deadline = time.monotonic() + self.config.lease_s / 2
         pause = RECORD_BACKOFF_S[0]
         while True:
             try:
@@ -388,7 +390,7 @@ class Pump:
                         len(batch),
                         exc_info=True,
                     )
-                    return [recorded for one in batch for recorded in await self._record([one])]
+                    return [recorded for one in batch for recorded in await self._record([one], deadline)]
                 if refused or self._stopping.is_set() or time.monotonic() + pause > deadline:
                     log.error(
                         "could not record %d webhook attempts; their events are sent again when their leases end",

@@ -12,7 +12,7 @@ import pytest
 from litestar.testing import TestClient
 from sqlalchemy import Connection, Engine, text
 
-from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, session_token
+from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, session_token, session_valid
 from tests.integration.api_helpers import ADMIN_KEY, match, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -200,3 +200,4 @@ def test_an_ops_cookie_opens_the_pages_for_twelve_hours_after_its_login_only(api
         return api_client.get("/ops/data.json", headers={"Cookie": f"{COOKIE_NAME}={cookie}"}).status_code
 
     assert [status(c) for c in (fresh, stale, moved, other_key, "garbage", issued)] == [200, 401, 401, 401, 401, 401]
+    assert not session_valid("\u00b2.abc", ADMIN_KEY, now)  # a digit to str.isdigit(), not to int(): was a 500

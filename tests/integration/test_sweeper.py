@@ -107,7 +107,15 @@ def test_two_sweepers_at_once_log_one_expire_command_per_symbol(engine: Engine, 
     results: list[SweepResult] = []
     sweeping = threading.Thread(target=lambda: results.append(sweep_once(engine, broker, PARTITIONS)))
     sweeping.start()
-    time.sleep(0.3)  # this sweeper reaches its own expiry logging meanwhile
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+    )
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:  # this sweeper waits for its turn while the other's insert is not committed
+        while conn.execute(text(waiting)).scalar_one() == 0:
+            assert time.monotonic() < deadline, "the sweeper never waited for the other's turn"
+            time.sleep(0.01)
     other.commit()
     other.close()
     sweeping.join(10)

@@ -7,7 +7,8 @@ Broker (Bearer API key):
 * ``PUT /webhooks/endpoint`` ``{"url": str | null}`` 200 — set or clear the URL; always re-enables the endpoint
   and resets its failure count. 422 ``invalid_webhook_url`` (not http(s), or SSRF guard).
 * ``POST /webhooks/secret/rotate`` 200 ``{webhook_secret, previous_secret_expires_at}`` — the old secret keeps
-  signing (second ``v1,`` entry of ``webhook-signature``) until ``previous_secret_expires_at``.
+  signing (a further ``v1,`` entry of ``webhook-signature``) until ``previous_secret_expires_at``, as do those an
+  earlier rotation within its grace replaced (up to 4).
 * ``GET /webhooks/deliveries?status=succeeded|failed&cursor=&limit=`` 200 — the attempt log, newest first.
 * ``POST /webhooks/events/{id}/redeliver`` 202 — make the event pending and due now (one more attempt; if the retry
   schedule is already used up, a failure ends it ``failed`` again). 404 ``event_not_found``, 409
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -47,6 +49,11 @@ log = logging.getLogger("exchange.api")
 REDELIVER_ENQUEUE_WAIT_S = 0.5
 """How long a redelivery waits for its enqueue; a Redis that has not answered by then (a stalled server: the
 broker's socket timeout is 10 s) leaves the event to the sweeper, which re-enqueues due events."""
+
+_REDELIVERIES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redeliver")
+"""The enqueues of redeliveries, one at a time: while Redis stalls, an enqueue given up on still holds its thread
+(up to the socket timeout), and on the loop's default executor a few would hold the threads that name lookups
+(webhook URL checks) need."""
 
 # ------------------------------------------------------------------------------------------------ wire types
 
@@ -206,7 +213,9 @@ class WebhooksController(Controller):
             # dramatiq's enqueue blocks on Redis: keep it off the event loop (a rare request: the order path's
             # wake-ups use the async AsyncEnqueuer instead), and answer without it when Redis stalls.
             async with asyncio.timeout(REDELIVER_ENQUEUE_WAIT_S):
-                await asyncio.to_thread(enqueue_deliveries, api.broker, [parsed])
+                await asyncio.get_running_loop().run_in_executor(
+                    _REDELIVERIES, enqueue_deliveries, api.broker, [parsed]
+                )
         except Exception:  # committed: the sweeper re-enqueues it
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
         return RedeliverOut(event_id=parsed, status="pending")
