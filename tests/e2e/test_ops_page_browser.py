@@ -91,10 +91,12 @@ def seed(client: TestClient[Any], engine: Engine) -> tuple[str, str]:
             ),
             {"id": buyer.id},
         )
-        conn.execute(
+        conn.execute(  # an event whose last attempt failed: the attempt is what "Recent errors" lists
             text(
-                "INSERT INTO webhook_events (broker_id, sequence, type, payload, attempts, last_error, status)"
-                " VALUES (:b, 9999, 'order.fill', '{}', 7, 'HTTP 503 from receiver', 'failed')"
+                "WITH e AS (INSERT INTO webhook_events (broker_id, sequence, type, payload, attempts, last_error,"
+                " status) VALUES (:b, 9999, 'order.fill', '{}', 7, 'HTTP 503 from receiver', 'failed') RETURNING id)"
+                " INSERT INTO webhook_attempts (event_id, broker_id, url, status_code, error)"
+                " SELECT id, :b, 'https://broker.example/hook', 503, 'HTTP 503 from receiver' FROM e"
             ),
             {"b": buyer.id},
         )
