@@ -22,6 +22,24 @@ timeout = 30
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("EXCHANGE_LOG_LEVEL", "info").lower()
+if os.environ.get("EXCHANGE_LOG_FORMAT", "json") == "json":
+    # gunicorn's own lines (its master's, and its workers' start and stop) in the exchange's format, one JSON object
+    # per line, so that a log shipper reading the api's stderr meets no other kind. gunicorn updates its default
+    # configuration with this one, key by key.
+    os.environ.setdefault("EXCHANGE_PROCESS_KIND", "api")  # the master's lines' "process", as its workers'
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "exchange.observability.logs.JsonFormatter"}},
+        "handlers": {
+            "error_console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": "INFO", "handlers": []},  # gunicorn's default gives the root a text handler on stdout
+        "loggers": {
+            "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False},  # off: accesslog = None
+        },
+    }
 
 # Prometheus multiprocess mode: every worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and /metrics
 # (any worker) aggregates them. The directory must be set before a worker imports prometheus_client, and must not

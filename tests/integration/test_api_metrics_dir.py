@@ -4,6 +4,7 @@ config; the directory they make lands in the test's own ``TMPDIR``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -133,3 +134,22 @@ def test_exchange_api_listens_where_exchange_api_bind_says_without_bind(
         if master.poll() is None:
             os.killpg(master.pid, signal.SIGTERM)
         master.wait(timeout=60)
+
+
+def test_gunicorns_own_lines_are_json_when_the_log_format_is(tmp_path: Path, migrated_database_url: str) -> None:
+    port = free_port()
+    env = _env(tmp_path, migrated_database_url, EXCHANGE_LOG_FORMAT="json")
+    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", "1"]
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        master = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            _wait_live(port, master)
+        finally:
+            master.send_signal(signal.SIGTERM)
+            master.wait(timeout=60)
+
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert any("Starting gunicorn" in line for line in lines), lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line  # was "[…] [pid] [INFO] Starting gunicorn 23…"
