@@ -1,10 +1,11 @@
-"""Waiting for a server process the tests started to answer over HTTP."""
+"""Waiting in tests: for a condition to hold, for a server process the tests started to answer over HTTP."""
 
 from __future__ import annotations
 
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -26,3 +27,15 @@ def wait_until_answering(
             pass
         time.sleep(0.2)
     pytest.fail(f"{url} did not answer within {timeout_s:g} s:\n{details()}")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` seconds pass (fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:.1f}s waiting for {message or predicate!r}")
+        time.sleep(interval)

@@ -131,8 +131,8 @@ def _report(results: list[BatchResult], seconds: float) -> None:
 
 def _drain(partition: int, symbols: list[str], deadline: float) -> list[str] | None:
     """Drain ``symbols`` (:func:`~exchange.matching.service.drain`), publishing after each commit; returns what the
-    last transaction's round trip took for ``partition`` (see :func:`hold_partition`). Past ``deadline``
-    (``time.monotonic()``) it stops after the transaction in progress and returns what the drain had left, which
+    last transaction's round trip took for ``partition`` (see :func:`hold_partition`). Past ``deadline``, the
+    hold's end, it stops after the transaction in progress and returns what the drain had left, which
     :func:`hold_partition` hands off: a backlog (after an outage, thousands of commands of one book) would otherwise
     hold the worker's thread, and the partition, for as many transactions as it takes."""
     taken = None
@@ -152,12 +152,11 @@ def _hand_off(partition: int, symbols: list[str]) -> None:
 
 def _partition_actor(partition: int) -> dramatiq.Actor[[str], None]:
     def match(*symbols: str) -> None:
-        deadline = time.monotonic() + HOLD_S
         hold_partition(
             _wakeups,
             partition,
             symbols,
-            process=lambda todo: _drain(partition, todo, deadline),
+            process=lambda todo, deadline: _drain(partition, todo, deadline),
             hand_off=_hand_off,
             hold_s=HOLD_S,
         )

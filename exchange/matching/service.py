@@ -107,7 +107,7 @@ def process_symbol(
     if symbol in cache.suspects:
         batch_limit = 1
     for attempt in range(4):
-        read: list[int] = []
+        read: list[int] | None = [] if batch_limit == 1 else None  # only a single command's failure quarantines it
         try:
             [result] = _process_once(engine, cache, [symbol], batch_limit, read)
             if result.commands == 0:
@@ -127,7 +127,7 @@ def process_symbol(
 
 
 def _isolate_poison(
-    engine: Engine, cache: BookCache, symbol: str, batch_limit: int, read: Sequence[int], error: Exception
+    engine: Engine, cache: BookCache, symbol: str, batch_limit: int, read: Sequence[int] | None, error: Exception
 ) -> BatchResult:
     """After a deterministic failure of a batch of ``symbol`` that read the commands ``read``: retry one command at
     a time, or, if the failed batch was that single command, quarantine exactly it."""
@@ -306,7 +306,7 @@ def _process_once(
     sequence numbers of the commands it read are appended to ``read`` as soon as they are read. If it fails in any
     way, the symbols' cached books are dropped (they may have run ahead of what was committed)."""
     try:
-        return _transaction(engine, cache, symbols, batch_limit, [] if read is None else read)
+        return _transaction(engine, cache, symbols, batch_limit, read)
     except BaseException:
         for symbol in symbols:
             cache.books.pop(symbol, None)
@@ -314,11 +314,12 @@ def _process_once(
 
 
 def _transaction(
-    engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int, read: list[int]
+    engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int, read: list[int] | None
 ) -> list[BatchResult]:
     with store.connect(engine) as conn:
         start = store.begin_batch(conn, symbols, batch_limit)
-        read.extend(row.seq for rows in start.commands.values() for row in rows)
+        if read is not None:
+            read.extend(row.seq for rows in start.commands.values() for row in rows)
         if not start.commands:
             return [BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False) for symbol in symbols]
         entries: dict[str, CachedBook] = {}

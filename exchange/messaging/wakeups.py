@@ -192,7 +192,7 @@ def hold_partition(
     partition: int,
     symbols: Sequence[str],
     *,
-    process: Callable[[list[str]], list[str] | None],
+    process: Callable[[list[str], float], list[str] | None],
     hand_off: Callable[[int, list[str]], None],
     hold_s: float,
 ) -> None:
@@ -200,9 +200,11 @@ def hold_partition(
     was woken on it, take what was woken meanwhile and go on, until nothing was; then release it. Work that arrives
     while a transaction runs thus joins the next one instead of costing a message and a transaction of its own.
 
-    ``process`` returns None, or what its own :meth:`PartitionWakeups.add_take_or_release` took after its last
-    commit (sent with what it publishes then, it saves a round trip): then that is the next round's, or, when it
-    took nothing, what :meth:`PartitionWakeups.linger` takes.
+    ``process`` is given the symbols and the hold's end (``time.monotonic()``), past which it should stop after the
+    transaction in progress and return what it has left. It returns None, or what its own
+    :meth:`PartitionWakeups.add_take_or_release` took after its last commit (sent with what it publishes then, it
+    saves a round trip): then that is the next round's, or, when it took nothing, what
+    :meth:`PartitionWakeups.linger` takes.
 
     The partition is taken before the first ``process`` reads the command log and again before every later round,
     so a command committed after any read is in the set of the next take. After ``hold_s`` what is left is handed
@@ -211,12 +213,12 @@ def hold_partition(
     symbols in hand are given back and the partition released, then the error propagates (dramatiq retries the
     message; the sweeper re-nudges what is left)."""
     todo = list(dict.fromkeys([*symbols, *wakeups.take(partition)]))
-    held_since = time.monotonic()
+    deadline = time.monotonic() + hold_s
     try:
         while todo:
-            taken = process(todo)
+            taken = process(todo, deadline)
             todo = wakeups.take_or_release(partition) if taken is None else taken or wakeups.linger(partition)
-            if todo and time.monotonic() - held_since >= hold_s:
+            if todo and time.monotonic() >= deadline:
                 hand_off(partition, todo)
                 return
     except BaseException:

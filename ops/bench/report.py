@@ -166,14 +166,16 @@ def build_report(
             **summarize(receiver.fill_to_webhook_ms),
             "note": "body executed_at -> receipt (wall clocks of the same machine)",
         }
-        takers = [(oid, sent) for r in results for oid, sent in r.takers]
+        market_orders = [(oid, sent) for r in results for oid, sent in r.market_orders]
         filled = [
-            (receiver.first_fill_at[oid] - sent) * 1000.0 for oid, sent in takers if oid in receiver.first_fill_at
+            (receiver.first_fill_at[oid] - sent) * 1000.0
+            for oid, sent in market_orders
+            if oid in receiver.first_fill_at
         ]
         report["order_to_fill"] = {
             **summarize(filled),
-            "orders": len(takers),
-            "not_filled": len(takers) - len(filled),
+            "orders": len(market_orders),
+            "not_filled": len(market_orders) - len(filled),
             "note": "scheduled send -> the order's first fill (executed_at of its first trade_executed webhook), for "
             "every accepted market order (one never rests: its first fill is its arrival's), whatever its 201 said",
         }

@@ -59,7 +59,7 @@ class WorkerResult:
     order_to_fill_ms: list[float] = field(default_factory=list)
     order_times: list[tuple[str, float, float]] = field(default_factory=list)
     """Each new order answered 2xx: (order id, scheduled send, answer), wall-clock epoch seconds."""
-    takers: list[tuple[str, float]] = field(default_factory=list)
+    market_orders: list[tuple[str, float]] = field(default_factory=list)
     """(order id, scheduled send, epoch s) of each accepted market order: one never rests, so its first fill, if
     any, is the one its own arrival made (a crossing limit that found nothing to cross rests, and its first fill
     may come minutes later, when another order crosses it)."""
@@ -85,7 +85,7 @@ class WorkerResult:
             lags_ms=self.lags_ms,
             order_to_fill_ms=self.order_to_fill_ms,
             order_times=self.order_times,
-            takers=self.takers,
+            market_orders=self.market_orders,
             order_states=dict(self.order_states),
             orders_accepted=self.orders_accepted,
             skipped=dict(self.skipped),
@@ -174,7 +174,7 @@ class _Sender:
             sent = scheduled + self.wall_offset
             self.result.order_times.append((oid, sent, sent + latency_ms / 1000.0))
             if event.order_class == m.MARKET:
-                self.result.takers.append((oid, sent))
+                self.result.market_orders.append((oid, sent))
             if event.order_no >= 0:
                 self.ids[event.order_no] = oid
             known = self.known[event.broker]

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from ops.bench.main import free_port
 from tests.conftest import DatabaseFactory, skip_or_fail
 from tests.integration.redis_support import claim_database, database_url, release_database
 from tests.invariants import check_invariants
+from tests.serving import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PGBOUNCER_SCRIPT = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
@@ -121,18 +122,6 @@ def unique_symbol(prefix: str = "T", partitions: set[int] | None = None) -> str:
         symbol = f"{prefix}{uuid.uuid4().hex[: 10 - len(prefix)]}".upper()
         if partitions is None or partition_of(symbol, PARTITIONS) in partitions:
             return symbol
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` seconds pass (fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.1f}s waiting for {message or predicate!r}")
-        time.sleep(interval)
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

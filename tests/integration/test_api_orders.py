@@ -22,6 +22,7 @@ from exchange.matching.service import BookCache, process_symbol
 from exchange.messaging.results import publish_results
 from tests.integration.api_helpers import count, match, new_symbol, register
 from tests.integration.sql_orders import place
+from tests.serving import wait_until
 
 pytest_plugins = ["tests.integration.api_fixtures"]
 
@@ -464,13 +465,6 @@ def _in_thread(call: Callable[[], Any]) -> Callable[[], Any]:
     return result
 
 
-def _eventually(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("change", ["cancel", "amend"])
 def test_a_cancel_or_amend_answers_with_the_order_after_its_command_not_after_a_fill_before_it(
     client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, change: str
@@ -487,7 +481,7 @@ def test_a_cancel_or_amend_answers_with_the_order_after_its_command_not_after_a_
         answer = _in_thread(lambda: client.post(f"/orders/{resting}/cancel", headers=headers))
     else:
         answer = _in_thread(lambda: client.patch(f"/orders/{resting}", json={"quantity": 5}, headers=seller.headers))
-    _eventually(lambda: matcher.pending(change) == 1)
+    wait_until(lambda: matcher.pending(change) == 1)
 
     matcher.step()  # the bid: the ask's result is published, its cancel or amend not applied yet
     time.sleep(0.2)
@@ -513,7 +507,7 @@ def test_two_cancels_of_one_order_both_answer_with_the_cancelled_order(
     matcher.step()
     headers = {**seller.headers, "Prefer": "return=representation"}
     first = _in_thread(lambda: client.post(f"/orders/{resting}/cancel", headers=headers))
-    _eventually(lambda: matcher.pending("cancel") == 1)
+    wait_until(lambda: matcher.pending("cancel") == 1)
     second = _in_thread(lambda: client.post(f"/orders/{resting}/cancel", headers=headers))  # writes no command
     time.sleep(0.2)
 

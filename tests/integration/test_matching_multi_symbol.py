@@ -229,12 +229,15 @@ def test_overlapping_groups_in_concurrent_matchers_never_deadlock_and_apply_each
     assert_conserved(engine)
 
 
+def _filled_pair(engine: Engine, buyer: uuid.UUID, seller: uuid.UUID, symbol: str) -> uuid.UUID:
+    """An ask and a bid of ``symbol`` that fill each other; returns the bid."""
+    place(engine, seller, symbol, "ask", 2, 100)
+    return place(engine, buyer, symbol, "bid", 2, 100)
+
+
 def test_a_poison_command_in_one_symbol_does_not_stop_the_others(engine: Engine, caplog: Any) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
-    good = []
-    for symbol in ("PSN1", "PSN3"):
-        place(engine, seller, symbol, "ask", 2, 100)
-        good.append(place(engine, buyer, symbol, "bid", 2, 100))
+    good = [_filled_pair(engine, buyer, seller, symbol) for symbol in ("PSN1", "PSN3")]
     place(engine, seller, "PSN2", "ask", 2, 2**62)
     poison = place(engine, buyer, "PSN2", "bid", 2, 2**62)  # its cash leaves 64 bits: the group's write fails
     later = place(engine, buyer, "PSN2", "bid", 1, 5)
@@ -258,10 +261,7 @@ def test_a_poison_command_in_one_symbol_does_not_stop_the_others(engine: Engine,
 
 def test_a_book_that_cannot_be_rebuilt_stops_only_its_own_symbol(engine: Engine, caplog: Any) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
-    good = []
-    for symbol in ("CRS1", "CRS3"):
-        place(engine, seller, symbol, "ask", 2, 100)
-        good.append(place(engine, buyer, symbol, "bid", 2, 100))
+    good = [_filled_pair(engine, buyer, seller, symbol) for symbol in ("CRS1", "CRS3")]
     crossing = [place(engine, seller, "CRS2", "ask", 1, 100), place(engine, buyer, "CRS2", "bid", 1, 101)]
     with engine.begin() as conn:  # rows no book can hold (the engine would have matched them): a crossed book
         conn.execute(text("UPDATE orders SET status = 'open', priority = seq WHERE id = ANY(:ids)"), {"ids": crossing})

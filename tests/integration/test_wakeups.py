@@ -260,7 +260,7 @@ async def test_a_holder_goes_on_with_what_its_process_took_and_takes_nothing_its
     first, second = symbols(2, partition=7)
     rounds: list[list[str]] = []
 
-    def process(todo: list[str]) -> list[str]:
+    def process(todo: list[str], deadline: float) -> list[str]:
         rounds.append(todo)
         if len(rounds) == 1:
             wake_elsewhere(redis_url, broker, [second])
@@ -295,7 +295,7 @@ async def test_a_holder_processes_what_was_woken_during_its_transaction_in_the_n
     rounds: list[list[str]] = []
     messages_during: list[int] = []
 
-    def process(todo: list[str]) -> None:
+    def process(todo: list[str], deadline: float) -> None:
         rounds.append(todo)
         if len(rounds) == 1:  # commands committed while the first transaction runs
             messages_during.append(wake_elsewhere(redis_url, broker, [second, third]))
@@ -313,7 +313,7 @@ async def test_a_partition_held_past_hold_s_is_handed_back_to_its_queue_still_he
     first, second = symbols(2, partition=5)
     handed: list[tuple[int, list[str]]] = []
 
-    def process(todo: list[str]) -> None:
+    def process(todo: list[str], deadline: float) -> None:
         wake_elsewhere(redis_url, broker, [second])
 
     hold_partition(
@@ -330,7 +330,7 @@ async def test_a_failing_holder_gives_back_the_symbols_in_hand_and_releases_the_
     first, second = symbols(2, partition=2)
     await client.sadd(woken_key(2), second)
 
-    def process(todo: list[str]) -> None:
+    def process(todo: list[str], deadline: float) -> None:
         raise ConnectionError("postgres went away")
 
     with pytest.raises(ConnectionError):
@@ -404,7 +404,7 @@ async def test_a_holder_lingers_after_a_drain_that_took_nothing_and_goes_on_with
     first, second = symbols(2, partition=6)
     rounds: list[list[str]] = []
 
-    def process(todo: list[str]) -> list[str]:
+    def process(todo: list[str], deadline: float) -> list[str]:
         rounds.append(todo)
         # Lingering, this take keeps the partition when it finds nothing.
         taken = take_after_commit(lingering, broker, 6)

@@ -108,7 +108,7 @@ def test_order_to_fill_times_each_market_order_to_its_first_fill_whatever_its_20
     stop.set()
     received: ReceiverResult = results.get(timeout=10)
     receiver.join(10)
-    senders = WorkerResult(0, takers=[("taker", sent), ("never-filled", sent)])  # its 201 said pending
+    senders = WorkerResult(0, market_orders=[("taker", sent), ("never-filled", sent)])  # its 201 said pending
 
     timed = build_report(
         mode="open_loop",

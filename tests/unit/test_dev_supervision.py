@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pytest
 
 from exchange.config import Settings
 from exchange.dev import Child, StopRequest, _spawn, _stop, holding_state_dir, port_in_use, run_dev, watch
+from tests.serving import wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -24,13 +25,6 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return status != "Z"
-
-
-def _eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 @contextmanager
@@ -55,15 +49,15 @@ def test_a_dead_childs_worker_is_killed_before_the_child_is_started_again(tmp_pa
     pidfile = tmp_path / "worker.pid"
     child = _leaves_a_worker(pidfile)
     _spawn(child, dict(os.environ))
-    _eventually(pidfile.exists)
-    _eventually(lambda: pidfile.read_text().strip() != "")
+    wait_until(pidfile.exists)
+    wait_until(lambda: pidfile.read_text().strip() != "")
     worker = int(pidfile.read_text())
     first = child.process
 
     with _watching([child]):
-        _eventually(lambda: child.process is not first)
+        wait_until(lambda: child.process is not first)
 
-        _eventually(lambda: not _alive(worker), timeout_s=1)  # an orphaned gunicorn worker kept the api's port
+        wait_until(lambda: not _alive(worker), timeout=1)  # an orphaned gunicorn worker kept the api's port
 
 
 def test_stopping_kills_the_workers_a_dead_leader_left(tmp_path: Path) -> None:
@@ -77,7 +71,7 @@ def test_stopping_kills_the_workers_a_dead_leader_left(tmp_path: Path) -> None:
 
     _stop([child], timeout_s=2)
 
-    _eventually(lambda: not _alive(worker), timeout_s=1)
+    wait_until(lambda: not _alive(worker), timeout=1)
 
 
 def test_one_childs_long_restart_delay_does_not_hold_up_another_childs_restart() -> None:
@@ -90,7 +84,7 @@ def test_one_childs_long_restart_delay_does_not_hold_up_another_childs_restart()
 
     with _watching([backing_off, other]):
         started = time.monotonic()
-        _eventually(lambda: other.process is not first, timeout_s=3)
+        wait_until(lambda: other.process is not first, timeout=3)
 
         assert time.monotonic() - started < 2
         assert backing_off.restart_at is not None

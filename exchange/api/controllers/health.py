@@ -13,14 +13,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import psycopg
 from litestar import Controller, Response, get
 from litestar.openapi.datastructures import ResponseSpec
+from sqlalchemy.exc import DBAPIError
 
 from exchange.api.dependencies import API, Api
 from exchange.api.errors import error_responses
 from exchange.api.schemas import CheckOut, HealthOut, ReadyOut
 from exchange.db import migrate
 from exchange.db.engines import single_statement
+from exchange.db.errors import sqlstate
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -54,7 +57,7 @@ def _shown(exc: Exception) -> str:
     if isinstance(exc, _OWN_ERRORS):
         return f"{exc.__class__.__name__}: {exc}"[:300]
     log.warning("readiness check failed: %s: %s", exc.__class__.__name__, exc)
-    code = getattr(exc, "sqlstate", None)
+    code = sqlstate(exc) if isinstance(exc, DBAPIError | psycopg.Error) else ""
     return exc.__class__.__name__ + (f" (SQLSTATE {code})" if code else "")
 
 
