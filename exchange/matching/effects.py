@@ -7,7 +7,8 @@ Pure: events and the book after the batch in, plain rows out; no SQL here. Invar
 * Each ``Fill`` yields one trade, a cash transfer (buyer pays, seller receives ``price * quantity``) and a
   share transfer of the same size, so cash and shares net to zero per batch.
 * Each ``Fill`` yields exactly one outbox event per side; each close other than ``filled`` yields one event for
-  the order's broker.
+  the order's broker, and so does a place that never reached the book (``order.rejected``, see
+  :func:`plan_rejected_place`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from exchange.engine.types import (
     Fill,
     Place,
     Rejected,
+    RejectReason,
     RestingOrder,
     Side,
 )
@@ -69,6 +71,8 @@ class OutboxDraft:
     close: Closed | None = None
     side: Side | None = None
     remaining: int = 0
+    reject_reason: str | None = None
+    """Why a place was rejected (``order.rejected`` only): an engine ``RejectReason`` or :data:`UNPROCESSABLE`."""
 
 
 @dataclass(slots=True)
@@ -94,6 +98,35 @@ CLOSE_EVENT_TYPES: dict[CloseReason, str] = {
     CloseReason.SELF_TRADE: "order.cancelled",
     CloseReason.REJECTED: "order.rejected",
 }
+
+
+UNPROCESSABLE = "unprocessable"
+"""The reject reason of a place the matcher quarantined: its command failed the same way on every attempt."""
+
+
+def plan_rejected_place(
+    plan: BatchEffects, seq: int, order_id: UUID, broker_id: UUID, side: Side, quantity: int, reason: str
+) -> None:
+    """A place that never reached the book: its pending order closes ``rejected`` with nothing traded, and its
+    broker is told (``order.rejected``), since the api may have answered the place before the matcher decided."""
+    plan.orders[order_id] = OrderUpdate(
+        order_id=order_id,
+        status="closed",
+        remaining=quantity,
+        close_reason=CloseReason.REJECTED.value,
+        priority=None,
+    )
+    plan.outbox.append(
+        OutboxDraft(
+            broker_id=broker_id,
+            type=CLOSE_EVENT_TYPES[CloseReason.REJECTED],
+            order_id=order_id,
+            close=Closed(seq, order_id, CloseReason.REJECTED, quantity),
+            side=side,
+            remaining=quantity,
+            reject_reason=reason,
+        )
+    )
 
 
 def plan_batch(
@@ -135,15 +168,16 @@ def plan_batch(
                     priority=None,
                 )
             elif isinstance(event, Rejected):
-                # A rejected place closes the (pending) order; a rejected cancel/amend changes nothing.
-                # (A live order is never closed here: its state comes from the book below.)
-                if isinstance(command, Place) and event.order_id == command.order.order_id:
-                    plan.orders[event.order_id] = OrderUpdate(
-                        order_id=event.order_id,
-                        status="closed",
-                        remaining=command.order.quantity,
-                        close_reason=CloseReason.REJECTED.value,
-                        priority=None,
+                # A rejected place closes its (pending) order; a rejected cancel/amend changes nothing. A place
+                # rejected for its duplicate id names another order, whose state is not this command's to change.
+                spec = command.order if isinstance(command, Place) else None
+                if (
+                    spec is not None
+                    and event.order_id == spec.order_id
+                    and event.reason is not RejectReason.DUPLICATE_ORDER_ID
+                ):
+                    plan_rejected_place(
+                        plan, event.seq, spec.order_id, spec.broker_id, spec.side, spec.quantity, event.reason.value
                     )
             elif isinstance(event, Amended):
                 new_price[event.order_id] = event.price

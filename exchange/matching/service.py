@@ -100,9 +100,9 @@ def process_symbol(
     A command that fails the same way on every attempt (bad data: SQLSTATE class 22 or 23, e.g. a balance leaving
     the 64-bit range; or a malformed command row) must not wedge its symbol, because every retry would read the
     same batch in the same order and fail again. The batch is retried one command at a time to find it, and that
-    command alone is quarantined: marked processed, its pending order closed ``rejected``, and logged; never
-    another one (a command with a lower sequence number that committed after the failed attempt read is applied
-    first).
+    command alone is quarantined: marked processed, its pending order closed ``rejected`` (its broker told by an
+    ``order.rejected`` event), and logged; never another one (a command with a lower sequence number that
+    committed after the failed attempt read is applied first).
     """
     if symbol in cache.suspects:
         batch_limit = 1
@@ -156,7 +156,7 @@ def _isolate_poison(
         error,
     )
     order_ids = [] if quarantined.order_id is None else [quarantined.order_id]
-    return BatchResult(symbol, 1, 0, order_ids, [], more=True, rebuilt=False)
+    return BatchResult(symbol, 1, 0, order_ids, quarantined.event_ids, more=True, rebuilt=False)
 
 
 def _placed_states(

@@ -41,6 +41,7 @@ whatever the number of books) and runs in a transaction holding the books' ``pg_
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,11 +57,14 @@ from sqlalchemy import Connection, Engine
 
 from exchange.db.arrays import array_literal
 from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS, pooled_engine, statement_failed
+from exchange.db.errors import is_deterministic
 from exchange.engine.types import RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
-from exchange.matching.effects import BatchEffects, OutboxDraft, TradeRow
+from exchange.matching.effects import UNPROCESSABLE, BatchEffects, OutboxDraft, TradeRow, plan_rejected_place
 from exchange.messaging.partitions import book_lock_key
 from exchange.times import to_micros
+
+log = logging.getLogger(__name__)
 
 
 def _driver(conn: Connection) -> psycopg.Connection[Any]:
@@ -218,34 +222,65 @@ class QuarantinedCommand:
     seq: int
     kind: str
     order_id: UUID | None
+    event_ids: list[UUID]
+    """The outbox events written with it (the ``order.rejected`` of a place), to hand to the webhook queue."""
 
 
-_QUARANTINE = """
+# The symbol's first pending command, with the order a place would have put on the book (NULLs for a command row
+# without one: the malformed rows a quarantine is for), and the database clock.
+_FIRST_PENDING = """
+SELECT c.seq, c.kind, c.order_id, o.broker_id, o.side, o.quantity, o.status = 'pending', clock_timestamp()
+FROM (SELECT seq, kind, order_id FROM commands WHERE symbol = %(symbol)s AND processed_at IS NULL
+      ORDER BY seq LIMIT 1) AS c
+LEFT JOIN orders AS o ON o.id = c.order_id
+"""
+# The last resort when even the rejection cannot be written (see :func:`quarantine_command`).
+_QUARANTINE_BARE = """
 WITH first AS (
     UPDATE commands SET processed_at = clock_timestamp()
     WHERE seq = %(seq)s AND processed_at IS NULL
       AND seq = (SELECT seq FROM commands WHERE symbol = %(symbol)s AND processed_at IS NULL ORDER BY seq LIMIT 1)
-    RETURNING seq, kind, order_id
-), rejected AS (
-    UPDATE orders SET status = 'closed', close_reason = 'rejected', updated_at = clock_timestamp()
-    FROM first
-    WHERE first.kind = 'place' AND orders.id = first.order_id AND orders.status = 'pending'
+    RETURNING kind, order_id
 )
-SELECT seq, kind, order_id FROM first
+UPDATE orders SET status = 'closed', close_reason = 'rejected', updated_at = clock_timestamp()
+FROM first WHERE first.kind = 'place' AND orders.id = first.order_id AND orders.status = 'pending'
 """
 
 
 def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCommand | None:
-    """In a transaction of its own under the symbol's lock: mark command ``seq`` of ``symbol`` processed without
-    applying it, and close its order ``rejected`` if the order never reached the book (a place). Only while it is
-    still the symbol's first pending command (None otherwise): commands apply in sequence order, so one with a
-    lower number that committed after ``seq`` failed must be applied first, and is not the one that failed."""
+    """Under the symbol's lock: mark command ``seq`` of ``symbol`` processed without applying it and, if it is a
+    place whose order never reached the book, close that order ``rejected`` and tell its broker
+    (``order.rejected``, reject reason :data:`~exchange.matching.effects.UNPROCESSABLE`), written by
+    :func:`write_batch` like any batch. Only while ``seq`` is still the symbol's first pending command (None
+    otherwise): commands apply in sequence order, so one with a lower number that committed after ``seq`` failed
+    must be applied first, and is not the one that failed.
+
+    A quarantine must never fail for its data, or the symbol would stay wedged behind the command: if the
+    rejection's own write is refused (say, the broker's event sequence is exhausted), the command is marked
+    processed and its order closed without the event."""
     params = {"keys": array_literal([book_lock_key(symbol)]), "symbol": symbol, "seq": seq}
-    cursor = _send(conn, ("BEGIN", _LOCK, _QUARANTINE, "COMMIT"), params)
-    cursor.nextset()  # BEGIN -> lock
-    cursor.nextset()  # lock -> quarantine
+    cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK, _FIRST_PENDING), params)
+    for _ in BOUNDED_BEGIN_STATEMENTS:
+        cursor.nextset()  # past BEGIN and its SET LOCAL, to the lock
+    cursor.nextset()  # lock -> first pending
     row = cursor.fetchone()
-    return None if row is None else QuarantinedCommand(*row)
+    if row is None or row[0] != seq:
+        _driver(conn).rollback()
+        return None
+    _, kind, order_id, broker_id, side, quantity, pending, now = row
+    plan = BatchEffects()
+    if kind == "place" and pending:
+        plan_rejected_place(plan, seq, order_id, broker_id, Side(side), quantity, UNPROCESSABLE)
+    try:
+        written = write_batch(conn, now, [BookBatch(symbol, plan, [seq])])
+    except psycopg.Error as exc:
+        if not is_deterministic(exc):
+            raise
+        log.error("the rejection of command seq=%s of %s was refused (%s); quarantined without it", seq, symbol, exc)
+        _driver(conn).rollback()
+        _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK, _QUARANTINE_BARE, "COMMIT"), params)
+        return QuarantinedCommand(seq, kind, order_id, [])
+    return QuarantinedCommand(seq, kind, order_id, written.event_ids[symbol])
 
 
 # One call of ``matcher_write`` (alembic revision 0005, where the statements' comments live; 0008 holds the current
@@ -400,4 +435,6 @@ def _event_payload(
             reason=draft.close.reason.value,
             occurred_at=now.isoformat(),
         )
+        if draft.reject_reason is not None:
+            body["reject_reason"] = draft.reject_reason
     return body

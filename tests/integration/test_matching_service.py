@@ -238,6 +238,57 @@ def test_a_trade_whose_cash_leaves_64_bits_is_quarantined_and_the_symbol_keeps_m
     assert_conserved(engine)
 
 
+def test_a_quarantined_place_tells_its_broker_by_an_order_rejected_event_next_in_its_sequence(
+    engine: Engine,
+) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    place(engine, seller, "TELL3", "ask", 1, 100)
+    filled = place(engine, buyer, "TELL3", "bid", 1, 100)  # the buyer's event 1
+    place(engine, seller, "TELL3", "ask", 2, 2**62)
+    poison = place(engine, buyer, "TELL3", "bid", 2, 2**62)  # its cash would leave 64 bits: quarantined
+    cache = BookCache()
+
+    event_ids = []
+    while (result := process_symbol(engine, cache, "TELL3")).commands:
+        event_ids += result.event_ids
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT id, sequence, type, order_id, payload FROM webhook_events WHERE broker_id = :b ORDER BY 2"),
+            {"b": buyer},
+        ).all()
+    assert [(r.sequence, r.type, r.order_id) for r in rows] == [
+        (1, "order.fill", filled),
+        (2, "order.rejected", poison),
+    ]
+    payload = rows[1].payload
+    assert (payload["event"], payload["reason"]) == ("order_rejected", "rejected")
+    assert payload["reject_reason"] == "unprocessable"
+    assert (payload["sequence"], payload["order_remaining_quantity"], payload["side"]) == (2, 2, "bid")
+    assert rows[1].id in event_ids  # handed to the webhook queue like any batch's events
+    assert_conserved(engine)
+
+
+def test_a_quarantine_whose_rejection_cannot_be_written_still_frees_the_symbol(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    with engine.begin() as conn:  # the buyer's next event has no number: neither its fill nor its rejection fits
+        conn.execute(text("UPDATE brokers SET event_seq = 9223372036854775807 WHERE id = :id"), {"id": buyer})
+    place(engine, seller, "FULL3", "ask", 1, 100)
+    poison = place(engine, buyer, "FULL3", "bid", 1, 100)
+    later = place(engine, seller, "FULL3", "ask", 1, 90)
+    cache = BookCache()
+
+    while process_symbol(engine, cache, "FULL3").commands:
+        pass
+
+    with engine.connect() as conn:
+        assert (order(conn, poison).status, order(conn, poison).close_reason) == ("closed", "rejected")
+        assert order(conn, later).status == "open"
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
+        assert conn.execute(text("SELECT count(*) FROM webhook_events")).scalar_one() == 0
+    assert cache.suspects == set()
+
+
 def test_a_place_command_without_its_order_is_quarantined(engine: Engine) -> None:
     broker = add_broker(engine, "b")
     with engine.begin() as conn:  # a hand-made row the engine cannot be asked about
