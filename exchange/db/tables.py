@@ -368,6 +368,8 @@ webhook_events = Table(
     Column("payload", JSONB, nullable=False),
     Column("status", Text, nullable=False, server_default=text(f"'{WebhookEventStatus.PENDING.value}'")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # Bumped by every redeliver: the fence of the attempts claimed before it (exchange.webhooks.store, alembic 0017).
+    Column("generation", Integer, nullable=False, server_default=text("0")),
     _timestamp("next_attempt_at", now=True),
     Column("last_error", Text),
     _timestamp("created_at", now=True),

@@ -131,7 +131,8 @@ _REDELIVER = """
     ),
     made_pending AS (
         UPDATE webhook_events
-        SET status = 'pending', delivered_at = NULL, last_error = NULL, next_attempt_at = clock_timestamp()
+        SET status = 'pending', delivered_at = NULL, last_error = NULL, next_attempt_at = clock_timestamp(),
+            generation = generation + 1
         WHERE id = (SELECT id FROM target WHERE deliverable)
     )
     SELECT deliverable FROM target
@@ -141,6 +142,11 @@ _REDELIVER = """
 async def redeliver(conn: AsyncPgConnection, broker_id: UUID, event_id: UUID) -> None:
     """Make the event pending and due now (whatever its status), in one statement. The caller enqueues ``deliver``
     after it.
+
+    It also starts the event's next ``generation``: an attempt in flight (claimed before) that fails is still
+    logged but can no longer end the event ``failed`` or schedule its retry, so the redelivery is made; one that
+    succeeds still delivers it (:mod:`exchange.webhooks.store` states the rule). ``attempts`` is left as it is:
+    the redelivery is one more attempt of the schedule.
 
     Raises :class:`WebhookEventNotFoundError` (not this broker's event) or
     :class:`WebhookEndpointUnavailableError` (no URL or endpoint disabled: nothing could be sent; nothing changed).

@@ -6,9 +6,18 @@ Invariants the statements keep:
 * **A claim is a lease with a fencing token.** Claiming moves ``next_attempt_at`` one lease into the future and
   bumps ``attempts``; the new ``attempts`` is the claim's token. Claims lock with ``FOR UPDATE SKIP LOCKED``, so
   concurrent workers take disjoint sets and an event is handed to one worker per lease.
-* **Retry and failure updates are fenced** (``attempts`` must still equal the token): a worker whose lease
-  expired, and whose event was claimed again meanwhile, cannot overwrite the newer attempt's state. ``delivered``
-  is not fenced: a 2xx answer is a delivery whoever's lease it was.
+* **Retry and failure updates are fenced twice.** ``attempts`` must still equal the claim's token: a worker whose
+  lease expired, and whose event was claimed again meanwhile, cannot overwrite the newer attempt's state. And the
+  event's ``generation`` must still be the one the claim returned: every redeliver (the one thing that resets an
+  event's schedule: :func:`exchange.webhooks.queries.redeliver`) bumps it and leaves ``attempts`` as it is, so an
+  attempt claimed before a redeliver and recorded after it can neither end the event ``failed`` nor push its
+  "due now" back by a backoff: the redelivery the broker asked for is made (and counts as one more attempt of
+  the schedule: after the schedule, its own failure ends the event ``failed`` again).
+* **A delivery is not fenced**: a 2xx answer delivered the event whoever's lease or generation it was (the
+  receiver has the byte-identical body; sending it again would only be a duplicate), also when a redeliver came
+  while it was in flight.
+* **An attempt fenced off is still logged** and still judges the broker's endpoint by its URL (a 410 disables it,
+  a 2xx resets its failure count); only the events a record actually failed count as consecutive failed events.
 * Claim and record commit with ``synchronous_commit = off`` (transaction-local, safe through pgbouncer): a
   database crash can only lose their last few hundred milliseconds, which makes an event be sent again
   (at-least-once) or an attempt row go missing — never an event lost.
@@ -44,6 +53,8 @@ class Claim:
     event_id: UUID
     attempt: int
     """The fencing token: this claim's ``attempts`` value."""
+    generation: int
+    """The event's ``generation`` when claimed: a redeliver since bumped it (see the module docstring)."""
     broker_id: UUID
     body: bytes
     url: str
@@ -57,7 +68,8 @@ class Claimed:
     """Events marked ``skipped`` instead (the broker has no URL or its endpoint is disabled)."""
 
 
-# One call of ``webhook_claim`` (alembic revision 0004, where the statement and its comments live): locks the oldest
+# One call of ``webhook_claim`` (alembic revision 0004, where the statement and its comments live; 0017 returns each
+# claimed event's generation too): locks the oldest
 # due events (skipping rows other workers hold and brokers at this worker's per-broker cap), claims at most each
 # broker's room of them, and marks events of brokers without a usable endpoint ``skipped`` (returned with NULL
 # attempts). A PL/pgSQL function, so the server plans the statement once per server connection instead of on every
@@ -103,7 +115,17 @@ def claim(
             continue
         # The secrets rotated out that still sign, space-separated (exchange.webhooks.queries.rotate_secret).
         secrets = (row.webhook_secret, *(row.previous_secret or "").split())
-        claims.append(Claim(row.id, row.attempts, row.broker_id, row.body.encode("utf-8"), row.webhook_url, secrets))
+        claims.append(
+            Claim(
+                row.id,
+                row.attempts,
+                row.generation,
+                row.broker_id,
+                row.body.encode("utf-8"),
+                row.webhook_url,
+                secrets,
+            )
+        )
     return Claimed(claims, skipped)
 
 
@@ -123,11 +145,10 @@ class Attempt:
     excerpt: str | None
 
 
-# One call of ``webhook_record`` (alembic revision 0004, where the statement's comments live; 0008 holds the current
-# text): logs every
-# attempt, marks events delivered / due again (fenced) / failed (fenced), and updates a broker's consecutive
-# failures and endpoint state only when the batch changes them, locking those broker rows in id order as the
-# matcher does (no deadlock between the two).
+# One call of ``webhook_record`` (alembic revision 0004, where the statement's comments live; 0017 holds the current
+# text): logs every attempt, marks events delivered / due again (fenced) / failed (fenced: by attempts and
+# generation), and updates a broker's consecutive failures and endpoint state only when the batch changes them,
+# locking those broker rows in id order as the matcher does (no deadlock between the two).
 _RECORD = "SELECT webhook_record(CAST(%(batch)s AS jsonb), %(limit)s)"
 
 
@@ -145,6 +166,7 @@ def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -
             "id": a.claim.event_id,
             "broker_id": a.claim.broker_id,
             "attempt": a.claim.attempt,
+            "generation": a.claim.generation,
             "kind": a.verdict.kind.value,
             "started": a.started,
             "url": a.claim.url,

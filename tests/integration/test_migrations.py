@@ -331,3 +331,21 @@ def test_downgrading_0009_restores_0008s_orders_indexes_constraints_storage_and_
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert schema() == before
+
+
+def test_downgrading_0017_restores_0016s_webhook_functions_and_events_columns_exactly(fresh_database_url: str) -> None:
+    functions = ("webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)", "webhook_record(jsonb, integer)")
+
+    def schema() -> tuple[object, ...]:
+        definitions = tuple(_function_definition(fresh_database_url, f) for f in functions)
+        return (*definitions, _catalog(fresh_database_url, "columns"))
+
+    migrate.upgrade(fresh_database_url, "0016")
+    before = schema()
+    migrate.upgrade(fresh_database_url, "0017")
+    changed = schema()
+
+    migrate.downgrade(fresh_database_url, "0016")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert schema() == before

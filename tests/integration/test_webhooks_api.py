@@ -6,6 +6,8 @@ import base64
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,9 +16,12 @@ from litestar.testing import TestClient
 from sqlalchemy import Engine, text
 from standardwebhooks.webhooks import Webhook
 
+from exchange.webhooks import store
 from exchange.webhooks.delivery import Outcome
+from exchange.webhooks.outcomes import Kind, Verdict
 from tests.integration.api_helpers import ADMIN_KEY, Broker, match, new_symbol
-from tests.integration.webhook_support import deliverer
+from tests.integration.webhook_support import attempts_of, deliverer
+from tests.serving import wait_until
 from tests.webhook_receiver import Receiver
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -325,6 +330,174 @@ def test_redeliver_of_a_malformed_id_is_not_found(client: TestClient[Any]) -> No
     broker, _ = register(client)
 
     assert client.post("/webhooks/events/not-a-uuid/redeliver", headers=broker.headers).status_code == 404
+
+
+# ---------------------------------------------------------------------------- redeliver while in flight
+# A redeliver can come while an attempt of the same event is in flight (claimed under its lease). These tests run on
+# a database of their own, the app's and the worker code's alike, so that claims and passes see only their events.
+
+
+@pytest.fixture
+def own_client(
+    client_factory: Callable[..., TestClient[Any]], fresh_migrated_database_url: str, api_redis_url: str
+) -> Iterator[TestClient[Any]]:
+    """An app on this test's own database (``engine``'s)."""
+    yield client_factory(webhook_allow_private="true", database_url=fresh_migrated_database_url)
+    r = redis.Redis.from_url(api_redis_url)
+    keys = list(r.scan_iter(match="dramatiq:webhooks*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def delivery_state(engine: Engine, event_id: uuid.UUID) -> tuple[str, int, str | None, bool]:
+    """The event's (status, attempts, last_error, due now)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT status, attempts, last_error, next_attempt_at <= clock_timestamp() AS due "
+                "FROM webhook_events WHERE id = :id"
+            ),
+            {"id": event_id},
+        ).one()
+    return row.status, row.attempts, row.last_error, row.due
+
+
+def use_attempts(engine: Engine, event_id: uuid.UUID, attempts: int) -> None:
+    """Mark ``attempts`` of the event's schedule as used (earlier attempts that failed)."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE webhook_events SET attempts = :n WHERE id = :id"), {"n": attempts, "id": event_id})
+
+
+def redeliver_while_in_flight(
+    client: TestClient[Any], engine: Engine, receiver: Receiver, *, attempts_used: int
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """One pass of the real pump (one delivery per broker in flight, one retry 30 s after a first failure) over two
+    events of a broker: the first one's attempt is held by the receiver while the broker redelivers that event, then
+    answered 503; every later request is answered 200. The second event, due before the redelivery, is claimed
+    before the redelivered one (oldest first) once the attempt ends, so the attempt is recorded before anything
+    claims the redelivered event again. Returns (first, second)."""
+    buyer, _ = register(client, receiver.url)
+    seller, _ = register(client)
+    trade(client, engine, buyer, seller)
+    trade(client, engine, buyer, seller)
+    first, second = (uuid.UUID(e) for e in event_ids(client, buyer))
+    use_attempts(engine, first, attempts_used)
+    receiver.fail_next(1, status=503)
+    receiver.hang()
+    d = deliverer(engine, retry_schedule=(30.0,), max_in_flight=1, lease_s=30.0, read_timeout_s=10.0)
+    with ThreadPoolExecutor(1, thread_name_prefix="pass") as passes:
+        one_pass = passes.submit(d.drain)
+        try:
+            wait_until(lambda: delivery_state(engine, first)[1] == attempts_used + 1, message="the attempt claimed")
+            response = client.post(f"/webhooks/events/{first}/redeliver", headers=buyer.headers)
+            assert response.status_code == 202
+        finally:
+            receiver.release()
+        one_pass.result(timeout=30)
+    return first, second
+
+
+def test_redeliver_during_an_attempt_in_flight_is_not_undone_by_its_failure(
+    own_client: TestClient[Any], engine: Engine, receiver: Receiver
+) -> None:
+    # The attempt in flight is the last of the schedule (its one retry was used): its 503 exhausts it.
+    first, second = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=1)
+
+    assert delivery_state(engine, first)[:3] == ("delivered", 3, None)
+    assert [a.status_code for a in attempts_of(engine, first)] == [503, 200]  # the redelivery was sent
+    assert delivery_state(engine, second)[0] == "delivered"
+    assert [r.headers["webhook-id"] for r in receiver.received].count(str(first)) == 2
+
+
+def test_redeliver_during_an_attempt_in_flight_is_not_postponed_by_its_retry(
+    own_client: TestClient[Any], engine: Engine, receiver: Receiver
+) -> None:
+    # The attempt in flight is the first: its 503 schedules a retry in 30 s, which must not replace "due now".
+    first, second = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=0)
+
+    assert delivery_state(engine, first)[:3] == ("delivered", 2, None)
+    assert [a.status_code for a in attempts_of(engine, first)] == [503, 200]
+    assert delivery_state(engine, second)[0] == "delivered"
+
+
+def claim_one(engine: Engine) -> store.Claim:
+    """Claim the one due event the way a worker does (the seller's events, without a URL, are skipped)."""
+    (claim,) = store.claim(engine, limit=10, lease_s=30.0, per_broker=10).claims
+    return claim
+
+
+def recorded(engine: Engine, claim: store.Claim, verdict: Verdict, status_code: int) -> None:
+    error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+    finished = store.Attempt(claim, verdict, datetime.now(UTC), 3, status_code, error, "answer")
+    store.record(engine, [finished], disable_after=5)
+
+
+ENDINGS = [
+    (Verdict(Kind.RETRY, retry_in_s=60.0), 503),
+    (Verdict(Kind.EXHAUSTED, disable_reason="5 consecutive events failed"), 503),
+    (Verdict(Kind.GONE, disable_reason="receiver answered 410 Gone"), 410),
+]
+
+
+@pytest.mark.parametrize(("verdict", "status_code"), ENDINGS, ids=["retry", "exhausted", "gone"])
+def test_a_failure_in_flight_recorded_after_a_redeliver_leaves_the_event_due_and_is_still_logged(
+    own_client: TestClient[Any], engine: Engine, verdict: Verdict, status_code: int
+) -> None:
+    buyer, _ = register(own_client, "http://127.0.0.1:9/hook")
+    seller, _ = register(own_client)
+    trade(own_client, engine, buyer, seller)
+    (event_id,) = (uuid.UUID(e) for e in event_ids(own_client, buyer))
+    in_flight = claim_one(engine)
+    assert own_client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers).status_code == 202
+
+    recorded(engine, in_flight, verdict, status_code)
+
+    assert delivery_state(engine, event_id) == ("pending", 1, None, True)
+    assert [a.status_code for a in attempts_of(engine, event_id)] == [status_code]
+
+
+def test_a_success_in_flight_recorded_after_a_redeliver_still_delivers_the_event(
+    own_client: TestClient[Any], engine: Engine
+) -> None:
+    buyer, _ = register(own_client, "http://127.0.0.1:9/hook")
+    seller, _ = register(own_client)
+    trade(own_client, engine, buyer, seller)
+    (event_id,) = (uuid.UUID(e) for e in event_ids(own_client, buyer))
+    in_flight = claim_one(engine)
+    assert own_client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers).status_code == 202
+
+    recorded(engine, in_flight, Verdict(Kind.DELIVERED), 200)
+
+    assert delivery_state(engine, event_id)[:3] == ("delivered", 1, None)
+
+
+def test_the_attempt_a_redeliver_asked_for_still_ends_an_exhausted_event_failed(
+    own_client: TestClient[Any], engine: Engine
+) -> None:
+    buyer, _ = register(own_client, "http://127.0.0.1:9/hook")
+    seller, _ = register(own_client)
+    trade(own_client, engine, buyer, seller)
+    (event_id,) = (uuid.UUID(e) for e in event_ids(own_client, buyer))
+    in_flight = claim_one(engine)
+    assert own_client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers).status_code == 202
+    exhausted = Verdict(Kind.EXHAUSTED, disable_reason="5 consecutive events failed")
+    recorded(engine, in_flight, exhausted, 503)  # from before the redeliver: the event stays due
+
+    redelivery = claim_one(engine)
+    recorded(engine, redelivery, exhausted, 503)
+
+    assert delivery_state(engine, event_id)[:3] == ("failed", 2, "HTTP 503")
+    assert broker_consecutive_failures(engine, buyer) == 1  # the redelivery's failure, not the stale one
+
+
+def broker_consecutive_failures(engine: Engine, broker: Broker) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT webhook_consecutive_failures FROM brokers WHERE id = :id"), {"id": uuid.UUID(broker.id)}
+            ).scalar_one()
+        )
 
 
 # ------------------------------------------------------------------------------------------- deliveries

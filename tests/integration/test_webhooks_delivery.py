@@ -313,6 +313,26 @@ def test_a_late_result_of_an_expired_claim_does_not_reschedule_a_newer_attempt(e
     assert len(attempts_of(engine, stale.event_id)) == 1  # the attempt itself is still logged
 
 
+def test_a_record_from_a_worker_older_than_the_generations_is_fenced_by_attempts_only(engine: Engine) -> None:
+    # During an upgrade, workers of before alembic 0017 record batches without generations: their retries and
+    # failures still apply (fenced by attempts, as they were), instead of being ignored forever.
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (claim,) = claim_all(engine).claims
+    batch = [
+        {"ord": 1, "id": str(claim.event_id), "broker_id": str(claim.broker_id), "attempt": claim.attempt,
+         "kind": "exhausted", "started": datetime.now(UTC).isoformat(), "url": claim.url, "status_code": 500,
+         "latency_ms": 3, "error": "HTTP 500", "excerpt": "", "delay": None, "reason": "x"}
+    ]  # fmt: skip
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(store._RECORD, {"batch": json.dumps(batch), "limit": 5})
+
+    (row,) = events_of(engine, buyer)
+    assert (row.status, row.last_error) == ("failed", "HTTP 500")
+
+
 def test_take_overdue_hands_an_event_out_once_per_period(engine: Engine) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     seller, _ = broker_with_endpoint(engine, None)

@@ -11,7 +11,8 @@ Broker (Bearer API key):
   earlier rotation within its grace replaced (up to 4).
 * ``GET /webhooks/deliveries?status=succeeded|failed&cursor=&limit=`` 200 — the attempt log, newest first.
 * ``POST /webhooks/events/{id}/redeliver`` 202 — make the event pending and due now (one more attempt; if the retry
-  schedule is already used up, a failure ends it ``failed`` again). 404 ``event_not_found``, 409
+  schedule is already used up, a failure ends it ``failed`` again). An attempt already in flight that fails does
+  not undo it; one that succeeds delivers the event. 404 ``event_not_found``, 409
   ``webhook_endpoint_unavailable``.
 * ``GET /events?after=<sequence>&limit=`` 200 ``{items, next_after}`` — every event of the broker in sequence order
   (gap-free), whatever its delivery status, each with the exact webhook body: a broker that was down catches up
