@@ -2,8 +2,9 @@
 
 It records every request (path, headers, body) and answers by the current behaviour: ``fail_next(n)`` answers
 the next ``n`` requests with ``status``; ``gone()`` answers 410; ``hang()`` holds every request open until
-``release()`` (or stop); ``delay_s`` slows every answer. ``stop()`` (also on ``with`` exit) ends it; it can be
-started again on the same port (``start(port=...)``) to simulate a receiver that comes back.
+``release()`` (or stop); ``delay_s`` slows every answer; ``answer_body`` replaces every answer's body. ``stop()``
+(also on ``with`` exit) ends it; it can be started again on the same port (``start(port=...)``) to simulate a
+receiver that comes back.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Receiver:
         self.failure_status = 500
         self.always_status: int | None = None
         self.delay_s = 0.0
+        self.answer_body: bytes | None = None
+        """The body of every answer when set (else a small JSON object saying whether it was taken)."""
         self.open = threading.Event()
         """Cleared by ``hang()``: requests wait for it (at most 30 s) before they are answered."""
         self.open.set()
@@ -112,7 +115,9 @@ class Receiver:
                 with receiver.lock:
                     headers = {k.lower(): v for k, v in self.headers.items()}
                     receiver.received.append(Received(self.path, headers, body, status))
-                answer = b'{"ok":true}' if status < 300 else b'{"error":"nope"}'
+                answer = receiver.answer_body
+                if answer is None:
+                    answer = b'{"ok":true}' if status < 300 else b'{"error":"nope"}'
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(answer)))

@@ -52,12 +52,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from uuid import UUID
 
-import psycopg
 import uvloop
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 
-from exchange.db.errors import is_deterministic
 from exchange.webhooks import ssrf, store
 from exchange.webhooks.delivery import DeliveryConfig, Endpoints, HostLookup, Resolver, attempt
 from exchange.webhooks.http import HttpClient
@@ -367,12 +364,19 @@ class Pump:
             async with asyncio.timeout(linger):
                 await self._stopping.wait()
 
-    async def _record(self, batch: list[Attempt], deadline: float | None = None) -> list[Attempt]:
+    async def _record(
+        self, batch: list[Attempt], deadline: float | None = None, *, last_resort: bool = False
+    ) -> list[Attempt]:
         """Record ``batch``, retrying while its leases last (half a lease: after that the events are being
-        claimed again anyway, ``deadline``); returns the attempts recorded. Those given up on are due again when
-        their leases end. A batch the database refuses for its data (SQLSTATE class 22 or 23: no retry changes
-        that) is recorded one attempt at a time instead, within the same deadline, so that one attempt's row never
-        holds back the others'."""
+        claimed again anyway, ``deadline``); returns the attempts recorded, as recorded. Those given up on are due
+        again when their leases end.
+
+        A batch whose data cannot be stored as it is (:func:`store.is_refused`: no retry changes that) is recorded
+        one attempt at a time instead, within the same deadline, so that one attempt's row never holds back the
+        others'; and one such attempt is recorded with its texts replaced (:func:`store.with_texts_replaced`), so
+        that its event still runs its schedule and counts for its broker: left unrecorded, it would be sent again
+        every lease, forever, and never fail. Only an attempt refused even so (``last_resort``: its event was
+        deleted since its claim, say) is given up at once."""
         if deadline is None:
             deadline = time.monotonic() + self.config.lease_s / 2
         pause = RECORD_BACKOFF_S[0]
@@ -383,7 +387,7 @@ class Pump:
                 )
                 return batch
             except Exception as exc:
-                refused = isinstance(exc, psycopg.Error | DBAPIError) and is_deterministic(exc)
+                refused = store.is_refused(exc)
                 if refused and len(batch) > 1:
                     log.error(
                         "the database refused a record of %d webhook attempts; recording them one by one",
@@ -391,6 +395,19 @@ class Pump:
                         exc_info=True,
                     )
                     return [recorded for one in batch for recorded in await self._record([one], deadline)]
+                if refused and not last_resort:
+                    (one,) = batch
+                    # repr: the texts as they were, whatever they hold, on one line of the log
+                    log.error(
+                        "the database refused the record of webhook event %s attempt %d; recording it with its texts "
+                        "replaced (error=%r, excerpt=%r)",
+                        one.claim.event_id,
+                        one.claim.attempt,
+                        one.error,
+                        one.excerpt,
+                        exc_info=True,
+                    )
+                    return await self._record([store.with_texts_replaced(one)], deadline, last_resort=True)
                 if refused or self._stopping.is_set() or time.monotonic() + pause > deadline:
                     log.error(
                         "could not record %d webhook attempts; their events are sent again when their leases end",

@@ -18,6 +18,9 @@ Invariants the statements keep:
   while it was in flight.
 * **An attempt fenced off is still logged** and still judges the broker's endpoint by its URL (a 410 disables it,
   a 2xx resets its failure count); only the events a record actually failed count as consecutive failed events.
+* **Every attempt can be recorded, whatever it carries** (:func:`record` makes each value one its column holds;
+  :func:`with_texts_replaced` is the last resort for a text the database's encoding lacks): an attempt left
+  unrecorded leaves its event pending, sent again every lease, forever, never failed nor counted for its broker.
 * Claim and record commit with ``synchronous_commit = off`` (transaction-local, safe through pgbouncer): a
   database crash can only lose their last few hundred milliseconds, which makes an event be sent again
   (at-least-once) or an attempt row go missing — never an event lost.
@@ -30,8 +33,10 @@ it is a sizeable share of the worker.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 from uuid import UUID
@@ -41,9 +46,11 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from exchange.db.engines import bounded_transaction, connect_failed, statement_failed
-from exchange.webhooks.outcomes import Verdict
+from exchange.db.errors import is_deterministic
+from exchange.webhooks.outcomes import Kind, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,36 +162,123 @@ _RECORD = "SELECT webhook_record(CAST(%(batch)s AS jsonb), %(limit)s)"
 def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -> None:
     """Record a batch of attempts (in completion order; each event at most once) in one statement.
 
-    The receiver's answer and the error texts are stored with NUL replaced by U+FFFD: PostgreSQL text (and a
-    jsonb string, which carries the batch) cannot hold NUL. This is the one place that rule is applied.
+    Every value is first made one its column holds (:func:`_row`, the one place where that is done), so that no
+    receiver's answer and no error text can make the database refuse a record. What remains refusable depends on
+    the database, not on the data's form: a character its encoding lacks (a LATIN1 database). :func:`is_refused`
+    tells such a failure from a passing one, and :func:`with_texts_replaced` is the attempt as any database holds
+    it.
     """
     if not attempts:
         return
-    batch = [
-        {
-            "ord": n,
-            "id": a.claim.event_id,
-            "broker_id": a.claim.broker_id,
-            "attempt": a.claim.attempt,
-            "generation": a.claim.generation,
-            "kind": a.verdict.kind.value,
-            "started": a.started,
-            "url": a.claim.url,
-            "status_code": a.status_code,
-            "latency_ms": a.latency_ms,
-            "error": _text(a.error),
-            "excerpt": _text(a.excerpt),
-            "delay": a.verdict.retry_in_s,
-            "reason": _text(a.verdict.disable_reason),
-        }
-        for n, a in enumerate(attempts, 1)
-    ]
+    batch = [_row(n, a) for n, a in enumerate(attempts, 1)]
     _execute(engine, _RECORD, {"batch": msgspec.json.encode(batch).decode(), "limit": disable_after})
 
 
+STATUS_CODES = range(100, 600)
+"""The statuses the attempts' table holds (its check constraint)."""
+_INTEGER_MAX = 2**31 - 1
+"""The largest value of an ``integer`` column (``latency_ms``)."""
+MAX_RETRY_DELAY_S = 30 * 86_400.0
+"""The longest delay a retry is recorded with: far beyond any the settings allow (7 days, +20 % jitter), far
+within what keeps ``clock_timestamp() + delay`` a timestamp."""
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _row(n: int, attempt: Attempt) -> dict[str, Any]:
+    """Attempt number ``n`` of a batch as ``webhook_record`` reads it, each value in its column's range:
+
+    * texts (error, answer excerpt, disable reason) with NUL and lone surrogates replaced by U+FFFD;
+    * a status outside 100-599 as no status, its number kept in the error text (a failed attempt has one);
+    * the latency clamped to 0 .. 2^31 - 1 ms;
+    * a retry's delay clamped to 0 .. :data:`MAX_RETRY_DELAY_S` (none or NaN: due at once), so that the event's
+      next attempt is a timestamp (JSON has no infinity or NaN: either would become NULL).
+
+    The URL is stored as the claim read it from this database, which held it: the broker's tally compares it with
+    the broker's ``webhook_url``.
+    """
+    verdict = attempt.verdict
+    status, error = attempt.status_code, attempt.error
+    if status is not None and status not in STATUS_CODES:
+        status, error = None, error or f"HTTP {status}"
+    return {
+        "ord": n,
+        "id": attempt.claim.event_id,
+        "broker_id": attempt.claim.broker_id,
+        "attempt": attempt.claim.attempt,
+        "generation": attempt.claim.generation,
+        "kind": verdict.kind.value,
+        "started": attempt.started,
+        "url": attempt.claim.url,
+        "status_code": status,
+        "latency_ms": min(max(attempt.latency_ms, 0), _INTEGER_MAX),
+        "error": _text(error),
+        "excerpt": _text(attempt.excerpt),
+        "delay": _retry_delay(verdict),
+        "reason": _text(verdict.disable_reason),
+    }
+
+
 def _text(value: str | None) -> str | None:
-    """``value`` as PostgreSQL text can hold it (see :func:`record`)."""
-    return None if value is None else value.replace("\x00", "\ufffd")
+    """``value`` as PostgreSQL text can hold it: NUL (which no text, nor a jsonb string, holds) and lone surrogates
+    (not characters: UTF-8, hence the batch's JSON, cannot encode them) replaced by U+FFFD."""
+    if value is None:
+        return None
+    value = value.replace("\x00", "\ufffd")
+    # isascii() reads a flag of the string: most texts (HTTP errors, JSON answers) cost no scan for surrogates
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # only a surrogate fails
+            value = _SURROGATES.sub("\ufffd", value)
+    return value
+
+
+def _retry_delay(verdict: Verdict) -> float | None:
+    """Seconds until a retry's next attempt (see :func:`_row`); None for other kinds, which do not read it."""
+    if verdict.kind is not Kind.RETRY:
+        return None
+    delay = verdict.retry_in_s
+    if delay is None or math.isnan(delay):
+        return 0.0
+    return min(max(delay, 0.0), MAX_RETRY_DELAY_S)
+
+
+def is_refused(exc: BaseException) -> bool:
+    """``exc``, raised by :func:`record`, says that the batch's data cannot be stored as it is, however often it is
+    tried: the database refused it (SQLSTATE class 22 or 23), or psycopg could not encode it in the connection's
+    client encoding (``UnicodeEncodeError``: no SQLSTATE, nothing was sent; e.g. a character LATIN1 lacks)."""
+    if isinstance(exc, psycopg.Error | DBAPIError):
+        return is_deterministic(exc)
+    return isinstance(exc, UnicodeEncodeError)
+
+
+REFUSED_TEXT = "[replaced: the database refused to store this text]"
+"""Stored instead of a text of an attempt the database refused (:func:`with_texts_replaced`)."""
+
+
+def with_texts_replaced(attempt: Attempt) -> Attempt:
+    """``attempt`` with each free text that is not plain ASCII (its error, answer excerpt, disable reason) replaced
+    by :data:`REFUSED_TEXT`: the last resort for an attempt refused even once made storable by :func:`record`.
+
+    Once the record has made it storable, only a character the database's encoding lacks can be refused in a text
+    (the columns have no other constraint), and every PostgreSQL server encoding holds ASCII. So this attempt is
+    refused only if the rest is: its ids, its URL (read from this database), its numbers (kept in range) — e.g. an
+    event deleted since its claim. Absent texts stay absent (an attempt without an error is a success to the log's
+    readers), and so do the attempt's verdict, status and latency: its event is scheduled, failed or delivered,
+    and counted for its broker, like any other.
+    """
+    verdict = attempt.verdict
+    return replace(
+        attempt,
+        verdict=replace(verdict, disable_reason=_ascii_or_marker(verdict.disable_reason)),
+        error=_ascii_or_marker(attempt.error),
+        excerpt=_ascii_or_marker(attempt.excerpt),
+    )
+
+
+def _ascii_or_marker(value: str | None) -> str | None:
+    # NUL is ASCII, but no text holds it: what _text would have replaced counts as not ASCII.
+    return value if value is None or (value.isascii() and "\x00" not in value) else REFUSED_TEXT
 
 
 def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
