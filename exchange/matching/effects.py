@@ -7,8 +7,8 @@ Pure: events and the book after the batch in, plain rows out; no SQL here. Invar
 * Each ``Fill`` yields one trade, a cash transfer (buyer pays, seller receives ``price * quantity``) and a
   share transfer of the same size, so cash and shares net to zero per batch.
 * Each ``Fill`` yields exactly one outbox event per side; each close other than ``filled`` yields one event for
-  the order's broker, and so does a place that never reached the book (``order.rejected``, see
-  :func:`plan_rejected_place`).
+  the order's broker, and so do a place that never reached the book (``order.rejected``, see
+  :func:`plan_rejected_place`) and each ``Decremented`` of a live order (``order.decremented``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class OutboxDraft:
     order_id: UUID
     fill: Fill | None = None
     close: Closed | None = None
+    decrement: Decremented | None = None
     side: Side | None = None
     remaining: int = 0
     reject_reason: str | None = None
@@ -99,6 +100,9 @@ CLOSE_EVENT_TYPES: dict[CloseReason, str] = {
     CloseReason.REJECTED: "order.rejected",
 }
 
+
+DECREMENTED_EVENT_TYPE = "order.decremented"
+"""A live order's quantity taken down by self-trade prevention (``stp: decrement``); it stays live."""
 
 UNPROCESSABLE = "unprocessable"
 """The reject reason of a place the matcher quarantined: its command failed the same way on every attempt."""
@@ -184,9 +188,21 @@ def plan_batch(
                 new_quantity[event.order_id] = event.quantity
                 _touch(plan, event.order_id)
             elif isinstance(event, Decremented):
-                # Self-trade prevention shrank a live order's total quantity without a trade.
+                # Self-trade prevention shrank a live order's total quantity without a trade: its broker is told,
+                # or the order's remaining quantity would drop with no fill to explain it.
                 new_quantity[event.order_id] = event.quantity
                 _touch(plan, event.order_id)
+                broker_id, side = owners[event.order_id]
+                plan.outbox.append(
+                    OutboxDraft(
+                        broker_id=broker_id,
+                        type=DECREMENTED_EVENT_TYPE,
+                        order_id=event.order_id,
+                        decrement=event,
+                        side=side,
+                        remaining=event.remaining,
+                    )
+                )
             else:
                 _touch(plan, event.order_id)
     for order_id, update in plan.orders.items():

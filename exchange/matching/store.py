@@ -58,7 +58,7 @@ from sqlalchemy import Connection, Engine
 from exchange.db.arrays import array_literal
 from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS, pooled_engine, statement_failed
 from exchange.db.errors import is_deterministic
-from exchange.engine.types import RestingOrder, Side, StpMode
+from exchange.engine.types import CloseReason, RestingOrder, Side, StpMode
 from exchange.matching.commands import LoggedCommand
 from exchange.matching.effects import UNPROCESSABLE, BatchEffects, OutboxDraft, TradeRow, plan_rejected_place
 from exchange.messaging.partitions import book_lock_key
@@ -437,4 +437,11 @@ def _event_payload(
         )
         if draft.reject_reason is not None:
             body["reject_reason"] = draft.reject_reason
+    elif draft.decrement is not None:
+        body.update(
+            event="order_decremented",
+            reason=CloseReason.SELF_TRADE.value,
+            quantity=draft.decrement.quantity,
+            occurred_at=now.isoformat(),
+        )
     return body

@@ -169,6 +169,32 @@ def test_self_trade_decrement_shrinks_quantity_and_keeps_shares_conserved(engine
     assert_conserved(engine)
 
 
+def test_a_self_trade_decrement_tells_the_broker_of_the_order_that_shrank_and_of_the_one_it_closed(
+    engine: Engine,
+) -> None:
+    broker = add_broker(engine, "solo")
+    ask = place(engine, broker, "DECR3", "ask", 5, 10)
+    bid = place(engine, broker, "DECR3", "bid", 3, 10)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET stp = 'decrement'"))
+
+    process_symbol(engine, BookCache(), "DECR3")
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT sequence, type, order_id, payload FROM webhook_events WHERE broker_id = :b ORDER BY 1"),
+            {"b": broker},
+        ).all()
+    assert [(r.sequence, r.type, r.order_id) for r in rows] == [
+        (1, "order.decremented", ask),
+        (2, "order.cancelled", bid),
+    ]
+    shrank = rows[0].payload
+    assert (shrank["event"], shrank["reason"]) == ("order_decremented", "self_trade_prevented")
+    assert (shrank["quantity"], shrank["order_remaining_quantity"], shrank["side"]) == (2, 2, "ask")
+    assert rows[1].payload["reason"] == "self_trade_prevented"
+
+
 def test_batches_are_bounded_and_report_more_work(engine: Engine) -> None:
     broker = add_broker(engine, "b")
     for price in range(1, 8):

@@ -1,8 +1,8 @@
-"""The write plan of a place the engine rejects: its order closes ``rejected`` and its broker is told."""
+"""The outbox events of a write plan beyond fills and closes: a rejected place, a self-trade decrement."""
 
 from __future__ import annotations
 
-from exchange.engine import OrderBook, Place, Rejected, RejectReason, Side
+from exchange.engine import Decremented, OrderBook, Place, Rejected, RejectReason, Side, StpMode
 from exchange.matching.effects import plan_batch
 from tests.unit.support import BROKER_A, BROKER_B, SYMBOL, T0, oid, spec
 
@@ -35,3 +35,27 @@ def test_a_place_rejected_for_the_id_of_a_resting_order_leaves_that_order_alone_
     update = plan.orders[oid(1)]
     assert (update.status, update.remaining, update.close_reason) == ("open", 5, None)
     assert plan.outbox == []
+
+
+def test_each_order_a_self_trade_decrement_shrinks_gets_an_event_for_its_broker() -> None:
+    book = OrderBook(SYMBOL)
+    makers = [Place(n, spec(n, Side.ASK, 100, 2, broker=BROKER_A, stp=StpMode.DECREMENT)) for n in (1, 2)]
+    taker = Place(3, spec(3, Side.BID, 100, 10, broker=BROKER_A, stp=StpMode.DECREMENT))
+    applied = [(command, book.apply(command, T0)) for command in (*makers, taker)]
+    assert [e for e in applied[2][1] if isinstance(e, Decremented)] == [
+        Decremented(3, oid(3), 8, 8),
+        Decremented(3, oid(3), 6, 6),
+    ]
+    owners = {oid(n): (BROKER_A, Side.ASK) for n in (1, 2)} | {oid(3): (BROKER_A, Side.BID)}
+
+    plan = plan_batch(applied, {o.order_id: o for o in book.resting_orders()}, owners)
+
+    decrements = [d for d in plan.outbox if d.type == "order.decremented"]
+    assert [(d.order_id, d.remaining, d.decrement and d.decrement.quantity) for d in decrements] == [
+        (oid(3), 8, 8),
+        (oid(3), 6, 6),
+    ]
+    assert [(d.type, d.order_id) for d in plan.outbox if d.type != "order.decremented"] == [
+        ("order.cancelled", oid(1)),
+        ("order.cancelled", oid(2)),
+    ]
