@@ -79,12 +79,16 @@ DRAMATIQ_ENV_DEFAULTS = {
 
 
 def _exec_dramatiq(command: str, module: str, queues: list[str], args: argparse.Namespace) -> int:
-    """Replace this process with ``dramatiq <module> --queues …`` (``--processes``, ``--threads`` from ``args``)."""
+    """Replace this process with dramatiq's master, ``dramatiq <module> --queues …`` (``--processes``,
+    ``--threads`` from ``args``) run by :mod:`exchange.dramatiq_master` as a ``command`` process."""
     if args.processes < 1 or args.threads < 1:
         print(f"exchange {command}: --processes and --threads must be >= 1", file=sys.stderr)
         return 2
-    argv = [sys.executable, "-m", "dramatiq", module, "--queues", *queues]
-    argv += ["--processes", str(args.processes), "--threads", str(args.threads), "--path", str(REPO_ROOT)]
+    from exchange import dramatiq_master
+
+    dramatiq_args = [module, "--queues", *queues, "--processes", str(args.processes), "--threads", str(args.threads)]
+    # dramatiq_master, not python -m dramatiq: the master's own lines in the exchange's log format too.
+    argv = dramatiq_master.argv(command, [*dramatiq_args, "--path", str(REPO_ROOT)])
     for name, value in DRAMATIQ_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     # exec: dramatiq's master becomes this process, so signals from a supervisor reach it directly.

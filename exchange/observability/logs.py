@@ -158,13 +158,33 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
                 self.release()
 
 
-def configure_logging(kind: str, *, level: str = "info", fmt: str = "json", replace: bool = False) -> None:
-    """Send every log record of this process to stderr, one line each (written in batches: see
-    :class:`BatchingStreamHandler`).
+class StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes each record at once, in one call, to whatever ``sys.stderr`` is when the record is emitted.
 
-    Called once at start-up by each process kind (api worker, matcher, webhooks, sweeper); idempotent: a second
-    call swaps the handler it installed. ``replace=True`` also removes handlers others installed on the root
-    logger (dramatiq's worker processes install a text one), so no line is printed twice.
+    For a process that logs a few lines and forks workers (dramatiq's master, :mod:`exchange.dramatiq_master`):
+    nothing is held, so a fork never copies a line that both processes would then write, and no flusher thread
+    or event is involved (the master logs from its signal handler, where waiting on a lock its own thread may
+    hold would hang). A worker that swaps ``sys.stderr`` after the fork (dramatiq's for its logging pipe) has the
+    lines of the handler it inherited follow the swap."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Handler.handle holds self.lock around emit.
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging(
+    kind: str, *, level: str = "info", fmt: str = "json", replace: bool = False, batched: bool = True
+) -> None:
+    """Send every log record of this process to stderr, one line each (written in batches: see
+    :class:`BatchingStreamHandler`; with ``batched=False`` each at once: :class:`StderrHandler`).
+
+    Called once at start-up by each process kind (api worker, matcher, webhooks, sweeper, dramatiq's master);
+    idempotent: a second call swaps the handler it installed. ``replace=True`` also removes handlers others
+    installed on the root logger (dramatiq's worker processes install a text one), so no line is printed twice.
     """
     PROCESS_KIND["value"] = kind
     # Fields no formatter here writes, each costing every record a lookup (the logging HOWTO's "Optimization"):
@@ -173,7 +193,7 @@ def configure_logging(kind: str, *, level: str = "info", fmt: str = "json", repl
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = BatchingStreamHandler(sys.stderr)
+    handler: logging.Handler = BatchingStreamHandler(sys.stderr) if batched else StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
