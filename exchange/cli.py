@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exchange.config import Settings, SettingsError, load_environ
+from exchange.resources import SOURCE_ROOT, top_level
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any
@@ -60,8 +61,7 @@ def _run_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 # ------------------------------------------------------------------------------------------- process kinds
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GUNICORN_CONF = REPO_ROOT / "gunicorn.conf.py"
+GUNICORN_CONF = top_level("gunicorn.conf.py")
 
 DRAMATIQ_ENV_DEFAULTS = {
     # How long an idle consumer blocks on its queue's doorbell (exchange.messaging.broker) before fetching anyway.
@@ -88,7 +88,7 @@ def _exec_dramatiq(command: str, module: str, queues: list[str], args: argparse.
 
     dramatiq_args = [module, "--queues", *queues, "--processes", str(args.processes), "--threads", str(args.threads)]
     # dramatiq_master, not python -m dramatiq: the master's own lines in the exchange's log format too.
-    argv = dramatiq_master.argv(command, [*dramatiq_args, "--path", str(REPO_ROOT)])
+    argv = dramatiq_master.argv(command, [*dramatiq_args, "--path", str(SOURCE_ROOT)])
     for name, value in DRAMATIQ_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     # exec: dramatiq's master becomes this process, so signals from a supervisor reach it directly.
@@ -238,7 +238,8 @@ def _add_dev(subparsers: Subparsers) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help="embedded PostgreSQL/Redis data, pgbouncer run files (default ./.exchange in the repository)",
+        help="embedded PostgreSQL/Redis data, pgbouncer run files (default .exchange in the repository; installed "
+        "from the wheel, in the working directory)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -250,11 +251,11 @@ def _add_dev(subparsers: Subparsers) -> None:
 
 
 def _run_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from exchange.dev import DEFAULT_STATE_DIR, default_processes, run_dev
+    from exchange.dev import default_processes, default_state_dir, run_dev
 
     return run_dev(
         settings,
-        state_dir=args.state_dir or DEFAULT_STATE_DIR,
+        state_dir=args.state_dir or default_state_dir(),
         metrics_port=args.metrics_port,
         port=args.port,
         matchers=default_processes() if args.matchers is None else args.matchers,

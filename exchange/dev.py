@@ -31,8 +31,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from exchange.config import Settings, load_environ, redact
 from exchange.db import migrate
 from exchange.db.urls import libpq_url
+from exchange.resources import SOURCE_ROOT, in_source_tree, top_level
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FIRST_RESTART_DELAY_S = 0.1
 """How long a child that died is left down before it is started again: Docker's restart policy (``restart:
 unless-stopped`` in ``compose.yaml``) waits 100 ms. A matcher's partitions are idle meanwhile (unless a standby
@@ -74,7 +74,7 @@ class Child:
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
 
 
-PGBOUNCER_SCRIPT = REPO_ROOT / "ops" / "scripts" / "pgbouncer.sh"
+PGBOUNCER_SCRIPT = top_level("ops/scripts/pgbouncer.sh")
 
 
 def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child, str] | None:
@@ -203,7 +203,11 @@ def watch(supervised: list[Child], env: dict[str, str], stopping: StopRequest) -
                 _spawn(child, env)
 
 
-DEFAULT_STATE_DIR = REPO_ROOT / ".exchange"
+def default_state_dir() -> Path:
+    """Where ``exchange dev`` keeps its embedded servers' data and pgbouncer's run files unless told: ``.exchange``
+    in the repository when it runs from there, else (installed from the wheel) in the working directory, never in
+    site-packages."""
+    return (SOURCE_ROOT if in_source_tree() else Path.cwd()) / ".exchange"
 
 
 def default_processes() -> int:
@@ -303,7 +307,7 @@ def run_dev(
     matchers: int,
     api_workers: int,
     pgbouncer_port: int,
-    state_dir: Path = DEFAULT_STATE_DIR,
+    state_dir: Path | None = None,
     metrics_port: int = 0,
 ) -> int:
     """Run the whole exchange until SIGINT/SIGTERM; return the exit code.
@@ -314,6 +318,7 @@ def run_dev(
     """
     from exchange.embedded import EmbeddedServices
 
+    state_dir = state_dir or default_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     configured = load_environ()
     with contextlib.ExitStack() as stack:

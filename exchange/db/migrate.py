@@ -10,7 +10,6 @@ as ``sqlalchemy.url``. Invariants:
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -23,9 +22,10 @@ from psycopg import sql
 from sqlalchemy import create_engine, pool
 
 from exchange.db.urls import libpq_url, sqlalchemy_url, with_database
+from exchange.resources import top_level
 
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
-"""The repository's ``alembic/`` directory (the image ships the repository tree, not just the wheel)."""
+ALEMBIC_DIR = top_level("alembic")
+"""The repository's ``alembic/`` directory, or the wheel's copy of it (:mod:`exchange.resources`)."""
 
 
 def config(url: str | None = None) -> Config:
