@@ -2,7 +2,8 @@
 
 Every exchange service runs a real ``exchange`` subcommand with options that subcommand accepts, sets only
 variables the settings class reads, waits for its dependencies' health, and ports line up (the api's bind port
-is the published one and the one its healthcheck probes; workers' metrics port is exposed and probed).
+is the published one and the one its healthcheck probes; workers' metrics port is exposed and probed), and every
+image it pulls is pinned to a release (pgbouncer's to an exact one, by digest).
 """
 
 from __future__ import annotations
@@ -131,6 +132,57 @@ def test_every_long_running_service_is_restarted_after_a_crash(compose: dict[str
     for name, svc in compose["services"].items():
         if svc.get("command") != ["migrate"]:
             assert svc.get("restart") in {"unless-stopped", "always"}, name
+
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}\Z")
+
+
+def image_tag(reference: str) -> str | None:
+    """The tag of an image reference (``[registry[:port]/]path[:tag][@digest]``), None when it has none."""
+    name = reference.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]  # a registry's ":port" comes before a "/", a tag after the last one
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+def is_pinned(reference: str) -> bool:
+    """The image names what it runs: a digest, or a tag that names a version. No tag (``latest``) and ``latest``
+    itself, or any tag without a version number (``alpine``, ``stable``), move to whatever the registry holds when a
+    host pulls: two hosts, or one host before and after a pull, would run different software from one file."""
+    if DIGEST.search(reference):
+        return True
+    tag = image_tag(reference)
+    return tag is not None and tag != "latest" and any(c.isdigit() for c in tag)
+
+
+@pytest.mark.parametrize(
+    ("reference", "pinned"),
+    [
+        ("edoburu/pgbouncer:latest", False),
+        ("edoburu/pgbouncer", False),
+        ("registry.example:5000/pgbouncer", False),
+        ("redis:alpine", False),
+        ("postgres:16", True),
+        ("edoburu/pgbouncer:v1.25.2-p0", True),
+        ("registry.example:5000/pgbouncer:v1.25.2-p0", True),
+        ("edoburu/pgbouncer@sha256:" + "0" * 64, True),
+    ],
+)
+def test_an_image_without_a_version_tag_or_a_digest_is_unpinned(reference: str, pinned: bool) -> None:
+    assert is_pinned(reference) is pinned
+
+
+def test_every_image_compose_pulls_is_pinned(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        if "build" not in svc:  # the exchange's own image is built from this checkout
+            assert is_pinned(svc["image"]), f"service {name}: image {svc['image']} is not pinned"
+
+
+def test_pgbouncer_image_is_an_exact_release_by_digest(compose: dict[str, Any]) -> None:
+    """pgbouncer's behaviour under the faults (``server_login_retry``, ``query_wait_timeout``, prepared statements in
+    transaction pooling) changes between releases: compose runs exactly one, the tag saying which to a reader and
+    the digest making sure of it."""
+    image = compose["services"]["pgbouncer"]["image"]
+    assert re.fullmatch(r"edoburu/pgbouncer:v\d+\.\d+\.\d+-p\d+@sha256:[0-9a-f]{64}", image), image
 
 
 def pgbouncer_settings() -> configparser.SectionProxy:
