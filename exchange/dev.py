@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from exchange.config import Settings, load_environ, redact
 from exchange.db import migrate
@@ -83,7 +83,12 @@ def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child,
 
     A unix-socket URL (``…?host=/socket/dir``, the embedded server) works too: pgbouncer then runs as the owner
     of the socket directory, the only user besides root that may enter it (pgbouncer refuses to run as root). A
-    password in the URL is pgbouncer's to log in to PostgreSQL with (``PG_PASSWORD``); the pooled URL has none."""
+    password in the URL is pgbouncer's to log in to PostgreSQL with (``PG_PASSWORD``), never its clients'.
+
+    pgbouncer listens on 127.0.0.1, where every local user reaches it, and logs in to PostgreSQL as the URL's user
+    (often a superuser the server trusts locally): it admits that user alone, with a password of this run's own
+    (``POOL_PASSWORD``, scram-sha-256), which only the pooled URL carries. Invariant: a connection to the port
+    without the pooled URL's password is refused, whatever the server would have trusted."""
     if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
         print("dev: pgbouncer not installed; api and matchers connect to PostgreSQL directly", flush=True)
         return None
@@ -91,15 +96,19 @@ def pgbouncer_child(database_url: str, run_dir: Path, port: int) -> tuple[Child,
     socket_dir = dict(parse_qsl(parts.query)).get("host", "")
     host = socket_dir or parts.hostname or "127.0.0.1"
     pg_port, user = str(parts.port or 5432), parts.username or "postgres"
-    env = {}
-    if parts.password:  # for pgbouncer's own login to PostgreSQL; its clients need none (auth_type any, 127.0.0.1)
+    # Fresh per run, not the database's own password: the URL may have none (a server that trusts local
+    # connections, the embedded one), and the database's password need not travel in every child's pooled URL.
+    pool_password = secrets.token_urlsafe(24)
+    env = {"POOL_PASSWORD": pool_password}
+    if parts.password:  # for pgbouncer's own login to PostgreSQL
         env["PG_PASSWORD"] = unquote(parts.password)
     if socket_dir.startswith("/") and os.geteuid() == 0:
         owner = pwd.getpwuid(Path(socket_dir).stat().st_uid).pw_name
         if owner != "root":
             env["RUN_USER"] = owner
     argv = ["bash", str(PGBOUNCER_SCRIPT), "run", str(run_dir), str(port), host, pg_port, user]
-    return Child("pgbouncer", argv, env=env), parts._replace(netloc=f"{user}@127.0.0.1:{port}", query="").geturl()
+    pooled = f"{user}:{quote(pool_password, safe='')}@127.0.0.1:{port}"  # user: as the URL spells it
+    return Child("pgbouncer", argv, env=env), parts._replace(netloc=pooled, query="").geturl()
 
 
 def wait_listening(child: Child, port: int, stopping: StopRequest, timeout_s: float = 10.0) -> None:

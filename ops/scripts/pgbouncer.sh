@@ -5,6 +5,8 @@
 #   ops/scripts/pgbouncer.sh stop RUN_DIR
 # PG_PASSWORD (environment, never an argument: the process list shows those): PG_USER's password for PostgreSQL, for a
 # server that asks for one; written into the rendered config (mode 0600), quoted for pgbouncer's connection string.
+# POOL_PASSWORD (environment too): the password pgbouncer's clients must give, as PG_USER (scram-sha-256); without it
+# they give PG_USER's name alone (trust). Either way PG_USER is the only user pgbouncer admits (pgbouncer.users).
 # Renders ops/pgbouncer.ini into RUN_DIR; `start` daemonizes and returns once it listens, `run` stays in the
 # foreground (a supervisor's child: `exchange dev` restarts it when it dies). pgbouncer refuses to run as root, so
 # as root it runs as the RUN_USER (default: postgres, which Debian's postgresql/pgbouncer packages create).
@@ -50,18 +52,28 @@ render() {  # RUN_DIR's config into $files (RUN_DIR or a fresh stand-in director
         files="$(mktemp -d /tmp/exchange-pgbouncer-XXXXXX)"
         echo "$files" > "$pointer"
     fi
+    local umask_was; umask_was="$(umask)"
+    umask 077  # the rendered files hold passwords: pgbouncer's user's alone, from their first byte
+    local auth_type=trust
+    if [ -n "${POOL_PASSWORD:-}" ]; then auth_type=scram-sha-256; fi
     sed -e "s|@PG_HOST@|$pg_host|" -e "s|@PG_PORT@|$pg_port|" -e "s|@PG_USER@|$pg_user|g" \
         -e "s|@LISTEN_ADDR@|127.0.0.1|" -e "s|@LISTEN_PORT@|$port|" -e "s|@RUN_DIR@|$files|g" \
-        "$here/pgbouncer.ini" > "$files/pgbouncer.ini"
+        -e "s|@AUTH_TYPE@|$auth_type|" "$here/pgbouncer.ini" > "$files/pgbouncer.ini"
+    case "${POOL_PASSWORD:-}${PG_PASSWORD:-}" in
+        *$'\n'*|*$'\r'*) echo "pgbouncer: POOL_PASSWORD or PG_PASSWORD holds a line break" >&2; exit 2 ;;
+    esac
+    # auth_file: "user" "password", a double quote doubled inside a field.
+    local dq='"' pool_password="${POOL_PASSWORD:-}"
+    printf '"%s" "%s"\n' "${pg_user//$dq/$dq$dq}" "${pool_password//$dq/$dq$dq}" > "$files/pgbouncer.users"
     if [ -n "${PG_PASSWORD:-}" ]; then
-        case "$PG_PASSWORD" in *$'\n'*|*$'\r'*) echo "pgbouncer: PG_PASSWORD holds a line break" >&2; exit 2 ;; esac
         # In single quotes, a quote doubled (pgbouncer's connection string); through the environment, so that awk
         # reads it verbatim (-v would expand backslashes).
         PW="'${PG_PASSWORD//\'/\'\'}'" awk '/^\* = host=/ { $0 = $0 " password=" ENVIRON["PW"] } { print }' \
             "$files/pgbouncer.ini" > "$files/pgbouncer.ini.new"
         mv "$files/pgbouncer.ini.new" "$files/pgbouncer.ini"
     fi
-    chmod 600 "$files/pgbouncer.ini"
+    chmod 600 "$files/pgbouncer.ini" "$files/pgbouncer.users"
+    umask "$umask_was"
     # A pid file left by a pgbouncer that was killed (a crash, or SIGKILL to restart it) must not stop the next one.
     if [ -z "$(live_pid "$files/pgbouncer.pid")" ]; then rm -f "$files/pgbouncer.pid"; fi
     if [ "$(id -u)" = 0 ]; then chown -R "$run_user" "$files"; fi

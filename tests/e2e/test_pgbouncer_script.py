@@ -103,3 +103,31 @@ def test_exchange_devs_pgbouncer_logs_in_with_the_database_urls_password(tmp_pat
             _stop([child], timeout_s=5)
             stop_pgbouncer(tmp_path / "pgbouncer")
         pg.close()
+
+
+def test_exchange_devs_pgbouncer_admits_only_the_pooled_urls_user_with_its_password(
+    tmp_path: Path, postgres_admin_url: str
+) -> None:
+    """``exchange dev``'s pgbouncer listens on 127.0.0.1, where every local user reaches it: only the pooled URL dev
+    hands its children gets in (its user, with a password of the run's own), even in front of a server that trusts
+    every local connection as this one does (the README's first command: no configuration, no password)."""
+    require_services()
+    port, run_dir = free_port(), tmp_path / "pgbouncer"
+    made = pgbouncer_child(postgres_admin_url, run_dir, port)
+    assert made is not None
+    child, pooled_url = made
+    try:
+        _spawn(child, dict(os.environ))
+        wait_listening(child, port, StopRequest())
+        with psycopg.connect(pooled_url, autocommit=True, prepare_threshold=None, connect_timeout=5) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+
+        parts = urlsplit(pooled_url)
+        for netloc in (f"postgres@127.0.0.1:{port}", f"postgres:guess@127.0.0.1:{port}", f"nobody@127.0.0.1:{port}"):
+            other = parts._replace(netloc=netloc).geturl()
+            with pytest.raises(psycopg.OperationalError):  # was let in as postgres: auth_type any
+                psycopg.connect(other, prepare_threshold=None, connect_timeout=5).close()
+        assert (pgbouncer_files(run_dir) / "pgbouncer.users").stat().st_mode & 0o077 == 0
+    finally:
+        _stop([child], timeout_s=5)
+        stop_pgbouncer(run_dir)

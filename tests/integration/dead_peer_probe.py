@@ -237,8 +237,10 @@ def pgbouncer_over(forwarder_port: int, dbname: str, user: str) -> Iterator[str]
         "@LISTEN_ADDR@": "",
         "@LISTEN_PORT@": str(port),
         "@RUN_DIR@": str(run_dir),
+        "@AUTH_TYPE@": "trust",  # as pgbouncer.sh renders it without a POOL_PASSWORD: the user's name alone
     }.items():
         ini = ini.replace(name, value)
+    (run_dir / "pgbouncer.users").write_text(f'"{user}" ""\n')
     ini = ini.replace("\nunix_socket_dir =\n", f"\nunix_socket_dir = {run_dir}\n")
     (run_dir / "pgbouncer.ini").write_text(ini)
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
