@@ -114,6 +114,7 @@ def test_two_sweepers_at_once_log_one_expire_command_per_symbol(engine: Engine, 
     deadline = time.monotonic() + 10
     with engine.connect() as conn:  # this sweeper waits for its turn while the other's insert is not committed
         while conn.execute(text(waiting)).scalar_one() == 0:
+            conn.rollback()  # pg_stat_activity is read once per transaction: each poll needs a new one
             assert time.monotonic() < deadline, "the sweeper never waited for the other's turn"
             time.sleep(0.01)
     other.commit()
