@@ -11,8 +11,11 @@ Rules (see DESIGN.md section 4 and the docstrings in :mod:`exchange.engine.types
   higher one (a command that committed late can carry a lower ``seq`` than commands already applied).
 * Execution price is the seller's price: an incoming bid trades at the resting ask's price, an incoming limit ask
   at its own limit, a market ask at the resting bid's price.
-* A GTD order is expired when ``valid_until <= now``. Expired resting orders never trade: matching closes them
-  (``Closed(EXPIRED)``) when it reaches them and continues; :class:`ExpireDue` closes all of them.
+* An order is expired when ``valid_until <= now``. A GTD order must carry a ``valid_until``, an IOC/FOK order
+  (limit or market) may (it bounds when the order may trade), a GTC order must not. An expired order never
+  trades: an incoming one is closed before matching; matching closes expired resting orders
+  (``Closed(EXPIRED)``) when it reaches them and continues; :class:`ExpireDue` closes all of them. Only resting
+  (GTC/GTD) orders are in the book, so an IOC/FOK's ``valid_until`` never enters the expiry heap.
 
 Event order (identical in :mod:`exchange.engine.reference`):
 
@@ -20,8 +23,9 @@ Event order (identical in :mod:`exchange.engine.reference`):
   either ``Closed(maker, EXPIRED)``, or the self-trade-prevention events (below), or ``Fill`` followed by
   ``Closed(maker, FILLED)`` when that fill emptied the maker; then exactly one terminal event for the taker unless
   STP already closed it: ``Closed(FILLED)`` if nothing is left, ``Rested`` for a GTC/GTD limit remainder, otherwise
-  ``Closed(UNFILLED)``. An incoming GTD already expired gives ``Accepted, Closed(EXPIRED)``; an infeasible FOK
-  gives ``Accepted, Closed(UNFILLED)`` and touches nothing.
+  ``Closed(UNFILLED)``. An incoming order already expired (a GTD, or an IOC/FOK, limit or market, carrying a
+  ``valid_until <= now``) gives ``Accepted, Closed(EXPIRED, quantity)`` and touches nothing (this is checked
+  before FOK feasibility); an infeasible FOK gives ``Accepted, Closed(UNFILLED)`` and touches nothing.
 * STP (taker's mode, when maker and taker have the same broker *and* document number): ``cancel_newest`` →
   ``Closed(taker, SELF_TRADE)``, stop; ``cancel_oldest`` → ``Closed(maker, SELF_TRADE)``, continue;
   ``cancel_both`` → ``Closed(maker, SELF_TRADE)``, ``Closed(taker, SELF_TRADE)``, stop; ``decrement`` by
@@ -161,11 +165,16 @@ def _place_reject_reason(spec: OrderSpec) -> RejectReason | None:
             return RejectReason.INVALID_PRICE
     else:
         return RejectReason.INVALID_PRICE  # unknown order type: no valid price rule applies
+    valid_until = spec.valid_until
     if tif == _GTD:
-        if type(spec.valid_until) is not int:
+        if type(valid_until) is not int:
             return RejectReason.INVALID_TIME_IN_FORCE
-    elif tif in (_GTC, _IOC, _FOK):
-        if spec.valid_until is not None:
+    elif tif == _GTC:
+        if valid_until is not None:
+            return RejectReason.INVALID_TIME_IN_FORCE
+    elif tif in (_IOC, _FOK):
+        # Optional: an IOC/FOK never rests, but its deadline still bounds when it may trade (DESIGN §4).
+        if valid_until is not None and type(valid_until) is not int:
             return RejectReason.INVALID_TIME_IN_FORCE
     else:
         return RejectReason.INVALID_TIME_IN_FORCE
@@ -318,7 +327,10 @@ class OrderBook:
             if reason is not None:
                 return [Rejected(seq, oid, reason)]
         events: list[Event] = [_accepted(seq, oid)]
-        if tif == _GTD and spec.valid_until is not None and spec.valid_until <= now:
+        # Any order may be applied after its deadline (a late commit, a matcher behind, a lost wake-up that the
+        # sweeper recovers); validation left a valid_until only on GTD, IOC and FOK orders, and none trades past it.
+        valid_until = spec.valid_until
+        if valid_until is not None and valid_until <= now:
             events.append(_closed(seq, oid, _EXPIRED, quantity))
             return events
         side = spec.side

@@ -116,7 +116,9 @@ class ReferenceBook:
             return RejectReason.INVALID_TIME_IN_FORCE
         if spec.time_in_force == TimeInForce.GTD and not _is_int(spec.valid_until):
             return RejectReason.INVALID_TIME_IN_FORCE
-        if spec.time_in_force != TimeInForce.GTD and spec.valid_until is not None:
+        if spec.time_in_force == TimeInForce.GTC and spec.valid_until is not None:
+            return RejectReason.INVALID_TIME_IN_FORCE
+        if spec.valid_until is not None and not _is_int(spec.valid_until):  # optional on IOC/FOK, but an int
             return RejectReason.INVALID_TIME_IN_FORCE
         return None
 
@@ -125,7 +127,7 @@ class ReferenceBook:
         if reason is not None:
             return [Rejected(seq, spec.order_id, reason)]
         events: list[Event] = [Accepted(seq, spec.order_id)]
-        if spec.time_in_force == TimeInForce.GTD and spec.valid_until is not None and spec.valid_until <= now:
+        if spec.valid_until is not None and spec.valid_until <= now:  # GTD, IOC or FOK past its deadline
             events.append(Closed(seq, spec.order_id, CloseReason.EXPIRED, spec.quantity))
             return events
         taker = _Taker(

@@ -38,9 +38,11 @@ class TimeInForce(StrEnum):
     GTD = "gtd"
     """Good till date: rests until ``valid_until`` (exclusive: at ``valid_until`` it is expired)."""
     IOC = "ioc"
-    """Immediate or cancel: trades what it can now, the rest is closed (``unfilled``); never rests."""
+    """Immediate or cancel: trades what it can now, the rest is closed (``unfilled``); never rests. May carry a
+    ``valid_until``: applied at or after it, the order is closed ``expired`` without trading."""
     FOK = "fok"
-    """Fill or kill: trades its whole quantity in this command or trades nothing and is closed."""
+    """Fill or kill: trades its whole quantity in this command or trades nothing and is closed. May carry a
+    ``valid_until``, as IOC."""
 
 
 class StpMode(StrEnum):

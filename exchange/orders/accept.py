@@ -58,9 +58,10 @@ def resolve_time_in_force(
 
     Rules: ``valid_until`` must be in the future. Defaults: market → ``ioc``; limit with ``valid_until`` → ``gtd``;
     limit without → ``gtc``. Market orders admit only ``ioc``/``fok``; ``gtd`` needs ``valid_until``; ``gtc``
-    forbids it. An ``ioc``/``fok`` order never rests, so a (future) ``valid_until`` sent with it cannot matter: it
-    is accepted for compatibility with seed clients that always send one, and not stored (one out of range is
-    still refused, as for any order).
+    forbids it. An ``ioc``/``fok`` order (limit or market) may carry one (seed clients always send one) and it is
+    stored like a ``gtd``'s: the order never rests, but it is matched after this accept, possibly much later (a
+    matcher behind, a lost wake-up the sweeper recovers), and an order never trades at or after its
+    ``valid_until`` (DESIGN §4): the engine closes it ``expired`` if its deadline passed before it was matched.
 
     ``valid_until`` comes back in UTC: an ISO 8601 offset may reach ±23:59, PostgreSQL's ``timestamptz`` input only
     ±15:59, and the instant is what is stored. One whose UTC date falls outside years 1-9999 is out of range (422).
@@ -80,13 +81,11 @@ def resolve_time_in_force(
             tif = TimeInForce.GTD if valid_until is not None else TimeInForce.GTC
     if order_type is OrderType.MARKET and tif not in (TimeInForce.IOC, TimeInForce.FOK):
         raise InvalidOrderError("a market order is ioc or fok", {"field": "time_in_force"})
-    if tif is TimeInForce.GTD:
-        if valid_until is None:
-            raise InvalidOrderError("time_in_force gtd requires valid_until", {"field": "valid_until"})
-        return tif, valid_until
+    if tif is TimeInForce.GTD and valid_until is None:
+        raise InvalidOrderError("time_in_force gtd requires valid_until", {"field": "valid_until"})
     if tif is TimeInForce.GTC and valid_until is not None:
         raise InvalidOrderError("time_in_force gtc cannot have valid_until (use gtd)", {"field": "valid_until"})
-    return tif, None
+    return tif, valid_until
 
 
 def new_order(

@@ -145,12 +145,29 @@ def test_a_valid_until_with_an_offset_postgresql_does_not_read_is_stored_as_its_
         assert datetime.fromisoformat(view["valid_until"]).utcoffset() == timedelta(0)
 
 
-def test_a_market_order_may_carry_a_future_valid_until_which_is_not_stored(api_client: TestClient[Any]) -> None:
+@pytest.mark.parametrize(
+    ("changes", "tif"),
+    [
+        ({"order_type": "market", "price": None}, "ioc"),
+        ({"order_type": "market", "price": None, "time_in_force": "fok"}, "fok"),
+        ({"time_in_force": "ioc"}, "ioc"),
+        ({"time_in_force": "fok"}, "fok"),
+    ],
+)
+def test_an_ioc_or_fok_order_keeps_its_future_valid_until_and_shows_it(
+    api_client: TestClient[Any], changes: dict[str, Any], tif: str
+) -> None:
+    # Stored so the matcher can refuse to trade it after its deadline (it may be matched long after this 201).
     broker = register(api_client)
-    body = with_(order_type="market", price=None, valid_until=FUTURE)
+    until = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    sent = until.astimezone(timezone(-timedelta(hours=3))).isoformat()
+    body = with_(symbol=new_symbol(), valid_until=sent, **changes)
     response = api_client.post("/orders", content=body, headers=broker.headers)
-    assert response.status_code == 201
-    assert (response.json()["time_in_force"], response.json()["valid_until"]) == ("ioc", None)
+    assert response.status_code == 201, response.text
+    read = api_client.get(f"/orders/{response.json()['id']}", headers=broker.headers).json()
+    for view in (response.json(), read):
+        assert view["time_in_force"] == tif
+        assert datetime.fromisoformat(view["valid_until"]) == until
 
 
 @pytest.mark.parametrize(

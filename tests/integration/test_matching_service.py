@@ -137,6 +137,42 @@ def test_an_expired_resting_order_never_trades(engine: Engine) -> None:
         assert order(conn, bid).status == "open"
 
 
+@pytest.mark.parametrize(("price", "tif"), [(None, "ioc"), (None, "fok"), (30, "ioc"), (30, "fok")])
+def test_an_ioc_or_fok_order_matched_after_its_valid_until_closes_expired_without_trading(
+    engine: Engine, price: int | None, tif: str
+) -> None:
+    # Accepted while its valid_until was ahead, matched after it (a matcher behind, a wake-up the sweeper recovers).
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    ask = place(engine, seller, "RENT3", "ask", 5, 30)
+    bid = place(engine, buyer, "RENT3", "bid", 5, price, tif=tif, valid_until=datetime.now(UTC) + timedelta(hours=1))
+    with engine.begin() as conn:  # let it come due without sleeping
+        conn.execute(text("UPDATE orders SET valid_until = now() - interval '1 second' WHERE id = :id"), {"id": bid})
+
+    process_symbol(engine, BookCache(), "RENT3")
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trades")).scalar_one() == 0
+        row = order(conn, bid)
+        assert (row.status, row.close_reason, row.remaining) == ("closed", "expired", 5)
+        assert order(conn, ask).status == "open"
+        types = conn.execute(text("SELECT type FROM webhook_events WHERE order_id = :id"), {"id": bid}).scalars()
+        assert list(types) == ["order.expired"]
+    assert_conserved(engine)
+
+
+def test_an_ioc_order_matched_before_its_valid_until_trades(engine: Engine) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    place(engine, seller, "LREN3", "ask", 5, 30)
+    bid = place(engine, buyer, "LREN3", "bid", 5, None, valid_until=datetime.now(UTC) + timedelta(hours=1))
+
+    process_symbol(engine, BookCache(), "LREN3")
+
+    with engine.connect() as conn:
+        row = order(conn, bid)
+        assert (row.status, row.close_reason, row.remaining) == ("closed", "filled", 0)
+    assert_conserved(engine)
+
+
 def test_market_order_remainder_is_closed_unfilled(engine: Engine) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     place(engine, seller, "WEGE3", "ask", 2, 30)

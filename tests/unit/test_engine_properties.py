@@ -83,7 +83,9 @@ def place_ops(draw: st.DrawFn) -> PlaceOp:
         price = draw(st.sampled_from([*range(95, 106)] * 5 + [0, -5, None]))
     if tif is TimeInForce.GTD:
         valid_until = draw(st.sampled_from([None, *range(-2, 10)]))
-    else:
+    elif tif in (TimeInForce.IOC, TimeInForce.FOK):  # optional; at or before now the order expires untraded
+        valid_until = draw(st.sampled_from([None] * 6 + [-1, 0, 1, 5]))
+    else:  # a GTC with one is invalid
         valid_until = draw(st.sampled_from([None] * 20 + [5]))
     order = OrderSpec(
         order_id=oid(0),
@@ -256,7 +258,12 @@ def random_op(rnd: random.Random) -> Op:
     if kind < 0.65:
         market = rnd.random() < 0.15
         tif = rnd.choice(MARKET_TIFS if market else LIMIT_TIFS)
-        offset = rnd.randint(-2, 12) if tif is TimeInForce.GTD else None
+        if tif is TimeInForce.GTD:
+            offset: int | None = rnd.randint(-2, 12)
+        elif tif in (TimeInForce.IOC, TimeInForce.FOK) and rnd.random() < 0.3:
+            offset = rnd.randint(-1, 5)
+        else:
+            offset = None
         order = OrderSpec(
             order_id=oid(0),
             broker_id=rnd.choice(BROKERS),

@@ -221,6 +221,65 @@ def test_incoming_gtd_order_already_expired_closes_without_trading(d: Driver) ->
     assert remaining_by_id(d) == {1: 5}
 
 
+IOC_FOK = [
+    pytest.param(OrderType.LIMIT, TimeInForce.IOC, id="limit-ioc"),
+    pytest.param(OrderType.LIMIT, TimeInForce.FOK, id="limit-fok"),
+    pytest.param(OrderType.MARKET, TimeInForce.IOC, id="market-ioc"),
+    pytest.param(OrderType.MARKET, TimeInForce.FOK, id="market-fok"),
+]
+
+
+@pytest.mark.parametrize(("order_type", "tif"), IOC_FOK)
+def test_ioc_or_fok_applied_at_or_after_its_valid_until_closes_expired_without_trading(
+    d: Driver, order_type: OrderType, tif: TimeInForce
+) -> None:
+    # The matcher may apply an order long after the api accepted it: its deadline still holds (DESIGN §4).
+    d.place(ask(1, 100, 5))
+    d.now = T0 + 10
+    price = 100 if order_type is OrderType.LIMIT else None
+    taker = bid(2, price, 5, order_type=order_type, tif=tif, valid_until=T0 + 10)
+    assert d.place(taker) == [Accepted(2, oid(2)), closed(2, 2, CloseReason.EXPIRED, 5)]
+    assert remaining_by_id(d) == {1: 5}
+
+
+@pytest.mark.parametrize(("order_type", "tif"), IOC_FOK)
+def test_ioc_or_fok_applied_before_its_valid_until_trades_and_never_rests(
+    d: Driver, order_type: OrderType, tif: TimeInForce
+) -> None:
+    d.place(ask(1, 100, 5))
+    d.now = T0 + 9
+    price = 100 if order_type is OrderType.LIMIT else None
+    assert d.place(bid(2, price, 5, order_type=order_type, tif=tif, valid_until=T0 + 10)) == [
+        Accepted(2, oid(2)),
+        fill(2, 0, 100, 5, 1, 0, 2, 0, BID),
+        closed(2, 1, FILLED),
+        closed(2, 2, FILLED),
+    ]
+    # An IOC remainder is closed, not rested: nothing is left for a later sweep to expire.
+    assert d.place(bid(3, 100, 5, tif=TimeInForce.IOC, valid_until=T0 + 10))[-1] == closed(
+        3, 3, CloseReason.UNFILLED, 5
+    )
+    d.now = T0 + 10
+    assert d.expire_due() == []
+    assert d.resting() == []
+
+
+def test_fok_past_its_valid_until_is_expired_even_when_it_could_not_fill(d: Driver) -> None:
+    d.place(ask(1, 100, 3))
+    d.now = T0 + 10
+    assert d.place(bid(2, 100, 5, tif=TimeInForce.FOK, valid_until=T0 + 1)) == [
+        Accepted(2, oid(2)),
+        closed(2, 2, CloseReason.EXPIRED, 5),
+    ]
+
+
+def test_fok_feasibility_ignores_its_own_future_valid_until(d: Driver) -> None:
+    d.place(ask(1, 100, 3))
+    d.place(ask(2, 101, 3))
+    assert d.place(bid(3, 101, 7, tif=TimeInForce.FOK, valid_until=T0 + 5))[-1] == closed(3, 3, CloseReason.UNFILLED, 7)
+    assert d.place(bid(4, 101, 6, tif=TimeInForce.FOK, valid_until=T0 + 5))[-1] == closed(4, 4, FILLED)
+
+
 def test_expire_due_closes_every_due_order_in_priority_order(d: Driver) -> None:
     d.place(ask(1, 105, 1, tif=TimeInForce.GTD, valid_until=T0 + 20))
     d.place(bid(2, 95, 1, tif=TimeInForce.GTD, valid_until=T0 + 10))
@@ -526,8 +585,8 @@ def test_amend_with_an_invalid_value_is_rejected(
     (bid(1, None, 5, tif=TimeInForce.GTD, valid_until=T0 + 9), RejectReason.INVALID_TIME_IN_FORCE),
     (bid(1, 100, 5, tif=TimeInForce.GTD), RejectReason.INVALID_TIME_IN_FORCE),
     (bid(1, 100, 5, tif=TimeInForce.GTC, valid_until=T0 + 9), RejectReason.INVALID_TIME_IN_FORCE),
-    (bid(1, 100, 5, tif=TimeInForce.IOC, valid_until=T0 + 9), RejectReason.INVALID_TIME_IN_FORCE),
-    (bid(1, 100, 5, tif=TimeInForce.FOK, valid_until=T0 + 9), RejectReason.INVALID_TIME_IN_FORCE),
+    (bid(1, 100, 5, tif=TimeInForce.IOC, valid_until=True), RejectReason.INVALID_TIME_IN_FORCE),
+    (bid(1, None, 5, tif=TimeInForce.FOK, valid_until=True), RejectReason.INVALID_TIME_IN_FORCE),
 ])  # fmt: skip
 def test_invalid_place_emits_only_rejected_and_changes_nothing(
     d: Driver, order: OrderSpec, reason: RejectReason

@@ -53,18 +53,33 @@ def wants_representation(request: Request[Any, Any, Any]) -> bool:
     return any(p.strip().lower() == "return=representation" for p in prefer.split(","))
 
 
+PLACE_ORDER_DESCRIPTION = (
+    "Places an order; 201 with its state after matching (`pending` if the matcher did not answer in time). "
+    "`valid_until` (in the future, with a UTC offset; answered in UTC): no order trades at or after it. Without "
+    "`time_in_force` it makes a limit order `gtd`; `gtc` refuses it; an `ioc` or `fok` order (limit or market; a "
+    "market order is `ioc` by default) keeps it too: it never rests, but if the matcher reaches it at or after its "
+    "`valid_until` it closes `expired` without trading."
+)
+
+
 class OrdersController(Controller):
     path = "/orders"
     before_request = staticmethod(broker_auth)  # Litestar reads these class attributes
     dependencies = {**API, **BROKER}  # noqa: RUF012
 
-    @post("/", status_code=201, responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "idempotency_key_reused"))
+    @post(
+        "/",
+        status_code=201,
+        description=PLACE_ORDER_DESCRIPTION,
+        responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "idempotency_key_reused"),
+    )
     async def place_order(
         self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, idempotency_key: IdempotencyKey
     ) -> Response[OrderOut]:
         """Place an order. 201 with its state after matching (``pending`` if the matcher did not answer within
         ``EXCHANGE_ORDER_WAIT_MS``). A repeated ``client_order_id``/``Idempotency-Key`` also answers 201, with
-        the original order and the header ``Idempotent-Replayed: true``; nothing new is written."""
+        the original order and the header ``Idempotent-Replayed: true``; nothing new is written. ``valid_until``:
+        see :data:`PLACE_ORDER_DESCRIPTION` (the operation's description in the OpenAPI schema)."""
         body = decode_body(await request.body(), PlaceOrderRequest)
         order = accept.new_order(
             order_id=uuid.uuid4(),
