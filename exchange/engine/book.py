@@ -36,7 +36,9 @@ Event order (identical in :mod:`exchange.engine.reference`):
   ``cancel_oldest``, and makes the FOK infeasible under ``cancel_newest``, ``cancel_both`` and ``decrement``
   (each of those would cancel or shrink the taker, so its whole quantity could not trade).
   The FOK is feasible iff the counted liquidity reaches its quantity before the walk hits one of those.
-* ``Cancel``: ``Closed(CANCELLED, remaining)`` or ``Rejected(UNKNOWN_ORDER)``.
+* ``Cancel``: ``Closed(CANCELLED, remaining)``; ``Closed(EXPIRED, remaining)`` if the order is resting past its
+  ``valid_until`` (expired, not yet swept: the same close reason as if ``ExpireDue`` had come first); or
+  ``Rejected(UNKNOWN_ORDER)``.
 * ``Amend``: ``Rejected`` alone if invalid. Otherwise ``Amended`` first. Quantity down (or unchanged) at the same
   price keeps priority and changes the order in place. A price change or a quantity increase moves it to the back
   of its (new) level with ``priority = seq``; if the new price crosses the opposite best price it first matches as
@@ -297,7 +299,7 @@ class OrderBook:
         if type(command) is Place:
             return self._place(command.seq, command.order, now)
         if type(command) is Cancel:
-            return self._cancel(command.seq, command.order_id)
+            return self._cancel(command.seq, command.order_id, now)
         if type(command) is Amend:
             return self._amend(command, now)
         if type(command) is ExpireDue:
@@ -366,13 +368,16 @@ class OrderBook:
             events.append(_closed(seq, oid, _UNFILLED, remaining))
         return events
 
-    def _cancel(self, seq: int, order_id: OrderId) -> list[Event]:
+    def _cancel(self, seq: int, order_id: OrderId, now: Micros) -> list[Event]:
         o = self._orders.get(order_id.int)
         if o is None:
             return [Rejected(seq, order_id, RejectReason.UNKNOWN_ORDER)]
         remaining = o.remaining
         self._remove(o)
-        return [_closed(seq, order_id, _CANCELLED, remaining)]
+        # An order past its valid_until had already expired (an amend says NOT_AMENDABLE, matching would close it
+        # EXPIRED): its close reason must not depend on whether ExpireDue ran before the cancel.
+        vu = o.valid_until
+        return [_closed(seq, order_id, _EXPIRED if vu is not None and vu <= now else _CANCELLED, remaining)]
 
     def _amend(self, cmd: Amend, now: Micros) -> list[Event]:
         seq = cmd.seq

@@ -90,7 +90,7 @@ class ReferenceBook:
         if isinstance(command, Place):
             return self.place(command.seq, command.order, now)
         if isinstance(command, Cancel):
-            return self.cancel(command.seq, command.order_id)
+            return self.cancel(command.seq, command.order_id, now)
         if isinstance(command, Amend):
             return self.amend(command, now)
         if isinstance(command, ExpireDue):
@@ -172,12 +172,13 @@ class ReferenceBook:
             events.append(Closed(seq, spec.order_id, CloseReason.UNFILLED, taker.remaining))
         return events
 
-    def cancel(self, seq: int, order_id: OrderId) -> list[Event]:
+    def cancel(self, seq: int, order_id: OrderId, now: Micros) -> list[Event]:
         order = self.find(order_id)
         if order is None:
             return [Rejected(seq, order_id, RejectReason.UNKNOWN_ORDER)]
         self.orders.remove(order)
-        return [Closed(seq, order_id, CloseReason.CANCELLED, order.remaining)]
+        reason = CloseReason.EXPIRED if _is_expired(order, now) else CloseReason.CANCELLED
+        return [Closed(seq, order_id, reason, order.remaining)]
 
     def amend(self, cmd: Amend, now: Micros) -> list[Event]:
         order = self.find(cmd.order_id)

@@ -61,7 +61,8 @@ class StpMode(StrEnum):
 class CloseReason(StrEnum):
     FILLED = "filled"
     CANCELLED = "cancelled"
-    """Cancelled by its broker."""
+    """Cancelled by its broker (while not expired: a cancel of an order past its ``valid_until`` closes it
+    ``EXPIRED``)."""
     EXPIRED = "expired"
     UNFILLED = "unfilled"
     """IOC/market remainder, or a FOK that could not fill completely."""

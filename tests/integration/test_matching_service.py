@@ -173,6 +173,24 @@ def test_an_ioc_order_matched_before_its_valid_until_trades(engine: Engine) -> N
     assert_conserved(engine)
 
 
+def test_a_cancel_of_an_order_past_its_valid_until_not_yet_swept_closes_it_expired(engine: Engine) -> None:
+    # The broker's close reason and webhook are the sweeper's, whichever of the two reaches the order first.
+    seller = add_broker(engine, "seller")
+    ask = place(engine, seller, "CSAN3", "ask", 3, 50, valid_until=datetime.now(UTC) + timedelta(hours=1))
+    process_symbol(engine, BookCache(), "CSAN3")
+    with engine.begin() as conn:  # let it come due without sleeping
+        conn.execute(text("UPDATE orders SET valid_until = now() - interval '1 second' WHERE id = :id"), {"id": ask})
+    cancel(engine, "CSAN3", ask)
+
+    process_symbol(engine, BookCache(), "CSAN3")  # a new cache: the book is rebuilt with the new valid_until
+
+    with engine.connect() as conn:
+        row = order(conn, ask)
+        assert (row.status, row.close_reason, row.remaining) == ("closed", "expired", 3)
+        types = conn.execute(text("SELECT type FROM webhook_events WHERE order_id = :id"), {"id": ask}).scalars()
+        assert list(types) == ["order.expired"]
+
+
 def test_market_order_remainder_is_closed_unfilled(engine: Engine) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     place(engine, seller, "WEGE3", "ask", 2, 30)

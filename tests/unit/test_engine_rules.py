@@ -310,6 +310,25 @@ def test_cancelled_order_does_not_trade_with_a_later_crossing_order(d: Driver) -
     assert d.place(bid(3, 100, 5)) == [Accepted(3, oid(3)), Rested(3, oid(3), BID, 100, 5)]
 
 
+def test_cancel_of_an_order_past_its_valid_until_closes_it_expired_as_the_sweep_would(d: Driver) -> None:
+    # Expired but not yet swept: an amend already says so, and the close reason (and the broker's webhook) must
+    # not depend on whether ExpireDue ran before the cancel.
+    d.place(ask(1, 100, 10, tif=TimeInForce.GTD, valid_until=T0 + 10))
+    d.place(bid(2, 100, 4))
+    d.now = T0 + 60_000_000
+    assert d.amend(1, quantity=8) == [Rejected(3, oid(1), RejectReason.NOT_AMENDABLE)]
+    assert d.cancel(1) == [closed(4, 1, CloseReason.EXPIRED, 6)]
+    assert d.resting() == []
+
+
+def test_cancel_at_exactly_valid_until_closes_expired_and_just_before_closes_cancelled(d: Driver) -> None:
+    d.place(ask(1, 100, 5, tif=TimeInForce.GTD, valid_until=T0 + 10))
+    d.place(ask(2, 100, 5, tif=TimeInForce.GTD, valid_until=T0 + 11))
+    d.now = T0 + 10  # valid_until is exclusive
+    assert d.cancel(2) == [closed(3, 2, CloseReason.CANCELLED, 5)]
+    assert d.cancel(1) == [closed(4, 1, CloseReason.EXPIRED, 5)]
+
+
 def test_cancel_of_an_unknown_order_is_rejected(d: Driver) -> None:
     assert d.cancel(42) == [Rejected(1, oid(42), RejectReason.UNKNOWN_ORDER)]
 
