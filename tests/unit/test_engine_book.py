@@ -134,6 +134,23 @@ def test_expire_due_after_many_amends_closes_each_order_once() -> None:
     assert d.expire_due() == [Closed(d.seq, oid(1), CloseReason.EXPIRED, 100)]
 
 
+def test_the_expiry_heap_drops_stale_entries_so_it_stays_bounded_under_churn() -> None:
+    # Cancels and re-pricing amends leave stale heap entries (lazy deletion); compaction keeps the heap within
+    # 2 x live + 64 entries, so a long-lived book's memory follows its live GTD orders, not its history.
+    d = Driver(OrderBook(SYMBOL))
+    for n in range(1, 2001):
+        d.place(spec(n, Side.ASK, 100 + n % 5, 1, broker=BROKER_B, tif=TimeInForce.GTD, valid_until=T0 + 10))
+        if n % 10:
+            d.cancel(n)
+        else:
+            d.amend(n, price=99 + n % 7)
+    book = engine(d)
+    assert len(book) == 200
+    assert len(book._expiry) <= 2 * len(book) + 64
+    d.now = T0 + 10
+    assert len(d.expire_due()) == 200
+
+
 def test_apply_refuses_something_that_is_not_a_command() -> None:
     with pytest.raises(TypeError):
         OrderBook(SYMBOL).apply(Cancel, T0)  # type: ignore[arg-type]

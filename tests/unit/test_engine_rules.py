@@ -20,6 +20,7 @@ from exchange.engine import (
     OrderBook,
     OrderSpec,
     OrderType,
+    Place,
     Rejected,
     RejectReason,
     Rested,
@@ -190,6 +191,33 @@ def test_market_order_on_an_empty_side_closes_unfilled(d: Driver) -> None:
     assert d.place(ask(1, None, 5)) == [Accepted(1, oid(1)), closed(1, 1, CloseReason.UNFILLED, 5)]
 
 
+# ----------------------------------------------------------------------------- late commits (seq out of order)
+# A transaction that took its seq first can commit after later ones: its command is applied after commands with
+# higher seqs, and FIFO within a level is still by seq (DESIGN §4), as a book rebuilt from Postgres queues it.
+
+
+def place_at(d: Driver, seq: int, order: OrderSpec) -> list[Any]:
+    return d.book.apply(Place(seq, order), d.now)
+
+
+def test_a_late_place_queues_ahead_of_every_higher_seq_in_its_level(d: Driver) -> None:
+    place_at(d, 3, ask(3, 100, 1))
+    place_at(d, 4, ask(4, 100, 1))
+    place_at(d, 2, ask(2, 100, 1))  # committed late: seq 2 goes in front of 3 and 4, not just of 4
+    events = place_at(d, 5, bid(5, 100, 3))
+    assert [e.maker_order_id for e in events if isinstance(e, Fill)] == [oid(2), oid(3), oid(4)]
+
+
+def test_a_late_place_queues_behind_lower_seqs_and_ahead_of_higher_ones(d: Driver) -> None:
+    for n in (1, 3, 5, 6):
+        place_at(d, n, ask(n, 100, 1))
+    place_at(d, 4, ask(4, 100, 1))
+    place_at(d, 2, ask(2, 100, 1))
+    assert [o.order_id.int for o in d.resting()] == [1, 2, 3, 4, 5, 6]
+    events = place_at(d, 7, bid(7, 100, 6))
+    assert [e.maker_order_id.int for e in events if isinstance(e, Fill)] == [1, 2, 3, 4, 5, 6]
+
+
 # ----------------------------------------------------------------------------------------------------- expiry
 
 
@@ -288,6 +316,23 @@ def test_expire_due_closes_every_due_order_in_priority_order(d: Driver) -> None:
     d.now = T0 + 20
     assert d.expire_due() == [closed(5, 1, CloseReason.EXPIRED, 1), closed(5, 2, CloseReason.EXPIRED, 1)]
     assert d.resting_ids() == [oid(3), oid(4)]
+
+
+def test_expire_due_closes_every_due_order_after_heavy_cancel_and_reprice_churn(d: Driver) -> None:
+    # Enough churn that the engine compacts its expiry heap (stale entries of cancelled and re-priced orders)
+    # several times: every live GTD order must survive each compaction and expire exactly once.
+    until = T0 + 1_000
+    for n in range(1, 301):
+        d.place(ask(n, 100 + n % 3, 1, tif=TimeInForce.GTD, valid_until=until))
+        if n % 4:
+            d.cancel(n)
+    survivors = list(range(4, 301, 4))
+    for n in survivors:
+        assert d.amend(n, price=110)[0] == Amended(d.seq, oid(n), 110, 1, 1, False)
+    d.now = until
+    events = d.expire_due()
+    assert events == [closed(d.seq, n, CloseReason.EXPIRED, 1) for n in survivors]
+    assert d.resting() == []
 
 
 def test_expire_due_with_nothing_due_emits_nothing(d: Driver) -> None:
