@@ -40,6 +40,10 @@ _STALE = text(
 # ix_orders_open_valid_until, so a sweep reads only the orders that are due. With a volatile one it filtered every
 # open GTD order, every second. It is this statement's start; the matcher expires with its own clock,
 # read later, so every order found here is expired by it.
+#
+# The pending-expire check reads ix_commands_pending_expire (alembic 0018: the unprocessed expires alone, at most
+# one per symbol): through the unprocessed commands' (symbol, seq) index it read a symbol's whole backlog per due
+# symbol while the matcher was behind, under the expiry lock.
 _LOG_EXPIRIES = text(
     """
     INSERT INTO commands (symbol, kind)

@@ -304,6 +304,19 @@ commands = Table(
         "created_at",
         postgresql_where=text("processed_at IS NULL"),
     ),
+    # A cancel's check for one already pending on its order (alembic 0018): one probe per order, whatever the
+    # symbol's backlog of other commands.
+    Index(
+        "ix_commands_pending_cancel",
+        "order_id",
+        postgresql_where=text(f"kind = '{CommandKind.CANCEL.value}' AND processed_at IS NULL"),
+    ),
+    # The sweeper's check for an expire already pending on a symbol (alembic 0018): at most one entry per symbol.
+    Index(
+        "ix_commands_pending_expire",
+        "symbol",
+        postgresql_where=text(f"kind = '{CommandKind.EXPIRE.value}' AND processed_at IS NULL"),
+    ),
 )
 """The command log: the only input of the matcher. ``processed_at`` is set in the transaction that applied
 the command, so a command is applied at most once; ``payload`` holds an amend's new quantity/price."""

@@ -139,7 +139,12 @@ _PLACE_MANY = """
         CAST(%(valid_untils)s AS timestamptz[]))
     """
 
-# The original of each order that was not inserted (key ``n``: its position in the arrays), all in one query.
+# The original of each order that was not inserted (key ``n``: its position in the arrays), all in one query: the
+# earliest order of its broker with its client_order_id or its Idempotency-Key. Two lookups, one per unique index
+# (uq_orders_broker_id_client_order_id, uq_orders_broker_id_idempotency_key: each probed on both its columns), whose
+# rows are joined: a join on "client_order_id = … OR idempotency_key = …" could use neither index on both columns
+# and read every order of the broker (200,000 index entries for a broker with a long history). An order matching
+# both keys comes twice, the same row; DISTINCT ON keeps one.
 _FIND_DUPLICATES = """
     SELECT DISTINCT ON (k.n) k.n, o.id, o.document_number, o.symbol, o.side, o.order_type, o.time_in_force, o.stp,
            o.valid_until, o.client_order_id,
@@ -148,8 +153,11 @@ _FIND_DUPLICATES = """
     FROM unnest(CAST(%(broker_ids)s AS uuid[]), CAST(%(client_order_ids)s AS text[]),
                 CAST(%(idempotency_keys)s AS text[]))
          WITH ORDINALITY AS k(broker_id, client_order_id, idempotency_key, n)
-    JOIN orders o ON o.broker_id = k.broker_id
-                 AND (o.client_order_id = k.client_order_id OR o.idempotency_key = k.idempotency_key)
+    CROSS JOIN LATERAL (
+        SELECT * FROM orders WHERE orders.broker_id = k.broker_id AND orders.client_order_id = k.client_order_id
+        UNION ALL
+        SELECT * FROM orders WHERE orders.broker_id = k.broker_id AND orders.idempotency_key = k.idempotency_key
+    ) o
     ORDER BY k.n, o.seq
     """
 
@@ -314,18 +322,22 @@ class CancelAllResult:
 
 # The broker's orders in the symbol that are not closed, and their cancels written, in ONE statement: in autocommit it
 # is its own transaction, one round trip (the function's statements take their own snapshots, as separate
-# statements of a READ COMMITTED transaction would).
-_CANCEL_ALL = f"""
-    WITH live AS (
+# statements of a READ COMMITTED transaction would). "Not closed" is "close_reason IS NULL" (the constraint
+# ck_orders_closed_has_reason makes the two the same), the condition of ix_orders_open_book, which holds only the
+# orders that are not closed, by symbol first: "status <> 'closed'" could not use it and read the broker's whole
+# history. MATERIALIZED: the array is computed once, where an inlined CTE put its subquery in both of the
+# function's arguments.
+_CANCEL_ALL = """
+    WITH live AS MATERIALIZED (
         SELECT ARRAY(
             SELECT id FROM orders
-            WHERE broker_id = %(broker_id)s AND symbol = %(symbol)s AND status <> '{OrderStatus.CLOSED.value}'
+            WHERE symbol = %(symbol)s AND broker_id = %(broker_id)s AND close_reason IS NULL
         ) AS ids
     )
     SELECT w.id FROM live,
         write_cancels(live.ids, array_fill(CAST(%(broker_id)s AS uuid), ARRAY[cardinality(live.ids)])) AS w
     WHERE w.written
-    """  # noqa: S608  # enum constant only
+    """
 
 
 async def cancel_all(pool: AsyncPool, broker_id: UUID, symbol: str) -> CancelAllResult:

@@ -106,6 +106,31 @@ def test_a_client_order_id_repeated_under_another_idempotency_key_returns_the_or
     assert count(api_engine, PLACES, b=broker.id) == 1
 
 
+def test_a_request_repeating_one_orders_client_order_id_and_anothers_idempotency_key_resolves_to_the_earlier(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    # The original is the earliest order of the broker with either key: one found by its client_order_id, the
+    # other by its Idempotency-Key.
+    broker = register(api_client)
+    symbol = new_symbol()
+    by_id = api_client.post("/orders", json=order(symbol, client_order_id="c-a"), headers=broker.headers)
+    by_key = api_client.post(
+        "/orders",
+        json=order(symbol, quantity=7, client_order_id="c-b"),
+        headers={**broker.headers, "Idempotency-Key": "k-b"},
+    )
+    both = {**broker.headers, "Idempotency-Key": "k-b"}
+    replay = api_client.post("/orders", json=order(symbol, client_order_id="c-a"), headers=both)
+    assert (by_id.status_code, by_key.status_code, replay.status_code) == (201, 201, 201)
+    assert replay.json()["id"] == by_id.json()["id"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    # The later order's fields under both keys: compared with the earlier one, the client_order_id it repeats.
+    refused = api_client.post("/orders", json=order(symbol, quantity=7, client_order_id="c-a"), headers=both)
+    assert (refused.status_code, refused.json()["code"]) == (422, "idempotency_key_reused")
+    assert refused.json()["details"] == {"field": "client_order_id"}
+    assert count(api_engine, PLACES, b=broker.id) == 2
+
+
 def test_a_retry_after_the_order_was_amended_still_returns_the_original_order(
     api_client: TestClient[Any], api_engine: Engine
 ) -> None:

@@ -196,6 +196,89 @@ async def test_cancel_all_racing_single_cancels_of_its_orders_writes_one_cancel_
         assert dict(counts.all()) == {o.order_id: 1 for o in orders}
 
 
+async def _orders_in_every_state(engine: Engine, api_pool: AsyncPool) -> tuple[uuid.UUID, str, dict[str, uuid.UUID]]:
+    """A broker's orders in one symbol, one in each state a cancel tells apart (``open``, ``pending``, ``closed``,
+    ``cancelling``: a cancel already pending), its order in another symbol (``elsewhere``) and another broker's in
+    the same symbol (``foreign``): (broker, symbol, order ids by name)."""
+    broker, stranger = add_broker(engine, "every-state"), add_broker(engine, "every-state-stranger")
+    symbol = new_symbol()
+    names = ("open", "pending", "closed", "cancelling")
+    orders = {name: new_order(broker, symbol) for name in names}
+    orders["elsewhere"] = new_order(broker, new_symbol())
+    orders["foreign"] = new_order(stranger, symbol)
+    await accept.place_orders(api_pool, list(orders.values()))
+    ids = {name: order.order_id for name, order in orders.items()}
+    with engine.begin() as conn:  # what the matcher writes for a resting order and for a closed one
+        conn.execute(text("UPDATE orders SET status = 'open', priority = seq WHERE id = :id"), {"id": ids["open"]})
+        conn.execute(
+            text("UPDATE orders SET status = 'closed', close_reason = 'cancelled' WHERE id = :id"),
+            {"id": ids["closed"]},
+        )
+    assert await accept.cancel_orders(api_pool, [(broker, ids["cancelling"])]) == [CommandResult(symbol, written=True)]
+    return broker, symbol, ids
+
+
+def _cancels(engine: Engine, ids: dict[str, uuid.UUID]) -> dict[str, int]:
+    """The number of cancel commands of each named order."""
+    with engine.connect() as conn:
+        counts = dict(
+            conn.execute(
+                text(
+                    "SELECT order_id, count(*) FROM commands WHERE kind = 'cancel' AND order_id = ANY(:ids) GROUP BY 1"
+                ),
+                {"ids": list(ids.values())},
+            ).all()
+        )
+    return {name: counts.get(order_id, 0) for name, order_id in ids.items()}
+
+
+@pytest.mark.anyio
+async def test_cancel_all_writes_and_returns_one_cancel_for_each_live_order_of_the_broker_in_the_symbol(
+    engine: Engine, api_pool: AsyncPool
+) -> None:
+    # The broker's open and pending orders of the symbol: not a closed one, not one already being cancelled, not
+    # its orders elsewhere, not another broker's.
+    broker, symbol, ids = await _orders_in_every_state(engine, api_pool)
+
+    everything = await accept.cancel_all(api_pool, broker, symbol.lower())
+
+    assert everything.symbol == symbol
+    assert sorted(everything.order_ids) == sorted([ids["open"], ids["pending"]])
+    expected = {"open": 1, "pending": 1, "closed": 0, "cancelling": 1, "elsewhere": 0, "foreign": 0}
+    assert _cancels(engine, ids) == expected
+    again = await accept.cancel_all(api_pool, broker, symbol)
+    assert again.order_ids == []
+    assert _cancels(engine, ids) == expected
+
+
+@pytest.mark.anyio
+async def test_a_cancel_group_answers_whether_it_wrote_a_command_for_each_order_in_the_groups_order(
+    engine: Engine, api_pool: AsyncPool
+) -> None:
+    broker, symbol, ids = await _orders_in_every_state(engine, api_pool)
+    names = ("closed", "open", "cancelling", "foreign", "pending", "elsewhere")
+
+    outcomes = await accept.cancel_orders(api_pool, [(broker, ids[name]) for name in names])
+
+    elsewhere = outcomes[5]
+    assert isinstance(elsewhere, CommandResult)
+    assert outcomes[:3] == [
+        CommandResult(symbol, written=False),
+        CommandResult(symbol, written=True),
+        CommandResult(symbol, written=False),
+    ]
+    assert isinstance(outcomes[3], OrderNotFoundError)
+    assert (outcomes[4], elsewhere.written) == (CommandResult(symbol, written=True), True)
+    expected = {"open": 1, "pending": 1, "closed": 0, "cancelling": 1, "elsewhere": 1, "foreign": 0}
+    assert _cancels(engine, ids) == expected
+    with engine.connect() as conn:  # written in the group's order
+        written = conn.execute(
+            text("SELECT order_id FROM commands WHERE kind = 'cancel' AND order_id = ANY(:ids) ORDER BY seq"),
+            {"ids": [ids["open"], ids["pending"], ids["elsewhere"]]},
+        )
+        assert list(written.scalars()) == [ids["open"], ids["pending"], ids["elsewhere"]]
+
+
 @pytest.mark.anyio
 async def test_cancels_never_wait_for_row_locks_a_matcher_holds(engine: Engine, api_pool: AsyncPool) -> None:
     # The matcher updates order rows (FOR NO KEY UPDATE level) in its own order; cancels taking row locks could

@@ -349,3 +349,20 @@ def test_downgrading_0017_restores_0016s_webhook_functions_and_events_columns_ex
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert schema() == before
+
+
+def test_downgrading_0018_restores_0017s_write_cancels_and_commands_indexes_exactly(fresh_database_url: str) -> None:
+    def schema() -> tuple[object, ...]:
+        return _function_definition(fresh_database_url, "write_cancels(uuid[], uuid[])"), _catalog(
+            fresh_database_url, "indexes"
+        )
+
+    migrate.upgrade(fresh_database_url, "0017")
+    before = schema()
+    migrate.upgrade(fresh_database_url, "0018")
+    changed = schema()
+
+    migrate.downgrade(fresh_database_url, "0017")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert schema() == before

@@ -13,6 +13,7 @@ tables (analysed or not) that then grew.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,12 +96,18 @@ def _psycopg_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
         raw.close()
 
 
-def _nested_plans(conn: psycopg.Connection[Any], call: str, params: dict[str, Any], times: int) -> list[str]:
-    """The plans auto_explain reports, as notices, for the statements run inside ``call`` (run ``times`` times)."""
+def _nested_plans(
+    conn: psycopg.Connection[Any], call: str, params: dict[str, Any], times: int, *, analyse: bool = False
+) -> list[str]:
+    """The plans auto_explain reports, as notices, for the statements run inside ``call`` (run ``times`` times);
+    with ``analyse``, with the rows each node produced and its loops."""
     notices: list[str] = []
     conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
     conn.execute("LOAD 'auto_explain'")
-    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+    settings = ["log_min_duration = 0", "log_nested_statements = on", "log_level = notice"]
+    if analyse:
+        settings += ["log_analyze = on", "log_timing = off"]
+    for setting in settings:
         conn.execute(f"SET auto_explain.{setting}")
     for _ in range(times):
         conn.execute(call, params)
@@ -399,9 +406,97 @@ def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pendin
     }
 
     kept = _plans_kept_while_growing(engine, accept._INSERT_CANCELS, params, _growing_pending_commands(params))
-    [plan] = [p for p in kept if "target AS" in p]  # not the foreign-key checks of the commands written
+    [plan] = [p for p in kept if "decided AS" in p]  # not the foreign-key checks of the commands written
     assert _probes_orders_by_primary_key(plan), plan
-    assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
+    assert _looks_up(plan, "commands", "ix_commands_pending_cancel"), plan
+
+
+def test_a_cancels_pending_check_probes_only_unprocessed_cancels_however_long_the_symbols_backlog(
+    engine: Engine,
+) -> None:
+    # alembic 0018: each order's pending cancel through the unprocessed cancels' own index, by order id. Through
+    # the symbol's unprocessed commands ((symbol, seq), filtered by order and kind) it read the symbol's whole
+    # backlog per order while the matcher was behind.
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        _insert_orders(conn, ROWS)
+        conn.execute(text("UPDATE orders SET symbol = 'S1'"))  # one symbol, all of it pending
+        _insert_place_commands(conn)
+        keys = [(r.broker_id, r.id) for r in conn.execute(text("SELECT broker_id, id FROM orders LIMIT :n"),
+                                                          {"n": BATCH})]  # fmt: skip
+    _analyse(engine)
+    params = {
+        "ids": array_literal(order_id for _, order_id in keys),
+        "broker_ids": array_literal(broker_id for broker_id, _ in keys),
+    }
+    with _psycopg_connection(engine) as pg:
+        plans = _nested_plans(pg, accept._INSERT_CANCELS, params, times=1, analyse=True)
+    [plan] = [p for p in plans if "decided AS" in p]
+    assert _looks_up(plan, "commands", "ix_commands_pending_cancel"), plan
+    assert "ix_commands_unprocessed_symbol_seq" not in plan, plan
+
+
+def _rows_read(plan: str) -> list[tuple[int, str]]:
+    """Every node of an analysed plan with the rows it produced over all its loops (rows x loops), largest first."""
+    nodes = []
+    for line in plan.splitlines():
+        found = re.search(r"actual (?:time=\S+ )?rows=(\d+) loops=(\d+)", line)
+        if found:
+            nodes.append((int(found[1]) * int(found[2]), line.strip()))
+    return sorted(nodes, reverse=True)
+
+
+CANCEL_ALL_ORDERS = 2000
+
+
+def test_a_cancel_all_of_thousands_of_orders_decides_each_once_with_no_nested_loop_rescans(engine: Engine) -> None:
+    # alembic 0018: write_cancels' cached generic plan joined the orders it decided to the commands it wrote by a
+    # nested loop, N x N rows for a cancel-all of N orders (20,000 orders: 35 s, holding every cancel bucket's
+    # lock). Decided once and returned from that decision, no node produces more than a few rows per order.
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        broker = conn.execute(text("SELECT id FROM brokers ORDER BY id LIMIT 1")).scalar_one()
+        conn.execute(
+            text(
+                """
+                INSERT INTO orders (broker_id, document_number, symbol, side, order_type, time_in_force, price,
+                                    quantity, remaining, status, seq, priority)
+                SELECT :b, '1', 'MM', 'ask', 'limit', 'gtc', 2000 + g, 1, 1, 'open', nextval('command_seq'),
+                       currval('command_seq')
+                FROM generate_series(1, :n) AS g
+                """
+            ),
+            {"b": broker, "n": CANCEL_ALL_ORDERS},
+        )
+    _analyse(engine)
+    with _psycopg_connection(engine) as pg:
+        plans = _nested_plans(pg, accept._CANCEL_ALL, {"broker_id": broker, "symbol": "MM"}, times=1, analyse=True)
+    [plan] = [p for p in plans if "INSERT INTO commands" in p]
+    assert _probes_orders_by_primary_key(plan), plan
+    assert f"rows=1 loops={CANCEL_ALL_ORDERS})" in plan, plan  # every order fetched, once
+    [(largest, node), *_] = _rows_read(plan)
+    assert largest <= 2 * CANCEL_ALL_ORDERS, (node, plan)
+    assert "Seq Scan" not in plan, plan
+
+
+def test_cancel_all_finds_the_brokers_live_orders_through_the_open_orders_index_once(engine: Engine) -> None:
+    # A cancel-all's orders are the broker's orders in the symbol that are not closed: ix_orders_open_book holds
+    # exactly the orders not closed, by symbol. "status <> 'closed'" could not use it (the broker's whole history
+    # was read), and the inlined CTE put the orders' subquery in both of write_cancels' arguments (read twice).
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        _insert_orders(conn, ROWS)
+        conn.execute(text("UPDATE orders SET status = 'closed', close_reason = 'filled', remaining = 0"
+                          " WHERE seq % 10 <> 0"))  # fmt: skip
+        broker = conn.execute(text("SELECT broker_id FROM orders WHERE symbol = 'S10' LIMIT 1")).scalar_one()
+    _analyse(engine)
+    with _psycopg_connection(engine) as pg:
+        plan = "\n".join(
+            row[0] for row in pg.execute("EXPLAIN " + accept._CANCEL_ALL, {"broker_id": broker, "symbol": "S10"})
+        )
+    reads = [line for line in plan.splitlines() if " on orders" in line]
+    assert len(reads) == 1, plan
+    assert _looks_up(plan, "orders", "ix_orders_open_book"), plan
 
 
 def _insert_symbols(conn: Connection, n: int, first: int) -> None:
@@ -433,6 +528,38 @@ def test_matcher_lock_plans_made_while_symbols_were_few_still_read_versions_by_p
     assert _looks_up(plan, "symbols", "pk_symbols"), plan
 
 
+@pytest.mark.parametrize("key", ["client_order_id", "idempotency_key"])
+def test_a_replays_original_is_looked_up_through_both_columns_of_each_unique_index(engine: Engine, key: str) -> None:
+    # The original of a replayed order, for a broker with thousands of orders: "client_order_id = … OR
+    # idempotency_key = …" used neither unique index on both its columns and read every order of the broker
+    # (680,000 orders: 200,000 index entries, 113 ms per replay). Each key has its own lookup now.
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        _insert_orders(conn, ROWS)
+        broker = conn.execute(text("SELECT id FROM brokers ORDER BY id LIMIT 1")).scalar_one()
+        conn.execute(
+            text("UPDATE orders SET broker_id = :b, client_order_id = 'c' || seq, idempotency_key = 'k' || seq"),
+            {"b": broker},
+        )  # one broker's long history, every order with both keys
+    _analyse(engine)
+    params = {
+        "broker_ids": [broker],
+        "client_order_ids": ["c10" if key == "client_order_id" else None],
+        "idempotency_keys": ["k10" if key == "idempotency_key" else None],
+    }
+    with _psycopg_connection(engine) as pg:
+        plan = "\n".join(row[0] for row in pg.execute("EXPLAIN " + accept._FIND_DUPLICATES, params))
+    lines = plan.splitlines()
+    for index, column in (("uq_orders_broker_id_client_order_id", "client_order_id"),
+                          ("uq_orders_broker_id_idempotency_key", "idempotency_key")):  # fmt: skip
+        assert _looks_up(plan, "orders", index), plan
+        [at] = [n for n, line in enumerate(lines) if f"using {index} on" in line or f" on {index} " in line]
+        condition = next(line for line in lines[at + 1 : at + 3] if "Index Cond:" in line)
+        assert "broker_id" in condition, plan
+        assert column in condition, plan
+    assert "ix_orders_broker_created" not in plan, plan
+
+
 def test_the_sweepers_expiry_scan_reads_only_due_orders_through_their_index(engine: Engine) -> None:
     from exchange.sweeper import _LOG_EXPIRIES
 
@@ -446,6 +573,34 @@ def test_the_sweepers_expiry_scan_reads_only_due_orders_through_their_index(engi
 
     assert "ix_orders_open_valid_until" in plan, plan
     assert "Index Cond: (valid_until <= statement_timestamp())" in plan, plan
+
+
+def test_the_sweepers_pending_expire_check_reads_only_pending_expires_however_long_the_backlog(
+    engine: Engine,
+) -> None:
+    # alembic 0018: with the matcher behind (every order's place command unprocessed) and orders due in many
+    # symbols, the check for an expire already pending read the unprocessed commands' indexes whole per due
+    # symbol, under the expiry lock; ix_commands_pending_expire holds the unprocessed expires alone.
+    from exchange.sweeper import _LOG_EXPIRIES
+
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        _insert_orders(conn, ROWS)
+        _insert_place_commands(conn)
+        conn.execute(
+            text(
+                "UPDATE orders SET status = 'open', priority = seq, time_in_force = 'gtd',"
+                " valid_until = now() - interval '1 second' WHERE seq % 7 = 0"
+            )
+        )
+    _analyse(engine)
+    with engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN (ANALYZE, TIMING OFF) {_LOG_EXPIRIES.text}")))
+        conn.rollback()
+
+    assert "ix_commands_pending_expire" in plan, plan
+    assert "ix_commands_unprocessed" not in plan, plan
+    assert "Seq Scan on commands" not in plan, plan
 
 
 def test_the_ops_pages_recent_errors_read_the_latest_failed_attempts_through_their_index(engine: Engine) -> None:
