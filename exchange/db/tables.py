@@ -250,6 +250,16 @@ orders = Table(
     ),
     # A broker's order listing, newest first, keyset-paginated on (created_at, id).
     Index("ix_orders_broker_created", "broker_id", text("created_at DESC"), "id"),
+    # The same listing of the orders not closed (``status`` open or pending: the listing names the predicate), in
+    # its exact order, so it never reads the broker's closed history (alembic 0019). Not closed, as above: the
+    # matcher's pending -> open update stays HOT.
+    Index(
+        "ix_orders_broker_live_created",
+        "broker_id",
+        text("created_at DESC"),
+        text("id DESC"),
+        postgresql_where=text("close_reason IS NULL"),
+    ),
     # The sweeper's scan for resting orders that have expired (not closed, as above).
     Index(
         "ix_orders_open_valid_until",
@@ -402,6 +412,26 @@ webhook_events = Table(
         "ix_webhook_events_pending_next_attempt_at",
         "next_attempt_at",
         postgresql_where=text(f"status = '{WebhookEventStatus.PENDING.value}'"),
+    ),
+    # Each broker's pending events by due time: the claim's skip scan of the brokers with due events and its read of
+    # each one's first due events, and the count of a broker's pending events (alembic 0019).
+    Index(
+        "ix_webhook_events_pending_broker_next_attempt_at",
+        "broker_id",
+        "next_attempt_at",
+        postgresql_where=text(f"status = '{WebhookEventStatus.PENDING.value}'"),
+    ),
+    # A broker's failed events, and its events being retried (pending after a failed attempt): the endpoint's and
+    # the admin's counts (alembic 0019). A delivery at its first attempt writes no entry into either.
+    Index(
+        "ix_webhook_events_failed_broker",
+        "broker_id",
+        postgresql_where=text(f"status = '{WebhookEventStatus.FAILED.value}'"),
+    ),
+    Index(
+        "ix_webhook_events_retrying_broker",
+        "broker_id",
+        postgresql_where=text(f"status = '{WebhookEventStatus.PENDING.value}' AND last_error IS NOT NULL"),
     ),
 )
 """The transactional outbox: written in the matcher's transaction, delivered after commit. ``sequence`` is

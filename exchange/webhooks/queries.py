@@ -182,10 +182,12 @@ class AttemptView:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+# The event is joined on its broker too: an attempt row naming another broker than its event's (written by
+# anything but the worker, which logs each attempt under its event's broker) must not show that broker's event.
 _ATTEMPTS = """
     SELECT a.id, a.event_id, e.sequence, e.type, e.status, a.attempted_at, a.url, a.status_code, a.latency_ms,
            a.error, a.response_excerpt
-    FROM webhook_attempts a JOIN webhook_events e ON e.id = a.event_id
+    FROM webhook_attempts a JOIN webhook_events e ON e.id = a.event_id AND e.broker_id = a.broker_id
     WHERE {where}
     ORDER BY a.attempted_at DESC, a.id DESC
     LIMIT %(limit)s

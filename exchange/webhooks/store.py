@@ -76,11 +76,11 @@ class Claimed:
 
 
 # One call of ``webhook_claim`` (alembic revision 0004, where the statement and its comments live; 0017 returns each
-# claimed event's generation too): locks the oldest
-# due events (skipping rows other workers hold and brokers at this worker's per-broker cap), claims at most each
-# broker's room of them, and marks events of brokers without a usable endpoint ``skipped`` (returned with NULL
-# attempts). A PL/pgSQL function, so the server plans the statement once per server connection instead of on every
-# call (pgbouncer 1.18 passes no prepared statements).
+# claimed event's generation too; 0019 reads each broker's due events apart): locks the oldest due events among
+# each broker's first ``room`` (skipping rows other workers hold and brokers at this worker's per-broker cap, whose
+# events are not read at all), claims them, and marks events of brokers without a usable endpoint ``skipped``
+# (returned with NULL attempts). A PL/pgSQL function, so the server plans the statement once per server connection
+# instead of on every call (pgbouncer 1.18 passes no prepared statements).
 _CLAIM = """
     SELECT * FROM webhook_claim(
         CAST(%(room_brokers)s AS uuid[]), CAST(%(room_left)s AS integer[]), CAST(%(full_brokers)s AS uuid[]),

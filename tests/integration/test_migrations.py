@@ -366,3 +366,20 @@ def test_downgrading_0018_restores_0017s_write_cancels_and_commands_indexes_exac
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert schema() == before
+
+
+def test_downgrading_0019_restores_0018s_webhook_claim_and_indexes_exactly(fresh_database_url: str) -> None:
+    claim = "webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)"
+
+    def schema() -> tuple[object, ...]:
+        return _function_definition(fresh_database_url, claim), _catalog(fresh_database_url, "indexes")
+
+    migrate.upgrade(fresh_database_url, "0018")
+    before = schema()
+    migrate.upgrade(fresh_database_url, "0019")
+    changed = schema()
+
+    migrate.downgrade(fresh_database_url, "0018")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert schema() == before

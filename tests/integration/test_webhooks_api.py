@@ -532,6 +532,35 @@ def test_the_delivery_log_filters_by_outcome_and_pages_with_a_cursor(
     assert len(ids) == 3
 
 
+def test_the_delivery_log_never_shows_another_brokers_event_under_an_attempt_naming_this_broker(
+    client: TestClient[Any], api_engine: Engine
+) -> None:
+    # Defence in depth: the worker logs each attempt under its event's broker, but a row that says otherwise (a
+    # bug, a hand-made repair) must not show another broker's event in this broker's log.
+    mine, _ = register(client)
+    theirs, _ = register(client)
+    with api_engine.begin() as conn:
+        event = conn.execute(
+            text(
+                "INSERT INTO webhook_events (broker_id, sequence, type, payload) "
+                "VALUES (:theirs, 1, 'order.fill', '{}') RETURNING id"
+            ),
+            {"theirs": uuid.UUID(theirs.id)},
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO webhook_attempts (event_id, broker_id, url, status_code, error) "
+                "VALUES (:event, :mine, 'http://127.0.0.1:9/hook', 500, 'HTTP 500')"
+            ),
+            {"event": event, "mine": uuid.UUID(mine.id)},
+        )
+
+    listed = client.get("/webhooks/deliveries", headers=mine.headers)
+
+    assert listed.status_code == 200
+    assert listed.json()["items"] == []
+
+
 def test_a_bad_delivery_cursor_is_a_validation_error(client: TestClient[Any]) -> None:
     broker, _ = register(client)
 

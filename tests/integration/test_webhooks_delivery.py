@@ -558,6 +558,51 @@ def test_a_claim_takes_at_most_the_room_left_per_broker_and_skips_brokers_at_the
     assert len(claimed.skipped) == 15  # the seller has no URL
 
 
+def _due_events(engine: Engine, broker: uuid.UUID, n: int, due_s_ago: int) -> list[uuid.UUID]:
+    """``n`` pending events of ``broker``, due ``due_s_ago`` seconds ago and a second apart (the first oldest)."""
+    with engine.begin() as conn:
+        rows = conn.execute(
+            text(
+                "INSERT INTO webhook_events (broker_id, sequence, type, payload, next_attempt_at) "
+                "SELECT :b, g, 'order.fill', '{}', now() - make_interval(secs => :ago - g) "
+                "FROM generate_series(1, :n) AS g RETURNING id, sequence"
+            ),
+            {"b": broker, "n": n, "ago": due_s_ago},
+        )
+        return [row.id for row in sorted(rows, key=lambda row: row.sequence)]
+
+
+def test_a_broker_with_more_due_events_than_room_leaves_the_rest_of_the_claim_to_the_next_oldest(
+    engine: Engine,
+) -> None:
+    # The claim read the 4 oldest due events, all of the first broker, and took its room (2) of them: it came back
+    # with 2 while the second broker's events were due.
+    url = "http://127.0.0.1:9/hook"
+    first, second, third = (broker_with_endpoint(engine, url)[0] for _ in range(3))
+    firsts = _due_events(engine, first, 10, due_s_ago=600)
+    seconds = _due_events(engine, second, 10, due_s_ago=300)
+    _due_events(engine, third, 10, due_s_ago=100)
+
+    claimed = store.claim(engine, limit=4, lease_s=10, per_broker=2)
+
+    assert {c.event_id for c in claimed.claims} == {*firsts[:2], *seconds[:2]}  # the oldest each may take
+    assert claimed.skipped == []
+
+
+def test_a_claim_with_a_broker_at_its_cap_takes_the_oldest_due_events_of_the_others(engine: Engine) -> None:
+    url = "http://127.0.0.1:9/hook"
+    hanging, other, disabled = (broker_with_endpoint(engine, url)[0] for _ in range(3))
+    set_broker(engine, disabled, webhook_enabled=False)
+    _due_events(engine, hanging, 50, due_s_ago=900)
+    others = _due_events(engine, other, 5, due_s_ago=600)
+    not_deliverable = _due_events(engine, disabled, 3, due_s_ago=300)
+
+    claimed = store.claim(engine, limit=10, lease_s=10, per_broker=4, busy={hanging: 4})
+
+    assert [c.event_id for c in claimed.claims] == others[:4]
+    assert set(claimed.skipped) == set(not_deliverable)  # skipped whatever the room: nothing is sent
+
+
 def test_two_workers_claiming_at_once_deliver_each_event_once_with_contiguous_sequences(engine: Engine) -> None:
     # One receiver per broker: the test receiver's listen backlog is 5, so connections open at once stay below it.
     with Receiver() as r0, Receiver() as r1, Receiver() as r2, Receiver() as r3:
