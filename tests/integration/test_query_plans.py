@@ -229,10 +229,22 @@ def test_matcher_write_plans_made_while_orders_was_small_still_probe_by_primary_
     _assert_write_probes_orders_by_primary_key(_plans_kept_while_growing(engine, store._WRITE, params, grow))
 
 
-def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_generic_plan(engine: Engine) -> None:
+CLAIM_INDEX = "ix_webhook_events_pending_broker_next_attempt_at"
+"""Each broker's pending events by due time: the claim finds the brokers with due events and reads each one's."""
+
+
+@pytest.mark.parametrize(
+    ("full_brokers", "index"),
+    [([], "ix_webhook_events_pending_next_attempt_at"), ([uuid.uuid4()], CLAIM_INDEX)],
+    ids=["oldest-due-path", "per-broker-path"],
+)
+def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_generic_plan(
+    engine: Engine, full_brokers: list[uuid.UUID], index: str
+) -> None:
     # 20,000 delivered events and 100 due ones: a plan that scans the table instead of the pending-events index
     # would read them all on every claim. The function plans once per server connection (generic plan), so the
-    # plan must be right without knowing the limit: the first call plans, the later ones reuse it.
+    # plan must be right without knowing the limit: the first call plans, the later ones reuse it. Either path
+    # (alembic 0019: per broker only while one is at its cap).
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
         conn.execute(
@@ -246,16 +258,19 @@ def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_gene
             )
         )
     _analyse(engine)
-    params = {"room_brokers": [], "room_left": [], "full_brokers": [], "limit": 32, "per_broker": 16, "lease": 30}
+    params = {
+        "room_brokers": [],
+        "room_left": [],
+        "full_brokers": full_brokers,
+        "limit": 32,
+        "per_broker": 16,
+        "lease": 30,
+    }
     with _psycopg_connection(engine) as pg:
         plans = [p for p in _nested_plans(pg, webhook_store._CLAIM, params, times=3) if "webhook_events" in p]
     assert len(plans) == 3, plans
-    assert all(CLAIM_INDEX in plan for plan in plans), plans[0]
+    assert all(index in plan for plan in plans), plans[0]
     assert not any("Seq Scan on webhook_events" in plan for plan in plans), plans[0]
-
-
-CLAIM_INDEX = "ix_webhook_events_pending_broker_next_attempt_at"
-"""Each broker's pending events by due time: the claim finds the brokers with due events and reads each one's."""
 
 
 def _most_rows_read(plan: str, table: str) -> int:
