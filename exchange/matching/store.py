@@ -241,9 +241,11 @@ WITH first AS (
     WHERE seq = %(seq)s AND processed_at IS NULL
       AND seq = (SELECT seq FROM commands WHERE symbol = %(symbol)s AND processed_at IS NULL ORDER BY seq LIMIT 1)
     RETURNING kind, order_id
+), rejected AS (
+    UPDATE orders SET status = 'closed', close_reason = 'rejected', updated_at = clock_timestamp()
+    FROM first WHERE first.kind = 'place' AND orders.id = first.order_id AND orders.status = 'pending'
 )
-UPDATE orders SET status = 'closed', close_reason = 'rejected', updated_at = clock_timestamp()
-FROM first WHERE first.kind = 'place' AND orders.id = first.order_id AND orders.status = 'pending'
+SELECT count(*) FROM first
 """
 
 
@@ -278,8 +280,13 @@ def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCo
             raise
         log.error("the rejection of command seq=%s of %s was refused (%s); quarantined without it", seq, symbol, exc)
         _driver(conn).rollback()
-        _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK, _QUARANTINE_BARE, "COMMIT"), params)
-        return QuarantinedCommand(seq, kind, order_id, [])
+        cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK, _QUARANTINE_BARE, "COMMIT"), params)
+        for _ in BOUNDED_BEGIN_STATEMENTS:
+            cursor.nextset()
+        cursor.nextset()  # lock -> quarantine
+        [(marked,)] = cursor.fetchall()
+        # Between the two transactions another matcher may have processed it, or a lower seq committed: not it.
+        return QuarantinedCommand(seq, kind, order_id, []) if marked else None
     return QuarantinedCommand(seq, kind, order_id, written.event_ids[symbol])
 
 

@@ -246,7 +246,7 @@ async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[Plac
         original = originals.get(position[order.order_id])
         if original is None:
             raise RuntimeError("duplicate order conflict but the original order is not visible")
-        if _fields(original) != _fields(order):
+        if not _same_request(original, order):
             outcomes.append(_key_reused(order, original.client_order_id))
         else:
             outcomes.append(PlaceResult(original.id, created=False))
@@ -270,6 +270,20 @@ _COMPARED_FIELDS = (
 def _fields(order: object) -> tuple[object, ...]:
     """What makes a retry the same order (both sides normalised: upper-case symbol, resolved time in force)."""
     return tuple(getattr(order, name) for name in _COMPARED_FIELDS)
+
+
+_VALID_UNTIL = _COMPARED_FIELDS.index("valid_until")
+_NOT_RESTING = (TimeInForce.IOC.value, TimeInForce.FOK.value)
+
+
+def _same_request(original: Any, order: NewOrder) -> bool:
+    """``order`` repeats ``original``'s request. An ioc/fok original stored without its ``valid_until`` (accepted
+    before ioc/fok orders kept it, or by an api worker of that time during a rolling upgrade) matches a retry that
+    carries one: the retry of the same request must replay it, not be refused as another order."""
+    stored, asked = list(_fields(original)), list(_fields(order))
+    if stored[_VALID_UNTIL] is None and str(original.time_in_force) in _NOT_RESTING:
+        asked[_VALID_UNTIL] = None
+    return stored == asked
 
 
 def _key_reused(order: NewOrder, original_client_order_id: str | None) -> IdempotencyKeyReusedError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -146,6 +147,25 @@ def test_a_retry_after_the_order_was_amended_still_returns_the_original_order(
     assert (first.status_code, again.status_code) == (201, 201)
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
+    assert count(api_engine, PLACES, b=broker.id) == 1
+
+
+def test_a_retry_of_an_ioc_order_stored_without_its_valid_until_still_returns_the_original_order(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    valid_until = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    ioc = order(symbol, client_order_id="old-ioc", time_in_force="ioc", valid_until=valid_until)
+    first = api_client.post("/orders", json=ioc, headers=broker.headers)
+    with api_engine.begin() as conn:  # as an api worker of before ioc/fok orders kept their valid_until stored it
+        conn.execute(text("UPDATE orders SET valid_until = NULL WHERE id = :id"), {"id": first.json()["id"]})
+    again = api_client.post("/orders", json=ioc, headers=broker.headers)
+    other = api_client.post("/orders", json={**ioc, "quantity": 6}, headers=broker.headers)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (other.status_code, other.json()["code"]) == (422, "idempotency_key_reused")
     assert count(api_engine, PLACES, b=broker.id) == 1
 
 
