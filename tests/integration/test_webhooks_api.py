@@ -440,16 +440,23 @@ ENDINGS = [
 ]
 
 
-@pytest.mark.parametrize(("verdict", "status_code"), ENDINGS, ids=["retry", "exhausted", "gone"])
-def test_a_failure_in_flight_recorded_after_a_redeliver_leaves_the_event_due_and_is_still_logged(
-    own_client: TestClient[Any], engine: Engine, verdict: Verdict, status_code: int
-) -> None:
+def _redelivered_in_flight(own_client: TestClient[Any], engine: Engine) -> tuple[Broker, uuid.UUID, store.Claim]:
+    """A buyer's fill event, claimed (an attempt in flight), then redelivered by the buyer: the buyer, the event's
+    id and the claim."""
     buyer, _ = register(own_client, "http://127.0.0.1:9/hook")
     seller, _ = register(own_client)
     trade(own_client, engine, buyer, seller)
     (event_id,) = (uuid.UUID(e) for e in event_ids(own_client, buyer))
     in_flight = claim_one(engine)
     assert own_client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers).status_code == 202
+    return buyer, event_id, in_flight
+
+
+@pytest.mark.parametrize(("verdict", "status_code"), ENDINGS, ids=["retry", "exhausted", "gone"])
+def test_a_failure_in_flight_recorded_after_a_redeliver_leaves_the_event_due_and_is_still_logged(
+    own_client: TestClient[Any], engine: Engine, verdict: Verdict, status_code: int
+) -> None:
+    _, event_id, in_flight = _redelivered_in_flight(own_client, engine)
 
     recorded(engine, in_flight, verdict, status_code)
 
@@ -460,12 +467,7 @@ def test_a_failure_in_flight_recorded_after_a_redeliver_leaves_the_event_due_and
 def test_a_success_in_flight_recorded_after_a_redeliver_still_delivers_the_event(
     own_client: TestClient[Any], engine: Engine
 ) -> None:
-    buyer, _ = register(own_client, "http://127.0.0.1:9/hook")
-    seller, _ = register(own_client)
-    trade(own_client, engine, buyer, seller)
-    (event_id,) = (uuid.UUID(e) for e in event_ids(own_client, buyer))
-    in_flight = claim_one(engine)
-    assert own_client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers).status_code == 202
+    _, event_id, in_flight = _redelivered_in_flight(own_client, engine)
 
     recorded(engine, in_flight, Verdict(Kind.DELIVERED), 200)
 
@@ -475,12 +477,7 @@ def test_a_success_in_flight_recorded_after_a_redeliver_still_delivers_the_event
 def test_the_attempt_a_redeliver_asked_for_still_ends_an_exhausted_event_failed(
     own_client: TestClient[Any], engine: Engine
 ) -> None:
-    buyer, _ = register(own_client, "http://127.0.0.1:9/hook")
-    seller, _ = register(own_client)
-    trade(own_client, engine, buyer, seller)
-    (event_id,) = (uuid.UUID(e) for e in event_ids(own_client, buyer))
-    in_flight = claim_one(engine)
-    assert own_client.post(f"/webhooks/events/{event_id}/redeliver", headers=buyer.headers).status_code == 202
+    buyer, event_id, in_flight = _redelivered_in_flight(own_client, engine)
     exhausted = Verdict(Kind.EXHAUSTED, disable_reason="5 consecutive events failed")
     recorded(engine, in_flight, exhausted, 503)  # from before the redeliver: the event stays due
 
