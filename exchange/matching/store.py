@@ -116,6 +116,15 @@ def _send(conn: Connection, statements: Sequence[str], params: dict[str, Any]) -
     return cursor
 
 
+def _send_bounded(conn: Connection, statements: Sequence[str], params: dict[str, Any]) -> psycopg.ClientCursor[Any]:
+    """:func:`_send` of ``statements`` in a new bounded transaction (:data:`BOUNDED_BEGIN_STATEMENTS` first); the
+    cursor is on the first of ``statements``' results."""
+    cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, *statements), params)
+    for _ in BOUNDED_BEGIN_STATEMENTS:
+        cursor.nextset()
+    return cursor
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStart:
     now: datetime
@@ -153,9 +162,7 @@ def begin_batch(conn: Connection, symbols: Sequence[str], limit: int) -> BatchSt
     wanted = list(symbols)
     keys = sorted(book_lock_key(symbol) for symbol in wanted)
     params = {"keys": array_literal(keys), "symbols": array_literal(wanted), "limit": limit}
-    cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK_VERSIONS, _PENDING), params)
-    for _ in BOUNDED_BEGIN_STATEMENTS:
-        cursor.nextset()  # past BEGIN and its SET LOCAL, to the locks and versions
+    cursor = _send_bounded(conn, (_LOCK_VERSIONS, _PENDING), params)  # on the locks and versions
     versions: dict[str, int] = {}
     clocks: list[datetime] = []
     for symbol, version, clock in cursor.fetchall():
@@ -261,9 +268,7 @@ def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCo
     rejection's own write is refused (say, the broker's event sequence is exhausted), the command is marked
     processed and its order closed without the event."""
     params = {"keys": array_literal([book_lock_key(symbol)]), "symbol": symbol, "seq": seq}
-    cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK, _FIRST_PENDING), params)
-    for _ in BOUNDED_BEGIN_STATEMENTS:
-        cursor.nextset()  # past BEGIN and its SET LOCAL, to the lock
+    cursor = _send_bounded(conn, (_LOCK, _FIRST_PENDING), params)
     cursor.nextset()  # lock -> first pending
     row = cursor.fetchone()
     if row is None or row[0] != seq:
@@ -280,9 +285,7 @@ def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCo
             raise
         log.error("the rejection of command seq=%s of %s was refused (%s); quarantined without it", seq, symbol, exc)
         _driver(conn).rollback()
-        cursor = _send(conn, (*BOUNDED_BEGIN_STATEMENTS, _LOCK, _QUARANTINE_BARE, "COMMIT"), params)
-        for _ in BOUNDED_BEGIN_STATEMENTS:
-            cursor.nextset()
+        cursor = _send_bounded(conn, (_LOCK, _QUARANTINE_BARE, "COMMIT"), params)
         cursor.nextset()  # lock -> quarantine
         [(marked,)] = cursor.fetchall()
         # Between the two transactions another matcher may have processed it, or a lower seq committed: not it.
