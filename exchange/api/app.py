@@ -34,7 +34,7 @@ from exchange.api.errors import EXCEPTION_HANDLERS
 from exchange.api.state import lifespan
 from exchange.config import Settings
 from exchange.observability.logs import configure_logging
-from exchange.observability.requests import request_observability
+from exchange.observability.requests import observe_requests
 from exchange.ops.controller import MetricsController, OpsController
 from exchange.ops.dashboard import dramatiq_dashboard
 
@@ -46,13 +46,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     configure_logging("api", level=settings.log_level, fmt=settings.log_format)
     logging.getLogger("exchange").setLevel(settings.log_level.upper())
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *(AdminController, OrdersController, StocksController, AccountController, HealthController),
             *(OpsController, MetricsController, dramatiq_dashboard),
             *(WebhooksController, WebhooksAdminController),
         ],
-        middleware=[request_observability(settings.slow_request_ms)],
         lifespan=[lifespan(settings)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
@@ -60,3 +59,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    observe_requests(app, settings.slow_request_ms)
+    return app

@@ -1,6 +1,6 @@
 """The api's request middleware: request ids, ``X-Process-Time``, access lines, slow-request warnings, metrics.
 
-For every HTTP request that reaches a route:
+For every HTTP request, one that matches no route (404) or no method of its route (405) too:
 
 * the request id is the client's ``X-Request-ID`` when it is short and plain, else a fresh one; it is the current
   request id (:mod:`~exchange.observability.context`) while the request runs, so every log line and every
@@ -10,15 +10,19 @@ For every HTTP request that reaches a route:
   ``EXCHANGE_SLOW_REQUEST_MS`` (``slow: true``); the query string is never logged (``/ops/login?key=`` carries
   the admin key);
 * ``exchange_http_requests_total`` / ``exchange_http_request_duration_seconds`` are updated with the route
-  template (never the raw path: bounded label values).
+  template (never the raw path: bounded label values; ``unmatched`` for a request no route handler took).
+
+It wraps the app's ASGI handler (:func:`observe_requests`), outside the router and the app-level exception handler
+that turns the router's 404/405 into responses: Litestar's ``middleware=`` only runs for a request that reached a
+route handler.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
+from litestar import Litestar
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from exchange.observability.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
@@ -35,19 +39,18 @@ _requests = LabelCache(HTTP_REQUESTS)
 _latency = LabelCache(HTTP_LATENCY)
 
 
-def request_observability(slow_request_ms: int) -> Any:
-    """Litestar middleware factory (``middleware=[request_observability(ms)]``)."""
+def observe_requests(app: Litestar, slow_request_ms: int) -> None:
+    """Wrap ``app``'s ASGI handler (the router inside the app-level exception handler) in this module's request
+    observability, so that every HTTP request, routed or not, gets it."""
+    inner = app.asgi_handler
 
-    def factory(app: ASGIApp) -> ASGIApp:
-        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if str(scope["type"]) != "http":
-                await app(scope, receive, send)
-                return
-            await _observe(app, scope, receive, send, slow_request_ms)
+    async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+        if str(scope["type"]) != "http":
+            await inner(scope, receive, send)
+            return
+        await _observe(inner, scope, receive, send, slow_request_ms)
 
-        return middleware
-
-    return factory
+    app.asgi_handler = observed
 
 
 def scope_header(scope: Scope, name: bytes) -> str | None:
@@ -60,7 +63,8 @@ def scope_header(scope: Scope, name: bytes) -> str | None:
 
 
 def _route(scope: Scope) -> str:
-    """The matched route's template (a mount's prefix for mounted apps): a bounded metric label."""
+    """The matched route's template (a mount's prefix for mounted apps), ``unmatched`` when the router matched no
+    handler (404, 405): a bounded metric label. Read after the request: the router writes it into the scope."""
     template = scope.get("path_template")
     if template:
         return str(template)
@@ -74,7 +78,6 @@ async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slo
     request_id = accept_request_id(scope_header(scope, _REQUEST_ID_KEY))
     token = request_id_var.set(request_id)
     status = 500
-    route = _route(scope)
     method = str(scope.get("method", "GET"))
 
     async def send_with_headers(message: Message) -> None:
@@ -93,6 +96,7 @@ async def _observe(app: ASGIApp, scope: Scope, receive: Receive, send: Send, slo
     finally:
         try:
             elapsed = time.perf_counter() - started
+            route = _route(scope)
             _count(method, route, status, elapsed)
             _access_line(scope, method, route, status, round(elapsed * 1000, 2), slow_request_ms)
         finally:

@@ -40,9 +40,33 @@ def test_response_gets_a_fresh_request_id_when_the_client_sends_none_or_a_bad_on
 
 
 def test_error_responses_carry_the_request_id_too(api_client: TestClient[Any]) -> None:
-    response = api_client.post("/orders", json={}, headers={"X-Request-ID": "rid-err"})
-    assert response.status_code == 401
-    assert response.headers["x-request-id"] == "rid-err"
+    unauthorised = api_client.post("/orders", json={}, headers={"X-Request-ID": "rid-err"})
+    no_route = api_client.get("/nope/1", headers={"X-Request-ID": "rid-404"})
+    no_method = api_client.delete("/health", headers={"X-Request-ID": "rid-405"})
+    assert (unauthorised.status_code, no_route.status_code, no_method.status_code) == (401, 404, 405)
+    assert unauthorised.headers["x-request-id"] == "rid-err"
+    assert no_route.headers["x-request-id"] == "rid-404"
+    assert no_method.headers["x-request-id"] == "rid-405"
+
+
+def test_requests_matching_no_route_or_method_are_logged_and_counted_as_unmatched(
+    api_client: TestClient[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    def unmatched(status: str, method: str) -> float:
+        for line in api_client.get("/metrics").text.splitlines():
+            if line.startswith(
+                f'exchange_http_requests_total{{method="{method}",route="unmatched",status="{status}"}}'
+            ):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = (unmatched("404", "GET"), unmatched("405", "DELETE"))
+    with caplog.at_level(logging.INFO, logger="exchange.access"):
+        api_client.get("/nope/1", headers={"X-Request-ID": "rid-404-log"})
+        api_client.delete("/health", headers={"X-Request-ID": "rid-405-log"})
+    logged = [r for r in caplog.records if r.name == "exchange.access"]
+    assert [(r.status, r.route) for r in logged] == [(404, "unmatched"), (405, "unmatched")]  # type: ignore[attr-defined]
+    assert (unmatched("404", "GET"), unmatched("405", "DELETE")) == (before[0] + 1, before[1] + 1)
 
 
 def test_slow_request_is_logged_as_a_warning_above_the_threshold(
