@@ -9,6 +9,8 @@ killed at any moment (an accepted order is already committed in Postgres before 
 
 import os
 
+from exchange.config import Settings
+
 wsgi_app = "exchange.api.app:create_app()"
 worker_class = "exchange.api.server.ApiWorker"
 bind = os.environ.get("EXCHANGE_API_BIND", "127.0.0.1:8000")
@@ -21,8 +23,11 @@ graceful_timeout = 10
 timeout = 30
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("EXCHANGE_LOG_LEVEL", "info").lower()
-if os.environ.get("EXCHANGE_LOG_FORMAT", "json") == "json":
+# The log level and format as the workers read them (Settings: the environment over ``.env``, values compared
+# case-insensitively), so gunicorn's and uvicorn's lines come out in the format of the exchange's own.
+_settings = Settings.from_env()
+loglevel = _settings.log_level
+if _settings.log_format == "json":
     # gunicorn's own lines (its master's, and its workers' start and stop) in the exchange's format, one JSON object
     # per line, so that a log shipper reading the api's stderr meets no other kind. gunicorn updates its default
     # configuration with this one, key by key.

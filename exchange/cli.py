@@ -107,7 +107,7 @@ def _add_api(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_run_api)
 
 
-API_VARIABLES = ("EXCHANGE_API_BIND", "EXCHANGE_API_WORKERS", "EXCHANGE_LOG_LEVEL")
+API_VARIABLES = ("EXCHANGE_API_BIND", "EXCHANGE_API_WORKERS", "EXCHANGE_LOG_LEVEL", "EXCHANGE_LOG_FORMAT")
 """Read by gunicorn.conf.py from gunicorn's environment: set there from ``.env`` too, like every other setting."""
 
 

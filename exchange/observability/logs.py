@@ -23,6 +23,9 @@ from exchange.observability.context import current_request_id
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
 )
+_NOT_FIELDS = _STANDARD_ATTRS | {"color_message"}
+"""Record attributes never written as fields: logging's own, and uvicorn's ``color_message`` extra (``msg`` again
+with ANSI colour escapes, for uvicorn's terminal formatter)."""
 _HANDLER_NAME = "exchange-log"
 PROCESS_KIND = {"value": os.environ.get("EXCHANGE_PROCESS_KIND", "exchange")}
 _encoder = msgspec.json.Encoder(enc_hook=repr)
@@ -54,7 +57,7 @@ class JsonFormatter(logging.Formatter):
         if request_id:
             body["request_id"] = request_id
         for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and key not in body and not key.startswith("_"):
+            if key not in _NOT_FIELDS and key not in body and not key.startswith("_"):
                 body[key] = value
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)

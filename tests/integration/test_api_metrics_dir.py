@@ -136,20 +136,54 @@ def test_exchange_api_listens_where_exchange_api_bind_says_without_bind(
         master.wait(timeout=60)
 
 
-def test_gunicorns_own_lines_are_json_when_the_log_format_is(tmp_path: Path, migrated_database_url: str) -> None:
-    port = free_port()
-    env = _env(tmp_path, migrated_database_url, EXCHANGE_LOG_FORMAT="json")
-    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "--workers", "1"]
+def _api_stderr_lines(tmp_path: Path, env: dict[str, str], command: list[str]) -> list[str]:
+    """The non-blank stderr lines of ``command`` (serving on ``EXCHANGE_API_BIND``) from start until it answers
+    and stops."""
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
-        master = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        master = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            _wait_live(port, master)
+            _wait_live(int(env["EXCHANGE_API_BIND"].rsplit(":", 1)[1]), master)
         finally:
             master.send_signal(signal.SIGTERM)
             master.wait(timeout=60)
+    return [line for line in log.read_text().splitlines() if line.strip()]
 
-    lines = [line for line in log.read_text().splitlines() if line.strip()]
+
+def _gunicorn_lines(tmp_path: Path, migrated_database_url: str, log_format: str) -> list[str]:
+    port = free_port()
+    env = _env(tmp_path, migrated_database_url, EXCHANGE_LOG_FORMAT=log_format, EXCHANGE_API_BIND=f"127.0.0.1:{port}")
+    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "1"]
+    return _api_stderr_lines(tmp_path, env, argv)
+
+
+@pytest.mark.parametrize("log_format", ["json", " JSON"])
+def test_gunicorns_own_lines_are_json_when_the_log_format_is(
+    tmp_path: Path, migrated_database_url: str, log_format: str
+) -> None:
+    lines = _gunicorn_lines(tmp_path, migrated_database_url, log_format)
     assert any("Starting gunicorn" in line for line in lines), lines
     for line in lines:
         assert isinstance(json.loads(line), dict), line  # was "[…] [pid] [INFO] Starting gunicorn 23…"
+
+
+def test_uvicorns_json_lines_carry_no_ansi_coloured_copy_of_the_message(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    lines = [json.loads(line) for line in _gunicorn_lines(tmp_path, migrated_database_url, "json")]
+    assert any(line["logger"].startswith("uvicorn") for line in lines), lines
+    assert all("color_message" not in line and "\x1b" not in line["msg"] for line in lines), lines
+
+
+def test_exchange_api_logs_text_lines_only_when_the_env_file_says_text(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    port = free_port()
+    env = _env(tmp_path, migrated_database_url)
+    (tmp_path / "empty.env").write_text(
+        f"EXCHANGE_LOG_FORMAT=text\nEXCHANGE_API_BIND=127.0.0.1:{port}\nEXCHANGE_API_WORKERS=1\n"
+    )
+    env["EXCHANGE_API_BIND"] = f"127.0.0.1:{port}"  # for _api_stderr_lines to find the port; the file says the same
+    lines = _api_stderr_lines(tmp_path, env, [sys.executable, "-m", "exchange.cli", "api"])
+    assert any("Starting gunicorn" in line for line in lines), lines
+    assert not [line for line in lines if line.startswith("{")], lines  # gunicorn's and uvicorn's were JSON
