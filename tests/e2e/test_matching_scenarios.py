@@ -131,7 +131,7 @@ def test_price_gap_executes_at_the_incoming_asks_price_against_a_resting_bid(e2e
     h.check_invariants()
 
 
-def test_expired_order_never_trades_and_is_closed_expired_by_the_sweeper(e2e_harness: Harness) -> None:
+def test_order_crossed_right_after_it_expired_never_trades_and_is_closed_expired(e2e_harness: Harness) -> None:
     h = e2e_harness
     symbol = unique_symbol()
     seller, buyer = h.register_broker("seller"), h.register_broker("buyer")
@@ -151,6 +151,28 @@ def test_expired_order_never_trades_and_is_closed_expired_by_the_sweeper(e2e_har
     resting = seller.order(ask)
     assert (resting["status"], resting["remaining_quantity"], resting["trades"]) == ("open", 5, [])
     assert buyer.price(symbol).status_code == 404
+    h.check_invariants()
+
+
+def test_sweeper_closes_an_expired_order_nothing_else_touches(e2e_harness: Harness) -> None:
+    h = e2e_harness
+    symbol = unique_symbol()
+    buyer = h.register_broker("buyer")
+    valid_until = datetime.now(UTC) + timedelta(seconds=1)
+    bid = buyer.place(symbol, "bid", 5, 100, valid_until=valid_until.isoformat())["order_id"]
+    assert buyer.settled(bid)["status"] == "open"
+
+    # No other order on the symbol: only the sweeper's expire command can wake its matcher to close the bid.
+    expired = wait_until(
+        lambda: o if (o := buyer.order(bid))["status"] == "closed" else None, 10, message="the bid to expire"
+    )
+    assert (expired["close_reason"], expired["remaining_quantity"], expired["trades"]) == ("expired", 5, [])
+    expires = h.query(
+        "SELECT count(*) FILTER (WHERE processed_at IS NOT NULL), count(*) FROM commands "
+        "WHERE symbol = %s AND kind = 'expire'",
+        (symbol,),
+    )
+    assert expires == [(1, 1)]
     h.check_invariants()
 
 
