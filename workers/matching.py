@@ -26,6 +26,7 @@ from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
 from exchange.observability import metrics
+from exchange.observability.context import request_id_var
 from exchange.observability.logs import configure_logging
 from exchange.webhooks.queue import add_hint
 
@@ -139,6 +140,10 @@ def _drain(partition: int, symbols: list[str], deadline: float) -> list[str] | N
     started = time.perf_counter()
     for round_ in drain(_engine, _cache, symbols):
         taken = _after_commit(round_.results, time.perf_counter() - started, release=partition if round_.last else None)
+        # The message's request id (RequestIdMiddleware) is its request's: only the hold's first transaction can
+        # hold that request's command. Later ones apply what was woken meanwhile, by requests whose ids the matcher
+        # never sees (wake-ups are coalesced): their lines, hints and hand-off carry no id rather than a wrong one.
+        request_id_var.set(None)
         _keep_heap()
         if not round_.last and time.monotonic() >= deadline:
             return round_.left

@@ -5,6 +5,6 @@
 * :mod:`~exchange.observability.requests` — the api's ASGI middleware: ``X-Request-ID``, ``X-Process-Time``,
   one access line per request, slow-request warnings, request metrics.
 * :mod:`~exchange.observability.propagation` — dramatiq middleware carrying the request id from the api into the
-  matcher's (and, through the messages the matcher enqueues, the webhook workers') logs.
+  matcher's logs (webhook deliveries are claimed in batches: their lines carry no request id).
 * :mod:`~exchange.observability.metrics` — every metric object, by name, and the exposition helpers.
 """

@@ -7,8 +7,11 @@ every process:
   being processed when a matcher enqueues webhook deliveries after its commit);
 * while a message is processed, its ``request_id`` is the current request id, so the worker's log lines carry it.
 
-Wake-ups are coalesced, so a matcher batch may hold commands of several requests: its lines carry the id of the
-request whose message started the batch, and list ``order_ids`` so logs also join exactly on the order.
+Wake-ups are coalesced, so a matcher transaction may hold commands of several requests: the first transaction of a
+message's hold carries the id of the request whose message started it; later ones of the same hold (symbols woken
+meanwhile) carry none (``workers/matching.py`` clears it), never another request's. Every ``matched`` line lists
+``order_ids`` so logs also join exactly on the order. The webhook hints the matcher enqueues carry the id too, but
+the pump claims events from Postgres in batches, so delivery lines carry none (they name the event).
 """
 
 from __future__ import annotations

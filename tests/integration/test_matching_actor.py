@@ -17,9 +17,11 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
+from exchange.matching.service import MAX_SYMBOLS_PER_BATCH
 from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.partitions import matching_queue, partition_of
 from exchange.messaging.wakeups import busy_key, partition_message, send_wakeups, woken_key
+from exchange.observability.propagation import REQUEST_ID_OPTION
 from tests.integration.redis_support import claimed_database
 from tests.integration.sql_orders import add_broker, place
 
@@ -67,7 +69,7 @@ def matcher(fresh_migrated_database_url: str, redis_url: str, tmp_path: Path) ->
 
 def same_partition(n: int, count: int) -> list[str]:
     tag = uuid.uuid4().hex[:5].upper()
-    return [s for i in range(400) if partition_of(s := f"A{tag}{i}", PARTITIONS) == n][:count]
+    return [s for i in range(40 * count) if partition_of(s := f"A{tag}{i}", PARTITIONS) == n][:count]
 
 
 def wait_processed(engine: Engine, symbols: list[str], log_path: Path, timeout: float = 30.0) -> None:
@@ -145,4 +147,29 @@ def test_a_transaction_of_several_books_logs_one_matched_line_naming_each_book(
     assert "matched books=3 commands=6 trades=3 " in lines[0], lines[0]
     named = lines[0].split(" symbols=", 1)[1].split()[0]
     assert sorted(named.split(",")) == sorted(grouped), lines[0]
+    broker.close()
+
+
+def test_only_the_first_transaction_of_a_hold_carries_the_request_id_of_its_message(
+    engine: Engine, redis_url: str, matcher: Path
+) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    symbols = same_partition(0, MAX_SYMBOLS_PER_BATCH + 1)  # two transactions: 32 books, then the last one
+    for symbol in symbols:
+        place(engine, seller, symbol, "ask", 3, 100)
+        place(engine, buyer, symbol, "bid", 2, 100)
+    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    broker.declare_queue(matching_queue(0))
+    message = partition_message(0, symbols)
+    message.options[REQUEST_ID_OPTION] = "rid-first"
+    broker.enqueue(message)
+    wait_processed(engine, symbols, matcher)
+
+    deadline = time.monotonic() + 5  # the lines follow the commits, through dramatiq's log relay
+    while time.monotonic() < deadline and matcher.read_text().count("matched books=") < 2:
+        time.sleep(0.05)
+    lines = [line for line in matcher.read_text().splitlines() if "matched books=" in line]
+    assert [line.split("matched books=", 1)[1].split()[0] for line in lines] == ["32", "1"], lines
+    assert lines[0].endswith(" request_id=rid-first"), lines[0]
+    assert "request_id=" not in lines[1], lines[1]  # was rid-first: the first message's id for every transaction
     broker.close()
