@@ -201,7 +201,7 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     from exchange.sweeper import run_forever
 
     configure_logging("sweeper", level=settings.log_level, fmt=settings.log_format, replace=True)
-    start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
+    start_worker_metrics_server("sweeper", settings.metrics_port, settings.metrics_bind)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -34,7 +34,7 @@ log = logging.getLogger("exchange.matcher")
 
 settings = Settings.from_env()
 configure_logging("matcher", level=settings.log_level, fmt=settings.log_format, replace=True)
-metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
+metrics.start_worker_metrics_server("matcher", settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
 broker.add_middleware(SettledHeap())
 # One connection per dramatiq thread (each may hold one symbol's lock) plus a spare for the one in rollback.

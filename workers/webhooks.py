@@ -42,7 +42,7 @@ log = logging.getLogger("exchange.webhooks")
 
 settings = Settings.from_env()
 configure_logging("webhooks", level=settings.log_level, fmt=settings.log_format, replace=True)
-metrics.start_worker_metrics_server(settings.metrics_port, settings.metrics_bind)
+metrics.start_worker_metrics_server("webhooks", settings.metrics_port, settings.metrics_bind)
 broker = make_broker(settings.redis_url, settings.partitions)
 broker.add_middleware(SettledHeap())
 # The pump claims and records one statement at a time each (on threads of its own), plus a spare.

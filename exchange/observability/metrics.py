@@ -13,6 +13,7 @@ metric                                         updated by      served by
 ``exchange_queue_messages``                    api, at scrape  api ``/metrics`` (read from Redis per scrape)
 ``exchange_match_batch_size``                  matcher         matcher's metrics port (``EXCHANGE_METRICS_PORT``)
 ``exchange_match_batch_duration_seconds``      matcher         matcher's metrics port
+``exchange_match_symbols_per_transaction``     matcher         matcher's metrics port
 ``exchange_match_trades_total``                matcher         matcher's metrics port
 ``exchange_book_rebuilds_total``               matcher         matcher's metrics port
 ``exchange_webhook_deliveries_total``          webhooks        webhook worker's metrics port
@@ -30,6 +31,9 @@ The api runs several gunicorn workers, so it uses prometheus-client's multiproce
 points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any worker starts and marks dead workers, and
 ``/metrics`` aggregates every worker's files. Workers (matcher, webhooks, sweeper) are one process each and serve
 their own registry on ``EXCHANGE_METRICS_BIND:EXCHANGE_METRICS_PORT`` (0 = no endpoint).
+
+Each process kind serves the families of its rows only (:data:`SERVED_BY`, applied by :func:`process_registry`),
+never another kind's at a permanent zero.
 
 Label values are bounded sets (route templates, not raw paths; outcomes; queue names; SQLSTATEs), never ids.
 """
@@ -51,7 +55,7 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -234,27 +238,72 @@ def state_registry(
 # ------------------------------------------------------------------------------------------------ exposition
 
 
-def process_registry() -> CollectorRegistry:
-    """This process's metrics, or every api worker's when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+KINDS = ("api", "matcher", "webhooks", "sweeper")
+_EVERY_SERVER = frozenset({"api", "matcher", "webhooks"})
+SERVED_BY: dict[str, frozenset[str]] = {
+    "exchange_http_requests": frozenset({"api"}),
+    "exchange_http_request_duration_seconds": frozenset({"api"}),
+    "exchange_orders_accepted": frozenset({"api"}),
+    "exchange_match_batch_size": frozenset({"matcher"}),
+    "exchange_match_batch_duration_seconds": frozenset({"matcher"}),
+    "exchange_match_symbols_per_transaction": frozenset({"matcher"}),
+    "exchange_match_trades": frozenset({"matcher"}),
+    "exchange_book_rebuilds": frozenset({"matcher"}),
+    "exchange_webhook_deliveries": frozenset({"webhooks"}),
+    "exchange_webhook_delivery_duration_seconds": frozenset({"webhooks"}),
+    "exchange_sweeper_renudges": frozenset({"sweeper"}),
+    "exchange_sweeper_expiries": frozenset({"sweeper"}),
+    "exchange_gc_pause_seconds": _EVERY_SERVER,
+    "exchange_database_errors": frozenset(KINDS),
+}
+"""The module docstring's table, by family name (a counter's without ``_total``): which process kinds serve it."""
+
+
+class _Served:
+    """The families of ``source`` that process kind ``kind`` serves (:data:`SERVED_BY`), and every family that is not
+    the exchange's (prometheus-client's ``process_``/``python_`` ones).
+
+    Why a view rather than registering each family in its own kinds only: every module that defines or updates
+    metrics is imported by several process kinds, and in multiprocess mode (the api) an unlabelled metric writes its
+    file, so is exported, as soon as it is constructed. The view keeps each process's exposition to what it
+    updates: no family of another kind at a permanent 0."""
+
+    def __init__(self, source: CollectorRegistry | multiprocess.MultiProcessCollector, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown process kind {kind!r}; one of {', '.join(KINDS)}")
+        self._source = source
+        self._kind = kind
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            name = family.name.removesuffix("_total")
+            if not name.startswith("exchange_") or self._kind in SERVED_BY.get(name, ()):
+                yield family
+
+
+def process_registry(kind: str = "api") -> CollectorRegistry:
+    """The metrics process kind ``kind`` serves (:data:`SERVED_BY`): this process's, or every api worker's when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+    source: CollectorRegistry | multiprocess.MultiProcessCollector = REGISTRY
     if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return registry
-    return REGISTRY
+        source = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Served(source, kind))
+    return registry
 
 
 def exposition(*extra: CollectorRegistry) -> bytes:
-    """The text exposition of :func:`process_registry` followed by ``extra`` registries."""
-    return b"".join(generate_latest(r) for r in (process_registry(), *extra))
+    """The text exposition of the api's :func:`process_registry` followed by ``extra`` registries."""
+    return b"".join(generate_latest(r) for r in (process_registry("api"), *extra))
 
 
-def start_worker_metrics_server(port: int, bind: str = "127.0.0.1") -> bool:
-    """Serve this worker's metrics on ``bind:port`` (a daemon thread). False when disabled (port 0) or when the
-    port is taken (logged: metrics must never stop a matcher from matching)."""
+def start_worker_metrics_server(kind: str, port: int, bind: str = "127.0.0.1") -> bool:
+    """Serve the metrics of this worker, of process kind ``kind``, on ``bind:port`` (a daemon thread). False when
+    disabled (port 0) or when the port is taken (logged: metrics must never stop a matcher from matching)."""
     if port <= 0:
         return False
     try:
-        start_http_server(port, addr=bind, registry=process_registry())
+        start_http_server(port, addr=bind, registry=process_registry(kind))
     except OSError as exc:
         log.warning("metrics endpoint %s:%d not started: %s", bind, port, exc)
         return False

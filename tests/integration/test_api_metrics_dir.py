@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ops.bench.main import free_port
@@ -90,6 +91,16 @@ def test_a_stopped_gunicorn_removes_the_metrics_directory_it_made(
     master.wait(timeout=60)
 
     assert _made_dirs(tmp_path) == []
+
+
+def test_a_served_apis_metrics_hold_no_family_of_another_process_kind(
+    serving: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    _, port = serving  # answered /health/live: that request is counted
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "exchange_http_requests_total{" in text
+    foreign = ("exchange_match_", "exchange_book_", "exchange_sweeper_", "exchange_webhook_")
+    assert [line for line in text.splitlines() if line.startswith(foreign)] == []  # were there, at 0
 
 
 def test_a_given_metrics_directory_is_left_in_place(tmp_path: Path, migrated_database_url: str) -> None:

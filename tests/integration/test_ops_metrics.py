@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 from litestar.testing import TestClient
+from prometheus_client import REGISTRY, generate_latest
 
 from exchange.observability import metrics
 from ops.bench.main import free_port
@@ -71,31 +72,83 @@ def test_metrics_still_answer_when_redis_is_down(client_factory: Callable[..., T
     assert "exchange_queue_messages{" not in response.text
 
 
-def test_worker_metrics_endpoint_serves_matcher_and_webhook_metrics() -> None:
+def families(exposition: str) -> set[str]:
+    """The exchange's metric families in a text exposition (``# TYPE`` lines; not the ``_created`` ones)."""
+    return {
+        line.split()[2]
+        for line in exposition.splitlines()
+        if line.startswith("# TYPE exchange_") and not line.split()[2].endswith("_created")
+    }
+
+
+COMMON = {"exchange_database_errors_total"}
+SCRAPE_TIME = {"exchange_pending_commands", "exchange_oldest_pending_command_age_seconds", "exchange_queue_messages"}
+
+
+def _worker_exposition(kind: str) -> str:
     port = free_port()
-    assert metrics.start_worker_metrics_server(port)
+    assert metrics.start_worker_metrics_server(kind, port)
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+def test_api_metrics_hold_the_api_families_only(api_client: TestClient[Any]) -> None:
+    assert families(api_client.get("/metrics").text) == {
+        *COMMON,
+        *SCRAPE_TIME,
+        "exchange_http_requests_total",
+        "exchange_http_request_duration_seconds",
+        "exchange_orders_accepted_total",
+        "exchange_gc_pause_seconds",
+    }  # was every kind's: exchange_match_trades_total, exchange_sweeper_expiries_total, ... at 0
+
+
+def test_matcher_metrics_endpoint_holds_the_matcher_families_only() -> None:
     metrics.MATCH_BATCH_SIZE.observe(3)
     metrics.MATCH_SYMBOLS.observe(2)
-    metrics.record_webhook_delivery("delivered", 0.02)
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    for name in (
-        "exchange_match_batch_size_bucket",
-        "exchange_match_symbols_per_transaction_bucket",
-        "exchange_match_batch_duration_seconds_bucket",
+    text = _worker_exposition("matcher")
+    assert families(text) == {
+        *COMMON,
+        "exchange_match_batch_size",
+        "exchange_match_batch_duration_seconds",
+        "exchange_match_symbols_per_transaction",
+        "exchange_match_trades_total",
         "exchange_book_rebuilds_total",
+        "exchange_gc_pause_seconds",
+    }
+    assert (sample(text, "exchange_match_batch_size_count") or 0) >= 1
+
+
+def test_webhook_worker_metrics_endpoint_holds_the_webhook_families_only() -> None:
+    metrics.record_webhook_delivery("delivered", 0.02)
+    text = _worker_exposition("webhooks")
+    assert families(text) == {
+        *COMMON,
         "exchange_webhook_deliveries_total",
-        "exchange_webhook_delivery_duration_seconds_bucket",
-    ):
-        assert name in text
+        "exchange_webhook_delivery_duration_seconds",
+        "exchange_gc_pause_seconds",
+    }
     assert sample(text, "exchange_webhook_deliveries_total", outcome="delivered") is not None
 
 
+def test_sweeper_metrics_endpoint_holds_the_sweeper_families_only() -> None:
+    assert families(_worker_exposition("sweeper")) == {
+        *COMMON,
+        "exchange_sweeper_renudges_total",
+        "exchange_sweeper_expiries_total",
+    }  # no exchange_gc_pause_seconds: the sweeper never times its collections
+
+
+def test_every_metric_family_is_served_by_some_process_kind() -> None:
+    defined = {name.removesuffix("_total") for name in families(generate_latest(REGISTRY).decode())}
+    assert defined <= set(metrics.SERVED_BY)
+
+
 def test_worker_metrics_endpoint_is_skipped_for_port_zero_or_a_taken_port() -> None:
-    assert metrics.start_worker_metrics_server(0) is False
+    assert metrics.start_worker_metrics_server("matcher", 0) is False
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert metrics.start_worker_metrics_server(taken.getsockname()[1]) is False
+        assert metrics.start_worker_metrics_server("matcher", taken.getsockname()[1]) is False
 
 
 def test_ready_reports_migrations_at_head(api_client: TestClient[Any]) -> None:
