@@ -3,7 +3,8 @@
 One :class:`ApiState` per process (stored as ``app.state.api``): a psycopg connection pool (pgbouncer-safe), a
 Redis client for commands (short timeouts), a separate Redis client for the result subscriber (its pub/sub
 connection idles for long periods, so it must not carry a read timeout), the dramatiq broker, exactly one
-:class:`~exchange.messaging.results.ResultWaiter`, and the group-commit coalescers of order accepts, cancels and reads.
+:class:`~exchange.messaging.results.ResultWaiter`, the group-commit coalescers of order accepts, cancels and reads, and
+the ops views' shared reads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from exchange.config import Settings
 from exchange.db.engines import DEAD_PEER_OPTIONS, AsyncPool
 from exchange.messaging.broker import AsyncEnqueuer, make_broker
 from exchange.messaging.results import ResultWaiter
+from exchange.ops.cache import SharedResult
+from exchange.ops.data import GAUGES_TTL_S
+from exchange.ops.page import REFRESH_S
 from exchange.orders.models import BrokerIdentity, CommandResult, NewOrder, OrderView, PlaceResult
 
 log = logging.getLogger("exchange.api")
@@ -111,6 +115,10 @@ class ApiState:
     reads: Coalescer[OrderKey, OrderView | None]
     """Batched read-back of orders (one query per group of concurrent requests)."""
     keys: KeyCache = field(default_factory=KeyCache)
+    ops_snapshot: SharedResult[dict[str, Any]] = field(default_factory=lambda: SharedResult(REFRESH_S))
+    """The ops page's snapshot, read at most once per page refresh interval, however many tabs reload it."""
+    pending_gauges: SharedResult[list[dict[str, Any]]] = field(default_factory=lambda: SharedResult(GAUGES_TTL_S))
+    """``/metrics``' pending-command gauges, read at most once per :data:`~exchange.ops.data.GAUGES_TTL_S`."""
 
 
 def api_state(app: Litestar) -> ApiState:

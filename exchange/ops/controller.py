@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.datastructures import Cookie
@@ -26,6 +29,29 @@ from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, COOKIE_PATH, ops_gu
 log = logging.getLogger("exchange.ops")
 
 
+def _snapshot(api: Api) -> Awaitable[dict[str, Any]]:
+    """The process's ops snapshot: one read per page refresh interval, shared by every tab and by data.json."""
+    return api.ops_snapshot.get(lambda: data.snapshot(api.pool, api.redis, api.settings.partitions))
+
+
+def is_ops_path(path: str) -> bool:
+    """Whether ``path`` is ``/ops`` or a path under ``/ops/`` that a browser resolves to itself: no empty (``//``),
+    ``.`` or ``..`` segment, percent-encoded (in any number of layers up to 4) or not, no backslash (browsers read
+    it as ``/``), no control character. Strict: a ``..`` anywhere, query included, refuses the whole path."""
+    decoded = path
+    for _ in range(4):
+        decoded, previous = unquote(decoded), decoded
+        if decoded == previous:
+            break
+    else:
+        return False  # still changing after 4 decodings
+    if any(p != "/ops" and not p.startswith("/ops/") for p in (path, decoded)):
+        return False
+    if "//" in decoded or "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        return False
+    return not any(piece in (".", "..") for piece in re.split(r"[/?#;]", decoded))
+
+
 class OpsController(Controller):
     path = "/ops"
     dependencies = API
@@ -33,12 +59,12 @@ class OpsController(Controller):
     @get("/", guards=[ops_guard], media_type=MediaType.HTML, responses=error_responses(*ADMIN_ERRORS))
     async def page(self, api: Api) -> str:
         """The ops page (HTML)."""
-        return page.render(await data.snapshot(api.pool, api.redis, api.settings.partitions))
+        return page.render(await _snapshot(api))
 
     @get("/data.json", guards=[ops_guard], responses=error_responses(*ADMIN_ERRORS))
     async def data_json(self, api: Api) -> dict[str, Any]:
         """The ops snapshot the page shows, as JSON."""
-        return await data.snapshot(api.pool, api.redis, api.settings.partitions)
+        return await _snapshot(api)
 
     @get(
         "/login",
@@ -55,7 +81,7 @@ class OpsController(Controller):
         expected = configured_admin_key(request)
         if not key_matches(key, expected):
             raise unauthorized("invalid admin key")
-        target = next_path if next_path.startswith("/ops") and "//" not in next_path else "/ops"
+        target = next_path if is_ops_path(next_path) else "/ops"
         cookie = Cookie(
             key=COOKIE_NAME,
             value=session_token(expected, int(time.time())),
@@ -74,12 +100,15 @@ class MetricsController(Controller):
 
     @get("/", media_type=CONTENT_TYPE, responses=error_responses())
     async def metrics(self, api: Api) -> Response[bytes]:
-        """Prometheus exposition: every api worker's counters/histograms plus gauges read now from Postgres and
-        Redis (pending commands per partition, queue depths). A failing source omits its gauges, never the rest."""
+        """Prometheus exposition: every api worker's counters/histograms plus gauges read at scrape time: pending
+        commands per partition from Postgres (at most once per :data:`~exchange.ops.data.GAUGES_TTL_S` per process,
+        shared by concurrent scrapes), queue depths from Redis. A failing source omits its gauges, never the rest."""
         pending: list[tuple[int, int, float]] = []
         try:
-            rows = await asyncio.wait_for(
-                data.pending_by_partition(api.pool, api.settings.partitions), data.READ_TIMEOUT_S
+            rows = await api.pending_gauges.get(
+                lambda: asyncio.wait_for(
+                    data.pending_by_partition(api.pool, api.settings.partitions), data.READ_TIMEOUT_S
+                )
             )
             pending = [(r["partition"], r["pending"], r["oldest_age_s"]) for r in rows]
         except Exception as exc:

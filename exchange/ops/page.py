@@ -42,17 +42,7 @@ def _price(cents: int | None) -> str | None:
     return None if cents is None else f"{cents / 100:,.2f}"
 
 
-_BOOK_HEADERS = [
-    "symbol",
-    "bid orders",
-    "bid qty",
-    "best bid",
-    "best ask",
-    "ask qty",
-    "ask orders",
-    "last price",
-    "last trade",
-]
+_BOOK_HEADERS = ["symbol", "best bid", "best ask", "last price", "last trade"]
 
 
 def render(snapshot: dict[str, Any]) -> str:
@@ -71,15 +61,15 @@ def render(snapshot: dict[str, Any]) -> str:
             f"{_cell(q['dead'], dead_css)}</tr>"
         )
     symbols = [
-        f"<tr>{_cell(s['symbol'])}{_cell(s['bid_orders'], 'num')}{_cell(s['bid_quantity'], 'num')}"
-        f"{_cell(_price(s['best_bid']), 'num')}{_cell(_price(s['best_ask']), 'num')}{_cell(s['ask_quantity'], 'num')}"
-        f"{_cell(s['ask_orders'], 'num')}{_cell(_price(s['last_price']), 'num')}{_cell(s['last_trade_at'])}</tr>"
+        f"<tr>{_cell(s['symbol'])}{_cell(_price(s['best_bid']), 'num')}{_cell(_price(s['best_ask']), 'num')}"
+        f"{_cell(_price(s['last_price']), 'num')}{_cell(s['last_trade_at'])}</tr>"
         for s in snapshot["symbols"]
     ]
     hooks = [
         f"<tr>{_cell(h['broker_name'])}{_cell(h['webhook_url'])}"
         f"{_cell('enabled' if h['enabled'] else 'DISABLED', 'ok' if h['enabled'] else 'bad')}"
-        f"{_cell(h['consecutive_failures'], 'warn num')}{_cell(h['disabled_reason'])}</tr>"
+        f"{_cell(h['consecutive_failures'], 'warn num')}{_cell(h['retrying_events'], 'warn num')}"
+        f"{_cell(h['failed_events'], 'num')}{_cell(h['disabled_reason'])}</tr>"
         for h in snapshot["webhook_endpoints"]
     ]
     errors = [
@@ -116,7 +106,7 @@ def render(snapshot: dict[str, Any]) -> str:
 {
         _table(
             "Webhook endpoints failing or disabled",
-            ["broker", "url", "state", "consecutive failures", "reason"],
+            ["broker", "url", "state", "consecutive failures", "events retrying", "events failed", "reason"],
             hooks,
             "all webhook endpoints healthy",
             "webhooks",

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from exchange.config import redact
 from exchange.db.engines import AsyncPgConnection
 from exchange.orders.errors import InvalidCursorError
 from exchange.webhooks.errors import WebhookEndpointUnavailableError, WebhookEventNotFoundError
@@ -277,6 +278,11 @@ _FAILING = """
 
 
 async def failing_endpoints(conn: AsyncPgConnection, limit: int = 500) -> list[FailingEndpoint]:
-    """Endpoints disabled, with failed events in a row, or with events being retried: worst first."""
+    """Endpoints disabled, with failed events in a row, or with events being retried: worst first. The one list of
+    unhealthy endpoints: ``GET /admin/webhooks/failing`` and the ops page both show it. URLs come without their
+    password (a receiver's basic-auth credentials are the broker's, not the operator's to read)."""
     cur = await conn.execute(_FAILING, {"limit": limit})
-    return [FailingEndpoint(*row) for row in await cur.fetchall()]
+    return [
+        FailingEndpoint(broker_id, name, None if url is None else redact(url), *rest)
+        for broker_id, name, url, *rest in await cur.fetchall()
+    ]

@@ -4,6 +4,7 @@ including the migration check."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,9 @@ import httpx
 from litestar.testing import TestClient
 from prometheus_client import REGISTRY, generate_latest
 
+from exchange.messaging.partitions import partition_of
 from exchange.observability import metrics
+from exchange.ops.data import GAUGES_TTL_S
 from ops.bench.main import free_port
 from tests.integration.api_helpers import new_symbol, register
 
@@ -56,6 +59,24 @@ def test_metrics_include_pending_commands_per_partition_and_queue_depths(api_cli
     assert 'pid="' not in text  # scrape-time gauges are not per-process values
 
 
+def test_metrics_read_pending_commands_from_the_database_at_most_once_a_second_per_process(
+    api_client: TestClient[Any],
+) -> None:
+    broker = register(api_client)
+    symbol = new_symbol()
+    partition = str(partition_of(symbol, 4))
+    before = sample(api_client.get("/metrics").text, "exchange_pending_commands", partition=partition)
+    body = {"document_number": "1", "side": "ask", "symbol": symbol, "price": 100, "quantity": 1}
+    assert api_client.post("/orders", json=body, headers=broker.headers).status_code == 201
+
+    served = sample(api_client.get("/metrics").text, "exchange_pending_commands", partition=partition)
+    time.sleep(GAUGES_TTL_S + 0.1)
+    read_again = sample(api_client.get("/metrics").text, "exchange_pending_commands", partition=partition)
+
+    assert before is not None
+    assert (served, read_again) == (before, before + 1)
+
+
 def test_metrics_label_requests_by_route_template_not_raw_path(api_client: TestClient[Any]) -> None:
     broker = register(api_client)
     api_client.get("/orders/00000000-0000-0000-0000-000000000000", headers=broker.headers)
@@ -68,7 +89,7 @@ def test_metrics_still_answer_when_redis_is_down(client_factory: Callable[..., T
     client = client_factory(redis_url="redis://127.0.0.1:1/0")
     response = client.get("/metrics")
     assert response.status_code == 200
-    assert "exchange_pending_commands" in response.text
+    assert sample(response.text, "exchange_pending_commands", partition="0") is not None  # a sample, not # HELP
     assert "exchange_queue_messages{" not in response.text
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 from sqlalchemy import Connection, Engine, text
 
+from exchange.db.engines import pooled_engine
 from exchange.ops.auth import COOKIE_MAX_AGE_S, COOKIE_NAME, session_token, session_valid
 from tests.integration.api_helpers import ADMIN_KEY, match, new_symbol, register
 
@@ -55,10 +56,36 @@ def test_login_with_a_wrong_key_is_refused_and_sets_no_cookie(api_client: TestCl
     assert COOKIE_NAME not in response.headers.get("set-cookie", "")
 
 
-def test_login_never_redirects_outside_ops(api_client: TestClient[Any]) -> None:
-    for target in ("https://evil.example/", "//evil.example/ops", "/register"):
-        response = api_client.get("/ops/login", params={"key": ADMIN_KEY, "next": target}, follow_redirects=False)
-        assert response.headers["location"] == "/ops"
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://evil.example/",
+        "//evil.example/ops",
+        "/register",
+        "/opsX",
+        "/ops-evil",
+        "/ops/../register",
+        "/ops/./../register",
+        "/ops/..",
+        "/ops/%2e%2e/register",
+        "/ops/%2E./register",
+        "/ops/%252e%252e/register",
+        "/ops/dramatiq/%2e%2e%2f%2e%2e/register",
+        "/ops\\..\\register",
+        "/ops/%5c..%5cregister",
+        "/ops//evil.example",
+    ],
+)
+def test_login_never_redirects_outside_ops(api_client: TestClient[Any], target: str) -> None:
+    response = api_client.get("/ops/login", params={"key": ADMIN_KEY, "next": target}, follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ops"
+
+
+@pytest.mark.parametrize("target", ["/ops", "/ops/", "/ops/data.json", "/ops/dramatiq/queues/matching.1"])
+def test_login_redirects_to_any_path_under_ops(api_client: TestClient[Any], target: str) -> None:
+    response = api_client.get("/ops/login", params={"key": ADMIN_KEY, "next": target}, follow_redirects=False)
+    assert response.headers["location"] == target
 
 
 def test_dramatiq_dashboard_lists_every_declared_queue(api_client: TestClient[Any]) -> None:
@@ -74,7 +101,9 @@ def test_dramatiq_dashboard_queue_page_opens(api_client: TestClient[Any]) -> Non
     assert "matching.1" in response.text
 
 
-def test_ops_data_counts_pending_commands_in_the_symbols_partition(api_client: TestClient[Any]) -> None:
+def test_ops_data_counts_pending_commands_in_the_symbols_partition(
+    api_client: TestClient[Any], client_factory: Callable[..., TestClient[Any]]
+) -> None:
     from exchange.messaging.partitions import partition_of
 
     broker = register(api_client)
@@ -82,26 +111,40 @@ def test_ops_data_counts_pending_commands_in_the_symbols_partition(api_client: T
     before = api_client.get("/ops/data.json", headers=ADMIN).json()["partitions"]
     order = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 5}
     assert api_client.post("/orders", json=order, headers=broker.headers).status_code == 201
-    after = api_client.get("/ops/data.json", headers=ADMIN).json()["partitions"]
+    # Another api process: this one serves its snapshot for the page's refresh interval.
+    after = client_factory().get("/ops/data.json", headers=ADMIN).json()["partitions"]
     n = partition_of(symbol, 4)
     assert [p["partition"] for p in after] == [0, 1, 2, 3]
     assert after[n]["pending"] >= before[n]["pending"] + 1
     assert after[n]["oldest_age_s"] >= 0
 
 
-def test_ops_data_shows_book_depth_and_last_trade_per_symbol(api_client: TestClient[Any], api_engine: Engine) -> None:
+def test_ops_data_shows_best_resting_prices_and_last_trade_per_symbol(
+    api_client: TestClient[Any], api_engine: Engine
+) -> None:
     seller, buyer = register(api_client), register(api_client)
     symbol = new_symbol()
-    for broker, side, price, quantity in ((seller, "ask", 101, 10), (seller, "ask", 102, 4), (buyer, "bid", 101, 3)):
+    resting = ((seller, "ask", 101, 10), (seller, "ask", 102, 4), (buyer, "bid", 101, 3), (buyer, "bid", 99, 2))
+    for broker, side, price, quantity in resting:
         body = {"document_number": "1", "side": side, "symbol": symbol, "price": price, "quantity": quantity}
         assert api_client.post("/orders", json=body, headers=broker.headers).status_code == 201
     match(api_engine, symbol)
+    pending = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 1}
+    assert (
+        api_client.post("/orders", json=pending, headers=buyer.headers).status_code == 201
+    )  # not matched: not resting
     rows = {s["symbol"]: s for s in api_client.get("/ops/data.json", headers=ADMIN).json()["symbols"]}
     row = rows[symbol]
-    assert (row["ask_orders"], row["ask_quantity"], row["best_ask"]) == (2, 11, 101)
-    assert (row["bid_orders"], row["bid_quantity"]) == (0, 0)
+    assert (row["best_bid"], row["best_ask"]) == (99, 101)
     assert row["last_price"] == 101
     assert row["last_trade_at"] is not None
+
+
+def test_ops_data_is_one_snapshot_per_refresh_interval_for_the_page_and_its_json(api_client: TestClient[Any]) -> None:
+    first = api_client.get("/ops/data.json", headers=ADMIN).json()
+    page = api_client.get("/ops", headers=ADMIN).text
+    assert api_client.get("/ops/data.json", headers=ADMIN).json() == first
+    assert first["generated_at"] in page
 
 
 def test_ops_data_lists_failing_or_disabled_webhooks_and_recent_errors(
@@ -163,6 +206,58 @@ def _failed_event(conn: Connection, broker_id: str, error: str, *, attempted: st
         ),
         {"b": broker_id, "e": error},
     )
+
+
+@pytest.fixture
+def alone(
+    fresh_migrated_database_url: str, client_factory: Callable[..., TestClient[Any]]
+) -> Iterator[tuple[TestClient[Any], Engine]]:
+    """An api on a database of its own: the ops page lists the worst 20 endpoints, and other tests' come first."""
+    engine = pooled_engine(fresh_migrated_database_url)
+    yield client_factory(database_url=fresh_migrated_database_url), engine
+    engine.dispose()
+
+
+def test_ops_lists_an_endpoint_whose_events_are_being_retried_before_any_has_failed(
+    alone: tuple[TestClient[Any], Engine],
+) -> None:
+    # A receiver refusing every delivery: its events are retried for ~24 h before the first ends failed (and counts
+    # as a consecutive failure); the page said all endpoints were healthy meanwhile.
+    api_client, api_engine = alone
+    refusing = register(api_client)
+    with api_engine.begin() as conn:
+        conn.execute(text("UPDATE brokers SET webhook_url = 'https://h.example/r' WHERE id = :id"), {"id": refusing.id})
+        _failed_event(conn, refusing.id, "refused", attempted="now()", next_attempt="now() + interval '5 minutes'")
+
+    endpoints = {e["broker_id"]: e for e in api_client.get("/ops/data.json", headers=ADMIN).json()["webhook_endpoints"]}
+    admin = {e["broker_id"]: e for e in api_client.get("/admin/webhooks/failing", headers=ADMIN).json()}
+
+    mine = endpoints[refusing.id]
+    assert (mine["enabled"], mine["consecutive_failures"], mine["retrying_events"]) == (True, 0, 1)
+    assert admin[refusing.id]["retrying_events"] == 1
+    assert refusing.name in api_client.get("/ops", headers=ADMIN).text
+
+
+def test_ops_shows_webhook_urls_without_their_password(alone: tuple[TestClient[Any], Engine]) -> None:
+    api_client, api_engine = alone
+    broker = register(api_client)
+    with api_engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE brokers SET webhook_url = 'http://hook-user:s3cret-pw@h.example/x', webhook_enabled = false"
+                " WHERE id = :id"
+            ),
+            {"id": broker.id},
+        )
+
+    data = api_client.get("/ops/data.json", headers=ADMIN)
+    page = api_client.get("/ops", headers=ADMIN)
+
+    endpoints = {e["broker_id"]: e for e in data.json()["webhook_endpoints"]}
+    assert endpoints[broker.id]["webhook_url"] == "http://hook-user:***@h.example/x"
+    assert "s3cret-pw" not in data.text
+    assert "s3cret-pw" not in page.text
+    assert "hook-user:***@h.example" in page.text
 
 
 def test_ops_recent_errors_are_the_latest_failed_attempts_not_the_latest_retries_due(

@@ -621,3 +621,17 @@ def test_admin_does_not_list_an_endpoint_whose_first_attempt_is_in_flight_but_li
 
     assert in_flight.id not in listed
     assert listed[retried.id]["retrying_events"] == 1
+
+
+def test_admin_lists_failing_endpoints_without_the_password_in_their_url(
+    client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker, _ = register(client, "http://hook-user:s3cret-pw@127.0.0.1:9/hook")
+    with api_engine.begin() as conn:
+        conn.execute(text("UPDATE brokers SET webhook_consecutive_failures = 2 WHERE id = :id"), {"id": broker.id})
+
+    response = client.get("/admin/webhooks/failing", headers=ADMIN)
+
+    (mine,) = [e for e in response.json() if e["broker_id"] == broker.id]
+    assert mine["url"] == "http://hook-user:***@127.0.0.1:9/hook"
+    assert "s3cret-pw" not in response.text

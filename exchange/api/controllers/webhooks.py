@@ -18,7 +18,8 @@ Broker (Bearer API key):
   (gap-free), whatever its delivery status, each with the exact webhook body: a broker that was down catches up
   without webhooks by polling with ``after = next_after``.
 
-Admin: ``GET /admin/webhooks/failing`` 200 — disabled endpoints and endpoints with failures or retries.
+Admin: ``GET /admin/webhooks/failing`` 200 — disabled endpoints and endpoints with failures or retries (URLs without
+their password); the ops page lists the same.
 """
 
 from __future__ import annotations
