@@ -34,8 +34,7 @@ from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
 from exchange.webhooks.delivery import DeliveryConfig
-from exchange.webhooks.outcomes import DeliveryResult
-from exchange.webhooks.pump import Pump, PumpThread
+from exchange.webhooks.pump import Pump, PumpThread, count_in_metrics
 from exchange.webhooks.queue import DELIVER_ACTOR, HintHolder, send_fan_out
 
 log = logging.getLogger("exchange.webhooks")
@@ -51,10 +50,6 @@ _config = DeliveryConfig.from_settings(settings)
 _pump: PumpThread | None = None
 EXIT_PUMP_DIED = 70
 """The worker process's exit status when its pump died (EX_SOFTWARE: an internal error)."""
-
-
-def _observe(result: DeliveryResult) -> None:
-    metrics.record_webhook_delivery(result.outcome.value, result.seconds)
 
 
 def _fan_out() -> None:
@@ -84,7 +79,7 @@ class _PumpLifecycle(dramatiq.Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         global _pump
         capacity = worker.worker_threads
-        pump = Pump(_engine, _config, capacity=capacity, observe=_observe, fan_out=_fan_out)
+        pump = Pump(_engine, _config, capacity=capacity, observe=count_in_metrics, fan_out=_fan_out)
         _pump = PumpThread(pump, on_crash=_pump_died)
         _pump.start()
         _hints.start()

@@ -127,7 +127,8 @@ BOOK_REBUILDS = Counter(
 
 WEBHOOK_DELIVERIES = Counter(
     "exchange_webhook_deliveries_total",
-    "Webhook delivery attempts by outcome: delivered, retry (failed, will retry), failed (gave up), skipped.",
+    "Webhook delivery attempts by outcome: delivered, retry (failed, will retry), failed (gave up), skipped, "
+    "superseded (failed, but the event was redelivered or claimed again since: not failed nor retried by it).",
     ["outcome"],
 )
 WEBHOOK_LATENCY = Histogram(
@@ -143,7 +144,7 @@ _webhook_latency = LabelCache(WEBHOOK_LATENCY)
 
 
 def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
-    """Count one webhook attempt (``outcome``: delivered | retry | failed | skipped) and its duration."""
+    """Count one webhook attempt (``outcome``: delivered | retry | failed | skipped | superseded) and its duration."""
     _webhook_deliveries(outcome).inc()
     if seconds is not None:
         _webhook_latency(outcome).observe(seconds)

@@ -5,6 +5,10 @@
 * anything else (other status, timeout, refused connection, SSRF refusal, a URL that cannot be requested) →
   retried after the schedule's next delay while the schedule lasts, else ``failed`` ("exhausted"), which counts
   one more consecutive failed event for the broker (the endpoint is disabled at ``disable_after``).
+
+That is the verdict; what the worker reports (:class:`Outcome`) is the record's: a failed attempt whose event a
+redeliver or a newer attempt took over since its claim is fenced off by the record (it neither fails the event nor
+schedules its retry) and reported ``superseded`` (:func:`exchange.webhooks.store.record`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ class Kind(StrEnum):
 
 
 class Outcome(StrEnum):
-    """What happened to an event in one pass of a worker (the metrics' ``outcome`` label)."""
+    """What happened to an event in one pass of a worker, as recorded (the metrics' ``outcome`` label and the
+    worker's log line)."""
 
     DELIVERED = "delivered"
     RETRY = "retry"
@@ -37,6 +42,10 @@ class Outcome(StrEnum):
     """Failed for good (schedule exhausted, or 410 Gone)."""
     SKIPPED = "skipped"
     """Not sent: no URL or endpoint disabled."""
+    SUPERSEDED = "superseded"
+    """Failed, but the record's fence set it aside: since its claim the event was redelivered, claimed again (the
+    attempt's lease ran out) or ended by another attempt, which decides what happens to it; this attempt neither
+    failed it nor scheduled its retry (it is still logged and still judges the broker's endpoint)."""
 
 
 _OUTCOME_OF = {
@@ -57,6 +66,7 @@ class Verdict:
 
     @property
     def outcome(self) -> Outcome:
+        """The outcome the verdict asks for; the record may report :attr:`Outcome.SUPERSEDED` instead."""
         return _OUTCOME_OF[self.kind]
 
 

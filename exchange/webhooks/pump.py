@@ -14,8 +14,9 @@ delays bookkeeping:
 * **deliveries** — each POSTs its event (:func:`exchange.webhooks.delivery.attempt`); when it ends its slot is
   free at once and its attempt is queued for the recorder;
 * **recorder** — records every attempt queued so far in ONE statement, again and again (group commit: the more
-  deliveries end while a statement runs, the bigger the next one), then reports each result and arms a local
-  timer for the retries it scheduled. Woken by an attempt that ended, it first lingers ``record_linger_s``
+  deliveries end while a statement runs, the bigger the next one), then reports each result as the record gave it
+  (a failure the record's fence set aside is ``superseded``, see :func:`~exchange.webhooks.store.record`) and arms
+  a local timer for the retries it scheduled. Woken by an attempt that ended, it first lingers ``record_linger_s``
   (``EXCHANGE_WEBHOOK_RECORD_LINGER_MS``) so that the attempts ending meanwhile join the same statement: under
   load deliveries end one by one, and recording each on its own cost a transaction, a database thread's wake-ups
   and the server's work per event. Nothing waits for a record but the bookkeeping (the receiver has the event, the
@@ -55,6 +56,7 @@ from uuid import UUID
 import uvloop
 from sqlalchemy import Engine
 
+from exchange.observability import metrics
 from exchange.webhooks import ssrf, store
 from exchange.webhooks.delivery import DeliveryConfig, Endpoints, HostLookup, Resolver, attempt
 from exchange.webhooks.http import HttpClient
@@ -84,6 +86,12 @@ hangs at the same time delay other hosts' lookups (never database calls). A bloc
 
 Observer = Callable[[DeliveryResult], None]
 _T = TypeVar("_T")
+
+
+def count_in_metrics(result: DeliveryResult) -> None:
+    """A worker's observer: counts ``result`` in ``exchange_webhook_deliveries_total{outcome}`` and its HTTP
+    attempt's duration in ``exchange_webhook_delivery_duration_seconds{outcome}``."""
+    metrics.record_webhook_delivery(result.outcome.value, result.seconds)
 
 
 async def _any_set(*events: asyncio.Event) -> None:
@@ -344,9 +352,9 @@ class Pump:
                 continue
             self._recording = True
             try:
-                for finished in await self._record(batch):
+                for finished, outcome in await self._record(batch):
                     try:
-                        self._reported(finished)
+                        self._reported(finished, outcome)
                     except Exception:  # a bug in reporting loses one report, never the recorder
                         log.exception("reporting webhook event %s failed", finished.claim.event_id)
             finally:
@@ -366,10 +374,11 @@ class Pump:
 
     async def _record(
         self, batch: list[Attempt], deadline: float | None = None, *, last_resort: bool = False
-    ) -> list[Attempt]:
+    ) -> list[tuple[Attempt, Outcome]]:
         """Record ``batch``, retrying while its leases last (half a lease: after that the events are being
-        claimed again anyway, ``deadline``); returns the attempts recorded, as recorded. Those given up on are due
-        again when their leases end.
+        claimed again anyway, ``deadline``); returns the attempts recorded, as recorded, each with the outcome the
+        record gave it (:func:`store.record`: ``superseded`` for a failure its fence set aside). Those given up on
+        are due again when their leases end.
 
         A batch whose data cannot be stored as it is (:func:`store.is_refused`: no retry changes that) is recorded
         one attempt at a time instead, within the same deadline, so that one attempt's row never holds back the
@@ -382,10 +391,10 @@ class Pump:
         pause = RECORD_BACKOFF_S[0]
         while True:
             try:
-                await self._blocking(
+                outcomes = await self._blocking(
                     functools.partial(store.record, self.engine, batch, disable_after=self.config.disable_after)
                 )
-                return batch
+                return list(zip(batch, outcomes, strict=True))
             except Exception as exc:
                 refused = store.is_refused(exc)
                 if refused and len(batch) > 1:
@@ -424,27 +433,29 @@ class Pump:
             self._changed.clear()
             await self._changed.wait()
 
-    def _reported(self, finished: Attempt) -> None:
-        verdict = finished.verdict
+    def _reported(self, finished: Attempt, outcome: Outcome) -> None:
+        """Report ``finished`` as the record's ``outcome`` (log line, observer) and time the retry it scheduled."""
         claim = finished.claim
-        if verdict.retry_in_s is not None:
-            self._arm(verdict.retry_in_s)
-        if verdict.outcome is not Outcome.DELIVERED:
+        # A superseded retry scheduled nothing: its event is due when the redeliver or the newer attempt says.
+        retry_in_s = finished.verdict.retry_in_s if outcome is Outcome.RETRY else None
+        if retry_in_s is not None:
+            self._arm(retry_in_s)
+        if outcome is not Outcome.DELIVERED:
             log.info(
                 "delivery event=%s attempt=%d outcome=%s error=%s",
                 claim.event_id,
                 claim.attempt,
-                verdict.outcome,
+                outcome,
                 finished.error,
             )
         self._report(
             DeliveryResult(
                 claim.event_id,
-                verdict.outcome,
+                outcome,
                 claim.attempt,
                 finished.status_code,
                 finished.error,
-                verdict.retry_in_s,
+                retry_in_s,
                 finished.latency_ms / 1000,
             )
         )

@@ -18,6 +18,8 @@ Invariants the statements keep:
   while it was in flight.
 * **An attempt fenced off is still logged** and still judges the broker's endpoint by its URL (a 410 disables it,
   a 2xx resets its failure count); only the events a record actually failed count as consecutive failed events.
+  The record returns the events of the failed attempts it fenced off, so that the worker reports those attempts
+  ``superseded``, not ``failed`` or ``retry`` (their events were neither failed nor scheduled by them).
 * **Every attempt can be recorded, whatever it carries** (:func:`record` makes each value one its column holds;
   :func:`with_texts_replaced` is the last resort for a text the database's encoding lacks): an attempt left
   unrecorded leaves its event pending, sent again every lease, forever, never failed nor counted for its broker.
@@ -50,7 +52,7 @@ from sqlalchemy.exc import DBAPIError
 
 from exchange.db.engines import bounded_transaction, connect_failed, statement_failed
 from exchange.db.errors import is_deterministic
-from exchange.webhooks.outcomes import Kind, Verdict
+from exchange.webhooks.outcomes import Kind, Outcome, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,15 +154,20 @@ class Attempt:
     excerpt: str | None
 
 
-# One call of ``webhook_record`` (alembic revision 0004, where the statement's comments live; 0017 holds the current
-# text): logs every attempt, marks events delivered / due again (fenced) / failed (fenced: by attempts and
-# generation), and updates a broker's consecutive failures and endpoint state only when the batch changes them,
-# locking those broker rows in id order as the matcher does (no deadlock between the two).
-_RECORD = "SELECT webhook_record(CAST(%(batch)s AS jsonb), %(limit)s)"
+# One call of ``webhook_record`` (alembic revision 0004, where the statement's comments live; 0017 added the
+# generation fence, 0020 the result): logs every attempt, marks events delivered / due again (fenced) / failed
+# (fenced: by attempts and generation), updates a broker's consecutive failures and endpoint state only when the
+# batch changes them, locking those broker rows in id order as the matcher does (no deadlock between the two), and
+# returns the events of the failed attempts its fence set aside.
+_RECORD = "SELECT superseded FROM webhook_record(CAST(%(batch)s AS jsonb), %(limit)s) AS superseded"
 
 
-def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -> None:
-    """Record a batch of attempts (in completion order; each event at most once) in one statement.
+def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -> list[Outcome]:
+    """Record a batch of attempts (in completion order; each event at most once) in one statement; returns each
+    attempt's outcome as recorded, in the batch's order: its verdict's (:attr:`Verdict.outcome`), except
+    :attr:`Outcome.SUPERSEDED` for a failed attempt that the fence kept from its event (a redeliver since its claim,
+    a newer claim of the event, or an attempt that already ended it: the module docstring). Only the record knows
+    that: a worker reports what this returns, never the verdict alone.
 
     Every value is first made one its column holds (:func:`_row`, the one place where that is done), so that no
     receiver's answer and no error text can make the database refuse a record. What remains refusable depends on
@@ -169,9 +176,11 @@ def record(engine: Engine, attempts: Sequence[Attempt], *, disable_after: int) -
     it.
     """
     if not attempts:
-        return
+        return []
     batch = [_row(n, a) for n, a in enumerate(attempts, 1)]
-    _execute(engine, _RECORD, {"batch": msgspec.json.encode(batch).decode(), "limit": disable_after})
+    rows = _execute(engine, _RECORD, {"batch": msgspec.json.encode(batch).decode(), "limit": disable_after})
+    superseded = {row.superseded for row in rows}
+    return [Outcome.SUPERSEDED if a.claim.event_id in superseded else a.verdict.outcome for a in attempts]
 
 
 STATUS_CODES = range(100, 600)

@@ -383,3 +383,16 @@ def test_downgrading_0019_restores_0018s_webhook_claim_and_indexes_exactly(fresh
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert schema() == before
+
+
+def test_downgrading_0020_restores_0019s_webhook_record_exactly(fresh_database_url: str) -> None:
+    record = "webhook_record(jsonb, integer)"
+    migrate.upgrade(fresh_database_url, "0019")
+    before = _function_definition(fresh_database_url, record)
+    migrate.upgrade(fresh_database_url, "0020")
+    changed = _function_definition(fresh_database_url, record)
+
+    migrate.downgrade(fresh_database_url, "0019")
+
+    assert changed != before
+    assert _function_definition(fresh_database_url, record) == before

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import prometheus_client
 import pytest
 import redis
 from litestar.testing import TestClient
@@ -18,7 +20,8 @@ from standardwebhooks.webhooks import Webhook
 
 from exchange.webhooks import store
 from exchange.webhooks.delivery import Outcome
-from exchange.webhooks.outcomes import Kind, Verdict
+from exchange.webhooks.outcomes import DeliveryResult, Kind, Verdict
+from exchange.webhooks.pump import count_in_metrics
 from tests.integration.api_helpers import ADMIN_KEY, Broker, match, new_symbol
 from tests.integration.webhook_support import attempts_of, deliverer
 from tests.serving import wait_until
@@ -371,12 +374,13 @@ def use_attempts(engine: Engine, event_id: uuid.UUID, attempts: int) -> None:
 
 def redeliver_while_in_flight(
     client: TestClient[Any], engine: Engine, receiver: Receiver, *, attempts_used: int
-) -> tuple[uuid.UUID, uuid.UUID]:
+) -> tuple[uuid.UUID, uuid.UUID, list[DeliveryResult]]:
     """One pass of the real pump (one delivery per broker in flight, one retry 30 s after a first failure) over two
     events of a broker: the first one's attempt is held by the receiver while the broker redelivers that event, then
     answered 503; every later request is answered 200. The second event, due before the redelivery, is claimed
     before the redelivered one (oldest first) once the attempt ends, so the attempt is recorded before anything
-    claims the redelivered event again. Returns (first, second)."""
+    claims the redelivered event again. The pump reports to the worker's own observer (the process's metrics) too.
+    Returns (first, second, the pass's results as reported)."""
     buyer, _ = register(client, receiver.url)
     seller, _ = register(client)
     trade(client, engine, buyer, seller)
@@ -385,7 +389,7 @@ def redeliver_while_in_flight(
     use_attempts(engine, first, attempts_used)
     receiver.fail_next(1, status=503)
     receiver.hang()
-    d = deliverer(engine, retry_schedule=(30.0,), max_in_flight=1, lease_s=30.0, read_timeout_s=10.0)
+    d = deliverer(engine, count_in_metrics, retry_schedule=(30.0,), max_in_flight=1, lease_s=30.0, read_timeout_s=10.0)
     with ThreadPoolExecutor(1, thread_name_prefix="pass") as passes:
         one_pass = passes.submit(d.drain)
         try:
@@ -394,15 +398,15 @@ def redeliver_while_in_flight(
             assert response.status_code == 202
         finally:
             receiver.release()
-        one_pass.result(timeout=30)
-    return first, second
+        results = one_pass.result(timeout=30)
+    return first, second, results
 
 
 def test_redeliver_during_an_attempt_in_flight_is_not_undone_by_its_failure(
     own_client: TestClient[Any], engine: Engine, receiver: Receiver
 ) -> None:
     # The attempt in flight is the last of the schedule (its one retry was used): its 503 exhausts it.
-    first, second = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=1)
+    first, second, _ = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=1)
 
     assert delivery_state(engine, first)[:3] == ("delivered", 3, None)
     assert [a.status_code for a in attempts_of(engine, first)] == [503, 200]  # the redelivery was sent
@@ -414,11 +418,45 @@ def test_redeliver_during_an_attempt_in_flight_is_not_postponed_by_its_retry(
     own_client: TestClient[Any], engine: Engine, receiver: Receiver
 ) -> None:
     # The attempt in flight is the first: its 503 schedules a retry in 30 s, which must not replace "due now".
-    first, second = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=0)
+    first, second, _ = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=0)
 
     assert delivery_state(engine, first)[:3] == ("delivered", 2, None)
     assert [a.status_code for a in attempts_of(engine, first)] == [503, 200]
     assert delivery_state(engine, second)[0] == "delivered"
+
+
+def deliveries_counted(outcome: Outcome) -> float:
+    """``exchange_webhook_deliveries_total{outcome}`` in this process's metrics (the worker's observer counts there)."""
+    return prometheus_client.REGISTRY.get_sample_value("exchange_webhook_deliveries_total", {"outcome": outcome}) or 0.0
+
+
+@pytest.mark.parametrize(("attempts_used", "verdict"), [(1, Outcome.FAILED), (0, Outcome.RETRY)], ids=["last", "first"])
+def test_an_attempt_in_flight_fenced_by_a_redeliver_is_reported_superseded_in_the_workers_log_and_metrics(
+    own_client: TestClient[Any],
+    engine: Engine,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+    attempts_used: int,
+    verdict: Outcome,
+) -> None:
+    # Its 503 judged alone is `verdict` (the schedule's last attempt: failed; its first: a retry in 30 s); the record
+    # neither failed the event nor scheduled that retry, so the worker must not say it did.
+    counted = {outcome: deliveries_counted(outcome) for outcome in Outcome}
+    caplog.set_level(logging.INFO, logger="exchange.webhooks")
+
+    first, _, results = redeliver_while_in_flight(own_client, engine, receiver, attempts_used=attempts_used)
+
+    assert [(r.outcome, r.status_code, r.retry_in_s) for r in results if r.event_id == first] == [
+        (Outcome.SUPERSEDED, 503, None),
+        (Outcome.DELIVERED, 200, None),
+    ]
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "exchange.webhooks" and f"event={first}" in r.getMessage()
+    ]
+    assert lines == [f"delivery event={first} attempt={attempts_used + 1} outcome=superseded error=HTTP 503"]
+    now = {outcome: deliveries_counted(outcome) - counted[outcome] for outcome in Outcome}
+    assert (now[Outcome.SUPERSEDED], now[verdict]) == (1, 0)
+    assert now[Outcome.DELIVERED] == 2  # the redelivery and the other event
 
 
 def claim_one(engine: Engine) -> store.Claim:
@@ -427,10 +465,12 @@ def claim_one(engine: Engine) -> store.Claim:
     return claim
 
 
-def recorded(engine: Engine, claim: store.Claim, verdict: Verdict, status_code: int) -> None:
+def recorded(engine: Engine, claim: store.Claim, verdict: Verdict, status_code: int) -> Outcome:
+    """Record one attempt of ``claim``; returns its outcome as recorded."""
     error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
     finished = store.Attempt(claim, verdict, datetime.now(UTC), 3, status_code, error, "answer")
-    store.record(engine, [finished], disable_after=5)
+    (outcome,) = store.record(engine, [finished], disable_after=5)
+    return outcome
 
 
 ENDINGS = [
@@ -458,8 +498,9 @@ def test_a_failure_in_flight_recorded_after_a_redeliver_leaves_the_event_due_and
 ) -> None:
     _, event_id, in_flight = _redelivered_in_flight(own_client, engine)
 
-    recorded(engine, in_flight, verdict, status_code)
+    outcome = recorded(engine, in_flight, verdict, status_code)
 
+    assert outcome is Outcome.SUPERSEDED
     assert delivery_state(engine, event_id) == ("pending", 1, None, True)
     assert [a.status_code for a in attempts_of(engine, event_id)] == [status_code]
 
@@ -469,8 +510,9 @@ def test_a_success_in_flight_recorded_after_a_redeliver_still_delivers_the_event
 ) -> None:
     _, event_id, in_flight = _redelivered_in_flight(own_client, engine)
 
-    recorded(engine, in_flight, Verdict(Kind.DELIVERED), 200)
+    outcome = recorded(engine, in_flight, Verdict(Kind.DELIVERED), 200)
 
+    assert outcome is Outcome.DELIVERED
     assert delivery_state(engine, event_id)[:3] == ("delivered", 1, None)
 
 
@@ -479,10 +521,11 @@ def test_the_attempt_a_redeliver_asked_for_still_ends_an_exhausted_event_failed(
 ) -> None:
     buyer, event_id, in_flight = _redelivered_in_flight(own_client, engine)
     exhausted = Verdict(Kind.EXHAUSTED, disable_reason="5 consecutive events failed")
-    recorded(engine, in_flight, exhausted, 503)  # from before the redeliver: the event stays due
+    # from before the redeliver: the event stays due
+    assert recorded(engine, in_flight, exhausted, 503) is Outcome.SUPERSEDED
 
     redelivery = claim_one(engine)
-    recorded(engine, redelivery, exhausted, 503)
+    assert recorded(engine, redelivery, exhausted, 503) is Outcome.FAILED
 
     assert delivery_state(engine, event_id)[:3] == ("failed", 2, "HTTP 503")
     assert broker_consecutive_failures(engine, buyer) == 1  # the redelivery's failure, not the stale one

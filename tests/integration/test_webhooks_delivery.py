@@ -305,8 +305,9 @@ def test_a_late_result_of_an_expired_claim_does_not_reschedule_a_newer_attempt(e
     with engine.begin() as conn:  # the lease ran out and another worker claimed it (attempt 2)
         conn.execute(text("UPDATE webhook_events SET attempts = 2 WHERE id = :id"), {"id": stale.event_id})
 
-    store.record(engine, [attempt_of(stale, Verdict(Kind.RETRY, retry_in_s=60.0), 500)], disable_after=5)
+    outcomes = store.record(engine, [attempt_of(stale, Verdict(Kind.RETRY, retry_in_s=60.0), 500)], disable_after=5)
 
+    assert outcomes == [Outcome.SUPERSEDED]  # no retry was scheduled: the worker must not report one
     (row,) = events_of(engine, buyer)
     assert row.status == "pending"
     assert row.last_error is None
@@ -503,8 +504,9 @@ def test_one_record_statement_applies_a_batch_of_mixed_outcomes_each_by_its_own_
     ]
     assert [a.verdict.kind for a in batch] == [Kind.DELIVERED, Kind.RETRY, Kind.GONE, Kind.EXHAUSTED]
 
-    store.record(engine, batch, disable_after=3)
+    outcomes = store.record(engine, batch, disable_after=3)
 
+    assert outcomes == [Outcome.DELIVERED, Outcome.RETRY, Outcome.FAILED, Outcome.FAILED]  # none fenced off
     (delivered,), (retried,), (failed_gone,), (failed_out,) = (events_of(engine, b) for b in answers)
     assert (delivered.status, delivered.last_error) == ("delivered", None)
     assert (retried.status, retried.last_error, retried.attempts) == ("pending", "HTTP 503", 1)

@@ -400,9 +400,9 @@ def _counting_records(monkeypatch: pytest.MonkeyPatch) -> list[set[uuid.UUID]]:
     calls: list[set[uuid.UUID]] = []
     real = store.record
 
-    def record(engine: Engine, attempts: Sequence[store.Attempt], *, disable_after: int) -> None:
+    def record(engine: Engine, attempts: Sequence[store.Attempt], *, disable_after: int) -> list[Outcome]:
         calls.append({a.claim.event_id for a in attempts})
-        real(engine, attempts, disable_after=disable_after)
+        return real(engine, attempts, disable_after=disable_after)
 
     monkeypatch.setattr(store, "record", record)
     return calls
@@ -546,6 +546,6 @@ def test_a_record_the_database_refuses_is_retried_one_attempt_at_a_time(engine: 
 
     recorded = asyncio.run(pump._record([refused, good]))
 
-    assert recorded == [good]
+    assert recorded == [(good, Outcome.DELIVERED)]
     assert status_counts(engine, b) == {"delivered": 1}
     assert attempts_of(engine, claims[a].event_id) == []

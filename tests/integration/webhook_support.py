@@ -17,7 +17,7 @@ from exchange.matching.service import BookCache, process_symbol
 from exchange.orders.brokers import new_webhook_secret
 from exchange.webhooks.delivery import DeliveryConfig
 from exchange.webhooks.outcomes import DeliveryResult, Outcome
-from exchange.webhooks.pump import Pump
+from exchange.webhooks.pump import Observer, Pump
 from tests.integration.sql_orders import add_broker, place
 
 FAST = DeliveryConfig(
@@ -34,12 +34,16 @@ FAST = DeliveryConfig(
 class Deliverer:
     """Runs the real :class:`Pump` the way a worker process does, one pass at a time: a pass claims every event
     that is due (and whatever comes due while it runs), delivers and records them, and ends when nothing due is
-    left and everything is recorded."""
+    left and everything is recorded. ``observe`` (the worker's own, say:
+    :func:`~exchange.webhooks.pump.count_in_metrics`) gets every result too."""
 
-    def __init__(self, engine: Engine, config: DeliveryConfig, capacity: int = 8) -> None:
+    def __init__(
+        self, engine: Engine, config: DeliveryConfig, capacity: int = 8, observe: Observer | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
         self.capacity = capacity
+        self.observe = observe
 
     def drain(self) -> list[DeliveryResult]:
         """One pass; returns every result in the order they were recorded."""
@@ -53,7 +57,14 @@ class Deliverer:
 
     async def _drain(self) -> list[DeliveryResult]:
         results: list[DeliveryResult] = []
-        pump = Pump(self.engine, self.config, capacity=self.capacity, observe=results.append)
+        observe = self.observe
+
+        def observed(result: DeliveryResult) -> None:
+            results.append(result)
+            if observe is not None:
+                observe(result)
+
+        pump = Pump(self.engine, self.config, capacity=self.capacity, observe=observed)
         stop = asyncio.Event()
         running = asyncio.create_task(pump.run(stop))
         idle = asyncio.create_task(pump.idle())
@@ -64,8 +75,8 @@ class Deliverer:
         return results
 
 
-def deliverer(engine: Engine, **overrides: Any) -> Deliverer:
-    return Deliverer(engine, replace(FAST, **overrides))
+def deliverer(engine: Engine, observe: Observer | None = None, **overrides: Any) -> Deliverer:
+    return Deliverer(engine, replace(FAST, **overrides), observe=observe)
 
 
 def broker_with_endpoint(engine: Engine, url: str | None, name: str | None = None) -> tuple[uuid.UUID, str]:
