@@ -321,23 +321,36 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
 
 # --------------------------------------------------------------------------------------------------- sweeper
 
+# The new due times are one microsecond apart, the latest-due event's 1 us before the statement's start, in the
+# order the events came due (a broker's events of one fill by sequence): one clock_timestamp() per row, as before,
+# numbered the rows in the order the UPDATE happened to visit them (a hash of their ids), which the claim, oldest
+# due first, then followed.
 _REQUEUE_DUE = """
-    UPDATE webhook_events SET next_attempt_at = clock_timestamp()
-    WHERE id IN (SELECT id FROM webhook_events
-                 WHERE status = 'pending'
-                   AND next_attempt_at <= statement_timestamp() - make_interval(secs => %(older)s)  -- an index bound
-                 ORDER BY next_attempt_at
-                 LIMIT %(limit)s
-                 FOR UPDATE SKIP LOCKED)
-    RETURNING id
+    WITH overdue AS (
+        SELECT id, next_attempt_at, sequence FROM webhook_events
+        WHERE status = 'pending'
+          AND next_attempt_at <= statement_timestamp() - make_interval(secs => %(older)s)  -- an index bound
+        ORDER BY next_attempt_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ),
+    ranked AS (
+        SELECT id, row_number() OVER (ORDER BY next_attempt_at DESC, sequence DESC, id DESC) AS back FROM overdue
+    )
+    UPDATE webhook_events AS e SET next_attempt_at = statement_timestamp() - r.back * interval '1 microsecond'
+    FROM ranked AS r
+    WHERE e.id = r.id
+    RETURNING e.id
     """
 
 
 def take_overdue(engine: Engine, *, older_than_s: float, limit: int = 1000) -> list[UUID]:
     """Events due for more than ``older_than_s`` (lost hint, crashed worker, retry left to the sweeper).
 
-    Their ``next_attempt_at`` is reset to now, so the same event is handed out again only after another
-    ``older_than_s``: a dead delivery worker costs one hint per period, not one per sweep.
+    Their ``next_attempt_at`` is reset to now (at most ``limit`` microseconds before it), so the same event is
+    handed out again only after another ``older_than_s``: a dead delivery worker costs one hint per period, not one
+    per sweep. They keep the order in which they came due (the claim's order), but come due after every event that
+    came due within the last ``older_than_s``: a worker behind by more than that delivers those first.
     """
     # One statement in autocommit: its own transaction, one round trip, no lock held between round trips.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

@@ -652,3 +652,29 @@ def test_retries_leave_no_sequence_gaps_at_the_receiver(engine: Engine, receiver
 
     assert sorted(b["sequence"] for b in receiver.bodies()) == list(range(1, 31))
     assert sum(r.status == 503 for r in receiver.received) == 7
+
+
+def test_take_overdue_keeps_the_overdue_events_in_the_order_they_came_due(engine: Engine) -> None:
+    # The claim takes due events oldest first (by next_attempt_at): a requeue that gives them new due times must
+    # not shuffle them, or a broker's backlog is sent in an order unrelated to its sequence.
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller, n=40)
+    with engine.begin() as conn:  # came due a minute ago, one millisecond apart, in sequence order
+        conn.execute(
+            text(
+                "UPDATE webhook_events SET next_attempt_at = now() - interval '1 minute' + sequence * interval '1 ms'"
+                " WHERE broker_id = :b"
+            ),
+            {"b": buyer},
+        )
+
+    requeued = take_overdue(engine, older_than_s=30)
+
+    assert len(requeued) == 40
+    with engine.connect() as conn:
+        by_due_time = conn.execute(
+            text("SELECT sequence FROM webhook_events WHERE broker_id = :b ORDER BY next_attempt_at"), {"b": buyer}
+        ).scalars()
+        assert list(by_due_time) == list(range(1, 41))
+    assert take_overdue(engine, older_than_s=30) == []  # handed out once per period, as before
