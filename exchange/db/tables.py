@@ -29,6 +29,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -189,6 +190,13 @@ orders = Table(
     Column("priority", BigInteger),
     _timestamp("created_at", now=True),
     _timestamp("updated_at", now=True),
+    # What the trades' (order, symbol, broker) and the commands' (order, symbol) keys reference (alembic 0021): a
+    # foreign key needs a unique index on exactly its columns (in any order), and commands carry no broker id, hence
+    # two. The symbol leads: led by the id, the planner took them for lookups by id alone, the primary key's job.
+    # None of these columns ever changes: a HOT update (the matcher's pending -> open) stays HOT and no update takes
+    # a key lock; an update that is not HOT (closing an order) writes an entry into each of them too.
+    UniqueConstraint("symbol", "broker_id", "id"),
+    UniqueConstraint("symbol", "id"),
     CheckConstraint("char_length(client_order_id) BETWEEN 1 AND 255", name="client_order_id_length"),
     CheckConstraint("char_length(idempotency_key) BETWEEN 1 AND 255", name="idempotency_key_length"),
     CheckConstraint("char_length(document_number) BETWEEN 1 AND 20", name="document_number_length"),
@@ -293,7 +301,7 @@ commands = Table(
     ),
     Column("symbol", Text, nullable=False),
     Column("kind", Text, nullable=False),
-    Column("order_id", UUID(as_uuid=True), ForeignKey("orders.id")),
+    Column("order_id", UUID(as_uuid=True)),
     Column("payload", JSONB),
     _timestamp("created_at", now=True),
     _timestamp("processed_at", nullable=True),
@@ -301,6 +309,9 @@ commands = Table(
     # Place, cancel and amend act on one order; expire acts on the whole book of the symbol.
     CheckConstraint(f"kind = '{CommandKind.EXPIRE.value}' OR order_id IS NOT NULL", name="order_id_required"),
     CheckConstraint(f"kind <> '{CommandKind.AMEND.value}' OR payload IS NOT NULL", name="amend_has_payload"),
+    # A command's order is an order of the command's symbol (alembic 0021): the matcher of one symbol never reads a
+    # command for an order of another book. An expire names no order (NULL: not checked).
+    ForeignKeyConstraint(["order_id", "symbol"], ["orders.id", "orders.symbol"]),
     # The matcher's batch: the unprocessed commands of one symbol in seq order.
     Index(
         "ix_commands_unprocessed_symbol_seq",
@@ -340,10 +351,10 @@ trades = Table(
     Column("symbol", Text, nullable=False),
     Column("price", BigInteger, nullable=False),
     Column("quantity", BigInteger, nullable=False),
-    Column("buy_order_id", UUID(as_uuid=True), ForeignKey("orders.id"), nullable=False),
-    Column("sell_order_id", UUID(as_uuid=True), ForeignKey("orders.id"), nullable=False),
-    Column("buy_broker_id", UUID(as_uuid=True), ForeignKey("brokers.id"), nullable=False),
-    Column("sell_broker_id", UUID(as_uuid=True), ForeignKey("brokers.id"), nullable=False),
+    Column("buy_order_id", UUID(as_uuid=True), nullable=False),
+    Column("sell_order_id", UUID(as_uuid=True), nullable=False),
+    Column("buy_broker_id", UUID(as_uuid=True), nullable=False),
+    Column("sell_broker_id", UUID(as_uuid=True), nullable=False),
     Column("maker_order_id", UUID(as_uuid=True), nullable=False),
     Column("taker_side", Text, nullable=False),
     Column("command_seq", BigInteger, nullable=False),
@@ -351,6 +362,14 @@ trades = Table(
     _timestamp("executed_at", now=True),
     # (command, fill number) identifies a trade: re-applying a command can never book its fills twice.
     UniqueConstraint("command_seq", "match_no"),
+    # Each side's order is an order of the trade's symbol and of the broker the trade names for that side
+    # (alembic 0021). The trade's brokers need no key of their own: the order's broker_id references brokers.
+    ForeignKeyConstraint(
+        ["buy_order_id", "symbol", "buy_broker_id"], ["orders.id", "orders.symbol", "orders.broker_id"]
+    ),
+    ForeignKeyConstraint(
+        ["sell_order_id", "symbol", "sell_broker_id"], ["orders.id", "orders.symbol", "orders.broker_id"]
+    ),
     CheckConstraint("price > 0", name="price_positive"),
     CheckConstraint("quantity > 0", name="quantity_positive"),
     CheckConstraint("match_no >= 0", name="match_no_non_negative"),
@@ -399,6 +418,10 @@ webhook_events = Table(
     _timestamp("delivered_at", nullable=True),
     # Also serves lookups by (broker_id, sequence): no separate index.
     UniqueConstraint("broker_id", "sequence"),
+    # What webhook_attempts' (event_id, broker_id) key references (alembic 0021): a foreign key needs a unique index
+    # on exactly its columns (in any order; the broker leads, so lookups by id alone keep to the primary key). An
+    # event's status change is not HOT (status is in the partial indexes' predicates): it writes an entry here too.
+    UniqueConstraint("broker_id", "id"),
     CheckConstraint("sequence > 0", name="sequence_positive"),
     CheckConstraint("char_length(type) BETWEEN 1 AND 100", name="type_length"),
     CheckConstraint(one_of("status", WebhookEventStatus), name="status"),
@@ -441,12 +464,7 @@ webhook_attempts = Table(
     "webhook_attempts",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column(
-        "event_id",
-        UUID(as_uuid=True),
-        ForeignKey("webhook_events.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    Column("event_id", UUID(as_uuid=True), nullable=False),
     Column("broker_id", UUID(as_uuid=True), nullable=False),
     _timestamp("attempted_at", now=True),
     Column("url", Text, nullable=False),
@@ -456,6 +474,10 @@ webhook_attempts = Table(
     Column("response_excerpt", Text),
     CheckConstraint("status_code BETWEEN 100 AND 599", name="status_code_range"),
     CheckConstraint("latency_ms >= 0", name="latency_non_negative"),
+    # The attempt's broker is its event's broker (alembic 0021); deleting an event deletes its attempts.
+    ForeignKeyConstraint(
+        ["event_id", "broker_id"], ["webhook_events.id", "webhook_events.broker_id"], ondelete="CASCADE"
+    ),
     Index("ix_webhook_attempts_broker_attempted_at", "broker_id", text("attempted_at DESC")),
     Index("ix_webhook_attempts_event_id", "event_id"),
     # The ops page's latest failed attempts (alembic 0016): only failed ones, so a delivery writes no entry.

@@ -396,3 +396,18 @@ def test_downgrading_0020_restores_0019s_webhook_record_exactly(fresh_database_u
 
     assert changed != before
     assert _function_definition(fresh_database_url, record) == before
+
+
+def test_downgrading_0021_restores_0020s_constraints_and_indexes_exactly(fresh_database_url: str) -> None:
+    def schema() -> tuple[object, ...]:
+        return _catalog(fresh_database_url, "constraints"), _catalog(fresh_database_url, "indexes")
+
+    migrate.upgrade(fresh_database_url, "0020")
+    before = schema()
+    migrate.upgrade(fresh_database_url, "0021")
+    changed = schema()
+
+    migrate.downgrade(fresh_database_url, "0020")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert schema() == before

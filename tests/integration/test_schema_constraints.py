@@ -337,6 +337,36 @@ def test_amend_command_requires_a_payload(conn: Connection, broker: uuid.UUID) -
     )
 
 
+@pytest.mark.parametrize(("kind", "payload"), [("place", None), ("cancel", None), ("amend", {"quantity": 5})])
+def test_command_order_must_be_an_order_of_the_commands_symbol(
+    conn: Connection, broker: uuid.UUID, kind: str, payload: dict[str, int] | None
+) -> None:
+    order_id = new_order(conn, broker, symbol="VALE3")
+
+    assert_rejected_by(
+        conn,
+        "fk_commands_order_id_orders",
+        insert(commands).values(symbol="PETR4", kind=kind, order_id=order_id, payload=payload),
+    )
+
+
+def test_command_of_its_orders_symbol_is_accepted(conn: Connection, broker: uuid.UUID) -> None:
+    order_id = new_order(conn, broker, symbol="VALE3")
+
+    conn.execute(insert(commands).values(symbol="VALE3", kind="cancel", order_id=order_id))
+
+
+def test_command_cannot_move_to_another_symbol(conn: Connection, broker: uuid.UUID) -> None:
+    order_id = new_order(conn, broker)
+    seq = conn.execute(
+        insert(commands).values(symbol="PETR4", kind="cancel", order_id=order_id).returning(commands.c.seq)
+    ).scalar_one()
+
+    assert_rejected_by(
+        conn, "fk_commands_order_id_orders", update(commands).where(commands.c.seq == seq).values(symbol="VALE3")
+    )
+
+
 # ------------------------------------------------------------------------------------------------- trades
 
 
@@ -379,6 +409,46 @@ def test_trade_maker_must_be_one_of_its_orders(conn: Connection) -> None:
     )
 
 
+@pytest.mark.parametrize("side", ["buy", "sell"])
+def test_trade_order_must_be_an_order_of_the_trades_symbol(conn: Connection, side: str) -> None:
+    row = _trade(conn)
+    other_symbol = new_order(conn, row[f"{side}_broker_id"], symbol="VALE3", seq=3)
+
+    assert_rejected_by(
+        conn,
+        f"fk_trades_{side}_order_id_orders",
+        insert(trades).values(**{**row, f"{side}_order_id": other_symbol, "maker_order_id": other_symbol}),
+    )
+
+
+@pytest.mark.parametrize("side", ["buy", "sell"])
+def test_trade_broker_must_be_its_orders_broker(conn: Connection, side: str) -> None:
+    row = _trade(conn)
+
+    assert_rejected_by(
+        conn,
+        f"fk_trades_{side}_order_id_orders",
+        insert(trades).values(**{**row, f"{side}_broker_id": new_broker(conn)}),
+    )
+
+
+def test_trade_broker_must_exist(conn: Connection) -> None:
+    assert_rejected_by(
+        conn, "fk_trades_sell_order_id_orders", insert(trades).values(**_trade(conn, sell_broker_id=uuid.uuid4()))
+    )
+
+
+def test_traded_order_cannot_move_to_another_symbol(conn: Connection) -> None:
+    row = _trade(conn)
+    conn.execute(insert(trades).values(**row))
+
+    assert_rejected_by(
+        conn,
+        "fk_trades_buy_order_id_orders",
+        update(orders).where(orders.c.id == row["buy_order_id"]).values(symbol="VALE3"),
+    )
+
+
 # ----------------------------------------------------------------------------------------- webhook outbox
 
 
@@ -416,3 +486,13 @@ def test_deleting_an_event_deletes_its_attempts(conn: Connection, broker: uuid.U
 
     remaining = conn.execute(select(webhook_attempts.c.id).where(webhook_attempts.c.event_id == event_id)).all()
     assert remaining == []
+
+
+def test_attempt_broker_must_be_its_events_broker(conn: Connection, broker: uuid.UUID) -> None:
+    event_id = conn.execute(_event(broker, 1).returning(webhook_events.c.id)).scalar_one()
+
+    assert_rejected_by(
+        conn,
+        "fk_webhook_attempts_event_id_webhook_events",
+        insert(webhook_attempts).values(event_id=event_id, broker_id=new_broker(conn), url="https://example.com/h"),
+    )

@@ -16,6 +16,7 @@ import pytest
 import redis
 from litestar.testing import TestClient
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
 from standardwebhooks.webhooks import Webhook
 
 from exchange.webhooks import store
@@ -572,11 +573,11 @@ def test_the_delivery_log_filters_by_outcome_and_pages_with_a_cursor(
     assert len(ids) == 3
 
 
-def test_the_delivery_log_never_shows_another_brokers_event_under_an_attempt_naming_this_broker(
+def test_an_attempt_naming_another_broker_than_its_events_is_refused_and_never_listed(
     client: TestClient[Any], api_engine: Engine
 ) -> None:
-    # Defence in depth: the worker logs each attempt under its event's broker, but a row that says otherwise (a
-    # bug, a hand-made repair) must not show another broker's event in this broker's log.
+    # The worker logs each attempt under its event's broker; a row that says otherwise (a bug, a hand-made repair)
+    # is refused by the attempts' key (alembic 0021), so this broker's log can never show the other's event.
     mine, _ = register(client)
     theirs, _ = register(client)
     with api_engine.begin() as conn:
@@ -587,6 +588,7 @@ def test_the_delivery_log_never_shows_another_brokers_event_under_an_attempt_nam
             ),
             {"theirs": uuid.UUID(theirs.id)},
         ).scalar_one()
+    with pytest.raises(IntegrityError) as refused, api_engine.begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO webhook_attempts (event_id, broker_id, url, status_code, error) "
@@ -597,6 +599,8 @@ def test_the_delivery_log_never_shows_another_brokers_event_under_an_attempt_nam
 
     listed = client.get("/webhooks/deliveries", headers=mine.headers)
 
+    assert refused.value.orig is not None
+    assert refused.value.orig.diag.constraint_name == "fk_webhook_attempts_event_id_webhook_events"
     assert listed.status_code == 200
     assert listed.json()["items"] == []
 
