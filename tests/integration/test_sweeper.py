@@ -76,7 +76,7 @@ def test_a_fresh_pending_command_is_left_to_its_own_wakeup(engine: Engine, broke
 
 def test_due_gtd_orders_get_one_expire_command_and_are_closed_expired(engine: Engine, broker: RedisBroker) -> None:
     b = add_broker(engine, "b")
-    order_id = place(engine, b, "VALE3", "ask", 1, 100, valid_until=datetime.now(UTC) + timedelta(milliseconds=50))
+    order_id = place(engine, b, "VALE3", "ask", 1, 100, valid_until=datetime.now(UTC) + timedelta(minutes=10))
     cache = BookCache()
     process_symbol(engine, cache, "VALE3")
     with engine.begin() as conn:  # let it come due without sleeping: move valid_until into the past
@@ -97,7 +97,7 @@ def test_due_gtd_orders_get_one_expire_command_and_are_closed_expired(engine: En
 
 def test_two_sweepers_at_once_log_one_expire_command_per_symbol(engine: Engine, broker: RedisBroker) -> None:
     b = add_broker(engine, "b")
-    place(engine, b, "ITSA4", "ask", 1, 100, valid_until=datetime.now(UTC) + timedelta(milliseconds=50))
+    place(engine, b, "ITSA4", "ask", 1, 100, valid_until=datetime.now(UTC) + timedelta(minutes=10))
     process_symbol(engine, BookCache(), "ITSA4")
     with engine.begin() as conn:
         conn.execute(text("UPDATE orders SET valid_until = now() - interval '1 second'"))
