@@ -169,10 +169,10 @@ async def cancel(state: ApiState, broker_id: UUID, order_id: UUID, *, wait: bool
 
 
 async def cancel_all(state: ApiState, broker_id: UUID, symbol: str) -> accept.CancelAllResult:
-    result = await accept.cancel_all(state.pool, broker_id, symbol)
-    if result.order_ids:
-        wake_soon(state, result.symbol)
-    return result
+    """Cancel every live order of the broker in ``symbol``, chunk by chunk (:func:`accept.cancel_all`), waking the
+    symbol's matcher after each chunk that wrote a cancel: the first chunks' orders close while the rest are
+    written, and a cancel-all cut short has woken the matcher for what it committed."""
+    return await accept.cancel_all(state.pool, broker_id, symbol, on_written=lambda written: wake_soon(state, written))
 
 
 async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int | None, price: int | None) -> OrderView:

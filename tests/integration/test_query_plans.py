@@ -698,8 +698,10 @@ def test_a_cancel_all_of_thousands_of_orders_decides_each_once_with_no_nested_lo
             {"b": broker, "n": CANCEL_ALL_ORDERS},
         )
     _analyse(engine)
+    params = {"broker_id": broker, "symbol": "MM", "chunk": CANCEL_ALL_ORDERS}  # every order in one chunk
     with _psycopg_connection(engine) as pg:
-        plans = _nested_plans(pg, accept._CANCEL_ALL, {"broker_id": broker, "symbol": "MM"}, times=1, analyse=True)
+        [[ids]] = pg.execute(accept._LIVE_CHUNKS, params).fetchall()
+        plans = _nested_plans(pg, accept._CANCEL_CHUNK, {**params, "ids": ids}, times=1, analyse=True)
     [plan] = [p for p in plans if "INSERT INTO commands" in p]
     assert _probes_orders_by_primary_key(plan), plan
     assert f"rows=1 loops={CANCEL_ALL_ORDERS})" in plan, plan  # every order fetched, once
@@ -711,7 +713,8 @@ def test_a_cancel_all_of_thousands_of_orders_decides_each_once_with_no_nested_lo
 def test_cancel_all_finds_the_brokers_live_orders_through_the_open_orders_index_once(engine: Engine) -> None:
     # A cancel-all's orders are the broker's orders in the symbol that are not closed: ix_orders_open_book holds
     # exactly the orders not closed, by symbol. "status <> 'closed'" could not use it (the broker's whole history
-    # was read), and the inlined CTE put the orders' subquery in both of write_cancels' arguments (read twice).
+    # was read), and the inlined CTE put the orders' subquery in both of write_cancels' arguments (read twice). The
+    # chunked cancel-all reads them once, in its first statement, and hands each chunk's ids to write_cancels.
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url=None)
         _insert_orders(conn, ROWS)
@@ -721,7 +724,11 @@ def test_cancel_all_finds_the_brokers_live_orders_through_the_open_orders_index_
     _analyse(engine)
     with _psycopg_connection(engine) as pg:
         plan = "\n".join(
-            row[0] for row in pg.execute("EXPLAIN " + accept._CANCEL_ALL, {"broker_id": broker, "symbol": "S10"})
+            row[0]
+            for row in pg.execute(
+                "EXPLAIN " + accept._LIVE_CHUNKS,
+                {"broker_id": broker, "symbol": "S10", "chunk": accept.CANCEL_ALL_CHUNK},
+            )
         )
     reads = [line for line in plan.splitlines() if " on orders" in line]
     assert len(reads) == 1, plan
