@@ -8,9 +8,12 @@ straight into ``orders`` as the matcher leaves them; not measured), then runs th
 (``accept.cancel_all``, on the api's kind of pool) and, every ``--probe-every-ms`` while it runs, one single cancel
 (``accept.cancel_orders``, the api's cancel group) of another broker's open order in another symbol: the cancels
 the cancel-all could hold up, since cancel writers share the 256 cancel-bucket locks (alembic 0014). Prints, per
-round, the cancel-all's time and the probes' waits (median, max); no matcher runs. Only the two functions'
-signatures are used, so the same file measures an older checkout: run it from that worktree
-(``cd OLD && uv run python NEW/ops/bench_cancel_all.py``). Numbers only: nothing is asserted.
+round and over all rounds, the cancel-all's time, the CPU it and the probes cost this process and the database's
+server processes (robust to other load on the machine, unlike the time), and the probes' waits (median, max); no
+matcher runs.
+``--probe-every-ms 0`` sends no probes: the cancel-all's time alone (probes that no longer wait compete with it for
+the CPU). Only the two functions' signatures are used, so the same file measures an older checkout: copy it into
+that checkout's ``ops/`` and run it there, alternating with this one. Numbers only: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 
@@ -31,6 +35,7 @@ from exchange.db.engines import AsyncPool
 from exchange.db.urls import libpq_url, with_database
 from exchange.orders import accept
 from ops.bench.ceiling import create_scratch_database, drop_database
+from ops.bench.server_stats import process_cpu_s
 
 DEFAULT_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -57,7 +62,7 @@ def scratch_database(url: str) -> Iterator[str]:
         drop_database(admin, name)
 
 
-def add_broker(pg: psycopg.Connection[object], name: str) -> uuid.UUID:
+def add_broker(pg: psycopg.Connection[Any], name: str) -> uuid.UUID:
     broker = uuid.uuid4()
     pg.execute(
         "INSERT INTO brokers (id, name, api_key_hash, webhook_secret) VALUES (%s, %s, %s, 'whsec_bench')",
@@ -66,10 +71,24 @@ def add_broker(pg: psycopg.Connection[object], name: str) -> uuid.UUID:
     return broker
 
 
-def add_open_orders(pg: psycopg.Connection[object], broker: uuid.UUID, symbol: str, n: int) -> list[uuid.UUID]:
+def add_open_orders(pg: psycopg.Connection[Any], broker: uuid.UUID, symbol: str, n: int) -> list[uuid.UUID]:
     rows = pg.execute(_ADD_OPEN_ORDERS, {"broker": broker, "symbol": symbol, "n": n}).fetchall()
     pg.execute("ANALYZE orders")
-    return [row[0] for row in rows]  # type: ignore[index]
+    return [row[0] for row in rows]
+
+
+def cpu_s(monitor: psycopg.Connection[Any]) -> tuple[float, dict[int, float]]:
+    """CPU seconds used so far by this process and by each PostgreSQL process serving this database but
+    ``monitor``'s (the server runs on this machine): work done, which other load on the machine does not inflate
+    as it does wall time."""
+    rows = monitor.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchall()
+    return time.process_time(), {int(pid): process_cpu_s(int(pid)) for (pid,) in rows}
+
+
+def cpu_used_s(before: tuple[float, dict[int, float]], after: tuple[float, dict[int, float]]) -> float:
+    return after[0] - before[0] + sum(cpu - before[1].get(pid, 0.0) for pid, cpu in after[1].items())
 
 
 async def one_round(
@@ -86,11 +105,21 @@ async def one_round(
     everything = asyncio.create_task(accept.cancel_all(pool, broker, symbol))
     sent: list[asyncio.Task[float]] = []
     while not everything.done():
-        sent.append(asyncio.create_task(probe(next(probes))))
-        await asyncio.wait([everything], timeout=every_s)
+        if every_s > 0:
+            sent.append(asyncio.create_task(probe(next(probes))))
+        await asyncio.wait([everything], timeout=every_s or None)
     took = time.perf_counter() - start
     waits = await asyncio.gather(*sent)
     return took, len(everything.result().order_ids), waits
+
+
+def _waits(waits: list[float]) -> str:
+    if not waits:
+        return " no single cancels beside it"
+    return (
+        f" {len(waits)} single cancels of another broker beside it waited median"
+        f" {statistics.median(waits) * 1000:.1f} ms, max {max(waits) * 1000:.1f} ms"
+    )
 
 
 async def run(url: str, orders: int, rounds: int, every_s: float) -> None:
@@ -100,17 +129,28 @@ async def run(url: str, orders: int, rounds: int, every_s: float) -> None:
     pool = AsyncPool(url)
     try:
         await accept.cancel_orders(pool, [(other, next(probes))])  # connect and plan once, outside the rounds
+        times: list[float] = []
+        cpus: list[float] = []
+        every_wait: list[float] = []
         for n in range(rounds):
             symbol = f"CXL{n}"
             with psycopg.connect(libpq_url(url), autocommit=True) as pg:
                 add_open_orders(pg, broker, symbol, orders)
-            took, cancelled, waits = await one_round(pool, broker, symbol, other, probes, every_s)
+                before = cpu_s(pg)
+                took, cancelled, waits = await one_round(pool, broker, symbol, other, probes, every_s)
+                cpu = cpu_used_s(before, cpu_s(pg))
+            times.append(took)
+            cpus.append(cpu)
+            every_wait += waits
             print(
-                f"round {n}: cancel-all of {cancelled} orders {took * 1000:.0f} ms; {len(waits)} single cancels"
-                f" of another broker beside it waited median {statistics.median(waits) * 1000:.1f} ms,"
-                f" max {max(waits) * 1000:.1f} ms",
+                f"round {n}: cancel-all of {cancelled} orders {took * 1000:.0f} ms"
+                f" (CPU of client and server {cpu * 1000:.0f} ms);{_waits(waits)}",
                 flush=True,
             )
+        print(
+            f"all rounds: cancel-all median {statistics.median(times) * 1000:.0f} ms"
+            f" (CPU {statistics.median(cpus) * 1000:.0f} ms);{_waits(every_wait)}"
+        )
     finally:
         await pool.close()
 

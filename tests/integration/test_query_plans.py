@@ -698,10 +698,11 @@ def test_a_cancel_all_of_thousands_of_orders_decides_each_once_with_no_nested_lo
             {"b": broker, "n": CANCEL_ALL_ORDERS},
         )
     _analyse(engine)
-    params = {"broker_id": broker, "symbol": "MM", "chunk": CANCEL_ALL_ORDERS}  # every order in one chunk
     with _psycopg_connection(engine) as pg:
-        [[ids]] = pg.execute(accept._LIVE_CHUNKS, params).fetchall()
-        plans = _nested_plans(pg, accept._CANCEL_CHUNK, {**params, "ids": ids}, times=1, analyse=True)
+        live = pg.execute(accept._LIVE_BY_BUCKET, {"broker_id": broker, "symbol": "MM"}).fetchall()
+        [(ids, n)] = accept.chunk_texts([row[1] for row in live], CANCEL_ALL_ORDERS)  # every order in one chunk
+        params = {"broker_id": broker, "ids": ids, "n": n}
+        plans = _nested_plans(pg, accept._CANCEL_CHUNK, params, times=1, analyse=True)
     [plan] = [p for p in plans if "INSERT INTO commands" in p]
     assert _probes_orders_by_primary_key(plan), plan
     assert f"rows=1 loops={CANCEL_ALL_ORDERS})" in plan, plan  # every order fetched, once
@@ -724,11 +725,7 @@ def test_cancel_all_finds_the_brokers_live_orders_through_the_open_orders_index_
     _analyse(engine)
     with _psycopg_connection(engine) as pg:
         plan = "\n".join(
-            row[0]
-            for row in pg.execute(
-                "EXPLAIN " + accept._LIVE_CHUNKS,
-                {"broker_id": broker, "symbol": "S10", "chunk": accept.CANCEL_ALL_CHUNK},
-            )
+            row[0] for row in pg.execute("EXPLAIN " + accept._LIVE_BY_BUCKET, {"broker_id": broker, "symbol": "S10"})
         )
     reads = [line for line in plan.splitlines() if " on orders" in line]
     assert len(reads) == 1, plan
