@@ -2,10 +2,11 @@
 
 Invariants:
 
-* One transaction per call. Orders and their ``place`` commands are inserted by ONE statement (the function
-  ``accept_orders``, alembic 0011) per group of concurrent requests (group commit, see
-  :mod:`exchange.api.coalescing`) and each order shares its command's sequence number (``orders.seq`` =
-  ``commands.seq``, also its ``priority``); nothing is written when validation fails.
+* One transaction per call, but :func:`cancel_all`: one per chunk of its orders, each whole or absent. Orders and
+  their ``place`` commands are inserted by ONE statement (the function ``accept_orders``, alembic 0011) per group
+  of concurrent requests (group commit, see :mod:`exchange.api.coalescing`) and each order shares its command's
+  sequence number (``orders.seq`` = ``commands.seq``, also its ``priority``); nothing is written when validation
+  fails.
 * Duplicates are safe under concurrency: ``INSERT … ON CONFLICT DO NOTHING`` on the broker's
   ``client_order_id``/``idempotency_key`` unique indexes, then the original order is read back. A concurrent
   duplicate waits for the first insert to commit (or roll back) inside PostgreSQL, so exactly one order exists.
