@@ -600,7 +600,34 @@ def claim(url: str, sizes: Sizes) -> list[Scenario]:
     scenario.checks[f"reads {CLAIM_INDEX} as each broker's range, every round"] = ranged == rounds
     scenario.checks[f"no scan reads more than {4 * CLAIM_LIMIT} rows a loop, every round"] = bounded == rounds
     scenario.checks["claims none of the full broker's events"] = claimed_hanging == 0
-    return [scenario]
+    return [scenario, _claim_long_history(url, sizes, params)]
+
+
+def _claim_long_history(url: str, sizes: Sizes, params: dict[str, Any]) -> Scenario:
+    """The same claim (rolled back, the same work each time) once a broker with ``history`` delivered events has
+    two events due, the oldest of all but the full broker's: the claim must read its due events, not its history."""
+    scenario = Scenario(
+        "webhook_claim_long_history",
+        f"a claim of {CLAIM_LIMIT} (rolled back) taking 2 due events of a broker with {sizes.history:,} delivered",
+        "not measured by the audit", [CLAIM_INDEX],
+    )  # fmt: skip
+    with psycopg.connect(url) as conn:
+        [broker] = add_brokers(conn, 1, prefix="long")
+        events(conn, broker, sizes.history + 2, pending=2, failed=0, due=True)
+        conn.execute(
+            "UPDATE webhook_events SET next_attempt_at = now() - interval '10 minutes'"
+            " WHERE broker_id = %s AND status = 'pending'",
+            (broker,),
+        )
+        conn.commit()
+    vacuum_analyse(url)
+    plans = [p for p in measure_rolled_back(url, scenario, webhook_store._CLAIM, params, sizes.repeat)
+             if "webhook_events" in p]  # fmt: skip
+    check_indexes(scenario, plans, {CLAIM_INDEX: RANGE})
+    read = most_rows_read(plans, "webhook_events")
+    scenario.extra["most_rows_read"] = read
+    scenario.checks[f"no scan reads more than {4 * CLAIM_LIMIT} rows a loop"] = read <= 4 * CLAIM_LIMIT
+    return scenario
 
 
 def listing(url: str, sizes: Sizes) -> list[Scenario]:
