@@ -2,7 +2,7 @@
 named, with the plan PostgreSQL used for it and a check that the plan reads the index its migration added.
 
     uv run python -m ops.bench_db [--sizes small|full] [--repeat N] [--json PATH] [--database-url URL]
-                                  [--revision REV]
+                                  [--revision REV] [--only DATASET ...]
 
 Creates a scratch database ``exchange_bench_db_<pid>`` on the server of ``--database-url`` (default
 EXCHANGE_TEST_POSTGRES_URL, else the local server), migrates it to ``--revision`` (default head), and for each
@@ -14,7 +14,7 @@ commands processed, events delivered, failed or retried) are written by bulk SQL
 them. What is timed is the project's own statement or function (``accept._CANCEL_ALL``, ``write_cancels``,
 ``accept._FIND_DUPLICATES``, ``sweeper._LOG_EXPIRIES``, ``webhooks.store.claim``, ``orders.queries.list_orders``,
 ``webhooks.queries.endpoint`` and ``failing_endpoints``); a statement that writes runs in a transaction that is rolled
-back, so every repetition does the same work (except the claim, which commits as a worker's does).
+back, so every repetition does the same work (except the hanging-receiver claim, which commits as a worker's does).
 
 Each scenario's plan is the one ``auto_explain`` reports for the statements run (those inside PL/pgSQL functions
 too, with the rows each node read), taken on a connection of its own before the timed runs; the check is that it
