@@ -281,7 +281,7 @@ def _add_bench(subparsers: Subparsers) -> None:
 def _run_bench(args: argparse.Namespace, settings: Settings) -> int:
     from ops.bench.main import run
 
-    return run(args, default_admin_key=settings.admin_api_key)
+    return run(args, settings)
 
 
 # ------------------------------------------------------------------------------------------------ wiring

@@ -2,8 +2,9 @@
 
 A scratch database (``exchange_bench_ceiling_<pid>``) with one table is created on the server of ``pg_url`` and
 dropped afterwards; pgbench runs a custom script (``INSERT … VALUES (…)``, one statement = one transaction) with
-``synchronous_commit=on`` forced through ``PGOPTIONS``, so the figure is the durable single-row commit rate the
-same server sustains with the same number of clients.
+``synchronous_commit=on`` forced through ``PGOPTIONS`` (and read back from a session of the same server with the same
+options), so the figure is the durable single-row commit rate the same server sustains with the same number of
+clients. The result names that server (``host:port``, never a password).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from exchange.db.urls import with_database
 
 SCRIPT = "INSERT INTO bench_orders (broker, symbol, price, quantity) VALUES (1, 'PETR4', 3850, 100);\n"
+PGOPTIONS = "-c synchronous_commit=on"
 TABLE = """CREATE TABLE bench_orders (
     id bigserial PRIMARY KEY,
     broker int NOT NULL,
@@ -53,10 +56,22 @@ def create_scratch_database(admin_url: str, name: str) -> str:
     return with_database(admin_url, name)
 
 
+def server_of(url: str) -> str:
+    """``host:port`` of a libpq URL's server (socket directory for a Unix socket), never its password."""
+    params = conninfo_to_dict(url)
+    host = str(params.get("host") or "localhost")
+    return f"{host}:{params.get('port') or 5432}"
+
+
 def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | None = None) -> dict[str, Any]:
     """Run the ceiling; returns ``{pgbench_tps, clients, duration_s, synchronous_commit, …}`` or ``{error}``."""
     binary = pgbench_binary()
-    out: dict[str, Any] = {"clients": clients, "duration_s": duration_s, "pgbench_tps": None}
+    out: dict[str, Any] = {
+        "clients": clients,
+        "duration_s": duration_s,
+        "pgbench_tps": None,
+        "server": server_of(pg_url),
+    }
     if binary is None:
         out["error"] = "pgbench not found (install postgresql-client / postgresql-contrib)"
         return out
@@ -66,16 +81,21 @@ def run_pgbench(pg_url: str, clients: int, duration_s: int, *, threads: int | No
         with psycopg.connect(scratch, autocommit=True, connect_timeout=10) as conn:
             conn.execute(TABLE)
             fsync = conn.execute("SHOW fsync").fetchone()
+        # What pgbench's sessions get: a session of the same server with the same PGOPTIONS, read back rather than
+        # assumed (a server or a pooler in between may not honour the option).
+        with psycopg.connect(scratch, autocommit=True, connect_timeout=10, options=PGOPTIONS) as conn:
+            commit = conn.execute("SHOW synchronous_commit").fetchone()
         out["fsync"] = None if fsync is None else fsync[0]
-        out["synchronous_commit"] = "on"
-        out["durable"] = out["fsync"] == "on"  # synchronous_commit waits for a flush that fsync=off never makes
+        out["synchronous_commit"] = None if commit is None else commit[0]
+        # synchronous_commit waits for a flush that fsync=off never makes
+        out["durable"] = out["fsync"] == "on" and out["synchronous_commit"] not in ("off", "local", None)
         with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
             script.write(SCRIPT)
         try:
             argv = [binary, "-n", "-M", "prepared", "-f", script.name, "-c", str(clients)]
             argv += ["-j", str(threads or min(clients, max(1, os.cpu_count() or 1))), "-T", str(duration_s)]
             argv.append(scratch)
-            env = {**os.environ, "PGOPTIONS": "-c synchronous_commit=on"}
+            env = {**os.environ, "PGOPTIONS": PGOPTIONS}
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration_s + 60, check=False)
         finally:
             os.unlink(script.name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 
@@ -76,16 +77,36 @@ class Pool:
         self.opened += 1
         return _Conn(reader, writer)
 
-    async def _acquire(self) -> _Conn:
-        if self.idle:
-            return self.idle.pop()
+    async def _acquire(self) -> tuple[_Conn, bool]:
+        """(a connection, whether it was kept alive from an earlier request). An idle connection the server has
+        closed meanwhile (an idle keep-alive timeout: gunicorn's 2 s, uvicorn's 5 s) is dropped, not used: a new
+        order on it would fail without a retry."""
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.reader.at_eof() or conn.writer.is_closing():
+                self._discard(conn)
+                continue
+            return conn, True
         if self.open_now < self.max_connections:
-            return await self._connect()
+            return await self._connect(), False
         self.waited += 1
         waiter: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
-        conn = await waiter
-        return conn if conn is not None else await self._connect()
+        try:
+            handed = await waiter
+        except asyncio.CancelledError:
+            # Cancelled (the request's timeout) in the same loop iteration as a connection or a free slot was
+            # handed over: pass it on, or the slot stays taken for good.
+            if waiter.done() and not waiter.cancelled():
+                handed = waiter.result()
+                if handed is None:
+                    self._pass_slot()
+                else:
+                    self._release(handed)
+            raise
+        if handed is not None:
+            return handed, True
+        return await self._connect(), False
 
     def _release(self, conn: _Conn) -> None:
         while self.waiters:
@@ -97,10 +118,14 @@ class Pool:
 
     def _free_slot(self) -> None:
         self.open_now -= 1
+        self._pass_slot()
+
+    def _pass_slot(self) -> None:
+        """A slot is free: the first waiter still waiting opens a connection in it."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the waiter opens a connection in the freed slot
+                waiter.set_result(None)
                 return
 
     def _discard(self, conn: _Conn) -> None:
@@ -112,11 +137,19 @@ class Pool:
         self.idle.extend(conns)
 
     async def request(
-        self, method: str, path: str, *, auth: bytes = b"", body: bytes | None = None, retry: bool = True
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: bytes = b"",
+        body: bytes | None = None,
+        retry: bool = True,
+        on_write: Callable[[], None] | None = None,
     ) -> tuple[int, bytes]:
         """(status, body). ``auth``: a prebuilt ``Authorization: …\\r\\n`` header line. ``retry``: the request
         may be sent again on a new connection when a kept-alive one fails (not for a request that must not be made
-        twice, such as a new order: the server may have taken it before the connection failed). Raises
+        twice, such as a new order: the server may have taken it before the connection failed). ``on_write``:
+        called once, just before the request is first written (after any wait for a connection). Raises
         :class:`HttpError` or :class:`TimeoutError`."""
         head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self.prefix + path).encode())
         head += self._host_header + auth
@@ -126,14 +159,15 @@ class Pool:
         else:
             payload = head + (b"Content-Length: 0\r\n\r\n" if method == "POST" else b"\r\n")
         conn: _Conn | None = None
-        fresh = not self.idle
         try:
             async with asyncio.timeout(self.timeout_s):
-                conn = await self._acquire()
+                conn, reused = await self._acquire()
+                if on_write is not None:
+                    on_write()
                 try:
                     return await self._exchange(conn, payload)
                 except (ConnectionError, asyncio.IncompleteReadError, HttpError):
-                    if fresh or not retry:
+                    if not reused or not retry:
                         raise
                     # A kept-alive connection the server closed meanwhile: retry once on a new one.
                     self._discard(conn)

@@ -5,8 +5,9 @@
    unless ``--receiver-port 0``), seed every book with ``--prefill`` passive orders a side.
 2. Run: fork the sender workers, each with the brokers ``b % workers == index`` and their part of the schedule
    (open loop) or ``C / workers`` clients (``--closed-loop C``); all start at the same monotonic instant.
-3. Wait for late webhooks (``--webhook-grace``), optionally run the pgbench ceiling (``--ceiling``), print the
-   summary and write the JSON (``--json``).
+3. Wait for late webhooks (``--webhook-grace``), read back the fills the exchange made in the run from each
+   broker's ``GET /events`` (:mod:`ops.bench.fills`: a fill whose webhook has not come by then makes the run
+   invalid), optionally run the pgbench ceiling (``--ceiling``), print the summary and write the JSON (``--json``).
 
 Only stdlib imports at module level (and :mod:`exchange.config`, itself stdlib-only): ``exchange --help`` imports
 this module to build its parser.
@@ -22,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from exchange.config import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL  # stdlib-only module: cheap for `--help`
+from exchange.config import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, Settings  # stdlib-only: cheap for `--help`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,16 +71,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for an exchange of this project on this machine: Redis commands, PostgreSQL transactions and CPU "
         "seconds by process kind over the run, per accepted order",
     )
+    # Defaults resolved in run(), from the settings (the environment over .env), as the admin key's: a default
+    # read here from os.environ alone would miss .env and point --ceiling at another server than the exchange's.
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("EXCHANGE_REDIS_URL", DEFAULT_REDIS_URL),
-        help=f"the exchange's Redis for --server-stats (default EXCHANGE_REDIS_URL or {DEFAULT_REDIS_URL})",
+        default=None,
+        help=f"the exchange's Redis for --server-stats (default EXCHANGE_REDIS_URL, from the environment or .env, "
+        f"else {DEFAULT_REDIS_URL})",
     )
     parser.add_argument(
         "--database-url",
-        default=os.environ.get("EXCHANGE_DATABASE_URL", DEFAULT_DATABASE_URL),
-        help=f"the exchange's database for --server-stats (default EXCHANGE_DATABASE_URL or {DEFAULT_DATABASE_URL})",
+        default=None,
+        help="the exchange's database for --server-stats and --ceiling (default EXCHANGE_DATABASE_URL, from the "
+        f"environment or .env, else {DEFAULT_DATABASE_URL})",
     )
+
+
+def resolve_defaults(args: argparse.Namespace, settings: Settings) -> None:
+    """Fill the URL arguments left unset from ``settings`` (the exchange's own: environment over ``.env``)."""
+    if not args.database_url:
+        args.database_url = settings.database_url
+    if not args.redis_url:
+        args.redis_url = settings.redis_url
 
 
 def ceiling_server(args: argparse.Namespace) -> str:
@@ -111,10 +124,10 @@ async def _setup(
     before: list[Any],
     model: Any,
     timeout: float,
-) -> tuple[dict[int, bytes], dict[int, tuple[int, str]], dict[str, Any]]:
+) -> tuple[dict[int, bytes], dict[int, tuple[int, str]], dict[int, list[str]], dict[str, Any]]:
     """Register the brokers, place the prefill and the orders of before the run (``before``: the run cancels them);
-    returns each broker's auth header line, each placed order of ``before`` as ``order_no -> (broker, id)``, and
-    what the setup did."""
+    returns each broker's auth header line, each placed order of ``before`` as ``order_no -> (broker, id)``, the
+    ids of every order placed, by broker, and what the setup did."""
     import asyncio
 
     import msgspec
@@ -145,14 +158,18 @@ async def _setup(
     statuses: dict[str, int] = {}
 
     placed: dict[int, tuple[int, str]] = {}
+    known: dict[int, list[str]] = {}
 
     async def place(event: Any) -> None:
         async with limit:
             status, data = await pool.request("POST", "/orders", auth=auth[event.broker], body=order_body(model, event))
         statuses[str(status)] = statuses.get(str(status), 0) + 1
-        if event.order_no < -1 and 200 <= status < 300:
+        if 200 <= status < 300:
             doc = msgspec.json.decode(data)
-            placed[event.order_no] = (event.broker, str(doc.get("order_id", doc.get("id"))))
+            oid = str(doc.get("order_id", doc.get("id")))
+            known.setdefault(event.broker, []).append(oid)
+            if event.order_no < -1:
+                placed[event.order_no] = (event.broker, oid)
 
     started = time.monotonic()
     await asyncio.gather(*(place(e) for e in [*prefill, *before]))
@@ -165,7 +182,7 @@ async def _setup(
         "prefill_statuses": statuses,
         "prefill_s": round(time.monotonic() - started, 2),
     }
-    return auth, placed, info
+    return auth, placed, known, info
 
 
 MACHINE_WAKEUPS = 2000
@@ -185,7 +202,7 @@ def machine_figures() -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     import asyncio
     import json
     import multiprocessing
@@ -195,11 +212,15 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
     from ops.bench import model as m
     from ops.bench import server_stats, stages
     from ops.bench.ceiling import run_pgbench
+    from ops.bench.fills import fetch_fills
+    from ops.bench.http import HttpError
     from ops.bench.receiver import ReceiverResult, receiver_main
     from ops.bench.report import build_report, render
     from ops.bench.runner import WorkerConfig, WorkerResult, worker_main
 
-    admin_key = args.admin_key or default_admin_key or os.environ.get("EXCHANGE_ADMIN_API_KEY")
+    settings = settings or Settings.from_env()
+    resolve_defaults(args, settings)
+    admin_key = args.admin_key or settings.admin_api_key
     if not admin_key:
         print("exchange bench: --admin-key (or EXCHANGE_ADMIN_API_KEY) is required", file=sys.stderr)
         return 2
@@ -251,7 +272,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             "of the minutes before the run that it cancels",
             flush=True,
         )
-        auth, placed_before, setup = asyncio.run(
+        auth, placed_before, known_before, setup = asyncio.run(
             _setup(args.base_url, admin_key, model.brokers, receiver_port, prefill, before, model, args.timeout)
         )
         print(f"bench: setup done {setup}", flush=True)
@@ -279,6 +300,7 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
                 brokers=mine,
                 nice=args.nice,
                 placed_before={n: oid for n, (broker, oid) in placed_before.items() if broker % workers == w},
+                known_before={b: ids for b, ids in known_before.items() if b % workers == w},
             )
             proc = ctx.Process(target=worker_main, args=(cfg, queue), name=f"bench-sender-{w}", daemon=True)
             proc.start()
@@ -309,6 +331,13 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             receiver = receiver_queue.get(timeout=30)
             receiver_proc.join(10)
         stats_after = server_stats.take(args.redis_url, args.database_url) if stats_before is not None else None
+        fills_made: dict[str, str] | None = None
+        fills_error: str | None = None
+        if receiver is not None:  # after the server's snapshot: these reads are not the run's work
+            try:
+                fills_made = asyncio.run(fetch_fills(args.base_url, auth, since.value, timeout_s=args.timeout))
+            except (OSError, RuntimeError, TimeoutError, HttpError, ValueError, KeyError) as exc:
+                fills_error = f"{exc.__class__.__name__}: {exc}"
 
         config = {
             "base_url": args.base_url,
@@ -332,6 +361,8 @@ def run(args: argparse.Namespace, default_admin_key: str | None = None) -> int:
             results=results,
             receiver=receiver,
             setup=setup,
+            fills_made=fills_made,
+            fills_error=fills_error,
         )
         report["machine"] = machine
         if stats_before is not None and stats_after is not None:

@@ -31,6 +31,9 @@ class ReceiverResult:
     fill_to_webhook_ms: list[float] = field(default_factory=list)
     first_fill_at: dict[str, float] = field(default_factory=dict)
     """Each order's earliest fill (its ``trade_executed`` body's ``executed_at``, epoch s), by ``order_id``."""
+    fill_event_ids: set[str] = field(default_factory=set)
+    """``event_id`` of every timed ``trade_executed`` webhook (a redelivery counts once): compared after the run with
+    the fills the exchange made (:mod:`ops.bench.fills`)."""
     first_at: float = 0.0  # wall time of the first timed webhook
     last_at: float = 0.0
     bad_requests: int = 0
@@ -68,6 +71,9 @@ class _State:
         if executed_at < self.since_wall.value:
             return
         result.fill_to_webhook_ms.append((now - executed_at) * 1000.0)
+        event_id = doc.get("event_id")
+        if isinstance(event_id, str):
+            result.fill_event_ids.add(event_id)
         order_id = doc.get("order_id")
         if isinstance(order_id, str) and executed_at < result.first_fill_at.get(order_id, float("inf")):
             result.first_fill_at[order_id] = executed_at

@@ -53,7 +53,13 @@ def build_report(
     results: list[WorkerResult],
     receiver: ReceiverResult | None,
     setup: dict[str, Any],
+    fills_made: dict[str, str] | None = None,
+    fills_error: str | None = None,
 ) -> dict[str, Any]:
+    """``duration_s``: the scheduled send span; every rate is what was answered without error over it (a late
+    answer counts, the time it took shows as ``drain_tail_s``). ``fills_made``: ``event_id -> order_id`` of the
+    fills the exchange made in the run (:mod:`ops.bench.fills`), compared with the fill webhooks received;
+    ``fills_error``: why they could not be read."""
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     lags: list[float] = []
@@ -63,7 +69,6 @@ def build_report(
     accepted = 0
     peak_connections = 0
     waited = 0
-    elapsed = duration_s
     for r in results:
         for ep, values in r.latencies_ms.items():
             latencies[ep].extend(values)
@@ -79,9 +84,12 @@ def build_report(
         accepted += r.orders_accepted
         peak_connections += r.peak_connections
         waited += r.waited_for_connection
-    # From the first scheduled send to the last answer: the open loop's late answers (it waits up to the timeout
-    # for them) are counted, so the time they took is too (an overloaded server is not credited the offered rate).
-    elapsed = max(elapsed, max((r.elapsed_s for r in results), default=duration_s), 1e-9)
+    # Rates are over the send span: dividing by the time until the last answer would let one straggler (a request
+    # answered or given up at the timeout) cut every rate by up to timeout / (duration + timeout). An overloaded
+    # server is not credited the offered rate all the same: what it failed or never answered is not counted, and how
+    # long the last answers took after the last send is its own figure.
+    span = max(duration_s, 1e-9)
+    drain_tail_s = max(0.0, max((r.elapsed_s for r in results), default=duration_s) - duration_s)
 
     endpoints: dict[str, Any] = {}
     errors_by_status: dict[str, int] = defaultdict(int)
@@ -97,12 +105,14 @@ def build_report(
         endpoints[ep] = {
             **summarize(latencies.get(ep, [])),
             "completed": sent,
-            "per_s": round(sent / elapsed, 2),
+            "answered_ok": sent - sum(errs.values()),
+            "per_s": round((sent - sum(errs.values())) / span, 2),
             "errors": sum(errs.values()),
             "statuses": dict(sorted(counts.items())),
         }
     total_requests = sum(sum(c.values()) for c in statuses.values())
     errors_total = sum(errors_by_status.values())
+    answered_ok = total_requests - errors_total
 
     lag = summarize(lags)
     valid = True
@@ -116,6 +126,14 @@ def build_report(
         if planned and done < planned:
             valid = False
             reasons.append(f"only {done} of {planned} scheduled requests completed")
+        if skipped:
+            # A cancel of an order not answered (yet, or ever) or a status read for a broker with no answered
+            # order is not sent: the load offered was less than the schedule's, and less the slower the server.
+            valid = False
+            reasons.append(
+                f"{sum(skipped.values())} scheduled requests not sent (their order was not answered, or failed): "
+                + ", ".join(f"{ep} {n}" for ep, n in sorted(skipped.items()))
+            )
 
     report: dict[str, Any] = {
         "mode": mode,
@@ -131,10 +149,11 @@ def build_report(
             "cancels_per_s_nominal": round(model.cancels_per_s, 2),
             "reads_per_s": round(model.reads_per_s, 2),
         },
-        "duration_s": round(elapsed, 3),
+        "duration_s": round(duration_s, 3),
+        "drain_tail_s": round(drain_tail_s, 3),
         "accepted_orders": accepted,
-        "accepted_orders_per_s": round(accepted / elapsed, 2),
-        "requests_per_s": round(total_requests / elapsed, 2),
+        "accepted_orders_per_s": round(accepted / span, 2),
+        "requests_per_s": round(answered_ok / span, 2),
         "scheduled": {ep: {"count": n, "per_s": round(n / duration_s, 2)} for ep, n in sorted(scheduled.items())},
         "achieved_per_s": {ep: v["per_s"] for ep, v in endpoints.items()},
         "endpoints": endpoints,
@@ -154,31 +173,55 @@ def build_report(
         "setup": setup,
     }
     if receiver is not None:
-        span = receiver.last_at - receiver.first_at
+        arriving = receiver.last_at - receiver.first_at
         report["webhooks"] = {
             "received": receiver.received,
             "by_event": receiver.by_event,
             "timed": len(receiver.fill_to_webhook_ms),
-            "per_s_while_arriving": round(len(receiver.fill_to_webhook_ms) / span, 2) if span > 0 else None,
+            "per_s_while_arriving": round(len(receiver.fill_to_webhook_ms) / arriving, 2) if arriving > 0 else None,
             "bad_requests": receiver.bad_requests,
         }
         report["fill_to_webhook"] = {
             **summarize(receiver.fill_to_webhook_ms),
             "note": "body executed_at -> receipt (wall clocks of the same machine)",
         }
+        missing_orders: set[str] = set()
+        if fills_made is not None:
+            missing = {eid: oid for eid, oid in fills_made.items() if eid not in receiver.fill_event_ids}
+            missing_orders = set(missing.values())
+            report["webhooks"]["fills_made"] = len(fills_made)
+            report["webhooks"]["fills_without_webhook"] = len(missing)
+            if missing:
+                # Their webhooks came after the grace period, or never: fill -> webhook and order -> fill are timed
+                # over the ones that came, which leaves the slowest out.
+                valid = False
+                reasons.append(
+                    f"{len(missing)} of {len(fills_made)} fills had no webhook by the end of the grace period"
+                )
+        elif fills_error is not None:
+            report["webhooks"]["fills_made"] = None
+            report["webhooks"]["fills_without_webhook"] = None
+            report["webhooks"]["fills_check_error"] = fills_error
         market_orders = [(oid, sent) for r in results for oid, sent in r.market_orders]
         filled = [
             (receiver.first_fill_at[oid] - sent) * 1000.0
             for oid, sent in market_orders
             if oid in receiver.first_fill_at
         ]
+        unfilled = [oid for oid, _ in market_orders if oid not in receiver.first_fill_at]
+        webhook_missing = sum(1 for oid in unfilled if oid in missing_orders)
         report["order_to_fill"] = {
             **summarize(filled),
             "orders": len(market_orders),
-            "not_filled": len(market_orders) - len(filled),
+            "not_filled": len(unfilled),
+            "not_filled_no_fill": None if fills_made is None else len(unfilled) - webhook_missing,
+            "not_filled_webhook_missing": None if fills_made is None else webhook_missing,
             "note": "scheduled send -> the order's first fill (executed_at of its first trade_executed webhook), for "
-            "every accepted market order (one never rests: its first fill is its arrival's), whatever its 201 said",
+            "every accepted market order (one never rests: its first fill is its arrival's), whatever its 201 said; "
+            "not_filled splits into no_fill (the exchange made none: no liquidity) and webhook_missing (it made one, "
+            "its webhook did not come)",
         }
+    report["valid"] = valid
     return report
 
 
@@ -192,7 +235,8 @@ def render(report: dict[str, Any]) -> str:
     mdl = report["model"]
     lines.append(
         f"exchange bench — {report['mode']} — scale {mdl['scale_percent']}% ({mdl['symbols']} symbols, "
-        f"{mdl['brokers']} brokers) — {report['duration_s']:.1f} s — {valid}"
+        f"{mdl['brokers']} brokers) — {report['duration_s']:.1f} s (+ {report.get('drain_tail_s', 0.0):.1f} s "
+        f"to the last answer) — {valid}"
     )
     lines.append(
         f"accepted orders/s {report['accepted_orders_per_s']:.1f} · requests/s {report['requests_per_s']:.1f} · "
@@ -231,13 +275,25 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"generator priority: {'; '.join(report['generator_priority'])}")
     if "webhooks" in report:
         w = report["webhooks"]
-        lines.append(f"webhooks received {w['received']} ({w['by_event']}), timed {w['timed']}")
+        line = f"webhooks received {w['received']} ({w['by_event']}), timed {w['timed']}"
+        if w.get("fills_check_error"):
+            line += f"; fills made not read ({w['fills_check_error']})"
+        elif w.get("fills_made") is not None:
+            line += f"; fills made {w['fills_made']}, without a webhook {w['fills_without_webhook']}"
+        lines.append(line)
+        otf = report.get("order_to_fill") or {}
+        if otf.get("not_filled"):
+            lines.append(
+                f"market orders without a fill webhook: {otf['not_filled']} (no fill made "
+                f"{_fmt(otf.get('not_filled_no_fill'))}, webhook missing {_fmt(otf.get('not_filled_webhook_missing'))})"
+            )
     lines.append(f"201 order states: {report['order_states_in_201']} · skipped: {report['skipped'] or '{}'}")
     if report.get("ceiling"):
         c = report["ceiling"]
         if c.get("pgbench_tps"):
             lines.append(
-                f"ceiling: pgbench 1-row INSERT {c['pgbench_tps']:.0f} TPS ({c['clients']} clients, "
+                f"ceiling: pgbench 1-row INSERT on {c.get('server')} {c['pgbench_tps']:.0f} TPS "
+                f"({c['clients']} clients, "
                 f"{c['duration_s']} s, synchronous_commit={c['synchronous_commit']}, fsync={c.get('fsync')}"
                 f"{'' if c.get('durable') else ', NOT DURABLE'}) → accepted orders/s ÷ "
                 f"pgbench TPS = {c['ratio']:.3f}"

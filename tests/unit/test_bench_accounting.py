@@ -85,10 +85,12 @@ def test_requests_that_time_out_count_in_the_latency_percentiles_at_their_timeou
     assert endpoint["max_ms"] >= 200
 
 
-def test_the_open_loop_rate_is_over_the_time_until_the_last_answer() -> None:
-    result = WorkerResult(0, orders_accepted=1400, elapsed_s=28.0)  # 20 s of sends, answers until 28 s
+def test_the_open_loop_rate_is_over_the_send_span_and_the_wait_for_the_last_answer_is_reported_apart() -> None:
+    result = WorkerResult(0, orders_accepted=1400, elapsed_s=28.0)  # 20 s of sends, the last answer at 28 s
 
-    assert _report(result, 20.0)["accepted_orders_per_s"] == 50.0
+    report = _report(result, 20.0)  # was 50.0 over the 28 s: one straggler could cut every rate by ~40 %
+
+    assert (report["accepted_orders_per_s"], report["drain_tail_s"], report["duration_s"]) == (70.0, 8.0, 20.0)
 
 
 def test_order_to_fill_times_each_market_order_to_its_first_fill_whatever_its_201_said() -> None:
