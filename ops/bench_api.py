@@ -22,7 +22,7 @@ import time
 import msgspec
 
 from ops.bench.http import Pool
-from ops.bench.server_stats import cpu_by_kind
+from ops.bench.server_stats import cpu_by_process, kind_deltas
 
 ENDPOINTS = (("/balance", 200), ("/orders/not-an-id", 404), ("/stocks/BENCH/book", 200))
 """Path and the status it must answer (anything else means the run measures something else: it stops)."""
@@ -58,12 +58,13 @@ async def measure(
         for round_no in (1, 2):
             for path, expected in endpoints:
                 await asyncio.gather(*(send(path, expected, WARMUP_PER_CLIENT) for _ in range(concurrency)))
-                before, started = cpu_by_kind(), time.perf_counter()
+                before, started = cpu_by_process(), time.perf_counter()
                 await asyncio.gather(*(send(path, expected, per_client) for _ in range(concurrency)))
-                elapsed, after = time.perf_counter() - started, cpu_by_kind()
+                elapsed, after = time.perf_counter() - started, cpu_by_process()
                 sent = per_client * concurrency
-                api_us = 1e6 * (after.get("api", 0.0) - before.get("api", 0.0)) / sent
-                pg_us = 1e6 * (after.get("postgres", 0.0) - before.get("postgres", 0.0)) / sent
+                used = kind_deltas(before, after)
+                api_us = 1e6 * used.get("api", 0.0) / sent
+                pg_us = 1e6 * used.get("postgres", 0.0) / sent
                 print(
                     f"round {round_no}  GET {path:22s} api {api_us:6.0f} µs/request  "
                     f"PostgreSQL {pg_us:5.0f} µs/request  {sent / elapsed:6.0f} requests/s",

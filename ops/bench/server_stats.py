@@ -40,16 +40,26 @@ PROCESS_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 its module). The generator is not one: its senders have exited by the second snapshot."""
 
 
+ProcessKey = tuple[int, int]
+"""A process: its pid and its start time (clock ticks after boot), so a pid the kernel reuses is another process."""
+PerProcess = dict[ProcessKey, tuple[str, float]]
+"""A figure so far of each process of the exchange, with the process's kind. Kept by process, not summed by kind,
+so that a delta is taken process by process (:func:`kind_deltas`): a process that ends between two snapshots takes
+its figures with it rather than making its kind's sum go down (a sum by kind did: a PostgreSQL backend of other
+work on the same server, or a gunicorn of another exchange, that exited during the run hid the kind's whole delta)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     at: float
     redis_calls: dict[str, int]
     pg: dict[str, int]
-    cpu_s: dict[str, float]
-    wait_s: dict[str, float]
-    """Run-queue wait by kind (empty when the kernel keeps no scheduler statistics)."""
-    times_on_cpu: dict[str, float]
-    """Times a thread was put on a CPU, by kind (empty as ``wait_s``)."""
+    cpu_s: PerProcess
+    """CPU seconds so far, by process."""
+    wait_s: PerProcess
+    """Run-queue wait so far, by process (empty when the kernel keeps no scheduler statistics)."""
+    times_on_cpu: PerProcess
+    """Times a thread was put on a CPU so far, by process (empty as ``wait_s``)."""
 
 
 def kind_of(cmdline: str) -> str | None:
@@ -62,14 +72,20 @@ def kind_of(cmdline: str) -> str | None:
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process ``pid`` used so far (0 when it is gone)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after ``(comm)`` (state ppid pgrp ... utime stime ... starttime), or None
+    when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp session ... utime stime
+            return fh.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+        return None
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far (0 when it is gone)."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def process_scheduling(pid: int) -> tuple[float, int] | None:
@@ -95,9 +111,9 @@ def process_scheduling(pid: int) -> tuple[float, int] | None:
     return waited_ns / 1e9, runs
 
 
-def exchange_processes() -> list[tuple[int, str]]:
-    """(pid, kind) of every running process of the exchange (:data:`PROCESS_KINDS`)."""
-    found: list[tuple[int, str]] = []
+def exchange_processes() -> list[tuple[ProcessKey, str]]:
+    """(process, kind) of every running process of the exchange (:data:`PROCESS_KINDS`)."""
+    found: list[tuple[ProcessKey, str]] = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -106,32 +122,41 @@ def exchange_processes() -> list[tuple[int, str]]:
                 kind = kind_of(fh.read().replace(b"\0", b" ").decode(errors="replace"))
         except OSError:  # the process ended meanwhile
             continue
-        if kind is not None:
-            found.append((int(pid), kind))
+        fields = _stat(int(pid)) if kind is not None else None
+        if kind is not None and fields is not None:
+            found.append(((int(pid), int(fields[19])), kind))
     return found
 
 
-def cpu_by_kind(processes: list[tuple[int, str]] | None = None) -> dict[str, float]:
+def cpu_by_process(processes: list[tuple[ProcessKey, str]] | None = None) -> PerProcess:
     """CPU seconds used so far by every running process of the exchange (or of ``processes``, as
-    :func:`exchange_processes` lists them), summed by kind (:data:`PROCESS_KINDS`)."""
-    totals: dict[str, float] = {}
-    for pid, kind in exchange_processes() if processes is None else processes:
-        totals[kind] = totals.get(kind, 0.0) + process_cpu_s(pid)
-    return totals
+    :func:`exchange_processes` lists them)."""
+    listed = exchange_processes() if processes is None else processes
+    return {key: (kind, process_cpu_s(key[0])) for key, kind in listed}
 
 
-def scheduling_by_kind(processes: list[tuple[int, str]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+def scheduling_by_process(processes: list[tuple[ProcessKey, str]] | None = None) -> tuple[PerProcess, PerProcess]:
     """Run-queue wait so far (s) and times put on a CPU of every running process of the exchange (or of
-    ``processes``), each summed by kind; both empty when the kernel keeps no scheduler statistics."""
-    waits: dict[str, float] = {}
-    runs: dict[str, float] = {}
-    for pid, kind in exchange_processes() if processes is None else processes:
-        stats = process_scheduling(pid)
+    ``processes``); both empty when the kernel keeps no scheduler statistics."""
+    waits: PerProcess = {}
+    runs: PerProcess = {}
+    for key, kind in exchange_processes() if processes is None else processes:
+        stats = process_scheduling(key[0])
         if stats is None:
             return {}, {}
-        waits[kind] = waits.get(kind, 0.0) + stats[0]
-        runs[kind] = runs.get(kind, 0) + stats[1]
+        waits[key], runs[key] = (kind, stats[0]), (kind, stats[1])
     return waits, runs
+
+
+def kind_deltas(before: PerProcess, after: PerProcess) -> dict[str, float]:
+    """What each kind's processes used between two snapshots, largest first, kinds with none left out: per process
+    that ``after`` saw, its figure less its figure in ``before`` (0 for a process that started in between); a process
+    gone by ``after`` counts for nothing (its figures went with it)."""
+    totals: dict[str, float] = {}
+    for key, (kind, value) in after.items():
+        totals[kind] = totals.get(kind, 0.0) + value - before.get(key, (kind, 0.0))[1]
+    deltas = {k: round(v, 3) for k, v in totals.items()}
+    return {k: v for k, v in sorted(deltas.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
 def _redis_calls(redis_url: str) -> dict[str, int]:
@@ -160,8 +185,10 @@ def _pg(database_url: str) -> dict[str, int]:
 
 def take(redis_url: str, database_url: str) -> Snapshot:
     processes = exchange_processes()  # one scan of /proc for both figures
-    waits, runs = scheduling_by_kind(processes)
-    return Snapshot(time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_kind(processes), waits, runs)
+    waits, runs = scheduling_by_process(processes)
+    return Snapshot(
+        time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_process(processes), waits, runs
+    )
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:
@@ -170,11 +197,11 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
     calls = {k: v - before.redis_calls.get(k, 0) for k, v in after.redis_calls.items()}
     calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
     pg = {k: v - before.pg.get(k, 0) for k, v in after.pg.items()}
-    cpu = _deltas(before.cpu_s, after.cpu_s)
+    cpu = kind_deltas(before.cpu_s, after.cpu_s)
     # Both snapshots or neither: a figure from one side would count a whole lifetime as the run's.
     scheduler = bool(before.wait_s and after.wait_s)
-    wait = _deltas(before.wait_s, after.wait_s) if scheduler else None
-    runs = _deltas(before.times_on_cpu, after.times_on_cpu) if scheduler else None
+    wait = kind_deltas(before.wait_s, after.wait_s) if scheduler else None
+    runs = kind_deltas(before.times_on_cpu, after.times_on_cpu) if scheduler else None
     return {
         "window_s": round(after.at - before.at, 3),
         "accepted_orders": accepted_orders,
@@ -190,9 +217,3 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
         "times_on_cpu": runs,
         "times_on_cpu_per_order": None if runs is None else round(sum(runs.values()) / orders, 2),
     }
-
-
-def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Seconds (or counts) by kind between two snapshots, largest first, kinds with none left out."""
-    deltas = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
-    return {k: v for k, v in sorted(deltas.items(), key=lambda kv: -kv[1]) if v > 0}
