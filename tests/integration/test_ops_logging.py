@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 from exchange.messaging.partitions import matching_queue, partition_of
 from exchange.messaging.wakeups import busy_key
 from exchange.observability.context import current_request_id, request_id_var
-from exchange.observability.logs import JsonFormatter
+from exchange.observability.logs import JsonFormatter, TextFormatter
 from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
 from tests.integration.api_helpers import new_symbol, register
 
@@ -155,3 +155,12 @@ def test_json_log_line_has_the_records_utc_time_to_the_millisecond_and_stays_val
     del record.odd
     record.msg = "lone \ud800 surrogate"  # not encodable as UTF-8
     assert json.loads(formatter.format(record))["msg"] == "lone \ud800 surrogate"
+
+
+def test_text_log_line_has_the_records_local_time_to_the_millisecond_in_each_second() -> None:
+    formatter = TextFormatter()
+    for created in (1_796_000_000.0, 1_796_000_000.9994, 1_796_000_001.25, 1_795_999_999.5):  # and back a second
+        record = logging.LogRecord("exchange.access", logging.INFO, __file__, 1, "line", (), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        expected = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) + f",{record.msecs:03d}"
+        assert formatter.format(record) == f"{expected} INFO [exchange.access] line"

@@ -12,7 +12,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from exchange.api import services
 from exchange.api.auth import broker_auth
-from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
+from exchange.api.dependencies import Cursor, PageLimit, request_api, request_broker
 from exchange.api.errors import BODY_ERRORS, BROKER_ERRORS, error_responses
 from exchange.api.schemas import (
     AmendOrderRequest,
@@ -64,8 +64,7 @@ PLACE_ORDER_DESCRIPTION = (
 
 class OrdersController(Controller):
     path = "/orders"
-    before_request = staticmethod(broker_auth)  # Litestar reads these class attributes
-    dependencies = {**API, **BROKER}  # noqa: RUF012
+    before_request = staticmethod(broker_auth)  # Litestar reads this class attribute
 
     @post(
         "/",
@@ -73,13 +72,12 @@ class OrdersController(Controller):
         description=PLACE_ORDER_DESCRIPTION,
         responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "idempotency_key_reused"),
     )
-    async def place_order(
-        self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, idempotency_key: IdempotencyKey
-    ) -> Response[OrderOut]:
+    async def place_order(self, request: Request[Any, Any, Any], idempotency_key: IdempotencyKey) -> Response[OrderOut]:
         """Place an order. 201 with its state after matching (``pending`` if the matcher did not answer within
         ``EXCHANGE_ORDER_WAIT_MS``). A repeated ``client_order_id``/``Idempotency-Key`` also answers 201, with
         the original order and the header ``Idempotent-Replayed: true``; nothing new is written. ``valid_until``:
         see :data:`PLACE_ORDER_DESCRIPTION` (the operation's description in the OpenAPI schema)."""
+        api, broker = request_api(request), request_broker(request)
         body = decode_body(await request.body(), PlaceOrderRequest)
         order = accept.new_order(
             order_id=uuid.uuid4(),
@@ -106,8 +104,7 @@ class OrdersController(Controller):
     @get("/", responses=error_responses(*BROKER_ERRORS, "validation_error"))
     async def list_orders(
         self,
-        api: Api,
-        broker: CurrentBroker,
+        request: Request[Any, Any, Any],
         symbol: OptionalSymbolQuery = None,
         status: Annotated[OrderStatus | None, QueryParameter()] = None,
         cursor: Cursor = None,
@@ -115,29 +112,31 @@ class OrdersController(Controller):
     ) -> OrderPageOut:
         """The broker's orders, newest first, without trades; pass ``next_cursor`` back as ``cursor``."""
         sym = None if symbol is None else accept.normalize_symbol(symbol)
-        async with single_statement(api.pool) as conn:
-            page = await queries.list_orders(conn, broker.id, symbol=sym, status=status, cursor=cursor, limit=limit)
+        async with single_statement(request_api(request).pool) as conn:
+            page = await queries.list_orders(
+                conn, request_broker(request).id, symbol=sym, status=status, cursor=cursor, limit=limit
+            )
         return order_page_out(page)
 
     @delete("/", status_code=200, responses=error_responses(*BROKER_ERRORS, "validation_error"))
-    async def cancel_all(self, api: Api, broker: CurrentBroker, symbol: SymbolQuery) -> CancelAllOut:
+    async def cancel_all(self, request: Request[Any, Any, Any], symbol: SymbolQuery) -> CancelAllOut:
         """Cancel every open or pending order of the broker in ``symbol``; ``cancelled`` counts the cancel
         commands written (orders already closed or already being cancelled are not counted)."""
-        result = await services.cancel_all(api, broker.id, symbol)
+        result = await services.cancel_all(request_api(request), request_broker(request).id, symbol)
         return CancelAllOut(symbol=result.symbol, cancelled=len(result.order_ids))
 
     @get("/{order_id:str}", responses=error_responses(*BROKER_ERRORS, "order_not_found"))
-    async def get_order(self, api: Api, broker: CurrentBroker, order_id: FromPath[str]) -> OrderOut:
+    async def get_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> OrderOut:
+        api, broker = request_api(request), request_broker(request)
         return order_out(await services.read_order(api, broker.id, parse_order_id(order_id)))
 
     @patch(
         "/{order_id:str}", responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "order_not_found", "order_closed")
     )
-    async def amend_order(
-        self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, order_id: FromPath[str]
-    ) -> OrderOut:
+    async def amend_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> OrderOut:
         """Amend quantity (new total) and/or price; 200 with the order after the matcher applied (or rejected)
         the amend. A rejected amend leaves the order unchanged."""
+        api, broker = request_api(request), request_broker(request)
         oid = parse_order_id(order_id)
         body = decode_body(await request.body(), AmendOrderRequest)
         return order_out(await services.amend(api, broker.id, oid, body.quantity, body.price))
@@ -150,11 +149,10 @@ class OrdersController(Controller):
             **error_responses(*BROKER_ERRORS, "order_not_found"),
         },
     )
-    async def cancel_order(
-        self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker, order_id: FromPath[str]
-    ) -> Response[Any]:
+    async def cancel_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> Response[Any]:
         """204; idempotent (no-op on a closed order or one already being cancelled). With
         ``Prefer: return=representation``: 200 with the order after the matcher applied the cancel."""
+        api, broker = request_api(request), request_broker(request)
         wait = wants_representation(request)
         view = await services.cancel(api, broker.id, parse_order_id(order_id), wait=wait)
         if view is None:
