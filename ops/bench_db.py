@@ -11,10 +11,11 @@ size) and measures its scenarios; the database is dropped at the end. Orders a b
 accept path's own statement (``accept._PLACE_MANY``, the ``accept_orders`` function, on orders built by
 ``accept.new_order``); rows the matcher or the webhook workers would have changed since (orders opened or closed,
 commands processed, events delivered, failed or retried) are written by bulk SQL in the states that code leaves
-them. What is timed is the project's own statement or function (``accept._CANCEL_ALL``, ``write_cancels``,
-``accept._FIND_DUPLICATES``, ``sweeper._LOG_EXPIRIES``, ``webhooks.store.claim``, ``orders.queries.list_orders``,
-``webhooks.queries.endpoint`` and ``failing_endpoints``); a statement that writes runs in a transaction that is rolled
-back, so every repetition does the same work (except the hanging-receiver claim, which commits as a worker's does).
+them. What is timed is the project's own statement or function (``accept.cancel_all``'s statements: its read and
+every chunk, ``write_cancels``, ``accept._FIND_DUPLICATES``, ``sweeper._LOG_EXPIRIES``, ``webhooks.store.claim``,
+``orders.queries.list_orders``, ``webhooks.queries.endpoint`` and ``failing_endpoints``); a statement that writes
+runs in a transaction that is rolled back, so every repetition does the same work (except the hanging-receiver
+claim, which commits as a worker's does).
 
 Each scenario's plan is the one ``auto_explain`` reports for the statements run (those inside PL/pgSQL functions
 too, with the rows each node read), taken on a connection of its own before the timed runs; the check is that it
@@ -162,6 +163,7 @@ def explaining(conn: psycopg.Connection[Any]) -> Iterator[list[str]]:
     conn.add_notice_handler(lambda diag: _keep(plans, diag.message_primary or ""))
     for setting in _AUTO_EXPLAIN:
         conn.execute(setting)
+    conn.commit()  # the settings outlive a rolled-back statement: every statement of the block is explained
     try:
         yield plans
     finally:
@@ -397,16 +399,37 @@ def cancels(url: str, sizes: Sizes) -> list[Scenario]:
     repeat = sizes.repeat
 
     cancel_all = Scenario(
-        "cancel_all", f"the api's cancel-all (accept._CANCEL_ALL) of {sizes.cancel_all:,} resting orders",
-        "write_cancels 41.2 s at 0017, 1.25 s at 0018; through _CANCEL_ALL 1.02 s (20,000 orders)",
-        ["ix_orders_open_book", "pk_orders", "ix_commands_pending_cancel"],
-    )  # fmt: skip
+        "cancel_all",
+        f"the api's chunked cancel-all (accept.cancel_all's statements: _LIVE_BY_BUCKET, then _CANCEL_CHUNK per "
+        f"{accept.CANCEL_ALL_CHUNK:,} orders) of {sizes.cancel_all:,} resting orders",
+        "write_cancels 41.2 s at 0017, 1.25 s at 0018; through the one-statement _CANCEL_ALL 1.02 s (20,000 orders)",
+        ["pk_orders", "ix_commands_pending_cancel"],
+    )
     params = {"broker_id": mm, "symbol": "MM"}
-    plans = measure_rolled_back(url, cancel_all, accept._CANCEL_ALL, params, repeat)
+    with psycopg.connect(url) as conn, explaining(conn) as plans:
+        chunked_cancel_all(conn, params, chunks=1)  # the plans of the read and of one chunk
     check_indexes(cancel_all, plans)
+    # The read: by an index condition on the symbol and the broker (the partial index of the orders not closed, or
+    # (symbol, broker_id, id), whichever the statistics favour here, where the broker has no closed orders in the
+    # symbol), and no more rows than the orders it cancels.
+    read_plans = [plan for plan in plans if "_LIVE_BY_BUCKET" in plan or "close_reason IS NULL" in plan]
+    cancel_all.checks["the read takes the broker's orders in the symbol by an index, no others"] = (
+        any(
+            looks_up(read_plans, index)
+            for index in ("ix_orders_open_book", "ix_orders_broker_live_created", "uq_orders_symbol_broker_id_id")
+        )
+        and most_rows_read(read_plans, "orders") <= sizes.cancel_all
+    )
     nested = max((rows for plan in plans for rows, _ in _rows_by_node(plan)), default=0)
     cancel_all.extra["largest_node_rows"] = nested
     cancel_all.checks["no node reads more than 2 rows per order"] = nested <= 2 * sizes.cancel_all
+    with psycopg.connect(url) as conn:
+        chunked_cancel_all(conn, params)  # the server connection's plans made, as the api's are
+        steps = [chunked_cancel_all(conn, params) for _ in range(repeat)]
+    cancel_all.times_ms = [sum(step) for step in steps]
+    cancel_all.extra["chunks"] = len(steps[0]) - 1
+    cancel_all.extra["read_ms"] = [step[0] for step in steps]
+    cancel_all.extra["chunk_ms_median"] = [statistics.median(step[1:]) for step in steps if len(step) > 1]
 
     group = Scenario(
         "write_cancels", f"write_cancels of the same {sizes.cancel_all:,} orders as one group (accept._INSERT_CANCELS)",
@@ -418,8 +441,9 @@ def cancels(url: str, sizes: Sizes) -> list[Scenario]:
 
     behind = Scenario(
         "cancel_behind_cancel_all",
-        "another broker's cancel of one order, sent as soon as a cancel-all holds the cancels' locks",
-        "sent 1 s into a 20,000-order cancel-all: waited 59.7 s at 0017, 0.52 s at 0018",
+        "another broker's cancel of one order, sent as soon as the chunk of a chunked cancel-all that shares its "
+        "cancel bucket holds that bucket's lock",
+        "sent 1 s into a 20,000-order cancel-all: waited 59.7 s at 0017, 0.52 s at 0018 (one statement)",
         ["pk_orders", "ix_commands_pending_cancel"],
     )
     one = {"ids": array_literal([lone.order_id]), "broker_ids": array_literal([other])}
@@ -427,46 +451,76 @@ def cancels(url: str, sizes: Sizes) -> list[Scenario]:
         rolled_back(conn, accept._INSERT_CANCELS, one)()
     check_indexes(behind, plans)
     with psycopg.connect(url) as conn:
-        buckets = conn.execute(
-            "SELECT count(DISTINCT hashtext(CAST(i AS text)) & 255),"
+        found = conn.execute(
+            "SELECT hashtext(CAST(%(lone)s AS text)) & 255,"
             " bool_or(hashtext(CAST(i AS text)) & 255 = hashtext(CAST(%(lone)s AS text)) & 255)"
             " FROM unnest(CAST(%(ids)s AS uuid[])) AS i",
             {"ids": keys["ids"], "lone": lone.order_id},
         ).fetchone()
-    assert buckets is not None
-    behind.extra["cancel_all_buckets"], behind.extra["shares_a_bucket"] = buckets
-    behind.checks["the lone order's lock is one the cancel-all holds"] = bool(buckets[1])
+    assert found is not None
+    bucket, shared = found
+    behind.extra["lone_bucket"], behind.extra["shares_a_bucket"] = bucket, shared
+    behind.checks["the lone order's lock is one the cancel-all takes"] = bool(shared)
     cancel_all_ms: list[float] = []
+    held: list[bool] = []
     for _ in range(repeat):
-        wait_ms, whole_ms = _cancel_behind(url, params, one, int(buckets[0]))
+        wait_ms, whole_ms, was_held = _cancel_behind(url, params, one, int(bucket))
         behind.times_ms.append(wait_ms)
         cancel_all_ms.append(whole_ms)
+        held.append(was_held)
     behind.extra["cancel_all_ms"] = cancel_all_ms
+    behind.extra["sent_while_held"] = held
     return [cancel_all, group, behind]
 
 
-def _cancel_behind(url: str, cancel_all: dict[str, Any], one: dict[str, Any], buckets: int) -> tuple[float, float]:
-    """A cancel-all on one connection and, once it holds all its ``buckets`` locks, the lone cancel on another;
-    returns the lone cancel's time and the cancel-all's (both rolled back)."""
+def chunked_cancel_all(
+    conn: psycopg.Connection[Any],
+    params: dict[str, Any],
+    *,
+    chunks: int | None = None,
+    after_read: Callable[[], None] | None = None,
+) -> list[float]:
+    """``accept.cancel_all``'s statements, in its order: ``_LIVE_BY_BUCKET`` once, then ``_CANCEL_CHUNK`` for each
+    chunk ``chunk_texts`` cuts (at most ``CANCEL_ALL_CHUNK`` orders), each statement its own transaction, as in
+    the api's autocommit; each rolled back (not committed), so the next run does the same work. With ``chunks``,
+    only that many chunks. Returns each statement's milliseconds: the read's, then every chunk's."""
+    started = time.perf_counter()
+    live = conn.execute(accept._LIVE_BY_BUCKET, params).fetchall()
+    conn.rollback()
+    steps = [(time.perf_counter() - started) * 1000]
+    if after_read is not None:
+        after_read()
+    for ids, n in accept.chunk_texts([row[1] for row in live], accept.CANCEL_ALL_CHUNK)[:chunks]:
+        steps.append(
+            timed(rolled_back(conn, accept._CANCEL_CHUNK, {"broker_id": params["broker_id"], "ids": ids, "n": n}))
+        )
+    return steps
+
+
+def _cancel_behind(url: str, cancel_all: dict[str, Any], one: dict[str, Any], bucket: int) -> tuple[float, float, bool]:
+    """A chunked cancel-all on one connection and, as soon as one of its chunks holds the lock of ``bucket`` (the
+    lone order's), the lone cancel on another; returns the lone cancel's time, the cancel-all's (both rolled back)
+    and whether the lock was seen held when the lone cancel was sent (a chunk may end between the two)."""
     with psycopg.connect(url) as big, psycopg.connect(url) as small:
         pid = big.info.backend_pid
         whole: list[float] = []
-        worker = threading.Thread(target=lambda: whole.append(timed(rolled_back(big, accept._CANCEL_ALL, cancel_all))))
-        worker.start()
+        worker = threading.Thread(target=lambda: whole.append(sum(chunked_cancel_all(big, cancel_all))))
+        held = False
         with psycopg.connect(url, autocommit=True) as watch:
+            worker.start()
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and worker.is_alive():
                 row = watch.execute(
                     "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND classid = 3084"
-                    " AND granted",
-                    (pid,),
+                    " AND objid = %s AND objsubid = 2 AND granted",
+                    (pid, bucket),
                 ).fetchone()
-                if (row is not None and row[0] >= buckets) or not worker.is_alive():
+                if row is not None and row[0] > 0:
+                    held = True
                     break
-                time.sleep(0.005)
         wait = timed(rolled_back(small, accept._INSERT_CANCELS, one))
         worker.join()
-    return wait, whole[0]
+    return wait, whole[0], held
 
 
 def _rows_by_node(plan: str) -> list[tuple[int, str]]:
