@@ -64,8 +64,8 @@ from ops.bench.ceiling import create_scratch_database, drop_database
 
 ADMIN_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 CLAIM_INDEX = "ix_webhook_events_pending_broker_next_attempt_at"
-RANGE = "ROW(broker_id, next_attempt_at) >= ROW(g.broker_id"
-"""The index condition of 0019's per-broker reading: each broker's pending events as a range of the index's rows."""
+RANGE = "(broker_id <= g.broker_id) AND (next_attempt_at <= statement_timestamp())"
+"""The index condition of the per-broker reading (alembic 0022): one broker's pending events, up to the due time."""
 CLAIM_LIMIT, CLAIM_PER_BROKER = 32, 16
 """A delivery worker's claim: ``exchange webhooks``' default batch and per-broker cap."""
 
@@ -597,9 +597,11 @@ def claim(url: str, sizes: Sizes) -> list[Scenario]:
     ``webhook_events`` (a new sample) and starts new server connections, whose first claim plans anew.
 
     The plan is checked to read each eligible broker's due events as a range of
-    ``ix_webhook_events_pending_broker_next_attempt_at`` (0019), reading no more than a few claims' worth of rows
-    per loop: read through ``uq_webhook_events_broker_id_sequence`` instead (whose leading ``broker_id`` serves
-    the range's broker too), a claim reads the whole history of every broker it takes events from."""
+    ``ix_webhook_events_pending_broker_next_attempt_at`` bounded by the broker and the due time (alembic 0022),
+    reading no more than a few claims' worth of rows per loop: read through ``uq_webhook_events_broker_id_sequence``
+    instead (whose leading ``broker_id`` serves the broker's range too; 0019's row comparisons were read so), a
+    claim reads the whole history of every broker it takes events from; through the due-time index, every due event
+    of the brokers before it."""
     with psycopg.connect(url) as conn:
         reset(conn)
         hanging, *others = add_brokers(conn, sizes.brokers)

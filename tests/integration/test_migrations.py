@@ -411,3 +411,16 @@ def test_downgrading_0021_restores_0020s_constraints_and_indexes_exactly(fresh_d
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert schema() == before
+
+
+def test_downgrading_0022_restores_0021s_webhook_claim_exactly(fresh_database_url: str) -> None:
+    claim = "webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)"
+    migrate.upgrade(fresh_database_url, "0021")
+    before = _function_definition(fresh_database_url, claim)
+    migrate.upgrade(fresh_database_url, "0022")
+    changed = _function_definition(fresh_database_url, claim)
+
+    migrate.downgrade(fresh_database_url, "0021")
+
+    assert changed != before
+    assert _function_definition(fresh_database_url, claim) == before
