@@ -69,6 +69,7 @@ def build_report(
     accepted = 0
     peak_connections = 0
     waited = 0
+    waited_for_order = 0
     for r in results:
         for ep, values in r.latencies_ms.items():
             latencies[ep].extend(values)
@@ -84,6 +85,7 @@ def build_report(
         accepted += r.orders_accepted
         peak_connections += r.peak_connections
         waited += r.waited_for_connection
+        waited_for_order += r.waited_for_order
     # Rates are over the send span: dividing by the time until the last answer would let one straggler (a request
     # answered or given up at the timeout) cut every rate by up to timeout / (duration + timeout). An overloaded
     # server is not credited the offered rate all the same: what it failed or never answered is not counted, and how
@@ -127,11 +129,12 @@ def build_report(
             valid = False
             reasons.append(f"only {done} of {planned} scheduled requests completed")
         if skipped:
-            # A cancel of an order not answered (yet, or ever) or a status read for a broker with no answered
-            # order is not sent: the load offered was less than the schedule's, and less the slower the server.
+            # A cancel of an order that failed or was never answered (a cancel of one not answered yet waits for its
+            # answer) or a status read for a broker with no answered order is not sent: the load offered was less
+            # than the schedule's.
             valid = False
             reasons.append(
-                f"{sum(skipped.values())} scheduled requests not sent (their order was not answered, or failed): "
+                f"{sum(skipped.values())} scheduled requests not sent (their order failed or was never answered): "
                 + ", ".join(f"{ep} {n}" for ep, n in sorted(skipped.items()))
             )
 
@@ -166,6 +169,7 @@ def build_report(
         "order_states_in_201": dict(order_states),
         "skipped": dict(skipped),
         "connections": {"peak_open": peak_connections, "requests_that_waited_for_one": waited},
+        "cancels_that_waited_for_their_order": waited_for_order,
         "generator_cpu_s": {
             "senders": round(sum(r.cpu_s for r in results), 3),
             **({"receiver": round(receiver.cpu_s, 3)} if receiver is not None else {}),

@@ -13,6 +13,7 @@ Closed loop: ``clients`` coroutines each keep exactly one order in flight for th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import defaultdict
@@ -74,6 +75,8 @@ class WorkerResult:
     peak_connections: int = 0
     connections_opened: int = 0
     waited_for_connection: int = 0
+    waited_for_order: int = 0
+    """Cancels scheduled before their order was answered, which waited for that answer."""
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
     """CPU seconds (user + system) the worker process used for its requests: its loop's start (warming connections
@@ -97,6 +100,7 @@ class WorkerResult:
             peak_connections=self.peak_connections,
             connections_opened=self.connections_opened,
             waited_for_connection=self.waited_for_connection,
+            waited_for_order=self.waited_for_order,
             elapsed_s=self.elapsed_s,
             cpu_s=self.cpu_s,
             priority=self.priority,
@@ -138,6 +142,8 @@ class _Sender:
         self.result = result
         self.ids: dict[int, str] = dict(cfg.placed_before)  # schedule order number -> order id
         self.known: dict[int, list[str]] = defaultdict(list)  # broker -> its order ids (recent)
+        self.unanswered: dict[int, asyncio.Future[None]] = {}
+        """Order numbers of the new orders sent and not answered yet: a cancel of one waits for its answer."""
         for broker, ids in cfg.known_before.items():
             self.known[broker].extend(ids[-MAX_KNOWN_ORDERS_PER_BROKER:])
         self.rng = random.Random(cfg.seed * 1_000 + cfg.index)
@@ -193,11 +199,34 @@ class _Sender:
             self.result.order_to_fill_ms.append(latency_ms)
 
     async def send(self, event: m.Event, scheduled: float) -> None:
-        """Send ``event`` now; latency counts from ``scheduled`` (a monotonic instant), and so does the schedule lag,
-        up to the moment the request is written (a wait for one of the worker's own connections is the generator's
-        delay, not the server's)."""
+        """Send ``event`` now; latency counts from ``scheduled`` (a monotonic instant). The schedule lag counts from
+        when the request could be sent up to the moment it is written (a wait for one of the worker's own
+        connections is the generator's delay, not the server's): from ``scheduled``, or, for a cancel whose order
+        was not answered by then, from that answer (a broker cannot cancel an order before it knows its id; that
+        wait is the server's and counts in the cancel's latency)."""
+        if event.kind == m.ORDER and event.order_no >= 0:
+            answered = asyncio.get_running_loop().create_future()
+            self.unanswered.setdefault(event.order_no, answered)  # a schedule numbers each order once
+            try:
+                await self._send(event, scheduled, scheduled)
+            finally:
+                if self.unanswered.get(event.order_no) is answered:
+                    del self.unanswered[event.order_no]
+                answered.set_result(None)
+            return
+        ready = scheduled
+        waiting = self.unanswered.get(event.order_no) if event.kind == m.CANCEL else None
+        if waiting is not None:
+            self.result.waited_for_order += 1
+            left = scheduled + self.cfg.timeout_s - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiting), max(0.0, left))
+            ready = time.monotonic()
+        await self._send(event, scheduled, ready)
+
+    async def _send(self, event: m.Event, scheduled: float, ready: float) -> None:
         request = self._request_for(event)
-        if request is None:
+        if request is None:  # its order failed or timed out (an error of its own), or no order of the broker known
             self.result.skipped[m.KIND_ENDPOINT[event.kind]] += 1
             return
         method, path, body = request
@@ -207,7 +236,7 @@ class _Sender:
         def on_write() -> None:
             nonlocal written
             written = True
-            lags.append((time.monotonic() - scheduled) * 1000.0)
+            lags.append((time.monotonic() - ready) * 1000.0)
 
         status: int | str
         data = b""
@@ -226,7 +255,7 @@ class _Sender:
             status = "connection_error"
         latency_ms = (time.monotonic() - scheduled) * 1000.0
         if not written:
-            lags.append(latency_ms)  # never written: it was that late when it was given up
+            lags.append((time.monotonic() - ready) * 1000.0)  # never written: it was that late when it was given up
         self._record(event.kind, status, latency_ms)
         if event.kind == m.ORDER and isinstance(status, int) and 200 <= status < 300:
             self._on_order(event, data, latency_ms, scheduled)

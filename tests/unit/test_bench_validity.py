@@ -119,6 +119,21 @@ def test_requests_not_sent_for_want_of_an_answered_order_make_the_run_invalid() 
     assert any("36 scheduled requests not sent" in r for r in report["invalid_reasons"])
 
 
+def test_a_cancel_scheduled_before_its_order_was_answered_waits_for_the_answer_and_is_sent() -> None:
+    order = m.Event(0.0, m.ORDER, 0, 0, 0, 0, m.PASSIVE, 100, 100)
+    cancel = m.Event(0.05, m.CANCEL, 0, 0, 0)  # 50 ms after its order, which is answered after 200 ms
+
+    result = _open_loop([order, cancel], delay_s=0.2, max_connections=4)
+    report = _report(result, 0.1)
+
+    assert result.skipped == {}  # was {'POST /orders/{id}/cancel': 1}: not sent, the run invalid
+    assert result.waited_for_order == 1
+    assert result.statuses["POST /orders/{id}/cancel"] == {"201": 1}
+    assert min(result.latencies_ms["POST /orders/{id}/cancel"]) > 300  # from its schedule: the order's wait too
+    assert report["schedule_lag"]["p99_ms"] < 50  # the wait for the order's answer is the server's, not lag
+    assert report["cancels_that_waited_for_their_order"] == 1
+
+
 def test_a_status_read_before_any_answered_order_of_the_run_reads_an_order_of_the_setup() -> None:
     cfg = WorkerConfig(0, "http://127.0.0.1:1", {3: b""}, MODEL, [], 0.0, 1.0, 1.0, 1, known_before={3: ["s-1"]})
     sender = _Sender(cfg, Pool(cfg.base_url), WorkerResult(0))
