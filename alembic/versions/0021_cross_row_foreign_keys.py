@@ -29,7 +29,9 @@ A foreign key needs a unique index on exactly its referenced columns (in any ord
 broker id, so the two on ``orders`` cannot be one without a column added to the command log and back-filled). The
 id comes last: led by it, the planner took the new indexes for the lookups by id alone that the primary key serves
 (``matcher_write``'s and ``write_cancels``' probes of ``orders``, ``webhook_record``'s of ``webhook_events``: see
-``tests/integration/test_query_plans.py``), which would keep three indexes in memory for one job. The referencing
+``tests/integration/test_query_plans.py``), which would keep three indexes in memory for one job. Led by the
+symbol or the broker they can still be taken for such a lookup, as a scan of the whole index, by a plan made while
+the table was empty: the webhook claim's lock of each candidate was (alembic 0022 names the broker there). The referencing
 side's check names every column, so either index order serves it. None of these columns ever changes: the matcher's
 HOT update of an order (pending -> open) stays HOT, and no update takes a key lock; each insert maintains the new
 indexes (two for an order, one for an event), as does each update that is not HOT (an order closing, an event
@@ -39,13 +41,16 @@ after / before; measured when this revision was numbered 0020):
 matcher's fills 1.07 (two key checks per trade instead of four; its order closings and events write the new
 indexes), ``write_cancels`` 1.24, ``webhook_record`` 1.15; 1.13 over the whole load.
 
-Locks: ``env.py`` runs every pending revision in ONE transaction (all or nothing), so ``ADD … NOT VALID`` followed by
-``VALIDATE CONSTRAINT`` would keep ``ADD``'s SHARE ROW EXCLUSIVE locks on both tables until the commit, exactly as
-a plain ``ADD`` does: it would shorten nothing here, and each key is added and checked in one statement. The index
-builds hold SHARE locks on ``orders`` and ``webhook_events`` (writes wait) for as long as they take. Measured on
-100,000 orders (120,000 commands, 40,000 trades, 100,000 events and attempts): 1.0 s in all, 0.55 s of it the index
-builds and 0.45 s the keys' checks (0.33 s as ``VALIDATE``, which only a later transaction would take out of the
-locked time; ``CREATE UNIQUE INDEX CONCURRENTLY`` the builds': neither runs inside env.py's transaction).
+Locks: an OUTAGE for as long as the upgrade runs. ``ADD CONSTRAINT … UNIQUE`` and ``DROP CONSTRAINT`` take ACCESS
+EXCLUSIVE locks, and ``env.py`` runs every pending revision in ONE transaction (all or nothing), which keeps them
+until its commit: ``brokers`` (whose trades keys go), ``orders``, ``commands``, ``trades``, ``webhook_events`` and
+``webhook_attempts`` can be neither read nor written meanwhile (the final review read them in ``pg_locks``), so
+every authenticated request, the matcher and the webhook workers wait. Measured on 100,000 orders (120,000
+commands, 40,000 trades, 100,000 events and attempts): 1.0 s in all, 0.55 s of it the index builds and 0.45 s the
+keys' checks; about 1 s per 100,000 orders. Shortening it would take steps outside env.py's transaction
+(``CREATE UNIQUE INDEX CONCURRENTLY``, keys added ``NOT VALID`` and validated in a later transaction), which the
+project's all-or-nothing upgrades rule out; ``ADD … NOT VALID`` then ``VALIDATE`` inside the one transaction
+would shorten nothing. README (the processes table's migrations row) says to upgrade past it in a quiet moment.
 
 Downgrading restores 0020's single-column keys (and the trades' broker keys) and drops the three indexes.
 """

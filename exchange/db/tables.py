@@ -419,7 +419,8 @@ webhook_events = Table(
     # Also serves lookups by (broker_id, sequence): no separate index.
     UniqueConstraint("broker_id", "sequence"),
     # What webhook_attempts' (event_id, broker_id) key references (alembic 0021): a foreign key needs a unique index
-    # on exactly its columns (in any order; the broker leads, so lookups by id alone keep to the primary key). An
+    # on exactly its columns (in any order; the broker leads, so that lookups by id alone prefer the primary key, but a
+    # plan made on an empty table may still scan this whole index for one: name the broker too, alembic 0022). An
     # event's status change is not HOT (status is in the partial indexes' predicates): it writes an entry here too.
     UniqueConstraint("broker_id", "id"),
     CheckConstraint("sequence > 0", name="sequence_positive"),

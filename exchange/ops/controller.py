@@ -36,8 +36,10 @@ def _snapshot(api: Api) -> Awaitable[dict[str, Any]]:
 
 def is_ops_path(path: str) -> bool:
     """Whether ``path`` is ``/ops`` or a path under ``/ops/`` that a browser resolves to itself: no empty (``//``),
-    ``.`` or ``..`` segment, percent-encoded (in any number of layers up to 4) or not, no backslash (browsers read
-    it as ``/``), no control character. Strict: a ``..`` anywhere, query included, refuses the whole path."""
+    ``.`` or ``..`` segment, plain or percent-encoded in up to 3 layers (a path still changing after 4 decodings is
+    refused), no backslash (browsers read it as ``/``), no control character. Strict: a ``..`` anywhere, query
+    included, refuses the whole path, and so does a query on ``/ops`` itself (``/ops?x=1``): refused means the
+    redirect goes to ``/ops``."""
     decoded = path
     for _ in range(4):
         decoded, previous = unquote(decoded), decoded

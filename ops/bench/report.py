@@ -203,6 +203,8 @@ def build_report(
                     f"{len(missing)} of {len(fills_made)} fills had no webhook by the end of the grace period"
                 )
         elif fills_error is not None:
+            # Not checked, and said so (on the webhooks line), rather than INVALID: a peer exposing only the seed's
+            # API has no GET /events, and its runs would all be invalid for a check it cannot offer.
             report["webhooks"]["fills_made"] = None
             report["webhooks"]["fills_without_webhook"] = None
             report["webhooks"]["fills_check_error"] = fills_error

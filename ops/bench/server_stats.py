@@ -131,8 +131,12 @@ def exchange_processes() -> list[tuple[ProcessKey, str]]:
 def cpu_by_process(processes: list[tuple[ProcessKey, str]] | None = None) -> PerProcess:
     """CPU seconds used so far by every running process of the exchange (or of ``processes``, as
     :func:`exchange_processes` lists them)."""
-    listed = exchange_processes() if processes is None else processes
-    return {key: (kind, process_cpu_s(key[0])) for key, kind in listed}
+    figures: PerProcess = {}
+    for key, kind in exchange_processes() if processes is None else processes:
+        fields = _stat(key[0])
+        if fields is not None:  # gone since the scan: left out, not a 0 that kind_deltas would subtract from
+            figures[key] = (kind, (int(fields[11]) + int(fields[12])) / TICKS)
+    return figures
 
 
 def scheduling_by_process(processes: list[tuple[ProcessKey, str]] | None = None) -> tuple[PerProcess, PerProcess]:
@@ -144,6 +148,8 @@ def scheduling_by_process(processes: list[tuple[ProcessKey, str]] | None = None)
         stats = process_scheduling(key[0])
         if stats is None:
             return {}, {}
+        if not os.path.exists(f"/proc/{key[0]}"):
+            continue  # gone since the scan (its zeros would be subtracted from its kind)
         waits[key], runs[key] = (kind, stats[0]), (kind, stats[1])
     return waits, runs
 

@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from ops.bench.server_stats import PerProcess, Snapshot, kind_deltas, per_order, process_scheduling
+from ops.bench.server_stats import (
+    PerProcess,
+    Snapshot,
+    cpu_by_process,
+    kind_deltas,
+    per_order,
+    process_scheduling,
+    scheduling_by_process,
+)
 
 BUSY_LOOP = "import time\nend = time.monotonic() + 0.6\nwhile time.monotonic() < end: pass\n"
 BUSY_THREADS = """
@@ -129,3 +137,12 @@ def test_a_process_that_started_between_snapshots_counts_from_zero_even_on_a_reu
     after = {(10, 2): ("api", 0.25), (12, 3): ("matcher", 0.5)}  # pid 10 again, started later: another process
 
     assert kind_deltas(before, after) == {"matcher": 0.5, "api": 0.25}
+
+
+def test_a_process_gone_between_the_scan_and_its_reading_is_left_out_of_the_snapshot() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    listed = [((proc.pid, 1), "postgres")]  # the scan saw it; it has exited since
+
+    assert cpu_by_process(listed) == {}  # was {(pid, 1): ("postgres", 0.0)}: its kind's delta lost its whole figure
+    assert scheduling_by_process(listed) == ({}, {})

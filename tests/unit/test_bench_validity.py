@@ -1,6 +1,6 @@
 """What makes an ``exchange bench`` run valid, and what its rates and lags count: the generator's own waits, the
 requests it did not send, the late answers, the fills whose webhooks never came; its connection pool's reuse of
-idle connections; where ``--ceiling`` runs."""
+idle connections (where ``--ceiling`` runs: tests/integration/test_bench_ceiling.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import uvloop
 from exchange.config import Settings
 from ops.bench import model as m
 from ops.bench import runner
-from ops.bench.ceiling import run_pgbench
 from ops.bench.fills import PAGE, fetch_fills
 from ops.bench.http import Pool
 from ops.bench.main import add_arguments, resolve_defaults
@@ -250,9 +249,3 @@ def test_the_exchanges_database_and_redis_default_to_its_settings_dotenv_include
     resolve_defaults(args, Settings.from_env(env_file=dotenv))
 
     assert (args.database_url, args.redis_url) == ("postgresql://u@db.example:6000/x", "redis://r:7/1")
-
-
-def test_the_ceiling_reports_its_server_and_the_synchronous_commit_its_sessions_got() -> None:
-    out = run_pgbench("postgresql://postgres@127.0.0.1:5432/postgres", 1, 1)
-
-    assert (out["server"], out["synchronous_commit"], out.get("error")) == ("127.0.0.1:5432", "on", None)
