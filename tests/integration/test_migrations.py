@@ -424,3 +424,16 @@ def test_downgrading_0022_restores_0021s_webhook_claim_exactly(fresh_database_ur
 
     assert changed != before
     assert _function_definition(fresh_database_url, claim) == before
+
+
+def test_downgrading_0023_restores_0022s_order_views_and_write_cancels_exactly(fresh_database_url: str) -> None:
+    functions = ("order_views(uuid[], uuid[])", "write_cancels(uuid[], uuid[])")
+    migrate.upgrade(fresh_database_url, "0022")
+    before = [_function_definition(fresh_database_url, f) for f in functions]
+    migrate.upgrade(fresh_database_url, "0023")
+    changed = [_function_definition(fresh_database_url, f) for f in functions]
+
+    migrate.downgrade(fresh_database_url, "0022")
+
+    assert all(c != b for c, b in zip(changed, before, strict=True))
+    assert [_function_definition(fresh_database_url, f) for f in functions] == before
