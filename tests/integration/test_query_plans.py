@@ -975,3 +975,62 @@ def test_the_ops_pages_books_probe_each_shown_symbols_best_prices_and_read_no_ot
 
     assert _looks_up(plan, "orders", "ix_orders_open_book"), plan
     assert _most_rows_read(plan, "orders") <= 1, plan  # per probe: the best resting order of its side
+
+
+LEADING_COLUMNS = {
+    "uq_orders_symbol_broker_id_id": "symbol",
+    "uq_orders_symbol_id": "symbol",
+    "uq_webhook_events_broker_id_id": "broker_id",
+}
+"""alembic 0021's unique indexes (for composite foreign keys; the id last) and the column each one leads with."""
+
+
+def _hot_calls(
+    keys: list[tuple[uuid.UUID, uuid.UUID]], events: list[tuple[uuid.UUID, uuid.UUID]], full: uuid.UUID
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every hot PL/pgSQL function that reads orders or webhook_events, with parameters naming ``keys``' orders and
+    ``events`` (an empty webhook batch without them)."""
+    ids, broker_ids = (array_literal(o for _, o in keys), array_literal(b for b, _ in keys))
+    claim = {"room_brokers": [], "room_left": [], "limit": 32, "per_broker": 64, "lease": 30}
+    return [
+        (store._WRITE, _write_params(keys)),
+        (store._PENDING, {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}),
+        (accept._INSERT_CANCELS, {"ids": ids, "broker_ids": broker_ids}),
+        (queries._ORDERS_WITH_TRADES, {"ids": [o for _, o in keys], "broker_ids": [b for b, _ in keys]}),
+        (webhook_store._RECORD, _record_params(events) if events else {"batch": "[]", "limit": 20}),
+        (webhook_store._CLAIM, {**claim, "full_brokers": []}),
+        (webhook_store._CLAIM, {**claim, "full_brokers": [full]}),
+    ]
+
+
+def test_hot_functions_first_called_on_an_empty_analysed_database_read_no_0021_index_without_its_leading_column(
+    engine: Engine,
+) -> None:
+    # A fresh database, analysed empty: each function's first call plans every statement it runs on tables with no
+    # page, where reading a whole index costs what a probe does. Those plans are kept while the tables grow. A
+    # lookup by id alone through a 0021 index (the id last) reads the whole index: 0022 (the claim's lock) and 0023
+    # (order_views, write_cancels) removed the ones found; none may come back.
+    _analyse(engine)
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
+        conn.execute(text("UPDATE brokers SET event_seq = 1000"))  # the matcher's events follow the ones below
+        brokers = [row[0] for row in conn.execute(text("SELECT id FROM brokers ORDER BY id LIMIT :n"), {"n": BATCH})]
+    unknown = [(broker, uuid.uuid4()) for broker in brokers]
+    with _psycopg_connection(engine) as pg:
+        for statement, params in _hot_calls(unknown, [], brokers[0]):
+            pg.execute(statement, params)
+            pg.rollback()
+        with engine.begin() as other:
+            keys = _insert_orders(other, ROWS)
+            _insert_place_commands(other)
+            events = _insert_pending_events(other, per_broker=50, first_sequence=1)
+        plans = [
+            plan
+            for statement, params in _hot_calls(keys, events, brokers[0])
+            for plan in _nested_plans(pg, statement, params, times=1, analyse=True)
+        ]
+
+    assert any("uq_webhook_events_broker_id_id" in plan for plan in plans), plans  # the claim's lock, by its key
+    for plan in [p for p in plans if ORDERS_GATE not in p]:  # the gate reads one entry of any index: no lookup
+        for index, leading in LEADING_COLUMNS.items():
+            assert all(leading in cond for cond in _index_conditions(plan, index)), plan
