@@ -25,16 +25,14 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 
-from exchange.db import migrate
 from exchange.db.engines import AsyncPool
-from exchange.db.urls import libpq_url, with_database
+from exchange.db.urls import libpq_url
 from exchange.orders import accept
-from ops.bench.ceiling import create_scratch_database, drop_database
+from ops.bench.ceiling import migrated_scratch_database
 from ops.bench.server_stats import process_cpu_s
 
 DEFAULT_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -47,19 +45,6 @@ _ADD_OPEN_ORDERS = """
     FROM generate_series(1, %(n)s) AS g
     RETURNING id
     """
-
-
-@contextmanager
-def scratch_database(url: str) -> Iterator[str]:
-    """A fresh migrated database on ``url``'s server, dropped after."""
-    name = f"exchange_bench_cancel_all_{os.getpid()}"
-    admin = with_database(url, "postgres")
-    db_url = create_scratch_database(admin, name)
-    try:
-        migrate.upgrade(db_url)
-        yield db_url
-    finally:
-        drop_database(admin, name)
 
 
 def add_broker(pg: psycopg.Connection[Any], name: str) -> uuid.UUID:
@@ -162,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--probe-every-ms", type=float, default=25.0)
     args = parser.parse_args(argv)
-    with scratch_database(args.database_url) as url:
+    with migrated_scratch_database(args.database_url, "exchange_bench_cancel_all") as url:
         asyncio.run(run(url, args.orders, args.rounds, args.probe_every_ms / 1000))
     return 0
 

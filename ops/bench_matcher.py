@@ -55,8 +55,8 @@ from sqlalchemy import Engine, event
 
 from exchange.db import migrate
 from exchange.db.engines import pooled_engine
-from exchange.db.urls import libpq_url, with_database
-from ops.bench.ceiling import create_scratch_database, drop_database
+from exchange.db.urls import libpq_url
+from ops.bench.ceiling import migrated_scratch_database
 from ops.bench.main import free_port
 
 DEFAULT_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -108,14 +108,8 @@ def scratch_database(url: str, keep: bool) -> Iterator[str]:
         migrate.upgrade(url)
         yield url
         return
-    name = f"exchange_bench_matcher_{os.getpid()}"
-    admin = with_database(url, "postgres")
-    db_url = create_scratch_database(admin, name)
-    try:
-        migrate.upgrade(db_url)
+    with migrated_scratch_database(url, "exchange_bench_matcher") as db_url:
         yield db_url
-    finally:
-        drop_database(admin, name)
 
 
 @contextmanager

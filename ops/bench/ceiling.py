@@ -15,12 +15,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from exchange.db import migrate
 from exchange.db.urls import with_database
 
 SCRIPT = "INSERT INTO bench_orders (broker, symbol, price, quantity) VALUES (1, 'PETR4', 3850, 100);\n"
@@ -54,6 +57,19 @@ def create_scratch_database(admin_url: str, name: str) -> str:
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return with_database(admin_url, name)
+
+
+@contextmanager
+def migrated_scratch_database(url: str, prefix: str) -> Iterator[str]:
+    """A fresh database ``<prefix>_<pid>`` on ``url``'s server, migrated to head, dropped after; yields its URL."""
+    name = f"{prefix}_{os.getpid()}"
+    admin = with_database(url, "postgres")
+    db_url = create_scratch_database(admin, name)
+    try:
+        migrate.upgrade(db_url)
+        yield db_url
+    finally:
+        drop_database(admin, name)
 
 
 def server_of(url: str) -> str:

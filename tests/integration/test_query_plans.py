@@ -31,6 +31,7 @@ from exchange.matching import store
 from exchange.orders import accept, queries
 from exchange.webhooks import queries as webhook_queries
 from exchange.webhooks import store as webhook_store
+from ops.bench_db import most_rows_read
 
 ROWS = 5000
 BROKERS = 100
@@ -274,17 +275,8 @@ def test_webhook_claim_reads_due_events_through_their_index_with_its_cached_gene
 
 
 def _most_rows_read(plan: str, table: str) -> int:
-    """The most rows any scan of ``table`` in an analysed ``plan`` read, per loop: those it produced and those its
-    filter dropped."""
-    most = 0
-    for node in re.split(r"\n\s*->", plan):
-        header = node.split("\n", 1)[0]
-        if f" on {table} " not in header:
-            continue
-        produced = re.search(r"actual rows=(\d+)", header)
-        removed = re.search(r"Rows Removed by (?:Filter|Index Recheck): (\d+)", node)
-        most = max(most, int(produced.group(1) if produced else 0) + int(removed.group(1) if removed else 0))
-    return most
+    """The most rows any scan of ``table`` in an analysed ``plan`` read, per loop (``ops.bench_db``'s rule)."""
+    return most_rows_read([plan], table)
 
 
 def test_a_claim_reads_none_of_the_due_events_of_a_broker_at_its_cap(engine: Engine) -> None:
