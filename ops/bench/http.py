@@ -145,12 +145,13 @@ class Pool:
         body: bytes | None = None,
         retry: bool = True,
         on_write: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[int, bytes]:
         """(status, body). ``auth``: a prebuilt ``Authorization: …\\r\\n`` header line. ``retry``: the request
         may be sent again on a new connection when a kept-alive one fails (not for a request that must not be made
         twice, such as a new order: the server may have taken it before the connection failed). ``on_write``:
-        called once, just before the request is first written (after any wait for a connection). Raises
-        :class:`HttpError` or :class:`TimeoutError`."""
+        called once, just before the request is first written (after any wait for a connection). ``timeout_s``:
+        this request's, if not the pool's. Raises :class:`HttpError` or :class:`TimeoutError`."""
         head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self.prefix + path).encode())
         head += self._host_header + auth
         if body is not None:
@@ -160,7 +161,7 @@ class Pool:
             payload = head + (b"Content-Length: 0\r\n\r\n" if method == "POST" else b"\r\n")
         conn: _Conn | None = None
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
                 conn, reused = await self._acquire()
                 if on_write is not None:
                     on_write()

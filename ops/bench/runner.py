@@ -248,6 +248,9 @@ class _Sender:
                 body=body,
                 retry=event.kind != m.ORDER,
                 on_write=on_write,
+                # What is left of the timeout counted from the schedule (a cancel may have waited for its order's
+                # answer): no request outlives its schedule by more than the timeout, which the run's end waits for.
+                timeout_s=max(0.0, scheduled + self.cfg.timeout_s - time.monotonic()),
             )
         except TimeoutError:
             status = "timeout"

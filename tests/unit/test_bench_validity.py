@@ -74,14 +74,16 @@ def _report(
     )
 
 
-def _open_loop(events: list[m.Event], delay_s: float, max_connections: int, *, on_uvloop: bool = False) -> WorkerResult:
+def _open_loop(
+    events: list[m.Event], delay_s: float, max_connections: int, *, on_uvloop: bool = False, timeout_s: float = 5.0
+) -> WorkerResult:
     result = WorkerResult(0)
 
     async def run() -> None:
         server, url = await _server(delay_s)
         auth = dict.fromkeys(range(MODEL.brokers), b"")
         duration = events[-1].t + 0.01
-        cfg = WorkerConfig(0, url, auth, MODEL, events, time.monotonic() + 0.2, duration, 5.0, 1)
+        cfg = WorkerConfig(0, url, auth, MODEL, events, time.monotonic() + 0.2, duration, timeout_s, 1)
         cfg.warm_connections, cfg.max_connections = min(4, max_connections), max_connections
         await runner._open_loop(cfg, result)
         server.close()
@@ -131,6 +133,17 @@ def test_a_cancel_scheduled_before_its_order_was_answered_waits_for_the_answer_a
     assert min(result.latencies_ms["POST /orders/{id}/cancel"]) > 300  # from its schedule: the order's wait too
     assert report["schedule_lag"]["p99_ms"] < 50  # the wait for the order's answer is the server's, not lag
     assert report["cancels_that_waited_for_their_order"] == 1
+
+
+def test_a_cancel_that_waited_for_its_order_times_out_at_the_timeout_counted_from_its_schedule() -> None:
+    order = m.Event(0.0, m.ORDER, 0, 0, 0, 0, m.PASSIVE, 100, 100)
+    cancel = m.Event(0.1, m.CANCEL, 0, 0, 0)  # its order answered after 0.8 s; 0.2 s of its 1-s timeout left then
+
+    result = _open_loop([order, cancel], delay_s=0.8, max_connections=4, timeout_s=1.0)
+
+    # Was lost from the results: its own request got a whole new timeout and outlived the run's end.
+    assert result.statuses["POST /orders/{id}/cancel"] == {"timeout": 1}
+    assert 1000 <= result.latencies_ms["POST /orders/{id}/cancel"][0] < 1300
 
 
 def test_a_status_read_before_any_answered_order_of_the_run_reads_an_order_of_the_setup() -> None:
