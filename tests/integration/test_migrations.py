@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 
@@ -333,107 +333,77 @@ def test_downgrading_0009_restores_0008s_orders_indexes_constraints_storage_and_
     assert schema() == before
 
 
-def test_downgrading_0017_restores_0016s_webhook_functions_and_events_columns_exactly(fresh_database_url: str) -> None:
-    functions = ("webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)", "webhook_record(jsonb, integer)")
+def _assert_downgrade_restores(url: str, previous: str, revision: str, *aspects: Callable[[], object]) -> None:
+    """Upgrading ``previous`` -> ``revision`` changes every one of ``aspects``; downgrading back restores them all."""
 
     def schema() -> tuple[object, ...]:
-        definitions = tuple(_function_definition(fresh_database_url, f) for f in functions)
-        return (*definitions, _catalog(fresh_database_url, "columns"))
+        return tuple(aspect() for aspect in aspects)
 
-    migrate.upgrade(fresh_database_url, "0016")
+    migrate.upgrade(url, previous)
     before = schema()
-    migrate.upgrade(fresh_database_url, "0017")
+    migrate.upgrade(url, revision)
     changed = schema()
 
-    migrate.downgrade(fresh_database_url, "0016")
+    migrate.downgrade(url, previous)
 
     assert all(c != b for c, b in zip(changed, before, strict=True))
     assert schema() == before
+
+
+CLAIM = "webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)"
+RECORD = "webhook_record(jsonb, integer)"
+WRITE_CANCELS = "write_cancels(uuid[], uuid[])"
+
+
+def test_downgrading_0017_restores_0016s_webhook_functions_and_events_columns_exactly(fresh_database_url: str) -> None:
+    url = fresh_database_url
+    _assert_downgrade_restores(
+        url,
+        "0016",
+        "0017",
+        lambda: _function_definition(url, CLAIM),
+        lambda: _function_definition(url, RECORD),
+        lambda: _catalog(url, "columns"),
+    )
 
 
 def test_downgrading_0018_restores_0017s_write_cancels_and_commands_indexes_exactly(fresh_database_url: str) -> None:
-    def schema() -> tuple[object, ...]:
-        return _function_definition(fresh_database_url, "write_cancels(uuid[], uuid[])"), _catalog(
-            fresh_database_url, "indexes"
-        )
-
-    migrate.upgrade(fresh_database_url, "0017")
-    before = schema()
-    migrate.upgrade(fresh_database_url, "0018")
-    changed = schema()
-
-    migrate.downgrade(fresh_database_url, "0017")
-
-    assert all(c != b for c, b in zip(changed, before, strict=True))
-    assert schema() == before
+    url = fresh_database_url
+    _assert_downgrade_restores(
+        url, "0017", "0018", lambda: _function_definition(url, WRITE_CANCELS), lambda: _catalog(url, "indexes")
+    )
 
 
 def test_downgrading_0019_restores_0018s_webhook_claim_and_indexes_exactly(fresh_database_url: str) -> None:
-    claim = "webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)"
-
-    def schema() -> tuple[object, ...]:
-        return _function_definition(fresh_database_url, claim), _catalog(fresh_database_url, "indexes")
-
-    migrate.upgrade(fresh_database_url, "0018")
-    before = schema()
-    migrate.upgrade(fresh_database_url, "0019")
-    changed = schema()
-
-    migrate.downgrade(fresh_database_url, "0018")
-
-    assert all(c != b for c, b in zip(changed, before, strict=True))
-    assert schema() == before
+    url = fresh_database_url
+    _assert_downgrade_restores(
+        url, "0018", "0019", lambda: _function_definition(url, CLAIM), lambda: _catalog(url, "indexes")
+    )
 
 
 def test_downgrading_0020_restores_0019s_webhook_record_exactly(fresh_database_url: str) -> None:
-    record = "webhook_record(jsonb, integer)"
-    migrate.upgrade(fresh_database_url, "0019")
-    before = _function_definition(fresh_database_url, record)
-    migrate.upgrade(fresh_database_url, "0020")
-    changed = _function_definition(fresh_database_url, record)
-
-    migrate.downgrade(fresh_database_url, "0019")
-
-    assert changed != before
-    assert _function_definition(fresh_database_url, record) == before
+    url = fresh_database_url
+    _assert_downgrade_restores(url, "0019", "0020", lambda: _function_definition(url, RECORD))
 
 
 def test_downgrading_0021_restores_0020s_constraints_and_indexes_exactly(fresh_database_url: str) -> None:
-    def schema() -> tuple[object, ...]:
-        return _catalog(fresh_database_url, "constraints"), _catalog(fresh_database_url, "indexes")
-
-    migrate.upgrade(fresh_database_url, "0020")
-    before = schema()
-    migrate.upgrade(fresh_database_url, "0021")
-    changed = schema()
-
-    migrate.downgrade(fresh_database_url, "0020")
-
-    assert all(c != b for c, b in zip(changed, before, strict=True))
-    assert schema() == before
+    url = fresh_database_url
+    _assert_downgrade_restores(
+        url, "0020", "0021", lambda: _catalog(url, "constraints"), lambda: _catalog(url, "indexes")
+    )
 
 
 def test_downgrading_0022_restores_0021s_webhook_claim_exactly(fresh_database_url: str) -> None:
-    claim = "webhook_claim(uuid[], integer[], uuid[], integer, integer, float8)"
-    migrate.upgrade(fresh_database_url, "0021")
-    before = _function_definition(fresh_database_url, claim)
-    migrate.upgrade(fresh_database_url, "0022")
-    changed = _function_definition(fresh_database_url, claim)
-
-    migrate.downgrade(fresh_database_url, "0021")
-
-    assert changed != before
-    assert _function_definition(fresh_database_url, claim) == before
+    url = fresh_database_url
+    _assert_downgrade_restores(url, "0021", "0022", lambda: _function_definition(url, CLAIM))
 
 
 def test_downgrading_0023_restores_0022s_order_views_and_write_cancels_exactly(fresh_database_url: str) -> None:
-    functions = ("order_views(uuid[], uuid[])", "write_cancels(uuid[], uuid[])")
-    migrate.upgrade(fresh_database_url, "0022")
-    before = [_function_definition(fresh_database_url, f) for f in functions]
-    migrate.upgrade(fresh_database_url, "0023")
-    changed = [_function_definition(fresh_database_url, f) for f in functions]
-
-    migrate.downgrade(fresh_database_url, "0022")
-
-    assert all(c != b for c, b in zip(changed, before, strict=True))
-    assert [_function_definition(fresh_database_url, f) for f in functions] == before
+    url = fresh_database_url
+    _assert_downgrade_restores(
+        url,
+        "0022",
+        "0023",
+        lambda: _function_definition(url, "order_views(uuid[], uuid[])"),
+        lambda: _function_definition(url, WRITE_CANCELS),
+    )

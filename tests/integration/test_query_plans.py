@@ -320,22 +320,21 @@ def test_a_claim_reads_none_of_the_due_events_of_a_broker_at_its_cap(engine: Eng
     assert hanging not in {row[2] for row in claimed}  # (id, attempts, broker_id, …)
 
 
-@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
-def test_webhook_claim_plans_made_while_few_events_were_pending_still_read_only_what_they_claim_once_many_are(
-    engine: Engine, made_on: str
-) -> None:
-    # The bench's workers claim once on an empty outbox, then 5,000 events arrive: a plan made then locked each
-    # claimed event through a pending-events index, reading every pending event for each (5x PostgreSQL's CPU per
-    # delivery).
+def _claim_plan_kept_while_the_outbox_grew(engine: Engine, made_on: str, *, one_broker_full: bool) -> str:
+    """The plan of the claim's ``due`` statement made on an outbox as ``made_on`` says (empty and analysed, or one
+    pending event per broker, analysed or not), kept while 50 events per broker arrived; ``one_broker_full``: the
+    first broker at its cap (the per-broker path)."""
     if made_on == "empty-analysed":
         _analyse(engine)
     with engine.begin() as conn:
         _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
+        full = conn.execute(text("SELECT id FROM brokers ORDER BY name LIMIT 1")).scalar_one()
         if made_on != "empty-analysed":
             _insert_pending_events(conn, per_broker=1, first_sequence=1)
     if made_on == "small-analysed":
         _analyse(engine)
-    params = {"room_brokers": [], "room_left": [], "full_brokers": [], "limit": 20, "per_broker": 64, "lease": 30}
+    params = {"room_brokers": [], "room_left": [], "full_brokers": [full] if one_broker_full else [], "limit": 20,
+              "per_broker": 64, "lease": 30}  # fmt: skip
 
     def grow(other: Connection) -> dict[str, Any]:
         _insert_pending_events(other, per_broker=50, first_sequence=2)
@@ -343,6 +342,18 @@ def test_webhook_claim_plans_made_while_few_events_were_pending_still_read_only_
 
     kept = _plans_kept_while_growing(engine, webhook_store._CLAIM, params, grow, analyse=True)
     [plan] = [p for p in kept if "due AS" in p]
+    return plan
+
+
+@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
+def test_webhook_claim_plans_made_while_few_events_were_pending_still_read_only_what_they_claim_once_many_are(
+    engine: Engine, made_on: str
+) -> None:
+    # The bench's workers claim once on an empty outbox, then 5,000 events arrive: a plan made then locked each
+    # claimed event through a pending-events index, reading every pending event for each (5x PostgreSQL's CPU per
+    # delivery).
+    plan = _claim_plan_kept_while_the_outbox_grew(engine, made_on, one_broker_full=False)
+
     assert _most_rows_read(plan, "webhook_events") <= BROKERS, plan
     assert "Seq Scan on webhook_events" not in plan, plan
 
@@ -365,24 +376,8 @@ def test_a_per_broker_claim_planned_while_few_events_were_pending_locks_each_eve
     # uq_webhook_events_broker_id_id (alembic 0021), which its broker leads: the whole index per lock (35,000
     # buffers and 240-270 ms for a claim of 32 among 300,000 events). A broker-led index must be read with its
     # broker (alembic 0022 names it).
-    if made_on == "empty-analysed":
-        _analyse(engine)
-    with engine.begin() as conn:
-        _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
-        full = conn.execute(text("SELECT id FROM brokers ORDER BY name LIMIT 1")).scalar_one()
-        if made_on != "empty-analysed":
-            _insert_pending_events(conn, per_broker=1, first_sequence=1)
-    if made_on == "small-analysed":
-        _analyse(engine)
-    params = {"room_brokers": [], "room_left": [], "full_brokers": [full], "limit": 20, "per_broker": 64,
-              "lease": 30}  # fmt: skip
+    plan = _claim_plan_kept_while_the_outbox_grew(engine, made_on, one_broker_full=True)
 
-    def grow(other: Connection) -> dict[str, Any]:
-        _insert_pending_events(other, per_broker=50, first_sequence=2)
-        return params
-
-    kept = _plans_kept_while_growing(engine, webhook_store._CLAIM, params, grow, analyse=True)
-    [plan] = [p for p in kept if "due AS" in p]
     for index in ("uq_webhook_events_broker_id_id", "uq_webhook_events_broker_id_sequence"):
         assert all("broker_id" in cond for cond in _index_conditions(plan, index)), plan
     assert _most_rows_read(plan, "webhook_events") <= BROKERS, plan
