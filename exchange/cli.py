@@ -107,8 +107,9 @@ def _add_api(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_run_api)
 
 
-API_VARIABLES = ("EXCHANGE_API_BIND", "EXCHANGE_API_WORKERS", "EXCHANGE_LOG_LEVEL", "EXCHANGE_LOG_FORMAT")
-"""Read by gunicorn.conf.py from gunicorn's environment: set there from ``.env`` too, like every other setting."""
+API_VARIABLES = ("EXCHANGE_API_BIND", "EXCHANGE_API_WORKERS")
+"""Read by gunicorn.conf.py from gunicorn's environment: set there from ``.env`` too (the log level and format it reads
+through Settings, which reads ``.env`` itself)."""
 
 
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:

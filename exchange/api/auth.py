@@ -3,7 +3,7 @@ request is 401 even when its body is invalid.
 
 * Broker endpoints (the controllers' ``before_request`` hook :func:`broker_auth`): ``Authorization: Bearer <api
   key>``; the key's SHA-256 (hex) is looked up in ``brokers.api_key_hash`` (with a short in-process cache). The
-  broker is put in the request's scope state, where the busy controllers read it with ``request_broker`` and the
+  broker is put in the request's scope state, where the busy controllers read it with :func:`current_broker` and the
   others get it from the ``broker`` dependency (:mod:`exchange.api.dependencies`). A hook rather
   than a Litestar guard: Litestar copies the route handler for every guard call and builds a ``State`` (with a
   lock) on every ``connection.state`` access, together ~6 % of an api worker's CPU at ``--scale 100`` (py-spy).
@@ -68,7 +68,7 @@ async def authenticate_broker(scope: Scope) -> BrokerIdentity:
 
 async def broker_auth(request: Request[Any, Any, Any]) -> None:
     """``before_request`` hook of the broker controllers: authenticate the request and leave its broker in
-    ``scope["state"]`` for :func:`current_broker` (``request_broker`` or the ``broker`` dependency). Litestar runs
+    ``scope["state"]`` for :func:`current_broker` (called directly, or through the ``broker`` dependency). Litestar runs
     it before it parses the handler's parameters, and maps what it raises like any error of the handler."""
     request.scope.setdefault("state", {})[BROKER_STATE_KEY] = await authenticate_broker(request.scope)
 

@@ -2,11 +2,12 @@
 query parameters of the keyset-paginated listings.
 
 The busy broker endpoints (orders, market data, account) take neither dependency: they take the ``request`` and
-call :func:`request_api` / :func:`request_broker`, the same functions without Litestar's dependency injection, which
-resolves each provider on every request (its signature parsed, a ``msgspec.convert`` of its arguments, then the
-call): 14-35 us of the api worker's CPU per request (5-12 %) for ``GET /balance``, ``/book`` and ``/price``
-(``ops.bench_api``, the worker's own CPU, alternating runs in two sittings of a shared machine, every run without
-the injection below every run with it). The rarely called endpoints keep them."""
+call :func:`request_api` / :func:`~exchange.api.auth.current_broker`, the providers' own functions, without
+Litestar's dependency injection, which resolves each provider on every request (its signature parsed, a
+``msgspec.convert`` of its arguments, then the call): 14-35 us of the api worker's CPU per request (5-12 %) for
+``GET /balance``, ``/book`` and ``/price`` (``ops.bench_api``, the worker's own CPU, alternating runs in two
+sittings of a shared machine, every run without the injection below every run with it). The rarely called
+endpoints keep them."""
 
 from __future__ import annotations
 
@@ -24,12 +25,6 @@ from exchange.orders.models import BrokerIdentity
 def request_api(request: Request[Any, Any, Any]) -> ApiState:
     """The process's :class:`ApiState` (the ``api`` dependency, without dependency injection)."""
     return api_state(request.app)
-
-
-def request_broker(request: Request[Any, Any, Any]) -> BrokerIdentity:
-    """The broker authenticated by the controller's ``before_request`` hook (the ``broker`` dependency, without
-    dependency injection)."""
-    return current_broker(request)
 
 
 def provide_broker(request: Request[Any, Any, Any], api: NamedDependency[ApiState]) -> BrokerIdentity:

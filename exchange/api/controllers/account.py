@@ -6,8 +6,8 @@ from typing import Any
 
 from litestar import Controller, Request, get
 
-from exchange.api.auth import broker_auth, unauthorized_if_missing
-from exchange.api.dependencies import request_api, request_broker
+from exchange.api.auth import broker_auth, current_broker, unauthorized_if_missing
+from exchange.api.dependencies import request_api
 from exchange.api.errors import BROKER_ERRORS, error_responses
 from exchange.api.schemas import BalanceOut, PositionOut, to_wire
 from exchange.db.engines import single_statement
@@ -22,12 +22,12 @@ class AccountController(Controller):
     async def balance(self, request: Request[Any, Any, Any]) -> BalanceOut:
         """Net cash from trades in cents (sales minus purchases)."""
         async with single_statement(request_api(request).pool) as conn:
-            view = unauthorized_if_missing(await queries.balance(conn, request_broker(request).id))
+            view = unauthorized_if_missing(await queries.balance(conn, current_broker(request).id))
         return to_wire(view, BalanceOut)
 
     @get("/positions", responses=error_responses(*BROKER_ERRORS))
     async def positions(self, request: Request[Any, Any, Any]) -> list[PositionOut]:
         """Net shares per symbol (negative = net seller); symbols netting to zero are omitted."""
         async with single_statement(request_api(request).pool) as conn:
-            rows = await queries.positions(conn, request_broker(request).id)
+            rows = await queries.positions(conn, current_broker(request).id)
         return [to_wire(p, PositionOut) for p in rows]

@@ -11,8 +11,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from exchange.api import services
-from exchange.api.auth import broker_auth
-from exchange.api.dependencies import Cursor, PageLimit, request_api, request_broker
+from exchange.api.auth import broker_auth, current_broker
+from exchange.api.dependencies import Cursor, PageLimit, request_api
 from exchange.api.errors import BODY_ERRORS, BROKER_ERRORS, error_responses
 from exchange.api.schemas import (
     AmendOrderRequest,
@@ -77,7 +77,7 @@ class OrdersController(Controller):
         ``EXCHANGE_ORDER_WAIT_MS``). A repeated ``client_order_id``/``Idempotency-Key`` also answers 201, with
         the original order and the header ``Idempotent-Replayed: true``; nothing new is written. ``valid_until``:
         see :data:`PLACE_ORDER_DESCRIPTION` (the operation's description in the OpenAPI schema)."""
-        api, broker = request_api(request), request_broker(request)
+        api, broker = request_api(request), current_broker(request)
         body = decode_body(await request.body(), PlaceOrderRequest)
         order = accept.new_order(
             order_id=uuid.uuid4(),
@@ -114,7 +114,7 @@ class OrdersController(Controller):
         sym = None if symbol is None else accept.normalize_symbol(symbol)
         async with single_statement(request_api(request).pool) as conn:
             page = await queries.list_orders(
-                conn, request_broker(request).id, symbol=sym, status=status, cursor=cursor, limit=limit
+                conn, current_broker(request).id, symbol=sym, status=status, cursor=cursor, limit=limit
             )
         return order_page_out(page)
 
@@ -122,12 +122,12 @@ class OrdersController(Controller):
     async def cancel_all(self, request: Request[Any, Any, Any], symbol: SymbolQuery) -> CancelAllOut:
         """Cancel every open or pending order of the broker in ``symbol``; ``cancelled`` counts the cancel
         commands written (orders already closed or already being cancelled are not counted)."""
-        result = await services.cancel_all(request_api(request), request_broker(request).id, symbol)
+        result = await services.cancel_all(request_api(request), current_broker(request).id, symbol)
         return CancelAllOut(symbol=result.symbol, cancelled=len(result.order_ids))
 
     @get("/{order_id:str}", responses=error_responses(*BROKER_ERRORS, "order_not_found"))
     async def get_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> OrderOut:
-        api, broker = request_api(request), request_broker(request)
+        api, broker = request_api(request), current_broker(request)
         return order_out(await services.read_order(api, broker.id, parse_order_id(order_id)))
 
     @patch(
@@ -136,7 +136,7 @@ class OrdersController(Controller):
     async def amend_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> OrderOut:
         """Amend quantity (new total) and/or price; 200 with the order after the matcher applied (or rejected)
         the amend. A rejected amend leaves the order unchanged."""
-        api, broker = request_api(request), request_broker(request)
+        api, broker = request_api(request), current_broker(request)
         oid = parse_order_id(order_id)
         body = decode_body(await request.body(), AmendOrderRequest)
         return order_out(await services.amend(api, broker.id, oid, body.quantity, body.price))
@@ -152,7 +152,7 @@ class OrdersController(Controller):
     async def cancel_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> Response[Any]:
         """204; idempotent (no-op on a closed order or one already being cancelled). With
         ``Prefer: return=representation``: 200 with the order after the matcher applied the cancel."""
-        api, broker = request_api(request), request_broker(request)
+        api, broker = request_api(request), current_broker(request)
         wait = wants_representation(request)
         view = await services.cancel(api, broker.id, parse_order_id(order_id), wait=wait)
         if view is None:
