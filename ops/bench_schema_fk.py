@@ -18,9 +18,9 @@ same load with new symbols), through the real functions, each call its own trans
   (the attempts' key).
 
 Prints each phase's wall-clock seconds per round and, less disturbed by other work on a shared machine, the CPU
-seconds of the PostgreSQL backend that ran it (``/proc/<pid>/schedstat``: the server must be local), the medians and
-the ratios after / before of the medians; then times the upgrade 0020 -> 0021 of the "before" database as the rounds
-left it (how long its locks are held). Numbers only.
+seconds of the PostgreSQL backend that ran it (``/proc/<pid>/schedstat``: the server must be local), the
+medians and the ratios after / before of the medians; then times the upgrade 0020 -> 0021 of the "before" database
+as the rounds left it (how long its locks are held). Numbers only.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,9 +43,9 @@ from sqlalchemy import Engine, text
 
 from exchange.db import migrate
 from exchange.db.engines import pooled_engine
-from exchange.db.urls import libpq_url, with_database
+from exchange.db.urls import libpq_url
 from exchange.matching import service
-from ops.bench.ceiling import create_scratch_database, drop_database
+from ops.bench.ceiling import migrated_scratch_database
 
 DEFAULT_URL = os.environ.get("EXCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REVISIONS = {"before": "0020", "after": "0021"}
@@ -72,16 +72,11 @@ Order = tuple[uuid.UUID, uuid.UUID, str, str, int]
 @contextmanager
 def databases(url: str) -> Iterator[dict[str, str]]:
     """A scratch database per revision of :data:`REVISIONS`, migrated to it; dropped at the end."""
-    admin = with_database(url, "postgres")
-    names = {label: f"exchange_bench_fk_{label}_{os.getpid()}" for label in REVISIONS}
-    try:
-        urls = {label: create_scratch_database(admin, name) for label, name in names.items()}
-        for label, db_url in urls.items():
-            migrate.upgrade(db_url, REVISIONS[label])
-        yield urls
-    finally:
-        for name in names.values():
-            drop_database(admin, name)
+    with ExitStack() as stack:
+        yield {
+            label: stack.enter_context(migrated_scratch_database(url, f"exchange_bench_fk_{label}", revision))
+            for label, revision in REVISIONS.items()
+        }
 
 
 def add_brokers(db_url: str, n: int) -> list[uuid.UUID]:
@@ -121,7 +116,8 @@ def timed(run: Callable[[], object]) -> float:
 
 
 def backend_cpu_s(pid: int) -> float:
-    """CPU seconds the server process ``pid`` has run (the first field of its schedstat, in ns)."""
+    """CPU seconds the server process ``pid`` has run (the first field of its schedstat, in ns: a phase of a small
+    run takes less than the clock tick ``/proc/<pid>/stat`` counts in)."""
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 

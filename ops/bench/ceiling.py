@@ -60,13 +60,14 @@ def create_scratch_database(admin_url: str, name: str) -> str:
 
 
 @contextmanager
-def migrated_scratch_database(url: str, prefix: str) -> Iterator[str]:
-    """A fresh database ``<prefix>_<pid>`` on ``url``'s server, migrated to head, dropped after; yields its URL."""
+def migrated_scratch_database(url: str, prefix: str, revision: str = "head") -> Iterator[str]:
+    """A fresh database ``<prefix>_<pid>`` on ``url``'s server, migrated to ``revision``, dropped after; yields its
+    URL."""
     name = f"{prefix}_{os.getpid()}"
     admin = with_database(url, "postgres")
     db_url = create_scratch_database(admin, name)
     try:
-        migrate.upgrade(db_url)
+        migrate.upgrade(db_url, revision)
         yield db_url
     finally:
         drop_database(admin, name)

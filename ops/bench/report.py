@@ -104,12 +104,13 @@ def build_report(
             errors_by_status[s] += n
         if errs:
             errors_by_endpoint[ep] = errs
+        n_errors = sum(errs.values())
         endpoints[ep] = {
             **summarize(latencies.get(ep, [])),
             "completed": sent,
-            "answered_ok": sent - sum(errs.values()),
-            "per_s": round((sent - sum(errs.values())) / span, 2),
-            "errors": sum(errs.values()),
+            "answered_ok": sent - n_errors,
+            "per_s": round((sent - n_errors) / span, 2),
+            "errors": n_errors,
             "statuses": dict(sorted(counts.items())),
         }
     total_requests = sum(sum(c.values()) for c in statuses.values())
