@@ -5,8 +5,10 @@ Every ``interval`` seconds it
   matcher killed with the message in hand), sending one match message per partition unconditionally;
 * logs an ``expire`` command for every symbol with open GTD orders past ``valid_until`` (at most one pending
   per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol;
-* makes webhook events still pending and not in flight more than ``webhook_requeue_after`` seconds after they
-  became due (lost hint, crashed delivery worker, long retry) due now, and hints the webhook workers once.
+* hints the webhook workers once (one message at most) when webhook events are still pending and not in flight
+  more than ``webhook_requeue_after`` seconds after they became due (lost hint, crashed delivery worker, long
+  retry): when one became so since its last such hint, or that hint is a period old (:func:`hint_overdue`). Their
+  due times stay as they are, so a backlog is claimed oldest due first.
 
 Any number of sweepers may run: every action is idempotent, and their expiry logging takes turns.
 """
@@ -17,14 +19,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
+from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import Engine, text
 
 from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS
-from exchange.messaging.wakeups import BrokerLike, send_wakeups
+from exchange.messaging.wakeups import send_wakeups
 from exchange.observability.metrics import SWEEPER_EXPIRIES, SWEEPER_RENUDGES
-from exchange.webhooks.queue import enqueue_deliveries
-from exchange.webhooks.store import take_overdue
+from exchange.webhooks.queue import enqueue_deliveries, overdue_hint_key
+from exchange.webhooks.store import overdue
 
 log = logging.getLogger("exchange.sweeper")
 
@@ -78,16 +82,43 @@ def log_expiries(engine: Engine) -> list[str]:
         return [row.symbol for row in conn.execute(_LOG_EXPIRIES)]
 
 
+def hint_overdue(engine: Engine, broker: RedisBroker, *, older_than_s: float) -> int:
+    """Hint the webhook workers (one coalesced hint: a worker claims every due event, oldest due first) if events
+    are overdue by more than ``older_than_s`` and one became so since the last such hint, or that hint is
+    ``older_than_s`` old (:func:`exchange.webhooks.store.overdue`); returns how many are overdue then (counted up
+    to 1,000), else 0.
+
+    The last hint's time (the database's) is kept in Redis (:func:`~exchange.webhooks.queue.overdue_hint_key`),
+    set only once the hint is sent, for a period: lost (Redis restarted), it costs one hint more. Sweepers running
+    side by side may each hint once for the same events (a hint is coalesced, and a duplicate only finds less due).
+    """
+    key = overdue_hint_key(broker)
+    stored = broker.client.get(key)
+    hinted_at = None
+    if isinstance(stored, bytes):
+        try:
+            hinted_at = datetime.fromisoformat(stored.decode())
+        except ValueError:  # not ours: as if no hint was sent
+            log.warning("ignoring %s = %r (not a timestamp)", key, stored)
+    found = overdue(engine, older_than_s=older_than_s, hinted_at=hinted_at)
+    if found.at is None:
+        return 0
+    enqueue_deliveries(broker, found.ids)
+    broker.client.set(key, found.at.isoformat(), px=max(1, round(older_than_s * 1000)))
+    return len(found.ids)
+
+
 @dataclass(frozen=True, slots=True)
 class SweepResult:
     renudged: list[str]
     expiring: list[str]
-    webhooks_requeued: int = 0
+    webhooks_overdue: int = 0
+    """Overdue webhook events the sweep hinted the workers about (up to 1,000; 0: no hint)."""
 
 
 def sweep_once(
     engine: Engine,
-    broker: BrokerLike,
+    broker: RedisBroker,
     partitions: int,
     *,
     stale_after_s: float = 0.5,
@@ -98,14 +129,13 @@ def sweep_once(
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         stale = [row.symbol for row in conn.execute(_STALE, {"stale": stale_after_s})]
     send_wakeups(broker, sorted(set(stale) | set(expiring)), partitions)
-    overdue = take_overdue(engine, older_than_s=webhook_requeue_after_s)
-    enqueue_deliveries(broker, overdue)  # one hint for all of them: a webhook worker claims every due event
-    return SweepResult(renudged=stale, expiring=expiring, webhooks_requeued=len(overdue))
+    hinted = hint_overdue(engine, broker, older_than_s=webhook_requeue_after_s)
+    return SweepResult(renudged=stale, expiring=expiring, webhooks_overdue=hinted)
 
 
 def run_forever(
     engine: Engine,
-    broker: BrokerLike,
+    broker: RedisBroker,
     partitions: int,
     *,
     interval_s: float = 1.0,
@@ -128,8 +158,8 @@ def run_forever(
             SWEEPER_EXPIRIES.inc(len(result.expiring))
             if result.renudged or result.expiring:
                 log.info("sweep renudged=%s expiring=%s", result.renudged, result.expiring)
-            if result.webhooks_requeued:
-                log.info("sweep re-enqueued %d overdue webhook events", result.webhooks_requeued)
+            if result.webhooks_overdue:
+                log.info("sweep hinted the webhook workers about %d overdue events", result.webhooks_overdue)
         except Exception:
             # Postgres or Redis down: keep trying; the sweeper must outlive any outage.
             log.warning("sweep failed", exc_info=True)

@@ -321,37 +321,47 @@ def _execute(engine: Engine, sql: str, params: Mapping[str, Any]) -> list[Any]:
 
 # --------------------------------------------------------------------------------------------------- sweeper
 
-# The new due times are one microsecond apart, the latest-due event's 1 us before the statement's start, in the
-# order the events came due (a broker's events of one fill by sequence): one clock_timestamp() per row, as before,
-# numbered the rows in the order the UPDATE happened to visit them (a hash of their ids), which the claim, oldest
-# due first, then followed.
-_REQUEUE_DUE = """
-    WITH overdue AS (
-        SELECT id, next_attempt_at, sequence FROM webhook_events
-        WHERE status = 'pending'
-          AND next_attempt_at <= statement_timestamp() - make_interval(secs => %(older)s)  -- an index bound
-        ORDER BY next_attempt_at
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ),
-    ranked AS (
-        SELECT id, row_number() OVER (ORDER BY next_attempt_at DESC, sequence DESC, id DESC) AS back FROM overdue
-    )
-    UPDATE webhook_events AS e SET next_attempt_at = statement_timestamp() - r.back * interval '1 microsecond'
-    FROM ranked AS r
-    WHERE e.id = r.id
-    RETURNING e.id
+# Reads, never writes: the sweeper only hints, and the claim's order (oldest due first) stays the order in which
+# events came due. Whether a hint is due is the newest overdue event's due time (max(): one entry of the due-time
+# index, read backwards from the overdue bound, whatever the statistics say; an EXISTS over the two bounds was
+# planned as a sequential scan that stops at its first match, which reads the whole table when none matches).
+# The ids are read only when a hint is due: the first ``limit`` entries of the same index.
+_OVERDUE = """
+    SELECT e.id, statement_timestamp() AS at
+    FROM webhook_events AS e
+    WHERE e.status = 'pending' AND e.next_attempt_at <= statement_timestamp() - make_interval(secs => %(older)s)
+      AND (SELECT max(n.next_attempt_at) FROM webhook_events AS n
+           WHERE n.status = 'pending' AND n.next_attempt_at <= statement_timestamp() - make_interval(secs => %(older)s))
+          > CASE WHEN CAST(%(hinted_at)s AS timestamptz) > statement_timestamp() - make_interval(secs => %(older)s)
+                 THEN CAST(%(hinted_at)s AS timestamptz) - make_interval(secs => %(older)s)
+                 ELSE '-infinity' END
+    ORDER BY e.next_attempt_at
+    LIMIT %(limit)s
     """
 
 
-def take_overdue(engine: Engine, *, older_than_s: float, limit: int = 1000) -> list[UUID]:
-    """Events due for more than ``older_than_s`` (lost hint, crashed worker, retry left to the sweeper).
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    ids: list[UUID]
+    """The events due for more than the period, oldest due first (at most the limit); none if no hint is due."""
+    at: datetime | None
+    """The database's time of the reading (pass it as the next reading's ``hinted_at`` once the hint is sent)."""
 
-    Their ``next_attempt_at`` is reset to now (at most ``limit`` microseconds before it), so the same event is
-    handed out again only after another ``older_than_s``: a dead delivery worker costs one hint per period, not one
-    per sweep. They keep the order in which they came due (the claim's order), but come due after every event that
-    came due within the last ``older_than_s``: a worker behind by more than that delivers those first.
+
+def overdue(engine: Engine, *, older_than_s: float, hinted_at: datetime | None = None, limit: int = 1000) -> Overdue:
+    """The events the sweeper is to hint the workers about now: pending (not in flight) and due for more than
+    ``older_than_s`` (a lost hint, a worker that died with them claimed, a retry timed by no worker), if one of them
+    became so since the last hint (``hinted_at``: that reading's :attr:`Overdue.at`) or that hint is ``older_than_s``
+    old; else none.
+
+    So each event that a hint missed is hinted about once, ``older_than_s`` after it came due, and a backlog that
+    stays (every worker dead, or all behind) costs one hint per ``older_than_s``, not one per sweep. Nothing is
+    written: the events keep their due times, and the claim takes them oldest due first, in the order they came due
+    (it reset them to "now" once: a backlog older than ``older_than_s`` then went behind the newer events, sweep after
+    sweep, and a broker behind got its events in shuffled order, the oldest last).
     """
-    # One statement in autocommit: its own transaction, one round trip, no lock held between round trips.
+    # One statement in autocommit: its own transaction, one round trip, no lock held.
+    params = {"older": older_than_s, "hinted_at": hinted_at, "limit": limit}
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        return [row.id for row in conn.exec_driver_sql(_REQUEUE_DUE, {"older": older_than_s, "limit": limit})]
+        rows = conn.exec_driver_sql(_OVERDUE, params).all()
+    return Overdue([row.id for row in rows], rows[0].at if rows else None)

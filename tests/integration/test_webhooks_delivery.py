@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, text
@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 from exchange.webhooks import store
 from exchange.webhooks.outcomes import DeliveryResult, Kind, Outcome, Verdict, judge
 from exchange.webhooks.pump import Pump, PumpThread
-from exchange.webhooks.store import take_overdue
+from exchange.webhooks.store import overdue
 from tests.integration.webhook_support import (
     FAST,
     attempts_of,
@@ -267,7 +267,7 @@ def test_events_of_a_broker_without_url_are_skipped_not_retried(engine: Engine) 
     (row,) = events_of(engine, buyer)
     assert row.status == "skipped"
     assert row.last_error == "broker has no webhook URL"
-    assert event.id not in take_overdue(engine, older_than_s=0)
+    assert event.id not in overdue(engine, older_than_s=0).ids
 
 
 def attempt_of(claim: store.Claim, verdict: Verdict, status_code: int) -> store.Attempt:
@@ -289,9 +289,9 @@ def test_a_worker_dying_after_its_claim_only_delays_the_event_by_the_lease(engin
     assert [c.event_id for c in claim_all(engine).claims] == [event.id]  # claimed, then the "worker" dies
 
     assert event.id not in {r.event_id for r in d.drain()}  # in flight: nobody else sends it
-    assert event.id not in take_overdue(engine, older_than_s=0)
+    assert event.id not in overdue(engine, older_than_s=0).ids
     time.sleep(1.1)
-    assert event.id in take_overdue(engine, older_than_s=0)  # the sweeper would hint the workers now
+    assert event.id in overdue(engine, older_than_s=0).ids  # the sweeper would hint the workers now
 
     assert d.deliver(event.id).outcome is Outcome.DELIVERED
     assert events_of(engine, buyer)[0].attempts == 2
@@ -334,7 +334,7 @@ def test_a_record_from_a_worker_older_than_the_generations_is_fenced_by_attempts
     assert (row.status, row.last_error) == ("failed", "HTTP 500")
 
 
-def test_take_overdue_hands_an_event_out_once_per_period(engine: Engine) -> None:
+def test_overdue_names_an_overdue_event_once_per_period_unless_another_came_due_since(engine: Engine) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     seller, _ = broker_with_endpoint(engine, None)
     fills(engine, buyer, seller)
@@ -342,8 +342,19 @@ def test_take_overdue_hands_an_event_out_once_per_period(engine: Engine) -> None
     with engine.begin() as conn:
         conn.execute(text("UPDATE webhook_events SET next_attempt_at = now() - interval '1 minute'"))
 
-    assert event.id in take_overdue(engine, older_than_s=30)
-    assert event.id not in take_overdue(engine, older_than_s=30)
+    first = overdue(engine, older_than_s=30)
+    assert event.id in first.ids
+    assert first.at is not None
+    hinted_at = first.at - timedelta(seconds=5)  # the workers were hinted about it 5 s ago
+
+    assert overdue(engine, older_than_s=30, hinted_at=hinted_at).ids == []  # not again within the period
+    assert event.id in overdue(engine, older_than_s=30, hinted_at=first.at - timedelta(seconds=30)).ids  # a period
+    fills(engine, buyer, seller)  # another event, overdue for 1 s, since that hint (its own hint was lost)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE webhook_events SET next_attempt_at = now() - interval '31 s' WHERE sequence = 2"))
+    again = overdue(engine, older_than_s=30, hinted_at=hinted_at).ids
+    buyers = [e.id for e in events_of(engine, buyer)]
+    assert [i for i in again if i in buyers] == buyers  # both, oldest due first
 
 
 async def wait_for(condition: object, timeout: float = 10.0) -> None:
@@ -511,7 +522,7 @@ def test_one_record_statement_applies_a_batch_of_mixed_outcomes_each_by_its_own_
     assert (delivered.status, delivered.last_error) == ("delivered", None)
     assert (retried.status, retried.last_error, retried.attempts) == ("pending", "HTTP 503", 1)
     assert (failed_gone.status, failed_out.status) == ("failed", "failed")
-    assert take_overdue(engine, older_than_s=0) == []  # the retry is 30 s out, nothing else is pending
+    assert overdue(engine, older_than_s=0).ids == []  # the retry is 30 s out, nothing else is pending
     for attempt in batch:
         (logged,) = attempts_of(engine, attempt.claim.event_id)
         assert logged.status_code == answers[attempt.claim.broker_id]
@@ -654,27 +665,27 @@ def test_retries_leave_no_sequence_gaps_at_the_receiver(engine: Engine, receiver
     assert sum(r.status == 503 for r in receiver.received) == 7
 
 
-def test_take_overdue_keeps_the_overdue_events_in_the_order_they_came_due(engine: Engine) -> None:
-    # The claim takes due events oldest first (by next_attempt_at): a requeue that gives them new due times must
-    # not shuffle them, or a broker's backlog is sent in an order unrelated to its sequence.
+def test_overdue_lists_the_overdue_events_oldest_due_first_and_leaves_their_due_times(engine: Engine) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
     seller, _ = broker_with_endpoint(engine, None)
     fills(engine, buyer, seller, n=40)
-    with engine.begin() as conn:  # came due a minute ago, one millisecond apart, in sequence order
+    with engine.begin() as conn:  # came due a minute ago, one millisecond apart, in sequence order (seller's later)
         conn.execute(
             text(
                 "UPDATE webhook_events SET next_attempt_at = now() - interval '1 minute' + sequence * interval '1 ms'"
-                " WHERE broker_id = :b"
+                " + CASE WHEN broker_id = :b THEN interval '0' ELSE interval '1 s' END"
             ),
             {"b": buyer},
         )
 
-    requeued = take_overdue(engine, older_than_s=30)
+    def due_times() -> list[tuple[int, datetime]]:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT sequence, next_attempt_at FROM webhook_events ORDER BY id"))
+            return [(r.sequence, r.next_attempt_at) for r in rows]
 
-    assert len(requeued) == 40
-    with engine.connect() as conn:
-        by_due_time = conn.execute(
-            text("SELECT sequence FROM webhook_events WHERE broker_id = :b ORDER BY next_attempt_at"), {"b": buyer}
-        ).scalars()
-        assert list(by_due_time) == list(range(1, 41))
-    assert take_overdue(engine, older_than_s=30) == []  # handed out once per period, as before
+    before = due_times()
+    listed = overdue(engine, older_than_s=30)
+
+    assert listed.ids[:40] == [e.id for e in events_of(engine, buyer)]
+    assert listed.ids[40:] == [e.id for e in events_of(engine, seller)]
+    assert due_times() == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, text
@@ -12,12 +13,14 @@ from sqlalchemy import Engine, text
 from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.sweeper import sweep_once
+from exchange.webhooks import store
 from exchange.webhooks.queue import (
     DELIVER_ACTOR,
     HINT_TTL_MS,
     add_hint,
     enqueue_deliveries,
     hint_key,
+    overdue_hint_key,
     ring_key,
 )
 from tests.integration.redis_support import namespaced_broker
@@ -49,7 +52,7 @@ def due_now(engine: Engine) -> set[str]:
         return set(rows.scalars())
 
 
-def test_the_sweeper_makes_an_event_overdue_for_longer_than_the_requeue_period_due_and_hints_once(
+def test_the_sweeper_hints_once_about_events_overdue_for_longer_than_the_requeue_period(
     engine: Engine, broker: DoorbellRedisBroker
 ) -> None:
     buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
@@ -62,10 +65,76 @@ def test_the_sweeper_makes_an_event_overdue_for_longer_than_the_requeue_period_d
     again = sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
 
     ids = {str(e.id) for b in (buyer, seller) for e in events_of(engine, b)}
-    assert result.webhooks_requeued == 2
+    assert result.webhooks_overdue == 2
     assert due_now(engine) == ids
     assert queued_hints(broker) == 1
-    assert again.webhooks_requeued == 0
+    assert again.webhooks_overdue == 0
+
+
+def test_a_backlog_left_overdue_is_hinted_about_again_once_a_period_passed(
+    engine: Engine, broker: DoorbellRedisBroker
+) -> None:
+    # Every worker dead: one hint per requeue period, not one per sweep.
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    fills(engine, buyer, seller)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE webhook_events SET next_attempt_at = now() - interval '1 minute'"))
+    assert sweep_once(engine, broker, 4, webhook_requeue_after_s=30).webhooks_overdue == 2
+    release(broker)  # the hint's own coalescing key expired (1 s): a next hint would be a message
+    assert sweep_once(engine, broker, 4, webhook_requeue_after_s=30).webhooks_overdue == 0
+    key = overdue_hint_key(broker)
+    assert 0 < broker.client.pttl(key) <= 30_000  # the last hint is remembered for a period
+
+    hinted_at = datetime.fromisoformat(broker.client.get(key).decode())
+    broker.client.set(key, (hinted_at - timedelta(seconds=30)).isoformat())  # as a period later
+    again = sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
+
+    assert again.webhooks_overdue == 2
+    assert queued_hints(broker) == 2
+
+
+def test_an_event_overdue_since_the_last_hint_is_hinted_about_within_the_period(
+    engine: Engine, broker: DoorbellRedisBroker
+) -> None:
+    # A backlog hinted about, then an event whose own hint was lost comes due and stays undelivered for a period.
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    fills(engine, buyer, seller)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE webhook_events SET next_attempt_at = now() - interval '1 minute'"))
+    key = overdue_hint_key(broker)
+    assert sweep_once(engine, broker, 4, webhook_requeue_after_s=30).webhooks_overdue == 2
+    hinted_at = datetime.fromisoformat(broker.client.get(key).decode())
+    broker.client.set(key, (hinted_at - timedelta(seconds=5)).isoformat(), px=25_000)  # as 5 s later
+    release(broker)
+    fills(engine, buyer, seller)
+    with engine.begin() as conn:  # overdue for 1 s: since the hint
+        conn.execute(text("UPDATE webhook_events SET next_attempt_at = now() - interval '31 s' WHERE sequence = 2"))
+
+    result = sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
+
+    assert result.webhooks_overdue == 4
+    assert queued_hints(broker) == 2
+
+
+def test_an_event_of_a_worker_that_died_with_it_claimed_is_hinted_about_once_its_lease_is_overdue(
+    engine: Engine, broker: DoorbellRedisBroker
+) -> None:
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (claimed,) = store.claim(engine, limit=10, lease_s=60, per_broker=4).claims  # then the worker dies
+    assert sweep_once(engine, broker, 4, webhook_requeue_after_s=30).webhooks_overdue == 0  # in flight
+    with engine.begin() as conn:  # the lease ended 31 s ago
+        conn.execute(text("UPDATE webhook_events SET next_attempt_at = now() - interval '31 s'"))
+
+    result = sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
+
+    assert result.webhooks_overdue == 1
+    assert queued_hints(broker) == 1
+    (again,) = store.claim(engine, limit=10, lease_s=60, per_broker=4).claims
+    assert (again.event_id, again.attempt) == (claimed.event_id, claimed.attempt + 1)
 
 
 def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, broker: DoorbellRedisBroker) -> None:
@@ -80,7 +149,7 @@ def test_the_sweeper_leaves_fresh_and_in_flight_events_alone(engine: Engine, bro
 
     result = sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
 
-    assert result.webhooks_requeued == 0
+    assert result.webhooks_overdue == 0
     assert queued_hints(broker) == 0
 
 
@@ -149,3 +218,30 @@ def test_a_delayed_hint_is_sent_even_while_one_is_pending(broker: DoorbellRedisB
 
     assert queued_hints(broker) == 1
     assert broker.client.llen(f"{broker.namespace}:{WEBHOOK_QUEUE}.DQ") == 1  # dramatiq's delay queue
+
+
+def claim_order(engine: Engine, broker_id: object) -> list[int]:
+    """The sequences of ``broker_id``'s due events in the order a delivery worker claims them (one at a time)."""
+    by_id = {e.id: e.sequence for e in events_of(engine, broker_id)}
+    order: list[int] = []
+    while claimed := store.claim(engine, limit=1, lease_s=60, per_broker=4).claims:
+        order.extend(by_id[c.event_id] for c in claimed)
+    return order
+
+
+def test_a_sweep_over_a_backlog_leaves_the_claim_oldest_due_first(engine: Engine, broker: DoorbellRedisBroker) -> None:
+    # Delivery workers 60 s behind: a broker's 40 events came due one a second, from 60 s to 21 s ago, in sequence
+    # order. A sweep (requeue period 30 s: events 1-30 overdue) must not send the overdue ones behind the rest.
+    buyer, _ = broker_with_endpoint(engine, "http://127.0.0.1:9/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller, n=40)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM webhook_events WHERE broker_id = :s"), {"s": seller})
+        conn.execute(
+            text("UPDATE webhook_events SET next_attempt_at = now() - interval '61 s' + sequence * interval '1 s'")
+        )
+
+    sweep_once(engine, broker, 4, webhook_requeue_after_s=30)
+
+    assert queued_hints(broker) == 1  # the workers were hinted
+    assert claim_order(engine, buyer) == list(range(1, 41))
