@@ -84,7 +84,7 @@ def _publish(results: list[BatchResult], release: int | None) -> list[str] | Non
         try:
             broker.guarded_sent(hint, replies.pop())
         except Exception:
-            # The events are committed: the sweeper re-enqueues undelivered ones, so this only costs a delay.
+            # The events are committed: the sweeper hints about undelivered ones, so this only costs a delay.
             log.warning("could not enqueue a webhook delivery hint", exc_info=True)
     if replies and isinstance(replies[0], Exception):  # the waiters time out and read their orders back
         log.warning("could not publish results", exc_info=replies[0])
