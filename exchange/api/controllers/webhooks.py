@@ -50,7 +50,7 @@ log = logging.getLogger("exchange.api")
 
 REDELIVER_ENQUEUE_WAIT_S = 0.5
 """How long a redelivery waits for its enqueue; a Redis that has not answered by then (a stalled server: the
-broker's socket timeout is 10 s) leaves the event to the sweeper, which re-enqueues due events."""
+broker's socket timeout is 10 s) leaves the event to the sweeper, which hints the workers about overdue events."""
 
 _REDELIVERIES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redeliver")
 """The enqueues of redeliveries, one at a time: while Redis stalls, an enqueue given up on still holds its thread
@@ -218,7 +218,7 @@ class WebhooksController(Controller):
                 await asyncio.get_running_loop().run_in_executor(
                     _REDELIVERIES, enqueue_deliveries, api.broker, [parsed]
                 )
-        except Exception:  # committed: the sweeper re-enqueues it
+        except Exception:  # committed: the sweeper hints about it once it is overdue
             log.warning("redeliver: could not enqueue event %s", parsed, exc_info=True)
         return RedeliverOut(event_id=parsed, status="pending")
 
