@@ -313,7 +313,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         stats_before = None
         if args.server_stats:
             time.sleep(max(0.0, t0 - time.monotonic()))
-            stats_before = server_stats.take(args.redis_url, args.database_url)
+            stats_before = server_stats.take(args.redis_url, args.database_url, args.base_url)
         results: list[WorkerResult] = []
         deadline = time.monotonic() + args.duration + args.timeout + 60.0
         for _ in procs:
@@ -334,7 +334,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             stop.set()
             receiver = receiver_queue.get(timeout=30)
             receiver_proc.join(10)
-        stats_after = server_stats.take(args.redis_url, args.database_url) if stats_before is not None else None
+        stats_after = None
+        if stats_before is not None:
+            stats_after = server_stats.take(args.redis_url, args.database_url, args.base_url)
         fills_made: dict[str, str] | None = None
         fills_error: str | None = None
         if receiver is not None:  # after the server's snapshot: these reads are not the run's work

@@ -316,6 +316,15 @@ def render(report: dict[str, Any]) -> str:
             f"({st['redis_scripts_per_order']} scripts; {top}), {st['pg_transactions_per_order']} PostgreSQL "
             f"transactions, {st['cpu_ms_per_order']} ms CPU (s in all: {cpu})"
         )
+        if st.get("processes") is not None:
+            counts = ", ".join(f"{kind} {n}" for kind, n in st["processes"].items()) or "none"
+            left = ", ".join(f"{kind} {n}" for kind, n in st.get("processes_left_out", {}).items()) or "none"
+            shared = " ".join(f"{kind} {seconds:.2f}" for kind, seconds in st.get("shared_cpu_s", {}).items())
+            scope = "the exchange's" if st.get("process_scope") == "exchange" else "every process by name"
+            lines.append(
+                f"server processes measured ({scope}): {counts}; left out as other work: {left}"
+                + (f"; PostgreSQL's shared processes, not in the CPU per order: {shared} s" if shared else "")
+            )
         if st.get("run_queue_wait_s") is not None:
             orders = max(1, st["accepted_orders"])
             waits = " ".join(f"{kind} {seconds:.2f}" for kind, seconds in st["run_queue_wait_s"].items())

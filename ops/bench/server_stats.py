@@ -3,8 +3,14 @@
 For an exchange of this project running on this machine: Redis commands executed (``INFO commandstats``, every
 command, those run inside dramatiq's Lua scripts included; a Redis server shared with other work counts that work
 too), PostgreSQL transactions and rows written in the exchange's database (``pg_stat_database``), and CPU seconds by
-process kind read from ``/proc`` (Linux). Counts are deterministic where CPU seconds are not: on small shared
-machines the same run varies by tens of percent in time, but sends the same number of commands for the same work.
+process kind read from ``/proc`` (Linux) of the exchange's own processes only: its database's PostgreSQL backends,
+its Redis server, the processes serving its api port or connected to its Redis database, its database or its
+pgbouncer, and their families (:mod:`ops.bench.scope`; another exchange, a test suite on the same PostgreSQL server
+are left out, and the report counts the processes measured and left out by kind). The PostgreSQL server's shared
+processes (checkpointer, walwriter, background writer, launchers, postmaster) are reported apart as
+``postgres-shared`` (``shared_cpu_s``), outside the CPU per order: they also work for every other database.
+Counts are deterministic where CPU seconds are not: on small shared machines the same run varies by tens of percent
+in time, but sends the same number of commands for the same work.
 
 Also by process kind, from the kernel's scheduler statistics (``/proc/<pid>/task/<tid>/schedstat``): the time the
 processes' threads were ready to run but waited for a CPU (``run_delay``), and how many times they were put on one.
@@ -26,8 +32,12 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
+
+from ops.bench.scope import SHARED_KINDS, Found, Scope, exchange_scope
 
 PROCESS_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("supervisor", ("exchange dev", "exchange.cli dev")),  # first: its command line names --pgbouncer-port
     ("postgres", ("postgres:", "/postgres ")),
     ("pgbouncer", ("pgbouncer",)),
     ("redis", ("redis-server",)),
@@ -37,7 +47,8 @@ PROCESS_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sweeper", ("exchange.cli sweeper",)),
 )
 """The exchange's process kinds by command-line substring, first match wins (a dramatiq worker's command line names
-its module). The generator is not one: its senders have exited by the second snapshot."""
+its module; ``exchange dev``'s names ``--pgbouncer-port``, and was counted as pgbouncer before it had a kind of its
+own). The generator is not one: its senders have exited by the second snapshot."""
 
 
 ProcessKey = tuple[int, int]
@@ -60,6 +71,10 @@ class Snapshot:
     """Run-queue wait so far, by process (empty when the kernel keeps no scheduler statistics)."""
     times_on_cpu: PerProcess
     """Times a thread was put on a CPU so far, by process (empty as ``wait_s``)."""
+    scope: Scope | None = None
+    """The exchange's processes among those (:mod:`ops.bench.scope`), with the kind each is reported under; None:
+    every process by command line (no server was asked). The figures above stay those of every process of an
+    exchange kind, so that a process first found to be the exchange's in the other snapshot has its figure here."""
 
 
 def kind_of(cmdline: str) -> str | None:
@@ -165,18 +180,29 @@ def kind_deltas(before: PerProcess, after: PerProcess) -> dict[str, float]:
     return {k: v for k, v in sorted(deltas.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
-def _redis_calls(redis_url: str) -> dict[str, int]:
+def _redis(redis_url: str, found: Found) -> dict[str, int]:
+    """Commands executed so far by the Redis server of ``redis_url``; its pid and port, and the ports its clients of
+    ``redis_url``'s database connect from, into ``found``."""
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     try:
         stats = cast(dict[str, Any], client.info("commandstats"))  # the sync client: a dict, not an awaitable
+        server = cast(dict[str, Any], client.info("server"))
+        own, db = client.client_id(), int(client.connection_pool.connection_kwargs.get("db", 0))
+        clients = cast(list[dict[str, Any]], client.client_list())
     finally:
         client.close()
+    found.redis_pid, found.redis_port = int(server.get("process_id", 0)) or None, int(server.get("tcp_port", 0)) or None
+    for c in clients:
+        addr = str(c.get("addr", ""))
+        if int(c.get("db", -1)) == db and int(c.get("id", -1)) != own and addr.rpartition(":")[2].isdigit():
+            found.redis_client_ports.append(int(addr.rpartition(":")[2]))
     return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
 
 
-def _pg(database_url: str) -> dict[str, int]:
+def _pg(database_url: str, found: Found) -> dict[str, int]:
+    """The counters of ``database_url``'s database; its backends and the server's shared processes into ``found``."""
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
@@ -184,30 +210,69 @@ def _pg(database_url: str) -> dict[str, int]:
             "SELECT xact_commit + xact_rollback, tup_inserted, tup_updated, tup_deleted"
             " FROM pg_stat_database WHERE datname = current_database()"
         ).fetchone()
+        backends = conn.execute(
+            "SELECT pid, datname IS NULL, client_port, inet_server_port() FROM pg_stat_activity"
+            " WHERE (datname = current_database() OR datname IS NULL) AND pid <> pg_backend_pid()"
+        ).fetchall()
+    for pid, shared, client_port, server_port in backends:
+        (found.pg_shared if shared else found.pg_backends).append(int(pid))
+        if client_port is not None and client_port > 0:
+            found.pg_client_ports.append(int(client_port))
+        if server_port is not None:
+            found.pg_port = int(server_port)
     if row is None:
         return {}
     return dict(zip(("transactions", "rows_inserted", "rows_updated", "rows_deleted"), map(int, row), strict=True))
 
 
-def take(redis_url: str, database_url: str) -> Snapshot:
-    processes = exchange_processes()  # one scan of /proc for both figures
+def take(redis_url: str, database_url: str, base_url: str | None = None) -> Snapshot:
+    """The figures so far of the exchange whose Redis database, PostgreSQL database and (when given) api are these
+    URLs: its processes are told apart from other work on the machine by :func:`ops.bench.scope.exchange_scope`."""
+    found = Found()
+    if base_url:
+        parts = urlsplit(base_url)
+        found.api_port = parts.port or (443 if parts.scheme == "https" else 80)
+    redis_calls, pg = _redis(redis_url, found), _pg(database_url, found)
+    processes = exchange_processes()  # one scan of /proc for every figure
+    scope = exchange_scope(processes, found)
     waits, runs = scheduling_by_process(processes)
-    return Snapshot(
-        time.monotonic(), _redis_calls(redis_url), _pg(database_url), cpu_by_process(processes), waits, runs
-    )
+    return Snapshot(time.monotonic(), redis_calls, pg, cpu_by_process(processes), waits, runs, scope)
+
+
+def in_scope(figures: PerProcess, scope: Scope | None) -> PerProcess:
+    """``figures`` of the processes of ``scope`` only, under the kinds ``scope`` gives them (all of them: None)."""
+    if scope is None:
+        return figures
+    return {key: (scope[key], value) for key, (_, value) in figures.items() if key in scope}
+
+
+def _counts(kinds: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:
-    """The deltas between two snapshots, in all and per accepted order."""
+    """The deltas between two snapshots, in all and per accepted order: of the exchange's processes where both
+    snapshots know them (a process the exchange's in either snapshot counts), of every process by kind otherwise."""
     orders = max(1, accepted_orders)
     calls = {k: v - before.redis_calls.get(k, 0) for k, v in after.redis_calls.items()}
     calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
     pg = {k: v - before.pg.get(k, 0) for k, v in after.pg.items()}
-    cpu = kind_deltas(before.cpu_s, after.cpu_s)
+    scope = None if before.scope is None or after.scope is None else {**before.scope, **after.scope}
+
+    def deltas(b: PerProcess, a: PerProcess) -> tuple[dict[str, float], dict[str, float]]:
+        both = kind_deltas(in_scope(b, scope), in_scope(a, scope))
+        own = {k: v for k, v in both.items() if k not in SHARED_KINDS}
+        return own, {k: v for k, v in both.items() if k in SHARED_KINDS}
+
+    cpu, shared_cpu = deltas(before.cpu_s, after.cpu_s)
     # Both snapshots or neither: a figure from one side would count a whole lifetime as the run's.
     scheduler = bool(before.wait_s and after.wait_s)
-    wait = kind_deltas(before.wait_s, after.wait_s) if scheduler else None
-    runs = kind_deltas(before.times_on_cpu, after.times_on_cpu) if scheduler else None
+    wait = deltas(before.wait_s, after.wait_s)[0] if scheduler else None
+    runs = deltas(before.times_on_cpu, after.times_on_cpu)[0] if scheduler else None
+    measured = in_scope(after.cpu_s, scope)
     return {
         "window_s": round(after.at - before.at, 3),
         "accepted_orders": accepted_orders,
@@ -222,4 +287,8 @@ def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[s
         "run_queue_wait_ms_per_order": None if wait is None else round(1000 * sum(wait.values()) / orders, 2),
         "times_on_cpu": runs,
         "times_on_cpu_per_order": None if runs is None else round(sum(runs.values()) / orders, 2),
+        "shared_cpu_s": shared_cpu,
+        "process_scope": "by name" if scope is None else "exchange",
+        "processes": _counts(kind for kind, _ in measured.values()),
+        "processes_left_out": _counts(kind for key, (kind, _) in after.cpu_s.items() if key not in measured),
     }
