@@ -6,8 +6,10 @@
 Registers a broker, then for each endpoint (``GET /balance``: one indexed read; ``GET /orders/not-an-id``: a 404
 that touches no database; ``GET /stocks/{symbol}/book``: one aggregate read; or those given as
 ``--endpoint PATH:STATUS``) sends ``--requests`` requests from ``--concurrency`` concurrent clients and prints the
-CPU seconds the api processes and PostgreSQL used per request (``/proc``, Linux, the exchange's processes found
-by command line as ``exchange bench --server-stats`` finds them) and the requests/s. Each endpoint runs twice;
+CPU seconds the api processes and PostgreSQL used per request (``/proc``, Linux, the exchange's processes told apart
+from other work on the machine as ``exchange bench --server-stats`` does: the api by its port, PostgreSQL's backends
+by ``--database-url``'s database, default ``EXCHANGE_DATABASE_URL``; without one, every api and PostgreSQL process
+of the machine is counted by command line, and it says so) and the requests/s. Each endpoint runs twice;
 compare the second round (the first warms caches and pools). On a shared machine compare alternating runs of two
 builds, not figures taken hours apart. Numbers only: nothing is asserted; the broker it registered stays (use a
 scratch exchange).
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 import msgspec
 
 from ops.bench.http import Pool
-from ops.bench.server_stats import cpu_by_process, kind_deltas
+from ops.bench.server_stats import per_order, take
 
 ENDPOINTS = (("/balance", 200), ("/orders/not-an-id", 404), ("/stocks/BENCH/book", 200))
 """Path and the status it must answer (anything else means the run measures something else: it stops)."""
@@ -35,6 +38,7 @@ async def measure(
     requests: int,
     concurrency: int,
     endpoints: tuple[tuple[str, int], ...] = ENDPOINTS,
+    database_url: str | None = None,
 ) -> None:
     # The load generator's own client (ops.bench.http): httpx would spend several times the api's CPU per request
     # on the same cores it measures.
@@ -48,6 +52,7 @@ async def measure(
             raise SystemExit(f"POST /register: {status} {data[:200]!r}")
         auth = f"Authorization: Bearer {msgspec.json.decode(data)['api_key']}\r\n".encode()
         per_client = max(1, requests // concurrency)
+        scope_url = base_url if database_url else None  # neither: every process by command line
 
         async def send(path: str, expected: int, count: int) -> None:
             for _ in range(count):
@@ -58,11 +63,11 @@ async def measure(
         for round_no in (1, 2):
             for path, expected in endpoints:
                 await asyncio.gather(*(send(path, expected, WARMUP_PER_CLIENT) for _ in range(concurrency)))
-                before, started = cpu_by_process(), time.perf_counter()
+                before, started = take(None, database_url, scope_url), time.perf_counter()
                 await asyncio.gather(*(send(path, expected, per_client) for _ in range(concurrency)))
-                elapsed, after = time.perf_counter() - started, cpu_by_process()
+                elapsed, after = time.perf_counter() - started, take(None, database_url, scope_url)
                 sent = per_client * concurrency
-                used = kind_deltas(before, after)
+                used = per_order(before, after, sent)["cpu_s"]
                 api_us = 1e6 * used.get("api", 0.0) / sent
                 pg_us = 1e6 * used.get("postgres", 0.0) / sent
                 print(
@@ -85,6 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--admin-key", required=True)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("EXCHANGE_DATABASE_URL"),
+        help="the exchange's database, whose backends are its PostgreSQL (default EXCHANGE_DATABASE_URL)",
+    )
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument(
@@ -95,7 +105,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     endpoints = tuple(args.endpoint) if args.endpoint else ENDPOINTS
-    asyncio.run(measure(args.base_url, args.admin_key, args.requests, args.concurrency, endpoints))
+    if not args.database_url:
+        print("bench_api: no --database-url: every api and PostgreSQL process of the machine counts", flush=True)
+    asyncio.run(measure(args.base_url, args.admin_key, args.requests, args.concurrency, endpoints, args.database_url))
 
 
 if __name__ == "__main__":

@@ -225,16 +225,19 @@ def _pg(database_url: str, found: Found) -> dict[str, int]:
     return dict(zip(("transactions", "rows_inserted", "rows_updated", "rows_deleted"), map(int, row), strict=True))
 
 
-def take(redis_url: str, database_url: str, base_url: str | None = None) -> Snapshot:
-    """The figures so far of the exchange whose Redis database, PostgreSQL database and (when given) api are these
-    URLs: its processes are told apart from other work on the machine by :func:`ops.bench.scope.exchange_scope`."""
+def take(redis_url: str | None, database_url: str | None, base_url: str | None = None) -> Snapshot:
+    """The figures so far of the exchange whose Redis database, PostgreSQL database and api are these URLs (each
+    optional: what is not given is neither counted nor used to find the exchange's processes; none: every process
+    by command line); its processes are told apart from other work on the machine by
+    :func:`ops.bench.scope.exchange_scope`."""
     found = Found()
     if base_url:
         parts = urlsplit(base_url)
         found.api_port = parts.port or (443 if parts.scheme == "https" else 80)
-    redis_calls, pg = _redis(redis_url, found), _pg(database_url, found)
+    redis_calls = _redis(redis_url, found) if redis_url else {}
+    pg = _pg(database_url, found) if database_url else {}
     processes = exchange_processes()  # one scan of /proc for every figure
-    scope = exchange_scope(processes, found)
+    scope = exchange_scope(processes, found) if redis_url or database_url or base_url else None
     waits, runs = scheduling_by_process(processes)
     return Snapshot(time.monotonic(), redis_calls, pg, cpu_by_process(processes), waits, runs, scope)
 

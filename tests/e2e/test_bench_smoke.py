@@ -81,6 +81,11 @@ def test_bench_open_loop_smoke(e2e_harness: Harness, postgres_admin_url: str, tm
     assert stats["pg"]["rows_inserted"] >= stats["accepted_orders"], stats  # at least each order's row
     assert stats["pg_transactions_per_order"] > 0
     assert stats["cpu_s"].get("postgres", 0) > 0, stats
+    # The harness's processes are found by their connections and port, not by a supervisor (it has none; its
+    # pgbouncer is a daemon): every kind of the exchange is measured.
+    assert stats["process_scope"] == "exchange", stats
+    assert {"api", "matcher", "webhooks", "sweeper", "pgbouncer", "postgres", "redis"} <= set(stats["processes"]), stats
+    assert "server processes measured (the exchange's): " in proc.stdout
     assert stats["cpu_ms_per_order"] > 0
     if os.path.exists("/proc/self/schedstat"):  # the kernel keeps scheduler statistics
         assert isinstance(stats["run_queue_wait_s"], dict), stats

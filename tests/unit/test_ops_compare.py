@@ -33,6 +33,16 @@ def test_figures_reads_rates_latencies_and_cpu_per_order_by_process_kind() -> No
     assert got["  matcher ms/order"] == 1.0
 
 
+def test_figures_shows_postgres_shared_processes_apart_from_the_cpu_per_order() -> None:
+    report = _report(500.0, 10.0, {"api": 2.0, "postgres": 1.0}, orders=1000)
+    report["server_stats"]["shared_cpu_s"] = {"postgres-shared": 0.5}
+
+    got = figures(report)
+
+    assert got["  (postgres-shared ms/order)"] == 0.5
+    assert got["CPU ms/order"] == 3.0
+
+
 def test_figures_reads_the_server_counts_the_order_stages_and_the_webhooks_when_the_report_has_them() -> None:
     report = _report(500.0, 10.0, {"api": 2.0}, orders=1000)
     report["fill_to_webhook"] = {"p50_ms": 12.5, "p99_ms": 40.0}
