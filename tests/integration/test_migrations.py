@@ -407,3 +407,14 @@ def test_downgrading_0023_restores_0022s_order_views_and_write_cancels_exactly(f
         lambda: _function_definition(url, "order_views(uuid[], uuid[])"),
         lambda: _function_definition(url, WRITE_CANCELS),
     )
+
+
+def test_downgrading_0024_restores_0023s_matcher_pending_and_webhook_claim_exactly(fresh_database_url: str) -> None:
+    url = fresh_database_url
+    _assert_downgrade_restores(
+        url,
+        "0023",
+        "0024",
+        lambda: _function_definition(url, "matcher_pending(text[], integer)"),
+        lambda: _function_definition(url, CLAIM),
+    )

@@ -38,7 +38,7 @@ BROKERS = 100
 BATCH = 10
 
 
-def _insert_brokers(conn: Connection, *, webhook_url: str | None) -> None:
+def _insert_brokers(conn: Connection, *, webhook_url: str | None, n: int = BROKERS) -> None:
     conn.execute(
         text(
             """
@@ -47,7 +47,7 @@ def _insert_brokers(conn: Connection, *, webhook_url: str | None) -> None:
             FROM generate_series(1, :n) AS g
             """
         ),
-        {"n": BROKERS, "url": webhook_url},
+        {"n": n, "url": webhook_url},
     )
 
 
@@ -320,14 +320,23 @@ def test_a_claim_reads_none_of_the_due_events_of_a_broker_at_its_cap(engine: Eng
     assert hanging not in {row[2] for row in claimed}  # (id, attempts, broker_id, …)
 
 
-def _claim_plan_kept_while_the_outbox_grew(engine: Engine, made_on: str, *, one_broker_full: bool) -> str:
-    """The plan of the claim's ``due`` statement made on an outbox as ``made_on`` says (empty and analysed, or one
-    pending event per broker, analysed or not), kept while 50 events per broker arrived; ``one_broker_full``: the
-    first broker at its cap (the per-broker path)."""
+def _claim_plan_kept_while_the_outbox_grew(
+    engine: Engine,
+    made_on: str,
+    *,
+    one_broker_full: bool,
+    brokers: int = BROKERS,
+    growth: int = 50,
+    history: int = 0,
+) -> str:
+    """The plan of the claim's ``due`` statement made on an outbox of ``brokers`` brokers as ``made_on`` says (empty
+    and analysed, or one pending event per broker, analysed or not), kept while ``growth`` events per broker
+    arrived (after ``history`` delivered ones, the first ones delivered too); ``one_broker_full``: the first broker
+    at its cap (the per-broker path)."""
     if made_on == "empty-analysed":
         _analyse(engine)
     with engine.begin() as conn:
-        _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook")
+        _insert_brokers(conn, webhook_url="http://127.0.0.1:9/hook", n=brokers)
         full = conn.execute(text("SELECT id FROM brokers ORDER BY name LIMIT 1")).scalar_one()
         if made_on != "empty-analysed":
             _insert_pending_events(conn, per_broker=1, first_sequence=1)
@@ -337,7 +346,11 @@ def _claim_plan_kept_while_the_outbox_grew(engine: Engine, made_on: str, *, one_
               "per_broker": 64, "lease": 30}  # fmt: skip
 
     def grow(other: Connection) -> dict[str, Any]:
-        _insert_pending_events(other, per_broker=50, first_sequence=2)
+        if history:
+            _deliver_pending_events(other)
+            _insert_pending_events(other, per_broker=history, first_sequence=2)
+            _deliver_pending_events(other)
+        _insert_pending_events(other, per_broker=growth, first_sequence=2 + history)
         return params
 
     kept = _plans_kept_while_growing(engine, webhook_store._CLAIM, params, grow, analyse=True)
@@ -381,6 +394,26 @@ def test_a_per_broker_claim_planned_while_few_events_were_pending_locks_each_eve
     for index in ("uq_webhook_events_broker_id_id", "uq_webhook_events_broker_id_sequence"):
         assert all("broker_id" in cond for cond in _index_conditions(plan, index)), plan
     assert _most_rows_read(plan, "webhook_events") <= BROKERS, plan
+    assert "Seq Scan on webhook_events" not in plan, plan
+
+
+@pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
+def test_a_per_broker_claim_planned_on_one_pending_event_of_each_of_200_brokers_locks_each_event_by_a_unique_key(
+    engine: Engine, made_on: str
+) -> None:
+    # alembic 0024: on one pending event for each of 200 brokers (analysed or not), every index that serves the
+    # lock's "id = c.id AND broker_id = c.broker_id" cost the same, and the plan kept read
+    # uq_webhook_events_broker_id_sequence by the broker alone, filtering by id: the broker's history, from its
+    # first event to the one locked, per lock (500-1,000 rows a lock at 100,000-200,000 events). The lock names the
+    # sequence too: a unique key of each index. Here each broker's 2 due events follow 101 delivered ones.
+    plan = _claim_plan_kept_while_the_outbox_grew(
+        engine, made_on, one_broker_full=True, brokers=200, growth=2, history=100
+    )
+
+    for index, key in (("uq_webhook_events_broker_id_sequence", "(sequence = "),
+                       ("uq_webhook_events_broker_id_id", "(id = ")):  # fmt: skip
+        assert all(key in cond for cond in _index_conditions(plan, index)), plan  # the whole key, not the broker
+    assert _most_rows_read(plan, "webhook_events") <= 20, plan  # the claim's limit: a broker's due events at most
     assert "Seq Scan on webhook_events" not in plan, plan
 
 
@@ -520,6 +553,11 @@ def _insert_pending_events(conn: Connection, per_broker: int, first_sequence: in
     return [(row.id, row.broker_id) for row in rows][:BATCH]
 
 
+def _deliver_pending_events(conn: Connection) -> None:
+    """Every pending event delivered."""
+    conn.execute(text("UPDATE webhook_events SET status = 'delivered', delivered_at = now() WHERE status = 'pending'"))
+
+
 def _record_params(events: list[tuple[uuid.UUID, uuid.UUID]]) -> dict[str, Any]:
     """A ``webhook_record`` batch: each of ``events`` delivered at its first attempt."""
     batch = [
@@ -612,6 +650,10 @@ def _insert_place_commands(conn: Connection) -> None:
     )
 
 
+PENDING_GATE = "EXISTS (SELECT FROM commands)"
+"""The check ``matcher_pending`` makes before its read until its server connection has seen a command (alembic
+0024)."""
+
 MADE_ON = pytest.mark.parametrize("made_on", ["empty-analysed", "small-not-analysed", "small-analysed"])
 """Plans made on a fresh database's statistics ("no rows"), or on small tables not analysed or analysed."""
 
@@ -651,7 +693,7 @@ def test_matcher_pending_plans_made_while_tables_were_small_still_read_each_symb
     params = {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}
 
     kept = _plans_kept_while_growing(engine, store._PENDING, params, _growing_pending_commands(params))
-    [plan] = [p for p in kept if "Index" in p or "Seq" in p]
+    [plan] = [p for p in kept if ("Index" in p or "Seq" in p) and PENDING_GATE not in p]
     assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
     assert _probes_orders_by_primary_key(plan), plan
 
@@ -672,6 +714,35 @@ def test_cancel_plans_made_while_tables_were_small_still_probe_orders_and_pendin
     [plan] = [p for p in kept if "decided AS" in p]  # not the foreign-key checks of the commands written
     assert _probes_orders_by_primary_key(plan), plan
     assert _looks_up(plan, "commands", "ix_commands_pending_cancel"), plan
+
+
+def test_matcher_pending_first_called_before_any_command_probes_each_commands_order_once_there_are_many(
+    engine: Engine,
+) -> None:
+    # alembic 0024: planned while orders had no page and its statistics said empty (a fresh database's matcher,
+    # called before any order), the read kept a whole scan of pk_orders per command, the id as a join filter:
+    # 8.9 s per call of 3 symbols x 50 commands at 200,000 orders. It is now first planned once a command exists.
+    _analyse(engine)  # a fresh database's statistics: every table empty
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+    params = {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}
+
+    with _psycopg_connection(engine) as pg:
+        assert pg.execute(store._PENDING, params).fetchall() == []  # the first call, on no command at all
+        pg.rollback()
+        with engine.begin() as other:
+            [(_, first)] = _insert_orders(other, 1)  # in S1
+            _insert_place_commands(other)
+        assert [row[3] for row in pg.execute(store._PENDING, params)] == [first]  # one command: one page of each
+        pg.rollback()
+        with engine.begin() as other:
+            _insert_orders(other, ROWS)  # no ANALYZE: the plans made above are kept
+            _insert_place_commands(other)
+        kept = _nested_plans(pg, store._PENDING, params, times=1, analyse=True)
+    [plan] = [p for p in kept if "ORDER BY c.seq" in p]
+    assert _looks_up(plan, "commands", "ix_commands_unprocessed_symbol_seq"), plan
+    assert _probes_orders_by_primary_key(plan), plan
+    assert _most_rows_read(plan, "orders") <= 1, plan  # each command's order found by one probe
 
 
 ORDER_LOOKUPS = {
