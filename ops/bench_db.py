@@ -15,7 +15,10 @@ them. What is timed is the project's own statement or function (``accept.cancel_
 every chunk, ``write_cancels``, ``accept._FIND_DUPLICATES``, ``sweeper._LOG_EXPIRIES``, ``webhooks.store.claim``,
 ``orders.queries.list_orders``, ``webhooks.queries.endpoint`` and ``failing_endpoints``); a statement that writes
 runs in a transaction that is rolled back, so every repetition does the same work (except the hanging-receiver
-claim, which commits as a worker's does).
+claim, which commits as a worker's does). The ``kept_plans`` dataset is the exception to the ``VACUUM ANALYZE``:
+``matcher_pending`` and the per-broker claim are first called on a fresh database (analysed empty, or its first
+events analysed), then timed and explained on that same connection once the tables grew without an ANALYZE, with
+the plans it kept (alembic 0024).
 
 Each scenario's plan is the one ``auto_explain`` reports for the statements run (those inside PL/pgSQL functions
 too, with the rows each node read), taken on a connection of its own before the timed runs; the check is that it
@@ -54,6 +57,7 @@ from exchange.db.arrays import array_literal
 from exchange.db.engines import pooled_engine
 from exchange.db.tables import OrderStatus
 from exchange.engine.types import OrderType, StpMode
+from exchange.matching import store as matching_store
 from exchange.orders import accept
 from exchange.orders import queries as order_queries
 from exchange.orders.models import NewOrder
@@ -731,6 +735,89 @@ def _claim_long_history(url: str, sizes: Sizes, params: dict[str, Any]) -> Scena
     return scenario
 
 
+KEPT_PLAN_BROKERS = 200
+"""Brokers with one pending event each when the kept claim plan is made: the outbox on which (analysed) 0023's lock
+was planned through ``uq_webhook_events_broker_id_sequence`` (100 brokers were planned through a unique key)."""
+
+
+def kept_plans(url: str, sizes: Sizes) -> list[Scenario]:
+    """Plans a server connection made on a fresh database (analysed empty) or on its first rows, then kept while
+    the tables grew without an ANALYZE (until the next one: about a minute under autovacuum), as a worker's
+    connection behind pgbouncer keeps them. Timed and explained on that same connection (alembic 0024)."""
+    return [_pending_kept_from_empty(url, sizes), _claim_kept_from_first_events(url, sizes)]
+
+
+def _pending_kept_from_empty(url: str, sizes: Sizes) -> Scenario:
+    """``matcher_pending`` (the matcher's read) first called before any command, then ``total`` orders, every other
+    one pending with its place command unprocessed, over 450 symbols; the call reads 3 symbols' 50 oldest."""
+    with psycopg.connect(url) as conn:
+        reset(conn)
+        conn.commit()
+    vacuum_analyse(url)
+    scenario = Scenario(
+        "kept_pending_from_empty",
+        f"matcher_pending of 3 symbols x 50, first called before any command, then {sizes.total:,} orders",
+        "0023: 7.85-8.9 s at 200,000 orders, 14.4-26.9 s here at 300,000 (pk_orders read whole per command)",
+        ["pk_orders"],
+    )  # fmt: skip
+    params = {"symbols": array_literal(["S1", "S2", "S3"]), "limit": 50}
+    with psycopg.connect(url) as kept:
+        rolled_back(kept, matching_store._PENDING, params)()  # no command yet: what it plans now, it keeps
+        with psycopg.connect(url) as conn:
+            [broker] = add_brokers(conn, 1, prefix="mp")
+            history(conn, broker, sizes.total, sizes.total, symbols=450)
+        with explaining(kept) as plans:
+            rolled_back(kept, matching_store._PENDING, params)()
+        scenario.times_ms = [timed(rolled_back(kept, matching_store._PENDING, params)) for _ in range(sizes.repeat)]
+    plans = [p for p in plans if "ORDER BY c.seq" in p]
+    check_indexes(scenario, plans, {"pk_orders": "(id = c.order_id)"})
+    read = most_rows_read(plans, "orders")
+    scenario.extra["most_rows_read"] = read
+    scenario.checks["reads each command's order alone"] = read <= 1
+    return scenario
+
+
+def _claim_kept_from_first_events(url: str, sizes: Sizes) -> Scenario:
+    """The per-broker claim first called on one pending event of each of ``KEPT_PLAN_BROKERS`` brokers (analysed),
+    then those delivered and each broker given a history of delivered events with 2 due at its end (``total``
+    events in all, at least ``8 * CLAIM_LIMIT`` a broker): each lock must find its event by a unique key, not read
+    the broker's history up to it."""
+    with psycopg.connect(url) as conn:
+        reset(conn)
+        brokers = add_brokers(conn, KEPT_PLAN_BROKERS)
+        conn.execute(
+            "INSERT INTO webhook_events (broker_id, sequence, type, payload, next_attempt_at)"
+            " SELECT id, 1000000000, 'order.fill', '{}', now() - interval '1 hour' FROM brokers"
+        )
+        conn.commit()
+    vacuum_analyse(url)
+    each = max(sizes.total // KEPT_PLAN_BROKERS, 8 * CLAIM_LIMIT)
+    scenario = Scenario(
+        "kept_claim_from_first_events",
+        f"a claim of {CLAIM_LIMIT} (rolled back), first called on 1 event of each of {KEPT_PLAN_BROKERS} brokers, "
+        f"then {each:,} events each",
+        "0023: 7.3-17.5 ms here (each lock read its broker's history, 1,499 rows); 25-34 ms at 1,000 events each",
+        [CLAIM_INDEX],
+    )  # fmt: skip
+    params = {"room_brokers": [], "room_left": [], "full_brokers": brokers[:1], "limit": CLAIM_LIMIT,
+              "per_broker": CLAIM_PER_BROKER, "lease": 30}  # fmt: skip
+    with psycopg.connect(url) as kept:
+        rolled_back(kept, webhook_store._CLAIM, params)()  # the per-broker path's plan, made now and kept
+        with psycopg.connect(url) as conn:
+            conn.execute("UPDATE webhook_events SET status = 'delivered', delivered_at = now()")
+            for broker in brokers:
+                events(conn, broker, each, pending=2, failed=0, due=True)
+        with explaining(kept) as plans:
+            rolled_back(kept, webhook_store._CLAIM, params)()
+        scenario.times_ms = [timed(rolled_back(kept, webhook_store._CLAIM, params)) for _ in range(sizes.repeat)]
+    plans = [p for p in plans if "webhook_events" in p]
+    check_indexes(scenario, plans, {CLAIM_INDEX: RANGE})
+    read = most_rows_read(plans, "webhook_events")
+    scenario.extra["most_rows_read"] = read
+    scenario.checks[f"no scan reads more than {4 * CLAIM_LIMIT} rows a loop"] = read <= 4 * CLAIM_LIMIT
+    return scenario
+
+
 def listing(url: str, sizes: Sizes) -> list[Scenario]:
     """``GET /orders?status=open|pending`` (orders.queries.list_orders, a page of 50) of a broker with ``history``
     orders, ``live`` of them not closed, among ``total`` orders of all brokers."""
@@ -826,7 +913,16 @@ def _measure_async(
     asyncio.run(run())
 
 
-DATASETS: list[Callable[[str, Sizes], list[Scenario]]] = [cancels, replay, sweeper, claim, overdue, listing, endpoints]
+DATASETS: list[Callable[[str, Sizes], list[Scenario]]] = [
+    cancels,
+    replay,
+    sweeper,
+    claim,
+    overdue,
+    listing,
+    endpoints,
+    kept_plans,
+]
 
 
 # ------------------------------------------------------------------------------------------------ report

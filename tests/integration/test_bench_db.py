@@ -27,6 +27,8 @@ SCENARIOS = [
     "list_orders_pending",
     "webhooks_endpoint",
     "admin_webhooks_failing",
+    "kept_pending_from_empty",
+    "kept_claim_from_first_events",
 ]
 
 
@@ -121,4 +123,20 @@ def test_the_claims_checks_fail_on_0021s_per_broker_reading(postgres_admin_url: 
     [long_history] = [s for s in report["scenarios"] if s["name"] == "webhook_claim_long_history"]
     assert long_history["extra"]["most_rows_read"] > 4 * bench_db.CLAIM_LIMIT
     assert f"reads {bench_db.CLAIM_INDEX}" in _failed(long_history)
+    assert code == 1
+
+
+def test_the_kept_plans_checks_fail_on_0023s_matcher_pending_and_claim_lock(
+    postgres_admin_url: str, tmp_path: Path
+) -> None:
+    # At 0023 matcher_pending's read, first planned before any command, read pk_orders whole per command, and the
+    # per-broker claim planned on 200 brokers' first events locked each event through its broker's history (alembic
+    # 0024): the checks must say so, or their passing at head proves nothing.
+    code, report = _run(postgres_admin_url, tmp_path / "0023.json", "--revision", "0023", "--only", "kept_plans")
+    assert report["revision"] == "0023"
+    failed = {s["name"]: _failed(s) for s in report["scenarios"]}
+    assert failed == {
+        "kept_pending_from_empty": {"reads pk_orders", "reads each command's order alone"},
+        "kept_claim_from_first_events": {f"no scan reads more than {4 * bench_db.CLAIM_LIMIT} rows a loop"},
+    }
     assert code == 1
