@@ -221,6 +221,18 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (``exchange dev --matchers 0`` would otherwise start every child with no
+    partition or worker, each exiting and restarted every 10 s)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def _add_dev(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "dev",
@@ -231,9 +243,12 @@ def _add_dev(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="api port on 127.0.0.1 (default 8000)")
     parser.add_argument(
-        "--matchers", type=int, default=None, help="matcher processes splitting the partitions (default: CPUs / 2)"
+        "--matchers",
+        type=_at_least_one,
+        default=None,
+        help="matcher processes splitting the partitions (default: CPUs / 2)",
     )
-    parser.add_argument("--api-workers", type=int, default=None, help="gunicorn workers (default: CPUs / 2)")
+    parser.add_argument("--api-workers", type=_at_least_one, default=None, help="gunicorn workers (default: CPUs / 2)")
     parser.add_argument("--pgbouncer-port", type=int, default=6432, help="pgbouncer port (default 6432)")
     parser.add_argument(
         "--state-dir",

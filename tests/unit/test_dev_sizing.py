@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from exchange import dev
+from exchange.cli import build_parser
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4)])
@@ -36,3 +37,16 @@ def test_dev_gives_one_partition_per_matcher_process_unless_partitions_are_set(
 ) -> None:
     partitions = int(configured.get("EXCHANGE_PARTITIONS", "1"))
     assert dev.dev_partitions(configured, partitions, matchers) == expected
+
+
+@pytest.mark.parametrize(("option", "value"), [("--matchers", "0"), ("--api-workers", "0"), ("--matchers", "-2")])
+def test_dev_refuses_fewer_than_one_matcher_or_api_worker_with_a_usage_error(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --matchers 0 started every child with no partition (each exiting, restarted every 10 s), --api-workers 0 an
+    # api that exited and was restarted forever: refused before anything starts, as argparse refuses a bad value.
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["dev", option, value])
+
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be >= 1, not {value}" in capsys.readouterr().err
