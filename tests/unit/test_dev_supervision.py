@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from exchange.config import Settings
-from exchange.dev import Child, StopRequest, _spawn, _stop, holding_state_dir, port_in_use, run_dev, watch
+from exchange.dev import (
+    Child,
+    StopRequest,
+    _spawn,
+    _stop,
+    holding_state_dir,
+    port_in_use,
+    run_dev,
+    watch,
+    webhooks_stop_grace_s,
+)
 from tests.serving import wait_until
 
 
@@ -37,7 +48,7 @@ def _watching(children: list[Child]) -> Iterator[None]:
     finally:
         stopping.requested = True
         thread.join(5)
-        _stop(children, timeout_s=2)
+        _stop(children, grace_s=2)
 
 
 def _leaves_a_worker(pidfile: Path) -> Child:
@@ -69,9 +80,52 @@ def test_stopping_kills_the_workers_a_dead_leader_left(tmp_path: Path) -> None:
     worker = int(pidfile.read_text())
     assert _alive(worker)
 
-    _stop([child], timeout_s=2)
+    _stop([child], grace_s=2)
 
     wait_until(lambda: not _alive(worker), timeout=1)
+
+
+FORWARDING_LEADER = """
+import os, signal, sys, time
+signals = sys.argv[1]
+worker = os.fork()
+if worker == 0:  # a dramatiq worker process: it counts the SIGTERMs it gets, and stops a little after the first
+    got = []
+    def count(signum, frame):
+        got.append(signum)
+        with open(signals, "a") as out:
+            out.write("TERM\\n")
+    signal.signal(signal.SIGTERM, count)
+    open(signals + ".ready", "w").close()
+    while not got:
+        time.sleep(0.01)
+    time.sleep(0.3)  # draining: a second SIGTERM now would kill it (dramatiq's "Killing worker process")
+    os._exit(0)
+signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(worker, signal.SIGTERM))  # as dramatiq's master does
+while True:
+    try:
+        os.waitpid(worker, 0)
+        break
+    except InterruptedError:
+        pass
+"""
+
+
+def test_stopping_a_child_sends_sigterm_to_its_leader_alone_so_its_workers_get_it_once(tmp_path: Path) -> None:
+    signals = tmp_path / "signals"
+    child = Child("forwarding", [sys.executable, "-c", FORWARDING_LEADER, str(signals)])
+    _spawn(child, dict(os.environ))
+    wait_until(lambda: Path(f"{signals}.ready").exists())
+
+    _stop([child], grace_s=10)
+
+    assert signals.read_text().splitlines() == ["TERM"]  # before: twice, the group's and the master's
+
+
+def test_webhooks_get_compose_files_grace_or_more_when_their_timeouts_make_the_drain_longer() -> None:
+    assert webhooks_stop_grace_s(Settings.from_env({})) == 60.0  # compose.yaml's stop_grace_period
+    slow = Settings.from_env({"EXCHANGE_WEBHOOK_READ_TIMEOUT_MS": "120000"})
+    assert webhooks_stop_grace_s(slow) > 120
 
 
 def test_one_childs_long_restart_delay_does_not_hold_up_another_childs_restart() -> None:
@@ -114,3 +168,20 @@ def test_the_state_dir_is_free_again_once_its_run_ends(tmp_path: Path) -> None:
         pass
     with holding_state_dir(tmp_path):
         pass
+
+
+def test_a_pooled_url_without_a_database_url_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The children would use that pooled database while dev migrated an embedded one.
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    for name in ("EXCHANGE_DATABASE_URL", "EXCHANGE_ENV_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EXCHANGE_POOLED_DATABASE_URL", "postgresql://postgres@127.0.0.1:6432/elsewhere")
+    state_dir = tmp_path / "state"
+
+    code = run_dev(Settings.from_env({}), port=1, matchers=1, api_workers=1, pgbouncer_port=1, state_dir=state_dir)
+
+    assert code == 2
+    assert "EXCHANGE_POOLED_DATABASE_URL is set but EXCHANGE_DATABASE_URL is not" in capsys.readouterr().err
+    assert not state_dir.exists()  # no embedded server was started
