@@ -4,6 +4,7 @@ each child waits out only its own restart delay, a taken port is refused before 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -120,6 +121,25 @@ def test_stopping_a_child_sends_sigterm_to_its_leader_alone_so_its_workers_get_i
     _stop([child], grace_s=10)
 
     assert signals.read_text().splitlines() == ["TERM"]  # before: twice, the group's and the master's
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_its_own_grace_and_the_others_stop_meanwhile(
+    tmp_path: Path,
+) -> None:
+    ready = tmp_path / "ready"
+    stubborn = Child("stubborn", ["sh", "-c", f"trap '' TERM; touch {ready}; while :; do sleep 0.05; done"])
+    stubborn.stop_grace_s = 0.5
+    quick = Child("quick", ["sleep", "30"])  # the default grace (10 s), unused: it stops at once
+    for child in (stubborn, quick):
+        _spawn(child, dict(os.environ))
+    wait_until(ready.exists)
+
+    _stop([stubborn, quick])
+
+    assert stubborn.process is not None
+    assert stubborn.process.returncode == -signal.SIGKILL
+    assert quick.process is not None
+    assert quick.process.returncode == -signal.SIGTERM
 
 
 def test_webhooks_get_compose_files_grace_or_more_when_their_timeouts_make_the_drain_longer() -> None:
