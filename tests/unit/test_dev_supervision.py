@@ -102,7 +102,10 @@ if worker == 0:  # a dramatiq worker process: it counts the SIGTERMs it gets, an
         time.sleep(0.01)
     time.sleep(0.3)  # draining: a second SIGTERM now would kill it (dramatiq's "Killing worker process")
     os._exit(0)
-signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(worker, signal.SIGTERM))  # as dramatiq's master does
+def forward(signum, frame):  # as dramatiq's master does, a moment later (it logs first): never at the same instant
+    time.sleep(0.1)
+    os.kill(worker, signal.SIGTERM)
+signal.signal(signal.SIGTERM, forward)
 while True:
     try:
         os.waitpid(worker, 0)
