@@ -197,6 +197,7 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
 
     from exchange.db.engines import pooled_engine
     from exchange.messaging.broker import make_broker
+    from exchange.messaging.names import process_namespace
     from exchange.observability.logs import configure_logging
     from exchange.observability.metrics import start_worker_metrics_server
     from exchange.sweeper import run_forever
@@ -207,7 +208,8 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     engine = pooled_engine(settings.pooled_database_url, pool_size=1, max_overflow=1)
-    broker = make_broker(settings.redis_url, settings.partitions)
+    namespace = process_namespace(settings.redis_namespace, settings.pooled_database_url)
+    broker = make_broker(settings.redis_url, settings.partitions, namespace)
     run_forever(
         engine,
         broker,

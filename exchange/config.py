@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,18 @@ def _seconds_list(variable: str, raw: str) -> tuple[float, ...]:
 
 _POSTGRES_URL = _url("postgresql", "postgres")
 
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _namespace(variable: str, raw: str) -> str:
+    """A Redis namespace: 1-64 letters, digits, ``.``, ``_`` or ``-`` (no ``:`` nor glob characters)."""
+    value = raw.strip()
+    if not _NAMESPACE.fullmatch(value):
+        raise SettingsError(f"{variable} must be 1-64 letters, digits, '.', '_' or '-', got {raw!r}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------- settings
 
 
@@ -140,6 +153,10 @@ class Settings:
     """Connection for request/transaction work; points at pgbouncer (transaction pooling) in production,
     so only transaction-scoped features may be used through it. Defaults to ``database_url``."""
     redis_url: str = _env("EXCHANGE_REDIS_URL", _url("redis", "rediss", "unix"), DEFAULT_REDIS_URL)
+    redis_namespace: str | None = _env("EXCHANGE_REDIS_NAMESPACE", _namespace, None)
+    """Prefix of every Redis key and channel of this exchange (:mod:`exchange.messaging.names`). Unset: derived
+    from the PostgreSQL database's identity (cluster system identifier + database name), so every process of one
+    exchange agrees and two exchanges sharing a Redis database never take each other's work."""
     partitions: int = _env("EXCHANGE_PARTITIONS", _integer(minimum=1, maximum=4096), 1)
     """Number of matching queues ``matching.0 … matching.<partitions-1>``. Every process must agree on it.
 

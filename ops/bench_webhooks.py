@@ -32,6 +32,7 @@ import redis
 
 from exchange.db import migrate
 from exchange.messaging.broker import make_broker
+from exchange.messaging.names import process_namespace
 from exchange.orders.brokers import new_webhook_secret
 from exchange.webhooks.queue import enqueue_deliveries
 from ops.bench.ceiling import create_scratch_database, drop_database
@@ -177,7 +178,7 @@ def main() -> None:
         workers = subprocess.Popen(argv, env=env, start_new_session=True)
         children.append(workers)
         time.sleep(3.0)  # let the workers boot before the clock starts
-        broker = make_broker(redis_url, 1)
+        broker = make_broker(redis_url, 1, process_namespace(None, url))
         with psycopg.connect(url, autocommit=True) as conn:
             receiver_before, workers_before = _session_cpu_s(receiver.pid), _session_cpu_s(workers.pid)
             machine_before, backends_before = _machine_busy_s(), _backend_cpu_s(conn)

@@ -22,6 +22,7 @@ from exchange.heap import Keeper
 from exchange.matching.service import BatchResult, BookCache, drain
 from exchange.matching.store import matcher_engine
 from exchange.messaging.broker import SettledHeap, make_broker
+from exchange.messaging.names import process_namespace
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
 from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
@@ -35,14 +36,16 @@ log = logging.getLogger("exchange.matcher")
 settings = Settings.from_env()
 configure_logging("matcher", level=settings.log_level, fmt=settings.log_format, replace=True)
 metrics.start_worker_metrics_server("matcher", settings.metrics_port, settings.metrics_bind)
-broker = make_broker(settings.redis_url, settings.partitions)
+broker = make_broker(
+    settings.redis_url, settings.partitions, process_namespace(settings.redis_namespace, settings.pooled_database_url)
+)
 broker.add_middleware(SettledHeap())
 # One connection per dramatiq thread (each may hold one symbol's lock) plus a spare for the one in rollback.
 _threads = int(os.environ.get("EXCHANGE_MATCHER_THREADS", "1"))
 _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
 _redis: redis.Redis = broker.client  # the broker's own: the after-commit round trip also enqueues on it (add_hint)
 _cache = BookCache()
-_wakeups = PartitionWakeups(_redis, linger_s=settings.matcher_linger_ms / 1000)
+_wakeups = PartitionWakeups(_redis, broker.namespace, linger_s=settings.matcher_linger_ms / 1000)
 _keep_heap = Keeper()
 """The cached books only grow while the matcher runs: what survived is frozen once a second (``exchange.heap``), so
 no collection walks them again."""
@@ -74,7 +77,7 @@ def _publish(results: list[BatchResult], release: int | None) -> list[str] | Non
     if not order_ids and not has_events and release is None:
         return None
     with _redis.pipeline(transaction=False) as pipe:
-        publish_results(pipe, order_ids, [state for result in results for state in result.placed])
+        publish_results(pipe, broker.namespace, order_ids, [state for result in results for state in result.placed])
         hint = add_hint(pipe, broker) if has_events else None
         if release is not None:
             _wakeups.add_take_or_release(pipe, release)

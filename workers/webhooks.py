@@ -30,6 +30,7 @@ import dramatiq
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
 from exchange.messaging.broker import SettledHeap, make_broker
+from exchange.messaging.names import process_namespace
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.observability import metrics
 from exchange.observability.logs import configure_logging
@@ -42,7 +43,9 @@ log = logging.getLogger("exchange.webhooks")
 settings = Settings.from_env()
 configure_logging("webhooks", level=settings.log_level, fmt=settings.log_format, replace=True)
 metrics.start_worker_metrics_server("webhooks", settings.metrics_port, settings.metrics_bind)
-broker = make_broker(settings.redis_url, settings.partitions)
+broker = make_broker(
+    settings.redis_url, settings.partitions, process_namespace(settings.redis_namespace, settings.pooled_database_url)
+)
 broker.add_middleware(SettledHeap())
 # The pump claims and records one statement at a time each (on threads of its own), plus a spare.
 _engine = pooled_engine(settings.pooled_database_url, pool_size=3, max_overflow=2)

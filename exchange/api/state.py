@@ -26,8 +26,9 @@ from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 from exchange.api.batches import OrderKey, accept_orders, cancel_orders, read_orders
 from exchange.api.coalescing import Coalescer
 from exchange.config import Settings
-from exchange.db.engines import DEAD_PEER_OPTIONS, AsyncPool
+from exchange.db.engines import DEAD_PEER_OPTIONS, AsyncPool, single_statement
 from exchange.messaging.broker import AsyncEnqueuer, make_broker
+from exchange.messaging.names import IDENTITY_QUERY, LazyNamespace, derive
 from exchange.messaging.results import ResultWaiter
 from exchange.ops.cache import SharedResult
 from exchange.ops.data import GAUGES_TTL_S
@@ -98,12 +99,23 @@ class KeyCache:
         self._entries.clear()
 
 
+async def read_namespace(pool: AsyncPool) -> str:
+    """The exchange's Redis namespace derived from the database behind ``pool`` (:mod:`exchange.messaging.names`)."""
+    async with single_statement(pool) as conn:
+        row = await (await conn.execute(IDENTITY_QUERY)).fetchone()
+    assert row is not None
+    return derive(int(row[0]), str(row[1]))
+
+
 @dataclass(slots=True)
 class ApiState:
     settings: Settings
     pool: AsyncPool
     redis: Redis
     subscriber_redis: Redis
+    names: LazyNamespace
+    """The exchange's Redis namespace: ``broker``'s, read from the database once (at start, or on first need when
+    the database was down then)."""
     broker: RedisBroker
     enqueuer: AsyncEnqueuer
     """The broker's enqueue on ``redis`` (the order path's wake-ups)."""
@@ -135,10 +147,15 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
             settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
         subscriber = results_subscriber(settings.redis_url)
-        broker = make_broker(settings.redis_url, settings.partitions)
-        enqueuer = AsyncEnqueuer(broker, client)
-        waiter = ResultWaiter(subscriber)
-        await waiter.start()
+        broker = make_broker(settings.redis_url, settings.partitions, None)
+        names = LazyNamespace(
+            settings.redis_namespace,
+            functools.partial(read_namespace, pool),
+            lambda value: setattr(broker, "namespace", value),
+        )
+        enqueuer = AsyncEnqueuer(broker, client, names.get)
+        waiter = ResultWaiter(subscriber, names.get)
+        await waiter.start()  # reads the namespace first (the database may be down: it then goes on trying)
         group = {"max_concurrent": settings.group_commit_concurrency, "max_batch": settings.group_commit_max}
         accepts: Coalescer[NewOrder, PlaceResult] = Coalescer(
             functools.partial(accept_orders, pool, enqueuer, settings.partitions), **group
@@ -147,7 +164,9 @@ def lifespan(settings: Settings) -> Callable[[Litestar], contextlib.AbstractAsyn
             functools.partial(cancel_orders, pool, enqueuer, settings.partitions), **group
         )
         reads: Coalescer[OrderKey, OrderView | None] = Coalescer(functools.partial(read_orders, pool), **group)
-        app.state.api = ApiState(settings, pool, client, subscriber, broker, enqueuer, waiter, accepts, cancels, reads)
+        app.state.api = ApiState(
+            settings, pool, client, subscriber, names, broker, enqueuer, waiter, accepts, cancels, reads
+        )
         try:
             yield
         finally:

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,6 @@ from exchange.observability.propagation import RequestIdMiddleware
 
 log = logging.getLogger("exchange.messaging")
 
-DOORBELL_PREFIX = "exchange:doorbell:"
 SOCKET_TIMEOUT_S = 10.0
 """Every Redis call on the broker's client (:func:`redis_client`; the matcher's after-commit round trip uses it too)
 gives up after this long (a stalled Redis must not hang a request's batch or a worker forever; dramatiq's own client
@@ -63,8 +62,9 @@ MAX_IDLE_WAIT_S = SOCKET_TIMEOUT_S / 2
 """An idle consumer's doorbell wait is capped below the socket timeout, whatever ``dramatiq_worker_timeout`` says."""
 
 
-def doorbell_key(queue_name: str) -> str:
-    return f"{DOORBELL_PREFIX}{queue_name}"
+def doorbell_key(namespace: str, queue_name: str) -> str:
+    """The doorbell of ``queue_name`` in ``namespace`` (the broker's, :mod:`exchange.messaging.names`)."""
+    return f"{namespace}:doorbell:{queue_name}"
 
 
 @contextlib.contextmanager
@@ -119,13 +119,33 @@ class _DoorbellConsumer(_RedisConsumer):
             # Nothing queued at the last look: wait for a ring (or the idle timeout). The caller loops back here
             # and fetches again.
             wait_s = min(max(self.timeout, 1) / 1000, MAX_IDLE_WAIT_S)
-            self.broker.client.blpop([doorbell_key(self.queue_name)], timeout=wait_s)
+            self.broker.client.blpop([doorbell_key(self.broker.namespace, self.queue_name)], timeout=wait_s)
             self.drained = False
             return None
 
 
+class NamespaceUnknownError(RuntimeError):
+    """The broker was used before its namespace was known (the api's, while its database has not answered yet)."""
+
+
 class DoorbellRedisBroker(RedisBroker):
-    """A :class:`~dramatiq.brokers.redis.RedisBroker` whose consumers wake when a message is enqueued."""
+    """A :class:`~dramatiq.brokers.redis.RedisBroker` whose consumers wake when a message is enqueued.
+
+    Its ``namespace`` (dramatiq's key prefix, and the exchange's: :mod:`exchange.messaging.names`) may be None
+    until known: any use of the broker before then raises :class:`NamespaceUnknownError` instead of writing under a
+    guessed name."""
+
+    _namespace: str | None = None
+
+    @property  # dramatiq declares a plain attribute
+    def namespace(self) -> str:
+        if self._namespace is None:
+            raise NamespaceUnknownError("the exchange's Redis namespace is not known yet (no answer from its database)")
+        return self._namespace
+
+    @namespace.setter
+    def namespace(self, value: str | None) -> None:
+        self._namespace = value
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -183,9 +203,9 @@ def _stamped(broker: RedisBroker, message: dramatiq.Message[Any]) -> dramatiq.Me
     return stamped
 
 
-def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, queue_name: str) -> None:
-    """Add the ring of ``queue_name``'s doorbell to ``pipe`` (a sync or an asyncio pipeline)."""
-    key = doorbell_key(queue_name)
+def queue_ring(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, namespace: str, queue_name: str) -> None:
+    """Add the ring of ``queue_name``'s doorbell (in ``namespace``) to ``pipe`` (a sync or an asyncio pipeline)."""
+    key = doorbell_key(namespace, queue_name)
     pipe.lpush(key, b"1")
     pipe.ltrim(key, 0, 0)
 
@@ -249,9 +269,24 @@ class AsyncEnqueuer:
     layout fails there, not in production.
     """
 
-    def __init__(self, broker: RedisBroker, client: redis.asyncio.Redis) -> None:
+    def __init__(
+        self,
+        broker: RedisBroker,
+        client: redis.asyncio.Redis,
+        namespace: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
+        """``namespace``: awaited before each send, to name ``broker`` when its namespace was not known yet (the
+        api's :class:`~exchange.messaging.names.LazyNamespace`; once known it returns at once)."""
         self._broker = broker
         self._quiet = QuietConnection(client)
+        self._resolve = namespace
+
+    async def known_namespace(self) -> str:
+        """The broker's namespace, read first (see ``namespace`` of ``__init__``) if it was not known yet."""
+        if self._resolve is not None:
+            return await self._resolve()
+        namespace: str = self._broker.namespace
+        return namespace
 
     async def close(self) -> None:
         """Close the connection of :meth:`ring_all` (``client`` is the caller's to close)."""
@@ -266,6 +301,7 @@ class AsyncEnqueuer:
         or not, each whole or not at all); a script that fails in Redis fails silently."""
         if not messages:
             return
+        await self.known_namespace()
         stamped = [_stamped(self._broker, message) for message in messages]
         calls = [
             ("EVAL", _ENQUEUE_SCRIPT, *_script_call(self._broker.namespace, message, guard))
@@ -312,7 +348,7 @@ async def _replies_off(connection: redis.asyncio.connection.AbstractConnection) 
 def _script_call(namespace: str, message: dramatiq.Message[Any], guard: Guard | None) -> list[Any]:
     """The enqueue script's key count, keys and arguments for ``message`` (which has its ``redis_message_id``)."""
     queue = f"{namespace}:{message.queue_name}"
-    keys = [queue, f"{queue}.msgs", doorbell_key(message.queue_name)]
+    keys = [queue, f"{queue}.msgs", doorbell_key(namespace, message.queue_name)]
     args: list[Any] = [message.options["redis_message_id"], message.encode()]
     if guard is not None:
         if guard.set_key is None and guard.members:
@@ -339,15 +375,16 @@ class SettledHeap(dramatiq.Middleware):
         settle(metrics.observe_gc_pause)
 
 
-def make_broker(redis_url: str, partitions: int) -> DoorbellRedisBroker:
-    """Create the Redis broker, make it dramatiq's global broker, and declare every queue.
+def make_broker(redis_url: str, partitions: int, namespace: str | None) -> DoorbellRedisBroker:
+    """Create the Redis broker in ``namespace`` (:mod:`exchange.messaging.names`; None: named later, unusable until
+    then), make it dramatiq's global broker, and declare every queue.
 
     Declaring all ``matching.<n>`` queues and ``webhooks`` up front lets the dashboard list them before the
     first message. Default middleware plus :class:`RequestIdMiddleware` (request ids in the workers' logs);
     retries of matching messages are pointless (the sweeper re-nudges) but harmless, so they are left to each
     actor's options.
     """
-    broker = DoorbellRedisBroker(client=redis_client(redis_url))  # type: ignore[no-untyped-call]  # untyped
+    broker = DoorbellRedisBroker(client=redis_client(redis_url), namespace=namespace)  # type: ignore[no-untyped-call]
     broker.add_middleware(RequestIdMiddleware())
     for n in range(partitions):
         broker.declare_queue(matching_queue(n))

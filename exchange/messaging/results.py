@@ -21,14 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from uuid import UUID
 
 import msgspec
 import redis
 import redis.asyncio
 
-RESULTS_CHANNEL = "exchange:order-results"
+
+def results_channel(namespace: str) -> str:
+    """The pub/sub channel of the results of the exchange of ``namespace`` (:mod:`exchange.messaging.names`)."""
+    return f"{namespace}:order-results"
+
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +87,16 @@ def decode_results(payload: bytes) -> tuple[list[UUID], dict[UUID, PlacedState]]
 
 
 def publish_results(
-    client: redis.Redis | redis.client.Pipeline, order_ids: Iterable[UUID], placed: Iterable[PlacedState] = ()
+    client: redis.Redis | redis.client.Pipeline,
+    namespace: str,
+    order_ids: Iterable[UUID],
+    placed: Iterable[PlacedState] = (),
 ) -> None:
     """Tell every api process that these orders were processed, with the state of those placed in the
     transaction (called after the matcher's commit; on a pipeline, sent when the caller executes it)."""
     ids = list(order_ids)
     if ids:
-        client.publish(RESULTS_CHANNEL, encode_results(ids, placed))
+        client.publish(results_channel(namespace), encode_results(ids, placed))
 
 
 class ResultWaiter:
@@ -100,8 +107,10 @@ class ResultWaiter:
     same order (e.g. two cancels asking for the result): each has its own future and all are resolved.
     """
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, namespace: Callable[[], Awaitable[str]]) -> None:
+        """``namespace`` gives the exchange's namespace (raising while it cannot be known: the subscriber retries)."""
         self._client = client
+        self._namespace = namespace
         self._waiting: dict[UUID, list[asyncio.Future[PlacedState | None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -153,9 +162,17 @@ class ResultWaiter:
         # Reconnect forever: a Redis restart must not leave this process deaf. Waiters time out meanwhile.
         while True:
             try:
+                channel = results_channel(await self._namespace())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the api's database is down: its namespace is not known yet
+                log.warning("result subscriber waits for the exchange's Redis namespace: %r", exc)
+                await asyncio.sleep(1.0)
+                continue
+            try:
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 async with pubsub:
-                    await pubsub.subscribe(RESULTS_CHANNEL)
+                    await pubsub.subscribe(channel)
                     self.subscribed = True
                     self._ready.set()
                     try:

@@ -1,13 +1,14 @@
 """Coalesced wake-ups: tell a partition's matcher "these symbols have work", with at most one message per partition
 in flight, so that work arriving while a partition is busy accumulates into its next transaction.
 
-Two Redis keys per partition: ``exchange:wake:<n>:symbols``, the set of symbols woken since the partition's matcher
-last took it, and ``exchange:wake:<n>:busy``, a flag (with a TTL) saying a matcher holds the partition. After its
+Two Redis keys per partition (under the exchange's namespace, :mod:`exchange.messaging.names`):
+``<namespace>:wake:<n>:symbols``, the set of symbols woken since the partition's matcher
+last took it, and ``<namespace>:wake:<n>:busy``, a flag (with a TTL) saying a matcher holds the partition. After its
 commit the api adds the symbols to the set, sets the flag ``NX`` and, only when the flag was free, enqueues a
 message ``match_<n>(*symbols)``, all in ONE script (one round trip; a flag is never held without its message). The
 matcher takes the set (and re-arms the flag) before it reads the command log, drains those symbols, and then
 atomically either takes what was added meanwhile and goes on, or, if nothing was, clears the flag and stops. A
-matcher may linger before it stops: a wake-up that finds the flag held also rings ``exchange:wake:<n>:ring`` (a
+matcher may linger before it stops: a wake-up that finds the flag held also rings ``<namespace>:wake:<n>:ring`` (a
 one-element list), on which the holder waits a few milliseconds (``EXCHANGE_MATCHER_LINGER_MS``) for work that
 then costs no message; the take clears the ring with the set it rang for.
 
@@ -31,26 +32,30 @@ import redis
 from exchange.messaging.broker import AsyncEnqueuer, Guard
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
 
-WAKE_KEY_PREFIX = "exchange:wake:"
 WAKE_TTL_MS = 500
 """How long a partition's flag outlives its last renewal: a matcher renews it every time it takes the set, so only
 a matcher that died (or stalled this long in one transaction) lets it expire. It bounds how long wake-ups of a
 partition stay suppressed after its matcher was killed."""
 
 
-def woken_key(partition: int) -> str:
+def wake_key_pattern(namespace: str) -> str:
+    """A ``SCAN`` pattern matching every wake-up key of ``namespace`` (and no other exchange's)."""
+    return f"{namespace}:wake:*"
+
+
+def woken_key(namespace: str, partition: int) -> str:
     """The set of symbols of ``partition`` woken since its matcher last took them."""
-    return f"{WAKE_KEY_PREFIX}{partition}:symbols"
+    return f"{namespace}:wake:{partition}:symbols"
 
 
-def busy_key(partition: int) -> str:
+def busy_key(namespace: str, partition: int) -> str:
     """Set while a matcher holds ``partition`` (its message is queued or being processed)."""
-    return f"{WAKE_KEY_PREFIX}{partition}:busy"
+    return f"{namespace}:wake:{partition}:busy"
 
 
-def ring_key(partition: int) -> str:
+def ring_key(namespace: str, partition: int) -> str:
     """Rung by a wake-up that found ``partition`` held: its holder, lingering after a drain, takes the set at once."""
-    return f"{WAKE_KEY_PREFIX}{partition}:ring"
+    return f"{namespace}:wake:{partition}:ring"
 
 
 class BrokerLike(Protocol):
@@ -99,8 +104,9 @@ async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions
     if not groups:
         return
     messages = [partition_message(partition, names) for partition, names in groups]
+    ns = await enqueuer.known_namespace()
     guards = [
-        Guard(woken_key(partition), names, busy_key(partition), WAKE_TTL_MS, ring=ring_key(partition))
+        Guard(woken_key(ns, partition), names, busy_key(ns, partition), WAKE_TTL_MS, ring=ring_key(ns, partition))
         for partition, names in groups
     ]
     await enqueuer.ring_all(messages, guards)
@@ -121,9 +127,9 @@ return symbols
 """
 
 
-def _take_keys(partition: int) -> list[str]:
+def _take_keys(namespace: str, partition: int) -> list[str]:
     """The take script's KEYS for ``partition``, in its order."""
-    return [woken_key(partition), busy_key(partition), ring_key(partition)]
+    return [woken_key(namespace, partition), busy_key(namespace, partition), ring_key(namespace, partition)]
 
 
 class PartitionWakeups:
@@ -134,8 +140,9 @@ class PartitionWakeups:
     it held rings: work arriving meanwhile is taken at once, without a message (enqueue, fetch, hand-over to a
     worker thread, ack) and without the take that starts one. Only then is it released."""
 
-    def __init__(self, client: redis.Redis, *, linger_s: float = 0.0) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, *, linger_s: float = 0.0) -> None:
         self._client = client
+        self.namespace = namespace
         self._take = client.register_script(_TAKE_SCRIPT)
         self.linger_s = linger_s
 
@@ -154,7 +161,7 @@ class PartitionWakeups:
         with the results it publishes), as ``EVAL`` (Redis caches it by its digest: no forgotten script can fail
         it). Pass the reply to :meth:`taken`; when it is [], :meth:`linger` (lingering, the take kept the
         partition)."""
-        keys = _take_keys(partition)
+        keys = _take_keys(self.namespace, partition)
         pipe.eval(_TAKE_SCRIPT, len(keys), *keys, str(WAKE_TTL_MS), "0" if self.linger_s else "1")
 
     def linger(self, partition: int) -> list[str]:
@@ -162,7 +169,7 @@ class PartitionWakeups:
         (without ``linger_s`` that take released the partition already: [])."""
         if not self.linger_s:
             return []
-        self._client.blpop([ring_key(partition)], timeout=self.linger_s)
+        self._client.blpop([ring_key(self.namespace, partition)], timeout=self.linger_s)
         return self._run(partition, release=True)
 
     @staticmethod
@@ -179,12 +186,13 @@ class PartitionWakeups:
         sweeper) has them processed. Best effort: never raises (Redis may be what failed)."""
         with contextlib.suppress(redis.RedisError), self._client.pipeline(transaction=True) as pipe:
             if symbols:
-                pipe.sadd(woken_key(partition), *symbols)
-            pipe.delete(busy_key(partition))
+                pipe.sadd(woken_key(self.namespace, partition), *symbols)
+            pipe.delete(busy_key(self.namespace, partition))
             pipe.execute()
 
     def _run(self, partition: int, *, release: bool) -> list[str]:
-        return self.taken(self._take(keys=_take_keys(partition), args=[WAKE_TTL_MS, "1" if release else "0"]))
+        keys = _take_keys(self.namespace, partition)
+        return self.taken(self._take(keys=keys, args=[WAKE_TTL_MS, "1" if release else "0"]))
 
 
 def hold_partition(

@@ -31,7 +31,7 @@ log = logging.getLogger("exchange.ops")
 
 def _snapshot(api: Api) -> Awaitable[dict[str, Any]]:
     """The process's ops snapshot: one read per page refresh interval, shared by every tab and by data.json."""
-    return api.ops_snapshot.get(lambda: data.snapshot(api.pool, api.redis, api.settings.partitions))
+    return api.ops_snapshot.get(lambda: data.snapshot(api.pool, api.redis, api.names.get, api.settings.partitions))
 
 
 def is_ops_path(path: str) -> bool:
@@ -115,7 +115,7 @@ class MetricsController(Controller):
             pending = [(r["partition"], r["pending"], r["oldest_age_s"]) for r in rows]
         except Exception as exc:
             log.warning("metrics: pending commands unavailable: %s", exc.__class__.__name__)
-        depths = await data.queue_depths_or_none(api.redis, api.settings.partitions)
+        depths = await data.queue_depths_or_none(api.redis, api.names.get, api.settings.partitions)
         queues = [(d["queue"], state, d[state]) for d in depths or () for state in ("ready", "delayed", "dead")]
         body = await asyncio.to_thread(exposition, state_registry(pending, queues))
         return Response(body, media_type=CONTENT_TYPE)

@@ -32,7 +32,9 @@ async def dramatiq_dashboard(scope: Scope, receive: Receive, send: Send) -> None
     app = scope["litestar_app"]
     wsgi = getattr(app.state, "ops_dashboard", None)
     if wsgi is None:
-        wsgi = _build(api_state(app).broker)
+        api = api_state(app)
+        await api.names.get()  # the broker's namespace: its queues are the exchange's, not another's
+        wsgi = _build(api.broker)
         app.state.ops_dashboard = wsgi
     scope["root_path"] = ""  # copy_scope=True: this is the mount's own copy
     await wsgi(scope, receive, send)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,9 +27,6 @@ from exchange.webhooks.queries import FailingEndpoint, failing_endpoints
 
 MAX_SYMBOLS = 50
 MAX_ERRORS = 20
-DRAMATIQ_NAMESPACE = "dramatiq"
-"""RedisBroker's default key namespace (``make_broker`` keeps it): a queue's messages are the hash
-``dramatiq:<queue>.msgs``."""
 READ_TIMEOUT_S = 2.0
 """Bound on a read that may fail on its own (``/metrics``' gauges, the queue depths), so an unreachable Postgres
 or Redis never stalls ``/ops`` or ``/metrics``."""
@@ -99,13 +96,15 @@ async def pending_by_partition(pool: AsyncPool, partitions: int) -> list[dict[st
     ]
 
 
-async def queue_depths(redis: Redis, partitions: int) -> list[dict[str, Any]]:
-    """Messages per dramatiq queue: ready (incl. in flight), delayed, dead — the keys dramatiq's RedisBroker uses."""
+async def queue_depths(redis: Redis, namespace: str, partitions: int) -> list[dict[str, Any]]:
+    """Messages per dramatiq queue of the exchange of ``namespace`` (its broker's): ready (incl. in flight),
+    delayed, dead — the keys dramatiq's RedisBroker uses (a queue's messages are the hash
+    ``<namespace>:<queue>.msgs``)."""
     queues = [*(matching_queue(n) for n in range(partitions)), WEBHOOK_QUEUE]
     async with redis.pipeline(transaction=False) as pipe:
         for queue in queues:
             for name in (queue, dq_name(queue), xq_name(queue)):
-                pipe.hlen(f"{DRAMATIQ_NAMESPACE}:{name}.msgs")
+                pipe.hlen(f"{namespace}:{name}.msgs")
         counts = await pipe.execute()
     return [
         {"queue": q, "ready": int(counts[3 * i]), "delayed": int(counts[3 * i + 1]), "dead": int(counts[3 * i + 2])}
@@ -113,14 +112,23 @@ async def queue_depths(redis: Redis, partitions: int) -> list[dict[str, Any]]:
     ]
 
 
-async def queue_depths_or_none(redis: Redis, partitions: int) -> list[dict[str, Any]] | None:
-    """:func:`queue_depths`, or None when Redis does not answer within :data:`READ_TIMEOUT_S`."""
+async def queue_depths_or_none(
+    redis: Redis, namespace: Callable[[], Awaitable[str]], partitions: int
+) -> list[dict[str, Any]] | None:
+    """:func:`queue_depths` in the exchange's ``namespace`` (the api's, read from its database on first need), or
+    None when Redis (or that first read) does not answer within :data:`READ_TIMEOUT_S`."""
+
+    async def read() -> list[dict[str, Any]]:
+        return await queue_depths(redis, await namespace(), partitions)
+
     with contextlib.suppress(Exception):
-        return await asyncio.wait_for(queue_depths(redis, partitions), READ_TIMEOUT_S)
+        return await asyncio.wait_for(read(), READ_TIMEOUT_S)
     return None
 
 
-async def snapshot(pool: AsyncPool, redis: Redis, partitions: int) -> dict[str, Any]:
+async def snapshot(
+    pool: AsyncPool, redis: Redis, namespace: Callable[[], Awaitable[str]], partitions: int
+) -> dict[str, Any]:
     """The whole ops view. Redis being down does not hide the Postgres part (``queues`` is then ``None``)."""
 
     async def database() -> tuple[Sequence[Any], list[FailingEndpoint], Sequence[Any]]:
@@ -131,7 +139,7 @@ async def snapshot(pool: AsyncPool, redis: Redis, partitions: int) -> dict[str, 
         return books, hooks, errors
 
     pending, (books, hooks, errors), queues = await asyncio.gather(
-        pending_by_partition(pool, partitions), database(), queue_depths_or_none(redis, partitions)
+        pending_by_partition(pool, partitions), database(), queue_depths_or_none(redis, namespace, partitions)
     )
     return {
         "generated_at": datetime.now(UTC).isoformat(),

@@ -42,8 +42,6 @@ from exchange.messaging.wakeups import BrokerLike
 log = logging.getLogger("exchange.webhooks")
 
 DELIVER_ACTOR = "deliver"
-HINT_KEY_PREFIX = "exchange:webhooks-due:"
-OVERDUE_HINT_KEY_PREFIX = "exchange:webhooks-overdue-hinted:"
 HINT_TTL_MS = 1000
 HOLD_IDLE_S = 0.25
 """A holder releases the key after this long without a ring (and re-arms it at least this often while it holds)."""
@@ -51,15 +49,15 @@ REDIS_ERROR_PAUSE_S = 1.0
 
 
 def hint_key(broker: RedisBroker) -> str:
-    """The coalescing key of ``broker``'s queues (per dramatiq namespace, so separate setups never share it)."""
+    """The coalescing key of ``broker``'s queues (in its namespace, so separate exchanges never share it)."""
     namespace: str = broker.namespace
-    return f"{HINT_KEY_PREFIX}{namespace}"
+    return f"{namespace}:webhooks-due"
 
 
 def overdue_hint_key(broker: RedisBroker) -> str:
     """When the sweeper last hinted about overdue events (the database's time, ISO 8601; expires after a period):
     see :func:`exchange.sweeper.hint_overdue`."""
-    return f"{OVERDUE_HINT_KEY_PREFIX}{broker.namespace}"
+    return f"{broker.namespace}:webhooks-overdue-hinted"
 
 
 def ring_key(broker: RedisBroker) -> str:

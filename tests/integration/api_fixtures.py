@@ -12,8 +12,10 @@ from litestar.testing import TestClient
 from sqlalchemy import Engine
 
 from exchange.api.app import create_app
+from exchange.api.state import api_state
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
+from exchange.messaging.names import DERIVED_PREFIX, read_namespace
 from tests.conftest import skip_or_fail
 from tests.integration.api_helpers import ADMIN_KEY
 from tests.integration.redis_support import redis_test_url
@@ -28,12 +30,25 @@ def api_redis_url() -> Iterator[str]:
     except redis.RedisError as exc:
         skip_or_fail(f"Redis is unreachable at {url}: {exc}")
     yield url
-    # No matcher consumes the test database's queues: drop what the tests enqueued (and only that).
-    for pattern in ("dramatiq:matching.*", "exchange:wake:*"):
+    # No matcher consumes the test database's queues: drop what the tests enqueued (and only that), in the
+    # namespaces the exchange derives from the tests' databases (``exchange-<hash>``, exchange.messaging.names).
+    for pattern in (f"{DERIVED_PREFIX}*:matching.*", f"{DERIVED_PREFIX}*:wake:*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def api_namespace(migrated_database_url: str) -> str:
+    """The Redis namespace of the exchange on the run's migrated database (its apps' unless told otherwise)."""
+    return read_namespace(migrated_database_url)
+
+
+def app_namespace(client: TestClient[Any]) -> str:
+    """The Redis namespace of a started test app."""
+    namespace: str = api_state(client.app).broker.namespace
+    return namespace
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from sqlalchemy import Engine
 
 from exchange.api.state import results_subscriber
 from exchange.db.engines import DEAD_PEER_S, AsyncPool, pooled_engine
+from exchange.messaging.names import fixed
 from exchange.messaging.results import ResultWaiter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,7 +200,7 @@ async def _silent_redis() -> dict[str, Any]:
         port = free.getsockname()[1]
     argv = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    waiter = ResultWaiter(results_subscriber(f"redis://127.0.0.1:{port}/0"))
+    waiter = ResultWaiter(results_subscriber(f"redis://127.0.0.1:{port}/0"), fixed("exchange-probe"))
     try:
         await waiter.start()  # it retries every 0.5 s until the server answers
         began = time.monotonic()

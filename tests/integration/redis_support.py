@@ -17,8 +17,6 @@ import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
-from exchange.messaging.broker import doorbell_key
-
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/11"
 REDIS_CLAIM_KEY = "exchange:e2e:claimed-by"
 """Put on a Redis database a test run uses (here and by the e2e harness), so concurrent runs keep off it."""
@@ -45,8 +43,8 @@ def namespaced_broker(broker_class: type[B]) -> Iterator[B]:
     try:
         yield broker
     finally:
-        # Keys named after the namespace anywhere: its queues, and e.g. the webhook hint key and ring after them.
-        for key in [*client.scan_iter(f"*{namespace}*"), *(doorbell_key(q) for q in broker.get_declared_queues())]:
+        # Keys named after the namespace: its queues, doorbells, and e.g. the webhook hint key and its ring.
+        for key in client.scan_iter(f"{namespace}:*"):
             client.delete(key)
         broker.close()
         client.close()

@@ -109,7 +109,7 @@ def test_a_new_order_whose_wait_expires_is_answered_as_written_without_a_read_an
 
 
 @pytest.fixture
-def running_matcher(api_engine: Engine, api_redis_url: str) -> Iterator[Callable[[str], None]]:
+def running_matcher(api_engine: Engine, api_redis_url: str, api_namespace: str) -> Iterator[Callable[[str], None]]:
     """A matcher loop in a thread for the given symbols that publishes results like the real actor does."""
     symbols: list[str] = []
     stop = threading.Event()
@@ -121,7 +121,7 @@ def running_matcher(api_engine: Engine, api_redis_url: str) -> Iterator[Callable
             for symbol in list(symbols):
                 result = process_symbol(api_engine, cache, symbol)
                 if result.order_ids:
-                    publish_results(client, result.order_ids, result.placed)
+                    publish_results(client, api_namespace, result.order_ids, result.placed)
             time.sleep(0.005)
 
     thread = threading.Thread(target=loop, daemon=True)
@@ -434,14 +434,14 @@ class _StepMatcher:
     """The matcher's steps, one at a time, for a test to interleave with the api: ``step()`` processes up to
     ``limit`` pending commands of the symbol and publishes the result like the actor does."""
 
-    def __init__(self, engine: Engine, redis_url: str, symbol: str) -> None:
-        self.engine, self.symbol, self.cache = engine, symbol, BookCache()
+    def __init__(self, engine: Engine, redis_url: str, namespace: str, symbol: str) -> None:
+        self.engine, self.symbol, self.cache, self.namespace = engine, symbol, BookCache(), namespace
         self.client = redis.Redis.from_url(redis_url)
 
     def step(self, limit: int = 1) -> None:
         result = process_symbol(self.engine, self.cache, self.symbol, batch_limit=limit)
         assert result.commands
-        publish_results(self.client, result.order_ids, result.placed)
+        publish_results(self.client, self.namespace, result.order_ids, result.placed)
 
     def pending(self, kind: str) -> int:
         return count(
@@ -467,11 +467,15 @@ def _in_thread(call: Callable[[], Any]) -> Callable[[], Any]:
 
 @pytest.mark.parametrize("change", ["cancel", "amend"])
 def test_a_cancel_or_amend_answers_with_the_order_after_its_command_not_after_a_fill_before_it(
-    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, change: str
+    client_factory: Callable[..., TestClient[Any]],
+    api_engine: Engine,
+    api_redis_url: str,
+    api_namespace: str,
+    change: str,
 ) -> None:
     client = client_factory(order_wait_ms="10000")
     symbol = new_symbol()
-    matcher = _StepMatcher(api_engine, api_redis_url, symbol)
+    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
     seller, buyer = register(client), register(client)
     resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)  # accepted as the api accepts
     matcher.step()
@@ -497,11 +501,11 @@ def test_a_cancel_or_amend_answers_with_the_order_after_its_command_not_after_a_
 
 
 def test_two_cancels_of_one_order_both_answer_with_the_cancelled_order(
-    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
 ) -> None:
     client = client_factory(order_wait_ms="10000")
     symbol = new_symbol()
-    matcher = _StepMatcher(api_engine, api_redis_url, symbol)
+    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
     seller = register(client)
     resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
     matcher.step()

@@ -98,14 +98,14 @@ def test_a_ring_nobody_heard_makes_the_next_idle_wait_return_at_once_and_is_used
     broker.declare_queue(queue)
     for _ in range(2):  # rings do not pile up: one is kept
         with broker.client.pipeline(transaction=False) as pipe:
-            queue_ring(pipe, queue)
+            queue_ring(pipe, broker.namespace, queue)
             pipe.execute()
-    assert broker.client.llen(doorbell_key(queue)) == 1
+    assert broker.client.llen(doorbell_key(broker.namespace, queue)) == 1
     consumer = broker.consume(queue, prefetch=4, timeout=IDLE_TIMEOUT_MS)
     started = time.monotonic()
     assert next(consumer) is None  # nothing queued; the kept ring ends the wait
     assert time.monotonic() - started < IDLE_TIMEOUT_MS / 1000 / 2
-    assert broker.client.llen(doorbell_key(queue)) == 0
+    assert broker.client.llen(doorbell_key(broker.namespace, queue)) == 0
     consumer.close()
 
 
@@ -115,7 +115,7 @@ def test_a_delayed_message_rings_nobody_and_still_arrives_through_the_delay_queu
     queue = f"q-{uuid.uuid4().hex[:8]}"
     broker.declare_queue(queue)
     sent = broker.enqueue(message(queue), delay=10)
-    assert broker.client.llen(doorbell_key(queue)) == 0
+    assert broker.client.llen(doorbell_key(broker.namespace, queue)) == 0
     delayed = broker.consume(sent.queue_name, prefetch=4, timeout=100)
     got = next_message(delayed, 10)
     assert got is not None
@@ -198,7 +198,7 @@ def test_an_enqueued_message_wakes_an_idle_consumer_and_went_through_the_enqueue
     received = ring_an_idle_consumer(broker, consumer, queue, idle_s=0.5, while_idle=lambda: None, send=send)
     assert received.args == (1,)
     assert received.options[REQUEST_ID_OPTION] == "req-from-the-loop"
-    assert broker.client.llen(doorbell_key(queue)) == 0  # the one ring was heard, none was left over
+    assert broker.client.llen(doorbell_key(broker.namespace, queue)) == 0  # the one ring was heard, none was left over
     consumer.ack(received)
     consumer.close()
 
@@ -211,7 +211,7 @@ def test_one_call_enqueues_every_message_on_its_own_queue_in_order_and_rings_eac
         broker.declare_queue(queue)
     messages = [message(first), message(second), message(first)]
     enqueued = enqueue_from_an_event_loop(broker, messages)
-    assert [broker.client.llen(doorbell_key(queue)) for queue in (first, second)] == [1, 1]
+    assert [broker.client.llen(doorbell_key(broker.namespace, queue)) for queue in (first, second)] == [1, 1]
     received = []
     for queue, expected in ((first, [enqueued[0], enqueued[2]]), (second, [enqueued[1]])):
         consumer = broker.consume(queue, prefetch=4, timeout=100)
@@ -258,7 +258,7 @@ def test_a_stalled_redis_fails_the_brokers_calls_after_the_socket_timeout_instea
     (not an error dramatiq reports as its own bug)."""
     monkeypatch.setattr(messaging_broker, "SOCKET_TIMEOUT_S", 0.5)
     server = EmbeddedRedis(tmp_path)  # a server of its own, to stop
-    broker = make_broker(server.start(), partitions=1)
+    broker = make_broker(server.start(), partitions=1, namespace="exchange-test")
     broker.declare_queue("stall")
     broker.enqueue(message("stall"))
     consumer = broker.consume("stall", prefetch=1, timeout=100)

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, text
 
 from exchange.matching.service import MAX_SYMBOLS_PER_BATCH
 from exchange.messaging.broker import DoorbellRedisBroker
+from exchange.messaging.names import read_namespace
 from exchange.messaging.partitions import matching_queue, partition_of
 from exchange.messaging.wakeups import busy_key, partition_message, send_wakeups, woken_key
 from exchange.observability.propagation import REQUEST_ID_OPTION
@@ -33,6 +34,12 @@ PARTITIONS = 4
 def redis_url() -> Iterator[str]:
     with claimed_database() as url:
         yield url
+
+
+@pytest.fixture
+def namespace(fresh_migrated_database_url: str) -> str:
+    """The Redis namespace the matcher derives from its database."""
+    return read_namespace(fresh_migrated_database_url)
 
 
 @pytest.fixture
@@ -86,7 +93,7 @@ def wait_processed(engine: Engine, symbols: list[str], log_path: Path, timeout: 
 
 
 def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_and_releases_the_partition(
-    engine: Engine, redis_url: str, matcher: Path
+    engine: Engine, redis_url: str, namespace: str, matcher: Path
 ) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     grouped = same_partition(2, 5)
@@ -96,9 +103,9 @@ def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_
         place(engine, buyer, symbol, "bid", 2, 100)
     client = redis.Redis.from_url(redis_url)
     # As the api leaves a held partition: the message names the first symbols, the rest were woken after it was sent.
-    client.sadd(woken_key(2), *grouped[2:])
-    client.set(busy_key(2), b"1", px=60_000)
-    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    client.sadd(woken_key(namespace, 2), *grouped[2:])
+    client.set(busy_key(namespace, 2), b"1", px=60_000)
+    broker = DoorbellRedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
     for n in range(PARTITIONS):
         broker.declare_queue(matching_queue(n))
 
@@ -116,7 +123,7 @@ def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_
     assert traded == dict.fromkeys([*grouped, single], 2)
     assert stamps == 1
     assert balances == 0
-    keys = [woken_key(2), busy_key(2), woken_key(1), busy_key(1)]
+    keys = [woken_key(namespace, 2), busy_key(namespace, 2), woken_key(namespace, 1), busy_key(namespace, 1)]
     deadline = time.monotonic() + 5  # the release follows the commit and the published results
     while client.exists(*keys) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -126,14 +133,14 @@ def test_a_partition_message_takes_the_symbols_woken_on_it_into_one_transaction_
 
 
 def test_a_transaction_of_several_books_logs_one_matched_line_naming_each_book(
-    engine: Engine, redis_url: str, matcher: Path
+    engine: Engine, redis_url: str, namespace: str, matcher: Path
 ) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     grouped = same_partition(3, 3)
     for symbol in grouped:
         place(engine, seller, symbol, "ask", 3, 100)
         place(engine, buyer, symbol, "bid", 2, 100)
-    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    broker = DoorbellRedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
     broker.declare_queue(matching_queue(3))
     broker.enqueue(partition_message(3, grouped))
     wait_processed(engine, grouped, matcher)
@@ -151,14 +158,14 @@ def test_a_transaction_of_several_books_logs_one_matched_line_naming_each_book(
 
 
 def test_only_the_first_transaction_of_a_hold_carries_the_request_id_of_its_message(
-    engine: Engine, redis_url: str, matcher: Path
+    engine: Engine, redis_url: str, namespace: str, matcher: Path
 ) -> None:
     buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
     symbols = same_partition(0, MAX_SYMBOLS_PER_BATCH + 1)  # two transactions: 32 books, then the last one
     for symbol in symbols:
         place(engine, seller, symbol, "ask", 3, 100)
         place(engine, buyer, symbol, "bid", 2, 100)
-    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    broker = DoorbellRedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
     broker.declare_queue(matching_queue(0))
     message = partition_message(0, symbols)
     message.options[REQUEST_ID_OPTION] = "rid-first"

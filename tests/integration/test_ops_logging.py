@@ -20,6 +20,7 @@ from exchange.messaging.wakeups import busy_key
 from exchange.observability.context import current_request_id, request_id_var
 from exchange.observability.logs import JsonFormatter, TextFormatter
 from exchange.observability.propagation import REQUEST_ID_OPTION, RequestIdMiddleware
+from tests.integration.api_fixtures import app_namespace
 from tests.integration.api_helpers import new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
@@ -95,13 +96,16 @@ def test_order_wake_up_message_carries_the_request_id(api_client: TestClient[Any
     symbol = new_symbol()
     body = {"document_number": "1", "side": "bid", "symbol": symbol, "price": 100, "quantity": 1}
     client = redis.Redis.from_url(api_redis_url)
-    client.delete(busy_key(partition_of(symbol, 4)))  # held by an earlier test's wake-up: this one would send none
+    namespace = app_namespace(api_client)
+    client.delete(
+        busy_key(namespace, partition_of(symbol, 4))
+    )  # held by an earlier test's wake-up: this one would send none
     response = api_client.post("/orders", json=body, headers={**broker.headers, "X-Request-ID": f"rid-{symbol}"})
     assert response.status_code == 201
     mine: list[dramatiq.Message[Any]] = []
     deadline = time.monotonic() + 5  # the wake-up is sent by its own task, right after the commit
     while not mine and time.monotonic() < deadline:
-        raw = client.hvals(f"dramatiq:{matching_queue(partition_of(symbol, 4))}.msgs")
+        raw = client.hvals(f"{namespace}:{matching_queue(partition_of(symbol, 4))}.msgs")
         mine = [m for m in map(dramatiq.Message.decode, raw) if symbol in m.args]
         time.sleep(0.01)
     assert mine

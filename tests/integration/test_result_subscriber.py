@@ -13,6 +13,7 @@ import redis
 
 from exchange.api.state import SUBSCRIBER_KEEPALIVE, results_subscriber
 from exchange.embedded import EmbeddedRedis
+from exchange.messaging.names import fixed
 from exchange.messaging.results import PlacedState, ResultWaiter, publish_results
 from tests.integration.redis_support import redis_test_url
 
@@ -36,14 +37,15 @@ def redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 async def test_a_published_result_reaches_the_waiting_request(redis_url: str) -> None:
     subscriber = results_subscriber(redis_url)
-    waiter = ResultWaiter(subscriber)
+    namespace = f"exchange-test-{uuid.uuid4().hex[:8]}"
+    waiter = ResultWaiter(subscriber, fixed(namespace))
     await waiter.start()
     publisher = redis.Redis.from_url(redis_url)
     try:
         order_id = uuid.uuid4()
         future = waiter.register(order_id)
         state = PlacedState(order_id, "open", None, None, None, None, 0, [])
-        publish_results(publisher, [order_id], [state])
+        publish_results(publisher, namespace, [order_id], [state])
         assert await waiter.wait(order_id, future, timeout_s=5.0)
         assert future.result() == state
     finally:

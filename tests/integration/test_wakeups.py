@@ -25,19 +25,26 @@ from exchange.api import batches
 from exchange.messaging import wakeups
 from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
-from exchange.messaging.wakeups import (
-    PartitionWakeups,
-    busy_key,
-    hold_partition,
-    ring_key,
-    wake_async,
-    woken_key,
-)
+from exchange.messaging.wakeups import PartitionWakeups, hold_partition, wake_async
 from tests.integration.redis_support import claimed_database
 
 pytestmark = pytest.mark.anyio
 
 PARTITIONS = 8
+NS = "exchange-test-wakeups"
+"""The namespace of this module's broker and matcher side (each test has a Redis database of its own)."""
+
+
+def woken_key(partition: int) -> str:
+    return wakeups.woken_key(NS, partition)
+
+
+def busy_key(partition: int) -> str:
+    return wakeups.busy_key(NS, partition)
+
+
+def ring_key(partition: int) -> str:
+    return wakeups.ring_key(NS, partition)
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +69,7 @@ async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 
 @pytest.fixture
 def broker(redis_url: str) -> Iterator[DoorbellRedisBroker]:
-    broker = DoorbellRedisBroker(url=redis_url)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
+    broker = DoorbellRedisBroker(url=redis_url, namespace=NS)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ untyped
     yield broker
     broker.close()
 
@@ -89,7 +96,7 @@ def sent(broker: DoorbellRedisBroker) -> list[str]:
 @pytest.fixture
 def matcher_side(redis_url: str) -> Iterator[PartitionWakeups]:
     client = redis.Redis.from_url(redis_url)
-    yield PartitionWakeups(client)
+    yield PartitionWakeups(client, NS)
     client.close()
 
 
@@ -344,7 +351,7 @@ async def test_a_failing_holder_gives_back_the_symbols_in_hand_and_releases_the_
 def lingering(redis_url: str) -> Iterator[PartitionWakeups]:
     """The matcher's side with a linger long enough that only a ring can end it early."""
     client = redis.Redis.from_url(redis_url)
-    yield PartitionWakeups(client, linger_s=5.0)
+    yield PartitionWakeups(client, NS, linger_s=5.0)
     client.close()
 
 
@@ -387,7 +394,7 @@ async def test_a_lingering_holder_that_gets_nothing_releases_the_partition_after
     client: redis.asyncio.Redis, redis_url: str
 ) -> None:
     sync_client = redis.Redis.from_url(redis_url)
-    wakeups_ = PartitionWakeups(sync_client, linger_s=0.1)
+    wakeups_ = PartitionWakeups(sync_client, NS, linger_s=0.1)
     wakeups_.take(5)
     started = time.monotonic()
 

@@ -23,6 +23,7 @@ from exchange.webhooks import store
 from exchange.webhooks.delivery import Outcome
 from exchange.webhooks.outcomes import DeliveryResult, Kind, Verdict
 from exchange.webhooks.pump import count_in_metrics
+from tests.integration.api_fixtures import app_namespace
 from tests.integration.api_helpers import ADMIN_KEY, Broker, match, new_symbol
 from tests.integration.webhook_support import attempts_of, deliverer
 from tests.serving import wait_until
@@ -35,9 +36,10 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 @pytest.fixture
 def client(client_factory: Callable[..., TestClient[Any]], api_redis_url: str) -> Iterator[TestClient[Any]]:
-    yield client_factory(webhook_allow_private="true")
+    client = client_factory(webhook_allow_private="true")
+    yield client
     r = redis.Redis.from_url(api_redis_url)
-    keys = list(r.scan_iter(match="dramatiq:webhooks*", count=1000))
+    keys = list(r.scan_iter(match=f"{app_namespace(client)}:webhooks*", count=1000))
     if keys:
         r.delete(*keys)
     r.close()
@@ -346,9 +348,10 @@ def own_client(
     client_factory: Callable[..., TestClient[Any]], fresh_migrated_database_url: str, api_redis_url: str
 ) -> Iterator[TestClient[Any]]:
     """An app on this test's own database (``engine``'s)."""
-    yield client_factory(webhook_allow_private="true", database_url=fresh_migrated_database_url)
+    client = client_factory(webhook_allow_private="true", database_url=fresh_migrated_database_url)
+    yield client
     r = redis.Redis.from_url(api_redis_url)
-    keys = list(r.scan_iter(match="dramatiq:webhooks*", count=1000))
+    keys = list(r.scan_iter(match=f"{app_namespace(client)}:webhooks*", count=1000))
     if keys:
         r.delete(*keys)
     r.close()

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, text
 
-from exchange.messaging.broker import DoorbellRedisBroker
+from exchange.messaging.broker import DoorbellRedisBroker, doorbell_key
 from exchange.messaging.partitions import WEBHOOK_QUEUE
 from exchange.sweeper import sweep_once
 from exchange.webhooks import store
@@ -208,7 +208,13 @@ def test_a_hint_sets_its_key_in_the_script_that_queues_it_and_a_refused_one_only
     assert broker.client.pttl(key) <= ttl  # a refused hint did not renew the key
     assert broker.client.lrange(ring, 0, -1) == [b"1"]  # it rang the holder, once however many rang
     assert sorted(k.decode() for k in broker.client.scan_iter(f"*{broker.namespace}*")) == sorted(
-        [key, ring, f"{broker.namespace}:{WEBHOOK_QUEUE}", f"{broker.namespace}:{WEBHOOK_QUEUE}.msgs"]
+        [
+            key,
+            ring,
+            f"{broker.namespace}:{WEBHOOK_QUEUE}",
+            f"{broker.namespace}:{WEBHOOK_QUEUE}.msgs",
+            doorbell_key(broker.namespace, WEBHOOK_QUEUE),
+        ]
     )  # no set beside the key: a hint's guard has none
 
 

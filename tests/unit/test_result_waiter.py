@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis.asyncio
 
+from exchange.messaging.names import fixed
 from exchange.messaging.results import PlacedState, ResultWaiter
 
 pytestmark = pytest.mark.anyio
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.anyio
 
 def _waiter() -> ResultWaiter:
     # Never started: these tests resolve futures themselves, as the subscriber would; nothing connects.
-    return ResultWaiter(redis.asyncio.Redis())
+    return ResultWaiter(redis.asyncio.Redis(), fixed("exchange-test"))
 
 
 async def test_a_wait_returns_true_once_the_result_arrives_and_unregisters_the_future() -> None:

@@ -12,7 +12,7 @@ from exchange.api.dependencies import API, Api
 from exchange.api.errors import ADMIN_ERRORS, BODY_ERRORS, ApiError, error_responses
 from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body, to_wire
 from exchange.db.engines import single_statement
-from exchange.messaging.wakeups import WAKE_KEY_PREFIX
+from exchange.messaging.wakeups import wake_key_pattern
 from exchange.orders import brokers, maintenance, queries
 
 log = logging.getLogger("exchange.api")
@@ -39,14 +39,16 @@ class AdminController(Controller):
 
     @post("/debug/reset", status_code=200, responses=error_responses(*ADMIN_ERRORS, "not_found"))
     async def reset(self, api: Api) -> ResetOut:
-        """Delete every row of every data table and the exchange's wake-up keys in Redis (nothing else there).
+        """Delete every row of every data table and the exchange's wake-up keys in Redis (nothing else there, and
+        no other exchange's).
         404 unless ``EXCHANGE_DEBUG_ENDPOINTS=true``."""
         if not api.settings.debug_endpoints:
             raise ApiError("not_found", "no such resource")
         await maintenance.reset_all_data(api.pool)
         api.keys.clear()
         try:
-            keys = [k async for k in api.redis.scan_iter(match=f"{WAKE_KEY_PREFIX}*", count=1000)]
+            pattern = wake_key_pattern(await api.names.get())  # this exchange's keys only
+            keys = [k async for k in api.redis.scan_iter(match=pattern, count=1000)]
             if keys:
                 await api.redis.delete(*keys)
         except Exception as exc:  # the wake keys expire by themselves within a second

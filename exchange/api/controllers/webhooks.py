@@ -215,6 +215,7 @@ class WebhooksController(Controller):
             # dramatiq's enqueue blocks on Redis: keep it off the event loop (a rare request: the order path's
             # wake-ups use the async AsyncEnqueuer instead), and answer without it when Redis stalls.
             async with asyncio.timeout(REDELIVER_ENQUEUE_WAIT_S):
+                await api.names.get()  # known unless the database was down when the api started
                 await asyncio.get_running_loop().run_in_executor(
                     _REDELIVERIES, enqueue_deliveries, api.broker, [parsed]
                 )
