@@ -10,6 +10,8 @@ Invariants:
 * Duplicates are safe under concurrency: ``INSERT … ON CONFLICT DO NOTHING`` on the broker's
   ``client_order_id``/``idempotency_key`` unique indexes, then the original order is read back. A concurrent
   duplicate waits for the first insert to commit (or roll back) inside PostgreSQL, so exactly one order exists.
+  A group in which no order carries either key is inserted without ``ON CONFLICT`` (alembic 0025: no conflict
+  probes of every unique index): a uuid4 collision there fails the group on the primary key, then only its order.
 * A cancel or amend command is written only for the broker's own order and only while it is not closed.
   Concurrent cancels of one order write one command: cancels serialise on a per-order advisory lock (taken in
   sorted order for a group), an amend on the order's row (``FOR NO KEY UPDATE``: does not block the matcher's
@@ -227,7 +229,8 @@ async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[Plac
         duplicates = [order for order in orders if order.order_id not in inserted]
         for order in duplicates:
             if order.client_order_id is None and order.idempotency_key is None:
-                # Only a uuid4 collision could get here; treat it as a transient failure, never a silent duplicate.
+                # Only a uuid4 collision in a group with keys could get here (a group without any fails on the
+                # primary key instead: alembic 0025); a failure, never a silent duplicate.
                 raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
         originals: dict[int, Any] = {}  # by position in ``duplicates``, from 1
         if duplicates:

@@ -117,6 +117,31 @@ async def test_an_order_that_violates_a_constraint_fails_alone_and_the_rest_of_i
 
 
 @pytest.mark.anyio
+async def test_an_order_reusing_an_accepted_orders_id_fails_alone_and_the_rest_of_its_group_commits(
+    engine: Engine, api_pool: AsyncPool
+) -> None:
+    # A uuid4 collision, the only conflict an order without a client order id or idempotency key can meet. Skipped
+    # by ON CONFLICT DO NOTHING, it failed the whole group after its other orders had committed (alembic 0025).
+    broker = add_broker(engine, "collides")
+    symbol = new_symbol()
+    accepted = new_order(broker, symbol)
+    await accept.place_orders(api_pool, [accepted])
+    good_before, good_after = new_order(broker, symbol), new_order(broker, symbol)
+    same_id = new_order(broker, symbol, order_id=accepted.order_id, quantity=7)
+    outcomes = await accept.place_orders(api_pool, [good_before, same_id, good_after])
+    assert isinstance(outcomes[0], PlaceResult)
+    assert (outcomes[0].order_id, outcomes[0].created) == (good_before.order_id, True)
+    assert isinstance(outcomes[1], psycopg.errors.UniqueViolation)
+    assert isinstance(outcomes[2], PlaceResult)
+    assert (outcomes[2].order_id, outcomes[2].created) == (good_after.order_id, True)
+    with engine.connect() as conn:
+        placed = conn.execute(text("SELECT order_id FROM commands WHERE symbol = :s"), {"s": symbol}).scalars().all()
+        quantity = conn.execute(text("SELECT quantity FROM orders WHERE id = :i"), {"i": accepted.order_id}).scalar()
+    assert sorted(map(str, placed)) == sorted(str(o.order_id) for o in (accepted, good_before, good_after))
+    assert quantity == accepted.quantity
+
+
+@pytest.mark.anyio
 async def test_reading_orders_together_never_shows_an_order_to_another_broker(
     engine: Engine, api_pool: AsyncPool
 ) -> None:

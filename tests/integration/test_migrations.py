@@ -418,3 +418,12 @@ def test_downgrading_0024_restores_0023s_matcher_pending_and_webhook_claim_exact
         lambda: _function_definition(url, "matcher_pending(text[], integer)"),
         lambda: _function_definition(url, CLAIM),
     )
+
+
+def test_downgrading_0025_restores_0024s_accept_orders_exactly(fresh_database_url: str) -> None:
+    url = fresh_database_url
+    accept_orders = (
+        "accept_orders(uuid[], uuid[], text[], text[], text[], text[], text[], text[], text[], text[], bigint[],"
+        " bigint[], timestamptz[])"
+    )
+    _assert_downgrade_restores(url, "0024", "0025", lambda: _function_definition(url, accept_orders))

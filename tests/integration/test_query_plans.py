@@ -29,6 +29,7 @@ from exchange.db.arrays import array_literal
 from exchange.db.tables import OrderStatus
 from exchange.matching import store
 from exchange.orders import accept, queries
+from exchange.orders.models import NewOrder
 from exchange.webhooks import queries as webhook_queries
 from exchange.webhooks import store as webhook_store
 from ops.bench_db import most_rows_read
@@ -1092,3 +1093,44 @@ def test_hot_functions_first_called_on_an_empty_analysed_database_read_no_0021_i
     for plan in [p for p in plans if ORDERS_GATE not in p]:  # the gate reads one entry of any index: no lookup
         for index, leading in LEADING_COLUMNS.items():
             assert all(leading in cond for cond in _index_conditions(plan, index)), plan
+
+
+def _accept_params(brokers: list[uuid.UUID], *, idempotency_key: str | None) -> dict[str, str]:
+    """``accept._PLACE_MANY``'s parameters for one limit order per broker; the last one carries ``idempotency_key``."""
+    orders = [
+        NewOrder(
+            order_id=uuid.uuid4(),
+            broker_id=broker,
+            document_number="1",
+            symbol=f"S{n}",
+            side="bid",
+            order_type="limit",
+            time_in_force="gtc",
+            price=100,
+            quantity=5,
+            valid_until=None,
+            stp="none",
+            idempotency_key=idempotency_key if n == len(brokers) - 1 else None,
+        )
+        for n, broker in enumerate(brokers)
+    ]
+    return accept._columns(orders)
+
+
+def test_accepting_a_group_without_keys_probes_no_unique_index_of_orders_for_a_conflict(engine: Engine) -> None:
+    # alembic 0025: with no client order id or idempotency key in the group, no row can be a duplicate the caller
+    # resolves, so the insert has no ON CONFLICT: before each row, ON CONFLICT DO NOTHING probed every unique index
+    # of orders (pk_orders and 0021's two keys) and inserted the row speculatively.
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        brokers = list(conn.execute(text("SELECT id FROM brokers ORDER BY id LIMIT :n"), {"n": BATCH}).scalars())
+    plans = {}
+    for key in (None, "k"):  # a connection each: the notices of one call only
+        with _psycopg_connection(engine) as pg:
+            params = _accept_params(brokers, idempotency_key=key)
+            plans[key] = [p for p in _nested_plans(pg, accept._PLACE_MANY, params, times=1) if "Insert on orders" in p]
+
+    [plain_insert] = plans[None]
+    assert "Conflict" not in plain_insert, plain_insert
+    [keyed_insert] = plans["k"]  # a duplicate key is still skipped, then read back
+    assert "Conflict Resolution: NOTHING" in keyed_insert, keyed_insert
