@@ -29,20 +29,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from uuid import UUID
 
 import psycopg
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from exchange.db.errors import is_deterministic, is_retryable, sqlstate
 from exchange.engine import OrderBook
 from exchange.engine.types import Amend, Cancel, Command, Event, Place, RestingOrder, Side
+from exchange.heap import collector_paused
 from exchange.matching import store
 from exchange.matching.commands import MalformedCommandError, to_engine_command
 from exchange.matching.effects import BatchEffects, plan_batch
 from exchange.messaging.results import PlacedState, PlacedTrade
+from exchange.observability import metrics
 from exchange.times import to_micros
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,13 @@ DEFAULT_BATCH_LIMIT = 500
 """Commands per transaction: all of one symbol's, or shared out among the symbols of a multi-symbol batch."""
 MAX_SYMBOLS_PER_BATCH = 32
 """Symbols per transaction: bounds the locks held, the statement sizes and the work lost to one failure."""
+FAILURE_BACKOFF_S = 1.0
+"""How long the matcher leaves a book alone after its processing failed on its own (see :class:`BookCache`); doubled
+by each further failure in a row, up to :data:`MAX_FAILURE_BACKOFF_S`."""
+MAX_FAILURE_BACKOFF_S = 60.0
+DATABASE_WIDE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "53100", "53300"})
+"""Besides class 08 (the connection, pgbouncer's ``query_wait_timeout`` while PostgreSQL is down): the server
+shutting down or starting, the database dropped, a full disk, too many connections. Every book would meet them."""
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 
@@ -73,6 +85,20 @@ class BookCache:
     suspects: set[str] = field(default_factory=set)
     """Symbols whose last batch failed deterministically: processed one command at a time until the failing
     command is quarantined or nothing is pending."""
+    failing: dict[str, Failing] = field(default_factory=dict)
+    """Symbols whose processing failed on their own (not the database's failure, nor a command's that is
+    quarantined: a book that cannot be rebuilt, a bug, a database error that the next transaction did not meet):
+    left alone until ``retry_at`` (a wake-up before then finds nothing done, its commands stay pending, and the
+    sweeper wakes the symbol again once they are old), then processed alone, outside any group, until a batch of
+    theirs succeeds. So a book that fails every time costs a partition one attempt per backoff, not every wake-up."""
+
+
+@dataclass(slots=True)
+class Failing:
+    failures: int
+    """In a row."""
+    retry_at: float
+    """``time.monotonic()`` before which the symbol is not processed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +250,13 @@ def process_symbols(
     wanted = list(dict.fromkeys(symbols))
     if len(wanted) > MAX_SYMBOLS_PER_BATCH:
         raise ValueError(f"{len(wanted)} symbols in one batch; at most {MAX_SYMBOLS_PER_BATCH}")
-    group = [symbol for symbol in wanted if symbol not in cache.suspects]
     results: dict[str, BatchResult] = {}
+    now = time.monotonic()
+    for symbol in wanted:
+        failing = cache.failing.get(symbol)
+        if failing is not None and now < failing.retry_at:
+            results[symbol] = BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)  # backing off
+    group = [symbol for symbol in wanted if symbol not in cache.suspects and symbol not in cache.failing]
     if len(group) == 1:
         results[group[0]] = _alone(engine, cache, group[0], batch_limit)
     elif group:
@@ -243,23 +274,59 @@ def process_symbols(
             for symbol in group:
                 results[symbol] = _alone(engine, cache, symbol, batch_limit)
     for symbol in wanted:
-        if symbol not in results:  # a suspect
+        if symbol not in results:  # a suspect, or a failing symbol whose backoff is over
             results[symbol] = _alone(engine, cache, symbol, batch_limit)
     return [results[symbol] for symbol in wanted]
 
 
 def _alone(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> BatchResult:
-    """:func:`process_symbol`, except that a failure of this symbol's own that is not the database's (a bug, a book
-    that cannot be rebuilt from its rows) costs this symbol only: logged with its traceback and answered as a batch
-    of nothing, its commands left pending (the sweeper wakes it again, and it fails again, loudly, until mended),
-    so that the symbols after it go on. The database's failures are raised: every other symbol would meet them."""
+    """:func:`process_symbol`, except that a failure of this symbol's own costs this symbol only: logged with its
+    traceback, counted (``exchange_match_symbol_failures_total``) and answered as a batch of nothing, its commands
+    left pending, the symbol left alone for a backoff (see :class:`BookCache`), so that the symbols after it go on.
+
+    The database's failures are raised as they come, as every other symbol would meet them
+    (:func:`_database_wide`): dramatiq retries the message, the sweeper re-nudges what is left."""
     try:
-        return process_symbol(engine, cache, symbol, batch_limit=batch_limit)
-    except (DBAPIError, psycopg.Error):
-        raise
-    except Exception:
-        log.exception("processing %s failed; its commands stay pending, the other symbols go on", symbol)
+        result = process_symbol(engine, cache, symbol, batch_limit=batch_limit)
+    except Exception as exc:
+        if _database_wide(engine, exc):
+            raise
+        failing = cache.failing.get(symbol)
+        failures = 1 if failing is None else failing.failures + 1
+        backoff = min(FAILURE_BACKOFF_S * 2 ** (failures - 1), MAX_FAILURE_BACKOFF_S)
+        cache.failing[symbol] = Failing(failures, time.monotonic() + backoff)
+        metrics.MATCH_SYMBOL_FAILURES.inc()
+        log.exception(
+            "processing %s failed (%s, %d in a row); its commands stay pending, it is left alone for %g s, the other "
+            "symbols go on",
+            symbol,
+            _describe(exc),
+            failures,
+            backoff,
+        )
         return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)
+    cache.failing.pop(symbol, None)
+    return result
+
+
+def _database_wide(engine: Engine, exc: Exception) -> bool:
+    """Whether ``exc``, raised by one symbol's processing, is the database's failure rather than that symbol's:
+    a connection error (class 08: through pgbouncer, PostgreSQL down) or one of :data:`DATABASE_WIDE_SQLSTATES`; and
+    for any other database error (a session ended mid-transaction, e.g. by the idle-in-transaction limit; the client
+    library's own failure, which a refused connect also is), when a new connection cannot run ``SELECT 1`` either.
+    A failure that is not the database's (a bug, a book that cannot be rebuilt) is the symbol's."""
+    if not isinstance(exc, DBAPIError | psycopg.Error):
+        return False
+    state = sqlstate(exc)
+    if state[:2] == "08" or state in DATABASE_WIDE_SQLSTATES:
+        return True
+    try:
+        with store.connect(engine) as conn:
+            store.ping(conn)
+    except (DBAPIError, psycopg.Error):
+        log.warning("the database failed %s after processing a symbol failed: not that symbol's failure", "SELECT 1")
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +383,7 @@ def _process_once(
 def _transaction(
     engine: Engine, cache: BookCache, symbols: list[str], batch_limit: int, read: list[int] | None
 ) -> list[BatchResult]:
-    with store.connect(engine) as conn:
+    with store.connect(engine) as conn, ExitStack() as rebuilding:
         start = store.begin_batch(conn, symbols, batch_limit)
         if read is not None:
             read.extend(row.seq for rows in start.commands.values() for row in rows)
@@ -331,9 +398,10 @@ def _transaction(
             else:
                 entries[symbol] = cached
         if stale:
-            for symbol, resting in store.open_orders(conn, stale).items():  # one round trip for all of them
-                owners = {o.order_id: (o.broker_id, o.side) for o in resting}
-                entries[symbol] = CachedBook(start.versions[symbol], OrderBook.rebuild(symbol, resting), owners)
+            # A big book is hundreds of thousands of new objects: no collection walks them before the transaction ends.
+            rebuilding.enter_context(collector_paused())
+            for symbol, rebuilt in _rebuild(conn, stale).items():
+                entries[symbol] = CachedBook(start.versions[symbol], *rebuilt)
                 cache.books[symbol] = entries[symbol]
         # From here the in-memory books run ahead of Postgres. Mark them invalid first, so if anything fails before
         # the commit (even in a way that skips our exception handler, or while another thread of this process
@@ -388,6 +456,28 @@ def _transaction(
             )
         )
     return results
+
+
+def _rebuild(conn: Connection, symbols: list[str]) -> dict[str, tuple[OrderBook, dict[UUID, tuple[UUID, Side]]]]:
+    """The books of ``symbols`` (and their owners maps) rebuilt from their open orders as they are read, a chunk at a
+    time (:func:`store.stream_open_orders`): one round trip for books that fit in a chunk, and never more than one
+    chunk's work between two round trips, whatever the size of a book (see there)."""
+    books: dict[str, tuple[OrderBook, dict[UUID, tuple[UUID, Side]]]] = {}
+    for symbol, rows in groupby(store.stream_open_orders(conn, symbols), key=itemgetter(0)):
+        owners: dict[UUID, tuple[UUID, Side]] = {}
+        books[symbol] = (OrderBook.rebuild(symbol, _noting_owners(rows, owners)), owners)
+    for symbol in symbols:
+        if symbol not in books:  # no open order
+            books[symbol] = (OrderBook(symbol), {})
+    return books
+
+
+def _noting_owners(
+    rows: Iterable[tuple[str, RestingOrder]], owners: dict[UUID, tuple[UUID, Side]]
+) -> Iterator[RestingOrder]:
+    for _, order in rows:
+        owners[order.order_id] = (order.broker_id, order.side)
+        yield order
 
 
 def _touched_orders(applied: list[tuple[Command, list[Event]]]) -> list[UUID]:

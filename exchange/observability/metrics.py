@@ -123,6 +123,12 @@ BOOK_REBUILDS = Counter(
     "exchange_book_rebuilds_total", "Books rebuilt from Postgres because the cached version was missing or stale."
 )
 
+MATCH_SYMBOL_FAILURES = Counter(
+    "exchange_match_symbol_failures_total",
+    "Books whose processing failed on their own (a book that cannot be rebuilt, a bug, a database error the "
+    "database's next answer did not repeat): the rest of the partition went on, the book is retried after a backoff.",
+)
+
 # ------------------------------------------------------------------------------------------------- webhooks
 
 WEBHOOK_DELIVERIES = Counter(

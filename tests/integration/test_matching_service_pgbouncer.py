@@ -28,6 +28,7 @@ from exchange.matching.service import BatchResult, BookCache, drain, process_sym
 from tests.conftest import skip_or_fail
 from tests.integration.concurrency import run_concurrently
 from tests.integration.sql_orders import add_broker, cancel, crossing_pair, place, trades
+from tests.integration.test_big_books import BIG, add_resting_asks, limit_idle, read_in_one_piece
 from tests.integration.test_matching_service import assert_conserved
 
 PGBOUNCER_SCRIPT = Path(__file__).resolve().parents[2] / "ops" / "scripts" / "pgbouncer.sh"
@@ -239,3 +240,44 @@ def test_a_matcher_frozen_while_holding_its_books_frees_them_after_the_idle_limi
         waiter.join()  # released at the latest when the frozen connection is rolled back
         other.dispose()
     assert trades(engine, "FRZ") == 1
+
+
+def test_a_book_of_several_chunks_is_rebuilt_through_pgbouncer_one_round_trip_a_chunk(
+    engine: Engine, bounced: Engine, round_trips: Callable[[Callable[[], object]], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server-side cursor of a rebuild lives inside the matcher's transaction, so pgbouncer keeps it on one
+    server connection from its ``DECLARE`` (sent with the first ``FETCH``) to the ``COMMIT`` that closes it."""
+    monkeypatch.setattr(store, "REBUILD_CHUNK", 4)
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    for i in range(10):
+        place(engine, seller, "CHK3", "ask", 1, 100 + i)
+    process_symbol(bounced, BookCache(), "CHK3")
+    place(engine, buyer, "CHK3", "bid", 3, 102)
+    results: list[BatchResult] = []
+
+    # BEGIN… and the reads; 4 + 4 + 2 open orders; the writes and COMMIT.
+    assert round_trips(lambda: results.append(process_symbol(bounced, BookCache(), "CHK3"))) == 1 + 3 + 1
+    assert [(r.commands, r.trades, r.rebuilt) for r in results] == [(1, 3, True)]
+    assert_conserved(engine)
+
+
+def test_a_symbol_whose_transaction_the_server_ended_does_not_stop_the_next_one_through_pgbouncer(
+    engine: Engine, bounced: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the big book's session (idle-in-transaction limit, 25P03, which pgbouncer passes on and
+    follows by closing the client connection): the symbol's own failure, since the database answers the next
+    transaction."""
+    limit_idle(monkeypatch, 100)
+    read_in_one_piece(monkeypatch)
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    add_resting_asks(engine, seller, "BIGP", BIG)
+    place(engine, buyer, "BIGP", "bid", 1, 2000)
+    place(engine, seller, "NXTP", "ask", 1, 100)
+    place(engine, buyer, "NXTP", "bid", 1, 100)
+    cache = BookCache()
+
+    rounds = list(drain(bounced, cache, ["BIGP", "NXTP"]))
+
+    assert [(r.symbol, r.commands, r.trades) for r in rounds[-1].results] == [("BIGP", 0, 0), ("NXTP", 2, 1)]
+    assert cache.failing["BIGP"].failures == 1
+    assert_conserved(engine)
