@@ -208,9 +208,11 @@ class OrderBook:
     # ------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def rebuild(cls, symbol: str, resting: Iterable[RestingOrder]) -> OrderBook:
+    def rebuild(cls, symbol: str, resting: Iterable[RestingOrder], *, handed_over: bool = False) -> OrderBook:
         """A book holding copies of ``resting``. Each level is ordered by ``priority`` (stable, so orders given in
-        priority order keep it), which reproduces the state of the book they were taken from.
+        priority order keep it), which reproduces the state of the book they were taken from. With
+        ``handed_over`` the book keeps the given objects themselves (the caller made them for it and keeps no
+        reference: the matcher's rebuild from Postgres, ~0.4 µs an order less).
 
         Raises ``ValueError`` on a state no book can be in: duplicate ids, ``remaining`` outside
         ``1..quantity``, a non-positive price, or a crossed book."""
@@ -218,7 +220,7 @@ class OrderBook:
         orders = book._orders
         per_price: dict[tuple[bool, int], list[RestingOrder]] = {}
         for src in resting:
-            o = _copy(src)
+            o = src if handed_over else _copy(src)
             if o.order_id.int in orders:
                 raise ValueError(f"duplicate resting order id {o.order_id}")
             if not 0 < o.remaining <= o.quantity or o.price <= 0:

@@ -8,7 +8,9 @@ commands in sequence order (bounded batch per symbol); rebuild every cached book
 open orders; apply each symbol's commands to its book with the pure engine; write all the books' order states,
 trades, balances, positions, outbox events, new book versions and processed markers; commit. That is two round
 trips to Postgres per transaction whatever the number of symbols (see :mod:`exchange.matching.store`), plus one
-when a book is rebuilt (one for all of them) and one when a symbol row is new. Only after the commit are results
+when books are rebuilt (one for all of them, plus one per further :data:`~exchange.matching.store.REBUILD_CHUNK`
+open orders: a big book is read a chunk at a time, so the transaction never sits idle long) and one when a symbol
+row is new. Only after the commit are results
 published and webhook deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
 
 Invariants:
@@ -19,7 +21,9 @@ Invariants:
   the books in memory.
 * A group's transaction commits all of its books or none. When it fails, each symbol goes through the one-symbol
   path (:func:`process_symbol`: deadlock retries, then isolation and quarantine of a poison command), so a bad
-  command costs its own book a few single-command transactions and the other books nothing.
+  command costs its own book a few single-command transactions and the other books nothing. Any other failure of a
+  symbol's own (a book that cannot be rebuilt, a bug, a database error that the database does not repeat for a new
+  connection) costs that symbol a backoff and the others nothing; the database's failures are raised.
 * Commands are applied per book in sequence order, each exactly once: it is marked processed in the transaction
   that applies it, under its book's lock, and a later batch reads only unprocessed ones.
 """
@@ -241,7 +245,8 @@ def process_symbols(
 
     Each symbol's batch holds up to ``ceil(batch_limit / n)`` of its commands, so the whole transaction stays near
     ``batch_limit`` commands; a symbol with more reports ``more``. A suspect symbol (see :class:`BookCache`) is left
-    out of the group and processed alone, one command at a time. If the group's transaction fails in any way (a
+    out of the group and processed alone, one command at a time; a failing one is left alone until its backoff is
+    over (a batch of nothing), then processed alone. If the group's transaction fails in any way (a
     deterministic data error, a malformed command, a deadlock, anything unexpected) nothing of it was committed
     (or, if the COMMIT's answer was lost, all of it was: the command log says which): every symbol of the group is
     then processed by :func:`process_symbol` on its own, which retries, isolates and quarantines as usual, so a
@@ -465,7 +470,7 @@ def _rebuild(conn: Connection, symbols: list[str]) -> dict[str, tuple[OrderBook,
     books: dict[str, tuple[OrderBook, dict[UUID, tuple[UUID, Side]]]] = {}
     for symbol, rows in groupby(store.stream_open_orders(conn, symbols), key=itemgetter(0)):
         owners: dict[UUID, tuple[UUID, Side]] = {}
-        books[symbol] = (OrderBook.rebuild(symbol, _noting_owners(rows, owners)), owners)
+        books[symbol] = (OrderBook.rebuild(symbol, _noting_owners(rows, owners), handed_over=True), owners)
     for symbol in symbols:
         if symbol not in books:  # no open order
             books[symbol] = (OrderBook(symbol), {})

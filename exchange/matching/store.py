@@ -205,8 +205,8 @@ def stream_open_orders(
     conn: Connection, symbols: Sequence[str], *, chunk: int | None = None
 ) -> Iterator[tuple[str, RestingOrder]]:
     """The resting orders of ``symbols`` (inside the caller's transaction), by symbol and, within each price level,
-    in priority order (the input of ``OrderBook.rebuild``), read ``chunk`` (:data:`REBUILD_CHUNK`) at a time through a server-side cursor:
-    the next chunk is fetched only when the previous one has been consumed.
+    in priority order (the input of ``OrderBook.rebuild``), read ``chunk`` (:data:`REBUILD_CHUNK`) at a time through
+    a server-side cursor: the next chunk is fetched only when the previous one has been consumed.
 
     Why: the matcher's transaction may sit idle between two round trips only
     :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`. A book of 400,000 orders read in one result took seconds of

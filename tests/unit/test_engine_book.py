@@ -79,6 +79,16 @@ def test_rebuild_does_not_share_order_objects_with_the_caller() -> None:
     assert rebuilt.depth(1)[0] == [(100, 12, 2)]
 
 
+def test_a_rebuild_from_orders_handed_over_keeps_them_and_reproduces_the_book() -> None:
+    d = build()
+    resting = engine(d).resting_orders()
+    rebuilt = OrderBook.rebuild(SYMBOL, resting, handed_over=True)
+    assert rebuilt.state_hash() == engine(d).state_hash()
+    command = ExpireDue(100)
+    assert rebuilt.apply(command, T0 + 50) == engine(d).apply(command, T0 + 50)
+    assert rebuilt.state_hash() == engine(d).state_hash()
+
+
 def test_state_hash_depends_on_the_resting_state() -> None:
     d = build()
     before = engine(d).state_hash()

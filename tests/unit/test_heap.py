@@ -142,3 +142,23 @@ def test_an_object_a_keep_froze_is_still_freed_when_its_last_reference_goes() ->
         assert freed == [True] and watch() is None
         """
     )
+
+
+def test_no_collection_runs_while_the_collector_is_paused_and_it_is_enabled_again_after() -> None:
+    _run(
+        """
+        import gc
+        from exchange import heap
+
+        runs = []
+        gc.callbacks.append(lambda phase, info: runs.append(phase))
+        with heap.collector_paused():
+            kept = [[i] for i in range(200_000)]  # far past every generation's threshold
+            assert runs == [] and not gc.isenabled()
+        assert gc.isenabled()
+        gc.disable()
+        with heap.collector_paused():
+            pass
+        assert not gc.isenabled()  # a collector disabled before stays disabled
+        """
+    )
