@@ -10,8 +10,8 @@ trades, balances, positions, outbox events, new book versions and processed mark
 trips to Postgres per transaction whatever the number of symbols (see :mod:`exchange.matching.store`), plus one
 when books are rebuilt (one for all of them, plus one per further :data:`~exchange.matching.store.REBUILD_CHUNK`
 open orders: a big book is read a chunk at a time, so the transaction never sits idle long) and one when a symbol
-row is new. Only after the commit are results
-published and webhook deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
+row is new. Only after the commit are results published and webhook deliveries enqueued, so nothing outside
+Postgres ever sees uncommitted state.
 
 Invariants:
 
@@ -329,7 +329,7 @@ def _database_wide(engine: Engine, exc: Exception) -> bool:
         with store.connect(engine) as conn:
             store.ping(conn)
     except (DBAPIError, psycopg.Error):
-        log.warning("the database failed %s after processing a symbol failed: not that symbol's failure", "SELECT 1")
+        log.warning("a new connection failed too after a symbol's processing failed: the database's failure")
         return True
     return False
 
