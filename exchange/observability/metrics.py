@@ -16,6 +16,7 @@ metric                                         updated by      served by
 ``exchange_match_symbols_per_transaction``     matcher         matcher's metrics port
 ``exchange_match_trades_total``                matcher         matcher's metrics port
 ``exchange_book_rebuilds_total``               matcher         matcher's metrics port
+``exchange_match_symbol_failures_total``       matcher         matcher's metrics port
 ``exchange_webhook_deliveries_total``          webhooks        webhook worker's metrics port
 ``exchange_webhook_delivery_duration_seconds`` webhooks        webhook worker's metrics port
 ``exchange_sweeper_renudges_total``            sweeper         sweeper's metrics port
@@ -256,6 +257,7 @@ SERVED_BY: dict[str, frozenset[str]] = {
     "exchange_match_symbols_per_transaction": frozenset({"matcher"}),
     "exchange_match_trades": frozenset({"matcher"}),
     "exchange_book_rebuilds": frozenset({"matcher"}),
+    "exchange_match_symbol_failures": frozenset({"matcher"}),
     "exchange_webhook_deliveries": frozenset({"webhooks"}),
     "exchange_webhook_delivery_duration_seconds": frozenset({"webhooks"}),
     "exchange_sweeper_renudges": frozenset({"sweeper"}),

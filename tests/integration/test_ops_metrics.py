@@ -134,6 +134,7 @@ def test_matcher_metrics_endpoint_holds_the_matcher_families_only() -> None:
         "exchange_match_symbols_per_transaction",
         "exchange_match_trades_total",
         "exchange_book_rebuilds_total",
+        "exchange_match_symbol_failures_total",
         "exchange_gc_pause_seconds",
     }
     assert (sample(text, "exchange_match_batch_size_count") or 0) >= 1
