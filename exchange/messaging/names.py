@@ -20,13 +20,19 @@ replica) share the system identifier and so the namespace: set ``EXCHANGE_REDIS_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from types import FrameType
+from typing import Any
 
 import psycopg
 
+from exchange.db.engines import DEAD_PEER_OPTIONS
 from exchange.db.urls import libpq_url
 
 log = logging.getLogger("exchange.messaging")
@@ -34,6 +40,8 @@ log = logging.getLogger("exchange.messaging")
 IDENTITY_QUERY = "SELECT (SELECT system_identifier FROM pg_control_system()), current_database()"
 DERIVED_PREFIX = "exchange-"
 RETRY_S = 1.0
+START_WAIT_S = 5.0
+"""How long a process waits at start for its database to name its Redis namespace (:func:`process_namespace`)."""
 CONNECT_TIMEOUT_S = 5
 
 
@@ -46,25 +54,70 @@ def derive(system_identifier: int, database: str) -> str:
 def read_namespace(database_url: str) -> str:
     """The namespace derived from the database at ``database_url`` (one connection, one query; pgbouncer-safe).
     Raises psycopg's error when the database does not answer."""
-    with psycopg.connect(
-        libpq_url(database_url), autocommit=True, prepare_threshold=None, connect_timeout=CONNECT_TIMEOUT_S
-    ) as conn:
+    # Bounded like the pools' connections: a peer that accepted and then went silent must not hang the start.
+    bounds: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "options": f"-c statement_timeout={CONNECT_TIMEOUT_S * 1000}",
+        **DEAD_PEER_OPTIONS,
+    }
+    with psycopg.connect(libpq_url(database_url), autocommit=True, prepare_threshold=None, **bounds) as conn:
         row = conn.execute(IDENTITY_QUERY).fetchone()
     assert row is not None
     return derive(int(row[0]), str(row[1]))
 
 
-def process_namespace(configured: str | None, database_url: str, *, retry_s: float = RETRY_S) -> str:
+def process_namespace(
+    configured: str | None, database_url: str, *, wait_s: float = START_WAIT_S, retry_s: float = RETRY_S
+) -> str:
     """A worker's namespace at start: ``configured`` (``EXCHANGE_REDIS_NAMESPACE``), else read from the database,
-    retried until it answers (a worker can do nothing without its database; it must not guess its names)."""
+    retried for up to ``wait_s`` (a worker can do nothing without its database; it must not guess its names), then
+    ``SystemExit``: the process ends, and its supervisor starts it again (``exchange dev``, the container runtime).
+    Logged once known, so that processes of one exchange that disagree (the variable set for some, not others; a
+    database moved to another cluster under running processes) can be told apart in their logs.
+
+    Why bounded, and why a SIGTERM or SIGINT during the wait ends the process at once (``SystemExit``): a dramatiq
+    worker process reads it while importing its module, and dramatiq's master holds every signal until its workers
+    have imported theirs (up to ``--worker-fork-timeout``, 30 s), while the handler a worker process has then only
+    notes the stop; the sweeper's sets an event it has not begun to wait on. Waiting for the database without bound
+    made every stop during a database outage end in a SIGKILL after the supervisor's grace."""
     if configured:
-        return configured
-    while True:
-        try:
-            return read_namespace(database_url)
-        except psycopg.OperationalError as exc:
-            log.warning("waiting for the database to derive the Redis namespace: %s", exc)
-            time.sleep(retry_s)
+        namespace = configured
+    else:
+        deadline = time.monotonic() + wait_s
+        with _stoppable():
+            while True:
+                try:
+                    namespace = read_namespace(database_url)
+                    break
+                except psycopg.OperationalError as exc:
+                    if time.monotonic() + retry_s > deadline:
+                        raise SystemExit(
+                            f"no answer from the database within {wait_s:g} s to derive the Redis namespace ({exc}); "
+                            "exiting, to be started again"
+                        ) from exc
+                    log.warning("waiting for the database to derive the Redis namespace: %s", exc)
+                    time.sleep(retry_s)
+    log.info("Redis namespace %s (%s)", namespace, "EXCHANGE_REDIS_NAMESPACE" if configured else "derived")
+    return namespace
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``SystemExit`` inside the block (main thread only: elsewhere signals cannot be
+    handled, and the block runs as it would have); the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class LazyNamespace:
