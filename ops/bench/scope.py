@@ -11,9 +11,11 @@ order wrong. The exchange is told apart here by what it is connected to, which d
   database of the server: kind ``postgres-shared``, reported apart (:data:`SHARED_KINDS`).
 * Redis: the ``redis-server`` whose ``INFO server`` ``process_id`` the bench's Redis URL answers with.
 * api: the processes holding the listening socket of the ``--base-url`` port (gunicorn's master and its workers).
-* the exchange's clients: processes whose TCP connection is a client of the bench's Redis database (``CLIENT LIST``,
-  ``db``), or of a backend of its PostgreSQL database (``client_port``: pgbouncer, and processes connecting
-  directly), or of that pgbouncer's listening port (the api, matchers, webhooks and sweeper, through pgbouncer).
+* the exchange's clients: processes whose TCP connection is a client of a backend of its PostgreSQL database
+  (``client_port``: pgbouncer, and processes connecting directly), or of that pgbouncer's listening port (the api,
+  matchers, webhooks and sweeper, through pgbouncer). Not the clients of its Redis database: exchanges on other
+  databases may share it (each under its own namespace, :mod:`exchange.messaging.names`), and every process of an
+  exchange holds a connection to its database anyway.
 * each process so found brings the processes of its family: its top-most ancestor of an exchange kind, and every
   descendant of it of those kinds (gunicorn's and dramatiq's masters and forked workers; under ``exchange dev``,
   the supervisor and everything it started, a sweeper or webhook worker that held no connection at the time of the
@@ -67,9 +69,6 @@ class Found:
     """TCP ports the clients of those backends connect from."""
     pg_port: int | None = None
     redis_pid: int | None = None
-    redis_port: int | None = None
-    redis_client_ports: list[int] = field(default_factory=list)
-    """TCP ports the clients of the exchange's Redis database connect from."""
     api_port: int | None = None
 
 
@@ -156,9 +155,6 @@ def exchange_scope(processes: Iterable[tuple[ProcessKey, str]], found: Found) ->
     seeds: set[int] = set()
     if found.api_port is not None:
         seeds |= holders(s for s in sockets if s.state == LISTEN and s.local_port == found.api_port)
-    if found.redis_port is not None:
-        ports = set(found.redis_client_ports)
-        seeds |= holders(s for s in sockets if s.remote_port == found.redis_port and s.local_port in ports)
     if found.pg_port is not None:
         ports = set(found.pg_client_ports)
         seeds |= holders(s for s in sockets if s.remote_port == found.pg_port and s.local_port in ports)

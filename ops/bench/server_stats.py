@@ -4,7 +4,7 @@ For an exchange of this project running on this machine: Redis commands executed
 command, those run inside dramatiq's Lua scripts included; a Redis server shared with other work counts that work
 too), PostgreSQL transactions and rows written in the exchange's database (``pg_stat_database``), and CPU seconds by
 process kind read from ``/proc`` (Linux) of the exchange's own processes only: its database's PostgreSQL backends,
-its Redis server, the processes serving its api port or connected to its Redis database, its database or its
+its Redis server, the processes serving its api port or connected to its database or its
 pgbouncer, and their families (:mod:`ops.bench.scope`; another exchange, a test suite on the same PostgreSQL server
 are left out, and the report counts the processes measured and left out by kind). The PostgreSQL server's shared
 processes (checkpointer, walwriter, background writer, launchers, postmaster) are reported apart as
@@ -181,23 +181,16 @@ def kind_deltas(before: PerProcess, after: PerProcess) -> dict[str, float]:
 
 
 def _redis(redis_url: str, found: Found) -> dict[str, int]:
-    """Commands executed so far by the Redis server of ``redis_url``; its pid and port, and the ports its clients of
-    ``redis_url``'s database connect from, into ``found``."""
+    """Commands executed so far by the Redis server of ``redis_url``; its pid into ``found``."""
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     try:
         stats = cast(dict[str, Any], client.info("commandstats"))  # the sync client: a dict, not an awaitable
         server = cast(dict[str, Any], client.info("server"))
-        own, db = client.client_id(), int(client.connection_pool.connection_kwargs.get("db", 0))
-        clients = cast(list[dict[str, Any]], client.client_list())
     finally:
         client.close()
-    found.redis_pid, found.redis_port = int(server.get("process_id", 0)) or None, int(server.get("tcp_port", 0)) or None
-    for c in clients:
-        addr = str(c.get("addr", ""))
-        if int(c.get("db", -1)) == db and int(c.get("id", -1)) != own and addr.rpartition(":")[2].isdigit():
-            found.redis_client_ports.append(int(addr.rpartition(":")[2]))
+    found.redis_pid = int(server.get("process_id", 0)) or None
     return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
 
 

@@ -1,6 +1,7 @@
 """``exchange bench --server-stats`` counts the CPU of the exchange under test only, not other work on the machine
 that looks like it by command line: a busy backend of another database on the same PostgreSQL server, a busy
-dramatiq-like worker of another exchange (another Redis database)."""
+dramatiq-like worker of another exchange, on another Redis database or on the same one (exchanges on different
+PostgreSQL databases may share a Redis database, each under its own namespace)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ BURN = "SELECT count(*) FROM generate_series(1, 2e7::bigint)"
 """A few seconds of one backend's CPU."""
 
 WORKER = """
-import sys, time, redis
+import sys, time, psycopg, redis
 client = redis.Redis.from_url(sys.argv[1])
-client.ping()  # a connection held for the process's life, as a dramatiq worker's
+client.ping()  # connections held for the process's life, as a dramatiq worker's
+database = psycopg.connect(sys.argv[3]) if sys.argv[3] != "-" else None
 print("ready", flush=True)
 busy = sys.argv[2] == "busy"
 while True:
     if not busy:
         time.sleep(0.05)
 """
-"""A process named like a matcher (``workers.matching`` in its command line), connected to a Redis database."""
+"""A process named like a matcher (``workers.matching`` in its command line), connected to a Redis database and,
+unless its third argument is ``-``, to a PostgreSQL database."""
 
 
 @pytest.fixture
@@ -78,20 +81,22 @@ def test_a_busy_backend_of_another_database_is_not_counted_as_the_exchanges_post
     assert "postgres-shared" not in got["cpu_s"], got
 
 
-def test_a_busy_worker_connected_to_another_redis_database_is_not_counted_as_the_exchanges_matcher(
-    fresh_database_url: str, redis_url: str
+@pytest.mark.parametrize("same_redis_database", [False, True])
+def test_a_busy_worker_of_another_exchange_is_not_counted_as_the_exchanges_matcher(
+    freshdatabase_factory: Callable[[], str], redis_url: str, same_redis_database: bool
 ) -> None:
-    other_redis = redis_url.rsplit("/", 1)[0] + "/0"  # another exchange's database on the same server
+    ours, other = freshdatabase_factory(), freshdatabase_factory()
+    their_redis = redis_url if same_redis_database else redis_url.rsplit("/", 1)[0] + "/0"
     argv = [sys.executable, "-c", WORKER]
-    mine = subprocess.Popen([*argv, redis_url, "idle", "workers.matching"], stdout=subprocess.PIPE)
-    theirs = subprocess.Popen([*argv, other_redis, "busy", "workers.matching"], stdout=subprocess.PIPE)
+    mine = subprocess.Popen([*argv, redis_url, "idle", ours, "workers.matching"], stdout=subprocess.PIPE)
+    theirs = subprocess.Popen([*argv, their_redis, "busy", other, "workers.matching"], stdout=subprocess.PIPE)
     try:
         for proc in (mine, theirs):
             assert proc.stdout is not None
             assert proc.stdout.readline() == b"ready\n"
-        before = take(redis_url, fresh_database_url)
+        before = take(redis_url, ours)
         time.sleep(0.5)  # theirs spins meanwhile
-        after = take(redis_url, fresh_database_url)
+        after = take(redis_url, ours)
     finally:
         for proc in (mine, theirs):
             proc.kill()
@@ -102,6 +107,6 @@ def test_a_busy_worker_connected_to_another_redis_database_is_not_counted_as_the
     assert spun > 0, spun
     assert got["cpu_s"].get("matcher", 0.0) < spun, got  # was >= spun: every matcher of the machine counted
     assert after.scope is not None
-    assert after.scope.get(_key(after, mine.pid)) == "matcher"
+    assert after.scope.get(_key(after, mine.pid)) == "matcher"  # found through its connection to our database
     assert _key(after, theirs.pid) not in after.scope
     assert got["processes"].get("redis") == 1, got  # the server of the URL, found by its INFO process_id
