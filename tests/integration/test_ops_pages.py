@@ -3,6 +3,7 @@ dramatiq dashboard listing every queue."""
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -296,3 +297,19 @@ def test_an_ops_cookie_opens_the_pages_for_twelve_hours_after_its_login_only(api
 
     assert [status(c) for c in (fresh, stale, moved, other_key, "garbage", issued)] == [200, 401, 401, 401, 401, 401]
     assert not session_valid("\u00b2.abc", ADMIN_KEY, now)  # a digit to str.isdigit(), not to int(): was a 500
+
+
+def test_the_dramatiq_dashboard_is_503_while_the_database_has_never_answered(
+    client_factory: Callable[..., TestClient[Any]],
+) -> None:
+    # The dashboard reads the exchange's queues under its Redis namespace, derived from the database
+    # (exchange.messaging.names): while no answer came, it cannot name them, and says so as the api does.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    client = client_factory(database_url=f"postgresql://postgres@127.0.0.1:{closed}/exchange")
+
+    response = client.get("/ops/dramatiq/", headers=ADMIN)
+
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "database_unavailable"
