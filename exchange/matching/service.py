@@ -41,7 +41,8 @@ from uuid import UUID
 
 import psycopg
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from exchange.db.errors import is_deterministic, is_retryable, sqlstate
 from exchange.engine import OrderBook
@@ -64,9 +65,16 @@ FAILURE_BACKOFF_S = 1.0
 """How long the matcher leaves a book alone after its processing failed on its own (see :class:`BookCache`); doubled
 by each further failure in a row, up to :data:`MAX_FAILURE_BACKOFF_S`."""
 MAX_FAILURE_BACKOFF_S = 60.0
-DATABASE_WIDE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "53100", "53300"})
-"""Besides class 08 (the connection, pgbouncer's ``query_wait_timeout`` while PostgreSQL is down): the server
-shutting down or starting, the database dropped, a full disk, too many connections. Every book would meet them."""
+MAX_DATABASE_ERROR_BACKOFF_S = 8.0
+"""The longest backoff after database errors that the database did not repeat for a new connection: most are this
+process's own and pass (frozen past the idle limit, a lock or statement timeout, a deadlock after
+:func:`process_symbol`'s retries), so a healthy book must not wait a minute for one."""
+DATABASE_WIDE_CLASSES = ("08", "53", "58")
+"""SQLSTATE classes every book would meet: the connection (pgbouncer's ``query_wait_timeout`` while PostgreSQL is
+down included), insufficient resources (a full disk, out of memory, too many connections), system errors (I/O)."""
+DATABASE_WIDE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "XX001", "XX002"})
+"""Besides :data:`DATABASE_WIDE_CLASSES`: the server shutting down or starting, the database dropped, corrupted
+data or index."""
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 
@@ -298,20 +306,35 @@ def _alone(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> B
             raise
         failing = cache.failing.get(symbol)
         failures = 1 if failing is None else failing.failures + 1
-        backoff = min(FAILURE_BACKOFF_S * 2 ** (failures - 1), MAX_FAILURE_BACKOFF_S)
+        backoff = _backoff_s(exc, failures)
         cache.failing[symbol] = Failing(failures, time.monotonic() + backoff)
         metrics.MATCH_SYMBOL_FAILURES.inc()
-        log.exception(
-            "processing %s failed (%s, %d in a row); its commands stay pending, it is left alone for %g s, the other "
-            "symbols go on",
+        log.log(
+            logging.WARNING if isinstance(exc, DBAPIError | psycopg.Error) else logging.ERROR,  # a bug's: an error
+            "processing %s failed (%s, %d in a row); its commands stay pending, %s, the other symbols go on",
             symbol,
             _describe(exc),
             failures,
-            backoff,
+            "it is tried again at once, alone" if backoff == 0 else f"it is left alone for {backoff:g} s",
+            exc_info=True,
         )
-        return BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)
+        # Tried again at once: its drain goes on with it (``more``), alone (it is in ``cache.failing``).
+        return BatchResult(symbol, 0, 0, [], [], more=backoff == 0, rebuilt=False)
     cache.failing.pop(symbol, None)
     return result
+
+
+def _backoff_s(exc: Exception, failures: int) -> float:
+    """How long a symbol whose processing failed on its own ``failures`` times in a row is left alone. A database
+    error (which the database did not repeat for a new connection: :func:`_database_wide`) is most likely this
+    process's own and passing: the first in a row is retried at once, then 1 s doubling up to
+    :data:`MAX_DATABASE_ERROR_BACKOFF_S`. Anything else (a bug, a book that cannot be rebuilt from its rows) fails
+    again the same way: 1 s doubling up to :data:`MAX_FAILURE_BACKOFF_S`."""
+    if isinstance(exc, DBAPIError | psycopg.Error):
+        if failures == 1:
+            return 0.0
+        return min(FAILURE_BACKOFF_S * 2.0 ** (failures - 2), MAX_DATABASE_ERROR_BACKOFF_S)
+    return min(FAILURE_BACKOFF_S * 2.0 ** (failures - 1), MAX_FAILURE_BACKOFF_S)
 
 
 def _database_wide(engine: Engine, exc: Exception) -> bool:
@@ -320,10 +343,12 @@ def _database_wide(engine: Engine, exc: Exception) -> bool:
     for any other database error (a session ended mid-transaction, e.g. by the idle-in-transaction limit; the client
     library's own failure, which a refused connect also is), when a new connection cannot run ``SELECT 1`` either.
     A failure that is not the database's (a bug, a book that cannot be rebuilt) is the symbol's."""
+    if isinstance(exc, SQLAlchemyTimeoutError | DisconnectionError):
+        return True  # the engine's pool: no connection to be had (every book would wait for one)
     if not isinstance(exc, DBAPIError | psycopg.Error):
         return False
     state = sqlstate(exc)
-    if state[:2] == "08" or state in DATABASE_WIDE_SQLSTATES:
+    if state[:2] in DATABASE_WIDE_CLASSES or state in DATABASE_WIDE_SQLSTATES:
         return True
     try:
         with store.connect(engine) as conn:

@@ -278,6 +278,7 @@ def test_a_symbol_whose_transaction_the_server_ended_does_not_stop_the_next_one_
 
     rounds = list(drain(bounced, cache, ["BIGP", "NXTP"]))
 
-    assert [(r.symbol, r.commands, r.trades) for r in rounds[-1].results] == [("BIGP", 0, 0), ("NXTP", 2, 1)]
-    assert cache.failing["BIGP"].failures == 1
+    matched = {r.symbol: (r.commands, r.trades) for round_ in rounds for r in round_.results if r.commands}
+    assert matched == {"NXTP": (2, 1)}
+    assert cache.failing["BIGP"].failures == 2  # tried again at once, alone (a database error), then left alone
     assert_conserved(engine)
