@@ -54,12 +54,9 @@ def derive(system_identifier: int, database: str) -> str:
 def read_namespace(database_url: str) -> str:
     """The namespace derived from the database at ``database_url`` (one connection, one query; pgbouncer-safe).
     Raises psycopg's error when the database does not answer."""
-    # Bounded like the pools' connections: a peer that accepted and then went silent must not hang the start.
-    bounds: dict[str, Any] = {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "options": f"-c statement_timeout={CONNECT_TIMEOUT_S * 1000}",
-        **DEAD_PEER_OPTIONS,
-    }
+    # Bounded like the pools' connections: a peer that accepted and then went silent must not hang the start. (No
+    # ``options`` startup parameter: pgbouncer refuses it unless told to ignore it, as its images are not.)
+    bounds: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, **DEAD_PEER_OPTIONS}
     with psycopg.connect(libpq_url(database_url), autocommit=True, prepare_threshold=None, **bounds) as conn:
         row = conn.execute(IDENTITY_QUERY).fetchone()
     assert row is not None
@@ -92,8 +89,8 @@ def process_namespace(
                 except psycopg.OperationalError as exc:
                     if time.monotonic() + retry_s > deadline:
                         raise SystemExit(
-                            f"no answer from the database within {wait_s:g} s to derive the Redis namespace ({exc}); "
-                            "exiting, to be started again"
+                            f"the database could not be reached within {wait_s:g} s to derive the Redis namespace "
+                            f"({exc}); exiting, to be started again"
                         ) from exc
                     log.warning("waiting for the database to derive the Redis namespace: %s", exc)
                     time.sleep(retry_s)
