@@ -4,10 +4,6 @@ afterwards, and a single-symbol message (the sweeper's) still works."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +21,7 @@ from exchange.messaging.wakeups import busy_key, partition_message, send_wakeups
 from exchange.observability.propagation import REQUEST_ID_OPTION
 from tests.integration.redis_support import claimed_database
 from tests.integration.sql_orders import add_broker, place
+from tests.integration.worker_processes import running_matcher
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
@@ -46,32 +43,8 @@ def namespace(fresh_migrated_database_url: str) -> str:
 def matcher(fresh_migrated_database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Path]:
     """An ``exchange matcher`` over every partition; yields its log file (in pytest's own temporary directory,
     which pytest prunes, unlike a directory of ``tempfile`` left behind by every run)."""
-    work = tmp_path
-    (work / "empty.env").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_"))}
-    env.update(
-        EXCHANGE_ENV_FILE=str(work / "empty.env"),
-        EXCHANGE_LOG_FORMAT="text",
-        EXCHANGE_DATABASE_URL=fresh_migrated_database_url,
-        EXCHANGE_REDIS_URL=redis_url,
-        EXCHANGE_PARTITIONS=str(PARTITIONS),
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = work / "matcher.log"
-    argv = [sys.executable, "-m", "exchange.cli", "matcher", "--partitions", "all", "--threads", "1"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    with running_matcher(tmp_path, "matcher", fresh_migrated_database_url, redis_url, PARTITIONS) as log_path:
         yield log_path
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def same_partition(n: int, count: int) -> list[str]:

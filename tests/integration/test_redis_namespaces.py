@@ -11,13 +11,8 @@ The cross-exchange test goes through the processes' own interfaces only (the api
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +25,7 @@ from exchange.config import Settings
 from tests.conftest import DatabaseFactory
 from tests.integration.api_helpers import ADMIN_KEY, Broker, new_symbol, register
 from tests.integration.redis_support import claimed_database
+from tests.integration.worker_processes import running_matcher
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROCESSED_WITHIN_S = 60.0
@@ -57,36 +53,6 @@ def other_database_url(database_factory: DatabaseFactory, _migrated_template_nam
     url = database_factory.create(template=_migrated_template_name)
     yield url
     database_factory.drop(url)
-
-
-@contextmanager
-def running_matcher(tmp_path: Path, name: str, database_url: str, redis_url: str) -> Iterator[Path]:
-    """A real ``exchange matcher`` (one partition, one thread) of the exchange on ``database_url``."""
-    (tmp_path / "empty.env").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_"))}
-    env.update(
-        EXCHANGE_ENV_FILE=str(tmp_path / "empty.env"),
-        EXCHANGE_LOG_FORMAT="text",
-        EXCHANGE_DATABASE_URL=database_url,
-        EXCHANGE_REDIS_URL=redis_url,
-        EXCHANGE_PARTITIONS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / f"{name}.log"
-    argv = [sys.executable, "-m", "exchange.cli", "matcher", "--partitions", "all", "--threads", "1"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield log_path
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture
@@ -146,7 +112,7 @@ def test_a_matcher_of_another_database_on_the_same_redis_database_never_takes_th
 ) -> None:
     ours, theirs = app_on(fresh_migrated_database_url, redis_url), app_on(other_database_url, redis_url)
     our_broker, their_broker = register(ours), register(theirs)
-    with running_matcher(tmp_path, "their-matcher", other_database_url, redis_url) as their_log:
+    with running_matcher(tmp_path, "their-matcher", other_database_url, redis_url, 1) as their_log:
         ours_pending = place_bid(ours, our_broker, new_symbol())  # woken: a message for OUR matcher (none runs)
         theirs_pending = place_bid(theirs, their_broker, new_symbol())
         wait_matched(theirs, their_broker, theirs_pending, [their_log])  # their matcher is up and consuming
@@ -157,7 +123,7 @@ def test_a_matcher_of_another_database_on_the_same_redis_database_never_takes_th
         assert status(ours, our_broker, ours_pending) == "pending"
 
         # Our matcher, once it runs, finds our wake-up (message and woken symbols) and processes our order.
-        with running_matcher(tmp_path, "our-matcher", fresh_migrated_database_url, redis_url) as our_log:
+        with running_matcher(tmp_path, "our-matcher", fresh_migrated_database_url, redis_url, 1) as our_log:
             wait_matched(ours, our_broker, ours_pending, [our_log, their_log])
             # And each exchange's later orders are matched by its own matcher alone.
             for client, broker in ((ours, our_broker), (theirs, their_broker)):

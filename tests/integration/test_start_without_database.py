@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +19,8 @@ import pytest
 
 from exchange.messaging.names import process_namespace
 from tests.integration.redis_support import claimed_database
+from tests.integration.worker_processes import start_worker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXITS_WITHIN_S = 30.0
 """A generous bound on something that either happens within a few seconds or never (not a latency assert)."""
 
@@ -45,26 +44,7 @@ def redis_url() -> Iterator[str]:
 
 
 def start(kind: str, tmp_path: Path, database_url: str, redis_url: str) -> tuple[subprocess.Popen[bytes], Path]:
-    (tmp_path / "empty.env").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXCHANGE_", "dramatiq_"))}
-    env.update(
-        EXCHANGE_ENV_FILE=str(tmp_path / "empty.env"),
-        EXCHANGE_LOG_FORMAT="text",
-        EXCHANGE_DATABASE_URL=database_url,
-        EXCHANGE_REDIS_URL=redis_url,
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / f"{kind}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "exchange.cli", kind],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return process, log_path
+    return start_worker([kind], tmp_path, kind, database_url, redis_url)
 
 
 def wait_for_line(process: subprocess.Popen[bytes], log_path: Path, text: str) -> None:
