@@ -23,7 +23,6 @@ from tests.integration.redis_support import claimed_database
 from tests.integration.sql_orders import add_broker, place
 from tests.integration.worker_processes import running_matcher
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 
 

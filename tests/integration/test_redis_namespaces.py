@@ -27,7 +27,6 @@ from tests.integration.api_helpers import ADMIN_KEY, Broker, new_symbol, registe
 from tests.integration.redis_support import claimed_database
 from tests.integration.worker_processes import running_matcher
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PROCESSED_WITHIN_S = 60.0
 """A generous bound on work that either happens in milliseconds or never (not a latency assert)."""
 
