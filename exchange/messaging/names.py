@@ -135,6 +135,7 @@ class LazyNamespace:
     def _set(self, value: str) -> None:
         self._on_known(value)
         self.value = value
+        log.info("Redis namespace %s", value)  # as every worker logs its own (process_namespace)
 
     async def get(self) -> str:
         """The namespace; reads it when not known yet (raises the database's error when that fails)."""
