@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -242,11 +244,8 @@ def in_scope(figures: PerProcess, scope: Scope | None) -> PerProcess:
     return {key: (scope[key], value) for key, (_, value) in figures.items() if key in scope}
 
 
-def _counts(kinds: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for kind in kinds:
-        counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))
+def _counts(kinds: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(kinds).items()))
 
 
 def per_order(before: Snapshot, after: Snapshot, accepted_orders: int) -> dict[str, Any]:

@@ -23,9 +23,11 @@ from litestar.testing import TestClient
 from exchange.api.app import create_app
 from exchange.config import Settings
 from tests.conftest import DatabaseFactory
-from tests.integration.api_helpers import ADMIN_KEY, Broker, new_symbol, register
+from tests.integration.api_helpers import Broker, new_symbol, register
 from tests.integration.redis_support import claimed_database
 from tests.integration.worker_processes import running_matcher
+
+pytest_plugins = ["tests.integration.api_fixtures"]
 
 PROCESSED_WITHIN_S = 60.0
 """A generous bound on work that either happens in milliseconds or never (not a latency assert)."""
@@ -55,28 +57,11 @@ def other_database_url(database_factory: DatabaseFactory, _migrated_template_nam
 
 
 @pytest.fixture
-def app_on() -> Iterator[Callable[[str, str], TestClient[Any]]]:
-    """Start an api app (lifespan included) on a database and a Redis database; closed at teardown."""
-    clients: list[TestClient[Any]] = []
-
-    def make(database_url: str, redis_url: str) -> TestClient[Any]:
-        settings = Settings.from_env(
-            {
-                "EXCHANGE_DATABASE_URL": database_url,
-                "EXCHANGE_REDIS_URL": redis_url,
-                "EXCHANGE_ADMIN_API_KEY": ADMIN_KEY,
-                "EXCHANGE_ORDER_WAIT_MS": "0",
-                "EXCHANGE_PARTITIONS": "1",
-            }
-        )
-        client = TestClient(create_app(settings))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def app_on(client_factory: Callable[..., TestClient[Any]]) -> Callable[[str, str], TestClient[Any]]:
+    """Start an api app (lifespan included) on a database and a Redis database, one partition; closed at teardown."""
+    return lambda database_url, redis_url: client_factory(
+        database_url=database_url, redis_url=redis_url, partitions="1"
+    )
 
 
 def place_bid(client: TestClient[Any], broker: Broker, symbol: str) -> str:
