@@ -386,7 +386,7 @@ def id_in_bucket_of(conn: psycopg.Connection[Any], order_id: uuid.UUID) -> uuid.
     candidates (each in it with chance 1/256)."""
     row = conn.execute(
         "SELECT i FROM unnest(CAST(%(candidates)s AS uuid[])) AS i"
-        " WHERE hashtext(CAST(i AS text)) & 255 = hashtext(CAST(%(id)s AS text)) & 255 LIMIT 1",
+        " WHERE cancel_bucket(i) = cancel_bucket(%(id)s) LIMIT 1",
         {"candidates": array_literal(uuid.uuid4() for _ in range(10_000)), "id": order_id},
     ).fetchone()
     assert row is not None
@@ -470,8 +470,7 @@ def cancels(url: str, sizes: Sizes) -> list[Scenario]:
     check_indexes(behind, plans)
     with psycopg.connect(url) as conn:
         found = conn.execute(
-            "SELECT hashtext(CAST(%(lone)s AS text)) & 255,"
-            " bool_or(hashtext(CAST(i AS text)) & 255 = hashtext(CAST(%(lone)s AS text)) & 255)"
+            "SELECT cancel_bucket(%(lone)s), bool_or(cancel_bucket(i) = cancel_bucket(%(lone)s))"
             " FROM unnest(CAST(%(ids)s AS uuid[])) AS i",
             {"ids": keys["ids"], "lone": lone.order_id},
         ).fetchone()

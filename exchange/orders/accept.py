@@ -351,12 +351,12 @@ own; 20,000 orders cost 476 ms of CPU (client and server) in chunks of 1,000, 41
 # cancel-all cancels are those accepted before it began (read once, here; a chunk never looks for more). "Not closed"
 # is "close_reason IS NULL" (the constraint ck_orders_closed_has_reason makes the two the same), the condition of
 # ix_orders_open_book, which holds only the orders that are not closed, by symbol first: "status <> 'closed'" could
-# not use it and read the broker's whole history. Grouped by cancel bucket (write_cancels' lock key, alembic 0014),
+# not use it and read the broker's whole history. Grouped by cancel bucket (write_cancels' lock key, alembic 0026),
 # in bucket order, so that a chunk of consecutive ids needs the locks of a few neighbouring buckets, not of all 256
 # (one row per bucket: no sort of every order). Each bucket's ids come back as its array's text, are cut into
 # chunks as strings and go back as array texts: no id is turned into a UUID object and back in Python.
 _LIVE_BY_BUCKET = """
-    SELECT hashtext(CAST(id AS text)) & 255 AS bucket, CAST(array_agg(id) AS text) AS ids
+    SELECT cancel_bucket(id) AS bucket, CAST(array_agg(id) AS text) AS ids
     FROM orders
     WHERE symbol = %(symbol)s AND broker_id = %(broker_id)s AND close_reason IS NULL
     GROUP BY 1

@@ -25,7 +25,7 @@ from tests.integration.sql_orders import add_broker
 ORDERS = 40
 CHUNK = 5
 
-_BUCKET = "hashtext(CAST(CAST(:id AS uuid) AS text)) & 255"
+_BUCKET = "cancel_bucket(CAST(:id AS uuid))"
 
 # Requests for cancel-bucket locks of this test's database that wait: (pid, bucket).
 _WAITERS = """
@@ -37,7 +37,7 @@ _WAITERS = """
 # A fresh order id whose cancel bucket is :bucket.
 _ID_IN_BUCKET = """
     SELECT id FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 20000)) AS g
-    WHERE hashtext(CAST(id AS text)) & 255 = :bucket LIMIT 1
+    WHERE cancel_bucket(id) = :bucket LIMIT 1
     """
 
 

@@ -181,7 +181,7 @@ async def test_a_cancel_group_waits_for_its_orders_advisory_lock_which_the_one_s
 ) -> None:
     broker, _, [order] = await placed_in_one_symbol(engine, api_pool, "lock-taker", 1)
     with engine.connect() as other:  # another cancel writer of the same order's bucket (alembic 0014's key)
-        bucket_lock = text("SELECT pg_advisory_xact_lock(3084, hashtext(CAST(:id AS text)) & 255)")
+        bucket_lock = text("SELECT pg_advisory_xact_lock(3084, cancel_bucket(:id))")
         other.execute(bucket_lock, {"id": order.order_id})
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(accept.cancel_orders(api_pool, [(broker, order.order_id)]), timeout=1)

@@ -878,6 +878,30 @@ def test_cancel_all_finds_the_brokers_live_orders_through_the_open_orders_index_
     assert _looks_up(plan, "orders", "ix_orders_open_book"), plan
 
 
+def test_the_cancel_bucket_function_is_inlined_as_its_expression_into_write_cancels_and_the_cancel_alls_read(
+    engine: Engine,
+) -> None:
+    # cancel_bucket (alembic 0026) names the bucket expression once; inlined, its callers' plans compute the
+    # expression itself, as they did before the function existed: no SQL function call per order id.
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url=None)
+        keys = _insert_orders(conn, ROWS)
+    broker = keys[0][0]
+    params = {"ids": array_literal(i for _, i in keys), "broker_ids": array_literal(b for b, _ in keys)}
+    with _psycopg_connection(engine) as pg:
+        pg.execute("LOAD 'auto_explain'")
+        pg.execute("SET auto_explain.log_verbose = on")
+        plans = _nested_plans(pg, accept._INSERT_CANCELS, params, 1)
+        plans.append("\n".join(row[0] for row in pg.execute("EXPLAIN VERBOSE " + accept._LIVE_BY_BUCKET,
+                                                            {"broker_id": broker, "symbol": "S1"})))  # fmt: skip
+    locks = [plan for plan in plans if "pg_advisory_xact_lock" in plan]
+    assert len(locks) == 1, plans
+    for plan in (locks[0], plans[-1]):  # the nodes' Output lines: the lock's plan also prints its query's text
+        outputs = [line for line in plan.splitlines() if line.strip().startswith("Output:")]
+        assert any("hashtext(" in line for line in outputs), plan
+        assert not any("cancel_bucket(" in line for line in outputs), plan
+
+
 def _insert_symbols(conn: Connection, n: int, first: int) -> None:
     conn.execute(
         text("INSERT INTO symbols (symbol) SELECT 'S' || g FROM generate_series(:first, :first + :n - 1) AS g"),
