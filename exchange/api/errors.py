@@ -64,7 +64,13 @@ ERRORS: dict[str, ErrorCode] = {
     "no_trades": ErrorCode(404, "the symbol has had no trade yet"),
     "event_not_found": ErrorCode(404, "no such webhook event for this broker"),
     "method_not_allowed": ErrorCode(405, "the route exists but not for this method (`Allow` header set)"),
-    "order_closed": ErrorCode(409, "amend of a closed order"),
+    "order_closed": ErrorCode(409, "amend of a closed order (or of one that closed before the matcher reached it)"),
+    "amend_rejected": ErrorCode(
+        409,
+        "the matcher refused the amend, the order is unchanged; `details.reason`: `not_amendable` (the new quantity "
+        "is not above the shares already filled, or the order reached its valid_until) or `unprocessable` (the "
+        "matcher could not apply it)",
+    ),
     "webhook_endpoint_unavailable": ErrorCode(
         409, "redeliver while the broker has no webhook URL or its endpoint is disabled (PUT /webhooks/endpoint)"
     ),

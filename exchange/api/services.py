@@ -188,8 +188,12 @@ async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int 
 
     async def processed() -> OrderView | None:
         # The command first, the order after: an order read before the amend's commit shows it unamended.
-        if seqs and not await accept.command_processed(state.pool, seqs[0]):
-            return None
+        if seqs:
+            outcome = await accept.command_outcome(state.pool, seqs[0])
+            if not outcome.processed:
+                return None
+            if outcome.rejected_reason is not None:  # refused: an error, not the unchanged order as if amended
+                raise accept.refused_amend(order_id, outcome.rejected_reason)
         return await read_order(state, broker_id, order_id)
 
     return await _commit_and_wait(state, broker_id, order_id, commit, processed)

@@ -305,6 +305,9 @@ commands = Table(
     Column("payload", JSONB),
     _timestamp("created_at", now=True),
     _timestamp("processed_at", nullable=True),
+    # Why the matcher rejected the command (the engine's reject reason, or "unprocessable" when quarantined; NULL:
+    # applied or not processed yet), written with processed_at (alembic 0027): the api answers an amend from it.
+    Column("rejected_reason", Text),
     CheckConstraint(one_of("kind", CommandKind), name="kind"),
     # Place, cancel and amend act on one order; expire acts on the whole book of the symbol.
     CheckConstraint(f"kind = '{CommandKind.EXPIRE.value}' OR order_id IS NOT NULL", name="order_id_required"),

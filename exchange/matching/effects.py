@@ -84,6 +84,10 @@ class BatchEffects:
     shares: dict[UUID, int] = field(default_factory=dict)
     outbox: list[OutboxDraft] = field(default_factory=list)
     last_price: int | None = None
+    rejected: dict[int, str] = field(default_factory=dict)
+    """The commands the engine rejected (or the matcher quarantined), by sequence number: their reject reason,
+    written on the command's row with its ``processed_at`` (a refused amend changes no order, and its request must
+    still tell the broker it was refused)."""
 
     @property
     def touched_brokers(self) -> list[UUID]:
@@ -172,6 +176,7 @@ def plan_batch(
                     priority=None,
                 )
             elif isinstance(event, Rejected):
+                plan.rejected[event.seq] = event.reason.value
                 # A rejected place closes its (pending) order; a rejected cancel/amend changes nothing. A place
                 # rejected for its duplicate id names another order, whose state is not this command's to change.
                 spec = command.order if isinstance(command, Place) else None

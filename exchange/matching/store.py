@@ -290,7 +290,7 @@ LEFT JOIN orders AS o ON o.id = c.order_id
 # The last resort when even the rejection cannot be written (see :func:`quarantine_command`).
 _QUARANTINE_BARE = """
 WITH first AS (
-    UPDATE commands SET processed_at = clock_timestamp()
+    UPDATE commands SET processed_at = clock_timestamp(), rejected_reason = %(unprocessable)s
     WHERE seq = %(seq)s AND processed_at IS NULL
       AND seq = (SELECT seq FROM commands WHERE symbol = %(symbol)s AND processed_at IS NULL ORDER BY seq LIMIT 1)
     RETURNING kind, order_id
@@ -314,6 +314,7 @@ def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCo
     rejection's own write is refused (say, the broker's event sequence is exhausted), the command is marked
     processed and its order closed without the event."""
     params = {"keys": array_literal([book_lock_key(symbol)]), "symbol": symbol, "seq": seq}
+    params["unprocessable"] = UNPROCESSABLE  # the bare quarantine's reject reason
     cursor = _send_bounded(conn, (_LOCK, _FIRST_PENDING), params)
     cursor.nextset()  # lock -> first pending
     row = cursor.fetchone()
@@ -321,7 +322,7 @@ def quarantine_command(conn: Connection, symbol: str, seq: int) -> QuarantinedCo
         _driver(conn).rollback()
         return None
     _, kind, order_id, broker_id, side, quantity, pending, now = row
-    plan = BatchEffects()
+    plan = BatchEffects(rejected={seq: UNPROCESSABLE})
     if kind == "place" and pending:
         plan_rejected_place(plan, seq, order_id, broker_id, Side(side), quantity, UNPROCESSABLE)
     try:
@@ -399,8 +400,23 @@ def write_batch(conn: Connection, now: datetime, books: Sequence[BookBatch]) -> 
         ),
     ):
         params[name] = msgspec.json.encode(rows).decode() if rows else None
-    names: dict[UUID, str] = dict(_send(conn, (_WRITE, "COMMIT"), params).fetchall())
+    rejected = {seq: reason for b in books for seq, reason in b.plan.rejected.items()}
+    statements: tuple[str, ...] = (_WRITE, "COMMIT")
+    if rejected:  # rare: a statement more only when a command was rejected
+        params["rejected_seqs"] = array_literal(rejected)
+        params["rejected_reasons"] = array_literal(rejected.values())
+        statements = (_WRITE, _REJECTED, "COMMIT")
+    names: dict[UUID, str] = dict(_send(conn, statements, params).fetchall())
     return Written(event_ids, trade_ids, names)
+
+
+# The reject reasons of the batch's rejected commands, on their rows (alembic 0027), beside matcher_write's
+# processed_at: in the same transaction.
+_REJECTED = """
+UPDATE commands AS c SET rejected_reason = v.reason
+FROM unnest(CAST(%(rejected_seqs)s AS bigint[]), CAST(%(rejected_reasons)s AS text[])) AS v(seq, reason)
+WHERE c.seq = v.seq
+"""
 
 
 def _trade_rows(symbol: str, trades: list[TradeRow], trade_ids: dict[tuple[int, int], UUID]) -> list[dict[str, Any]]:

@@ -35,12 +35,14 @@ from exchange.db.arrays import array_literal
 from exchange.db.engines import AsyncPgConnection, AsyncPool, single_statement
 from exchange.db.errors import is_deterministic, is_retryable
 from exchange.db.tables import CommandKind, OrderStatus
-from exchange.engine.types import OrderType, StpMode, TimeInForce
+from exchange.engine.types import OrderType, RejectReason, StpMode, TimeInForce
 from exchange.orders.errors import (
+    AmendRejectedError,
     IdempotencyKeyReusedError,
     InvalidOrderError,
     OrderClosedError,
     OrderNotFoundError,
+    OrderServiceError,
 )
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
 
@@ -450,7 +452,8 @@ async def amend_order(
 ) -> CommandResult:
     """Write an ``amend`` command (new total ``quantity`` and/or limit ``price``) for the broker's own live order.
 
-    The engine decides: an amend it rejects leaves the order unchanged. Raises :class:`OrderNotFoundError`,
+    The engine decides: an amend it rejects leaves the order unchanged, and its command keeps the reason
+    (:func:`command_outcome`, :func:`refused_amend`). Raises :class:`OrderNotFoundError`,
     :class:`OrderClosedError`, or :class:`InvalidOrderError` (nothing to change; a price for a market order).
     """
     if quantity is None and price is None:
@@ -468,11 +471,36 @@ async def amend_order(
     return CommandResult(row.symbol, written=True, seq=row.seq)
 
 
-_PROCESSED = "SELECT processed_at IS NOT NULL FROM commands WHERE seq = %(seq)s"
+_PROCESSED = "SELECT processed_at IS NOT NULL, rejected_reason FROM commands WHERE seq = %(seq)s"
 
 
-async def command_processed(pool: AsyncPool, seq: int) -> bool:
-    """Whether a matcher has processed (applied, rejected or quarantined) the command ``seq``."""
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    processed: bool
+    """A matcher has processed the command: applied it, rejected it or quarantined it."""
+    rejected_reason: str | None = None
+    """Why it was rejected (the engine's reject reason, or ``unprocessable`` when quarantined); None if applied."""
+
+
+async def command_outcome(pool: AsyncPool, seq: int) -> CommandOutcome:
+    """What became of the command ``seq`` (alembic 0027: the matcher writes a rejection with ``processed_at``)."""
     async with single_statement(pool) as conn:
         row = await (await conn.execute(_PROCESSED, {"seq": seq})).fetchone()
-    return row is not None and bool(row[0])
+    if row is None or not row[0]:
+        return CommandOutcome(processed=False)
+    return CommandOutcome(processed=True, rejected_reason=row[1])
+
+
+def refused_amend(order_id: UUID, reason: str) -> OrderServiceError:
+    """The error an amend the matcher rejected for ``reason`` is answered with (the order is unchanged)."""
+    details = {"order_id": str(order_id), "reason": reason}
+    if reason == RejectReason.UNKNOWN_ORDER.value:  # not on the book when the amend reached it: closed meanwhile
+        return OrderClosedError("the order closed before the amend reached it", details)
+    if reason == RejectReason.NOT_AMENDABLE.value:
+        message = (
+            "the amend was refused: the new quantity must be above the shares already filled, and the order must not"
+            " have reached its valid_until; the order is unchanged"
+        )
+    else:
+        message = f"the amend was refused ({reason}); the order is unchanged"
+    return AmendRejectedError(message, details)

@@ -44,6 +44,12 @@ class OrderClosedError(OrderServiceError):
     code = "order_closed"
 
 
+class AmendRejectedError(OrderServiceError):
+    """The matcher refused the amend (``details.reason``: the engine's reject reason); the order is unchanged."""
+
+    code = "amend_rejected"
+
+
 class IdempotencyKeyReusedError(OrderServiceError):
     """A ``client_order_id``/``Idempotency-Key`` the broker already used, sent with a different order: answering
     with the original order would tell the client its new order was accepted."""

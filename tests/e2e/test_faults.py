@@ -127,7 +127,8 @@ AMEND_SHARE = 0.1
 """Of the requests that do not cancel: amends lock the order's row and write a command in one statement, which
 every fault may cut."""
 AMEND_ANSWERS = frozenset({200, 409, 422})
-"""Applied (or rejected by the engine, unchanged); the order was closed meanwhile; a price for a market order."""
+"""Applied; refused by the matcher (`amend_rejected`) or the order closed meanwhile (`order_closed`); a price for a
+market order."""
 REQUEST_TIMEOUT_S = 5.0
 RETRY_PAUSE_S = 0.2
 GIVE_UP_AFTER_S = 90.0

@@ -500,6 +500,78 @@ def test_a_cancel_or_amend_answers_with_the_order_after_its_command_not_after_a_
         assert (got["status"], got["quantity"], got["remaining_quantity"]) == ("open", 5, 4)
 
 
+def _amend_applied_by(matcher: _StepMatcher, client: TestClient[Any], broker: Any, order_id: Any, quantity: int) -> Any:
+    """PATCH ``order_id``'s quantity, with ``matcher`` applying the amend while the request waits; the answer."""
+    body = {"quantity": quantity}
+    answer = _in_thread(lambda: client.patch(f"/orders/{order_id}", json=body, headers=broker.headers))
+    wait_until(lambda: matcher.pending("amend") == 1)
+    matcher.step()
+    return answer()
+
+
+def test_an_amend_the_matcher_refuses_is_409_amend_rejected_and_leaves_the_order_unchanged(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
+) -> None:
+    client = client_factory(order_wait_ms="10000")
+    symbol = new_symbol()
+    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
+    seller, buyer = register(client), register(client)
+    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
+    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 4, 100)
+    matcher.step(limit=2)  # 4 of the ask's 10 filled
+
+    # The new total (filled shares included) must be above the 4 filled: 3 is refused, not answered as applied.
+    response = _amend_applied_by(matcher, client, seller, resting, 3)
+
+    assert response.status_code == 409, response.text
+    assert response.json()["code"] == "amend_rejected"
+    assert response.json()["details"] == {"order_id": str(resting), "reason": "not_amendable"}
+    order = client.get(f"/orders/{resting}", headers=seller.headers).json()
+    assert (order["status"], order["quantity"], order["remaining_quantity"]) == ("open", 10, 6)
+    kept = "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'amend' AND rejected_reason = 'not_amendable'"
+    assert count(api_engine, kept, id=str(resting)) == 1
+
+
+def test_an_amend_of_an_order_that_filled_before_the_amend_reached_it_is_409_order_closed(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
+) -> None:
+    client = client_factory(order_wait_ms="10000")
+    symbol = new_symbol()
+    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
+    seller, buyer = register(client), register(client)
+    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
+    matcher.step()
+    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 10, 100)  # fills the whole ask, before the amend
+
+    answer = _in_thread(lambda: client.patch(f"/orders/{resting}", json={"quantity": 12}, headers=seller.headers))
+    wait_until(lambda: matcher.pending("amend") == 1)
+    matcher.step(limit=2)  # the bid (the ask closes filled), then the amend of an order no longer on the book
+
+    response = answer()
+    assert (response.status_code, response.json()["code"]) == (409, "order_closed"), response.text
+    order = client.get(f"/orders/{resting}", headers=seller.headers).json()
+    assert (order["status"], order["close_reason"], order["quantity"]) == ("closed", "filled", 10)
+
+
+def test_an_amend_the_matcher_applies_is_200_with_the_amended_order_and_no_rejection_kept(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
+) -> None:
+    client = client_factory(order_wait_ms="10000")
+    symbol = new_symbol()
+    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
+    seller, buyer = register(client), register(client)
+    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
+    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 4, 100)
+    matcher.step(limit=2)
+
+    response = _amend_applied_by(matcher, client, seller, resting, 5)  # 5 of which 4 filled: 1 left
+
+    assert response.status_code == 200, response.text
+    assert (response.json()["quantity"], response.json()["remaining_quantity"]) == (5, 1)
+    applied = "SELECT count(*) FROM commands WHERE order_id = :id AND kind = 'amend' AND rejected_reason IS NULL"
+    assert count(api_engine, applied, id=str(resting)) == 1
+
+
 def test_two_cancels_of_one_order_both_answer_with_the_cancelled_order(
     client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
 ) -> None:

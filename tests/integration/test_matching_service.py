@@ -345,6 +345,9 @@ def test_a_quarantined_place_tells_its_broker_by_an_order_rejected_event_next_in
     assert (payload["event"], payload["reason"]) == ("order_rejected", "rejected")
     assert payload["reject_reason"] == "unprocessable"
     assert (payload["sequence"], payload["order_remaining_quantity"], payload["side"]) == (2, 2, "bid")
+    with engine.connect() as conn:  # the command keeps why it changed nothing (alembic 0027)
+        kept = text("SELECT order_id, rejected_reason FROM commands WHERE rejected_reason IS NOT NULL")
+        assert conn.execute(kept).all() == [(poison, "unprocessable")]
     assert rows[1].id in event_ids  # handed to the webhook queue like any batch's events
     assert_conserved(engine)
 
@@ -366,6 +369,8 @@ def test_a_quarantine_whose_rejection_cannot_be_written_still_frees_the_symbol(e
         assert order(conn, later).status == "open"
         assert conn.execute(text("SELECT count(*) FROM commands WHERE processed_at IS NULL")).scalar_one() == 0
         assert conn.execute(text("SELECT count(*) FROM webhook_events")).scalar_one() == 0
+        kept = text("SELECT order_id, rejected_reason FROM commands WHERE rejected_reason IS NOT NULL")
+        assert conn.execute(kept).all() == [(poison, "unprocessable")]  # the bare quarantine keeps it too
     assert cache.suspects == set()
 
 

@@ -131,11 +131,13 @@ class OrdersController(Controller):
         return order_out(await services.read_order(api, broker.id, parse_order_id(order_id)))
 
     @patch(
-        "/{order_id:str}", responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "order_not_found", "order_closed")
+        "/{order_id:str}",
+        responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "order_not_found", "order_closed", "amend_rejected"),
     )
     async def amend_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> OrderOut:
-        """Amend quantity (new total) and/or price; 200 with the order after the matcher applied (or rejected)
-        the amend. A rejected amend leaves the order unchanged."""
+        """Amend quantity (the new total, filled shares included) and/or price; 200 with the order after the
+        matcher applied the amend (or as it is when the wait ends, the amend still pending); 409
+        ``amend_rejected`` or ``order_closed`` if the matcher refused it (the order unchanged)."""
         api, broker = request_api(request), current_broker(request)
         oid = parse_order_id(order_id)
         body = decode_body(await request.body(), AmendOrderRequest)
