@@ -100,9 +100,11 @@ class BookCache:
     failing: dict[str, Failing] = field(default_factory=dict)
     """Symbols whose processing failed on their own (not the database's failure, nor a command's that is
     quarantined: a book that cannot be rebuilt, a bug, a database error that the next transaction did not meet):
-    left alone until ``retry_at`` (a wake-up before then finds nothing done, its commands stay pending, and the
-    sweeper wakes the symbol again once they are old), then processed alone, outside any group, until a batch of
-    theirs succeeds. So a book that fails every time costs a partition one attempt per backoff, not every wake-up."""
+    left alone until ``retry_at`` (a wake-up before then finds nothing done and its commands stay pending), then
+    processed alone, outside any group, until a batch of theirs succeeds. So a book that fails every time costs a
+    partition one attempt per backoff, not every wake-up. A result that leaves a symbol pending for its backoff says
+    when the backoff ends (:attr:`BatchResult.retry_at`): the matcher wakes the symbol then
+    (:class:`~exchange.messaging.wakeups.RetryWakeups`), so it waits its backoff, not the sweeper's next pass."""
 
 
 @dataclass(slots=True)
@@ -128,6 +130,9 @@ class BatchResult:
     rebuilt: bool
     placed: list[PlacedState] = field(default_factory=list)
     """The committed state of each order placed by this batch, published with ``order_ids``."""
+    retry_at: float | None = None
+    """Set when the symbol's commands were left pending for a backoff (see :attr:`BookCache.failing`): when it ends
+    (``time.monotonic()``), the time to wake the symbol again. None otherwise (a backoff of 0 is ``more``)."""
 
 
 def process_symbol(
@@ -268,7 +273,8 @@ def process_symbols(
     for symbol in wanted:
         failing = cache.failing.get(symbol)
         if failing is not None and now < failing.retry_at:
-            results[symbol] = BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False)  # backing off
+            # Backing off: nothing done, and when to come back.
+            results[symbol] = BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False, retry_at=failing.retry_at)
     group = [symbol for symbol in wanted if symbol not in cache.suspects and symbol not in cache.failing]
     if len(group) == 1:
         results[group[0]] = _alone(engine, cache, group[0], batch_limit)
@@ -295,7 +301,8 @@ def process_symbols(
 def _alone(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> BatchResult:
     """:func:`process_symbol`, except that a failure of this symbol's own costs this symbol only: logged with its
     traceback, counted (``exchange_match_symbol_failures_total``) and answered as a batch of nothing, its commands
-    left pending, the symbol left alone for a backoff (see :class:`BookCache`), so that the symbols after it go on.
+    left pending, the symbol left alone for a backoff (see :class:`BookCache`; the result's ``retry_at`` says until
+    when), so that the symbols after it go on.
 
     The database's failures are raised as they come, as every other symbol would meet them
     (:func:`_database_wide`): dramatiq retries the message, the sweeper re-nudges what is left."""
@@ -307,7 +314,8 @@ def _alone(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> B
         failing = cache.failing.get(symbol)
         failures = 1 if failing is None else failing.failures + 1
         backoff = _backoff_s(exc, failures)
-        cache.failing[symbol] = Failing(failures, time.monotonic() + backoff)
+        retry_at = time.monotonic() + backoff
+        cache.failing[symbol] = Failing(failures, retry_at)
         metrics.MATCH_SYMBOL_FAILURES.inc()
         log.log(
             logging.WARNING if isinstance(exc, DBAPIError | psycopg.Error) else logging.ERROR,  # a bug's: an error
@@ -318,8 +326,11 @@ def _alone(engine: Engine, cache: BookCache, symbol: str, batch_limit: int) -> B
             "it is tried again at once, alone" if backoff == 0 else f"it is left alone for {backoff:g} s",
             exc_info=True,
         )
-        # Tried again at once: its drain goes on with it (``more``), alone (it is in ``cache.failing``).
-        return BatchResult(symbol, 0, 0, [], [], more=backoff == 0, rebuilt=False)
+        # Tried again at once: its drain goes on with it (``more``), alone (it is in ``cache.failing``). Otherwise
+        # the caller wakes it when the backoff ends (``retry_at``).
+        return BatchResult(
+            symbol, 0, 0, [], [], more=not backoff, rebuilt=False, retry_at=retry_at if backoff else None
+        )
     cache.failing.pop(symbol, None)
     return result
 

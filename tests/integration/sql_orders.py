@@ -86,3 +86,31 @@ def trades(engine: Engine, symbol: str) -> int:
     """How many trades ``symbol`` has."""
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM trades WHERE symbol = :s"), {"s": symbol}).scalar_one())
+
+
+def rest_crossed_pair(engine: Engine, symbol: str, buyer: uuid.UUID, seller: uuid.UUID) -> uuid.UUID:
+    """Rows no book can hold, left as if by a bug: a bid at 200 resting above an ask at 100 on ``symbol``. Every
+    rebuild of its book fails (a failure of the symbol's own, not the database's) until the bid, whose id is
+    returned, is closed (:func:`close_order`)."""
+    with engine.begin() as conn:
+        rows = [
+            conn.execute(
+                text(
+                    "INSERT INTO orders (broker_id, document_number, symbol, side, order_type, time_in_force, price, "
+                    "quantity, remaining, status, seq, priority) VALUES (:b, '1', :s, :side, 'limit', 'gtc', :p, 1, "
+                    "1, 'open', nextval('command_seq'), currval('command_seq')) RETURNING id"
+                ),
+                {"b": broker_id, "s": symbol, "side": side, "p": price},
+            ).scalar_one()
+            for broker_id, side, price in ((buyer, "bid", 200), (seller, "ask", 100))
+        ]
+    bid: uuid.UUID = rows[0]
+    return bid
+
+
+def close_order(engine: Engine, order_id: uuid.UUID) -> None:
+    """Close ``order_id`` behind the matcher's back (mends what :func:`rest_crossed_pair` broke)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE orders SET status = 'closed', close_reason = 'cancelled' WHERE id = :id"), {"id": order_id}
+        )

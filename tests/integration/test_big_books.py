@@ -20,8 +20,8 @@ from sqlalchemy.exc import DBAPIError
 
 from exchange.db.engines import IDLE_HOLDER_LIMIT_MS, pooled_engine
 from exchange.matching import store
-from exchange.matching.service import BookCache, drain, process_symbol, process_symbols
-from tests.integration.sql_orders import add_broker, place
+from exchange.matching.service import FAILURE_BACKOFF_S, BookCache, drain, process_symbol, process_symbols
+from tests.integration.sql_orders import add_broker, place, rest_crossed_pair
 from tests.integration.test_matching_service import assert_conserved
 
 BIG = 100_000
@@ -185,3 +185,21 @@ def test_a_healthy_symbol_whose_transaction_was_ended_once_is_matched_in_the_sam
     with engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM orders WHERE id = :id"), {"id": bid}).scalar_one() == "closed"
     assert_conserved(engine)
+
+
+def test_a_symbol_left_pending_for_a_backoff_says_when_the_backoff_ends(engine: Engine) -> None:
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    rest_crossed_pair(engine, "XBAD", buyer, seller)  # its rebuild fails: a failure of its own, not the database's
+    place(engine, buyer, "XBAD", "bid", 1, 50)
+    cache = BookCache()
+    before = time.monotonic()
+
+    [failed] = process_symbols(engine, cache, ["XBAD"])
+    [skipped] = process_symbols(engine, cache, ["XBAD"])  # a wake-up during the backoff
+
+    retry_at = cache.failing["XBAD"].retry_at
+    assert before + FAILURE_BACKOFF_S <= retry_at <= time.monotonic() + FAILURE_BACKOFF_S
+    # For the matcher to wake it then: nothing else would before the sweeper.
+    assert (failed.commands, failed.more, failed.retry_at) == (0, False, retry_at)
+    assert (skipped.commands, skipped.more, skipped.retry_at) == (0, False, retry_at)
+    assert pending_commands(engine, "XBAD") == 1
