@@ -17,11 +17,17 @@ succeeded, its message names the symbol. If it failed, a matcher held the flag a
 holder takes the set again before it may clear the flag (the take and the clear are one script), so it processes the
 symbol after the command was committed. A holder that dies leaves its flag to expire (``WAKE_TTL_MS``); the symbols
 it had taken are re-nudged by the sweeper, which wakes symbols with old pending commands with a plain message.
+
+The matcher wakes symbols itself in one case: one it left pending for a backoff after its processing failed
+(:attr:`exchange.matching.service.BookCache.failing`) is woken when the backoff ends (:class:`RetryWakeups`, with
+:func:`wake`: the api's wake-up, coalesced the same way), not when the sweeper next finds its commands old.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -29,8 +35,10 @@ from typing import Protocol
 import dramatiq
 import redis
 
-from exchange.messaging.broker import AsyncEnqueuer, Guard
+from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker, Guard
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
+
+log = logging.getLogger("exchange.messaging")
 
 WAKE_TTL_MS = 500
 """How long a partition's flag outlives its last renewal: a matcher renews it every time it takes the set, so only
@@ -105,11 +113,94 @@ async def wake_async(enqueuer: AsyncEnqueuer, symbols: Iterable[str], partitions
         return
     messages = [partition_message(partition, names) for partition, names in groups]
     ns = await enqueuer.known_namespace()
-    guards = [
-        Guard(woken_key(ns, partition), names, busy_key(ns, partition), WAKE_TTL_MS, ring=ring_key(ns, partition))
-        for partition, names in groups
-    ]
-    await enqueuer.ring_all(messages, guards)
+    await enqueuer.ring_all(messages, [_wake_guard(ns, partition, names) for partition, names in groups])
+
+
+def wake(broker: DoorbellRedisBroker, symbols: Iterable[str], partitions: int) -> None:
+    """:func:`wake_async` from a synchronous caller (the matcher's :class:`RetryWakeups`): the same script per
+    partition, so a held partition gets its symbols added and its ring rung, a free one a message naming them; all in
+    ONE round trip, answered. Raises when Redis fails (each partition's wake-up then happened whole or not at all)."""
+    groups = group_by_partition(symbols, partitions)
+    if not groups:
+        return
+    ns = broker.namespace
+    with broker.client.pipeline(transaction=False) as pipe:
+        stamped = [
+            broker.add_guarded(pipe, partition_message(partition, names), _wake_guard(ns, partition, names))
+            for partition, names in groups.items()
+        ]
+        replies = pipe.execute(raise_on_error=False)
+    for message, reply in zip(stamped, replies, strict=True):
+        broker.guarded_sent(message, reply)
+
+
+def _wake_guard(namespace: str, partition: int, names: Sequence[str]) -> Guard:
+    """What a wake-up of ``names`` on ``partition`` goes through (see the module): their set, its flag, its ring."""
+    return Guard(
+        woken_key(namespace, partition),
+        names,
+        busy_key(namespace, partition),
+        WAKE_TTL_MS,
+        ring=ring_key(namespace, partition),
+    )
+
+
+class RetryWakeups:
+    """Wake-ups at given times, sent by a thread of their own: the matcher's, for each symbol it left pending for a
+    backoff (:attr:`exchange.matching.service.BatchResult.retry_at`), so that the symbol is processed when its
+    backoff ends rather than when the sweeper next finds its commands old (up to a sweep interval later) or a new
+    command happens to wake it.
+
+    Invariants: a symbol has at most one wake-up scheduled, at the time the latest :meth:`schedule` gave (a backoff
+    only moves later); the symbols due together go to ONE call of ``wake`` (the matcher's is :func:`wake`, guarded:
+    a partition already held or messaged gets no second message). So a symbol that fails again and again costs one
+    wake-up per backoff, never a flood. The thread sleeps until the earliest due time or a new schedule (no polling;
+    it exists only once something was scheduled, in the process that scheduled it: a dramatiq worker process, after
+    its fork). A wake-up that fails is logged and dropped: its symbols' commands are in Postgres, and the sweeper
+    re-nudges them once they are old, as after any lost wake-up. Waking early or twice is harmless: a symbol still
+    backing off is left alone (and scheduled again by its result), one with nothing pending costs an empty batch.
+    """
+
+    def __init__(self, wake: Callable[[list[str]], None]) -> None:
+        self._wake = wake
+        self._due: dict[str, float] = {}
+        """Symbol -> when to wake it (``time.monotonic()``, as the backoff's end)."""
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, symbol: str, at: float) -> None:
+        """Wake ``symbol`` at ``at`` (``time.monotonic()``), instead of whenever it was to be woken before."""
+        with self._changed:
+            self._due[symbol] = at
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="exchange-retry-wakeups", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def scheduled(self) -> dict[str, float]:
+        """What is scheduled: symbol -> when."""
+        with self._changed:
+            return dict(self._due)
+
+    def _take_due(self) -> list[str]:
+        """Wait until a symbol is due; unschedule and return every symbol due by then."""
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                due = sorted(symbol for symbol, at in self._due.items() if at <= now)
+                if due:
+                    for symbol in due:
+                        del self._due[symbol]
+                    return due
+                self._changed.wait(min(self._due.values()) - now if self._due else None)
+
+    def _run(self) -> None:
+        while True:
+            due = self._take_due()
+            try:
+                self._wake(due)
+            except Exception:
+                log.warning("could not wake %s after their backoff (the sweeper will)", due, exc_info=True)
 
 
 # KEYS: the partition's set, flag and ring (the ring is cleared with the set it rang for); ARGV: the flag's TTL in

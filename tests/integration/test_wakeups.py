@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +25,7 @@ from exchange.api import batches
 from exchange.messaging import wakeups
 from exchange.messaging.broker import AsyncEnqueuer, DoorbellRedisBroker
 from exchange.messaging.partitions import matching_actor, matching_queue, partition_of
-from exchange.messaging.wakeups import PartitionWakeups, hold_partition, wake_async
+from exchange.messaging.wakeups import PartitionWakeups, RetryWakeups, hold_partition, wake_async
 from tests.integration.redis_support import claimed_database
 
 pytestmark = pytest.mark.anyio
@@ -520,3 +520,76 @@ async def test_wake_ups_merged_while_one_is_sent_all_reach_their_partitions(
         await asyncio.sleep(0.01)
 
     assert sorted(sent(broker)) == sorted(woken)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_symbol_scheduled_again_and_again_is_woken_once_when_due_with_the_symbols_due_with_it(
+    broker: DoorbellRedisBroker,
+) -> None:
+    first, second = symbols(2, partition=2)
+    [other] = symbols(1, partition=5)
+    retries = RetryWakeups(lambda names: wakeups.wake(broker, names, PARTITIONS))
+    at = time.monotonic() + 0.3
+    for _ in range(5):  # a flapping symbol: its result says when its backoff ends after every failure
+        for symbol in (first, second, other):
+            retries.schedule(symbol, at)
+
+    await asyncio.sleep(0.15)
+    assert messages_queued(broker) == 0  # not before its backoff ends
+    await until(lambda: messages_queued(broker) == 2)
+    await asyncio.sleep(0.2)  # a second message, were there one, would be queued by now
+    assert time.monotonic() >= at
+    assert [m.args for m in queued(broker, 2)] == [(first, second)]  # one guarded wake-up per partition
+    assert [m.args for m in queued(broker, 5)] == [(other,)]
+    assert retries.scheduled() == {}
+
+
+async def test_a_symbol_scheduled_later_is_woken_only_then(broker: DoorbellRedisBroker) -> None:
+    [symbol] = symbols(1)
+    retries = RetryWakeups(lambda names: wakeups.wake(broker, names, PARTITIONS))
+    retries.schedule(symbol, time.monotonic() + 0.1)
+    later = time.monotonic() + 0.5
+    retries.schedule(symbol, later)  # it failed again: a longer backoff
+
+    await until(lambda: messages_queued(broker) == 1)
+    assert time.monotonic() >= later
+    assert sent(broker) == [symbol]
+
+
+async def test_the_matchers_wake_up_of_a_held_partition_adds_the_symbol_to_its_set_and_rings_without_a_message(
+    client: redis.asyncio.Redis, broker: DoorbellRedisBroker
+) -> None:
+    [symbol] = symbols(1, partition=4)
+    await client.set(busy_key(4), b"1", px=5000)  # a matcher holds the partition
+
+    wakeups.wake(broker, [symbol], PARTITIONS)
+
+    assert sent(broker) == []
+    assert await members(client, 4) == [symbol]  # for the holder's next take
+    assert await client.llen(ring_key(4)) == 1  # and its linger, if it waits
+
+
+async def test_a_wake_up_after_a_backoff_that_fails_is_dropped_and_the_next_one_still_sent(
+    broker: DoorbellRedisBroker, tmp_path: Path
+) -> None:
+    lost, next_one = symbols(2)
+    unreachable = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis(unix_socket_path=str(tmp_path / "gone.sock")), namespace=NS
+    )
+    reaching = [unreachable]  # Redis unreachable for the first wake-up, back for the next
+    retries = RetryWakeups(lambda names: wakeups.wake(reaching[0], names, PARTITIONS))
+    retries.schedule(lost, time.monotonic())
+    await until(lambda: retries.scheduled() == {})
+    await asyncio.sleep(0.1)  # the failed wake-up has run by now (or the next one would find it due)
+
+    reaching[0] = broker
+    retries.schedule(next_one, time.monotonic())
+
+    await until(lambda: messages_queued(broker) == 1)
+    assert sent(broker) == [next_one]  # the lost symbol is the sweeper's (its commands are in Postgres)
