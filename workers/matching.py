@@ -5,7 +5,8 @@ sweeper one); the actor drains those and every symbol woken on the partition whi
 locks, several books per transaction (:func:`exchange.matching.service.drain`), holding the partition so that one
 message at a time is in flight for it (:mod:`exchange.messaging.wakeups`). A duplicate, late or lost message is
 harmless: a duplicate finds nothing pending, a lost one is re-sent by the sweeper. After each committed
-transaction the actor publishes the changed orders to waiting api workers.
+transaction the actor publishes the changed orders to waiting api workers. A symbol whose processing failed is left
+alone for a backoff, and woken by the matcher itself when it ends (:class:`~exchange.messaging.wakeups.RetryWakeups`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from exchange.messaging.broker import SettledHeap, make_broker
 from exchange.messaging.names import process_namespace
 from exchange.messaging.partitions import matching_actor, matching_queue
 from exchange.messaging.results import publish_results
-from exchange.messaging.wakeups import PartitionWakeups, hold_partition, partition_message
+from exchange.messaging.wakeups import PartitionWakeups, RetryWakeups, hold_partition, partition_message, wake
 from exchange.observability import metrics
 from exchange.observability.context import request_id_var
 from exchange.observability.logs import configure_logging
@@ -46,6 +47,8 @@ _engine = matcher_engine(settings.pooled_database_url, pool_size=_threads + 1)
 _redis: redis.Redis = broker.client  # the broker's own: the after-commit round trip also enqueues on it (add_hint)
 _cache = BookCache()
 _wakeups = PartitionWakeups(_redis, broker.namespace, linger_s=settings.matcher_linger_ms / 1000)
+_retries = RetryWakeups(lambda symbols: wake(broker, symbols, settings.partitions))
+"""Wakes each symbol left pending for a backoff when the backoff ends (see :func:`_drain`)."""
 _keep_heap = Keeper()
 """The cached books only grow while the matcher runs: what survived is frozen once a second (``exchange.heap``), so
 no collection walks them again."""
@@ -142,6 +145,9 @@ def _drain(partition: int, symbols: list[str], deadline: float) -> list[str] | N
     taken = None
     started = time.perf_counter()
     for round_ in drain(_engine, _cache, symbols):
+        for result in round_.results:
+            if result.retry_at is not None:  # left pending for a backoff: no one else wakes it before the sweeper
+                _retries.schedule(result.symbol, result.retry_at)
         taken = _after_commit(round_.results, time.perf_counter() - started, release=partition if round_.last else None)
         # The message's request id (RequestIdMiddleware) is its request's: only the hold's first transaction can
         # hold that request's command. Later ones apply what was woken meanwhile, by requests whose ids the matcher

@@ -13,14 +13,14 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
-from exchange.matching.service import MAX_SYMBOLS_PER_BATCH
+from exchange.matching.service import FAILURE_BACKOFF_S, MAX_SYMBOLS_PER_BATCH
 from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.names import read_namespace
 from exchange.messaging.partitions import matching_queue, partition_of
 from exchange.messaging.wakeups import busy_key, partition_message, send_wakeups, woken_key
 from exchange.observability.propagation import REQUEST_ID_OPTION
 from tests.integration.redis_support import claimed_database
-from tests.integration.sql_orders import add_broker, place
+from tests.integration.sql_orders import add_broker, close_order, place, rest_crossed_pair
 from tests.integration.worker_processes import running_matcher
 
 PARTITIONS = 4
@@ -151,4 +151,26 @@ def test_only_the_first_transaction_of_a_hold_carries_the_request_id_of_its_mess
     assert [line.split("matched books=", 1)[1].split()[0] for line in lines] == ["32", "1"], lines
     assert lines[0].endswith(" request_id=rid-first"), lines[0]
     assert "request_id=" not in lines[1], lines[1]  # was rid-first: the first message's id for every transaction
+    broker.close()
+
+
+def test_a_symbol_whose_failure_clears_is_matched_when_its_backoff_ends_without_a_sweeper(
+    engine: Engine, redis_url: str, namespace: str, matcher: Path
+) -> None:
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    [symbol] = same_partition(1, 1)
+    crossed_bid = rest_crossed_pair(engine, symbol, buyer, seller)  # its rebuild fails: FAILURE_BACKOFF_S
+    place(engine, buyer, symbol, "bid", 1, 50)
+    broker = DoorbellRedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
+    broker.declare_queue(matching_queue(1))
+    broker.enqueue(partition_message(1, [symbol]))  # one wake-up, and no sweeper: nothing else wakes the symbol
+    failed = f"processing {symbol} failed (ValueError, 1 in a row)"
+    deadline = time.monotonic() + 10
+    while failed not in matcher.read_text():
+        assert time.monotonic() < deadline, matcher.read_text()[-4000:]
+        time.sleep(0.02)
+
+    close_order(engine, crossed_bid)  # mended while the symbol backs off: its next attempt succeeds
+    # Within its backoff (and a margin), though no sweeper runs and no new command wakes it.
+    wait_processed(engine, [symbol], matcher, timeout=FAILURE_BACKOFF_S + 1.0)
     broker.close()
