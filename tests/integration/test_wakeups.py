@@ -545,7 +545,7 @@ async def test_a_symbol_scheduled_again_and_again_is_woken_once_when_due_with_th
     await until(lambda: messages_queued(broker) == 2)
     await asyncio.sleep(0.2)  # a second message, were there one, would be queued by now
     assert time.monotonic() >= at
-    assert [m.args for m in queued(broker, 2)] == [(first, second)]  # one guarded wake-up per partition
+    assert [sorted(m.args) for m in queued(broker, 2)] == [sorted([first, second])]  # one wake-up per partition
     assert [m.args for m in queued(broker, 5)] == [(other,)]
     assert retries.scheduled() == {}
 
