@@ -4,13 +4,15 @@ cancellation): every attempt ends as an :class:`~store.Attempt` to record, so no
 and crashing forever.
 
 The payload is sent byte-identical on every attempt (``payload::text`` is deterministic for a JSONB value) with
-fresh Standard Webhooks headers. A host that does not resolve or is refused by the SSRF guard, and a stored URL
-that cannot be requested, are failed attempts like a refused connection or a 500.
+fresh Standard Webhooks headers, and the URL's credentials (``user:password@``), if any, as basic auth. A host
+that does not resolve or is refused by the SSRF guard, and a stored URL that cannot be requested, are failed
+attempts like a refused connection or a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 import time
@@ -170,6 +172,17 @@ class _Target:
     port: int
     target: bytes
     host_header: bytes
+    authorization: bytes | None
+
+
+def basic_authorization(url: httpx.URL) -> bytes | None:
+    """The ``Authorization`` header value of ``url``'s credentials (``user:password@``, percent-decoded, UTF-8), or
+    None when it has none: a receiver behind basic auth takes its credentials from the URL the broker registered,
+    as httpx, curl and the seed's client send them. They never go into the ``Host`` header."""
+    if not url.userinfo:
+        return None
+    credentials = f"{url.username}:{url.password}".encode()
+    return b"Basic " + base64.b64encode(credentials)
 
 
 class Endpoints:
@@ -185,14 +198,24 @@ class Endpoints:
         """Raises ``UnsafeWebhookUrlError`` (refused or unresolvable) or ``httpx.InvalidURL``."""
         target = self._targets.get(url) or self._parse(url)
         address = await self._resolver.address(target.host)
-        return Endpoint(target.scheme, target.host, str(address), target.port, target.target, target.host_header)
+        return Endpoint(
+            target.scheme,
+            target.host,
+            str(address),
+            target.port,
+            target.target,
+            target.host_header,
+            target.authorization,
+        )
 
     def _parse(self, url: str) -> _Target:
         scheme, host, port = ssrf.split_url(url)
         parsed = httpx.URL(url)  # normalizes and percent-encodes; refuses what cannot be requested
         if len(self._targets) >= _MAX_CACHED:
             self._targets.clear()
-        target = self._targets[url] = _Target(scheme, host, port, parsed.raw_path, parsed.netloc)
+        target = self._targets[url] = _Target(
+            scheme, host, port, parsed.raw_path, parsed.netloc, basic_authorization(parsed)
+        )
         return target
 
 
@@ -213,6 +236,8 @@ async def attempt(http: HttpClient, endpoints: Endpoints, claim: Claim, config: 
             (b"user-agent", USER_AGENT),
             *((name.encode("ascii"), value.encode("ascii")) for name, value in signed.items()),
         ]
+        if endpoint.authorization is not None:
+            headers.append((b"authorization", endpoint.authorization))
         reply = await http.post(endpoint, headers, claim.body)
         status_code, excerpt = reply.status_code, reply.excerpt
     except ssrf.UnsafeWebhookUrlError as exc:

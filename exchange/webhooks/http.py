@@ -81,6 +81,8 @@ class Endpoint:
     target: bytes
     """Path and query, percent-encoded."""
     host_header: bytes
+    authorization: bytes | None = None
+    """The ``Authorization`` value of the URL's credentials (``Basic …``), None when it has none."""
 
     @property
     def key(self) -> tuple[str, str, str, int]:

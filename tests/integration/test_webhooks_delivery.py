@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -436,6 +437,35 @@ def test_a_stored_url_that_cannot_be_requested_is_a_failed_attempt_not_an_except
     (settled,) = events_of(engine, buyer)
     assert settled.status == "failed"
     assert settled.attempts == 4
+
+
+def test_a_url_with_credentials_sends_them_as_basic_auth_and_never_in_the_host_header(
+    engine: Engine, receiver: Receiver
+) -> None:
+    # A receiver behind basic auth: the broker puts its credentials in the URL (percent-encoded, as RFC 3986 asks),
+    # as httpx, curl and the seed's client send them. Without them every delivery is a 401, then a disabled endpoint.
+    buyer, _ = broker_with_endpoint(engine, f"http://hook%40acme:p%3As%20s@127.0.0.1:{receiver.port}/hook")
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (event,) = events_of(engine, buyer)
+
+    assert deliverer(engine).deliver(event.id).outcome is Outcome.DELIVERED
+
+    (request,) = receiver.received
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"hook@acme:p:s s").decode()
+    assert request.headers["host"] == f"127.0.0.1:{receiver.port}"
+
+
+def test_a_url_without_credentials_sends_no_authorization(engine: Engine, receiver: Receiver) -> None:
+    buyer, _ = broker_with_endpoint(engine, receiver.url)
+    seller, _ = broker_with_endpoint(engine, None)
+    fills(engine, buyer, seller)
+    (event,) = events_of(engine, buyer)
+
+    deliverer(engine).deliver(event.id)
+
+    (request,) = receiver.received
+    assert "authorization" not in request.headers
 
 
 def test_delivery_refuses_a_name_resolving_to_loopback_when_private_is_off(engine: Engine, receiver: Receiver) -> None:
