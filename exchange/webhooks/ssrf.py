@@ -35,6 +35,13 @@ REGISTRATION_RESOLVE_TIMEOUT_S = 2.0
 NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
 NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
 IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+NOT_GLOBAL_UNKNOWN_TO_PYTHON = (
+    ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments (RFC 6890); 3.11.7 knows only 192.0.0.0/29
+    ipaddress.IPv6Network("fec0::/10"),  # site-local (RFC 3879, deprecated): is_site_local, but not private
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637, 2024)
+)
+"""Ranges the IANA special-purpose registries call not globally reachable that the ``ipaddress`` of the Python in
+use (3.11) still calls global: its ``is_global`` is only as recent as its release."""
 
 
 class UnsafeWebhookUrlError(ValueError):
@@ -72,7 +79,7 @@ def forbidden_reason(address: IPAddress) -> str | None:
         return "multicast address"
     if address.is_reserved:  # IPv6 reserved space is still "global" to Python 3.11's ipaddress
         return "reserved address"
-    if not address.is_global:
+    if not address.is_global or any(address in network for network in NOT_GLOBAL_UNKNOWN_TO_PYTHON):
         return "non-public address"
     return None
 

@@ -27,6 +27,9 @@ from exchange.webhooks.ssrf import UnsafeWebhookUrlError, check_url_async, forbi
         "::1",
         "fc00::1",
         "fe80::1",
+        "fec0::1",  # site-local (deprecated, RFC 3879): not globally routable, yet "global" to Python 3.11's ipaddress
+        "192.0.0.8",  # IETF protocol assignments (RFC 6890): not global; Python 3.11.7 knows only its first /29
+        "3fff::1",  # documentation (RFC 9637), unknown to Python 3.11's ipaddress
     ],
 )
 def test_forbidden_addresses(address: str) -> None:
