@@ -188,7 +188,7 @@ class Settings:
         "EXCHANGE_WEBHOOK_RETRY_SCHEDULE", _seconds_list, (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
     )
     """Delay before each retry of a failed delivery (±20 % jitter); after the last one the event is ``failed``.
-    The default makes 8 attempts over ≈ 24 h."""
+    The default makes 8 attempts over ≈ 27.6 h (99,305 s; 22-33 h with the jitter)."""
     webhook_connect_timeout_ms: int = _env("EXCHANGE_WEBHOOK_CONNECT_TIMEOUT_MS", _integer(1, 60_000), 3_000)
     webhook_read_timeout_ms: int = _env("EXCHANGE_WEBHOOK_READ_TIMEOUT_MS", _integer(1, 300_000), 10_000)
     """Time to send a delivery and read its whole answer."""
