@@ -194,7 +194,7 @@ class Settings:
     """Time to send a delivery and read its whole answer."""
     webhook_lease_ms: int = _env("EXCHANGE_WEBHOOK_LEASE_MS", _integer(1_000, 3_600_000), 60_000)
     """How long a claimed event stays in flight before another worker may try it (a crashed worker's event is
-    retried after this). Must exceed connect + 2 * read timeout."""
+    retried after this). Must exceed the longest attempt (:meth:`longest_webhook_attempt_ms`): checked at start-up."""
     webhook_requeue_after_ms: int = _env("EXCHANGE_WEBHOOK_REQUEUE_AFTER_MS", _integer(100, 3_600_000), 10_000)
     """The sweeper hints the webhook workers about a pending event this long after it became due (lost hint,
     crashed worker)."""
@@ -219,6 +219,24 @@ class Settings:
     """Port of the Prometheus endpoint of a matcher/webhook worker process (0: none). The api serves ``/metrics``."""
     metrics_bind: str = _env("EXCHANGE_METRICS_BIND", _text, "127.0.0.1")
     """Address the worker metrics endpoint listens on (``0.0.0.0`` in containers)."""
+
+    def __post_init__(self) -> None:
+        # A lease that can end while its attempt still runs hands the event to a second attempt: sent twice, and every
+        # lease that runs out uses up one attempt of the retry schedule, so a slow receiver's events end failed (and
+        # its endpoint disabled) within a few leases instead of the schedule's hours.
+        longest = self.longest_webhook_attempt_ms()
+        if self.webhook_lease_ms <= longest:
+            raise SettingsError(
+                f"EXCHANGE_WEBHOOK_LEASE_MS must exceed the longest delivery attempt, {longest} ms (2 x "
+                "EXCHANGE_WEBHOOK_CONNECT_TIMEOUT_MS: the name lookup, then the connect; + "
+                "EXCHANGE_WEBHOOK_READ_TIMEOUT_MS + EXCHANGE_WEBHOOK_RECORD_LINGER_MS), got "
+                f"{self.webhook_lease_ms}"
+            )
+
+    def longest_webhook_attempt_ms(self) -> int:
+        """From a webhook event's claim to its attempt's record: the host's lookup and the connect (each bounded by
+        the connect timeout), sending and reading the answer (the read timeout), then the record's linger."""
+        return 2 * self.webhook_connect_timeout_ms + self.webhook_read_timeout_ms + self.webhook_record_linger_ms
 
     def __repr__(self) -> str:
         # Settings get logged at start-up: never print a password (URLs are redacted) or the admin key.

@@ -286,7 +286,7 @@ class Harness:
             EXCHANGE_WEBHOOK_RETRY_SCHEDULE="0.2,0.5,1,1,1,1,1,1,1,1,1,1",
             EXCHANGE_WEBHOOK_CONNECT_TIMEOUT_MS="1000",
             EXCHANGE_WEBHOOK_READ_TIMEOUT_MS="2000",
-            EXCHANGE_WEBHOOK_LEASE_MS="3000",
+            EXCHANGE_WEBHOOK_LEASE_MS="4500",  # beyond the longest attempt: 2 x 1 s + 2 s + 50 ms
             EXCHANGE_WEBHOOK_REQUEUE_AFTER_MS="1000",
             PYTHONUNBUFFERED="1",
         )

@@ -73,6 +73,23 @@ def test_invalid_value_is_refused_naming_the_variable(variable: str, value: str,
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"EXCHANGE_WEBHOOK_READ_TIMEOUT_MS": "120000"},  # slow receivers, the default 60-s lease left as it was
+        {"EXCHANGE_WEBHOOK_LEASE_MS": "16050"},  # exactly the default attempt: 2 x 3 s + 10 s + 50 ms
+    ],
+)
+def test_a_webhook_lease_that_can_end_during_its_attempt_is_refused(environ: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="EXCHANGE_WEBHOOK_LEASE_MS must exceed the longest delivery attempt"):
+        Settings.from_env(environ)
+
+
+def test_a_webhook_lease_longer_than_its_attempt_is_accepted() -> None:
+    environ = {"EXCHANGE_WEBHOOK_READ_TIMEOUT_MS": "120000", "EXCHANGE_WEBHOOK_LEASE_MS": "180000"}
+    assert Settings.from_env(environ).webhook_lease_ms == 180_000
+
+
 def test_cli_exits_2_with_a_clear_message_on_invalid_settings(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

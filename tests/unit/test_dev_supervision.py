@@ -147,7 +147,7 @@ def test_a_child_that_ignores_sigterm_is_killed_after_its_own_grace_and_the_othe
 
 def test_webhooks_get_compose_files_grace_or_more_when_their_timeouts_make_the_drain_longer() -> None:
     assert webhooks_stop_grace_s(Settings.from_env({})) == 60.0  # compose.yaml's stop_grace_period
-    slow = Settings.from_env({"EXCHANGE_WEBHOOK_READ_TIMEOUT_MS": "120000"})
+    slow = Settings.from_env({"EXCHANGE_WEBHOOK_READ_TIMEOUT_MS": "120000", "EXCHANGE_WEBHOOK_LEASE_MS": "180000"})
     assert webhooks_stop_grace_s(slow) > 120
 
 
