@@ -96,11 +96,15 @@ def _boolean(variable: str, raw: str) -> bool:
     raise SettingsError(f"{variable} must be one of {sorted(_TRUE | _FALSE)}, got {raw!r}")
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+def redact(url: str, *, lone_user_is_secret: bool = False) -> str:
+    """The URL without its password, for messages and logs. With ``lone_user_is_secret`` (a webhook URL, whose
+    credentials are sent as basic auth: ``https://TOKEN@host`` carries a token as its user name), a user name with
+    no password is hidden too."""
     parts = urlsplit(url)
     if parts.password is None:
-        return url
+        if not (lone_user_is_secret and parts.username is not None):
+            return url
+        return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
 

@@ -280,9 +280,10 @@ _FAILING = """
 async def failing_endpoints(conn: AsyncPgConnection, limit: int = 500) -> list[FailingEndpoint]:
     """Endpoints disabled, with failed events in a row, or with events being retried: worst first. The one list of
     unhealthy endpoints: ``GET /admin/webhooks/failing`` and the ops page both show it. URLs come without their
-    password (a receiver's basic-auth credentials are the broker's, not the operator's to read)."""
+    password, or their user name when it comes alone (a token): a receiver's basic-auth credentials are the
+    broker's, not the operator's to read."""
     cur = await conn.execute(_FAILING, {"limit": limit})
     return [
-        FailingEndpoint(broker_id, name, None if url is None else redact(url), *rest)
+        FailingEndpoint(broker_id, name, None if url is None else redact(url, lone_user_is_secret=True), *rest)
         for broker_id, name, url, *rest in await cur.fetchall()
     ]

@@ -685,3 +685,17 @@ def test_admin_lists_failing_endpoints_without_the_password_in_their_url(
     (mine,) = [e for e in response.json() if e["broker_id"] == broker.id]
     assert mine["url"] == "http://hook-user:***@127.0.0.1:9/hook"
     assert "s3cret-pw" not in response.text
+
+
+def test_admin_lists_failing_endpoints_without_a_lone_user_name_in_their_url_which_is_a_token(
+    client: TestClient[Any], api_engine: Engine
+) -> None:
+    broker, _ = register(client, "http://t0ken-xyz@127.0.0.1:9/hook")  # sent as basic auth: a secret
+    with api_engine.begin() as conn:
+        conn.execute(text("UPDATE brokers SET webhook_consecutive_failures = 2 WHERE id = :id"), {"id": broker.id})
+
+    response = client.get("/admin/webhooks/failing", headers=ADMIN)
+
+    (mine,) = [e for e in response.json() if e["broker_id"] == broker.id]
+    assert mine["url"] == "http://***@127.0.0.1:9/hook"
+    assert "t0ken-xyz" not in response.text
