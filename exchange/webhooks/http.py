@@ -18,7 +18,9 @@ Invariants:
 * a connection returns to the idle pool only after a complete answer that keeps it alive (llhttp's keep-alive rule:
   HTTP/1.1 without ``Connection: close``, or HTTP/1.0 with ``Connection: keep-alive``); anything else (an error, a
   timeout, an answer longer than ``MAX_READ_BYTES`` or whose non-body bytes exceed ``MAX_HEAD_BYTES``, an answer
-  delimited by the connection closing, bytes after the answer) closes it;
+  delimited by the connection closing, bytes after the answer) closes it, and an idle connection is taken again only
+  while nothing arrived on it (a receiver's unsolicited answer, say a 408 before it closes, is never read as the
+  answer to the next request);
 * interim ``1xx`` answers are skipped; the status reported is the final one, and bytes after it are not parsed
   as part of this exchange (they cannot replace its status or reach the next request);
 * a request on a reused idle connection that fails before any byte of an answer arrived is sent again on another
@@ -178,7 +180,10 @@ class _Connection:
         self.reused = False
 
     def usable(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing())
+        # Idle, a connection has nothing to read: bytes that arrived meanwhile (a server's unsolicited 408 before it
+        # closes) would be taken for the next request's answer, and at_eof() is False while they are buffered.
+        buffered = len(getattr(self.reader, "_buffer", b""))  # StreamReader has no public way to ask
+        return not (buffered or self.reader.at_eof() or self.writer.is_closing())
 
     def close(self) -> None:
         self.writer.close()

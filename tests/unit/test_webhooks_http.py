@@ -127,6 +127,25 @@ def test_an_idle_connection_the_receiver_closed_is_replaced_and_the_event_sent_o
     assert (server.connections, len(server.requests)) == (2, 2)
 
 
+def test_an_idle_connection_with_an_unsolicited_answer_is_not_reused_and_that_answer_is_not_the_next_ones() -> None:
+    async def ok_then_time_out(writer: asyncio.StreamWriter) -> None:
+        await ok(writer)
+        await asyncio.sleep(0.02)  # idle a while, then time the connection out as some servers do: 408, then close
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+
+    server = Server(ok_then_time_out, close_after=True)
+
+    async def scenario(client: HttpClient) -> object:
+        first = await client.post(endpoint(server.port), headers(), BODY)
+        await asyncio.sleep(0.1)  # the 408 and the close reach the idle connection
+        second = await client.post(endpoint(server.port), headers(), BODY)
+        return first.status_code, second.status_code
+
+    assert run(server, scenario) == (200, 200)
+    assert (server.connections, len(server.requests)) == (2, 2)
+
+
 def test_a_chunked_answer_is_read_and_the_connection_kept() -> None:
     async def chunked(writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n5\r\nbusy!\r\n0\r\n\r\n")
