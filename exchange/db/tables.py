@@ -484,6 +484,8 @@ webhook_attempts = Table(
     ),
     Index("ix_webhook_attempts_broker_attempted_at", "broker_id", text("attempted_at DESC")),
     Index("ix_webhook_attempts_event_id", "event_id"),
+    # The sweeper's retention: the oldest attempts first (alembic 0028, exchange.sweeper.AttemptsRetention).
+    Index("ix_webhook_attempts_attempted_at", "attempted_at"),
     # The ops page's latest failed attempts (alembic 0016): only failed ones, so a delivery writes no entry.
     Index(
         "ix_webhook_attempts_failed_attempted_at",
