@@ -182,9 +182,11 @@ def _run_webhooks(args: argparse.Namespace, settings: Settings) -> int:
 def _add_sweeper(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "sweeper",
-        help="run the sweeper (re-nudge stale symbols, expire GTD orders)",
+        help="run the sweeper (re-nudge stale symbols, expire GTD orders, delete old webhook attempts)",
         description="Every --interval seconds: wake symbols whose oldest pending command is older than "
-        "--stale-after seconds, and log expire commands for symbols with due GTD orders.",
+        "--stale-after seconds, log expire commands for symbols with due GTD orders, hint the webhook workers "
+        "about overdue events, and delete a batch of webhook attempts older than "
+        "EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS.",
     )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between sweeps (default 1.0)")
     parser.add_argument("--stale-after", type=float, default=0.5, help="seconds before a command is stale")
@@ -217,6 +219,7 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
         interval_s=args.interval,
         stale_after_s=args.stale_after,
         webhook_requeue_after_s=settings.webhook_requeue_after_ms / 1000,
+        attempts_retention_hours=settings.webhook_attempts_retention_hours,
         stop=stop,
     )
     engine.dispose()

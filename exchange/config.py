@@ -214,6 +214,12 @@ class Settings:
     slot was free when the attempt ended. A worker killed meanwhile sends those events again once their leases
     end (at least once, as for an attempt in flight). At ``--scale 100`` 50 ms took the records from ~115 to ~16
     statements per second and the orders' p50 latency down by a quarter or more (ops/MEASURED.md)."""
+    webhook_attempts_retention_hours: int = _env(
+        "EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS", _integer(0, 10 * 365 * 24), 7 * 24
+    )
+    """The sweeper deletes webhook delivery attempts older than this (0: keeps them forever), in bounded batches
+    (:class:`exchange.sweeper.AttemptsRetention`). The attempts are a log: no event's state nor endpoint's health is
+    read from them."""
     log_level: str = _env("EXCHANGE_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
     log_format: str = _env("EXCHANGE_LOG_FORMAT", _choice("json", "text"), "json")
     """``json``: one JSON object per line (with ``request_id``); ``text`` for reading in a terminal."""

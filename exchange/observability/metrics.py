@@ -21,6 +21,7 @@ metric                                         updated by      served by
 ``exchange_webhook_delivery_duration_seconds`` webhooks        webhook worker's metrics port
 ``exchange_sweeper_renudges_total``            sweeper         sweeper's metrics port
 ``exchange_sweeper_expiries_total``            sweeper         sweeper's metrics port
+``exchange_sweeper_webhook_attempts_deleted_total``  sweeper    sweeper's metrics port
 ``exchange_gc_pause_seconds``                  api, matcher,   each one's endpoint above
                                                webhooks
 ``exchange_database_errors_total``             api, matcher,   each one's endpoint above
@@ -161,6 +162,10 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 SWEEPER_RENUDGES = Counter("exchange_sweeper_renudges_total", "Symbols re-woken by the sweeper (stale commands).")
 SWEEPER_EXPIRIES = Counter("exchange_sweeper_expiries_total", "Expire commands logged by the sweeper.")
+SWEEPER_ATTEMPTS_DELETED = Counter(
+    "exchange_sweeper_webhook_attempts_deleted_total",
+    "Webhook delivery attempts the sweeper deleted, older than EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS.",
+)
 
 # ------------------------------------------------------------------------------------------- every process
 
@@ -262,6 +267,7 @@ SERVED_BY: dict[str, frozenset[str]] = {
     "exchange_webhook_delivery_duration_seconds": frozenset({"webhooks"}),
     "exchange_sweeper_renudges": frozenset({"sweeper"}),
     "exchange_sweeper_expiries": frozenset({"sweeper"}),
+    "exchange_sweeper_webhook_attempts_deleted": frozenset({"sweeper"}),
     "exchange_gc_pause_seconds": _EVERY_SERVER,
     "exchange_database_errors": frozenset(KINDS),
 }

@@ -157,6 +157,7 @@ def test_sweeper_metrics_endpoint_holds_the_sweeper_families_only() -> None:
         *COMMON,
         "exchange_sweeper_renudges_total",
         "exchange_sweeper_expiries_total",
+        "exchange_sweeper_webhook_attempts_deleted_total",
     }  # no exchange_gc_pause_seconds: the sweeper never times its collections
 
 

@@ -1036,6 +1036,42 @@ def test_the_ops_pages_recent_errors_read_the_latest_failed_attempts_through_the
     assert "Seq Scan on webhook_attempts" not in plan, plan
 
 
+@pytest.mark.parametrize("after", [datetime.min.replace(tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC)])
+def test_the_sweepers_retention_reads_the_oldest_attempts_through_their_index_and_deletes_them_by_key(
+    engine: Engine, after: datetime
+) -> None:
+    from exchange.sweeper import _DELETE_OLD_ATTEMPTS
+
+    with engine.begin() as conn:
+        _insert_brokers(conn, webhook_url="https://h.example/x")
+        conn.execute(
+            text(
+                """
+                WITH e AS (
+                    INSERT INTO webhook_events (broker_id, sequence, type, payload)
+                    SELECT b.id, g, 'order.fill', '{}' FROM generate_series(1, 50) AS g, brokers b
+                    RETURNING id, broker_id, sequence
+                )
+                INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, status_code)
+                SELECT id, broker_id, now() - make_interval(hours => (sequence * 4 + r)::int), 'https://h.example/x',
+                       200
+                FROM e, generate_series(1, 4) AS r
+                """
+            )
+        )
+    _analyse(engine)
+    with engine.connect() as conn:
+        # A backlog: some 3,500 attempts past the retention, more than a batch.
+        params = {"after": after, "hours": 168, "batch": 1000}
+        plan = "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN {_DELETE_OLD_ATTEMPTS.text}"), params))
+
+    assert "Index Scan using ix_webhook_attempts_attempted_at on webhook_attempts" in plan, plan
+    assert "Index Cond: ((attempted_at >= " in plan, plan  # the batch starts where the last one ended
+    assert "Index Scan using pk_webhook_attempts" in plan, plan
+    assert "Seq Scan on webhook_attempts" not in plan, plan
+    assert "Sort" not in plan, plan
+
+
 def test_the_ops_pages_books_probe_each_shown_symbols_best_prices_and_read_no_other_order(engine: Engine) -> None:
     # The books summed every open order of every symbol, then kept 50 rows: a parallel sequential scan of all
     # orders, 412 ms at 1,000,000 orders over 450 symbols, on every refresh of every open /ops tab.

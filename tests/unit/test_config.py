@@ -20,6 +20,11 @@ def test_defaults_apply_when_nothing_is_set() -> None:
     assert settings.metrics_port == 0
 
 
+def test_webhook_attempts_are_kept_a_week_unless_set_and_0_keeps_them_forever() -> None:
+    assert Settings.from_env({}).webhook_attempts_retention_hours == 168
+    assert Settings.from_env({"EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS": "0"}).webhook_attempts_retention_hours == 0
+
+
 def test_dotenv_file_supplies_values(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("EXCHANGE_PARTITIONS=3\nEXCHANGE_SLOW_REQUEST_MS=750\n")
@@ -64,6 +69,7 @@ def test_named_env_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
         ("EXCHANGE_LOG_LEVEL", "loud", "must be one of"),
         ("EXCHANGE_REDIS_URL", "http://x", "scheme redis"),
         ("EXCHANGE_DEBUG_ENDPOINTS", "maybe", "must be one of"),
+        ("EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS", "-1", "must be >= 0"),
     ],
 )
 def test_invalid_value_is_refused_naming_the_variable(variable: str, value: str, fragment: str) -> None:
