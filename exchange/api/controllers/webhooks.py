@@ -9,7 +9,8 @@ Broker (Bearer API key):
 * ``POST /webhooks/secret/rotate`` 200 ``{webhook_secret, previous_secret_expires_at}`` — the old secret keeps
   signing (a further ``v1,`` entry of ``webhook-signature``) until ``previous_secret_expires_at``, as do those an
   earlier rotation within its grace replaced (up to 4).
-* ``GET /webhooks/deliveries?status=succeeded|failed&cursor=&limit=`` 200 — the attempt log, newest first.
+* ``GET /webhooks/deliveries?status=succeeded|failed&cursor=&limit=`` 200 — the attempt log, newest first (as long
+  as the sweeper keeps attempts: ``EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS``).
 * ``POST /webhooks/events/{id}/redeliver`` 202 — make the event pending and due now (one more attempt; if the retry
   schedule is already used up, a failure ends it ``failed`` again). An attempt already in flight that fails does
   not undo it; one that succeeds delivers the event. 404 ``event_not_found``, 409
@@ -193,7 +194,9 @@ class WebhooksController(Controller):
         cursor: Cursor = None,
         limit: PageLimit = 50,
     ) -> AttemptPageOut:
-        """Delivery attempts, newest first; pass ``next_cursor`` back as ``cursor``."""
+        """Delivery attempts, newest first; pass ``next_cursor`` back as ``cursor``. Attempts older than the
+        exchange's retention (``EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS``, a week by default) are deleted; a cursor
+        stays valid (the keyset is a time and an id, not a row)."""
         async with single_statement(api.pool) as conn:
             items, next_cursor = await queries.list_attempts(conn, broker.id, status=status, cursor=cursor, limit=limit)
         return AttemptPageOut(items=[to_wire(a, AttemptOut) for a in items], next_cursor=next_cursor)
