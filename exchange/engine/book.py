@@ -44,8 +44,8 @@ Event order (identical in :mod:`exchange.engine.reference`):
   of its (new) level with ``priority = seq``; if the new price crosses the opposite best price it first matches as
   a taker exactly like a ``Place`` (its own ``stp``), followed by the taker's terminal event (``Rested`` or
   ``Closed(FILLED)``) unless STP closed it. A non-crossing amend emits only ``Amended``.
-* ``ExpireDue``: ``Closed(EXPIRED)`` for every resting order with ``valid_until <= now``, ordered by
-  ``(priority, order_id)``.
+* ``ExpireDue``: ``Closed(EXPIRED)`` for every resting order with ``valid_until <= now`` (with a ``limit``, for the
+  first ``limit`` of them by ``(valid_until, priority, order_id)``), ordered by ``(priority, order_id)``.
 
 Validation order for ``Place``: ``WRONG_SYMBOL``, ``DUPLICATE_ORDER_ID``, ``INVALID_QUANTITY``,
 ``INVALID_PRICE``, ``INVALID_TIME_IN_FORCE``. For ``Amend``: ``UNKNOWN_ORDER``, ``INVALID_QUANTITY``,
@@ -60,7 +60,8 @@ level keys with the best level last (bid keys are prices, ask keys are negated p
 ``keys[-1]`` and removing it is ``list.pop()``. Orders removed from the middle of a level (cancel, amend, sweep)
 are deleted lazily: they are marked dead by ``remaining = 0`` (a live resting order always has remaining > 0) and
 skipped/dropped when reached; a level is compacted when dead entries dominate. GTD orders also go into a min-heap
-by ``valid_until`` so :class:`ExpireDue` does not scan the book.
+by ``(valid_until, priority, order_id)`` so :class:`ExpireDue` does not scan the book, and a limited one takes the
+same orders from a live book as from its rebuild (an insertion counter would order equal deadlines differently).
 """
 
 from __future__ import annotations
@@ -202,7 +203,9 @@ class OrderBook:
         self._asks: dict[int, _Level] = {}
         self._bid_keys: list[int] = []  # prices ascending: best bid last
         self._ask_keys: list[int] = []  # negated prices ascending: best (lowest) ask last
-        self._expiry: list[tuple[int, int, RestingOrder]] = []  # (valid_until, counter, order) min-heap
+        # (valid_until, priority, order_id.int, counter, order) min-heap; the counter (unique) keeps the comparison
+        # from ever reaching the order, should an order be in it twice (it is not compared otherwise).
+        self._expiry: list[tuple[int, int, int, int, RestingOrder]] = []
         self._expiry_counter = 0
 
     # ------------------------------------------------------------------------------------------ construction
@@ -245,7 +248,7 @@ class OrderBook:
             for o in bucket:
                 if o.valid_until is not None:
                     book._expiry_counter += 1
-                    expiry.append((o.valid_until, book._expiry_counter, o))
+                    expiry.append((o.valid_until, o.priority, o.order_id.int, book._expiry_counter, o))
         heapq.heapify(expiry)
         book._bid_keys = sorted(book._bids)
         book._ask_keys = sorted(-p for p in book._asks)
@@ -305,7 +308,7 @@ class OrderBook:
         if type(command) is Amend:
             return self._amend(command, now)
         if type(command) is ExpireDue:
-            return self._expire_due(command.seq, now)
+            return self._expire_due(command.seq, now, command.limit)
         raise TypeError(f"not a command: {command!r}")
 
     def _place(self, seq: int, spec: OrderSpec, now: Micros) -> list[Event]:
@@ -430,14 +433,16 @@ class OrderBook:
             events.append(_rested(seq, oid, side, new_price, remaining))
         return events
 
-    def _expire_due(self, seq: int, now: Micros) -> list[Event]:
+    def _expire_due(self, seq: int, now: Micros, limit: int | None) -> list[Event]:
         heap = self._expiry
         orders = self._orders
         due: list[RestingOrder] = []
-        while heap and heap[0][0] <= now:
-            o = heapq.heappop(heap)[2]
+        room = len(heap) if limit is None else max(limit, 0)  # len(heap): more than there can be due
+        while room and heap and heap[0][0] <= now:
+            o = heapq.heappop(heap)[4]
             if orders.get(o.order_id.int) is o:  # stale entries: order closed or replaced by an amend
                 due.append(o)
+                room -= 1
         due.sort(key=lambda o: (o.priority, o.order_id))
         events: list[Event] = []
         for o in due:
@@ -472,7 +477,7 @@ class OrderBook:
         self._orders[o.order_id.int] = o
         if o.valid_until is not None:
             self._expiry_counter += 1
-            heapq.heappush(self._expiry, (o.valid_until, self._expiry_counter, o))
+            heapq.heappush(self._expiry, (o.valid_until, o.priority, o.order_id.int, self._expiry_counter, o))
             if len(self._expiry) > 2 * len(self._orders) + 64:
                 self._compact_expiry()
 
@@ -498,7 +503,7 @@ class OrderBook:
 
     def _compact_expiry(self) -> None:
         orders = self._orders
-        self._expiry = [e for e in self._expiry if orders.get(e[2].order_id.int) is e[2]]
+        self._expiry = [e for e in self._expiry if orders.get(e[4].order_id.int) is e[4]]
         heapq.heapify(self._expiry)
 
     def _fok_feasible(self, spec: OrderSpec, now: Micros) -> bool:

@@ -94,7 +94,7 @@ class ReferenceBook:
         if isinstance(command, Amend):
             return self.amend(command, now)
         if isinstance(command, ExpireDue):
-            return self.expire_due(command.seq, now)
+            return self.expire_due(command.seq, now, command.limit)
         raise TypeError(f"not a command: {command!r}")
 
     def validate(self, spec: OrderSpec) -> RejectReason | None:
@@ -235,8 +235,11 @@ class ReferenceBook:
             events.append(Rested(cmd.seq, order.order_id, order.side, price, taker.remaining))
         return events
 
-    def expire_due(self, seq: int, now: Micros) -> list[Event]:
-        due = sorted((o for o in self.orders if _is_expired(o, now)), key=lambda o: (o.priority, o.order_id))
+    def expire_due(self, seq: int, now: Micros, limit: int | None = None) -> list[Event]:
+        due = sorted(
+            (o for o in self.orders if _is_expired(o, now)), key=lambda o: (o.valid_until, o.priority, o.order_id)
+        )[: None if limit is None else max(limit, 0)]
+        due.sort(key=lambda o: (o.priority, o.order_id))
         events: list[Event] = []
         for order in due:
             self.orders.remove(order)

@@ -146,9 +146,13 @@ class Amend:
 
 @dataclass(frozen=True, slots=True)
 class ExpireDue:
-    """Close every resting order whose ``valid_until`` <= ``now``."""
+    """Close every resting order whose ``valid_until`` <= ``now``; with ``limit``, only the first ``limit`` of them
+    by ``(valid_until, priority, order_id)``: the earliest deadlines first (a negative limit counts as 0). The
+    others stay for a later ``ExpireDue`` and still never trade. The limit keeps one command's work bounded: the
+    due orders of a book can be all of it (a sweeper down for hours, a whole book's end-of-day deadline)."""
 
     seq: int
+    limit: int | None = None
 
 
 Command = Place | Cancel | Amend | ExpireDue

@@ -75,6 +75,13 @@ down included), insufficient resources (a full disk, out of memory, too many con
 DATABASE_WIDE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "XX001", "XX002"})
 """Besides :data:`DATABASE_WIDE_CLASSES`: the server shutting down or starting, the database dropped, corrupted
 data or index."""
+MAX_EXPIRIES_PER_TRANSACTION = 5000
+"""Due orders one transaction's ``expire`` commands close, shared out among them (each closes the earliest
+deadlines first: ``ExpireDue.limit``). Closing N orders costs the matcher some 15-40 µs each on the project's
+machines between its two round trips, while the transaction may sit idle only
+:data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`: unbounded, a book with 100,000 due orders (a sweeper down for
+hours, a whole book's end-of-day deadline) failed that way on every attempt, and was wedged with every command
+after its expire. The orders left due never trade; the sweeper logs the next expire on its next pass."""
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 
@@ -450,6 +457,8 @@ def _transaction(
         for cached in entries.values():
             cached.version = _INVALID_VERSION
         now_us = to_micros(start.now)
+        expires = sum(row.kind == "expire" for rows in start.commands.values() for row in rows)
+        expiry_limit = max(1, MAX_EXPIRIES_PER_TRANSACTION // expires) if expires else None
         batches: list[store.BookBatch] = []
         touched: dict[str, tuple[list[UUID], dict[UUID, RestingOrder]]] = {}
         placed_ids: dict[str, list[UUID]] = {}
@@ -458,7 +467,7 @@ def _transaction(
             applied: list[tuple[Command, list[Event]]] = []
             placed_ids[symbol] = []
             for row in rows:
-                command = to_engine_command(row, symbol)
+                command = to_engine_command(row, symbol, expiry_limit=expiry_limit)
                 if isinstance(command, Place):
                     owners[command.order.order_id] = (command.order.broker_id, command.order.side)
                     placed_ids[symbol].append(command.order.order_id)

@@ -75,8 +75,8 @@ class Driver:
     def amend(self, n: int, quantity: int | None = None, price: int | None = None) -> list[Event]:
         return self.book.apply(Amend(self._next(), oid(n), quantity, price), self.now)
 
-    def expire_due(self) -> list[Event]:
-        return self.book.apply(ExpireDue(self._next()), self.now)
+    def expire_due(self, limit: int | None = None) -> list[Event]:
+        return self.book.apply(ExpireDue(self._next(), limit), self.now)
 
     def resting(self) -> list[RestingOrder]:
         return self.book.resting_orders()

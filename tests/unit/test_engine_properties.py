@@ -7,8 +7,8 @@ with aggressive limits that sweep levels, market orders, IOC/FOK (with and witho
 invalid inputs; cancels and amends mostly name an order that is resting at that point (else a closed or unknown
 id); places sometimes reuse a live (duplicate) or closed id; a third of the sequences come from one single
 client (one broker, one document number), so every cross is a self-cross and every STP mode fires; the clock
-moves forward and ``ExpireDue`` sweeps. The rebuild switch falls anywhere in the sequence, and late commits move
-commands by up to ``LATE_WINDOW`` positions.
+moves forward and ``ExpireDue`` sweeps (all due orders, or a limited number of them). The rebuild switch falls
+anywhere in the sequence, and late commits move commands by up to ``LATE_WINDOW`` positions.
 """
 
 from __future__ import annotations
@@ -120,12 +120,14 @@ class AmendOp:
 
 @dataclass(frozen=True)
 class ExpireOp:
-    pass
+    limit: int | None = None
+    """At most this many due orders closed (None: all of them)."""
 
 
 Op = PlaceOp | CancelOp | AmendOp | ExpireOp
 TARGET_POOLS = ["resting"] * 15 + ["placed"] * 3 + ["unknown"] * 2
 REUSE: list[int | None] = [None] * 60 + [0, 1, 2, 3, 5]
+EXPIRE_LIMITS: list[int | None] = [None] * 3 + [0, 1, 2]
 OP_KINDS = ["place"] * 14 + ["amend"] * 4 + ["cancel"] * 2 + ["expire"]
 LONG_OP_KINDS = ["place"] * 14 + ["amend"] * 4 + ["cancel"] * 4 + ["expire"] * 2
 """Long sequences cancel more, so their books level off (a few dozen orders) instead of growing all along."""
@@ -198,7 +200,7 @@ def make_op(pick: Pick, clients: Clients, kinds: Sequence[str] = OP_KINDS) -> Op
     if kind == "place":
         return make_place(pick, clients)
     if kind == "expire":
-        return ExpireOp()
+        return ExpireOp(pick(EXPIRE_LIMITS))
     target = Target(pick(TARGET_POOLS), pick(range(32)))
     if kind == "cancel":
         return CancelOp(target)
@@ -289,7 +291,7 @@ def to_commands(drawn: Drawn) -> list[tuple[Command, int]]:
                 None if op.price is None else price + op.price,
             )
         else:
-            command = ExpireDue(seq)
+            command = ExpireDue(seq, op.limit)
         shadow.apply(command, now)
         out.append((command, now))
     return out

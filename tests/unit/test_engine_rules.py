@@ -335,6 +335,19 @@ def test_expire_due_closes_every_due_order_after_heavy_cancel_and_reprice_churn(
     assert d.resting() == []
 
 
+def test_a_limited_expire_due_closes_the_earliest_deadlines_first_and_leaves_the_rest_for_the_next(d: Driver) -> None:
+    d.place(ask(1, 105, 1, tif=TimeInForce.GTD, valid_until=T0 + 20))
+    d.place(bid(2, 95, 1, tif=TimeInForce.GTD, valid_until=T0 + 10))
+    d.place(bid(3, 94, 1, tif=TimeInForce.GTD, valid_until=T0 + 20))
+    d.place(ask(4, 104, 1, tif=TimeInForce.GTD, valid_until=T0 + 20))
+    d.now = T0 + 20
+    # Deadline first (2), then priority among equal deadlines (1 before 3); events in priority order.
+    assert d.expire_due(limit=2) == [closed(5, 1, CloseReason.EXPIRED, 1), closed(5, 2, CloseReason.EXPIRED, 1)]
+    assert d.resting_ids() == [oid(3), oid(4)]
+    assert d.expire_due(limit=2) == [closed(6, 3, CloseReason.EXPIRED, 1), closed(6, 4, CloseReason.EXPIRED, 1)]
+    assert d.expire_due(limit=2) == []
+
+
 def test_expire_due_with_nothing_due_emits_nothing(d: Driver) -> None:
     d.place(ask(1, 105, 1, tif=TimeInForce.GTD, valid_until=T0 + 20))
     assert d.expire_due() == []
