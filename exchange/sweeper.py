@@ -5,7 +5,7 @@ Every ``interval`` seconds it
   matcher killed with the message in hand), sending one match message per partition unconditionally;
 * logs an ``expire`` command for every symbol with open GTD orders past ``valid_until`` (at most one pending
   per symbol), so expiry goes through the command log in sequence like everything else, and wakes the symbol; a
-  backlog bigger than the matcher closes in one transaction is closed over the following sweeps;
+  backlog bigger than one matcher transaction closes, the matcher works through a share at a time;
 * hints the webhook workers once (one message at most) when webhook events are still pending and not in flight
   more than ``webhook_requeue_after`` seconds after they became due (lost hint, crashed delivery worker, long
   retry): when one became so since its last such hint, or that hint is a period old (:func:`hint_overdue`). Their
@@ -50,8 +50,7 @@ _STALE = text(
 # it holds the book's lock, almost always later. Not always: a matcher whose lock statement read the clock just
 # before this insert committed can still read the command in its next statement; the orders due between the two
 # instants then stay for the next sweep's expire (they never trade meanwhile: every match compares with the clock).
-# Nor does one expire close them all: the matcher bounds its work per transaction (MAX_EXPIRIES_PER_TRANSACTION),
-# and the next sweep logs the next expire for what is left.
+# A backlog bigger than a transaction closes (MAX_EXPIRIES_PER_TRANSACTION) the matcher works through on its own.
 #
 # The pending-expire check reads ix_commands_pending_expire (alembic 0018: the unprocessed expires alone, at most
 # one per symbol): through the unprocessed commands' (symbol, seq) index it read a symbol's whole backlog per due

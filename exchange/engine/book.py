@@ -273,6 +273,32 @@ class OrderBook:
         o = self._orders.get(order_id.int)
         return None if o is None else _copy(o)
 
+    def more_due_than(self, count: int, now: Micros) -> bool:
+        """Whether more than ``count`` resting orders are expired at ``now`` (``valid_until <= now``). Visits only
+        the due entries of the expiry heap (a subtree whose root is not due holds none), and stops at ``count + 1``
+        live ones: about ``count`` steps however big the backlog."""
+        heap = self._expiry
+        if not heap or heap[0][0] > now:
+            return False
+        orders = self._orders
+        found = 0
+        stack = [0]
+        size = len(heap)
+        while stack:
+            i = stack.pop()
+            entry = heap[i]
+            if entry[0] > now:
+                continue
+            o = entry[4]
+            if orders.get(o.order_id.int) is o:  # not a stale entry (closed, or replaced by an amend)
+                found += 1
+                if found > count:
+                    return True
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < size:
+                    stack.append(child)
+        return False
+
     def depth(self, levels: int) -> tuple[list[DepthLevel], list[DepthLevel]]:
         """Up to ``levels`` aggregated levels per side: bids by price descending, asks ascending."""
         bids = [self._aggregate(p, self._bids[p]) for p in reversed(self._bid_keys[-levels:])] if levels > 0 else []

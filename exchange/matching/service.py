@@ -46,7 +46,7 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from exchange.db.errors import is_deterministic, is_retryable, sqlstate
 from exchange.engine import OrderBook
-from exchange.engine.types import Amend, Cancel, Command, Event, Place, RestingOrder, Side
+from exchange.engine.types import Amend, Cancel, Command, Event, ExpireDue, Place, RestingOrder, Side
 from exchange.heap import collector_paused
 from exchange.matching import store
 from exchange.matching.commands import MalformedCommandError, to_engine_command
@@ -76,12 +76,14 @@ DATABASE_WIDE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "XX001"
 """Besides :data:`DATABASE_WIDE_CLASSES`: the server shutting down or starting, the database dropped, corrupted
 data or index."""
 MAX_EXPIRIES_PER_TRANSACTION = 5000
-"""Due orders one transaction's ``expire`` commands close, shared out among them (each closes the earliest
-deadlines first: ``ExpireDue.limit``). Closing N orders costs the matcher some 15-40 µs each on the project's
-machines between its two round trips, while the transaction may sit idle only
+"""Due orders one transaction closes, shared out equally among its books. Closing N orders costs the matcher some
+15-40 µs each on the project's machines between its two round trips, while the transaction may sit idle only
 :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`: unbounded, a book with 100,000 due orders (a sweeper down for
-hours, a whole book's end-of-day deadline) failed that way on every attempt, and was wedged with every command
-after its expire. The orders left due never trade; the sweeper logs the next expire on its next pass."""
+hours, a whole book's end-of-day deadline) failed that way on every attempt, whether an ``expire`` command or an
+order crossing them closed them, and was wedged with every command after. So a book with more due orders than its
+share when its batch starts closes a share of them, earliest deadlines first, *instead of* applying its commands
+(they stay pending; its drain goes on with it), until it has no more: no command of it then meets more than a
+share of expired orders, an ``expire`` included."""
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 
@@ -160,7 +162,7 @@ def process_symbol(
         read: list[int] | None = [] if batch_limit == 1 else None  # only a single command's failure quarantines it
         try:
             [result] = _process_once(engine, cache, [symbol], batch_limit, read)
-            if result.commands == 0:
+            if result.commands == 0 and not result.more:  # not a backlog's expiry: nothing was pending
                 cache.suspects.discard(symbol)
             return result
         except (DBAPIError, psycopg.Error) as exc:
@@ -457,17 +459,27 @@ def _transaction(
         for cached in entries.values():
             cached.version = _INVALID_VERSION
         now_us = to_micros(start.now)
-        expires = sum(row.kind == "expire" for rows in start.commands.values() for row in rows)
-        expiry_limit = max(1, MAX_EXPIRIES_PER_TRANSACTION // expires) if expires else None
+        share = max(1, MAX_EXPIRIES_PER_TRANSACTION // len(start.commands))
         batches: list[store.BookBatch] = []
         touched: dict[str, tuple[list[UUID], dict[UUID, RestingOrder]]] = {}
         placed_ids: dict[str, list[UUID]] = {}
+        backlogged: set[str] = set()
         for symbol, rows in start.commands.items():
             book, owners = entries[symbol].book, entries[symbol].owners
             applied: list[tuple[Command, list[Event]]] = []
             placed_ids[symbol] = []
+            if book.more_due_than(share, now_us):
+                # A backlog of due orders (see MAX_EXPIRIES_PER_TRANSACTION): a share of it now, the commands once
+                # it is gone. The expiry is no command of the log: it takes the first pending one's seq for its
+                # events (it decides nothing by it), and marks nothing processed.
+                backlogged.add(symbol)
+                expiry = ExpireDue(rows[0].seq, share)
+                applied.append((expiry, book.apply(expiry, now_us)))
+                if read is not None:  # not applied: a failure of this transaction is not theirs
+                    read[:] = [seq for seq in read if seq not in {row.seq for row in rows}]
+                rows = []
             for row in rows:
-                command = to_engine_command(row, symbol, expiry_limit=expiry_limit)
+                command = to_engine_command(row, symbol)
                 if isinstance(command, Place):
                     owners[command.order.order_id] = (command.order.broker_id, command.order.side)
                     placed_ids[symbol].append(command.order.order_id)
@@ -490,7 +502,7 @@ def _transaction(
         if symbol not in start.commands:
             results.append(BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False))
             continue
-        commands = len(start.commands[symbol])
+        commands = 0 if symbol in backlogged else len(start.commands[symbol])
         results.append(
             BatchResult(
                 symbol=symbol,
@@ -498,7 +510,7 @@ def _transaction(
                 trades=len(planned[symbol].plan.trades),
                 order_ids=touched[symbol][0],
                 event_ids=event_ids[symbol],
-                more=commands >= batch_limit,
+                more=commands >= batch_limit or symbol in backlogged,
                 rebuilt=symbol in stale,
                 placed=_placed_states(
                     symbol, planned[symbol].plan, placed_ids[symbol], written.trade_ids, written.broker_names, now_us

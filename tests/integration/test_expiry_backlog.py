@@ -16,7 +16,7 @@ from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import Engine, text
 
 from exchange.matching import service
-from exchange.matching.service import BookCache, process_symbols
+from exchange.matching.service import BookCache, drain, process_symbols
 from exchange.sweeper import sweep_once
 from tests.integration.redis_support import namespaced_broker
 from tests.integration.sql_orders import add_broker, place
@@ -63,7 +63,7 @@ def open_orders(engine: Engine, symbol: str) -> int:
         )
 
 
-def test_a_backlog_of_due_orders_bigger_than_a_transaction_is_expired_over_sweeps(
+def test_a_backlog_of_due_orders_bigger_than_a_transaction_is_expired_a_share_at_a_time(
     engine: Engine, broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limit_idle(monkeypatch, 250)
@@ -71,13 +71,12 @@ def test_a_backlog_of_due_orders_bigger_than_a_transaction_is_expired_over_sweep
     seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
     add_due_asks(engine, seller, "DUE1", DUE)
     cache = BookCache()
-    sweeps = 0
+    assert sweep_once(engine, broker, 4, stale_after_s=60).expiring == ["DUE1"]
 
-    while open_orders(engine, "DUE1") and sweeps < 3 * DUE // BOUND:
-        sweep_once(engine, broker, 4, stale_after_s=60)
-        sweeps += 1
-        process_symbols(engine, cache, ["DUE1"])
-        assert "DUE1" not in cache.failing  # its transaction never outlasts the idle limit
+    rounds = list(drain(engine, cache, ["DUE1"]))
+
+    assert "DUE1" not in cache.failing  # no transaction of it outlasted the idle limit
+    assert len(rounds) == DUE // BOUND  # a bound's worth of expiries each; the last one by the expire command
 
     assert open_orders(engine, "DUE1") == 0
     with engine.connect() as conn:
@@ -107,5 +106,34 @@ def test_the_expires_of_one_transaction_share_its_bound(
 
     results = process_symbols(engine, BookCache(), ["DUE2", "DUE3"])  # one transaction: a group of two books
 
-    assert [r.commands for r in results] == [1, 1]
+    assert [(r.commands, r.more) for r in results] == [(0, True), (0, True)]  # their expire commands still to come
     assert (open_orders(engine, "DUE2"), open_orders(engine, "DUE3")) == (BOUND // 2, BOUND // 2)
+
+
+def test_an_order_reaching_a_backlog_of_expired_orders_is_matched_without_wedging_its_book(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sweeper down: no expire command. The bid crosses every due ask; closing them all inline, in its own
+    # command, outlasted the idle limit on every attempt, so the bid (and every later command) was never applied.
+    limit_idle(monkeypatch, 250)
+    monkeypatch.setattr(service, "MAX_EXPIRIES_PER_TRANSACTION", BOUND, raising=False)
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    add_due_asks(engine, seller, "DUE4", DUE)
+    live = place(engine, seller, "DUE4", "ask", 1, 2500)
+    bid = place(engine, buyer, "DUE4", "bid", 1, 3000)
+    cache = BookCache()
+
+    rounds = list(drain(engine, cache, ["DUE4"]))
+
+    assert "DUE4" not in cache.failing
+    assert sum(r.trades for round_ in rounds for r in round_.results) == 1
+    with engine.connect() as conn:
+        states = {
+            row.id: (row.status, row.close_reason)
+            for row in conn.execute(
+                text("SELECT id, status, close_reason FROM orders WHERE id IN (:a, :b)"), {"a": live, "b": bid}
+            )
+        }
+    assert states == {live: ("closed", "filled"), bid: ("closed", "filled")}
+    assert open_orders(engine, "DUE4") == 0
+    assert_conserved(engine)

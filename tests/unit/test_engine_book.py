@@ -164,3 +164,17 @@ def test_the_expiry_heap_drops_stale_entries_so_it_stays_bounded_under_churn() -
 def test_apply_refuses_something_that_is_not_a_command() -> None:
     with pytest.raises(TypeError):
         OrderBook(SYMBOL).apply(Cancel, T0)  # type: ignore[arg-type]
+
+
+def test_more_due_than_counts_the_live_resting_orders_past_their_valid_until() -> None:
+    d = Driver(OrderBook(SYMBOL))
+    for n, offset in enumerate([5, 3, 1, 6, 4, 2], start=1):  # heap order unlike placement order
+        d.place(spec(n, Side.ASK, 100 + n, 1, tif=TimeInForce.GTD, valid_until=T0 + offset))
+    d.cancel(3)  # due at T0+1, but no longer resting
+    d.place(spec(8, Side.ASK, 200, 1))  # GTC: never due
+    book = d.book
+    assert isinstance(book, OrderBook)
+    # Due at T0+4: orders 2 (+3), 5 (+4) and 6 (+2).
+    assert book.more_due_than(2, T0 + 4)
+    assert not book.more_due_than(3, T0 + 4)
+    assert not book.more_due_than(0, T0)
