@@ -44,6 +44,13 @@ async def read_order(state: ApiState, broker_id: UUID, order_id: UUID) -> OrderV
     return view
 
 
+async def replay(state: ApiState, order: NewOrder) -> OrderView | None:
+    """The original order ``order`` repeats (:func:`exchange.orders.accept.find_original`), read now; None when
+    there is none. For a retry that cannot be placed anew (its ``valid_until`` has passed)."""
+    original = await accept.find_original(state.pool, order)
+    return None if original is None else await read_order(state, order.broker_id, original)
+
+
 def _wait_s(state: ApiState) -> float:
     return state.settings.order_wait_ms / 1000
 

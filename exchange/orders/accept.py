@@ -43,6 +43,7 @@ from exchange.orders.errors import (
     OrderClosedError,
     OrderNotFoundError,
     OrderServiceError,
+    ValidUntilPassedError,
 )
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
 
@@ -57,16 +58,18 @@ def normalize_symbol(symbol: str) -> str:
 
 
 def resolve_time_in_force(
-    order_type: OrderType, requested: TimeInForce | None, valid_until: datetime | None, now: datetime
+    order_type: OrderType, requested: TimeInForce | None, valid_until: datetime | None, now: datetime | None
 ) -> tuple[TimeInForce, datetime | None]:
     """Default and check the time in force; returns ``(time_in_force, valid_until to store)``.
 
-    Rules: ``valid_until`` must be in the future. Defaults: market → ``ioc``; limit with ``valid_until`` → ``gtd``;
-    limit without → ``gtc``. Market orders admit only ``ioc``/``fok``; ``gtd`` needs ``valid_until``; ``gtc``
-    forbids it. An ``ioc``/``fok`` order (limit or market) may carry one (seed clients always send one) and it is
-    stored like a ``gtd``'s: the order never rests, but it is matched after this accept, possibly much later (a
-    matcher behind, a lost wake-up the sweeper recovers), and an order never trades at or after its
-    ``valid_until`` (DESIGN §4): the engine closes it ``expired`` if its deadline passed before it was matched.
+    Rules: ``valid_until`` must be after ``now`` (:class:`ValidUntilPassedError`; ``now`` None: not checked, for
+    a retry of an order accepted before its deadline, see :func:`find_original`). Defaults: market → ``ioc``;
+    limit with ``valid_until`` → ``gtd``; limit without → ``gtc``. Market orders admit only ``ioc``/``fok``;
+    ``gtd`` needs ``valid_until``; ``gtc`` forbids it. An ``ioc``/``fok`` order (limit or market) may carry one
+    (seed clients always send one) and it is stored like a ``gtd``'s: the order never rests, but it is matched
+    after this accept, possibly much later (a matcher behind, a lost wake-up the sweeper recovers), and an order
+    never trades at or after its ``valid_until`` (DESIGN §4): the engine closes it ``expired`` if its deadline
+    passed before it was matched.
 
     ``valid_until`` comes back in UTC: an ISO 8601 offset may reach ±23:59, PostgreSQL's ``timestamptz`` input only
     ±15:59, and the instant is what is stored. One whose UTC date falls outside years 1-9999 is out of range (422).
@@ -76,8 +79,8 @@ def resolve_time_in_force(
             valid_until = valid_until.astimezone(UTC)
         except OverflowError:
             raise InvalidOrderError("valid_until is out of range", {"field": "valid_until"}) from None
-        if valid_until <= now:
-            raise InvalidOrderError("valid_until must be in the future", {"field": "valid_until"})
+        if now is not None and valid_until <= now:
+            raise ValidUntilPassedError("valid_until must be in the future", {"field": "valid_until"})
     tif = requested
     if tif is None:
         if order_type is OrderType.MARKET:
@@ -108,9 +111,10 @@ def new_order(
     stp: StpMode,
     client_order_id: str | None,
     idempotency_key: str | None,
-    now: datetime,
+    now: datetime | None,
 ) -> NewOrder:
-    """Validate the cross-field rules (price vs order type, time in force, expiry) and build a :class:`NewOrder`."""
+    """Validate the cross-field rules (price vs order type, time in force, expiry) and build a :class:`NewOrder`.
+    ``now`` None leaves out the check that ``valid_until`` is after it (see :func:`resolve_time_in_force`)."""
     if order_type is OrderType.LIMIT and price is None:
         raise InvalidOrderError("a limit order needs a price", {"field": "price"})
     if order_type is OrderType.MARKET and price is not None:
@@ -257,6 +261,31 @@ async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[Plac
         else:
             outcomes.append(PlaceResult(original.id, created=False))
     return outcomes
+
+
+async def find_original(pool: AsyncPool, order: NewOrder) -> UUID | None:
+    """The order of ``order``'s broker with its ``client_order_id`` or ``Idempotency-Key`` (the earliest), when
+    ``order`` repeats its request; None when it has neither key or no order has them. Raises
+    :class:`IdempotencyKeyReusedError` when that order's fields differ. Writes nothing.
+
+    For a request whose ``valid_until`` has passed: a new order is refused for it, but the retry of an order
+    accepted before its deadline (its answer lost) must be answered with that order, as every other retry is
+    (it may have traded: "valid_until must be in the future" would tell the client it never existed)."""
+    if order.client_order_id is None and order.idempotency_key is None:
+        return None
+    params = {
+        "broker_ids": [order.broker_id],
+        "client_order_ids": [order.client_order_id],
+        "idempotency_keys": [order.idempotency_key],
+    }
+    async with single_statement(pool) as conn:
+        original = await (await conn.execute(_FIND_DUPLICATES, params)).fetchone()
+    if original is None:
+        return None
+    if not _same_request(original, order):
+        raise _key_reused(order, original.client_order_id)
+    found: UUID = original.id
+    return found
 
 
 _COMPARED_FIELDS = (

@@ -25,6 +25,11 @@ class InvalidOrderError(OrderServiceError):
     code = "validation_error"
 
 
+class ValidUntilPassedError(InvalidOrderError):
+    """A ``valid_until`` that is not in the future: refused for a new order, but a retry of an order accepted
+    before its deadline is answered with that order (:func:`exchange.orders.accept.find_original`)."""
+
+
 class InvalidWebhookUrlError(OrderServiceError):
     code = "invalid_webhook_url"
 

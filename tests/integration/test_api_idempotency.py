@@ -4,6 +4,7 @@ also when the duplicates arrive concurrently."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -167,6 +168,48 @@ def test_a_retry_of_an_ioc_order_stored_without_its_valid_until_still_returns_th
     assert again.headers["idempotent-replayed"] == "true"
     assert (other.status_code, other.json()["code"]) == (422, "idempotency_key_reused")
     assert count(api_engine, PLACES, b=broker.id) == 1
+
+
+def keyed(broker_headers: dict[str, str], kind: str, key: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The headers and the extra body fields of a request carrying ``key`` as ``kind``."""
+    if kind == "idempotency_key":
+        return {**broker_headers, "Idempotency-Key": key}, {}
+    return broker_headers, {"client_order_id": key}
+
+
+@pytest.mark.parametrize("kind", ["client_order_id", "idempotency_key"])
+def test_a_retry_arriving_after_the_orders_valid_until_still_returns_the_original_order(
+    api_client: TestClient[Any], api_engine: Engine, kind: str
+) -> None:
+    # A seed client's IOC carries a short valid_until; its answer lost, the retry comes once it has passed. The
+    # order exists (it may have traded): "valid_until must be in the future" would tell the client it does not.
+    broker = register(api_client)
+    symbol = new_symbol()
+    headers, extra = keyed(broker.headers, kind, "late-retry")
+    valid_until = (datetime.now(UTC) + timedelta(milliseconds=300)).isoformat()
+    ioc = order(symbol, time_in_force="ioc", valid_until=valid_until, **extra)
+    first = api_client.post("/orders", json=ioc, headers=headers)
+    time.sleep(0.4)
+    again = api_client.post("/orders", json=ioc, headers=headers)
+    changed = api_client.post("/orders", json={**ioc, "quantity": 6}, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 201), again.json()
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (changed.status_code, changed.json()["code"]) == (422, "idempotency_key_reused")
+    assert count(api_engine, PLACES, b=broker.id) == 1
+
+
+@pytest.mark.parametrize("kind", ["client_order_id", "idempotency_key"])
+def test_a_new_keyed_order_whose_valid_until_has_passed_is_refused(
+    api_client: TestClient[Any], api_engine: Engine, kind: str
+) -> None:
+    broker = register(api_client)
+    headers, extra = keyed(broker.headers, kind, "never-used")
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    answer = api_client.post("/orders", json=order(new_symbol(), valid_until=past, **extra), headers=headers)
+    assert (answer.status_code, answer.json()["code"]) == (422, "validation_error")
+    assert answer.json()["details"] == {"field": "valid_until"}
+    assert count(api_engine, PLACES, b=broker.id) == 0
 
 
 @pytest.mark.anyio

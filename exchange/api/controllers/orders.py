@@ -29,7 +29,8 @@ from exchange.db.tables import OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
 from exchange.observability.metrics import ORDERS_ACCEPTED, LabelCache
 from exchange.orders import accept, queries
-from exchange.orders.errors import OrderNotFoundError
+from exchange.orders.errors import InvalidOrderError, OrderNotFoundError, ValidUntilPassedError
+from exchange.orders.models import NewOrder
 
 IdempotencyKey = Annotated[
     str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, required=False)
@@ -55,7 +56,8 @@ def wants_representation(request: Request[Any, Any, Any]) -> bool:
 
 PLACE_ORDER_DESCRIPTION = (
     "Places an order; 201 with its state after matching (`pending` if the matcher did not answer in time). "
-    "`valid_until` (in the future, with a UTC offset; answered in UTC): no order trades at or after it. Without "
+    "`valid_until` (in the future, with a UTC offset; answered in UTC): no order trades at or after it (a retry "
+    "of an order accepted before it, by its `client_order_id`/`Idempotency-Key`, returns that order). Without "
     "`time_in_force` it makes a limit order `gtd`; `gtc` refuses it; an `ioc` or `fok` order (limit or market; a "
     "market order is `ioc` by default) keeps it too: it never rests, but if the matcher reaches it at or after its "
     "`valid_until` it closes `expired` without trading."
@@ -79,22 +81,37 @@ class OrdersController(Controller):
         see :data:`PLACE_ORDER_DESCRIPTION` (the operation's description in the OpenAPI schema)."""
         api, broker = request_api(request), current_broker(request)
         body = decode_body(await request.body(), PlaceOrderRequest)
-        order = accept.new_order(
-            order_id=uuid.uuid4(),
-            broker_id=broker.id,
-            document_number=body.document_number,
-            symbol=body.symbol,
-            side=body.side,
-            order_type=OrderType(body.order_type),
-            price=body.price,
-            quantity=body.quantity,
-            valid_until=body.valid_until,
-            time_in_force=None if body.time_in_force is None else TimeInForce(body.time_in_force),
-            stp=StpMode(body.stp),
-            client_order_id=body.client_order_id,
-            idempotency_key=idempotency_key,
-            now=datetime.now(UTC),
-        )
+
+        def build(now: datetime | None) -> NewOrder:
+            return accept.new_order(
+                order_id=uuid.uuid4(),
+                broker_id=broker.id,
+                document_number=body.document_number,
+                symbol=body.symbol,
+                side=body.side,
+                order_type=OrderType(body.order_type),
+                price=body.price,
+                quantity=body.quantity,
+                valid_until=body.valid_until,
+                time_in_force=None if body.time_in_force is None else TimeInForce(body.time_in_force),
+                stp=StpMode(body.stp),
+                client_order_id=body.client_order_id,
+                idempotency_key=idempotency_key,
+                now=now,
+            )
+
+        try:
+            order = build(datetime.now(UTC))
+        except ValidUntilPassedError as passed:
+            # Refused for a new order; but a retry of one accepted before its deadline is answered with it.
+            try:
+                retry = build(None)
+            except InvalidOrderError:
+                raise passed from None  # another rule broken too: the deadline's error, as for any request
+            original = await services.replay(api, retry)
+            if original is None:
+                raise
+            return Response(order_out(original), status_code=201, headers={"Idempotent-Replayed": "true"})
         view, created = await services.place(api, order)
         if created:
             _accepted(body.order_type, body.side).inc()
