@@ -52,8 +52,7 @@ class LoggedCommand:
     stp: str | None = None
 
 
-def to_engine_command(row: LoggedCommand, symbol: str, *, expiry_limit: int | None = None) -> Command:
-    """The engine command of ``row``; an ``expire`` closes at most ``expiry_limit`` due orders (None: all)."""
+def to_engine_command(row: LoggedCommand, symbol: str) -> Command:
     if row.kind == "place":
         if (
             row.order_id is None
@@ -86,5 +85,5 @@ def to_engine_command(row: LoggedCommand, symbol: str, *, expiry_limit: int | No
         payload = row.payload or {}
         return Amend(seq=row.seq, order_id=row.order_id, quantity=payload.get("quantity"), price=payload.get("price"))
     if row.kind == "expire":
-        return ExpireDue(seq=row.seq, limit=expiry_limit)
+        return ExpireDue(seq=row.seq)
     raise MalformedCommandError(f"command {row.seq}: unknown kind {row.kind!r}")
