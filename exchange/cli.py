@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -188,8 +189,12 @@ def _add_sweeper(subparsers: Subparsers) -> None:
         "about overdue events, and delete a batch of webhook attempts older than "
         "EXCHANGE_WEBHOOK_ATTEMPTS_RETENTION_HOURS.",
     )
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between sweeps (default 1.0)")
-    parser.add_argument("--stale-after", type=float, default=0.5, help="seconds before a command is stale")
+    parser.add_argument(
+        "--interval", type=_seconds(above_zero=True), default=1.0, help="seconds between sweeps (default 1.0)"
+    )
+    parser.add_argument(
+        "--stale-after", type=_seconds(above_zero=False), default=0.5, help="seconds before a command is stale"
+    )
     parser.set_defaults(handler=_run_sweeper)
 
 
@@ -224,6 +229,23 @@ def _run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     )
     engine.dispose()
     return 0
+
+
+def _seconds(*, above_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, > 0 with ``above_zero``, else >= 0. The sweeper's interval at
+    0 (or below) spins against the database, at infinity sweeps once; a staleness at infinity never re-wakes a
+    symbol whose wake-up was lost, leaving its orders pending for good."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {'> 0' if above_zero else '>= 0'}")
+        return value
+
+    return parse
 
 
 def _at_least_one(text: str) -> int:
