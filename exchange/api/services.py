@@ -26,7 +26,7 @@ from exchange.api.state import ApiState
 from exchange.db.tables import OrderStatus
 from exchange.messaging.results import PlacedState
 from exchange.orders import accept
-from exchange.orders.errors import OrderNotFoundError
+from exchange.orders.errors import InvalidOrderError, OrderNotFoundError, ValidUntilPassedError
 from exchange.orders.models import NewOrder, OrderView, TradeView
 from exchange.times import from_micros, to_micros
 
@@ -44,11 +44,26 @@ async def read_order(state: ApiState, broker_id: UUID, order_id: UUID) -> OrderV
     return view
 
 
-async def replay(state: ApiState, order: NewOrder) -> OrderView | None:
-    """The original order ``order`` repeats (:func:`exchange.orders.accept.find_original`), read now; None when
-    there is none. For a retry that cannot be placed anew (its ``valid_until`` has passed)."""
-    original = await accept.find_original(state.pool, order)
-    return None if original is None else await read_order(state, order.broker_id, original)
+async def place_request(state: ApiState, build: Callable[[datetime | None], NewOrder]) -> tuple[OrderView, bool]:
+    """Place the order ``build(now)`` makes (:func:`place`); returns its view and whether it is new.
+
+    ``build`` validates against ``now`` (None: every rule but "``valid_until`` is in the future"). A request whose
+    ``valid_until`` has passed is refused as a new order, but when it repeats the ``client_order_id`` or
+    ``Idempotency-Key`` of an order accepted before its deadline (the client's retry of a lost answer), it is
+    answered with that order (:func:`exchange.orders.accept.find_original`), as every other retry is: the order may
+    have traded, and "valid_until must be in the future" would say it never existed."""
+    try:
+        order = build(datetime.now(UTC))
+    except ValidUntilPassedError as passed:
+        try:
+            retry = build(None)
+        except InvalidOrderError:
+            raise passed from None  # another rule broken too: the deadline's error, as for any request
+        original = await accept.find_original(state.pool, retry)
+        if original is None:
+            raise
+        return await read_order(state, retry.broker_id, original), False
+    return await place(state, order)
 
 
 def _wait_s(state: ApiState) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -29,7 +29,7 @@ from exchange.db.tables import OrderStatus
 from exchange.engine.types import OrderType, StpMode, TimeInForce
 from exchange.observability.metrics import ORDERS_ACCEPTED, LabelCache
 from exchange.orders import accept, queries
-from exchange.orders.errors import InvalidOrderError, OrderNotFoundError, ValidUntilPassedError
+from exchange.orders.errors import OrderNotFoundError
 from exchange.orders.models import NewOrder
 
 IdempotencyKey = Annotated[
@@ -100,19 +100,7 @@ class OrdersController(Controller):
                 now=now,
             )
 
-        try:
-            order = build(datetime.now(UTC))
-        except ValidUntilPassedError as passed:
-            # Refused for a new order; but a retry of one accepted before its deadline is answered with it.
-            try:
-                retry = build(None)
-            except InvalidOrderError:
-                raise passed from None  # another rule broken too: the deadline's error, as for any request
-            original = await services.replay(api, retry)
-            if original is None:
-                raise
-            return Response(order_out(original), status_code=201, headers={"Idempotent-Replayed": "true"})
-        view, created = await services.place(api, order)
+        view, created = await services.place_request(api, build)
         if created:
             _accepted(body.order_type, body.side).inc()
         headers = {} if created else {"Idempotent-Replayed": "true"}
