@@ -80,7 +80,8 @@ ERRORS: dict[str, ErrorCode] = {
         422,
         "well-formed JSON (or query/path/header parameter) with a bad field: wrong type, out of range, unknown "
         "field, naive, past or out-of-range datetime, price/time in force inconsistent with the order type, bad "
-        "cursor; `details` names the field or path when known",
+        "cursor, a text with a character the database's encoding lacks (a database that is not UTF8); `details` "
+        "names the field or path when known",
     ),
     "idempotency_key_reused": ErrorCode(
         422, "a client_order_id/Idempotency-Key already used by this broker with different order fields"
@@ -231,6 +232,14 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+def _unstorable_text(_: Request[Any, Any, Any], exc: psycopg.errors.UntranslatableCharacter) -> Response[ErrorOut]:
+    # SQLSTATE 22P05: a text of the request holds a character the database's server encoding lacks (a LATIN1
+    # database and a "€"). The api's connections speak UTF-8 (AsyncPool), so the server, not psycopg, refuses it.
+    return coded_response(
+        "validation_error", "a text holds a character the database cannot store", {"rule": "encoding"}
+    )
+
+
 def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Response[ErrorOut]:
     if is_database_unavailable(exc):
         log.warning("database unavailable: %s", exc.__class__.__name__, exc_info=True)
@@ -249,6 +258,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ValidationException: _validation_error,
     HTTPException: _http_error,
     psycopg.IntegrityError: _integrity_error,
+    psycopg.errors.UntranslatableCharacter: _unstorable_text,
     psycopg.Error: _database_error,
     Exception: _unexpected,
 }

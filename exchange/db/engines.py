@@ -165,6 +165,10 @@ class AsyncPool:
     * An idle connection the other end closed (pgbouncer restarted, a session PostgreSQL or pgbouncer ended) is
       not handed out: :func:`closed_by_peer` sees it at checkout, so no request fails on it while the database is
       up. A connection that broke in use makes every idle one suspect too (they are closed).
+    * Every connection speaks UTF-8 (``client_encoding``), as the api's JSON does, whatever the database's server
+      encoding: a text the database cannot store (a character a LATIN1 database lacks) is refused by the server, as
+      a statement's error of SQLSTATE class 22 (``22P05``) that the api answers 422 and a group commit retries
+      order by order, rather than by psycopg as a ``UnicodeEncodeError`` (a 500, which failed the whole group).
     * Every clean connection is kept for the next request (up to ``max_size``; none after :meth:`close`): closing
       a burst's extra ones, as SQLAlchemy's pool did with its overflow, cost ~560 reconnections per 20-s run at
       ``--scale 100``. Without pgbouncer each is a PostgreSQL backend: ``max_size`` per api worker.
@@ -220,7 +224,7 @@ class AsyncPool:
 
     async def _connect(self) -> AsyncPgConnection:
         return await psycopg.AsyncConnection.connect(
-            self._conninfo, **_POOLED_CONNECT_ARGS, autocommit=True, row_factory=namedtuple_row
+            self._conninfo, **_POOLED_CONNECT_ARGS, client_encoding="UTF8", autocommit=True, row_factory=namedtuple_row
         )
 
     async def _put(self, conn: AsyncPgConnection, *, reuse: bool) -> None:

@@ -16,12 +16,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from exchange.db import migrate
 from exchange.db.engines import pooled_engine
 from exchange.webhooks import store
 from exchange.webhooks.outcomes import Kind, Outcome, Verdict
 from exchange.webhooks.pump import Pump
-from tests.conftest import DatabaseFactory
 from tests.integration.webhook_support import (
     FAST,
     attempts_of,
@@ -37,16 +35,6 @@ from tests.webhook_receiver import Receiver
 
 NOT_LATIN1 = "недоступно €".encode()
 """An answer body LATIN1 has no characters for."""
-
-
-@pytest.fixture(scope="module")
-def latin1_database_url(database_factory: DatabaseFactory) -> Iterator[str]:
-    """A database whose server encoding is LATIN1 (an operator's ``initdb`` in a Latin-1 locale), migrated; shared
-    by this module's tests, which each use brokers of their own."""
-    url = database_factory.create(encoding="LATIN1")
-    migrate.upgrade(url)
-    yield url
-    database_factory.drop(url)
 
 
 def _latin1_engine(url: str, client_encoding: str) -> Iterator[Engine]:
