@@ -30,7 +30,7 @@ from litestar.exceptions import (
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from exchange.db.errors import is_client_side_failure
+from exchange.db.errors import READ_ONLY_SQLSTATE, is_client_side_failure, sqlstate
 from exchange.orders import errors as domain
 
 log = logging.getLogger("exchange.api")
@@ -94,7 +94,9 @@ ERRORS: dict[str, ErrorCode] = {
     "rate_limited": ErrorCode(429, "too many requests (an HTTP-layer fallback: the api sets no limit today)"),
     "admin_disabled": ErrorCode(503, "admin endpoint called but EXCHANGE_ADMIN_API_KEY is unset"),
     "database_unavailable": ErrorCode(
-        503, "PostgreSQL unreachable, failing at the connection level or out of resources (disk full); retry later"
+        503,
+        "PostgreSQL unreachable, failing at the connection level, out of resources (disk full) or refusing writes "
+        "(read-only: a standby); retry later",
     ),
     "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now (a fallback)"),
 }
@@ -219,8 +221,8 @@ def _integrity_error(request: Request[Any, Any, Any], exc: psycopg.IntegrityErro
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
-    """True for failures to reach or keep a PostgreSQL connection, or of a server out of resources (class 53, e.g. a
-    full disk), as opposed to a bad statement: the same request may pass later."""
+    """True for failures to reach or keep a PostgreSQL connection, of a server out of resources (class 53, e.g. a
+    full disk) or refusing writes (read-only), as opposed to a bad statement: the same request may pass later."""
     # OperationalError covers a failed connect, a connection lost mid-statement, the pool's PoolTimeoutError and
     # every SQLSTATE of classes 08/53/57P0x (psycopg maps them to it); also deadlocks, serialization failures and
     # statement timeouts (40P01, 40001, 57014), which a retry may pass too. An InternalError with no SQLSTATE is
@@ -228,6 +230,12 @@ def is_database_unavailable(exc: BaseException) -> bool:
     # the api still sent BEGIN: "received 2 results from command 'BEGIN'"): a connection-level failure too; the pool
     # drops that connection.
     if isinstance(exc, psycopg.InternalError) and is_client_side_failure(exc):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    # 25006: a database that refuses writes (a standby a failover left behind pgbouncer, default_transaction_read_only
+    # set for maintenance) cannot take the request now, whatever it holds; once a primary is back it passes.
+    if sqlstate(exc) == READ_ONLY_SQLSTATE:
         return True
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 

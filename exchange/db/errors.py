@@ -11,6 +11,8 @@ DatabaseError = DBAPIError | psycopg.Error
 
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
 """Deadlock detected, serialization failure: the same transaction may well succeed when run again."""
+READ_ONLY_SQLSTATE = "25006"
+"""``read_only_sql_transaction``: the server refuses writes (a hot standby, or ``default_transaction_read_only``)."""
 _DETERMINISTIC_CLASSES = frozenset({"22", "23"})
 """Data exception, integrity constraint violation: the same statement on the same data fails again."""
 

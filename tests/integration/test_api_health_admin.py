@@ -7,14 +7,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
+import pytest
 from litestar.testing import TestClient
+from psycopg import sql
 from sqlalchemy import Engine, text
 
 from exchange.api.app import create_app
 from exchange.config import Settings
 from exchange.db.engines import pooled_engine
 from exchange.matching.service import BookCache, process_symbol
-from tests.integration.api_helpers import ADMIN_KEY, count, match, new_symbol, register
+from tests.integration.api_helpers import ADMIN_KEY, Broker, count, match, new_symbol, register
 
 pytest_plugins = ["tests.integration.api_fixtures"]
 
@@ -65,6 +68,46 @@ def test_ready_is_503_and_requests_are_database_unavailable_when_postgres_is_dow
     ):
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "database_unavailable"
+
+
+@pytest.fixture
+def read_only_database_url(fresh_migrated_database_url: str, api_redis_url: str) -> tuple[str, Broker, str]:
+    """A migrated database that refuses every write (``default_transaction_read_only``: what a standby a failover
+    left behind, or an operator's maintenance switch, answers), a broker registered and an order of it placed before
+    it did."""
+    order = {"document_number": "1", "side": "bid", "symbol": new_symbol(), "price": 100, "quantity": 5}
+    with TestClient(create_app(_debug_settings(fresh_migrated_database_url, api_redis_url))) as client:
+        broker = register(client)
+        order_id = client.post("/orders", json=order, headers=broker.headers).json()["id"]
+    with psycopg.connect(fresh_migrated_database_url, autocommit=True) as conn:
+        name = sql.Identifier(conn.info.dbname)
+        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(name))
+    return fresh_migrated_database_url, broker, order_id
+
+
+def test_writes_to_a_read_only_database_are_503_database_unavailable(
+    read_only_database_url: tuple[str, Broker, str], api_redis_url: str
+) -> None:
+    url, broker, order_id = read_only_database_url
+    order = {"document_number": "1", "side": "bid", "symbol": new_symbol(), "price": 100, "quantity": 5}
+    with TestClient(create_app(_debug_settings(url, api_redis_url))) as client:
+        responses = [
+            client.post("/orders", json=order, headers=broker.headers),
+            client.post(f"/orders/{order_id}/cancel", headers=broker.headers),
+            client.post("/register", json={"name": "x"}, headers=ADMIN),
+        ]
+    assert [(r.status_code, r.json()["code"]) for r in responses] == [(503, "database_unavailable")] * 3
+
+
+def test_ready_is_503_naming_postgres_when_the_database_is_read_only(
+    read_only_database_url: tuple[str, Broker, str], api_redis_url: str
+) -> None:
+    url, _, _ = read_only_database_url
+    with TestClient(create_app(_debug_settings(url, api_redis_url))) as client:
+        response = client.get("/health/ready")
+    assert response.status_code == 503
+    assert response.json()["checks"]["postgres"]["ok"] is False
+    assert "read-only" in response.json()["checks"]["postgres"]["error"]
 
 
 def test_an_order_is_accepted_with_201_when_redis_is_down(

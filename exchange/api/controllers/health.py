@@ -1,9 +1,9 @@
 """Health endpoints (no auth): ``/health`` and ``/health/live`` answer while the process runs; ``/health/ready``
-answers 200 only when PostgreSQL (``SELECT 1``) and Redis (``PING``) both respond, the database schema is at the
-newest migration of this build (``migrations``: a process running against an un-migrated or newer database is not
-ready) and the process's result subscriber is subscribed (``results``: without it every new order answers
-``pending`` after its wait), else 503, with a check per component: what failed, not the driver's message (which
-names hosts, ports and users: it is logged instead)."""
+answers 200 only when PostgreSQL (taking writes: not read-only) and Redis (``PING``) both respond, the database
+schema is at the newest migration of this build (``migrations``: a process running against an un-migrated or newer
+database is not ready) and the process's result subscriber is subscribed (``results``: without it every new order
+answers ``pending`` after its wait), else 503, with a check per component: what failed, not the driver's message
+(which names hosts, ports and users: it is logged instead)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ class ResultsNotSubscribedError(RuntimeError):
     pass
 
 
-_OWN_ERRORS = (MigrationsNotAtHeadError, ResultsNotSubscribedError, TimeoutError)
+class DatabaseReadOnlyError(RuntimeError):
+    pass
+
+
+_OWN_ERRORS = (MigrationsNotAtHeadError, ResultsNotSubscribedError, DatabaseReadOnlyError, TimeoutError)
 """Failures whose message says nothing of the deployment: shown as they are."""
 
 
@@ -88,8 +92,12 @@ class HealthController(Controller):
     )
     async def ready(self, api: Api) -> Response[ReadyOut]:
         async def postgres() -> None:
+            # The database must take writes: a standby (after a failover) or default_transaction_read_only answers
+            # reads, but every order would be refused (503). One statement, as SELECT 1 was.
             async with single_statement(api.pool) as conn:
-                await conn.execute("SELECT 1")
+                row = await (await conn.execute("SELECT current_setting('transaction_read_only')")).fetchone()
+            if row is not None and row[0] == "on":
+                raise DatabaseReadOnlyError("the database is read-only (a standby, or default_transaction_read_only)")
 
         async def redis() -> None:
             await api.redis.ping()
