@@ -31,6 +31,7 @@ from exchange.api.controllers.orders import OrdersController
 from exchange.api.controllers.stocks import StocksController
 from exchange.api.controllers.webhooks import WebhooksAdminController, WebhooksController
 from exchange.api.errors import EXCEPTION_HANDLERS
+from exchange.api.query import refuse_repeated_query_parameters
 from exchange.api.state import lifespan
 from exchange.config import Settings
 from exchange.observability.logs import configure_logging
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         lifespan=[lifespan(settings)],
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=refuse_repeated_query_parameters,  # the broker controllers' broker_auth calls it too
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(title="exchange", version="1", path="/schema"),
         logging_config=None,

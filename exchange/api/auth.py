@@ -24,6 +24,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Scope
 
 from exchange.api.errors import ApiError, unauthorized
+from exchange.api.query import refuse_repeated_query_parameters
 from exchange.api.state import api_state
 from exchange.db.engines import single_statement
 from exchange.observability.requests import scope_header
@@ -68,9 +69,11 @@ async def authenticate_broker(scope: Scope) -> BrokerIdentity:
 
 async def broker_auth(request: Request[Any, Any, Any]) -> None:
     """``before_request`` hook of the broker controllers: authenticate the request and leave its broker in
-    ``scope["state"]`` for :func:`current_broker` (called directly, or through the ``broker`` dependency). Litestar runs
-    it before it parses the handler's parameters, and maps what it raises like any error of the handler."""
+    ``scope["state"]`` for :func:`current_broker` (called directly, or through the ``broker`` dependency), then refuse
+    a repeated query parameter (:mod:`exchange.api.query`). Litestar runs it before it parses the handler's
+    parameters, and maps what it raises like any error of the handler."""
     request.scope.setdefault("state", {})[BROKER_STATE_KEY] = await authenticate_broker(request.scope)
+    await refuse_repeated_query_parameters(request)  # the app's own before_request, which this hook replaces
 
 
 def configured_admin_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
