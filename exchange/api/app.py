@@ -20,9 +20,11 @@ Each worker process builds its own resources in the lifespan (:mod:`exchange.api
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Response, Router
 from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_404_NOT_FOUND
 
 from exchange.api.controllers.account import AccountController
 from exchange.api.controllers.admin import AdminController
@@ -30,7 +32,7 @@ from exchange.api.controllers.health import HealthController
 from exchange.api.controllers.orders import OrdersController
 from exchange.api.controllers.stocks import StocksController
 from exchange.api.controllers.webhooks import WebhooksAdminController, WebhooksController
-from exchange.api.errors import EXCEPTION_HANDLERS
+from exchange.api.errors import EXCEPTION_HANDLERS, coded_response
 from exchange.api.query import refuse_repeated_query_parameters
 from exchange.api.state import lifespan
 from exchange.config import Settings
@@ -40,6 +42,15 @@ from exchange.ops.controller import MetricsController, OpsController
 from exchange.ops.dashboard import dramatiq_dashboard
 
 MAX_BODY_BYTES = 64 * 1024
+SCHEMA_PATH = "/schema"
+
+
+def _schema_not_found_as_json(response: Response[Any]) -> Response[Any]:
+    """``after_request`` of the schema's router: Litestar answers a path there that no documentation site serves
+    with an HTML page of its own (not an exception the app's handlers see); every error of the api is JSON."""
+    if response.status_code == HTTP_404_NOT_FOUND:
+        return coded_response("not_found", "no such resource")
+    return response
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -57,7 +68,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=refuse_repeated_query_parameters,  # the broker controllers' broker_auth calls it too
         request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(title="exchange", version="1", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="exchange",
+            version="1",
+            openapi_router=Router(
+                SCHEMA_PATH, route_handlers=[], include_in_schema=False, after_request=_schema_not_found_as_json
+            ),
+        ),
         logging_config=None,
         debug=False,
     )

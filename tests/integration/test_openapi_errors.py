@@ -48,3 +48,15 @@ def test_the_cancel_documents_its_204_and_the_ops_login_its_303(api_client: Test
     operations = {(method, path): op for method, path, op in _operations(api_client)}
     assert "204" in operations[("post", "/orders/{order_id}/cancel")]["responses"]
     assert "303" in operations[("get", "/ops/login")]["responses"]
+
+
+def test_an_unknown_path_under_the_schema_is_a_json_404(api_client: TestClient[Any]) -> None:
+    # Litestar's schema router answers a path no documentation site serves with an HTML page of its own.
+    response = api_client.get("/schema/no-such-page")
+    assert (response.status_code, response.json()["code"]) == (404, "not_found"), response.text
+
+
+def test_the_schema_and_its_documentation_page_are_still_served(api_client: TestClient[Any]) -> None:
+    assert api_client.get("/schema/openapi.json").json()["info"]["title"] == "exchange"
+    page = api_client.get("/schema")
+    assert (page.status_code, page.headers["content-type"].split(";")[0]) == (200, "text/html")
