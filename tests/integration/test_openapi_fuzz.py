@@ -33,6 +33,7 @@ from schemathesis.checks import (
 )
 
 from exchange.api.app import create_app
+from exchange.api.controllers.webhooks import EndpointRequest
 from exchange.api.schemas import AmendOrderRequest, PlaceOrderRequest, RegisterRequest
 from exchange.config import Settings
 from tests.conftest import DatabaseFactory
@@ -50,6 +51,7 @@ REQUEST_BODIES = {
     ("post", "/register"): RegisterRequest,
     ("post", "/orders"): PlaceOrderRequest,
     ("patch", "/orders/{order_id}"): AmendOrderRequest,
+    ("put", "/webhooks/endpoint"): EndpointRequest,
 }
 CHECKS = [
     not_a_server_error,
