@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 import psycopg
+import redis.exceptions
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
     HTTPException,
@@ -98,6 +99,9 @@ ERRORS: dict[str, ErrorCode] = {
         503,
         "PostgreSQL unreachable, failing at the connection level, out of resources (disk full) or refusing writes "
         "(read-only: a standby); retry later",
+    ),
+    "redis_unavailable": ErrorCode(
+        503, "Redis unreachable where a request cannot do without it (the ops dramatiq dashboard); retry later"
     ),
     "service_unavailable": ErrorCode(503, "the HTTP layer cannot serve the request now (a fallback)"),
 }
@@ -256,6 +260,16 @@ def _database_error(request: Request[Any, Any, Any], exc: psycopg.Error) -> Resp
     return _unexpected(request, exc)
 
 
+def _redis_error(request: Request[Any, Any, Any], exc: redis.exceptions.RedisError) -> Response[ErrorOut]:
+    # Only what needs Redis to answer at all gets here (the order path's wake-ups and redeliveries never raise:
+    # their commands are durable, the sweeper catches up). A connection failure or timeout is Redis being
+    # unavailable, like database_unavailable; any other Redis error is a bug.
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        log.warning("redis unavailable: %s", exc.__class__.__name__, exc_info=True)
+        return coded_response("redis_unavailable", "Redis is unavailable; retry later")
+    return _unexpected(request, exc)
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorOut]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal error")
@@ -269,5 +283,6 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     psycopg.IntegrityError: _integrity_error,
     psycopg.errors.UntranslatableCharacter: _unstorable_text,
     psycopg.Error: _database_error,
+    redis.exceptions.RedisError: _redis_error,
     Exception: _unexpected,
 }

@@ -110,6 +110,15 @@ def test_ready_is_503_naming_postgres_when_the_database_is_read_only(
     assert "read-only" in response.json()["checks"]["postgres"]["error"]
 
 
+def test_the_dramatiq_dashboard_is_503_redis_unavailable_when_redis_is_down(
+    client_factory: Callable[..., TestClient[Any]],
+) -> None:
+    # The dashboard reads every queue from Redis: without it there is nothing to show (this was a 500).
+    client = client_factory(redis_url=DEAD_REDIS)
+    response = client.get("/ops/dramatiq/", headers=ADMIN)
+    assert (response.status_code, response.json()["code"]) == (503, "redis_unavailable"), response.text
+
+
 def test_an_order_is_accepted_with_201_when_redis_is_down(
     client_factory: Callable[..., TestClient[Any]], api_client: TestClient[Any], api_engine: Engine
 ) -> None:
