@@ -79,11 +79,10 @@ ERRORS: dict[str, ErrorCode] = {
     "unsupported_media_type": ErrorCode(415, "refused by the HTTP layer for its media type (a fallback)"),
     "validation_error": ErrorCode(
         422,
-        "well-formed JSON (or query/path/header parameter) with a bad field: a query parameter given twice, wrong "
-        "type, out of range, unknown "
-        "field, naive, past or out-of-range datetime, price/time in force inconsistent with the order type, bad "
-        "cursor, a text with a character the database's encoding lacks (a database that is not UTF8); `details` "
-        "names the field or path when known",
+        "well-formed JSON (or query/path/header parameter) with a bad field: a query parameter the route takes "
+        "given twice, wrong type, out of range, unknown field, naive, past or out-of-range datetime, price/time in "
+        "force inconsistent with the order type, bad cursor, a text with a character the database's encoding lacks "
+        "(a database that is not UTF8); `details` names the field or path when known",
     ),
     "idempotency_key_reused": ErrorCode(
         422, "a client_order_id/Idempotency-Key already used by this broker with different order fields"

@@ -237,6 +237,17 @@ def test_an_unauthenticated_request_with_a_repeated_parameter_is_401(api_client:
     assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
 
 
+@pytest.mark.parametrize("path", ["/orders?colour=red&colour=blue", "/balance?x=1&x=2"])
+def test_a_repeated_query_parameter_the_route_does_not_take_is_ignored(api_client: TestClient[Any], path: str) -> None:
+    broker = register(api_client)
+    assert api_client.get(path, headers=broker.headers).status_code == 200
+
+
+def test_a_repeated_query_parameter_on_a_route_without_parameters_is_ignored(api_client: TestClient[Any]) -> None:
+    # /health documents no 422: a probe's query string is never an error.
+    assert api_client.get("/health?x=1&x=2").status_code == 200
+
+
 def test_distinct_query_parameters_are_accepted(api_client: TestClient[Any]) -> None:
     broker = register(api_client)
     response = api_client.get("/orders?symbol=ABC&status=open&limit=5", headers=broker.headers)
