@@ -7,6 +7,8 @@ for the rules and the exact event order, and :mod:`exchange.engine.types` for th
 from exchange.engine.book import DepthLevel, OrderBook
 from exchange.engine.hashing import hash_resting
 from exchange.engine.types import (
+    MAX_COMMAND_EVENTS,
+    MAX_TAKER_MATCHES,
     Accepted,
     Amend,
     Amended,
@@ -34,6 +36,8 @@ from exchange.engine.types import (
 )
 
 __all__ = [
+    "MAX_COMMAND_EVENTS",
+    "MAX_TAKER_MATCHES",
     "Accepted",
     "Amend",
     "Amended",

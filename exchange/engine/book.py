@@ -22,7 +22,8 @@ Event order (identical in :mod:`exchange.engine.reference`):
 * ``Place``: ``Rejected`` alone if invalid. Otherwise ``Accepted``; then, for each maker reached in priority order,
   either ``Closed(maker, EXPIRED)``, or the self-trade-prevention events (below), or ``Fill`` followed by
   ``Closed(maker, FILLED)`` when that fill emptied the maker; then exactly one terminal event for the taker unless
-  STP already closed it: ``Closed(FILLED)`` if nothing is left, ``Rested`` for a GTC/GTD limit remainder, otherwise
+  STP already closed it: ``Closed(FILLED)`` if nothing is left, ``Closed(MATCH_LIMIT)`` for a GTC/GTD limit remainder
+  that reached the match cap (below), ``Rested`` for any other GTC/GTD limit remainder, otherwise
   ``Closed(UNFILLED)``. An incoming order already expired (a GTD, or an IOC/FOK, limit or market, carrying a
   ``valid_until <= now``) gives ``Accepted, Closed(EXPIRED, quantity)`` and touches nothing (this is checked
   before FOK feasibility); an infeasible FOK gives ``Accepted, Closed(UNFILLED)`` and touches nothing.
@@ -31,19 +32,29 @@ Event order (identical in :mod:`exchange.engine.reference`):
   ``cancel_both`` → ``Closed(maker, SELF_TRADE)``, ``Closed(taker, SELF_TRADE)``, stop; ``decrement`` by
   ``d = min(taker, maker remaining)``: maker event first (``Closed(SELF_TRADE, remaining=d)`` if it reaches 0,
   else ``Decremented``), then the taker's (``Closed(SELF_TRADE, remaining=d)`` and stop, else ``Decremented``).
+* Match cap (:data:`~exchange.engine.types.MAX_TAKER_MATCHES`, or the book's ``max_taker_matches``): a taker
+  matches at most that many makers in one command; a fill counts one, and so does a maker that STP closes or
+  decrements (``cancel_oldest``, ``decrement``); an expired maker closed on the way does not. When the taker has
+  matched the cap and reaches one more maker that is not expired (within its limit: that is, its price still
+  crosses a live order), it stops there and closes its remainder: ``Closed(MATCH_LIMIT)`` for a GTC/GTD limit order
+  (placed or amended: it never rests crossing the book), ``Closed(UNFILLED)`` otherwise. A taker whose crossing
+  makers run out exactly at the cap is not capped (a GTC/GTD remainder rests as usual).
 * FOK feasibility is decided before anything changes by walking the crossing makers in priority order: expired
   makers are skipped; a self maker counts as liquidity when the taker's ``stp`` is ``none``, is skipped under
   ``cancel_oldest``, and makes the FOK infeasible under ``cancel_newest``, ``cancel_both`` and ``decrement``
   (each of those would cancel or shrink the taker, so its whole quantity could not trade).
-  The FOK is feasible iff the counted liquidity reaches its quantity before the walk hits one of those.
+  The FOK is feasible iff the counted liquidity reaches its quantity before the walk hits one of those, and
+  within the match cap (each counted maker and each skipped ``cancel_oldest`` self maker is one match): a FOK that
+  would need more matches than the cap to fill in full is killed whole.
 * ``Cancel``: ``Closed(CANCELLED, remaining)``; ``Closed(EXPIRED, remaining)`` if the order is resting past its
   ``valid_until`` (expired, not yet swept: the same close reason as if ``ExpireDue`` had come first); or
   ``Rejected(UNKNOWN_ORDER)``.
 * ``Amend``: ``Rejected`` alone if invalid. Otherwise ``Amended`` first. Quantity down (or unchanged) at the same
   price keeps priority and changes the order in place. A price change or a quantity increase moves it to the back
   of its (new) level with ``priority = seq``; if the new price crosses the opposite best price it first matches as
-  a taker exactly like a ``Place`` (its own ``stp``), followed by the taker's terminal event (``Rested`` or
-  ``Closed(FILLED)``) unless STP closed it. A non-crossing amend emits only ``Amended``.
+  a taker exactly like a ``Place`` (its own ``stp``, the match cap), followed by the taker's terminal event
+  (``Rested``, ``Closed(FILLED)`` or ``Closed(MATCH_LIMIT)``) unless STP closed it. A non-crossing amend emits only
+  ``Amended``.
 * ``ExpireDue``: ``Closed(EXPIRED)`` for every resting order with ``valid_until <= now`` (with a ``limit``, for the
   first ``limit`` of them by ``(valid_until, priority, order_id)``), ordered by ``(priority, order_id)``.
 
@@ -78,6 +89,7 @@ from exchange.engine._construct import fill as _fill
 from exchange.engine._construct import rested as _rested
 from exchange.engine.hashing import hash_resting
 from exchange.engine.types import (
+    MAX_TAKER_MATCHES,
     Amend,
     Amended,
     BrokerId,
@@ -120,6 +132,7 @@ _CANCELLED = CloseReason.CANCELLED
 _EXPIRED = CloseReason.EXPIRED
 _UNFILLED = CloseReason.UNFILLED
 _SELF_TRADE = CloseReason.SELF_TRADE
+_MATCH_LIMIT = CloseReason.MATCH_LIMIT
 _by_priority = attrgetter("priority")
 
 
@@ -194,10 +207,25 @@ class OrderBook:
     committed late may arrive after higher ones; it is then queued by its ``seq``, as a rebuild would queue it.
     """
 
-    __slots__ = ("_ask_keys", "_asks", "_bid_keys", "_bids", "_expiry", "_expiry_counter", "_orders", "symbol")
+    __slots__ = (
+        "_ask_keys",
+        "_asks",
+        "_bid_keys",
+        "_bids",
+        "_expiry",
+        "_expiry_counter",
+        "_orders",
+        "max_taker_matches",
+        "symbol",
+    )
 
-    def __init__(self, symbol: str) -> None:
+    def __init__(self, symbol: str, *, max_taker_matches: int = MAX_TAKER_MATCHES) -> None:
+        if type(max_taker_matches) is not int or max_taker_matches < 1:
+            raise ValueError(f"max_taker_matches must be an int >= 1, not {max_taker_matches!r}")
         self.symbol = symbol
+        self.max_taker_matches = max_taker_matches
+        """The match cap of one taker command (see the module docstring): a rule of the book, not part of its state
+        (``state_hash`` ignores it)."""
         self._orders: dict[int, RestingOrder] = {}  # keyed by order_id.int: UUID.__hash__ is Python code
         self._bids: dict[int, _Level] = {}
         self._asks: dict[int, _Level] = {}
@@ -211,7 +239,14 @@ class OrderBook:
     # ------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def rebuild(cls, symbol: str, resting: Iterable[RestingOrder], *, handed_over: bool = False) -> OrderBook:
+    def rebuild(
+        cls,
+        symbol: str,
+        resting: Iterable[RestingOrder],
+        *,
+        handed_over: bool = False,
+        max_taker_matches: int = MAX_TAKER_MATCHES,
+    ) -> OrderBook:
         """A book holding copies of ``resting``. Each level is ordered by ``priority`` (stable, so orders given in
         priority order keep it), which reproduces the state of the book they were taken from. With
         ``handed_over`` the book keeps the given objects themselves (the caller made them for it and keeps no
@@ -219,7 +254,7 @@ class OrderBook:
 
         Raises ``ValueError`` on a state no book can be in: duplicate ids, ``remaining`` outside
         ``1..quantity``, a non-positive price, or a crossed book."""
-        book = cls(symbol)
+        book = cls(symbol, max_taker_matches=max_taker_matches)
         orders = book._orders
         per_price: dict[tuple[bool, int], list[RestingOrder]] = {}
         for src in resting:
@@ -379,11 +414,15 @@ class OrderBook:
             keys = self._bid_keys
             crosses = bool(keys) and (price is None or keys[-1] >= price)
         if crosses:
-            remaining, quantity, closed = self._match(
+            remaining, quantity, closed, capped = self._match(
                 seq, now, oid, spec.broker_id, spec.document_number, side, price, quantity, remaining, spec.stp,
                 events,
             )  # fmt: skip
             if closed:
+                return events
+            if capped:
+                resting = price is not None and tif in (_GTC, _GTD)
+                events.append(_closed(seq, oid, _MATCH_LIMIT if resting else _UNFILLED, remaining))
                 return events
         if remaining == 0:
             events.append(_closed(seq, oid, _FILLED, 0))
@@ -440,11 +479,14 @@ class OrderBook:
             keys = self._bid_keys
             crosses = bool(keys) and keys[-1] >= new_price
         if crosses:
-            remaining, new_quantity, closed = self._match(
+            remaining, new_quantity, closed, capped = self._match(
                 seq, now, oid, o.broker_id, o.document_number, side, new_price, new_quantity, remaining, o.stp,
                 events,
             )  # fmt: skip
             if closed:
+                return events
+            if capped:  # a resting (GTC/GTD) order: it must not rest crossing the book
+                events.append(_closed(seq, oid, _MATCH_LIMIT, remaining))
                 return events
             if remaining == 0:
                 events.append(_closed(seq, oid, _FILLED, 0))
@@ -541,6 +583,7 @@ class OrderBook:
         broker = spec.broker_id
         doc = spec.document_number
         is_bid = spec.side == _BID
+        room = self.max_taker_matches  # so the walk visits at most this many live makers, as matching would
         if is_bid:
             levels, prices = self._asks, [-k for k in reversed(self._ask_keys)]
         else:
@@ -553,6 +596,9 @@ class OrderBook:
                     continue
                 if m.valid_until is not None and m.valid_until <= now:
                     continue
+                if not room:
+                    return False  # matching would stop at the cap here, short of the whole quantity
+                room -= 1
                 if stp != _STP_NONE and m.broker_id == broker and m.document_number == doc:
                     if stp == _CANCEL_OLDEST:
                         continue
@@ -575,10 +621,11 @@ class OrderBook:
         remaining: int,
         stp: StpMode,
         events: list[Event],
-    ) -> tuple[int, int, bool]:
-        """Match a taker against the opposite side. Returns ``(remaining, quantity, closed)``: the taker's
-        remaining and total quantity afterwards (``decrement`` can lower both) and whether STP closed it (its
-        ``Closed`` already emitted). Mutates makers and levels; appends events in the documented order."""
+    ) -> tuple[int, int, bool, bool]:
+        """Match a taker against the opposite side. Returns ``(remaining, quantity, closed, capped)``: the taker's
+        remaining and total quantity afterwards (``decrement`` can lower both), whether STP closed it (its
+        ``Closed`` already emitted), and whether it stopped at the match cap with a live crossing maker left (its
+        terminal event is then the caller's). Mutates makers and levels; appends events in the documented order."""
         orders = self._orders
         if side == _BID:
             levels, keys, sign = self._asks, self._ask_keys, -1
@@ -586,7 +633,8 @@ class OrderBook:
             levels, keys, sign = self._bids, self._bid_keys, 1
         check_self = stp != _STP_NONE
         match_no = 0
-        closed = False
+        room = self.max_taker_matches
+        closed = capped = False
         while keys and remaining:
             level_price = keys[-1] * sign
             if limit is not None and (level_price > limit if side == _BID else level_price < limit):
@@ -609,6 +657,10 @@ class OrderBook:
                     m.remaining = 0
                     events.append(_closed(seq, m.order_id, _EXPIRED, m_remaining))
                     continue
+                if not room:
+                    capped = True
+                    break
+                room -= 1  # a fill or an STP step: each costs a maker update and a webhook event
                 if check_self and m.broker_id == taker_broker and m.document_number == taker_doc:
                     if stp == _CANCEL_NEWEST:
                         events.append(_closed(seq, taker_id, _SELF_TRADE, remaining))
@@ -664,6 +716,6 @@ class OrderBook:
             if level.live == 0:
                 del levels[level_price]
                 keys.pop()
-            if closed:
+            if closed or capped:
                 break
-        return remaining, quantity, closed
+        return remaining, quantity, closed, capped

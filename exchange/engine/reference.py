@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from exchange.engine.hashing import hash_resting
 from exchange.engine.types import (
+    MAX_TAKER_MATCHES,
     Accepted,
     Amend,
     Amended,
@@ -64,9 +65,10 @@ def _is_expired(order: RestingOrder, now: Micros) -> bool:
 class ReferenceBook:
     """Same observable behaviour as ``OrderBook`` (events, ``resting_orders``, ``state_hash``), naively."""
 
-    def __init__(self, symbol: str) -> None:
+    def __init__(self, symbol: str, *, max_taker_matches: int = MAX_TAKER_MATCHES) -> None:
         self.symbol = symbol
         self.orders: list[RestingOrder] = []
+        self.max_taker_matches = max_taker_matches
 
     # ------------------------------------------------------------------------------------------------ queries
 
@@ -148,7 +150,13 @@ class ReferenceBook:
             if traded != spec.quantity:
                 events.append(Closed(seq, spec.order_id, CloseReason.UNFILLED, spec.quantity))
                 return events
-        if self.match(seq, now, taker, events):
+        outcome = self.match(seq, now, taker, events)
+        if outcome == "closed":
+            return events
+        if outcome == "capped":
+            rests = spec.price is not None and spec.time_in_force in (TimeInForce.GTC, TimeInForce.GTD)
+            close = CloseReason.MATCH_LIMIT if rests else CloseReason.UNFILLED
+            events.append(Closed(seq, spec.order_id, close, taker.remaining))
             return events
         if taker.remaining == 0:
             events.append(Closed(seq, spec.order_id, CloseReason.FILLED, 0))
@@ -212,7 +220,11 @@ class ReferenceBook:
         )
         crosses = any(o.side != taker.side and self.crosses(taker, o) for o in self.orders)
         if crosses:
-            if self.match(cmd.seq, now, taker, events):
+            outcome = self.match(cmd.seq, now, taker, events)
+            if outcome == "closed":
+                return events
+            if outcome == "capped":
+                events.append(Closed(cmd.seq, order.order_id, CloseReason.MATCH_LIMIT, taker.remaining))
                 return events
             if taker.remaining == 0:
                 events.append(Closed(cmd.seq, order.order_id, CloseReason.FILLED, 0))
@@ -256,13 +268,16 @@ class ReferenceBook:
             return resting.price <= taker.price
         return resting.price >= taker.price
 
-    def match(self, seq: int, now: Micros, taker: _Taker, events: list[Event]) -> bool:
-        """Trade ``taker`` against the book, one best counterparty at a time. Returns True if STP closed it."""
+    def match(self, seq: int, now: Micros, taker: _Taker, events: list[Event]) -> str:
+        """Trade ``taker`` against the book, one best counterparty at a time. Returns ``"closed"`` if STP closed it,
+        ``"capped"`` if it had matched ``max_taker_matches`` makers (fills and STP steps) and met one more live
+        crossing maker, ``"done"`` otherwise."""
         match_no = 0
+        matched = 0
         while taker.remaining > 0:
             candidates = [o for o in self.orders if o.side != taker.side and self.crosses(taker, o)]
             if not candidates:
-                return False
+                return "done"
             if taker.side == Side.BID:
                 maker = sorted(candidates, key=lambda o: (o.price, o.priority))[0]
             else:
@@ -271,10 +286,13 @@ class ReferenceBook:
                 self.orders.remove(maker)
                 events.append(Closed(seq, maker.order_id, CloseReason.EXPIRED, maker.remaining))
                 continue
+            if matched == self.max_taker_matches:
+                return "capped"
+            matched += 1
             is_self = maker.broker_id == taker.broker_id and maker.document_number == taker.document_number
             if is_self and taker.stp != StpMode.NONE:
                 if self.prevent_self_trade(seq, taker, maker, events):
-                    return True
+                    return "closed"
                 continue
             quantity = min(taker.remaining, maker.remaining)
             maker.remaining -= quantity
@@ -299,7 +317,7 @@ class ReferenceBook:
             if maker.remaining == 0:
                 self.orders.remove(maker)
                 events.append(Closed(seq, maker.order_id, CloseReason.FILLED, 0))
-        return False
+        return "done"
 
     def prevent_self_trade(self, seq: int, taker: _Taker, maker: RestingOrder, events: list[Event]) -> bool:
         """Apply the taker's STP mode to one self maker. Returns True if the taker got closed."""

@@ -67,7 +67,33 @@ class CloseReason(StrEnum):
     UNFILLED = "unfilled"
     """IOC/market remainder, or a FOK that could not fill completely."""
     SELF_TRADE = "self_trade_prevented"
+    MATCH_LIMIT = "match_limit_reached"
+    """A GTC/GTD limit order (placed, or amended to a crossing price) that reached :data:`MAX_TAKER_MATCHES` resting
+    orders while its price still crossed the next one: its remainder is closed rather than rested in a crossed
+    book. (A market, IOC or FOK order that reaches the cap closes its remainder ``UNFILLED`` as always.)"""
     REJECTED = "rejected"
+
+
+MAX_TAKER_MATCHES = 1000
+"""Resting orders one taker may match in one command (an exchange protection, like venues' sweep protection): each
+fill counts one, and so does each resting order that self-trade prevention cancels or decrements (both cost a
+maker update and a webhook event); expired makers closed on the way do not count (they are bounded by the matcher's
+expiry backlog rule). A taker that has matched this many and reaches one more live resting order within its price
+trades no further: its remainder is closed, ``UNFILLED`` for a market/IOC order, ``MATCH_LIMIT`` for a GTC/GTD
+limit order, which must not rest crossing the book. A FOK that would need more matches than this to fill in full
+is killed whole (``UNFILLED``) before trading. So one command makes at most ``2 * MAX_TAKER_MATCHES + 2`` events
+besides the expired makers it closes (:data:`MAX_COMMAND_EVENTS`).
+
+Why a bound: the matcher applies a batch between two round trips of a transaction that may sit idle only 2 s
+(``exchange.db.engines.IDLE_HOLDER_LIMIT_MS``); a market order against 100,000 one-lot resting orders made 100,000
+fills whose planning and encoding (some 50-100 us a fill on a 2-core machine) outlasted that on every retry and
+wedged its symbol. A book may be built with another cap (``OrderBook(symbol, max_taker_matches=...)``), as the
+property tests do to reach it often."""
+
+MAX_COMMAND_EVENTS = 2 * MAX_TAKER_MATCHES + 2
+"""The most events a ``Place`` or an ``Amend`` produces, expired makers aside: its ``Accepted``/``Amended``, two per
+maker matched (a ``Fill`` and its ``Closed(FILLED)``; or a maker's self-trade close or decrement and the taker's
+``Decremented``), and the taker's terminal event (a taker ``Closed`` by self-trade prevention is its last)."""
 
 
 class RejectReason(StrEnum):

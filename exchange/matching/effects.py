@@ -101,8 +101,11 @@ CLOSE_EVENT_TYPES: dict[CloseReason, str] = {
     CloseReason.EXPIRED: "order.expired",
     CloseReason.UNFILLED: "order.unfilled",
     CloseReason.SELF_TRADE: "order.cancelled",
+    CloseReason.MATCH_LIMIT: "order.cancelled",
     CloseReason.REJECTED: "order.rejected",
 }
+"""The webhook event of each close but ``filled``. The exchange's own cancels (self-trade prevention, the match cap
+of a resting order's remainder) are ``order.cancelled``; their body's ``reason`` says which."""
 
 
 DECREMENTED_EVENT_TYPE = "order.decremented"

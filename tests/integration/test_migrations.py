@@ -427,3 +427,8 @@ def test_downgrading_0025_restores_0024s_accept_orders_exactly(fresh_database_ur
         " bigint[], timestamptz[])"
     )
     _assert_downgrade_restores(url, "0024", "0025", lambda: _function_definition(url, accept_orders))
+
+
+def test_downgrading_0029_restores_0028s_constraints_exactly(fresh_database_url: str) -> None:
+    url = fresh_database_url
+    _assert_downgrade_restores(url, "0028", "0029", lambda: _catalog(url, "constraints"))

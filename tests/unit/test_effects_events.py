@@ -59,3 +59,22 @@ def test_each_order_a_self_trade_decrement_shrinks_gets_an_event_for_its_broker(
         ("order.cancelled", oid(1)),
         ("order.cancelled", oid(2)),
     ]
+
+
+def test_a_limit_order_closed_at_the_match_cap_tells_its_broker_it_was_cancelled_for_the_cap() -> None:
+    book = OrderBook(SYMBOL, max_taker_matches=1)
+    applied = [
+        (command, book.apply(command, T0))
+        for command in (
+            Place(1, spec(1, Side.ASK, 100, 1, broker=BROKER_B)),
+            Place(2, spec(2, Side.ASK, 101, 1, broker=BROKER_B)),
+            Place(3, spec(3, Side.BID, 101, 2, broker=BROKER_A)),
+        )
+    ]
+    owners = {oid(1): (BROKER_B, Side.ASK), oid(2): (BROKER_B, Side.ASK), oid(3): (BROKER_A, Side.BID)}
+
+    plan = plan_batch(applied, {o.order_id: o for o in book.resting_orders()}, owners)
+
+    update = plan.orders[oid(3)]
+    assert (update.status, update.close_reason, update.remaining) == ("closed", "match_limit_reached", 1)
+    assert [(d.type, d.order_id) for d in plan.outbox if d.close is not None] == [("order.cancelled", oid(3))]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 
 from exchange.engine import (
+    MAX_COMMAND_EVENTS,
+    MAX_TAKER_MATCHES,
     Cancel,
     Closed,
     CloseReason,
     ExpireDue,
+    Fill,
     OrderBook,
+    Place,
     RestingOrder,
     Side,
     TimeInForce,
@@ -178,3 +182,15 @@ def test_more_due_than_counts_the_live_resting_orders_past_their_valid_until() -
     assert book.more_due_than(2, T0 + 4)
     assert not book.more_due_than(3, T0 + 4)
     assert not book.more_due_than(0, T0)
+
+
+def test_a_book_caps_each_taker_at_max_taker_matches_by_default() -> None:
+    book = OrderBook(SYMBOL)
+    for n in range(1, MAX_TAKER_MATCHES + 2):
+        book.apply(Place(n, spec(n, Side.ASK, 100, 1, broker=BROKER_B)), T0)
+    seq = MAX_TAKER_MATCHES + 2
+    events = book.apply(Place(seq, spec(seq, Side.BID, None, MAX_TAKER_MATCHES + 1)), T0)
+    assert sum(isinstance(e, Fill) for e in events) == MAX_TAKER_MATCHES
+    assert events[-1] == Closed(seq, oid(seq), CloseReason.UNFILLED, 1)
+    assert len(events) <= MAX_COMMAND_EVENTS
+    assert len(book) == 1

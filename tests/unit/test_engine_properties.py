@@ -23,11 +23,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exchange.engine import (
+    MAX_TAKER_MATCHES,
     Accepted,
     Amend,
     Amended,
     Cancel,
     Closed,
+    CloseReason,
     Command,
     Decremented,
     Event,
@@ -382,17 +384,26 @@ class Ledger:
 # ------------------------------------------------------------------------------------------------ properties
 
 
-def check_against_reference(commands: list[tuple[Command, int]], switch: int) -> None:
+def check_against_reference(
+    commands: list[tuple[Command, int]], switch: int, cap: int = MAX_TAKER_MATCHES
+) -> list[tuple[Command, list[Event]]]:
     """Same events and state as the reference after every command, invariants hold, and from command ``switch``
-    on the engine is replaced by a book rebuilt from its resting orders (which must behave identically)."""
-    engine = OrderBook(SYMBOL)
-    reference = ReferenceBook(SYMBOL)
+    on the engine is replaced by a book rebuilt from its resting orders (which must behave identically). Both books
+    have the match cap ``cap``. Returns each command with its events, for tests that check what the sequences
+    reached."""
+    engine = OrderBook(SYMBOL, max_taker_matches=cap)
+    reference = ReferenceBook(SYMBOL, max_taker_matches=cap)
     ledger = Ledger()
+    every: list[tuple[Command, list[Event]]] = []
     for i, (command, now) in enumerate(commands):
         if i == switch:
-            engine = OrderBook.rebuild(SYMBOL, engine.resting_orders())
+            engine = OrderBook.rebuild(SYMBOL, engine.resting_orders(), max_taker_matches=cap)
         events = engine.apply(command, now)
         assert events == reference.apply(command, now), f"command {i}: {command}"
+        if isinstance(command, Place | Amend):
+            work = [e for e in events if not (isinstance(e, Closed) and e.reason is CloseReason.EXPIRED)]
+            assert len(work) <= 2 * cap + 2, "more events than the match cap allows"
+        every.append((command, events))
         ledger.feed(command, events, now)
         # Each state is read once per command (the checks dominate the run time, not the books).
         resting = engine.resting_orders()
@@ -405,6 +416,7 @@ def check_against_reference(commands: list[tuple[Command, int]], switch: int) ->
         # A rebuilt book holds the same state (its state_hash is a function of resting_orders alone).
         assert OrderBook.rebuild(SYMBOL, resting).resting_orders() == resting
     assert engine.state_hash() == reference.state_hash()
+    return every
 
 
 @given(sequences_and_switch)
@@ -419,6 +431,41 @@ def test_long_random_sequences_match_reference(seed: int) -> None:
     clients = rnd.choice(POPULATIONS)
     drawn = [(random_op(rnd, clients), rnd.randint(0, 2)) for _ in range(300)]
     check_against_reference(to_commands(drawn), rnd.randint(0, 300))
+
+
+SMALL_CAPS = st.integers(1, 3)
+"""Match caps the generated books reach often (the real one, 1,000 makers, they never do)."""
+
+
+@given(sequences_and_switch, SMALL_CAPS)
+def test_engine_matches_reference_with_a_small_match_cap(case: tuple[Drawn, int], cap: int) -> None:
+    drawn, switch = case
+    check_against_reference(to_commands(drawn), switch, cap)
+
+
+@given(st.integers(0, 2**32 - 1), SMALL_CAPS)
+def test_long_random_sequences_match_reference_with_a_small_match_cap(seed: int, cap: int) -> None:
+    rnd = random.Random(seed)
+    drawn = [(random_op(rnd, rnd.choice(POPULATIONS)), rnd.randint(0, 2)) for _ in range(300)]
+    check_against_reference(to_commands(drawn), rnd.randint(0, 300), cap)
+
+
+def test_long_random_sequences_reach_the_match_cap() -> None:
+    """The capped property tests are worth something only if their sequences do reach the cap: GTC/GTD places and
+    amends closed ``MATCH_LIMIT``, and more IOC/market/FOK orders closed ``UNFILLED`` than without the cap."""
+    reached: set[type] = set()
+    unfilled = {1: 0, MAX_TAKER_MATCHES: 0}
+    for seed in range(20):
+        rnd = random.Random(seed)
+        drawn = [(random_op(rnd, MIXED), rnd.randint(0, 2)) for _ in range(300)]
+        for cap in unfilled:
+            for command, events in check_against_reference(to_commands(drawn), 300, cap):
+                for e in events:
+                    if isinstance(e, Closed) and e.reason is CloseReason.MATCH_LIMIT:
+                        reached.add(type(command))
+                    unfilled[cap] += isinstance(e, Closed) and e.reason is CloseReason.UNFILLED
+    assert reached == {Place, Amend}
+    assert unfilled[1] > unfilled[MAX_TAKER_MATCHES]
 
 
 @given(sequences, st.randoms(use_true_random=False))

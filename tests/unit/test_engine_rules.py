@@ -682,3 +682,116 @@ def test_place_reusing_the_id_of_a_closed_order_is_left_to_the_persistence_layer
     d.place(ask(1, 100, 5))
     d.cancel(1)
     assert d.place(ask(1, 100, 5))[0] == Accepted(3, oid(1))
+
+
+# ---------------------------------------------------------------------------------------------- the match cap
+# A taker matches at most ``max_taker_matches`` resting orders in one command (MAX_TAKER_MATCHES in production; 2
+# here): what is left once it has matched that many and reaches one more live crossing order is closed.
+
+CAP = 2
+
+
+@pytest.fixture(params=["engine", "reference"])
+def c(request: pytest.FixtureRequest) -> Driver:
+    """A book whose takers match at most :data:`CAP` resting orders, with three one-share asks at 100, 101, 102."""
+    book = (OrderBook if request.param == "engine" else ReferenceBook)(SYMBOL, max_taker_matches=CAP)
+    driver = Driver(book)
+    for n, price in ((1, 100), (2, 101), (3, 102)):
+        driver.place(ask(n, price, 1))
+    return driver
+
+
+def swept(seq: int, taker: int) -> list[Any]:
+    """The events of a bid ``taker`` (command ``seq``) matching the asks 1 and 2 of :func:`c` for one share each."""
+    return [
+        fill(seq, 0, 100, 1, 1, 0, taker, 4, BID),
+        closed(seq, 1, FILLED),
+        fill(seq, 1, 101, 1, 2, 0, taker, 3, BID),
+        closed(seq, 2, FILLED),
+    ]
+
+
+@pytest.mark.parametrize("price", [None, 105])
+def test_a_market_or_ioc_order_at_the_match_cap_closes_its_remainder_unfilled(c: Driver, price: int | None) -> None:
+    assert c.place(bid(4, price, 5, tif=TimeInForce.IOC)) == [
+        Accepted(4, oid(4)),
+        *swept(4, 4),
+        closed(4, 4, CloseReason.UNFILLED, 3),
+    ]
+    assert c.resting_ids() == [oid(3)]
+
+
+@pytest.mark.parametrize("tif", [TimeInForce.GTC, TimeInForce.GTD])
+def test_a_resting_limit_order_at_the_match_cap_closes_its_remainder_instead_of_resting_crossed(
+    c: Driver, tif: TimeInForce
+) -> None:
+    valid_until = T0 + 1000 if tif is TimeInForce.GTD else None
+    assert c.place(bid(4, 105, 5, tif=tif, valid_until=valid_until)) == [
+        Accepted(4, oid(4)),
+        *swept(4, 4),
+        closed(4, 4, CloseReason.MATCH_LIMIT, 3),
+    ]
+    assert c.resting_ids() == [oid(3)]
+
+
+def test_a_limit_order_whose_crossing_orders_end_at_the_match_cap_rests_its_remainder(c: Driver) -> None:
+    assert c.place(bid(4, 101, 5)) == [Accepted(4, oid(4)), *swept(4, 4), Rested(4, oid(4), BID, 101, 3)]
+    assert c.resting_ids() == [oid(4), oid(3)]
+
+
+def test_a_fok_needing_more_matches_than_the_cap_is_killed_whole(c: Driver) -> None:
+    assert c.place(bid(4, None, 3, tif=TimeInForce.FOK)) == [
+        Accepted(4, oid(4)),
+        closed(4, 4, CloseReason.UNFILLED, 3),
+    ]
+    assert c.resting_ids() == [oid(1), oid(2), oid(3)]
+
+
+def test_a_fok_filled_within_the_match_cap_trades(c: Driver) -> None:
+    assert c.place(bid(4, None, 2, tif=TimeInForce.FOK)) == [
+        Accepted(4, oid(4)),
+        fill(4, 0, 100, 1, 1, 0, 4, 1, BID),
+        closed(4, 1, FILLED),
+        fill(4, 1, 101, 1, 2, 0, 4, 0, BID),
+        closed(4, 2, FILLED),
+        closed(4, 4, FILLED),
+    ]
+
+
+def test_an_amend_crossing_past_the_match_cap_closes_the_order_instead_of_resting_crossed(c: Driver) -> None:
+    c.place(bid(4, 90, 5))
+    assert c.amend(4, price=105) == [
+        Amended(5, oid(4), 105, 5, 5, False),
+        *swept(5, 4),
+        closed(5, 4, CloseReason.MATCH_LIMIT, 3),
+    ]
+    assert c.resting_ids() == [oid(3)]
+
+
+def test_resting_orders_closed_by_self_trade_prevention_count_against_the_match_cap(c: Driver) -> None:
+    # Asks 1 and 2 are the taker's own (same broker and document): cancel_oldest closes them, which is work too.
+    d = Driver(type(c.book)(SYMBOL, max_taker_matches=CAP))
+    for n, price in ((1, 100), (2, 101)):
+        d.place(ask(n, price, 1, broker=BROKER_A))
+    d.place(ask(3, 102, 1))
+    assert d.place(bid(4, None, 5, stp=StpMode.CANCEL_OLDEST)) == [
+        Accepted(4, oid(4)),
+        closed(4, 1, CloseReason.SELF_TRADE, 1),
+        closed(4, 2, CloseReason.SELF_TRADE, 1),
+        closed(4, 4, CloseReason.UNFILLED, 5),
+    ]
+    assert d.resting_ids() == [oid(3)]
+
+
+def test_expired_resting_orders_closed_on_the_way_do_not_count_against_the_match_cap(c: Driver) -> None:
+    c.place(ask(4, 99, 1, tif=TimeInForce.GTD, valid_until=T0 + 1))
+    c.now = T0 + 1
+    assert c.place(bid(5, 101, 2)) == [
+        Accepted(5, oid(5)),
+        closed(5, 4, CloseReason.EXPIRED, 1),
+        fill(5, 0, 100, 1, 1, 0, 5, 1, BID),
+        closed(5, 1, FILLED),
+        fill(5, 1, 101, 1, 2, 0, 5, 0, BID),
+        closed(5, 2, FILLED),
+        closed(5, 5, FILLED),
+    ]

@@ -1,0 +1,81 @@
+"""A taker sweeping a very deep opposite side (100,000+ small resting orders, which one broker can place itself
+first) made one fill per resting order, then planned and encoded them all between the matcher's two round trips:
+past the idle limit (:data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`) PostgreSQL ended the session on every
+attempt (SQLSTATE 25P03, not a deterministic error: the command was never quarantined) and the symbol was wedged,
+every later command of it waiting forever. Now a taker matches at most ``MAX_TAKER_MATCHES`` resting orders.
+
+As in ``test_big_books`` and ``test_expiry_backlog``, the idle limit is lowered so that a smaller book (20,000
+orders: ~1.9 s of matcher work swept in one command on the project's 2-core machine) shows it quickly.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import Engine, text
+
+from exchange.engine import MAX_TAKER_MATCHES
+from exchange.matching.service import BookCache, drain, process_symbols
+from tests.integration.sql_orders import add_broker, place
+from tests.integration.test_big_books import add_resting_asks, limit_idle
+from tests.integration.test_expiry_backlog import open_orders
+from tests.integration.test_matching_service import assert_conserved
+
+DEEP = 20_000
+"""Resting asks of the deep book (10 shares each, 2,000 to 2,999 cents, all of one broker)."""
+
+
+def order_state(engine: Engine, order_id: uuid.UUID) -> tuple[str, str | None, int]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT status, close_reason, remaining FROM orders WHERE id = :id"), {"id": order_id}
+        ).one()
+    return row.status, row.close_reason, row.remaining
+
+
+def trades_of(engine: Engine, order_id: uuid.UUID) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(text("SELECT count(*) FROM trades WHERE buy_order_id = :id"), {"id": order_id}).scalar_one()
+        )
+
+
+def test_a_market_order_sweeping_a_very_deep_book_does_not_wedge_its_symbol(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit_idle(monkeypatch, 250)
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    add_resting_asks(engine, seller, "DEEP1", DEEP)
+    sweep = place(engine, buyer, "DEEP1", "bid", 10 * DEEP, None)  # market: every ask of the book
+    cache = BookCache()
+
+    rounds = list(drain(engine, cache, ["DEEP1"]))
+
+    assert "DEEP1" not in cache.failing  # no transaction of it outlasted the idle limit
+    assert sum(r.commands for round_ in rounds for r in round_.results) == 1
+    assert order_state(engine, sweep) == ("closed", "unfilled", 10 * (DEEP - MAX_TAKER_MATCHES))
+    assert trades_of(engine, sweep) == MAX_TAKER_MATCHES
+    assert open_orders(engine, "DEEP1") == DEEP - MAX_TAKER_MATCHES
+    # The symbol keeps matching: a later order is applied at once.
+    bid = place(engine, buyer, "DEEP1", "bid", 1, 1000)
+    assert [r.commands for r in process_symbols(engine, cache, ["DEEP1"])] == [1]
+    assert order_state(engine, bid) == ("open", None, 1)
+    assert_conserved(engine)
+
+
+def test_a_limit_order_crossing_past_the_match_cap_is_closed_not_rested_crossed(engine: Engine) -> None:
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    add_resting_asks(engine, seller, "DEEP2", 2 * MAX_TAKER_MATCHES)
+    sweep = place(engine, buyer, "DEEP2", "bid", 10 * 2 * MAX_TAKER_MATCHES, 5000)
+
+    [result] = process_symbols(engine, BookCache(), ["DEEP2"])
+
+    assert result.trades == MAX_TAKER_MATCHES
+    assert order_state(engine, sweep) == ("closed", "match_limit_reached", 10 * MAX_TAKER_MATCHES)
+    with engine.connect() as conn:
+        payload = conn.execute(
+            text("SELECT type, payload FROM webhook_events WHERE order_id = :id AND trade_id IS NULL"), {"id": sweep}
+        ).one()
+    assert (payload.type, payload.payload["reason"]) == ("order.cancelled", "match_limit_reached")
+    assert_conserved(engine)
