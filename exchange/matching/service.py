@@ -1,17 +1,17 @@
 """Process symbols' pending commands: what the matcher actor calls (:func:`drain`, built on
 :func:`process_symbols` and :func:`process_symbol`).
 
-Order of operations in ONE transaction (DESIGN §3), for one symbol or a group of up to
-:data:`MAX_SYMBOLS_PER_BATCH` symbols (one dramatiq message names all the symbols of its partition woken together):
-take the symbols' advisory locks in ascending key order; read each ``symbols.book_version`` and its unprocessed
-commands in sequence order (bounded batch per symbol); rebuild every cached book whose version differs from the
-open orders; apply each symbol's commands to its book with the pure engine; write all the books' order states,
-trades, balances, positions, outbox events, new book versions and processed markers; commit. That is two round
-trips to Postgres per transaction whatever the number of symbols (see :mod:`exchange.matching.store`), plus one
-when books are rebuilt (one for all of them, plus one per further :data:`~exchange.matching.store.REBUILD_CHUNK`
-open orders: a big book is read a chunk at a time, so the transaction never sits idle long) and one when a symbol
-row is new. Only after the commit are results published and webhook deliveries enqueued, so nothing outside
-Postgres ever sees uncommitted state.
+Order of operations in ONE transaction (DESIGN §3), for one symbol or a group of up to :data:`MAX_SYMBOLS_PER_BATCH`
+symbols (one dramatiq message names all the symbols of its partition woken together): take the symbols' advisory locks
+in ascending key order; read each ``symbols.book_version`` and its unprocessed commands in sequence order (bounded batch
+per symbol); rebuild every cached book whose version differs from the open orders; apply each symbol's commands to its
+book with the pure engine (as many as surely fit :data:`MAX_EVENTS_PER_TRANSACTION`, which bounds the work done between
+the two round trips); write all the books' order states, trades, balances, positions, outbox events, new book versions
+and processed markers; commit. That is two round trips to Postgres per transaction whatever the number of symbols (see
+:mod:`exchange.matching.store`), plus one when books are rebuilt (one for all of them, plus one per further
+:data:`~exchange.matching.store.REBUILD_CHUNK` open orders: a big book is read a chunk at a time, so the transaction
+never sits idle long) and one when a symbol row is new. Only after the commit are results published and webhook
+deliveries enqueued, so nothing outside Postgres ever sees uncommitted state.
 
 Invariants:
 
@@ -45,7 +45,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from exchange.db.errors import is_deterministic, is_retryable, sqlstate
-from exchange.engine import OrderBook
+from exchange.engine import MAX_COMMAND_EVENTS, OrderBook
 from exchange.engine.types import Amend, Cancel, Command, Event, ExpireDue, Place, RestingOrder, Side
 from exchange.heap import collector_paused
 from exchange.matching import store
@@ -84,6 +84,25 @@ order crossing them closed them, and was wedged with every command after. So a b
 share when its batch starts closes a share of them, earliest deadlines first, *instead of* applying its commands
 (they stay pending; its drain goes on with it), until it has no more: no command of it then meets more than a
 share of expired orders, an ``expire`` included."""
+MAX_EVENTS_PER_TRANSACTION = 6000
+"""Engine events the commands of one transaction may make, all its books together: a command is applied only while
+the events made so far plus :data:`~exchange.engine.types.MAX_COMMAND_EVENTS` (the most one command makes, 2,002,
+by the engine's match cap :data:`~exchange.engine.types.MAX_TAKER_MATCHES`) fit in it; the other commands stay
+pending for the next transaction (the book's result says ``more``), and a book of a group that got none of its
+commands in is processed alone right after (:attr:`BatchResult.deferred`), where its first command always fits.
+
+Why: each event costs the matcher CPU between its two round trips (applying it, planning its rows and encoding
+them for ``matcher_write``: some 40-50 us an event, 80-100 us a fill with its maker's close, measured on the
+project's 2-core machine), while the transaction may sit idle only :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`
+(2 s). The match cap alone bounds one command; a batch of ``DEFAULT_BATCH_LIMIT`` (500) deep sweeps would still
+make a million events, and fail that way on every attempt, wedging its books.
+
+The bound: the commands of one transaction make at most ``MAX_EVENTS_PER_TRANSACTION`` events besides the expired
+orders they close; each book closes at most its share of :data:`MAX_EXPIRIES_PER_TRANSACTION` expired orders, by
+its commands (a book with more due was taken as a backlog) or as a backlog. So at most 6,000 + 5,000 events, some
+0.3 s + 0.2 s of matcher work in the worst case: four times under the idle limit. (``DEFAULT_BATCH_LIMIT`` and
+``MAX_TAKER_MATCHES`` alone bounded it only by 500 x 2,002 events.)"""
+assert MAX_COMMAND_EVENTS <= MAX_EVENTS_PER_TRANSACTION  # a book processed alone always applies its first command
 _INVALID_VERSION = -1
 """Never a real ``book_version`` (those start at 0): a cached book with it is always rebuilt."""
 
@@ -142,6 +161,9 @@ class BatchResult:
     retry_at: float | None = None
     """Set when the symbol's commands were left pending for a backoff (see :attr:`BookCache.failing`): when it ends
     (``time.monotonic()``), the time to wake the symbol again. None otherwise (a backoff of 0 is ``more``)."""
+    deferred: bool = False
+    """None of the symbol's commands fitted in its group's transaction (:data:`MAX_EVENTS_PER_TRANSACTION`): it is
+    to be processed alone (:func:`process_symbols` does it at once). Never set for a symbol processed alone."""
 
 
 def process_symbol(
@@ -266,13 +288,14 @@ def process_symbols(
     order given.
 
     Each symbol's batch holds up to ``ceil(batch_limit / n)`` of its commands, so the whole transaction stays near
-    ``batch_limit`` commands; a symbol with more reports ``more``. A suspect symbol (see :class:`BookCache`) is left
-    out of the group and processed alone, one command at a time; a failing one is left alone until its backoff is
-    over (a batch of nothing), then processed alone. If the group's transaction fails in any way (a
-    deterministic data error, a malformed command, a deadlock, anything unexpected) nothing of it was committed
-    (or, if the COMMIT's answer was lost, all of it was: the command log says which): every symbol of the group is
-    then processed by :func:`process_symbol` on its own, which retries, isolates and quarantines as usual, so a
-    poison command in one book never stops the others and no command is lost or applied twice.
+    ``batch_limit`` commands; a symbol with more reports ``more``, and so does one whose commands did not all fit
+    :data:`MAX_EVENTS_PER_TRANSACTION` (one that got none in is processed alone right after). A suspect symbol (see
+    :class:`BookCache`) is left out of the group and processed alone, one command at a time; a failing one is left alone
+    until its backoff is over (a batch of nothing), then processed alone. If the group's transaction fails in any way (a
+    deterministic data error, a malformed command, a deadlock, anything unexpected) nothing of it was committed (or, if
+    the COMMIT's answer was lost, all of it was: the command log says which): every symbol of the group is then
+    processed by :func:`process_symbol` on its own, which retries, isolates and quarantines as usual, so a poison
+    command in one book never stops the others and no command is lost or applied twice.
     """
     wanted = list(dict.fromkeys(symbols))
     if len(wanted) > MAX_SYMBOLS_PER_BATCH:
@@ -302,7 +325,9 @@ def process_symbols(
             for symbol in group:
                 results[symbol] = _alone(engine, cache, symbol, batch_limit)
     for symbol in wanted:
-        if symbol not in results:  # a suspect, or a failing symbol whose backoff is over
+        if symbol not in results or results[symbol].deferred:
+            # A suspect, a failing symbol whose backoff is over, or one whose commands did not fit in the group's
+            # transaction: alone, its first command always fits (so no book waits on the others' deep sweeps).
             results[symbol] = _alone(engine, cache, symbol, batch_limit)
     return [results[symbol] for symbol in wanted]
 
@@ -460,10 +485,12 @@ def _transaction(
             cached.version = _INVALID_VERSION
         now_us = to_micros(start.now)
         share = max(1, MAX_EXPIRIES_PER_TRANSACTION // len(start.commands))
+        events_made = 0  # by the commands applied so far, every book (see MAX_EVENTS_PER_TRANSACTION)
         batches: list[store.BookBatch] = []
         touched: dict[str, tuple[list[UUID], dict[UUID, RestingOrder]]] = {}
         placed_ids: dict[str, list[UUID]] = {}
         backlogged: set[str] = set()
+        applied_rows: dict[str, int] = {}
         for symbol, rows in start.commands.items():
             book, owners = entries[symbol].book, entries[symbol].owners
             applied: list[tuple[Command, list[Event]]] = []
@@ -475,15 +502,24 @@ def _transaction(
                 backlogged.add(symbol)
                 expiry = ExpireDue(rows[0].seq, share)
                 applied.append((expiry, book.apply(expiry, now_us)))
-                if read is not None:  # not applied: a failure of this transaction is not theirs
-                    read[:] = [seq for seq in read if seq not in {row.seq for row in rows}]
                 rows = []
+            fitted = 0
             for row in rows:
+                if events_made + MAX_COMMAND_EVENTS > MAX_EVENTS_PER_TRANSACTION:
+                    break  # this one might not fit: it and the rest wait for the next transaction
                 command = to_engine_command(row, symbol)
                 if isinstance(command, Place):
                     owners[command.order.order_id] = (command.order.broker_id, command.order.side)
                     placed_ids[symbol].append(command.order.order_id)
-                applied.append((command, book.apply(command, now_us)))
+                events = book.apply(command, now_us)
+                events_made += len(events)
+                applied.append((command, events))
+                fitted += 1
+            left = {row.seq for row in start.commands[symbol][fitted:]}
+            if read is not None and left:  # not applied: a failure of this transaction is not theirs
+                read[:] = [seq for seq in read if seq not in left]
+            rows = rows[:fitted]
+            applied_rows[symbol] = len(rows)
             order_ids = _touched_orders(applied)
             resting_after = {oid: r for oid in order_ids if (r := book.get(oid)) is not None}
             touched[symbol] = (order_ids, resting_after)
@@ -502,7 +538,8 @@ def _transaction(
         if symbol not in start.commands:
             results.append(BatchResult(symbol, 0, 0, [], [], more=False, rebuilt=False))
             continue
-        commands = 0 if symbol in backlogged else len(start.commands[symbol])
+        commands = applied_rows[symbol]
+        left_over = commands < len(start.commands[symbol])  # a backlog's expiry, or no room for all its commands
         results.append(
             BatchResult(
                 symbol=symbol,
@@ -510,8 +547,9 @@ def _transaction(
                 trades=len(planned[symbol].plan.trades),
                 order_ids=touched[symbol][0],
                 event_ids=event_ids[symbol],
-                more=commands >= batch_limit or symbol in backlogged,
+                more=commands >= batch_limit or left_over,
                 rebuilt=symbol in stale,
+                deferred=left_over and commands == 0 and symbol not in backlogged,
                 placed=_placed_states(
                     symbol, planned[symbol].plan, placed_ids[symbol], written.trade_ids, written.broker_names, now_us
                 ),

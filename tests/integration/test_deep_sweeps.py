@@ -2,7 +2,8 @@
 first) made one fill per resting order, then planned and encoded them all between the matcher's two round trips:
 past the idle limit (:data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS`) PostgreSQL ended the session on every
 attempt (SQLSTATE 25P03, not a deterministic error: the command was never quarantined) and the symbol was wedged,
-every later command of it waiting forever. Now a taker matches at most ``MAX_TAKER_MATCHES`` resting orders.
+every later command of it waiting forever. Now a taker matches at most ``MAX_TAKER_MATCHES`` resting orders, and a
+transaction's commands make at most ``MAX_EVENTS_PER_TRANSACTION`` events.
 
 As in ``test_big_books`` and ``test_expiry_backlog``, the idle limit is lowered so that a smaller book (20,000
 orders: ~1.9 s of matcher work swept in one command on the project's 2-core machine) shows it quickly.
@@ -15,7 +16,8 @@ import uuid
 import pytest
 from sqlalchemy import Engine, text
 
-from exchange.engine import MAX_TAKER_MATCHES
+from exchange.engine import MAX_COMMAND_EVENTS, MAX_TAKER_MATCHES
+from exchange.matching import service
 from exchange.matching.service import BookCache, drain, process_symbols
 from tests.integration.sql_orders import add_broker, place
 from tests.integration.test_big_books import add_resting_asks, limit_idle
@@ -78,4 +80,48 @@ def test_a_limit_order_crossing_past_the_match_cap_is_closed_not_rested_crossed(
             text("SELECT type, payload FROM webhook_events WHERE order_id = :id AND trade_id IS NULL"), {"id": sweep}
         ).one()
     assert (payload.type, payload.payload["reason"]) == ("order.cancelled", "match_limit_reached")
+    assert_conserved(engine)
+
+
+def test_a_batch_of_deep_sweeps_is_spread_over_transactions_that_each_fit_the_idle_limit(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ten sweeps of MAX_TAKER_MATCHES fills each, pending together: one batch of them all kept the transaction idle
+    # past the limit on every attempt, even with every command capped.
+    limit_idle(monkeypatch, 400)
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    add_resting_asks(engine, seller, "DEEP3", DEEP)
+    sweeps = [place(engine, buyer, "DEEP3", "bid", 10 * MAX_TAKER_MATCHES + 1, None) for _ in range(10)]
+    cache = BookCache()
+
+    rounds = list(drain(engine, cache, ["DEEP3"]))
+
+    assert "DEEP3" not in cache.failing
+    commands = [r.commands for round_ in rounds for r in round_.results]
+    assert sum(commands) == 10
+    assert max(commands) == service.MAX_EVENTS_PER_TRANSACTION // MAX_COMMAND_EVENTS  # as many as surely fit
+    assert {order_state(engine, s) for s in sweeps} == {("closed", "unfilled", 1)}
+    assert open_orders(engine, "DEEP3") == DEEP - 10 * MAX_TAKER_MATCHES
+    assert_conserved(engine)
+
+
+def test_a_book_of_a_group_whose_commands_do_not_fit_its_transaction_is_processed_alone_at_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Room for one command's worst case only: the first book's first command takes it, so the first book keeps its
+    # second command for later and the second book gets none in the group's transaction; it is processed alone at
+    # once (where its first command fits, and again room for one only), not left waiting.
+    monkeypatch.setattr(service, "MAX_EVENTS_PER_TRANSACTION", MAX_COMMAND_EVENTS + 1)
+    seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
+    for symbol in ("GRPA", "GRPB"):
+        place(engine, seller, symbol, "ask", 1, 100)
+        place(engine, buyer, symbol, "bid", 1, 100)
+
+    results = process_symbols(engine, BookCache(), ["GRPA", "GRPB"])
+
+    assert [(r.symbol, r.commands, r.more, r.deferred) for r in results] == [
+        ("GRPA", 1, True, False),
+        ("GRPB", 1, True, False),
+    ]
+    assert (open_orders(engine, "GRPA"), open_orders(engine, "GRPB")) == (1, 1)
     assert_conserved(engine)
