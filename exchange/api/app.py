@@ -26,6 +26,7 @@ from litestar import Litestar, Response, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_404_NOT_FOUND
 
+from exchange.api.bodies import publish_request_bodies
 from exchange.api.controllers.account import AccountController
 from exchange.api.controllers.admin import AdminController
 from exchange.api.controllers.health import HealthController
@@ -78,5 +79,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    publish_request_bodies(app.openapi_schema)  # builds it now: Litestar keeps this one and serves it
     observe_requests(app, settings.slow_request_ms)
     return app

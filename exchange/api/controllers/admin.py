@@ -8,14 +8,17 @@ from typing import Any
 from litestar import Controller, Request, Response, get, post
 
 from exchange.api.auth import admin_guard
+from exchange.api.bodies import JsonBody
 from exchange.api.dependencies import API, Api
 from exchange.api.errors import ADMIN_ERRORS, BODY_ERRORS, ApiError, error_responses
-from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, decode_body, to_wire
+from exchange.api.schemas import RegisterRequest, RegisterResponse, ResetOut, TradeCountOut, to_wire
 from exchange.db.engines import single_statement
 from exchange.messaging.wakeups import wake_key_pattern
 from exchange.orders import brokers, maintenance, queries
 
 log = logging.getLogger("exchange.api")
+
+REGISTER_BODY = JsonBody(RegisterRequest)
 
 
 class AdminController(Controller):
@@ -23,10 +26,15 @@ class AdminController(Controller):
     guards = [admin_guard]  # noqa: RUF012
     dependencies = API
 
-    @post("/register", status_code=201, responses=error_responses(*ADMIN_ERRORS, *BODY_ERRORS, "invalid_webhook_url"))
+    @post(
+        "/register",
+        status_code=201,
+        responses=error_responses(*ADMIN_ERRORS, *BODY_ERRORS, "invalid_webhook_url"),
+        operation_class=REGISTER_BODY.operation_class,
+    )
     async def register(self, request: Request[Any, Any, Any], api: Api) -> Response[RegisterResponse]:
         """Create a broker. The API key is in this response only (stored as its SHA-256)."""
-        body = decode_body(await request.body(), RegisterRequest)
+        body = await REGISTER_BODY.read(request)
         created = await brokers.register_broker(
             api.pool, body.name, body.webhook_url, allow_private_webhooks=api.settings.webhook_allow_private
         )

@@ -12,6 +12,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from exchange.api import services
 from exchange.api.auth import broker_auth, current_broker
+from exchange.api.bodies import JsonBody
 from exchange.api.dependencies import Cursor, PageLimit, request_api
 from exchange.api.errors import BODY_ERRORS, BROKER_ERRORS, error_responses
 from exchange.api.schemas import (
@@ -20,7 +21,6 @@ from exchange.api.schemas import (
     OrderOut,
     OrderPageOut,
     PlaceOrderRequest,
-    decode_body,
     order_out,
     order_page_out,
 )
@@ -39,6 +39,8 @@ SymbolQuery = Annotated[str, QueryParameter(min_length=1, max_length=10)]
 OptionalSymbolQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=10)]
 
 _accepted = LabelCache(ORDERS_ACCEPTED)
+PLACE_ORDER_BODY = JsonBody(PlaceOrderRequest)
+AMEND_ORDER_BODY = JsonBody(AmendOrderRequest)
 
 
 def parse_order_id(raw: str) -> uuid.UUID:
@@ -73,6 +75,7 @@ class OrdersController(Controller):
         status_code=201,
         description=PLACE_ORDER_DESCRIPTION,
         responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "idempotency_key_reused"),
+        operation_class=PLACE_ORDER_BODY.operation_class,
     )
     async def place_order(self, request: Request[Any, Any, Any], idempotency_key: IdempotencyKey) -> Response[OrderOut]:
         """Place an order. 201 with its state after matching (``pending`` if the matcher did not answer within
@@ -80,7 +83,7 @@ class OrdersController(Controller):
         the original order and the header ``Idempotent-Replayed: true``; nothing new is written. ``valid_until``:
         see :data:`PLACE_ORDER_DESCRIPTION` (the operation's description in the OpenAPI schema)."""
         api, broker = request_api(request), current_broker(request)
-        body = decode_body(await request.body(), PlaceOrderRequest)
+        body = await PLACE_ORDER_BODY.read(request)
 
         def build(now: datetime | None) -> NewOrder:
             return accept.new_order(
@@ -138,6 +141,7 @@ class OrdersController(Controller):
     @patch(
         "/{order_id:str}",
         responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "order_not_found", "order_closed", "amend_rejected"),
+        operation_class=AMEND_ORDER_BODY.operation_class,
     )
     async def amend_order(self, request: Request[Any, Any, Any], order_id: FromPath[str]) -> OrderOut:
         """Amend quantity (the new total, filled shares included) and/or price; 200 with the order after the
@@ -145,7 +149,7 @@ class OrdersController(Controller):
         ``amend_rejected`` or ``order_closed`` if the matcher refused it (the order unchanged)."""
         api, broker = request_api(request), current_broker(request)
         oid = parse_order_id(order_id)
-        body = decode_body(await request.body(), AmendOrderRequest)
+        body = await AMEND_ORDER_BODY.read(request)
         return order_out(await services.amend(api, broker.id, oid, body.quantity, body.price))
 
     @post(

@@ -38,9 +38,10 @@ from litestar import Controller, Request, Response, get, post, put
 from litestar.params import FromPath, QueryParameter
 
 from exchange.api.auth import admin_guard, broker_auth, unauthorized_if_missing
+from exchange.api.bodies import JsonBody
 from exchange.api.dependencies import API, BROKER, Api, CurrentBroker, Cursor, PageLimit
 from exchange.api.errors import ADMIN_ERRORS, BODY_ERRORS, BROKER_ERRORS, error_responses
-from exchange.api.schemas import Url, decode_body, to_wire
+from exchange.api.schemas import Url, to_wire
 from exchange.db.engines import single_statement
 from exchange.orders.brokers import check_webhook_destination, new_webhook_secret
 from exchange.webhooks import queries
@@ -63,6 +64,9 @@ _REDELIVERIES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redeliver"
 
 class EndpointRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: Url | None  # refuses NUL (PostgreSQL text cannot hold it) as a 422, not a 500 DataError
+
+
+ENDPOINT_BODY = JsonBody(EndpointRequest)
 
 
 class EndpointOut(msgspec.Struct, kw_only=True):
@@ -161,11 +165,15 @@ class WebhooksController(Controller):
             view = unauthorized_if_missing(await queries.endpoint(conn, broker.id))
         return _endpoint_out(view)
 
-    @put("/webhooks/endpoint", responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "invalid_webhook_url"))
+    @put(
+        "/webhooks/endpoint",
+        responses=error_responses(*BROKER_ERRORS, *BODY_ERRORS, "invalid_webhook_url"),
+        operation_class=ENDPOINT_BODY.operation_class,
+    )
     async def put_endpoint(self, request: Request[Any, Any, Any], api: Api, broker: CurrentBroker) -> EndpointOut:
         """Set (or, with ``null``, clear) the webhook URL; re-enables the endpoint. Events skipped while it was
         disabled are not re-sent: fetch them from ``GET /events`` or redeliver them one by one."""
-        body = decode_body(await request.body(), EndpointRequest)
+        body = await ENDPOINT_BODY.read(request)
         if body.url is not None:
             await check_webhook_destination(body.url, allow_private=api.settings.webhook_allow_private)
         async with single_statement(api.pool) as conn:
