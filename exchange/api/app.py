@@ -1,7 +1,8 @@
 """The Litestar application: ``create_app()`` is what gunicorn loads (``exchange.api.app:create_app()``).
 
 Endpoints (auth; success status; error codes beyond 401/422/503 ``database_unavailable`` — every code is in
-:data:`exchange.api.errors.ERRORS`, and each operation's are in the OpenAPI schema):
+:data:`exchange.api.errors.ERRORS`, and each operation's are in the OpenAPI schema, as are the JSON bodies the
+handlers decode themselves: :mod:`exchange.api.bodies`):
 
 * ``POST /register`` (admin) 201 · ``GET /debug/trade-count`` (admin) 200 · ``POST /debug/reset`` (admin, only with
   ``EXCHANGE_DEBUG_ENDPOINTS=true``, else 404) 200 · admin endpoints are 503 ``admin_disabled`` without an admin key.
