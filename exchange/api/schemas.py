@@ -29,8 +29,9 @@ Price = Annotated[int, msgspec.Meta(gt=0, le=MAX_PRICE_CENTS)]
 Quantity = Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_RE.pattern)]
-# PostgreSQL text cannot hold NUL (0x00): refuse it at the edge as a 422 instead of failing in the database.
-_NO_NUL = r"\A[^\x00]*\Z"
+# PostgreSQL text cannot hold NUL (0x00): refuse it at the edge as a 422 instead of failing in the database. Written
+# so that Python (msgspec) and ECMA-262 (the OpenAPI schema's "pattern") read it alike: no \A or \Z.
+_NO_NUL = r"^[^\x00]*$"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_NO_NUL)]
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=_NO_NUL)]
 DocumentNumber = Annotated[str, msgspec.Meta(min_length=1, max_length=20, pattern=_NO_NUL)]

@@ -47,7 +47,9 @@ from exchange.orders.errors import (
 )
 from exchange.orders.models import CommandResult, NewOrder, PlaceResult
 
-SYMBOL_RE = re.compile(r"\A[A-Za-z0-9.]{1,10}\Z")  # \Z, not $: "$" also matches before a final newline
+# Also the OpenAPI schema's "pattern", an ECMA-262 regex, which has no \A or \Z: "^...$(?!\n)" means the same in
+# both ($ alone also matches before a final newline in Python; in ECMA-262 the lookahead is always true at the end).
+SYMBOL_RE = re.compile(r"^[A-Za-z0-9.]{1,10}$(?!\n)")
 
 
 def normalize_symbol(symbol: str) -> str:

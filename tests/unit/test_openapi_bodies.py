@@ -21,6 +21,8 @@ from exchange.api.app import create_app
 from exchange.api.bodies import JsonBody, publish_request_bodies
 from exchange.api.errors import error_responses
 from exchange.config import Settings
+from exchange.orders.accept import normalize_symbol
+from exchange.orders.errors import InvalidOrderError
 
 REF_TEMPLATE = "#/components/schemas/{name}"
 JSON_SCHEMA_2020_12 = "https://json-schema.org/draft/2020-12/schema"
@@ -131,3 +133,25 @@ def test_a_body_named_like_a_component_of_the_schema_is_refused_at_startup() -> 
     assert "ErrorOut" in openapi.components.schemas  # exchange.api.errors.ErrorOut, of the error responses
     with pytest.raises(RuntimeError, match="clash"):
         publish_request_bodies(openapi)
+
+
+def test_every_schema_of_the_document_compiles_with_json_schema_regexes(served: dict[str, Any]) -> None:
+    # JSON Schema's "pattern" is an ECMA-262 regex: Python-only syntax (\A, \Z) is refused (or, in a browser without
+    # the u flag, matches the letters A and Z), so a generated client would refuse the bodies the api accepts.
+    names = sorted(served["components"]["schemas"])
+    document = {
+        "$schema": JSON_SCHEMA_2020_12,
+        "components": served["components"],
+        "anyOf": [{"$ref": REF_TEMPLATE.format(name=name)} for name in names],
+    }
+    try:
+        jsonschema_rs.validator_for(document)
+    except jsonschema_rs.ValidationError as exc:
+        pytest.fail(str(exc))
+
+
+def test_the_portable_symbol_pattern_still_refuses_a_final_newline_in_python() -> None:
+    # "$" alone would let "ABC\n" through in Python; the published pattern's lookahead keeps the old \Z meaning.
+    assert normalize_symbol("brk.b") == "BRK.B"
+    with pytest.raises(InvalidOrderError):
+        normalize_symbol("ABC\n")
