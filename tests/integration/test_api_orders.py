@@ -509,16 +509,25 @@ def _amend_applied_by(matcher: _StepMatcher, client: TestClient[Any], broker: An
     return answer()
 
 
-def test_an_amend_the_matcher_refuses_is_409_amend_rejected_and_leaves_the_order_unchanged(
+def _ask_of_10_with_4_filled(
     client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
-) -> None:
+) -> tuple[TestClient[Any], _StepMatcher, Any, uuid.UUID]:
+    """A seller's ask of 10 of which a bid filled 4, matched: (client, the symbol's matcher, seller, the ask's id)."""
     client = client_factory(order_wait_ms="10000")
     symbol = new_symbol()
     matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
     seller, buyer = register(client), register(client)
     resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
     place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 4, 100)
-    matcher.step(limit=2)  # 4 of the ask's 10 filled
+    matcher.step(limit=2)
+    return client, matcher, seller, resting
+
+
+def test_an_amend_the_matcher_refuses_is_409_amend_rejected_and_leaves_the_order_unchanged(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
+) -> None:
+    filled = _ask_of_10_with_4_filled(client_factory, api_engine, api_redis_url, api_namespace)
+    client, matcher, seller, resting = filled
 
     # The new total (filled shares included) must be above the 4 filled: 3 is refused, not answered as applied.
     response = _amend_applied_by(matcher, client, seller, resting, 3)
@@ -556,13 +565,8 @@ def test_an_amend_of_an_order_that_filled_before_the_amend_reached_it_is_409_ord
 def test_an_amend_the_matcher_applies_is_200_with_the_amended_order_and_no_rejection_kept(
     client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
 ) -> None:
-    client = client_factory(order_wait_ms="10000")
-    symbol = new_symbol()
-    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
-    seller, buyer = register(client), register(client)
-    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
-    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 4, 100)
-    matcher.step(limit=2)
+    filled = _ask_of_10_with_4_filled(client_factory, api_engine, api_redis_url, api_namespace)
+    client, matcher, seller, resting = filled
 
     response = _amend_applied_by(matcher, client, seller, resting, 5)  # 5 of which 4 filled: 1 left
 

@@ -1006,6 +1006,16 @@ def test_the_sweepers_pending_expire_check_reads_only_pending_expires_however_lo
     assert "Seq Scan on commands" not in plan, plan
 
 
+# 50 outbox events of every broker, as CTE ``e`` (id, broker_id, sequence) for an INSERT of their attempts to follow.
+_FIFTY_EVENTS_PER_BROKER = """
+    WITH e AS (
+        INSERT INTO webhook_events (broker_id, sequence, type, payload)
+        SELECT b.id, g, 'order.fill', '{}' FROM generate_series(1, 50) AS g, brokers b
+        RETURNING id, broker_id, sequence
+    )
+    """
+
+
 def test_the_ops_pages_recent_errors_read_the_latest_failed_attempts_through_their_index(engine: Engine) -> None:
     from exchange.ops.data import _RECENT_ERRORS
 
@@ -1013,12 +1023,8 @@ def test_the_ops_pages_recent_errors_read_the_latest_failed_attempts_through_the
         _insert_brokers(conn, webhook_url="https://h.example/x")
         conn.execute(
             text(
-                """
-                WITH e AS (
-                    INSERT INTO webhook_events (broker_id, sequence, type, payload)
-                    SELECT b.id, g, 'order.fill', '{}' FROM generate_series(1, 50) AS g, brokers b
-                    RETURNING id, broker_id, sequence
-                )
+                _FIFTY_EVENTS_PER_BROKER
+                + """
                 INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, status_code, error)
                 SELECT id, broker_id, now() - make_interval(secs => sequence), 'https://h.example/x',
                        CASE WHEN sequence % 100 = 7 THEN 500 ELSE 200 END,
@@ -1046,12 +1052,8 @@ def test_the_sweepers_retention_reads_the_oldest_attempts_through_their_index_an
         _insert_brokers(conn, webhook_url="https://h.example/x")
         conn.execute(
             text(
-                """
-                WITH e AS (
-                    INSERT INTO webhook_events (broker_id, sequence, type, payload)
-                    SELECT b.id, g, 'order.fill', '{}' FROM generate_series(1, 50) AS g, brokers b
-                    RETURNING id, broker_id, sequence
-                )
+                _FIFTY_EVENTS_PER_BROKER
+                + """
                 INSERT INTO webhook_attempts (event_id, broker_id, attempted_at, url, status_code)
                 SELECT id, broker_id, now() - make_interval(hours => (sequence * 4 + r)::int), 'https://h.example/x',
                        200

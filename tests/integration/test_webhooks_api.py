@@ -673,29 +673,29 @@ def test_admin_does_not_list_an_endpoint_whose_first_attempt_is_in_flight_but_li
     assert listed[retried.id]["retrying_events"] == 1
 
 
+def _failing_endpoint_listed(client: TestClient[Any], api_engine: Engine, url: str) -> tuple[str, str]:
+    """Register a broker with ``url``, make its endpoint failing: (the URL the admin's list shows, the list's text)."""
+    broker, _ = register(client, url)
+    with api_engine.begin() as conn:
+        conn.execute(text("UPDATE brokers SET webhook_consecutive_failures = 2 WHERE id = :id"), {"id": broker.id})
+    response = client.get("/admin/webhooks/failing", headers=ADMIN)
+    (mine,) = [e for e in response.json() if e["broker_id"] == broker.id]
+    return mine["url"], response.text
+
+
 def test_admin_lists_failing_endpoints_without_the_password_in_their_url(
     client: TestClient[Any], api_engine: Engine
 ) -> None:
-    broker, _ = register(client, "http://hook-user:s3cret-pw@127.0.0.1:9/hook")
-    with api_engine.begin() as conn:
-        conn.execute(text("UPDATE brokers SET webhook_consecutive_failures = 2 WHERE id = :id"), {"id": broker.id})
+    shown, listed = _failing_endpoint_listed(client, api_engine, "http://hook-user:s3cret-pw@127.0.0.1:9/hook")
 
-    response = client.get("/admin/webhooks/failing", headers=ADMIN)
-
-    (mine,) = [e for e in response.json() if e["broker_id"] == broker.id]
-    assert mine["url"] == "http://hook-user:***@127.0.0.1:9/hook"
-    assert "s3cret-pw" not in response.text
+    assert shown == "http://hook-user:***@127.0.0.1:9/hook"
+    assert "s3cret-pw" not in listed
 
 
 def test_admin_lists_failing_endpoints_without_a_lone_user_name_in_their_url_which_is_a_token(
     client: TestClient[Any], api_engine: Engine
 ) -> None:
-    broker, _ = register(client, "http://t0ken-xyz@127.0.0.1:9/hook")  # sent as basic auth: a secret
-    with api_engine.begin() as conn:
-        conn.execute(text("UPDATE brokers SET webhook_consecutive_failures = 2 WHERE id = :id"), {"id": broker.id})
+    shown, listed = _failing_endpoint_listed(client, api_engine, "http://t0ken-xyz@127.0.0.1:9/hook")  # basic auth
 
-    response = client.get("/admin/webhooks/failing", headers=ADMIN)
-
-    (mine,) = [e for e in response.json() if e["broker_id"] == broker.id]
-    assert mine["url"] == "http://***@127.0.0.1:9/hook"
-    assert "t0ken-xyz" not in response.text
+    assert shown == "http://***@127.0.0.1:9/hook"
+    assert "t0ken-xyz" not in listed
