@@ -25,7 +25,8 @@ Invariants:
   as part of this exchange (they cannot replace its status or reach the next request);
 * a request on a reused idle connection that fails before any byte of an answer arrived is sent again on another
   connection (the receiver had closed the idle one); the receiver may then get the body twice, which
-  at-least-once delivery allows.
+  at-least-once delivery allows. The read timeout bounds a request's exchanges together: sending again gets only
+  what the failed ones left of it.
 """
 
 from __future__ import annotations
@@ -213,14 +214,22 @@ class HttpClient:
         TLS), :class:`RemoteProtocolError` (a malformed or cut-off answer) or :class:`InvalidRequestError` (nothing
         sent)."""
         request = _request(endpoint.target, headers, body)
+        # The read timeout bounds all of this request's exchanges together, not each: a reused connection that
+        # failed late (the receiver held the request, then closed without answering) leaves the next one only what
+        # remains, so an attempt never outlasts lookup + connect + read timeout (Settings.longest_webhook_attempt_ms,
+        # which the lease must exceed) however many idle connections it tries.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
         while (idle := self._take_idle(endpoint.key)) is not None:
             try:
-                return await self._exchange(idle, endpoint, request)
+                return await self._exchange(idle, endpoint, request, deadline)
             except _StaleConnectionError:
                 continue
+        started = loop.time()
         connection = await self._connect(endpoint)
+        deadline += loop.time() - started  # the connect has its own timeout
         try:
-            return await self._exchange(connection, endpoint, request)
+            return await self._exchange(connection, endpoint, request, deadline)
         except _StaleConnectionError as exc:  # a new connection is never stale: report what happened to it
             raise exc.__cause__ or ConnectionResetError("connection closed before an answer") from None
 
@@ -254,13 +263,13 @@ class HttpClient:
             ) from None
         return _Connection(reader, writer)
 
-    async def _exchange(self, connection: _Connection, endpoint: Endpoint, request: bytes) -> Reply:
+    async def _exchange(self, connection: _Connection, endpoint: Endpoint, request: bytes, deadline: float) -> Reply:
         answer = connection.answer
         answer.reset()
         answered = False
         fed = 0
         try:
-            async with asyncio.timeout(self.read_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 connection.writer.write(request)
                 await connection.writer.drain()
                 while not answer.complete and answer.read < MAX_READ_BYTES and fed - answer.read < MAX_HEAD_BYTES:

@@ -291,6 +291,38 @@ def test_a_switch_of_protocols_is_a_protocol_error() -> None:
     run(server, scenario)
 
 
+def test_a_request_sent_again_after_a_reused_connection_failed_late_gets_only_the_rest_of_the_read_timeout() -> None:
+    # The receiver holds the request on the reused connection, then closes it without a byte of answer (sent again
+    # elsewhere), and holds the request on the new one too: each exchange alone stays under the read timeout, but
+    # the attempt must not outlast it (the lease only exceeds lookup + connect + one read timeout).
+    requests = 0
+
+    async def late(writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        if requests == 1:
+            await ok(writer)
+            return
+        await asyncio.sleep(0.7)
+        if requests == 2:
+            raise ConnectionResetError  # Server.handle closes the connection, no answer written
+        await ok(writer)
+
+    server = Server(late)
+
+    async def scenario(client: HttpClient) -> object:
+        await client.post(endpoint(server.port), headers(), BODY)
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            await client.post(endpoint(server.port), headers(), BODY)
+        return time.monotonic() - started
+
+    elapsed = run(server, scenario, read_timeout_s=1.0)
+
+    assert server.connections == 2
+    assert 1.0 <= elapsed < 1.3  # type: ignore[operator]
+
+
 def test_a_reused_connection_closed_after_part_of_an_answer_is_an_error_not_sent_again() -> None:
     answers = iter([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\ncontent-le"])
 
