@@ -99,12 +99,12 @@ def _boolean(variable: str, raw: str) -> bool:
 def redact(url: str, *, lone_user_is_secret: bool = False) -> str:
     """The URL without its password, for messages and logs. With ``lone_user_is_secret`` (a webhook URL, whose
     credentials are sent as basic auth: ``https://TOKEN@host`` carries a token as its user name), a user name with
-    no password is hidden too."""
+    no password (or an empty one: ``https://TOKEN:@host`` sends the same credentials) is hidden too."""
     parts = urlsplit(url)
-    if parts.password is None:
-        if not (lone_user_is_secret and parts.username is not None):
-            return url
+    if lone_user_is_secret and parts.username is not None and not parts.password:
         return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    if parts.password is None:
+        return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
 

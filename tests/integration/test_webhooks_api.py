@@ -699,3 +699,13 @@ def test_admin_lists_failing_endpoints_without_a_lone_user_name_in_their_url_whi
 
     assert shown == "http://***@127.0.0.1:9/hook"
     assert "t0ken-xyz" not in listed
+
+
+def test_admin_lists_failing_endpoints_without_a_user_name_whose_password_is_empty_which_is_a_token_too(
+    client: TestClient[Any], api_engine: Engine
+) -> None:
+    # "TOKEN:@host" sends the same basic-auth credentials as "TOKEN@host": the user name is the secret.
+    shown, listed = _failing_endpoint_listed(client, api_engine, "http://t0ken-xyz:@127.0.0.1:9/hook")
+
+    assert shown == "http://***@127.0.0.1:9/hook"
+    assert "t0ken-xyz" not in listed
