@@ -86,6 +86,7 @@ async def _commit_and_wait(
     order_id: UUID,
     commit: Callable[[], Awaitable[bool]],
     settled: Callable[[], Awaitable[OrderView | None]],
+    waited_out: Callable[[], Awaitable[OrderView]] | None = None,
 ) -> OrderView:
     """Register for ``order_id``'s results, run ``commit`` (writes a cancel/amend command and wakes its symbol;
     False if it wrote none), then answer with ``settled()``: the order once the command took effect (None until
@@ -93,7 +94,7 @@ async def _commit_and_wait(
     from another command (a crossing order that filled this one) before this command was applied, so each is checked
     and the next one awaited, with a new registration made before the check (a result published after it is not
     missed). Without a command written it is checked at once, and awaited as well if not yet settled (another
-    request's cancel is pending)."""
+    request's cancel is pending). When the wait ends, the answer is ``waited_out()`` (default: the order as it is)."""
     future = state.waiter.register(order_id)
     try:
         written = await commit()
@@ -104,7 +105,7 @@ async def _commit_and_wait(
         while True:
             left = deadline - loop.time()
             if left <= 0 or not await state.waiter.wait(order_id, future, left):
-                return await read_order(state, broker_id, order_id)
+                return await (waited_out() if waited_out else read_order(state, broker_id, order_id))
             future = state.waiter.register(order_id)
             if (view := await settled()) is not None:
                 return view
@@ -218,4 +219,9 @@ async def amend(state: ApiState, broker_id: UUID, order_id: UUID, quantity: int 
                 raise accept.refused_amend(order_id, outcome.rejected_reason)
         return await read_order(state, broker_id, order_id)
 
-    return await _commit_and_wait(state, broker_id, order_id, commit, processed)
+    async def waited_out() -> OrderView:
+        # The matcher may have refused the amend without its result reaching this request (published after the
+        # wait, or lost): the command says so, and a refusal is answered as one, not as the order left unchanged.
+        return await processed() or await read_order(state, broker_id, order_id)
+
+    return await _commit_and_wait(state, broker_id, order_id, commit, processed, waited_out)

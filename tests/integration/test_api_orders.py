@@ -576,6 +576,27 @@ def test_an_amend_the_matcher_applies_is_200_with_the_amended_order_and_no_rejec
     assert count(api_engine, applied, id=str(resting)) == 1
 
 
+def test_an_amend_refused_when_its_result_never_reached_the_api_is_still_409_when_the_wait_ends(
+    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
+) -> None:
+    # The matcher refuses the amend but its result is lost (not published): the wait ends, and the answer must say
+    # what became of the command, not show the unchanged order as if the amend were applied or pending.
+    client = client_factory(order_wait_ms="1500")
+    symbol = new_symbol()
+    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
+    seller, buyer = register(client), register(client)
+    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
+    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 4, 100)
+    matcher.step(limit=2)
+    answer = _in_thread(lambda: client.patch(f"/orders/{resting}", json={"quantity": 3}, headers=seller.headers))
+    wait_until(lambda: matcher.pending("amend") == 1)
+
+    process_symbol(api_engine, matcher.cache, symbol, batch_limit=1)  # refused; nothing published
+
+    response = answer()
+    assert (response.status_code, response.json()["code"]) == (409, "amend_rejected"), response.text
+
+
 def test_two_cancels_of_one_order_both_answer_with_the_cancelled_order(
     client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
 ) -> None:
