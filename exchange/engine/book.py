@@ -311,12 +311,16 @@ class OrderBook:
     def more_due_than(self, count: int, now: Micros) -> bool:
         """Whether more than ``count`` resting orders are expired at ``now`` (``valid_until <= now``). Visits only
         the due entries of the expiry heap (a subtree whose root is not due holds none), and stops at ``count + 1``
-        live ones: about ``count`` steps however big the backlog."""
+        live ones: about ``count`` steps however big the backlog. Stale due entries (orders cancelled or filled
+        before their deadline: only an add compacts the heap) are dropped from the heap once met in numbers, so a
+        second call does not walk them again (the matcher asks before every batch of the book)."""
         heap = self._expiry
+        orders = self._orders
+        while heap and heap[0][0] <= now and orders.get(heap[0][4].order_id.int) is not heap[0][4]:
+            heapq.heappop(heap)  # stale, at the top: gone for good
         if not heap or heap[0][0] > now:
             return False
-        orders = self._orders
-        found = 0
+        found = stale = 0
         stack = [0]
         size = len(heap)
         while stack:
@@ -329,10 +333,28 @@ class OrderBook:
                 found += 1
                 if found > count:
                     return True
+            else:
+                stale += 1
+                if stale > count + 64:
+                    return self._more_due_dropping_stale(count, now)
             for child in (2 * i + 1, 2 * i + 2):
                 if child < size:
                     stack.append(child)
         return False
+
+    def _more_due_dropping_stale(self, count: int, now: Micros) -> bool:
+        """:meth:`more_due_than` by popping the due entries in deadline order: the stale ones are dropped, the first
+        ``count + 1`` live ones pushed back. Each stale entry is popped once, so its cost is its removal's."""
+        heap = self._expiry
+        orders = self._orders
+        live: list[tuple[int, int, int, int, RestingOrder]] = []
+        while heap and heap[0][0] <= now and len(live) <= count:
+            entry = heapq.heappop(heap)
+            if orders.get(entry[4].order_id.int) is entry[4]:
+                live.append(entry)
+        for entry in live:
+            heapq.heappush(heap, entry)
+        return len(live) > count
 
     def depth(self, levels: int) -> tuple[list[DepthLevel], list[DepthLevel]]:
         """Up to ``levels`` aggregated levels per side: bids by price descending, asks ascending."""
