@@ -98,15 +98,18 @@ def _publish(results: list[BatchResult], release: int | None) -> list[str] | Non
 
 
 def _report(results: list[BatchResult], seconds: float) -> None:
-    """The transaction's metrics and its ``matched`` line."""
-    applied = [result for result in results if result.commands]
+    """The transaction's metrics and its ``matched`` line. A book that closed a share of its expiry backlog applied
+    no command but changed orders (``order_ids``): its transaction is logged and timed like any other (it is the one
+    nearest the idle limit), and counted in the batch sizes only by its commands."""
+    applied = [result for result in results if result.commands or result.order_ids]
     for result in results:
         if result.rebuilt:
             metrics.BOOK_REBUILDS.inc()
         if result.commands:
             metrics.MATCH_TRADES.inc(result.trades)
     if applied:  # per transaction: its commands, its books, its duration
-        metrics.MATCH_BATCH_SIZE.observe(sum(result.commands for result in applied))
+        if commands := sum(result.commands for result in applied):
+            metrics.MATCH_BATCH_SIZE.observe(commands)
         metrics.MATCH_SYMBOLS.observe(len(applied))
         metrics.MATCH_BATCH_LATENCY.observe(seconds)
         # One line per transaction, not per book: at closed loop 64 a transaction holds ~3 books, and each line

@@ -13,7 +13,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
-from exchange.matching.service import FAILURE_BACKOFF_S, MAX_SYMBOLS_PER_BATCH
+from exchange.matching.service import FAILURE_BACKOFF_S, MAX_EXPIRIES_PER_TRANSACTION, MAX_SYMBOLS_PER_BATCH
 from exchange.messaging.broker import DoorbellRedisBroker
 from exchange.messaging.names import read_namespace
 from exchange.messaging.partitions import matching_queue, partition_of
@@ -21,6 +21,7 @@ from exchange.messaging.wakeups import busy_key, partition_message, send_wakeups
 from exchange.observability.propagation import REQUEST_ID_OPTION
 from tests.integration.redis_support import claimed_database
 from tests.integration.sql_orders import add_broker, close_order, place, rest_crossed_pair
+from tests.integration.test_expiry_backlog import add_due_asks
 from tests.integration.worker_processes import running_matcher
 
 PARTITIONS = 4
@@ -126,6 +127,30 @@ def test_a_transaction_of_several_books_logs_one_matched_line_naming_each_book(
     assert "matched books=3 commands=6 trades=3 " in lines[0], lines[0]
     named = lines[0].split(" symbols=", 1)[1].split()[0]
     assert sorted(named.split(",")) == sorted(grouped), lines[0]
+    broker.close()
+
+
+def test_a_transaction_that_closes_a_share_of_an_expiry_backlog_logs_its_matched_line(
+    engine: Engine, redis_url: str, namespace: str, matcher: Path
+) -> None:
+    # It applies no command, yet it is the transaction nearest the idle limit: its line (and latency) must show.
+    buyer, seller = add_broker(engine, "buyer"), add_broker(engine, "seller")
+    [symbol] = same_partition(3, 1)
+    add_due_asks(engine, seller, symbol, MAX_EXPIRIES_PER_TRANSACTION + 1)
+    place(engine, buyer, symbol, "bid", 1, 1)  # pending behind the backlog
+    broker = DoorbellRedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
+    broker.declare_queue(matching_queue(3))
+    broker.enqueue(partition_message(3, [symbol]))
+    wait_processed(engine, [symbol], matcher)
+
+    deadline = time.monotonic() + 5  # the lines follow the commits, through dramatiq's log relay
+    while time.monotonic() < deadline and matcher.read_text().count("matched books=") < 2:
+        time.sleep(0.05)
+    lines = [line for line in matcher.read_text().splitlines() if "matched books=" in line]
+    assert len(lines) == 2, lines
+    expired = f"matched books=1 commands=0 trades=0 events={MAX_EXPIRIES_PER_TRANSACTION} rebuilt=1 symbols={symbol}"
+    assert expired in lines[0], lines[0]
+    assert "matched books=1 commands=1 trades=0 events=0 rebuilt=0" in lines[1], lines[1]
     broker.close()
 
 
