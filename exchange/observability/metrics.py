@@ -112,12 +112,12 @@ MATCH_BATCH_SIZE = Histogram(
 )
 MATCH_BATCH_LATENCY = Histogram(
     "exchange_match_batch_duration_seconds",
-    "Duration of one matcher transaction that applied at least one command (lock to commit).",
+    "Duration of one matcher transaction that applied a command or closed expired orders (lock to commit).",
     buckets=_LATENCY_BUCKETS,
 )
 MATCH_SYMBOLS = Histogram(
     "exchange_match_symbols_per_transaction",
-    "Books with commands applied per matcher transaction.",
+    "Books changed per matcher transaction (commands applied, or a share of an expiry backlog closed).",
     buckets=(1, 2, 4, 8, 16, 32),
 )
 MATCH_TRADES = Counter("exchange_match_trades_total", "Trades written by the matcher.")
