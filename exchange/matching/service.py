@@ -153,8 +153,9 @@ class BatchResult:
     event_ids: list[UUID]
     """Outbox events written, to hand to the webhook queue."""
     more: bool
-    """The batch was full, or its symbol must be taken again at once (see :func:`_isolate_poison`): more commands
-    may be waiting."""
+    """The batch was full, some of its commands were left for the next transaction (a backlog's expiry took their
+    place, or they did not fit :data:`MAX_EVENTS_PER_TRANSACTION`), or its symbol must be taken again at once (see
+    :func:`_isolate_poison`): more commands may be waiting."""
     rebuilt: bool
     placed: list[PlacedState] = field(default_factory=list)
     """The committed state of each order placed by this batch, published with ``order_ids``."""
