@@ -88,8 +88,9 @@ MAX_EVENTS_PER_TRANSACTION = 6000
 """Engine events the commands of one transaction may make, all its books together: a command is applied only while
 the events made so far plus :data:`~exchange.engine.types.MAX_COMMAND_EVENTS` (the most one command makes, 2,002,
 by the engine's match cap :data:`~exchange.engine.types.MAX_TAKER_MATCHES`) fit in it; the other commands stay
-pending for the next transaction (the book's result says ``more``), and a book of a group that got none of its
-commands in is processed alone right after (:attr:`BatchResult.deferred`), where its first command always fits.
+pending for the next transaction (the book's result says ``more``), and the books of a group that got none of their
+commands in are the drain's next transaction, before any other book (:attr:`BatchResult.deferred`): its first book's
+first command always fits.
 
 Why: each event costs the matcher CPU between its two round trips (applying it, planning its rows and encoding
 them for ``matcher_write``: some 40-50 us an event, 80-100 us a fill with its maker's close, measured on the
@@ -164,7 +165,8 @@ class BatchResult:
     (``time.monotonic()``), the time to wake the symbol again. None otherwise (a backoff of 0 is ``more``)."""
     deferred: bool = False
     """None of the symbol's commands fitted in its group's transaction (:data:`MAX_EVENTS_PER_TRANSACTION`): it is
-    to be processed alone (:func:`process_symbols` does it at once). Never set for a symbol processed alone."""
+    to be processed next, before any other symbol (:func:`drain` does so, once this transaction's results are handed
+    on). Never set for a symbol processed alone, nor for the first of a transaction's books."""
 
 
 def process_symbol(
@@ -290,7 +292,7 @@ def process_symbols(
 
     Each symbol's batch holds up to ``ceil(batch_limit / n)`` of its commands, so the whole transaction stays near
     ``batch_limit`` commands; a symbol with more reports ``more``, and so does one whose commands did not all fit
-    :data:`MAX_EVENTS_PER_TRANSACTION` (one that got none in is processed alone right after). A suspect symbol (see
+    :data:`MAX_EVENTS_PER_TRANSACTION` (one that got none in also reports ``deferred``). A suspect symbol (see
     :class:`BookCache`) is left out of the group and processed alone, one command at a time; a failing one is left alone
     until its backoff is over (a batch of nothing), then processed alone. If the group's transaction fails in any way (a
     deterministic data error, a malformed command, a deadlock, anything unexpected) nothing of it was committed (or, if
@@ -326,9 +328,7 @@ def process_symbols(
             for symbol in group:
                 results[symbol] = _alone(engine, cache, symbol, batch_limit)
     for symbol in wanted:
-        if symbol not in results or results[symbol].deferred:
-            # A suspect, a failing symbol whose backoff is over, or one whose commands did not fit in the group's
-            # transaction: alone, its first command always fits (so no book waits on the others' deep sweeps).
+        if symbol not in results:  # a suspect, or a failing symbol whose backoff is over
             results[symbol] = _alone(engine, cache, symbol, batch_limit)
     return [results[symbol] for symbol in wanted]
 
@@ -427,13 +427,23 @@ def drain(
 ) -> Iterator[Round]:
     """Process ``symbols`` until none has a full batch left: :func:`process_symbols` over groups of up to
     ``max_symbols``, then again over the symbols whose batch was full, after the rest. Yields each group's results
-    once they are committed (for the caller to publish before the next group runs)."""
+    once they are committed (for the caller to publish before the next group runs).
+
+    The books a group's transaction had no room for (:attr:`BatchResult.deferred`) are the next group, before any
+    other: its first book always gets a command in, so each of them waits at most for the deferred books before it,
+    never for the others' sweeps; and the group they were left out of is handed on first, not held back by their
+    transactions (deep sweeps, perhaps, one after another)."""
     queue = list(dict.fromkeys(symbols))
-    while queue:
-        group, queue = queue[:max_symbols], queue[max_symbols:]
+    deferred: list[str] = []
+    while queue or deferred:
+        if deferred:
+            group, deferred = deferred, []
+        else:
+            group, queue = queue[:max_symbols], queue[max_symbols:]
         results = process_symbols(engine, cache, group, batch_limit=batch_limit)
-        queue.extend(result.symbol for result in results if result.more)
-        yield Round(results, last=not queue, left=list(queue))
+        deferred = [result.symbol for result in results if result.deferred]
+        queue.extend(result.symbol for result in results if result.more and not result.deferred)
+        yield Round(results, last=not queue and not deferred, left=deferred + queue)
 
 
 def _describe(exc: BaseException) -> str:

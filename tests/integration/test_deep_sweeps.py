@@ -105,23 +105,41 @@ def test_a_batch_of_deep_sweeps_is_spread_over_transactions_that_each_fit_the_id
     assert_conserved(engine)
 
 
-def test_a_book_of_a_group_whose_commands_do_not_fit_its_transaction_is_processed_alone_at_once(
+def test_a_book_of_a_group_whose_commands_do_not_fit_goes_first_in_the_next_transaction_after_the_group_is_handed_on(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Room for one command's worst case only: the first book's first command takes it, so the first book keeps its
-    # second command for later and the second book gets none in the group's transaction; it is processed alone at
-    # once (where its first command fits, and again room for one only), not left waiting.
+    # second command for later and the second book gets none in the group's transaction. The group's committed
+    # results are handed on (published) first: the deferred books' own transactions, deep sweeps perhaps, one each,
+    # must not hold them back. The deferred book is then first in the next transaction (where its first command
+    # always fits), so no book waits on the others' deep sweeps either.
     monkeypatch.setattr(service, "MAX_EVENTS_PER_TRANSACTION", MAX_COMMAND_EVENTS + 1)
     seller, buyer = add_broker(engine, "seller"), add_broker(engine, "buyer")
     for symbol in ("GRPA", "GRPB"):
         place(engine, seller, symbol, "ask", 1, 100)
         place(engine, buyer, symbol, "bid", 1, 100)
+    rounds = drain(engine, BookCache(), ["GRPA", "GRPB"])
 
-    results = process_symbols(engine, BookCache(), ["GRPA", "GRPB"])
+    first = next(rounds)
 
-    assert [(r.symbol, r.commands, r.more, r.deferred) for r in results] == [
+    assert [(r.symbol, r.commands, r.more, r.deferred) for r in first.results] == [
         ("GRPA", 1, True, False),
-        ("GRPB", 1, True, False),
+        ("GRPB", 0, True, True),
     ]
-    assert (open_orders(engine, "GRPA"), open_orders(engine, "GRPB")) == (1, 1)
+    assert (pending(engine, "GRPA"), pending(engine, "GRPB")) == (1, 2)  # GRPB waits only for the hand-on
+    assert first.left == ["GRPB", "GRPA"]
+    second = next(rounds)
+    assert [(r.symbol, r.commands) for r in second.results] == [("GRPB", 1)]
+    list(rounds)
+    assert (pending(engine, "GRPA"), pending(engine, "GRPB")) == (0, 0)
+    assert (open_orders(engine, "GRPA"), open_orders(engine, "GRPB")) == (0, 0)
     assert_conserved(engine)
+
+
+def pending(engine: Engine, symbol: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM commands WHERE symbol = :s AND processed_at IS NULL"), {"s": symbol}
+            ).scalar_one()
+        )
