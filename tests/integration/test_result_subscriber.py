@@ -4,8 +4,9 @@ the exchange runs with: TCP (a Redis server) and a unix socket (``exchange dev``
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,38 @@ def test_the_subscriber_probes_a_tcp_redis_and_asks_nothing_of_a_unix_socket() -
     assert tcp["socket_keepalive_options"] == SUBSCRIBER_KEEPALIVE
     unix = results_subscriber("unix:///tmp/redis.sock?db=0").connection_pool.connection_kwargs
     assert "socket_keepalive" not in unix
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_subscriber_reports_a_restarted_redis_and_hears_results_again_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    server = EmbeddedRedis(tmp_path)
+    url = server.start()
+    subscriber = results_subscriber(url)
+    waiter = ResultWaiter(subscriber, fixed("exchange-test-restart"))
+    await waiter.start()
+    try:
+        assert waiter.subscribed
+        server.stop()
+        await _until(lambda: not waiter.subscribed)  # readiness drops 'results' while Redis is gone
+        server.start()
+        await _until(lambda: waiter.subscribed)
+        order_id = uuid.uuid4()
+        future = waiter.register(order_id)
+        publisher = redis.Redis.from_url(url)
+        try:
+            publish_results(publisher, "exchange-test-restart", [order_id])
+        finally:
+            publisher.close()
+        assert await waiter.wait(order_id, future, timeout_s=5.0)
+    finally:
+        await waiter.stop()
+        await subscriber.aclose()
+        server.stop()
