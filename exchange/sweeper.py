@@ -22,11 +22,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from exchange.db.engines import BOUNDED_BEGIN_STATEMENTS
 from exchange.messaging.wakeups import send_wakeups
@@ -78,6 +80,15 @@ ATTEMPTS_RETENTION_LOCK = (3085, 1)
 for, so a sweeper finding it held leaves the batch to the one holding it."""
 
 
+@contextmanager
+def _bounded_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction bounded by :data:`~exchange.db.engines.IDLE_HOLDER_LIMIT_MS` (its ``SET LOCAL`` first): a
+    sweeper frozen inside it holds its locks for 2 s at most. Committed at the end of the block."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(BOUNDED_BEGIN_STATEMENTS[1])  # the bound: SET LOCAL, first in the transaction
+        yield conn
+
+
 def log_expiries(engine: Engine) -> list[str]:
     """Log an ``expire`` command for every symbol with due GTD orders and none pending; returns those symbols.
 
@@ -85,8 +96,7 @@ def log_expiries(engine: Engine) -> list[str]:
     sees what the one before it committed: without the turn, two sweepers' inserts, each not seeing the other's
     uncommitted row, logged two commands per symbol (harmless to orders, but counted twice and processed twice).
     A bounded transaction: a sweeper frozen inside it holds the turn for 2 s at most."""
-    with engine.begin() as conn:
-        conn.exec_driver_sql(BOUNDED_BEGIN_STATEMENTS[1])  # the bound: SET LOCAL, first in the transaction
+    with _bounded_transaction(engine) as conn:
         conn.execute(
             text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": EXPIRY_LOCK[0], "key": EXPIRY_LOCK[1]}
         )
@@ -177,8 +187,7 @@ class AttemptsRetention:
         turn, or the retention is 0). A bounded transaction (``SET LOCAL``, as :func:`log_expiries`)."""
         if self.hours == 0:
             return 0
-        with engine.begin() as conn:
-            conn.exec_driver_sql(BOUNDED_BEGIN_STATEMENTS[1])
+        with _bounded_transaction(engine) as conn:
             turn = {"space": ATTEMPTS_RETENTION_LOCK[0], "key": ATTEMPTS_RETENTION_LOCK[1]}
             if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:space, :key)"), turn).scalar_one():
                 return 0

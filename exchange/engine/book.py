@@ -309,48 +309,18 @@ class OrderBook:
         return None if o is None else _copy(o)
 
     def more_due_than(self, count: int, now: Micros) -> bool:
-        """Whether more than ``count`` resting orders are expired at ``now`` (``valid_until <= now``). Visits only
-        the due entries of the expiry heap (a subtree whose root is not due holds none), and stops at ``count + 1``
-        live ones: about ``count`` steps however big the backlog. Stale due entries (orders cancelled or filled
-        before their deadline: only an add compacts the heap) are dropped from the heap once met in numbers, so a
-        second call does not walk them again (the matcher asks before every batch of the book)."""
-        heap = self._expiry
-        orders = self._orders
-        while heap and heap[0][0] <= now and orders.get(heap[0][4].order_id.int) is not heap[0][4]:
-            heapq.heappop(heap)  # stale, at the top: gone for good
-        if not heap or heap[0][0] > now:
-            return False
-        found = stale = 0
-        stack = [0]
-        size = len(heap)
-        while stack:
-            i = stack.pop()
-            entry = heap[i]
-            if entry[0] > now:
-                continue
-            o = entry[4]
-            if orders.get(o.order_id.int) is o:  # not a stale entry (closed, or replaced by an amend)
-                found += 1
-                if found > count:
-                    return True
-            else:
-                stale += 1
-                if stale > count + 64:
-                    return self._more_due_dropping_stale(count, now)
-            for child in (2 * i + 1, 2 * i + 2):
-                if child < size:
-                    stack.append(child)
-        return False
-
-    def _more_due_dropping_stale(self, count: int, now: Micros) -> bool:
-        """:meth:`more_due_than` by popping the due entries in deadline order: the stale ones are dropped, the first
-        ``count + 1`` live ones pushed back. Each stale entry is popped once, so its cost is its removal's."""
+        """Whether more than ``count`` resting orders are expired at ``now`` (``valid_until <= now``). Pops the due
+        entries of the expiry heap in deadline order until ``count + 1`` live ones are found (or none is left) and
+        pushes those back: about ``count`` steps however big the backlog. The stale due entries it meets (orders
+        cancelled or filled before their deadline: only an add compacts the heap) are dropped for good, so a second
+        call does not meet them again (the matcher asks before every batch of the book). The live entries and their
+        keys are unchanged: a limited ``ExpireDue`` takes the same orders after it."""
         heap = self._expiry
         orders = self._orders
         live: list[tuple[int, int, int, int, RestingOrder]] = []
         while heap and heap[0][0] <= now and len(live) <= count:
             entry = heapq.heappop(heap)
-            if orders.get(entry[4].order_id.int) is entry[4]:
+            if orders.get(entry[4].order_id.int) is entry[4]:  # not stale (closed, or replaced by an amend)
                 live.append(entry)
         for entry in live:
             heapq.heappush(heap, entry)

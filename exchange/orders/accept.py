@@ -240,15 +240,8 @@ async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[Plac
                 # Only a uuid4 collision in a group with keys could get here (a group without any fails on the
                 # primary key instead: alembic 0025); a failure, never a silent duplicate.
                 raise RuntimeError(f"order {order.order_id} was not inserted and is not a duplicate")
-        originals: dict[int, Any] = {}  # by position in ``duplicates``, from 1
-        if duplicates:
-            # An earlier order of this group with the same key is committed (and visible) too.
-            params = {
-                "broker_ids": [o.broker_id for o in duplicates],
-                "client_order_ids": [o.client_order_id for o in duplicates],
-                "idempotency_keys": [o.idempotency_key for o in duplicates],
-            }
-            originals = {row.n: row for row in await (await conn.execute(_FIND_DUPLICATES, params)).fetchall()}
+        # An earlier order of this group with the same key is committed (and visible) too.
+        originals = await _originals(conn, duplicates) if duplicates else {}
     position = {order.order_id: n for n, order in enumerate(duplicates, 1)}
     outcomes: list[PlaceResult | IdempotencyKeyReusedError] = []
     for order in orders:
@@ -258,11 +251,27 @@ async def _place_group(pool: AsyncPool, orders: Sequence[NewOrder]) -> list[Plac
         original = originals.get(position[order.order_id])
         if original is None:
             raise RuntimeError("duplicate order conflict but the original order is not visible")
-        if not _same_request(original, order):
-            outcomes.append(_key_reused(order, original.client_order_id))
-        else:
-            outcomes.append(PlaceResult(original.id, created=False))
+        outcomes.append(_replayed(order, original))
     return outcomes
+
+
+async def _originals(conn: AsyncPgConnection, orders: Sequence[NewOrder]) -> dict[int, Any]:
+    """The committed orders whose ``client_order_id`` or ``Idempotency-Key`` each of ``orders`` repeats (the
+    earliest per key), by position in ``orders`` from 1; an order none repeats has no entry. One query."""
+    params = {
+        "broker_ids": [o.broker_id for o in orders],
+        "client_order_ids": [o.client_order_id for o in orders],
+        "idempotency_keys": [o.idempotency_key for o in orders],
+    }
+    return {row.n: row for row in await (await conn.execute(_FIND_DUPLICATES, params)).fetchall()}
+
+
+def _replayed(order: NewOrder, original: Any) -> PlaceResult | IdempotencyKeyReusedError:
+    """What a request repeating ``original``'s key is answered with: the original, or, when its fields differ,
+    :class:`IdempotencyKeyReusedError`."""
+    if not _same_request(original, order):
+        return _key_reused(order, original.client_order_id)
+    return PlaceResult(original.id, created=False)
 
 
 async def find_original(pool: AsyncPool, order: NewOrder) -> UUID | None:
@@ -275,19 +284,14 @@ async def find_original(pool: AsyncPool, order: NewOrder) -> UUID | None:
     (it may have traded: "valid_until must be in the future" would tell the client it never existed)."""
     if order.client_order_id is None and order.idempotency_key is None:
         return None
-    params = {
-        "broker_ids": [order.broker_id],
-        "client_order_ids": [order.client_order_id],
-        "idempotency_keys": [order.idempotency_key],
-    }
     async with single_statement(pool) as conn:
-        original = await (await conn.execute(_FIND_DUPLICATES, params)).fetchone()
+        original = (await _originals(conn, [order])).get(1)
     if original is None:
         return None
-    if not _same_request(original, order):
-        raise _key_reused(order, original.client_order_id)
-    found: UUID = original.id
-    return found
+    replayed = _replayed(order, original)
+    if isinstance(replayed, IdempotencyKeyReusedError):
+        raise replayed
+    return replayed.order_id
 
 
 _COMPARED_FIELDS = (

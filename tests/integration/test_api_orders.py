@@ -510,10 +510,14 @@ def _amend_applied_by(matcher: _StepMatcher, client: TestClient[Any], broker: An
 
 
 def _ask_of_10_with_4_filled(
-    client_factory: Callable[..., TestClient[Any]], api_engine: Engine, api_redis_url: str, api_namespace: str
+    client_factory: Callable[..., TestClient[Any]],
+    api_engine: Engine,
+    api_redis_url: str,
+    api_namespace: str,
+    order_wait_ms: str = "10000",
 ) -> tuple[TestClient[Any], _StepMatcher, Any, uuid.UUID]:
     """A seller's ask of 10 of which a bid filled 4, matched: (client, the symbol's matcher, seller, the ask's id)."""
-    client = client_factory(order_wait_ms="10000")
+    client = client_factory(order_wait_ms=order_wait_ms)
     symbol = new_symbol()
     matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
     seller, buyer = register(client), register(client)
@@ -581,17 +585,12 @@ def test_an_amend_refused_when_its_result_never_reached_the_api_is_still_409_whe
 ) -> None:
     # The matcher refuses the amend but its result is lost (not published): the wait ends, and the answer must say
     # what became of the command, not show the unchanged order as if the amend were applied or pending.
-    client = client_factory(order_wait_ms="1500")
-    symbol = new_symbol()
-    matcher = _StepMatcher(api_engine, api_redis_url, api_namespace, symbol)
-    seller, buyer = register(client), register(client)
-    resting = place(api_engine, uuid.UUID(seller.id), symbol, "ask", 10, 100)
-    place(api_engine, uuid.UUID(buyer.id), symbol, "bid", 4, 100)
-    matcher.step(limit=2)
+    filled = _ask_of_10_with_4_filled(client_factory, api_engine, api_redis_url, api_namespace, order_wait_ms="1500")
+    client, matcher, seller, resting = filled
     answer = _in_thread(lambda: client.patch(f"/orders/{resting}", json={"quantity": 3}, headers=seller.headers))
     wait_until(lambda: matcher.pending("amend") == 1)
 
-    process_symbol(api_engine, matcher.cache, symbol, batch_limit=1)  # refused; nothing published
+    process_symbol(api_engine, matcher.cache, matcher.symbol, batch_limit=1)  # refused; nothing published
 
     response = answer()
     assert (response.status_code, response.json()["code"]) == (409, "amend_rejected"), response.text
