@@ -75,8 +75,12 @@ def test_a_backlog_of_due_orders_bigger_than_a_transaction_is_expired_a_share_at
 
     rounds = list(drain(engine, cache, ["DUE1"]))
 
-    assert "DUE1" not in cache.failing  # no transaction of it outlasted the idle limit
-    assert len(rounds) == DUE // BOUND  # a bound's worth of expiries each; the last one by the expire command
+    assert "DUE1" not in cache.failing  # not left in a backoff: every transaction of it committed in the end
+    # A bound's worth of expiries in each transaction that closed orders; the last one by the expire command. (On a
+    # loaded machine the first, which also rebuilds the cold 20,000-order book, may outlast the lowered limit once:
+    # retried at once, it adds a round that closed nothing.)
+    closing = [r for r in rounds if any(result.order_ids for result in r.results)]
+    assert len(closing) == DUE // BOUND
 
     assert open_orders(engine, "DUE1") == 0
     with engine.connect() as conn:
